@@ -1,0 +1,194 @@
+"""Fake kernels and autograd for the compiled ``torch.ops.srm_ext`` operators.
+
+The schemas live in ``csrc/registration.cpp``; the kernels in ``csrc/cpu`` and
+``csrc/cuda``. Fake kernels give output metadata so the ops trace under
+``torch.compile``; autograd routes every forward op to its backward op.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_LIB = "srm_ext"
+
+
+def _masked(t: Tensor, wanted: bool, *shape: int) -> Tensor:
+    """The shape a backward op returns for one gradient (``(0,)`` when not wanted)."""
+    return t.new_empty(shape if wanted else (0,))
+
+
+def _grad_or_none(grad: Tensor, wanted: bool) -> Tensor | None:
+    return grad if wanted else None
+
+
+# --- fake kernels ----------------------------------------------------------
+
+
+@torch.library.register_fake(f"{_LIB}::sparse_encode")
+def _(x, dictionary, intercept, k):
+    n, _, h, w = x.shape
+    return x.new_empty(n, h, w, k), x.new_empty(n, h, w, k, dtype=torch.int64)
+
+
+@torch.library.register_fake(f"{_LIB}::sparse_encode_backward")
+def _(grad_values, values, indices, x, dictionary, output_mask):
+    return (
+        _masked(x, output_mask[0], *x.shape),
+        _masked(dictionary, output_mask[1], *dictionary.shape),
+        _masked(x, output_mask[2]),
+    )
+
+
+@torch.library.register_fake(f"{_LIB}::sparse_decode")
+def _(values, indices, dictionary):
+    n, h, w, _ = values.shape
+    return values.new_empty(n, dictionary.shape[0], h, w)
+
+
+@torch.library.register_fake(f"{_LIB}::sparse_decode_backward")
+def _(grad_output, values, indices, dictionary, output_mask):
+    return (
+        _masked(values, output_mask[0], *values.shape),
+        _masked(dictionary, output_mask[1], *dictionary.shape),
+    )
+
+
+@torch.library.register_fake(f"{_LIB}::reconstruction_loss")
+def _(x, dictionary, intercept, k):
+    n, _, h, w = x.shape
+    return (
+        x.new_empty(()),
+        x.new_empty(n, h, w, k),
+        x.new_empty(n, h, w, k, dtype=torch.int64),
+    )
+
+
+@torch.library.register_fake(f"{_LIB}::reconstruction_loss_backward")
+def _(grad_loss, x, dictionary, values, indices, output_mask):
+    return (
+        _masked(x, output_mask[0], *x.shape),
+        _masked(dictionary, output_mask[1], *dictionary.shape),
+        _masked(x, output_mask[2]),
+    )
+
+
+@torch.library.register_fake(f"{_LIB}::sparse_labels")
+def _(values, indices, num_codewords):
+    n, h, w, _ = values.shape
+    return (
+        indices.new_empty(n, h, w),
+        values.new_empty(n, num_codewords),
+    )
+
+
+@torch.library.register_fake(f"{_LIB}::predictor_loss")
+def _(y, dictionary, intercept, pixel_labels, image_labels, local_weight, global_weight):
+    n, _, h, w = y.shape
+    return y.new_empty(()), y.new_empty(n, h, w, dictionary.shape[1])
+
+
+@torch.library.register_fake(f"{_LIB}::predictor_loss_backward")
+def _(grad_loss, grad_logits, y, dictionary, output_mask):
+    return (
+        _masked(y, output_mask[0], *y.shape),
+        _masked(dictionary, output_mask[1], *dictionary.shape),
+        _masked(y, output_mask[2]),
+    )
+
+
+# --- autograd --------------------------------------------------------------
+
+
+def _encode_setup(ctx, inputs, output):
+    x, dictionary, intercept, _ = inputs
+    values, indices = output
+    ctx.mark_non_differentiable(indices)
+    ctx.save_for_backward(x, dictionary, values, indices)
+    ctx.intercept_shape = intercept.shape
+    ctx.wanted = tuple(ctx.needs_input_grad[:3])
+
+
+def _encode_backward(ctx, grad_values, _grad_indices):
+    x, dictionary, values, indices = ctx.saved_tensors
+    if grad_values is None:
+        return None, None, None, None
+    gx, gc, gb = torch.ops.srm_ext.sparse_encode_backward(
+        grad_values.contiguous(), values, indices, x, dictionary, list(ctx.wanted)
+    )
+    gb = gb.reshape(ctx.intercept_shape) if ctx.wanted[2] else None
+    return _grad_or_none(gx, ctx.wanted[0]), _grad_or_none(gc, ctx.wanted[1]), gb, None
+
+
+def _decode_setup(ctx, inputs, output):
+    values, indices, dictionary = inputs
+    ctx.save_for_backward(values, indices, dictionary)
+    ctx.wanted = (ctx.needs_input_grad[0], ctx.needs_input_grad[2])
+
+
+def _decode_backward(ctx, grad_output):
+    values, indices, dictionary = ctx.saved_tensors
+    gv, gc = torch.ops.srm_ext.sparse_decode_backward(
+        grad_output, values, indices, dictionary, list(ctx.wanted)
+    )
+    return _grad_or_none(gv, ctx.wanted[0]), None, _grad_or_none(gc, ctx.wanted[1])
+
+
+def _reconstruction_setup(ctx, inputs, output):
+    x, dictionary, intercept, _ = inputs
+    _, values, indices = output
+    ctx.mark_non_differentiable(values, indices)
+    ctx.save_for_backward(x, dictionary, values, indices)
+    ctx.intercept_shape = intercept.shape
+    ctx.wanted = tuple(ctx.needs_input_grad[:3])
+
+
+def _reconstruction_backward(ctx, grad_loss, _grad_values, _grad_indices):
+    x, dictionary, values, indices = ctx.saved_tensors
+    gx, gc, gb = torch.ops.srm_ext.reconstruction_loss_backward(
+        grad_loss, x, dictionary, values, indices, list(ctx.wanted)
+    )
+    gb = gb.reshape(ctx.intercept_shape) if ctx.wanted[2] else None
+    return _grad_or_none(gx, ctx.wanted[0]), _grad_or_none(gc, ctx.wanted[1]), gb, None
+
+
+def _predictor_setup(ctx, inputs, output):
+    y, dictionary, intercept = inputs[:3]
+    _, grad_logits = output
+    ctx.mark_non_differentiable(grad_logits)
+    ctx.save_for_backward(y, dictionary, grad_logits)
+    ctx.intercept_shape = intercept.shape
+    ctx.wanted = tuple(ctx.needs_input_grad[:3])
+
+
+def _predictor_backward(ctx, grad_loss, _grad_grad_logits):
+    y, dictionary, grad_logits = ctx.saved_tensors
+    gy, gc, gb = torch.ops.srm_ext.predictor_loss_backward(
+        grad_loss, grad_logits, y, dictionary, list(ctx.wanted)
+    )
+    gb = gb.reshape(ctx.intercept_shape) if ctx.wanted[2] else None
+    return (
+        _grad_or_none(gy, ctx.wanted[0]),
+        _grad_or_none(gc, ctx.wanted[1]),
+        gb,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd(
+    f"{_LIB}::sparse_encode", _encode_backward, setup_context=_encode_setup
+)
+torch.library.register_autograd(
+    f"{_LIB}::sparse_decode", _decode_backward, setup_context=_decode_setup
+)
+torch.library.register_autograd(
+    f"{_LIB}::reconstruction_loss",
+    _reconstruction_backward,
+    setup_context=_reconstruction_setup,
+)
+torch.library.register_autograd(
+    f"{_LIB}::predictor_loss", _predictor_backward, setup_context=_predictor_setup
+)

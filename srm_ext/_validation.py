@@ -1,0 +1,234 @@
+"""Argument checks shared by the reference and the compiled ops.
+
+Every public function validates its arguments here first, so that bad input
+raises a ``ValueError``/``TypeError`` naming the argument instead of reaching a
+kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "check_feature_map",
+    "check_dictionary",
+    "check_intercept",
+    "check_k",
+    "check_sparse_code",
+    "check_labels",
+    "check_same_dtype_device",
+]
+
+
+def _check_tensor(name: str, t: object) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def _check_floating(name: str, t: Tensor) -> None:
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must have a floating-point dtype, got {t.dtype}")
+
+
+def check_feature_map(name: str, t: object) -> Tensor:
+    """A 4-D (N, C, H, W) floating feature map."""
+    t = _check_tensor(name, t)
+    if t.dim() != 4:
+        raise ValueError(
+            f"{name} must be a 4-D (N, C, H, W) feature map, got shape {tuple(t.shape)}"
+        )
+    _check_floating(name, t)
+    return t
+
+
+def check_dictionary(t: object, channels: int, feature_name: str = "x") -> Tensor:
+    """A (D, K) floating dictionary whose D matches the feature map's channels."""
+    t = _check_tensor("dictionary", t)
+    if t.dim() != 2:
+        raise ValueError(
+            f"dictionary must be a 2-D (D, K) tensor, got shape {tuple(t.shape)}"
+        )
+    _check_floating("dictionary", t)
+    if t.shape[0] != channels:
+        raise ValueError(
+            f"dictionary has D={t.shape[0]} rows but {feature_name} has "
+            f"{channels} channels; expected dictionary of shape ({channels}, K)"
+        )
+    if t.shape[1] < 1:
+        raise ValueError("dictionary must have at least one codeword (K >= 1)")
+    return t
+
+
+def check_intercept(t: object) -> Tensor:
+    t = _check_tensor("intercept", t)
+    if t.numel() != 1:
+        raise ValueError(
+            f"intercept must have exactly one element, got shape {tuple(t.shape)}"
+        )
+    _check_floating("intercept", t)
+    return t
+
+
+def check_k(k: object, num_codewords: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if not 1 <= k <= num_codewords:
+        raise ValueError(
+            f"k must satisfy 1 <= k <= K={num_codewords} (the number of codewords), got {k}"
+        )
+    return k
+
+
+def check_same_dtype_device(**tensors: Tensor) -> None:
+    """All tensors share the first one's dtype and device."""
+    (first_name, first), *rest = tensors.items()
+    for name, t in rest:
+        if t.dtype != first.dtype:
+            raise TypeError(
+                f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}; "
+                "expected the same dtype"
+            )
+        if t.device != first.device:
+            raise ValueError(
+                f"{name} is on {t.device} but {first_name} is on {first.device}; "
+                "expected the same device"
+            )
+
+
+def check_sparse_code(
+    values: object, indices: object, num_codewords: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """values (N, H, W, k) floating and indices (N, H, W, k) int64 in [0, K)."""
+    values = _check_tensor("values", values)
+    indices = _check_tensor("indices", indices)
+    if values.dim() != 4:
+        raise ValueError(
+            f"values must be a 4-D (N, H, W, k) tensor, got shape {tuple(values.shape)}"
+        )
+    _check_floating("values", values)
+    if indices.dtype != torch.int64:
+        raise TypeError(f"indices must have dtype torch.int64, got {indices.dtype}")
+    if indices.shape != values.shape:
+        raise ValueError(
+            f"indices has shape {tuple(indices.shape)} but values has "
+            f"{tuple(values.shape)}; expected equal (N, H, W, k) shapes"
+        )
+    if indices.device != values.device:
+        raise ValueError(
+            f"indices is on {indices.device} but values is on {values.device}"
+        )
+    if values.shape[-1] < 1:
+        raise ValueError("values and indices must keep at least one entry (k >= 1)")
+    if num_codewords is not None:
+        if values.shape[-1] > num_codewords:
+            raise ValueError(
+                f"values keeps k={values.shape[-1]} entries per pixel but there are "
+                f"only K={num_codewords} codewords"
+            )
+        _check_index_range("indices", indices, num_codewords)
+    return values, indices
+
+
+def _check_index_range(name: str, indices: Tensor, bound: int) -> None:
+    if indices.numel() == 0 or _is_fake(indices):
+        return
+    lo, hi = torch.aminmax(indices)
+    if lo.item() < 0 or hi.item() >= bound:
+        raise ValueError(
+            f"{name} must lie in [0, {bound}), got values in [{lo.item()}, {hi.item()}]"
+        )
+
+
+def _is_fake(t: Tensor) -> bool:
+    # Data-dependent checks are skipped while tracing (torch.compile, fake tensors).
+    return (
+        torch.compiler.is_compiling()
+        or isinstance(t, torch._subclasses.FakeTensor)
+        or t.device.type == "meta"
+    )
+
+
+def check_labels(
+    pixel_labels: object, image_labels: object, y: Tensor, num_codewords: int
+) -> tuple[Tensor, Tensor]:
+    """pixel_labels (N, H, W) int64 in [0, K); image_labels (N, K) in [0, 1]."""
+    n, _, h, w = y.shape
+    pixel_labels = _check_tensor("pixel_labels", pixel_labels)
+    image_labels = _check_tensor("image_labels", image_labels)
+    if pixel_labels.dtype != torch.int64:
+        raise TypeError(
+            f"pixel_labels must have dtype torch.int64, got {pixel_labels.dtype}"
+        )
+    if tuple(pixel_labels.shape) != (n, h, w):
+        raise ValueError(
+            f"pixel_labels must have shape (N, H, W) = {(n, h, w)} to match y, "
+            f"got {tuple(pixel_labels.shape)}"
+        )
+    if tuple(image_labels.shape) != (n, num_codewords):
+        raise ValueError(
+            f"image_labels must have shape (N, K) = {(n, num_codewords)}, "
+            f"got {tuple(image_labels.shape)}"
+        )
+    _check_floating("image_labels", image_labels)
+    check_same_dtype_device(y=y, image_labels=image_labels)
+    if pixel_labels.device != y.device:
+        raise ValueError(f"pixel_labels is on {pixel_labels.device} but y is on {y.device}")
+    _check_index_range("pixel_labels", pixel_labels, num_codewords)
+    if image_labels.numel() and not _is_fake(image_labels):
+        lo, hi = torch.aminmax(image_labels.detach())
+        if not (lo.item() >= 0.0 and hi.item() <= 1.0):
+            raise ValueError(
+                f"image_labels must lie in [0, 1], got values in [{lo.item()}, {hi.item()}]"
+            )
+    return pixel_labels, image_labels
+
+
+# One validator per public function, shared by the reference and the dispatcher.
+
+
+def validate_encode(x: object, dictionary: object, intercept: object, k: object) -> None:
+    x = check_feature_map("x", x)
+    dictionary = check_dictionary(dictionary, x.shape[1])
+    intercept = check_intercept(intercept)
+    check_same_dtype_device(x=x, dictionary=dictionary, intercept=intercept)
+    check_k(k, dictionary.shape[1])
+
+
+def validate_decode(values: object, indices: object, dictionary: object) -> None:
+    dictionary = _check_tensor("dictionary", dictionary)
+    if dictionary.dim() != 2:
+        raise ValueError(
+            f"dictionary must be a 2-D (D, K) tensor, got shape {tuple(dictionary.shape)}"
+        )
+    _check_floating("dictionary", dictionary)
+    values, _ = check_sparse_code(values, indices, dictionary.shape[1])
+    check_same_dtype_device(values=values, dictionary=dictionary)
+
+
+def validate_labels(values: object, indices: object, num_codewords: object) -> None:
+    if isinstance(num_codewords, bool) or not isinstance(num_codewords, int):
+        raise TypeError(f"num_codewords must be an int, got {type(num_codewords).__name__}")
+    if num_codewords < 1:
+        raise ValueError(f"num_codewords must be >= 1, got {num_codewords}")
+    check_sparse_code(values, indices, num_codewords)
+
+
+def validate_predictor(
+    y: object,
+    dictionary: object,
+    intercept: object,
+    pixel_labels: object,
+    image_labels: object,
+    local_weight: object,
+    global_weight: object,
+) -> None:
+    y = check_feature_map("y", y)
+    dictionary = check_dictionary(dictionary, y.shape[1], feature_name="y")
+    intercept = check_intercept(intercept)
+    check_same_dtype_device(y=y, dictionary=dictionary, intercept=intercept)
+    check_labels(pixel_labels, image_labels, y, dictionary.shape[1])
+    for name, weight in (("local_weight", local_weight), ("global_weight", global_weight)):
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise TypeError(f"{name} must be a float, got {type(weight).__name__}")

@@ -1,0 +1,96 @@
+"""The public SRM ops: compiled kernels where present, the reference elsewhere.
+
+Shapes and math: ``../shared/srm-spec.md``. Every function validates its
+arguments, then calls ``torch.ops.srm_ext.*`` when a compiled kernel covers the
+input's device and dtype, else :mod:`srm_ext.reference` (with a one-time
+warning). ``SRM_EXT_BACKEND=reference`` forces the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _validation, reference
+from ._backend import use_native
+
+__all__ = [
+    "sparse_encode",
+    "sparse_decode",
+    "reconstruction_loss",
+    "sparse_labels",
+    "predictor_loss",
+]
+
+
+def sparse_encode(
+    x: Tensor, dictionary: Tensor, intercept: Tensor, k: int
+) -> tuple[Tensor, Tensor]:
+    """Top-k sparse code of each pixel of ``x`` (N, D, H, W) over ``dictionary`` (D, K).
+
+    Returns ``values`` (N, H, W, k), the sigmoid similarities sorted descending,
+    and ``indices`` (N, H, W, k) int64; ties go to the lower codeword index.
+    Differentiable with respect to ``x``, ``dictionary`` and ``intercept``.
+    """
+    _validation.validate_encode(x, dictionary, intercept, k)
+    if use_native(x):
+        return tuple(torch.ops.srm_ext.sparse_encode(x, dictionary, intercept, k))
+    return reference.sparse_encode(x, dictionary, intercept, k)
+
+
+def sparse_decode(values: Tensor, indices: Tensor, dictionary: Tensor) -> Tensor:
+    """Reconstruction (N, D, H, W) from a sparse code; differentiable w.r.t.
+    ``values`` and ``dictionary``."""
+    _validation.validate_decode(values, indices, dictionary)
+    if use_native(values):
+        return torch.ops.srm_ext.sparse_decode(values, indices, dictionary)
+    return reference.sparse_decode(values, indices, dictionary)
+
+
+def reconstruction_loss(x: Tensor, dictionary: Tensor, intercept: Tensor, k: int) -> Tensor:
+    """Fused stage-1 loss, equal to
+    ``mean((sparse_decode(*sparse_encode(x, C, b, k), C) - x) ** 2)``."""
+    _validation.validate_encode(x, dictionary, intercept, k)
+    if use_native(x):
+        return torch.ops.srm_ext.reconstruction_loss(x, dictionary, intercept, k)[0]
+    return reference.reconstruction_loss(x, dictionary, intercept, k)
+
+
+def sparse_labels(values: Tensor, indices: Tensor, num_codewords: int) -> tuple[Tensor, Tensor]:
+    """Stage-2 targets: ``pixel_labels`` (N, H, W) int64, the argmax codeword of
+    each pixel, and ``image_labels`` (N, K), the per-image mean of the kept values.
+    Carries no gradient."""
+    _validation.validate_labels(values, indices, num_codewords)
+    if use_native(values):
+        return tuple(torch.ops.srm_ext.sparse_labels(values.detach(), indices, num_codewords))
+    return reference.sparse_labels(values, indices, num_codewords)
+
+
+def predictor_loss(
+    y: Tensor,
+    dictionary: Tensor,
+    intercept: Tensor,
+    pixel_labels: Tensor,
+    image_labels: Tensor,
+    local_weight: float = 1.0,
+    global_weight: float = 1.0,
+) -> Tensor:
+    """Stage-2 loss of a student feature map ``y`` (N, D_s, H, W) against the
+    teacher's labels; differentiable w.r.t. ``y``, ``dictionary`` and ``intercept``."""
+    _validation.validate_predictor(
+        y, dictionary, intercept, pixel_labels, image_labels, local_weight, global_weight
+    )
+    if use_native(y):
+        return torch.ops.srm_ext.predictor_loss(
+            y,
+            dictionary,
+            intercept,
+            pixel_labels,
+            image_labels.detach(),
+            float(local_weight),
+            float(global_weight),
+        )[0]
+    return reference.predictor_loss(
+        y, dictionary, intercept, pixel_labels, image_labels, local_weight, global_weight
+    )
+

@@ -1,0 +1,91 @@
+"""Pure-PyTorch SRM ops: the fallback backend and the oracle for the kernels.
+
+Each function computes exactly what ``../shared/srm-spec.md`` states, with
+plain vectorised PyTorch and ordinary autograd. Selection is done on the
+pre-activations with a stable descending sort, so exactly ``k`` codewords are
+kept per pixel, NaN counts as larger than +inf, and ties go to the lower index.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _validation
+
+__all__ = [
+    "sparse_encode",
+    "sparse_decode",
+    "reconstruction_loss",
+    "sparse_labels",
+    "predictor_loss",
+]
+
+
+def _pre_activations(x: Tensor, dictionary: Tensor, intercept: Tensor) -> Tensor:
+    """``C^T x_p + b`` for every pixel, shaped (N, H, W, K)."""
+    return x.permute(0, 2, 3, 1) @ dictionary + intercept.reshape(())
+
+
+def sparse_encode(
+    x: Tensor, dictionary: Tensor, intercept: Tensor, k: int
+) -> tuple[Tensor, Tensor]:
+    """Top-k sparse code of every pixel: ``(values, indices)``, each (N, H, W, k)."""
+    _validation.validate_encode(x, dictionary, intercept, k)
+    pre = _pre_activations(x, dictionary, intercept)
+    order = torch.sort(pre.detach(), dim=-1, descending=True, stable=True).indices
+    indices = order[..., :k].contiguous()
+    values = torch.sigmoid(torch.gather(pre, -1, indices))
+    return values, indices
+
+
+def sparse_decode(values: Tensor, indices: Tensor, dictionary: Tensor) -> Tensor:
+    """Reconstruction ``x_hat_p = sum_j values_pj * C[:, indices_pj]``, (N, D, H, W)."""
+    _validation.validate_decode(values, indices, dictionary)
+    num_codewords = dictionary.shape[1]
+    codes = values.new_zeros(*values.shape[:-1], num_codewords)
+    codes = codes.scatter_add(-1, indices, values)
+    return (codes @ dictionary.t()).permute(0, 3, 1, 2)
+
+
+def reconstruction_loss(
+    x: Tensor, dictionary: Tensor, intercept: Tensor, k: int
+) -> Tensor:
+    """Stage-1 loss ``mean((decode(encode(x)) - x) ** 2)``."""
+    values, indices = sparse_encode(x, dictionary, intercept, k)
+    return torch.mean((sparse_decode(values, indices, dictionary) - x) ** 2)
+
+
+def sparse_labels(
+    values: Tensor, indices: Tensor, num_codewords: int
+) -> tuple[Tensor, Tensor]:
+    """Stage-2 targets: pixel labels (N, H, W) int64 and image labels (N, K)."""
+    _validation.validate_labels(values, indices, num_codewords)
+    values, indices = values.detach(), indices.detach()
+    n, h, w, k = values.shape
+    pixel_labels = indices[..., 0].contiguous()
+    image_labels = values.new_zeros(n, num_codewords)
+    image_labels.scatter_add_(1, indices.reshape(n, h * w * k), values.reshape(n, h * w * k))
+    return pixel_labels, image_labels / (h * w)
+
+
+def predictor_loss(
+    y: Tensor,
+    dictionary: Tensor,
+    intercept: Tensor,
+    pixel_labels: Tensor,
+    image_labels: Tensor,
+    local_weight: float = 1.0,
+    global_weight: float = 1.0,
+) -> Tensor:
+    """Stage-2 loss of a student feature map against the teacher's labels."""
+    _validation.validate_predictor(
+        y, dictionary, intercept, pixel_labels, image_labels, local_weight, global_weight
+    )
+    q = torch.sigmoid(_pre_activations(y, dictionary, intercept))  # (N, H, W, K)
+    # The authors feed the sigmoid outputs to a cross-entropy as logits.
+    local = F.cross_entropy(q.reshape(-1, q.shape[-1]), pixel_labels.reshape(-1))
+    image_means = q.mean(dim=(1, 2))
+    global_ = F.binary_cross_entropy(image_means, image_labels)
+    return local_weight * local + global_weight * global_
