@@ -1,0 +1,113 @@
+// sparse_encode and its backward on the CPU.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "pixel_tiles.h"
+#include "sparse_math.h"
+#include "tile_encoder.h"
+
+namespace srm_ext::cpu {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> sparse_encode(const at::Tensor& x,
+                                                 const at::Tensor& dictionary,
+                                                 const at::Tensor& intercept, int64_t k) {
+  check_features_and_dictionary(x, "x", dictionary);
+  check_intercept(intercept, x);
+  const int64_t num_codewords = dictionary.size(1);
+  check_k(k, num_codewords);
+
+  const PixelGrid grid(x);
+  auto values = at::empty({grid.n, grid.h, grid.w, k}, x.options());
+  auto indices = at::empty({grid.n, grid.h, grid.w, k}, x.options().dtype(at::kLong));
+  const auto dict = dictionary.contiguous();
+  const int64_t tile = tile_pixels(num_codewords);
+  const int64_t num_tiles = (grid.pixels() + tile - 1) / tile;
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_encode_cpu", [&] {
+    const scalar_t bias = intercept.item<scalar_t>();
+    at::parallel_for(0, num_tiles, 1, [&](int64_t t0, int64_t t1) {
+      TileEncoder<scalar_t> encoder(x.const_data_ptr<scalar_t>(), grid,
+                                    dict.const_data_ptr<scalar_t>(), num_codewords, k, bias,
+                                    tile);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t p0 = t * tile, count = std::min(tile, grid.pixels() - p0);
+        encoder.encode(p0, count, values.mutable_data_ptr<scalar_t>() + p0 * k,
+                       indices.mutable_data_ptr<int64_t>() + p0 * k);
+      }
+    });
+  });
+  return {values, indices};
+}
+
+// gp_pj = grad_values_pj * v_pj * (1 - v_pj) is the gradient of pixel p's j-th
+// kept pre-activation; it reaches the intercept, the kept codewords
+// (gp_pj * x_p) and x (sum_j gp_pj * C[:, idx_pj]).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_encode_backward(
+    const at::Tensor& grad_values, const at::Tensor& values, const at::Tensor& indices,
+    const at::Tensor& x, const at::Tensor& dictionary, std::array<bool, 3> output_mask) {
+  check_features_and_dictionary(x, "x", dictionary);
+  const int64_t num_codewords = dictionary.size(1), dim = dictionary.size(0);
+  check_sparse_code(values, indices, num_codewords);
+  TORCH_CHECK(grad_values.sizes() == values.sizes(), "grad_values must have shape ",
+              values.sizes(), ", got ", grad_values.sizes());
+  const bool want_x = output_mask[0], want_dict = output_mask[1], want_bias = output_mask[2];
+
+  const PixelGrid grid(x);
+  const int64_t k = values.size(3);
+  const auto grad_v = grad_values.contiguous();
+  const auto vals = values.contiguous();
+  const auto idx = indices.contiguous();
+  const auto codewords = dictionary.t().contiguous();  // K x D
+  auto grad_x = want_x ? at::empty_like(x) : unwanted(x);
+  const PixelGrid grad_grid = want_x ? PixelGrid(grad_x) : grid;
+
+  const int64_t tile = tile_pixels(num_codewords);
+  const int64_t num_tiles = (grid.pixels() + tile - 1) / tile;
+  const int64_t num_chunks = num_chunks_for(num_tiles);
+  at::Tensor grad_dict, grad_bias;
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_encode_backward_cpu", [&] {
+    CodewordGradients<scalar_t> dict_grads(num_chunks, num_codewords, dim, want_dict);
+    ChunkSums bias_grads(num_chunks);
+    const scalar_t* cw = codewords.const_data_ptr<scalar_t>();
+    for_each_chunk(num_chunks, num_tiles, [&](int64_t chunk, int64_t t0, int64_t t1) {
+      std::vector<scalar_t> features(tile * dim), grad_features(want_x ? tile * dim : 0);
+      std::vector<scalar_t> gp(k);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t p0 = t * tile, count = std::min(tile, grid.pixels() - p0);
+        if (want_dict) gather_tile(x.const_data_ptr<scalar_t>(), grid, p0, count, features.data());
+        for (int64_t i = 0; i < count; ++i) {
+          const int64_t p = p0 + i;
+          const scalar_t* v = vals.const_data_ptr<scalar_t>() + p * k;
+          const int64_t* ix = idx.const_data_ptr<int64_t>() + p * k;
+          const scalar_t* gv = grad_v.const_data_ptr<scalar_t>() + p * k;
+          for (int64_t j = 0; j < k; ++j) {
+            gp[j] = gv[j] * v[j] * (scalar_t(1) - v[j]);
+            bias_grads[chunk] += gp[j];
+            if (want_dict) axpy(gp[j], features.data() + i * dim, dict_grads.row(chunk, ix[j]), dim);
+          }
+          if (want_x) combine_codewords(cw, dim, ix, gp.data(), k, grad_features.data() + i * dim);
+        }
+        if (want_x) {
+          scatter_tile(grad_features.data(), grad_grid, p0, count,
+                       grad_x.mutable_data_ptr<scalar_t>());
+        }
+      }
+    });
+    grad_dict = want_dict ? dict_grads.reduce(dictionary.options()) : unwanted(dictionary);
+    grad_bias = want_bias ? at::scalar_tensor(bias_grads.total(), x.options()) : unwanted(x);
+  });
+  return {grad_x, grad_dict, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(srm_ext, CPU, m) {
+  m.impl("sparse_encode", &sparse_encode);
+  m.impl("sparse_encode_backward", &sparse_encode_backward);
+}
+
+}  // namespace srm_ext::cpu

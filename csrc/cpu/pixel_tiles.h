@@ -1,0 +1,105 @@
+// Pixel-tile plumbing shared by the CPU kernels.
+//
+// The kernels treat a feature map (N, C, H, W) as P = N*H*W pixels, each a
+// C-vector, and work on tiles of consecutive pixels. A tile is gathered into a
+// small row-major (pixels x C) buffer, whatever the map's strides, so one GEMM
+// per tile can feed the per-pixel work while the tile is still in cache.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace srm_ext::cpu {
+
+// Where pixel p's channel c lives in a strided (N, C, H, W) tensor.
+struct PixelGrid {
+  int64_t n, c, h, w;
+  int64_t stride_n, stride_c, stride_h, stride_w;
+
+  explicit PixelGrid(const at::Tensor& t)
+      : n(t.size(0)), c(t.size(1)), h(t.size(2)), w(t.size(3)),
+        stride_n(t.stride(0)), stride_c(t.stride(1)),
+        stride_h(t.stride(2)), stride_w(t.stride(3)) {}
+
+  int64_t pixels() const { return n * h * w; }
+  int64_t pixels_per_image() const { return h * w; }
+
+  // Offset of channel 0 of pixel p (pixels ordered n, h, w).
+  int64_t pixel_offset(int64_t p) const {
+    const int64_t hw = h * w;
+    const int64_t img = p / hw, rem = p % hw;
+    return img * stride_n + (rem / w) * stride_h + (rem % w) * stride_w;
+  }
+};
+
+// Copies pixels [p0, p0 + count) of `src` into `tile` (count x C, row-major).
+template <typename scalar_t>
+void gather_tile(const scalar_t* src, const PixelGrid& g, int64_t p0,
+                 int64_t count, scalar_t* tile) {
+  if (g.stride_c == 1) {  // channels_last: each pixel is contiguous
+    for (int64_t i = 0; i < count; ++i) {
+      std::copy_n(src + g.pixel_offset(p0 + i), g.c, tile + i * g.c);
+    }
+    return;
+  }
+  for (int64_t i = 0; i < count; ++i) {
+    const scalar_t* pixel = src + g.pixel_offset(p0 + i);
+    scalar_t* row = tile + i * g.c;
+    for (int64_t c = 0; c < g.c; ++c) row[c] = pixel[c * g.stride_c];
+  }
+}
+
+// Inverse of gather_tile: writes a (count x C) tile into pixels of `dst`.
+template <typename scalar_t>
+void scatter_tile(const scalar_t* tile, const PixelGrid& g, int64_t p0,
+                  int64_t count, scalar_t* dst) {
+  for (int64_t i = 0; i < count; ++i) {
+    scalar_t* pixel = dst + g.pixel_offset(p0 + i);
+    const scalar_t* row = tile + i * g.c;
+    for (int64_t c = 0; c < g.c; ++c) pixel[c * g.stride_c] = row[c];
+  }
+}
+
+// Pixels per tile: enough rows for an efficient GEMM, few enough that the
+// tile's (pixels x K) similarity block stays in the L2 cache.
+inline int64_t tile_pixels(int64_t num_codewords) {
+  constexpr int64_t kTileElements = 1 << 15;
+  return std::clamp<int64_t>(kTileElements / std::max<int64_t>(num_codewords, 1), 8, 256);
+}
+
+// Splits `num_tiles` tiles into a fixed number of contiguous chunks, one per
+// worker, so per-chunk partial sums are reduced in the same order on every run
+// with the same thread count. Calls fn(chunk, tile_begin, tile_end).
+template <typename F>
+void for_each_chunk(int64_t num_chunks, int64_t num_tiles, const F& fn) {
+  at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      const int64_t t0 = num_tiles * chunk / num_chunks;
+      const int64_t t1 = num_tiles * (chunk + 1) / num_chunks;
+      fn(chunk, t0, t1);
+    }
+  });
+}
+
+inline int64_t num_chunks_for(int64_t num_tiles) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_tiles));
+}
+
+// row-major (rows x cols) matrix product out = a @ b on raw buffers, through
+// ATen's BLAS. Tensors are rebuilt from raw pointers so the call carries no
+// autograd state from the caller's parameters.
+template <typename scalar_t>
+void matmul_into(const scalar_t* a, const scalar_t* b, scalar_t* out,
+                 int64_t rows, int64_t inner, int64_t cols) {
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
+  auto ta = at::from_blob(const_cast<scalar_t*>(a), {rows, inner}, opts);
+  auto tb = at::from_blob(const_cast<scalar_t*>(b), {inner, cols}, opts);
+  auto tout = at::from_blob(out, {rows, cols}, opts);
+  at::mm_out(tout, ta, tb);
+}
+
+}  // namespace srm_ext::cpu

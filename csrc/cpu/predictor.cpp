@@ -1,0 +1,183 @@
+// The student-side stage-2 loss on the CPU.
+//
+// The loss is a scalar, so its whole gradient with respect to the
+// pre-activations z = C_s^T y_p + b_s can be formed in the forward pass, in the
+// one (N, H, W, K) buffer the op keeps (grad_logits). The backward op then
+// needs only the GEMMs that map that gradient to y and to the dictionary.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "checks.h"
+#include "pixel_tiles.h"
+#include "sparse_math.h"
+
+namespace srm_ext::cpu {
+namespace {
+
+// torch.nn.functional.binary_cross_entropy clamps each log at -100 and its
+// gradient's denominator at 1e-12; matching both keeps saturated means finite.
+constexpr double kLogClamp = -100.0;
+constexpr double kBceEpsilon = 1e-12;
+
+template <typename scalar_t>
+double binary_cross_entropy(scalar_t mean, scalar_t target) {
+  const double log_m = std::max<double>(std::log(mean), kLogClamp);
+  const double log_1m = std::max<double>(std::log1p(-mean), kLogClamp);
+  return -(target * log_m + (1.0 - target) * log_1m);
+}
+
+void check_labels(const at::Tensor& pixel_labels, const at::Tensor& image_labels,
+                  const at::Tensor& y, int64_t num_codewords) {
+  TORCH_CHECK(pixel_labels.scalar_type() == at::kLong, "pixel_labels must be int64, got ",
+              pixel_labels.scalar_type());
+  TORCH_CHECK(pixel_labels.dim() == 3 && pixel_labels.size(0) == y.size(0) &&
+                  pixel_labels.size(1) == y.size(2) && pixel_labels.size(2) == y.size(3),
+              "pixel_labels must have shape (", y.size(0), ", ", y.size(2), ", ", y.size(3),
+              ") to match y, got ", pixel_labels.sizes());
+  TORCH_CHECK(image_labels.dim() == 2 && image_labels.size(0) == y.size(0) &&
+                  image_labels.size(1) == num_codewords,
+              "image_labels must have shape (", y.size(0), ", ", num_codewords, "), got ",
+              image_labels.sizes());
+  check_same_dtype(y, "y", image_labels, "image_labels");
+  if (pixel_labels.numel() > 0) {
+    const auto [lo, hi] = at::aminmax(pixel_labels);
+    TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < num_codewords,
+                "pixel_labels must lie in [0, ", num_codewords, ")");
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> predictor_loss(const at::Tensor& y,
+                                                  const at::Tensor& dictionary,
+                                                  const at::Tensor& intercept,
+                                                  const at::Tensor& pixel_labels,
+                                                  const at::Tensor& image_labels,
+                                                  double local_weight, double global_weight) {
+  check_features_and_dictionary(y, "y", dictionary);
+  check_intercept(intercept, y);
+  const int64_t num_codewords = dictionary.size(1), dim = dictionary.size(0);
+  check_labels(pixel_labels, image_labels, y, num_codewords);
+
+  const PixelGrid grid(y);
+  const int64_t pixels = grid.pixels(), per_image = grid.pixels_per_image(), n = grid.n;
+  auto grad_logits = at::empty({grid.n, grid.h, grid.w, num_codewords}, y.options());
+  const auto dict = dictionary.contiguous();
+  const auto labels = pixel_labels.contiguous();
+  const auto targets = image_labels.contiguous();
+  const int64_t tile = tile_pixels(num_codewords);
+  const int64_t num_tiles = (pixels + tile - 1) / tile;
+  const int64_t num_chunks = num_chunks_for(num_tiles);
+  double loss = 0.0;
+
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "predictor_loss_cpu", [&] {
+    const scalar_t bias = intercept.item<scalar_t>();
+    scalar_t* G = grad_logits.mutable_data_ptr<scalar_t>();
+    const int64_t* label = labels.const_data_ptr<int64_t>();
+    std::vector<scalar_t> log_sum_exp(pixels);
+    // Per chunk: the cross-entropy sum and each image's column sums of q.
+    std::vector<double> ce_sums(num_chunks, 0.0);
+    std::vector<double> q_sums(num_chunks * n * num_codewords, 0.0);
+
+    // Pass 1: z by GEMM, q = sigmoid(z + b) in place, per-pixel log-sum-exp.
+    // q lies in (0, 1), so exp(q) needs no max-shift.
+    for_each_chunk(num_chunks, num_tiles, [&](int64_t chunk, int64_t t0, int64_t t1) {
+      std::vector<scalar_t> features(tile * dim);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t p0 = t * tile, count = std::min(tile, pixels - p0);
+        gather_tile(y.const_data_ptr<scalar_t>(), grid, p0, count, features.data());
+        matmul_into(features.data(), dict.const_data_ptr<scalar_t>(), G + p0 * num_codewords,
+                    count, dim, num_codewords);
+        for (int64_t p = p0; p < p0 + count; ++p) {
+          scalar_t* q = G + p * num_codewords;
+          double* image_sums = q_sums.data() + (chunk * n + p / per_image) * num_codewords;
+          scalar_t sum_exp = 0;
+          for (int64_t c = 0; c < num_codewords; ++c) {
+            q[c] = sigmoid(q[c] + bias);
+            sum_exp += std::exp(q[c]);
+            image_sums[c] += q[c];
+          }
+          log_sum_exp[p] = std::log(sum_exp);
+          ce_sums[chunk] += log_sum_exp[p] - q[label[p]];
+        }
+      }
+    });
+
+    // Per image and codeword: the BCE term and its gradient with respect to
+    // each pixel's q (through the image mean).
+    std::vector<scalar_t> global_grad(n * num_codewords);
+    double bce_sum = 0.0;
+    const double global_scale =
+        global_weight / static_cast<double>(std::max<int64_t>(n * num_codewords, 1));
+    for (int64_t i = 0; i < n * num_codewords; ++i) {
+      double q_sum = 0.0;
+      for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
+        q_sum += q_sums[chunk * n * num_codewords + i];
+      }
+      const auto mean = static_cast<scalar_t>(q_sum / static_cast<double>(per_image));
+      const scalar_t target = targets.const_data_ptr<scalar_t>()[i];
+      bce_sum += binary_cross_entropy(mean, target);
+      const double dmean = (static_cast<double>(mean) - target) /
+                           std::max<double>(static_cast<double>(mean) * (1.0 - mean), kBceEpsilon);
+      global_grad[i] = static_cast<scalar_t>(global_scale * dmean / static_cast<double>(per_image));
+    }
+
+    // Pass 2: G = dloss/dz = (dlocal/dq + dglobal/dq) * q (1 - q), in place.
+    const auto local_scale = static_cast<scalar_t>(local_weight / static_cast<double>(pixels));
+    at::parallel_for(0, pixels, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        scalar_t* q = G + p * num_codewords;
+        const scalar_t* gg = global_grad.data() + (p / per_image) * num_codewords;
+        const scalar_t lse = log_sum_exp[p];
+        const int64_t target_codeword = label[p];
+        for (int64_t c = 0; c < num_codewords; ++c) {
+          const scalar_t qc = q[c];
+          const scalar_t softmax = std::exp(qc - lse) - (c == target_codeword ? 1 : 0);
+          q[c] = (local_scale * softmax + gg[c]) * qc * (scalar_t(1) - qc);
+        }
+      }
+    });
+
+    double ce_sum = 0.0;
+    for (double s : ce_sums) ce_sum += s;
+    loss = local_weight * ce_sum / static_cast<double>(pixels) +
+           global_weight * bce_sum / static_cast<double>(n * num_codewords);
+  });
+  return {at::scalar_tensor(loss, y.options()), grad_logits};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> predictor_loss_backward(
+    const at::Tensor& grad_loss, const at::Tensor& grad_logits, const at::Tensor& y,
+    const at::Tensor& dictionary, std::array<bool, 3> output_mask) {
+  check_features_and_dictionary(y, "y", dictionary);
+  const int64_t n = y.size(0), dim = y.size(1), h = y.size(2), w = y.size(3);
+  const int64_t num_codewords = dictionary.size(1);
+  TORCH_CHECK(grad_logits.sizes() == at::IntArrayRef({n, h, w, num_codewords}),
+              "grad_logits must have shape (", n, ", ", h, ", ", w, ", ", num_codewords,
+              "), got ", grad_logits.sizes());
+  TORCH_CHECK(grad_loss.numel() == 1, "grad_loss must have one element");
+  const auto scale = grad_loss.reshape({}).to(y.scalar_type());
+  // The gradient for a unit loss was formed in forward; scale the small
+  // results rather than the (pixels x K) buffer.
+  const auto G = grad_logits.reshape({n * h * w, num_codewords});
+  at::Tensor grad_y = unwanted(y), grad_dict = unwanted(dictionary), grad_bias = unwanted(y);
+  if (output_mask[0]) {
+    grad_y = at::mm(G, dictionary.t()).mul_(scale).view({n, h, w, dim}).permute({0, 3, 1, 2});
+  }
+  if (output_mask[1]) {
+    const auto features = y.permute({0, 2, 3, 1}).reshape({n * h * w, dim});
+    grad_dict = at::mm(features.t(), G).mul_(scale);
+  }
+  if (output_mask[2]) grad_bias = G.sum().mul_(scale);
+  return {grad_y, grad_dict, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(srm_ext, CPU, m) {
+  m.impl("predictor_loss", &predictor_loss);
+  m.impl("predictor_loss_backward", &predictor_loss_backward);
+}
+
+}  // namespace srm_ext::cpu

@@ -1,0 +1,150 @@
+// The fused stage-1 loss mean((decode(encode(x)) - x)^2) on the CPU.
+//
+// Forward: per pixel tile, encode (GEMM + top-k), reconstruct from k
+// codewords and accumulate the squared residual; only the sparse code is kept
+// for backward. Backward recomputes each pixel's residual from the code
+// (k*D work) instead of storing an (N, D, H, W) residual.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "pixel_tiles.h"
+#include "sparse_math.h"
+#include "tile_encoder.h"
+
+namespace srm_ext::cpu {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss(
+    const at::Tensor& x, const at::Tensor& dictionary, const at::Tensor& intercept, int64_t k) {
+  check_features_and_dictionary(x, "x", dictionary);
+  check_intercept(intercept, x);
+  const int64_t dim = dictionary.size(0), num_codewords = dictionary.size(1);
+  check_k(k, num_codewords);
+
+  const PixelGrid grid(x);
+  auto values = at::empty({grid.n, grid.h, grid.w, k}, x.options());
+  auto indices = at::empty({grid.n, grid.h, grid.w, k}, x.options().dtype(at::kLong));
+  const auto dict = dictionary.contiguous();
+  const auto codewords = dictionary.t().contiguous();  // K x D
+  const int64_t tile = tile_pixels(num_codewords);
+  const int64_t num_tiles = (grid.pixels() + tile - 1) / tile;
+  // One partial per tile, summed in tile order: the loss does not depend on
+  // how tiles were spread over threads.
+  std::vector<double> tile_sums(num_tiles, 0.0);
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "reconstruction_loss_cpu", [&] {
+    const scalar_t bias = intercept.item<scalar_t>();
+    const scalar_t* cw = codewords.const_data_ptr<scalar_t>();
+    at::parallel_for(0, num_tiles, 1, [&](int64_t t0, int64_t t1) {
+      TileEncoder<scalar_t> encoder(x.const_data_ptr<scalar_t>(), grid,
+                                    dict.const_data_ptr<scalar_t>(), num_codewords, k, bias,
+                                    tile);
+      std::vector<scalar_t> x_hat(dim);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t p0 = t * tile, count = std::min(tile, grid.pixels() - p0);
+        scalar_t* v = values.mutable_data_ptr<scalar_t>() + p0 * k;
+        int64_t* ix = indices.mutable_data_ptr<int64_t>() + p0 * k;
+        encoder.encode(p0, count, v, ix);
+        double sum = 0.0;
+        for (int64_t i = 0; i < count; ++i) {
+          combine_codewords(cw, dim, ix + i * k, v + i * k, k, x_hat.data());
+          const scalar_t* xp = encoder.features() + i * dim;
+          for (int64_t d = 0; d < dim; ++d) {
+            const scalar_t r = x_hat[d] - xp[d];
+            sum += static_cast<double>(r * r);
+          }
+        }
+        tile_sums[t] = sum;
+      }
+    });
+  });
+  double total = 0.0;
+  for (double s : tile_sums) total += s;
+  const double count = static_cast<double>(grid.pixels() * dim);
+  auto loss = at::scalar_tensor(count > 0 ? total / count : std::nan(""), x.options());
+  return {loss, values, indices};
+}
+
+// With M = N*D*H*W and r_p = x_hat_p - x_p:
+//   g_p = 2 * grad_loss / M * r_p                 (d loss / d x_hat_p)
+//   gp_pj = <g_p, C[:, idx_pj]> * v_pj (1 - v_pj)  (d loss / d pre_pj)
+//   grad_dictionary[:, idx_pj] += v_pj g_p + gp_pj x_p
+//   grad_intercept = sum gp;  grad_x_p = -g_p + sum_j gp_pj C[:, idx_pj]
+std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss_backward(
+    const at::Tensor& grad_loss, const at::Tensor& x, const at::Tensor& dictionary,
+    const at::Tensor& values, const at::Tensor& indices, std::array<bool, 3> output_mask) {
+  check_features_and_dictionary(x, "x", dictionary);
+  const int64_t dim = dictionary.size(0), num_codewords = dictionary.size(1);
+  check_sparse_code(values, indices, num_codewords);
+  TORCH_CHECK(grad_loss.numel() == 1, "grad_loss must have one element, got shape ",
+              grad_loss.sizes());
+  const bool want_x = output_mask[0], want_dict = output_mask[1], want_bias = output_mask[2];
+
+  const PixelGrid grid(x);
+  const int64_t k = values.size(3);
+  const auto vals = values.contiguous();
+  const auto idx = indices.contiguous();
+  const auto codewords = dictionary.t().contiguous();
+  auto grad_x = want_x ? at::empty_like(x) : unwanted(x);
+  const PixelGrid grad_grid = want_x ? PixelGrid(grad_x) : grid;
+  const int64_t tile = tile_pixels(num_codewords);
+  const int64_t num_tiles = (grid.pixels() + tile - 1) / tile;
+  const int64_t num_chunks = num_chunks_for(num_tiles);
+  at::Tensor grad_dict, grad_bias;
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "reconstruction_loss_backward_cpu", [&] {
+    const scalar_t scale = static_cast<scalar_t>(
+        2.0 * grad_loss.item<double>() / static_cast<double>(std::max<int64_t>(x.numel(), 1)));
+    const scalar_t* cw = codewords.const_data_ptr<scalar_t>();
+    CodewordGradients<scalar_t> dict_grads(num_chunks, num_codewords, dim, want_dict);
+    ChunkSums bias_grads(num_chunks);
+    for_each_chunk(num_chunks, num_tiles, [&](int64_t chunk, int64_t t0, int64_t t1) {
+      std::vector<scalar_t> features(tile * dim), grad_features(want_x ? tile * dim : 0);
+      std::vector<scalar_t> g(dim), gp(k);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t p0 = t * tile, count = std::min(tile, grid.pixels() - p0);
+        gather_tile(x.const_data_ptr<scalar_t>(), grid, p0, count, features.data());
+        for (int64_t i = 0; i < count; ++i) {
+          const int64_t p = p0 + i;
+          const scalar_t* v = vals.const_data_ptr<scalar_t>() + p * k;
+          const int64_t* ix = idx.const_data_ptr<int64_t>() + p * k;
+          const scalar_t* xp = features.data() + i * dim;
+          combine_codewords(cw, dim, ix, v, k, g.data());
+          for (int64_t d = 0; d < dim; ++d) g[d] = scale * (g[d] - xp[d]);
+          for (int64_t j = 0; j < k; ++j) {
+            gp[j] = dot(g.data(), cw + ix[j] * dim, dim) * v[j] * (scalar_t(1) - v[j]);
+            bias_grads[chunk] += gp[j];
+            if (want_dict) {
+              scalar_t* row = dict_grads.row(chunk, ix[j]);
+              axpy(v[j], g.data(), row, dim);
+              axpy(gp[j], xp, row, dim);
+            }
+          }
+          if (want_x) {
+            scalar_t* gx = grad_features.data() + i * dim;
+            combine_codewords(cw, dim, ix, gp.data(), k, gx);
+            for (int64_t d = 0; d < dim; ++d) gx[d] -= g[d];
+          }
+        }
+        if (want_x) {
+          scatter_tile(grad_features.data(), grad_grid, p0, count,
+                       grad_x.mutable_data_ptr<scalar_t>());
+        }
+      }
+    });
+    grad_dict = want_dict ? dict_grads.reduce(dictionary.options()) : unwanted(dictionary);
+    grad_bias = want_bias ? at::scalar_tensor(bias_grads.total(), x.options()) : unwanted(x);
+  });
+  return {grad_x, grad_dict, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(srm_ext, CPU, m) {
+  m.impl("reconstruction_loss", &reconstruction_loss);
+  m.impl("reconstruction_loss_backward", &reconstruction_loss_backward);
+}
+
+}  // namespace srm_ext::cpu

@@ -1,0 +1,146 @@
+// Helpers shared by the srm_ext CUDA kernels: dtype conversion, pixel
+// addressing, warp/block reductions and host-side dtype dispatch.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "srm_kernels.h"
+
+#define SRM_RETURN_IF_ERROR(expr)          \
+  do {                                     \
+    const cudaError_t srm_err_ = (expr);   \
+    if (srm_err_ != cudaSuccess) {         \
+      return srm_err_;                     \
+    }                                      \
+  } while (0)
+
+namespace srm_cuda {
+namespace detail {
+
+constexpr int kWarpSize = 32;
+constexpr unsigned kFullWarpMask = 0xffffffffu;
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ---------------------------------------------------------------------------
+// Scalar conversion. Explicit intrinsics only: torch builds CUDA sources with
+// the implicit half/bfloat16 conversions and operators disabled.
+// ---------------------------------------------------------------------------
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// Converts between element types, bit-exact when they are the same.
+template <typename To, typename From>
+__device__ __forceinline__ To convert(From v) {
+  if constexpr (std::is_same_v<To, From>) {
+    return v;
+  } else {
+    return from_float<To>(to_float(v));
+  }
+}
+
+__device__ __forceinline__ float sigmoid(float v) {
+  return 1.0f / (1.0f + expf(-v));
+}
+
+// ---------------------------------------------------------------------------
+// Pixel addressing
+// ---------------------------------------------------------------------------
+
+__host__ __device__ __forceinline__ int64_t num_pixels(
+    const FeatureMapLayout& l) {
+  return l.n * l.h * l.w;
+}
+
+// Element offset of channel 0 of pixel p = (n * H + h) * W + w.
+__device__ __forceinline__ int64_t pixel_offset(const FeatureMapLayout& l,
+                                                int64_t p) {
+  const int64_t hw = l.h * l.w;
+  const int64_t n = p / hw;
+  const int64_t rest = p - n * hw;
+  const int64_t h = rest / l.w;
+  const int64_t w = rest - h * l.w;
+  return n * l.stride_n + h * l.stride_h + w * l.stride_w;
+}
+
+// Whether consecutive channels of one pixel are adjacent in memory
+// (channels_last); tile loaders then walk channels fastest to coalesce.
+__device__ __forceinline__ bool channels_fastest(const FeatureMapLayout& l) {
+  return l.stride_d == 1;
+}
+
+// ---------------------------------------------------------------------------
+// Reductions with a fixed summation order
+// ---------------------------------------------------------------------------
+
+template <typename Acc>
+__device__ __forceinline__ Acc warp_sum(Acc v) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    v += __shfl_xor_sync(kFullWarpMask, v, offset);
+  }
+  return v;
+}
+
+// Tree sum over a block of kThreads threads (a power of two); the result is
+// valid in thread 0. `scratch` holds kThreads elements. Starts with a barrier
+// so that scratch may be reused across calls.
+template <int kThreads, typename Acc>
+__device__ __forceinline__ Acc block_sum(Acc v, Acc* scratch) {
+  static_assert((kThreads & (kThreads - 1)) == 0, "power of two");
+  __syncthreads();
+  scratch[threadIdx.x] = v;
+  __syncthreads();
+#pragma unroll
+  for (int half = kThreads / 2; half > 0; half /= 2) {
+    if (static_cast<int>(threadIdx.x) < half) {
+      scratch[threadIdx.x] += scratch[threadIdx.x + half];
+    }
+    __syncthreads();
+  }
+  return scratch[0];
+}
+
+// ---------------------------------------------------------------------------
+// Host-side dtype dispatch: calls fn(T{}) with the element type for `dtype`.
+// ---------------------------------------------------------------------------
+
+template <typename Fn>
+cudaError_t dispatch_dtype(Dtype dtype, Fn&& fn) {
+  switch (dtype) {
+    case Dtype::kFloat32:
+      return fn(float{});
+    case Dtype::kFloat16:
+      return fn(__half{});
+    case Dtype::kBFloat16:
+      return fn(__nv_bfloat16{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace detail
+}  // namespace srm_cuda

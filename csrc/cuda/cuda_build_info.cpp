@@ -1,0 +1,57 @@
+// Python module srm_ext._C_cuda: loading it registers the CUDA kernels of the
+// srm_ext operators (srm_cuda_ops.cpp, linked into the same library) and
+// exposes build_info() describing how they were compiled.
+#include <cuda.h>
+#include <torch/extension.h>
+
+#include <string>
+#include <vector>
+
+// Architectures compiled into this module, e.g. SRM_EXT_CUDA_ARCHS="80;90".
+// Stringified so that both a bare token list and a string literal work.
+#define SRM_EXT_STRINGIFY_IMPL(...) #__VA_ARGS__
+#define SRM_EXT_STRINGIFY(...) SRM_EXT_STRINGIFY_IMPL(__VA_ARGS__)
+#ifdef SRM_EXT_CUDA_ARCHS
+#define SRM_EXT_CUDA_ARCHS_STRING SRM_EXT_STRINGIFY(SRM_EXT_CUDA_ARCHS)
+#else
+#define SRM_EXT_CUDA_ARCHS_STRING ""
+#endif
+
+namespace {
+
+// Splits "80;90" (quotes, spaces and commas tolerated) into {"80", "90"}.
+std::vector<std::string> parse_archs(const std::string& spec) {
+  std::vector<std::string> archs;
+  std::string current;
+  for (const char ch : spec) {
+    if (ch == ';' || ch == ',' || ch == ' ') {
+      if (!current.empty()) {
+        archs.push_back(current);
+        current.clear();
+      }
+    } else if (ch != '"' && ch != '\\') {
+      current.push_back(ch);
+    }
+  }
+  if (!current.empty()) {
+    archs.push_back(current);
+  }
+  return archs;
+}
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+  info["cuda_version"] = std::to_string(CUDA_VERSION);
+  info["cuda_archs"] = parse_archs(SRM_EXT_CUDA_ARCHS_STRING);
+  info["deterministic_supported"] = true;
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "CUDA kernels of srm_ext (operators register on import)";
+  m.def("build_info", &build_info,
+        "CUDA version, compiled architectures and capabilities of the "
+        "srm_ext CUDA kernels.");
+}

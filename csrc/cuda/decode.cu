@@ -1,0 +1,282 @@
+// Per-pixel codeword gathers: decoding (sum_j coef_pj * C[:, idx_pj]) and its
+// adjoint (<f_p, C[:, idx_pj]> for every kept entry), plus the sigmoid
+// derivative of kept entries.
+//
+// A block owns 32 pixels and walks the channels in chunks of 32. Within a
+// chunk a warp handles one pixel at a time with its lanes on consecutive
+// channels, so each codeword row of the (K, D) transposed dictionary is read
+// as one coalesced segment; feature maps go through pixel_tile.cuh.
+#include "common.cuh"
+#include "pixel_tile.cuh"
+
+namespace srm_cuda {
+namespace {
+
+using namespace detail;
+
+template <typename TDict, typename TOut, typename TAdd>
+__global__ void __launch_bounds__(kTileThreads, 4)
+    combine_codewords_kernel(const float* __restrict__ coef,
+                             const int64_t* __restrict__ indices, int k,
+                             const TDict* __restrict__ dictionary_t,
+                             int64_t num_codes, const TAdd* addend,
+                             FeatureMapLayout add_layout, float addend_scale,
+                             const float* device_scale, float host_scale,
+                             TOut* out, FeatureMapLayout out_layout) {
+  __shared__ int64_t out_offsets[kTilePixels];
+  __shared__ int64_t add_offsets[kTilePixels];
+  __shared__ PixelTile sums;
+  __shared__ PixelTile add_tile;
+
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  const int64_t total_pixels = num_pixels(out_layout);
+  const int64_t depth = out_layout.d;
+  const int64_t first_pixel = static_cast<int64_t>(blockIdx.x) * kTilePixels;
+  const float scale =
+      host_scale * (device_scale != nullptr ? device_scale[0] : 1.0f);
+
+  load_tile_pixel_offsets(out_offsets, out_layout, first_pixel);
+  if (addend != nullptr) {
+    load_tile_pixel_offsets(add_offsets, add_layout, first_pixel);
+  }
+  __syncthreads();
+
+  for (int64_t d0 = 0; d0 < depth; d0 += kTileChannels) {
+    if (addend != nullptr) {
+      load_pixel_tile(add_tile, addend, add_layout, add_offsets, d0);
+    }
+    const int64_t d = d0 + lane;
+#pragma unroll
+    for (int i = 0; i < kTilePixelsPerWarp; ++i) {
+      const int pl = warp + i * kTileWarps;
+      const int64_t p = first_pixel + pl;
+      float acc = 0.0f;
+      if (p < total_pixels && d < depth) {
+        const float* pixel_coef = coef + p * k;
+        const int64_t* pixel_indices = indices + p * k;
+        for (int j = 0; j < k; ++j) {
+          const int64_t c = pixel_indices[j];
+          if (c >= 0 && c < num_codes) {
+            acc = fmaf(pixel_coef[j], to_float(dictionary_t[c * depth + d]),
+                       acc);
+          }
+        }
+      }
+      sums[pl][lane] = acc;
+    }
+    __syncthreads();
+
+    const bool channel_major = channels_fastest(out_layout);
+    for (int e = threadIdx.x; e < kTilePixels * kTileChannels;
+         e += kTileThreads) {
+      int i, c;
+      tile_element(e, channel_major, i, c);
+      const int64_t dd = d0 + c;
+      if (out_offsets[i] >= 0 && dd < depth) {
+        float v = sums[i][c];
+        if (addend != nullptr) {
+          v = fmaf(addend_scale, add_tile[i][c], v);
+        }
+        out[out_offsets[i] + dd * out_layout.stride_d] = from_float<TOut>(scale * v);
+      }
+    }
+    __syncthreads();  // tiles are rewritten by the next chunk
+  }
+}
+
+template <typename TFeat, typename TDict>
+__global__ void __launch_bounds__(kTileThreads, 4)
+    codeword_dots_kernel(const TFeat* __restrict__ features,
+                         FeatureMapLayout layout,
+                         const int64_t* __restrict__ indices, int k,
+                         const TDict* __restrict__ dictionary_t,
+                         int64_t num_codes,
+                         const TDict* __restrict__ sigmoid_values,
+                         float* __restrict__ out) {
+  __shared__ int64_t offsets[kTilePixels];
+  __shared__ PixelTile tile;
+  __shared__ float dots[kTilePixels][kMaxTopK];
+
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  const int64_t total_pixels = num_pixels(layout);
+  const int64_t depth = layout.d;
+  const int64_t first_pixel = static_cast<int64_t>(blockIdx.x) * kTilePixels;
+
+  load_tile_pixel_offsets(offsets, layout, first_pixel);
+  for (int e = threadIdx.x; e < kTilePixels * k; e += kTileThreads) {
+    dots[e / k][e % k] = 0.0f;
+  }
+  __syncthreads();
+
+  for (int64_t d0 = 0; d0 < depth; d0 += kTileChannels) {
+    load_pixel_tile(tile, features, layout, offsets, d0);
+    __syncthreads();
+    const int64_t d = d0 + lane;
+#pragma unroll
+    for (int i = 0; i < kTilePixelsPerWarp; ++i) {
+      const int pl = warp + i * kTileWarps;
+      const int64_t p = first_pixel + pl;
+      if (p >= total_pixels) {
+        continue;  // warp-uniform
+      }
+      const float f = tile[pl][lane];
+      const int64_t* pixel_indices = indices + p * k;
+      for (int j = 0; j < k; ++j) {
+        const int64_t c = pixel_indices[j];
+        float prod = 0.0f;
+        if (c >= 0 && c < num_codes && d < depth) {
+          prod = f * to_float(dictionary_t[c * depth + d]);
+        }
+        prod = warp_sum(prod);
+        if (lane == 0) {
+          dots[pl][j] += prod;  // this warp owns row pl
+        }
+      }
+    }
+    __syncthreads();  // tile is rewritten by the next chunk
+  }
+
+  for (int e = threadIdx.x; e < kTilePixels * k; e += kTileThreads) {
+    const int pl = e / k;
+    const int j = e % k;
+    const int64_t p = first_pixel + pl;
+    if (p < total_pixels) {
+      float r = dots[pl][j];
+      if (sigmoid_values != nullptr) {
+        const float v = to_float(sigmoid_values[p * k + j]);
+        r *= v * (1.0f - v);
+      }
+      out[p * k + j] = r;
+    }
+  }
+}
+
+template <typename T>
+__global__ void sigmoid_backward_kernel(const T* __restrict__ grad_values,
+                                        const T* __restrict__ values,
+                                        int64_t count, float* __restrict__ out) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+       i < count; i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float v = to_float(values[i]);
+    out[i] = to_float(grad_values[i]) * v * (1.0f - v);
+  }
+}
+
+bool valid_tile_grid(int64_t total_pixels) {
+  return ceil_div(total_pixels, kTilePixels) <= 0x7fffffff;
+}
+
+}  // namespace
+
+cudaError_t launch_combine_codewords(const float* coef, const int64_t* indices,
+                                     int64_t k, const void* dictionary_t,
+                                     Dtype dictionary_dtype,
+                                     int64_t num_codewords,
+                                     const FeatureMap* addend,
+                                     float addend_scale,
+                                     const float* device_scale,
+                                     float host_scale, const FeatureMap& out,
+                                     cudaStream_t stream) {
+  const int64_t total_pixels = detail::num_pixels(out.layout);
+  if (k < 0 || k > 0x7fffffff || !valid_tile_grid(total_pixels)) {
+    return cudaErrorInvalidValue;
+  }
+  if (addend != nullptr &&
+      (addend->layout.n != out.layout.n || addend->layout.d != out.layout.d ||
+       addend->layout.h != out.layout.h || addend->layout.w != out.layout.w)) {
+    return cudaErrorInvalidValue;
+  }
+  if (total_pixels == 0 || out.layout.d == 0) {
+    return cudaSuccess;
+  }
+  const Dtype add_dtype = addend != nullptr ? addend->dtype : dictionary_dtype;
+  const bool out_ok = out.dtype == dictionary_dtype || out.dtype == Dtype::kFloat32;
+  const bool add_ok = add_dtype == dictionary_dtype || add_dtype == Dtype::kFloat32;
+  if (!out_ok || !add_ok) {
+    return cudaErrorInvalidValue;
+  }
+  const unsigned blocks =
+      static_cast<unsigned>(detail::ceil_div(total_pixels, kTilePixels));
+  const FeatureMapLayout add_layout =
+      addend != nullptr ? addend->layout : out.layout;
+  const void* add_data = addend != nullptr ? addend->data : nullptr;
+
+  return detail::dispatch_dtype(dictionary_dtype, [&](auto tag) {
+    using T = decltype(tag);
+    // Output and addend are either the dictionary dtype or float32.
+    auto launch = [&](auto out_tag, auto add_tag) {
+      using TOut = decltype(out_tag);
+      using TAdd = decltype(add_tag);
+      combine_codewords_kernel<T, TOut, TAdd>
+          <<<blocks, kTileThreads, 0, stream>>>(
+              coef, indices, static_cast<int>(k),
+              static_cast<const T*>(dictionary_t), num_codewords,
+              static_cast<const TAdd*>(add_data), add_layout, addend_scale,
+              device_scale, host_scale, static_cast<TOut*>(out.data),
+              out.layout);
+      return cudaGetLastError();
+    };
+    const bool out_float = out.dtype == Dtype::kFloat32;
+    const bool add_float = add_dtype == Dtype::kFloat32;
+    if (out_float) {
+      return add_float ? launch(float{}, float{}) : launch(float{}, T{});
+    }
+    return add_float ? launch(T{}, float{}) : launch(T{}, T{});
+  });
+}
+
+cudaError_t launch_codeword_dots(const FeatureMap& features,
+                                 const int64_t* indices, int64_t k,
+                                 const void* dictionary_t,
+                                 Dtype dictionary_dtype, int64_t num_codewords,
+                                 const void* sigmoid_values, float* out,
+                                 cudaStream_t stream) {
+  const int64_t total_pixels = detail::num_pixels(features.layout);
+  if (k < 0 || k > kMaxTopK || !valid_tile_grid(total_pixels)) {
+    return cudaErrorInvalidValue;
+  }
+  if (features.dtype != dictionary_dtype && features.dtype != Dtype::kFloat32) {
+    return cudaErrorInvalidValue;
+  }
+  if (total_pixels == 0 || k == 0) {
+    return cudaSuccess;
+  }
+  const unsigned blocks =
+      static_cast<unsigned>(detail::ceil_div(total_pixels, kTilePixels));
+  return detail::dispatch_dtype(dictionary_dtype, [&](auto tag) {
+    using T = decltype(tag);
+    auto launch = [&](auto feature_tag) {
+      using TFeat = decltype(feature_tag);
+      codeword_dots_kernel<TFeat, T><<<blocks, kTileThreads, 0, stream>>>(
+          static_cast<const TFeat*>(features.data), features.layout, indices,
+          static_cast<int>(k), static_cast<const T*>(dictionary_t),
+          num_codewords, static_cast<const T*>(sigmoid_values), out);
+      return cudaGetLastError();
+    };
+    return features.dtype == Dtype::kFloat32 ? launch(float{}) : launch(T{});
+  });
+}
+
+cudaError_t launch_sigmoid_backward(const void* grad_values,
+                                    const void* values, Dtype dtype,
+                                    int64_t count, float* out,
+                                    cudaStream_t stream) {
+  if (count <= 0) {
+    return count == 0 ? cudaSuccess : cudaErrorInvalidValue;
+  }
+  constexpr int kThreads = 256;
+  const unsigned blocks = static_cast<unsigned>(
+      detail::ceil_div(count, kThreads) < 65535 ? detail::ceil_div(count, kThreads)
+                                                : 65535);
+  return detail::dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    sigmoid_backward_kernel<T><<<blocks, kThreads, 0, stream>>>(
+        static_cast<const T*>(grad_values), static_cast<const T*>(values),
+        count, out);
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace srm_cuda

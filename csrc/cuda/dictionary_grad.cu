@@ -1,0 +1,333 @@
+// Dictionary gradients of the sparse codes:
+//   G[c, :] = sum over entries (p, j) with indices[p, j] == c of
+//             coef_a[p, j] * features_a[p, :] + coef_b[p, j] * features_b[p, :]
+// accumulated in float32 in the transposed (K, D) layout so that one codeword
+// is one contiguous row. Nothing of size K x P is ever formed.
+//
+// Fast path: blocks of 32 pixels stage feature tiles and add every entry to
+// its codeword row with coalesced float atomics.
+// Deterministic path: entries arrive grouped by codeword (stable sort done by
+// the caller); a block sums one fixed part of one codeword's run in entry
+// order, and the parts are added in a fixed order at the end.
+#include "common.cuh"
+#include "pixel_tile.cuh"
+
+namespace srm_cuda {
+namespace {
+
+using namespace detail;
+
+template <typename T>
+__global__ void __launch_bounds__(kTileThreads, 4)
+    scatter_codewords_atomic_kernel(const T* __restrict__ features_a,
+                                    FeatureMapLayout layout_a,
+                                    const float* __restrict__ coef_a,
+                                    const float* __restrict__ features_b,
+                                    FeatureMapLayout layout_b,
+                                    const float* __restrict__ coef_b,
+                                    const int64_t* __restrict__ indices, int k,
+                                    int64_t num_codes,
+                                    float* __restrict__ grad_t) {
+  __shared__ int64_t offsets_a[kTilePixels];
+  __shared__ int64_t offsets_b[kTilePixels];
+  __shared__ PixelTile tile_a;
+  __shared__ PixelTile tile_b;
+
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  const int64_t total_pixels = num_pixels(layout_a);
+  const int64_t depth = layout_a.d;
+  const int64_t first_pixel = static_cast<int64_t>(blockIdx.x) * kTilePixels;
+  const bool has_b = features_b != nullptr;
+
+  load_tile_pixel_offsets(offsets_a, layout_a, first_pixel);
+  if (has_b) {
+    load_tile_pixel_offsets(offsets_b, layout_b, first_pixel);
+  }
+  __syncthreads();
+
+  for (int64_t d0 = 0; d0 < depth; d0 += kTileChannels) {
+    load_pixel_tile(tile_a, features_a, layout_a, offsets_a, d0);
+    if (has_b) {
+      load_pixel_tile(tile_b, features_b, layout_b, offsets_b, d0);
+    }
+    __syncthreads();
+    const int64_t d = d0 + lane;
+    if (d < depth) {
+#pragma unroll
+      for (int i = 0; i < kTilePixelsPerWarp; ++i) {
+        const int pl = warp + i * kTileWarps;
+        const int64_t p = first_pixel + pl;
+        if (p >= total_pixels) {
+          continue;
+        }
+        const float fa = tile_a[pl][lane];
+        const float fb = has_b ? tile_b[pl][lane] : 0.0f;
+        for (int j = 0; j < k; ++j) {
+          const int64_t e = p * k + j;
+          const int64_t c = indices[e];
+          if (c < 0 || c >= num_codes) {
+            continue;
+          }
+          float v = coef_a[e] * fa;
+          if (has_b) {
+            v = fmaf(coef_b[e], fb, v);
+          }
+          atomicAdd(grad_t + c * depth + d, v);
+        }
+      }
+    }
+    __syncthreads();  // tiles are rewritten by the next chunk
+  }
+}
+
+constexpr int kSortedThreads = 256;
+// Channels per thread; kSortedThreads * kSortedChannelsPerThread covers
+// kMaxFeatureDim.
+constexpr int kSortedChannelsPerThread =
+    static_cast<int>(kMaxFeatureDim) / kSortedThreads;
+static_assert(kSortedThreads * kSortedChannelsPerThread >= kMaxFeatureDim,
+              "sorted scatter must cover the largest feature dimension");
+
+template <typename T>
+__global__ void __launch_bounds__(kSortedThreads)
+    scatter_codewords_sorted_kernel(const T* __restrict__ features_a,
+                                    FeatureMapLayout layout_a,
+                                    const float* __restrict__ coef_a,
+                                    const float* __restrict__ features_b,
+                                    FeatureMapLayout layout_b,
+                                    const float* __restrict__ coef_b,
+                                    const int64_t* __restrict__ entry_order,
+                                    const int64_t* __restrict__ run_offsets,
+                                    int k, int64_t num_codes,
+                                    float* __restrict__ segment_partials) {
+  __shared__ int64_t batch_offset_a[kSortedThreads];
+  __shared__ int64_t batch_offset_b[kSortedThreads];
+  __shared__ float batch_coef_a[kSortedThreads];
+  __shared__ float batch_coef_b[kSortedThreads];
+
+  const int64_t code = blockIdx.x;
+  const int64_t segment = blockIdx.y;
+  const int64_t num_segments = gridDim.y;
+  const int64_t depth = layout_a.d;
+  const bool has_b = features_b != nullptr;
+
+  // Fixed split of the run into num_segments contiguous parts.
+  const int64_t run_begin = run_offsets[code];
+  const int64_t run_length = run_offsets[code + 1] - run_begin;
+  const int64_t begin = run_begin + run_length * segment / num_segments;
+  const int64_t end = run_begin + run_length * (segment + 1) / num_segments;
+
+  float acc[kSortedChannelsPerThread];
+#pragma unroll
+  for (int i = 0; i < kSortedChannelsPerThread; ++i) {
+    acc[i] = 0.0f;
+  }
+
+  for (int64_t batch = begin; batch < end; batch += kSortedThreads) {
+    __syncthreads();  // previous batch fully consumed
+    const int64_t e = batch + threadIdx.x;
+    if (e < end) {
+      const int64_t entry = entry_order[e];
+      const int64_t p = entry / k;
+      batch_offset_a[threadIdx.x] = pixel_offset(layout_a, p);
+      batch_coef_a[threadIdx.x] = coef_a[entry];
+      if (has_b) {
+        batch_offset_b[threadIdx.x] = pixel_offset(layout_b, p);
+        batch_coef_b[threadIdx.x] = coef_b[entry];
+      }
+    }
+    __syncthreads();
+    const int64_t batch_size =
+        end - batch < kSortedThreads ? end - batch : kSortedThreads;
+    for (int t = 0; t < batch_size; ++t) {
+      const T* fa = features_a + batch_offset_a[t];
+      const float ca = batch_coef_a[t];
+#pragma unroll
+      for (int i = 0; i < kSortedChannelsPerThread; ++i) {
+        const int64_t d = threadIdx.x + static_cast<int64_t>(i) * kSortedThreads;
+        if (d < depth) {
+          float v = ca * to_float(fa[d * layout_a.stride_d]);
+          if (has_b) {
+            v = fmaf(batch_coef_b[t],
+                     features_b[batch_offset_b[t] + d * layout_b.stride_d], v);
+          }
+          acc[i] += v;
+        }
+      }
+    }
+  }
+
+  float* out = segment_partials + (segment * num_codes + code) * depth;
+#pragma unroll
+  for (int i = 0; i < kSortedChannelsPerThread; ++i) {
+    const int64_t d = threadIdx.x + static_cast<int64_t>(i) * kSortedThreads;
+    if (d < depth) {
+      out[d] = acc[i];
+    }
+  }
+}
+
+__global__ void codeword_run_offsets_kernel(const int64_t* __restrict__ sorted,
+                                            int64_t num_entries,
+                                            int64_t num_codes,
+                                            int64_t* __restrict__ offsets) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c > num_codes) {
+    return;
+  }
+  // First position whose code is >= c.
+  int64_t lo = 0;
+  int64_t hi = num_entries;
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (sorted[mid] < c) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  offsets[c] = lo;
+}
+
+template <typename T>
+__global__ void reduce_dictionary_partials_kernel(
+    const float* __restrict__ partials, int64_t num_segments, int64_t depth,
+    int64_t num_codes, T* __restrict__ grad) {
+  const int64_t total = depth * num_codes;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+       i < total; i += stride) {
+    const int64_t d = i / num_codes;
+    const int64_t c = i - d * num_codes;
+    float sum = 0.0f;
+    for (int64_t s = 0; s < num_segments; ++s) {
+      sum += partials[(s * num_codes + c) * depth + d];
+    }
+    grad[i] = from_float<T>(sum);
+  }
+}
+
+bool same_shape(const FeatureMapLayout& a, const FeatureMapLayout& b) {
+  return a.n == b.n && a.d == b.d && a.h == b.h && a.w == b.w;
+}
+
+bool valid_terms(const FeatureMap& a, const FeatureMap* b) {
+  if (a.layout.d > kMaxFeatureDim) {
+    return false;
+  }
+  return b == nullptr ||
+         (b->dtype == Dtype::kFloat32 && same_shape(a.layout, b->layout));
+}
+
+unsigned grid_stride_blocks(int64_t count, int threads) {
+  const int64_t blocks = ceil_div(count, threads);
+  return static_cast<unsigned>(blocks < 65535 ? blocks : 65535);
+}
+
+}  // namespace
+
+cudaError_t launch_scatter_codewords_atomic(
+    const FeatureMap& features_a, const float* coef_a,
+    const FeatureMap* features_b, const float* coef_b, const int64_t* indices,
+    int64_t k, int64_t num_codewords, float* grad_dictionary_t,
+    cudaStream_t stream) {
+  if (!valid_terms(features_a, features_b) || k < 0 || k > 0x7fffffff) {
+    return cudaErrorInvalidValue;
+  }
+  const int64_t total_pixels = detail::num_pixels(features_a.layout);
+  if (total_pixels == 0 || k == 0 || features_a.layout.d == 0) {
+    return cudaSuccess;
+  }
+  const int64_t blocks = detail::ceil_div(total_pixels, kTilePixels);
+  if (blocks > 0x7fffffff) {
+    return cudaErrorInvalidValue;
+  }
+  const FeatureMapLayout layout_b =
+      features_b != nullptr ? features_b->layout : features_a.layout;
+  const float* data_b = features_b != nullptr
+                            ? static_cast<const float*>(features_b->data)
+                            : nullptr;
+  return detail::dispatch_dtype(features_a.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    scatter_codewords_atomic_kernel<T>
+        <<<static_cast<unsigned>(blocks), kTileThreads, 0, stream>>>(
+            static_cast<const T*>(features_a.data), features_a.layout, coef_a,
+            data_b, layout_b, coef_b, indices, static_cast<int>(k),
+            num_codewords, grad_dictionary_t);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_codeword_run_offsets(const int64_t* sorted_codes,
+                                        int64_t num_entries,
+                                        int64_t num_codewords,
+                                        int64_t* run_offsets,
+                                        cudaStream_t stream) {
+  if (num_codewords < 0 || num_entries < 0) {
+    return cudaErrorInvalidValue;
+  }
+  constexpr int kThreads = 256;
+  const unsigned blocks =
+      static_cast<unsigned>(detail::ceil_div(num_codewords + 1, kThreads));
+  codeword_run_offsets_kernel<<<blocks, kThreads, 0, stream>>>(
+      sorted_codes, num_entries, num_codewords, run_offsets);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_scatter_codewords_sorted(
+    const FeatureMap& features_a, const float* coef_a,
+    const FeatureMap* features_b, const float* coef_b,
+    const int64_t* entry_order, const int64_t* run_offsets, int64_t k,
+    int64_t num_codewords, int64_t num_segments, float* segment_partials,
+    cudaStream_t stream) {
+  if (!valid_terms(features_a, features_b) || k < 1 || k > 0x7fffffff ||
+      num_segments < 1 || num_segments > 65535 || num_codewords > 0x7fffffff) {
+    return cudaErrorInvalidValue;
+  }
+  if (num_codewords == 0 || features_a.layout.d == 0) {
+    return cudaSuccess;
+  }
+  const FeatureMapLayout layout_b =
+      features_b != nullptr ? features_b->layout : features_a.layout;
+  const float* data_b = features_b != nullptr
+                            ? static_cast<const float*>(features_b->data)
+                            : nullptr;
+  const dim3 grid(static_cast<unsigned>(num_codewords),
+                  static_cast<unsigned>(num_segments));
+  return detail::dispatch_dtype(features_a.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    scatter_codewords_sorted_kernel<T><<<grid, kSortedThreads, 0, stream>>>(
+        static_cast<const T*>(features_a.data), features_a.layout, coef_a,
+        data_b, layout_b, coef_b, entry_order, run_offsets,
+        static_cast<int>(k), num_codewords, segment_partials);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_reduce_dictionary_partials(const float* segment_partials,
+                                              int64_t num_segments,
+                                              int64_t feature_dim,
+                                              int64_t num_codewords,
+                                              void* grad_dictionary,
+                                              Dtype dtype,
+                                              cudaStream_t stream) {
+  if (num_segments < 1 || feature_dim < 0 || num_codewords < 0) {
+    return cudaErrorInvalidValue;
+  }
+  const int64_t total = feature_dim * num_codewords;
+  if (total == 0) {
+    return cudaSuccess;
+  }
+  constexpr int kThreads = 256;
+  return detail::dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    reduce_dictionary_partials_kernel<T>
+        <<<grid_stride_blocks(total, kThreads), kThreads, 0, stream>>>(
+            segment_partials, num_segments, feature_dim, num_codewords,
+            static_cast<T*>(grad_dictionary));
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace srm_cuda

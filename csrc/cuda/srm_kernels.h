@@ -1,0 +1,217 @@
+// Host-side launcher API of the srm_ext CUDA kernels.
+//
+// The kernels (csrc/cuda/*.cu) are compiled by nvcc without any torch header;
+// this plain C++ header is the only contract between them and the ATen glue in
+// srm_cuda_ops.cpp. Every launcher enqueues its work on `stream`, never
+// synchronises, and returns the first CUDA error it saw (a bad argument is
+// reported as cudaErrorInvalidValue).
+//
+// Conventions:
+//   * A pixel p = (n, h, w) is numbered in row-major order n, h, w, so that
+//     p = (n * H + h) * W + w and there are P = N * H * W pixels.
+//   * Feature maps (N, D, H, W) are read and written through explicit element
+//     strides (FeatureMap), so NCHW, channels_last and other strided views work
+//     without copies.
+//   * Sparse codes are (P, k) row-major: values in the feature dtype, indices
+//     int64. Per-entry float buffers (coefficients, dot products) use the same
+//     (P, k) layout.
+//   * A "transposed dictionary" is the (K, D) row-major copy of the (D, K)
+//     dictionary, so that a codeword is one contiguous row.
+//   * All arithmetic accumulates in float32.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+namespace srm_cuda {
+
+enum class Dtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// Limits of the kernels; the glue rejects larger problems with a clear error.
+constexpr int64_t kMaxTopK = 128;
+constexpr int64_t kMaxCodewords = 8192;
+constexpr int64_t kMaxFeatureDim = 4096;
+
+// Sizes and element strides of an (N, D, H, W) feature map.
+struct FeatureMapLayout {
+  int64_t n, d, h, w;
+  int64_t stride_n, stride_d, stride_h, stride_w;
+};
+
+// A feature map in memory. `data` is only written by launchers that document
+// the map as an output.
+struct FeatureMap {
+  void* data;
+  Dtype dtype;
+  FeatureMapLayout layout;
+};
+
+// ---------------------------------------------------------------------------
+// Sparse encoding (encode.cu)
+// ---------------------------------------------------------------------------
+
+// Number of thread blocks launch_sparse_encode uses for `num_pixels` pixels,
+// i.e. the length of its `loss_partials` output.
+int64_t sparse_encode_num_blocks(int64_t num_pixels);
+
+// For every pixel p, pre = dictionary^T x_p + intercept[0]; keeps the k largest
+// pre-activations (NaN above +inf, ties to the lower codeword index), sorted
+// descending, and writes values = sigmoid(pre) in x's dtype and the codeword
+// indices. The GEMM is fused with the selection: no (P, K) buffer exists.
+//   dictionary      (D, K) row-major, x's dtype
+//   intercept       one float32 on the device
+//   use_tensor_cores  TF32 MMA for float32, bf16/fp16 MMA for 16-bit inputs;
+//                   false selects exact float32 FMA for every dtype
+//   loss_partials   optional (sparse_encode_num_blocks(P) floats): when not
+//                   null, block b also writes the sum over its pixels and
+//                   channels of (x_hat - x)^2, x_hat rebuilt from the written
+//                   (dtype-rounded) values; reduce them in order with
+//                   launch_deterministic_sum.
+cudaError_t launch_sparse_encode(const FeatureMap& x, const void* dictionary,
+                                 int64_t num_codewords, const float* intercept,
+                                 int64_t k, bool use_tensor_cores, void* values,
+                                 int64_t* indices, float* loss_partials,
+                                 cudaStream_t stream);
+
+// ---------------------------------------------------------------------------
+// Codeword gathers and dot products (decode.cu)
+// ---------------------------------------------------------------------------
+
+// out[p, :] = host_scale * (device_scale ? device_scale[0] : 1)
+//             * (sum_j coef[p, j] * dictionary_t[indices[p, j], :]
+//                + addend_scale * addend[p, :])
+// dictionary_t is (K, D) in `dictionary_dtype`; out and the optional addend
+// have dtype dictionary_dtype or float32 and any strides. Out-of-range
+// indices contribute nothing. D and P come from out.layout.
+cudaError_t launch_combine_codewords(const float* coef, const int64_t* indices,
+                                     int64_t k, const void* dictionary_t,
+                                     Dtype dictionary_dtype,
+                                     int64_t num_codewords,
+                                     const FeatureMap* addend,
+                                     float addend_scale,
+                                     const float* device_scale,
+                                     float host_scale, const FeatureMap& out,
+                                     cudaStream_t stream);
+
+// out[p, j] = <features[p, :], dictionary_t[indices[p, j], :]>, multiplied by
+// v * (1 - v) with v = sigmoid_values[p, j] when sigmoid_values is not null.
+// features has dtype dictionary_dtype or float32 and any strides;
+// sigmoid_values is (P, k) in dictionary_dtype; out is (P, k) float32.
+cudaError_t launch_codeword_dots(const FeatureMap& features,
+                                 const int64_t* indices, int64_t k,
+                                 const void* dictionary_t,
+                                 Dtype dictionary_dtype, int64_t num_codewords,
+                                 const void* sigmoid_values, float* out,
+                                 cudaStream_t stream);
+
+// out[i] = grad_values[i] * values[i] * (1 - values[i]) in float32: the
+// gradient of the pre-activation of every kept entry.
+cudaError_t launch_sigmoid_backward(const void* grad_values,
+                                    const void* values, Dtype dtype,
+                                    int64_t count, float* out,
+                                    cudaStream_t stream);
+
+// ---------------------------------------------------------------------------
+// Dictionary gradients (dictionary_grad.cu)
+// ---------------------------------------------------------------------------
+//
+// Both variants compute, for every codeword c,
+//   G[c, :] = sum over entries (p, j) with indices[p, j] == c of
+//             coef_a[p, j] * features_a[p, :] + coef_b[p, j] * features_b[p, :]
+// where the b term is optional (features_b null) and features_b is float32.
+// features_a has the dictionary dtype; both maps have any strides and the same
+// N, D, H, W. Out-of-range indices are skipped.
+
+// Fast path: float atomics into grad_dictionary_t (K, D) float32, which the
+// caller zero-fills. Summation order is not deterministic.
+cudaError_t launch_scatter_codewords_atomic(
+    const FeatureMap& features_a, const float* coef_a,
+    const FeatureMap* features_b, const float* coef_b, const int64_t* indices,
+    int64_t k, int64_t num_codewords, float* grad_dictionary_t,
+    cudaStream_t stream);
+
+// run_offsets[c] = first position of codeword c in sorted_codes (ascending,
+// num_entries long), for c in [0, K]; entries outside [0, K) fall outside
+// every run.
+cudaError_t launch_codeword_run_offsets(const int64_t* sorted_codes,
+                                        int64_t num_entries,
+                                        int64_t num_codewords,
+                                        int64_t* run_offsets,
+                                        cudaStream_t stream);
+
+// Deterministic path. entry_order lists the flat entries p * k + j grouped by
+// codeword (a stable sort of the flattened indices) and run_offsets comes from
+// launch_codeword_run_offsets. Each codeword's run is split into
+// num_segments contiguous parts that are summed in order; part s of codeword
+// c goes to segment_partials[(s * K + c) * D + d] (num_segments * K * D
+// floats, fully overwritten).
+cudaError_t launch_scatter_codewords_sorted(
+    const FeatureMap& features_a, const float* coef_a,
+    const FeatureMap* features_b, const float* coef_b,
+    const int64_t* entry_order, const int64_t* run_offsets, int64_t k,
+    int64_t num_codewords, int64_t num_segments, float* segment_partials,
+    cudaStream_t stream);
+
+// grad_dictionary[d, c] (D, K row-major, `dtype`) = sum over s in order of
+// segment_partials[(s * K + c) * D + d]. With num_segments == 1 this turns the
+// (K, D) float32 result of either scatter into the dictionary's layout.
+cudaError_t launch_reduce_dictionary_partials(const float* segment_partials,
+                                              int64_t num_segments,
+                                              int64_t feature_dim,
+                                              int64_t num_codewords,
+                                              void* grad_dictionary,
+                                              Dtype dtype, cudaStream_t stream);
+
+// ---------------------------------------------------------------------------
+// Deterministic reductions (reduce.cu)
+// ---------------------------------------------------------------------------
+
+// Length of the float64 workspace launch_deterministic_sum needs.
+int64_t deterministic_sum_workspace_size(int64_t count);
+
+// out[0] = scale * sum(input[0:count]) with a summation order that depends
+// only on count (float64 accumulation). count == 0 gives 0.
+cudaError_t launch_deterministic_sum(const float* input, int64_t count,
+                                     double scale, double* workspace,
+                                     float* out, cudaStream_t stream);
+
+// ---------------------------------------------------------------------------
+// Stage-2 labels and predictor loss (labels.cu, predictor.cu)
+// ---------------------------------------------------------------------------
+
+// pixel_labels[p] = indices[p, 0]; image_labels[n, c] = (1 / HW) * sum over
+// the image's pixels and entries with index c of the value (N, K row-major,
+// `dtype`), summed in a fixed order. Sets error_flag[0] = 1 when an index is
+// outside [0, K) (the entry is then ignored).
+cudaError_t launch_sparse_labels(const void* values, Dtype dtype,
+                                 const int64_t* indices, int64_t batch,
+                                 int64_t pixels_per_image, int64_t k,
+                                 int64_t num_codewords, int64_t* pixel_labels,
+                                 void* image_labels, int* error_flag,
+                                 cudaStream_t stream);
+
+// Float32 workspace length of launch_predictor_loss.
+int64_t predictor_workspace_size(int64_t batch, int64_t pixels_per_image,
+                                 int64_t num_codewords);
+
+// On entry `logits` (P, K row-major, `dtype`) holds C_s^T y_p; on exit it
+// holds dloss/dz for z = logits + intercept and a unit upstream gradient.
+//   local  = mean_p(logsumexp_c q_pc - q_p[label_p]),  q = sigmoid(z)
+//   global = mean_{n,c} BCE(mean_hw q, image_labels) with logs clamped at -100
+//   loss_out[0] = local_weight * local + global_weight * global   (float32)
+// pixel_labels is (P,) int64, image_labels (N, K) in `dtype`. A label outside
+// [0, K) sets error_flag[0] = 1 and drops its one-hot term.
+// float_workspace: predictor_workspace_size(...) floats;
+// sum_workspace: deterministic_sum_workspace_size(max(P, N * K)) doubles.
+cudaError_t launch_predictor_loss(void* logits, Dtype dtype,
+                                  const float* intercept,
+                                  const int64_t* pixel_labels,
+                                  const void* image_labels, int64_t batch,
+                                  int64_t pixels_per_image,
+                                  int64_t num_codewords, float local_weight,
+                                  float global_weight, float* float_workspace,
+                                  double* sum_workspace, float* loss_out,
+                                  int* error_flag, cudaStream_t stream);
+
+}  // namespace srm_cuda

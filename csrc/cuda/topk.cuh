@@ -1,0 +1,135 @@
+// Warp-level running top-k over (pre-activation, codeword) candidates.
+//
+// A candidate is packed into one 64-bit key whose unsigned order is the
+// selection order: the high word is an order-preserving image of the float
+// (NaN above +inf, -0 equal to +0), the low word the bit-complemented codeword
+// index so that, between equal values, the lower index wins. Keys of distinct
+// codewords are distinct and every key is non-zero, so 0 pads lists.
+//
+// Each pixel owns a shared-memory list of `list_len` keys (a power of two):
+// after a merge its first min(count, k) slots hold the best keys sorted
+// descending, and new candidates above the k-th best (the threshold) are
+// appended behind them. When the list could not take another tile of
+// candidates the owning warp sorts it and truncates it to k.
+#pragma once
+
+#include <cstdint>
+
+#include "common.cuh"
+
+namespace srm_cuda {
+namespace detail {
+
+__device__ __forceinline__ uint32_t float_order_bits(float v) {
+  if (isnan(v)) {
+    return 0xffffffffu;  // every NaN ranks above +inf (0xff800000)
+  }
+  uint32_t bits = __float_as_uint(v);
+  if (v == 0.0f) {
+    bits = 0u;  // -0 ties with +0
+  }
+  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+__device__ __forceinline__ float float_from_order_bits(uint32_t key) {
+  const uint32_t bits = (key & 0x80000000u) ? (key & 0x7fffffffu) : ~key;
+  return __uint_as_float(bits);
+}
+
+__device__ __forceinline__ uint64_t make_topk_key(float value,
+                                                  uint32_t codeword) {
+  return (static_cast<uint64_t>(float_order_bits(value)) << 32) |
+         static_cast<uint64_t>(~codeword);
+}
+
+__device__ __forceinline__ float topk_key_value(uint64_t key) {
+  return float_from_order_bits(static_cast<uint32_t>(key >> 32));
+}
+
+__device__ __forceinline__ uint32_t topk_key_codeword(uint64_t key) {
+  return ~static_cast<uint32_t>(key);
+}
+
+// List length for k winners when candidates arrive tile_size at a time: room
+// for k kept keys plus one full tile, rounded up to a power of two for the
+// bitonic sort.
+__host__ __device__ constexpr int topk_list_length(int k, int tile_size) {
+  int len = 128;
+  while (len < k + tile_size) {
+    len *= 2;
+  }
+  return len;
+}
+
+// Sorts list[0:len) descending; len is a power of two >= 2. Called by all 32
+// lanes of one warp; ends synchronised.
+__device__ __forceinline__ void warp_bitonic_sort_descending(uint64_t* list,
+                                                             int len,
+                                                             int lane) {
+  for (int size = 2; size <= len; size *= 2) {
+    for (int stride = size / 2; stride > 0; stride /= 2) {
+      for (int pair = lane; pair < len / 2; pair += kWarpSize) {
+        // Lower element of the pair'th compare-exchange at this stride.
+        const int i = 2 * pair - (pair & (stride - 1));
+        const int j = i + stride;
+        // Blocks of `size` alternate direction; the final pass (size == len)
+        // is descending everywhere because i & len == 0.
+        const bool descending = (i & size) == 0;
+        const uint64_t a = list[i];
+        const uint64_t b = list[j];
+        if (descending ? (a < b) : (a > b)) {
+          list[i] = b;
+          list[j] = a;
+        }
+      }
+      __syncwarp();
+    }
+  }
+}
+
+// Appends the candidates of one tile row that beat `threshold`. Lane l looks
+// at tile_scores[base + l]; codewords at or beyond num_codewords are skipped.
+// `count` is warp-uniform and must leave room for tile_size more keys.
+template <int kTileSize>
+__device__ __forceinline__ void topk_append_tile(const float* tile_scores,
+                                                 int64_t first_codeword,
+                                                 int64_t num_codewords,
+                                                 float bias,
+                                                 uint64_t threshold,
+                                                 uint64_t* list, int& count,
+                                                 int lane) {
+  static_assert(kTileSize % kWarpSize == 0, "tile must be whole warps");
+#pragma unroll
+  for (int base = 0; base < kTileSize; base += kWarpSize) {
+    const int64_t codeword = first_codeword + base + lane;
+    uint64_t key = 0;
+    if (codeword < num_codewords) {
+      key = make_topk_key(tile_scores[base + lane] + bias,
+                          static_cast<uint32_t>(codeword));
+    }
+    const bool keep = key > threshold;
+    const unsigned keep_mask = __ballot_sync(kFullWarpMask, keep);
+    if (keep) {
+      const unsigned lanes_below = (1u << lane) - 1u;
+      list[count + __popc(keep_mask & lanes_below)] = key;
+    }
+    count += __popc(keep_mask);
+  }
+  __syncwarp();
+}
+
+// Sorts the list, keeps the best min(count, k) keys and returns the new
+// threshold (0, i.e. accept anything, while fewer than k keys were seen).
+__device__ __forceinline__ uint64_t topk_merge(uint64_t* list, int len,
+                                               int& count, int k, int lane) {
+  for (int i = count + lane; i < len; i += kWarpSize) {
+    list[i] = 0;
+  }
+  __syncwarp();
+  warp_bitonic_sort_descending(list, len, lane);
+  count = count < k ? count : k;
+  return count >= k ? list[k - 1] : 0;
+}
+
+}  // namespace detail
+}  // namespace srm_cuda

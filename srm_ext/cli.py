@@ -1,0 +1,183 @@
+"""Command line: ``python -m srm_ext {distill,bench,info}`` (also ``srm-ext``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["main", "build_parser"]
+
+PROG = "srm-ext"
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError)
+
+
+def _csv(kind):
+    def parse(text: str) -> list:
+        try:
+            return [kind(item.strip()) for item in text.split(",") if item.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .distill.config import METHODS, PRESETS
+    from .distill.models import ARCHITECTURES
+
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Sparse Representation Matching (SRM) knowledge distillation."
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    d = commands.add_parser(
+        "distill",
+        help="train a teacher, then students with each method over seeds; report accuracy",
+        description=(
+            "Train a teacher, then students by each method over several seeds, and print "
+            "held-out accuracy (mean ± std) with the time of each stage. Without arguments: "
+            "scikit-learn's digits, DenseNet teacher, AllCNN student, scratch/kd/srm, 3 seeds. "
+            "Under torchrun the work is spread over the processes (DDP, gloo or NCCL)."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    d.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    d.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="bundle of settings; explicit flags override it (default: default)")
+    g = d.add_argument_group("data")
+    g.add_argument("--dataset", choices=["digits", "cifar10", "cifar100", "imagefolder", "npz"])
+    g.add_argument("--data-path", help="CIFAR python folder, ImageFolder root or .npz file")
+    g.add_argument("--image-size", type=int, help="digits: upsample to; imagefolder: resize to")
+    g.add_argument("--no-augment", dest="augment", action="store_false", default=None,
+                   help="disable random translations/flips")
+    g.add_argument("--train-limit", type=int, help="use only the first N training samples")
+    g.add_argument("--test-limit", type=int, help="use only the first N held-out samples")
+    g = d.add_argument_group("models")
+    g.add_argument("--teacher", help=f"teacher architecture: {', '.join(ARCHITECTURES)}")
+    g.add_argument("--student", help=f"student architecture: {', '.join(ARCHITECTURES)}")
+    g.add_argument("--teacher-width", type=float, help="channel width multiplier")
+    g.add_argument("--student-width", type=float, help="channel width multiplier")
+    g.add_argument("--layer-pairs", type=_csv(str), metavar="T:S,...",
+                   help="teacher:student module paths (default: the architectures' stages)")
+    g = d.add_argument_group("SRM and baselines")
+    g.add_argument("--codeword-multiplier", type=float, help="K = int(D * cm)")
+    g.add_argument("--sparsity-multiplier", type=float, help="k = max(1, int(D * sm * cm))")
+    g.add_argument("--local-weight", type=float, help="weight of the pixel-level loss")
+    g.add_argument("--global-weight", type=float, help="weight of the image-level loss")
+    g.add_argument("--kd-temperature", type=float)
+    g.add_argument("--kd-alpha", type=float, help="weight of the soft (KL) term")
+    g.add_argument("--fitnet-weight", type=float)
+    g.add_argument("--sp-weight", type=float)
+    g.add_argument("--at-weight", type=float)
+    g = d.add_argument_group("schedule")
+    g.add_argument("--methods", type=_csv(str), metavar="M,...",
+                   help=f"any of {','.join(METHODS)} (default: scratch,kd,srm)")
+    g.add_argument("--seeds", type=_csv(int), metavar="S,...", help="e.g. 0,1,2")
+    g.add_argument("--epochs-teacher", type=int)
+    g.add_argument("--epochs-dictionary", type=int, help="SRM stage 1")
+    g.add_argument("--epochs-init", type=int, help="SRM stage 2 and FitNet's hint stage")
+    g.add_argument("--epochs-student", type=int, help="KD stage and the single-stage methods")
+    g.add_argument("--batch-size", type=int, help="global batch (split across processes)")
+    g.add_argument("--lr", type=float, help="teacher, KD and baseline stages")
+    g.add_argument("--lr-srm", type=float, help="SRM stages 1-2 and FitNet's hint stage")
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--optimizer", choices=["adam", "adamw", "sgd"])
+    g.add_argument("--schedule", choices=["none", "step", "cosine"],
+                   help="per-epoch lr schedule of the teacher/KD/baseline stages")
+    g = d.add_argument_group("runtime")
+    g.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
+    g.add_argument("--amp", choices=["none", "bf16", "fp16"], help="autocast dtype")
+    g.add_argument("--output-dir", help="where config, metrics, results, plots and checkpoints go")
+    g.add_argument("--num-workers", type=int, help="DataLoader worker processes")
+    g.add_argument("--quiet", action="store_true", default=None, help="no progress bars or epoch lines")
+    g.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
+    g.add_argument("--overwrite", action="store_true", help="replace the run in --output-dir")
+
+    commands.add_parser(
+        "bench", help="benchmark the SRM ops (arguments go to srm_ext.benchmark)", add_help=False
+    )
+    commands.add_parser("info", help="show which compiled backends are available (JSON)")
+    return parser
+
+
+# Flags that are not ExperimentConfig fields.
+_CONTROL_FLAGS = ("command", "debug", "preset", "resume", "overwrite")
+
+
+def build_config(args: argparse.Namespace) -> Any:
+    """ExperimentConfig from defaults < saved config (on --resume) < preset < flags."""
+    from .distill.config import ExperimentConfig, PRESETS
+    from .distill.experiment import ExperimentRunner
+
+    values: dict[str, Any] = ExperimentConfig().to_dict()
+    flags = {
+        k: v for k, v in vars(args).items() if k not in _CONTROL_FLAGS and v is not None
+    }
+    if args.resume:
+        saved = ExperimentRunner.saved_config(flags.get("output_dir", values["output_dir"]))
+        if saved is not None:
+            values.update(saved)
+    if args.preset is not None or not args.resume:
+        preset = args.preset or "default"
+        values.update(PRESETS[preset])
+        values["preset"] = preset
+    values.update(flags)
+    return ExperimentConfig.from_dict(values)
+
+
+def _distill(args: argparse.Namespace) -> int:
+    from .distill.experiment import ExperimentRunner
+
+    config = build_config(args)
+    runner = ExperimentRunner(config, resume=args.resume, overwrite=args.overwrite)
+    try:
+        runner.run()
+    except KeyboardInterrupt:
+        print(
+            f"\n{PROG}: interrupted; continue with: {PROG} distill --resume "
+            f"--output-dir {config.output_dir}",
+            file=sys.stderr,
+        )
+        return 130
+    return 0
+
+
+def _bench(argv: Sequence[str]) -> int:
+    try:
+        from . import benchmark
+    except ImportError as exc:
+        print(f"{PROG}: error: the benchmark module is not available ({exc})", file=sys.stderr)
+        return 2
+    return int(benchmark.main(list(argv)) or 0)
+
+
+def _info() -> int:
+    from . import backend_info
+
+    print(json.dumps(backend_info(), indent=2, default=str))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m srm_ext`` and the ``srm-ext`` script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `bench` owns all of its arguments, including -h.
+    if argv and argv[0] == "bench":
+        return _bench(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "info":
+            return _info()
+        if args.command == "bench":
+            return _bench([])
+        return _distill(args)
+    except USER_ERRORS as exc:
+        if args.debug:
+            raise
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 2

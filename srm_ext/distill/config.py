@@ -1,0 +1,191 @@
+"""Configuration of training stages and of whole distillation experiments."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "ConfigError",
+    "StageConfig",
+    "ExperimentConfig",
+    "METHODS",
+    "PRESETS",
+    "paper_stage_defaults",
+]
+
+#: Methods the experiment runner knows, in the order results are reported.
+METHODS = ("scratch", "kd", "fitnet", "sp", "at", "srm")
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration mistake (bad flag value, missing file, ...)."""
+
+
+@dataclass
+class StageConfig:
+    """Optimiser and learning-rate schedule of one training stage.
+
+    The defaults follow the SRM paper: Adam, lr 1e-3, weight decay 1e-4, and a step
+    schedule dividing the lr by 10 after 15% and 65% of the epochs (the authors'
+    30/100/70-epoch split).
+    """
+
+    epochs: int = 1
+    optimizer: str = "adam"  # adam | adamw | sgd
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9  # sgd only
+    schedule: str = "step"  # none | step | cosine
+    milestones: tuple[float, ...] = (0.15, 0.65)  # step: fractions of `epochs`
+    gamma: float = 0.1  # step: lr factor at each milestone
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0:
+            raise ConfigError(f"epochs must be >= 0, got {self.epochs}")
+        if self.optimizer not in ("adam", "adamw", "sgd"):
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}; use adam, adamw or sgd")
+        if self.schedule not in ("none", "step", "cosine"):
+            raise ConfigError(f"unknown schedule {self.schedule!r}; use none, step or cosine")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        self.milestones = tuple(float(m) for m in self.milestones)
+
+    def replace(self, **changes: Any) -> "StageConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def paper_stage_defaults() -> dict[str, StageConfig]:
+    """The SRM stages with the paper's optimiser settings (epochs to be chosen)."""
+    return {
+        "dictionary": StageConfig(epochs=1),
+        "init": StageConfig(epochs=1),
+        "kd": StageConfig(epochs=1),
+    }
+
+
+@dataclass
+class ExperimentConfig:
+    """Everything ``srm-ext distill`` needs; saved as ``config.json`` in the run dir.
+
+    ``batch_size`` is the global batch: under torch.distributed every process takes
+    ``batch_size / world_size`` samples per step, so results do not depend on the
+    number of processes (up to BatchNorm statistics).
+    """
+
+    # data
+    dataset: str = "digits"  # digits | cifar10 | cifar100 | imagefolder | npz
+    data_path: str | None = None
+    image_size: int | None = None  # resize (ImageFolder) / upsample (digits) to this size
+    augment: bool = True
+    train_limit: int | None = None  # use only the first N training samples (smoke tests)
+    test_limit: int | None = None
+    # models
+    teacher: str = "densenet"
+    student: str = "allcnn"
+    teacher_width: float = 1.0
+    student_width: float = 1.0
+    layer_pairs: list[str] | None = None  # ["teacher.path:student.path", ...]; None: arch defaults
+    # SRM
+    codeword_multiplier: float = 2.0
+    sparsity_multiplier: float = 0.02
+    local_weight: float = 1.0
+    global_weight: float = 1.0
+    # KD (stage 3 and the KD baseline)
+    kd_temperature: float = 4.0
+    kd_alpha: float = 0.9
+    # other baselines
+    fitnet_weight: float = 1.0
+    sp_weight: float = 3000.0
+    at_weight: float = 1000.0
+    # schedule
+    methods: list[str] = field(default_factory=lambda: ["scratch", "kd", "srm"])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    epochs_teacher: int = 30
+    epochs_dictionary: int = 10
+    epochs_init: int = 10
+    epochs_student: int = 30  # KD stage of srm/fitnet, and the only stage of the rest
+    batch_size: int = 64
+    lr: float = 1e-3
+    lr_srm: float = 1e-3  # stages 1 and 2 (and FitNet's hint stage)
+    weight_decay: float = 1e-4
+    optimizer: str = "adam"
+    schedule: str = "cosine"
+    # runtime
+    device: str = "auto"
+    amp: str = "none"  # none | bf16 | fp16
+    output_dir: str = "runs/srm"
+    num_workers: int = 0
+    quiet: bool = False
+    preset: str = "default"
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ConfigError(
+                f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}"
+            )
+        if not self.methods:
+            raise ConfigError("at least one method is needed")
+        if not self.seeds:
+            raise ConfigError("at least one seed is needed")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.amp not in ("none", "bf16", "fp16"):
+            raise ConfigError(f"unknown amp mode {self.amp!r}; use none, bf16 or fp16")
+        for name in ("epochs_teacher", "epochs_dictionary", "epochs_init", "epochs_student"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0")
+        if not 0.0 <= self.kd_alpha <= 1.0:
+            raise ConfigError(f"kd alpha must lie in [0, 1], got {self.kd_alpha}")
+        if self.kd_temperature <= 0:
+            raise ConfigError(f"kd temperature must be > 0, got {self.kd_temperature}")
+        # Validate the optimiser settings once, early.
+        self.stage("student")
+
+    def stage(self, kind: str) -> StageConfig:
+        """Stage settings for ``kind``: teacher | dictionary | init | student."""
+        epochs = {
+            "teacher": self.epochs_teacher,
+            "dictionary": self.epochs_dictionary,
+            "init": self.epochs_init,
+            "student": self.epochs_student,
+        }[kind]
+        lr = self.lr_srm if kind in ("dictionary", "init") else self.lr
+        # Stages 1 and 2 use a constant lr in short runs: their job is a good
+        # starting point for stage 3, not convergence of a long schedule.
+        schedule = "none" if kind in ("dictionary", "init") else self.schedule
+        return StageConfig(
+            epochs=epochs,
+            optimizer=self.optimizer,
+            lr=lr,
+            weight_decay=0.0 if kind == "dictionary" else self.weight_decay,
+            schedule=schedule,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "ExperimentConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+
+# Settings that must agree between an interrupted run and its --resume.
+RESUME_INVARIANT_EXCLUDES = ("quiet", "device", "num_workers", "output_dir")
+
+#: Named bundles of settings; explicit flags override them.
+PRESETS: dict[str, dict[str, Any]] = {
+    # Digits, 3 seeds, scratch/KD/SRM: a few minutes on two CPU cores.
+    "default": {},
+    # The same story in well under two minutes: one seed, fewer epochs.
+    "quick": {
+        "seeds": [0],
+        "epochs_teacher": 12,
+        "epochs_dictionary": 3,
+        "epochs_init": 4,
+        "epochs_student": 12,
+    },
+}

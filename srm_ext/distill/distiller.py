@@ -1,0 +1,285 @@
+"""SRM distillation of a teacher CNN into a student CNN, on the user's own models."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..modules import SparseCodePredictor, SparseRepresentation, srm_sizes
+from .config import StageConfig
+from .hooks import FeatureTap
+from .losses import kd_loss
+from .metrics import accuracy
+from .trainer import Stage, Trainer
+
+__all__ = ["SRMDistiller", "DEFAULT_STAGE_CONFIGS"]
+
+#: Paper defaults per stage (Adam, lr 1e-3, lr / 10 after 15% and 65% of the
+#: epochs). The dictionaries get no weight decay: it would shrink the codewords
+#: the reconstruction needs.
+DEFAULT_STAGE_CONFIGS: dict[str, StageConfig] = {
+    "dictionary": StageConfig(epochs=10, weight_decay=0.0),
+    "init": StageConfig(epochs=10),
+    "kd": StageConfig(epochs=30),
+}
+
+LayerPairs = Mapping[str, str] | Sequence[tuple[str, str]]
+
+
+class SRMDistiller(nn.Module):
+    """Sparse Representation Matching between ``teacher`` and ``student``.
+
+    Args:
+        teacher: a trained classifier returning logits; it is never updated.
+        student: the classifier to train; returned without SRM blocks or hooks by
+            :meth:`export_student`.
+        layer_pairs: teacher module path -> student module path (dotted names as in
+            ``named_modules()``), e.g. ``{"layer2": "stage2", "layer3.1": "stage3"}``.
+            Both modules must output 4-D (N, C, H, W) maps; the grids may differ.
+        codeword_multiplier, sparsity_multiplier: per pair with teacher channels D,
+            ``K = int(D * cm)`` codewords and ``k = max(1, int(D * sm * cm))`` kept.
+        input_shape: (C, H, W) of one input, or ``example_input`` (a batch): used for
+            a dry forward pass that finds the channel counts. When both are omitted
+            the first batch of the first ``fit_*`` call is used.
+        local_weight, global_weight: weights of the pixel- and image-level losses.
+        kd_temperature, kd_alpha: Hinton KD of stage 3.
+
+    Stages (each returns the per-epoch metrics)::
+
+        distiller = SRMDistiller(teacher, student, {"layer2": "stage2"}, input_shape=(3, 32, 32))
+        distiller.fit_dictionaries(loader, epochs=10)  # stage 1: teacher dictionaries
+        distiller.fit_student(loader, epochs=10)       # stage 2: student + predictors
+        distiller.fit_kd(loader, epochs=30)            # stage 3: Hinton KD
+        student = distiller.export_student()
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        student: nn.Module,
+        layer_pairs: LayerPairs,
+        codeword_multiplier: float = 2.0,
+        sparsity_multiplier: float = 0.02,
+        *,
+        input_shape: Sequence[int] | None = None,
+        example_input: Tensor | None = None,
+        local_weight: float = 1.0,
+        global_weight: float = 1.0,
+        kd_temperature: float = 4.0,
+        kd_alpha: float = 0.9,
+    ) -> None:
+        super().__init__()
+        pairs = list(layer_pairs.items() if isinstance(layer_pairs, Mapping) else layer_pairs)
+        if not pairs:
+            raise ValueError("layer_pairs is empty; give at least one teacher -> student pair")
+        self.teacher = teacher
+        self.student = student
+        self.layer_pairs: list[tuple[str, str]] = [(str(t), str(s)) for t, s in pairs]
+        self.codeword_multiplier = codeword_multiplier
+        self.sparsity_multiplier = sparsity_multiplier
+        self.local_weight = local_weight
+        self.global_weight = global_weight
+        self.kd_temperature = kd_temperature
+        self.kd_alpha = kd_alpha
+        # Validates the paths now, so a typo fails before any training.
+        self.teacher_tap = FeatureTap(teacher, [t for t, _ in self.layer_pairs], role="teacher")
+        self.student_tap = FeatureTap(student, [s for _, s in self.layer_pairs], role="student")
+        self.representations = nn.ModuleList()
+        self.predictors = nn.ModuleList()
+        if example_input is None and input_shape is not None:
+            example_input = torch.zeros(2, *input_shape)
+        if example_input is not None:
+            self.build(example_input)
+
+    # ------------------------------------------------------------------ setup
+
+    @property
+    def is_built(self) -> bool:
+        return len(self.representations) == len(self.layer_pairs)
+
+    @torch.no_grad()
+    def build(self, example_input: Tensor) -> None:
+        """Create the SRM blocks from a dry forward pass of both models on
+        ``example_input`` (a batch; only its first two samples are used)."""
+        if self.is_built:
+            return
+        device = module_device(self.teacher)
+        batch = example_input[:2].to(device=device, dtype=torch.float32)
+        t_maps = self.teacher_tap.probe(batch)
+        s_maps = self.student_tap.probe(batch.to(module_device(self.student)))
+        for t_path, s_path in self.layer_pairs:
+            t_channels, s_channels = t_maps[t_path].shape[1], s_maps[s_path].shape[1]
+            try:
+                num_codewords, sparsity = srm_sizes(
+                    t_channels, self.codeword_multiplier, self.sparsity_multiplier
+                )
+            except ValueError as exc:
+                raise ValueError(f"layer pair {t_path!r} -> {s_path!r}: {exc}") from None
+            self.representations.append(SparseRepresentation(t_channels, num_codewords, sparsity))
+            self.predictors.append(
+                SparseCodePredictor(s_channels, num_codewords, self.local_weight, self.global_weight)
+            )
+        self.representations.to(device)
+        self.predictors.to(module_device(self.student))
+
+    def _ensure_built(self, loader: Iterable) -> None:
+        if not self.is_built:
+            images, _ = next(iter(loader))
+            self.build(images)
+
+    # ------------------------------------------------------------------ objectives
+
+    def dictionary_loss(self, images: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Stage 1: reconstruction loss of the teacher's maps, summed over pairs."""
+        with torch.no_grad(), self.teacher_tap.capture() as t_maps:
+            self.teacher(images)
+        losses = {
+            f"recon/{t_path}": block.loss(t_maps[t_path])
+            for (t_path, _), block in zip(self.layer_pairs, self.representations)
+        }
+        return sum(losses.values()), losses
+
+    @torch.no_grad()
+    def teacher_labels(self, images: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Stage-2 targets (pixel labels, image labels) per layer pair."""
+        with self.teacher_tap.capture() as t_maps:
+            self.teacher(images)
+        return [
+            tuple(block.labels(t_maps[t_path]))
+            for (t_path, _), block in zip(self.layer_pairs, self.representations)
+        ]
+
+    def student_loss(self, images: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Stage 2: the student's sparse-code prediction loss, summed over pairs."""
+        labels = self.teacher_labels(images)
+        with self.student_tap.capture() as s_maps:
+            self.student(images)
+        losses = {
+            f"srm/{s_path}": predictor(s_maps[s_path], target)
+            for (_, s_path), predictor, target in zip(self.layer_pairs, self.predictors, labels)
+        }
+        return sum(losses.values()), losses
+
+    def kd_loss(self, images: Tensor, targets: Tensor) -> Tensor:
+        """Stage 3: Hinton KD from the teacher's logits."""
+        with torch.no_grad():
+            teacher_logits = self.teacher(images)
+        return kd_loss(
+            self.student(images), teacher_logits, targets, self.kd_temperature, self.kd_alpha
+        )
+
+    # ------------------------------------------------------------------ stages
+
+    def dictionary_stage(self, config: StageConfig) -> Stage:
+        return Stage(
+            name="srm-dictionary",
+            objective=lambda images, _targets: self.dictionary_loss(images),
+            parameters=list(self.representations.parameters()),
+            train_modules=[self.representations],
+            frozen_modules=[self.teacher],
+            config=config,
+        )
+
+    def student_stage(self, config: StageConfig) -> Stage:
+        return Stage(
+            name="srm-init",
+            objective=lambda images, _targets: self.student_loss(images),
+            parameters=[*self.student.parameters(), *self.predictors.parameters()],
+            train_modules=[self.student, self.predictors],
+            frozen_modules=[self.teacher, self.representations],
+            config=config,
+        )
+
+    def kd_stage(self, config: StageConfig) -> Stage:
+        return Stage(
+            name="srm-kd",
+            objective=self.kd_loss,
+            parameters=list(self.student.parameters()),
+            train_modules=[self.student],
+            frozen_modules=[self.teacher],
+            config=config,
+        )
+
+    def stages(self, configs: Mapping[str, StageConfig] | None = None) -> list[Stage]:
+        """The three stages in order, with ``configs`` overriding the defaults per
+        key (``dictionary``, ``init``, ``kd``). The blocks must be built."""
+        if not self.is_built:
+            raise RuntimeError("build the SRM blocks first (input_shape, example_input or build())")
+        configs = {**DEFAULT_STAGE_CONFIGS, **(configs or {})}
+        return [
+            self.dictionary_stage(configs["dictionary"]),
+            self.student_stage(configs["init"]),
+            self.kd_stage(configs["kd"]),
+        ]
+
+    def fit_dictionaries(self, loader: Iterable, epochs: int | None = None, **kwargs: Any) -> list[dict]:
+        """Stage 1: fit the teacher-side dictionaries (teacher frozen, eval mode)."""
+        self._ensure_built(loader)
+        return self._fit(self.dictionary_stage, "dictionary", loader, epochs, **kwargs)
+
+    def fit_student(self, loader: Iterable, epochs: int | None = None, **kwargs: Any) -> list[dict]:
+        """Stage 2: train the whole student and its predictors on the teacher's sparse codes."""
+        self._ensure_built(loader)
+        return self._fit(self.student_stage, "init", loader, epochs, **kwargs)
+
+    def fit_kd(self, loader: Iterable, epochs: int | None = None, **kwargs: Any) -> list[dict]:
+        """Stage 3: Hinton KD of the student (predictor blocks unused)."""
+        return self._fit(self.kd_stage, "kd", loader, epochs, **kwargs)
+
+    def fit(
+        self,
+        loader: Iterable,
+        dictionary_epochs: int | None = None,
+        init_epochs: int | None = None,
+        kd_epochs: int | None = None,
+        **kwargs: Any,
+    ) -> dict[str, list[dict]]:
+        """All three stages; returns the metrics of each."""
+        return {
+            "dictionary": self.fit_dictionaries(loader, dictionary_epochs, **kwargs),
+            "init": self.fit_student(loader, init_epochs, **kwargs),
+            "kd": self.fit_kd(loader, kd_epochs, **kwargs),
+        }
+
+    def _fit(
+        self,
+        make_stage,
+        key: str,
+        loader: Iterable,
+        epochs: int | None,
+        *,
+        config: StageConfig | None = None,
+        trainer: Trainer | None = None,
+        eval_loader: Iterable | None = None,
+        **trainer_kwargs: Any,
+    ) -> list[dict]:
+        """Shared by the ``fit_*`` methods: ``config`` replaces the stage's default
+        settings, ``epochs`` overrides its epoch count; ``trainer`` (or keyword
+        arguments of :class:`Trainer`) says how to run; ``eval_loader`` adds the
+        student's held-out accuracy to the metrics of stages 2 and 3."""
+        config = config or DEFAULT_STAGE_CONFIGS[key]
+        if epochs is not None:
+            config = config.replace(epochs=epochs)
+        if trainer is None:
+            trainer_kwargs.setdefault("device", module_device(self.student))
+            trainer = Trainer(**trainer_kwargs)
+        stage = make_stage(config)
+        if eval_loader is not None and key != "dictionary":
+            stage.evaluate = lambda: {"test_acc": accuracy(self.student, eval_loader, trainer)}
+        return trainer.fit(stage, loader)
+
+    # ------------------------------------------------------------------ export
+
+    def export_student(self) -> nn.Module:
+        """A copy of the student, in eval mode, with no SRM blocks and no hooks."""
+        return copy.deepcopy(self.student).eval()
+
+
+def module_device(module: nn.Module) -> torch.device:
+    for tensor in module.parameters():
+        return tensor.device
+    return torch.device("cpu")

@@ -1,0 +1,119 @@
+"""torch.distributed helpers: process-group setup from ``torchrun``'s environment,
+gradient and statistics averaging, rank-0-only side effects.
+
+Gradients are averaged with explicit all-reduces rather than by wrapping modules
+in ``DistributedDataParallel``: the trainable set changes from stage to stage
+(dictionaries only, student + predictors, student only) and parts of the student
+receive no gradient in stage 2, which DDP only tolerates with
+``find_unused_parameters``. Averaging every gradient that exists gives the same
+update as DDP at these model sizes, with one code path for all stages.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+__all__ = ["DistributedContext", "init_distributed", "resolve_device", "shutdown_distributed"]
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    """Where this process sits in the job (a single process is rank 0 of 1)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def current(cls) -> "DistributedContext":
+        """The context of an already initialised default process group, if any."""
+        if dist.is_available() and dist.is_initialized():
+            local = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
+            return cls(dist.get_rank(), dist.get_world_size(), local)
+        return cls()
+
+    def all_reduce_gradients(self, parameters: Iterable[Tensor]) -> None:
+        """Average the gradients of ``parameters`` over processes (one flat all-reduce)."""
+        if not self.enabled:
+            return
+        grads = [p.grad for p in parameters if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world_size
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def average_buffers(self, module: nn.Module) -> None:
+        """Average floating buffers (BatchNorm running statistics) over processes so
+        every rank evaluates and checkpoints the same model."""
+        if not self.enabled:
+            return
+        for buffer in module.buffers():
+            if buffer.is_floating_point():
+                dist.all_reduce(buffer)
+                buffer /= self.world_size
+
+    def mean(self, value: float, device: torch.device | str = "cpu") -> float:
+        """Average a Python number over processes."""
+        if not self.enabled:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return t.item() / self.world_size
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+
+def init_distributed(device: str = "auto") -> DistributedContext:
+    """Join the process group that ``torchrun`` describes in the environment
+    (``WORLD_SIZE`` > 1): NCCL when CUDA is used, gloo otherwise. Returns a
+    single-process context when not launched by ``torchrun``."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistributedContext()
+    if not dist.is_initialized():
+        use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+        if use_cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return DistributedContext.current()
+
+
+def shutdown_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def resolve_device(requested: str, context: DistributedContext | None = None) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; CUDA processes of a distributed
+    job take the GPU of their local rank."""
+    context = context or DistributedContext()
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(requested)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {requested!r} requested but CUDA is not available")
+        if device.index is None:
+            device = torch.device("cuda", context.local_rank)
+    return device

@@ -1,0 +1,373 @@
+"""The experiment behind ``srm-ext distill``: train a teacher, then students with
+each method over several seeds, and report held-out accuracy.
+
+Fault tolerance: after every epoch the complete state (models, optimiser,
+scheduler, RNG states of every process, epoch counters, finished runs, metric
+history) goes into ``checkpoint.pt`` atomically, so an interrupted experiment
+resumed with ``resume=True`` loses at most the epoch in progress and ends with
+the same numbers as an uninterrupted one (data order comes from per-epoch seeded
+samplers, augmentation from the restored RNG states).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .checkpoint import atomic_save, load_checkpoint, rng_state, seed_everything, set_rng_state
+from .config import RESUME_INVARIANT_EXCLUDES, ConfigError, ExperimentConfig
+from .data import BatchPreprocessor, DatasetSplits, load_dataset, make_loaders
+from .distiller import SRMDistiller
+from .distributed import DistributedContext, init_distributed, resolve_device, shutdown_distributed
+from .hooks import FeatureTap
+from .methods import MethodPlan, build_plan, cross_entropy_stage
+from .metrics import accuracy
+from .models import build_model, default_layer_pairs
+from .plots import plot_accuracy, plot_loss_curves
+from .report import markdown_table, summarise
+from .trainer import Trainer
+
+__all__ = ["ExperimentRunner", "run_experiment", "parse_layer_pairs"]
+
+CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_FORMAT = 1
+
+
+def parse_layer_pairs(specs: list[str]) -> list[tuple[str, str]]:
+    """``["teacher.path:student.path", ...]`` -> list of pairs."""
+    pairs = []
+    for spec in specs:
+        teacher_path, sep, student_path = spec.partition(":")
+        if not sep or not teacher_path or not student_path:
+            raise ConfigError(f"layer pair {spec!r} must look like TEACHER_PATH:STUDENT_PATH")
+        pairs.append((teacher_path.strip(), student_path.strip()))
+    return pairs
+
+
+class ExperimentRunner:
+    """Runs (or resumes) one experiment into ``config.output_dir``.
+
+    Args:
+        config: what to run.
+        resume: continue from ``output_dir/checkpoint.pt`` if present.
+        overwrite: start afresh even when ``output_dir`` holds a checkpoint.
+        on_epoch_end: called with each epoch's metrics record after it is
+            checkpointed (on every process).
+        log: where progress lines go (main process only).
+    """
+
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+        log: Callable[[str], None] = print,
+    ) -> None:
+        self.config = config
+        self.resume = resume
+        self.overwrite = overwrite
+        self.on_epoch_end = on_epoch_end
+        self.out = Path(config.output_dir)
+        self._log = log
+        self.state: dict[str, Any] = {}
+
+    @staticmethod
+    def saved_config(output_dir: str | Path) -> dict[str, Any] | None:
+        """The config stored in ``output_dir``'s checkpoint, if there is one."""
+        path = Path(output_dir) / CHECKPOINT
+        return load_checkpoint(path)["config"] if path.exists() else None
+
+    # ------------------------------------------------------------------ driver
+
+    def run(self) -> dict[str, Any]:
+        """Run everything not yet finished; returns the results (also written to
+        ``results.json``)."""
+        started_group = not (dist.is_available() and dist.is_initialized())
+        self.ctx = init_distributed(self.config.device)
+        if not self.ctx.is_main:
+            self._log = lambda *_: None
+        try:
+            return self._run()
+        finally:
+            if started_group:
+                shutdown_distributed()
+
+    def _run(self) -> dict[str, Any]:
+        cfg = self.config
+        started = time.perf_counter()
+        self.device = resolve_device(cfg.device, self.ctx)
+        self._load_or_init_state()
+        if self.ctx.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(self.state["config"], indent=2) + "\n")
+            with open(self.out / "metrics.jsonl", "w") as f:  # the checkpoint's history is the truth
+                f.writelines(json.dumps(r) + "\n" for r in self.state["history"])
+        self.ctx.barrier()
+
+        self.splits = load_dataset(cfg)
+        preprocess = BatchPreprocessor(
+            self.splits.mean,
+            self.splits.std,
+            augment=cfg.augment,
+            pad=max(1, self.splits.image_size // 8),
+            flip=self.splits.natural_images,
+        )
+        self.trainer = Trainer(
+            self.device,
+            preprocess,
+            amp=cfg.amp,
+            progress=not cfg.quiet,
+            context=self.ctx,
+            log=None if cfg.quiet else self._log,
+        )
+        _, self.test_loader = make_loaders(self.splits, cfg.batch_size, 0, self.ctx, cfg.num_workers)
+        self.example = self._example_batch(self.splits)
+        self.layer_pairs = self._check_layer_pairs()
+
+        teacher = self._teacher()
+        for seed in cfg.seeds:
+            for method in cfg.methods:
+                self._execute(
+                    f"{method}/seed{seed}",
+                    method,
+                    seed,
+                    functools.partial(self._student_plan, method, teacher),
+                )
+        results = self._report(time.perf_counter() - started)
+        self.ctx.barrier()
+        return results
+
+    # ------------------------------------------------------------------ setup
+
+    def _load_or_init_state(self) -> None:
+        path = self.out / CHECKPOINT
+        config = self.config.to_dict()
+        if path.exists() and self.resume:
+            state = load_checkpoint(path)
+            if state.get("format") != CHECKPOINT_FORMAT:
+                raise ConfigError(f"{path} was written by an incompatible version")
+            changed = [
+                f"{key}={config.get(key)!r} (checkpoint: {value!r})"
+                for key, value in state["config"].items()
+                if key not in RESUME_INVARIANT_EXCLUDES and config.get(key) != value
+            ]
+            if changed:
+                raise ConfigError(
+                    f"cannot resume {self.out}: settings differ from the checkpoint: "
+                    + ", ".join(changed)
+                )
+            self.state = state
+            self.state["config"] = config
+            self._log(f"resuming {self.out}: {len(state['finished'])} run(s) finished")
+            return
+        if path.exists() and not self.overwrite:
+            raise ConfigError(
+                f"{self.out} already holds a run; pass --resume to continue it or "
+                "--overwrite to start again"
+            )
+        self.state = {
+            "format": CHECKPOINT_FORMAT,
+            "config": config,
+            "finished": {},
+            "history": [],
+            "current": None,
+            "weights": {},
+        }
+
+    def _example_batch(self, splits: DatasetSplits) -> Tensor:
+        images = torch.stack([splits.train[i][0] for i in range(min(2, len(splits.train)))])
+        return self.trainer.preprocess(images.to(self.device), False)
+
+    def _new_model(self, role: str) -> nn.Module:
+        cfg = self.config
+        arch, width = (cfg.teacher, cfg.teacher_width) if role == "teacher" else (cfg.student, cfg.student_width)
+        return build_model(arch, self.splits.num_classes, self.splits.in_channels, width).to(self.device)
+
+    def _check_layer_pairs(self) -> list[tuple[str, str]]:
+        """Resolve the layer pairs and fail before any training when a path is
+        missing, a hooked output is not 4-D or the SRM sizes are impossible."""
+        teacher, student = self._new_model("teacher"), self._new_model("student")
+        if self.config.layer_pairs:
+            pairs = parse_layer_pairs(self.config.layer_pairs)
+        else:
+            pairs = list(default_layer_pairs(teacher, student).items())
+        if "srm" in self.config.methods:
+            SRMDistiller(
+                teacher,
+                student,
+                pairs,
+                self.config.codeword_multiplier,
+                self.config.sparsity_multiplier,
+                example_input=self.example,
+            )
+        else:
+            FeatureTap(teacher, [t for t, _ in pairs], "teacher").probe(self.example)
+            FeatureTap(student, [s for _, s in pairs], "student").probe(self.example)
+        return pairs
+
+    # ------------------------------------------------------------------ runs
+
+    def _teacher(self) -> nn.Module:
+        def plan() -> MethodPlan:
+            teacher = self._new_model("teacher")
+            stage = cross_entropy_stage("teacher", teacher, self.config.stage("teacher"))
+            return MethodPlan(teacher, {"student": teacher}, [stage])
+
+        run_id = "teacher"
+        if run_id in self.state["finished"]:
+            teacher = self._new_model("teacher")
+            teacher.load_state_dict(self.state["weights"][run_id])
+        else:
+            teacher = self._execute(run_id, "teacher", self.config.seeds[0], plan, keep_weights=True)
+        teacher.eval()
+        return teacher
+
+    def _student_plan(self, method: str, teacher: nn.Module) -> MethodPlan:
+        return build_plan(
+            method, teacher, self._new_model("student"), self.layer_pairs, self.example, self.config
+        )
+
+    def _execute(
+        self,
+        run_id: str,
+        method: str,
+        seed: int,
+        make_plan: Callable[[], MethodPlan],
+        keep_weights: bool = False,
+    ) -> nn.Module | None:
+        """Train one run (resuming it if the checkpoint stopped inside it); returns
+        the trained model, or None if the run had already finished."""
+        if run_id in self.state["finished"]:
+            return None
+        seed_everything(seed)  # same init per seed for every method
+        plan = make_plan()
+        if self.ctx.enabled:  # distinct augmentation draws per process
+            torch.manual_seed(seed + 1_000_003 * self.ctx.rank)
+        current = self.state["current"]
+        if current is not None and current["run"] != run_id:
+            current = None
+        if current is not None:
+            for name, module in plan.modules.items():
+                module.load_state_dict(current["modules"][name])
+            rngs = current["rng"]
+            if len(rngs) == self.ctx.world_size:
+                set_rng_state(rngs[self.ctx.rank])
+
+        for index, stage in enumerate(plan.stages):
+            resume = None
+            if current is not None:
+                if index < current["stage_index"]:
+                    continue
+                if index == current["stage_index"]:
+                    resume = current["training"]
+            if stage.config.epochs == 0 or (resume and resume["epoch"] >= stage.config.epochs):
+                continue
+            if plan.student in stage.train_modules:
+                stage.evaluate = functools.partial(self._evaluate, plan.student)
+            loader, _ = make_loaders(
+                self.splits, self.config.batch_size, seed * 1000 + index, self.ctx, self.config.num_workers
+            )
+            self.trainer.fit(
+                stage,
+                loader,
+                resume=resume,
+                on_epoch_end=functools.partial(self._end_of_epoch, run_id, method, seed, index, plan),
+            )
+
+        result = {
+            "run": run_id,
+            "method": method,
+            "seed": seed,
+            "test_acc": self._evaluate(plan.student)["test_acc"],
+            "stage_times": self._stage_times(run_id),
+        }
+        self.state["finished"][run_id] = result
+        self.state["current"] = None
+        weights = {k: v.detach().cpu() for k, v in plan.student.state_dict().items()}
+        if keep_weights:
+            self.state["weights"][run_id] = weights
+        if self.ctx.is_main:
+            self._save()
+            atomic_save(weights, self.out / "models" / f"{run_id.replace('/', '-')}.pt")
+            self._log(f"finished {run_id}: test accuracy {100 * result['test_acc']:.2f}%")
+        return plan.student
+
+    def _evaluate(self, model: nn.Module) -> dict[str, float]:
+        return {"test_acc": accuracy(model, self.test_loader, self.trainer)}
+
+    def _end_of_epoch(
+        self,
+        run_id: str,
+        method: str,
+        seed: int,
+        stage_index: int,
+        plan: MethodPlan,
+        metrics: dict[str, Any],
+        training: dict[str, Any],
+    ) -> None:
+        record = {"run": run_id, "method": method, "seed": seed, **metrics}
+        self.state["history"].append(record)
+        self.state["current"] = {
+            "run": run_id,
+            "stage_index": stage_index,
+            "modules": {name: module.state_dict() for name, module in plan.modules.items()},
+            "training": training,
+            "rng": self._gather_rng_states(),
+        }
+        if self.ctx.is_main:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            self._save()
+        self.ctx.barrier()  # nobody runs ahead of a checkpoint
+        if self.on_epoch_end is not None:
+            self.on_epoch_end(record)
+
+    def _gather_rng_states(self) -> list[dict[str, Any]]:
+        state = rng_state()
+        if not self.ctx.enabled:
+            return [state]
+        states: list[Any] = [None] * self.ctx.world_size
+        dist.all_gather_object(states, state)
+        return states
+
+    def _stage_times(self, run_id: str) -> dict[str, float]:
+        times: dict[str, float] = defaultdict(float)
+        for record in self.state["history"]:
+            if record["run"] == run_id:
+                times[record["stage"]] += record["time"]
+        return dict(times)
+
+    def _save(self) -> None:
+        atomic_save(self.state, self.out / CHECKPOINT)
+
+    # ------------------------------------------------------------------ report
+
+    def _report(self, seconds: float) -> dict[str, Any]:
+        runs = list(self.state["finished"].values())
+        rows = summarise(runs)
+        table = markdown_table(rows)
+        results = {"rows": rows, "runs": runs, "wall_time_s": seconds}
+        if self.ctx.is_main:
+            (self.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+            (self.out / "results.md").write_text(table + "\n")
+            plot_loss_curves(self.state["history"], self.out / "loss_curves.png")
+            plot_accuracy(rows, self.out / "accuracy.png")
+            self._log("\n" + table)
+            self._log(f"\n{len(runs)} runs in {seconds:.0f}s; outputs in {self.out}/")
+        return results
+
+
+def run_experiment(config: ExperimentConfig, **kwargs: Any) -> dict[str, Any]:
+    """Shorthand for ``ExperimentRunner(config, **kwargs).run()``."""
+    return ExperimentRunner(config, **kwargs).run()

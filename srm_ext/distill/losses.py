@@ -1,0 +1,82 @@
+"""Distillation losses of the baselines: Hinton KD, FitNet hints, similarity-
+preserving KD (SP) and attention transfer (AT)."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "kd_loss",
+    "HintRegressor",
+    "similarity_preserving_loss",
+    "attention_map",
+    "attention_transfer_loss",
+]
+
+
+def kd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    targets: Tensor,
+    temperature: float = 4.0,
+    alpha: float = 0.9,
+) -> Tensor:
+    """Hinton et al. (2015): ``alpha * T^2 * KL(p_t || p_s) + (1 - alpha) * CE(s, y)``
+    with ``p = softmax(logits / T)`` and the KL averaged over the batch."""
+    student_logits = student_logits.float()
+    teacher_logits = teacher_logits.float()
+    soft = F.kl_div(
+        F.log_softmax(student_logits / temperature, dim=1),
+        F.log_softmax(teacher_logits / temperature, dim=1),
+        reduction="batchmean",
+        log_target=True,
+    )
+    hard = F.cross_entropy(student_logits, targets)
+    return alpha * temperature**2 * soft + (1.0 - alpha) * hard
+
+
+class HintRegressor(nn.Module):
+    """FitNet (Romero et al. 2015) regressor: a 1x1 convolution mapping the
+    student's guided layer to the teacher's hint layer, trained with an MSE.
+    The student map is resized (bilinear) when the grids differ."""
+
+    def __init__(self, student_channels: int, teacher_channels: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(student_channels, teacher_channels, 1, bias=False)
+        self.bn = nn.BatchNorm2d(teacher_channels)
+
+    def forward(self, student_features: Tensor, teacher_features: Tensor) -> Tensor:
+        hint = self.bn(self.proj(student_features))
+        if hint.shape[-2:] != teacher_features.shape[-2:]:
+            hint = F.interpolate(hint, size=teacher_features.shape[-2:], mode="bilinear")
+        return F.mse_loss(hint.float(), teacher_features.float())
+
+
+def similarity_preserving_loss(student_features: Tensor, teacher_features: Tensor) -> Tensor:
+    """Tung & Mori (2019): squared Frobenius distance between the row-normalised
+    batch Gram matrices of the two maps, divided by ``batch_size ** 2``."""
+    n = student_features.shape[0]
+
+    def gram(features: Tensor) -> Tensor:
+        flat = features.float().reshape(n, -1)
+        return F.normalize(flat @ flat.t(), p=2, dim=1)
+
+    return (gram(student_features) - gram(teacher_features)).pow(2).sum() / (n * n)
+
+
+def attention_map(features: Tensor, p: int = 2) -> Tensor:
+    """Zagoruyko & Komodakis (2017): the L2-normalised spatial map
+    ``sum_c |A_c|^p``, flattened to (N, H*W)."""
+    return F.normalize(features.float().pow(p).mean(dim=1).flatten(1), dim=1)
+
+
+def attention_transfer_loss(student_features: Tensor, teacher_features: Tensor) -> Tensor:
+    """Mean squared distance between the attention maps; the student map is
+    resized to the teacher's grid first when they differ."""
+    if student_features.shape[-2:] != teacher_features.shape[-2:]:
+        student_features = F.adaptive_avg_pool2d(
+            student_features, teacher_features.shape[-2:]
+        )
+    diff = attention_map(student_features) - attention_map(teacher_features)
+    return diff.pow(2).mean()

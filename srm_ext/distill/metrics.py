@@ -1,0 +1,36 @@
+"""Held-out evaluation."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
+
+__all__ = ["accuracy"]
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, loader: Iterable, trainer: "Trainer | None" = None) -> float:
+    """Top-1 accuracy of ``model`` over ``loader`` (eval mode; the previous mode is
+    restored). ``trainer`` supplies the device, preprocessing and autocast."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    try:
+        for images, targets in loader:
+            if trainer is not None:
+                images, targets = trainer.to_device(images, targets, train=False)
+                with trainer.autocast():
+                    logits = model(images)
+            else:
+                logits = model(images)
+            correct += (logits.argmax(dim=1) == targets).sum().item()
+            total += targets.numel()
+    finally:
+        model.train(was_training)
+    return correct / max(total, 1)

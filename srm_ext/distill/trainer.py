@@ -1,0 +1,260 @@
+"""The epoch loop shared by every stage and baseline.
+
+A :class:`Stage` says what to optimise (an objective over a batch, the
+parameters, which modules train and which stay frozen, the optimiser settings);
+:class:`Trainer` runs it for ``config.epochs`` epochs with progress bars, mixed
+precision, gradient averaging across processes and a per-epoch callback that the
+experiment runner uses to checkpoint. Resuming continues from the saved
+optimiser/scheduler state at the next epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .config import StageConfig
+from .distributed import DistributedContext
+
+__all__ = [
+    "Objective",
+    "Stage",
+    "Trainer",
+    "build_optimizer",
+    "build_scheduler",
+]
+
+#: Maps a preprocessed batch ``(images, targets)`` to the loss, optionally with
+#: named parts to log: ``loss`` or ``(loss, {"local": ..., ...})``.
+Objective = Callable[[Tensor, Tensor], "Tensor | tuple[Tensor, dict[str, Tensor]]"]
+#: ``preprocess(images, train)``: normalisation/augmentation on the device.
+Preprocess = Callable[[Tensor, bool], Tensor]
+
+
+@dataclass
+class Stage:
+    """One training stage: minimise ``objective`` over ``parameters``."""
+
+    name: str
+    objective: Objective
+    parameters: list[nn.Parameter]
+    train_modules: Sequence[nn.Module]
+    config: StageConfig
+    frozen_modules: Sequence[nn.Module] = ()
+    #: called after every epoch (on every process: the models are identical);
+    #: returns metrics to log, e.g. held-out accuracy
+    evaluate: Callable[[], dict[str, float]] | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def build_optimizer(parameters: Iterable[nn.Parameter], config: StageConfig) -> torch.optim.Optimizer:
+    params = list(parameters)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(
+        params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=True
+    )
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, config: StageConfig
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-epoch schedule: constant, step (milestones as fractions of the epochs)
+    or cosine annealing to zero."""
+    if config.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, config.epochs))
+    if config.schedule == "step":
+        milestones = sorted(
+            {max(1, round(f * config.epochs)) for f in config.milestones}
+            - {config.epochs}
+        )
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=config.gamma)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
+
+
+class Trainer:
+    """Runs :class:`Stage` objects.
+
+    Args:
+        device: where batches go.
+        preprocess: ``preprocess(images, train)`` applied to each batch on the device.
+        amp: ``"none"``, ``"bf16"`` or ``"fp16"`` autocast (fp16 uses a GradScaler on CUDA).
+        progress: show tqdm bars (main process only; off when stderr is not a TTY).
+        context: the distributed context; gradients are averaged across its processes.
+        log: receives one summary line per epoch (main process only); ``None`` mutes it.
+    """
+
+    def __init__(
+        self,
+        device: torch.device | str = "cpu",
+        preprocess: Preprocess | None = None,
+        amp: str = "none",
+        progress: bool = True,
+        context: DistributedContext | None = None,
+        log: Callable[[str], None] | None = print,
+    ) -> None:
+        self.device = torch.device(device)
+        self.preprocess = preprocess
+        self.amp = amp
+        self.context = context or DistributedContext.current()
+        self.progress = progress and self.context.is_main and sys.stderr.isatty()
+        self.log = log if self.context.is_main else None
+
+    # ------------------------------------------------------------------ public
+
+    def fit(
+        self,
+        stage: Stage,
+        loader: Iterable,
+        *,
+        resume: dict[str, Any] | None = None,
+        on_epoch_end: Callable[[dict[str, Any], dict[str, Any]], None] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Train ``stage`` on ``loader`` and return the per-epoch metrics.
+
+        ``resume`` is a training state previously handed to ``on_epoch_end``
+        (epoch counter, optimiser, scheduler and scaler states); training then
+        continues at the following epoch. ``on_epoch_end(metrics, state)`` runs
+        after every epoch on every process.
+        """
+        if not stage.parameters:
+            raise ValueError(f"stage {stage.name!r} has no parameters to train")
+        optimizer = build_optimizer(stage.parameters, stage.config)
+        scheduler = build_scheduler(optimizer, stage.config)
+        scaler = self._grad_scaler()
+        start_epoch = 0
+        if resume is not None:
+            optimizer.load_state_dict(resume["optimizer"])
+            scheduler.load_state_dict(resume["scheduler"])
+            if scaler is not None and resume.get("scaler"):
+                scaler.load_state_dict(resume["scaler"])
+            start_epoch = int(resume["epoch"])
+        history = []
+        for epoch in range(start_epoch, stage.config.epochs):
+            metrics = self._train_epoch(stage, loader, optimizer, scaler, epoch)
+            scheduler.step()
+            if stage.evaluate is not None:
+                metrics.update(stage.evaluate())
+            history.append(metrics)
+            if self.log is not None:
+                self.log(_format_metrics(metrics, stage.config.epochs))
+            if on_epoch_end is not None:
+                state = {
+                    "epoch": epoch + 1,
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else {},
+                }
+                on_epoch_end(metrics, state)
+        return history
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp == "none":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.amp == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def to_device(self, images: Tensor, targets: Tensor, train: bool) -> tuple[Tensor, Tensor]:
+        images = images.to(self.device, non_blocking=True)
+        targets = targets.to(self.device, non_blocking=True)
+        if self.preprocess is not None:
+            images = self.preprocess(images, train)
+        return images, targets
+
+    # ------------------------------------------------------------------ internals
+
+    def _grad_scaler(self) -> torch.amp.GradScaler | None:
+        if self.amp == "fp16" and self.device.type == "cuda":
+            return torch.amp.GradScaler("cuda")
+        return None
+
+    def _train_epoch(
+        self,
+        stage: Stage,
+        loader: Iterable,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler | None,
+        epoch: int,
+    ) -> dict[str, Any]:
+        for module in stage.train_modules:
+            module.train()
+        for module in stage.frozen_modules:
+            module.eval()
+        sampler = getattr(loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)  # a fresh, reproducible order every epoch
+
+        started = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        totals: dict[str, Tensor] = {}
+        count = 0
+        bar = tqdm(
+            loader,
+            desc=f"{stage.name} {epoch + 1}/{stage.config.epochs}",
+            leave=False,
+            disable=not self.progress,
+            dynamic_ncols=True,
+        )
+        for step, (images, targets) in enumerate(bar):
+            images, targets = self.to_device(images, targets, train=True)
+            with self.autocast():
+                loss, parts = _split_objective(stage.objective(images, targets))
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                self.context.all_reduce_gradients(stage.parameters)
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                self.context.all_reduce_gradients(stage.parameters)
+                optimizer.step()
+            n = images.shape[0]
+            count += n
+            for key, value in {"loss": loss, **parts}.items():
+                totals[key] = totals.get(key, 0.0) + value.detach().float() * n
+            if self.progress and step % 5 == 0:
+                bar.set_postfix(loss=f"{(totals['loss'] / count).item():.4f}")
+        bar.close()
+        for module in stage.train_modules:
+            self.context.average_buffers(module)
+
+        metrics: dict[str, Any] = {"stage": stage.name, "epoch": epoch + 1, "lr": lr}
+        for key, total in totals.items():
+            metrics[key] = self.context.mean(total.item() / max(count, 1), self.device)
+        if not math.isfinite(metrics.get("loss", 0.0)):
+            raise FloatingPointError(
+                f"stage {stage.name!r}: the loss became {metrics['loss']} in epoch {epoch + 1}; "
+                "lower the learning rate or check the inputs"
+            )
+        metrics["time"] = time.perf_counter() - started
+        return metrics
+
+
+def _split_objective(out: Any) -> tuple[Tensor, dict[str, Tensor]]:
+    if isinstance(out, tuple):
+        loss, parts = out
+        return loss, dict(parts)
+    return out, {}
+
+
+def _format_metrics(metrics: dict[str, Any], total_epochs: int) -> str:
+    fields = [f"[{metrics['stage']}] epoch {metrics['epoch']}/{total_epochs}"]
+    for key, value in metrics.items():
+        if key in ("stage", "epoch"):
+            continue
+        if isinstance(value, float):
+            fields.append(f"{key}={value:.4g}" if key != "time" else f"time={value:.1f}s")
+    return "  ".join(fields)
