@@ -1,0 +1,60 @@
+"""Shared helpers for the op tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import srm_ext
+from srm_ext import _backend
+
+requires_native_cpu = pytest.mark.skipif(
+    _backend.native_module is None, reason="compiled CPU backend not built"
+)
+requires_cuda = pytest.mark.skipif(
+    _backend.cuda_module is None or not torch.cuda.is_available(),
+    reason="needs the compiled CUDA backend and a GPU",
+)
+
+# Tolerances per dtype for native-vs-reference comparisons. float32 results
+# differ by summation order (BLAS blocking, per-pixel vs batched sums).
+TOLERANCES = {
+    torch.float64: dict(rtol=1e-9, atol=1e-11),
+    torch.float32: dict(rtol=1e-4, atol=1e-5),
+}
+
+
+def dyadic(*shape: int, dtype=torch.float64, generator=None, scale: int = 8, span: int = 2):
+    """Multiples of 1/scale in [-span, span].
+
+    Products and sums of these are exact in float32 for the sizes the tests
+    use, so every backend computes bit-identical pre-activations and the
+    top-k selection (ties included) must agree exactly.
+    """
+    ints = torch.randint(-span * scale, span * scale + 1, shape, generator=generator)
+    return (ints.to(dtype) / scale)
+
+
+def make_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same values as ``x`` in another memory layout."""
+    if layout == "contiguous":
+        return x.contiguous()
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if layout == "strided":
+        # Every other element of a twice-as-wide buffer: no dimension is dense.
+        n, c, h, w = x.shape
+        big = x.new_zeros(n, c, h, 2 * w)
+        big[..., ::2] = x
+        return big[..., ::2]
+    if layout == "transposed":
+        return x.transpose(2, 3).contiguous().transpose(2, 3)
+    raise ValueError(layout)
+
+
+@pytest.fixture
+def native():
+    """Calls go to the compiled ops; skipped where they are not built."""
+    if _backend.native_module is None:
+        pytest.skip("compiled CPU backend not built")
+    return srm_ext

@@ -1,0 +1,253 @@
+"""Compiled CPU kernels against the PyTorch reference: values, indices, gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import srm_ext
+from srm_ext import reference
+
+from conftest import TOLERANCES, dyadic, make_layout, requires_native_cpu
+
+pytestmark = requires_native_cpu
+
+# (N, D, H, W, K, k): k = 1, k = K, H = W = 1, odd sizes, pixel counts that are
+# not a multiple of any tile size, several tiles, and k above the
+# insertion-select limit (partial-sort path).
+SHAPES = [
+    (2, 8, 5, 7, 20, 4),
+    (1, 3, 1, 1, 5, 1),
+    (2, 4, 3, 3, 6, 6),
+    (4, 16, 1, 1, 32, 5),
+    (3, 17, 7, 5, 33, 7),
+    (2, 16, 13, 11, 300, 9),
+    (1, 8, 4, 4, 100, 70),
+    (2, 5, 3, 2, 8, 1),
+]
+DTYPES = [torch.float32, torch.float64]
+LAYOUTS = ["contiguous", "channels_last", "strided", "transposed"]
+
+
+@pytest.fixture(autouse=True)
+def _use_compiled(monkeypatch):
+    monkeypatch.delenv("SRM_EXT_BACKEND", raising=False)
+
+
+def make_inputs(shape, dtype, seed, layout="contiguous"):
+    n, d, h, w, K, k = shape
+    g = torch.Generator().manual_seed(seed)
+    x = make_layout(dyadic(n, d, h, w, dtype=dtype, generator=g), layout)
+    dictionary = dyadic(d, K, dtype=dtype, generator=g)
+    intercept = dyadic(1, dtype=dtype, generator=g)
+    return x, dictionary, intercept, k
+
+
+def assert_close(actual, expected, dtype, scale=1.0):
+    tol = TOLERANCES[dtype]
+    torch.testing.assert_close(actual, expected, rtol=tol["rtol"], atol=tol["atol"] * scale)
+
+
+def grads(fn, inputs, upstream=None):
+    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+    out = fn(*leaves)
+    out = out[0] if isinstance(out, tuple) else out
+    weight = upstream if upstream is not None else torch.ones_like(out)
+    return torch.autograd.grad((out * weight).sum(), leaves)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_encode_matches_reference(shape, dtype, layout):
+    x, C, b, k = make_inputs(shape, dtype, seed=hash((shape, layout)) % 1000, layout=layout)
+    values, indices = srm_ext.sparse_encode(x, C, b, k)
+    ref_values, ref_indices = reference.sparse_encode(x, C, b, k)
+    assert indices.dtype == torch.int64 and values.dtype == dtype
+    assert values.shape == (shape[0], shape[2], shape[3], k)
+    torch.testing.assert_close(indices, ref_indices, rtol=0, atol=0)
+    assert_close(values, ref_values, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_encode_gradients_match_reference(shape, dtype):
+    x, C, b, k = make_inputs(shape, dtype, seed=1)
+    n, _, h, w, _, _ = shape
+    upstream = torch.randn(n, h, w, k, dtype=dtype, generator=torch.Generator().manual_seed(2))
+    got = grads(lambda *a: srm_ext.sparse_encode(*a, k), (x, C, b), upstream)
+    want = grads(lambda *a: reference.sparse_encode(*a, k), (x, C, b), upstream)
+    for g, r in zip(got, want):
+        assert_close(g, r, dtype, scale=10)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_decode_and_gradients_match_reference(shape, dtype, layout):
+    x, C, b, k = make_inputs(shape, dtype, seed=3)
+    values, indices = reference.sparse_encode(x, C, b, k)
+    if layout == "strided":
+        C = C.t().contiguous().t()
+    assert_close(srm_ext.sparse_decode(values, indices, C), reference.sparse_decode(values, indices, C), dtype)
+    n, d, h, w, _, _ = shape
+    upstream = make_layout(torch.randn(n, d, h, w, dtype=dtype), layout)
+    got = grads(lambda v, c: srm_ext.sparse_decode(v, indices, c), (values, C), upstream)
+    want = grads(lambda v, c: reference.sparse_decode(v, indices, c), (values, C), upstream)
+    for g, r in zip(got, want):
+        assert_close(g, r, dtype, scale=10)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_reconstruction_loss_and_gradients_match_reference(shape, dtype, layout):
+    x, C, b, k = make_inputs(shape, dtype, seed=4, layout=layout)
+    assert_close(srm_ext.reconstruction_loss(x, C, b, k), reference.reconstruction_loss(x, C, b, k), dtype)
+    got = grads(lambda *a: srm_ext.reconstruction_loss(*a, k), (x, C, b))
+    want = grads(lambda *a: reference.reconstruction_loss(*a, k), (x, C, b))
+    for g, r in zip(got, want):
+        assert_close(g, r, dtype)
+
+
+def test_reconstruction_loss_equals_encode_decode_mse():
+    x, C, b, k = make_inputs((2, 8, 5, 7, 20, 4), torch.float64, seed=5)
+    values, indices = srm_ext.sparse_encode(x, C, b, k)
+    composed = torch.mean((srm_ext.sparse_decode(values, indices, C) - x) ** 2)
+    torch.testing.assert_close(srm_ext.reconstruction_loss(x, C, b, k), composed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_labels_match_reference(shape, dtype):
+    x, C, b, k = make_inputs(shape, dtype, seed=6)
+    values, indices = reference.sparse_encode(x, C, b, k)
+    pixel, image = srm_ext.sparse_labels(values, indices, C.shape[1])
+    ref_pixel, ref_image = reference.sparse_labels(values, indices, C.shape[1])
+    torch.testing.assert_close(pixel, ref_pixel, rtol=0, atol=0)
+    assert_close(image, ref_image, dtype)
+    # image labels sum over codewords to the per-image mean of the kept values
+    assert_close(image.sum(1), values.sum(-1).mean(dim=(1, 2)), dtype)
+
+
+def make_predictor_inputs(shape, dtype, seed, layout="contiguous"):
+    n, d, h, w, K, k = shape
+    g = torch.Generator().manual_seed(seed)
+    x, C, b, _ = make_inputs(shape, dtype, seed)
+    values, indices = reference.sparse_encode(x, C, b, k)
+    pixel, image = reference.sparse_labels(values, indices, K)
+    student_channels = max(1, d - 2)
+    y = make_layout(torch.randn(n, student_channels, h, w, dtype=dtype, generator=g), layout)
+    Cs = torch.randn(student_channels, K, dtype=dtype, generator=g) * 0.5
+    bs = torch.randn(1, dtype=dtype, generator=g)
+    return y, Cs, bs, pixel, image
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("weights", [(1.0, 1.0), (0.3, 2.5)])
+def test_predictor_loss_and_gradients_match_reference(shape, dtype, layout, weights):
+    y, Cs, bs, pixel, image = make_predictor_inputs(shape, dtype, seed=7, layout=layout)
+    loss = srm_ext.predictor_loss(y, Cs, bs, pixel, image, *weights)
+    ref = reference.predictor_loss(y, Cs, bs, pixel, image, *weights)
+    assert_close(loss, ref, dtype)
+    got = grads(lambda *a: srm_ext.predictor_loss(*a, pixel, image, *weights), (y, Cs, bs))
+    want = grads(lambda *a: reference.predictor_loss(*a, pixel, image, *weights), (y, Cs, bs))
+    for g, r in zip(got, want):
+        assert_close(g, r, dtype)
+
+
+def test_predictor_loss_saturated_means_stay_finite():
+    # Image means of exactly 0 or 1 hit the BCE log clamp in both backends.
+    y, Cs, bs, pixel, image = make_predictor_inputs((2, 6, 3, 3, 10, 2), torch.float32, seed=8)
+    y = y * 1e4
+    loss = srm_ext.predictor_loss(y, Cs, bs, pixel, image)
+    assert torch.isfinite(loss)
+    torch.testing.assert_close(loss, reference.predictor_loss(y, Cs, bs, pixel, image))
+
+
+# --- ties --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_equal_codewords_tie_to_lower_index(dtype):
+    x = torch.randn(2, 6, 4, 3, dtype=dtype)
+    C = torch.randn(6, 1, dtype=dtype).repeat(1, 12)  # twelve identical codewords
+    values, indices = srm_ext.sparse_encode(x, C, torch.zeros(1, dtype=dtype), 5)
+    expected = torch.arange(5).expand(2, 4, 3, 5)
+    torch.testing.assert_close(indices, expected, rtol=0, atol=0)
+    assert (values == values[..., :1]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_partial_ties_keep_exactly_k(dtype):
+    # Codewords 1, 3, 4 and 6 are copies: pre-activations tie in groups.
+    g = torch.Generator().manual_seed(9)
+    base = dyadic(5, 4, dtype=dtype, generator=g)
+    C = base[:, [0, 1, 2, 1, 1, 3, 1]]
+    x = dyadic(3, 5, 4, 4, dtype=dtype, generator=g)
+    for k in range(1, 8):
+        values, indices = srm_ext.sparse_encode(x, C, torch.zeros(1, dtype=dtype), k)
+        ref_values, ref_indices = reference.sparse_encode(x, C, torch.zeros(1, dtype=dtype), k)
+        assert indices.shape[-1] == k
+        torch.testing.assert_close(indices, ref_indices, rtol=0, atol=0)
+        assert (indices.sort(-1).values.diff(dim=-1) > 0).all(), "indices must be distinct"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_saturated_sigmoid_selects_on_pre_activations(dtype):
+    # Pre-activations 40, 50, 60 ... all give sigmoid == 1.0 in float32, yet
+    # the order must follow the pre-activations, not the tied similarities.
+    x = torch.ones(1, 1, 1, 1, dtype=dtype)
+    C = torch.tensor([[40.0, 60.0, 50.0, -70.0, 45.0]], dtype=dtype)
+    values, indices = srm_ext.sparse_encode(x, C, torch.zeros(1, dtype=dtype), 3)
+    assert indices.flatten().tolist() == [1, 2, 4]
+    ref_values, ref_indices = reference.sparse_encode(x, C, torch.zeros(1, dtype=dtype), 3)
+    torch.testing.assert_close(indices, ref_indices, rtol=0, atol=0)
+    torch.testing.assert_close(values, ref_values)
+
+
+def test_nan_pre_activations_rank_first_and_indices_stay_in_range():
+    x = torch.randn(2, 4, 3, 3)
+    x[0, 1, 1, 1] = float("nan")
+    C = torch.randn(4, 9)
+    C[2, 5] = float("inf")
+    values, indices = srm_ext.sparse_encode(x, C, torch.zeros(1), 4)
+    ref_values, ref_indices = reference.sparse_encode(x, C, torch.zeros(1), 4)
+    assert indices.min() >= 0 and indices.max() < 9
+    torch.testing.assert_close(indices, ref_indices, rtol=0, atol=0)
+    torch.testing.assert_close(values, ref_values, equal_nan=True)
+    assert torch.isnan(srm_ext.reconstruction_loss(x, C, torch.zeros(1), 4))
+
+
+def test_empty_batch():
+    x = torch.randn(0, 4, 3, 3)
+    values, indices = srm_ext.sparse_encode(x, torch.randn(4, 6), torch.zeros(1), 2)
+    assert values.shape == (0, 3, 3, 2) and indices.shape == (0, 3, 3, 2)
+    assert srm_ext.sparse_decode(values, indices, torch.randn(4, 6)).shape == (0, 4, 3, 3)
+
+
+def test_results_do_not_depend_on_thread_count():
+    x, C, b, k = make_inputs((4, 16, 9, 9, 64, 5), torch.float32, seed=10)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, threads):
+            torch.set_num_threads(n)
+            results.append(
+                (srm_ext.sparse_encode(x, C, b, k), grads(lambda *a: srm_ext.reconstruction_loss(*a, k), (x, C, b)))
+            )
+    finally:
+        torch.set_num_threads(threads)
+    (enc1, g1), (enc2, g2) = results
+    torch.testing.assert_close(enc1, enc2, rtol=0, atol=0)
+    torch.testing.assert_close(g1, g2, rtol=1e-6, atol=1e-7)
+
+
+def test_repeated_runs_are_bitwise_identical():
+    x, C, b, k = make_inputs((4, 16, 9, 9, 64, 5), torch.float32, seed=11)
+    first = grads(lambda *a: srm_ext.reconstruction_loss(*a, k), (x, C, b))
+    second = grads(lambda *a: srm_ext.reconstruction_loss(*a, k), (x, C, b))
+    for a, b_ in zip(first, second):
+        assert torch.equal(a, b_)
