@@ -18,6 +18,11 @@ def _masked(t: Tensor, wanted: bool, *shape: int) -> Tensor:
     return t.new_empty(shape if wanted else (0,))
 
 
+def _masked_like(t: Tensor, wanted: bool) -> Tensor:
+    """A gradient laid out like ``t`` (the kernels use ``empty_like``)."""
+    return torch.empty_like(t) if wanted else t.new_empty((0,))
+
+
 def _grad_or_none(grad: Tensor, wanted: bool) -> Tensor | None:
     return grad if wanted else None
 
@@ -34,7 +39,7 @@ def _(x, dictionary, intercept, k):
 @torch.library.register_fake(f"{_LIB}::sparse_encode_backward")
 def _(grad_values, values, indices, x, dictionary, output_mask):
     return (
-        _masked(x, output_mask[0], *x.shape),
+        _masked_like(x, output_mask[0]),
         _masked(dictionary, output_mask[1], *dictionary.shape),
         _masked(x, output_mask[2]),
     )
@@ -67,7 +72,7 @@ def _(x, dictionary, intercept, k):
 @torch.library.register_fake(f"{_LIB}::reconstruction_loss_backward")
 def _(grad_loss, x, dictionary, values, indices, output_mask):
     return (
-        _masked(x, output_mask[0], *x.shape),
+        _masked_like(x, output_mask[0]),
         _masked(dictionary, output_mask[1], *dictionary.shape),
         _masked(x, output_mask[2]),
     )
@@ -90,8 +95,11 @@ def _(y, dictionary, intercept, pixel_labels, image_labels, local_weight, global
 
 @torch.library.register_fake(f"{_LIB}::predictor_loss_backward")
 def _(grad_loss, grad_logits, y, dictionary, output_mask):
+    n, d, h, w = y.shape
+    # The kernels return (dz @ C_s^T) viewed as NCHW: channels-last strides.
+    grad_y = y.new_empty(n, h, w, d).permute(0, 3, 1, 2) if output_mask[0] else y.new_empty(0)
     return (
-        _masked(y, output_mask[0], *y.shape),
+        grad_y,
         _masked(dictionary, output_mask[1], *dictionary.shape),
         _masked(y, output_mask[2]),
     )

@@ -1,0 +1,118 @@
+"""Bad input raises an error that names the argument, on every backend."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+import srm_ext
+from srm_ext import reference
+
+from conftest import requires_native_cpu
+
+BACKENDS = {"dispatch": srm_ext, "reference": reference}
+
+
+def good():
+    x = torch.randn(2, 4, 3, 3)
+    C = torch.randn(4, 6)
+    b = torch.zeros(1)
+    values, indices = reference.sparse_encode(x, C, b, 2)
+    pixel, image = reference.sparse_labels(values, indices, 6)
+    return dict(x=x, C=C, b=b, values=values, indices=indices, pixel=pixel, image=image)
+
+
+ENCODE_CASES = [
+    ("x", lambda g: dict(g, x=g["x"][0]), ValueError, "x must be a 4-D"),
+    ("x", lambda g: dict(g, x=g["x"].to(torch.int32)), TypeError, "x must have a floating-point dtype"),
+    ("x", lambda g: dict(g, x=[1.0]), TypeError, "x must be a torch.Tensor"),
+    ("dictionary", lambda g: dict(g, C=torch.randn(5, 6)), ValueError, "dictionary has D=5 rows but x has 4 channels"),
+    ("dictionary", lambda g: dict(g, C=torch.randn(4, 6, 1)), ValueError, "dictionary must be a 2-D"),
+    ("dictionary", lambda g: dict(g, C=g["C"].double()), TypeError, "dictionary has dtype torch.float64 but x has torch.float32"),
+    ("dictionary", lambda g: dict(g, C=g["C"].to("meta")), ValueError, "dictionary is on meta but x is on cpu"),
+    ("intercept", lambda g: dict(g, b=torch.zeros(2)), ValueError, "intercept must have exactly one element"),
+    ("intercept", lambda g: dict(g, b=torch.zeros(1, dtype=torch.int64)), TypeError, "intercept must have a floating-point dtype"),
+    ("k", lambda g: dict(g, k=0), ValueError, "k must satisfy 1 <= k <= K=6"),
+    ("k", lambda g: dict(g, k=7), ValueError, "k must satisfy 1 <= k <= K=6"),
+    ("k", lambda g: dict(g, k=2.0), TypeError, "k must be an int"),
+]
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+@pytest.mark.parametrize("fn", ["sparse_encode", "reconstruction_loss"])
+@pytest.mark.parametrize("arg,mutate,exc,message", ENCODE_CASES)
+def test_encode_arguments(backend, fn, arg, mutate, exc, message):
+    a = mutate(dict(good(), k=2))
+    with pytest.raises(exc, match=re.escape(message)):
+        getattr(BACKENDS[backend], fn)(a["x"], a["C"], a["b"], a["k"])
+
+
+DECODE_CASES = [
+    (lambda g: dict(g, indices=g["indices"].int()), TypeError, "indices must have dtype torch.int64"),
+    (lambda g: dict(g, indices=g["indices"][..., :1]), ValueError, "indices has shape"),
+    (lambda g: dict(g, values=g["values"][0]), ValueError, "values must be a 4-D"),
+    (lambda g: dict(g, indices=g["indices"] + 6), ValueError, "indices must lie in [0, 6)"),
+    (lambda g: dict(g, indices=g["indices"] - 3), ValueError, "indices must lie in [0, 6)"),
+    (lambda g: dict(g, C=g["C"].double()), TypeError, "dictionary has dtype torch.float64 but values has torch.float32"),
+    (lambda g: dict(g, C=g["C"][:, :1]), ValueError, "values keeps k=2 entries per pixel but there are only K=1"),
+]
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+@pytest.mark.parametrize("mutate,exc,message", DECODE_CASES)
+def test_decode_arguments(backend, mutate, exc, message):
+    a = mutate(good())
+    with pytest.raises(exc, match=re.escape(message)):
+        BACKENDS[backend].sparse_decode(a["values"], a["indices"], a["C"])
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_labels_arguments(backend):
+    a = good()
+    fn = BACKENDS[backend].sparse_labels
+    with pytest.raises(ValueError, match=re.escape("indices must lie in [0, 3)")):
+        fn(a["values"], a["indices"], 3)
+    with pytest.raises(TypeError, match="num_codewords must be an int"):
+        fn(a["values"], a["indices"], 6.0)
+    with pytest.raises(ValueError, match="num_codewords must be >= 1"):
+        fn(a["values"], a["indices"], 0)
+
+
+PREDICTOR_CASES = [
+    (lambda g: dict(g, pixel=g["pixel"].int()), TypeError, "pixel_labels must have dtype torch.int64"),
+    (lambda g: dict(g, pixel=g["pixel"][:, :2]), ValueError, "pixel_labels must have shape (N, H, W) = (2, 3, 3)"),
+    (lambda g: dict(g, pixel=g["pixel"] + 6), ValueError, "pixel_labels must lie in [0, 6)"),
+    (lambda g: dict(g, image=g["image"][:, :3]), ValueError, "image_labels must have shape (N, K) = (2, 6)"),
+    (lambda g: dict(g, image=g["image"] + 2), ValueError, "image_labels must lie in [0, 1]"),
+    (lambda g: dict(g, image=g["image"].double()), TypeError, "image_labels has dtype torch.float64 but y has torch.float32"),
+    (lambda g: dict(g, C=torch.randn(3, 6)), ValueError, "dictionary has D=3 rows but y has 4 channels"),
+    (lambda g: dict(g, x=g["x"][:, :, :, 0]), ValueError, "y must be a 4-D"),
+    (lambda g: dict(g, weight="1"), TypeError, "local_weight must be a float"),
+]
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+@pytest.mark.parametrize("mutate,exc,message", PREDICTOR_CASES)
+def test_predictor_arguments(backend, mutate, exc, message):
+    a = mutate(dict(good(), weight=1.0))
+    with pytest.raises(exc, match=re.escape(message)):
+        BACKENDS[backend].predictor_loss(a["x"], a["C"], a["b"], a["pixel"], a["image"], a["weight"])
+
+
+@requires_native_cpu
+def test_kernels_reject_bad_input_when_called_directly():
+    # The operators are public too: they must raise, never read out of bounds.
+    a = good()
+    ops = torch.ops.srm_ext
+    with pytest.raises(RuntimeError, match="indices must lie in"):
+        ops.sparse_decode(a["values"], a["indices"] + 100, a["C"])
+    with pytest.raises(RuntimeError, match="k must satisfy"):
+        ops.sparse_encode(a["x"], a["C"], a["b"], 9)
+    with pytest.raises(RuntimeError, match="dictionary must have shape"):
+        ops.reconstruction_loss(a["x"], torch.randn(3, 6), a["b"], 2)
+    with pytest.raises(RuntimeError, match="pixel_labels must lie in"):
+        ops.predictor_loss(a["x"], a["C"], a["b"], a["pixel"] + 6, a["image"], 1.0, 1.0)
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        ops.sparse_encode(a["x"].half(), a["C"].half(), a["b"].half(), 2)

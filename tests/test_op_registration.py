@@ -1,0 +1,155 @@
+"""The compiled ops as torch operators: opcheck, gradcheck, torch.compile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.library import opcheck
+
+import srm_ext
+from srm_ext import reference
+
+from conftest import requires_native_cpu
+
+pytestmark = requires_native_cpu
+
+ops = torch.ops.srm_ext
+
+
+def encode_inputs(dtype=torch.float64, requires_grad=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 5, 3, 4, dtype=dtype, generator=g)
+    C = torch.randn(5, 9, dtype=dtype, generator=g)
+    b = torch.randn(1, dtype=dtype, generator=g)
+    return [t.requires_grad_(requires_grad) for t in (x, C, b)]
+
+
+def predictor_inputs(dtype=torch.float64, requires_grad=False):
+    x, C, b = encode_inputs(dtype)
+    values, indices = reference.sparse_encode(x, C, b, 3)
+    pixel, image = reference.sparse_labels(values, indices, 9)
+    g = torch.Generator().manual_seed(1)
+    y = torch.randn(2, 4, 3, 4, dtype=dtype, generator=g)
+    Cs = torch.randn(4, 9, dtype=dtype, generator=g)
+    bs = torch.randn(1, dtype=dtype, generator=g)
+    return [t.requires_grad_(requires_grad) for t in (y, Cs, bs)], pixel, image
+
+
+def op_cases():
+    x, C, b = encode_inputs()
+    xg, Cg, bg = encode_inputs(requires_grad=True)
+    values, indices = reference.sparse_encode(x, C, b, 3)
+    (y, Cs, bs), pixel, image = predictor_inputs()
+    (yg, Csg, bsg), _, _ = predictor_inputs(requires_grad=True)
+    _, grad_logits = ops.predictor_loss(y, Cs, bs, pixel, image, 1.0, 1.0)
+    grad_values = torch.randn_like(values)
+    one = torch.tensor(1.0, dtype=torch.float64)
+    return {
+        "sparse_encode": (ops.sparse_encode.default, (xg, Cg, bg, 3)),
+        "sparse_encode_backward": (
+            ops.sparse_encode_backward.default,
+            (grad_values, values, indices, x, C, [True, True, True]),
+        ),
+        "sparse_encode_backward_masked": (
+            ops.sparse_encode_backward.default,
+            (grad_values, values, indices, x, C, [False, True, False]),
+        ),
+        "sparse_decode": (
+            ops.sparse_decode.default,
+            (values.clone().requires_grad_(True), indices, Cg),
+        ),
+        "sparse_decode_backward": (
+            ops.sparse_decode_backward.default,
+            (torch.randn_like(x), values, indices, C, [True, True]),
+        ),
+        "reconstruction_loss": (ops.reconstruction_loss.default, (xg, Cg, bg, 3)),
+        "reconstruction_loss_backward": (
+            ops.reconstruction_loss_backward.default,
+            (one, x, C, values, indices, [True, True, True]),
+        ),
+        "sparse_labels": (ops.sparse_labels.default, (values, indices, 9)),
+        "predictor_loss": (
+            ops.predictor_loss.default,
+            (yg, Csg, bsg, pixel, image, 0.5, 2.0),
+        ),
+        "predictor_loss_backward": (
+            ops.predictor_loss_backward.default,
+            (one, grad_logits, y, Cs, [True, True, True]),
+        ),
+    }
+
+
+CASES = op_cases()
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_opcheck(name):
+    op, args = CASES[name]
+    opcheck(op, args)
+
+
+def test_every_schema_is_covered_by_opcheck():
+    schemas = {s.name.split("::")[1] for s in torch._C._jit_get_all_schemas() if s.name.startswith("srm_ext::")}
+    covered = {name.removesuffix("_masked") for name in CASES}
+    assert schemas == covered
+
+
+def test_gradcheck_sparse_encode():
+    x, C, b = encode_inputs(requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: srm_ext.sparse_encode(*a, 3)[0], (x, C, b))
+
+
+def test_gradcheck_sparse_decode():
+    x, C, b = encode_inputs()
+    values, indices = reference.sparse_encode(x, C, b, 3)
+    values.requires_grad_(True)
+    C.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda v, c: srm_ext.sparse_decode(v, indices, c), (values, C))
+
+
+def test_gradcheck_reconstruction_loss():
+    x, C, b = encode_inputs(requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: srm_ext.reconstruction_loss(*a, 3), (x, C, b))
+
+
+def test_gradcheck_predictor_loss():
+    (y, Cs, bs), pixel, image = predictor_inputs(requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda *a: srm_ext.predictor_loss(*a, pixel, image, 0.7, 1.3), (y, Cs, bs)
+    )
+
+
+def test_sparse_labels_carry_no_gradient():
+    x, C, b = encode_inputs(requires_grad=True)
+    values, indices = srm_ext.sparse_encode(x, C, b, 3)
+    pixel, image = srm_ext.sparse_labels(values, indices, 9)
+    assert not image.requires_grad and not pixel.requires_grad
+
+
+def test_intercept_gradient_keeps_its_shape():
+    x, C, _ = encode_inputs(requires_grad=True)
+    for b in (torch.zeros((), dtype=torch.float64, requires_grad=True), torch.zeros(1, dtype=torch.float64, requires_grad=True)):
+        srm_ext.reconstruction_loss(x, C, b, 3).backward()
+        assert b.grad.shape == b.shape
+
+
+def test_torch_compile_traces_without_graph_breaks():
+    x, C, b = encode_inputs(dtype=torch.float32, requires_grad=True)
+    (y, Cs, bs), pixel, image = predictor_inputs(dtype=torch.float32, requires_grad=True)
+
+    def stage_losses(x, C, b, y, Cs, bs):
+        values, indices = srm_ext.sparse_encode(x, C, b, 3)
+        recon = srm_ext.reconstruction_loss(x, C, b, 3)
+        decoded = srm_ext.sparse_decode(values, indices, C).square().mean()
+        pixel_labels, image_labels = srm_ext.sparse_labels(values, indices, 9)
+        student = srm_ext.predictor_loss(y, Cs, bs, pixel_labels, image_labels)
+        return recon + decoded + student
+
+    torch._dynamo.reset()
+    compiled = torch.compile(stage_losses, backend="aot_eager", fullgraph=True)
+    got = compiled(x, C, b, y, Cs, bs)
+    want = stage_losses(x, C, b, y, Cs, bs)
+    torch.testing.assert_close(got, want)
+    got_grads = torch.autograd.grad(got, (C, b, Cs, bs))
+    want_grads = torch.autograd.grad(want, (C, b, Cs, bs))
+    torch.testing.assert_close(got_grads, want_grads)

@@ -1,0 +1,81 @@
+"""The reference against the dense masked research-style computation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from srm_ext import reference, research_style
+
+
+def tie_free_inputs(n, d, h, w, K, seed):
+    # Continuous float64 values: ties between pre-activations have probability 0.
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, h, w, dtype=torch.float64, generator=g)
+    C = torch.randn(d, K, dtype=torch.float64, generator=g) / d**0.5
+    b = torch.rand(1, dtype=torch.float64, generator=g) * 2 - 1
+    return x, C, b
+
+
+@pytest.mark.parametrize("n,d,h,w,K,k", [(2, 8, 4, 4, 16, 3), (3, 12, 5, 3, 24, 1), (1, 6, 2, 7, 10, 10)])
+def test_reference_matches_dense_masked_research_code(n, d, h, w, K, k):
+    x, C, b = tie_free_inputs(n, d, h, w, K, seed=n * 100 + k)
+    values, indices = reference.sparse_encode(x, C, b, k)
+    dense_code = research_style.dense_sparse_code(x, C, b, k)
+    assert (dense_code > 0).sum(-1).eq(k).all(), "inputs must be tie-free"
+    rebuilt = torch.zeros_like(dense_code).scatter(-1, indices, values)
+    torch.testing.assert_close(rebuilt, dense_code)
+
+    torch.testing.assert_close(
+        reference.reconstruction_loss(x, C, b, k),
+        research_style.dense_reconstruction_loss(x, C, b, k),
+    )
+    pixel, image = reference.sparse_labels(values, indices, K)
+    dense_pixel, dense_image = research_style.dense_labels(x, C, b, k)
+    torch.testing.assert_close(pixel, dense_pixel)
+    torch.testing.assert_close(image, dense_image)
+
+
+def test_reference_gradients_match_dense_masked_research_code():
+    x, C, b = tie_free_inputs(2, 8, 4, 4, 16, seed=7)
+    leaves = [t.clone().requires_grad_(True) for t in (x, C, b)]
+    ours = torch.autograd.grad(reference.reconstruction_loss(*leaves, 4), leaves)
+    leaves = [t.clone().requires_grad_(True) for t in (x, C, b)]
+    dense = torch.autograd.grad(research_style.dense_reconstruction_loss(*leaves, 4), leaves)
+    torch.testing.assert_close(ours, dense)
+
+
+def test_research_code_keeps_ties_where_the_spec_keeps_exactly_k():
+    x = torch.ones(1, 2, 1, 1, dtype=torch.float64)
+    C = torch.tensor([[1.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    b = torch.zeros(1, dtype=torch.float64)
+    assert (research_style.dense_sparse_code(x, C, b, 2) > 0.6).sum() == 3
+    values, indices = reference.sparse_encode(x, C, b, 2)
+    assert indices.flatten().tolist() == [0, 1]
+
+
+def test_values_are_sorted_sigmoids_of_the_selected_pre_activations():
+    x, C, b = tie_free_inputs(2, 8, 3, 3, 20, seed=3)
+    values, indices = reference.sparse_encode(x, C, b, 6)
+    pre = x.permute(0, 2, 3, 1) @ C + b
+    torch.testing.assert_close(values, torch.sigmoid(pre.gather(-1, indices)))
+    assert (values.diff(dim=-1) <= 0).all()
+    # no excluded codeword has a larger pre-activation than the k-th kept one
+    excluded = pre.scatter(-1, indices, float("-inf"))
+    assert (excluded.max(-1).values <= pre.gather(-1, indices)[..., -1]).all()
+
+
+def test_predictor_loss_formula():
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(2, 3, 2, 2, dtype=torch.float64, generator=g)
+    C = torch.randn(3, 5, dtype=torch.float64, generator=g)
+    b = torch.zeros(1, dtype=torch.float64)
+    pixel = torch.randint(0, 5, (2, 2, 2), generator=g)
+    image = torch.rand(2, 5, dtype=torch.float64, generator=g)
+    q = torch.sigmoid(torch.einsum("ndhw,dk->nhwk", y, C))
+    local = (torch.logsumexp(q, -1) - q.gather(-1, pixel.unsqueeze(-1)).squeeze(-1)).mean()
+    m = q.mean(dim=(1, 2))
+    global_ = -(image * m.log() + (1 - image) * (1 - m).log()).mean()
+    torch.testing.assert_close(
+        reference.predictor_loss(y, C, b, pixel, image, 0.25, 4.0), 0.25 * local + 4.0 * global_
+    )
