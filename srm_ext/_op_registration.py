@@ -40,7 +40,7 @@ def _(x, dictionary, intercept, k):
 def _(grad_values, values, indices, x, dictionary, output_mask):
     return (
         _masked_like(x, output_mask[0]),
-        _masked(dictionary, output_mask[1], *dictionary.shape),
+        _masked_like(dictionary, output_mask[1]),
         _masked(x, output_mask[2]),
     )
 
@@ -55,7 +55,7 @@ def _(values, indices, dictionary):
 def _(grad_output, values, indices, dictionary, output_mask):
     return (
         _masked(values, output_mask[0], *values.shape),
-        _masked(dictionary, output_mask[1], *dictionary.shape),
+        _masked_like(dictionary, output_mask[1]),
     )
 
 
@@ -73,7 +73,7 @@ def _(x, dictionary, intercept, k):
 def _(grad_loss, x, dictionary, values, indices, output_mask):
     return (
         _masked_like(x, output_mask[0]),
-        _masked(dictionary, output_mask[1], *dictionary.shape),
+        _masked_like(dictionary, output_mask[1]),
         _masked(x, output_mask[2]),
     )
 
@@ -100,7 +100,7 @@ def _(grad_loss, grad_logits, y, dictionary, output_mask):
     grad_y = y.new_empty(n, h, w, d).permute(0, 3, 1, 2) if output_mask[0] else y.new_empty(0)
     return (
         grad_y,
-        _masked(dictionary, output_mask[1], *dictionary.shape),
+        _masked_like(dictionary, output_mask[1]),
         _masked(y, output_mask[2]),
     )
 

@@ -98,16 +98,40 @@ def test_decode_and_gradients_match_reference(shape, dtype, layout):
         assert_close(g, r, dtype, scale=10)
 
 
+def codeword_major(C):
+    """The (D, K) dictionary stored with each codeword contiguous."""
+    return C.t().contiguous().t()
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_reconstruction_loss_and_gradients_match_reference(shape, dtype, layout):
+@pytest.mark.parametrize("dictionary_layout", ["row-major", "codeword-major"])
+def test_reconstruction_loss_and_gradients_match_reference(shape, dtype, layout, dictionary_layout):
     x, C, b, k = make_inputs(shape, dtype, seed=4, layout=layout)
+    if dictionary_layout == "codeword-major":
+        C = codeword_major(C)
     assert_close(srm_ext.reconstruction_loss(x, C, b, k), reference.reconstruction_loss(x, C, b, k), dtype)
     got = grads(lambda *a: srm_ext.reconstruction_loss(*a, k), (x, C, b))
     want = grads(lambda *a: reference.reconstruction_loss(*a, k), (x, C, b))
     for g, r in zip(got, want):
         assert_close(g, r, dtype)
+
+
+@pytest.mark.parametrize("op", ["sparse_encode", "sparse_decode", "reconstruction_loss"])
+def test_dictionary_gradient_is_laid_out_like_the_dictionary(op):
+    x, C, b, k = make_inputs((2, 8, 5, 7, 20, 4), torch.float32, seed=12)
+    values, indices = reference.sparse_encode(x, C, b, k)
+    for dictionary in (C, codeword_major(C)):
+        dictionary = dictionary.detach().requires_grad_(True)
+        if op == "sparse_decode":
+            out = srm_ext.sparse_decode(values, indices, dictionary)
+        elif op == "sparse_encode":
+            out = srm_ext.sparse_encode(x, dictionary, b, k)[0]
+        else:
+            out = srm_ext.reconstruction_loss(x, dictionary, b, k)
+        out.sum().backward()
+        assert dictionary.grad.stride() == dictionary.stride()
 
 
 def test_reconstruction_loss_equals_encode_decode_mse():

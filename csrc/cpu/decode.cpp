@@ -70,36 +70,47 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward(const at::Tensor& grad
   const PixelGrid grid(grad_output);
   const auto vals = values.contiguous();
   const auto idx = indices.contiguous();
-  const auto codewords = dictionary.t().contiguous();
   auto grad_values = want_values ? at::empty_like(vals) : unwanted(values);
   const int64_t tile = tile_pixels(num_codewords);
   const int64_t num_tiles = (grid.pixels() + tile - 1) / tile;
-  const int64_t num_chunks = num_chunks_for(num_tiles);
   at::Tensor grad_dict;
 
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "sparse_decode_backward_cpu", [&] {
-    CodewordGradients<scalar_t> dict_grads(num_chunks, num_codewords, dim, want_dict);
-    const scalar_t* cw = codewords.const_data_ptr<scalar_t>();
-    for_each_chunk(num_chunks, num_tiles, [&](int64_t chunk, int64_t t0, int64_t t1) {
-      std::vector<scalar_t> grads(tile * dim);
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t p0 = t * tile, count = std::min(tile, grid.pixels() - p0);
-        gather_tile(grad_output.const_data_ptr<scalar_t>(), grid, p0, count, grads.data());
-        for (int64_t i = 0; i < count; ++i) {
-          const int64_t p = p0 + i;
-          const scalar_t* g = grads.data() + i * dim;
-          const scalar_t* v = vals.const_data_ptr<scalar_t>() + p * k;
-          const int64_t* ix = idx.const_data_ptr<int64_t>() + p * k;
-          for (int64_t j = 0; j < k; ++j) {
-            if (want_values) {
-              grad_values.mutable_data_ptr<scalar_t>()[p * k + j] = dot(g, cw + ix[j] * dim, dim);
-            }
-            if (want_dict) axpy(v[j], g, dict_grads.row(chunk, ix[j]), dim);
+    const scalar_t* v_all = vals.const_data_ptr<scalar_t>();
+    const int64_t* ix_all = idx.const_data_ptr<int64_t>();
+    const scalar_t* g_all = grad_output.const_data_ptr<scalar_t>();
+
+    DictionaryGradient<scalar_t> dict_grad(dictionary, want_dict);
+    if (want_dict) {
+      dict_grad.for_each_range([&](int64_t lo, int64_t hi) {
+        std::vector<scalar_t> grads(tile * dim);
+        for (int64_t t = 0; t < num_tiles; ++t) {
+          const int64_t p0 = t * tile, count = std::min(tile, grid.pixels() - p0);
+          gather_tile(g_all, grid, p0, count, grads.data());
+          for (int64_t e = p0 * k; e < (p0 + count) * k; ++e) {
+            if (ix_all[e] < lo || ix_all[e] >= hi) continue;
+            axpy(v_all[e], grads.data() + (e / k - p0) * dim, dict_grad.row(ix_all[e]), dim);
           }
         }
-      }
-    });
-    grad_dict = want_dict ? dict_grads.reduce(dictionary.options()) : unwanted(dictionary);
+      });
+    }
+    grad_dict = dict_grad.finish(dictionary);
+
+    if (want_values) {
+      const auto codewords = dictionary.t().contiguous();  // K x D
+      const scalar_t* cw = codewords.const_data_ptr<scalar_t>();
+      at::parallel_for(0, num_tiles, 1, [&](int64_t t0, int64_t t1) {
+        std::vector<scalar_t> grads(tile * dim);
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t p0 = t * tile, count = std::min(tile, grid.pixels() - p0);
+          gather_tile(g_all, grid, p0, count, grads.data());
+          for (int64_t e = p0 * k; e < (p0 + count) * k; ++e) {
+            grad_values.mutable_data_ptr<scalar_t>()[e] =
+                dot(grads.data() + (e / k - p0) * dim, cw + ix_all[e] * dim, dim);
+          }
+        }
+      });
+    }
   });
   return {grad_values, grad_dict};
 }

@@ -22,16 +22,14 @@ std::tuple<at::Tensor, at::Tensor> sparse_encode(const at::Tensor& x,
   const PixelGrid grid(x);
   auto values = at::empty({grid.n, grid.h, grid.w, k}, x.options());
   auto indices = at::empty({grid.n, grid.h, grid.w, k}, x.options().dtype(at::kLong));
-  const auto dict = dictionary.contiguous();
+  const auto dict = dictionary.detach();
   const int64_t tile = tile_pixels(num_codewords);
   const int64_t num_tiles = (grid.pixels() + tile - 1) / tile;
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_encode_cpu", [&] {
     const scalar_t bias = intercept.item<scalar_t>();
     at::parallel_for(0, num_tiles, 1, [&](int64_t t0, int64_t t1) {
-      TileEncoder<scalar_t> encoder(x.const_data_ptr<scalar_t>(), grid,
-                                    dict.const_data_ptr<scalar_t>(), num_codewords, k, bias,
-                                    tile);
+      TileEncoder<scalar_t> encoder(x.const_data_ptr<scalar_t>(), grid, dict, k, bias, tile);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t p0 = t * tile, count = std::min(tile, grid.pixels() - p0);
         encoder.encode(p0, count, values.mutable_data_ptr<scalar_t>() + p0 * k,
@@ -60,36 +58,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_encode_backward(
   const auto grad_v = grad_values.contiguous();
   const auto vals = values.contiguous();
   const auto idx = indices.contiguous();
-  const auto codewords = dictionary.t().contiguous();  // K x D
   auto grad_x = want_x ? at::empty_like(x) : unwanted(x);
   const PixelGrid grad_grid = want_x ? PixelGrid(grad_x) : grid;
-
   const int64_t tile = tile_pixels(num_codewords);
   const int64_t num_tiles = (grid.pixels() + tile - 1) / tile;
-  const int64_t num_chunks = num_chunks_for(num_tiles);
   at::Tensor grad_dict, grad_bias;
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_encode_backward_cpu", [&] {
-    CodewordGradients<scalar_t> dict_grads(num_chunks, num_codewords, dim, want_dict);
+    const scalar_t* v_all = vals.const_data_ptr<scalar_t>();
+    const int64_t* ix_all = idx.const_data_ptr<int64_t>();
+    const scalar_t* gv_all = grad_v.const_data_ptr<scalar_t>();
+    auto pre_grad = [&](int64_t e) { return gv_all[e] * v_all[e] * (scalar_t(1) - v_all[e]); };
+
+    DictionaryGradient<scalar_t> dict_grad(dictionary, want_dict);
+    if (want_dict) {
+      dict_grad.for_each_range([&](int64_t lo, int64_t hi) {
+        std::vector<scalar_t> features(tile * dim);
+        for (int64_t t = 0; t < num_tiles; ++t) {
+          const int64_t p0 = t * tile, count = std::min(tile, grid.pixels() - p0);
+          gather_tile(x.const_data_ptr<scalar_t>(), grid, p0, count, features.data());
+          for (int64_t e = p0 * k; e < (p0 + count) * k; ++e) {
+            if (ix_all[e] < lo || ix_all[e] >= hi) continue;
+            axpy(pre_grad(e), features.data() + (e / k - p0) * dim, dict_grad.row(ix_all[e]), dim);
+          }
+        }
+      });
+    }
+    grad_dict = dict_grad.finish(dictionary);
+
+    const auto codewords = dictionary.t().contiguous();  // K x D
+    const int64_t num_chunks = num_chunks_for(num_tiles);
     ChunkSums bias_grads(num_chunks);
-    const scalar_t* cw = codewords.const_data_ptr<scalar_t>();
     for_each_chunk(num_chunks, num_tiles, [&](int64_t chunk, int64_t t0, int64_t t1) {
-      std::vector<scalar_t> features(tile * dim), grad_features(want_x ? tile * dim : 0);
-      std::vector<scalar_t> gp(k);
+      std::vector<scalar_t> grad_features(want_x ? tile * dim : 0), gp(k);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t p0 = t * tile, count = std::min(tile, grid.pixels() - p0);
-        if (want_dict) gather_tile(x.const_data_ptr<scalar_t>(), grid, p0, count, features.data());
         for (int64_t i = 0; i < count; ++i) {
-          const int64_t p = p0 + i;
-          const scalar_t* v = vals.const_data_ptr<scalar_t>() + p * k;
-          const int64_t* ix = idx.const_data_ptr<int64_t>() + p * k;
-          const scalar_t* gv = grad_v.const_data_ptr<scalar_t>() + p * k;
+          const int64_t e0 = (p0 + i) * k;
           for (int64_t j = 0; j < k; ++j) {
-            gp[j] = gv[j] * v[j] * (scalar_t(1) - v[j]);
+            gp[j] = pre_grad(e0 + j);
             bias_grads[chunk] += gp[j];
-            if (want_dict) axpy(gp[j], features.data() + i * dim, dict_grads.row(chunk, ix[j]), dim);
           }
-          if (want_x) combine_codewords(cw, dim, ix, gp.data(), k, grad_features.data() + i * dim);
+          if (want_x) {
+            combine_codewords(codewords.const_data_ptr<scalar_t>(), dim, ix_all + e0, gp.data(),
+                              k, grad_features.data() + i * dim);
+          }
         }
         if (want_x) {
           scatter_tile(grad_features.data(), grad_grid, p0, count,
@@ -97,7 +110,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_encode_backward(
         }
       }
     });
-    grad_dict = want_dict ? dict_grads.reduce(dictionary.options()) : unwanted(dictionary);
     grad_bias = want_bias ? at::scalar_tensor(bias_grads.total(), x.options()) : unwanted(x);
   });
   return {grad_x, grad_dict, grad_bias};

@@ -65,10 +65,10 @@ void scatter_tile(const scalar_t* tile, const PixelGrid& g, int64_t p0,
 }
 
 // Pixels per tile: enough rows for an efficient GEMM, few enough that the
-// tile's (pixels x K) similarity block stays in the L2 cache.
+// tile's (pixels x K) similarity block stays in cache (1 MiB in float32).
 inline int64_t tile_pixels(int64_t num_codewords) {
-  constexpr int64_t kTileElements = 1 << 15;
-  return std::clamp<int64_t>(kTileElements / std::max<int64_t>(num_codewords, 1), 8, 256);
+  constexpr int64_t kTileElements = 1 << 18;
+  return std::clamp<int64_t>(kTileElements / std::max<int64_t>(num_codewords, 1), 16, 512);
 }
 
 // Splits `num_tiles` tiles into a fixed number of contiguous chunks, one per
@@ -89,17 +89,17 @@ inline int64_t num_chunks_for(int64_t num_tiles) {
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_tiles));
 }
 
-// row-major (rows x cols) matrix product out = a @ b on raw buffers, through
-// ATen's BLAS. Tensors are rebuilt from raw pointers so the call carries no
-// autograd state from the caller's parameters.
+// out (rows x cols, row-major) = a (rows x inner, row-major) @ b, through
+// ATen's BLAS; b may have any strides (a codeword-major dictionary is read in
+// place). `b` must not require grad: worker threads run outside the caller's
+// autograd guard, so pass a detached alias.
 template <typename scalar_t>
-void matmul_into(const scalar_t* a, const scalar_t* b, scalar_t* out,
-                 int64_t rows, int64_t inner, int64_t cols) {
-  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
+void matmul_into(const scalar_t* a, const at::Tensor& b, scalar_t* out, int64_t rows) {
+  const int64_t inner = b.size(0), cols = b.size(1);
+  const auto opts = b.options();
   auto ta = at::from_blob(const_cast<scalar_t*>(a), {rows, inner}, opts);
-  auto tb = at::from_blob(const_cast<scalar_t*>(b), {inner, cols}, opts);
   auto tout = at::from_blob(out, {rows, cols}, opts);
-  at::mm_out(tout, ta, tb);
+  at::mm_out(tout, ta, b);
 }
 
 }  // namespace srm_ext::cpu

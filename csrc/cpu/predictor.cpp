@@ -13,6 +13,7 @@
 #include "checks.h"
 #include "pixel_tiles.h"
 #include "sparse_math.h"
+#include "vector_math.h"
 
 namespace srm_ext::cpu {
 namespace {
@@ -27,6 +28,52 @@ double binary_cross_entropy(scalar_t mean, scalar_t target) {
   const double log_m = std::max<double>(std::log(mean), kLogClamp);
   const double log_1m = std::max<double>(std::log1p(-mean), kLogClamp);
   return -(target * log_m + (1.0 - target) * log_1m);
+}
+
+// Pass-1 row: q = sigmoid(z + b) in place, exp(q) into `exp_q`, q added to
+// the image's column sums. Returns log(sum_c exp(q_c)); q lies in (0, 1), so
+// exp(q) needs no max-shift.
+template <typename scalar_t>
+scalar_t sigmoid_row(scalar_t* row, int64_t n, scalar_t bias, scalar_t* exp_q, double* column_sums) {
+  for (int64_t c = 0; c < n; ++c) row[c] = sigmoid_approx(row[c] + bias);
+  for (int64_t c = 0; c < n; ++c) exp_q[c] = exp_approx(row[c]);
+  for (int64_t c = 0; c < n; ++c) column_sums[c] += row[c];
+  return std::log(sum_in_lanes(exp_q, n));
+}
+
+SRM_EXT_MULTIVERSION float sigmoid_row_f(float* row, int64_t n, float bias, float* exp_q,
+                                         double* column_sums) {
+  return sigmoid_row(row, n, bias, exp_q, column_sums);
+}
+
+// Pass-2 row: q -> dloss/dz = (local_scale * softmax(q) + global_grad) * q (1 - q),
+// in place; the one-hot part of the cross-entropy is handled by the caller.
+template <typename scalar_t>
+void grad_row(scalar_t* row, int64_t n, scalar_t log_sum_exp, scalar_t local_scale,
+              const scalar_t* global_grad) {
+  for (int64_t c = 0; c < n; ++c) {
+    const scalar_t q = row[c];
+    row[c] = (local_scale * exp_approx(q - log_sum_exp) + global_grad[c]) * q * (scalar_t(1) - q);
+  }
+}
+
+SRM_EXT_MULTIVERSION void grad_row_f(float* row, int64_t n, float log_sum_exp, float local_scale,
+                                     const float* global_grad) {
+  grad_row(row, n, log_sum_exp, local_scale, global_grad);
+}
+
+// The float rows run through the multiversioned entry points.
+float run_sigmoid_row(float* row, int64_t n, float bias, float* exp_q, double* sums) {
+  return sigmoid_row_f(row, n, bias, exp_q, sums);
+}
+double run_sigmoid_row(double* row, int64_t n, double bias, double* exp_q, double* sums) {
+  return sigmoid_row(row, n, bias, exp_q, sums);
+}
+void run_grad_row(float* row, int64_t n, float lse, float scale, const float* global_grad) {
+  grad_row_f(row, n, lse, scale, global_grad);
+}
+void run_grad_row(double* row, int64_t n, double lse, double scale, const double* global_grad) {
+  grad_row(row, n, lse, scale, global_grad);
 }
 
 void check_labels(const at::Tensor& pixel_labels, const at::Tensor& image_labels,
@@ -63,7 +110,7 @@ std::tuple<at::Tensor, at::Tensor> predictor_loss(const at::Tensor& y,
   const PixelGrid grid(y);
   const int64_t pixels = grid.pixels(), per_image = grid.pixels_per_image(), n = grid.n;
   auto grad_logits = at::empty({grid.n, grid.h, grid.w, num_codewords}, y.options());
-  const auto dict = dictionary.contiguous();
+  const auto dict = dictionary.detach();
   const auto labels = pixel_labels.contiguous();
   const auto targets = image_labels.contiguous();
   const int64_t tile = tile_pixels(num_codewords);
@@ -83,22 +130,15 @@ std::tuple<at::Tensor, at::Tensor> predictor_loss(const at::Tensor& y,
     // Pass 1: z by GEMM, q = sigmoid(z + b) in place, per-pixel log-sum-exp.
     // q lies in (0, 1), so exp(q) needs no max-shift.
     for_each_chunk(num_chunks, num_tiles, [&](int64_t chunk, int64_t t0, int64_t t1) {
-      std::vector<scalar_t> features(tile * dim);
+      std::vector<scalar_t> features(tile * dim), exp_q(num_codewords);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t p0 = t * tile, count = std::min(tile, pixels - p0);
         gather_tile(y.const_data_ptr<scalar_t>(), grid, p0, count, features.data());
-        matmul_into(features.data(), dict.const_data_ptr<scalar_t>(), G + p0 * num_codewords,
-                    count, dim, num_codewords);
+        matmul_into(features.data(), dict, G + p0 * num_codewords, count);
         for (int64_t p = p0; p < p0 + count; ++p) {
           scalar_t* q = G + p * num_codewords;
           double* image_sums = q_sums.data() + (chunk * n + p / per_image) * num_codewords;
-          scalar_t sum_exp = 0;
-          for (int64_t c = 0; c < num_codewords; ++c) {
-            q[c] = sigmoid(q[c] + bias);
-            sum_exp += std::exp(q[c]);
-            image_sums[c] += q[c];
-          }
-          log_sum_exp[p] = std::log(sum_exp);
+          log_sum_exp[p] = run_sigmoid_row(q, num_codewords, bias, exp_q.data(), image_sums);
           ce_sums[chunk] += log_sum_exp[p] - q[label[p]];
         }
       }
@@ -128,14 +168,10 @@ std::tuple<at::Tensor, at::Tensor> predictor_loss(const at::Tensor& y,
     at::parallel_for(0, pixels, 1, [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) {
         scalar_t* q = G + p * num_codewords;
-        const scalar_t* gg = global_grad.data() + (p / per_image) * num_codewords;
-        const scalar_t lse = log_sum_exp[p];
-        const int64_t target_codeword = label[p];
-        for (int64_t c = 0; c < num_codewords; ++c) {
-          const scalar_t qc = q[c];
-          const scalar_t softmax = std::exp(qc - lse) - (c == target_codeword ? 1 : 0);
-          q[c] = (local_scale * softmax + gg[c]) * qc * (scalar_t(1) - qc);
-        }
+        const scalar_t q_label = q[label[p]];
+        run_grad_row(q, num_codewords, log_sum_exp[p], local_scale,
+                     global_grad.data() + (p / per_image) * num_codewords);
+        q[label[p]] -= local_scale * q_label * (scalar_t(1) - q_label);
       }
     });
 
@@ -167,7 +203,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> predictor_loss_backward(
   }
   if (output_mask[1]) {
     const auto features = y.permute({0, 2, 3, 1}).reshape({n * h * w, dim});
-    grad_dict = at::mm(features.t(), G).mul_(scale);
+    grad_dict = at::empty_like(dictionary);  // laid out like the dictionary
+    at::mm_out(grad_dict, features.t(), G).mul_(scale);
   }
   if (output_mask[2]) grad_bias = G.sum().mul_(scale);
   return {grad_y, grad_dict, grad_bias};

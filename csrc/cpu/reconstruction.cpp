@@ -26,7 +26,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss(
   const PixelGrid grid(x);
   auto values = at::empty({grid.n, grid.h, grid.w, k}, x.options());
   auto indices = at::empty({grid.n, grid.h, grid.w, k}, x.options().dtype(at::kLong));
-  const auto dict = dictionary.contiguous();
+  const auto dict = dictionary.detach();
   const auto codewords = dictionary.t().contiguous();  // K x D
   const int64_t tile = tile_pixels(num_codewords);
   const int64_t num_tiles = (grid.pixels() + tile - 1) / tile;
@@ -38,9 +38,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss(
     const scalar_t bias = intercept.item<scalar_t>();
     const scalar_t* cw = codewords.const_data_ptr<scalar_t>();
     at::parallel_for(0, num_tiles, 1, [&](int64_t t0, int64_t t1) {
-      TileEncoder<scalar_t> encoder(x.const_data_ptr<scalar_t>(), grid,
-                                    dict.const_data_ptr<scalar_t>(), num_codewords, k, bias,
-                                    tile);
+      TileEncoder<scalar_t> encoder(x.const_data_ptr<scalar_t>(), grid, dict, k, bias, tile);
       std::vector<scalar_t> x_hat(dim);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t p0 = t * tile, count = std::min(tile, grid.pixels() - p0);
@@ -86,19 +84,57 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss_backward(
   const int64_t k = values.size(3);
   const auto vals = values.contiguous();
   const auto idx = indices.contiguous();
-  const auto codewords = dictionary.t().contiguous();
+  const auto codewords = dictionary.t().contiguous();  // K x D; free if codeword-major
   auto grad_x = want_x ? at::empty_like(x) : unwanted(x);
   const PixelGrid grad_grid = want_x ? PixelGrid(grad_x) : grid;
   const int64_t tile = tile_pixels(num_codewords);
   const int64_t num_tiles = (grid.pixels() + tile - 1) / tile;
-  const int64_t num_chunks = num_chunks_for(num_tiles);
   at::Tensor grad_dict, grad_bias;
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "reconstruction_loss_backward_cpu", [&] {
     const scalar_t scale = static_cast<scalar_t>(
         2.0 * grad_loss.item<double>() / static_cast<double>(std::max<int64_t>(x.numel(), 1)));
     const scalar_t* cw = codewords.const_data_ptr<scalar_t>();
-    CodewordGradients<scalar_t> dict_grads(num_chunks, num_codewords, dim, want_dict);
+    const scalar_t* v_all = vals.const_data_ptr<scalar_t>();
+    const int64_t* ix_all = idx.const_data_ptr<int64_t>();
+    // Pixel p's loss gradient g (D) and its kept pre-activations' gradient gp (k).
+    auto pixel_gradients = [&](int64_t p, const scalar_t* xp, scalar_t* g, scalar_t* gp) {
+      const scalar_t* v = v_all + p * k;
+      const int64_t* ix = ix_all + p * k;
+      combine_codewords(cw, dim, ix, v, k, g);
+      for (int64_t d = 0; d < dim; ++d) g[d] = scale * (g[d] - xp[d]);
+      for (int64_t j = 0; j < k; ++j) {
+        gp[j] = dot(g, cw + ix[j] * dim, dim) * v[j] * (scalar_t(1) - v[j]);
+      }
+    };
+
+    DictionaryGradient<scalar_t> dict_grad(dictionary, want_dict);
+    if (want_dict) {
+      dict_grad.for_each_range([&](int64_t lo, int64_t hi) {
+        std::vector<scalar_t> features(tile * dim), g(dim), gp(k);
+        for (int64_t t = 0; t < num_tiles; ++t) {
+          const int64_t p0 = t * tile, count = std::min(tile, grid.pixels() - p0);
+          gather_tile(x.const_data_ptr<scalar_t>(), grid, p0, count, features.data());
+          for (int64_t i = 0; i < count; ++i) {
+            const int64_t p = p0 + i;
+            const int64_t* ix = ix_all + p * k;
+            if (!has_index_in(ix, k, lo, hi)) continue;
+            const scalar_t* xp = features.data() + i * dim;
+            pixel_gradients(p, xp, g.data(), gp.data());
+            for (int64_t j = 0; j < k; ++j) {
+              if (ix[j] < lo || ix[j] >= hi) continue;
+              scalar_t* row = dict_grad.row(ix[j]);
+              axpy(v_all[p * k + j], g.data(), row, dim);
+              axpy(gp[j], xp, row, dim);
+            }
+          }
+        }
+      });
+    }
+    grad_dict = dict_grad.finish(dictionary);
+
+    if (!want_x && !want_bias) return;
+    const int64_t num_chunks = num_chunks_for(num_tiles);
     ChunkSums bias_grads(num_chunks);
     for_each_chunk(num_chunks, num_tiles, [&](int64_t chunk, int64_t t0, int64_t t1) {
       std::vector<scalar_t> features(tile * dim), grad_features(want_x ? tile * dim : 0);
@@ -108,23 +144,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss_backward(
         gather_tile(x.const_data_ptr<scalar_t>(), grid, p0, count, features.data());
         for (int64_t i = 0; i < count; ++i) {
           const int64_t p = p0 + i;
-          const scalar_t* v = vals.const_data_ptr<scalar_t>() + p * k;
-          const int64_t* ix = idx.const_data_ptr<int64_t>() + p * k;
-          const scalar_t* xp = features.data() + i * dim;
-          combine_codewords(cw, dim, ix, v, k, g.data());
-          for (int64_t d = 0; d < dim; ++d) g[d] = scale * (g[d] - xp[d]);
-          for (int64_t j = 0; j < k; ++j) {
-            gp[j] = dot(g.data(), cw + ix[j] * dim, dim) * v[j] * (scalar_t(1) - v[j]);
-            bias_grads[chunk] += gp[j];
-            if (want_dict) {
-              scalar_t* row = dict_grads.row(chunk, ix[j]);
-              axpy(v[j], g.data(), row, dim);
-              axpy(gp[j], xp, row, dim);
-            }
-          }
+          pixel_gradients(p, features.data() + i * dim, g.data(), gp.data());
+          for (int64_t j = 0; j < k; ++j) bias_grads[chunk] += gp[j];
           if (want_x) {
             scalar_t* gx = grad_features.data() + i * dim;
-            combine_codewords(cw, dim, ix, gp.data(), k, gx);
+            combine_codewords(cw, dim, ix_all + p * k, gp.data(), k, gx);
             for (int64_t d = 0; d < dim; ++d) gx[d] -= g[d];
           }
         }
@@ -134,9 +158,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss_backward(
         }
       }
     });
-    grad_dict = want_dict ? dict_grads.reduce(dictionary.options()) : unwanted(dictionary);
-    grad_bias = want_bias ? at::scalar_tensor(bias_grads.total(), x.options()) : unwanted(x);
+    if (want_bias) grad_bias = at::scalar_tensor(bias_grads.total(), x.options());
   });
+  if (!grad_bias.defined()) grad_bias = unwanted(x);
   return {grad_x, grad_dict, grad_bias};
 }
 

@@ -9,6 +9,10 @@
 #include <cstdint>
 #include <vector>
 
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+
 #include "pixel_tiles.h"
 
 namespace srm_ext::cpu {
@@ -40,32 +44,61 @@ inline void combine_codewords(const scalar_t* codewords, int64_t dim,
   for (int64_t j = 0; j < k; ++j) axpy(weights[j], codewords + indices[j] * dim, out, dim);
 }
 
-// Dictionary gradient accumulated per chunk (a K x D buffer each, no atomics)
-// and summed in chunk order, so results do not depend on thread timing.
+// The dictionary gradient, accumulated without per-thread copies: worker r
+// owns codewords [K*r/R, K*(r+1)/R) and adds, in pixel order, every kept
+// entry that falls in its range. Each codeword's row is therefore summed in
+// the same order whatever the thread count (bitwise reproducible), and the
+// only buffer is the gradient itself.
+//
+// Rows are codeword-major (K x D). The result is laid out like the dictionary
+// (at::empty_like), so a codeword-major dictionary gets its gradient with no
+// transposed copy.
 template <typename scalar_t>
-class CodewordGradients {
+class DictionaryGradient {
  public:
-  CodewordGradients(int64_t num_chunks, int64_t num_codewords, int64_t dim, bool enabled)
-      : k_(num_codewords), d_(dim),
-        buffer_(enabled ? num_chunks * num_codewords * dim : 0, scalar_t(0)) {}
+  DictionaryGradient(const at::Tensor& dictionary, bool enabled)
+      : enabled_(enabled), num_codewords_(dictionary.size(1)), dim_(dictionary.size(0)) {
+    if (!enabled) return;
+    result_ = at::empty_like(dictionary);
+    rows_ = result_.t().is_contiguous()
+                ? result_.t()
+                : at::empty({num_codewords_, dim_}, dictionary.options());
+    rows_.zero_();
+  }
 
-  bool enabled() const { return !buffer_.empty(); }
+  bool enabled() const { return enabled_; }
+  scalar_t* row(int64_t c) { return rows_.mutable_data_ptr<scalar_t>() + c * dim_; }
 
-  // The gradient row of codeword `c` in chunk `chunk`.
-  scalar_t* row(int64_t chunk, int64_t c) { return buffer_.data() + (chunk * k_ + c) * d_; }
+  // Runs fn(codeword_begin, codeword_end) once per worker's range.
+  template <typename F>
+  void for_each_range(const F& fn) const {
+    const int64_t ranges = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_codewords_));
+    at::parallel_for(0, ranges, 1, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        fn(num_codewords_ * r / ranges, num_codewords_ * (r + 1) / ranges);
+      }
+    });
+  }
 
-  // Sums the chunks into a (D x K) tensor shaped like the dictionary.
-  at::Tensor reduce(const at::TensorOptions& options) {
-    const int64_t chunks = static_cast<int64_t>(buffer_.size()) / (k_ * d_);
-    auto summed = at::from_blob(buffer_.data(), {chunks, k_, d_}, options.device(at::kCPU))
-                      .sum(0);
-    return summed.t().contiguous();
+  at::Tensor finish(const at::Tensor& like) {
+    if (!enabled_) return at::empty({0}, like.options());
+    if (!result_.t().is_contiguous()) result_.copy_(rows_.t());
+    return result_;
   }
 
  private:
-  int64_t k_, d_;
-  std::vector<scalar_t> buffer_;
+  bool enabled_;
+  int64_t num_codewords_, dim_;
+  at::Tensor result_, rows_;
 };
+
+// Whether any of a pixel's k kept indices lies in [lo, hi).
+inline bool has_index_in(const int64_t* indices, int64_t k, int64_t lo, int64_t hi) {
+  for (int64_t j = 0; j < k; ++j) {
+    if (indices[j] >= lo && indices[j] < hi) return true;
+  }
+  return false;
+}
 
 // Intercept gradient partials, one per chunk, summed in chunk order.
 class ChunkSums {

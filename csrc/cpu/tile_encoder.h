@@ -16,21 +16,21 @@ namespace srm_ext::cpu {
 template <typename scalar_t>
 class TileEncoder {
  public:
-  // dictionary: (D, K) contiguous. One encoder per worker thread.
-  TileEncoder(const scalar_t* x, const PixelGrid& grid, const scalar_t* dictionary,
-              int64_t num_codewords, int64_t k, scalar_t bias, int64_t tile_capacity)
-      : x_(x), grid_(grid), dictionary_(dictionary), num_codewords_(num_codewords),
+  // dictionary: (D, K), any strides, detached. One encoder per worker thread.
+  TileEncoder(const scalar_t* x, const PixelGrid& grid, const at::Tensor& dictionary,
+              int64_t k, scalar_t bias, int64_t tile_capacity)
+      : x_(x), grid_(grid), dictionary_(dictionary), num_codewords_(dictionary.size(1)),
         k_(k), bias_(bias),
         features_(tile_capacity * grid.c),
-        similarity_(tile_capacity * num_codewords),
-        select_scratch_(k > kInsertionSelectMaxK ? num_codewords : 0) {}
+        similarity_(tile_capacity * num_codewords_),
+        select_scratch_(k > kInsertionSelectMaxK ? num_codewords_ : 0) {}
 
   // Encodes pixels [p0, p0 + count): writes count x k values and indices.
   // Afterwards features() holds the tile's pixels as rows of D values.
   void encode(int64_t p0, int64_t count, scalar_t* values, int64_t* indices) {
     const int64_t dim = grid_.c;
     gather_tile(x_, grid_, p0, count, features_.data());
-    matmul_into(features_.data(), dictionary_, similarity_.data(), count, dim, num_codewords_);
+    matmul_into(features_.data(), dictionary_, similarity_.data(), count);
     for (int64_t i = 0; i < count; ++i) {
       scalar_t* v = values + i * k_;
       select_topk(similarity_.data() + i * num_codewords_, num_codewords_, k_, bias_, v,
@@ -44,7 +44,7 @@ class TileEncoder {
  private:
   const scalar_t* x_;
   PixelGrid grid_;
-  const scalar_t* dictionary_;
+  const at::Tensor& dictionary_;
   int64_t num_codewords_, k_;
   scalar_t bias_;
   std::vector<scalar_t> features_;    // tile x D

@@ -1,0 +1,65 @@
+// Elementwise math written so the compiler vectorizes it: no branches, no
+// calls into libm inside hot loops. On x86-64 Linux, row functions marked
+// SRM_EXT_MULTIVERSION get an AVX2 clone picked at load time, so the binary
+// still runs on CPUs without AVX2.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
+#define SRM_EXT_MULTIVERSION __attribute__((target_clones("avx2", "default")))
+#else
+#define SRM_EXT_MULTIVERSION
+#endif
+
+namespace srm_ext::cpu {
+
+// exp(x) for float within about 2 ulp: x = n*ln2 + r with |r| <= ln2/2, a
+// degree-6 polynomial for exp(r), and 2^n put together from its bits.
+// Inputs are clamped to [-87.3, 88.0], so results stay finite and normal
+// (absolute error below 1e-38 outside that range); NaN propagates.
+inline float exp_approx(float x) {
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  x = std::min(std::max(x, -87.33654f), 88.0f);
+  const float n = (x * 1.44269504088896341f + kRound) - kRound;
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_to_n;
+  std::memcpy(&two_to_n, &bits, sizeof(two_to_n));
+  return p * two_to_n;
+}
+
+inline double exp_approx(double x) { return std::exp(x); }
+
+template <typename scalar_t>
+inline scalar_t sigmoid_approx(scalar_t z) {
+  return scalar_t(1) / (scalar_t(1) + exp_approx(-z));
+}
+
+// Sum with eight independent accumulators: a fixed order the compiler can
+// map onto vector lanes (a plain float reduction may not be reordered).
+template <typename scalar_t>
+inline scalar_t sum_in_lanes(const scalar_t* a, int64_t n) {
+  constexpr int kLanes = 8;
+  scalar_t lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) lanes[l] += a[i + l];
+  }
+  scalar_t total = 0;
+  for (; i < n; ++i) total += a[i];
+  for (int l = 0; l < kLanes; ++l) total += lanes[l];
+  return total;
+}
+
+}  // namespace srm_ext::cpu

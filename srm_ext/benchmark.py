@@ -1,0 +1,464 @@
+"""Microbenchmarks of the SRM ops: compiled kernels vs the reference vs the
+dense masked research-style computation.
+
+Every implementation is timed in the same run, so the ratios hold on a noisy
+machine. Reported per case: median wall time, peak memory above the inputs
+(CPU: the process's resident high-water mark, reset before each case; CUDA:
+the allocator's peak), and ratios against the compiled kernels.
+
+``python -m srm_ext bench --help`` lists the options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import _backend, functional, reference, research_style
+
+__all__ = ["Shape", "SHAPE_SETS", "run_benchmarks", "main"]
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    batch: int
+    channels: int
+    height: int
+    width: int
+    num_codewords: int
+    k: int
+    student_channels: int
+
+
+# The paper's layers (see srm-spec.md); student widths as in AllCNN-0.66 and ResNet18.
+SHAPE_SETS = {
+    "cifar": [
+        Shape("cifar-block1", 64, 128, 16, 16, 256, 5, 63),
+        Shape("cifar-block2", 64, 256, 8, 8, 512, 10, 126),
+        Shape("cifar-block4", 64, 1024, 4, 4, 2048, 40, 253),
+    ],
+    "imagenet": [
+        Shape("imagenet-layer1", 256, 64, 56, 56, 256, 5, 64),
+        Shape("imagenet-layer2", 256, 128, 28, 28, 512, 10, 128),
+        Shape("imagenet-layer3", 256, 256, 14, 14, 1024, 20, 256),
+        Shape("imagenet-layer4", 256, 512, 7, 7, 2048, 40, 512),
+    ],
+}
+
+IMPLEMENTATIONS = ("native", "reference", "research")
+OPS = ("sparse_encode", "sparse_decode", "stage1_step", "sparse_labels", "predictor_loss")
+
+
+class _Case:
+    """Inputs of one shape, built once and shared by every implementation."""
+
+    def __init__(self, shape: Shape, device: torch.device, dtype: torch.dtype, seed: int = 0):
+        g = torch.Generator(device="cpu").manual_seed(seed)
+
+        def randn(*size, scale=1.0):
+            return (torch.randn(*size, generator=g) * scale).to(device=device, dtype=dtype)
+
+        s = shape
+        self.shape = s
+        self.x = randn(s.batch, s.channels, s.height, s.width).relu()  # post-ReLU features
+        # Codeword-major, as SparseRepresentation stores it: each codeword is
+        # contiguous, which the sparse kernels read and write directly.
+        self.dictionary = randn(s.num_codewords, s.channels, scale=s.channels**-0.5).t()
+        self.intercept = randn(1)
+        with torch.no_grad():
+            self.values, self.indices = reference.sparse_encode(
+                self.x, self.dictionary, self.intercept, s.k
+            )
+            self.pixel_labels, self.image_labels = reference.sparse_labels(
+                self.values, self.indices, s.num_codewords
+            )
+            self.dense_code = research_style.dense_sparse_code(
+                self.x, self.dictionary, self.intercept, s.k
+            )
+        self.y = randn(s.batch, s.student_channels, s.height, s.width)
+        self.student_dictionary = randn(
+            s.student_channels, s.num_codewords, scale=s.student_channels**-0.5
+        )
+        self.student_intercept = randn(1)
+
+
+def _trainable(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    return [t.detach().clone().requires_grad_(True) for t in tensors]
+
+
+def _backward(loss: torch.Tensor, params: list[torch.Tensor]) -> None:
+    torch.autograd.grad(loss, params)
+
+
+def _build_callable(
+    case: _Case, op: str, impl: str, with_backward: bool
+) -> Callable[[], object] | None:
+    """A closure running one (op, implementation, mode), or None if not applicable."""
+    c = case
+    k, K = c.shape.k, c.shape.num_codewords
+    ops = {"native": functional, "reference": reference}.get(impl)
+
+    if op == "sparse_encode":
+        C, b = _trainable(c.dictionary, c.intercept)
+        if impl == "research":
+            fwd = lambda: research_style.dense_sparse_code(c.x, C, b, k)
+        else:
+            fwd = lambda: ops.sparse_encode(c.x, C, b, k)[0]
+        params = [C, b]
+    elif op == "sparse_decode":
+        (C,) = _trainable(c.dictionary)
+        if impl == "research":
+            (code,) = _trainable(c.dense_code)
+            fwd = lambda: F.linear(code, C)
+            params = [code, C]
+        else:
+            (values,) = _trainable(c.values)
+            fwd = lambda: ops.sparse_decode(values, c.indices, C)
+            params = [values, C]
+    elif op == "stage1_step":
+        C, b = _trainable(c.dictionary, c.intercept)
+        fn = {
+            "native": functional.reconstruction_loss,
+            "reference": reference.reconstruction_loss,
+            "research": research_style.dense_reconstruction_loss,
+        }[impl]
+        fwd = lambda: fn(c.x, C, b, k)
+        params = [C, b]
+    elif op == "sparse_labels":
+        if with_backward:
+            return None
+        if impl == "research":
+            # Labels from the dense masked code the research code already holds.
+            return lambda: (c.dense_code.argmax(-1), c.dense_code.mean(dim=(1, 2)))
+        return lambda: ops.sparse_labels(c.values, c.indices, K)
+    elif op == "predictor_loss":
+        if impl == "research":
+            return None  # the reference is the research code's dense computation
+        y, C, b = _trainable(c.y, c.student_dictionary, c.student_intercept)
+        fwd = lambda: ops.predictor_loss(y, C, b, c.pixel_labels, c.image_labels)
+        params = [y, C, b]
+    else:
+        raise ValueError(f"unknown op {op!r}")
+
+    if not with_backward:
+        def run_forward():
+            with torch.no_grad():
+                return fwd()
+        return run_forward
+
+    def run_step():
+        out = fwd()
+        _backward(out if out.dim() == 0 else out.float().square().mean(), params)
+
+    return run_step
+
+
+class _PeakMemory:
+    """Peak memory a callable uses above what is allocated before it runs."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        global _libc
+        if device.type == "cpu" and _libc is None:
+            _libc = _load_glibc()
+        self.available = device.type == "cuda" or _cpu_peak_resettable()
+
+    def measure(self, fn: Callable[[], object]) -> float | None:
+        if not self.available:
+            return None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            fn()
+            torch.cuda.synchronize(self.device)
+            return float(torch.cuda.max_memory_allocated(self.device) - base)
+        _reset_cpu_peak()
+        base = _proc_status_kb("VmRSS")
+        fn()
+        return float(max(_proc_status_kb("VmHWM") - base, 0) * 1024)
+
+
+def _proc_status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _reset_cpu_peak() -> None:
+    # Give freed heap memory back first, so the baseline holds only live data.
+    if _libc is not None:
+        _libc.malloc_trim(0)
+    # Linux: writing 5 resets the resident-set high-water mark (VmHWM).
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _load_glibc():
+    """glibc, set so that large blocks are mapped and unmapped on each
+    allocation: freed tensors then leave the resident set at once, and the
+    resident high-water mark measures the memory in use."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        M_MMAP_THRESHOLD = -3
+        libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_libc = None
+
+
+def _cpu_peak_resettable() -> bool:
+    try:
+        _reset_cpu_peak()
+        _proc_status_kb("VmHWM")
+        return True
+    except OSError:
+        return False
+    except KeyError:
+        return False
+
+
+def _time(fn: Callable[[], object], device: torch.device, min_repeats: int, min_seconds: float, max_repeats: int) -> list[float]:
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    fn()  # warm-up: first-call allocations, lazy initialisation
+    sync()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_repeats and (
+        len(times) < min_repeats or time.perf_counter() - start < min_seconds
+    ):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def run_benchmarks(
+    shapes: list[Shape],
+    ops: tuple[str, ...] = OPS,
+    implementations: tuple[str, ...] = IMPLEMENTATIONS,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    min_repeats: int = 5,
+    min_seconds: float = 1.0,
+    max_repeats: int = 50,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """Times every (shape, op, mode, implementation); returns one record each."""
+    dev = torch.device(device)
+    if "native" in implementations and not _native_covers(dev, dtype):
+        raise RuntimeError(
+            f"no compiled srm_ext kernel for {dev.type}/{dtype}; "
+            f"backend_info() = {_backend.backend_info()}"
+        )
+    memory = _PeakMemory(dev)
+    records = []
+    for shape in shapes:
+        case = _Case(shape, dev, dtype)
+        for op in ops:
+            for mode in ("forward", "forward+backward"):
+                for impl in implementations:
+                    fn = _build_callable(case, op, impl, mode == "forward+backward")
+                    if fn is None:
+                        continue
+                    if progress:
+                        progress(f"{shape.name} {op} {mode} {impl}")
+                    times = _time(fn, dev, min_repeats, min_seconds, max_repeats)
+                    records.append(
+                        dict(
+                            shape=shape.name,
+                            op=op,
+                            mode=mode,
+                            implementation=impl,
+                            median_ms=statistics.median(times) * 1e3,
+                            min_ms=min(times) * 1e3,
+                            repeats=len(times),
+                            peak_bytes=memory.measure(fn),
+                        )
+                    )
+        del case
+        gc.collect()
+    return records
+
+
+def _native_covers(device: torch.device, dtype: torch.dtype) -> bool:
+    return _backend.use_native(torch.empty(0, device=device, dtype=dtype))
+
+
+def environment(device: str) -> dict:
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "cpu": _cpu_model(),
+        "commit": _git_commit(),
+        "device": device,
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(torch.device(device))
+        env.update(gpu=props.name, cuda=torch.version.cuda, driver=_nvidia_driver())
+    return env
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, timeout=10,
+            cwd=Path(__file__).resolve().parent,
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=30,
+        )
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return None
+
+
+def _mib(nbytes: float | None) -> str:
+    return "n/a" if nbytes is None else f"{nbytes / 2**20:.1f}"
+
+
+def _ratio(num: float | None, den: float | None) -> str:
+    if num is None or den is None or den <= 0:
+        return "n/a"
+    return f"{num / den:.2f}x"
+
+
+def markdown_table(records: list[dict], env: dict) -> str:
+    """One row per (shape, op, mode): times, peak memory and ratios vs native."""
+    by_key: dict[tuple, dict[str, dict]] = {}
+    for r in records:
+        by_key.setdefault((r["shape"], r["op"], r["mode"]), {})[r["implementation"]] = r
+    lines = [
+        f"Device: {env['device']} ({env.get('gpu') or env['cpu']}), torch {env['torch']}, "
+        f"{env['threads']} threads, commit {env['commit']}, {env['date']}",
+        "",
+        "| shape | op | mode | native ms | reference ms | research ms | speedup vs reference "
+        "| speedup vs research | native MiB | reference MiB | research MiB "
+        "| memory saving vs research |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for (shape, op, mode), impls in by_key.items():
+        def get(impl, field):
+            return impls[impl][field] if impl in impls else None
+
+        def ms(impl):
+            v = get(impl, "median_ms")
+            return "n/a" if v is None else f"{v:.2f}"
+
+        native_ms, native_mem = get("native", "median_ms"), get("native", "peak_bytes")
+        lines.append(
+            f"| {shape} | {op} | {mode} | {ms('native')} | {ms('reference')} | {ms('research')} "
+            f"| {_ratio(get('reference', 'median_ms'), native_ms)} "
+            f"| {_ratio(get('research', 'median_ms'), native_ms)} "
+            f"| {_mib(native_mem)} | {_mib(get('reference', 'peak_bytes'))} "
+            f"| {_mib(get('research', 'peak_bytes'))} "
+            f"| {_ratio(get('research', 'peak_bytes'), native_mem)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="srm-ext bench",
+        description="Time the SRM ops: compiled kernels vs reference vs research-style dense.",
+    )
+    p.add_argument("--shapes", choices=sorted(SHAPE_SETS), default="cifar")
+    p.add_argument("--batch", type=int, default=None, help="override the batch size N")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["float32", "float64", "float16", "bfloat16"], default="float32")
+    p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
+    p.add_argument("--implementations", default=",".join(IMPLEMENTATIONS))
+    p.add_argument("--min-repeats", type=int, default=5)
+    p.add_argument("--min-seconds", type=float, default=1.0, help="time each case at least this long")
+    p.add_argument("--max-repeats", type=int, default=50)
+    p.add_argument("--quick", action="store_true", help="smoke run: batch 2, one repeat per case")
+    p.add_argument("--out", type=Path, default=None, help="write <out>/<name>.json and .md here")
+    p.add_argument("--name", default=None, help="file name stem (default: <shapes>-<device>-<dtype>)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    shapes = SHAPE_SETS[args.shapes]
+    batch = 2 if args.quick else args.batch
+    if batch is not None:
+        shapes = [Shape(**{**asdict(s), "batch": batch}) for s in shapes]
+    ops = tuple(o.strip() for o in args.ops.split(",") if o.strip())
+    unknown = set(ops) - set(OPS)
+    if unknown:
+        print(f"srm-ext bench: unknown op(s) {sorted(unknown)}; choose from {OPS}", file=sys.stderr)
+        return 2
+    impls = tuple(i.strip() for i in args.implementations.split(",") if i.strip())
+    if set(impls) - set(IMPLEMENTATIONS):
+        print(f"srm-ext bench: implementations must be among {IMPLEMENTATIONS}", file=sys.stderr)
+        return 2
+    repeats = dict(min_repeats=1, min_seconds=0.0, max_repeats=1) if args.quick else dict(
+        min_repeats=args.min_repeats, min_seconds=args.min_seconds, max_repeats=args.max_repeats
+    )
+    records = run_benchmarks(
+        shapes, ops, impls, device=args.device, dtype=getattr(torch, args.dtype),
+        progress=lambda msg: print(f"  {msg}", file=sys.stderr, flush=True), **repeats,
+    )
+    env = environment(args.device)
+    env.update(dtype=args.dtype, shapes=[asdict(s) for s in shapes])
+    table = markdown_table(records, env)
+    print(table)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        stem = args.name or f"{args.shapes}-{args.device.split(':')[0]}-{args.dtype}"
+        (args.out / f"{stem}.json").write_text(json.dumps({"environment": env, "results": records}, indent=2))
+        (args.out / f"{stem}.md").write_text(table)
+        print(f"wrote {args.out / stem}.json and .md", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

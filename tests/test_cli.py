@@ -1,0 +1,154 @@
+"""The ``srm-ext`` command line: smoke runs, output directory, resume
+equivalence and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from srm_ext.cli import main
+from srm_ext.distill import ExperimentConfig, ExperimentRunner
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A whole experiment in a few seconds: 128 digits, tiny models, 1-2 epochs per stage.
+TINY_FLAGS = [
+    "--train-limit", "128", "--test-limit", "64", "--batch-size", "32",
+    "--teacher-width", "0.34", "--student-width", "0.05",
+    "--epochs-teacher", "2", "--epochs-dictionary", "1", "--epochs-init", "2",
+    "--epochs-student", "2", "--threads", "1", "--quiet",
+]
+TINY_CONFIG = dict(
+    train_limit=128, test_limit=64, batch_size=32, teacher_width=0.34, student_width=0.05,
+    epochs_teacher=2, epochs_dictionary=1, epochs_init=2, epochs_student=2, threads=1,
+    quiet=True, seeds=[0], methods=["scratch", "srm"],
+)
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "srm_ext", *args], cwd=cwd, env=env,
+        capture_output=True, text=True, timeout=300,
+    )
+
+
+def test_distill_quick_preset_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("distill", "--preset", "quick", *TINY_FLAGS, "--output-dir", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "| srm |" in proc.stdout and "| kd |" in proc.stdout and "| teacher |" in proc.stdout
+    for name in ("config.json", "metrics.jsonl", "results.json", "results.md",
+                 "loss_curves.png", "accuracy.png", "checkpoint.pt"):
+        assert (out / name).is_file(), name
+    config = json.loads((out / "config.json").read_text())
+    assert config["preset"] == "quick" and config["seeds"] == [0] and config["train_limit"] == 128
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    stages = {r["stage"] for r in records}
+    assert {"teacher", "scratch", "kd", "srm-dictionary", "srm-init", "srm-kd"} <= stages
+    results = json.loads((out / "results.json").read_text())
+    assert [row["method"] for row in results["rows"]] == ["teacher", "scratch", "kd", "srm"]
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert checkpoint["current"] is None and len(checkpoint["finished"]) == 4
+    student = torch.load(out / "models" / "srm-seed0.pt", weights_only=True)
+    assert not any("dictionary" in key for key in student)
+    assert (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_info_prints_backend_json(capsys):
+    assert main(["info"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["torch"] == torch.__version__
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _final_numbers(out: Path) -> tuple[list, list]:
+    results = json.loads((out / "results.json").read_text())
+    accs = [(r["run"], r["test_acc"]) for r in results["runs"]]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [
+        {k: v for k, v in r.items() if k != "time"} for r in records
+    ]
+    return accs, losses
+
+
+@pytest.mark.parametrize("stop_after", [1, 6])  # inside the teacher; inside SRM stage 2
+def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path, stop_after):
+    straight = tmp_path / "straight"
+    ExperimentRunner(ExperimentConfig(**TINY_CONFIG, output_dir=str(straight)), log=lambda *_: None).run()
+
+    interrupted = tmp_path / "interrupted"
+    seen = []
+
+    def stop(record):
+        seen.append(record)
+        if len(seen) == stop_after:
+            raise Interrupt
+
+    config = ExperimentConfig(**TINY_CONFIG, output_dir=str(interrupted))
+    with pytest.raises(Interrupt):
+        ExperimentRunner(config, on_epoch_end=stop, log=lambda *_: None).run()
+    saved = torch.load(interrupted / "checkpoint.pt", weights_only=True)
+    assert len(saved["history"]) == stop_after  # nothing finished was lost
+    assert not (interrupted / "results.json").exists()
+
+    # resume from the CLI, with only the output directory given
+    assert main(["distill", "--resume", "--quiet", "--output-dir", str(interrupted)]) == 0
+    assert _final_numbers(interrupted) == _final_numbers(straight)
+
+
+def test_existing_run_needs_resume_or_overwrite(tmp_path, capsys):
+    out = tmp_path / "run"
+    flags = [*TINY_FLAGS, "--methods", "scratch", "--seeds", "0", "--epochs-teacher", "1",
+             "--epochs-student", "1", "--output-dir", str(out)]
+    assert main(["distill", *flags]) == 0
+    assert main(["distill", *flags]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(["distill", *flags, "--overwrite"]) == 0
+    assert main(["distill", *flags, "--resume", "--epochs-student", "3"]) == 2
+    assert "epochs_student=3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--dataset", "npz", "--data-path", "missing.npz"], "does not exist"),
+        (["--teacher", "densnet"], "unknown architecture 'densnet' (did you mean densenet"),
+        (["--layer-pairs", "block1:stage1,blok2:stage2"], "teacher has no module 'blok2'; closest: block2"),
+        (["--sparsity-multiplier", "1.5"], "only K="),
+        (["--methods", "srm,magic"], "unknown method(s) magic"),
+        (["--layer-pairs", "head.4:stage1"], "4-D"),
+    ],
+)
+def test_user_errors_are_one_line_with_exit_code_2(tmp_path, capsys, flags, message):
+    code = main(["distill", *TINY_FLAGS, "--output-dir", str(tmp_path / "run"), *flags])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("srm-ext: error: ") and message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(ValueError, match="blok2"):
+        main(["--debug", "distill", *TINY_FLAGS, "--output-dir", str(tmp_path / "r"),
+              "--layer-pairs", "blok2:stage2"])
+    proc = run_cli("distill", "--debug", "--teacher", "nope", "--output-dir", str(tmp_path / "r"),
+                   cwd=tmp_path)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_error_from_subprocess_has_no_traceback(tmp_path):
+    proc = run_cli("distill", "--student", "resnet7", "--output-dir", str(tmp_path / "r"), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        proc.stderr.strip()
+    ] and "unknown architecture 'resnet7'" in proc.stderr

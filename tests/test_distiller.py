@@ -1,0 +1,236 @@
+"""SRMDistiller on tiny CNNs, the shared Trainer, and the baseline losses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from srm_ext import SparseCodePredictor, SparseRepresentation, SRMDistiller
+from srm_ext.distill import StageConfig, Trainer
+from srm_ext.distill.losses import (
+    HintRegressor,
+    attention_transfer_loss,
+    kd_loss,
+    similarity_preserving_loss,
+)
+from srm_ext.distill.methods import cross_entropy_stage
+from srm_ext.distill.models import AllCNN, DenseNet
+
+QUIET = {"progress": False, "log": None}
+
+
+def tiny_teacher() -> nn.Module:
+    return DenseNet(num_classes=4, in_channels=1, growth=4, block_layers=(1, 1, 1))
+
+
+def tiny_student() -> nn.Module:
+    return AllCNN(num_classes=4, in_channels=1, channels=(4, 6, 6))
+
+
+def toy_loader(n: int = 64, seed: int = 0) -> DataLoader:
+    """Four classes told apart by which image quadrant is bright."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 4, (n,), generator=g)
+    images = 0.3 * torch.randn(n, 1, 8, 8, generator=g)
+    for i, label in enumerate(labels.tolist()):
+        r, c = divmod(label, 2)
+        images[i, 0, 4 * r : 4 * r + 4, 4 * c : 4 * c + 4] += 1.0
+    return DataLoader(
+        TensorDataset(images, labels),
+        batch_size=16,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def make_distiller(**kwargs) -> SRMDistiller:
+    torch.manual_seed(0)
+    pairs = kwargs.pop("pairs", {"block1": "stage1", "block2.layer1": "stage2.1"})
+    return SRMDistiller(tiny_teacher(), tiny_student(), pairs, input_shape=(1, 8, 8), **kwargs)
+
+
+def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def changed(before: dict, module: nn.Module) -> bool:
+    return any(not torch.equal(before[k], v) for k, v in module.state_dict().items())
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def test_blocks_sized_from_teacher_channels_with_dotted_paths():
+    distiller = make_distiller(codeword_multiplier=2.0, sparsity_multiplier=0.2)
+    t_channels = [8 + 4, 6 + 4]  # DenseNet: stem 2g=8 (+g per layer), transition halves
+    s_channels = [4, 6]
+    for rep, pred, d, ds in zip(distiller.representations, distiller.predictors, t_channels, s_channels):
+        assert isinstance(rep, SparseRepresentation) and isinstance(pred, SparseCodePredictor)
+        assert rep.dictionary.shape == (d, int(d * 2.0))
+        assert rep.sparsity == max(1, int(d * 0.2 * 2.0))
+        assert pred.dictionary.shape == (ds, int(d * 2.0))
+
+
+def test_missing_path_lists_closest_names():
+    with pytest.raises(ValueError) as info:
+        make_distiller(pairs={"blok2": "stage2"})
+    message = str(info.value)
+    assert "teacher has no module 'blok2'" in message and "block2" in message
+    with pytest.raises(ValueError, match="student has no module 'stage4'.*stage"):
+        make_distiller(pairs={"block2": "stage4"})
+
+
+def test_non_4d_output_is_rejected():
+    with pytest.raises(TypeError, match="4-D"):
+        make_distiller(pairs={"head.4": "stage1"})  # the teacher's Linear layer
+
+
+def test_k_larger_than_K_is_rejected():
+    with pytest.raises(ValueError, match="only K="):
+        make_distiller(sparsity_multiplier=1.5)
+
+
+def test_lazy_build_from_first_batch():
+    torch.manual_seed(0)
+    distiller = SRMDistiller(tiny_teacher(), tiny_student(), {"block3": "stage3"})
+    assert not distiller.is_built
+    distiller.fit_dictionaries(toy_loader(), epochs=1, **QUIET)
+    assert distiller.is_built and len(distiller.representations) == 1
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def test_stage1_trains_only_dictionaries_and_reduces_the_loss():
+    distiller = make_distiller()
+    teacher_before, student_before = snapshot(distiller.teacher), snapshot(distiller.student)
+    dicts_before = snapshot(distiller.representations)
+    history = distiller.fit_dictionaries(
+        toy_loader(), config=StageConfig(epochs=6, lr=1e-2, schedule="none"), **QUIET
+    )
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert not changed(teacher_before, distiller.teacher)  # frozen, BN stats included
+    assert not changed(student_before, distiller.student)
+    assert changed(dicts_before, distiller.representations)
+    assert {"recon/block1", "recon/block2.layer1"} <= set(history[0])
+
+
+def test_stage2_trains_student_and_predictors_and_reduces_the_loss():
+    distiller = make_distiller()
+    distiller.fit_dictionaries(toy_loader(), epochs=1, **QUIET)
+    teacher_before, dicts_before = snapshot(distiller.teacher), snapshot(distiller.representations)
+    student_before, preds_before = snapshot(distiller.student), snapshot(distiller.predictors)
+    history = distiller.fit_student(
+        toy_loader(), config=StageConfig(epochs=5, lr=1e-2, schedule="none"), **QUIET
+    )
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert not changed(teacher_before, distiller.teacher)
+    assert not changed(dicts_before, distiller.representations)
+    assert changed(student_before, distiller.student) and changed(preds_before, distiller.predictors)
+
+
+def test_stage3_kd_reduces_the_loss_and_reports_accuracy():
+    distiller = make_distiller()
+    loader = toy_loader()
+    history = distiller.fit_kd(
+        loader, config=StageConfig(epochs=5, lr=1e-2, schedule="none"), eval_loader=loader, **QUIET
+    )
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert 0.0 <= history[-1]["test_acc"] <= 1.0
+
+
+def test_fit_runs_all_stages_with_different_grids():
+    # teacher block1 (8x8) taught to student stage2 (4x4): labels are resized
+    distiller = make_distiller(pairs={"block1": "stage2", "block3": "stage3"})
+    out = distiller.fit(toy_loader(), 1, 1, 1, **QUIET)
+    assert set(out) == {"dictionary", "init", "kd"}
+    assert all(len(history) == 1 for history in out.values())
+
+
+def test_bf16_autocast_stages_run():
+    distiller = make_distiller()
+    out = distiller.fit(toy_loader(), 1, 1, 1, amp="bf16", **QUIET)
+    assert all(torch.isfinite(torch.tensor(h[-1]["loss"])) for h in out.values())
+
+
+def test_export_student_has_no_srm_blocks_or_hooks():
+    distiller = make_distiller()
+    distiller.fit(toy_loader(), 1, 1, 1, **QUIET)
+    student = distiller.export_student()
+    assert type(student) is AllCNN and not student.training
+    assert not any(isinstance(m, (SparseRepresentation, SparseCodePredictor)) for m in student.modules())
+    assert all(not m._forward_hooks for m in student.modules())
+    assert all(not m._forward_hooks for m in distiller.student.modules())
+    assert student.state_dict().keys() == tiny_student().state_dict().keys()
+    x = torch.randn(2, 1, 8, 8)
+    torch.testing.assert_close(student(x), distiller.student.eval()(x))
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+def test_trainer_resume_matches_uninterrupted_training():
+    # one run of 2 epochs vs two calls of 1 epoch each, resuming optimiser state
+    torch.manual_seed(0)
+    straight_model = tiny_student()
+    config = StageConfig(epochs=2, lr=1e-2, schedule="none")
+    states: list[dict] = []
+    torch.manual_seed(1)
+    Trainer(**QUIET).fit(
+        cross_entropy_stage("ce", straight_model, config),
+        toy_loader(),
+        on_epoch_end=lambda m, s: states.append(s),
+    )
+    assert [s["epoch"] for s in states] == [1, 2]
+    assert states[0]["optimizer"]["state"]  # Adam moments are saved
+
+    torch.manual_seed(0)
+    resumed_model = tiny_student()
+    torch.manual_seed(1)
+    first: list[dict] = []
+    loader = toy_loader()
+    Trainer(**QUIET).fit(
+        cross_entropy_stage("ce", resumed_model, config.replace(epochs=1)),
+        loader,
+        on_epoch_end=lambda m, s: first.append(s),
+    )
+    Trainer(**QUIET).fit(
+        cross_entropy_stage("ce", resumed_model, config), loader, resume=first[-1]
+    )
+    for key, value in straight_model.state_dict().items():
+        torch.testing.assert_close(resumed_model.state_dict()[key], value, rtol=0, atol=0)
+
+
+def test_trainer_rejects_empty_parameter_list():
+    stage = cross_entropy_stage("ce", nn.Sequential(nn.Flatten()), StageConfig(epochs=1))
+    with pytest.raises(ValueError, match="no parameters"):
+        Trainer(**QUIET).fit(stage, toy_loader())
+
+
+# ----------------------------------------------------------------------------- baselines
+
+
+def test_kd_loss_matches_definition():
+    torch.manual_seed(0)
+    s, t, y = torch.randn(5, 7), torch.randn(5, 7), torch.randint(0, 7, (5,))
+    T, alpha = 3.0, 0.7
+    p_t = F.softmax(t / T, dim=1)
+    kl = (p_t * (p_t.log() - F.log_softmax(s / T, dim=1))).sum(dim=1).mean()
+    expected = alpha * T * T * kl + (1 - alpha) * F.cross_entropy(s, y)
+    torch.testing.assert_close(kd_loss(s, t, y, T, alpha), expected)
+
+
+def test_feature_losses_vanish_on_identical_maps_and_have_gradients():
+    torch.manual_seed(0)
+    f = torch.randn(4, 6, 5, 5)
+    assert similarity_preserving_loss(f, f).item() == pytest.approx(0.0, abs=1e-7)
+    assert attention_transfer_loss(f, f).item() == pytest.approx(0.0, abs=1e-7)
+    s = torch.randn(4, 3, 10, 10, requires_grad=True)  # other width and grid
+    (similarity_preserving_loss(s, f) + attention_transfer_loss(s, f)).backward()
+    assert s.grad is not None
+    hint = HintRegressor(3, 6)
+    hint(s, f).backward()
+    assert hint.proj.weight.grad is not None

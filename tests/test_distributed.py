@@ -1,0 +1,131 @@
+"""Data-parallel training on 2 CPU processes (gloo) agrees with one process.
+
+Tolerances: without BatchNorm, two processes each taking half of every global
+batch produce the same averaged gradients as one process, so the SRM stages must
+match a single-process run to float32 round-off (atol 1e-5). Through the CLI the
+models have BatchNorm (per-process batch statistics) and per-process augmentation,
+so there the check is that the run completes, writes one set of outputs, and
+lands within 0.2 test accuracy of a single-process run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from srm_ext import SRMDistiller
+from srm_ext.distill import DistributedContext, StageConfig, Trainer
+from srm_ext.distill.data import DatasetSplits, make_loaders
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def conv_net(widths: tuple[int, ...]) -> nn.Module:
+    layers: list[nn.Module] = []
+    cin = 1
+    for i, cout in enumerate(widths):
+        layers += [nn.Conv2d(cin, cout, 3, stride=1 if i == 0 else 2, padding=1), nn.ReLU()]
+        cin = cout
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, 3))
+
+
+def toy_splits() -> DatasetSplits:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (64, 1, 8, 8), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 3, (64,), generator=g)
+    data = TensorDataset(images, labels)
+    return DatasetSplits(data, data, 3, 1, 8, (0.5,), (0.25,), natural_images=False)
+
+
+def train_srm(context: DistributedContext) -> dict[str, torch.Tensor]:
+    """All three SRM stages; returns the student's and the blocks' final weights."""
+    torch.manual_seed(0)
+    teacher, student = conv_net((6, 8)), conv_net((4, 5))
+    distiller = SRMDistiller(teacher, student, {"1": "1", "3": "3"}, input_shape=(1, 8, 8))
+    loader, _ = make_loaders(toy_splits(), batch_size=16, seed=5, context=context)
+    trainer = Trainer(
+        preprocess=lambda x, train: x.float() / 255, progress=False, context=context, log=None
+    )
+    configs = {"dictionary": StageConfig(epochs=2), "init": StageConfig(epochs=2), "kd": StageConfig(epochs=2)}
+    for stage in distiller.stages(configs):
+        trainer.fit(stage, loader)
+    return {
+        **{f"student.{k}": v for k, v in distiller.student.state_dict().items()},
+        **{f"rep.{k}": v for k, v in distiller.representations.state_dict().items()},
+        **{f"pred.{k}": v for k, v in distiller.predictors.state_dict().items()},
+    }
+
+
+def _worker(rank: int, world_size: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+    )
+    try:
+        weights = train_srm(DistributedContext.current())
+        torch.save(weights, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_processes_match_one_process(tmp_path):
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path / "w")), nprocs=2, join=True)
+    single = train_srm(DistributedContext())
+    rank0 = torch.load(tmp_path / "w.0", weights_only=True)
+    rank1 = torch.load(tmp_path / "w.1", weights_only=True)
+    assert rank0.keys() == single.keys()
+    for key, value in single.items():
+        torch.testing.assert_close(rank0[key], rank1[key], rtol=0, atol=0)  # replicas agree
+        torch.testing.assert_close(rank0[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_torchrun_cli_two_processes(tmp_path):
+    flags = [
+        "distill", "--preset", "quick", "--train-limit", "128", "--test-limit", "64",
+        "--batch-size", "32", "--teacher-width", "0.34", "--student-width", "0.05",
+        "--epochs-teacher", "2", "--epochs-dictionary", "1", "--epochs-init", "1",
+        "--epochs-student", "2", "--methods", "kd,srm", "--threads", "1", "--quiet",
+        "--device", "cpu",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    ddp_out, single_out = tmp_path / "ddp", tmp_path / "single"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "srm_ext", *flags, "--output-dir", str(ddp_out)],
+        env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("| srm |") == 1  # the table is printed by rank 0 only
+    proc = subprocess.run(
+        [sys.executable, "-m", "srm_ext", *flags, "--output-dir", str(single_out)],
+        env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def load(out: Path) -> tuple[dict, list]:
+        runs = {r["run"]: r["test_acc"] for r in json.loads((out / "results.json").read_text())["runs"]}
+        records = (out / "metrics.jsonl").read_text().splitlines()
+        return runs, records
+
+    ddp_runs, ddp_records = load(ddp_out)
+    single_runs, single_records = load(single_out)
+    assert ddp_runs.keys() == single_runs.keys()
+    assert len(ddp_records) == len(single_records)  # one writer, no duplicated epochs
+    for run, acc in single_runs.items():
+        assert abs(ddp_runs[run] - acc) <= 0.2, (run, ddp_runs[run], acc)

@@ -1,0 +1,160 @@
+"""SparseRepresentation / SparseCodePredictor: shapes, gradients, agreement with
+the reference math, label resizing, autocast and torch.compile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from srm_ext import SparseCodePredictor, SparseRepresentation, reference
+from srm_ext.modules import resize_pixel_labels, srm_sizes
+
+N, D, H, W, K, KEEP = 3, 8, 5, 4, 16, 3
+
+
+@pytest.fixture
+def rep() -> SparseRepresentation:
+    torch.manual_seed(0)
+    return SparseRepresentation(D, K, KEEP)
+
+
+@pytest.fixture
+def x() -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.randn(N, D, H, W)
+
+
+def test_representation_parameters_and_init(rep):
+    assert rep.dictionary.shape == (D, K)
+    assert rep.intercept.shape == (1,)
+    assert -1.0 <= rep.intercept.item() <= 1.0
+    bound = (6.0 / K) ** 0.5  # kaiming-uniform on the stored (D, K) tensor
+    assert rep.dictionary.abs().max() <= bound
+    assert {name for name, _ in rep.named_parameters()} == {"dictionary", "intercept"}
+
+
+def test_representation_forward_shapes(rep, x):
+    out = rep(x)
+    assert out.reconstruction.shape == (N, D, H, W)
+    assert out.values.shape == out.indices.shape == (N, H, W, KEEP)
+    assert out.indices.dtype == torch.int64
+    # values sorted descending
+    assert torch.all(out.values[..., :-1] >= out.values[..., 1:])
+
+
+def test_representation_loss_equals_reference(rep, x):
+    expected = reference.reconstruction_loss(x, rep.dictionary, rep.intercept, KEEP)
+    torch.testing.assert_close(rep.loss(x), expected)
+    # and equals the unfused forward
+    torch.testing.assert_close(rep.loss(x), F.mse_loss(rep(x).reconstruction, x))
+
+
+def test_representation_loss_gradients(rep, x):
+    x = x.requires_grad_()
+    rep.loss(x).backward()
+    ref_dict = rep.dictionary.detach().clone().requires_grad_()
+    ref_icpt = rep.intercept.detach().clone().requires_grad_()
+    ref_x = x.detach().clone().requires_grad_()
+    reference.reconstruction_loss(ref_x, ref_dict, ref_icpt, KEEP).backward()
+    torch.testing.assert_close(rep.dictionary.grad, ref_dict.grad)
+    torch.testing.assert_close(rep.intercept.grad, ref_icpt.grad)
+    torch.testing.assert_close(x.grad, ref_x.grad)
+
+
+def test_representation_labels_match_reference(rep, x):
+    labels = rep.labels(x)
+    values, indices = reference.sparse_encode(x, rep.dictionary, rep.intercept, KEEP)
+    pixel, image = reference.sparse_labels(values, indices, K)
+    assert torch.equal(labels.pixel, pixel)
+    torch.testing.assert_close(labels.image, image)
+    assert labels.pixel.shape == (N, H, W) and labels.image.shape == (N, K)
+    assert not labels.image.requires_grad
+
+
+def test_representation_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="sparsity"):
+        SparseRepresentation(4, 8, 9)
+    with pytest.raises(ValueError):
+        SparseRepresentation(0, 8, 1)
+
+
+def test_srm_sizes_follow_the_paper():
+    assert srm_sizes(128, 2.0, 0.02) == (256, 5)  # CIFAR-100 DenseNet block 1
+    assert srm_sizes(2048, 2.0, 0.02) == (4096, 81)  # ResNeXt50 last stage
+    assert srm_sizes(8, 2.0, 0.02) == (16, 1)  # k is at least one
+    with pytest.raises(ValueError, match="only K="):
+        srm_sizes(8, 2.0, 1.5)
+
+
+def test_predictor_loss_equals_reference_and_has_gradients(rep, x):
+    torch.manual_seed(2)
+    pred = SparseCodePredictor(6, K, local_weight=0.5, global_weight=2.0)
+    y = torch.randn(N, 6, H, W, requires_grad=True)
+    labels = rep.labels(x)
+    loss = pred(y, labels)
+    expected = reference.predictor_loss(
+        y, pred.dictionary, pred.intercept, labels.pixel, labels.image, 0.5, 2.0
+    )
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert y.grad is not None and pred.dictionary.grad is not None
+    assert pred.intercept.grad is not None
+    assert rep.dictionary.grad is None  # labels carry no gradient
+
+
+def test_predictor_resizes_pixel_labels_when_grids_differ(rep, x):
+    pred = SparseCodePredictor(6, K)
+    y = torch.randn(N, 6, 2 * H, 2 * W)  # student grid twice the teacher's
+    labels = rep.labels(x)
+    loss = pred(y, labels)
+    upsampled = resize_pixel_labels(labels.pixel, (2 * H, 2 * W))
+    expected = reference.predictor_loss(
+        y, pred.dictionary, pred.intercept, upsampled, labels.image
+    )
+    torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.parametrize("size", [(5, 4), (10, 8), (3, 2), (7, 9), (1, 1)])
+def test_resize_pixel_labels_matches_nearest_interpolation(size):
+    labels = torch.randint(0, 50, (2, 5, 4))
+    resized = resize_pixel_labels(labels, size)
+    expected = F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0].long()
+    assert resized.dtype == torch.int64
+    assert torch.equal(resized, expected)
+
+
+def test_resize_pixel_labels_keeps_large_ids_exact():
+    labels = torch.full((1, 2, 2), 2**40 + 1, dtype=torch.int64)
+    assert torch.equal(resize_pixel_labels(labels, (4, 4)), torch.full((1, 4, 4), 2**40 + 1))
+
+
+def test_blocks_accept_half_precision_features_under_autocast(rep, x):
+    pred = SparseCodePredictor(6, K)
+    y = torch.randn(N, 6, H, W)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x_half = F.conv2d(x, torch.eye(D).view(D, D, 1, 1))  # bf16 like a real layer
+        y_half = F.conv2d(y, torch.eye(6).view(6, 6, 1, 1))
+        assert x_half.dtype == torch.bfloat16
+        loss = rep.loss(x_half)
+        labels = rep.labels(x_half)
+        stage2 = pred(y_half, labels)
+    assert loss.dtype == stage2.dtype == torch.float32
+    torch.testing.assert_close(loss, rep.loss(x_half.float()))
+    loss.backward()
+    assert rep.dictionary.grad.dtype == torch.float32
+
+
+def test_blocks_under_torch_compile_without_graph_breaks(rep, x):
+    pred = SparseCodePredictor(6, K)
+    y = torch.randn(N, 6, H, W, requires_grad=True)
+
+    def objective(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return rep.loss(x) + pred(y, rep.labels(x))
+
+    torch._dynamo.reset()
+    compiled = torch.compile(objective, backend="aot_eager", fullgraph=True)
+    out = compiled(x, y)
+    torch.testing.assert_close(out, objective(x, y))
+    out.backward()
+    assert y.grad is not None and rep.dictionary.grad is not None
