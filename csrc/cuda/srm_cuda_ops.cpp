@@ -161,6 +161,14 @@ at::Tensor transposed_dictionary(const at::Tensor& dictionary) {
   return dictionary.t().contiguous();
 }
 
+// The dictionary gradient in the dictionary's own layout (at::empty_like),
+// which is what the fake kernels promise for every backend.
+at::Tensor laid_out_like(const at::Tensor& grad, const at::Tensor& dictionary) {
+  auto out = at::empty_like(dictionary);
+  if (out.strides() == grad.strides()) return grad;
+  return out.copy_(grad);
+}
+
 // (D, K) gradient of the dictionary in `dtype`:
 //   G[:, c] = sum over (p, j) with indices[p, j] == c of
 //             coef_a[p, j] * features_a[p] + coef_b[p, j] * features_b[p]
@@ -391,8 +399,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_encode_backward(
                       nullptr, 0.0f, nullptr, 1.0f, grad_x, stream);
   }
   if (output_mask[1]) {
-    grad_dictionary = dictionary_grad(x, grad_pre, nullptr, nullptr, idx,
-                                      num_codewords, x.scalar_type(), stream);
+    grad_dictionary = laid_out_like(
+        dictionary_grad(x, grad_pre, nullptr, nullptr, idx, num_codewords,
+                        x.scalar_type(), stream),
+        dictionary);
   }
   if (output_mask[2]) {
     grad_intercept =
@@ -454,9 +464,10 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward(
   }
   if (output_mask[1]) {
     const at::Tensor coef = values.to(at::kFloat).contiguous();
-    grad_dictionary =
+    grad_dictionary = laid_out_like(
         dictionary_grad(grad_out, coef, nullptr, nullptr, idx,
-                        dictionary.size(1), values.scalar_type(), stream);
+                        dictionary.size(1), values.scalar_type(), stream),
+        dictionary);
   }
   return {grad_values, grad_dictionary};
 }
@@ -532,9 +543,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss_backward(
   }
   if (output_mask[1]) {
     // v_pj g_p (through x_hat) + gp_pj x_p (through the encoder)
-    grad_dictionary =
+    grad_dictionary = laid_out_like(
         dictionary_grad(x, grad_pre, &g, &coef_values, idx, dictionary.size(1),
-                        x.scalar_type(), stream);
+                        x.scalar_type(), stream),
+        dictionary);
   }
   if (output_mask[2]) {
     grad_intercept =
@@ -680,7 +692,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> predictor_loss_backward(
                  .permute({0, 3, 1, 2});
   }
   if (output_mask[1]) {
-    grad_dictionary = at::mm(pixel_rows(y).t(), g).mul_(upstream);
+    grad_dictionary = laid_out_like(
+        at::mm(pixel_rows(y).t(), g).mul_(upstream), dictionary);
   }
   if (output_mask[2]) {
     grad_intercept =
