@@ -38,7 +38,7 @@ scalar_t sigmoid_row(scalar_t* row, int64_t n, scalar_t bias, scalar_t* exp_q, d
   for (int64_t c = 0; c < n; ++c) row[c] = sigmoid_approx(row[c] + bias);
   for (int64_t c = 0; c < n; ++c) exp_q[c] = exp_approx(row[c]);
   for (int64_t c = 0; c < n; ++c) column_sums[c] += row[c];
-  return std::log(sum_in_lanes(exp_q, n));
+  return std::log(sum_in_lanes<scalar_t>(n, [&](int64_t c) { return exp_q[c]; }));
 }
 
 SRM_EXT_MULTIVERSION float sigmoid_row_f(float* row, int64_t n, float bias, float* exp_q,

@@ -4,35 +4,21 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
 
-#include <ATen/Parallel.h>
-
-#include <algorithm>
-
 #include "pixel_tiles.h"
+#include "vector_math.h"
 
 namespace srm_ext::cpu {
 
 template <typename scalar_t>
 inline scalar_t sigmoid(scalar_t z) {
   return scalar_t(1) / (scalar_t(1) + std::exp(-z));
-}
-
-template <typename scalar_t>
-inline scalar_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
-  scalar_t s = 0;
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
-// y += alpha * x
-template <typename scalar_t>
-inline void axpy(scalar_t alpha, const scalar_t* x, scalar_t* y, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
 }
 
 // out = sum_j weights[j] * codewords[indices[j]]

@@ -46,20 +46,32 @@ inline scalar_t sigmoid_approx(scalar_t z) {
   return scalar_t(1) / (scalar_t(1) + exp_approx(-z));
 }
 
-// Sum with eight independent accumulators: a fixed order the compiler can
-// map onto vector lanes (a plain float reduction may not be reordered).
-template <typename scalar_t>
-inline scalar_t sum_in_lanes(const scalar_t* a, int64_t n) {
+// sum_{i < n} term(i) with eight independent partial sums: a fixed order
+// the compiler can keep in vector lanes (it may not reorder a plain float
+// reduction).
+template <typename scalar_t, typename Term>
+inline scalar_t sum_in_lanes(int64_t n, const Term& term) {
   constexpr int kLanes = 8;
   scalar_t lanes[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) lanes[l] += a[i + l];
+    for (int l = 0; l < kLanes; ++l) lanes[l] += term(i + l);
   }
   scalar_t total = 0;
-  for (; i < n; ++i) total += a[i];
+  for (; i < n; ++i) total += term(i);
   for (int l = 0; l < kLanes; ++l) total += lanes[l];
   return total;
+}
+
+template <typename scalar_t>
+inline scalar_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
+  return sum_in_lanes<scalar_t>(n, [&](int64_t i) { return a[i] * b[i]; });
+}
+
+// y += alpha * x
+template <typename scalar_t>
+inline void axpy(scalar_t alpha, const scalar_t* x, scalar_t* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
 }
 
 }  // namespace srm_ext::cpu
