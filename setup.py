@@ -25,14 +25,14 @@ DEFAULT_CUDA_ARCHS = "8.0;9.0"
 def cpu_extension() -> CppExtension:
     sources = ["csrc/registration.cpp", "csrc/build_info.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     if sys.platform == "win32":
-        cxx = ["/O2", "/openmp", "/std:c++17"]
+        cxx = ["/O2", "/openmp", "/std:c++20"]
         link = []
     elif sys.platform == "darwin":
-        cxx = ["-O3", "-std=c++17"]  # Apple clang has no OpenMP: kernels run on one thread
+        cxx = ["-O3", "-std=c++20"]  # Apple clang has no OpenMP: kernels run on one thread
         link = []
     else:
         # at::parallel_for expands to OpenMP pragmas in this translation unit.
-        cxx = ["-O3", "-std=c++17", "-fopenmp"]
+        cxx = ["-O3", "-std=c++20", "-fopenmp"]
         link = ["-fopenmp"]
     return CppExtension("srm_ext._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
 
@@ -52,8 +52,8 @@ def cuda_extension() -> CUDAExtension:
         sources,
         define_macros=[("SRM_EXT_CUDA_ARCHS", f'"{arch_names}"')],
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
-            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr"],
+            "cxx": ["-O3", "-std=c++20"],
+            "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr"],
         },
     )
 

@@ -36,32 +36,48 @@ struct PixelGrid {
   }
 };
 
-// Copies pixels [p0, p0 + count) of `src` into `tile` (count x C, row-major).
-template <typename scalar_t>
-void gather_tile(const scalar_t* src, const PixelGrid& g, int64_t p0,
-                 int64_t count, scalar_t* tile) {
+// Copies between a strided map and a (count x C) row-major tile, for pixels
+// [p0, p0 + count). With channels strided (NCHW), both sides are walked in
+// 16 x 16 blocks: a plain loop would touch C cache lines a power of two apart
+// per pixel and thrash the L1 sets whenever H*W is a power of two.
+template <typename scalar_t, bool kToTile>
+void copy_tile(scalar_t* map, const PixelGrid& g, int64_t p0, int64_t count, scalar_t* tile) {
+  auto move = [](scalar_t& tile_value, scalar_t& map_value) {
+    if constexpr (kToTile) tile_value = map_value; else map_value = tile_value;
+  };
   if (g.stride_c == 1) {  // channels_last: each pixel is contiguous
     for (int64_t i = 0; i < count; ++i) {
-      std::copy_n(src + g.pixel_offset(p0 + i), g.c, tile + i * g.c);
+      scalar_t* pixel = map + g.pixel_offset(p0 + i);
+      for (int64_t c = 0; c < g.c; ++c) move(tile[i * g.c + c], pixel[c]);
     }
     return;
   }
-  for (int64_t i = 0; i < count; ++i) {
-    const scalar_t* pixel = src + g.pixel_offset(p0 + i);
-    scalar_t* row = tile + i * g.c;
-    for (int64_t c = 0; c < g.c; ++c) row[c] = pixel[c * g.stride_c];
+  constexpr int64_t kBlock = 16;
+  int64_t offsets[kBlock];
+  for (int64_t i0 = 0; i0 < count; i0 += kBlock) {
+    const int64_t pixels = std::min(kBlock, count - i0);
+    for (int64_t i = 0; i < pixels; ++i) offsets[i] = g.pixel_offset(p0 + i0 + i);
+    for (int64_t c0 = 0; c0 < g.c; c0 += kBlock) {
+      const int64_t c1 = std::min(c0 + kBlock, g.c);
+      for (int64_t c = c0; c < c1; ++c) {
+        for (int64_t i = 0; i < pixels; ++i) {
+          move(tile[(i0 + i) * g.c + c], map[offsets[i] + c * g.stride_c]);
+        }
+      }
+    }
   }
 }
 
-// Inverse of gather_tile: writes a (count x C) tile into pixels of `dst`.
 template <typename scalar_t>
-void scatter_tile(const scalar_t* tile, const PixelGrid& g, int64_t p0,
-                  int64_t count, scalar_t* dst) {
-  for (int64_t i = 0; i < count; ++i) {
-    scalar_t* pixel = dst + g.pixel_offset(p0 + i);
-    const scalar_t* row = tile + i * g.c;
-    for (int64_t c = 0; c < g.c; ++c) pixel[c * g.stride_c] = row[c];
-  }
+void gather_tile(const scalar_t* src, const PixelGrid& g, int64_t p0, int64_t count,
+                 scalar_t* tile) {
+  copy_tile<scalar_t, true>(const_cast<scalar_t*>(src), g, p0, count, tile);
+}
+
+template <typename scalar_t>
+void scatter_tile(const scalar_t* tile, const PixelGrid& g, int64_t p0, int64_t count,
+                  scalar_t* dst) {
+  copy_tile<scalar_t, false>(dst, g, p0, count, const_cast<scalar_t*>(tile));
 }
 
 // Pixels per tile: enough rows for an efficient GEMM, few enough that the

@@ -97,58 +97,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss_backward(
     const scalar_t* cw = codewords.const_data_ptr<scalar_t>();
     const scalar_t* v_all = vals.const_data_ptr<scalar_t>();
     const int64_t* ix_all = idx.const_data_ptr<int64_t>();
-    // Pixel p's loss gradient g (D) and its kept pre-activations' gradient gp (k).
-    auto pixel_gradients = [&](int64_t p, const scalar_t* xp, scalar_t* g, scalar_t* gp) {
-      const scalar_t* v = v_all + p * k;
-      const int64_t* ix = ix_all + p * k;
-      combine_codewords(cw, dim, ix, v, k, g);
+    // Pixel p's loss gradient g = scale * (x_hat_p - x_p), D values.
+    auto loss_gradient = [&](int64_t p, const scalar_t* xp, scalar_t* g) {
+      combine_codewords(cw, dim, ix_all + p * k, v_all + p * k, k, g);
       for (int64_t d = 0; d < dim; ++d) g[d] = scale * (g[d] - xp[d]);
-      for (int64_t j = 0; j < k; ++j) {
-        gp[j] = dot(g, cw + ix[j] * dim, dim) * v[j] * (scalar_t(1) - v[j]);
-      }
     };
+    const int64_t entries = grid.pixels() * k;
+    std::vector<scalar_t> pre_grads(entries);  // gp for every kept entry
 
-    DictionaryGradient<scalar_t> dict_grad(dictionary, want_dict);
-    if (want_dict) {
-      dict_grad.for_each_range([&](int64_t lo, int64_t hi) {
-        std::vector<scalar_t> features(tile * dim), g(dim), gp(k);
-        for (int64_t t = 0; t < num_tiles; ++t) {
-          const int64_t p0 = t * tile, count = std::min(tile, grid.pixels() - p0);
-          gather_tile(x.const_data_ptr<scalar_t>(), grid, p0, count, features.data());
-          for (int64_t i = 0; i < count; ++i) {
-            const int64_t p = p0 + i;
-            const int64_t* ix = ix_all + p * k;
-            if (!has_index_in(ix, k, lo, hi)) continue;
-            const scalar_t* xp = features.data() + i * dim;
-            pixel_gradients(p, xp, g.data(), gp.data());
-            for (int64_t j = 0; j < k; ++j) {
-              if (ix[j] < lo || ix[j] >= hi) continue;
-              scalar_t* row = dict_grad.row(ix[j]);
-              axpy(v_all[p * k + j], g.data(), row, dim);
-              axpy(gp[j], xp, row, dim);
-            }
-          }
-        }
-      });
-    }
-    grad_dict = dict_grad.finish(dictionary);
-
-    if (!want_x && !want_bias) return;
+    // Pass 1, over pixels: gp, the intercept gradient and grad_x.
     const int64_t num_chunks = num_chunks_for(num_tiles);
     ChunkSums bias_grads(num_chunks);
     for_each_chunk(num_chunks, num_tiles, [&](int64_t chunk, int64_t t0, int64_t t1) {
       std::vector<scalar_t> features(tile * dim), grad_features(want_x ? tile * dim : 0);
-      std::vector<scalar_t> g(dim), gp(k);
+      std::vector<scalar_t> g(dim);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t p0 = t * tile, count = std::min(tile, grid.pixels() - p0);
         gather_tile(x.const_data_ptr<scalar_t>(), grid, p0, count, features.data());
         for (int64_t i = 0; i < count; ++i) {
           const int64_t p = p0 + i;
-          pixel_gradients(p, features.data() + i * dim, g.data(), gp.data());
-          for (int64_t j = 0; j < k; ++j) bias_grads[chunk] += gp[j];
+          loss_gradient(p, features.data() + i * dim, g.data());
+          scalar_t* gp = pre_grads.data() + p * k;
+          for (int64_t j = 0; j < k; ++j) {
+            const scalar_t v = v_all[p * k + j];
+            gp[j] = dot(g.data(), cw + ix_all[p * k + j] * dim, dim) * v * (scalar_t(1) - v);
+            bias_grads[chunk] += gp[j];
+          }
           if (want_x) {
             scalar_t* gx = grad_features.data() + i * dim;
-            combine_codewords(cw, dim, ix_all + p * k, gp.data(), k, gx);
+            combine_codewords(cw, dim, ix_all + p * k, gp, k, gx);
             for (int64_t d = 0; d < dim; ++d) gx[d] -= g[d];
           }
         }
@@ -159,6 +136,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss_backward(
       }
     });
     if (want_bias) grad_bias = at::scalar_tensor(bias_grads.total(), x.options());
+
+    // Pass 2, over codeword ranges: grad_dictionary[:, c] += v g_p + gp x_p.
+    // g_p is recomputed (k*D) rather than stored (N*H*W*D).
+    DictionaryGradient<scalar_t> dict_grad(dictionary, want_dict);
+    if (want_dict) {
+      dict_grad.for_each_range([&](int64_t lo, int64_t hi) {
+        std::vector<scalar_t> features(tile * dim), g(dim);
+        for (int64_t t = 0; t < num_tiles; ++t) {
+          const int64_t p0 = t * tile, count = std::min(tile, grid.pixels() - p0);
+          gather_tile(x.const_data_ptr<scalar_t>(), grid, p0, count, features.data());
+          for (int64_t i = 0; i < count; ++i) {
+            const int64_t p = p0 + i;
+            const int64_t* ix = ix_all + p * k;
+            if (!has_index_in(ix, k, lo, hi)) continue;
+            const scalar_t* xp = features.data() + i * dim;
+            loss_gradient(p, xp, g.data());
+            for (int64_t j = 0; j < k; ++j) {
+              if (ix[j] < lo || ix[j] >= hi) continue;
+              scalar_t* row = dict_grad.row(ix[j]);
+              axpy(v_all[p * k + j], g.data(), row, dim);
+              axpy(pre_grads[p * k + j], xp, row, dim);
+            }
+          }
+        }
+      });
+    }
+    grad_dict = dict_grad.finish(dictionary);
   });
   if (!grad_bias.defined()) grad_bias = unwanted(x);
   return {grad_x, grad_dict, grad_bias};

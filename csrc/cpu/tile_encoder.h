@@ -28,7 +28,6 @@ class TileEncoder {
   // Encodes pixels [p0, p0 + count): writes count x k values and indices.
   // Afterwards features() holds the tile's pixels as rows of D values.
   void encode(int64_t p0, int64_t count, scalar_t* values, int64_t* indices) {
-    const int64_t dim = grid_.c;
     gather_tile(x_, grid_, p0, count, features_.data());
     matmul_into(features_.data(), dictionary_, similarity_.data(), count);
     for (int64_t i = 0; i < count; ++i) {

@@ -24,6 +24,22 @@ inline bool ranks_before(scalar_t va, int64_t ia, scalar_t vb, int64_t ib) {
 // candidates fail the first comparison against the current k-th value.
 constexpr int64_t kInsertionSelectMaxK = 64;
 
+// Inserts (v, c) into the sorted list top[0, count) of capacity k, where c
+// is larger than every index already kept. Returns the new count.
+template <typename scalar_t>
+inline int64_t insert_candidate(scalar_t v, int64_t c, int64_t count, int64_t k,
+                                scalar_t* top_pre, int64_t* top_idx) {
+  int64_t pos = count < k ? count++ : k - 1;
+  while (pos > 0 && ranks_before<scalar_t>(v, c, top_pre[pos - 1], top_idx[pos - 1])) {
+    top_pre[pos] = top_pre[pos - 1];
+    top_idx[pos] = top_idx[pos - 1];
+    --pos;
+  }
+  top_pre[pos] = v;
+  top_idx[pos] = c;
+  return count;
+}
+
 // Selects the top-k of row[c] + bias, c in [0, K). Writes the kept
 // pre-activations to top_pre and their indices to top_idx, best first.
 // `scratch` must hold K indices when k > kInsertionSelectMaxK.
@@ -41,24 +57,27 @@ void select_topk(const scalar_t* row, int64_t K, int64_t k, scalar_t bias,
     }
     return;
   }
-  int64_t count = 0;
-  for (int64_t c = 0; c < K; ++c) {
-    const scalar_t v = row[c] + bias;
-    int64_t pos;
-    if (count == k) {
-      // c is larger than every kept index, so an equal value never enters.
-      if (!ranks_before<scalar_t>(v, c, top_pre[k - 1], top_idx[k - 1])) continue;
-      pos = k - 1;
-    } else {
-      pos = count++;
+  int64_t count = 0, c = 0;
+  for (; c < k; ++c) count = insert_candidate(row[c] + bias, c, count, k, top_pre, top_idx);
+  // Once the list is full, a later codeword enters only if it is above the
+  // k-th value or NaN (an equal value loses on index). Blocks of candidates
+  // are screened with one vectorizable comparison each; most blocks hold no
+  // candidate and are skipped.
+  constexpr int64_t kBlock = 16;
+  scalar_t threshold = top_pre[k - 1];
+  if (std::isnan(threshold)) return;  // k NaNs kept: nothing later ranks above
+  for (; c < K; c += kBlock) {
+    const int64_t n = std::min(kBlock, K - c);
+    int any = 0;
+    for (int64_t i = 0; i < n; ++i) any |= !(row[c + i] + bias <= threshold);
+    if (!any) continue;
+    for (int64_t i = 0; i < n; ++i) {
+      const scalar_t v = row[c + i] + bias;
+      if (v <= threshold) continue;
+      insert_candidate(v, c + i, k, k, top_pre, top_idx);
+      threshold = top_pre[k - 1];
+      if (std::isnan(threshold)) return;
     }
-    while (pos > 0 && ranks_before<scalar_t>(v, c, top_pre[pos - 1], top_idx[pos - 1])) {
-      top_pre[pos] = top_pre[pos - 1];
-      top_idx[pos] = top_idx[pos - 1];
-      --pos;
-    }
-    top_pre[pos] = v;
-    top_idx[pos] = c;
   }
 }
 

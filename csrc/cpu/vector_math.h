@@ -74,4 +74,10 @@ inline void axpy(scalar_t alpha, const scalar_t* x, scalar_t* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
 }
 
+// float32 overloads, chosen over the templates above: the sparse kernels
+// spend most of their time here, so they get the AVX2 clones
+// (vector_math.cpp).
+float dot(const float* a, const float* b, int64_t n);
+void axpy(float alpha, const float* x, float* y, int64_t n);
+
 }  // namespace srm_ext::cpu
