@@ -1,0 +1,192 @@
+"""CUDA kernels against the reference (skipped without a GPU).
+
+Inputs are multiples of 1/8 (see conftest.dyadic): exact in float16 and
+bfloat16, and their products and sums are exact in the float32 accumulators,
+so every backend selects the same codewords and indices must match exactly.
+Values and gradients are compared in float32 with per-dtype tolerances.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.library import opcheck
+
+import srm_ext
+from srm_ext import reference
+
+from conftest import dyadic, make_layout, requires_cuda
+
+pytestmark = requires_cuda
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Tolerances for results in each input dtype, compared in float32.
+TOLERANCES = {
+    torch.float32: dict(rtol=1e-4, atol=1e-5),
+    torch.float16: dict(rtol=1e-2, atol=2e-3),
+    torch.bfloat16: dict(rtol=4e-2, atol=1e-2),
+}
+SHAPES = [
+    (2, 8, 5, 7, 20, 4),
+    (1, 3, 1, 1, 5, 1),
+    (2, 4, 3, 3, 6, 6),
+    (3, 17, 7, 5, 33, 7),
+    (2, 64, 13, 11, 300, 9),
+    (1, 16, 4, 4, 200, 128),
+    (2, 256, 7, 7, 1024, 20),
+]
+
+
+@pytest.fixture(autouse=True)
+def _compiled_and_exact(monkeypatch):
+    monkeypatch.delenv("SRM_EXT_BACKEND", raising=False)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # the exact float32 path
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def inputs(shape, dtype, seed, layout="contiguous"):
+    n, d, h, w, K, k = shape
+    g = torch.Generator().manual_seed(seed)
+    x = dyadic(n, d, h, w, dtype=torch.float32, generator=g)
+    C = dyadic(d, K, dtype=torch.float32, generator=g, span=1) / 4
+    b = dyadic(1, dtype=torch.float32, generator=g)
+    cuda = [make_layout(x.cuda().to(dtype), layout), C.cuda().to(dtype), b.cuda().to(dtype)]
+    return cuda, [x, C, b], k
+
+
+def close(actual, expected, dtype):
+    torch.testing.assert_close(actual.float().cpu(), expected.float().cpu(), **TOLERANCES[dtype])
+
+
+def grads(fn, leaves_in, upstream=None):
+    leaves = [t.detach().clone().requires_grad_(True) for t in leaves_in]
+    out = fn(*leaves)
+    out = out[0] if isinstance(out, tuple) else out
+    weight = torch.ones_like(out) if upstream is None else upstream.to(out)
+    return torch.autograd.grad((out * weight).sum(), leaves)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_encode(shape, dtype, layout):
+    (x, C, b), ref_in, k = inputs(shape, dtype, seed=0, layout=layout)
+    values, indices = srm_ext.sparse_encode(x, C, b, k)
+    ref_values, ref_indices = reference.sparse_encode(*ref_in, k)
+    assert values.dtype == dtype and indices.dtype == torch.int64
+    torch.testing.assert_close(indices.cpu(), ref_indices, rtol=0, atol=0)
+    close(values, ref_values, dtype)
+    upstream = torch.randn(ref_values.shape)
+    for got, want in zip(
+        grads(lambda *a: srm_ext.sparse_encode(*a, k), (x, C, b), upstream.cuda()),
+        grads(lambda *a: reference.sparse_encode(*a, k), ref_in, upstream),
+    ):
+        close(got, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_decode(shape, dtype):
+    (x, C, b), ref_in, k = inputs(shape, dtype, seed=1)
+    ref_values, indices = reference.sparse_encode(*ref_in, k)
+    values = ref_values.cuda().to(dtype)
+    close(srm_ext.sparse_decode(values, indices.cuda(), C), reference.sparse_decode(values.float().cpu(), indices, ref_in[1]), dtype)
+    for got, want in zip(
+        grads(lambda v, c: srm_ext.sparse_decode(v, indices.cuda(), c), (values, C)),
+        grads(lambda v, c: reference.sparse_decode(v, indices, c), (values.float().cpu(), ref_in[1])),
+    ):
+        close(got, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_reconstruction_loss(shape, dtype, deterministic):
+    (x, C, b), ref_in, k = inputs(shape, dtype, seed=2)
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        close(srm_ext.reconstruction_loss(x, C, b, k), reference.reconstruction_loss(*ref_in, k), dtype)
+        for got, want in zip(
+            grads(lambda *a: srm_ext.reconstruction_loss(*a, k), (x, C, b)),
+            grads(lambda *a: reference.reconstruction_loss(*a, k), ref_in),
+        ):
+            close(got, want, dtype)
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_deterministic_mode_is_bitwise_reproducible(dtype):
+    (x, C, b), _, k = inputs((4, 128, 16, 16, 256, 5), dtype, seed=3)
+    torch.use_deterministic_algorithms(True)
+    try:
+        first = grads(lambda *a: srm_ext.reconstruction_loss(*a, k), (x, C, b))
+        second = grads(lambda *a: srm_ext.reconstruction_loss(*a, k), (x, C, b))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for a, b_ in zip(first, second):
+        assert torch.equal(a, b_)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_labels_and_predictor_loss(shape, dtype):
+    (x, C, b), ref_in, k = inputs(shape, dtype, seed=4)
+    values, indices = srm_ext.sparse_encode(x, C, b, k)
+    pixel, image = srm_ext.sparse_labels(values, indices, C.shape[1])
+    ref_pixel, ref_image = reference.sparse_labels(*reference.sparse_encode(*ref_in, k), C.shape[1])
+    torch.testing.assert_close(pixel.cpu(), ref_pixel, rtol=0, atol=0)
+    close(image, ref_image, dtype)
+
+    g = torch.Generator().manual_seed(5)
+    n, d, h, w, K, _ = shape
+    y = torch.randn(n, max(1, d // 2), h, w, generator=g)
+    Cs = torch.randn(y.shape[1], K, generator=g) * 0.3
+    bs = torch.randn(1, generator=g)
+    cuda_in = [t.cuda().to(dtype) for t in (y, Cs, bs)]
+    ref_in = [t.to(dtype).float() for t in (y, Cs, bs)]
+    image_c = image.detach()
+    close(
+        srm_ext.predictor_loss(*cuda_in, pixel, image_c, 0.5, 2.0),
+        reference.predictor_loss(*ref_in, ref_pixel, image_c.float().cpu(), 0.5, 2.0),
+        dtype,
+    )
+    for got, want in zip(
+        grads(lambda *a: srm_ext.predictor_loss(*a, pixel, image_c, 0.5, 2.0), cuda_in),
+        grads(lambda *a: reference.predictor_loss(*a, ref_pixel, image_c.float().cpu(), 0.5, 2.0), ref_in),
+    ):
+        close(got, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_opcheck_on_cuda(dtype):
+    (x, C, b), ref_in, k = inputs((2, 8, 3, 4, 12, 3), dtype, seed=6)
+    ops = torch.ops.srm_ext
+    values, indices = ops.sparse_encode(x, C, b, k)
+    pixel, image = ops.sparse_labels(values, indices, 12)
+    leaf = lambda t: t.detach().clone().requires_grad_(True)
+    one = torch.ones((), device="cuda", dtype=dtype)
+    y = torch.randn(2, 5, 3, 4, device="cuda", dtype=dtype)
+    Cs = torch.randn(5, 12, device="cuda", dtype=dtype)
+    _, grad_logits = ops.predictor_loss(y, Cs, b, pixel, image, 1.0, 1.0)
+    cases = [
+        (ops.sparse_encode.default, (leaf(x), leaf(C), leaf(b), k)),
+        (ops.sparse_encode_backward.default, (torch.randn_like(values), values, indices, x, C, [True, True, True])),
+        (ops.sparse_decode.default, (leaf(values), indices, leaf(C))),
+        (ops.sparse_decode_backward.default, (torch.randn_like(x), values, indices, C, [True, True])),
+        (ops.reconstruction_loss.default, (leaf(x), leaf(C), leaf(b), k)),
+        (ops.reconstruction_loss_backward.default, (one, x, C, values, indices, [True, True, True])),
+        (ops.sparse_labels.default, (values, indices, 12)),
+        (ops.predictor_loss.default, (leaf(y), leaf(Cs), leaf(b), pixel, image, 0.5, 2.0)),
+        (ops.predictor_loss_backward.default, (one, grad_logits, y, Cs, [True, True, True])),
+    ]
+    for op, args in cases:
+        opcheck(op, args)
+
+
+def test_limits_raise_clear_errors():
+    x = torch.randn(1, 8, 2, 2, device="cuda")
+    with pytest.raises(RuntimeError, match="k"):
+        torch.ops.srm_ext.sparse_encode(x, torch.randn(8, 300, device="cuda"), torch.zeros(1, device="cuda"), 129)
