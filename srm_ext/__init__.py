@@ -16,12 +16,18 @@ from .functional import (
     sparse_labels,
 )
 
+from .modules import SparseCodePredictor, SparseRepresentation
+from .distill.distiller import SRMDistiller
+
 if _backend.native_module is not None:
     from . import _op_registration  # noqa: F401  (fake kernels and autograd)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "SRMDistiller",
+    "SparseCodePredictor",
+    "SparseRepresentation",
     "backend_info",
     "predictor_loss",
     "reconstruction_loss",

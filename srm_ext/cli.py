@@ -43,9 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
             "scikit-learn's digits, DenseNet teacher, AllCNN student, scratch/kd/srm, 3 seeds. "
             "Under torchrun the work is spread over the processes (DDP, gloo or NCCL)."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    d.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    d.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show tracebacks on errors")
     d.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="bundle of settings; explicit flags override it (default: default)")
     g = d.add_argument_group("data")
@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kd-alpha", type=float, help="weight of the soft (KL) term")
     g.add_argument("--fitnet-weight", type=float)
     g.add_argument("--sp-weight", type=float)
-    g.add_argument("--at-weight", type=float)
+    g.add_argument("--at-weight", type=float,
+                   help="default: 1000 * H * W / 1024 (the paper's 1000 at 32x32)")
     g = d.add_argument_group("schedule")
     g.add_argument("--methods", type=_csv(str), metavar="M,...",
                    help=f"any of {','.join(METHODS)} (default: scratch,kd,srm)")
@@ -93,15 +94,32 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--amp", choices=["none", "bf16", "fp16"], help="autocast dtype")
     g.add_argument("--output-dir", help="where config, metrics, results, plots and checkpoints go")
     g.add_argument("--num-workers", type=int, help="DataLoader worker processes")
+    g.add_argument("--threads", type=int, help="torch intra-op threads per process (default on CPU: half the cores)")
     g.add_argument("--quiet", action="store_true", default=None, help="no progress bars or epoch lines")
     g.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
     g.add_argument("--overwrite", action="store_true", help="replace the run in --output-dir")
+
+    _document_defaults(d)
 
     commands.add_parser(
         "bench", help="benchmark the SRM ops (arguments go to srm_ext.benchmark)", add_help=False
     )
     commands.add_parser("info", help="show which compiled backends are available (JSON)")
     return parser
+
+
+def _document_defaults(parser: argparse.ArgumentParser) -> None:
+    """Append ExperimentConfig's default to each flag's help (the flags themselves
+    default to None so that presets and saved configs can fill them)."""
+    from .distill.config import ExperimentConfig
+
+    defaults = ExperimentConfig().to_dict()
+    for action in parser._actions:
+        value = defaults.get(action.dest)
+        if value is not None and not isinstance(value, bool) and "default:" not in (action.help or ""):
+            if isinstance(value, list):
+                value = ",".join(map(str, value))
+            action.help = f"{action.help or ''} (default: {value})".strip()
 
 
 # Flags that are not ExperimentConfig fields.

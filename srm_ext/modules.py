@@ -119,7 +119,9 @@ class SparseRepresentation(nn.Module):
         self.in_channels = in_channels
         self.num_codewords = num_codewords
         self.sparsity = sparsity
-        self.dictionary = nn.Parameter(torch.empty(in_channels, num_codewords))
+        # (D, K) stored codeword-major: each codeword is contiguous, so the
+        # sparse kernels read codewords and write their gradients in place.
+        self.dictionary = nn.Parameter(torch.empty(num_codewords, in_channels).t())
         self.intercept = nn.Parameter(torch.empty(1))
         self.reset_parameters()
 

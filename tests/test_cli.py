@@ -31,6 +31,16 @@ TINY_CONFIG = dict(
 )
 
 
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny models run as fast on one intra-op thread, and a busy CPU cannot stall
+    it at thread barriers; the runner also sets the count, so restore it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     return subprocess.run(
@@ -152,3 +162,29 @@ def test_error_from_subprocess_has_no_traceback(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         proc.stderr.strip()
     ] and "unknown architecture 'resnet7'" in proc.stderr
+
+
+def test_resnet_pair_with_the_other_baselines(tmp_path):
+    out = tmp_path / "run"
+    code = main([
+        "distill", *TINY_FLAGS, "--teacher", "resnet14", "--student", "resnet8",
+        "--methods", "fitnet,sp,at", "--seeds", "0", "--epochs-teacher", "1",
+        "--epochs-init", "1", "--epochs-student", "1", "--output-dir", str(out),
+    ])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [row["method"] for row in results["rows"]] == ["teacher", "fitnet", "sp", "at"]
+    stages = {json.loads(line)["stage"] for line in (out / "metrics.jsonl").read_text().splitlines()}
+    assert {"fitnet-hint", "fitnet-kd", "sp", "at"} <= stages
+
+
+def test_bench_forwards_its_arguments(monkeypatch):
+    import types
+
+    seen = []
+    fake = types.ModuleType("srm_ext.benchmark")
+    fake.main = lambda argv: seen.append(argv) or 0
+    monkeypatch.setitem(sys.modules, "srm_ext.benchmark", fake)
+    monkeypatch.setattr("srm_ext.benchmark", fake, raising=False)
+    assert main(["bench", "--sizes", "small", "-h"]) == 0
+    assert seen == [["--sizes", "small", "-h"]]

@@ -22,6 +22,16 @@ from srm_ext.distill.models import AllCNN, DenseNet
 QUIET = {"progress": False, "log": None}
 
 
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny models run as fast on one intra-op thread, and a busy CPU cannot stall
+    it at thread barriers; the runner also sets the count, so restore it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def tiny_teacher() -> nn.Module:
     return DenseNet(num_classes=4, in_channels=1, growth=4, block_layers=(1, 1, 1))
 

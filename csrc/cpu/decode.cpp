@@ -81,19 +81,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward(const at::Tensor& grad
     const scalar_t* g_all = grad_output.const_data_ptr<scalar_t>();
 
     DictionaryGradient<scalar_t> dict_grad(dictionary, want_dict);
-    if (want_dict) {
-      dict_grad.for_each_range([&](int64_t lo, int64_t hi) {
-        std::vector<scalar_t> grads(tile * dim);
-        for (int64_t t = 0; t < num_tiles; ++t) {
-          const int64_t p0 = t * tile, count = std::min(tile, grid.pixels() - p0);
-          gather_tile(g_all, grid, p0, count, grads.data());
-          for (int64_t e = p0 * k; e < (p0 + count) * k; ++e) {
-            if (ix_all[e] < lo || ix_all[e] >= hi) continue;
-            axpy(v_all[e], grads.data() + (e / k - p0) * dim, dict_grad.row(ix_all[e]), dim);
-          }
-        }
-      });
-    }
+    dict_grad.add_weighted_pixels(g_all, grid, ix_all, k, [&](int64_t e) { return v_all[e]; });
     grad_dict = dict_grad.finish(dictionary);
 
     if (want_values) {

@@ -71,19 +71,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_encode_backward(
     auto pre_grad = [&](int64_t e) { return gv_all[e] * v_all[e] * (scalar_t(1) - v_all[e]); };
 
     DictionaryGradient<scalar_t> dict_grad(dictionary, want_dict);
-    if (want_dict) {
-      dict_grad.for_each_range([&](int64_t lo, int64_t hi) {
-        std::vector<scalar_t> features(tile * dim);
-        for (int64_t t = 0; t < num_tiles; ++t) {
-          const int64_t p0 = t * tile, count = std::min(tile, grid.pixels() - p0);
-          gather_tile(x.const_data_ptr<scalar_t>(), grid, p0, count, features.data());
-          for (int64_t e = p0 * k; e < (p0 + count) * k; ++e) {
-            if (ix_all[e] < lo || ix_all[e] >= hi) continue;
-            axpy(pre_grad(e), features.data() + (e / k - p0) * dim, dict_grad.row(ix_all[e]), dim);
-          }
-        }
-      });
-    }
+    dict_grad.add_weighted_pixels(x.const_data_ptr<scalar_t>(), grid, ix_all, k, pre_grad);
     grad_dict = dict_grad.finish(dictionary);
 
     const auto codewords = dictionary.t().contiguous();  // K x D

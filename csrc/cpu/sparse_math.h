@@ -66,6 +66,27 @@ class DictionaryGradient {
     });
   }
 
+  // Adds coefficient(e) * source_p to the row of codeword indices[e], for
+  // every kept entry e = p * k + j: the gradient of a term sum_e coef_e *
+  // <C[:, indices_e], source_p>. `source` is an (N, D, H, W) map.
+  template <typename Coefficient>
+  void add_weighted_pixels(const scalar_t* source, const PixelGrid& grid, const int64_t* indices,
+                           int64_t k, const Coefficient& coefficient) {
+    if (!enabled_) return;
+    const int64_t tile = tile_pixels(num_codewords_);
+    for_each_range([&](int64_t lo, int64_t hi) {
+      std::vector<scalar_t> pixels(tile * dim_);
+      for (int64_t p0 = 0; p0 < grid.pixels(); p0 += tile) {
+        const int64_t count = std::min(tile, grid.pixels() - p0);
+        gather_tile(source, grid, p0, count, pixels.data());
+        for (int64_t e = p0 * k; e < (p0 + count) * k; ++e) {
+          if (indices[e] < lo || indices[e] >= hi) continue;
+          axpy(coefficient(e), pixels.data() + (e / k - p0) * dim_, row(indices[e]), dim_);
+        }
+      }
+    });
+  }
+
   at::Tensor finish(const at::Tensor& like) {
     if (!enabled_) return at::empty({0}, like.options());
     if (!result_.t().is_contiguous()) result_.copy_(rows_.t());

@@ -7,7 +7,7 @@ cheaper than per-sample transforms on a CPU with few cores.
 Formats:
 
 * ``digits``: scikit-learn's 8x8 handwritten digits (bundled, no download),
-  upsampled to ``image_size`` (16 by default); fixed stratified 80/20 split.
+  as-is or upsampled to ``image_size``; fixed stratified 80/20 split.
 * ``cifar10`` / ``cifar100``: the python-pickle folders (``data_batch_1..5`` and
   ``test_batch``, or ``train`` and ``test``; keys ``b"data"`` and ``b"labels"`` /
   ``b"fine_labels"``).
@@ -128,7 +128,7 @@ def load_dataset(config: ExperimentConfig) -> DatasetSplits:
     """The dataset ``config`` names, with ``train_limit``/``test_limit`` applied."""
     name = config.dataset
     if name == "digits":
-        splits = load_digits(config.image_size or 16)
+        splits = load_digits(config.image_size or 8)
     else:
         if not config.data_path:
             raise ConfigError(f"dataset {name!r} needs --data-path")
@@ -152,7 +152,7 @@ def load_dataset(config: ExperimentConfig) -> DatasetSplits:
     return splits
 
 
-def load_digits(image_size: int = 16) -> DatasetSplits:
+def load_digits(image_size: int = 8) -> DatasetSplits:
     """scikit-learn's digits (1797 grey 8x8 images, values 0..16)."""
     from sklearn.datasets import load_digits as sklearn_digits
 
@@ -345,6 +345,14 @@ def make_loaders(
         sampler=sampler,
         num_workers=num_workers,
         drop_last=len(splits.train) > batch_size,  # no 1-sample BatchNorm batches
+        # Own generators: creating an iterator draws a seed, which would otherwise
+        # come from the global RNG and make results depend on how often we evaluate.
+        generator=torch.Generator().manual_seed(seed),
     )
-    test = DataLoader(splits.test, batch_size=max(batch_size, 256), num_workers=num_workers)
+    test = DataLoader(
+        splits.test,
+        batch_size=max(batch_size, 256),
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(seed),
+    )
     return train, test

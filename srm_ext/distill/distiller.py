@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -182,6 +182,7 @@ class SRMDistiller(nn.Module):
             train_modules=[self.representations],
             frozen_modules=[self.teacher],
             config=config,
+            trains_classifier=False,
         )
 
     def student_stage(self, config: StageConfig) -> Stage:
@@ -192,6 +193,7 @@ class SRMDistiller(nn.Module):
             train_modules=[self.student, self.predictors],
             frozen_modules=[self.teacher, self.representations],
             config=config,
+            trains_classifier=False,
         )
 
     def kd_stage(self, config: StageConfig) -> Stage:
@@ -247,7 +249,7 @@ class SRMDistiller(nn.Module):
 
     def _fit(
         self,
-        make_stage,
+        make_stage: Callable[[StageConfig], Stage],
         key: str,
         loader: Iterable,
         epochs: int | None,
@@ -260,7 +262,7 @@ class SRMDistiller(nn.Module):
         """Shared by the ``fit_*`` methods: ``config`` replaces the stage's default
         settings, ``epochs`` overrides its epoch count; ``trainer`` (or keyword
         arguments of :class:`Trainer`) says how to run; ``eval_loader`` adds the
-        student's held-out accuracy to the metrics of stages 2 and 3."""
+        student's held-out accuracy to the metrics of stage 3."""
         config = config or DEFAULT_STAGE_CONFIGS[key]
         if epochs is not None:
             config = config.replace(epochs=epochs)
@@ -268,7 +270,7 @@ class SRMDistiller(nn.Module):
             trainer_kwargs.setdefault("device", module_device(self.student))
             trainer = Trainer(**trainer_kwargs)
         stage = make_stage(config)
-        if eval_loader is not None and key != "dictionary":
+        if eval_loader is not None and stage.trains_classifier:
             stage.evaluate = lambda: {"test_acc": accuracy(self.student, eval_loader, trainer)}
         return trainer.fit(stage, loader)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -40,6 +41,13 @@ __all__ = ["ExperimentRunner", "run_experiment", "parse_layer_pairs"]
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
+
+
+def default_cpu_threads(context: DistributedContext) -> int:
+    """Half the cores per process, at least one. The models here are small, so more
+    intra-op threads barely help, and on a shared CPU every op's thread barrier
+    waits for descheduled threads (10x slowdowns seen on two busy cores)."""
+    return max(1, (os.cpu_count() or 1) // 2 // context.world_size)
 
 
 def parse_layer_pairs(specs: list[str]) -> list[tuple[str, str]]:
@@ -107,6 +115,8 @@ class ExperimentRunner:
         cfg = self.config
         started = time.perf_counter()
         self.device = resolve_device(cfg.device, self.ctx)
+        if cfg.threads or self.device.type == "cpu":
+            torch.set_num_threads(cfg.threads or default_cpu_threads(self.ctx))
         self._load_or_init_state()
         if self.ctx.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -171,7 +181,9 @@ class ExperimentRunner:
             self.state["config"] = config
             self._log(f"resuming {self.out}: {len(state['finished'])} run(s) finished")
             return
-        if path.exists() and not self.overwrite:
+        if self.resume:
+            self._log(f"no checkpoint in {self.out}; starting a new run")
+        elif path.exists() and not self.overwrite:
             raise ConfigError(
                 f"{self.out} already holds a run; pass --resume to continue it or "
                 "--overwrite to start again"
@@ -222,7 +234,7 @@ class ExperimentRunner:
         def plan() -> MethodPlan:
             teacher = self._new_model("teacher")
             stage = cross_entropy_stage("teacher", teacher, self.config.stage("teacher"))
-            return MethodPlan(teacher, {"student": teacher}, [stage])
+            return MethodPlan(teacher, {"teacher": teacher}, [stage])
 
         run_id = "teacher"
         if run_id in self.state["finished"]:
@@ -273,7 +285,7 @@ class ExperimentRunner:
                     resume = current["training"]
             if stage.config.epochs == 0 or (resume and resume["epoch"] >= stage.config.epochs):
                 continue
-            if plan.student in stage.train_modules:
+            if plan.student in stage.train_modules and stage.trains_classifier:
                 stage.evaluate = functools.partial(self._evaluate, plan.student)
             loader, _ = make_loaders(
                 self.splits, self.config.batch_size, seed * 1000 + index, self.ctx, self.config.num_workers

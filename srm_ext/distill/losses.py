@@ -66,8 +66,8 @@ def similarity_preserving_loss(student_features: Tensor, teacher_features: Tenso
 
 
 def attention_map(features: Tensor, p: int = 2) -> Tensor:
-    """Zagoruyko & Komodakis (2017): the L2-normalised spatial map
-    ``sum_c |A_c|^p``, flattened to (N, H*W)."""
+    """Zagoruyko & Komodakis (2017): the spatial map ``mean_c |A_c|^p`` (their
+    channel sum up to a constant, which the L2 normalisation removes), (N, H*W)."""
     return F.normalize(features.float().pow(p).mean(dim=1).flatten(1), dim=1)
 
 

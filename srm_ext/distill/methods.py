@@ -5,7 +5,8 @@
 * ``fitnet``: hint stage (student up to the guided layers + 1x1-conv regressors,
   MSE to the teacher's hint layers; ``epochs_init`` epochs), then KD.
 * ``sp``: cross-entropy + ``sp_weight`` x similarity-preserving loss over the pairs.
-* ``at``: cross-entropy + ``at_weight`` x attention-transfer loss over the pairs.
+* ``at``: cross-entropy + ``at_weight`` x attention-transfer loss over the pairs
+  (default: the paper's 1000 at 32x32 inputs, scaled by the pixel count).
 * ``srm``: the three SRM stages (:class:`SRMDistiller`).
 
 Plus ``teacher``: the teacher trained from scratch.
@@ -31,7 +32,8 @@ __all__ = ["MethodPlan", "build_plan", "cross_entropy_stage"]
 
 @dataclass
 class MethodPlan:
-    """The stages of one method and every module whose state a checkpoint keeps."""
+    """The stages of one method and every module whose state a checkpoint keeps.
+    ``student`` is the model being trained (the teacher, in the teacher's run)."""
 
     student: nn.Module
     modules: dict[str, nn.Module]
@@ -112,8 +114,16 @@ def _fitnet_stages(
         [student, regressors],
         cfg.stage("init"),
         [teacher],
+        trains_classifier=False,
     )
     return regressors, [hint, _kd_stage("fitnet-kd", teacher, student, cfg)]
+
+
+def _at_weight(cfg: ExperimentConfig, example: Tensor) -> float:
+    if cfg.at_weight is not None:
+        return cfg.at_weight
+    height, width = example.shape[-2:]
+    return 1000.0 * height * width / (32 * 32)
 
 
 def build_plan(
@@ -140,7 +150,7 @@ def build_plan(
     elif method == "at":
         stages = [
             _feature_regulariser_stage(
-                "at", teacher, student, layer_pairs, attention_transfer_loss, cfg.at_weight, cfg
+                "at", teacher, student, layer_pairs, attention_transfer_loss, _at_weight(cfg, example), cfg
             )
         ]
     elif method == "fitnet":

@@ -15,7 +15,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -53,7 +53,9 @@ class Stage:
     #: called after every epoch (on every process: the models are identical);
     #: returns metrics to log, e.g. held-out accuracy
     evaluate: Callable[[], dict[str, float]] | None = None
-    info: dict[str, Any] = field(default_factory=dict)
+    #: False for stages that train features but not the classifier (SRM stage 2,
+    #: FitNet hints), whose held-out accuracy means nothing
+    trains_classifier: bool = True
 
 
 def build_optimizer(parameters: Iterable[nn.Parameter], config: StageConfig) -> torch.optim.Optimizer:
