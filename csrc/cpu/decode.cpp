@@ -92,9 +92,10 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward(const at::Tensor& grad
         for (int64_t t = t0; t < t1; ++t) {
           const int64_t p0 = t * tile, count = std::min(tile, grid.pixels() - p0);
           gather_tile(g_all, grid, p0, count, grads.data());
-          for (int64_t e = p0 * k; e < (p0 + count) * k; ++e) {
-            grad_values.mutable_data_ptr<scalar_t>()[e] =
-                dot(grads.data() + (e / k - p0) * dim, cw + ix_all[e] * dim, dim);
+          for (int64_t i = 0; i < count; ++i) {
+            const int64_t e0 = (p0 + i) * k;
+            dot_rows(grads.data() + i * dim, cw, dim, ix_all + e0, k,
+                     grad_values.mutable_data_ptr<scalar_t>() + e0);
           }
         }
       });

@@ -49,10 +49,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss(
         for (int64_t i = 0; i < count; ++i) {
           combine_codewords(cw, dim, ix + i * k, v + i * k, k, x_hat.data());
           const scalar_t* xp = encoder.features() + i * dim;
-          for (int64_t d = 0; d < dim; ++d) {
+          sum += sum_in_lanes<double>(dim, [&](int64_t d) {
             const scalar_t r = x_hat[d] - xp[d];
-            sum += static_cast<double>(r * r);
-          }
+            return static_cast<double>(r * r);
+          });
         }
         tile_sums[t] = sum;
       }
@@ -118,9 +118,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss_backward(
           const int64_t p = p0 + i;
           loss_gradient(p, features.data() + i * dim, g.data());
           scalar_t* gp = pre_grads.data() + p * k;
+          dot_rows(g.data(), cw, dim, ix_all + p * k, k, gp);
           for (int64_t j = 0; j < k; ++j) {
             const scalar_t v = v_all[p * k + j];
-            gp[j] = dot(g.data(), cw + ix_all[p * k + j] * dim, dim) * v * (scalar_t(1) - v);
+            gp[j] *= v * (scalar_t(1) - v);
             bias_grads[chunk] += gp[j];
           }
           if (want_x) {

@@ -21,13 +21,12 @@ inline scalar_t sigmoid(scalar_t z) {
   return scalar_t(1) / (scalar_t(1) + std::exp(-z));
 }
 
-// out = sum_j weights[j] * codewords[indices[j]]
+// out = sum_j weights[j] * codewords[indices[j]], codewords (K x D).
 template <typename scalar_t>
 inline void combine_codewords(const scalar_t* codewords, int64_t dim,
                               const int64_t* indices, const scalar_t* weights,
                               int64_t k, scalar_t* out) {
-  std::fill_n(out, dim, scalar_t(0));
-  for (int64_t j = 0; j < k; ++j) axpy(weights[j], codewords + indices[j] * dim, out, dim);
+  combine_rows(codewords, dim, indices, weights, k, out);
 }
 
 // The dictionary gradient, accumulated without per-thread copies: worker r

@@ -23,7 +23,7 @@ class TileEncoder {
         k_(k), bias_(bias),
         features_(tile_capacity * grid.c),
         similarity_(tile_capacity * num_codewords_),
-        select_scratch_(k > kInsertionSelectMaxK ? num_codewords_ : 0) {}
+        select_scratch_(num_codewords_) {}
 
   // Encodes pixels [p0, p0 + count): writes count x k values and indices.
   // Afterwards features() holds the tile's pixels as rows of D values.
@@ -48,7 +48,7 @@ class TileEncoder {
   scalar_t bias_;
   std::vector<scalar_t> features_;    // tile x D
   std::vector<scalar_t> similarity_;  // tile x K pre-activations (without bias)
-  std::vector<int64_t> select_scratch_;
+  std::vector<int64_t> select_scratch_;  // room for select_topk's scratch
 };
 
 }  // namespace srm_ext::cpu

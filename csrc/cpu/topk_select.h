@@ -40,45 +40,90 @@ inline int64_t insert_candidate(scalar_t v, int64_t c, int64_t count, int64_t k,
   return count;
 }
 
+// Exact selection by one pass of sorted insertion over all K entries.
+template <typename scalar_t>
+void select_by_insertion(const scalar_t* row, int64_t K, int64_t k, scalar_t bias,
+                         scalar_t* top_pre, int64_t* top_idx) {
+  int64_t count = 0;
+  for (int64_t c = 0; c < K; ++c) {
+    const scalar_t v = row[c] + bias;
+    if (count == k && !ranks_before<scalar_t>(v, c, top_pre[k - 1], top_idx[k - 1])) continue;
+    count = insert_candidate(v, c, count, k, top_pre, top_idx);
+  }
+}
+
+constexpr int64_t kScreenBlock = 16;
+
 // Selects the top-k of row[c] + bias, c in [0, K). Writes the kept
 // pre-activations to top_pre and their indices to top_idx, best first.
-// `scratch` must hold K indices when k > kInsertionSelectMaxK.
+// `scratch` must hold K indices when k > kInsertionSelectMaxK, else
+// K / kScreenBlock values.
+//
+// Screening: the k-th largest of the blocks' maxima is a lower bound t on the
+// k-th largest entry (k blocks each hold an entry >= t), so only entries
+// >= t can be kept. One vectorizable pass finds the block maxima; the exact
+// insertion then visits, in index order, only the few blocks that reach t.
 template <typename scalar_t>
 void select_topk(const scalar_t* row, int64_t K, int64_t k, scalar_t bias,
-                 scalar_t* top_pre, int64_t* top_idx, int64_t* scratch) {
+                 scalar_t* top_pre, int64_t* top_idx, void* scratch) {
   if (k > kInsertionSelectMaxK) {
-    std::iota(scratch, scratch + K, int64_t{0});
-    std::partial_sort(scratch, scratch + k, scratch + K, [&](int64_t a, int64_t b) {
+    auto* order = static_cast<int64_t*>(scratch);
+    std::iota(order, order + K, int64_t{0});
+    std::partial_sort(order, order + k, order + K, [&](int64_t a, int64_t b) {
       return ranks_before<scalar_t>(row[a] + bias, a, row[b] + bias, b);
     });
     for (int64_t j = 0; j < k; ++j) {
-      top_idx[j] = scratch[j];
-      top_pre[j] = row[scratch[j]] + bias;
+      top_idx[j] = order[j];
+      top_pre[j] = row[order[j]] + bias;
     }
     return;
   }
-  int64_t count = 0, c = 0;
-  for (; c < k; ++c) count = insert_candidate(row[c] + bias, c, count, k, top_pre, top_idx);
-  // Once the list is full, a later codeword enters only if it is above the
-  // k-th value or NaN (an equal value loses on index). Blocks of candidates
-  // are screened with one vectorizable comparison each; most blocks hold no
-  // candidate and are skipped.
-  constexpr int64_t kBlock = 16;
-  scalar_t threshold = top_pre[k - 1];
-  if (std::isnan(threshold)) return;  // k NaNs kept: nothing later ranks above
-  for (; c < K; c += kBlock) {
-    const int64_t n = std::min(kBlock, K - c);
-    int any = 0;
-    for (int64_t i = 0; i < n; ++i) any |= !(row[c + i] + bias <= threshold);
-    if (!any) continue;
-    for (int64_t i = 0; i < n; ++i) {
-      const scalar_t v = row[c + i] + bias;
-      if (v <= threshold) continue;
-      insert_candidate(v, c + i, k, k, top_pre, top_idx);
-      threshold = top_pre[k - 1];
-      if (std::isnan(threshold)) return;
-    }
+  const int64_t num_blocks = K / kScreenBlock;
+  if (num_blocks < 2 * k) {
+    select_by_insertion(row, K, k, bias, top_pre, top_idx);
+    return;
   }
+  auto* maxima = static_cast<scalar_t*>(scratch);
+  int has_nan = 0;
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    const scalar_t* block = row + b * kScreenBlock;
+    scalar_t m = block[0] + bias;
+    for (int64_t i = 0; i < kScreenBlock; ++i) {
+      const scalar_t v = block[i] + bias;
+      m = v > m ? v : m;
+      has_nan |= v != v;
+    }
+    maxima[b] = m;
+  }
+  if (has_nan) {  // NaN ranks first; the plain pass handles it exactly
+    select_by_insertion(row, K, k, bias, top_pre, top_idx);
+    return;
+  }
+  // The k-th largest block maximum, by insertion into top_pre (reused).
+  int64_t count = 0;
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    if (count == k && !(maxima[b] > top_pre[k - 1])) continue;
+    int64_t pos = count < k ? count++ : k - 1;
+    while (pos > 0 && maxima[b] > top_pre[pos - 1]) {
+      top_pre[pos] = top_pre[pos - 1];
+      --pos;
+    }
+    top_pre[pos] = maxima[b];
+  }
+  const scalar_t bound = top_pre[k - 1];
+
+  count = 0;
+  auto visit = [&](int64_t c) {
+    const scalar_t v = row[c] + bias;
+    if (v < bound) return;
+    if (count == k && !ranks_before<scalar_t>(v, c, top_pre[k - 1], top_idx[k - 1])) return;
+    count = insert_candidate(v, c, count, k, top_pre, top_idx);
+  };
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    if (maxima[b] < bound) continue;
+    for (int64_t c = b * kScreenBlock; c < (b + 1) * kScreenBlock; ++c) visit(c);
+  }
+  for (int64_t c = num_blocks * kScreenBlock; c < K; ++c) visit(c);
 }
 
 }  // namespace srm_ext::cpu

@@ -74,10 +74,29 @@ inline void axpy(scalar_t alpha, const scalar_t* x, scalar_t* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
 }
 
+// out[j] = <v, rows[indices[j]]> for j < k; rows is (num_rows x dim).
+template <typename scalar_t>
+inline void dot_rows(const scalar_t* v, const scalar_t* rows, int64_t dim,
+                     const int64_t* indices, int64_t k, scalar_t* out) {
+  for (int64_t j = 0; j < k; ++j) out[j] = dot(v, rows + indices[j] * dim, dim);
+}
+
+// out = sum_j weights[j] * rows[indices[j]]
+template <typename scalar_t>
+inline void combine_rows(const scalar_t* rows, int64_t dim, const int64_t* indices,
+                         const scalar_t* weights, int64_t k, scalar_t* out) {
+  std::fill_n(out, dim, scalar_t(0));
+  for (int64_t j = 0; j < k; ++j) axpy(weights[j], rows + indices[j] * dim, out, dim);
+}
+
 // float32 overloads, chosen over the templates above: the sparse kernels
-// spend most of their time here, so they get the AVX2 clones
-// (vector_math.cpp).
+// spend most of their time here, so they get AVX2 clones and register-blocked
+// loops (vector_math.cpp).
 float dot(const float* a, const float* b, int64_t n);
 void axpy(float alpha, const float* x, float* y, int64_t n);
+void dot_rows(const float* v, const float* rows, int64_t dim, const int64_t* indices, int64_t k,
+              float* out);
+void combine_rows(const float* rows, int64_t dim, const int64_t* indices, const float* weights,
+                  int64_t k, float* out);
 
 }  // namespace srm_ext::cpu
