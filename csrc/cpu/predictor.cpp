@@ -30,50 +30,34 @@ double binary_cross_entropy(scalar_t mean, scalar_t target) {
   return -(target * log_m + (1.0 - target) * log_1m);
 }
 
-// Pass-1 row: q = sigmoid(z + b) in place, exp(q) into `exp_q`, q added to
-// the image's column sums. Returns log(sum_c exp(q_c)); q lies in (0, 1), so
-// exp(q) needs no max-shift.
-template <typename scalar_t>
-scalar_t sigmoid_row(scalar_t* row, int64_t n, scalar_t bias, scalar_t* exp_q, double* column_sums) {
-  for (int64_t c = 0; c < n; ++c) row[c] = sigmoid_approx(row[c] + bias);
-  for (int64_t c = 0; c < n; ++c) exp_q[c] = exp_approx(row[c]);
-  for (int64_t c = 0; c < n; ++c) column_sums[c] += row[c];
-  return std::log(sum_in_lanes<scalar_t>(n, [&](int64_t c) { return exp_q[c]; }));
+// Pass-1 row: q = sigmoid(z + b) in place, q added to the image's column
+// sums; returns log(sum_c exp(q_c)). q lies in (0, 1), so exp(q) needs no
+// max-shift. float32 rows use the vectorized version in vector_math.cpp.
+double sigmoid_row(double* row, int64_t n, double bias, double* column_sums) {
+  double total = 0;
+  for (int64_t c = 0; c < n; ++c) {
+    row[c] = sigmoid(row[c] + bias);
+    total += std::exp(row[c]);
+    column_sums[c] += row[c];
+  }
+  return std::log(total);
 }
-
-SRM_EXT_MULTIVERSION float sigmoid_row_f(float* row, int64_t n, float bias, float* exp_q,
-                                         double* column_sums) {
-  return sigmoid_row(row, n, bias, exp_q, column_sums);
+float sigmoid_row(float* row, int64_t n, float bias, double* column_sums) {
+  return std::log(sigmoid_exp_sum_row(row, n, bias, column_sums));
 }
 
 // Pass-2 row: q -> dloss/dz = (local_scale * softmax(q) + global_grad) * q (1 - q),
 // in place; the one-hot part of the cross-entropy is handled by the caller.
-template <typename scalar_t>
-void grad_row(scalar_t* row, int64_t n, scalar_t log_sum_exp, scalar_t local_scale,
-              const scalar_t* global_grad) {
+void grad_row(double* row, int64_t n, double log_sum_exp, double local_scale,
+              const double* global_grad) {
   for (int64_t c = 0; c < n; ++c) {
-    const scalar_t q = row[c];
-    row[c] = (local_scale * exp_approx(q - log_sum_exp) + global_grad[c]) * q * (scalar_t(1) - q);
+    const double q = row[c];
+    row[c] = (local_scale * std::exp(q - log_sum_exp) + global_grad[c]) * q * (1.0 - q);
   }
 }
-
-SRM_EXT_MULTIVERSION void grad_row_f(float* row, int64_t n, float log_sum_exp, float local_scale,
-                                     const float* global_grad) {
-  grad_row(row, n, log_sum_exp, local_scale, global_grad);
-}
-
-// The float rows run through the multiversioned entry points.
-float run_sigmoid_row(float* row, int64_t n, float bias, float* exp_q, double* sums) {
-  return sigmoid_row_f(row, n, bias, exp_q, sums);
-}
-double run_sigmoid_row(double* row, int64_t n, double bias, double* exp_q, double* sums) {
-  return sigmoid_row(row, n, bias, exp_q, sums);
-}
-void run_grad_row(float* row, int64_t n, float lse, float scale, const float* global_grad) {
-  grad_row_f(row, n, lse, scale, global_grad);
-}
-void run_grad_row(double* row, int64_t n, double lse, double scale, const double* global_grad) {
-  grad_row(row, n, lse, scale, global_grad);
+void grad_row(float* row, int64_t n, float log_sum_exp, float local_scale,
+              const float* global_grad) {
+  softmax_sigmoid_grad_row(row, n, log_sum_exp, local_scale, global_grad);
 }
 
 void check_labels(const at::Tensor& pixel_labels, const at::Tensor& image_labels,
@@ -130,7 +114,7 @@ std::tuple<at::Tensor, at::Tensor> predictor_loss(const at::Tensor& y,
     // Pass 1: z by GEMM, q = sigmoid(z + b) in place, per-pixel log-sum-exp.
     // q lies in (0, 1), so exp(q) needs no max-shift.
     for_each_chunk(num_chunks, num_tiles, [&](int64_t chunk, int64_t t0, int64_t t1) {
-      std::vector<scalar_t> features(tile * dim), exp_q(num_codewords);
+      std::vector<scalar_t> features(tile * dim);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t p0 = t * tile, count = std::min(tile, pixels - p0);
         gather_tile(y.const_data_ptr<scalar_t>(), grid, p0, count, features.data());
@@ -138,7 +122,7 @@ std::tuple<at::Tensor, at::Tensor> predictor_loss(const at::Tensor& y,
         for (int64_t p = p0; p < p0 + count; ++p) {
           scalar_t* q = G + p * num_codewords;
           double* image_sums = q_sums.data() + (chunk * n + p / per_image) * num_codewords;
-          log_sum_exp[p] = run_sigmoid_row(q, num_codewords, bias, exp_q.data(), image_sums);
+          log_sum_exp[p] = sigmoid_row(q, num_codewords, bias, image_sums);
           ce_sums[chunk] += log_sum_exp[p] - q[label[p]];
         }
       }
@@ -169,7 +153,7 @@ std::tuple<at::Tensor, at::Tensor> predictor_loss(const at::Tensor& y,
       for (int64_t p = p0; p < p1; ++p) {
         scalar_t* q = G + p * num_codewords;
         const scalar_t q_label = q[label[p]];
-        run_grad_row(q, num_codewords, log_sum_exp[p], local_scale,
+        grad_row(q, num_codewords, log_sum_exp[p], local_scale,
                      global_grad.data() + (p / per_image) * num_codewords);
         q[label[p]] -= local_scale * q_label * (scalar_t(1) - q_label);
       }

@@ -22,6 +22,26 @@ typedef float Float8 __attribute__((vector_size(32), aligned(4), may_alias));
 
 static inline Float8 load8(const float* p) { return *reinterpret_cast<const Float8*>(p); }
 static inline void store8(float* p, Float8 v) { *reinterpret_cast<Float8*>(p) = v; }
+typedef int32_t Int8 __attribute__((vector_size(32), aligned(4), may_alias));
+
+// exp_approx on eight lanes (same constants and clamping).
+static inline Float8 exp8(Float8 x) {
+  const Float8 low = Float8{} - 87.33654f, high = Float8{} + 88.0f;
+  x = x < low ? low : x;  // NaN compares false and passes through
+  x = x > high ? high : x;
+  const Float8 n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const Float8 r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  Float8 p = Float8{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const Int8 bits = (__builtin_convertvector(n, Int8) + 127) << 23;
+  return p * reinterpret_cast<const Float8&>(bits);
+}
+
 static inline float lane_sum(Float8 v) {
   float total = 0;
   for (int l = 0; l < 8; ++l) total += v[l];
@@ -93,7 +113,56 @@ SRM_EXT_MULTIVERSION void combine_rows(const float* rows, int64_t dim, const int
     out[d] = a;
   }
 }
+SRM_EXT_MULTIVERSION float sigmoid_exp_sum_row(float* row, int64_t n, float bias,
+                                             double* column_sums) {
+  Float8 exp_sum = {};
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8) {
+    const Float8 q = 1.0f / (1.0f + exp8(-(load8(row + c) + bias)));
+    store8(row + c, q);
+    exp_sum += exp8(q);
+    for (int l = 0; l < 8; ++l) column_sums[c + l] += q[l];
+  }
+  float total = lane_sum(exp_sum);
+  for (; c < n; ++c) {
+    row[c] = sigmoid_approx(row[c] + bias);
+    total += exp_approx(row[c]);
+    column_sums[c] += row[c];
+  }
+  return total;
+}
+
+SRM_EXT_MULTIVERSION void softmax_sigmoid_grad_row(float* row, int64_t n, float log_sum_exp,
+                                                   float scale, const float* add) {
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8) {
+    const Float8 q = load8(row + c);
+    store8(row + c, (scale * exp8(q - log_sum_exp) + load8(add + c)) * q * (1.0f - q));
+  }
+  for (; c < n; ++c) {
+    const float q = row[c];
+    row[c] = (scale * exp_approx(q - log_sum_exp) + add[c]) * q * (1.0f - q);
+  }
+}
 #else
+float sigmoid_exp_sum_row(float* row, int64_t n, float bias, double* column_sums) {
+  float total = 0;
+  for (int64_t c = 0; c < n; ++c) {
+    row[c] = sigmoid_approx(row[c] + bias);
+    total += exp_approx(row[c]);
+    column_sums[c] += row[c];
+  }
+  return total;
+}
+
+void softmax_sigmoid_grad_row(float* row, int64_t n, float log_sum_exp, float scale,
+                              const float* add) {
+  for (int64_t c = 0; c < n; ++c) {
+    const float q = row[c];
+    row[c] = (scale * exp_approx(q - log_sum_exp) + add[c]) * q * (1.0f - q);
+  }
+}
+
 void dot_rows(const float* v, const float* rows, int64_t dim, const int64_t* indices, int64_t k,
               float* out) {
   for (int64_t j = 0; j < k; ++j) out[j] = dot(v, rows + indices[j] * dim, dim);

@@ -15,13 +15,21 @@
 #define SRM_EXT_MULTIVERSION
 #endif
 
+// Helpers called from multiversioned functions must be inlined into each
+// clone, or they run the baseline instructions in all of them.
+#if defined(__GNUC__)
+#define SRM_EXT_INLINE inline __attribute__((always_inline))
+#else
+#define SRM_EXT_INLINE inline
+#endif
+
 namespace srm_ext::cpu {
 
 // exp(x) for float within about 2 ulp: x = n*ln2 + r with |r| <= ln2/2, a
 // degree-6 polynomial for exp(r), and 2^n put together from its bits.
 // Inputs are clamped to [-87.3, 88.0], so results stay finite and normal
 // (absolute error below 1e-38 outside that range); NaN propagates.
-inline float exp_approx(float x) {
+SRM_EXT_INLINE float exp_approx(float x) {
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   x = std::min(std::max(x, -87.33654f), 88.0f);
   const float n = (x * 1.44269504088896341f + kRound) - kRound;
@@ -42,7 +50,7 @@ inline float exp_approx(float x) {
 inline double exp_approx(double x) { return std::exp(x); }
 
 template <typename scalar_t>
-inline scalar_t sigmoid_approx(scalar_t z) {
+SRM_EXT_INLINE scalar_t sigmoid_approx(scalar_t z) {
   return scalar_t(1) / (scalar_t(1) + exp_approx(-z));
 }
 
@@ -50,7 +58,7 @@ inline scalar_t sigmoid_approx(scalar_t z) {
 // the compiler can keep in vector lanes (it may not reorder a plain float
 // reduction).
 template <typename scalar_t, typename Term>
-inline scalar_t sum_in_lanes(int64_t n, const Term& term) {
+SRM_EXT_INLINE scalar_t sum_in_lanes(int64_t n, const Term& term) {
   constexpr int kLanes = 8;
   scalar_t lanes[kLanes] = {};
   int64_t i = 0;
@@ -98,5 +106,13 @@ void dot_rows(const float* v, const float* rows, int64_t dim, const int64_t* ind
               float* out);
 void combine_rows(const float* rows, int64_t dim, const int64_t* indices, const float* weights,
                   int64_t k, float* out);
+
+// The predictor loss's two passes over a row of K logits (predictor.cpp
+// holds the math): q = sigmoid(z + bias) in place, returning sum_c exp(q_c)
+// and adding q to column_sums; then q -> (scale * exp(q - log_sum_exp) +
+// add_c) * q * (1 - q) in place.
+float sigmoid_exp_sum_row(float* row, int64_t n, float bias, double* column_sums);
+void softmax_sigmoid_grad_row(float* row, int64_t n, float log_sum_exp, float scale,
+                              const float* add);
 
 }  // namespace srm_ext::cpu
