@@ -138,26 +138,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss_backward(
     });
     if (want_bias) grad_bias = at::scalar_tensor(bias_grads.total(), x.options());
 
-    // Pass 2, over codeword ranges: grad_dictionary[:, c] += v g_p + gp x_p.
+    // Pass 2, over channel slices: grad_dictionary[:, c] += v g_p + gp x_p.
     // g_p is recomputed (k*D) rather than stored (N*H*W*D).
     DictionaryGradient<scalar_t> dict_grad(dictionary, want_dict);
     if (want_dict) {
-      dict_grad.for_each_range([&](int64_t lo, int64_t hi) {
-        std::vector<scalar_t> features(tile * dim), g(dim);
+      dict_grad.for_each_slice([&](int64_t d0, int64_t d1) {
+        const int64_t width = d1 - d0;
+        std::vector<scalar_t> features(tile * width), g(width);
         for (int64_t t = 0; t < num_tiles; ++t) {
           const int64_t p0 = t * tile, count = std::min(tile, grid.pixels() - p0);
-          gather_tile(x.const_data_ptr<scalar_t>(), grid, p0, count, features.data());
+          gather_tile(x.const_data_ptr<scalar_t>(), grid, p0, count, features.data(), d0, d1);
           for (int64_t i = 0; i < count; ++i) {
             const int64_t p = p0 + i;
             const int64_t* ix = ix_all + p * k;
-            if (!has_index_in(ix, k, lo, hi)) continue;
-            const scalar_t* xp = features.data() + i * dim;
-            loss_gradient(p, xp, g.data());
+            const scalar_t* xp = features.data() + i * width;
+            combine_rows(cw + d0, dim, width, ix, v_all + p * k, k, g.data());
+            for (int64_t d = 0; d < width; ++d) g[d] = scale * (g[d] - xp[d]);
             for (int64_t j = 0; j < k; ++j) {
-              if (ix[j] < lo || ix[j] >= hi) continue;
-              scalar_t* row = dict_grad.row(ix[j]);
-              axpy(v_all[p * k + j], g.data(), row, dim);
-              axpy(pre_grads[p * k + j], xp, row, dim);
+              scalar_t* row = dict_grad.row(ix[j]) + d0;
+              axpy(v_all[p * k + j], g.data(), row, width);
+              axpy(pre_grads[p * k + j], xp, row, width);
             }
           }
         }

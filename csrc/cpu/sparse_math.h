@@ -26,14 +26,14 @@ template <typename scalar_t>
 inline void combine_codewords(const scalar_t* codewords, int64_t dim,
                               const int64_t* indices, const scalar_t* weights,
                               int64_t k, scalar_t* out) {
-  combine_rows(codewords, dim, indices, weights, k, out);
+  combine_rows(codewords, dim, dim, indices, weights, k, out);
 }
 
 // The dictionary gradient, accumulated without per-thread copies: worker r
-// owns codewords [K*r/R, K*(r+1)/R) and adds, in pixel order, every kept
-// entry that falls in its range. Each codeword's row is therefore summed in
-// the same order whatever the thread count (bitwise reproducible), and the
-// only buffer is the gradient itself.
+// owns channels [d0, d1) of every codeword row and adds, in pixel order, the
+// slice of every kept entry's contribution. Workers never share a value and
+// do no redundant work; each value is summed in the same order whatever the
+// thread count (bitwise reproducible); the only buffer is the gradient itself.
 //
 // Rows are codeword-major (K x D). The result is laid out like the dictionary
 // (at::empty_like), so a codeword-major dictionary gets its gradient with no
@@ -54,13 +54,17 @@ class DictionaryGradient {
   bool enabled() const { return enabled_; }
   scalar_t* row(int64_t c) { return rows_.mutable_data_ptr<scalar_t>() + c * dim_; }
 
-  // Runs fn(codeword_begin, codeword_end) once per worker's range.
+  // Runs fn(d0, d1) once per worker's slice of channels (multiples of 8
+  // wide, so the vector loops stay aligned to whole registers).
   template <typename F>
-  void for_each_range(const F& fn) const {
-    const int64_t ranges = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_codewords_));
-    at::parallel_for(0, ranges, 1, [&](int64_t r0, int64_t r1) {
+  void for_each_slice(const F& fn) const {
+    constexpr int64_t kAlign = 8;
+    const int64_t units = (dim_ + kAlign - 1) / kAlign;
+    const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), units));
+    at::parallel_for(0, slices, 1, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
-        fn(num_codewords_ * r / ranges, num_codewords_ * (r + 1) / ranges);
+        fn(std::min(dim_, units * r / slices * kAlign),
+           std::min(dim_, units * (r + 1) / slices * kAlign));
       }
     });
   }
@@ -73,14 +77,14 @@ class DictionaryGradient {
                            int64_t k, const Coefficient& coefficient) {
     if (!enabled_) return;
     const int64_t tile = tile_pixels(num_codewords_);
-    for_each_range([&](int64_t lo, int64_t hi) {
-      std::vector<scalar_t> pixels(tile * dim_);
+    for_each_slice([&](int64_t d0, int64_t d1) {
+      const int64_t width = d1 - d0;
+      std::vector<scalar_t> pixels(tile * width);
       for (int64_t p0 = 0; p0 < grid.pixels(); p0 += tile) {
         const int64_t count = std::min(tile, grid.pixels() - p0);
-        gather_tile(source, grid, p0, count, pixels.data());
+        gather_tile(source, grid, p0, count, pixels.data(), d0, d1);
         for (int64_t e = p0 * k; e < (p0 + count) * k; ++e) {
-          if (indices[e] < lo || indices[e] >= hi) continue;
-          axpy(coefficient(e), pixels.data() + (e / k - p0) * dim_, row(indices[e]), dim_);
+          axpy(coefficient(e), pixels.data() + (e / k - p0) * width, row(indices[e]) + d0, width);
         }
       }
     });
@@ -97,14 +101,6 @@ class DictionaryGradient {
   int64_t num_codewords_, dim_;
   at::Tensor result_, rows_;
 };
-
-// Whether any of a pixel's k kept indices lies in [lo, hi).
-inline bool has_index_in(const int64_t* indices, int64_t k, int64_t lo, int64_t hi) {
-  for (int64_t j = 0; j < k; ++j) {
-    if (indices[j] >= lo && indices[j] < hi) return true;
-  }
-  return false;
-}
 
 // Intercept gradient partials, one per chunk, summed in chunk order.
 class ChunkSums {

@@ -84,13 +84,14 @@ SRM_EXT_MULTIVERSION void dot_rows(const float* v, const float* rows, int64_t di
 
 // 32 outputs held in four registers while the k rows stream through them:
 // one store per output instead of one per row.
-SRM_EXT_MULTIVERSION void combine_rows(const float* rows, int64_t dim, const int64_t* indices,
-                                       const float* weights, int64_t k, float* out) {
+SRM_EXT_MULTIVERSION void combine_rows(const float* rows, int64_t stride, int64_t width,
+                                       const int64_t* indices, const float* weights, int64_t k,
+                                       float* out) {
   int64_t d = 0;
-  for (; d + 32 <= dim; d += 32) {
+  for (; d + 32 <= width; d += 32) {
     Float8 a0 = {}, a1 = {}, a2 = {}, a3 = {};
     for (int64_t j = 0; j < k; ++j) {
-      const float* r = rows + indices[j] * dim + d;
+      const float* r = rows + indices[j] * stride + d;
       const float w = weights[j];
       a0 += w * load8(r);
       a1 += w * load8(r + 8);
@@ -102,17 +103,18 @@ SRM_EXT_MULTIVERSION void combine_rows(const float* rows, int64_t dim, const int
     store8(out + d + 16, a2);
     store8(out + d + 24, a3);
   }
-  for (; d + 8 <= dim; d += 8) {
+  for (; d + 8 <= width; d += 8) {
     Float8 a = {};
-    for (int64_t j = 0; j < k; ++j) a += weights[j] * load8(rows + indices[j] * dim + d);
+    for (int64_t j = 0; j < k; ++j) a += weights[j] * load8(rows + indices[j] * stride + d);
     store8(out + d, a);
   }
-  for (; d < dim; ++d) {
+  for (; d < width; ++d) {
     float a = 0;
-    for (int64_t j = 0; j < k; ++j) a += weights[j] * rows[indices[j] * dim + d];
+    for (int64_t j = 0; j < k; ++j) a += weights[j] * rows[indices[j] * stride + d];
     out[d] = a;
   }
 }
+
 SRM_EXT_MULTIVERSION float sigmoid_exp_sum_row(float* row, int64_t n, float bias,
                                              double* column_sums) {
   Float8 exp_sum = {};
@@ -168,10 +170,10 @@ void dot_rows(const float* v, const float* rows, int64_t dim, const int64_t* ind
   for (int64_t j = 0; j < k; ++j) out[j] = dot(v, rows + indices[j] * dim, dim);
 }
 
-void combine_rows(const float* rows, int64_t dim, const int64_t* indices, const float* weights,
-                  int64_t k, float* out) {
-  std::fill_n(out, dim, 0.0f);
-  for (int64_t j = 0; j < k; ++j) axpy(weights[j], rows + indices[j] * dim, out, dim);
+void combine_rows(const float* rows, int64_t stride, int64_t width, const int64_t* indices,
+                  const float* weights, int64_t k, float* out) {
+  std::fill_n(out, width, 0.0f);
+  for (int64_t j = 0; j < k; ++j) axpy(weights[j], rows + indices[j] * stride, out, width);
 }
 #endif
 
