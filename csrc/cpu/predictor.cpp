@@ -2,8 +2,10 @@
 //
 // The loss is a scalar, so its whole gradient with respect to the
 // pre-activations z = C_s^T y_p + b_s can be formed in the forward pass, in the
-// one (N, H, W, K) buffer the op keeps (grad_logits). The backward op then
-// needs only the GEMMs that map that gradient to y and to the dictionary.
+// one (N, H, W, K) buffer the op keeps (grad_logits): one GEMM writes z there,
+// and two passes over its rows turn it into the gradient in place. The
+// backward op then needs only the GEMMs that map that gradient to y and to
+// the dictionary.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -80,6 +82,12 @@ void check_labels(const at::Tensor& pixel_labels, const at::Tensor& image_labels
   }
 }
 
+// (N*H*W, C) pixel-major view of an (N, C, H, W) map; a copy unless it is
+// channels_last.
+at::Tensor pixel_rows(const at::Tensor& y) {
+  return y.permute({0, 2, 3, 1}).reshape({y.size(0) * y.size(2) * y.size(3), y.size(1)});
+}
+
 std::tuple<at::Tensor, at::Tensor> predictor_loss(const at::Tensor& y,
                                                   const at::Tensor& dictionary,
                                                   const at::Tensor& intercept,
@@ -88,13 +96,12 @@ std::tuple<at::Tensor, at::Tensor> predictor_loss(const at::Tensor& y,
                                                   double local_weight, double global_weight) {
   check_features_and_dictionary(y, "y", dictionary);
   check_intercept(intercept, y);
-  const int64_t num_codewords = dictionary.size(1), dim = dictionary.size(0);
+  const int64_t num_codewords = dictionary.size(1);
   check_labels(pixel_labels, image_labels, y, num_codewords);
 
   const PixelGrid grid(y);
   const int64_t pixels = grid.pixels(), per_image = grid.pixels_per_image(), n = grid.n;
   auto grad_logits = at::empty({grid.n, grid.h, grid.w, num_codewords}, y.options());
-  const auto dict = dictionary.detach();
   const auto labels = pixel_labels.contiguous();
   const auto targets = image_labels.contiguous();
   const int64_t tile = tile_pixels(num_codewords);
@@ -111,14 +118,15 @@ std::tuple<at::Tensor, at::Tensor> predictor_loss(const at::Tensor& y,
     std::vector<double> ce_sums(num_chunks, 0.0);
     std::vector<double> q_sums(num_chunks * n * num_codewords, 0.0);
 
-    // Pass 1: z by GEMM, q = sigmoid(z + b) in place, per-pixel log-sum-exp.
-    // q lies in (0, 1), so exp(q) needs no max-shift.
+    // z for every pixel in one GEMM: the (pixels x K) result is the buffer the
+    // op keeps anyway, and one large product runs BLAS at full speed.
+    auto logits = grad_logits.view({pixels, num_codewords});
+    at::mm_out(logits, pixel_rows(y), dictionary);
+
+    // Pass 1: q = sigmoid(z + b) in place, per-pixel log-sum-exp.
     for_each_chunk(num_chunks, num_tiles, [&](int64_t chunk, int64_t t0, int64_t t1) {
-      std::vector<scalar_t> features(tile * dim);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t p0 = t * tile, count = std::min(tile, pixels - p0);
-        gather_tile(y.const_data_ptr<scalar_t>(), grid, p0, count, features.data());
-        matmul_into(features.data(), dict, G + p0 * num_codewords, count);
         for (int64_t p = p0; p < p0 + count; ++p) {
           scalar_t* q = G + p * num_codewords;
           double* image_sums = q_sums.data() + (chunk * n + p / per_image) * num_codewords;
@@ -186,9 +194,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> predictor_loss_backward(
     grad_y = at::mm(G, dictionary.t()).mul_(scale).view({n, h, w, dim}).permute({0, 3, 1, 2});
   }
   if (output_mask[1]) {
-    const auto features = y.permute({0, 2, 3, 1}).reshape({n * h * w, dim});
     grad_dict = at::empty_like(dictionary);  // laid out like the dictionary
-    at::mm_out(grad_dict, features.t(), G).mul_(scale);
+    at::mm_out(grad_dict, pixel_rows(y).t(), G).mul_(scale);
   }
   if (output_mask[2]) grad_bias = G.sum().mul_(scale);
   return {grad_y, grad_dict, grad_bias};

@@ -1,6 +1,7 @@
-// Small dense-vector helpers and the per-chunk dictionary-gradient buffers
-// used by the sparse kernels. Codewords are read from the transposed
-// dictionary (K x D, row-major) so each codeword is a contiguous D-vector.
+// Pieces shared by the sparse kernels: the codeword combination, the
+// dictionary-gradient accumulator and fixed-order partial sums. Codewords are
+// read from the transposed dictionary (K x D, row-major) so each codeword is
+// a contiguous D-vector.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -51,7 +52,6 @@ class DictionaryGradient {
     rows_.zero_();
   }
 
-  bool enabled() const { return enabled_; }
   scalar_t* row(int64_t c) { return rows_.mutable_data_ptr<scalar_t>() + c * dim_; }
 
   // Runs fn(d0, d1) once per worker's slice of channels (multiples of 8
