@@ -155,9 +155,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss_backward(
             combine_rows(cw + d0, dim, width, ix, v_all + p * k, k, g.data());
             for (int64_t d = 0; d < width; ++d) g[d] = scale * (g[d] - xp[d]);
             for (int64_t j = 0; j < k; ++j) {
-              scalar_t* row = dict_grad.row(ix[j]) + d0;
-              axpy(v_all[p * k + j], g.data(), row, width);
-              axpy(pre_grads[p * k + j], xp, row, width);
+              axpy2(v_all[p * k + j], g.data(), pre_grads[p * k + j], xp,
+                    dict_grad.row(ix[j]) + d0, width);
             }
           }
         }

@@ -12,6 +12,11 @@ SRM_EXT_MULTIVERSION void axpy(float alpha, const float* x, float* y, int64_t n)
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
 }
 
+SRM_EXT_MULTIVERSION void axpy2(float alpha, const float* a, float beta, const float* b,
+                                float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * a[i] + beta * b[i];
+}
+
 #if defined(__GNUC__)
 // The helpers below are inlined into each clone; the ABI note does not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"

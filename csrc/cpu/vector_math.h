@@ -82,6 +82,13 @@ inline void axpy(scalar_t alpha, const scalar_t* x, scalar_t* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
 }
 
+// y += alpha * a + beta * b, one pass over y
+template <typename scalar_t>
+inline void axpy2(scalar_t alpha, const scalar_t* a, scalar_t beta, const scalar_t* b,
+                  scalar_t* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * a[i] + beta * b[i];
+}
+
 // out[j] = <v, rows[indices[j]]> for j < k; rows is (num_rows x dim).
 template <typename scalar_t>
 inline void dot_rows(const scalar_t* v, const scalar_t* rows, int64_t dim,
@@ -103,6 +110,7 @@ inline void combine_rows(const scalar_t* rows, int64_t stride, int64_t width,
 // loops (vector_math.cpp).
 float dot(const float* a, const float* b, int64_t n);
 void axpy(float alpha, const float* x, float* y, int64_t n);
+void axpy2(float alpha, const float* a, float beta, const float* b, float* y, int64_t n);
 void dot_rows(const float* v, const float* rows, int64_t dim, const int64_t* indices, int64_t k,
               float* out);
 void combine_rows(const float* rows, int64_t stride, int64_t width, const int64_t* indices,
