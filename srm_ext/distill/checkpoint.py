@@ -7,6 +7,7 @@ dicts), so checkpoints load with ``torch.load(..., weights_only=True)``.
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import tempfile
 from pathlib import Path
@@ -14,6 +15,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from .config import ConfigError
 
 __all__ = ["atomic_save", "load_checkpoint", "rng_state", "set_rng_state", "seed_everything"]
 
@@ -51,7 +54,21 @@ def _fsync_directory(directory: Path) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Loads tensors and plain containers only (``weights_only=True``); a file
+    that needs arbitrary pickled objects, or a damaged one, raises ConfigError
+    naming the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ConfigError(
+            f"{os.fspath(path)}: refused: the checkpoint needs arbitrary pickled objects, "
+            f"which are never loaded ({first_line})"
+        ) from exc
+    except (RuntimeError, EOFError, ValueError) as exc:
+        raise ConfigError(
+            f"{os.fspath(path)}: truncated or malformed checkpoint ({type(exc).__name__}: {exc})"
+        ) from exc
 
 
 def rng_state() -> dict[str, Any]:

@@ -20,7 +20,6 @@ Formats:
 
 from __future__ import annotations
 
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 
 from .config import ConfigError, ExperimentConfig
+from .safe_pickle import load_data_pickle
 from .distributed import DistributedContext
 
 __all__ = [
@@ -186,8 +186,9 @@ def load_cifar(root: Path) -> DatasetSplits:
 def _read_cifar_batches(root: Path, files: list[str]) -> tuple[Tensor, Tensor]:
     images, labels = [], []
     for name in files:
-        with open(root / name, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")
+        batch = load_data_pickle(root / name)
+        if not isinstance(batch, dict):
+            raise ConfigError(f"{root / name} does not hold a CIFAR batch dict")
         label_key = b"fine_labels" if b"fine_labels" in batch else b"labels"
         if b"data" not in batch or label_key not in batch:
             raise ConfigError(f"{root / name} lacks b'data' or b'labels'/b'fine_labels'")
