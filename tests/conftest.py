@@ -53,6 +53,16 @@ def make_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
 
 
 @pytest.fixture
+def single_thread():
+    """One intra-op thread for tests of tiny models: as fast, and a busy CPU
+    cannot stall them at thread barriers; the thread count is restored."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
 def native():
     """Calls go to the compiled ops; skipped where they are not built."""
     if _backend.native_module is None:

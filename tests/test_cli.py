@@ -32,13 +32,8 @@ TINY_CONFIG = dict(
 
 
 @pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny models run as fast on one intra-op thread, and a busy CPU cannot stall
-    it at thread barriers; the runner also sets the count, so restore it."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def _one_thread(single_thread):
+    """The runner also sets the thread count; the fixture restores it."""
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -29,20 +29,13 @@ static inline Float8 load8(const float* p) { return *reinterpret_cast<const Floa
 static inline void store8(float* p, Float8 v) { *reinterpret_cast<Float8*>(p) = v; }
 typedef int32_t Int8 __attribute__((vector_size(32), aligned(4), may_alias));
 
-// exp_approx on eight lanes (same constants and clamping).
+// exp_approx on eight lanes.
 static inline Float8 exp8(Float8 x) {
-  const Float8 low = Float8{} - 87.33654f, high = Float8{} + 88.0f;
+  const Float8 low = Float8{} + kExpLow, high = Float8{} + kExpHigh;
   x = x < low ? low : x;  // NaN compares false and passes through
   x = x > high ? high : x;
-  const Float8 n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const Float8 r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  Float8 p = Float8{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
+  Float8 n;
+  const Float8 p = exp_reduced(x, n);
   const Int8 bits = (__builtin_convertvector(n, Int8) + 127) << 23;
   return p * reinterpret_cast<const Float8&>(bits);
 }

@@ -25,22 +25,33 @@
 
 namespace srm_ext::cpu {
 
-// exp(x) for float within about 2 ulp: x = n*ln2 + r with |r| <= ln2/2, a
-// degree-6 polynomial for exp(r), and 2^n put together from its bits.
-// Inputs are clamped to [-87.3, 88.0], so results stay finite and normal
-// (absolute error below 1e-38 outside that range); NaN propagates.
-SRM_EXT_INLINE float exp_approx(float x) {
+// exp(x) within about 2 ulp for a float, or for a vector of floats (the
+// vector clone in vector_math.cpp): x = n*ln2 + r with |r| <= ln2/2 and a
+// degree-6 polynomial for exp(r) (Cephes' expf). Returns exp(r) and sets n;
+// the caller assembles 2^n from its bits. x must be clamped to [-87.3, 88.0]
+// so 2^n stays a normal float.
+template <typename V>
+SRM_EXT_INLINE V exp_reduced(V x, V& n) {
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  x = std::min(std::max(x, -87.33654f), 88.0f);
-  const float n = (x * 1.44269504088896341f + kRound) - kRound;
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
+  n = (x * 1.44269504088896341f + kRound) - kRound;
+  const V r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  V p = r * 0.0f + 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
+  return p * r * r + r + 1.0f;
+}
+
+constexpr float kExpLow = -87.33654f, kExpHigh = 88.0f;
+
+// Clamped to [kExpLow, kExpHigh], so results stay finite and normal (absolute
+// error below 1e-38 outside that range); NaN propagates.
+SRM_EXT_INLINE float exp_approx(float x) {
+  x = std::min(std::max(x, kExpLow), kExpHigh);
+  float n;
+  const float p = exp_reduced(x, n);
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float two_to_n;
   std::memcpy(&two_to_n, &bits, sizeof(two_to_n));
