@@ -1,0 +1,58 @@
+"""A training run killed with SIGKILL mid-run resumes to the same result,
+losing at most the epoch in progress."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_cli import TINY_FLAGS, _final_numbers
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="needs SIGKILL")
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "srm_ext", "distill", *TINY_FLAGS, *args],
+        cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def _epochs_logged(out: Path) -> int:
+    metrics = out / "metrics.jsonl"
+    return len(metrics.read_text().splitlines()) if metrics.exists() else 0
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
+    straight = tmp_path / "straight"
+    done = _cli("--output-dir", str(straight), cwd=tmp_path)
+    assert done.wait(timeout=300) == 0, done.stderr.read()
+
+    killed = tmp_path / "killed"
+    run = _cli("--output-dir", str(killed), cwd=tmp_path)
+    deadline = time.monotonic() + 300
+    while _epochs_logged(killed) < 3 and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert run.poll() is None, "the run ended before it could be killed"
+    run.send_signal(signal.SIGKILL)
+    run.wait(timeout=60)
+    logged = _epochs_logged(killed)
+    assert not (killed / "results.json").exists()
+
+    # The last checkpoint is intact and holds every epoch but the one in progress.
+    saved = torch.load(killed / "checkpoint.pt", weights_only=True)
+    assert len(saved["history"]) >= logged - 1
+
+    resumed = _cli("--resume", "--output-dir", str(killed), cwd=tmp_path)
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    assert _final_numbers(killed) == _final_numbers(straight)
