@@ -15,7 +15,6 @@ from .functional import (
     sparse_encode,
     sparse_labels,
 )
-
 from .modules import SparseCodePredictor, SparseRepresentation
 from .distill.distiller import SRMDistiller
 
