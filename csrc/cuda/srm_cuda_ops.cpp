@@ -103,6 +103,22 @@ void check_sparse_code(const at::Tensor& values, const at::Tensor& indices,
               srm_cuda::kMaxTopK, "]");
 }
 
+// x (N, D, H, W) on CUDA, its (D, K) dictionary, and a sparse code of its
+// pixels: the inputs every backward op of the encoder shares.
+void check_code_of_x(const at::Tensor& x, const at::Tensor& dictionary,
+                     const at::Tensor& values, const at::Tensor& indices) {
+  TORCH_CHECK(x.is_cuda(), "srm_ext: x must be a CUDA tensor");
+  check_dim(x, 4, "x", "(N, D, H, W)");
+  kernel_dtype(x.scalar_type(), "x");
+  check_dictionary(dictionary, x.size(1), x, "x");
+  check_sparse_code(values, indices, x);
+  check_same_dtype(values, "values", x, "x");
+  TORCH_CHECK(values.size(0) == x.size(0) && values.size(1) == x.size(2) &&
+                  values.size(2) == x.size(3),
+              "srm_ext: values ", values.sizes(),
+              " do not match the pixels of x ", x.sizes());
+}
+
 // The shared intercept as a one-element float32 tensor on the device.
 at::Tensor intercept_as_float(const at::Tensor& intercept,
                               const at::Tensor& ref) {
@@ -360,20 +376,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_encode_backward(
     const at::Tensor& grad_values, const at::Tensor& values,
     const at::Tensor& indices, const at::Tensor& x,
     const at::Tensor& dictionary, std::array<bool, 3> output_mask) {
-  TORCH_CHECK(x.is_cuda(), "srm_ext: x must be a CUDA tensor");
-  check_dim(x, 4, "x", "(N, D, H, W)");
-  kernel_dtype(x.scalar_type(), "x");
-  check_dictionary(dictionary, x.size(1), x, "x");
-  check_sparse_code(values, indices, x);
-  check_same_dtype(values, "values", x, "x");
+  check_code_of_x(x, dictionary, values, indices);
   check_on_device(grad_values, "grad_values", x);
   TORCH_CHECK(grad_values.sizes() == values.sizes(),
               "srm_ext: grad_values must have the shape of values (",
               values.sizes(), "), got ", grad_values.sizes());
-  TORCH_CHECK(values.size(0) == x.size(0) && values.size(1) == x.size(2) &&
-                  values.size(2) == x.size(3),
-              "srm_ext: values ", values.sizes(),
-              " do not match the pixels of x ", x.sizes());
 
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -496,16 +503,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss_backward(
     const at::Tensor& grad_loss, const at::Tensor& x,
     const at::Tensor& dictionary, const at::Tensor& values,
     const at::Tensor& indices, std::array<bool, 3> output_mask) {
-  TORCH_CHECK(x.is_cuda(), "srm_ext: x must be a CUDA tensor");
-  check_dim(x, 4, "x", "(N, D, H, W)");
-  kernel_dtype(x.scalar_type(), "x");
-  check_dictionary(dictionary, x.size(1), x, "x");
-  check_sparse_code(values, indices, x);
-  check_same_dtype(values, "values", x, "x");
-  TORCH_CHECK(values.size(0) == x.size(0) && values.size(1) == x.size(2) &&
-                  values.size(2) == x.size(3),
-              "srm_ext: values ", values.sizes(),
-              " do not match the pixels of x ", x.sizes());
+  check_code_of_x(x, dictionary, values, indices);
   TORCH_CHECK(grad_loss.numel() == 1,
               "srm_ext: grad_loss must have one element, got shape ",
               grad_loss.sizes());
