@@ -59,7 +59,24 @@ SHAPE_SETS = {
     ],
 }
 
-IMPLEMENTATIONS = ("native", "reference", "research")
+IMPLEMENTATIONS = ("native", "reference", "compiled", "research")
+
+
+class _CompiledReference:
+    """The reference ops under ``torch.compile``, each compiled on first use."""
+
+    def __init__(self) -> None:
+        self._compiled: dict[str, Callable] = {}
+
+    def __getattr__(self, name: str) -> Callable:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if name not in self._compiled:
+            self._compiled[name] = torch.compile(getattr(reference, name), dynamic=False)
+        return self._compiled[name]
+
+
+_COMPILED_REFERENCE = _CompiledReference()
 OPS = ("sparse_encode", "sparse_decode", "stage1_step", "sparse_labels", "predictor_loss")
 
 
@@ -110,7 +127,7 @@ def _build_callable(
     """A closure running one (op, implementation, mode), or None if not applicable."""
     c = case
     k, K = c.shape.k, c.shape.num_codewords
-    ops = {"native": functional, "reference": reference}.get(impl)
+    ops = {"native": functional, "reference": reference, "compiled": _COMPILED_REFERENCE}.get(impl)
 
     if op == "sparse_encode":
         C, b = _trainable(c.dictionary, c.intercept)
@@ -131,12 +148,10 @@ def _build_callable(
             params = [values, C]
     elif op == "stage1_step":
         C, b = _trainable(c.dictionary, c.intercept)
-        fn = {
-            "native": functional.reconstruction_loss,
-            "reference": reference.reconstruction_loss,
-            "research": research_style.dense_reconstruction_loss,
-        }[impl]
-        fwd = lambda: fn(c.x, C, b, k)
+        if impl == "research":
+            fwd = lambda: research_style.dense_reconstruction_loss(c.x, C, b, k)
+        else:
+            fwd = lambda: ops.reconstruction_loss(c.x, C, b, k)
         params = [C, b]
     elif op == "sparse_labels":
         if with_backward:
@@ -372,18 +387,21 @@ def _ratio(num: float | None, den: float | None) -> str:
 
 
 def markdown_table(records: list[dict], env: dict) -> str:
-    """One row per (shape, op, mode): times, peak memory and ratios vs native."""
+    """One row per (shape, op, mode): each implementation's median time and
+    peak memory, and the compiled kernels' speed-up and memory saving."""
     by_key: dict[tuple, dict[str, dict]] = {}
     for r in records:
         by_key.setdefault((r["shape"], r["op"], r["mode"]), {})[r["implementation"]] = r
+    others = [i for i in IMPLEMENTATIONS if i != "native" and any(i in v for v in by_key.values())]
+    header = ["shape", "op", "mode", "native ms", *[f"{i} ms" for i in others],
+              *[f"speed-up vs {i}" for i in others], "native MiB", *[f"{i} MiB" for i in others],
+              *[f"memory saving vs {i}" for i in others]]
     lines = [
         f"Device: {env['device']} ({env.get('gpu') or env['cpu']}), torch {env['torch']}, "
         f"{env['threads']} threads, commit {env['commit']}, {env['date']}",
         "",
-        "| shape | op | mode | native ms | reference ms | research ms | speedup vs reference "
-        "| speedup vs research | native MiB | reference MiB | research MiB "
-        "| memory saving vs research |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| " + " | ".join(header) + " |",
+        "|---|---|---|" + "---:|" * (len(header) - 3),
     ]
     for (shape, op, mode), impls in by_key.items():
         def get(impl, field):
@@ -394,15 +412,47 @@ def markdown_table(records: list[dict], env: dict) -> str:
             return "n/a" if v is None else f"{v:.2f}"
 
         native_ms, native_mem = get("native", "median_ms"), get("native", "peak_bytes")
-        lines.append(
-            f"| {shape} | {op} | {mode} | {ms('native')} | {ms('reference')} | {ms('research')} "
-            f"| {_ratio(get('reference', 'median_ms'), native_ms)} "
-            f"| {_ratio(get('research', 'median_ms'), native_ms)} "
-            f"| {_mib(native_mem)} | {_mib(get('reference', 'peak_bytes'))} "
-            f"| {_mib(get('research', 'peak_bytes'))} "
-            f"| {_ratio(get('research', 'peak_bytes'), native_mem)} |"
-        )
+        row = [shape, op, mode, ms("native"), *[ms(i) for i in others],
+               *[_ratio(get(i, "median_ms"), native_ms) for i in others],
+               _mib(native_mem), *[_mib(get(i, "peak_bytes")) for i in others],
+               *[_ratio(get(i, "peak_bytes"), native_mem) for i in others]]
+        lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
+
+
+def speedup_chart(records: list[dict], env: dict, path: Path) -> None:
+    """PNG: forward+backward speed-up of the compiled kernels over each other
+    implementation, one panel per op, one bar group per shape."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r for r in records if r["mode"] == "forward+backward"]
+    ops = [o for o in OPS if any(r["op"] == o for r in steps)]
+    shapes = list(dict.fromkeys(r["shape"] for r in steps))
+    others = [i for i in IMPLEMENTATIONS if i != "native" and any(r["implementation"] == i for r in steps)]
+    time = {(r["shape"], r["op"], r["implementation"]): r["median_ms"] for r in steps}
+    fig, axes = plt.subplots(1, max(len(ops), 1), figsize=(4.2 * max(len(ops), 1), 3.6), squeeze=False)
+    width = 0.8 / max(len(others), 1)
+    for ax, op in zip(axes[0], ops):
+        for j, impl in enumerate(others):
+            ratios = [
+                time[(s, op, impl)] / time[(s, op, "native")]
+                if (s, op, impl) in time and (s, op, "native") in time else 0.0
+                for s in shapes
+            ]
+            ax.bar([i + j * width for i in range(len(shapes))], ratios, width, label=f"vs {impl}")
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.set_title(f"{op} (forward+backward)", fontsize=9)
+        ax.set_xticks([i + width * (len(others) - 1) / 2 for i in range(len(shapes))])
+        ax.set_xticklabels([s.split("-", 1)[-1] for s in shapes], fontsize=8)
+        ax.set_ylabel("speed-up of srm_ext (x)")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{env['device']}: {env.get('gpu') or env['cpu']}, {env['dtype']}, torch {env['torch']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -415,7 +465,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "float64", "float16", "bfloat16"], default="float32")
     p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
-    p.add_argument("--implementations", default=",".join(IMPLEMENTATIONS))
+    p.add_argument(
+        "--implementations", default=None,
+        help=f"comma-separated subset of {','.join(IMPLEMENTATIONS)} (default: all; on CPU "
+        "all but 'compiled', whose C++ compilation takes minutes there)",
+    )
     p.add_argument("--min-repeats", type=int, default=5)
     p.add_argument("--min-seconds", type=float, default=1.0, help="time each case at least this long")
     p.add_argument("--max-repeats", type=int, default=50)
@@ -436,7 +490,12 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"srm-ext bench: unknown op(s) {sorted(unknown)}; choose from {OPS}", file=sys.stderr)
         return 2
-    impls = tuple(i.strip() for i in args.implementations.split(",") if i.strip())
+    default_impls = IMPLEMENTATIONS if args.device.startswith("cuda") else tuple(
+        i for i in IMPLEMENTATIONS if i != "compiled"
+    )
+    impls = tuple(
+        i.strip() for i in (args.implementations or ",".join(default_impls)).split(",") if i.strip()
+    )
     if set(impls) - set(IMPLEMENTATIONS):
         print(f"srm-ext bench: implementations must be among {IMPLEMENTATIONS}", file=sys.stderr)
         return 2
@@ -456,7 +515,8 @@ def main(argv: list[str] | None = None) -> int:
         stem = args.name or f"{args.shapes}-{args.device.split(':')[0]}-{args.dtype}"
         (args.out / f"{stem}.json").write_text(json.dumps({"environment": env, "results": records}, indent=2))
         (args.out / f"{stem}.md").write_text(table)
-        print(f"wrote {args.out / stem}.json and .md", file=sys.stderr)
+        speedup_chart(records, env, args.out / f"{stem}.png")
+        print(f"wrote {args.out / stem}.json, .md and .png", file=sys.stderr)
     return 0
 
 

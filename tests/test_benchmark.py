@@ -1,0 +1,51 @@
+"""The benchmark harness on a tiny shape: records, table and chart."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from srm_ext import _backend, benchmark
+
+from conftest import requires_native_cpu
+
+TINY = benchmark.Shape("tiny", batch=2, channels=8, height=4, width=4, num_codewords=16, k=2,
+                       student_channels=4)
+
+
+@requires_native_cpu
+def test_run_benchmarks_records_every_case():
+    records = benchmark.run_benchmarks(
+        [TINY], implementations=("native", "reference", "research"),
+        min_repeats=1, min_seconds=0.0, max_repeats=2,
+    )
+    keys = {(r["op"], r["mode"], r["implementation"]) for r in records}
+    # labels have no backward, the student loss no research-style variant
+    assert ("sparse_labels", "forward+backward", "native") not in keys
+    assert ("predictor_loss", "forward", "research") not in keys
+    assert ("stage1_step", "forward+backward", "research") in keys
+    assert len(keys) == len(records) == 3 * 2 * 3 + 3 + 2 * 2
+    assert all(r["median_ms"] > 0 and r["repeats"] >= 1 for r in records)
+
+
+@requires_native_cpu
+def test_main_writes_json_markdown_and_chart(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(benchmark.SHAPE_SETS, "cifar", [TINY])
+    assert benchmark.main(["--quick", "--ops", "stage1_step,predictor_loss", "--out", str(tmp_path), "--name", "t"]) == 0
+    data = json.loads((tmp_path / "t.json").read_text())
+    assert data["environment"]["device"] == "cpu" and data["results"]
+    table = (tmp_path / "t.md").read_text()
+    assert "| tiny | stage1_step | forward+backward |" in table
+    assert (tmp_path / "t.png").stat().st_size > 0
+
+
+def test_unknown_op_is_a_usage_error(capsys):
+    assert benchmark.main(["--ops", "nope"]) == 2
+    assert "unknown op" in capsys.readouterr().err
+
+
+def test_native_is_required_for_a_native_run(monkeypatch):
+    monkeypatch.setattr(_backend, "use_native", lambda t: False)
+    with pytest.raises(RuntimeError, match="no compiled srm_ext kernel"):
+        benchmark.run_benchmarks([TINY], ops=("stage1_step",), min_repeats=1, min_seconds=0.0)
