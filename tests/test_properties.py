@@ -71,7 +71,10 @@ def test_encode_invariants(backend, problem):
     K = C.shape[1]
     assert values.shape == indices.shape == (x.shape[0], x.shape[2], x.shape[3], k)
     assert ((values > 0) & (values < 1)).all()
-    assert (values.diff(dim=-1) <= 0).all(), "values sorted descending"
+    # torch.sigmoid (the reference) rounds vector lanes and the scalar tail
+    # differently, so equal pre-activations can differ there by an ulp.
+    slack = 2 * torch.finfo(values.dtype).eps if backend == "reference" else 0.0
+    assert (values.diff(dim=-1) <= slack).all(), "values sorted descending"
     assert ((indices >= 0) & (indices < K)).all()
     assert (indices.sort(-1).values.diff(dim=-1) > 0).all(), "indices distinct per pixel"
     # a true top-k of the pre-activations, ties toward the lower index
