@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+from hypothesis import settings
+
+# CI replays the same examples on every run, so a landing never depends on a
+# lucky draw; elsewhere hypothesis explores new ones. Either way a failure
+# prints a @reproduce_failure blob that replays it.
+settings.register_profile("ci", derandomize=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 import srm_ext
 from srm_ext import _backend
