@@ -11,6 +11,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # Used only when no torch is installed: the CPU build, never the CUDA one.
+# The CPU index is an extra index (a local wheel mirror may serve torch too);
+# no retries, so an unreachable index is skipped at once rather than retried
+# for every dependency.
 TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 export MAX_JOBS ?= 2
@@ -25,7 +28,8 @@ $(PY):
 
 $(STAMP): $(PY) $(SOURCES)
 	$(PY) -c "import torch" 2>/dev/null || \
-	  $(PY) -m pip install "torch==$(TORCH_VERSION)" --extra-index-url $(TORCH_CPU_INDEX)
+	  $(PY) -m pip install --retries 0 --timeout 10 "torch==$(TORCH_VERSION)" \
+	    --extra-index-url $(TORCH_CPU_INDEX)
 	$(PY) -m pip install setuptools wheel ninja
 	$(PY) -m pip install --no-build-isolation -e ".[test]"
 	$(PY) -c "import srm_ext, json; print(json.dumps(srm_ext.backend_info(), indent=1))"
