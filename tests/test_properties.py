@@ -39,13 +39,17 @@ def problems(draw):
     K = draw(st.integers(1, 40))
     k = draw(st.integers(1, K))
     dtype = draw(st.sampled_from([torch.float32, torch.float64]))
-    layout = draw(st.sampled_from(["contiguous", "channels_last", "strided", "transposed"]))
+    layout = draw(
+        st.sampled_from(["contiguous", "channels_last", "strided", "transposed", "expanded"])
+    )
     seed = draw(st.integers(0, 2**31 - 1))
     g = torch.Generator().manual_seed(seed)
     # |pre-activation| <= 16 * 1 * 0.5 + 1 = 9: sigmoid stays strictly inside (0, 1).
     x = torch.randint(-8, 9, (n, d, h, w), generator=g).to(dtype) / 8
     C = torch.randint(-8, 9, (d, K), generator=g).to(dtype) / 16
     b = torch.randint(-8, 9, (1,), generator=g).to(dtype) / 8
+    if layout == "expanded":  # one image broadcast over the batch: stride 0
+        return x[:1].expand_as(x), C, b, k
     return make_layout(x, layout), C, b, k
 
 
