@@ -136,7 +136,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss_backward(
         }
       }
     });
-    if (want_bias) grad_bias = at::scalar_tensor(bias_grads.total(), x.options());
+    grad_bias = want_bias ? at::scalar_tensor(bias_grads.total(), x.options()) : unwanted(x);
 
     // Pass 2, over channel slices: grad_dictionary[:, c] += v g_p + gp x_p.
     // g_p is recomputed (k*D) rather than stored (N*H*W*D).
@@ -164,7 +164,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss_backward(
     }
     grad_dict = dict_grad.finish(dictionary);
   });
-  if (!grad_bias.defined()) grad_bias = unwanted(x);
   return {grad_x, grad_dict, grad_bias};
 }
 
