@@ -60,8 +60,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_encode_backward(
   const auto idx = indices.contiguous();
   auto grad_x = want_x ? at::empty_like(x) : unwanted(x);
   const PixelGrid grad_grid = want_x ? PixelGrid(grad_x) : grid;
-  const int64_t tile = tile_pixels(num_codewords);
-  const int64_t num_tiles = (grid.pixels() + tile - 1) / tile;
   at::Tensor grad_dict, grad_bias;
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_encode_backward_cpu", [&] {
@@ -75,27 +73,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_encode_backward(
     grad_dict = dict_grad.finish(dictionary);
 
     const auto codewords = dictionary.t().contiguous();  // K x D
-    const int64_t num_chunks = num_chunks_for(num_tiles);
-    ChunkSums bias_grads(num_chunks);
-    for_each_chunk(num_chunks, num_tiles, [&](int64_t chunk, int64_t t0, int64_t t1) {
-      std::vector<scalar_t> grad_features(want_x ? tile * dim : 0), gp(k);
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t p0 = t * tile, count = std::min(tile, grid.pixels() - p0);
-        for (int64_t i = 0; i < count; ++i) {
-          const int64_t e0 = (p0 + i) * k;
-          for (int64_t j = 0; j < k; ++j) {
-            gp[j] = pre_grad(e0 + j);
-            bias_grads[chunk] += gp[j];
-          }
-          if (want_x) {
-            combine_codewords(codewords.const_data_ptr<scalar_t>(), dim, ix_all + e0, gp.data(),
-                              k, grad_features.data() + i * dim);
-          }
+    PieceSums bias_grads(grid.pixels());
+    PerThreadScratch<scalar_t> scratch(k + (want_x ? kPiecePixels * dim : 0));
+    for_each_piece(0, grid.pixels(), [&](int64_t piece, int64_t p0, int64_t count) {
+      scalar_t* gp = scratch.get();
+      scalar_t* grad_features = gp + k;
+      for (int64_t i = 0; i < count; ++i) {
+        const int64_t e0 = (p0 + i) * k;
+        for (int64_t j = 0; j < k; ++j) {
+          gp[j] = pre_grad(e0 + j);
+          bias_grads[piece] += gp[j];
         }
         if (want_x) {
-          scatter_tile(grad_features.data(), grad_grid, p0, count,
-                       grad_x.mutable_data_ptr<scalar_t>());
+          combine_codewords(codewords.const_data_ptr<scalar_t>(), dim, ix_all + e0, gp, k,
+                            grad_features + i * dim);
         }
+      }
+      if (want_x) {
+        scatter_tile(grad_features, grad_grid, p0, count, grad_x.mutable_data_ptr<scalar_t>());
       }
     });
     grad_bias = want_bias ? at::scalar_tensor(bias_grads.total(), x.options()) : unwanted(x);

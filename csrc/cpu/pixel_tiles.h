@@ -92,6 +92,70 @@ inline int64_t tile_pixels(int64_t num_codewords) {
   return std::clamp<int64_t>(kTileElements / std::max<int64_t>(num_codewords, 1), 16, 512);
 }
 
+// The backward kernels walk the pixels in blocks, keeping per-pixel rows of a
+// block (its feature vectors and the kept entries' terms) in buffers of at
+// most 2^18 values, 1 MiB in float32. Each block is split into pieces of
+// kPiecePixels for the workers; blocks are whole pieces, so piece q always
+// covers pixels [q * kPiecePixels, (q + 1) * kPiecePixels).
+constexpr int64_t kPiecePixels = 32;
+
+// Pixels per block when each pixel keeps `row_values` values (D, or k).
+inline int64_t block_pixels(int64_t row_values) {
+  constexpr int64_t kBlockValues = 1 << 18;
+  const int64_t pieces = kBlockValues / kPiecePixels / std::max<int64_t>(row_values, 1);
+  return std::max<int64_t>(pieces, 1) * kPiecePixels;
+}
+
+inline int64_t num_pieces(int64_t pixels) { return (pixels + kPiecePixels - 1) / kPiecePixels; }
+
+// Runs fn(first_pixel, count) for consecutive blocks of `block` pixels.
+template <typename F>
+void for_each_pixel_block(int64_t pixels, int64_t block, const F& fn) {
+  for (int64_t p0 = 0; p0 < pixels; p0 += block) fn(p0, std::min(block, pixels - p0));
+}
+
+// Runs fn(piece, first_pixel, count) on the pieces of pixels [p0, p0 + count)
+// in parallel; p0 must be a multiple of kPiecePixels.
+template <typename F>
+void for_each_piece(int64_t p0, int64_t count, const F& fn) {
+  const int64_t first = p0 / kPiecePixels, last = first + num_pieces(count);
+  at::parallel_for(first, last, 1, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t start = q * kPiecePixels;
+      fn(q, start, std::min(kPiecePixels, p0 + count - start));
+    }
+  });
+}
+
+// One partial sum per piece, added in piece order: the total is the same
+// for any thread count.
+class PieceSums {
+ public:
+  explicit PieceSums(int64_t pixels) : sums_(num_pieces(pixels), 0.0) {}
+  double& operator[](int64_t piece) { return sums_[piece]; }
+  double total() const {
+    double t = 0.0;
+    for (double s : sums_) t += s;
+    return t;
+  }
+
+ private:
+  std::vector<double> sums_;
+};
+
+// A scratch buffer of `size` values for each worker thread.
+template <typename scalar_t>
+class PerThreadScratch {
+ public:
+  explicit PerThreadScratch(int64_t size)
+      : size_(size), values_(size * at::get_num_threads()) {}
+  scalar_t* get() { return values_.data() + at::get_thread_num() * size_; }
+
+ private:
+  int64_t size_;
+  std::vector<scalar_t> values_;
+};
+
 // Splits `num_tiles` tiles into a fixed number of contiguous chunks, one per
 // worker, so per-chunk partial sums are reduced in the same order on every run
 // with the same thread count. Calls fn(chunk, tile_begin, tile_end).

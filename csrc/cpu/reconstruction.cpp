@@ -87,8 +87,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss_backward(
   const auto codewords = dictionary.t().contiguous();  // K x D; free if codeword-major
   auto grad_x = want_x ? at::empty_like(x) : unwanted(x);
   const PixelGrid grad_grid = want_x ? PixelGrid(grad_x) : grid;
-  const int64_t tile = tile_pixels(num_codewords);
-  const int64_t num_tiles = (grid.pixels() + tile - 1) / tile;
   at::Tensor grad_dict, grad_bias;
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "reconstruction_loss_backward_cpu", [&] {
@@ -97,72 +95,57 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss_backward(
     const scalar_t* cw = codewords.const_data_ptr<scalar_t>();
     const scalar_t* v_all = vals.const_data_ptr<scalar_t>();
     const int64_t* ix_all = idx.const_data_ptr<int64_t>();
-    // Pixel p's loss gradient g = scale * (x_hat_p - x_p), D values.
-    auto loss_gradient = [&](int64_t p, const scalar_t* xp, scalar_t* g) {
-      combine_codewords(cw, dim, ix_all + p * k, v_all + p * k, k, g);
-      for (int64_t d = 0; d < dim; ++d) g[d] = scale * (g[d] - xp[d]);
-    };
-    const int64_t entries = grid.pixels() * k;
-    std::vector<scalar_t> pre_grads(entries);  // gp for every kept entry
+    DictionaryGradient<scalar_t> dict_grad(dictionary, want_dict);
+    PieceSums bias_grads(grid.pixels());
 
-    // Pass 1, over pixels: gp, the intercept gradient and grad_x.
-    const int64_t num_chunks = num_chunks_for(num_tiles);
-    ChunkSums bias_grads(num_chunks);
-    for_each_chunk(num_chunks, num_tiles, [&](int64_t chunk, int64_t t0, int64_t t1) {
-      std::vector<scalar_t> features(tile * dim), grad_features(want_x ? tile * dim : 0);
-      std::vector<scalar_t> g(dim);
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t p0 = t * tile, count = std::min(tile, grid.pixels() - p0);
-        gather_tile(x.const_data_ptr<scalar_t>(), grid, p0, count, features.data());
-        for (int64_t i = 0; i < count; ++i) {
-          const int64_t p = p0 + i;
-          loss_gradient(p, features.data() + i * dim, g.data());
-          scalar_t* gp = pre_grads.data() + p * k;
-          dot_rows(g.data(), cw, dim, ix_all + p * k, k, gp);
+    // Per block of pixels, the block's x_p, g_p (when the dictionary gradient
+    // is wanted) and gp, pixel-major.
+    const int64_t block = block_pixels(dim + k);
+    std::vector<scalar_t> features(block * dim), grads(want_dict ? block * dim : 0);
+    std::vector<scalar_t> pre_grads(block * k);
+    // Per worker: one pixel's g (when not kept in `grads`) and a piece's grad_x.
+    PerThreadScratch<scalar_t> scratch(dim + (want_x ? kPiecePixels * dim : 0));
+
+    for_each_pixel_block(grid.pixels(), block, [&](int64_t p0, int64_t count) {
+      // Over pixels: g_p = scale * (x_hat_p - x_p), gp, the intercept
+      // gradient and grad_x_p = -g_p + sum_j gp_pj C[:, idx_pj].
+      for_each_piece(p0, count, [&](int64_t piece, int64_t q0, int64_t n) {
+        scalar_t* xb = features.data() + (q0 - p0) * dim;
+        gather_tile(x.const_data_ptr<scalar_t>(), grid, q0, n, xb);
+        scalar_t* own = scratch.get();
+        scalar_t* grad_features = own + dim;
+        for (int64_t i = 0; i < n; ++i) {
+          const int64_t p = q0 + i;
+          const scalar_t* xp = xb + i * dim;
+          scalar_t* g = want_dict ? grads.data() + (p - p0) * dim : own;
+          combine_codewords(cw, dim, ix_all + p * k, v_all + p * k, k, g);
+          for (int64_t d = 0; d < dim; ++d) g[d] = scale * (g[d] - xp[d]);
+          scalar_t* gp = pre_grads.data() + (p - p0) * k;
+          dot_rows(g, cw, dim, ix_all + p * k, k, gp);
           for (int64_t j = 0; j < k; ++j) {
             const scalar_t v = v_all[p * k + j];
             gp[j] *= v * (scalar_t(1) - v);
-            bias_grads[chunk] += gp[j];
+            bias_grads[piece] += gp[j];
           }
           if (want_x) {
-            scalar_t* gx = grad_features.data() + i * dim;
+            scalar_t* gx = grad_features + i * dim;
             combine_codewords(cw, dim, ix_all + p * k, gp, k, gx);
             for (int64_t d = 0; d < dim; ++d) gx[d] -= g[d];
           }
         }
         if (want_x) {
-          scatter_tile(grad_features.data(), grad_grid, p0, count,
-                       grad_x.mutable_data_ptr<scalar_t>());
-        }
-      }
-    });
-    grad_bias = want_bias ? at::scalar_tensor(bias_grads.total(), x.options()) : unwanted(x);
-
-    // Pass 2, over channel slices: grad_dictionary[:, c] += v g_p + gp x_p.
-    // g_p is recomputed (k*D) rather than stored (N*H*W*D).
-    DictionaryGradient<scalar_t> dict_grad(dictionary, want_dict);
-    if (want_dict) {
-      dict_grad.for_each_slice([&](int64_t d0, int64_t d1) {
-        const int64_t width = d1 - d0;
-        std::vector<scalar_t> features(tile * width), g(width);
-        for (int64_t t = 0; t < num_tiles; ++t) {
-          const int64_t p0 = t * tile, count = std::min(tile, grid.pixels() - p0);
-          gather_tile(x.const_data_ptr<scalar_t>(), grid, p0, count, features.data(), d0, d1);
-          for (int64_t i = 0; i < count; ++i) {
-            const int64_t p = p0 + i;
-            const int64_t* ix = ix_all + p * k;
-            const scalar_t* xp = features.data() + i * width;
-            combine_rows(cw + d0, dim, width, ix, v_all + p * k, k, g.data());
-            for (int64_t d = 0; d < width; ++d) g[d] = scale * (g[d] - xp[d]);
-            for (int64_t j = 0; j < k; ++j) {
-              axpy2(v_all[p * k + j], g.data(), pre_grads[p * k + j], xp,
-                    dict_grad.row(ix[j]) + d0, width);
-            }
-          }
+          scatter_tile(grad_features, grad_grid, q0, n, grad_x.mutable_data_ptr<scalar_t>());
         }
       });
-    }
+      // Over codewords: grad_dictionary[:, idx_e] += v_e g_p + gp_e x_p.
+      dict_grad.add_entries(ix_all, k, p0, count, [&](int64_t e, scalar_t* row) {
+        const int64_t i = e / k - p0;
+        axpy2(v_all[e], grads.data() + i * dim, pre_grads[e - p0 * k],
+              features.data() + i * dim, row, dim);
+      });
+    });
     grad_dict = dict_grad.finish(dictionary);
+    grad_bias = want_bias ? at::scalar_tensor(bias_grads.total(), x.options()) : unwanted(x);
   });
   return {grad_x, grad_dict, grad_bias};
 }

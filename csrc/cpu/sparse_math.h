@@ -30,11 +30,13 @@ inline void combine_codewords(const scalar_t* codewords, int64_t dim,
   combine_rows(codewords, dim, dim, indices, weights, k, out);
 }
 
-// The dictionary gradient, accumulated without per-thread copies: worker r
-// owns channels [d0, d1) of every codeword row and adds, in pixel order, the
-// slice of every kept entry's contribution. Workers never share a value and
-// do no redundant work; each value is summed in the same order whatever the
-// thread count (bitwise reproducible); the only buffer is the gradient itself.
+// The dictionary gradient, accumulated codeword by codeword. The kept entries
+// of a block of pixels are grouped by codeword (a counting sort, pixel order
+// kept); each worker then owns a range of codewords and adds every entry of
+// a codeword to its row, so the row stays in L1 while the entries' pixel
+// rows stream past. Workers never share a value, there are no per-thread
+// copies, and each value is summed in the same order whatever the thread
+// count (bitwise reproducible).
 //
 // Rows are codeword-major (K x D). The result is laid out like the dictionary
 // (at::empty_like), so a codeword-major dictionary gets its gradient with no
@@ -50,21 +52,24 @@ class DictionaryGradient {
                 ? result_.t()
                 : at::empty({num_codewords_, dim_}, dictionary.options());
     rows_.zero_();
+    starts_.resize(num_codewords_ + 1);
   }
 
-  scalar_t* row(int64_t c) { return rows_.mutable_data_ptr<scalar_t>() + c * dim_; }
+  bool enabled() const { return enabled_; }
 
-  // Runs fn(d0, d1) once per worker's slice of channels (multiples of 8
-  // wide, so the vector loops stay aligned to whole registers).
-  template <typename F>
-  void for_each_slice(const F& fn) const {
-    constexpr int64_t kAlign = 8;
-    const int64_t units = (dim_ + kAlign - 1) / kAlign;
-    const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), units));
-    at::parallel_for(0, slices, 1, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        fn(std::min(dim_, units * r / slices * kAlign),
-           std::min(dim_, units * (r + 1) / slices * kAlign));
+  // Calls add(e, row) for every kept entry e = p * k + j of pixels
+  // [p0, p0 + count), with `row` the gradient row (D values) of codeword
+  // indices[e].
+  template <typename AddEntry>
+  void add_entries(const int64_t* indices, int64_t k, int64_t p0, int64_t count,
+                   const AddEntry& add) {
+    if (!enabled_) return;
+    group_by_codeword(indices, p0 * k, (p0 + count) * k);
+    constexpr int64_t kCodewordsPerTask = 16;
+    at::parallel_for(0, num_codewords_, kCodewordsPerTask, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        scalar_t* row = rows_.mutable_data_ptr<scalar_t>() + c * dim_;
+        for (int64_t i = starts_[c]; i < starts_[c + 1]; ++i) add(entries_[i], row);
       }
     });
   }
@@ -76,17 +81,15 @@ class DictionaryGradient {
   void add_weighted_pixels(const scalar_t* source, const PixelGrid& grid, const int64_t* indices,
                            int64_t k, const Coefficient& coefficient) {
     if (!enabled_) return;
-    const int64_t tile = tile_pixels(num_codewords_);
-    for_each_slice([&](int64_t d0, int64_t d1) {
-      const int64_t width = d1 - d0;
-      std::vector<scalar_t> pixels(tile * width);
-      for (int64_t p0 = 0; p0 < grid.pixels(); p0 += tile) {
-        const int64_t count = std::min(tile, grid.pixels() - p0);
-        gather_tile(source, grid, p0, count, pixels.data(), d0, d1);
-        for (int64_t e = p0 * k; e < (p0 + count) * k; ++e) {
-          axpy(coefficient(e), pixels.data() + (e / k - p0) * width, row(indices[e]) + d0, width);
-        }
-      }
+    const int64_t block = block_pixels(std::max(dim_, k));
+    std::vector<scalar_t> rows(block * dim_);  // the block's pixels, pixel-major
+    for_each_pixel_block(grid.pixels(), block, [&](int64_t p0, int64_t count) {
+      for_each_piece(p0, count, [&](int64_t, int64_t q0, int64_t n) {
+        gather_tile(source, grid, q0, n, rows.data() + (q0 - p0) * dim_);
+      });
+      add_entries(indices, k, p0, count, [&](int64_t e, scalar_t* row) {
+        axpy(coefficient(e), rows.data() + (e / k - p0) * dim_, row, dim_);
+      });
     });
   }
 
@@ -97,24 +100,21 @@ class DictionaryGradient {
   }
 
  private:
+  // Afterwards entries_[starts_[c], starts_[c + 1]) are the entries in
+  // [e0, e1) of codeword c, in increasing order.
+  void group_by_codeword(const int64_t* indices, int64_t e0, int64_t e1) {
+    std::fill(starts_.begin(), starts_.end(), 0);
+    for (int64_t e = e0; e < e1; ++e) ++starts_[indices[e] + 1];
+    for (int64_t c = 0; c < num_codewords_; ++c) starts_[c + 1] += starts_[c];
+    cursor_.assign(starts_.begin(), starts_.end() - 1);
+    entries_.resize(e1 - e0);
+    for (int64_t e = e0; e < e1; ++e) entries_[cursor_[indices[e]]++] = e;
+  }
+
   bool enabled_;
   int64_t num_codewords_, dim_;
   at::Tensor result_, rows_;
-};
-
-// Intercept gradient partials, one per chunk, summed in chunk order.
-class ChunkSums {
- public:
-  explicit ChunkSums(int64_t num_chunks) : sums_(num_chunks, 0.0) {}
-  double& operator[](int64_t chunk) { return sums_[chunk]; }
-  double total() const {
-    double t = 0.0;
-    for (double s : sums_) t += s;
-    return t;
-  }
-
- private:
-  std::vector<double> sums_;
+  std::vector<int64_t> starts_, cursor_, entries_;
 };
 
 }  // namespace srm_ext::cpu

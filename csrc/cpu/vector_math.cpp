@@ -80,36 +80,31 @@ SRM_EXT_MULTIVERSION void dot_rows(const float* v, const float* rows, int64_t di
   for (; j < k; ++j) out[j] = dot(v, rows + indices[j] * dim, dim);
 }
 
-// 32 outputs held in four registers while the k rows stream through them:
-// one store per output instead of one per row.
+// Four rows per pass over the output: each pass streams four whole rows
+// front to back and the output stays in L1. (Walking all k rows per column
+// block instead keeps k streams a row apart in flight, which the hardware
+// prefetcher cannot follow once the rows leave the L2.)
 SRM_EXT_MULTIVERSION void combine_rows(const float* rows, int64_t stride, int64_t width,
                                        const int64_t* indices, const float* weights, int64_t k,
                                        float* out) {
-  int64_t d = 0;
-  for (; d + 32 <= width; d += 32) {
-    Float8 a0 = {}, a1 = {}, a2 = {}, a3 = {};
-    for (int64_t j = 0; j < k; ++j) {
-      const float* r = rows + indices[j] * stride + d;
-      const float w = weights[j];
-      a0 += w * load8(r);
-      a1 += w * load8(r + 8);
-      a2 += w * load8(r + 16);
-      a3 += w * load8(r + 24);
+  std::fill_n(out, width, 0.0f);
+  int64_t j = 0;
+  for (; j + 4 <= k; j += 4) {
+    const float* r0 = rows + indices[j] * stride;
+    const float* r1 = rows + indices[j + 1] * stride;
+    const float* r2 = rows + indices[j + 2] * stride;
+    const float* r3 = rows + indices[j + 3] * stride;
+    const float w0 = weights[j], w1 = weights[j + 1], w2 = weights[j + 2], w3 = weights[j + 3];
+    int64_t d = 0;
+    for (; d + 8 <= width; d += 8) {
+      store8(out + d, load8(out + d) + w0 * load8(r0 + d) + w1 * load8(r1 + d) +
+                          w2 * load8(r2 + d) + w3 * load8(r3 + d));
     }
-    store8(out + d, a0);
-    store8(out + d + 8, a1);
-    store8(out + d + 16, a2);
-    store8(out + d + 24, a3);
+    for (; d < width; ++d) out[d] += w0 * r0[d] + w1 * r1[d] + w2 * r2[d] + w3 * r3[d];
   }
-  for (; d + 8 <= width; d += 8) {
-    Float8 a = {};
-    for (int64_t j = 0; j < k; ++j) a += weights[j] * load8(rows + indices[j] * stride + d);
-    store8(out + d, a);
-  }
-  for (; d < width; ++d) {
-    float a = 0;
-    for (int64_t j = 0; j < k; ++j) a += weights[j] * rows[indices[j] * stride + d];
-    out[d] = a;
+  for (; j < k; ++j) {
+    const float* r = rows + indices[j] * stride;
+    for (int64_t d = 0; d < width; ++d) out[d] += weights[j] * r[d];
   }
 }
 
