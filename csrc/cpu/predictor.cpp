@@ -137,23 +137,32 @@ std::tuple<at::Tensor, at::Tensor> predictor_loss(const at::Tensor& y,
     });
 
     // Per image and codeword: the BCE term and its gradient with respect to
-    // each pixel's q (through the image mean).
-    std::vector<scalar_t> global_grad(n * num_codewords);
-    double bce_sum = 0.0;
-    const double global_scale =
-        global_weight / static_cast<double>(std::max<int64_t>(n * num_codewords, 1));
-    for (int64_t i = 0; i < n * num_codewords; ++i) {
-      double q_sum = 0.0;
-      for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
-        q_sum += q_sums[chunk * n * num_codewords + i];
+    // each pixel's q (through the image mean). Partial sums per fixed block
+    // of terms, added in order, so the loss does not depend on the threads.
+    const int64_t terms = n * num_codewords;
+    constexpr int64_t kTermsPerBlock = 1024;
+    std::vector<scalar_t> global_grad(terms);
+    std::vector<double> bce_sums((terms + kTermsPerBlock - 1) / kTermsPerBlock, 0.0);
+    const double global_scale = global_weight / static_cast<double>(std::max<int64_t>(terms, 1));
+    const scalar_t* target = targets.const_data_ptr<scalar_t>();
+    at::parallel_for(0, static_cast<int64_t>(bce_sums.size()), 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t block = b0; block < b1; ++block) {
+        for (int64_t i = block * kTermsPerBlock; i < std::min(terms, (block + 1) * kTermsPerBlock);
+             ++i) {
+          double q_sum = 0.0;
+          for (int64_t chunk = 0; chunk < num_chunks; ++chunk) q_sum += q_sums[chunk * terms + i];
+          const auto mean = static_cast<scalar_t>(q_sum / static_cast<double>(per_image));
+          bce_sums[block] += binary_cross_entropy(mean, target[i]);
+          const double dmean =
+              (static_cast<double>(mean) - target[i]) /
+              std::max<double>(static_cast<double>(mean) * (1.0 - mean), kBceEpsilon);
+          global_grad[i] =
+              static_cast<scalar_t>(global_scale * dmean / static_cast<double>(per_image));
+        }
       }
-      const auto mean = static_cast<scalar_t>(q_sum / static_cast<double>(per_image));
-      const scalar_t target = targets.const_data_ptr<scalar_t>()[i];
-      bce_sum += binary_cross_entropy(mean, target);
-      const double dmean = (static_cast<double>(mean) - target) /
-                           std::max<double>(static_cast<double>(mean) * (1.0 - mean), kBceEpsilon);
-      global_grad[i] = static_cast<scalar_t>(global_scale * dmean / static_cast<double>(per_image));
-    }
+    });
+    double bce_sum = 0.0;
+    for (double s : bce_sums) bce_sum += s;
 
     // Pass 2: G = dloss/dz = (dlocal/dq + dglobal/dq) * q (1 - q), in place.
     const auto local_scale = static_cast<scalar_t>(local_weight / static_cast<double>(pixels));
@@ -170,7 +179,7 @@ std::tuple<at::Tensor, at::Tensor> predictor_loss(const at::Tensor& y,
     double ce_sum = 0.0;
     for (double s : ce_sums) ce_sum += s;
     loss = local_weight * ce_sum / static_cast<double>(pixels) +
-           global_weight * bce_sum / static_cast<double>(n * num_codewords);
+           global_weight * bce_sum / static_cast<double>(terms);
   });
   return {at::scalar_tensor(loss, y.options()), grad_logits};
 }

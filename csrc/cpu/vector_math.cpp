@@ -1,5 +1,11 @@
 // Out-of-line float32 vector helpers, compiled once per instruction set
 // (see SRM_EXT_MULTIVERSION) and picked by the CPU at load time.
+#if defined(__GNUC__)
+// Vector values are passed only between functions inlined into one clone;
+// the note that AVX changes the ABI for them does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
 #include "vector_math.h"
 
 namespace srm_ext::cpu {
@@ -18,9 +24,6 @@ SRM_EXT_MULTIVERSION void axpy2(float alpha, const float* a, float beta, const f
 }
 
 #if defined(__GNUC__)
-// The helpers below are inlined into each clone; the ABI note does not apply.
-#pragma GCC diagnostic ignored "-Wpsabi"
-
 // Eight floats as one value: the compiler maps it onto one AVX2 register (or
 // two SSE registers in the baseline clone). Unaligned and alias-safe.
 typedef float Float8 __attribute__((vector_size(32), aligned(4), may_alias));
@@ -38,6 +41,15 @@ static inline Float8 exp8(Float8 x) {
   const Float8 p = exp_reduced(x, n);
   const Int8 bits = (__builtin_convertvector(n, Int8) + 127) << 23;
   return p * reinterpret_cast<const Float8&>(bits);
+}
+
+typedef double Double4 __attribute__((vector_size(32), aligned(8), may_alias));
+
+// sums[0, 8) += v, in double precision.
+static inline void add_to_doubles(double* sums, Float8 v) {
+  Double4* s = reinterpret_cast<Double4*>(sums);  // not auto: it would drop the alignment
+  s[0] += __builtin_convertvector(__builtin_shufflevector(v, v, 0, 1, 2, 3), Double4);
+  s[1] += __builtin_convertvector(__builtin_shufflevector(v, v, 4, 5, 6, 7), Double4);
 }
 
 static inline float lane_sum(Float8 v) {
@@ -116,7 +128,7 @@ SRM_EXT_MULTIVERSION float sigmoid_exp_sum_row(float* row, int64_t n, float bias
     const Float8 q = 1.0f / (1.0f + exp8(-(load8(row + c) + bias)));
     store8(row + c, q);
     exp_sum += exp8(q);
-    for (int l = 0; l < 8; ++l) column_sums[c + l] += q[l];
+    add_to_doubles(column_sums + c, q);
   }
   float total = lane_sum(exp_sum);
   for (; c < n; ++c) {

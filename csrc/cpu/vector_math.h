@@ -1,7 +1,7 @@
 // Elementwise math written so the compiler vectorizes it: no branches, no
 // calls into libm inside hot loops. On x86-64 Linux, row functions marked
-// SRM_EXT_MULTIVERSION get an AVX2 clone picked at load time, so the binary
-// still runs on CPUs without AVX2.
+// SRM_EXT_MULTIVERSION get an x86-64-v3 (AVX2 + FMA) clone picked at load
+// time, so the binary still runs on CPUs without them.
 #pragma once
 
 #include <algorithm>
@@ -10,7 +10,7 @@
 #include <cstring>
 
 #if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
-#define SRM_EXT_MULTIVERSION __attribute__((target_clones("avx2", "default")))
+#define SRM_EXT_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define SRM_EXT_MULTIVERSION
 #endif
