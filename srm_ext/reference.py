@@ -23,9 +23,17 @@ __all__ = [
 ]
 
 
+def _accumulation_dtype(t: Tensor) -> torch.dtype:
+    """float32 for half-precision inputs (their range would overflow to inf in
+    a similarity or a sum of squares), else the input's own dtype."""
+    return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
+
+
 def _pre_activations(x: Tensor, dictionary: Tensor, intercept: Tensor) -> Tensor:
-    """``C^T x_p + b`` for every pixel, shaped (N, H, W, K)."""
-    return x.permute(0, 2, 3, 1) @ dictionary + intercept.reshape(())
+    """``C^T x_p + b`` for every pixel, shaped (N, H, W, K), in the
+    accumulation dtype."""
+    acc = _accumulation_dtype(x)
+    return x.permute(0, 2, 3, 1).to(acc) @ dictionary.to(acc) + intercept.reshape(()).to(acc)
 
 
 def sparse_encode(
@@ -36,17 +44,18 @@ def sparse_encode(
     pre = _pre_activations(x, dictionary, intercept)
     order = torch.sort(pre.detach(), dim=-1, descending=True, stable=True).indices
     indices = order[..., :k].contiguous()
-    values = torch.sigmoid(torch.gather(pre, -1, indices))
+    values = torch.sigmoid(torch.gather(pre, -1, indices)).to(x.dtype)
     return values, indices
 
 
 def sparse_decode(values: Tensor, indices: Tensor, dictionary: Tensor) -> Tensor:
     """Reconstruction ``x_hat_p = sum_j values_pj * C[:, indices_pj]``, (N, D, H, W)."""
     _validation.validate_decode(values, indices, dictionary)
+    acc = _accumulation_dtype(values)
     num_codewords = dictionary.shape[1]
-    codes = values.new_zeros(*values.shape[:-1], num_codewords)
-    codes = codes.scatter_add(-1, indices, values)
-    return (codes @ dictionary.t()).permute(0, 3, 1, 2)
+    codes = values.new_zeros(*values.shape[:-1], num_codewords, dtype=acc)
+    codes = codes.scatter_add(-1, indices, values.to(acc))
+    return (codes @ dictionary.to(acc).t()).to(values.dtype).permute(0, 3, 1, 2)
 
 
 def reconstruction_loss(
@@ -54,7 +63,9 @@ def reconstruction_loss(
 ) -> Tensor:
     """Stage-1 loss ``mean((decode(encode(x)) - x) ** 2)``."""
     values, indices = sparse_encode(x, dictionary, intercept, k)
-    return torch.mean((sparse_decode(values, indices, dictionary) - x) ** 2)
+    acc = _accumulation_dtype(x)
+    x_hat = sparse_decode(values, indices, dictionary)
+    return torch.mean((x_hat.to(acc) - x.to(acc)) ** 2).to(x.dtype)
 
 
 def sparse_labels(
@@ -65,9 +76,11 @@ def sparse_labels(
     values, indices = values.detach(), indices.detach()
     n, h, w, k = values.shape
     pixel_labels = indices[..., 0].contiguous()
-    image_labels = values.new_zeros(n, num_codewords)
-    image_labels.scatter_add_(1, indices.reshape(n, h * w * k), values.reshape(n, h * w * k))
-    return pixel_labels, image_labels / (h * w)
+    image_labels = values.new_zeros(n, num_codewords, dtype=_accumulation_dtype(values))
+    image_labels.scatter_add_(
+        1, indices.reshape(n, h * w * k), values.reshape(n, h * w * k).to(image_labels.dtype)
+    )
+    return pixel_labels, (image_labels / (h * w)).to(values.dtype)
 
 
 def predictor_loss(
@@ -87,5 +100,5 @@ def predictor_loss(
     # The authors feed the sigmoid outputs to a cross-entropy as logits.
     local = F.cross_entropy(q.reshape(-1, q.shape[-1]), pixel_labels.reshape(-1))
     image_means = q.mean(dim=(1, 2))
-    global_ = F.binary_cross_entropy(image_means, image_labels)
-    return local_weight * local + global_weight * global_
+    global_ = F.binary_cross_entropy(image_means, image_labels.to(q.dtype))
+    return (local_weight * local + global_weight * global_).to(y.dtype)
