@@ -67,20 +67,17 @@ __global__ void __launch_bounds__(kTileThreads, 4)
     }
     __syncthreads();
 
-    const bool channel_major = channels_fastest(out_layout);
-    for (int e = threadIdx.x; e < kTilePixels * kTileChannels;
-         e += kTileThreads) {
-      int i, c;
-      tile_element(e, channel_major, i, c);
-      const int64_t dd = d0 + c;
-      if (out_offsets[i] >= 0 && dd < depth) {
-        float v = sums[i][c];
-        if (addend != nullptr) {
-          v = fmaf(addend_scale, add_tile[i][c], v);
-        }
-        out[out_offsets[i] + dd * out_layout.stride_d] = from_float<TOut>(scale * v);
-      }
-    }
+    for_each_tile_element(
+        out_layout, out_offsets, d0, [&](int i, int c, int64_t offset) {
+          if (offset < 0) {
+            return;
+          }
+          float v = sums[i][c];
+          if (addend != nullptr) {
+            v = fmaf(addend_scale, add_tile[i][c], v);
+          }
+          out[offset] = from_float<TOut>(scale * v);
+        });
     __syncthreads();  // tiles are rewritten by the next chunk
   }
 }

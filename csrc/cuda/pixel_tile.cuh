@@ -33,12 +33,22 @@ __device__ __forceinline__ void load_tile_pixel_offsets(
   }
 }
 
-// Maps a linear tile element to (pixel, channel) so that neighbouring threads
-// touch neighbouring addresses.
-__device__ __forceinline__ void tile_element(int e, bool channel_major,
-                                             int& pixel, int& channel) {
-  pixel = channel_major ? e / kTileChannels : e % kTilePixels;
-  channel = channel_major ? e % kTileChannels : e / kTilePixels;
+// Calls fn(i, c, offset) for every element (pixel i, channel first_channel + c)
+// of a tile, with offset its element offset in the map or -1 when the pixel
+// or channel is out of range. Neighbouring threads take neighbouring
+// addresses: channels fastest for channels_last, pixels fastest otherwise.
+template <typename Fn>
+__device__ __forceinline__ void for_each_tile_element(
+    const FeatureMapLayout& l, const int64_t* offsets, int64_t first_channel,
+    Fn&& fn) {
+  const bool channel_major = channels_fastest(l);
+  for (int e = threadIdx.x; e < kTilePixels * kTileChannels;
+       e += kTileThreads) {
+    const int i = channel_major ? e / kTileChannels : e % kTilePixels;
+    const int c = channel_major ? e % kTileChannels : e / kTilePixels;
+    const int64_t d = first_channel + c;
+    fn(i, c, offsets[i] >= 0 && d < l.d ? offsets[i] + d * l.stride_d : -1);
+  }
 }
 
 // tile[i][c] = src[pixel i, channel first_channel + c] as float, 0 outside.
@@ -47,18 +57,10 @@ __device__ __forceinline__ void load_pixel_tile(PixelTile& tile, const T* src,
                                                 const FeatureMapLayout& l,
                                                 const int64_t* offsets,
                                                 int64_t first_channel) {
-  const bool channel_major = channels_fastest(l);
-  for (int e = threadIdx.x; e < kTilePixels * kTileChannels;
-       e += kTileThreads) {
-    int i, c;
-    tile_element(e, channel_major, i, c);
-    const int64_t d = first_channel + c;
-    float v = 0.0f;
-    if (offsets[i] >= 0 && d < l.d) {
-      v = to_float(src[offsets[i] + d * l.stride_d]);
-    }
-    tile[i][c] = v;
-  }
+  for_each_tile_element(l, offsets, first_channel,
+                        [&](int i, int c, int64_t offset) {
+                          tile[i][c] = offset >= 0 ? to_float(src[offset]) : 0.0f;
+                        });
 }
 
 }  // namespace detail
