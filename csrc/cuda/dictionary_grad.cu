@@ -220,6 +220,20 @@ bool valid_terms(const FeatureMap& a, const FeatureMap* b) {
          (b->dtype == Dtype::kFloat32 && same_shape(a.layout, b->layout));
 }
 
+// Kernel arguments of the optional float32 b term; a's layout stands in
+// when there is none (the kernels then never read it).
+struct SecondTerm {
+  const float* data;
+  FeatureMapLayout layout;
+};
+
+SecondTerm second_term(const FeatureMap& a, const FeatureMap* b) {
+  if (b == nullptr) {
+    return {nullptr, a.layout};
+  }
+  return {static_cast<const float*>(b->data), b->layout};
+}
+
 unsigned grid_stride_blocks(int64_t count, int threads) {
   const int64_t blocks = ceil_div(count, threads);
   return static_cast<unsigned>(blocks < 65535 ? blocks : 65535);
@@ -243,17 +257,13 @@ cudaError_t launch_scatter_codewords_atomic(
   if (blocks > 0x7fffffff) {
     return cudaErrorInvalidValue;
   }
-  const FeatureMapLayout layout_b =
-      features_b != nullptr ? features_b->layout : features_a.layout;
-  const float* data_b = features_b != nullptr
-                            ? static_cast<const float*>(features_b->data)
-                            : nullptr;
+  const SecondTerm b = second_term(features_a, features_b);
   return detail::dispatch_dtype(features_a.dtype, [&](auto tag) {
     using T = decltype(tag);
     scatter_codewords_atomic_kernel<T>
         <<<static_cast<unsigned>(blocks), kTileThreads, 0, stream>>>(
             static_cast<const T*>(features_a.data), features_a.layout, coef_a,
-            data_b, layout_b, coef_b, indices, static_cast<int>(k),
+            b.data, b.layout, coef_b, indices, static_cast<int>(k),
             num_codewords, grad_dictionary_t);
     return cudaGetLastError();
   });
@@ -288,18 +298,14 @@ cudaError_t launch_scatter_codewords_sorted(
   if (num_codewords == 0 || features_a.layout.d == 0) {
     return cudaSuccess;
   }
-  const FeatureMapLayout layout_b =
-      features_b != nullptr ? features_b->layout : features_a.layout;
-  const float* data_b = features_b != nullptr
-                            ? static_cast<const float*>(features_b->data)
-                            : nullptr;
+  const SecondTerm b = second_term(features_a, features_b);
   const dim3 grid(static_cast<unsigned>(num_codewords),
                   static_cast<unsigned>(num_segments));
   return detail::dispatch_dtype(features_a.dtype, [&](auto tag) {
     using T = decltype(tag);
     scatter_codewords_sorted_kernel<T><<<grid, kSortedThreads, 0, stream>>>(
         static_cast<const T*>(features_a.data), features_a.layout, coef_a,
-        data_b, layout_b, coef_b, entry_order, run_offsets,
+        b.data, b.layout, coef_b, entry_order, run_offsets,
         static_cast<int>(k), num_codewords, segment_partials);
     return cudaGetLastError();
   });
