@@ -185,7 +185,7 @@ at::Tensor laid_out_like(const at::Tensor& grad, const at::Tensor& dictionary) {
   return out.copy_(grad);
 }
 
-// (D, K) gradient of the dictionary in `dtype`:
+// Gradient of the dictionary, laid out like it:
 //   G[:, c] = sum over (p, j) with indices[p, j] == c of
 //             coef_a[p, j] * features_a[p] + coef_b[p, j] * features_b[p]
 // (b term optional, float32). Deterministic when torch asks for it.
@@ -193,13 +193,14 @@ at::Tensor dictionary_grad(const at::Tensor& features_a,
                            const at::Tensor& coef_a,
                            const at::Tensor* features_b,
                            const at::Tensor* coef_b,
-                           const at::Tensor& indices, int64_t num_codewords,
-                           at::ScalarType dtype, cudaStream_t stream) {
+                           const at::Tensor& indices,
+                           const at::Tensor& dictionary, cudaStream_t stream) {
   const int64_t depth = features_a.size(1);
+  const int64_t num_codewords = dictionary.size(1);
   const int64_t k = indices.size(-1);
   const auto float_options = features_a.options().dtype(at::kFloat);
-  auto grad = at::empty({depth, num_codewords}, features_a.options().dtype(dtype));
-  const Dtype grad_dtype = kernel_dtype(dtype, "dictionary");
+  auto grad = at::empty({depth, num_codewords}, dictionary.options());
+  const Dtype grad_dtype = kernel_dtype(dictionary.scalar_type(), "dictionary");
 
   if (at::globalContext().deterministicAlgorithms()) {
     // Group entries by codeword; the stable sort keeps entry order inside a
@@ -249,7 +250,7 @@ at::Tensor dictionary_grad(const at::Tensor& features_a,
                      partials.data_ptr<float>(), segments, depth,
                      num_codewords, grad.data_ptr(), grad_dtype, stream),
                  "reduce_dictionary_partials");
-    return grad;
+    return laid_out_like(grad, dictionary);
   }
 
   auto grad_t = at::zeros({num_codewords, depth}, float_options);
@@ -269,7 +270,14 @@ at::Tensor dictionary_grad(const at::Tensor& features_a,
                    grad_t.data_ptr<float>(), 1, depth, num_codewords,
                    grad.data_ptr(), grad_dtype, stream),
                "reduce_dictionary_partials");
-  return grad;
+  return laid_out_like(grad, dictionary);
+}
+
+// Gradient of the shared intercept: the sum of the kept pre-activation
+// gradients, 0-dim in x's dtype.
+at::Tensor intercept_grad(const at::Tensor& grad_pre, const at::Tensor& x,
+                          cudaStream_t stream) {
+  return deterministic_sum(grad_pre, 1.0, stream).to(x.scalar_type());
 }
 
 // out (N, D, H, W, any strides) = host_scale * device_scale[0]
@@ -387,7 +395,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_encode_backward(
   const at::Tensor vals = values.contiguous();
   const at::Tensor idx = indices.contiguous();
   const at::Tensor grad_vals = grad_values.to(values.scalar_type()).contiguous();
-  const int64_t num_codewords = dictionary.size(1);
 
   // gp = d pre for every kept entry.
   auto grad_pre = at::empty(vals.sizes(), x.options().dtype(at::kFloat));
@@ -406,14 +413,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_encode_backward(
                       nullptr, 0.0f, nullptr, 1.0f, grad_x, stream);
   }
   if (output_mask[1]) {
-    grad_dictionary = laid_out_like(
-        dictionary_grad(x, grad_pre, nullptr, nullptr, idx, num_codewords,
-                        x.scalar_type(), stream),
-        dictionary);
+    grad_dictionary =
+        dictionary_grad(x, grad_pre, nullptr, nullptr, idx, dictionary, stream);
   }
   if (output_mask[2]) {
-    grad_intercept =
-        deterministic_sum(grad_pre, 1.0, stream).to(x.scalar_type());
+    grad_intercept = intercept_grad(grad_pre, x, stream);
   }
   return {grad_x, grad_dictionary, grad_intercept};
 }
@@ -422,7 +426,6 @@ at::Tensor sparse_decode(const at::Tensor& values, const at::Tensor& indices,
                          const at::Tensor& dictionary) {
   TORCH_CHECK(values.is_cuda(), "srm_ext: values must be a CUDA tensor");
   check_sparse_code(values, indices, values);
-  check_on_device(dictionary, "dictionary", values);
   check_dim(dictionary, 2, "dictionary", "(D, K)");
   check_dictionary(dictionary, dictionary.size(0), values, "values");
 
@@ -444,7 +447,6 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward(
     std::array<bool, 2> output_mask) {
   TORCH_CHECK(values.is_cuda(), "srm_ext: values must be a CUDA tensor");
   check_sparse_code(values, indices, values);
-  check_on_device(dictionary, "dictionary", values);
   check_dim(dictionary, 2, "dictionary", "(D, K)");
   check_dictionary(dictionary, dictionary.size(0), values, "values");
   check_on_device(grad_output, "grad_output", values);
@@ -471,10 +473,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward(
   }
   if (output_mask[1]) {
     const at::Tensor coef = values.to(at::kFloat).contiguous();
-    grad_dictionary = laid_out_like(
-        dictionary_grad(grad_out, coef, nullptr, nullptr, idx,
-                        dictionary.size(1), values.scalar_type(), stream),
-        dictionary);
+    grad_dictionary = dictionary_grad(grad_out, coef, nullptr, nullptr, idx,
+                                      dictionary, stream);
   }
   return {grad_values, grad_dictionary};
 }
@@ -541,14 +541,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss_backward(
   }
   if (output_mask[1]) {
     // v_pj g_p (through x_hat) + gp_pj x_p (through the encoder)
-    grad_dictionary = laid_out_like(
-        dictionary_grad(x, grad_pre, &g, &coef_values, idx, dictionary.size(1),
-                        x.scalar_type(), stream),
-        dictionary);
+    grad_dictionary = dictionary_grad(x, grad_pre, &g, &coef_values, idx,
+                                      dictionary, stream);
   }
   if (output_mask[2]) {
-    grad_intercept =
-        deterministic_sum(grad_pre, 1.0, stream).to(x.scalar_type());
+    grad_intercept = intercept_grad(grad_pre, x, stream);
   }
   return {grad_x, grad_dictionary, grad_intercept};
 }
