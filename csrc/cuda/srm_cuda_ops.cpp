@@ -616,11 +616,15 @@ std::tuple<at::Tensor, at::Tensor> predictor_loss(
   TORCH_CHECK(at::isFloatingType(image_labels.scalar_type()),
               "srm_ext: image_labels must be floating point, got ",
               image_labels.scalar_type());
-  TORCH_CHECK(n * h * w > 0, "srm_ext: predictor_loss needs at least one pixel");
 
   const c10::cuda::CUDAGuard guard(y.device());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor bias = intercept_as_float(intercept, y);
+  if (n * h * w == 0) {
+    // Means over no pixels: NaN, as on the CPU; nothing to launch.
+    return {at::full({}, std::numeric_limits<double>::quiet_NaN(), y.options()),
+            at::empty({n, h, w, num_codewords}, y.options())};
+  }
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor labels = pixel_labels.contiguous();
   const at::Tensor targets = image_labels.to(y.scalar_type()).contiguous();
   const int64_t pixels = n * h * w;
