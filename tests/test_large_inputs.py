@@ -24,6 +24,8 @@ pytestmark = requires_native_cpu
 
 N, D, H, W, K, k = 4, 4, 300, 300, 8192, 2
 MIB = 1024 * 1024
+# Tiles and blocks per worker thread, plus slack for the allocator.
+WORKSPACE_LIMIT = (48 + 4 * torch.get_num_threads()) * MIB
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +57,7 @@ def test_encode_is_exact_at_both_ends_of_the_map_with_a_small_workspace(inputs):
             torch.testing.assert_close(values[image : image + 1, rows], want_v, rtol=0, atol=0)
     if peak.available:
         outputs = values.nbytes + indices.nbytes
-        assert peak_bytes - outputs < 64 * MIB, f"encode used {peak_bytes / MIB:.0f} MiB"
+        assert peak_bytes - outputs < WORKSPACE_LIMIT, f"encode used {peak_bytes / MIB:.0f} MiB"
 
 
 def test_stage1_step_has_a_small_workspace(inputs):
@@ -82,4 +84,4 @@ def test_stage1_step_has_a_small_workspace(inputs):
         # The code (values and indices) is kept for backward; the rest is
         # tiles, pixel blocks and the gradient itself.
         kept = N * H * W * k * (4 + 8)
-        assert peak_bytes - kept < 64 * MIB, f"stage-1 step used {peak_bytes / MIB:.0f} MiB"
+        assert peak_bytes - kept < WORKSPACE_LIMIT, f"stage-1 step used {peak_bytes / MIB:.0f} MiB"

@@ -85,10 +85,11 @@ void scatter_tile(const scalar_t* tile, const PixelGrid& g, int64_t p0, int64_t 
   copy_tile<scalar_t, false>(dst, g, p0, count, const_cast<scalar_t*>(tile), 0, g.c);
 }
 
-// Pixels per tile: enough rows for an efficient GEMM, few enough that the
-// tile's (pixels x K) similarity block stays in cache (1 MiB in float32).
+// Pixels per tile: enough rows for an efficient GEMM (BLAS packs the whole
+// dictionary once per tile), few enough that the tile's (pixels x K)
+// similarity block stays in cache (2 MiB in float32).
 inline int64_t tile_pixels(int64_t num_codewords) {
-  constexpr int64_t kTileElements = 1 << 18;
+  constexpr int64_t kTileElements = 1 << 19;
   return std::clamp<int64_t>(kTileElements / std::max<int64_t>(num_codewords, 1), 16, 512);
 }
 
