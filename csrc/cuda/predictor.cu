@@ -8,7 +8,7 @@
 //   global = mean_{n,c} BCE(m_nc, t_nc)             (logs clamped at -100)
 //   dq_pc  = lw / P * (softmax(q_p)_c - [c == label_p])
 //          + gw / (N K) * (m_nc - t_nc) / max(m_nc (1 - m_nc), 1e-12) / HW
-//   dz     = dq * q * (1 - q)
+//   dz     = dq * q * (1 - q), written times grad_scale
 //
 // Three passes, every reduction in a fixed order: per-pixel softmax statistics
 // (one warp per pixel), per-(image, codeword) means (one thread per column,
@@ -140,7 +140,8 @@ cudaError_t launch_predictor_loss(void* logits, Dtype dtype,
                                   const void* image_labels, int64_t batch,
                                   int64_t pixels_per_image,
                                   int64_t num_codewords, float local_weight,
-                                  float global_weight, float* float_workspace,
+                                  float global_weight, float grad_scale,
+                                  float* float_workspace,
                                   double* sum_workspace, float* loss_out,
                                   int* error_flag, cudaStream_t stream) {
   const int64_t pixels = batch * pixels_per_image;
@@ -165,8 +166,9 @@ cudaError_t launch_predictor_loss(void* logits, Dtype dtype,
                                   num_codewords, lse, local_terms, error_flag);
     SRM_RETURN_IF_ERROR(cudaGetLastError());
 
-    const float global_scale =
-        static_cast<float>(static_cast<double>(global_weight) / columns);
+    // The gradient scales carry grad_scale; the loss terms do not.
+    const float global_scale = static_cast<float>(
+        static_cast<double>(global_weight) * grad_scale / columns);
     image_means_kernel<T>
         <<<static_cast<unsigned>(detail::ceil_div(columns, kThreads)),
            kThreads, 0, stream>>>(z, intercept,
@@ -186,8 +188,8 @@ cudaError_t launch_predictor_loss(void* logits, Dtype dtype,
     SRM_RETURN_IF_ERROR(cudaGetLastError());
 
     const int64_t total = pixels * num_codewords;
-    const float local_scale =
-        static_cast<float>(static_cast<double>(local_weight) / pixels);
+    const float local_scale = static_cast<float>(
+        static_cast<double>(local_weight) * grad_scale / pixels);
     logit_grad_kernel<T>
         <<<clamp_blocks(detail::ceil_div(total, kThreads)), kThreads, 0,
            stream>>>(z, intercept, pixel_labels, lse, global_coef,

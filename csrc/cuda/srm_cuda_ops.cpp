@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -604,6 +605,29 @@ at::Tensor pixel_rows(const at::Tensor& y) {
   return y.permute({0, 2, 3, 1}).reshape({-1, y.size(1)});
 }
 
+// The power of two by which predictor_loss scales grad_logits and its backward
+// divides again. dloss/dz has terms of order 1/P (one-hot) and 1/(P*K)
+// (softmax, BCE); at training batch sizes they fall below float16's smallest
+// normal (6.1e-5) and round to zero. Scaled by about P*K/64 they sit near 1
+// with ample headroom. float32 and bfloat16 have float32's range and keep
+// dloss/dz itself, as the CPU kernels do.
+double grad_logits_scale(at::ScalarType dtype, int64_t pixels,
+                         int64_t num_codewords) {
+  if (dtype != at::kHalf || pixels == 0) {
+    return 1.0;
+  }
+  const int exponent = std::ilogb(static_cast<double>(pixels) *
+                                  static_cast<double>(num_codewords)) - 6;
+  return std::ldexp(1.0, std::max(exponent, 0));
+}
+
+// alpha * (a @ b), alpha applied to the GEMM's float32 accumulator: a 16-bit
+// product that fits only once scaled down cannot overflow first.
+at::Tensor scaled_mm(const at::Tensor& a, const at::Tensor& b, double alpha) {
+  // beta = 0: the uninitialised input is ignored, as in at::mm.
+  return at::addmm(at::empty({}, a.options()), a, b, /*beta=*/0, alpha);
+}
+
 std::tuple<at::Tensor, at::Tensor> predictor_loss(
     const at::Tensor& y, const at::Tensor& dictionary,
     const at::Tensor& intercept, const at::Tensor& pixel_labels,
@@ -660,6 +684,8 @@ std::tuple<at::Tensor, at::Tensor> predictor_loss(
                    labels.data_ptr<int64_t>(), targets.data_ptr(), n, h * w,
                    num_codewords, static_cast<float>(local_weight),
                    static_cast<float>(global_weight),
+                   static_cast<float>(
+                       grad_logits_scale(y.scalar_type(), pixels, num_codewords)),
                    float_workspace.data_ptr<float>(),
                    sum_workspace.data_ptr<double>(), loss.data_ptr<float>(),
                    error_flag.data_ptr<int>(), stream),
@@ -695,23 +721,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> predictor_loss_backward(
   const at::Tensor upstream = grad_loss.to(y.device(), at::kFloat).reshape({});
   const at::Tensor g =
       grad_logits.to(y.scalar_type()).reshape({n * h * w, num_codewords});
+  const double unscale =
+      1.0 / grad_logits_scale(y.scalar_type(), n * h * w, num_codewords);
 
   at::Tensor grad_y = empty_gradient(y);
   at::Tensor grad_dictionary = empty_gradient(y);
   at::Tensor grad_intercept = empty_gradient(y);
   if (output_mask[0]) {
-    grad_y = at::mm(g, dictionary.t())
+    grad_y = scaled_mm(g, dictionary.t(), unscale)
                  .mul_(upstream)
                  .view({n, h, w, depth})
                  .permute({0, 3, 1, 2});
   }
   if (output_mask[1]) {
     grad_dictionary = laid_out_like(
-        at::mm(pixel_rows(y).t(), g).mul_(upstream), dictionary);
+        scaled_mm(pixel_rows(y).t(), g, unscale).mul_(upstream), dictionary);
   }
   if (output_mask[2]) {
     grad_intercept =
-        (at::sum(g, at::kFloat) * upstream).to(y.scalar_type());
+        (at::sum(g, at::kFloat).mul_(unscale) * upstream).to(y.scalar_type());
   }
   return {grad_y, grad_dictionary, grad_intercept};
 }

@@ -196,7 +196,8 @@ int64_t predictor_workspace_size(int64_t batch, int64_t pixels_per_image,
                                  int64_t num_codewords);
 
 // On entry `logits` (P, K row-major, `dtype`) holds C_s^T y_p; on exit it
-// holds dloss/dz for z = logits + intercept and a unit upstream gradient.
+// holds grad_scale * dloss/dz for z = logits + intercept and a unit upstream
+// gradient (grad_scale keeps float16 gradients in range).
 //   local  = mean_p(logsumexp_c q_pc - q_p[label_p]),  q = sigmoid(z)
 //   global = mean_{n,c} BCE(mean_hw q, image_labels) with logs clamped at -100
 //   loss_out[0] = local_weight * local + global_weight * global   (float32)
@@ -210,7 +211,8 @@ cudaError_t launch_predictor_loss(void* logits, Dtype dtype,
                                   const void* image_labels, int64_t batch,
                                   int64_t pixels_per_image,
                                   int64_t num_codewords, float local_weight,
-                                  float global_weight, float* float_workspace,
+                                  float global_weight, float grad_scale,
+                                  float* float_workspace,
                                   double* sum_workspace, float* loss_out,
                                   int* error_flag, cudaStream_t stream);
 
