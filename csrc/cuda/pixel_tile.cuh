@@ -57,10 +57,10 @@ __device__ __forceinline__ void load_pixel_tile(PixelTile& tile, const T* src,
                                                 const FeatureMapLayout& l,
                                                 const int64_t* offsets,
                                                 int64_t first_channel) {
-  for_each_tile_element(l, offsets, first_channel,
-                        [&](int i, int c, int64_t offset) {
-                          tile[i][c] = offset >= 0 ? to_float(src[offset]) : 0.0f;
-                        });
+  for_each_tile_element(
+      l, offsets, first_channel, [&](int i, int c, int64_t offset) {
+        tile[i][c] = offset >= 0 ? to_float(src[offset]) : 0.0f;
+      });
 }
 
 }  // namespace detail

@@ -658,7 +658,8 @@ std::tuple<at::Tensor, at::Tensor> predictor_loss(
 
   const c10::cuda::CUDAGuard guard(y.device());
   const at::Tensor bias = intercept_as_float(intercept, y);
-  if (n * h * w == 0) {
+  const int64_t pixels = n * h * w;
+  if (pixels == 0) {
     // Means over no pixels: NaN, as on the CPU; nothing to launch.
     return {at::full({}, std::numeric_limits<double>::quiet_NaN(), y.options()),
             at::empty({n, h, w, num_codewords}, y.options())};
@@ -666,7 +667,8 @@ std::tuple<at::Tensor, at::Tensor> predictor_loss(
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor labels = pixel_labels.contiguous();
   const at::Tensor targets = image_labels.to(y.scalar_type()).contiguous();
-  const int64_t pixels = n * h * w;
+  const double grad_scale =
+      grad_logits_scale(y.scalar_type(), pixels, num_codewords);
 
   // The logits buffer becomes grad_logits in place.
   at::Tensor logits = at::mm(pixel_rows(y), dictionary).contiguous();
@@ -684,8 +686,7 @@ std::tuple<at::Tensor, at::Tensor> predictor_loss(
                    labels.data_ptr<int64_t>(), targets.data_ptr(), n, h * w,
                    num_codewords, static_cast<float>(local_weight),
                    static_cast<float>(global_weight),
-                   static_cast<float>(
-                       grad_logits_scale(y.scalar_type(), pixels, num_codewords)),
+                   static_cast<float>(grad_scale),
                    float_workspace.data_ptr<float>(),
                    sum_workspace.data_ptr<double>(), loss.data_ptr<float>(),
                    error_flag.data_ptr<int>(), stream),
