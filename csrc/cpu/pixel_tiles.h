@@ -94,13 +94,13 @@ inline int64_t tile_pixels(int64_t num_codewords) {
 }
 
 // The backward kernels walk the pixels in blocks, keeping per-pixel rows of a
-// block (its feature vectors and the kept entries' terms) in buffers of at
-// most 2^18 values, 1 MiB in float32. Each block is split into pieces of
-// kPiecePixels for the workers; blocks are whole pieces, so piece q always
+// block (its feature vectors, the kept entries' terms) in a few buffers of at
+// most 2^18 values each (1 MiB in float32). Each block is split into pieces
+// of kPiecePixels for the workers; blocks are whole pieces, so piece q always
 // covers pixels [q * kPiecePixels, (q + 1) * kPiecePixels).
 constexpr int64_t kPiecePixels = 32;
 
-// Pixels per block when each pixel keeps `row_values` values (D, or k).
+// Pixels per block such that `row_values` values per pixel fit in 2^18.
 inline int64_t block_pixels(int64_t row_values) {
   constexpr int64_t kBlockValues = 1 << 18;
   const int64_t pieces = kBlockValues / kPiecePixels / std::max<int64_t>(row_values, 1);

@@ -55,8 +55,6 @@ class DictionaryGradient {
     starts_.resize(num_codewords_ + 1);
   }
 
-  bool enabled() const { return enabled_; }
-
   // Calls add(e, row) for every kept entry e = p * k + j of pixels
   // [p0, p0 + count), with `row` the gradient row (D values) of codeword
   // indices[e].
