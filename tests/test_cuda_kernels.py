@@ -190,3 +190,56 @@ def test_limits_raise_clear_errors():
     x = torch.randn(1, 8, 2, 2, device="cuda")
     with pytest.raises(RuntimeError, match="k"):
         torch.ops.srm_ext.sparse_encode(x, torch.randn(8, 300, device="cuda"), torch.zeros(1, device="cuda"), 129)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_with_large_magnitudes_accumulate_in_float32(dtype):
+    # |C^T x| around 1.2e5 overflows float16 and rounds to 8 bits in bfloat16:
+    # the selection must still be the exact one, on float32 pre-activations.
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(2, 64, 5, 5, generator=g) * 120).to(dtype)
+    C = (torch.randn(64, 48, generator=g) * 120).to(dtype)
+    b = torch.tensor([0.5], dtype=dtype)
+    exact = x.double().permute(0, 2, 3, 1) @ C.double() + 0.5
+    assert exact.abs().max() > torch.finfo(torch.float16).max
+    values, indices = srm_ext.sparse_encode(x.cuda(), C.cuda(), b.cuda(), 4)
+    want = torch.sort(exact, dim=-1, descending=True, stable=True).indices[..., :4]
+    torch.testing.assert_close(indices.cpu(), want, rtol=0, atol=0)
+    assert torch.isfinite(values).all()
+    loss = srm_ext.reconstruction_loss(x.cuda(), C.cuda(), b.cuda(), 4)
+    want_loss = reference.reconstruction_loss(x.float(), C.float(), b.float(), 4)
+    torch.testing.assert_close(loss.float().cpu(), want_loss, rtol=1e-2, atol=0)
+
+
+def test_element_counts_past_2_31_use_64_bit_offsets_and_a_bounded_workspace():
+    # 72M pixels: x has 2.3e9 elements and there are 4.6e9 pixel-codeword
+    # pairs, past 32-bit offsets; a dense similarity would take 9 GiB.
+    n, d, h, w, K, k = 2, 32, 6000, 6000, 64, 2
+    g = torch.Generator(device="cuda").manual_seed(8)
+    x = torch.randint(-16, 17, (n, d, h, w), device="cuda", generator=g, dtype=torch.int8)
+    x = x.to(torch.bfloat16) / 8
+    C = (torch.randint(-8, 9, (d, K), device="cuda", generator=g).float() / 32).to(torch.bfloat16)
+    b = torch.zeros(1, device="cuda", dtype=torch.bfloat16)
+    assert x.numel() > 2**31 and n * h * w * K > 2**32
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    values, indices = srm_ext.sparse_encode(x, C, b, k)
+    torch.cuda.synchronize()
+    outputs = values.nbytes + indices.nbytes
+    assert torch.cuda.max_memory_allocated() - base < outputs + 2**30
+    assert int(indices.min()) >= 0 and int(indices.max()) < K
+    # The last rows of the last image lie past every 32-bit offset.
+    tail = x[-1:, :, -2:, :].float().cpu()
+    want_v, want_i = reference.sparse_encode(tail, C.float().cpu(), b.float().cpu(), k)
+    torch.testing.assert_close(indices[-1:, -2:].cpu(), want_i, rtol=0, atol=0)
+    close(values[-1:, -2:], want_v, torch.bfloat16)
+    del values, indices
+
+    leaves = [C.clone().requires_grad_(True), b.clone().requires_grad_(True)]
+    torch.cuda.reset_peak_memory_stats()
+    loss = srm_ext.reconstruction_loss(x, *leaves, k)
+    grad_c, grad_b = torch.autograd.grad(loss, leaves)
+    torch.cuda.synchronize()
+    assert torch.isfinite(loss) and torch.isfinite(grad_c).all() and torch.isfinite(grad_b).all()
+    assert torch.cuda.max_memory_allocated() - base < outputs + 2**30
