@@ -72,6 +72,11 @@ class _CompiledReference:
         if name.startswith("_"):
             raise AttributeError(name)
         if name not in self._compiled:
+            # Compile in this process: a pool of compile workers would keep
+            # running beside the timed cases that follow and slow them down.
+            import torch._inductor.config as inductor_config
+
+            inductor_config.compile_threads = 1
             self._compiled[name] = torch.compile(getattr(reference, name), dynamic=False)
         return self._compiled[name]
 
