@@ -87,8 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-srm", type=float, help="SRM stages 1-2 and FitNet's hint stage")
     g.add_argument("--weight-decay", type=float)
     g.add_argument("--optimizer", choices=["adam", "adamw", "sgd"])
+    g.add_argument("--momentum", type=float, help="sgd only")
     g.add_argument("--schedule", choices=["none", "step", "cosine"],
                    help="per-epoch lr schedule of the teacher/KD/baseline stages")
+    g.add_argument("--milestones", type=_csv(float), metavar="F,...",
+                   help="step schedule: fractions of a stage's epochs where the lr drops")
+    g.add_argument("--gamma", type=float, help="step schedule: lr factor at each milestone")
     g = d.add_argument_group("runtime")
     g.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
     g.add_argument("--amp", choices=["none", "bf16", "fp16"], help="autocast dtype")

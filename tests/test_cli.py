@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from srm_ext.cli import main
+from srm_ext.cli import build_parser, main
 from srm_ext.distill import ExperimentConfig, ExperimentRunner
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,6 +132,7 @@ def test_existing_run_needs_resume_or_overwrite(tmp_path, capsys):
         (["--sparsity-multiplier", "1.5"], "only K="),
         (["--methods", "srm,magic"], "unknown method(s) magic"),
         (["--layer-pairs", "head.4:stage1"], "4-D"),
+        (["--milestones", "0.5,1.5"], "milestones are fractions of the epochs in (0, 1]"),
     ],
 )
 def test_user_errors_are_one_line_with_exit_code_2(tmp_path, capsys, flags, message):
@@ -183,3 +184,19 @@ def test_bench_forwards_its_arguments(monkeypatch):
     monkeypatch.setattr("srm_ext.benchmark", fake, raising=False)
     assert main(["bench", "--sizes", "small", "-h"]) == 0
     assert seen == [["--sizes", "small", "-h"]]
+
+
+def test_schedule_flags_reach_every_scheduled_stage():
+    from srm_ext.cli import build_config
+
+    args = build_parser().parse_args(
+        ["distill", "--optimizer", "sgd", "--momentum", "0.8", "--schedule", "step",
+         "--milestones", "0.5,0.75", "--gamma", "0.2"]
+    )
+    config = build_config(args)
+    for kind in ("teacher", "student"):
+        stage = config.stage(kind)
+        assert (stage.optimizer, stage.momentum, stage.schedule) == ("sgd", 0.8, "step")
+        assert stage.milestones == (0.5, 0.75) and stage.gamma == 0.2
+    # SRM stages 1 and 2 keep a constant lr (see ExperimentConfig.stage).
+    assert config.stage("dictionary").schedule == "none"

@@ -51,6 +51,14 @@ class StageConfig:
         if self.lr <= 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         self.milestones = tuple(float(m) for m in self.milestones)
+        if any(not 0.0 < m <= 1.0 for m in self.milestones):
+            raise ConfigError(
+                f"milestones are fractions of the epochs in (0, 1], got {list(self.milestones)}"
+            )
+        if self.gamma <= 0:
+            raise ConfigError(f"gamma must be > 0, got {self.gamma}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"momentum must lie in [0, 1), got {self.momentum}")
 
     def replace(self, **changes: Any) -> "StageConfig":
         return dataclasses.replace(self, **changes)
@@ -104,7 +112,10 @@ class ExperimentConfig:
     lr_srm: float = 1e-3  # stages 1 and 2 (and FitNet's hint stage)
     weight_decay: float = 1e-4
     optimizer: str = "adam"
+    momentum: float = 0.9  # sgd only
     schedule: str = "cosine"
+    milestones: list[float] = field(default_factory=lambda: [0.15, 0.65])  # step schedule
+    gamma: float = 0.1  # step schedule: lr factor at each milestone
     # runtime
     device: str = "auto"
     amp: str = "none"  # none | bf16 | fp16
@@ -155,7 +166,10 @@ class ExperimentConfig:
             optimizer=self.optimizer,
             lr=lr,
             weight_decay=0.0 if kind == "dictionary" else self.weight_decay,
+            momentum=self.momentum,
             schedule=schedule,
+            milestones=tuple(self.milestones),
+            gamma=self.gamma,
         )
 
     def to_dict(self) -> dict[str, Any]:
