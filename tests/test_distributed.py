@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from srm_ext import SRMDistiller
-from srm_ext.distill import DistributedContext, StageConfig, Trainer
+from srm_ext.distill import DistributedContext, StageConfig, Trainer, accuracy
 from srm_ext.distill.data import DatasetSplits, make_loaders
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,6 +93,39 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     for key, value in single.items():
         torch.testing.assert_close(rank0[key], rank1[key], rtol=0, atol=0)  # replicas agree
         torch.testing.assert_close(rank0[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def held_out_accuracy(context: DistributedContext) -> float:
+    """A fixed model on 37 held-out samples: the two shards are 19 and 18."""
+    torch.manual_seed(0)
+    model = conv_net((4, 5))
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (37, 1, 8, 8), dtype=torch.uint8, generator=g)
+    data = TensorDataset(images, torch.randint(0, 3, (37,), generator=g))
+    splits = DatasetSplits(data, data, 3, 1, 8, (0.5,), (0.25,), natural_images=False)
+    _, test = make_loaders(splits, batch_size=8, seed=0, context=context)
+    trainer = Trainer(preprocess=lambda x, train: x.float() / 255, progress=False,
+                      context=context, log=None)
+    return accuracy(model, test, trainer, context=context)
+
+
+def _accuracy_worker(rank: int, world_size: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+    )
+    try:
+        Path(f"{out}.{rank}").write_text(repr(held_out_accuracy(DistributedContext.current())))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_evaluation_sums_to_the_single_process_accuracy(tmp_path):
+    mp.spawn(_accuracy_worker, args=(2, free_port(), str(tmp_path / "acc")), nprocs=2, join=True)
+    single = held_out_accuracy(DistributedContext())
+    assert 0.0 < single < 1.0  # a mixed result, so a half-set count would show
+    for rank in (0, 1):
+        assert float((tmp_path / f"acc.{rank}").read_text()) == single
 
 
 def test_torchrun_cli_two_processes(tmp_path):

@@ -329,7 +329,9 @@ def make_loaders(
 ) -> tuple[DataLoader, DataLoader]:
     """Train loader sharded over processes and reshuffled reproducibly per epoch
     (``DistributedSampler`` with ``seed``; ``set_epoch`` is called by the trainer),
-    and an unsharded, ordered held-out loader. ``batch_size`` is the global batch."""
+    and an ordered held-out loader giving each process every ``world_size``-th
+    sample, without padding, so that counts summed over processes are exact
+    (``accuracy(..., context=...)``). ``batch_size`` is the global batch."""
     context = context or DistributedContext()
     if batch_size % context.world_size:
         raise ConfigError(
@@ -353,6 +355,7 @@ def make_loaders(
     test = DataLoader(
         splits.test,
         batch_size=max(batch_size, 256),
+        sampler=range(context.rank, len(splits.test), context.world_size),
         num_workers=num_workers,
         generator=torch.Generator().manual_seed(seed),
     )

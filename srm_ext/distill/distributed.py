@@ -79,6 +79,15 @@ class DistributedContext:
         dist.all_reduce(t)
         return t.item() / self.world_size
 
+    def sum(self, values: list[float], device: torch.device | str = "cpu") -> list[float]:
+        """Sum Python numbers over processes (``device``: where the backend
+        reduces, a CUDA device for NCCL)."""
+        if not self.enabled:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return t.tolist()
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()

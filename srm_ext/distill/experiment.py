@@ -316,7 +316,7 @@ class ExperimentRunner:
         return plan.student
 
     def _evaluate(self, model: nn.Module) -> dict[str, float]:
-        return {"test_acc": accuracy(model, self.test_loader, self.trainer)}
+        return {"test_acc": accuracy(model, self.test_loader, self.trainer, context=self.ctx)}
 
     def _end_of_epoch(
         self,

@@ -9,15 +9,25 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
+    from .distributed import DistributedContext
     from .trainer import Trainer
 
 __all__ = ["accuracy"]
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, loader: Iterable, trainer: "Trainer | None" = None) -> float:
+def accuracy(
+    model: nn.Module,
+    loader: Iterable,
+    trainer: "Trainer | None" = None,
+    context: "DistributedContext | None" = None,
+) -> float:
     """Top-1 accuracy of ``model`` over ``loader`` (eval mode; the previous mode is
-    restored). ``trainer`` supplies the device, preprocessing and autocast."""
+    restored). ``trainer`` supplies the device, preprocessing and autocast.
+
+    With a distributed ``context`` the counts are summed over its processes, so
+    each process can evaluate its own shard of the held-out set (``make_loaders``
+    shards it); every process must then call this function."""
     was_training = model.training
     model.eval()
     correct = total = 0
@@ -33,4 +43,7 @@ def accuracy(model: nn.Module, loader: Iterable, trainer: "Trainer | None" = Non
             total += targets.numel()
     finally:
         model.train(was_training)
+    if context is not None and context.enabled:
+        device = trainer.device if trainer is not None else "cpu"
+        correct, total = context.sum([correct, total], device)
     return correct / max(total, 1)
