@@ -39,7 +39,7 @@ at::Tensor sparse_decode(const at::Tensor& values, const at::Tensor& indices,
         const int64_t p0 = t * tile, count = std::min(tile, grid.pixels() - p0);
         for (int64_t i = 0; i < count; ++i) {
           const int64_t p = p0 + i;
-          combine_codewords(codewords.const_data_ptr<scalar_t>(), dim,
+          combine_rows(codewords.const_data_ptr<scalar_t>(), dim,
                             idx.const_data_ptr<int64_t>() + p * k,
                             vals.const_data_ptr<scalar_t>() + p * k, k, rows.data() + i * dim);
         }

@@ -85,7 +85,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_encode_backward(
           bias_grads[piece] += gp[j];
         }
         if (want_x) {
-          combine_codewords(codewords.const_data_ptr<scalar_t>(), dim, ix_all + e0, gp, k,
+          combine_rows(codewords.const_data_ptr<scalar_t>(), dim, ix_all + e0, gp, k,
                             grad_features + i * dim);
         }
       }

@@ -36,22 +36,20 @@ struct PixelGrid {
   }
 };
 
-// Copies channels [c0, c1) of pixels [p0, p0 + count) between a strided map
-// and a (count x (c1 - c0)) row-major tile. With channels strided (NCHW),
-// both sides are walked in 16 x 16 blocks: a plain loop would touch C cache
-// lines a power of two apart per pixel and thrash the L1 sets whenever H*W
-// is a power of two.
+// Copies pixels [p0, p0 + count) between a strided map and a (count x C)
+// row-major tile. With channels strided (NCHW), both sides are walked in
+// 16 x 16 blocks: a plain loop would touch C cache lines a power of two apart
+// per pixel and thrash the L1 sets whenever H*W is a power of two.
 template <typename scalar_t, bool kToTile>
-void copy_tile(scalar_t* map, const PixelGrid& g, int64_t p0, int64_t count, scalar_t* tile,
-               int64_t c0, int64_t c1) {
+void copy_tile(scalar_t* map, const PixelGrid& g, int64_t p0, int64_t count, scalar_t* tile) {
   auto move = [](scalar_t& tile_value, scalar_t& map_value) {
     if constexpr (kToTile) tile_value = map_value; else map_value = tile_value;
   };
-  const int64_t width = c1 - c0;
+  const int64_t channels = g.c;
   if (g.stride_c == 1) {  // channels_last: each pixel is contiguous
     for (int64_t i = 0; i < count; ++i) {
       scalar_t* pixel = map + g.pixel_offset(p0 + i);
-      for (int64_t c = c0; c < c1; ++c) move(tile[i * width + c - c0], pixel[c]);
+      for (int64_t c = 0; c < channels; ++c) move(tile[i * channels + c], pixel[c]);
     }
     return;
   }
@@ -60,29 +58,28 @@ void copy_tile(scalar_t* map, const PixelGrid& g, int64_t p0, int64_t count, sca
   for (int64_t i0 = 0; i0 < count; i0 += kBlock) {
     const int64_t pixels = std::min(kBlock, count - i0);
     for (int64_t i = 0; i < pixels; ++i) offsets[i] = g.pixel_offset(p0 + i0 + i);
-    for (int64_t b0 = c0; b0 < c1; b0 += kBlock) {
-      const int64_t b1 = std::min(b0 + kBlock, c1);
+    for (int64_t b0 = 0; b0 < channels; b0 += kBlock) {
+      const int64_t b1 = std::min(b0 + kBlock, channels);
       for (int64_t c = b0; c < b1; ++c) {
         for (int64_t i = 0; i < pixels; ++i) {
-          move(tile[(i0 + i) * width + c - c0], map[offsets[i] + c * g.stride_c]);
+          move(tile[(i0 + i) * channels + c], map[offsets[i] + c * g.stride_c]);
         }
       }
     }
   }
 }
 
-// All channels, or channels [c0, c1), of pixels [p0, p0 + count) into a tile.
+// Pixels [p0, p0 + count) of a map into a (count x C) tile.
 template <typename scalar_t>
 void gather_tile(const scalar_t* src, const PixelGrid& g, int64_t p0, int64_t count,
-                 scalar_t* tile, int64_t c0 = 0, int64_t c1 = -1) {
-  copy_tile<scalar_t, true>(const_cast<scalar_t*>(src), g, p0, count, tile, c0,
-                            c1 < 0 ? g.c : c1);
+                 scalar_t* tile) {
+  copy_tile<scalar_t, true>(const_cast<scalar_t*>(src), g, p0, count, tile);
 }
 
 template <typename scalar_t>
 void scatter_tile(const scalar_t* tile, const PixelGrid& g, int64_t p0, int64_t count,
                   scalar_t* dst) {
-  copy_tile<scalar_t, false>(dst, g, p0, count, const_cast<scalar_t*>(tile), 0, g.c);
+  copy_tile<scalar_t, false>(dst, g, p0, count, const_cast<scalar_t*>(tile));
 }
 
 // Pixels per tile: enough rows for an efficient GEMM (BLAS packs the whole

@@ -47,7 +47,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss(
         encoder.encode(p0, count, v, ix);
         double sum = 0.0;
         for (int64_t i = 0; i < count; ++i) {
-          combine_codewords(cw, dim, ix + i * k, v + i * k, k, x_hat.data());
+          combine_rows(cw, dim, ix + i * k, v + i * k, k, x_hat.data());
           const scalar_t* xp = encoder.features() + i * dim;
           sum += sum_in_lanes<double>(dim, [&](int64_t d) {
             const scalar_t r = x_hat[d] - xp[d];
@@ -118,7 +118,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss_backward(
           const int64_t p = q0 + i;
           const scalar_t* xp = xb + i * dim;
           scalar_t* g = want_dict ? grads.data() + (p - p0) * dim : own;
-          combine_codewords(cw, dim, ix_all + p * k, v_all + p * k, k, g);
+          combine_rows(cw, dim, ix_all + p * k, v_all + p * k, k, g);
           for (int64_t d = 0; d < dim; ++d) g[d] = scale * (g[d] - xp[d]);
           scalar_t* gp = pre_grads.data() + (p - p0) * k;
           dot_rows(g, cw, dim, ix_all + p * k, k, gp);
@@ -129,7 +129,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss_backward(
           }
           if (want_x) {
             scalar_t* gx = grad_features + i * dim;
-            combine_codewords(cw, dim, ix_all + p * k, gp, k, gx);
+            combine_rows(cw, dim, ix_all + p * k, gp, k, gx);
             for (int64_t d = 0; d < dim; ++d) gx[d] -= g[d];
           }
         }

@@ -1,7 +1,7 @@
-// Pieces shared by the sparse kernels: the codeword combination, the
-// dictionary-gradient accumulator and fixed-order partial sums. Codewords are
-// read from the transposed dictionary (K x D, row-major) so each codeword is
-// a contiguous D-vector.
+// Pieces shared by the sparse kernels: the sigmoid of kept pre-activations
+// and the dictionary-gradient accumulator. Codewords are read from the
+// transposed dictionary (K x D, row-major, combined with combine_rows and
+// dot_rows) so each codeword is a contiguous D-vector.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -20,14 +20,6 @@ namespace srm_ext::cpu {
 template <typename scalar_t>
 inline scalar_t sigmoid(scalar_t z) {
   return scalar_t(1) / (scalar_t(1) + std::exp(-z));
-}
-
-// out = sum_j weights[j] * codewords[indices[j]], codewords (K x D).
-template <typename scalar_t>
-inline void combine_codewords(const scalar_t* codewords, int64_t dim,
-                              const int64_t* indices, const scalar_t* weights,
-                              int64_t k, scalar_t* out) {
-  combine_rows(codewords, dim, dim, indices, weights, k, out);
 }
 
 // The dictionary gradient, accumulated codeword by codeword. The kept entries

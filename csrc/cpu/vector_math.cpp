@@ -96,27 +96,26 @@ SRM_EXT_MULTIVERSION void dot_rows(const float* v, const float* rows, int64_t di
 // front to back and the output stays in L1. (Walking all k rows per column
 // block instead keeps k streams a row apart in flight, which the hardware
 // prefetcher cannot follow once the rows leave the L2.)
-SRM_EXT_MULTIVERSION void combine_rows(const float* rows, int64_t stride, int64_t width,
-                                       const int64_t* indices, const float* weights, int64_t k,
-                                       float* out) {
-  std::fill_n(out, width, 0.0f);
+SRM_EXT_MULTIVERSION void combine_rows(const float* rows, int64_t dim, const int64_t* indices,
+                                       const float* weights, int64_t k, float* out) {
+  std::fill_n(out, dim, 0.0f);
   int64_t j = 0;
   for (; j + 4 <= k; j += 4) {
-    const float* r0 = rows + indices[j] * stride;
-    const float* r1 = rows + indices[j + 1] * stride;
-    const float* r2 = rows + indices[j + 2] * stride;
-    const float* r3 = rows + indices[j + 3] * stride;
+    const float* r0 = rows + indices[j] * dim;
+    const float* r1 = rows + indices[j + 1] * dim;
+    const float* r2 = rows + indices[j + 2] * dim;
+    const float* r3 = rows + indices[j + 3] * dim;
     const float w0 = weights[j], w1 = weights[j + 1], w2 = weights[j + 2], w3 = weights[j + 3];
     int64_t d = 0;
-    for (; d + 8 <= width; d += 8) {
+    for (; d + 8 <= dim; d += 8) {
       store8(out + d, load8(out + d) + w0 * load8(r0 + d) + w1 * load8(r1 + d) +
                           w2 * load8(r2 + d) + w3 * load8(r3 + d));
     }
-    for (; d < width; ++d) out[d] += w0 * r0[d] + w1 * r1[d] + w2 * r2[d] + w3 * r3[d];
+    for (; d < dim; ++d) out[d] += w0 * r0[d] + w1 * r1[d] + w2 * r2[d] + w3 * r3[d];
   }
   for (; j < k; ++j) {
-    const float* r = rows + indices[j] * stride;
-    for (int64_t d = 0; d < width; ++d) out[d] += weights[j] * r[d];
+    const float* r = rows + indices[j] * dim;
+    for (int64_t d = 0; d < dim; ++d) out[d] += weights[j] * r[d];
   }
 }
 
@@ -175,10 +174,10 @@ void dot_rows(const float* v, const float* rows, int64_t dim, const int64_t* ind
   for (int64_t j = 0; j < k; ++j) out[j] = dot(v, rows + indices[j] * dim, dim);
 }
 
-void combine_rows(const float* rows, int64_t stride, int64_t width, const int64_t* indices,
-                  const float* weights, int64_t k, float* out) {
-  std::fill_n(out, width, 0.0f);
-  for (int64_t j = 0; j < k; ++j) axpy(weights[j], rows + indices[j] * stride, out, width);
+void combine_rows(const float* rows, int64_t dim, const int64_t* indices, const float* weights,
+                  int64_t k, float* out) {
+  std::fill_n(out, dim, 0.0f);
+  for (int64_t j = 0; j < k; ++j) axpy(weights[j], rows + indices[j] * dim, out, dim);
 }
 #endif
 

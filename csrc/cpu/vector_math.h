@@ -107,13 +107,12 @@ inline void dot_rows(const scalar_t* v, const scalar_t* rows, int64_t dim,
   for (int64_t j = 0; j < k; ++j) out[j] = dot(v, rows + indices[j] * dim, dim);
 }
 
-// out[0, width) = sum_j weights[j] * rows[indices[j] * stride + (0, width)]
+// out = sum_{j < k} weights[j] * rows[indices[j]]; rows is (num_rows x dim).
 template <typename scalar_t>
-inline void combine_rows(const scalar_t* rows, int64_t stride, int64_t width,
-                         const int64_t* indices, const scalar_t* weights, int64_t k,
-                         scalar_t* out) {
-  std::fill_n(out, width, scalar_t(0));
-  for (int64_t j = 0; j < k; ++j) axpy(weights[j], rows + indices[j] * stride, out, width);
+inline void combine_rows(const scalar_t* rows, int64_t dim, const int64_t* indices,
+                         const scalar_t* weights, int64_t k, scalar_t* out) {
+  std::fill_n(out, dim, scalar_t(0));
+  for (int64_t j = 0; j < k; ++j) axpy(weights[j], rows + indices[j] * dim, out, dim);
 }
 
 // float32 overloads, chosen over the templates above: the sparse kernels
@@ -124,8 +123,8 @@ void axpy(float alpha, const float* x, float* y, int64_t n);
 void axpy2(float alpha, const float* a, float beta, const float* b, float* y, int64_t n);
 void dot_rows(const float* v, const float* rows, int64_t dim, const int64_t* indices, int64_t k,
               float* out);
-void combine_rows(const float* rows, int64_t stride, int64_t width, const int64_t* indices,
-                  const float* weights, int64_t k, float* out);
+void combine_rows(const float* rows, int64_t dim, const int64_t* indices, const float* weights,
+                  int64_t k, float* out);
 
 // The predictor loss's two passes over a row of K logits (predictor.cpp
 // holds the math): q = sigmoid(z + bias) in place, returning sum_c exp(q_c)
