@@ -78,3 +78,18 @@ def native():
     if _backend.native_module is None:
         pytest.skip("compiled CPU backend not built")
     return srm_ext
+
+
+def beyond_float16(dtype, n, h, w, num_codewords, k, seed):
+    """Half-precision inputs whose similarities |C^T x| (typically 8 * 120 * 120
+    = 1.2e5) pass float16's largest finite value, where float16 similarities
+    would be inf (and tie) and bfloat16 ones rounded to 8 bits (and tie).
+    Returns x, dictionary, intercept and the exact (float64) top-k indices."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, 64, h, w, generator=g) * 120).to(dtype)
+    dictionary = (torch.randn(64, num_codewords, generator=g) * 120).to(dtype)
+    intercept = torch.tensor([0.5], dtype=dtype)
+    exact = x.double().permute(0, 2, 3, 1) @ dictionary.double() + 0.5
+    assert exact.abs().max() > torch.finfo(torch.float16).max
+    top_k = torch.sort(exact, dim=-1, descending=True, stable=True).indices[..., :k]
+    return x, dictionary, intercept, top_k

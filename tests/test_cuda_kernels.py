@@ -15,7 +15,7 @@ from torch.library import opcheck
 import srm_ext
 from srm_ext import reference
 
-from conftest import dyadic, make_layout, requires_cuda
+from conftest import beyond_float16, dyadic, make_layout, requires_cuda
 
 pytestmark = requires_cuda
 
@@ -194,16 +194,9 @@ def test_limits_raise_clear_errors():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_inputs_with_large_magnitudes_accumulate_in_float32(dtype):
-    # |C^T x| around 1.2e5 overflows float16 and rounds to 8 bits in bfloat16:
-    # the selection must still be the exact one, on float32 pre-activations.
-    g = torch.Generator().manual_seed(7)
-    x = (torch.randn(2, 64, 5, 5, generator=g) * 120).to(dtype)
-    C = (torch.randn(64, 48, generator=g) * 120).to(dtype)
-    b = torch.tensor([0.5], dtype=dtype)
-    exact = x.double().permute(0, 2, 3, 1) @ C.double() + 0.5
-    assert exact.abs().max() > torch.finfo(torch.float16).max
+    # The selection must be the exact one, on float32 pre-activations.
+    x, C, b, want = beyond_float16(dtype, 2, 5, 5, num_codewords=48, k=4, seed=7)
     values, indices = srm_ext.sparse_encode(x.cuda(), C.cuda(), b.cuda(), 4)
-    want = torch.sort(exact, dim=-1, descending=True, stable=True).indices[..., :4]
     torch.testing.assert_close(indices.cpu(), want, rtol=0, atol=0)
     assert torch.isfinite(values).all()
     loss = srm_ext.reconstruction_loss(x.cuda(), C.cuda(), b.cuda(), 4)

@@ -7,6 +7,8 @@ import torch
 
 from srm_ext import reference, research_style
 
+from conftest import beyond_float16
+
 
 def tie_free_inputs(n, d, h, w, K, seed):
     # Continuous float64 values: ties between pre-activations have probability 0.
@@ -83,23 +85,14 @@ def test_predictor_loss_formula():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_inputs_with_large_magnitudes_accumulate_in_float32(dtype):
-    # |C^T x| is typically 8 * 120 * 120 = 1.2e5, past float16's largest
-    # finite value (65504): similarities computed in float16 would be inf (and
-    # tie), in bfloat16 rounded to 8 bits (and tie).
-    g = torch.Generator().manual_seed(40)
-    x = (torch.randn(2, 64, 3, 3, generator=g) * 120).to(dtype)
-    C = (torch.randn(64, 32, generator=g) * 120).to(dtype)
-    b = torch.tensor([0.5], dtype=dtype)
-    exact = x.double().permute(0, 2, 3, 1) @ C.double() + 0.5
-    assert exact.abs().max() > torch.finfo(torch.float16).max
-
+    x, C, b, want = beyond_float16(dtype, 2, 3, 3, num_codewords=32, k=4, seed=40)
     values, indices = reference.sparse_encode(x, C, b, 4)
     assert values.dtype == dtype and torch.isfinite(values).all()
-    want = torch.sort(exact, dim=-1, descending=True, stable=True).indices[..., :4]
     assert torch.equal(indices, want)
 
     pixel_labels, image_labels = reference.sparse_labels(values, indices, 32)
     assert torch.isfinite(image_labels).all()
+    g = torch.Generator().manual_seed(41)
     y = (torch.randn(2, 16, 3, 3, generator=g) * 60).to(dtype).requires_grad_(True)
     Cs = (torch.randn(16, 32, generator=g) * 60).to(dtype).requires_grad_(True)
     loss = reference.predictor_loss(y, Cs, b, pixel_labels, image_labels)
