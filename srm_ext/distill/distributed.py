@@ -73,11 +73,7 @@ class DistributedContext:
 
     def mean(self, value: float, device: torch.device | str = "cpu") -> float:
         """Average a Python number over processes."""
-        if not self.enabled:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=device)
-        dist.all_reduce(t)
-        return t.item() / self.world_size
+        return self.sum([value], device)[0] / self.world_size
 
     def sum(self, values: list[float], device: torch.device | str = "cpu") -> list[float]:
         """Sum Python numbers over processes (``device``: where the backend
