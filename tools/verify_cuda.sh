@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# Verifies the CUDA backend on a machine with a GPU, CUDA torch and nvcc, and
+# collects everything a reviewer needs in one folder: the environment, the
+# build log, the CUDA test results, compute-sanitizer reports and the GPU
+# benchmarks (JSON, markdown, PNG).
+#
+#   tools/verify_cuda.sh OUT_DIR [STAGE...]
+#
+# Stages, run in the order given (default: all of them):
+#   env       GPU, driver, CUDA, torch and compiler versions, the commit
+#   build     build both extensions in place (TORCH_CUDA_ARCH_LIST honoured)
+#   test      the CUDA tests and the other suites that run on CUDA
+#   sanitize  compute-sanitizer memcheck and racecheck over the CUDA op tests
+#   bench     ImageNet (N=256) and CIFAR (N=128) shapes, float32 and bfloat16
+#
+# Each stage writes <stage>.log; a failing stage is reported and the next one
+# still runs. The exit status is non-zero if any stage failed.
+# BENCH_ARGS adds flags to every benchmark run (e.g. "--ops stage1_step").
+set -u -o pipefail
+
+if [[ $# -lt 1 ]]; then
+  sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
+  exit 2
+fi
+out="$(mkdir -p "$1" && cd "$1" && pwd)"
+shift
+stages=("$@")
+[[ ${#stages[@]} -eq 0 ]] && stages=(env build test sanitize bench)
+
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "${repo_root}"
+python="${PYTHON:-python3}"
+export PYTHONPATH="${repo_root}${PYTHONPATH:+:${PYTHONPATH}}"
+export PYTHONUNBUFFERED=1
+# cuBLAS needs a fixed workspace for the deterministic-mode tests.
+export CUBLAS_WORKSPACE_CONFIG="${CUBLAS_WORKSPACE_CONFIG:-:4096:8}"
+
+stage_env() {
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+  nvcc --version | tail -n 2
+  git rev-parse HEAD 2>/dev/null || echo "commit: unknown (no git metadata)"
+  "${python}" - <<'EOF'
+import platform, torch
+print("python", platform.python_version(), "| torch", torch.__version__, "| CUDA", torch.version.cuda)
+p = torch.cuda.get_device_properties(0)
+print(f"{p.name}: {p.multi_processor_count} SMs, {p.total_memory / 2**30:.1f} GiB, "
+      f"capability {p.major}.{p.minor}")
+EOF
+}
+
+stage_build() {
+  MAX_JOBS="${MAX_JOBS:-$(nproc)}" "${python}" setup.py build_ext --inplace &&
+    "${python}" -c "import json, srm_ext; print(json.dumps(srm_ext.backend_info(), indent=1))"
+}
+
+stage_test() {
+  "${python}" -m pytest -q -p no:cacheprovider --junitxml="${out}/pytest-cuda.xml" \
+    tests/test_cuda_kernels.py tests/test_determinism.py tests/test_properties.py \
+    tests/test_backend.py tests/test_modules.py
+}
+
+# Small shapes keep the instrumented runs short; every kernel still runs in
+# every dtype, with tails, channels_last and the deterministic variants.
+stage_sanitize() {
+  local status=0 tool
+  for tool in memcheck racecheck; do
+    echo "== ${tool}"
+    compute-sanitizer --tool "${tool}" --error-exitcode 99 --print-limit 20 \
+      "${python}" -m pytest -q -p no:cacheprovider -x tests/test_cuda_kernels.py \
+      -k "not 2_31 and not opcheck" || status=1
+  done
+  return ${status}
+}
+
+stage_bench() {
+  local status=0 dtype
+  for dtype in float32 bfloat16; do
+    "${python}" benchmarks/bench_ops.py --device cuda --dtype "${dtype}" --shapes imagenet \
+      --out "${out}" ${BENCH_ARGS:-} || status=1
+    "${python}" benchmarks/bench_ops.py --device cuda --dtype "${dtype}" --shapes cifar \
+      --batch 128 --name "cifar-n128-cuda-${dtype}" --out "${out}" ${BENCH_ARGS:-} || status=1
+  done
+  return ${status}
+}
+
+for stage in "${stages[@]}"; do
+  if ! declare -F "stage_${stage}" >/dev/null; then
+    echo "unknown stage '${stage}' (choose from env build test sanitize bench)" >&2
+    exit 2
+  fi
+done
+
+failed=()
+for stage in "${stages[@]}"; do
+  echo "== ${stage}"
+  start=${SECONDS}
+  if "stage_${stage}" >"${out}/${stage}.log" 2>&1; then
+    echo "   ok ($((SECONDS - start)) s)"
+  else
+    echo "   FAILED ($((SECONDS - start)) s); last lines of ${stage}.log:"
+    tail -n 30 "${out}/${stage}.log" | sed 's/^/   /'
+    failed+=("${stage}")
+  fi
+done
+if [[ ${#failed[@]} -gt 0 ]]; then
+  echo "failed stages: ${failed[*]}"
+  exit 1
+fi
+echo "all stages passed"
