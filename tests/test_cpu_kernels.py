@@ -264,16 +264,33 @@ def _all_outputs_and_gradients(x, C, b, k):
     )
 
 
+def _student_loss_terms(y, Cs, bs, pixel, image):
+    # The loss, its gradient for the logits and the intercept's. The y and
+    # dictionary gradients are single BLAS products of that gradient, and BLAS
+    # may split a long reduction differently for another thread count.
+    loss, grad_logits = torch.ops.srm_ext.predictor_loss(y, Cs, bs, pixel, image, 1.0, 1.0)
+    _, _, grad_bias = torch.ops.srm_ext.predictor_loss_backward(
+        torch.ones(()), grad_logits, y, Cs, [False, False, True]
+    )
+    return loss, grad_logits, grad_bias
+
+
 def test_results_do_not_depend_on_thread_count():
-    # Every partial sum has a fixed order (per tile, per piece of pixels, per
-    # codeword row), so even the gradients are bitwise equal.
+    # Every partial sum the kernels form has a fixed order (per tile, per piece
+    # or segment of pixels, per codeword row), so even the gradients are
+    # bitwise equal.
     x, C, b, k = make_inputs((4, 16, 9, 9, 64, 5), torch.float32, seed=10)
+    # Enough pixels for the student loss to split its passes and sums; its
+    # pixel segments straddle images.
+    student = make_predictor_inputs((4, 8, 31, 31, 256, 3), torch.float32, seed=10)
     threads = torch.get_num_threads()
     try:
         results = []
         for n in (1, max(threads, 2)):
             torch.set_num_threads(n)
-            results.append(_all_outputs_and_gradients(x, C, b, k))
+            results.append(
+                (_all_outputs_and_gradients(x, C, b, k), _student_loss_terms(*student))
+            )
     finally:
         torch.set_num_threads(threads)
     torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)

@@ -154,24 +154,6 @@ class PerThreadScratch {
   std::vector<scalar_t> values_;
 };
 
-// Splits `num_tiles` tiles into a fixed number of contiguous chunks, one per
-// worker, so per-chunk partial sums are reduced in the same order on every run
-// with the same thread count. Calls fn(chunk, tile_begin, tile_end).
-template <typename F>
-void for_each_chunk(int64_t num_chunks, int64_t num_tiles, const F& fn) {
-  at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t chunk = begin; chunk < end; ++chunk) {
-      const int64_t t0 = num_tiles * chunk / num_chunks;
-      const int64_t t1 = num_tiles * (chunk + 1) / num_chunks;
-      fn(chunk, t0, t1);
-    }
-  });
-}
-
-inline int64_t num_chunks_for(int64_t num_tiles) {
-  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_tiles));
-}
-
 // out (rows x cols, row-major) = a (rows x inner, row-major) @ b, through
 // ATen's BLAS; b may have any strides (a codeword-major dictionary is read in
 // place). `b` must not require grad: worker threads run outside the caller's

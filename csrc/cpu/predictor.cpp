@@ -82,6 +82,35 @@ void check_labels(const at::Tensor& pixel_labels, const at::Tensor& image_labels
   }
 }
 
+// A fixed partition of the pixels into contiguous segments for pass 1; it
+// depends on the pixel count only, so every partial sum is formed in the
+// same order whatever the thread count. Each segment keeps column sums for
+// just the images it overlaps: (N + segments) x K partials in all.
+class PixelSegments {
+ public:
+  PixelSegments(int64_t pixels, int64_t per_image)
+      : pixels_(pixels), per_image_(per_image),
+        count_(std::min<int64_t>(kMaxSegments, num_pieces(pixels))), first_row_(count_ + 1, 0) {
+    for (int64_t s = 0; s < count_; ++s) {
+      first_row_[s + 1] = first_row_[s] + last_image(s) - first_image(s) + 1;
+    }
+  }
+
+  int64_t count() const { return count_; }
+  int64_t rows() const { return first_row_[count_]; }
+  int64_t begin(int64_t s) const { return pixels_ * s / count_; }
+  int64_t end(int64_t s) const { return pixels_ * (s + 1) / count_; }
+  int64_t first_image(int64_t s) const { return begin(s) / per_image_; }
+  int64_t last_image(int64_t s) const { return (end(s) - 1) / per_image_; }
+  // Row of image `img` among segment s's column sums.
+  int64_t row(int64_t s, int64_t img) const { return first_row_[s] + img - first_image(s); }
+
+ private:
+  static constexpr int64_t kMaxSegments = 64;
+  int64_t pixels_, per_image_, count_;
+  std::vector<int64_t> first_row_;
+};
+
 // (N*H*W, C) pixel-major view of an (N, C, H, W) map; a copy unless it is
 // channels_last.
 at::Tensor pixel_rows(const at::Tensor& y) {
@@ -104,9 +133,7 @@ std::tuple<at::Tensor, at::Tensor> predictor_loss(const at::Tensor& y,
   auto grad_logits = at::empty({grid.n, grid.h, grid.w, num_codewords}, y.options());
   const auto labels = pixel_labels.contiguous();
   const auto targets = image_labels.contiguous();
-  const int64_t tile = tile_pixels(num_codewords);
-  const int64_t num_tiles = (pixels + tile - 1) / tile;
-  const int64_t num_chunks = num_chunks_for(num_tiles);
+  const PixelSegments segments(pixels, per_image);
   double loss = 0.0;
 
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "predictor_loss_cpu", [&] {
@@ -114,9 +141,9 @@ std::tuple<at::Tensor, at::Tensor> predictor_loss(const at::Tensor& y,
     scalar_t* G = grad_logits.mutable_data_ptr<scalar_t>();
     const int64_t* label = labels.const_data_ptr<int64_t>();
     std::vector<scalar_t> log_sum_exp(pixels);
-    // Per chunk: the cross-entropy sum and each image's column sums of q.
-    std::vector<double> ce_sums(num_chunks, 0.0);
-    std::vector<double> q_sums(num_chunks * n * num_codewords, 0.0);
+    // Per segment: the cross-entropy sum and its images' column sums of q.
+    std::vector<double> ce_sums(segments.count(), 0.0);
+    std::vector<double> q_sums(segments.rows() * num_codewords, 0.0);
 
     // z for every pixel in one GEMM: the (pixels x K) result is the buffer the
     // op keeps anyway, and one large product runs BLAS at full speed.
@@ -124,17 +151,23 @@ std::tuple<at::Tensor, at::Tensor> predictor_loss(const at::Tensor& y,
     at::mm_out(logits, pixel_rows(y), dictionary);
 
     // Pass 1: q = sigmoid(z + b) in place, per-pixel log-sum-exp.
-    for_each_chunk(num_chunks, num_tiles, [&](int64_t chunk, int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t p0 = t * tile, count = std::min(tile, pixels - p0);
-        for (int64_t p = p0; p < p0 + count; ++p) {
+    at::parallel_for(0, segments.count(), 1, [&](int64_t s0, int64_t s1) {
+      for (int64_t s = s0; s < s1; ++s) {
+        for (int64_t p = segments.begin(s); p < segments.end(s); ++p) {
           scalar_t* q = G + p * num_codewords;
-          double* image_sums = q_sums.data() + (chunk * n + p / per_image) * num_codewords;
+          double* image_sums = q_sums.data() + segments.row(s, p / per_image) * num_codewords;
           log_sum_exp[p] = sigmoid_row(q, num_codewords, bias, image_sums);
-          ce_sums[chunk] += log_sum_exp[p] - q[label[p]];
+          ce_sums[s] += log_sum_exp[p] - q[label[p]];
         }
       }
     });
+    // The first segment overlapping each image.
+    std::vector<int64_t> first_segment(n, 0);
+    for (int64_t s = segments.count() - 1; s >= 0; --s) {
+      for (int64_t img = segments.first_image(s); img <= segments.last_image(s); ++img) {
+        first_segment[img] = s;
+      }
+    }
 
     // Per image and codeword: the BCE term and its gradient with respect to
     // each pixel's q (through the image mean). Partial sums per fixed block
@@ -149,8 +182,12 @@ std::tuple<at::Tensor, at::Tensor> predictor_loss(const at::Tensor& y,
       for (int64_t block = b0; block < b1; ++block) {
         for (int64_t i = block * kTermsPerBlock; i < std::min(terms, (block + 1) * kTermsPerBlock);
              ++i) {
+          const int64_t img = i / num_codewords, c = i % num_codewords;
           double q_sum = 0.0;
-          for (int64_t chunk = 0; chunk < num_chunks; ++chunk) q_sum += q_sums[chunk * terms + i];
+          for (int64_t s = first_segment[img];
+               s < segments.count() && segments.first_image(s) <= img; ++s) {
+            q_sum += q_sums[segments.row(s, img) * num_codewords + c];
+          }
           const auto mean = static_cast<scalar_t>(q_sum / static_cast<double>(per_image));
           bce_sums[block] += binary_cross_entropy(mean, target[i]);
           const double dmean =
@@ -184,6 +221,24 @@ std::tuple<at::Tensor, at::Tensor> predictor_loss(const at::Tensor& y,
   return {at::scalar_tensor(loss, y.options()), grad_logits};
 }
 
+// Sum of a (rows x cols) matrix with per-piece partials added in order: the
+// same bits for any thread count, which at::sum does not promise.
+double ordered_sum(const at::Tensor& matrix) {
+  const auto m = matrix.contiguous();
+  const int64_t cols = m.size(1);
+  PieceSums sums(m.size(0));
+  AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "ordered_sum_cpu", [&] {
+    const scalar_t* data = m.const_data_ptr<scalar_t>();
+    for_each_piece(0, m.size(0), [&](int64_t piece, int64_t r0, int64_t count) {
+      for (int64_t r = r0; r < r0 + count; ++r) {
+        const scalar_t* row = data + r * cols;
+        sums[piece] += sum_in_lanes<double>(cols, [&](int64_t c) { return double(row[c]); });
+      }
+    });
+  });
+  return sums.total();
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> predictor_loss_backward(
     const at::Tensor& grad_loss, const at::Tensor& grad_logits, const at::Tensor& y,
     const at::Tensor& dictionary, std::array<bool, 3> output_mask) {
@@ -206,7 +261,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> predictor_loss_backward(
     grad_dict = at::empty_like(dictionary);  // laid out like the dictionary
     at::mm_out(grad_dict, pixel_rows(y).t(), G).mul_(scale);
   }
-  if (output_mask[2]) grad_bias = G.sum().mul_(scale);
+  if (output_mask[2]) grad_bias = at::scalar_tensor(ordered_sum(G), y.options()).mul_(scale);
   return {grad_y, grad_dict, grad_bias};
 }
 
