@@ -23,6 +23,8 @@ def plot_loss_curves(history: list[dict[str, Any]], path: Path) -> None:
     """One panel per stage name, one line per run, training loss against epoch;
     held-out accuracy on a second axis where the stage recorded it."""
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     curves: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for record in history:
         curves[record["stage"]][record["run"]].append(record)
@@ -46,10 +48,17 @@ def plot_loss_curves(history: list[dict[str, Any]], path: Path) -> None:
                 )
         ax.set_title(stage)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("training loss")
         if acc_ax is not None:
             acc_ax.set_ylabel("test accuracy (%) (dashed)")
-        ax.legend(fontsize="x-small")
+        if acc_ax is None:
+            ax.legend(fontsize="x-small", loc="best")
+        else:
+            # On the top axis, at the right middle where the falling loss and
+            # the rising accuracy leave room, so neither is drawn over it.
+            handles, labels = ax.get_legend_handles_labels()
+            acc_ax.legend(handles, labels, fontsize="x-small", loc="center right")
     for ax in list(axes.flat)[len(curves) :]:
         ax.set_visible(False)
     fig.tight_layout()
