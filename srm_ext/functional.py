@@ -4,9 +4,18 @@ Shapes and math: ``../shared/srm-spec.md``. Every function validates its
 arguments, then calls ``torch.ops.srm_ext.*`` when a compiled kernel covers the
 input's device and dtype, else :mod:`srm_ext.reference` (with a one-time
 warning). ``SRM_EXT_BACKEND=reference`` forces the reference.
+
+Under autocast the functions cast their floating tensors to the widest dtype
+among them and run with autocast off: the ops need one dtype for all their
+tensors, and autocast hands over a layer's output in half precision while the
+dictionary stays in float32, so a layer's features meet the float32 parameters
+in float32, as in :mod:`srm_ext.modules`. Tensors that all have one half
+dtype run the half-precision kernels, with autocast on or off.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import Tensor
@@ -23,6 +32,32 @@ __all__ = [
 ]
 
 
+def _promote_under_autocast(fn):
+    """Under autocast, runs ``fn`` on its floating tensors cast to the widest of
+    their dtypes, with autocast off (see the module docstring)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
+        device_type = tensors[0].device.type if tensors else None
+        if device_type is None or not (
+            torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+        ):
+            return fn(*args, **kwargs)
+        dtypes = [t.dtype for t in tensors if t.is_floating_point()]
+        widest = functools.reduce(torch.promote_types, dtypes) if dtypes else None
+
+        def cast(a):
+            floating = isinstance(a, Tensor) and a.is_floating_point()
+            return a.to(widest) if floating else a
+
+        with torch.autocast(device_type, enabled=False):
+            return fn(*map(cast, args), **{name: cast(a) for name, a in kwargs.items()})
+
+    return wrapper
+
+
+@_promote_under_autocast
 def sparse_encode(
     x: Tensor, dictionary: Tensor, intercept: Tensor, k: int
 ) -> tuple[Tensor, Tensor]:
@@ -38,6 +73,7 @@ def sparse_encode(
     return reference.sparse_encode(x, dictionary, intercept, k)
 
 
+@_promote_under_autocast
 def sparse_decode(values: Tensor, indices: Tensor, dictionary: Tensor) -> Tensor:
     """Reconstruction (N, D, H, W) from a sparse code; differentiable w.r.t.
     ``values`` and ``dictionary``."""
@@ -47,6 +83,7 @@ def sparse_decode(values: Tensor, indices: Tensor, dictionary: Tensor) -> Tensor
     return reference.sparse_decode(values, indices, dictionary)
 
 
+@_promote_under_autocast
 def reconstruction_loss(x: Tensor, dictionary: Tensor, intercept: Tensor, k: int) -> Tensor:
     """Fused stage-1 loss, equal to
     ``mean((sparse_decode(*sparse_encode(x, C, b, k), C) - x) ** 2)``."""
@@ -56,6 +93,7 @@ def reconstruction_loss(x: Tensor, dictionary: Tensor, intercept: Tensor, k: int
     return reference.reconstruction_loss(x, dictionary, intercept, k)
 
 
+@_promote_under_autocast
 def sparse_labels(values: Tensor, indices: Tensor, num_codewords: int) -> tuple[Tensor, Tensor]:
     """Stage-2 targets: ``pixel_labels`` (N, H, W) int64, the argmax codeword of
     each pixel, and ``image_labels`` (N, K), the per-image mean of the kept values.
@@ -66,6 +104,7 @@ def sparse_labels(values: Tensor, indices: Tensor, num_codewords: int) -> tuple[
     return reference.sparse_labels(values, indices, num_codewords)
 
 
+@_promote_under_autocast
 def predictor_loss(
     y: Tensor,
     dictionary: Tensor,

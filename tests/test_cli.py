@@ -66,6 +66,17 @@ def test_distill_quick_preset_end_to_end(tmp_path):
     assert (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_distill_on_cuda_with_bf16_autocast(tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("distill", "--preset", "quick", *TINY_FLAGS, "--device", "cuda", "--amp", "bf16",
+                   "--output-dir", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "config.json").read_text())["device"] == "cuda"
+    results = json.loads((out / "results.json").read_text())
+    assert all(0.0 <= run["test_acc"] <= 1.0 for run in results["runs"])
+
+
 def test_info_prints_backend_json(capsys):
     assert main(["info"]) == 0
     info = json.loads(capsys.readouterr().out)

@@ -161,6 +161,23 @@ def test_bf16_autocast_stages_run():
     assert all(torch.isfinite(torch.tensor(h[-1]["loss"])) for h in out.values())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("amp", ["none", "bf16", "fp16"])
+def test_stages_run_on_cuda(amp):
+    torch.manual_seed(0)
+    pairs = {"block1": "stage1", "block2.layer1": "stage2.1"}
+    distiller = SRMDistiller(
+        tiny_teacher().cuda(), tiny_student().cuda(), pairs, input_shape=(1, 8, 8)
+    )
+    blocks = [*distiller.representations.parameters(), *distiller.predictors.parameters()]
+    assert all(p.is_cuda for p in blocks)
+    before = snapshot(distiller.representations)
+    out = distiller.fit(toy_loader(), 1, 1, 1, amp=amp, **QUIET)
+    assert all(torch.isfinite(torch.tensor(h[-1]["loss"])) for h in out.values())
+    assert changed(before, distiller.representations)
+    assert all(torch.isfinite(p).all() for p in blocks)
+
+
 def test_export_student_has_no_srm_blocks_or_hooks():
     distiller = make_distiller()
     distiller.fit(toy_loader(), 1, 1, 1, **QUIET)

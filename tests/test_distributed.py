@@ -1,4 +1,5 @@
-"""Data-parallel training on 2 CPU processes (gloo) agrees with one process.
+"""Data-parallel training on 2 CPU processes (gloo) agrees with one process;
+through the CLI also on 2 GPUs (NCCL) where a machine has them.
 
 Tolerances: without BatchNorm, two processes each taking half of every global
 batch produce the same averaged gradients as one process, so the SRM stages must
@@ -17,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -128,13 +130,18 @@ def test_sharded_evaluation_sums_to_the_single_process_accuracy(tmp_path):
         assert float((tmp_path / f"acc.{rank}").read_text()) == single
 
 
-def test_torchrun_cli_two_processes(tmp_path):
+@pytest.mark.parametrize("device", [
+    "cpu",  # gloo
+    pytest.param("cuda", marks=pytest.mark.skipif(  # NCCL, one GPU per process
+        torch.cuda.device_count() < 2, reason="needs two GPUs")),
+])
+def test_torchrun_cli_two_processes(tmp_path, device):
     flags = [
         "distill", "--preset", "quick", "--train-limit", "128", "--test-limit", "64",
         "--batch-size", "32", "--teacher-width", "0.34", "--student-width", "0.05",
         "--epochs-teacher", "2", "--epochs-dictionary", "1", "--epochs-init", "1",
         "--epochs-student", "2", "--methods", "kd,srm", "--threads", "1", "--quiet",
-        "--device", "cpu",
+        "--device", device,
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     ddp_out, single_out = tmp_path / "ddp", tmp_path / "single"

@@ -9,7 +9,7 @@
 # Stages, run in the order given (default: all of them):
 #   env       GPU, driver, CUDA, torch and compiler versions, the commit
 #   build     build both extensions in place (TORCH_CUDA_ARCH_LIST honoured)
-#   test      the CUDA tests and the other suites that run on CUDA
+#   test      the whole test suite, its CUDA cases included
 #   sanitize  compute-sanitizer memcheck and racecheck over the CUDA op tests
 #   bench     ImageNet (N=256) and CIFAR (N=128) shapes, float32 and bfloat16
 #
@@ -53,10 +53,10 @@ stage_build() {
     "${python}" -c "import json, srm_ext; print(json.dumps(srm_ext.backend_info(), indent=1))"
 }
 
+# The whole suite: with a GPU present its CUDA cases run too (kernels,
+# autocast, the distiller and the CLI on CUDA; NCCL where there are two GPUs).
 stage_test() {
-  "${python}" -m pytest -q -p no:cacheprovider --junitxml="${out}/pytest-cuda.xml" \
-    tests/test_cuda_kernels.py tests/test_determinism.py tests/test_properties.py \
-    tests/test_backend.py tests/test_modules.py
+  "${python}" -m pytest -q -p no:cacheprovider -rs --junitxml="${out}/pytest.xml" tests
 }
 
 # Small shapes keep the instrumented runs short; every kernel still runs in

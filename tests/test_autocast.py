@@ -1,0 +1,99 @@
+"""The public ops under autocast: a layer's half-precision output meets the
+float32 dictionary, and the ops run in float32 on both, with autocast off
+inside. So under autocast every op must give exactly what it gives outside
+autocast on the float32 copies, and the float32 parameters get float32
+gradients. CUDA cases (float16 and bfloat16) skip without a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import srm_ext
+
+N, D, H, W, K, KEEP = 2, 8, 5, 3, 16, 3
+
+CASES = [
+    pytest.param("cpu", torch.bfloat16, id="cpu-bfloat16"),
+    *[
+        pytest.param(
+            "cuda", dtype, id=f"cuda-{str(dtype)[6:]}",
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"),
+        )
+        for dtype in (torch.float16, torch.bfloat16)
+    ],
+]
+
+
+def layer_output(x: torch.Tensor) -> torch.Tensor:
+    """x through a 1x1 identity convolution: under autocast, x rounded to the
+    autocast dtype, as a real layer's output would be."""
+    eye = torch.eye(x.shape[1], device=x.device).view(x.shape[1], x.shape[1], 1, 1)
+    return F.conv2d(x, eye)
+
+
+def inputs(device: str):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N, D, H, W, generator=g).to(device)
+    C = torch.randn(D, K, generator=g).to(device).requires_grad_()
+    b = torch.zeros(1, device=device, requires_grad=True)
+    return x, C, b
+
+
+@pytest.mark.parametrize("device, dtype", CASES)
+def test_ops_promote_to_float32_under_autocast(device, dtype):
+    x, C, b = inputs(device)
+    with torch.no_grad():
+        pixel, image = srm_ext.sparse_labels(*srm_ext.sparse_encode(x, C, b, KEEP), K)
+    with torch.autocast(device, dtype=dtype):
+        features = layer_output(x)
+        assert features.dtype == dtype
+        values, indices = srm_ext.sparse_encode(features, C, b, KEEP)
+        x_hat = srm_ext.sparse_decode(values.to(dtype), indices, C)
+        loss = srm_ext.reconstruction_loss(features, C, b, KEEP)
+        labels = srm_ext.sparse_labels(values.to(dtype), indices, K)  # no float32 input here
+        student = srm_ext.predictor_loss(features, C, b, pixel, image.to(dtype))
+    promoted = features.float()
+    want_values, want_indices = srm_ext.sparse_encode(promoted, C, b, KEEP)
+    exact = dict(rtol=0, atol=0)
+    torch.testing.assert_close(values, want_values, **exact)
+    torch.testing.assert_close(indices, want_indices, **exact)
+    torch.testing.assert_close(
+        x_hat, srm_ext.sparse_decode(values.to(dtype).float(), indices, C), **exact
+    )
+    torch.testing.assert_close(loss, srm_ext.reconstruction_loss(promoted, C, b, KEEP), **exact)
+    torch.testing.assert_close(labels, srm_ext.sparse_labels(values.to(dtype), indices, K), **exact)
+    want_student = srm_ext.predictor_loss(promoted, C, b, pixel, image.to(dtype).float())
+    torch.testing.assert_close(student, want_student, **exact)
+    (loss + student + x_hat.sum()).backward()
+    assert C.grad.dtype == b.grad.dtype == torch.float32
+    assert torch.isfinite(C.grad).all() and torch.isfinite(b.grad).all()
+
+
+@pytest.mark.parametrize("device, dtype", CASES)
+def test_stage1_loss_under_autocast_and_torch_compile(device, dtype):
+    x, C, b = inputs(device)
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device, dtype=dtype):
+            return srm_ext.reconstruction_loss(layer_output(x), C, b, KEEP)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), step(x))
+    compiled(x).backward()
+    assert C.grad is not None and C.grad.dtype == torch.float32
+
+
+def test_keyword_arguments_are_promoted_too():
+    x, C, b = inputs("cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = srm_ext.reconstruction_loss(x=layer_output(x), dictionary=C, intercept=b, k=KEEP)
+    assert loss.dtype == torch.float32
+
+
+def test_without_autocast_mixed_dtypes_still_raise():
+    x, C, b = inputs("cpu")
+    with pytest.raises(TypeError, match="dictionary has dtype torch.float32 but x has"):
+        srm_ext.sparse_encode(x.bfloat16(), C, b, KEEP)
