@@ -4,6 +4,12 @@
 # under. Prints one line per file; exits non-zero if any file fails.
 #
 #   tools/check_cuda_compile.sh            # all files, NVCC / JOBS overridable
+#
+# With TORCH_CUDA_INCLUDES set (colon-separated include folders of a CUDA
+# build of torch and of the cuBLAS, cuSPARSE and cuSOLVER headers it
+# includes), it also compiles the torch glue (csrc/cuda/*.cpp) and links it
+# with the kernels, so that a kernel the glue calls but no .cu defines shows
+# here instead of as an import failure on a GPU machine.
 set -u -o pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -22,7 +28,7 @@ flags=(
   -gencode arch=compute_80,code=sm_80
   -gencode arch=compute_90,code=sm_90
   -Xptxas -warn-spills
-  -Xcompiler -Wall
+  -Xcompiler -Wall -Xcompiler -fPIC
   -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__
   -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__
   -I "${repo_root}/csrc/cuda"
@@ -78,3 +84,37 @@ if [[ ${failed} -ne 0 ]]; then
   exit 1
 fi
 echo "CUDA compile check passed (${#sources[@]} files)"
+
+if [[ -n "${TORCH_CUDA_INCLUDES:-}" ]]; then
+  cuda_include=""
+  for root in "${CUDA_HOME:-}" "$(dirname "$(dirname "${nvcc_bin}")")" /usr/local/cuda; do
+    if [[ -n "${root}" && -f "${root}/include/cuda.h" ]]; then
+      cuda_include="${root}/include"
+      break
+    fi
+  done
+  includes=(-I "${repo_root}/csrc/cuda" ${cuda_include:+-I "${cuda_include}"})
+  IFS=: read -r -a dirs <<<"${TORCH_CUDA_INCLUDES}"
+  for dir in "${dirs[@]}"; do
+    includes+=(-I "${dir}")
+    [[ -d "${dir}/torch/csrc/api/include" ]] && includes+=(-I "${dir}/torch/csrc/api/include")
+  done
+  includes+=(-I "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["include"])')")
+  for src in "${repo_root}"/csrc/cuda/*.cpp; do
+    if ! "${CXX:-g++}" -std=c++20 -O0 -fPIC -Wall -c "${includes[@]}" \
+        -DTORCH_API_INCLUDE_EXTENSION_H -DTORCH_EXTENSION_NAME=_C_cuda \
+        -DSRM_EXT_CUDA_ARCHS='"80;90"' "${src}" -o "${work_dir}/$(basename "${src}").o"; then
+      echo "FAIL  $(basename "${src}") (torch glue)"
+      exit 1
+    fi
+    echo "ok    $(basename "${src}") (torch glue)"
+  done
+  "${CXX:-g++}" -shared "${work_dir}"/*.o -o "${work_dir}/glue_and_kernels.so" || exit 1
+  missing="$(nm -uC "${work_dir}/glue_and_kernels.so" | grep 'srm_cuda::' || true)"
+  if [[ -n "${missing}" ]]; then
+    echo "kernels the glue calls but no .cu defines:"
+    echo "${missing}"
+    exit 1
+  fi
+  echo "torch glue compiles and links with every kernel it calls"
+fi
