@@ -82,7 +82,11 @@ class _CompiledReference:
 
 
 _COMPILED_REFERENCE = _CompiledReference()
-OPS = ("sparse_encode", "sparse_decode", "stage1_step", "sparse_labels", "predictor_loss")
+# dense_gemm is the (N*H*W x D) @ (D x K) similarity product that every encode
+# needs, timed alone as the floor of a stage-1 step; it runs under "research",
+# the implementation that computes it as a plain product.
+OPS = ("sparse_encode", "sparse_decode", "stage1_step", "sparse_labels", "predictor_loss",
+       "dense_gemm")
 
 
 class _Case:
@@ -171,6 +175,11 @@ def _build_callable(
         y, C, b = _trainable(c.y, c.student_dictionary, c.student_intercept)
         fwd = lambda: ops.predictor_loss(y, C, b, c.pixel_labels, c.image_labels)
         params = [y, C, b]
+    elif op == "dense_gemm":
+        if impl != "research" or with_backward:
+            return None
+        rows = c.x.permute(0, 2, 3, 1).reshape(-1, c.shape.channels).contiguous()
+        return lambda: rows @ c.dictionary
     else:
         raise ValueError(f"unknown op {op!r}")
 
