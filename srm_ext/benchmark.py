@@ -4,7 +4,8 @@ dense masked research-style computation.
 Every implementation is timed in the same run, so the ratios hold on a noisy
 machine. Reported per case: median wall time, peak memory above the inputs
 (CPU: the process's resident high-water mark, reset before each case; CUDA:
-the allocator's peak), and ratios against the compiled kernels.
+the allocator's peak), and ratios against the compiled kernels. All cases are
+timed before any memory is measured (see run_benchmarks).
 
 ``python -m srm_ext bench --help`` lists the options.
 """
@@ -306,34 +307,38 @@ def run_benchmarks(
             f"no compiled srm_ext kernel for {dev.type}/{dtype}; "
             f"backend_info() = {_backend.backend_info()}"
         )
+
+    def cases():
+        """(shape, op, mode, implementation, callable) for every applicable case."""
+        for shape in shapes:
+            case = _Case(shape, dev, dtype)
+            for op in ops:
+                for mode in ("forward", "forward+backward"):
+                    for impl in implementations:
+                        fn = _build_callable(case, op, impl, mode == "forward+backward")
+                        if fn is not None:
+                            yield shape.name, op, mode, impl, fn
+            del case
+            gc.collect()
+
+    records = {}
+    for shape, op, mode, impl, fn in cases():
+        if progress:
+            progress(f"{shape} {op} {mode} {impl}")
+        times = _time(fn, dev, min_repeats, min_seconds, max_repeats)
+        records[shape, op, mode, impl] = dict(
+            shape=shape, op=op, mode=mode, implementation=impl,
+            median_ms=statistics.median(times) * 1e3, min_ms=min(times) * 1e3,
+            repeats=len(times), peak_bytes=None,
+        )
+    # Memory in a second pass, after every timing: on the CPU, measuring sets
+    # glibc to map and unmap each large block for the rest of the process,
+    # which makes every large allocation fault its pages in and would slow the
+    # allocation-heavy implementations' timings.
     memory = _PeakMemory(dev)
-    records = []
-    for shape in shapes:
-        case = _Case(shape, dev, dtype)
-        for op in ops:
-            for mode in ("forward", "forward+backward"):
-                for impl in implementations:
-                    fn = _build_callable(case, op, impl, mode == "forward+backward")
-                    if fn is None:
-                        continue
-                    if progress:
-                        progress(f"{shape.name} {op} {mode} {impl}")
-                    times = _time(fn, dev, min_repeats, min_seconds, max_repeats)
-                    records.append(
-                        dict(
-                            shape=shape.name,
-                            op=op,
-                            mode=mode,
-                            implementation=impl,
-                            median_ms=statistics.median(times) * 1e3,
-                            min_ms=min(times) * 1e3,
-                            repeats=len(times),
-                            peak_bytes=memory.measure(fn),
-                        )
-                    )
-        del case
-        gc.collect()
-    return records
+    for shape, op, mode, impl, fn in cases():
+        records[shape, op, mode, impl]["peak_bytes"] = memory.measure(fn)
+    return list(records.values())
 
 
 def _native_covers(device: torch.device, dtype: torch.dtype) -> bool:

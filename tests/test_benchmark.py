@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -40,6 +41,35 @@ def test_main_writes_json_markdown_and_chart(tmp_path, monkeypatch, capsys):
     table = (tmp_path / "t.md").read_text()
     assert "| tiny | stage1_step | forward+backward |" in table
     assert (tmp_path / "t.png").stat().st_size > 0
+
+
+def test_every_case_is_timed_before_memory_is_measured(monkeypatch):
+    # Measuring CPU memory changes how glibc allocates for the rest of the
+    # process, which would slow the timings of allocation-heavy cases after it.
+    events = []
+
+    def fake_time(fn, *args):
+        events.append("time")
+        return [1e-3]
+
+    class FakeMemory:
+        def __init__(self, device):
+            events.append("memory setup")
+
+        def measure(self, fn):
+            events.append("memory")
+            return 1.0
+
+    monkeypatch.setattr(benchmark, "_time", fake_time)
+    monkeypatch.setattr(benchmark, "_PeakMemory", FakeMemory)
+    records = benchmark.run_benchmarks(
+        [TINY, dataclasses.replace(TINY, name="tiny2")], ops=("stage1_step", "dense_gemm"),
+        implementations=("reference", "research"),
+    )
+    timings = events.count("time")
+    assert timings == len(records) == 2 * (2 * 2 + 1)
+    assert events[:timings] == ["time"] * timings and events[timings] == "memory setup"
+    assert all(r["peak_bytes"] == 1.0 for r in records)
 
 
 def test_unknown_op_is_a_usage_error(capsys):
