@@ -112,6 +112,7 @@ def _encode_setup(ctx, inputs, output):
     x, dictionary, intercept, _ = inputs
     values, indices = output
     ctx.mark_non_differentiable(indices)
+    ctx.set_materialize_grads(False)  # see _predictor_setup
     ctx.save_for_backward(x, dictionary, values, indices)
     ctx.intercept_shape = intercept.shape
     ctx.wanted = tuple(ctx.needs_input_grad[:3])
@@ -146,12 +147,15 @@ def _reconstruction_setup(ctx, inputs, output):
     x, dictionary, intercept, _ = inputs
     _, values, indices = output
     ctx.mark_non_differentiable(values, indices)
+    ctx.set_materialize_grads(False)  # see _predictor_setup
     ctx.save_for_backward(x, dictionary, values, indices)
     ctx.intercept_shape = intercept.shape
     ctx.wanted = tuple(ctx.needs_input_grad[:3])
 
 
 def _reconstruction_backward(ctx, grad_loss, _grad_values, _grad_indices):
+    if grad_loss is None:
+        return None, None, None, None
     x, dictionary, values, indices = ctx.saved_tensors
     gx, gc, gb = torch.ops.srm_ext.reconstruction_loss_backward(
         grad_loss, x, dictionary, values, indices, list(ctx.wanted)
@@ -164,12 +168,18 @@ def _predictor_setup(ctx, inputs, output):
     y, dictionary, intercept = inputs[:3]
     _, grad_logits = output
     ctx.mark_non_differentiable(grad_logits)
+    # Otherwise autograd hands the backward a zero-filled (N, H, W, K) tensor
+    # for the non-differentiable output: a second buffer as large as the one
+    # kept, and a fill as long as a pass over it.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(y, dictionary, grad_logits)
     ctx.intercept_shape = intercept.shape
     ctx.wanted = tuple(ctx.needs_input_grad[:3])
 
 
 def _predictor_backward(ctx, grad_loss, _grad_grad_logits):
+    if grad_loss is None:
+        return (None,) * 7
     y, dictionary, grad_logits = ctx.saved_tensors
     gy, gc, gb = torch.ops.srm_ext.predictor_loss_backward(
         grad_loss, grad_logits, y, dictionary, list(ctx.wanted)

@@ -128,6 +128,20 @@ def test_gradcheck_predictor_loss():
     )
 
 
+def test_backward_is_not_handed_zeros_for_the_kept_logit_gradient():
+    # predictor_loss's second output (N, H, W, K) is non-differentiable; if
+    # autograd materialised a zero gradient for it, backward would allocate
+    # and fill a second tensor that large.
+    (y, Cs, bs), pixel, image = predictor_inputs(requires_grad=True)
+    loss = srm_ext.predictor_loss(y, Cs, bs, pixel, image)
+    logits_shape = [y.shape[0], y.shape[2], y.shape[3], Cs.shape[1]]
+    with torch.profiler.profile(record_shapes=True) as prof:
+        loss.backward()
+    fills = [e for e in prof.events() if e.name in ("aten::fill_", "aten::zero_", "aten::zeros")]
+    assert not [e for e in fills if logits_shape in e.input_shapes]
+    assert y.grad is not None and Cs.grad is not None and bs.grad is not None
+
+
 def test_sparse_labels_carry_no_gradient():
     x, C, b = encode_inputs(requires_grad=True)
     values, indices = srm_ext.sparse_encode(x, C, b, 3)

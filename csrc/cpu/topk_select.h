@@ -86,13 +86,18 @@ void select_topk(const scalar_t* row, int64_t K, int64_t k, scalar_t bias,
   auto* maxima = static_cast<scalar_t*>(scratch);
   int has_nan = 0;
   for (int64_t b = 0; b < num_blocks; ++b) {
+    // Lane-wise over the block's two halves, then across the lanes: the
+    // first loop has no loop-carried dependency, so it vectorizes.
+    constexpr int kLanes = kScreenBlock / 2;
     const scalar_t* block = row + b * kScreenBlock;
-    scalar_t m = block[0] + bias;
-    for (int64_t i = 0; i < kScreenBlock; ++i) {
-      const scalar_t v = block[i] + bias;
-      m = v > m ? v : m;
-      has_nan |= v != v;
+    scalar_t lanes[kLanes];
+    for (int l = 0; l < kLanes; ++l) {
+      const scalar_t lo = block[l] + bias, hi = block[l + kLanes] + bias;
+      lanes[l] = lo > hi ? lo : hi;
+      has_nan |= (lo != lo) | (hi != hi);
     }
+    scalar_t m = lanes[0];
+    for (int l = 1; l < kLanes; ++l) m = lanes[l] > m ? lanes[l] : m;
     maxima[b] = m;
   }
   if (has_nan) {  // NaN ranks first; the plain pass handles it exactly
@@ -121,7 +126,16 @@ void select_topk(const scalar_t* row, int64_t K, int64_t k, scalar_t bias,
   };
   for (int64_t b = 0; b < num_blocks; ++b) {
     if (maxima[b] < bound) continue;
-    for (int64_t c = b * kScreenBlock; c < (b + 1) * kScreenBlock; ++c) visit(c);
+    // Which entries of a block reach the bound is unpredictable: collect
+    // them without branching, then visit only those.
+    int64_t candidates[kScreenBlock];
+    int64_t n = 0;
+    const scalar_t* block = row + b * kScreenBlock;
+    for (int64_t i = 0; i < kScreenBlock; ++i) {
+      candidates[n] = b * kScreenBlock + i;
+      n += block[i] + bias >= bound;
+    }
+    for (int64_t j = 0; j < n; ++j) visit(candidates[j]);
   }
   for (int64_t c = num_blocks * kScreenBlock; c < K; ++c) visit(c);
 }
