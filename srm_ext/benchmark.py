@@ -73,11 +73,6 @@ class _CompiledReference:
         if name.startswith("_"):
             raise AttributeError(name)
         if name not in self._compiled:
-            # Compile in this process: a pool of compile workers would keep
-            # running beside the timed cases that follow and slow them down.
-            import torch._inductor.config as inductor_config
-
-            inductor_config.compile_threads = 1
             self._compiled[name] = torch.compile(getattr(reference, name), dynamic=False)
         return self._compiled[name]
 
@@ -307,6 +302,14 @@ def run_benchmarks(
             f"no compiled srm_ext kernel for {dev.type}/{dtype}; "
             f"backend_info() = {_backend.backend_info()}"
         )
+
+    if dev.type == "cpu" and "compiled" in implementations:
+        # Compile in this process: on a machine with few cores, a pool of
+        # compile workers keeps running beside the cases timed next and slows
+        # them down. (On a GPU machine the pool only shortens the compiles.)
+        import torch._inductor.config as inductor_config
+
+        inductor_config.compile_threads = 1
 
     def cases():
         """(shape, op, mode, implementation, callable) for every applicable case."""

@@ -15,11 +15,13 @@
 #
 # Each stage writes <stage>.log; a failing stage is reported and the next one
 # still runs. The exit status is non-zero if any stage failed.
-# BENCH_ARGS adds flags to every benchmark run (e.g. "--ops stage1_step").
+# BENCH_DTYPES picks the benchmark dtypes (default "float32 bfloat16"), so a
+# long benchmark can be split over several calls; BENCH_ARGS adds flags to
+# every benchmark run (e.g. "--ops stage1_step").
 set -u -o pipefail
 
 if [[ $# -lt 1 ]]; then
-  sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
   exit 2
 fi
 out="$(mkdir -p "$1" && cd "$1" && pwd)"
@@ -74,7 +76,7 @@ stage_sanitize() {
 
 stage_bench() {
   local status=0 dtype
-  for dtype in float32 bfloat16; do
+  for dtype in ${BENCH_DTYPES:-float32 bfloat16}; do
     "${python}" benchmarks/bench_ops.py --device cuda --dtype "${dtype}" --shapes imagenet \
       --out "${out}" ${BENCH_ARGS:-} || status=1
     "${python}" benchmarks/bench_ops.py --device cuda --dtype "${dtype}" --shapes cifar \
