@@ -123,6 +123,20 @@ SRM_EXT_MULTIVERSION float sigmoid_exp_sum_row(float* row, int64_t n, float bias
                                              double* column_sums) {
   Float8 exp_sum = {};
   int64_t c = 0;
+  // Two vectors per iteration: each is a long dependent chain (exp, divide,
+  // exp), and two independent chains keep the FMA units busy.
+  Float8 exp_sum2 = {};
+  for (; c + 16 <= n; c += 16) {
+    const Float8 q = 1.0f / (1.0f + exp8(-(load8(row + c) + bias)));
+    const Float8 q2 = 1.0f / (1.0f + exp8(-(load8(row + c + 8) + bias)));
+    store8(row + c, q);
+    store8(row + c + 8, q2);
+    exp_sum += exp8(q);
+    exp_sum2 += exp8(q2);
+    add_to_doubles(column_sums + c, q);
+    add_to_doubles(column_sums + c + 8, q2);
+  }
+  exp_sum += exp_sum2;
   for (; c + 8 <= n; c += 8) {
     const Float8 q = 1.0f / (1.0f + exp8(-(load8(row + c) + bias)));
     store8(row + c, q);
