@@ -40,8 +40,8 @@ at::Tensor sparse_decode(const at::Tensor& values, const at::Tensor& indices,
         for (int64_t i = 0; i < count; ++i) {
           const int64_t p = p0 + i;
           combine_rows(codewords.const_data_ptr<scalar_t>(), dim,
-                            idx.const_data_ptr<int64_t>() + p * k,
-                            vals.const_data_ptr<scalar_t>() + p * k, k, rows.data() + i * dim);
+                       idx.const_data_ptr<int64_t>() + p * k,
+                       vals.const_data_ptr<scalar_t>() + p * k, k, rows.data() + i * dim);
         }
         scatter_tile(rows.data(), grid, p0, count, out.mutable_data_ptr<scalar_t>());
       }

@@ -86,7 +86,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_encode_backward(
         }
         if (want_x) {
           combine_rows(codewords.const_data_ptr<scalar_t>(), dim, ix_all + e0, gp, k,
-                            grad_features + i * dim);
+                       grad_features + i * dim);
         }
       }
       if (want_x) {
