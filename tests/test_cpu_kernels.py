@@ -233,6 +233,38 @@ def test_saturated_sigmoid_selects_on_pre_activations(dtype):
     torch.testing.assert_close(values, ref_values)
 
 
+# Rows long enough for the screened top-k (K >= 32 k): candidates ranked by
+# counting, many tied candidates (ranked by insertion), more block maxima
+# than are counted, K not a multiple of the 16-entry block, and NaN.
+SCREENED = [
+    ("random", 2048, 40),
+    ("ties", 2048, 40),
+    ("ties", 520, 10),
+    ("random", 8192, 64),
+    ("random", 1000, 3),
+    ("nan", 512, 5),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("values,K,k", SCREENED)
+def test_screened_selection_matches_reference(values, K, k, dtype):
+    g = torch.Generator().manual_seed(K + k)
+    if values == "ties":  # small integers: each row holds a few values, many times over
+        x = torch.randint(-2, 3, (2, 6, 3, 3), generator=g).to(dtype)
+        C = torch.randint(-1, 2, (6, K), generator=g).to(dtype)
+    else:
+        x = dyadic(2, 6, 3, 3, dtype=dtype, generator=g)
+        C = dyadic(6, K, dtype=dtype, generator=g)
+    if values == "nan":
+        x[1, 2, 0, 1] = float("nan")
+    b = torch.zeros(1, dtype=dtype)
+    got_values, got_indices = srm_ext.sparse_encode(x, C, b, k)
+    ref_values, ref_indices = reference.sparse_encode(x, C, b, k)
+    torch.testing.assert_close(got_indices, ref_indices, rtol=0, atol=0)
+    torch.testing.assert_close(got_values, ref_values, equal_nan=True)
+
+
 def test_nan_pre_activations_rank_first_and_indices_stay_in_range():
     x = torch.randn(2, 4, 3, 3)
     x[0, 1, 1, 1] = float("nan")

@@ -11,7 +11,10 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
+
+#include "vector_math.h"
 
 namespace srm_ext::cpu {
 
@@ -36,10 +39,33 @@ struct PixelGrid {
   }
 };
 
+// Copies float pixels [p0, p0 + count) between a map whose pixels are
+// adjacent along W (stride_w == 1, as in NCHW) and a (count x C) tile. Within
+// a run of pixels in one row (or one image, when its rows are adjacent too)
+// every channel is contiguous, so the run moves as one (C x run) transpose.
+template <bool kToTile>
+void copy_tile_by_runs(float* map, const PixelGrid& g, int64_t p0, int64_t count, float* tile) {
+  const int64_t hw = g.pixels_per_image();
+  const bool rows_adjacent = g.stride_h == g.w;
+  for (int64_t i = 0; i < count;) {
+    const int64_t rem = (p0 + i) % hw;
+    const int64_t left = rows_adjacent ? hw - rem : g.w - rem % g.w;
+    const int64_t run = std::min(count - i, left);
+    float* pixels = map + g.pixel_offset(p0 + i);
+    float* rows = tile + i * g.c;
+    if constexpr (kToTile) {
+      transpose(pixels, g.stride_c, g.c, run, rows, g.c);
+    } else {
+      transpose(rows, g.c, run, g.c, pixels, g.stride_c);
+    }
+    i += run;
+  }
+}
+
 // Copies pixels [p0, p0 + count) between a strided map and a (count x C)
-// row-major tile. With channels strided (NCHW), both sides are walked in
-// 16 x 16 blocks: a plain loop would touch C cache lines a power of two apart
-// per pixel and thrash the L1 sets whenever H*W is a power of two.
+// row-major tile. Other strided layouts are walked in 16 x 16 blocks: a plain
+// loop would touch C cache lines a power of two apart per pixel and thrash
+// the L1 sets whenever H*W is a power of two.
 template <typename scalar_t, bool kToTile>
 void copy_tile(scalar_t* map, const PixelGrid& g, int64_t p0, int64_t count, scalar_t* tile) {
   auto move = [](scalar_t& tile_value, scalar_t& map_value) {
@@ -52,6 +78,12 @@ void copy_tile(scalar_t* map, const PixelGrid& g, int64_t p0, int64_t count, sca
       for (int64_t c = 0; c < channels; ++c) move(tile[i * channels + c], pixel[c]);
     }
     return;
+  }
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (g.stride_w == 1) {
+      copy_tile_by_runs<kToTile>(map, g, p0, count, tile);
+      return;
+    }
   }
   constexpr int64_t kBlock = 16;
   int64_t offsets[kBlock];

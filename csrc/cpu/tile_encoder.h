@@ -23,7 +23,7 @@ class TileEncoder {
         k_(k), bias_(bias),
         features_(tile_capacity * grid.c),
         similarity_(tile_capacity * num_codewords_),
-        select_scratch_(num_codewords_) {}
+        selector_(num_codewords_, k) {}
 
   // Encodes pixels [p0, p0 + count): writes count x k values and indices.
   // Afterwards features() holds the tile's pixels as rows of D values.
@@ -32,8 +32,7 @@ class TileEncoder {
     matmul_into(features_.data(), dictionary_, similarity_.data(), count);
     for (int64_t i = 0; i < count; ++i) {
       scalar_t* v = values + i * k_;
-      select_topk(similarity_.data() + i * num_codewords_, num_codewords_, k_, bias_, v,
-                  indices + i * k_, select_scratch_.data());
+      selector_.select(similarity_.data() + i * num_codewords_, bias_, v, indices + i * k_);
       for (int64_t j = 0; j < k_; ++j) v[j] = sigmoid(v[j]);
     }
   }
@@ -48,7 +47,7 @@ class TileEncoder {
   scalar_t bias_;
   std::vector<scalar_t> features_;    // tile x D
   std::vector<scalar_t> similarity_;  // tile x K pre-activations (without bias)
-  std::vector<int64_t> select_scratch_;  // room for select_topk's scratch
+  TopkSelector<scalar_t> selector_;
 };
 
 }  // namespace srm_ext::cpu

@@ -40,6 +40,20 @@ inline int64_t insert_candidate(scalar_t v, int64_t c, int64_t count, int64_t k,
   return count;
 }
 
+// The k best of n candidates (values[i], indices[i]), indices increasing,
+// best first, by sorted insertion.
+template <typename scalar_t>
+void best_by_insertion(const scalar_t* values, const int64_t* indices, int64_t n, int64_t k,
+                       scalar_t* top_pre, int64_t* top_idx) {
+  int64_t count = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const scalar_t v = values[i];
+    const int64_t c = indices[i];
+    if (count == k && !ranks_before<scalar_t>(v, c, top_pre[k - 1], top_idx[k - 1])) continue;
+    count = insert_candidate(v, c, count, k, top_pre, top_idx);
+  }
+}
+
 // Exact selection by one pass of sorted insertion over all K entries.
 template <typename scalar_t>
 void select_by_insertion(const scalar_t* row, int64_t K, int64_t k, scalar_t bias,
@@ -52,92 +66,121 @@ void select_by_insertion(const scalar_t* row, int64_t K, int64_t k, scalar_t bia
   }
 }
 
+// The screening steps of TopkSelector. Each template is the plain version;
+// the float32 overloads (topk_select.cpp) do the same in vector lanes.
 constexpr int64_t kScreenBlock = 16;
 
-// Selects the top-k of row[c] + bias, c in [0, K). Writes the kept
-// pre-activations to top_pre and their indices to top_idx, best first.
-// `scratch` must hold K indices when k > kInsertionSelectMaxK, else
-// K / kScreenBlock values.
-//
-// Screening: the k-th largest of the blocks' maxima is a lower bound t on the
-// k-th largest entry (k blocks each hold an entry >= t), so only entries
-// >= t can be kept. One vectorizable pass finds the block maxima; the exact
-// insertion then visits, in index order, only the few blocks that reach t.
+// maxima[b] = the largest of row[16b, 16b + 16) + bias, for b < num_blocks.
+// Returns whether any of those entries is NaN (then maxima are unspecified).
 template <typename scalar_t>
-void select_topk(const scalar_t* row, int64_t K, int64_t k, scalar_t bias,
-                 scalar_t* top_pre, int64_t* top_idx, void* scratch) {
-  if (k > kInsertionSelectMaxK) {
-    auto* order = static_cast<int64_t*>(scratch);
-    std::iota(order, order + K, int64_t{0});
-    std::partial_sort(order, order + k, order + K, [&](int64_t a, int64_t b) {
-      return ranks_before<scalar_t>(row[a] + bias, a, row[b] + bias, b);
-    });
-    for (int64_t j = 0; j < k; ++j) {
-      top_idx[j] = order[j];
-      top_pre[j] = row[order[j]] + bias;
-    }
-    return;
-  }
-  const int64_t num_blocks = K / kScreenBlock;
-  if (num_blocks < 2 * k) {
-    select_by_insertion(row, K, k, bias, top_pre, top_idx);
-    return;
-  }
-  auto* maxima = static_cast<scalar_t*>(scratch);
-  int has_nan = 0;
+bool block_maxima(const scalar_t* row, int64_t num_blocks, scalar_t bias, scalar_t* maxima) {
+  bool has_nan = false;
   for (int64_t b = 0; b < num_blocks; ++b) {
-    // Lane-wise over the block's two halves, then across the lanes: the
-    // first loop has no loop-carried dependency, so it vectorizes.
-    constexpr int kLanes = kScreenBlock / 2;
     const scalar_t* block = row + b * kScreenBlock;
-    scalar_t lanes[kLanes];
-    for (int l = 0; l < kLanes; ++l) {
-      const scalar_t lo = block[l] + bias, hi = block[l + kLanes] + bias;
-      lanes[l] = lo > hi ? lo : hi;
-      has_nan |= (lo != lo) | (hi != hi);
+    scalar_t m = block[0] + bias;
+    for (int64_t i = 0; i < kScreenBlock; ++i) {
+      const scalar_t v = block[i] + bias;
+      has_nan |= std::isnan(v);
+      m = v > m ? v : m;
     }
-    scalar_t m = lanes[0];
-    for (int l = 1; l < kLanes; ++l) m = lanes[l] > m ? lanes[l] : m;
     maxima[b] = m;
   }
-  if (has_nan) {  // NaN ranks first; the plain pass handles it exactly
-    select_by_insertion(row, K, k, bias, top_pre, top_idx);
-    return;
-  }
-  // The k-th largest block maximum, by insertion into top_pre (reused).
-  int64_t count = 0;
-  for (int64_t b = 0; b < num_blocks; ++b) {
-    if (count == k && !(maxima[b] > top_pre[k - 1])) continue;
-    int64_t pos = count < k ? count++ : k - 1;
-    while (pos > 0 && maxima[b] > top_pre[pos - 1]) {
-      top_pre[pos] = top_pre[pos - 1];
-      --pos;
-    }
-    top_pre[pos] = maxima[b];
-  }
-  const scalar_t bound = top_pre[k - 1];
-
-  count = 0;
-  auto visit = [&](int64_t c) {
-    const scalar_t v = row[c] + bias;
-    if (v < bound) return;
-    if (count == k && !ranks_before<scalar_t>(v, c, top_pre[k - 1], top_idx[k - 1])) return;
-    count = insert_candidate(v, c, count, k, top_pre, top_idx);
-  };
-  for (int64_t b = 0; b < num_blocks; ++b) {
-    if (maxima[b] < bound) continue;
-    // Which entries of a block reach the bound is unpredictable: collect
-    // them without branching, then visit only those.
-    int64_t candidates[kScreenBlock];
-    int64_t n = 0;
-    const scalar_t* block = row + b * kScreenBlock;
-    for (int64_t i = 0; i < kScreenBlock; ++i) {
-      candidates[n] = b * kScreenBlock + i;
-      n += block[i] + bias >= bound;
-    }
-    for (int64_t j = 0; j < n; ++j) visit(candidates[j]);
-  }
-  for (int64_t c = num_blocks * kScreenBlock; c < K; ++c) visit(c);
+  return has_nan;
 }
+
+// The k-th largest of values[0, n) (no NaN, 1 <= k <= n); `work` holds k.
+template <typename scalar_t>
+scalar_t kth_largest(const scalar_t* values, int64_t n, int64_t k, scalar_t* work) {
+  int64_t count = 0;  // work[0, count) sorted, descending
+  for (int64_t i = 0; i < n; ++i) {
+    const scalar_t v = values[i];
+    if (count == k && !(v > work[k - 1])) continue;
+    int64_t pos = count < k ? count++ : k - 1;
+    for (; pos > 0 && v > work[pos - 1]; --pos) work[pos] = work[pos - 1];
+    work[pos] = v;
+  }
+  return work[k - 1];
+}
+
+// The k best of n candidates (no NaN, indices increasing, n >= k), best
+// first.
+template <typename scalar_t>
+void best_candidates(const scalar_t* values, const int64_t* indices, int64_t n, int64_t k,
+                     scalar_t* top_pre, int64_t* top_idx) {
+  best_by_insertion(values, indices, n, k, top_pre, top_idx);
+}
+
+bool block_maxima(const float* row, int64_t num_blocks, float bias, float* maxima);
+float kth_largest(const float* values, int64_t n, int64_t k, float* work);
+void best_candidates(const float* values, const int64_t* indices, int64_t n, int64_t k,
+                     float* top_pre, int64_t* top_idx);
+
+// Selects, for rows of K pre-activations, the top-k of row[c] + bias. One
+// selector per worker thread: it owns its scratch.
+//
+// Screening: the k-th largest of the 16-entry blocks' maxima is a lower bound
+// t on the k-th largest entry (k blocks each hold an entry >= t), so only
+// entries >= t can be kept. A vector pass finds the block maxima; only the
+// few blocks that reach t are then scanned for candidates, and the
+// candidates ranked.
+template <typename scalar_t>
+class TopkSelector {
+ public:
+  TopkSelector(int64_t num_codewords, int64_t k)
+      : num_codewords_(num_codewords), k_(k), num_blocks_(num_codewords / kScreenBlock),
+        screened_(k <= kInsertionSelectMaxK && num_blocks_ >= 2 * k),
+        order_(k > kInsertionSelectMaxK ? num_codewords : 0),
+        maxima_(screened_ ? num_blocks_ : 0),
+        candidate_values_(screened_ ? num_codewords : 0),
+        candidate_indices_(screened_ ? num_codewords : 0) {}
+
+  // Writes the kept pre-activations to top_pre and their indices to
+  // top_idx, best first.
+  void select(const scalar_t* row, scalar_t bias, scalar_t* top_pre, int64_t* top_idx) {
+    const int64_t K = num_codewords_, k = k_;
+    if (k > kInsertionSelectMaxK) {
+      std::iota(order_.begin(), order_.end(), int64_t{0});
+      std::partial_sort(order_.begin(), order_.begin() + k, order_.end(),
+                        [&](int64_t a, int64_t b) {
+                          return ranks_before<scalar_t>(row[a] + bias, a, row[b] + bias, b);
+                        });
+      for (int64_t j = 0; j < k; ++j) {
+        top_idx[j] = order_[j];
+        top_pre[j] = row[order_[j]] + bias;
+      }
+      return;
+    }
+    // NaN ranks first; the plain pass handles it exactly.
+    if (!screened_ || block_maxima(row, num_blocks_, bias, maxima_.data())) {
+      select_by_insertion(row, K, k, bias, top_pre, top_idx);
+      return;
+    }
+    const scalar_t bound = kth_largest(maxima_.data(), num_blocks_, k, top_pre);
+    scalar_t* values = candidate_values_.data();
+    int64_t* indices = candidate_indices_.data();
+    int64_t n = 0;
+    // Which entries of a block reach the bound is unpredictable: collect
+    // them without branching.
+    auto collect = [&](int64_t c) {
+      const scalar_t v = row[c] + bias;
+      values[n] = v;
+      indices[n] = c;
+      n += v >= bound;
+    };
+    for (int64_t b = 0; b < num_blocks_; ++b) {
+      if (maxima_[b] < bound) continue;
+      for (int64_t c = b * kScreenBlock; c < (b + 1) * kScreenBlock; ++c) collect(c);
+    }
+    for (int64_t c = num_blocks_ * kScreenBlock; c < K; ++c) collect(c);
+    best_candidates(values, indices, n, k, top_pre, top_idx);
+  }
+
+ private:
+  int64_t num_codewords_, k_, num_blocks_;
+  bool screened_;
+  std::vector<int64_t> order_;
+  std::vector<scalar_t> maxima_, candidate_values_;
+  std::vector<int64_t> candidate_indices_;
+};
 
 }  // namespace srm_ext::cpu

@@ -8,6 +8,8 @@
 
 #include "vector_math.h"
 
+#include "float8.h"
+
 namespace srm_ext::cpu {
 
 SRM_EXT_MULTIVERSION float dot(const float* a, const float* b, int64_t n) {
@@ -24,13 +26,6 @@ SRM_EXT_MULTIVERSION void axpy2(float alpha, const float* a, float beta, const f
 }
 
 #if defined(__GNUC__)
-// Eight floats as one value: the compiler maps it onto one AVX2 register (or
-// two SSE registers in the baseline clone). Unaligned and alias-safe.
-typedef float Float8 __attribute__((vector_size(32), aligned(4), may_alias));
-
-static inline Float8 load8(const float* p) { return *reinterpret_cast<const Float8*>(p); }
-static inline void store8(float* p, Float8 v) { *reinterpret_cast<Float8*>(p) = v; }
-typedef int32_t Int8 __attribute__((vector_size(32), aligned(4), may_alias));
 
 // exp_approx on eight lanes.
 static inline Float8 exp8(Float8 x) {
@@ -166,7 +161,55 @@ SRM_EXT_MULTIVERSION void softmax_sigmoid_grad_row(float* row, int64_t n, float 
     row[c] = (scale * exp_approx(q - log_sum_exp) + add[c]) * q * (1.0f - q);
   }
 }
+// dst[j][i] = src[i][j] for an 8 x 8 block, in registers.
+static SRM_EXT_INLINE void transpose8x8(const float* src, int64_t src_stride, float* dst,
+                                        int64_t dst_stride) {
+  Float8 r[8], t[8], u[8];
+  for (int i = 0; i < 8; ++i) r[i] = load8(src + i * src_stride);
+  for (int i = 0; i < 8; i += 2) {  // interleave pairs of rows
+    t[i] = __builtin_shufflevector(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[i + 1] = __builtin_shufflevector(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  for (int i = 0; i < 8; i += 4) {  // then pairs of pairs
+    u[i] = __builtin_shufflevector(t[i], t[i + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+    u[i + 1] = __builtin_shufflevector(t[i], t[i + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    u[i + 2] = __builtin_shufflevector(t[i + 1], t[i + 3], 0, 1, 8, 9, 4, 5, 12, 13);
+    u[i + 3] = __builtin_shufflevector(t[i + 1], t[i + 3], 2, 3, 10, 11, 6, 7, 14, 15);
+  }
+  for (int i = 0; i < 4; ++i) {  // then swap 128-bit halves
+    store8(dst + i * dst_stride,
+           __builtin_shufflevector(u[i], u[i + 4], 0, 1, 2, 3, 8, 9, 10, 11));
+    store8(dst + (i + 4) * dst_stride,
+           __builtin_shufflevector(u[i], u[i + 4], 4, 5, 6, 7, 12, 13, 14, 15));
+  }
+}
+
+// Column blocks outer: each pass writes 8 destination rows front to back.
+SRM_EXT_MULTIVERSION void transpose(const float* src, int64_t src_stride, int64_t rows,
+                                    int64_t cols, float* dst, int64_t dst_stride) {
+  int64_t j = 0;
+  for (; j + 8 <= cols; j += 8) {
+    int64_t i = 0;
+    for (; i + 8 <= rows; i += 8) {
+      transpose8x8(src + i * src_stride + j, src_stride, dst + j * dst_stride + i, dst_stride);
+    }
+    for (; i < rows; ++i) {
+      for (int64_t q = 0; q < 8; ++q) dst[(j + q) * dst_stride + i] = src[i * src_stride + j + q];
+    }
+  }
+  for (; j < cols; ++j) {
+    for (int64_t i = 0; i < rows; ++i) dst[j * dst_stride + i] = src[i * src_stride + j];
+  }
+}
+
 #else
+void transpose(const float* src, int64_t src_stride, int64_t rows, int64_t cols, float* dst,
+               int64_t dst_stride) {
+  for (int64_t j = 0; j < cols; ++j) {
+    for (int64_t i = 0; i < rows; ++i) dst[j * dst_stride + i] = src[i * src_stride + j];
+  }
+}
+
 float sigmoid_exp_sum_row(float* row, int64_t n, float bias, double* column_sums) {
   float total = 0;
   for (int64_t c = 0; c < n; ++c) {

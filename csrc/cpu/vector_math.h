@@ -126,6 +126,12 @@ void dot_rows(const float* v, const float* rows, int64_t dim, const int64_t* ind
 void combine_rows(const float* rows, int64_t dim, const int64_t* indices, const float* weights,
                   int64_t k, float* out);
 
+// dst[j * dst_stride + i] = src[i * src_stride + j] for i < rows, j < cols:
+// moves channel-major pixels into pixel-major rows and back, 8 x 8 blocks at
+// a time in registers.
+void transpose(const float* src, int64_t src_stride, int64_t rows, int64_t cols, float* dst,
+               int64_t dst_stride);
+
 // The predictor loss's two passes over a row of K logits (predictor.cpp
 // holds the math): q = sigmoid(z + bias) in place, returning sum_c exp(q_c)
 // and adding q to column_sums; then q -> (scale * exp(q - log_sum_exp) +
