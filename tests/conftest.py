@@ -59,6 +59,12 @@ def make_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
         return big[..., ::2]
     if layout == "transposed":
         return x.transpose(2, 3).contiguous().transpose(2, 3)
+    if layout == "cropped":
+        # A crop of a larger map: pixels adjacent within a row only.
+        n, c, h, w = x.shape
+        big = x.new_zeros(n, c + 1, h, w + 3)
+        big[:, :c, :, :w] = x
+        return big[:, :c, :, :w]
     raise ValueError(layout)
 
 

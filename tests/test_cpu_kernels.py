@@ -27,7 +27,7 @@ SHAPES = [
     (2, 5, 3, 2, 8, 1),
 ]
 DTYPES = [torch.float32, torch.float64]
-LAYOUTS = ["contiguous", "channels_last", "strided", "transposed"]
+LAYOUTS = ["contiguous", "channels_last", "strided", "transposed", "cropped"]
 
 
 @pytest.fixture(autouse=True)
