@@ -29,7 +29,7 @@ at::Tensor sparse_decode(const at::Tensor& values, const at::Tensor& indices,
   const auto vals = values.contiguous();
   const auto idx = indices.contiguous();
   const auto codewords = dictionary.t().contiguous();  // K x D
-  const int64_t tile = tile_pixels(num_codewords);
+  const int64_t tile = tile_pixels(num_codewords, grid.pixels());
   const int64_t num_tiles = (grid.pixels() + tile - 1) / tile;
 
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "sparse_decode_cpu", [&] {
@@ -71,7 +71,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward(const at::Tensor& grad
   const auto vals = values.contiguous();
   const auto idx = indices.contiguous();
   auto grad_values = want_values ? at::empty_like(vals) : unwanted(values);
-  const int64_t tile = tile_pixels(num_codewords);
+  const int64_t tile = tile_pixels(num_codewords, grid.pixels());
   const int64_t num_tiles = (grid.pixels() + tile - 1) / tile;
   at::Tensor grad_dict;
 

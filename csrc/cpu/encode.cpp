@@ -23,7 +23,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_encode(const at::Tensor& x,
   auto values = at::empty({grid.n, grid.h, grid.w, k}, x.options());
   auto indices = at::empty({grid.n, grid.h, grid.w, k}, x.options().dtype(at::kLong));
   const auto dict = dictionary.detach();
-  const int64_t tile = tile_pixels(num_codewords);
+  const int64_t tile = tile_pixels(num_codewords, grid.pixels());
   const int64_t num_tiles = (grid.pixels() + tile - 1) / tile;
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_encode_cpu", [&] {

@@ -114,26 +114,35 @@ void scatter_tile(const scalar_t* tile, const PixelGrid& g, int64_t p0, int64_t 
   copy_tile<scalar_t, false>(dst, g, p0, count, const_cast<scalar_t*>(tile));
 }
 
-// Pixels per tile: enough rows for an efficient GEMM (BLAS packs the whole
-// dictionary once per tile), few enough that the tile's (pixels x K)
-// similarity block stays in cache (2 MiB in float32).
-inline int64_t tile_pixels(int64_t num_codewords) {
-  constexpr int64_t kTileElements = 1 << 19;
-  return std::clamp<int64_t>(kTileElements / std::max<int64_t>(num_codewords, 1), 16, 512);
-}
-
 // The backward kernels walk the pixels in blocks, keeping per-pixel rows of a
-// block (its feature vectors, the kept entries' terms) in a few buffers of at
-// most 2^18 values each (1 MiB in float32). Each block is split into pieces
+// block (its feature vectors, the kept entries' terms) in a few buffers of
+// about 2^18 values each (1 MiB in float32). Each block is split into pieces
 // of kPiecePixels for the workers; blocks are whole pieces, so piece q always
 // covers pixels [q * kPiecePixels, (q + 1) * kPiecePixels).
 constexpr int64_t kPiecePixels = 32;
 
-// Pixels per block such that `row_values` values per pixel fit in 2^18.
+// Pixels per block such that `row_values` values per pixel fit in about
+// 2^18, in a whole number of pieces per worker thread (an uneven split
+// would leave threads waiting at the end of every block).
 inline int64_t block_pixels(int64_t row_values) {
   constexpr int64_t kBlockValues = 1 << 18;
+  const int64_t threads = std::max(at::get_num_threads(), 1);
   const int64_t pieces = kBlockValues / kPiecePixels / std::max<int64_t>(row_values, 1);
-  return std::max<int64_t>(pieces, 1) * kPiecePixels;
+  return std::max<int64_t>(pieces / threads, 1) * threads * kPiecePixels;
+}
+
+// Pixels per encode tile: enough rows for an efficient GEMM (BLAS packs the
+// whole dictionary once per tile), few enough that the tile's (pixels x K)
+// similarity block stays in cache (2 MiB in float32), and at most a thread's
+// share of the pixels, so every thread gets work. Whole pieces, so per-piece
+// partial sums never straddle two tiles.
+inline int64_t tile_pixels(int64_t num_codewords, int64_t pixels) {
+  constexpr int64_t kTileElements = 1 << 19, kMaxTile = 512;
+  const int64_t threads = std::max(at::get_num_threads(), 1);
+  const int64_t by_cache = kTileElements / std::max<int64_t>(num_codewords, 1);
+  const int64_t share = (pixels + threads - 1) / threads;
+  const int64_t tile = std::clamp<int64_t>(std::min(by_cache, share), 1, kMaxTile);
+  return (tile + kPiecePixels - 1) / kPiecePixels * kPiecePixels;
 }
 
 inline int64_t num_pieces(int64_t pixels) { return (pixels + kPiecePixels - 1) / kPiecePixels; }

@@ -28,11 +28,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss(
   auto indices = at::empty({grid.n, grid.h, grid.w, k}, x.options().dtype(at::kLong));
   const auto dict = dictionary.detach();
   const auto codewords = dictionary.t().contiguous();  // K x D
-  const int64_t tile = tile_pixels(num_codewords);
+  const int64_t tile = tile_pixels(num_codewords, grid.pixels());
   const int64_t num_tiles = (grid.pixels() + tile - 1) / tile;
-  // One partial per tile, summed in tile order: the loss does not depend on
-  // how tiles were spread over threads.
-  std::vector<double> tile_sums(num_tiles, 0.0);
+  // Partial sums per piece of pixels, added in piece order: the loss does not
+  // depend on the tiling or the threads.
+  PieceSums piece_sums(grid.pixels());
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "reconstruction_loss_cpu", [&] {
     const scalar_t bias = intercept.item<scalar_t>();
@@ -45,21 +45,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss(
         scalar_t* v = values.mutable_data_ptr<scalar_t>() + p0 * k;
         int64_t* ix = indices.mutable_data_ptr<int64_t>() + p0 * k;
         encoder.encode(p0, count, v, ix);
-        double sum = 0.0;
         for (int64_t i = 0; i < count; ++i) {
           combine_rows(cw, dim, ix + i * k, v + i * k, k, x_hat.data());
           const scalar_t* xp = encoder.features() + i * dim;
-          sum += sum_in_lanes<double>(dim, [&](int64_t d) {
+          piece_sums[(p0 + i) / kPiecePixels] += sum_in_lanes<double>(dim, [&](int64_t d) {
             const scalar_t r = x_hat[d] - xp[d];
             return static_cast<double>(r * r);
           });
         }
-        tile_sums[t] = sum;
       }
     });
   });
-  double total = 0.0;
-  for (double s : tile_sums) total += s;
+  const double total = piece_sums.total();
   const double count = static_cast<double>(grid.pixels() * dim);
   auto loss = at::scalar_tensor(count > 0 ? total / count : std::nan(""), x.options());
   return {loss, values, indices};
