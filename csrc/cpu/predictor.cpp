@@ -111,10 +111,22 @@ class PixelSegments {
   std::vector<int64_t> first_row_;
 };
 
-// (N*H*W, C) pixel-major view of an (N, C, H, W) map; a copy unless it is
-// channels_last.
+// (N*H*W, C) pixel-major rows of an (N, C, H, W) map: a view when it is
+// channels_last, else a copy made tile by tile (for NCHW by in-register
+// transposes, several times faster than a permuted at::copy_).
 at::Tensor pixel_rows(const at::Tensor& y) {
-  return y.permute({0, 2, 3, 1}).reshape({y.size(0) * y.size(2) * y.size(3), y.size(1)});
+  const int64_t pixels = y.size(0) * y.size(2) * y.size(3), channels = y.size(1);
+  const auto pixel_major = y.permute({0, 2, 3, 1});
+  if (pixel_major.is_contiguous()) return pixel_major.view({pixels, channels});
+  auto rows = at::empty({pixels, channels}, y.options());
+  const PixelGrid grid(y);
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "pixel_rows_cpu", [&] {
+    for_each_piece(0, pixels, [&](int64_t, int64_t p0, int64_t count) {
+      gather_tile(y.const_data_ptr<scalar_t>(), grid, p0, count,
+                  rows.mutable_data_ptr<scalar_t>() + p0 * channels);
+    });
+  });
+  return rows;
 }
 
 std::tuple<at::Tensor, at::Tensor> predictor_loss(const at::Tensor& y,
@@ -249,19 +261,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> predictor_loss_backward(
               "grad_logits must have shape (", n, ", ", h, ", ", w, ", ", num_codewords,
               "), got ", grad_logits.sizes());
   TORCH_CHECK(grad_loss.numel() == 1, "grad_loss must have one element");
-  const auto scale = grad_loss.reshape({}).to(y.scalar_type());
-  // The gradient for a unit loss was formed in forward; scale the small
-  // results rather than the (pixels x K) buffer.
+  const double scale = grad_loss.item<double>();
+  // The gradient for a unit loss was formed in forward; BLAS applies the
+  // scale (alpha) as it writes the small results, with no pass over them.
   const auto G = grad_logits.reshape({n * h * w, num_codewords});
   at::Tensor grad_y = unwanted(y), grad_dict = unwanted(dictionary), grad_bias = unwanted(y);
   if (output_mask[0]) {
-    grad_y = at::mm(G, dictionary.t()).mul_(scale).view({n, h, w, dim}).permute({0, 3, 1, 2});
+    auto rows = at::empty({n * h * w, dim}, y.options());
+    at::addmm_out(rows, rows, G, dictionary.t(), /*beta=*/0, /*alpha=*/scale);
+    grad_y = rows.view({n, h, w, dim}).permute({0, 3, 1, 2});
   }
   if (output_mask[1]) {
     grad_dict = at::empty_like(dictionary);  // laid out like the dictionary
-    at::mm_out(grad_dict, pixel_rows(y).t(), G).mul_(scale);
+    at::addmm_out(grad_dict, grad_dict, pixel_rows(y).t(), G, /*beta=*/0, /*alpha=*/scale);
   }
-  if (output_mask[2]) grad_bias = at::scalar_tensor(ordered_sum(G), y.options()).mul_(scale);
+  if (output_mask[2]) grad_bias = at::scalar_tensor(ordered_sum(G) * scale, y.options());
   return {grad_y, grad_dict, grad_bias};
 }
 
