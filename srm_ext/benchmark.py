@@ -265,22 +265,34 @@ def _cpu_peak_resettable() -> bool:
         return False
 
 
-def _time(fn: Callable[[], object], device: torch.device, min_repeats: int, min_seconds: float, max_repeats: int) -> list[float]:
+def _time_interleaved(
+    fns: dict[str, Callable[[], object]], device: torch.device, min_repeats: int,
+    min_seconds: float, max_repeats: int,
+) -> dict[str, list[float]]:
+    """Seconds per call of each callable, timed in rounds that call every one
+    once (starting at a different one each round), so a slow spell of a
+    shared machine falls on all of them alike and their ratios stay fair."""
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    fn()  # warm-up: first-call allocations, lazy initialisation
+    names = list(fns)
+    for name in names:
+        fns[name]()  # warm-up: first-call allocations, lazy initialisation
     sync()
-    times: list[float] = []
+    times: dict[str, list[float]] = {name: [] for name in names}
     start = time.perf_counter()
-    while len(times) < max_repeats and (
-        len(times) < min_repeats or time.perf_counter() - start < min_seconds
+    rounds = 0
+    while rounds < max_repeats and (
+        rounds < min_repeats or time.perf_counter() - start < min_seconds * len(names)
     ):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
+        for i in range(len(names)):
+            name = names[(rounds + i) % len(names)]
+            t0 = time.perf_counter()
+            fns[name]()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+        rounds += 1
     return times
 
 
@@ -312,36 +324,41 @@ def run_benchmarks(
         inductor_config.compile_threads = 1
 
     def cases():
-        """(shape, op, mode, implementation, callable) for every applicable case."""
+        """(shape, op, mode, {implementation: callable}) for every applicable case."""
         for shape in shapes:
             case = _Case(shape, dev, dtype)
             for op in ops:
                 for mode in ("forward", "forward+backward"):
+                    fns = {}
                     for impl in implementations:
                         fn = _build_callable(case, op, impl, mode == "forward+backward")
                         if fn is not None:
-                            yield shape.name, op, mode, impl, fn
+                            fns[impl] = fn
+                    if fns:
+                        yield shape.name, op, mode, fns
             del case
             gc.collect()
 
     records = {}
-    for shape, op, mode, impl, fn in cases():
+    for shape, op, mode, fns in cases():
         if progress:
-            progress(f"{shape} {op} {mode} {impl}")
-        times = _time(fn, dev, min_repeats, min_seconds, max_repeats)
-        records[shape, op, mode, impl] = dict(
-            shape=shape, op=op, mode=mode, implementation=impl,
-            median_ms=statistics.median(times) * 1e3, min_ms=min(times) * 1e3,
-            repeats=len(times), peak_bytes=None,
-        )
+            progress(f"{shape} {op} {mode}: {', '.join(fns)}")
+        timings = _time_interleaved(fns, dev, min_repeats, min_seconds, max_repeats)
+        for impl, times in timings.items():
+            records[shape, op, mode, impl] = dict(
+                shape=shape, op=op, mode=mode, implementation=impl,
+                median_ms=statistics.median(times) * 1e3, min_ms=min(times) * 1e3,
+                repeats=len(times), peak_bytes=None,
+            )
     # Memory in a second pass, after every timing: on the CPU, measuring sets
     # glibc to map and unmap each large block for the rest of the process,
     # which makes every large allocation fault its pages in and would slow the
     # allocation-heavy implementations' timings.
     memory = _PeakMemory(dev)
-    for shape, op, mode, impl, fn in cases():
-        fn()  # warm-up, so one-time allocations are not counted
-        records[shape, op, mode, impl]["peak_bytes"] = memory.measure(fn)
+    for shape, op, mode, fns in cases():
+        for impl, fn in fns.items():
+            fn()  # warm-up, so one-time allocations are not counted
+            records[shape, op, mode, impl]["peak_bytes"] = memory.measure(fn)
     return list(records.values())
 
 
@@ -494,7 +511,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "all but 'compiled', whose C++ compilation takes minutes there)",
     )
     p.add_argument("--min-repeats", type=int, default=5)
-    p.add_argument("--min-seconds", type=float, default=1.0, help="time each case at least this long")
+    p.add_argument("--min-seconds", type=float, default=1.0, help="time each group of implementations at least this long per implementation")
     p.add_argument("--max-repeats", type=int, default=50)
     p.add_argument("--quick", action="store_true", help="smoke run: batch 2, one repeat per case")
     p.add_argument("--out", type=Path, default=None, help="write <out>/<name>.json and .md here")

@@ -6,6 +6,7 @@ import dataclasses
 import json
 
 import pytest
+import torch
 
 from srm_ext import _backend, benchmark
 
@@ -48,9 +49,9 @@ def test_every_case_is_timed_before_memory_is_measured(monkeypatch):
     # process, which would slow the timings of allocation-heavy cases after it.
     events = []
 
-    def fake_time(fn, *args):
-        events.append("time")
-        return [1e-3]
+    def fake_time(fns, *args):
+        events.extend("time" for _ in fns)
+        return {name: [1e-3] for name in fns}
 
     class FakeMemory:
         def __init__(self, device):
@@ -60,7 +61,7 @@ def test_every_case_is_timed_before_memory_is_measured(monkeypatch):
             events.append("memory")
             return 1.0
 
-    monkeypatch.setattr(benchmark, "_time", fake_time)
+    monkeypatch.setattr(benchmark, "_time_interleaved", fake_time)
     monkeypatch.setattr(benchmark, "_PeakMemory", FakeMemory)
     records = benchmark.run_benchmarks(
         [TINY, dataclasses.replace(TINY, name="tiny2")], ops=("stage1_step", "dense_gemm"),
@@ -70,6 +71,19 @@ def test_every_case_is_timed_before_memory_is_measured(monkeypatch):
     assert timings == len(records) == 2 * (2 * 2 + 1)
     assert events[:timings] == ["time"] * timings and events[timings] == "memory setup"
     assert all(r["peak_bytes"] == 1.0 for r in records)
+
+
+def test_implementations_are_timed_in_interleaved_rounds():
+    # A slow spell of a shared machine must not fall on one implementation
+    # only: each round calls every implementation once, from a rotating start.
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
+    times = benchmark._time_interleaved(
+        fns, torch.device("cpu"), min_repeats=3, min_seconds=0.0, max_repeats=3
+    )
+    assert calls[:3] == ["a", "b", "c"]  # warm-up
+    assert calls[3:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert {name: len(t) for name, t in times.items()} == {"a": 3, "b": 3, "c": 3}
 
 
 def test_unknown_op_is_a_usage_error(capsys):
