@@ -243,6 +243,8 @@ SCREENED = [
     ("random", 8192, 64),
     ("random", 1000, 3),
     ("nan", 512, 5),
+    ("nan intercept", 512, 5),
+    ("infinite intercept", 512, 5),
 ]
 
 
@@ -259,6 +261,11 @@ def test_screened_selection_matches_reference(values, K, k, dtype):
     if values == "nan":
         x[1, 2, 0, 1] = float("nan")
     b = torch.zeros(1, dtype=dtype)
+    if values == "nan intercept":
+        b.fill_(float("nan"))
+    if values == "infinite intercept":  # -inf plus an infinite similarity is NaN
+        b.fill_(float("-inf"))
+        x[0, 0, 1, 1] = float("inf")
     got_values, got_indices = srm_ext.sparse_encode(x, C, b, k)
     ref_values, ref_indices = reference.sparse_encode(x, C, b, k)
     torch.testing.assert_close(got_indices, ref_indices, rtol=0, atol=0)

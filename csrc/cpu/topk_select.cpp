@@ -58,12 +58,14 @@ SRM_EXT_MULTIVERSION bool block_maxima(const float* row, int64_t num_blocks, flo
   for (; b + 8 <= num_blocks; b += 8) {
     Float8 m[8];
     for (int i = 0; i < 8; ++i) {
-      const Float8 lo = load8(row + (b + i) * kScreenBlock);
-      const Float8 hi = load8(row + (b + i) * kScreenBlock + 8);
+      // With the bias added first, as the template does: a NaN or infinite
+      // bias can make NaN of any entry.
+      const Float8 lo = load8(row + (b + i) * kScreenBlock) + bias;
+      const Float8 hi = load8(row + (b + i) * kScreenBlock + 8) + bias;
       nan |= (lo != lo) | (hi != hi);
       m[i] = max8(lo, hi);
     }
-    store8(maxima + b, lane_maxima(m) + bias);
+    store8(maxima + b, lane_maxima(m));
   }
   const bool tail_nan = block_maxima<float>(row + b * kScreenBlock, num_blocks - b, bias,
                                             maxima + b);
