@@ -108,11 +108,12 @@ SRM_EXT_MULTIVERSION void best_candidates(const float* values, const int64_t* in
   for (int64_t i = 0; i < n; ++i) {
     const float v = values[i];
     const Float8 vi = broadcast8(v);
+    const Int8 position_i = Int8{} + static_cast<int32_t>(i);
     Int8 before = {};
     int64_t j = 0;
     for (; j + 8 <= n; j += 8) {
       const Float8 vj = load8(values + j);
-      const Int8 earlier = (lane + static_cast<int32_t>(j)) < static_cast<int32_t>(i);
+      const Int8 earlier = (lane + static_cast<int32_t>(j)) < position_i;
       before -= (vj > vi) | ((vj == vi) & earlier);
     }
     int64_t rank = lane_total(before);
