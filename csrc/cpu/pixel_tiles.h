@@ -116,16 +116,17 @@ void scatter_tile(const scalar_t* tile, const PixelGrid& g, int64_t p0, int64_t 
 
 // The backward kernels walk the pixels in blocks, keeping per-pixel rows of a
 // block (its feature vectors, the kept entries' terms) in a few buffers of
-// about 2^18 values each (1 MiB in float32). Each block is split into pieces
-// of kPiecePixels for the workers; blocks are whole pieces, so piece q always
-// covers pixels [q * kPiecePixels, (q + 1) * kPiecePixels).
+// about 2^16 values each (256 KiB in float32): small enough that the rows
+// the dictionary gradient reads over and over stay in L2. Each block is split
+// into pieces of kPiecePixels for the workers; blocks are whole pieces, so
+// piece q always covers pixels [q * kPiecePixels, (q + 1) * kPiecePixels).
 constexpr int64_t kPiecePixels = 32;
 
 // Pixels per block such that `row_values` values per pixel fit in about
-// 2^18, in a whole number of pieces per worker thread (an uneven split
+// 2^16, in a whole number of pieces per worker thread (an uneven split
 // would leave threads waiting at the end of every block).
 inline int64_t block_pixels(int64_t row_values) {
-  constexpr int64_t kBlockValues = 1 << 18;
+  constexpr int64_t kBlockValues = 1 << 16;
   const int64_t threads = std::max(at::get_num_threads(), 1);
   const int64_t pieces = kBlockValues / kPiecePixels / std::max<int64_t>(row_values, 1);
   return std::max<int64_t>(pieces / threads, 1) * threads * kPiecePixels;
