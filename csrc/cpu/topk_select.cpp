@@ -76,23 +76,24 @@ SRM_EXT_MULTIVERSION bool block_maxima(const float* row, int64_t num_blocks, flo
 // k values >= it: count those for eight values at a time.
 SRM_EXT_MULTIVERSION float kth_largest(const float* values, int64_t n, int64_t k, float* work) {
   if (n > kCountedMaxima) return kth_largest<float>(values, n, k, work);
-  float best = -std::numeric_limits<float>::infinity();
-  auto consider = [&](float v, int64_t at_least_v) {
-    if (at_least_v >= k && v > best) best = v;
-  };
+  const float lowest = -std::numeric_limits<float>::infinity();
+  Float8 best = broadcast8(lowest);
+  const Int8 needed = Int8{} + static_cast<int32_t>(k);
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     const Float8 vi = load8(values + i);
     Int8 count = {};
     for (int64_t j = 0; j < n; ++j) count -= broadcast8(values[j]) >= vi;
-    for (int l = 0; l < 8; ++l) consider(vi[l], count[l]);
+    best = max8(best, count >= needed ? vi : broadcast8(lowest));
   }
+  float result = lowest;
+  for (int l = 0; l < 8; ++l) result = best[l] > result ? best[l] : result;
   for (; i < n; ++i) {
     int64_t count = 0;
     for (int64_t j = 0; j < n; ++j) count += values[j] >= values[i];
-    consider(values[i], count);
+    if (count >= k && values[i] > result) result = values[i];
   }
-  return best;
+  return result;
 }
 
 // The rank of candidate i is the number that rank before it: larger values,
@@ -105,19 +106,25 @@ SRM_EXT_MULTIVERSION void best_candidates(const float* values, const int64_t* in
     return;
   }
   const Int8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
+  // The last n % 8 values, padded with NaN (it compares false either way),
+  // so every candidate is ranked in whole vectors.
+  const int64_t full = n / 8 * 8;
+  float tail[8];
+  for (int l = 0; l < 8; ++l) {
+    tail[l] = full + l < n ? values[full + l] : std::numeric_limits<float>::quiet_NaN();
+  }
+  const Float8 tail_values = load8(tail);
   for (int64_t i = 0; i < n; ++i) {
     const float v = values[i];
     const Float8 vi = broadcast8(v);
     const Int8 position_i = Int8{} + static_cast<int32_t>(i);
-    Int8 before = {};
-    int64_t j = 0;
-    for (; j + 8 <= n; j += 8) {
-      const Float8 vj = load8(values + j);
+    auto ranks_before_i = [&](Float8 vj, int64_t j) {
       const Int8 earlier = (lane + static_cast<int32_t>(j)) < position_i;
-      before -= (vj > vi) | ((vj == vi) & earlier);
-    }
-    int64_t rank = lane_total(before);
-    for (; j < n; ++j) rank += values[j] > v || (values[j] == v && j < i);
+      return (vj > vi) | ((vj == vi) & earlier);
+    };
+    Int8 before = ranks_before_i(tail_values, full);
+    for (int64_t j = 0; j < full; j += 8) before += ranks_before_i(load8(values + j), j);
+    const int64_t rank = -lane_total(before);
     if (rank < k) {
       top_pre[rank] = v;
       top_idx[rank] = indices[i];
