@@ -63,9 +63,10 @@ void copy_tile_by_runs(float* map, const PixelGrid& g, int64_t p0, int64_t count
 }
 
 // Copies pixels [p0, p0 + count) between a strided map and a (count x C)
-// row-major tile. Other strided layouts are walked in 16 x 16 blocks: a plain
-// loop would touch C cache lines a power of two apart per pixel and thrash
-// the L1 sets whenever H*W is a power of two.
+// row-major tile. channels_last pixels are copied whole, float maps with
+// stride_w == 1 by runs (above); any other layout is walked in 16 x 16
+// blocks: a plain loop would touch C cache lines a power of two apart per
+// pixel and thrash the L1 sets whenever H*W is a power of two.
 template <typename scalar_t, bool kToTile>
 void copy_tile(scalar_t* map, const PixelGrid& g, int64_t p0, int64_t count, scalar_t* tile) {
   auto move = [](scalar_t& tile_value, scalar_t& map_value) {

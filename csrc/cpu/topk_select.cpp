@@ -26,19 +26,19 @@ constexpr int64_t kRankedCandidates = 256;
 
 SRM_EXT_INLINE Float8 max8(Float8 a, Float8 b) { return a > b ? a : b; }
 
-// Lane l of the result is the largest lane of m[l].
+// Lane l of the result is the largest lane of m[l]: the transpose network
+// with each stage's two results reduced by max.
 SRM_EXT_INLINE Float8 lane_maxima(const Float8 (&m)[8]) {
   Float8 t[4], u[2];
-  for (int i = 0; i < 4; ++i) {  // pairs of rows, interleaved
-    t[i] = max8(__builtin_shufflevector(m[2 * i], m[2 * i + 1], 0, 8, 1, 9, 4, 12, 5, 13),
-                __builtin_shufflevector(m[2 * i], m[2 * i + 1], 2, 10, 3, 11, 6, 14, 7, 15));
+  for (int i = 0; i < 4; ++i) {
+    t[i] = max8(interleave_lanes_low(m[2 * i], m[2 * i + 1]),
+                interleave_lanes_high(m[2 * i], m[2 * i + 1]));
   }
   for (int i = 0; i < 2; ++i) {
-    u[i] = max8(__builtin_shufflevector(t[2 * i], t[2 * i + 1], 0, 1, 8, 9, 4, 5, 12, 13),
-                __builtin_shufflevector(t[2 * i], t[2 * i + 1], 2, 3, 10, 11, 6, 7, 14, 15));
+    u[i] = max8(interleave_pairs_low(t[2 * i], t[2 * i + 1]),
+                interleave_pairs_high(t[2 * i], t[2 * i + 1]));
   }
-  return max8(__builtin_shufflevector(u[0], u[1], 0, 1, 2, 3, 8, 9, 10, 11),
-              __builtin_shufflevector(u[0], u[1], 4, 5, 6, 7, 12, 13, 14, 15));
+  return max8(join_low_halves(u[0], u[1]), join_high_halves(u[0], u[1]));
 }
 
 SRM_EXT_INLINE int64_t lane_total(Int8 v) {

@@ -161,26 +161,25 @@ SRM_EXT_MULTIVERSION void softmax_sigmoid_grad_row(float* row, int64_t n, float 
     row[c] = (scale * exp_approx(q - log_sum_exp) + add[c]) * q * (1.0f - q);
   }
 }
+
 // dst[j][i] = src[i][j] for an 8 x 8 block, in registers.
 static SRM_EXT_INLINE void transpose8x8(const float* src, int64_t src_stride, float* dst,
                                         int64_t dst_stride) {
   Float8 r[8], t[8], u[8];
   for (int i = 0; i < 8; ++i) r[i] = load8(src + i * src_stride);
-  for (int i = 0; i < 8; i += 2) {  // interleave pairs of rows
-    t[i] = __builtin_shufflevector(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
-    t[i + 1] = __builtin_shufflevector(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = interleave_lanes_low(r[i], r[i + 1]);
+    t[i + 1] = interleave_lanes_high(r[i], r[i + 1]);
   }
-  for (int i = 0; i < 8; i += 4) {  // then pairs of pairs
-    u[i] = __builtin_shufflevector(t[i], t[i + 2], 0, 1, 8, 9, 4, 5, 12, 13);
-    u[i + 1] = __builtin_shufflevector(t[i], t[i + 2], 2, 3, 10, 11, 6, 7, 14, 15);
-    u[i + 2] = __builtin_shufflevector(t[i + 1], t[i + 3], 0, 1, 8, 9, 4, 5, 12, 13);
-    u[i + 3] = __builtin_shufflevector(t[i + 1], t[i + 3], 2, 3, 10, 11, 6, 7, 14, 15);
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = interleave_pairs_low(t[i], t[i + 2]);
+    u[i + 1] = interleave_pairs_high(t[i], t[i + 2]);
+    u[i + 2] = interleave_pairs_low(t[i + 1], t[i + 3]);
+    u[i + 3] = interleave_pairs_high(t[i + 1], t[i + 3]);
   }
-  for (int i = 0; i < 4; ++i) {  // then swap 128-bit halves
-    store8(dst + i * dst_stride,
-           __builtin_shufflevector(u[i], u[i + 4], 0, 1, 2, 3, 8, 9, 10, 11));
-    store8(dst + (i + 4) * dst_stride,
-           __builtin_shufflevector(u[i], u[i + 4], 4, 5, 6, 7, 12, 13, 14, 15));
+  for (int i = 0; i < 4; ++i) {
+    store8(dst + i * dst_stride, join_low_halves(u[i], u[i + 4]));
+    store8(dst + (i + 4) * dst_stride, join_high_halves(u[i], u[i + 4]));
   }
 }
 
