@@ -192,6 +192,25 @@ def test_predictor_loss_saturated_means_stay_finite():
     torch.testing.assert_close(loss, reference.predictor_loss(y, Cs, bs, pixel, image))
 
 
+
+def test_predictor_image_loss_matches_reference_across_the_range_of_means():
+    # One pixel per image, so each image mean is one sigmoid: from 1e-35 to
+    # within 1e-7 of 1, the whole range of the BCE logs (vectorized in float32).
+    # Targets mix soft labels with exact 0 and 1.
+    g = torch.Generator().manual_seed(11)
+    n, K = 256, 24
+    y = torch.linspace(-80.0, 17.0, n).view(n, 1, 1, 1)
+    Cs = torch.linspace(0.5, 1.0, K).view(1, K)
+    bs = torch.zeros(1)
+    pixel = torch.randint(0, K, (n, 1, 1), generator=g)
+    image = torch.rand(n, K, generator=g)
+    image[::3] = image[::3].round()
+    for weights in [(0.0, 1.0), (1.0, 1.0)]:
+        loss = srm_ext.predictor_loss(y, Cs, bs, pixel, image, *weights)
+        ref = reference.predictor_loss(y, Cs, bs, pixel, image, *weights)
+        assert_close(loss, ref, torch.float32)
+
+
 # --- ties --------------------------------------------------------------------
 
 

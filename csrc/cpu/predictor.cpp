@@ -20,20 +20,12 @@
 namespace srm_ext::cpu {
 namespace {
 
-// torch.nn.functional.binary_cross_entropy clamps each log at -100 and its
-// gradient's denominator at 1e-12; matching both keeps saturated means finite.
-constexpr double kLogClamp = -100.0;
+// The denominator of torch's binary_cross_entropy gradient is clamped at
+// 1e-12, as is ours, so saturated means keep a finite gradient.
 constexpr double kBceEpsilon = 1e-12;
 
-template <typename scalar_t>
-double binary_cross_entropy(scalar_t mean, scalar_t target) {
-  const double log_m = std::max<double>(std::log(mean), kLogClamp);
-  const double log_1m = std::max<double>(std::log1p(-mean), kLogClamp);
-  return -(target * log_m + (1.0 - target) * log_1m);
-}
-
 // Pass-1 row: q = sigmoid(z + b) in place, q added to the image's column
-// sums; returns log(sum_c exp(q_c)). q lies in (0, 1), so exp(q) needs no
+// sums; returns sum_c exp(q_c). q lies in (0, 1), so exp(q) needs no
 // max-shift. float32 rows use the vectorized version in vector_math.cpp.
 double sigmoid_row(double* row, int64_t n, double bias, double* column_sums) {
   double total = 0;
@@ -42,24 +34,23 @@ double sigmoid_row(double* row, int64_t n, double bias, double* column_sums) {
     total += std::exp(row[c]);
     column_sums[c] += row[c];
   }
-  return std::log(total);
+  return total;
 }
 float sigmoid_row(float* row, int64_t n, float bias, double* column_sums) {
-  return std::log(sigmoid_exp_sum_row(row, n, bias, column_sums));
+  return sigmoid_exp_sum_row(row, n, bias, column_sums);
 }
 
 // Pass-2 row: q -> dloss/dz = (local_scale * softmax(q) + global_grad) * q (1 - q),
-// in place; the one-hot part of the cross-entropy is handled by the caller.
-void grad_row(double* row, int64_t n, double log_sum_exp, double local_scale,
-              const double* global_grad) {
+// in place, with softmax_scale = local_scale / sum_c exp(q_c); the one-hot
+// part of the cross-entropy is handled by the caller.
+void grad_row(double* row, int64_t n, double softmax_scale, const double* global_grad) {
   for (int64_t c = 0; c < n; ++c) {
     const double q = row[c];
-    row[c] = (local_scale * std::exp(q - log_sum_exp) + global_grad[c]) * q * (1.0 - q);
+    row[c] = (softmax_scale * std::exp(q) + global_grad[c]) * q * (1.0 - q);
   }
 }
-void grad_row(float* row, int64_t n, float log_sum_exp, float local_scale,
-              const float* global_grad) {
-  softmax_sigmoid_grad_row(row, n, log_sum_exp, local_scale, global_grad);
+void grad_row(float* row, int64_t n, float softmax_scale, const float* global_grad) {
+  softmax_sigmoid_grad_row(row, n, softmax_scale, global_grad);
 }
 
 void check_labels(const at::Tensor& pixel_labels, const at::Tensor& image_labels,
@@ -152,7 +143,7 @@ std::tuple<at::Tensor, at::Tensor> predictor_loss(const at::Tensor& y,
     const scalar_t bias = intercept.item<scalar_t>();
     scalar_t* G = grad_logits.mutable_data_ptr<scalar_t>();
     const int64_t* label = labels.const_data_ptr<int64_t>();
-    std::vector<scalar_t> log_sum_exp(pixels);
+    std::vector<scalar_t> exp_sums(pixels);  // sum_c exp(q_c) per pixel
     // Per segment: the cross-entropy sum and its images' column sums of q.
     std::vector<double> ce_sums(segments.count(), 0.0);
     std::vector<double> q_sums(segments.rows() * num_codewords, 0.0);
@@ -162,14 +153,14 @@ std::tuple<at::Tensor, at::Tensor> predictor_loss(const at::Tensor& y,
     auto logits = grad_logits.view({pixels, num_codewords});
     at::mm_out(logits, pixel_rows(y), dictionary);
 
-    // Pass 1: q = sigmoid(z + b) in place, per-pixel log-sum-exp.
+    // Pass 1: q = sigmoid(z + b) in place, per-pixel sums of exp(q).
     at::parallel_for(0, segments.count(), 1, [&](int64_t s0, int64_t s1) {
       for (int64_t s = s0; s < s1; ++s) {
         for (int64_t p = segments.begin(s); p < segments.end(s); ++p) {
           scalar_t* q = G + p * num_codewords;
           double* image_sums = q_sums.data() + segments.row(s, p / per_image) * num_codewords;
-          log_sum_exp[p] = sigmoid_row(q, num_codewords, bias, image_sums);
-          ce_sums[s] += log_sum_exp[p] - q[label[p]];
+          exp_sums[p] = sigmoid_row(q, num_codewords, bias, image_sums);
+          ce_sums[s] += std::log(exp_sums[p]) - q[label[p]];
         }
       }
     });
@@ -186,14 +177,14 @@ std::tuple<at::Tensor, at::Tensor> predictor_loss(const at::Tensor& y,
     // of terms, added in order, so the loss does not depend on the threads.
     const int64_t terms = n * num_codewords;
     constexpr int64_t kTermsPerBlock = 1024;
-    std::vector<scalar_t> global_grad(terms);
+    std::vector<scalar_t> means(terms), global_grad(terms);
     std::vector<double> bce_sums((terms + kTermsPerBlock - 1) / kTermsPerBlock, 0.0);
     const double global_scale = global_weight / static_cast<double>(std::max<int64_t>(terms, 1));
     const scalar_t* target = targets.const_data_ptr<scalar_t>();
     at::parallel_for(0, static_cast<int64_t>(bce_sums.size()), 1, [&](int64_t b0, int64_t b1) {
       for (int64_t block = b0; block < b1; ++block) {
-        for (int64_t i = block * kTermsPerBlock; i < std::min(terms, (block + 1) * kTermsPerBlock);
-             ++i) {
+        const int64_t i0 = block * kTermsPerBlock, i1 = std::min(terms, i0 + kTermsPerBlock);
+        for (int64_t i = i0; i < i1; ++i) {
           const int64_t img = i / num_codewords, c = i % num_codewords;
           double q_sum = 0.0;
           for (int64_t s = first_segment[img];
@@ -201,13 +192,14 @@ std::tuple<at::Tensor, at::Tensor> predictor_loss(const at::Tensor& y,
             q_sum += q_sums[segments.row(s, img) * num_codewords + c];
           }
           const auto mean = static_cast<scalar_t>(q_sum / static_cast<double>(per_image));
-          bce_sums[block] += binary_cross_entropy(mean, target[i]);
+          means[i] = mean;
           const double dmean =
               (static_cast<double>(mean) - target[i]) /
               std::max<double>(static_cast<double>(mean) * (1.0 - mean), kBceEpsilon);
           global_grad[i] =
               static_cast<scalar_t>(global_scale * dmean / static_cast<double>(per_image));
         }
+        bce_sums[block] = binary_cross_entropy_sum(means.data() + i0, target + i0, i1 - i0);
       }
     });
     double bce_sum = 0.0;
@@ -219,8 +211,8 @@ std::tuple<at::Tensor, at::Tensor> predictor_loss(const at::Tensor& y,
       for (int64_t p = p0; p < p1; ++p) {
         scalar_t* q = G + p * num_codewords;
         const scalar_t q_label = q[label[p]];
-        grad_row(q, num_codewords, log_sum_exp[p], local_scale,
-                     global_grad.data() + (p / per_image) * num_codewords);
+        grad_row(q, num_codewords, local_scale / exp_sums[p],
+                 global_grad.data() + (p / per_image) * num_codewords);
         q[label[p]] -= local_scale * q_label * (scalar_t(1) - q_label);
       }
     });

@@ -38,6 +38,48 @@ static inline Float8 exp8(Float8 x) {
   return p * reinterpret_cast<const Float8&>(bits);
 }
 
+// log(x) on eight lanes within about 2 ulp (Cephes' logf): x = 2^e * m with
+// m in [sqrt(1/2), sqrt(2)) and log(m) = f - f^2/2 + f^3 P(f), f = m - 1.
+// Subnormal x is scaled up by 2^23 first. log(0) = -inf, log(inf) = inf; NaN
+// and negative x give NaN.
+static inline Float8 log8(Float8 x) {
+  constexpr float kSmallestNormal = 1.17549435e-38f;
+  const Int8 subnormal = x < kSmallestNormal;  // all ones where true
+  const Float8 scaled = subnormal ? x * 8388608.0f : x;
+  const Int8 bits = reinterpret_cast<const Int8&>(scaled);
+  const Int8 mantissa_bits = (bits & 0x007fffff) | 0x3f800000;  // m in [1, 2)
+  Float8 m = reinterpret_cast<const Float8&>(mantissa_bits);
+  const Int8 halve = m > 1.41421356f;
+  m = halve ? m * 0.5f : m;
+  const Int8 e = (bits >> 23) - 127 - halve - (subnormal & 23);  // halve is -1 where true
+  const Float8 exponent = __builtin_convertvector(e, Float8);
+  const Float8 f = m - 1.0f;
+  const Float8 f2 = f * f;
+  Float8 p = f * 0.0f + 7.0376836292e-2f;
+  p = p * f - 1.1514610310e-1f;
+  p = p * f + 1.1676998740e-1f;
+  p = p * f - 1.2420140846e-1f;
+  p = p * f + 1.4249322787e-1f;
+  p = p * f - 1.6668057665e-1f;
+  p = p * f + 2.0000714765e-1f;
+  p = p * f - 2.4999993993e-1f;
+  p = p * f + 3.3333331174e-1f;
+  const Float8 y = p * f * f2 + exponent * -2.12194440e-4f - 0.5f * f2;
+  Float8 result = (f + y) + exponent * 0.693359375f;
+  const Float8 inf = Float8{} + __builtin_inff();
+  result = x == 0.0f ? -inf : result;
+  result = x == inf ? inf : result;
+  return (x < 0.0f) | (x != x) ? Float8{} + __builtin_nanf("") : result;
+}
+
+// log1p(x) on eight lanes: log(u) * x / (u - 1) with u = 1 + x rounded, which
+// cancels the rounding of u (Goldberg), and x itself where u rounds to 1.
+static inline Float8 log1p8(Float8 x) {
+  const Float8 u = 1.0f + x;
+  const Float8 ratio = log8(u) * x / (u - 1.0f);
+  return u == 1.0f ? x : ratio;
+}
+
 typedef double Double4 __attribute__((vector_size(32), aligned(8), may_alias));
 
 // sums[0, 8) += v, in double precision.
@@ -128,8 +170,8 @@ SRM_EXT_MULTIVERSION float sigmoid_exp_sum_row(float* row, int64_t n, float bias
     const Float8 q2 = 1.0f / (1.0f + exp8(-(load8(row + c + 8) + bias)));
     store8(row + c, q);
     store8(row + c + 8, q2);
-    exp_sum += exp8(q);
-    exp_sum2 += exp8(q2);
+    exp_sum += exp_unit_interval(q);
+    exp_sum2 += exp_unit_interval(q2);
     add_to_doubles(column_sums + c, q);
     add_to_doubles(column_sums + c + 8, q2);
   }
@@ -137,28 +179,44 @@ SRM_EXT_MULTIVERSION float sigmoid_exp_sum_row(float* row, int64_t n, float bias
   for (; c + 8 <= n; c += 8) {
     const Float8 q = 1.0f / (1.0f + exp8(-(load8(row + c) + bias)));
     store8(row + c, q);
-    exp_sum += exp8(q);
+    exp_sum += exp_unit_interval(q);
     add_to_doubles(column_sums + c, q);
   }
   float total = lane_sum(exp_sum);
   for (; c < n; ++c) {
     row[c] = sigmoid_approx(row[c] + bias);
-    total += exp_approx(row[c]);
+    total += exp_unit_interval(row[c]);
     column_sums[c] += row[c];
   }
   return total;
 }
 
-SRM_EXT_MULTIVERSION void softmax_sigmoid_grad_row(float* row, int64_t n, float log_sum_exp,
-                                                   float scale, const float* add) {
+SRM_EXT_MULTIVERSION double binary_cross_entropy_sum(const float* mean, const float* target,
+                                                     int64_t n) {
+  // Clamps as x < clamp ? clamp : x, which lets NaN through like std::max.
+  auto clamped = [](Float8 x) { return x < kBceLogClamp ? Float8{} + kBceLogClamp : x; };
+  alignas(32) double sums[8] = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const Float8 m = load8(mean + i), t = load8(target + i);
+    add_to_doubles(sums, -(t * clamped(log8(m)) + (1.0f - t) * clamped(log1p8(-m))));
+  }
+  double total = 0;
+  for (; i < n; ++i) total += binary_cross_entropy(mean[i], target[i]);
+  for (double s : sums) total += s;
+  return total;
+}
+
+SRM_EXT_MULTIVERSION void softmax_sigmoid_grad_row(float* row, int64_t n, float softmax_scale,
+                                                   const float* add) {
   int64_t c = 0;
   for (; c + 8 <= n; c += 8) {
     const Float8 q = load8(row + c);
-    store8(row + c, (scale * exp8(q - log_sum_exp) + load8(add + c)) * q * (1.0f - q));
+    store8(row + c, (softmax_scale * exp_unit_interval(q) + load8(add + c)) * q * (1.0f - q));
   }
   for (; c < n; ++c) {
     const float q = row[c];
-    row[c] = (scale * exp_approx(q - log_sum_exp) + add[c]) * q * (1.0f - q);
+    row[c] = (softmax_scale * exp_unit_interval(q) + add[c]) * q * (1.0f - q);
   }
 }
 
@@ -209,21 +267,24 @@ void transpose(const float* src, int64_t src_stride, int64_t rows, int64_t cols,
   }
 }
 
+double binary_cross_entropy_sum(const float* mean, const float* target, int64_t n) {
+  return binary_cross_entropy_sum<float>(mean, target, n);
+}
+
 float sigmoid_exp_sum_row(float* row, int64_t n, float bias, double* column_sums) {
   float total = 0;
   for (int64_t c = 0; c < n; ++c) {
     row[c] = sigmoid_approx(row[c] + bias);
-    total += exp_approx(row[c]);
+    total += exp_unit_interval(row[c]);
     column_sums[c] += row[c];
   }
   return total;
 }
 
-void softmax_sigmoid_grad_row(float* row, int64_t n, float log_sum_exp, float scale,
-                              const float* add) {
+void softmax_sigmoid_grad_row(float* row, int64_t n, float softmax_scale, const float* add) {
   for (int64_t c = 0; c < n; ++c) {
     const float q = row[c];
-    row[c] = (scale * exp_approx(q - log_sum_exp) + add[c]) * q * (1.0f - q);
+    row[c] = (softmax_scale * exp_unit_interval(q) + add[c]) * q * (1.0f - q);
   }
 }
 

@@ -60,6 +60,23 @@ SRM_EXT_INLINE float exp_approx(float x) {
 
 inline double exp_approx(double x) { return std::exp(x); }
 
+// exp(q) for q in [0, 1] (a sigmoid's output) within about 1 ulp, for a
+// float or a vector of floats: the degree-8 Taylor polynomial about 1/2,
+// whose remainder is below 1e-8 there, so no range reduction is needed.
+template <typename V>
+SRM_EXT_INLINE V exp_unit_interval(V q) {
+  const V d = q - 0.5f;
+  V p = d * 0.0f + 4.0890905e-05f;
+  p = p * d + 3.2712724e-04f;
+  p = p * d + 2.2898907e-03f;
+  p = p * d + 1.3739344e-02f;
+  p = p * d + 6.8696720e-02f;
+  p = p * d + 2.7478688e-01f;
+  p = p * d + 8.2436064e-01f;
+  p = p * d + 1.6487213f;
+  return p * d + 1.6487213f;
+}
+
 template <typename scalar_t>
 SRM_EXT_INLINE scalar_t sigmoid_approx(scalar_t z) {
   return scalar_t(1) / (scalar_t(1) + exp_approx(-z));
@@ -132,12 +149,36 @@ void combine_rows(const float* rows, int64_t dim, const int64_t* indices, const 
 void transpose(const float* src, int64_t src_stride, int64_t rows, int64_t cols, float* dst,
                int64_t dst_stride);
 
+// torch.nn.functional.binary_cross_entropy's term for one image mean and
+// target. torch clamps each log at -100, which keeps saturated means (exactly
+// 0 or 1) finite; NaN propagates.
+constexpr float kBceLogClamp = -100.0f;
+
+template <typename scalar_t>
+inline double binary_cross_entropy(scalar_t mean, scalar_t target) {
+  const double log_m = std::max<double>(std::log(mean), kBceLogClamp);
+  const double log_1m = std::max<double>(std::log1p(-mean), kBceLogClamp);
+  return -(target * log_m + (1.0 - target) * log_1m);
+}
+
+// sum_{i < n} binary_cross_entropy(mean[i], target[i]), in double.
+template <typename scalar_t>
+inline double binary_cross_entropy_sum(const scalar_t* mean, const scalar_t* target, int64_t n) {
+  double total = 0;
+  for (int64_t i = 0; i < n; ++i) total += binary_cross_entropy(mean[i], target[i]);
+  return total;
+}
+
+// The float32 version takes its logs eight lanes at a time (vector_math.cpp):
+// libm's scalar log1pf alone cost as much as the whole sigmoid pass.
+double binary_cross_entropy_sum(const float* mean, const float* target, int64_t n);
+
 // The predictor loss's two passes over a row of K logits (predictor.cpp
 // holds the math): q = sigmoid(z + bias) in place, returning sum_c exp(q_c)
-// and adding q to column_sums; then q -> (scale * exp(q - log_sum_exp) +
-// add_c) * q * (1 - q) in place.
+// and adding q to column_sums; then q -> (softmax_scale * exp(q) + add_c) *
+// q * (1 - q) in place, where softmax_scale carries the 1 / sum_c exp(q_c)
+// of the softmax.
 float sigmoid_exp_sum_row(float* row, int64_t n, float bias, double* column_sums);
-void softmax_sigmoid_grad_row(float* row, int64_t n, float log_sum_exp, float scale,
-                              const float* add);
+void softmax_sigmoid_grad_row(float* row, int64_t n, float softmax_scale, const float* add);
 
 }  // namespace srm_ext::cpu
