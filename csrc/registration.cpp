@@ -9,7 +9,9 @@
 //   values, indices         (N, H, W, k), contiguous, indices int64
 //   grad_logits             (N, H, W, K), contiguous
 // A backward op returns an empty tensor of shape (0,) for every gradient whose
-// output_mask entry is false.
+// output_mask entry is false. The encoder's backward ops take the intercept
+// too: where values are rounded to a 16-bit dtype, the derivative of the
+// sigmoid needs the pre-activation, recomputed from x, dictionary and it.
 #include <torch/library.h>
 
 TORCH_LIBRARY(srm_ext, m) {
@@ -18,7 +20,7 @@ TORCH_LIBRARY(srm_ext, m) {
       " -> (Tensor values, Tensor indices)");
   m.def(
       "sparse_encode_backward(Tensor grad_values, Tensor values, Tensor indices,"
-      " Tensor x, Tensor dictionary, bool[3] output_mask)"
+      " Tensor x, Tensor dictionary, Tensor intercept, bool[3] output_mask)"
       " -> (Tensor grad_x, Tensor grad_dictionary, Tensor grad_intercept)");
   m.def(
       "sparse_decode(Tensor values, Tensor indices, Tensor dictionary)"
@@ -32,7 +34,7 @@ TORCH_LIBRARY(srm_ext, m) {
       " -> (Tensor loss, Tensor values, Tensor indices)");
   m.def(
       "reconstruction_loss_backward(Tensor grad_loss, Tensor x, Tensor dictionary,"
-      " Tensor values, Tensor indices, bool[3] output_mask)"
+      " Tensor intercept, Tensor values, Tensor indices, bool[3] output_mask)"
       " -> (Tensor grad_x, Tensor grad_dictionary, Tensor grad_intercept)");
   m.def(
       "sparse_labels(Tensor values, Tensor indices, int num_codewords)"

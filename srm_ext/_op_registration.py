@@ -37,7 +37,7 @@ def _(x, dictionary, intercept, k):
 
 
 @torch.library.register_fake(f"{_LIB}::sparse_encode_backward")
-def _(grad_values, values, indices, x, dictionary, output_mask):
+def _(grad_values, values, indices, x, dictionary, intercept, output_mask):
     return (
         _masked_like(x, output_mask[0]),
         _masked_like(dictionary, output_mask[1]),
@@ -70,7 +70,7 @@ def _(x, dictionary, intercept, k):
 
 
 @torch.library.register_fake(f"{_LIB}::reconstruction_loss_backward")
-def _(grad_loss, x, dictionary, values, indices, output_mask):
+def _(grad_loss, x, dictionary, intercept, values, indices, output_mask):
     return (
         _masked_like(x, output_mask[0]),
         _masked_like(dictionary, output_mask[1]),
@@ -113,17 +113,17 @@ def _encode_setup(ctx, inputs, output):
     values, indices = output
     ctx.mark_non_differentiable(indices)
     ctx.set_materialize_grads(False)  # see _predictor_setup
-    ctx.save_for_backward(x, dictionary, values, indices)
+    ctx.save_for_backward(x, dictionary, intercept, values, indices)
     ctx.intercept_shape = intercept.shape
     ctx.wanted = tuple(ctx.needs_input_grad[:3])
 
 
 def _encode_backward(ctx, grad_values, _grad_indices):
-    x, dictionary, values, indices = ctx.saved_tensors
+    x, dictionary, intercept, values, indices = ctx.saved_tensors
     if grad_values is None:
         return None, None, None, None
     gx, gc, gb = torch.ops.srm_ext.sparse_encode_backward(
-        grad_values.contiguous(), values, indices, x, dictionary, list(ctx.wanted)
+        grad_values.contiguous(), values, indices, x, dictionary, intercept, list(ctx.wanted)
     )
     gb = gb.reshape(ctx.intercept_shape) if ctx.wanted[2] else None
     return _grad_or_none(gx, ctx.wanted[0]), _grad_or_none(gc, ctx.wanted[1]), gb, None
@@ -148,7 +148,7 @@ def _reconstruction_setup(ctx, inputs, output):
     _, values, indices = output
     ctx.mark_non_differentiable(values, indices)
     ctx.set_materialize_grads(False)  # see _predictor_setup
-    ctx.save_for_backward(x, dictionary, values, indices)
+    ctx.save_for_backward(x, dictionary, intercept, values, indices)
     ctx.intercept_shape = intercept.shape
     ctx.wanted = tuple(ctx.needs_input_grad[:3])
 
@@ -156,9 +156,9 @@ def _reconstruction_setup(ctx, inputs, output):
 def _reconstruction_backward(ctx, grad_loss, _grad_values, _grad_indices):
     if grad_loss is None:
         return None, None, None, None
-    x, dictionary, values, indices = ctx.saved_tensors
+    x, dictionary, intercept, values, indices = ctx.saved_tensors
     gx, gc, gb = torch.ops.srm_ext.reconstruction_loss_backward(
-        grad_loss, x, dictionary, values, indices, list(ctx.wanted)
+        grad_loss, x, dictionary, intercept, values, indices, list(ctx.wanted)
     )
     gb = gb.reshape(ctx.intercept_shape) if ctx.wanted[2] else None
     return _grad_or_none(gx, ctx.wanted[0]), _grad_or_none(gc, ctx.wanted[1]), gb, None

@@ -117,6 +117,51 @@ def test_reconstruction_loss(shape, dtype, deterministic):
         torch.use_deterministic_algorithms(False)
 
 
+def relative_error(actual, expected):
+    expected = expected.float().cpu()
+    return float((actual.float().cpu() - expected).norm() / expected.norm())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16_bit_backward_uses_the_unrounded_sigmoid(dtype):
+    # Pre-activations near 10: every kept value rounds to exactly 1 in float16
+    # and bfloat16, yet s (1 - s) is about 5e-5, so the gradients through the
+    # sigmoid are small but not zero. Compared by relative norm, since the
+    # per-dtype atol would pass a zero gradient.
+    (x, C, b), (rx, rC, rb), k = inputs((2, 16, 5, 6, 40, 5), dtype, seed=12)
+    b, rb = torch.full_like(b, 10.0), torch.full_like(rb, 10.0)
+    values, _ = srm_ext.sparse_encode(x, C, b, k)
+    assert (values == 1).all()
+    upstream = torch.randn(values.shape, generator=torch.Generator().manual_seed(13))
+    loss_scale = torch.tensor(1024.0)  # lifts the loss gradients out of float16's subnormals
+    cases = [
+        (lambda *a: srm_ext.sparse_encode(*a, k), lambda *a: reference.sparse_encode(*a, k), upstream),
+        (lambda *a: srm_ext.reconstruction_loss(*a, k), lambda *a: reference.reconstruction_loss(*a, k), loss_scale),
+    ]
+    for native, ref, weight in cases:
+        got = grads(native, (x, C, b), weight.cuda())
+        want = grads(ref, (rx, rC, rb), weight)
+        for name, g, w in zip(("x", "dictionary", "intercept"), got, want):
+            assert float(w.abs().max()) > 0
+            assert relative_error(g, w) < 2e-2, name
+
+
+@pytest.mark.parametrize("shape", [(2, 4096, 128, 128, 8, 2), (1, 4096, 200, 100, 8, 2)])
+def test_fused_loss_backward_over_several_pixel_boxes_matches_reference(shape):
+    # The backward bounds its float32 workspace to 2^26 values: at D = 4096
+    # these maps take two boxes, of whole images and of rows of one image.
+    (x, C, b), ref_in, k = inputs(shape, torch.float32, seed=14)
+    for deterministic in (False, True):
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            got = grads(lambda *a: srm_ext.reconstruction_loss(*a, k), (x, C, b))
+        finally:
+            torch.use_deterministic_algorithms(False)
+        want = grads(lambda *a: reference.reconstruction_loss(*a, k), ref_in)
+        for g, w in zip(got, want):
+            close(g, w, torch.float32)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_deterministic_mode_is_bitwise_reproducible(dtype):
     (x, C, b), _, k = inputs((4, 128, 16, 16, 256, 5), dtype, seed=3)
@@ -173,11 +218,11 @@ def test_opcheck_on_cuda(dtype):
     _, grad_logits = ops.predictor_loss(y, Cs, b, pixel, image, 1.0, 1.0)
     cases = [
         (ops.sparse_encode.default, (leaf(x), leaf(C), leaf(b), k)),
-        (ops.sparse_encode_backward.default, (torch.randn_like(values), values, indices, x, C, [True, True, True])),
+        (ops.sparse_encode_backward.default, (torch.randn_like(values), values, indices, x, C, b, [True, True, True])),
         (ops.sparse_decode.default, (leaf(values), indices, leaf(C))),
         (ops.sparse_decode_backward.default, (torch.randn_like(x), values, indices, C, [True, True])),
         (ops.reconstruction_loss.default, (leaf(x), leaf(C), leaf(b), k)),
-        (ops.reconstruction_loss_backward.default, (one, x, C, values, indices, [True, True, True])),
+        (ops.reconstruction_loss_backward.default, (one, x, C, b, values, indices, [True, True, True])),
         (ops.sparse_labels.default, (values, indices, 12)),
         (ops.predictor_loss.default, (leaf(y), leaf(Cs), leaf(b), pixel, image, 0.5, 2.0)),
         (ops.predictor_loss_backward.default, (one, grad_logits, y, Cs, [True, True, True])),

@@ -48,11 +48,11 @@ def op_cases():
         "sparse_encode": (ops.sparse_encode.default, (xg, Cg, bg, 3)),
         "sparse_encode_backward": (
             ops.sparse_encode_backward.default,
-            (grad_values, values, indices, x, C, [True, True, True]),
+            (grad_values, values, indices, x, C, b, [True, True, True]),
         ),
         "sparse_encode_backward_masked": (
             ops.sparse_encode_backward.default,
-            (grad_values, values, indices, x, C, [False, True, False]),
+            (grad_values, values, indices, x, C, b, [False, True, False]),
         ),
         "sparse_decode": (
             ops.sparse_decode.default,
@@ -70,11 +70,11 @@ def op_cases():
         "sparse_encode_backward_channels_last": (
             ops.sparse_encode_backward.default,
             (grad_values, values, indices, x.contiguous(memory_format=torch.channels_last),
-             C.t().contiguous().t(), [True, True, True]),
+             C.t().contiguous().t(), b, [True, True, True]),
         ),
         "reconstruction_loss_backward": (
             ops.reconstruction_loss_backward.default,
-            (one, x, C, values, indices, [True, True, True]),
+            (one, x, C, b, values, indices, [True, True, True]),
         ),
         "sparse_labels": (ops.sparse_labels.default, (values, indices, 9)),
         "predictor_loss": (

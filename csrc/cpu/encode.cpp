@@ -42,11 +42,14 @@ std::tuple<at::Tensor, at::Tensor> sparse_encode(const at::Tensor& x,
 
 // gp_pj = grad_values_pj * v_pj * (1 - v_pj) is the gradient of pixel p's j-th
 // kept pre-activation; it reaches the intercept, the kept codewords
-// (gp_pj * x_p) and x (sum_j gp_pj * C[:, idx_pj]).
+// (gp_pj * x_p) and x (sum_j gp_pj * C[:, idx_pj]). float32 and float64
+// values are the sigmoid itself, so the intercept is only checked.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_encode_backward(
     const at::Tensor& grad_values, const at::Tensor& values, const at::Tensor& indices,
-    const at::Tensor& x, const at::Tensor& dictionary, std::array<bool, 3> output_mask) {
+    const at::Tensor& x, const at::Tensor& dictionary, const at::Tensor& intercept,
+    std::array<bool, 3> output_mask) {
   check_features_and_dictionary(x, "x", dictionary);
+  check_intercept(intercept, x);
   const int64_t num_codewords = dictionary.size(1), dim = dictionary.size(0);
   check_sparse_code(values, indices, num_codewords);
   TORCH_CHECK(grad_values.sizes() == values.sizes(), "grad_values must have shape ",

@@ -67,10 +67,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss(
 //   gp_pj = <g_p, C[:, idx_pj]> * v_pj (1 - v_pj)  (d loss / d pre_pj)
 //   grad_dictionary[:, idx_pj] += v_pj g_p + gp_pj x_p
 //   grad_intercept = sum gp;  grad_x_p = -g_p + sum_j gp_pj C[:, idx_pj]
+// v is the sigmoid itself in float32 and float64; the intercept is only checked.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss_backward(
     const at::Tensor& grad_loss, const at::Tensor& x, const at::Tensor& dictionary,
-    const at::Tensor& values, const at::Tensor& indices, std::array<bool, 3> output_mask) {
+    const at::Tensor& intercept, const at::Tensor& values, const at::Tensor& indices,
+    std::array<bool, 3> output_mask) {
   check_features_and_dictionary(x, "x", dictionary);
+  check_intercept(intercept, x);
   const int64_t dim = dictionary.size(0), num_codewords = dictionary.size(1);
   check_sparse_code(values, indices, num_codewords);
   TORCH_CHECK(grad_loss.numel() == 1, "grad_loss must have one element, got shape ",

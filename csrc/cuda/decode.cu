@@ -89,7 +89,7 @@ __global__ void __launch_bounds__(kTileThreads, 4)
                          const int64_t* __restrict__ indices, int k,
                          const TDict* __restrict__ dictionary_t,
                          int64_t num_codes,
-                         const TDict* __restrict__ sigmoid_values,
+                         const float* __restrict__ sigmoid_values,
                          float* __restrict__ out) {
   __shared__ int64_t offsets[kTilePixels];
   __shared__ PixelTile tile;
@@ -142,8 +142,8 @@ __global__ void __launch_bounds__(kTileThreads, 4)
     if (p < total_pixels) {
       float r = dots[pl][j];
       if (sigmoid_values != nullptr) {
-        const float v = to_float(sigmoid_values[p * k + j]);
-        r *= v * (1.0f - v);
+        const float s = sigmoid_values[p * k + j];
+        r *= s * (1.0f - s);
       }
       out[p * k + j] = r;
     }
@@ -152,12 +152,12 @@ __global__ void __launch_bounds__(kTileThreads, 4)
 
 template <typename T>
 __global__ void sigmoid_backward_kernel(const T* __restrict__ grad_values,
-                                        const T* __restrict__ values,
+                                        const float* __restrict__ sigmoid,
                                         int64_t count, float* __restrict__ out) {
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
        i < count; i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const float v = to_float(values[i]);
-    out[i] = to_float(grad_values[i]) * v * (1.0f - v);
+    const float s = sigmoid[i];
+    out[i] = to_float(grad_values[i]) * s * (1.0f - s);
   }
 }
 
@@ -228,7 +228,7 @@ cudaError_t launch_codeword_dots(const FeatureMap& features,
                                  const int64_t* indices, int64_t k,
                                  const void* dictionary_t,
                                  Dtype dictionary_dtype, int64_t num_codewords,
-                                 const void* sigmoid_values, float* out,
+                                 const float* sigmoid_values, float* out,
                                  cudaStream_t stream) {
   const int64_t total_pixels = detail::num_pixels(features.layout);
   if (k < 0 || k > kMaxTopK || !valid_tile_grid(total_pixels)) {
@@ -249,7 +249,7 @@ cudaError_t launch_codeword_dots(const FeatureMap& features,
       codeword_dots_kernel<TFeat, T><<<blocks, kTileThreads, 0, stream>>>(
           static_cast<const TFeat*>(features.data), features.layout, indices,
           static_cast<int>(k), static_cast<const T*>(dictionary_t),
-          num_codewords, static_cast<const T*>(sigmoid_values), out);
+          num_codewords, sigmoid_values, out);
       return cudaGetLastError();
     };
     return features.dtype == Dtype::kFloat32 ? launch(float{}) : launch(T{});
@@ -257,7 +257,7 @@ cudaError_t launch_codeword_dots(const FeatureMap& features,
 }
 
 cudaError_t launch_sigmoid_backward(const void* grad_values,
-                                    const void* values, Dtype dtype,
+                                    Dtype grad_dtype, const float* sigmoid,
                                     int64_t count, float* out,
                                     cudaStream_t stream) {
   if (count <= 0) {
@@ -267,11 +267,10 @@ cudaError_t launch_sigmoid_backward(const void* grad_values,
   const unsigned blocks = static_cast<unsigned>(
       detail::ceil_div(count, kThreads) < 65535 ? detail::ceil_div(count, kThreads)
                                                 : 65535);
-  return detail::dispatch_dtype(dtype, [&](auto tag) {
+  return detail::dispatch_dtype(grad_dtype, [&](auto tag) {
     using T = decltype(tag);
     sigmoid_backward_kernel<T><<<blocks, kThreads, 0, stream>>>(
-        static_cast<const T*>(grad_values), static_cast<const T*>(values),
-        count, out);
+        static_cast<const T*>(grad_values), sigmoid, count, out);
     return cudaGetLastError();
   });
 }

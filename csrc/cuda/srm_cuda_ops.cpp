@@ -15,6 +15,7 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "srm_kernels.h"
 
@@ -318,12 +319,11 @@ void combine_codewords(const at::Tensor& coef, const at::Tensor& indices,
       "combine_codewords");
 }
 
-// (N, H, W, k) float32: <features_p, C[:, indices[p, j]]>, times v (1 - v)
-// when sigmoid_values is given.
+// (N, H, W, k) float32: <features_p, C[:, indices[p, j]]>, times s (1 - s)
+// when the kept entries' float32 sigmoid s is given (see kept_sigmoid).
 at::Tensor codeword_dots(const at::Tensor& features, const at::Tensor& indices,
                          const at::Tensor& dictionary_t,
-                         const at::Tensor* sigmoid_values,
-                         cudaStream_t stream) {
+                         const at::Tensor* sigmoid, cudaStream_t stream) {
   auto out = at::empty(indices.sizes(), features.options().dtype(at::kFloat));
   check_launch(srm_cuda::launch_codeword_dots(
                    feature_map(features, "features"),
@@ -331,11 +331,69 @@ at::Tensor codeword_dots(const at::Tensor& features, const at::Tensor& indices,
                    dictionary_t.data_ptr(),
                    kernel_dtype(dictionary_t.scalar_type(), "dictionary"),
                    dictionary_t.size(0),
-                   sigmoid_values != nullptr ? sigmoid_values->data_ptr()
-                                             : nullptr,
+                   sigmoid != nullptr ? sigmoid->data_ptr<float>() : nullptr,
                    out.data_ptr<float>(), stream),
                "codeword_dots");
   return out;
+}
+
+// The float32 sigmoid of every kept entry, whose s (1 - s) the backward ops
+// need. float32 values are that sigmoid. 16-bit values are rounded, to
+// exactly 1 once the pre-activation passes about 8 (float16) or 6
+// (bfloat16), which would stop their gradient; for them s is recomputed from
+// the pre-activation <x_p, C[:, idx]> + b, which is what the reference's
+// autograd keeps.
+at::Tensor kept_sigmoid(const at::Tensor& x, const at::Tensor& values,
+                        const at::Tensor& indices,
+                        const at::Tensor& dictionary_t,
+                        const at::Tensor& intercept, cudaStream_t stream) {
+  if (values.scalar_type() == at::kFloat) {
+    return values.contiguous();
+  }
+  at::Tensor pre = codeword_dots(x, indices, dictionary_t, nullptr, stream);
+  return pre.add_(intercept_as_float(intercept, x)).sigmoid_();
+}
+
+// The backward of the fused loss keeps a float32 (pixels x D) workspace; it
+// walks the pixels in boxes of at most about this many workspace values, so
+// its memory stays bounded whatever the size of x.
+constexpr int64_t kBackwardWorkspaceValues = int64_t{1} << 26;
+
+// A box of pixels [n0, n0 + nc) x [h0, h0 + hc) x [0, W): whole images, or
+// whole rows of one image, so its part of a contiguous (N, H, W, k) code is
+// contiguous too.
+struct PixelBox {
+  int64_t n0, nc, h0, hc;
+
+  at::Tensor of_map(const at::Tensor& t) const {  // (N, C, H, W)
+    return t.narrow(0, n0, nc).narrow(2, h0, hc);
+  }
+  at::Tensor of_code(const at::Tensor& t) const {  // (N, H, W, k)
+    return t.narrow(0, n0, nc).narrow(1, h0, hc).contiguous();
+  }
+};
+
+// Boxes covering x's pixels, each with at most max_pixels pixels where a
+// single row allows: as many whole images as fit, else rows of one image.
+std::vector<PixelBox> pixel_boxes(const at::Tensor& x, int64_t max_pixels) {
+  const int64_t n = x.size(0), h = x.size(2), w = x.size(3);
+  const int64_t per_image = h * w;
+  max_pixels = std::max<int64_t>(max_pixels, 1);
+  std::vector<PixelBox> boxes;
+  if (per_image <= max_pixels) {
+    const int64_t images = per_image > 0 ? max_pixels / per_image : n;
+    for (int64_t n0 = 0; n0 < n; n0 += images) {
+      boxes.push_back({n0, std::min(images, n - n0), 0, h});
+    }
+  } else {
+    const int64_t rows = std::max<int64_t>(1, max_pixels / w);
+    for (int64_t n0 = 0; n0 < n; ++n0) {
+      for (int64_t h0 = 0; h0 < h; h0 += rows) {
+        boxes.push_back({n0, 1, h0, std::min(rows, h - h0)});
+      }
+    }
+  }
+  return boxes;
 }
 
 // ---------------------------------------------------------------------------
@@ -398,7 +456,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_encode(const at::Tensor& x,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_encode_backward(
     const at::Tensor& grad_values, const at::Tensor& values,
     const at::Tensor& indices, const at::Tensor& x,
-    const at::Tensor& dictionary, std::array<bool, 3> output_mask) {
+    const at::Tensor& dictionary, const at::Tensor& intercept,
+    std::array<bool, 3> output_mask) {
   check_code_of_x(x, dictionary, values, indices);
   check_on_device(grad_values, "grad_values", x);
   TORCH_CHECK(grad_values.sizes() == values.sizes(),
@@ -410,12 +469,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_encode_backward(
   const at::Tensor vals = values.contiguous();
   const at::Tensor idx = indices.contiguous();
   const at::Tensor grad_vals = grad_values.to(values.scalar_type()).contiguous();
+  const at::Tensor dict_t = transposed_dictionary(dictionary);
 
   // gp = d pre for every kept entry.
+  const at::Tensor sigmoid =
+      kept_sigmoid(x, vals, idx, dict_t, intercept, stream);
   auto grad_pre = at::empty(vals.sizes(), x.options().dtype(at::kFloat));
   check_launch(srm_cuda::launch_sigmoid_backward(
-                   grad_vals.data_ptr(), vals.data_ptr(),
-                   kernel_dtype(vals.scalar_type(), "values"), vals.numel(),
+                   grad_vals.data_ptr(),
+                   kernel_dtype(grad_vals.scalar_type(), "grad_values"),
+                   sigmoid.data_ptr<float>(), vals.numel(),
                    grad_pre.data_ptr<float>(), stream),
                "sigmoid_backward");
 
@@ -424,8 +487,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_encode_backward(
   at::Tensor grad_intercept = empty_gradient(x);
   if (output_mask[0]) {
     grad_x = at::empty_like(x);
-    combine_codewords(grad_pre, idx, transposed_dictionary(dictionary),
-                      nullptr, 0.0f, nullptr, 1.0f, grad_x, stream);
+    combine_codewords(grad_pre, idx, dict_t, nullptr, 0.0f, nullptr, 1.0f,
+                      grad_x, stream);
   }
   if (output_mask[1]) {
     grad_dictionary =
@@ -516,8 +579,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss_backward(
     const at::Tensor& grad_loss, const at::Tensor& x,
-    const at::Tensor& dictionary, const at::Tensor& values,
-    const at::Tensor& indices, std::array<bool, 3> output_mask) {
+    const at::Tensor& dictionary, const at::Tensor& intercept,
+    const at::Tensor& values, const at::Tensor& indices,
+    std::array<bool, 3> output_mask) {
   check_code_of_x(x, dictionary, values, indices);
   TORCH_CHECK(grad_loss.numel() == 1,
               "srm_ext: grad_loss must have one element, got shape ",
@@ -525,11 +589,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss_backward(
 
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const int64_t n = x.size(0), depth = x.size(1), h = x.size(2),
-                w = x.size(3);
+  const int64_t depth = x.size(1), w = x.size(3);
   const int64_t elements = x.numel();
-  const at::Tensor vals = values.contiguous();
-  const at::Tensor idx = indices.contiguous();
   const at::Tensor dict_t = transposed_dictionary(dictionary);
   const at::Tensor upstream =
       grad_loss.to(x.device(), at::kFloat).reshape({1}).contiguous();
@@ -537,30 +598,59 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss_backward(
       elements > 0 ? static_cast<float>(2.0 / static_cast<double>(elements))
                    : 0.0f;
 
-  // g = 2 * grad_loss / M * (x_hat - x), float32 and pixel-major.
-  const at::Tensor g = empty_pixel_major_float(n, depth, h, w, x);
-  const at::Tensor coef_values = vals.to(at::kFloat).contiguous();
-  combine_codewords(coef_values, idx, dict_t, &x, -1.0f, &upstream, mean_scale,
-                    g, stream);
-  // gp = <g_p, C[:, idx]> * v (1 - v).
-  const at::Tensor grad_pre = codeword_dots(g, idx, dict_t, &vals, stream);
+  at::Tensor grad_x = output_mask[0] ? at::empty_like(x) : empty_gradient(x);
+  // Summed over the boxes in float32, in box order (deterministic); the
+  // float32 copy of the dictionary only carries its layout.
+  at::Tensor grad_dictionary_sum, grad_intercept_sum;
+  const at::Tensor float_dictionary = dictionary.to(at::kFloat);
 
-  at::Tensor grad_x = empty_gradient(x);
+  for (const PixelBox& box :
+       pixel_boxes(x, kBackwardWorkspaceValues / std::max<int64_t>(depth, 1))) {
+    const at::Tensor xb = box.of_map(x);
+    const at::Tensor vals = box.of_code(values);
+    const at::Tensor idx = box.of_code(indices);
+    // g = 2 * grad_loss / M * (x_hat - x), float32 and pixel-major.
+    const at::Tensor g = empty_pixel_major_float(box.nc, depth, box.hc, w, x);
+    const at::Tensor coef_values = vals.to(at::kFloat).contiguous();
+    combine_codewords(coef_values, idx, dict_t, &xb, -1.0f, &upstream,
+                      mean_scale, g, stream);
+    // gp = <g_p, C[:, idx]> * s (1 - s).
+    const at::Tensor sigmoid =
+        kept_sigmoid(xb, vals, idx, dict_t, intercept, stream);
+    const at::Tensor grad_pre = codeword_dots(g, idx, dict_t, &sigmoid, stream);
+
+    if (output_mask[0]) {
+      // -g_p + sum_j gp_pj C[:, idx_pj]
+      combine_codewords(grad_pre, idx, dict_t, &g, -1.0f, nullptr, 1.0f,
+                        box.of_map(grad_x), stream);
+    }
+    if (output_mask[1]) {
+      // v_pj g_p (through x_hat) + gp_pj x_p (through the encoder)
+      const at::Tensor part = dictionary_grad(xb, grad_pre, &g, &coef_values,
+                                              idx, float_dictionary, stream);
+      grad_dictionary_sum = grad_dictionary_sum.defined()
+                                ? grad_dictionary_sum.add_(part)
+                                : part;
+    }
+    if (output_mask[2]) {
+      const at::Tensor part = deterministic_sum(grad_pre, 1.0, stream);
+      grad_intercept_sum = grad_intercept_sum.defined()
+                               ? grad_intercept_sum.add_(part)
+                               : part;
+    }
+  }
+
   at::Tensor grad_dictionary = empty_gradient(x);
   at::Tensor grad_intercept = empty_gradient(x);
-  if (output_mask[0]) {
-    // -g_p + sum_j gp_pj C[:, idx_pj]
-    grad_x = at::empty_like(x);
-    combine_codewords(grad_pre, idx, dict_t, &g, -1.0f, nullptr, 1.0f, grad_x,
-                      stream);
-  }
   if (output_mask[1]) {
-    // v_pj g_p (through x_hat) + gp_pj x_p (through the encoder)
-    grad_dictionary = dictionary_grad(x, grad_pre, &g, &coef_values, idx,
-                                      dictionary, stream);
+    grad_dictionary = grad_dictionary_sum.defined()
+                          ? grad_dictionary_sum.to(dictionary.scalar_type())
+                          : at::zeros_like(dictionary);
   }
   if (output_mask[2]) {
-    grad_intercept = intercept_grad(grad_pre, x, stream);
+    grad_intercept = grad_intercept_sum.defined()
+                         ? grad_intercept_sum.to(x.scalar_type())
+                         : at::zeros({}, x.options());
   }
   return {grad_x, grad_dictionary, grad_intercept};
 }

@@ -95,20 +95,22 @@ cudaError_t launch_combine_codewords(const float* coef, const int64_t* indices,
                                      cudaStream_t stream);
 
 // out[p, j] = <features[p, :], dictionary_t[indices[p, j], :]>, multiplied by
-// v * (1 - v) with v = sigmoid_values[p, j] when sigmoid_values is not null.
+// s * (1 - s) with s = sigmoid_values[p, j] when sigmoid_values is not null.
 // features has dtype dictionary_dtype or float32 and any strides;
-// sigmoid_values is (P, k) in dictionary_dtype; out is (P, k) float32.
+// sigmoid_values is (P, k) float32 (the kept entries' sigmoid, unrounded);
+// out is (P, k) float32.
 cudaError_t launch_codeword_dots(const FeatureMap& features,
                                  const int64_t* indices, int64_t k,
                                  const void* dictionary_t,
                                  Dtype dictionary_dtype, int64_t num_codewords,
-                                 const void* sigmoid_values, float* out,
+                                 const float* sigmoid_values, float* out,
                                  cudaStream_t stream);
 
-// out[i] = grad_values[i] * values[i] * (1 - values[i]) in float32: the
-// gradient of the pre-activation of every kept entry.
+// out[i] = grad_values[i] * sigmoid[i] * (1 - sigmoid[i]) in float32: the
+// gradient of the pre-activation of every kept entry. grad_values has
+// grad_dtype; sigmoid is float32.
 cudaError_t launch_sigmoid_backward(const void* grad_values,
-                                    const void* values, Dtype dtype,
+                                    Dtype grad_dtype, const float* sigmoid,
                                     int64_t count, float* out,
                                     cudaStream_t stream);
 
