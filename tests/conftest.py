@@ -68,6 +68,13 @@ def make_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
     raise ValueError(layout)
 
 
+def leaf_like(t: torch.Tensor) -> torch.Tensor:
+    """A new leaf requiring grad with ``t``'s values and strides (``clone``
+    would make a non-dense layout contiguous and so hide it from backward)."""
+    leaf = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=t.device)
+    return leaf.copy_(t.detach()).requires_grad_(True)
+
+
 @pytest.fixture
 def single_thread():
     """One intra-op thread for tests of tiny models: as fast, and a busy CPU

@@ -8,7 +8,7 @@ import torch
 import srm_ext
 from srm_ext import reference
 
-from conftest import TOLERANCES, dyadic, make_layout, requires_native_cpu
+from conftest import TOLERANCES, dyadic, leaf_like, make_layout, requires_native_cpu
 
 pytestmark = requires_native_cpu
 
@@ -50,7 +50,7 @@ def assert_close(actual, expected, dtype, scale=1.0):
 
 
 def grads(fn, inputs, upstream=None):
-    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+    leaves = [leaf_like(t) for t in inputs]
     out = fn(*leaves)
     out = out[0] if isinstance(out, tuple) else out
     weight = upstream if upstream is not None else torch.ones_like(out)

@@ -15,7 +15,7 @@ from torch.library import opcheck
 import srm_ext
 from srm_ext import reference
 
-from conftest import beyond_float16, dyadic, make_layout, requires_cuda
+from conftest import beyond_float16, dyadic, leaf_like, make_layout, requires_cuda
 
 pytestmark = requires_cuda
 
@@ -61,7 +61,7 @@ def close(actual, expected, dtype):
 
 
 def grads(fn, leaves_in, upstream=None):
-    leaves = [t.detach().clone().requires_grad_(True) for t in leaves_in]
+    leaves = [leaf_like(t) for t in leaves_in]
     out = fn(*leaves)
     out = out[0] if isinstance(out, tuple) else out
     weight = torch.ones_like(out) if upstream is None else upstream.to(out)
