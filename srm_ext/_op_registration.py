@@ -113,7 +113,10 @@ def _encode_setup(ctx, inputs, output):
     values, indices = output
     ctx.mark_non_differentiable(indices)
     ctx.set_materialize_grads(False)  # see _predictor_setup
-    ctx.save_for_backward(x, dictionary, intercept, values, indices)
+    # A copy of the intercept (16-bit backward recomputes the pre-activations
+    # with it): the reference's autograd keeps none, so updating it in place
+    # before backward must not fail here either.
+    ctx.save_for_backward(x, dictionary, intercept.detach().clone(), values, indices)
     ctx.intercept_shape = intercept.shape
     ctx.wanted = tuple(ctx.needs_input_grad[:3])
 
@@ -148,7 +151,10 @@ def _reconstruction_setup(ctx, inputs, output):
     _, values, indices = output
     ctx.mark_non_differentiable(values, indices)
     ctx.set_materialize_grads(False)  # see _predictor_setup
-    ctx.save_for_backward(x, dictionary, intercept, values, indices)
+    # A copy of the intercept (16-bit backward recomputes the pre-activations
+    # with it): the reference's autograd keeps none, so updating it in place
+    # before backward must not fail here either.
+    ctx.save_for_backward(x, dictionary, intercept.detach().clone(), values, indices)
     ctx.intercept_shape = intercept.shape
     ctx.wanted = tuple(ctx.needs_input_grad[:3])
 

@@ -76,7 +76,7 @@ stage_sanitize() {
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "${tool}" \
       --error-exitcode 99 --print-limit 20 \
       "${python}" -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py \
-      -k "not 2_31 and not opcheck and not several_pixel_boxes"
+      -k "not 2_31 and not opcheck"
     code=$?
     case ${code} in
       0) ;;

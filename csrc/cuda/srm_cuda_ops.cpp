@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -122,9 +123,7 @@ void check_code_of_x(const at::Tensor& x, const at::Tensor& dictionary,
               " do not match the pixels of x ", x.sizes());
 }
 
-// The shared intercept as a one-element float32 tensor on the device.
-at::Tensor intercept_as_float(const at::Tensor& intercept,
-                              const at::Tensor& ref) {
+void check_intercept(const at::Tensor& intercept, const at::Tensor& ref) {
   check_on_device(intercept, "intercept", ref);
   TORCH_CHECK(intercept.numel() == 1,
               "srm_ext: intercept must have exactly one element, got shape ",
@@ -132,6 +131,12 @@ at::Tensor intercept_as_float(const at::Tensor& intercept,
   TORCH_CHECK(at::isFloatingType(intercept.scalar_type()),
               "srm_ext: intercept must be floating point, got ",
               intercept.scalar_type());
+}
+
+// The shared intercept as a one-element float32 tensor on the device.
+at::Tensor intercept_as_float(const at::Tensor& intercept,
+                              const at::Tensor& ref) {
+  check_intercept(intercept, ref);
   return intercept.reshape({1}).to(at::kFloat).contiguous();
 }
 
@@ -354,10 +359,17 @@ at::Tensor kept_sigmoid(const at::Tensor& x, const at::Tensor& values,
   return pre.add_(intercept_as_float(intercept, x)).sigmoid_();
 }
 
-// The backward of the fused loss keeps a float32 (pixels x D) workspace; it
-// walks the pixels in boxes of at most about this many workspace values, so
-// its memory stays bounded whatever the size of x.
-constexpr int64_t kBackwardWorkspaceValues = int64_t{1} << 26;
+// The backward of the fused loss keeps a float32 workspace of about D + 3k
+// values per pixel (the residual and per-entry terms); it walks the pixels in
+// boxes of at most about this many workspace values, so its memory stays
+// bounded whatever the size of x. SRM_EXT_CUDA_BOX_VALUES overrides it, so
+// that tests can cover many boxes with small inputs.
+int64_t backward_box_values() {
+  constexpr int64_t kDefault = int64_t{1} << 26;
+  const char* text = std::getenv("SRM_EXT_CUDA_BOX_VALUES");
+  const int64_t value = text != nullptr ? std::atoll(text) : 0;
+  return value > 0 ? value : kDefault;
+}
 
 // A box of pixels [n0, n0 + nc) x [h0, h0 + hc) x [0, W): whole images, or
 // whole rows of one image, so its part of a contiguous (N, H, W, k) code is
@@ -469,7 +481,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_encode_backward(
   const at::Tensor vals = values.contiguous();
   const at::Tensor idx = indices.contiguous();
   const at::Tensor grad_vals = grad_values.to(values.scalar_type()).contiguous();
-  const at::Tensor dict_t = transposed_dictionary(dictionary);
+  check_intercept(intercept, x);
+  const bool want_codewords =
+      output_mask[0] || values.scalar_type() != at::kFloat;
+  const at::Tensor dict_t =
+      want_codewords ? transposed_dictionary(dictionary) : at::Tensor();
 
   // gp = d pre for every kept entry.
   const at::Tensor sigmoid =
@@ -587,9 +603,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss_backward(
               "srm_ext: grad_loss must have one element, got shape ",
               grad_loss.sizes());
 
+  check_intercept(intercept, x);
+
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const int64_t depth = x.size(1), w = x.size(3);
+  const int64_t depth = x.size(1), w = x.size(3), k = values.size(3);
   const int64_t elements = x.numel();
   const at::Tensor dict_t = transposed_dictionary(dictionary);
   const at::Tensor upstream =
@@ -599,13 +617,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss_backward(
                    : 0.0f;
 
   at::Tensor grad_x = output_mask[0] ? at::empty_like(x) : empty_gradient(x);
-  // Summed over the boxes in float32, in box order (deterministic); the
-  // float32 copy of the dictionary only carries its layout.
+  // Summed over the boxes in float32, in box order (deterministic);
+  // layout_of_grad only carries the dictionary's layout in float32.
   at::Tensor grad_dictionary_sum, grad_intercept_sum;
-  const at::Tensor float_dictionary = dictionary.to(at::kFloat);
+  const at::Tensor layout_of_grad =
+      at::empty_like(dictionary, dictionary.options().dtype(at::kFloat));
 
   for (const PixelBox& box :
-       pixel_boxes(x, kBackwardWorkspaceValues / std::max<int64_t>(depth, 1))) {
+       pixel_boxes(x, backward_box_values() / (depth + 3 * k))) {
     const at::Tensor xb = box.of_map(x);
     const at::Tensor vals = box.of_code(values);
     const at::Tensor idx = box.of_code(indices);
@@ -627,7 +646,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss_backward(
     if (output_mask[1]) {
       // v_pj g_p (through x_hat) + gp_pj x_p (through the encoder)
       const at::Tensor part = dictionary_grad(xb, grad_pre, &g, &coef_values,
-                                              idx, float_dictionary, stream);
+                                              idx, layout_of_grad, stream);
       grad_dictionary_sum = grad_dictionary_sum.defined()
                                 ? grad_dictionary_sum.add_(part)
                                 : part;
