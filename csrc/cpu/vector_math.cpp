@@ -42,7 +42,7 @@ static inline Float8 exp8(Float8 x) {
 // m in [sqrt(1/2), sqrt(2)) and log(m) = f - f^2/2 + f^3 P(f), f = m - 1.
 // Subnormal x is scaled up by 2^23 first. log(0) = -inf, log(inf) = inf; NaN
 // and negative x give NaN.
-static inline Float8 log8(Float8 x) {
+static SRM_EXT_INLINE Float8 log8(Float8 x) {
   constexpr float kSmallestNormal = 1.17549435e-38f;
   const Int8 subnormal = x < kSmallestNormal;  // all ones where true
   const Float8 scaled = subnormal ? x * 8388608.0f : x;
@@ -74,7 +74,7 @@ static inline Float8 log8(Float8 x) {
 
 // log1p(x) on eight lanes: log(u) * x / (u - 1) with u = 1 + x rounded, which
 // cancels the rounding of u (Goldberg), and x itself where u rounds to 1.
-static inline Float8 log1p8(Float8 x) {
+static SRM_EXT_INLINE Float8 log1p8(Float8 x) {
   const Float8 u = 1.0f + x;
   const Float8 ratio = log8(u) * x / (u - 1.0f);
   return u == 1.0f ? x : ratio;
