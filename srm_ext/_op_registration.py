@@ -108,17 +108,22 @@ def _(grad_loss, grad_logits, y, dictionary, output_mask):
 # --- autograd --------------------------------------------------------------
 
 
-def _encode_setup(ctx, inputs, output):
-    x, dictionary, intercept, _ = inputs
-    values, indices = output
-    ctx.mark_non_differentiable(indices)
-    ctx.set_materialize_grads(False)  # see _predictor_setup
+def _save_encoder_state(ctx, x, dictionary, intercept, values, indices):
+    """What the encoder's backward ops need, saved by both encoder ops."""
     # A copy of the intercept (16-bit backward recomputes the pre-activations
     # with it): the reference's autograd keeps none, so updating it in place
     # before backward must not fail here either.
     ctx.save_for_backward(x, dictionary, intercept.detach().clone(), values, indices)
     ctx.intercept_shape = intercept.shape
     ctx.wanted = tuple(ctx.needs_input_grad[:3])
+
+
+def _encode_setup(ctx, inputs, output):
+    x, dictionary, intercept, _ = inputs
+    values, indices = output
+    ctx.mark_non_differentiable(indices)
+    ctx.set_materialize_grads(False)  # see _predictor_setup
+    _save_encoder_state(ctx, x, dictionary, intercept, values, indices)
 
 
 def _encode_backward(ctx, grad_values, _grad_indices):
@@ -151,12 +156,7 @@ def _reconstruction_setup(ctx, inputs, output):
     _, values, indices = output
     ctx.mark_non_differentiable(values, indices)
     ctx.set_materialize_grads(False)  # see _predictor_setup
-    # A copy of the intercept (16-bit backward recomputes the pre-activations
-    # with it): the reference's autograd keeps none, so updating it in place
-    # before backward must not fail here either.
-    ctx.save_for_backward(x, dictionary, intercept.detach().clone(), values, indices)
-    ctx.intercept_shape = intercept.shape
-    ctx.wanted = tuple(ctx.needs_input_grad[:3])
+    _save_encoder_state(ctx, x, dictionary, intercept, values, indices)
 
 
 def _reconstruction_backward(ctx, grad_loss, _grad_values, _grad_indices):

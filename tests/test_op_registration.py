@@ -121,6 +121,21 @@ def test_gradcheck_reconstruction_loss():
     assert torch.autograd.gradcheck(lambda *a: srm_ext.reconstruction_loss(*a, 3), (x, C, b))
 
 
+@pytest.mark.parametrize("op", ["sparse_encode", "reconstruction_loss"])
+def test_intercept_updated_in_place_before_backward(op):
+    # As with the reference, whose autograd keeps no intercept: an optimizer
+    # step on it between forward and backward does not break the backward.
+    x, C, b = encode_inputs(requires_grad=True)
+    out = getattr(srm_ext, op)(x, C, b, 3)
+    loss = out[0].sum() if isinstance(out, tuple) else out
+    want = torch.autograd.grad(loss, (x, C, b), retain_graph=True)
+    with torch.no_grad():
+        b.add_(1.0)
+    got = torch.autograd.grad(loss, (x, C, b))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
 def test_gradcheck_predictor_loss():
     (y, Cs, bs), pixel, image = predictor_inputs(requires_grad=True)
     assert torch.autograd.gradcheck(
