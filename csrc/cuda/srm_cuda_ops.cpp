@@ -602,7 +602,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss_backward(
   TORCH_CHECK(grad_loss.numel() == 1,
               "srm_ext: grad_loss must have one element, got shape ",
               grad_loss.sizes());
-
   check_intercept(intercept, x);
 
   const c10::cuda::CUDAGuard guard(x.device());
