@@ -24,11 +24,14 @@ inline bool ranks_before(scalar_t va, int64_t ia, scalar_t vb, int64_t ib) {
 // candidates fail the first comparison against the current k-th value.
 constexpr int64_t kInsertionSelectMaxK = 64;
 
-// Inserts (v, c) into the sorted list top[0, count) of capacity k, where c
-// is larger than every index already kept. Returns the new count.
+// Offers (v, c) to the sorted list top[0, count) of capacity k, where c is
+// larger than every index already kept: a full list keeps it only if it
+// ranks before the last entry, which most candidates fail at the first
+// comparison. Returns the new count.
 template <typename scalar_t>
-inline int64_t insert_candidate(scalar_t v, int64_t c, int64_t count, int64_t k,
-                                scalar_t* top_pre, int64_t* top_idx) {
+inline int64_t offer_candidate(scalar_t v, int64_t c, int64_t count, int64_t k,
+                               scalar_t* top_pre, int64_t* top_idx) {
+  if (count == k && !ranks_before<scalar_t>(v, c, top_pre[k - 1], top_idx[k - 1])) return count;
   int64_t pos = count < k ? count++ : k - 1;
   while (pos > 0 && ranks_before<scalar_t>(v, c, top_pre[pos - 1], top_idx[pos - 1])) {
     top_pre[pos] = top_pre[pos - 1];
@@ -47,10 +50,7 @@ void best_by_insertion(const scalar_t* values, const int64_t* indices, int64_t n
                        scalar_t* top_pre, int64_t* top_idx) {
   int64_t count = 0;
   for (int64_t i = 0; i < n; ++i) {
-    const scalar_t v = values[i];
-    const int64_t c = indices[i];
-    if (count == k && !ranks_before<scalar_t>(v, c, top_pre[k - 1], top_idx[k - 1])) continue;
-    count = insert_candidate(v, c, count, k, top_pre, top_idx);
+    count = offer_candidate(values[i], indices[i], count, k, top_pre, top_idx);
   }
 }
 
@@ -60,9 +60,7 @@ void select_by_insertion(const scalar_t* row, int64_t K, int64_t k, scalar_t bia
                          scalar_t* top_pre, int64_t* top_idx) {
   int64_t count = 0;
   for (int64_t c = 0; c < K; ++c) {
-    const scalar_t v = row[c] + bias;
-    if (count == k && !ranks_before<scalar_t>(v, c, top_pre[k - 1], top_idx[k - 1])) continue;
-    count = insert_candidate(v, c, count, k, top_pre, top_idx);
+    count = offer_candidate(row[c] + bias, c, count, k, top_pre, top_idx);
   }
 }
 
