@@ -3,14 +3,17 @@
 // The loss is a scalar, so its whole gradient with respect to the
 // pre-activations z = C_s^T y_p + b_s can be formed in the forward pass, in the
 // one (N, H, W, K) buffer the op keeps (grad_logits): one GEMM writes z there,
-// and two passes over its rows turn it into the gradient in place. The
-// backward op then needs only the GEMMs that map that gradient to y and to
-// the dictionary.
+// and two passes over each image's rows, one after the other while the rows
+// are in cache, turn it into the gradient in place. The backward op then
+// needs only the GEMMs that map that gradient to y and to the dictionary.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <utility>
+#include <vector>
 
 #include "checks.h"
 #include "pixel_tiles.h"
@@ -73,33 +76,164 @@ void check_labels(const at::Tensor& pixel_labels, const at::Tensor& image_labels
   }
 }
 
-// A fixed partition of the pixels into contiguous segments for pass 1; it
-// depends on the pixel count only, so every partial sum is formed in the
-// same order whatever the thread count. Each segment keeps column sums for
-// just the images it overlaps: (N + segments) x K partials in all.
-class PixelSegments {
+// How the passes over the logits split the pixels, by the shape alone. A
+// slice is a whole image, or a part of an image too large for one tile; the
+// column sums of q and the cross-entropy are summed per slice, and the
+// slices' sums added in order, so the result does not depend on the threads.
+// A tile, the unit of work, is a run of whole images or one slice. A tile of
+// whole images finishes its images (means, gradient pass) while their rows
+// are still in L2; slices of a larger image wait for its other slices.
+class StudentTiling {
  public:
-  PixelSegments(int64_t pixels, int64_t per_image)
-      : pixels_(pixels), per_image_(per_image),
-        count_(std::min<int64_t>(kMaxSegments, num_pieces(pixels))), first_row_(count_ + 1, 0) {
-    for (int64_t s = 0; s < count_; ++s) {
-      first_row_[s + 1] = first_row_[s] + last_image(s) - first_image(s) + 1;
+  StudentTiling(int64_t images, int64_t per_image, int64_t num_codewords)
+      : images_(images), per_image_(per_image) {
+    // About 2^17 logits (512 KiB in float32) per tile.
+    constexpr int64_t kTileElements = 1 << 17;
+    const int64_t rows = std::max<int64_t>(kTileElements / std::max<int64_t>(num_codewords, 1), 1);
+    slices_per_image_ = std::max<int64_t>(1, (per_image + rows - 1) / rows);
+    slice_pixels_ = (per_image + slices_per_image_ - 1) / slices_per_image_;
+    // Runs of whole images, at most a thread's share of them.
+    const int64_t threads = std::max(at::get_num_threads(), 1);
+    images_per_tile_ = std::clamp<int64_t>(rows / std::max<int64_t>(per_image, 1), 1,
+                                           std::max<int64_t>((images + threads - 1) / threads, 1));
+  }
+
+  bool whole_images() const { return slices_per_image_ == 1; }
+  int64_t slices_per_image() const { return slices_per_image_; }
+  int64_t slices() const { return images_ * slices_per_image_; }
+  int64_t tiles() const {
+    return whole_images() ? (images_ + images_per_tile_ - 1) / images_per_tile_ : slices();
+  }
+  // Slices [first, last) of tile t; for whole images, slice i is image i.
+  std::pair<int64_t, int64_t> tile_slices(int64_t t) const {
+    if (!whole_images()) return {t, t + 1};
+    return {t * images_per_tile_, std::min(images_, (t + 1) * images_per_tile_)};
+  }
+  // Pixels [slice_begin(s), slice_end(s)) of slice s.
+  int64_t slice_begin(int64_t s) const {
+    return (s / slices_per_image_) * per_image_ + (s % slices_per_image_) * slice_pixels_;
+  }
+  int64_t slice_end(int64_t s) const {
+    const int64_t image_end = (s / slices_per_image_ + 1) * per_image_;
+    return std::min(image_end, slice_begin(s) + slice_pixels_);
+  }
+
+ private:
+  int64_t images_, per_image_, slices_per_image_, slice_pixels_, images_per_tile_;
+};
+
+// The two passes that turn the logits z, a (pixels x K) row-major buffer,
+// into dloss/dz in place (via q = sigmoid(z + b)), and the loss on the way.
+template <typename scalar_t>
+class StudentLossPasses {
+ public:
+  StudentLossPasses(scalar_t* logits, int64_t images, int64_t per_image, int64_t num_codewords,
+                    scalar_t bias, const int64_t* labels, const scalar_t* targets,
+                    double local_weight, double global_weight)
+      : G_(logits), images_(images), per_image_(per_image), num_codewords_(num_codewords),
+        bias_(bias), labels_(labels), targets_(targets),
+        tiling_(images, per_image, num_codewords),
+        local_scale_(static_cast<scalar_t>(local_weight / static_cast<double>(pixels()))),
+        global_scale_(global_weight / static_cast<double>(std::max<int64_t>(terms(), 1))),
+        exp_sums_(pixels()), ce_sums_(tiling_.slices(), 0.0),
+        q_sums_(tiling_.slices() * num_codewords, 0.0), bce_sums_(images, 0.0),
+        means_(terms()), global_grad_(terms()) {}
+
+  void run() {
+    const int64_t K = num_codewords_;
+    at::parallel_for(0, tiling_.tiles(), 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const auto [s0, s1] = tiling_.tile_slices(t);
+        for (int64_t s = s0; s < s1; ++s) sigmoid_pass(s);
+        if (!tiling_.whole_images()) continue;
+        for (int64_t img = s0; img < s1; ++img) {
+          finish_image(img, q_sums_.data() + img * K);
+          gradient_pass(img * per_image_, (img + 1) * per_image_);
+        }
+      }
+    });
+    if (tiling_.whole_images()) return;
+    // Each larger image: its slices' sums added in order, then the gradient
+    // pass over all pixels.
+    const int64_t slices = tiling_.slices_per_image();
+    at::parallel_for(0, images_, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t img = i0; img < i1; ++img) {
+        double* sums = q_sums_.data() + img * slices * K;
+        for (int64_t s = 1; s < slices; ++s) {
+          for (int64_t c = 0; c < K; ++c) sums[c] += sums[s * K + c];
+        }
+        finish_image(img, sums);
+      }
+    });
+    at::parallel_for(0, pixels(), 1, [&](int64_t p0, int64_t p1) { gradient_pass(p0, p1); });
+  }
+
+  // Call after run().
+  double loss(double local_weight, double global_weight) const {
+    double ce_sum = 0.0, bce_sum = 0.0;
+    for (double s : ce_sums_) ce_sum += s;
+    for (double s : bce_sums_) bce_sum += s;
+    return local_weight * ce_sum / static_cast<double>(pixels()) +
+           global_weight * bce_sum / static_cast<double>(terms());
+  }
+
+ private:
+  int64_t pixels() const { return images_ * per_image_; }
+  int64_t terms() const { return images_ * num_codewords_; }
+
+  // Pass 1 over slice s: q = sigmoid(z + b) in place, the slice's column
+  // sums of q and its cross-entropy sum.
+  void sigmoid_pass(int64_t s) {
+    double* sums = q_sums_.data() + s * num_codewords_;
+    for (int64_t p = tiling_.slice_begin(s); p < tiling_.slice_end(s); ++p) {
+      scalar_t* q = G_ + p * num_codewords_;
+      exp_sums_[p] = sigmoid_row(q, num_codewords_, bias_, sums);
+      ce_sums_[s] += std::log(exp_sums_[p]) - q[labels_[p]];
     }
   }
 
-  int64_t count() const { return count_; }
-  int64_t rows() const { return first_row_[count_]; }
-  int64_t begin(int64_t s) const { return pixels_ * s / count_; }
-  int64_t end(int64_t s) const { return pixels_ * (s + 1) / count_; }
-  int64_t first_image(int64_t s) const { return begin(s) / per_image_; }
-  int64_t last_image(int64_t s) const { return (end(s) - 1) / per_image_; }
-  // Row of image `img` among segment s's column sums.
-  int64_t row(int64_t s, int64_t img) const { return first_row_[s] + img - first_image(s); }
+  // From the sums of q over image img's pixels, per codeword: the BCE term
+  // of the image mean and its gradient with respect to each pixel's q.
+  void finish_image(int64_t img, const double* q_sum) {
+    const int64_t K = num_codewords_;
+    const auto per_image = static_cast<double>(per_image_);
+    scalar_t* means = means_.data() + img * K;
+    scalar_t* global_grad = global_grad_.data() + img * K;
+    const scalar_t* target = targets_ + img * K;
+    for (int64_t c = 0; c < K; ++c) {
+      const auto mean = static_cast<scalar_t>(q_sum[c] / per_image);
+      means[c] = mean;
+      const double dmean = (static_cast<double>(mean) - target[c]) /
+                           std::max<double>(static_cast<double>(mean) * (1.0 - mean), kBceEpsilon);
+      global_grad[c] = static_cast<scalar_t>(global_scale_ * dmean / per_image);
+    }
+    bce_sums_[img] = binary_cross_entropy_sum(means, target, K);
+  }
 
- private:
-  static constexpr int64_t kMaxSegments = 64;
-  int64_t pixels_, per_image_, count_;
-  std::vector<int64_t> first_row_;
+  // Pass 2 over pixels [p0, p1): q -> dloss/dz = (dlocal/dq + dglobal/dq) * q (1 - q).
+  void gradient_pass(int64_t p0, int64_t p1) {
+    const int64_t K = num_codewords_;
+    for (int64_t p = p0; p < p1; ++p) {
+      scalar_t* q = G_ + p * K;
+      const scalar_t q_label = q[labels_[p]];
+      grad_row(q, K, local_scale_ / exp_sums_[p], global_grad_.data() + (p / per_image_) * K);
+      q[labels_[p]] -= local_scale_ * q_label * (scalar_t(1) - q_label);
+    }
+  }
+
+  scalar_t* G_;
+  int64_t images_, per_image_, num_codewords_;
+  scalar_t bias_;
+  const int64_t* labels_;
+  const scalar_t* targets_;
+  StudentTiling tiling_;
+  scalar_t local_scale_;
+  double global_scale_;
+  std::vector<scalar_t> exp_sums_;             // sum_c exp(q_c) per pixel
+  std::vector<double> ce_sums_;                // per slice
+  std::vector<double> q_sums_;                 // per slice and codeword
+  std::vector<double> bce_sums_;               // per image
+  std::vector<scalar_t> means_, global_grad_;  // per image and codeword
 };
 
 // (N*H*W, C) pixel-major rows of an (N, C, H, W) map: a view when it is
@@ -131,96 +265,22 @@ std::tuple<at::Tensor, at::Tensor> predictor_loss(const at::Tensor& y,
   const int64_t num_codewords = dictionary.size(1);
   check_labels(pixel_labels, image_labels, y, num_codewords);
 
-  const PixelGrid grid(y);
-  const int64_t pixels = grid.pixels(), per_image = grid.pixels_per_image(), n = grid.n;
-  auto grad_logits = at::empty({grid.n, grid.h, grid.w, num_codewords}, y.options());
+  const int64_t images = y.size(0), per_image = y.size(2) * y.size(3);
+  auto grad_logits = at::empty({images, y.size(2), y.size(3), num_codewords}, y.options());
+  // z for every pixel in one GEMM, into the buffer the op keeps anyway: BLAS
+  // packs the dictionary once, where a GEMM per tile would pack it per tile.
+  auto logits = grad_logits.view({images * per_image, num_codewords});
+  at::mm_out(logits, pixel_rows(y), dictionary);
   const auto labels = pixel_labels.contiguous();
   const auto targets = image_labels.contiguous();
-  const PixelSegments segments(pixels, per_image);
   double loss = 0.0;
-
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "predictor_loss_cpu", [&] {
-    const scalar_t bias = intercept.item<scalar_t>();
-    scalar_t* G = grad_logits.mutable_data_ptr<scalar_t>();
-    const int64_t* label = labels.const_data_ptr<int64_t>();
-    std::vector<scalar_t> exp_sums(pixels);  // sum_c exp(q_c) per pixel
-    // Per segment: the cross-entropy sum and its images' column sums of q.
-    std::vector<double> ce_sums(segments.count(), 0.0);
-    std::vector<double> q_sums(segments.rows() * num_codewords, 0.0);
-
-    // z for every pixel in one GEMM: the (pixels x K) result is the buffer the
-    // op keeps anyway, and one large product runs BLAS at full speed.
-    auto logits = grad_logits.view({pixels, num_codewords});
-    at::mm_out(logits, pixel_rows(y), dictionary);
-
-    // Pass 1: q = sigmoid(z + b) in place, per-pixel sums of exp(q).
-    at::parallel_for(0, segments.count(), 1, [&](int64_t s0, int64_t s1) {
-      for (int64_t s = s0; s < s1; ++s) {
-        for (int64_t p = segments.begin(s); p < segments.end(s); ++p) {
-          scalar_t* q = G + p * num_codewords;
-          double* image_sums = q_sums.data() + segments.row(s, p / per_image) * num_codewords;
-          exp_sums[p] = sigmoid_row(q, num_codewords, bias, image_sums);
-          ce_sums[s] += std::log(exp_sums[p]) - q[label[p]];
-        }
-      }
-    });
-    // The first segment overlapping each image.
-    std::vector<int64_t> first_segment(n, 0);
-    for (int64_t s = segments.count() - 1; s >= 0; --s) {
-      for (int64_t img = segments.first_image(s); img <= segments.last_image(s); ++img) {
-        first_segment[img] = s;
-      }
-    }
-
-    // Per image and codeword: the BCE term and its gradient with respect to
-    // each pixel's q (through the image mean). Partial sums per fixed block
-    // of terms, added in order, so the loss does not depend on the threads.
-    const int64_t terms = n * num_codewords;
-    constexpr int64_t kTermsPerBlock = 1024;
-    std::vector<scalar_t> means(terms), global_grad(terms);
-    std::vector<double> bce_sums((terms + kTermsPerBlock - 1) / kTermsPerBlock, 0.0);
-    const double global_scale = global_weight / static_cast<double>(std::max<int64_t>(terms, 1));
-    const scalar_t* target = targets.const_data_ptr<scalar_t>();
-    at::parallel_for(0, static_cast<int64_t>(bce_sums.size()), 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t block = b0; block < b1; ++block) {
-        const int64_t i0 = block * kTermsPerBlock, i1 = std::min(terms, i0 + kTermsPerBlock);
-        for (int64_t i = i0; i < i1; ++i) {
-          const int64_t img = i / num_codewords, c = i % num_codewords;
-          double q_sum = 0.0;
-          for (int64_t s = first_segment[img];
-               s < segments.count() && segments.first_image(s) <= img; ++s) {
-            q_sum += q_sums[segments.row(s, img) * num_codewords + c];
-          }
-          const auto mean = static_cast<scalar_t>(q_sum / static_cast<double>(per_image));
-          means[i] = mean;
-          const double dmean =
-              (static_cast<double>(mean) - target[i]) /
-              std::max<double>(static_cast<double>(mean) * (1.0 - mean), kBceEpsilon);
-          global_grad[i] =
-              static_cast<scalar_t>(global_scale * dmean / static_cast<double>(per_image));
-        }
-        bce_sums[block] = binary_cross_entropy_sum(means.data() + i0, target + i0, i1 - i0);
-      }
-    });
-    double bce_sum = 0.0;
-    for (double s : bce_sums) bce_sum += s;
-
-    // Pass 2: G = dloss/dz = (dlocal/dq + dglobal/dq) * q (1 - q), in place.
-    const auto local_scale = static_cast<scalar_t>(local_weight / static_cast<double>(pixels));
-    at::parallel_for(0, pixels, 1, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) {
-        scalar_t* q = G + p * num_codewords;
-        const scalar_t q_label = q[label[p]];
-        grad_row(q, num_codewords, local_scale / exp_sums[p],
-                 global_grad.data() + (p / per_image) * num_codewords);
-        q[label[p]] -= local_scale * q_label * (scalar_t(1) - q_label);
-      }
-    });
-
-    double ce_sum = 0.0;
-    for (double s : ce_sums) ce_sum += s;
-    loss = local_weight * ce_sum / static_cast<double>(pixels) +
-           global_weight * bce_sum / static_cast<double>(terms);
+    StudentLossPasses<scalar_t> passes(
+        grad_logits.mutable_data_ptr<scalar_t>(), images, per_image, num_codewords,
+        intercept.item<scalar_t>(), labels.const_data_ptr<int64_t>(),
+        targets.const_data_ptr<scalar_t>(), local_weight, global_weight);
+    passes.run();
+    loss = passes.loss(local_weight, global_weight);
   });
   return {at::scalar_tensor(loss, y.options()), grad_logits};
 }
