@@ -338,9 +338,12 @@ def test_results_do_not_depend_on_thread_count():
     # or segment of pixels, per codeword row), so even the gradients are
     # bitwise equal.
     x, C, b, k = make_inputs((4, 16, 9, 9, 64, 5), torch.float32, seed=10)
-    # Enough pixels for the student loss to split its passes and sums; its
-    # pixel segments straddle images.
-    student = make_predictor_inputs((4, 8, 31, 31, 256, 3), torch.float32, seed=10)
+    # The student loss in both its layouts of work: images large enough to be
+    # split into slices, and small images grouped by the thread count.
+    students = [
+        make_predictor_inputs((4, 8, 31, 31, 256, 3), torch.float32, seed=10),
+        make_predictor_inputs((7, 8, 2, 2, 64, 3), torch.float32, seed=10),
+    ]
     threads = torch.get_num_threads()
     try:
         results = []
@@ -349,7 +352,10 @@ def test_results_do_not_depend_on_thread_count():
         for n in sorted({1, 2, 3, threads}):
             torch.set_num_threads(n)
             results.append(
-                (_all_outputs_and_gradients(x, C, b, k), _student_loss_terms(*student))
+                (
+                    _all_outputs_and_gradients(x, C, b, k),
+                    [_student_loss_terms(*student) for student in students],
+                )
             )
     finally:
         torch.set_num_threads(threads)

@@ -133,6 +133,7 @@ class StudentLossPasses {
       : G_(logits), images_(images), per_image_(per_image), num_codewords_(num_codewords),
         bias_(bias), labels_(labels), targets_(targets),
         tiling_(images, per_image, num_codewords),
+        local_weight_(local_weight), global_weight_(global_weight),
         local_scale_(static_cast<scalar_t>(local_weight / static_cast<double>(pixels()))),
         global_scale_(global_weight / static_cast<double>(std::max<int64_t>(terms(), 1))),
         exp_sums_(pixels()), ce_sums_(tiling_.slices(), 0.0),
@@ -169,12 +170,12 @@ class StudentLossPasses {
   }
 
   // Call after run().
-  double loss(double local_weight, double global_weight) const {
+  double loss() const {
     double ce_sum = 0.0, bce_sum = 0.0;
     for (double s : ce_sums_) ce_sum += s;
     for (double s : bce_sums_) bce_sum += s;
-    return local_weight * ce_sum / static_cast<double>(pixels()) +
-           global_weight * bce_sum / static_cast<double>(terms());
+    return local_weight_ * ce_sum / static_cast<double>(pixels()) +
+           global_weight_ * bce_sum / static_cast<double>(terms());
   }
 
  private:
@@ -227,6 +228,7 @@ class StudentLossPasses {
   const int64_t* labels_;
   const scalar_t* targets_;
   StudentTiling tiling_;
+  double local_weight_, global_weight_;
   scalar_t local_scale_;
   double global_scale_;
   std::vector<scalar_t> exp_sums_;             // sum_c exp(q_c) per pixel
@@ -280,7 +282,7 @@ std::tuple<at::Tensor, at::Tensor> predictor_loss(const at::Tensor& y,
         intercept.item<scalar_t>(), labels.const_data_ptr<int64_t>(),
         targets.const_data_ptr<scalar_t>(), local_weight, global_weight);
     passes.run();
-    loss = passes.loss(local_weight, global_weight);
+    loss = passes.loss();
   });
   return {at::scalar_tensor(loss, y.options()), grad_logits};
 }
