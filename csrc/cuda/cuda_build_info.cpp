@@ -1,6 +1,6 @@
 // Python module srm_ext._C_cuda: loading it registers the CUDA kernels of the
-// srm_ext operators (srm_cuda_ops.cpp, linked into the same library) and
-// exposes build_info() describing how they were compiled.
+// srm_ext operators (teacher_ops.cpp and student_ops.cpp, linked into the
+// same library) and exposes build_info() describing how they were compiled.
 #include <cuda.h>
 #include <torch/extension.h>
 

@@ -1,10 +1,10 @@
 // Host-side launcher API of the srm_ext CUDA kernels.
 //
 // The kernels (csrc/cuda/*.cu) are compiled by nvcc without any torch header;
-// this plain C++ header is the only contract between them and the ATen glue in
-// srm_cuda_ops.cpp. Every launcher enqueues its work on `stream`, never
-// synchronises, and returns the first CUDA error it saw (a bad argument is
-// reported as cudaErrorInvalidValue).
+// this plain C++ header is the only contract between them and the ATen glue
+// (op_support.cpp, teacher_ops.cpp, student_ops.cpp). Every launcher enqueues
+// its work on `stream`, never synchronises, and returns the first CUDA error
+// it saw (a bad argument is reported as cudaErrorInvalidValue).
 //
 // Conventions:
 //   * A pixel p = (n, h, w) is numbered in row-major order n, h, w, so that

@@ -1,0 +1,330 @@
+// Definitions for op_support.h.
+#include "op_support.h"
+
+#include <ATen/Context.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <optional>
+#include <tuple>
+
+namespace srm_ext::cuda_ops {
+
+void check_launch(cudaError_t err, const char* kernel) {
+  TORCH_CHECK(err == cudaSuccess, "srm_ext: CUDA kernel ", kernel,
+              " failed: ", cudaGetErrorString(err));
+}
+
+Dtype kernel_dtype(at::ScalarType type, const char* name) {
+  switch (type) {
+    case at::kFloat:
+      return Dtype::kFloat32;
+    case at::kHalf:
+      return Dtype::kFloat16;
+    case at::kBFloat16:
+      return Dtype::kBFloat16;
+    default:
+      break;
+  }
+  TORCH_CHECK(false, "srm_ext: ", name,
+              " must be float32, float16 or bfloat16 on CUDA, got ", type);
+  return Dtype::kFloat32;
+}
+
+void check_on_device(const at::Tensor& t, const char* name,
+                     const at::Tensor& ref) {
+  TORCH_CHECK(t.is_cuda(), "srm_ext: ", name, " must be a CUDA tensor");
+  TORCH_CHECK(t.device() == ref.device(), "srm_ext: ", name,
+              " must be on the same device as the other inputs (",
+              ref.device(), "), got ", t.device());
+}
+
+void check_dim(const at::Tensor& t, int64_t dim, const char* name,
+               const char* shape) {
+  TORCH_CHECK(t.dim() == dim, "srm_ext: ", name, " must have shape ", shape,
+              ", got ", t.sizes());
+}
+
+void check_same_dtype(const at::Tensor& t, const char* name,
+                      const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "srm_ext: ", name,
+              " must have the dtype of ", ref_name, " (", ref.scalar_type(),
+              "), got ", t.scalar_type());
+}
+
+void check_dictionary(const at::Tensor& dictionary, int64_t depth,
+                      const at::Tensor& ref, const char* ref_name) {
+  check_on_device(dictionary, "dictionary", ref);
+  check_dim(dictionary, 2, "dictionary", "(D, K)");
+  check_same_dtype(dictionary, "dictionary", ref, ref_name);
+  TORCH_CHECK(dictionary.size(0) == depth, "srm_ext: dictionary has ",
+              dictionary.size(0), " rows but ", ref_name, " has ", depth,
+              " channels");
+  TORCH_CHECK(dictionary.size(0) <= srm_cuda::kMaxFeatureDim,
+              "srm_ext CUDA: feature dimension D = ", dictionary.size(0),
+              " exceeds the supported maximum of ", srm_cuda::kMaxFeatureDim);
+  TORCH_CHECK(dictionary.size(1) >= 1 &&
+                  dictionary.size(1) <= srm_cuda::kMaxCodewords,
+              "srm_ext CUDA: number of codewords K = ", dictionary.size(1),
+              " must be in [1, ", srm_cuda::kMaxCodewords, "]");
+}
+
+void check_sparse_code(const at::Tensor& values, const at::Tensor& indices,
+                       const at::Tensor& ref) {
+  check_on_device(values, "values", ref);
+  check_on_device(indices, "indices", ref);
+  check_dim(values, 4, "values", "(N, H, W, k)");
+  TORCH_CHECK(indices.sizes() == values.sizes(),
+              "srm_ext: indices must have the shape of values (",
+              values.sizes(), "), got ", indices.sizes());
+  TORCH_CHECK(indices.scalar_type() == at::kLong,
+              "srm_ext: indices must be int64, got ", indices.scalar_type());
+  kernel_dtype(values.scalar_type(), "values");
+  TORCH_CHECK(values.size(3) >= 1 && values.size(3) <= srm_cuda::kMaxTopK,
+              "srm_ext CUDA: k = ", values.size(3), " must be in [1, ",
+              srm_cuda::kMaxTopK, "]");
+}
+
+void check_code_of_x(const at::Tensor& x, const at::Tensor& dictionary,
+                     const at::Tensor& values, const at::Tensor& indices) {
+  TORCH_CHECK(x.is_cuda(), "srm_ext: x must be a CUDA tensor");
+  check_dim(x, 4, "x", "(N, D, H, W)");
+  kernel_dtype(x.scalar_type(), "x");
+  check_dictionary(dictionary, x.size(1), x, "x");
+  check_sparse_code(values, indices, x);
+  check_same_dtype(values, "values", x, "x");
+  TORCH_CHECK(values.size(0) == x.size(0) && values.size(1) == x.size(2) &&
+                  values.size(2) == x.size(3),
+              "srm_ext: values ", values.sizes(),
+              " do not match the pixels of x ", x.sizes());
+}
+
+void check_intercept(const at::Tensor& intercept, const at::Tensor& ref) {
+  check_on_device(intercept, "intercept", ref);
+  TORCH_CHECK(intercept.numel() == 1,
+              "srm_ext: intercept must have exactly one element, got shape ",
+              intercept.sizes());
+  TORCH_CHECK(at::isFloatingType(intercept.scalar_type()),
+              "srm_ext: intercept must be floating point, got ",
+              intercept.scalar_type());
+}
+
+at::Tensor intercept_as_float(const at::Tensor& intercept,
+                              const at::Tensor& ref) {
+  check_intercept(intercept, ref);
+  return intercept.reshape({1}).to(at::kFloat).contiguous();
+}
+
+FeatureMap feature_map(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 4, "srm_ext: ", name,
+              " must have shape (N, D, H, W), got ", t.sizes());
+  FeatureMap map;
+  map.data = t.data_ptr();
+  map.dtype = kernel_dtype(t.scalar_type(), name);
+  map.layout = {t.size(0),   t.size(1),   t.size(2),   t.size(3),
+                t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+  return map;
+}
+
+at::Tensor empty_pixel_major_float(int64_t n, int64_t d, int64_t h, int64_t w,
+                                   const at::Tensor& ref) {
+  return at::empty({n, h, w, d}, ref.options().dtype(at::kFloat))
+      .permute({0, 3, 1, 2});
+}
+
+at::Tensor empty_gradient(const at::Tensor& ref) {
+  return at::empty({0}, ref.options());
+}
+
+at::Tensor deterministic_sum(const at::Tensor& input, double scale,
+                             cudaStream_t stream) {
+  TORCH_INTERNAL_ASSERT(input.scalar_type() == at::kFloat &&
+                        input.is_contiguous());
+  const int64_t count = input.numel();
+  auto workspace = at::empty(
+      {srm_cuda::deterministic_sum_workspace_size(count)},
+      input.options().dtype(at::kDouble));
+  auto out = at::empty({}, input.options().dtype(at::kFloat));
+  check_launch(srm_cuda::launch_deterministic_sum(
+                   input.data_ptr<float>(), count, scale,
+                   workspace.data_ptr<double>(), out.data_ptr<float>(), stream),
+               "deterministic_sum");
+  return out;
+}
+
+at::Tensor transposed_dictionary(const at::Tensor& dictionary) {
+  return dictionary.t().contiguous();
+}
+
+at::Tensor laid_out_like(const at::Tensor& grad, const at::Tensor& dictionary) {
+  auto out = at::empty_like(dictionary);
+  if (out.strides() == grad.strides()) return grad;
+  return out.copy_(grad);
+}
+
+at::Tensor dictionary_grad(const at::Tensor& features_a,
+                           const at::Tensor& coef_a,
+                           const at::Tensor* features_b,
+                           const at::Tensor* coef_b,
+                           const at::Tensor& indices,
+                           const at::Tensor& dictionary, cudaStream_t stream) {
+  const int64_t depth = features_a.size(1);
+  const int64_t num_codewords = dictionary.size(1);
+  const int64_t k = indices.size(-1);
+  const auto float_options = features_a.options().dtype(at::kFloat);
+  auto grad = at::empty({depth, num_codewords}, dictionary.options());
+  const Dtype grad_dtype = kernel_dtype(dictionary.scalar_type(), "dictionary");
+
+  if (at::globalContext().deterministicAlgorithms()) {
+    // Group entries by codeword; the stable sort keeps entry order inside a
+    // group, so every codeword is summed in a fixed order.
+    const at::Tensor flat_indices = indices.reshape({-1});
+    at::Tensor sorted_codes, entry_order;
+    std::tie(sorted_codes, entry_order) =
+        at::sort(flat_indices, /*stable=*/std::optional<bool>(true),
+                 /*dim=*/0, /*descending=*/false);
+    auto run_offsets = at::empty({num_codewords + 1}, indices.options());
+    check_launch(srm_cuda::launch_codeword_run_offsets(
+                     sorted_codes.data_ptr<int64_t>(), sorted_codes.numel(),
+                     num_codewords, run_offsets.data_ptr<int64_t>(), stream),
+                 "codeword_run_offsets");
+    // Pixel-major features: each entry then reads one contiguous row.
+    const at::Tensor rows_a =
+        features_a.contiguous(at::MemoryFormat::ChannelsLast);
+    at::Tensor rows_b;
+    FeatureMap map_b{};
+    if (features_b != nullptr) {
+      rows_b = features_b->contiguous(at::MemoryFormat::ChannelsLast);
+      map_b = feature_map(rows_b, "features");
+    }
+    // Split long runs so that a popular codeword does not serialise on one
+    // block; the split depends only on the sizes.
+    const int64_t entries = flat_indices.numel();
+    int64_t segments = (entries + num_codewords * 256 - 1) /
+                       std::max<int64_t>(num_codewords * 256, 1);
+    const int64_t partial_budget = int64_t{1} << 26;  // floats
+    segments = std::min<int64_t>(
+        segments, std::max<int64_t>(1, partial_budget /
+                                           std::max<int64_t>(
+                                               num_codewords * depth, 1)));
+    segments = std::max<int64_t>(1, std::min<int64_t>(segments, 32));
+    auto partials =
+        at::empty({segments, num_codewords, depth}, float_options);
+    check_launch(srm_cuda::launch_scatter_codewords_sorted(
+                     feature_map(rows_a, "features"),
+                     coef_a.data_ptr<float>(),
+                     features_b != nullptr ? &map_b : nullptr,
+                     coef_b != nullptr ? coef_b->data_ptr<float>() : nullptr,
+                     entry_order.data_ptr<int64_t>(),
+                     run_offsets.data_ptr<int64_t>(), k, num_codewords,
+                     segments, partials.data_ptr<float>(), stream),
+                 "scatter_codewords_sorted");
+    check_launch(srm_cuda::launch_reduce_dictionary_partials(
+                     partials.data_ptr<float>(), segments, depth,
+                     num_codewords, grad.data_ptr(), grad_dtype, stream),
+                 "reduce_dictionary_partials");
+    return laid_out_like(grad, dictionary);
+  }
+
+  auto grad_t = at::zeros({num_codewords, depth}, float_options);
+  FeatureMap map_b{};
+  if (features_b != nullptr) {
+    map_b = feature_map(*features_b, "features");
+  }
+  check_launch(srm_cuda::launch_scatter_codewords_atomic(
+                   feature_map(features_a, "features"),
+                   coef_a.data_ptr<float>(),
+                   features_b != nullptr ? &map_b : nullptr,
+                   coef_b != nullptr ? coef_b->data_ptr<float>() : nullptr,
+                   indices.data_ptr<int64_t>(), k, num_codewords,
+                   grad_t.data_ptr<float>(), stream),
+               "scatter_codewords_atomic");
+  check_launch(srm_cuda::launch_reduce_dictionary_partials(
+                   grad_t.data_ptr<float>(), 1, depth, num_codewords,
+                   grad.data_ptr(), grad_dtype, stream),
+               "reduce_dictionary_partials");
+  return laid_out_like(grad, dictionary);
+}
+
+at::Tensor intercept_grad(const at::Tensor& grad_pre, const at::Tensor& x,
+                          cudaStream_t stream) {
+  return deterministic_sum(grad_pre, 1.0, stream).to(x.scalar_type());
+}
+
+void combine_codewords(const at::Tensor& coef, const at::Tensor& indices,
+                       const at::Tensor& dictionary_t, const at::Tensor* addend,
+                       float addend_scale, const at::Tensor* device_scale,
+                       float host_scale, const at::Tensor& out,
+                       cudaStream_t stream) {
+  FeatureMap add_map{};
+  if (addend != nullptr) {
+    add_map = feature_map(*addend, "addend");
+  }
+  check_launch(
+      srm_cuda::launch_combine_codewords(
+          coef.data_ptr<float>(), indices.data_ptr<int64_t>(),
+          indices.size(-1), dictionary_t.data_ptr(),
+          kernel_dtype(dictionary_t.scalar_type(), "dictionary"),
+          dictionary_t.size(0), addend != nullptr ? &add_map : nullptr,
+          addend_scale,
+          device_scale != nullptr ? device_scale->data_ptr<float>() : nullptr,
+          host_scale, feature_map(out, "output"), stream),
+      "combine_codewords");
+}
+
+at::Tensor codeword_dots(const at::Tensor& features, const at::Tensor& indices,
+                         const at::Tensor& dictionary_t,
+                         const at::Tensor* sigmoid, cudaStream_t stream) {
+  auto out = at::empty(indices.sizes(), features.options().dtype(at::kFloat));
+  check_launch(srm_cuda::launch_codeword_dots(
+                   feature_map(features, "features"),
+                   indices.data_ptr<int64_t>(), indices.size(-1),
+                   dictionary_t.data_ptr(),
+                   kernel_dtype(dictionary_t.scalar_type(), "dictionary"),
+                   dictionary_t.size(0),
+                   sigmoid != nullptr ? sigmoid->data_ptr<float>() : nullptr,
+                   out.data_ptr<float>(), stream),
+               "codeword_dots");
+  return out;
+}
+
+at::Tensor kept_sigmoid(const at::Tensor& x, const at::Tensor& values,
+                        const at::Tensor& indices,
+                        const at::Tensor& dictionary_t,
+                        const at::Tensor& intercept, cudaStream_t stream) {
+  if (values.scalar_type() == at::kFloat) {
+    return values.contiguous();
+  }
+  at::Tensor pre = codeword_dots(x, indices, dictionary_t, nullptr, stream);
+  return pre.add_(intercept_as_float(intercept, x)).sigmoid_();
+}
+
+int64_t backward_box_values() {
+  constexpr int64_t kDefault = int64_t{1} << 26;
+  const char* text = std::getenv("SRM_EXT_CUDA_BOX_VALUES");
+  const int64_t value = text != nullptr ? std::atoll(text) : 0;
+  return value > 0 ? value : kDefault;
+}
+
+std::vector<PixelBox> pixel_boxes(const at::Tensor& x, int64_t max_pixels) {
+  const int64_t n = x.size(0), h = x.size(2), w = x.size(3);
+  const int64_t per_image = h * w;
+  max_pixels = std::max<int64_t>(max_pixels, 1);
+  std::vector<PixelBox> boxes;
+  if (per_image <= max_pixels) {
+    const int64_t images = per_image > 0 ? max_pixels / per_image : n;
+    for (int64_t n0 = 0; n0 < n; n0 += images) {
+      boxes.push_back({n0, std::min(images, n - n0), 0, h});
+    }
+  } else {
+    const int64_t rows = std::max<int64_t>(1, max_pixels / w);
+    for (int64_t n0 = 0; n0 < n; ++n0) {
+      for (int64_t h0 = 0; h0 < h; h0 += rows) {
+        boxes.push_back({n0, 1, h0, std::min(rows, h - h0)});
+      }
+    }
+  }
+  return boxes;
+}
+
+}  // namespace srm_ext::cuda_ops

@@ -1,0 +1,152 @@
+// What the CUDA operator implementations (teacher_ops.cpp, student_ops.cpp)
+// share: argument checks, conversions between ATen tensors and the kernels'
+// raw views (srm_kernels.h), and composite steps that several ops use.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "srm_kernels.h"
+
+namespace srm_ext::cuda_ops {
+
+using srm_cuda::Dtype;
+using srm_cuda::FeatureMap;
+
+// Checks: each error names the argument (or kernel) and what was expected.
+
+void check_launch(cudaError_t err, const char* kernel);
+
+Dtype kernel_dtype(at::ScalarType type, const char* name);
+
+void check_on_device(const at::Tensor& t, const char* name,
+                     const at::Tensor& ref);
+
+void check_dim(const at::Tensor& t, int64_t dim, const char* name,
+               const char* shape);
+
+void check_same_dtype(const at::Tensor& t, const char* name,
+                      const at::Tensor& ref, const char* ref_name);
+
+// (D, K) dictionary matching feature dimension `depth` and dtype of `ref`.
+void check_dictionary(const at::Tensor& dictionary, int64_t depth,
+                      const at::Tensor& ref, const char* ref_name);
+
+// values (N, H, W, k) and int64 indices of the same shape, k <= kMaxTopK.
+void check_sparse_code(const at::Tensor& values, const at::Tensor& indices,
+                       const at::Tensor& ref);
+
+// x (N, D, H, W) on CUDA, its (D, K) dictionary, and a sparse code of its
+// pixels: the inputs every backward op of the encoder shares.
+void check_code_of_x(const at::Tensor& x, const at::Tensor& dictionary,
+                     const at::Tensor& values, const at::Tensor& indices);
+
+void check_intercept(const at::Tensor& intercept, const at::Tensor& ref);
+
+// The shared intercept as a one-element float32 tensor on the device.
+at::Tensor intercept_as_float(const at::Tensor& intercept,
+                              const at::Tensor& ref);
+
+FeatureMap feature_map(const at::Tensor& t, const char* name);
+
+// Float32 (N, D, H, W) view over pixel-major storage (channels contiguous),
+// the layout the kernels walk fastest per pixel.
+at::Tensor empty_pixel_major_float(int64_t n, int64_t d, int64_t h, int64_t w,
+                                   const at::Tensor& ref);
+
+at::Tensor empty_gradient(const at::Tensor& ref);
+
+// Raises `message` when a kernel set the int flag. Reading it back
+// synchronises with the device, which a stream under CUDA graph capture must
+// not do; there the check is skipped and the kernels' fallback for a bad
+// entry (it is ignored) stands.
+template <typename... Message>
+void check_error_flag(const at::Tensor& flag, const Message&... message) {
+  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() !=
+      c10::cuda::CaptureStatus::None) {
+    return;
+  }
+  TORCH_CHECK(flag.item<int>() == 0, message...);
+}
+
+// 0-dim float32 tensor: scale * sum(input), summed in a fixed order.
+at::Tensor deterministic_sum(const at::Tensor& input, double scale,
+                             cudaStream_t stream);
+
+// Transposed (K, D) contiguous copy of the dictionary: one codeword per row.
+at::Tensor transposed_dictionary(const at::Tensor& dictionary);
+
+// The dictionary gradient in the dictionary's own layout (at::empty_like),
+// which is what the fake kernels promise for every backend.
+at::Tensor laid_out_like(const at::Tensor& grad, const at::Tensor& dictionary);
+
+// Gradient of the dictionary, laid out like it:
+//   G[:, c] = sum over (p, j) with indices[p, j] == c of
+//             coef_a[p, j] * features_a[p] + coef_b[p, j] * features_b[p]
+// (b term optional, float32). Deterministic when torch asks for it.
+at::Tensor dictionary_grad(const at::Tensor& features_a,
+                           const at::Tensor& coef_a,
+                           const at::Tensor* features_b,
+                           const at::Tensor* coef_b,
+                           const at::Tensor& indices,
+                           const at::Tensor& dictionary, cudaStream_t stream);
+
+// Gradient of the shared intercept: the sum of the kept pre-activation
+// gradients, 0-dim in x's dtype.
+at::Tensor intercept_grad(const at::Tensor& grad_pre, const at::Tensor& x,
+                          cudaStream_t stream);
+
+// out (N, D, H, W, any strides) = host_scale * device_scale[0]
+//   * (sum_j coef[p, j] * C[:, indices[p, j]] + addend_scale * addend).
+void combine_codewords(const at::Tensor& coef, const at::Tensor& indices,
+                       const at::Tensor& dictionary_t, const at::Tensor* addend,
+                       float addend_scale, const at::Tensor* device_scale,
+                       float host_scale, const at::Tensor& out,
+                       cudaStream_t stream);
+
+// (N, H, W, k) float32: <features_p, C[:, indices[p, j]]>, times s (1 - s)
+// when the kept entries' float32 sigmoid s is given (see kept_sigmoid).
+at::Tensor codeword_dots(const at::Tensor& features, const at::Tensor& indices,
+                         const at::Tensor& dictionary_t,
+                         const at::Tensor* sigmoid, cudaStream_t stream);
+
+// The float32 sigmoid of every kept entry, whose s (1 - s) the backward ops
+// need. float32 values are that sigmoid. 16-bit values are rounded, to
+// exactly 1 once the pre-activation passes about 8 (float16) or 6
+// (bfloat16), which would stop their gradient; for them s is recomputed from
+// the pre-activation <x_p, C[:, idx]> + b, which is what the reference's
+// autograd keeps.
+at::Tensor kept_sigmoid(const at::Tensor& x, const at::Tensor& values,
+                        const at::Tensor& indices,
+                        const at::Tensor& dictionary_t,
+                        const at::Tensor& intercept, cudaStream_t stream);
+
+// The backward of the fused loss keeps a float32 workspace of about D + 3k
+// values per pixel (the residual and per-entry terms); it walks the pixels in
+// boxes of at most about this many workspace values, so its memory stays
+// bounded whatever the size of x. SRM_EXT_CUDA_BOX_VALUES overrides it, so
+// that tests can cover many boxes with small inputs.
+int64_t backward_box_values();
+
+// A box of pixels [n0, n0 + nc) x [h0, h0 + hc) x [0, W): whole images, or
+// whole rows of one image, so its part of a contiguous (N, H, W, k) code is
+// contiguous too.
+struct PixelBox {
+  int64_t n0, nc, h0, hc;
+
+  at::Tensor of_map(const at::Tensor& t) const {  // (N, C, H, W)
+    return t.narrow(0, n0, nc).narrow(2, h0, hc);
+  }
+  at::Tensor of_code(const at::Tensor& t) const {  // (N, H, W, k)
+    return t.narrow(0, n0, nc).narrow(1, h0, hc).contiguous();
+  }
+};
+
+// Boxes covering x's pixels, each with at most max_pixels pixels where a
+// single row allows: as many whole images as fit, else rows of one image.
+std::vector<PixelBox> pixel_boxes(const at::Tensor& x, int64_t max_pixels);
+
+}  // namespace srm_ext::cuda_ops

@@ -1,0 +1,293 @@
+// CUDA implementations of the teacher-side operators (schemas in
+// csrc/registration.cpp): sparse_encode, sparse_decode, reconstruction_loss
+// and their backward ops. Each checks its arguments, allocates its outputs
+// and launches the nvcc-built kernels of srm_kernels.h on the current stream
+// under a device guard.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <limits>
+#include <optional>
+#include <tuple>
+
+#include "op_support.h"
+
+namespace srm_ext::cuda_ops {
+namespace {
+
+// Shared by sparse_encode and reconstruction_loss; returns the per-block
+// squared-residual partials when with_loss.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> encode_impl(
+    const at::Tensor& x, const at::Tensor& dictionary,
+    const at::Tensor& intercept, int64_t k, bool with_loss) {
+  TORCH_CHECK(x.is_cuda(), "srm_ext: x must be a CUDA tensor");
+  check_dim(x, 4, "x", "(N, D, H, W)");
+  const Dtype dtype = kernel_dtype(x.scalar_type(), "x");
+  check_dictionary(dictionary, x.size(1), x, "x");
+  const int64_t num_codewords = dictionary.size(1);
+  TORCH_CHECK(k >= 1 && k <= std::min(num_codewords, srm_cuda::kMaxTopK),
+              "srm_ext CUDA: k = ", k, " must be in [1, min(K, ",
+              srm_cuda::kMaxTopK, ")] with K = ", num_codewords);
+  TORCH_CHECK(x.size(1) >= 1, "srm_ext: x must have at least one channel");
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const at::Tensor bias = intercept_as_float(intercept, x);
+  const at::Tensor dict = dictionary.contiguous();
+
+  const int64_t n = x.size(0), h = x.size(2), w = x.size(3);
+  auto values = at::empty({n, h, w, k}, x.options());
+  auto indices = at::empty({n, h, w, k}, x.options().dtype(at::kLong));
+  at::Tensor partials;
+  const int64_t pixels = n * h * w;
+  if (with_loss) {
+    partials = at::empty({srm_cuda::sparse_encode_num_blocks(pixels)},
+                         x.options().dtype(at::kFloat));
+  }
+  if (pixels == 0) {
+    return {values, indices, partials};
+  }
+  // float32 follows torch's matmul TF32 setting; 16-bit inputs always use
+  // their tensor-core MMA (exact products, float32 accumulation).
+  const bool use_tensor_cores = dtype != Dtype::kFloat32 ||
+                                at::globalContext().allowTF32CuBLAS();
+  check_launch(srm_cuda::launch_sparse_encode(
+                   feature_map(x, "x"), dict.data_ptr(), num_codewords,
+                   bias.data_ptr<float>(), k, use_tensor_cores,
+                   values.data_ptr(), indices.data_ptr<int64_t>(),
+                   with_loss ? partials.data_ptr<float>() : nullptr, stream),
+               "sparse_encode");
+  return {values, indices, partials};
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_encode(const at::Tensor& x,
+                                                 const at::Tensor& dictionary,
+                                                 const at::Tensor& intercept,
+                                                 int64_t k) {
+  auto result = encode_impl(x, dictionary, intercept, k, /*with_loss=*/false);
+  return {std::get<0>(result), std::get<1>(result)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_encode_backward(
+    const at::Tensor& grad_values, const at::Tensor& values,
+    const at::Tensor& indices, const at::Tensor& x,
+    const at::Tensor& dictionary, const at::Tensor& intercept,
+    std::array<bool, 3> output_mask) {
+  check_code_of_x(x, dictionary, values, indices);
+  check_on_device(grad_values, "grad_values", x);
+  TORCH_CHECK(grad_values.sizes() == values.sizes(),
+              "srm_ext: grad_values must have the shape of values (",
+              values.sizes(), "), got ", grad_values.sizes());
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const at::Tensor vals = values.contiguous();
+  const at::Tensor idx = indices.contiguous();
+  const at::Tensor grad_vals = grad_values.to(values.scalar_type()).contiguous();
+  check_intercept(intercept, x);
+  const bool want_codewords =
+      output_mask[0] || values.scalar_type() != at::kFloat;
+  const at::Tensor dict_t =
+      want_codewords ? transposed_dictionary(dictionary) : at::Tensor();
+
+  // gp = d pre for every kept entry.
+  const at::Tensor sigmoid =
+      kept_sigmoid(x, vals, idx, dict_t, intercept, stream);
+  auto grad_pre = at::empty(vals.sizes(), x.options().dtype(at::kFloat));
+  check_launch(srm_cuda::launch_sigmoid_backward(
+                   grad_vals.data_ptr(),
+                   kernel_dtype(grad_vals.scalar_type(), "grad_values"),
+                   sigmoid.data_ptr<float>(), vals.numel(),
+                   grad_pre.data_ptr<float>(), stream),
+               "sigmoid_backward");
+
+  at::Tensor grad_x = empty_gradient(x);
+  at::Tensor grad_dictionary = empty_gradient(x);
+  at::Tensor grad_intercept = empty_gradient(x);
+  if (output_mask[0]) {
+    grad_x = at::empty_like(x);
+    combine_codewords(grad_pre, idx, dict_t, nullptr, 0.0f, nullptr, 1.0f,
+                      grad_x, stream);
+  }
+  if (output_mask[1]) {
+    grad_dictionary =
+        dictionary_grad(x, grad_pre, nullptr, nullptr, idx, dictionary, stream);
+  }
+  if (output_mask[2]) {
+    grad_intercept = intercept_grad(grad_pre, x, stream);
+  }
+  return {grad_x, grad_dictionary, grad_intercept};
+}
+
+at::Tensor sparse_decode(const at::Tensor& values, const at::Tensor& indices,
+                         const at::Tensor& dictionary) {
+  TORCH_CHECK(values.is_cuda(), "srm_ext: values must be a CUDA tensor");
+  check_sparse_code(values, indices, values);
+  check_dim(dictionary, 2, "dictionary", "(D, K)");
+  check_dictionary(dictionary, dictionary.size(0), values, "values");
+
+  const c10::cuda::CUDAGuard guard(values.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int64_t n = values.size(0), h = values.size(1), w = values.size(2);
+  const int64_t depth = dictionary.size(0);
+  auto x_hat = at::empty({n, depth, h, w}, values.options());
+  const at::Tensor coef = values.to(at::kFloat).contiguous();
+  combine_codewords(coef, indices.contiguous(),
+                    transposed_dictionary(dictionary), nullptr, 0.0f, nullptr,
+                    1.0f, x_hat, stream);
+  return x_hat;
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_decode_backward(
+    const at::Tensor& grad_output, const at::Tensor& values,
+    const at::Tensor& indices, const at::Tensor& dictionary,
+    std::array<bool, 2> output_mask) {
+  TORCH_CHECK(values.is_cuda(), "srm_ext: values must be a CUDA tensor");
+  check_sparse_code(values, indices, values);
+  check_dim(dictionary, 2, "dictionary", "(D, K)");
+  check_dictionary(dictionary, dictionary.size(0), values, "values");
+  check_on_device(grad_output, "grad_output", values);
+  check_dim(grad_output, 4, "grad_output", "(N, D, H, W)");
+  TORCH_CHECK(grad_output.size(0) == values.size(0) &&
+                  grad_output.size(1) == dictionary.size(0) &&
+                  grad_output.size(2) == values.size(1) &&
+                  grad_output.size(3) == values.size(2),
+              "srm_ext: grad_output must have shape (N, D, H, W) = (",
+              values.size(0), ", ", dictionary.size(0), ", ", values.size(1),
+              ", ", values.size(2), "), got ", grad_output.sizes());
+
+  const c10::cuda::CUDAGuard guard(values.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const at::Tensor grad_out = grad_output.to(values.scalar_type());
+  const at::Tensor idx = indices.contiguous();
+
+  at::Tensor grad_values = empty_gradient(values);
+  at::Tensor grad_dictionary = empty_gradient(values);
+  if (output_mask[0]) {
+    grad_values = codeword_dots(grad_out, idx, transposed_dictionary(dictionary),
+                                nullptr, stream)
+                      .to(values.scalar_type());
+  }
+  if (output_mask[1]) {
+    const at::Tensor coef = values.to(at::kFloat).contiguous();
+    grad_dictionary = dictionary_grad(grad_out, coef, nullptr, nullptr, idx,
+                                      dictionary, stream);
+  }
+  return {grad_values, grad_dictionary};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss(
+    const at::Tensor& x, const at::Tensor& dictionary,
+    const at::Tensor& intercept, int64_t k) {
+  at::Tensor values, indices, partials;
+  std::tie(values, indices, partials) =
+      encode_impl(x, dictionary, intercept, k, /*with_loss=*/true);
+  const int64_t elements = x.numel();
+  if (elements == 0) {
+    // Mean over nothing, as torch.mean gives.
+    return {at::full({}, std::numeric_limits<double>::quiet_NaN(), x.options()),
+            values, indices};
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  at::Tensor loss =
+      deterministic_sum(partials, 1.0 / static_cast<double>(elements), stream)
+          .to(x.scalar_type());
+  return {loss, values, indices};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss_backward(
+    const at::Tensor& grad_loss, const at::Tensor& x,
+    const at::Tensor& dictionary, const at::Tensor& intercept,
+    const at::Tensor& values, const at::Tensor& indices,
+    std::array<bool, 3> output_mask) {
+  check_code_of_x(x, dictionary, values, indices);
+  TORCH_CHECK(grad_loss.numel() == 1,
+              "srm_ext: grad_loss must have one element, got shape ",
+              grad_loss.sizes());
+  check_intercept(intercept, x);
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int64_t depth = x.size(1), w = x.size(3), k = values.size(3);
+  const int64_t elements = x.numel();
+  const at::Tensor dict_t = transposed_dictionary(dictionary);
+  const at::Tensor upstream =
+      grad_loss.to(x.device(), at::kFloat).reshape({1}).contiguous();
+  const float mean_scale =
+      elements > 0 ? static_cast<float>(2.0 / static_cast<double>(elements))
+                   : 0.0f;
+
+  at::Tensor grad_x = output_mask[0] ? at::empty_like(x) : empty_gradient(x);
+  // Summed over the boxes in float32, in box order (deterministic);
+  // layout_of_grad only carries the dictionary's layout in float32.
+  at::Tensor grad_dictionary_sum, grad_intercept_sum;
+  const at::Tensor layout_of_grad =
+      at::empty_like(dictionary, dictionary.options().dtype(at::kFloat));
+
+  for (const PixelBox& box :
+       pixel_boxes(x, backward_box_values() / (depth + 3 * k))) {
+    const at::Tensor xb = box.of_map(x);
+    const at::Tensor vals = box.of_code(values);
+    const at::Tensor idx = box.of_code(indices);
+    // g = 2 * grad_loss / M * (x_hat - x), float32 and pixel-major.
+    const at::Tensor g = empty_pixel_major_float(box.nc, depth, box.hc, w, x);
+    const at::Tensor coef_values = vals.to(at::kFloat).contiguous();
+    combine_codewords(coef_values, idx, dict_t, &xb, -1.0f, &upstream,
+                      mean_scale, g, stream);
+    // gp = <g_p, C[:, idx]> * s (1 - s).
+    const at::Tensor sigmoid =
+        kept_sigmoid(xb, vals, idx, dict_t, intercept, stream);
+    const at::Tensor grad_pre = codeword_dots(g, idx, dict_t, &sigmoid, stream);
+
+    if (output_mask[0]) {
+      // -g_p + sum_j gp_pj C[:, idx_pj]
+      combine_codewords(grad_pre, idx, dict_t, &g, -1.0f, nullptr, 1.0f,
+                        box.of_map(grad_x), stream);
+    }
+    if (output_mask[1]) {
+      // v_pj g_p (through x_hat) + gp_pj x_p (through the encoder)
+      const at::Tensor part = dictionary_grad(xb, grad_pre, &g, &coef_values,
+                                              idx, layout_of_grad, stream);
+      grad_dictionary_sum = grad_dictionary_sum.defined()
+                                ? grad_dictionary_sum.add_(part)
+                                : part;
+    }
+    if (output_mask[2]) {
+      const at::Tensor part = deterministic_sum(grad_pre, 1.0, stream);
+      grad_intercept_sum = grad_intercept_sum.defined()
+                               ? grad_intercept_sum.add_(part)
+                               : part;
+    }
+  }
+
+  at::Tensor grad_dictionary = empty_gradient(x);
+  at::Tensor grad_intercept = empty_gradient(x);
+  if (output_mask[1]) {
+    grad_dictionary = grad_dictionary_sum.defined()
+                          ? grad_dictionary_sum.to(dictionary.scalar_type())
+                          : at::zeros_like(dictionary);
+  }
+  if (output_mask[2]) {
+    grad_intercept = grad_intercept_sum.defined()
+                         ? grad_intercept_sum.to(x.scalar_type())
+                         : at::zeros({}, x.options());
+  }
+  return {grad_x, grad_dictionary, grad_intercept};
+}
+
+}  // namespace
+}  // namespace srm_ext::cuda_ops
+
+TORCH_LIBRARY_IMPL(srm_ext, CUDA, m) {
+  m.impl("sparse_encode", &srm_ext::cuda_ops::sparse_encode);
+  m.impl("sparse_encode_backward", &srm_ext::cuda_ops::sparse_encode_backward);
+  m.impl("sparse_decode", &srm_ext::cuda_ops::sparse_decode);
+  m.impl("sparse_decode_backward", &srm_ext::cuda_ops::sparse_decode_backward);
+  m.impl("reconstruction_loss", &srm_ext::cuda_ops::reconstruction_loss);
+  m.impl("reconstruction_loss_backward", &srm_ext::cuda_ops::reconstruction_loss_backward);
+}
