@@ -55,9 +55,19 @@ class DictionaryGradient {
                    const AddEntry& add) {
     if (!enabled_) return;
     group_by_codeword(indices, p0 * k, (p0 + count) * k);
-    constexpr int64_t kCodewordsPerTask = 16;
-    at::parallel_for(0, num_codewords_, kCodewordsPerTask, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
+    // Each worker takes a range of codewords holding about an equal share of
+    // the entries: a trained dictionary's codewords are far from equally
+    // used, and equal ranges of codewords would leave workers waiting.
+    const int64_t workers = std::max<int64_t>(at::get_num_threads(), 1);
+    const int64_t total = starts_[num_codewords_];
+    auto first_codeword = [&](int64_t worker) {
+      if (worker >= workers) return num_codewords_;
+      const int64_t share = total * worker / workers;
+      return static_cast<int64_t>(
+          std::lower_bound(starts_.begin(), starts_.end() - 1, share) - starts_.begin());
+    };
+    at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+      for (int64_t c = first_codeword(w0); c < first_codeword(w1); ++c) {
         scalar_t* row = rows_.mutable_data_ptr<scalar_t>() + c * dim_;
         for (int64_t i = starts_[c]; i < starts_[c + 1]; ++i) add(entries_[i], row);
       }
