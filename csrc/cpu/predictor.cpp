@@ -87,9 +87,12 @@ class StudentTiling {
  public:
   StudentTiling(int64_t images, int64_t per_image, int64_t num_codewords)
       : images_(images), per_image_(per_image) {
-    // About 2^17 logits (512 KiB in float32) per tile.
-    constexpr int64_t kTileElements = 1 << 17;
-    const int64_t rows = std::max<int64_t>(kTileElements / std::max<int64_t>(num_codewords, 1), 1);
+    // About 2^17 logits (512 KiB in float32) per tile, and at least 64
+    // pixels per slice, so the slices' column sums (K doubles each) stay a
+    // small fraction of the logits whatever K.
+    constexpr int64_t kTileElements = 1 << 17, kMinSlicePixels = 64;
+    const int64_t rows =
+        std::max(kTileElements / std::max<int64_t>(num_codewords, 1), kMinSlicePixels);
     slices_per_image_ = std::max<int64_t>(1, (per_image + rows - 1) / rows);
     slice_pixels_ = (per_image + slices_per_image_ - 1) / slices_per_image_;
     // Runs of whole images, at most a thread's share of them.
