@@ -335,8 +335,8 @@ def _student_loss_terms(y, Cs, bs, pixel, image):
 
 def test_results_do_not_depend_on_thread_count():
     # Every partial sum the kernels form has a fixed order (per tile, per piece
-    # or segment of pixels, per codeword row), so even the gradients are
-    # bitwise equal.
+    # of pixels, per image or slice of one, per codeword row), so even the
+    # gradients are bitwise equal.
     x, C, b, k = make_inputs((4, 16, 9, 9, 64, 5), torch.float32, seed=10)
     # The student loss in both its layouts of work: images large enough to be
     # split into slices, and small images grouped by the thread count.
