@@ -27,7 +27,7 @@ namespace {
 // 1e-12, as is ours, so saturated means keep a finite gradient.
 constexpr double kBceEpsilon = 1e-12;
 
-// Pass-1 row: q = sigmoid(z + b) in place, q added to the image's column
+// Pass-1 row: q = sigmoid(z + b) in place, q added to the slice's column
 // sums; returns sum_c exp(q_c). q lies in (0, 1), so exp(q) needs no
 // max-shift. float32 rows use the vectorized version in vector_math.cpp.
 double sigmoid_row(double* row, int64_t n, double bias, double* column_sums) {
