@@ -5,7 +5,7 @@
 #   make distill        the main job: the SRM story on an embedded dataset
 #   make test           build, then run the test suite
 #   make bench          kernel microbenchmarks (ARGS="--shapes imagenet ...")
-#   make cuda-check     compile every CUDA kernel for sm_80 and sm_90 with nvcc
+#   make cuda-check     compile every CUDA kernel for sm_75, sm_80 and sm_90 with nvcc
 
 PYTHON ?= python3
 VENV ?= .venv

@@ -3,7 +3,8 @@
 - ``srm_ext._C``: operator schemas and C++ CPU kernels; built everywhere.
 - ``srm_ext._C_cuda``: CUDA kernels; built when torch has CUDA and nvcc is
   found, unless ``SRM_EXT_NO_CUDA=1``. ``TORCH_CUDA_ARCH_LIST`` picks the
-  architectures (default ``8.0;9.0``).
+  architectures (default ``8.0;9.0+PTX``: sm_80 and sm_90 code, and PTX that
+  newer GPUs compile when the extension loads).
 
 Build against the installed torch: ``pip install --no-build-isolation .``
 """
@@ -19,7 +20,7 @@ from setuptools import setup
 import torch
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-DEFAULT_CUDA_ARCHS = "8.0;9.0"
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
 
 def cpu_extension() -> CppExtension:

@@ -19,6 +19,7 @@ from conftest import beyond_float16, dyadic, leaf_like, make_layout, requires_cu
 
 pytestmark = requires_cuda
 
+DEVICE = "cuda"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Tolerances for results in each input dtype, compared in float32.
 TOLERANCES = {
@@ -34,6 +35,9 @@ SHAPES = [
     (2, 64, 13, 11, 300, 9),
     (1, 16, 4, 4, 200, 128),
     (2, 256, 7, 7, 1024, 20),
+    (2, 48, 3, 5, 700, 64),  # k = 64: top-k lists without slack between merges
+    (2, 32, 3, 4, 150, 81),  # 64 < k: the larger lists, past 48 KiB of shared memory
+    (1, 4096, 2, 3, 8192, 40),  # the largest D and K the encode and decode kernels take
 ]
 
 
@@ -52,8 +56,8 @@ def inputs(shape, dtype, seed, layout="contiguous"):
     x = dyadic(n, d, h, w, dtype=torch.float32, generator=g)
     C = dyadic(d, K, dtype=torch.float32, generator=g, span=1) / 4
     b = dyadic(1, dtype=torch.float32, generator=g)
-    cuda = [make_layout(x.cuda().to(dtype), layout), C.cuda().to(dtype), b.cuda().to(dtype)]
-    return cuda, [x, C, b], k
+    on_device = [make_layout(x.to(DEVICE, dtype), layout), C.to(DEVICE, dtype), b.to(DEVICE, dtype)]
+    return on_device, [x, C, b], k
 
 
 def close(actual, expected, dtype):
@@ -80,7 +84,7 @@ def test_encode(shape, dtype, layout):
     close(values, ref_values, dtype)
     upstream = torch.randn(ref_values.shape)
     for got, want in zip(
-        grads(lambda *a: srm_ext.sparse_encode(*a, k), (x, C, b), upstream.cuda()),
+        grads(lambda *a: srm_ext.sparse_encode(*a, k), (x, C, b), upstream.to(DEVICE)),
         grads(lambda *a: reference.sparse_encode(*a, k), ref_in, upstream),
     ):
         close(got, want, dtype)
@@ -91,10 +95,10 @@ def test_encode(shape, dtype, layout):
 def test_decode(shape, dtype):
     (x, C, b), ref_in, k = inputs(shape, dtype, seed=1)
     ref_values, indices = reference.sparse_encode(*ref_in, k)
-    values = ref_values.cuda().to(dtype)
-    close(srm_ext.sparse_decode(values, indices.cuda(), C), reference.sparse_decode(values.float().cpu(), indices, ref_in[1]), dtype)
+    values = ref_values.to(DEVICE).to(dtype)
+    close(srm_ext.sparse_decode(values, indices.to(DEVICE), C), reference.sparse_decode(values.float().cpu(), indices, ref_in[1]), dtype)
     for got, want in zip(
-        grads(lambda v, c: srm_ext.sparse_decode(v, indices.cuda(), c), (values, C)),
+        grads(lambda v, c: srm_ext.sparse_decode(v, indices.to(DEVICE), c), (values, C)),
         grads(lambda v, c: reference.sparse_decode(v, indices, c), (values.float().cpu(), ref_in[1])),
     ):
         close(got, want, dtype)
@@ -141,7 +145,7 @@ def test_16_bit_backward_uses_the_unrounded_sigmoid(dtype):
         (lambda *a: srm_ext.reconstruction_loss(*a, k), lambda *a: reference.reconstruction_loss(*a, k), loss_scale),
     ]
     for native, ref, weight in cases:
-        got = grads(native, (x, C, b), weight.cuda())
+        got = grads(native, (x, C, b), weight.to(DEVICE))
         want = grads(ref, (rx, rC, rb), weight)
         for name, g, w in zip(("x", "dictionary", "intercept"), got, want):
             assert float(w.abs().max()) > 0
@@ -197,7 +201,7 @@ def test_labels_and_predictor_loss(shape, dtype):
     y = torch.randn(n, max(1, d // 2), h, w, generator=g)
     Cs = torch.randn(y.shape[1], K, generator=g) * 0.3
     bs = torch.randn(1, generator=g)
-    cuda_in = [t.cuda().to(dtype) for t in (y, Cs, bs)]
+    cuda_in = [t.to(DEVICE).to(dtype) for t in (y, Cs, bs)]
     ref_in = [t.to(dtype).float() for t in (y, Cs, bs)]
     image_c = image.detach()
     close(
@@ -219,9 +223,9 @@ def test_opcheck_on_cuda(dtype):
     values, indices = ops.sparse_encode(x, C, b, k)
     pixel, image = ops.sparse_labels(values, indices, 12)
     leaf = lambda t: t.detach().clone().requires_grad_(True)
-    one = torch.ones((), device="cuda", dtype=dtype)
-    y = torch.randn(2, 5, 3, 4, device="cuda", dtype=dtype)
-    Cs = torch.randn(5, 12, device="cuda", dtype=dtype)
+    one = torch.ones((), device=DEVICE, dtype=dtype)
+    y = torch.randn(2, 5, 3, 4, device=DEVICE, dtype=dtype)
+    Cs = torch.randn(5, 12, device=DEVICE, dtype=dtype)
     _, grad_logits = ops.predictor_loss(y, Cs, b, pixel, image, 1.0, 1.0)
     cases = [
         (ops.sparse_encode.default, (leaf(x), leaf(C), leaf(b), k)),
@@ -238,20 +242,14 @@ def test_opcheck_on_cuda(dtype):
         opcheck(op, args)
 
 
-def test_limits_raise_clear_errors():
-    x = torch.randn(1, 8, 2, 2, device="cuda")
-    with pytest.raises(RuntimeError, match="k"):
-        torch.ops.srm_ext.sparse_encode(x, torch.randn(8, 300, device="cuda"), torch.zeros(1, device="cuda"), 129)
-
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_inputs_with_large_magnitudes_accumulate_in_float32(dtype):
     # The selection must be the exact one, on float32 pre-activations.
     x, C, b, want = beyond_float16(dtype, 2, 5, 5, num_codewords=48, k=4, seed=7)
-    values, indices = srm_ext.sparse_encode(x.cuda(), C.cuda(), b.cuda(), 4)
+    values, indices = srm_ext.sparse_encode(x.to(DEVICE), C.to(DEVICE), b.to(DEVICE), 4)
     torch.testing.assert_close(indices.cpu(), want, rtol=0, atol=0)
     assert torch.isfinite(values).all()
-    loss = srm_ext.reconstruction_loss(x.cuda(), C.cuda(), b.cuda(), 4)
+    loss = srm_ext.reconstruction_loss(x.to(DEVICE), C.to(DEVICE), b.to(DEVICE), 4)
     want_loss = reference.reconstruction_loss(x.float(), C.float(), b.float(), 4)
     torch.testing.assert_close(loss.float().cpu(), want_loss, rtol=1e-2, atol=0)
 
@@ -260,11 +258,11 @@ def test_element_counts_past_2_31_use_64_bit_offsets_and_a_bounded_workspace():
     # 72M pixels: x has 2.3e9 elements and there are 4.6e9 pixel-codeword
     # pairs, past 32-bit offsets; a dense similarity would take 9 GiB.
     n, d, h, w, K, k = 2, 32, 6000, 6000, 64, 2
-    g = torch.Generator(device="cuda").manual_seed(8)
-    x = torch.randint(-16, 17, (n, d, h, w), device="cuda", generator=g, dtype=torch.int8)
+    g = torch.Generator(device=DEVICE).manual_seed(8)
+    x = torch.randint(-16, 17, (n, d, h, w), device=DEVICE, generator=g, dtype=torch.int8)
     x = x.to(torch.bfloat16) / 8
-    C = (torch.randint(-8, 9, (d, K), device="cuda", generator=g).float() / 32).to(torch.bfloat16)
-    b = torch.zeros(1, device="cuda", dtype=torch.bfloat16)
+    C = (torch.randint(-8, 9, (d, K), device=DEVICE, generator=g).float() / 32).to(torch.bfloat16)
+    b = torch.zeros(1, device=DEVICE, dtype=torch.bfloat16)
     assert x.numel() > 2**31 and n * h * w * K > 2**32
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
@@ -288,3 +286,202 @@ def test_element_counts_past_2_31_use_64_bit_offsets_and_a_bounded_workspace():
     torch.cuda.synchronize()
     assert torch.isfinite(loss) and torch.isfinite(grad_c).all() and torch.isfinite(grad_b).all()
     assert torch.cuda.max_memory_allocated() - base < outputs + 2**30
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 8, 5, 7, 20, 4), (3, 17, 7, 5, 33, 7), (1, 64, 4, 4, 256, 128)])
+def test_deterministic_encode_and_decode_gradients(shape, dtype):
+    # Their dictionary gradients take the sorted kernel with one term (the
+    # stage-1 loss passes two); the last shape has k = 128 over D = 64.
+    (x, C, b), ref_in, k = inputs(shape, dtype, seed=15)
+    ref_values, indices = reference.sparse_encode(*ref_in, k)
+    values = ref_values.to(DEVICE, dtype)
+    upstream = torch.randn(ref_values.shape, generator=torch.Generator().manual_seed(16))
+    cases = [
+        (lambda *a: srm_ext.sparse_encode(*a, k), (x, C, b),
+         lambda *a: reference.sparse_encode(*a, k), ref_in, upstream),
+        (lambda v, c: srm_ext.sparse_decode(v, indices.to(DEVICE), c), (values, C),
+         lambda v, c: reference.sparse_decode(v, indices, c), (values.float().cpu(), ref_in[1]), None),
+    ]
+    for native, native_in, ref, ref_args, weight in cases:
+        torch.use_deterministic_algorithms(True)
+        try:
+            on_device = None if weight is None else weight.to(DEVICE)
+            first = grads(native, native_in, on_device)
+            second = grads(native, native_in, on_device)
+        finally:
+            torch.use_deterministic_algorithms(False)
+        for got, again, want in zip(first, second, grads(ref, ref_args, weight)):
+            assert torch.equal(got, again)
+            close(got, want, dtype)
+
+
+def test_decode_backward_takes_an_expanded_gradient():
+    # sum() hands backward a stride-0 gradient of the output's shape.
+    (x, C, b), ref_in, k = inputs((2, 16, 5, 6, 40, 5), torch.float32, seed=17)
+    ref_values, indices = reference.sparse_encode(*ref_in, k)
+    got = [leaf_like(t) for t in (ref_values.to(DEVICE), C)]
+    want = [leaf_like(t) for t in (ref_values, ref_in[1])]
+    srm_ext.sparse_decode(got[0], indices.to(DEVICE), got[1]).sum().backward()
+    reference.sparse_decode(want[0], indices, want[1]).sum().backward()
+    for g, w in zip(got, want):
+        close(g.grad, w.grad, torch.float32)
+
+
+def student_inputs(n, d, h, w, K, seed, dictionary_scale=0.3):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randn(n, d, h, w, generator=g)
+    dictionary = torch.randn(d, K, generator=g) * dictionary_scale
+    intercept = torch.randn(1, generator=g)
+    pixel = torch.randint(0, K, (n, h, w), generator=g)
+    image = torch.rand(n, K, generator=g)
+    return y, dictionary, intercept, pixel, image
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "strided"])
+def test_student_loss_reads_any_layout_of_y(layout):
+    y, Cs, bs, pixel, image = student_inputs(2, 24, 7, 9, 40, seed=18)
+    on_device = [make_layout(y.to(DEVICE), layout), Cs.to(DEVICE), bs.to(DEVICE)]
+    labels = (pixel.to(DEVICE), image.to(DEVICE))
+    close(srm_ext.predictor_loss(*on_device, *labels), reference.predictor_loss(y, Cs, bs, pixel, image), torch.float32)
+    for got, want in zip(
+        grads(lambda *a: srm_ext.predictor_loss(*a, *labels), on_device),
+        grads(lambda *a: reference.predictor_loss(*a, pixel, image), (y, Cs, bs)),
+    ):
+        close(got, want, torch.float32)
+
+
+def test_float16_student_gradients_keep_their_precision_under_a_loss_scale():
+    # At P = 32768 pixels dloss/dy is about 1e-6, in float16's subnormals,
+    # where a loss scale (GradScaler's) is what keeps its digits: the scale
+    # must reach the product before it is rounded to float16. Rounding first
+    # loses about 1% here; compared by relative norm, since the per-dtype
+    # atol would pass a zero gradient.
+    y, Cs, bs, pixel, image = student_inputs(8, 16, 64, 64, 256, seed=19, dictionary_scale=0.2)
+    half = [t.half() for t in (y, Cs, bs)]
+    image = image.half()
+    scale = torch.tensor(65536.0)
+    got = grads(
+        lambda *a: srm_ext.predictor_loss(*a, pixel.to(DEVICE), image.to(DEVICE)),
+        [t.to(DEVICE) for t in half], scale.to(DEVICE),
+    )
+    want = grads(lambda *a: reference.predictor_loss(*a, pixel, image.float()), [t.float() for t in half], scale)
+    for name, g, w in zip(("y", "dictionary", "intercept"), got, want):
+        assert torch.isfinite(g).all(), name
+        assert relative_error(g, w) < 3e-3, name
+
+
+def test_labels_and_student_loss_take_sizes_beyond_the_sparse_kernel_limits():
+    # Only the encode and decode kernels cap D, K and k: sparse_labels takes
+    # any k, the student loss (cuBLAS and elementwise kernels) any D and K.
+    g = torch.Generator().manual_seed(20)
+    indices = torch.argsort(torch.rand(2, 3, 3, 300, generator=g), dim=-1)[..., :200]
+    values = torch.rand(2, 3, 3, 200, generator=g).sort(dim=-1, descending=True).values
+    pixel, image = srm_ext.sparse_labels(values.to(DEVICE), indices.to(DEVICE), 300)
+    ref_pixel, ref_image = reference.sparse_labels(values, indices, 300)
+    torch.testing.assert_close(pixel.cpu(), ref_pixel, rtol=0, atol=0)
+    close(image, ref_image, torch.float32)
+
+    y, Cs, bs, pixel, image = student_inputs(1, 4100, 2, 2, 9000, seed=21, dictionary_scale=0.01)
+    on_device = [t.to(DEVICE) for t in (y, Cs, bs)]
+    labels = (pixel.to(DEVICE), image.to(DEVICE))
+    for got, want in zip(
+        grads(lambda *a: srm_ext.predictor_loss(*a, *labels), on_device),
+        grads(lambda *a: reference.predictor_loss(*a, pixel, image), (y, Cs, bs)),
+    ):
+        close(got, want, torch.float32)
+
+
+def test_empty_batch_on_cuda_matches_the_cpu():
+    x, C, b = torch.randn(0, 4, 3, 3), torch.randn(4, 6), torch.zeros(1)
+    values, indices = srm_ext.sparse_encode(x.to(DEVICE), C.to(DEVICE), b.to(DEVICE), 2)
+    assert values.shape == (0, 3, 3, 2) and indices.shape == (0, 3, 3, 2)
+    assert srm_ext.sparse_decode(values, indices, C.to(DEVICE)).shape == (0, 4, 3, 3)
+    pixel, image = srm_ext.sparse_labels(values, indices, 6)
+    assert pixel.shape == (0, 3, 3) and image.shape == (0, 6)
+    want = srm_ext.reconstruction_loss(x, C, b, 2)
+    got = srm_ext.reconstruction_loss(x.to(DEVICE), C.to(DEVICE), b.to(DEVICE), 2)
+    torch.testing.assert_close(got.cpu(), want, equal_nan=True)
+
+
+def test_ops_run_on_the_current_stream():
+    # The side stream writes x only after a long sleep: an op that ran on
+    # another stream would read the zeros that were there before.
+    (x, C, b), ref_in, k = inputs((2, 64, 13, 11, 300, 9), torch.float32, seed=22)
+    staged = torch.zeros_like(x)
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(200_000_000)
+        staged.copy_(x)
+        values, indices = srm_ext.sparse_encode(staged, C, b, k)
+        loss = srm_ext.reconstruction_loss(staged, C, b, k)
+    torch.cuda.synchronize()
+    ref_values, ref_indices = reference.sparse_encode(*ref_in, k)
+    torch.testing.assert_close(indices.cpu(), ref_indices, rtol=0, atol=0)
+    close(values, ref_values, torch.float32)
+    close(loss, reference.reconstruction_loss(*ref_in, k), torch.float32)
+
+
+@pytest.mark.parametrize(
+    "depth, num_codewords, k, message",
+    [(4097, 16, 2, "D = 4097"), (8, 8193, 2, "K = 8193"), (8, 300, 129, "k = 129")],
+)
+def test_sizes_beyond_the_sparse_kernels_raise_naming_the_size(depth, num_codewords, k, message):
+    x = torch.randn(1, depth, 2, 2, device=DEVICE)
+    C = torch.randn(depth, num_codewords, device=DEVICE)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.srm_ext.sparse_encode(x, C, torch.zeros(1, device=DEVICE), k)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 5, 7, 20, 4), (2, 64, 13, 11, 300, 9), (2, 32, 3, 4, 150, 81)])
+def test_tf32_encode_selects_exactly_on_inputs_tf32_represents(shape):
+    # With TF32 allowed, float32 encodes on tensor cores. The dyadic inputs
+    # have fewer significant bits than TF32 keeps, so every product and sum is
+    # still exact and the selection must match the reference's.
+    (x, C, b), ref_in, k = inputs(shape, torch.float32, seed=23)
+    torch.backends.cuda.matmul.allow_tf32 = True  # the autouse fixture restores it
+    values, indices = srm_ext.sparse_encode(x, C, b, k)
+    ref_values, ref_indices = reference.sparse_encode(*ref_in, k)
+    torch.testing.assert_close(indices.cpu(), ref_indices, rtol=0, atol=0)
+    close(values, ref_values, torch.float32)
+    close(srm_ext.reconstruction_loss(x, C, b, k), reference.reconstruction_loss(*ref_in, k), torch.float32)
+
+
+def test_a_codeword_major_dictionary_gives_the_same_code_and_gradients():
+    # (K, D) storage seen as (D, K), as the SRM modules keep their dictionary.
+    (x, C, b), ref_in, k = inputs((2, 64, 13, 11, 300, 9), torch.float32, seed=24)
+    codeword_major = C.t().contiguous().t()
+    for got, want in zip(srm_ext.sparse_encode(x, codeword_major, b, k), srm_ext.sparse_encode(x, C, b, k)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    got = grads(lambda *a: srm_ext.reconstruction_loss(*a, k), (x, codeword_major, b))
+    assert got[1].stride() == codeword_major.stride()
+    for g, w in zip(got, grads(lambda *a: reference.reconstruction_loss(*a, k), ref_in)):
+        close(g, w, torch.float32)
+
+
+@pytest.mark.parametrize("case", ["nan", "infinite codeword", "nan intercept", "infinite intercept"])
+def test_non_finite_inputs_select_like_the_reference(case):
+    # NaN ranks above everything and NaNs tie toward the lower index; the
+    # indices stay in range and the loss is not finite. (It may be inf where
+    # the reference says NaN: the reference decodes with a dense product,
+    # which multiplies the zeros of unselected codewords by the infinity.)
+    g = torch.Generator().manual_seed(25)
+    x = dyadic(2, 6, 3, 3, dtype=torch.float32, generator=g)
+    C = dyadic(6, 512, dtype=torch.float32, generator=g)
+    b = torch.zeros(1)
+    if case == "nan":
+        x[1, 2, 0, 1] = float("nan")
+    if case == "infinite codeword":
+        C[2, 5] = float("inf")
+    if case == "nan intercept":
+        b.fill_(float("nan"))
+    if case == "infinite intercept":  # -inf plus an infinite similarity is NaN
+        b.fill_(float("-inf"))
+        x[0, 0, 1, 1] = float("inf")
+    values, indices = srm_ext.sparse_encode(x.to(DEVICE), C.to(DEVICE), b.to(DEVICE), 5)
+    ref_values, ref_indices = reference.sparse_encode(x, C, b, 5)
+    assert int(indices.min()) >= 0 and int(indices.max()) < 512
+    torch.testing.assert_close(indices.cpu(), ref_indices, rtol=0, atol=0)
+    torch.testing.assert_close(values.cpu(), ref_values, equal_nan=True)
+    assert not torch.isfinite(srm_ext.reconstruction_loss(x.to(DEVICE), C.to(DEVICE), b.to(DEVICE), 5))

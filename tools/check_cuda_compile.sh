@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Compile-checks every csrc/cuda/*.cu with nvcc alone (no torch headers) for
-# sm_80 and sm_90, with the half/bfloat16 restrictions torch extensions build
-# under. Prints one line per file; exits non-zero if any file fails.
+# sm_80 and sm_90 (the default build) and sm_75 (the oldest target, without
+# the tensor-core paths), with the half/bfloat16 restrictions torch extensions
+# build under. Prints one line per file; exits non-zero if any file fails.
 #
 #   tools/check_cuda_compile.sh            # all files, NVCC / JOBS overridable
 #
@@ -25,6 +26,7 @@ trap 'rm -rf "${work_dir}"' EXIT
 
 flags=(
   -std=c++17 -O3 --expt-relaxed-constexpr
+  -gencode arch=compute_75,code=sm_75
   -gencode arch=compute_80,code=sm_80
   -gencode arch=compute_90,code=sm_90
   -Xptxas -warn-spills

@@ -3,7 +3,10 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
+#include <mutex>
 #include <type_traits>
+#include <utility>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -123,6 +126,43 @@ __device__ __forceinline__ Acc block_sum(Acc v, Acc* scratch) {
     __syncthreads();
   }
   return scratch[0];
+}
+
+// ---------------------------------------------------------------------------
+// Host-side launch helpers.
+// ---------------------------------------------------------------------------
+
+// Lets `kernel` take `dynamic_bytes` of dynamic shared memory on the current
+// device, or returns cudaErrorLaunchOutOfResources where the device cannot
+// give a block that much on top of the kernel's static shared memory. The
+// limit is state of the kernel on a device, shared by every host thread, so
+// it is only ever raised (lowering it could fail another thread's launch
+// between its own raise and launch) and set once per size, not per launch.
+inline cudaError_t allow_dynamic_shared_memory(const void* kernel,
+                                               size_t dynamic_bytes) {
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, size_t> allowed;
+  int device = 0;
+  SRM_RETURN_IF_ERROR(cudaGetDevice(&device));
+  const std::lock_guard<std::mutex> lock(mutex);
+  size_t& current = allowed[{kernel, device}];
+  if (dynamic_bytes <= current) {
+    return cudaSuccess;
+  }
+  cudaFuncAttributes attributes{};
+  SRM_RETURN_IF_ERROR(cudaFuncGetAttributes(&attributes, kernel));
+  int opt_in_bytes = 0;
+  SRM_RETURN_IF_ERROR(cudaDeviceGetAttribute(
+      &opt_in_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  if (attributes.sharedSizeBytes + dynamic_bytes >
+      static_cast<size_t>(opt_in_bytes)) {
+    return cudaErrorLaunchOutOfResources;
+  }
+  SRM_RETURN_IF_ERROR(cudaFuncSetAttribute(
+      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+      static_cast<int>(dynamic_bytes)));
+  current = dynamic_bytes;
+  return cudaSuccess;
 }
 
 // ---------------------------------------------------------------------------

@@ -46,11 +46,13 @@ struct MmaShape {
   static constexpr int kK = 16;
   using Element = Stage;
 };
+#if SRM_ENCODE_HAS_MMA  // wmma declares tf32 for sm_80 and later only
 template <>
 struct MmaShape<float> {
   static constexpr int kK = 8;
   using Element = nvcuda::wmma::precision::tf32;
 };
+#endif
 
 // Shared-memory rows are padded by 16 bytes: fewer bank conflicts, and every
 // fragment pointer stays 32-byte aligned as wmma requires.
@@ -110,9 +112,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   // FMA-path ownership of the score tile.
   const int fma_row = tid / kColGroups;
   const int fma_col = tid % kColGroups;
-  // MMA-path ownership: warp -> one 16x16 fragment.
-  const int mma_row = (warp / (kTileCodes / kFragment)) * kFragment;
-  const int mma_col = (warp % (kTileCodes / kFragment)) * kFragment;
+  // MMA-path ownership: warp -> one 16x16 fragment (unused below sm_80).
+  [[maybe_unused]] const int mma_row = (warp / (kTileCodes / kFragment)) * kFragment;
+  [[maybe_unused]] const int mma_col = (warp % (kTileCodes / kFragment)) * kFragment;
 
   for (int64_t code0 = 0; code0 < num_codes; code0 += kTileCodes) {
     float acc[kColsPerThread];
@@ -289,9 +291,8 @@ cudaError_t launch_sparse_encode_typed(const FeatureMap& x,
   const size_t list_bytes =
       static_cast<size_t>(kPixels) * list_len * sizeof(uint64_t);
   auto kernel = sparse_encode_kernel<T, kTensorCores>;
-  SRM_RETURN_IF_ERROR(cudaFuncSetAttribute(
-      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-      static_cast<int>(list_bytes)));
+  SRM_RETURN_IF_ERROR(allow_dynamic_shared_memory(
+      reinterpret_cast<const void*>(kernel), list_bytes));
   const int64_t blocks = sparse_encode_num_blocks(num_pixels(x.layout));
   kernel<<<static_cast<unsigned>(blocks), kThreads, list_bytes, stream>>>(
       static_cast<const T*>(x.data), x.layout, static_cast<const T*>(dictionary),

@@ -91,9 +91,8 @@ cudaError_t launch_sparse_labels(const void* values, Dtype dtype,
   return detail::dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     // Opt in beyond the 48 KiB default should kMaxCodewords ever need it.
-    SRM_RETURN_IF_ERROR(cudaFuncSetAttribute(
-        sparse_labels_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-        static_cast<int>(sums_bytes)));
+    SRM_RETURN_IF_ERROR(allow_dynamic_shared_memory(
+        reinterpret_cast<const void*>(sparse_labels_kernel<T>), sums_bytes));
     sparse_labels_kernel<T>
         <<<static_cast<unsigned>(batch), kThreads, sums_bytes, stream>>>(
             static_cast<const T*>(values), indices, pixels_per_image,

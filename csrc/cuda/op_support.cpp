@@ -60,13 +60,20 @@ void check_dictionary(const at::Tensor& dictionary, int64_t depth,
   TORCH_CHECK(dictionary.size(0) == depth, "srm_ext: dictionary has ",
               dictionary.size(0), " rows but ", ref_name, " has ", depth,
               " channels");
+  TORCH_CHECK(dictionary.size(1) >= 1,
+              "srm_ext: dictionary must have at least one codeword, got shape ",
+              dictionary.sizes());
+}
+
+void check_sparse_kernel_limits(const at::Tensor& dictionary, int64_t k) {
   TORCH_CHECK(dictionary.size(0) <= srm_cuda::kMaxFeatureDim,
               "srm_ext CUDA: feature dimension D = ", dictionary.size(0),
               " exceeds the supported maximum of ", srm_cuda::kMaxFeatureDim);
-  TORCH_CHECK(dictionary.size(1) >= 1 &&
-                  dictionary.size(1) <= srm_cuda::kMaxCodewords,
+  TORCH_CHECK(dictionary.size(1) <= srm_cuda::kMaxCodewords,
               "srm_ext CUDA: number of codewords K = ", dictionary.size(1),
-              " must be in [1, ", srm_cuda::kMaxCodewords, "]");
+              " exceeds the supported maximum of ", srm_cuda::kMaxCodewords);
+  TORCH_CHECK(k <= srm_cuda::kMaxTopK, "srm_ext CUDA: k = ", k,
+              " exceeds the supported maximum of ", srm_cuda::kMaxTopK);
 }
 
 void check_sparse_code(const at::Tensor& values, const at::Tensor& indices,
@@ -80,9 +87,9 @@ void check_sparse_code(const at::Tensor& values, const at::Tensor& indices,
   TORCH_CHECK(indices.scalar_type() == at::kLong,
               "srm_ext: indices must be int64, got ", indices.scalar_type());
   kernel_dtype(values.scalar_type(), "values");
-  TORCH_CHECK(values.size(3) >= 1 && values.size(3) <= srm_cuda::kMaxTopK,
-              "srm_ext CUDA: k = ", values.size(3), " must be in [1, ",
-              srm_cuda::kMaxTopK, "]");
+  TORCH_CHECK(values.size(3) >= 1,
+              "srm_ext: values must keep at least one entry per pixel, got "
+              "shape ", values.sizes());
 }
 
 void check_code_of_x(const at::Tensor& x, const at::Tensor& dictionary,
@@ -92,6 +99,7 @@ void check_code_of_x(const at::Tensor& x, const at::Tensor& dictionary,
   kernel_dtype(x.scalar_type(), "x");
   check_dictionary(dictionary, x.size(1), x, "x");
   check_sparse_code(values, indices, x);
+  check_sparse_kernel_limits(dictionary, values.size(3));
   check_same_dtype(values, "values", x, "x");
   TORCH_CHECK(values.size(0) == x.size(0) && values.size(1) == x.size(2) &&
                   values.size(2) == x.size(3),

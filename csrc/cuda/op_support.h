@@ -35,7 +35,11 @@ void check_same_dtype(const at::Tensor& t, const char* name,
 void check_dictionary(const at::Tensor& dictionary, int64_t depth,
                       const at::Tensor& ref, const char* ref_name);
 
-// values (N, H, W, k) and int64 indices of the same shape, k <= kMaxTopK.
+// D, K and k within what the sparse encode/decode kernels support
+// (srm_kernels.h). The labels and the student-side loss have no such limits.
+void check_sparse_kernel_limits(const at::Tensor& dictionary, int64_t k);
+
+// values (N, H, W, k) and int64 indices of the same shape, k >= 1.
 void check_sparse_code(const at::Tensor& values, const at::Tensor& indices,
                        const at::Tensor& ref);
 

@@ -172,19 +172,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> predictor_loss_backward(
       grad_logits.to(y.scalar_type()).reshape({n * h * w, num_codewords});
   const double unscale =
       1.0 / grad_logits_scale(y.scalar_type(), n * h * w, num_codewords);
+  // float16 results take the upstream gradient inside the GEMM as well: a
+  // loss scale (GradScaler's) is there to lift them out of float16's
+  // subnormals, which rounding them before scaling would undo. Reading it
+  // costs one device sync, float16 only; elsewhere it is applied after.
+  const bool upstream_in_gemm = y.scalar_type() == at::kHalf;
+  const double alpha =
+      upstream_in_gemm ? unscale * grad_loss.item<double>() : unscale;
+  auto with_upstream = [&](at::Tensor t) {
+    return upstream_in_gemm ? t : t.mul_(upstream);
+  };
 
   at::Tensor grad_y = empty_gradient(y);
   at::Tensor grad_dictionary = empty_gradient(y);
   at::Tensor grad_intercept = empty_gradient(y);
   if (output_mask[0]) {
-    grad_y = scaled_mm(g, dictionary.t(), unscale)
-                 .mul_(upstream)
+    grad_y = with_upstream(scaled_mm(g, dictionary.t(), alpha))
                  .view({n, h, w, depth})
                  .permute({0, 3, 1, 2});
   }
   if (output_mask[1]) {
     grad_dictionary = laid_out_like(
-        scaled_mm(pixel_rows(y).t(), g, unscale).mul_(upstream), dictionary);
+        with_upstream(scaled_mm(pixel_rows(y).t(), g, alpha)), dictionary);
   }
   if (output_mask[2]) {
     grad_intercept =

@@ -8,7 +8,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <array>
 #include <limits>
 #include <optional>
@@ -29,9 +28,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> encode_impl(
   const Dtype dtype = kernel_dtype(x.scalar_type(), "x");
   check_dictionary(dictionary, x.size(1), x, "x");
   const int64_t num_codewords = dictionary.size(1);
-  TORCH_CHECK(k >= 1 && k <= std::min(num_codewords, srm_cuda::kMaxTopK),
-              "srm_ext CUDA: k = ", k, " must be in [1, min(K, ",
-              srm_cuda::kMaxTopK, ")] with K = ", num_codewords);
+  TORCH_CHECK(k >= 1 && k <= num_codewords, "srm_ext: k = ", k,
+              " must be in [1, K = ", num_codewords, "]");
+  check_sparse_kernel_limits(dictionary, k);
   TORCH_CHECK(x.size(1) >= 1, "srm_ext: x must have at least one channel");
 
   const c10::cuda::CUDAGuard guard(x.device());
@@ -55,12 +54,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> encode_impl(
   // their tensor-core MMA (exact products, float32 accumulation).
   const bool use_tensor_cores = dtype != Dtype::kFloat32 ||
                                 at::globalContext().allowTF32CuBLAS();
-  check_launch(srm_cuda::launch_sparse_encode(
-                   feature_map(x, "x"), dict.data_ptr(), num_codewords,
-                   bias.data_ptr<float>(), k, use_tensor_cores,
-                   values.data_ptr(), indices.data_ptr<int64_t>(),
-                   with_loss ? partials.data_ptr<float>() : nullptr, stream),
-               "sparse_encode");
+  const cudaError_t status = srm_cuda::launch_sparse_encode(
+      feature_map(x, "x"), dict.data_ptr(), num_codewords,
+      bias.data_ptr<float>(), k, use_tensor_cores, values.data_ptr(),
+      indices.data_ptr<int64_t>(),
+      with_loss ? partials.data_ptr<float>() : nullptr, stream);
+  // The per-pixel top-k lists live in shared memory; every GPU the kernels
+  // build for gives a block enough for k <= 64.
+  TORCH_CHECK(status != cudaErrorLaunchOutOfResources, "srm_ext CUDA: k = ",
+              k, " needs more shared memory per block than this GPU "
+              "allows; use k <= 64 on it");
+  check_launch(status, "sparse_encode");
   return {values, indices, partials};
 }
 
@@ -129,6 +133,7 @@ at::Tensor sparse_decode(const at::Tensor& values, const at::Tensor& indices,
   check_sparse_code(values, indices, values);
   check_dim(dictionary, 2, "dictionary", "(D, K)");
   check_dictionary(dictionary, dictionary.size(0), values, "values");
+  check_sparse_kernel_limits(dictionary, values.size(3));
 
   const c10::cuda::CUDAGuard guard(values.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -150,6 +155,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward(
   check_sparse_code(values, indices, values);
   check_dim(dictionary, 2, "dictionary", "(D, K)");
   check_dictionary(dictionary, dictionary.size(0), values, "values");
+  check_sparse_kernel_limits(dictionary, values.size(3));
   check_on_device(grad_output, "grad_output", values);
   check_dim(grad_output, 4, "grad_output", "(N, D, H, W)");
   TORCH_CHECK(grad_output.size(0) == values.size(0) &&
