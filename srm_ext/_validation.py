@@ -134,11 +134,14 @@ def check_sparse_code(
 def _check_index_range(name: str, indices: Tensor, bound: int) -> None:
     if indices.numel() == 0 or _is_fake(indices):
         return
-    lo, hi = torch.aminmax(indices)
-    if lo.item() < 0 or hi.item() >= bound:
-        raise ValueError(
-            f"{name} must lie in [0, {bound}), got values in [{lo.item()}, {hi.item()}]"
-        )
+    lo, hi = _value_range(indices)
+    if lo < 0 or hi >= bound:
+        raise ValueError(f"{name} must lie in [0, {bound}), got values in [{lo}, {hi}]")
+
+
+def _value_range(t: Tensor) -> list:
+    # One read-back (one device sync on a GPU) for both ends.
+    return torch.stack(torch.aminmax(t.detach())).tolist()
 
 
 def _is_fake(t: Tensor) -> bool:
@@ -177,11 +180,9 @@ def check_labels(
         raise ValueError(f"pixel_labels is on {pixel_labels.device} but y is on {y.device}")
     _check_index_range("pixel_labels", pixel_labels, num_codewords)
     if image_labels.numel() and not _is_fake(image_labels):
-        lo, hi = torch.aminmax(image_labels.detach())
-        if not (lo.item() >= 0.0 and hi.item() <= 1.0):
-            raise ValueError(
-                f"image_labels must lie in [0, 1], got values in [{lo.item()}, {hi.item()}]"
-            )
+        lo, hi = _value_range(image_labels)
+        if not (lo >= 0.0 and hi <= 1.0):
+            raise ValueError(f"image_labels must lie in [0, 1], got values in [{lo}, {hi}]")
     return pixel_labels, image_labels
 
 
