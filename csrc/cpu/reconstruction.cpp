@@ -138,11 +138,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss_backward(
         }
       });
       // Over codewords: grad_dictionary[:, idx_e] += v_e g_p + gp_e x_p.
-      dict_grad.add_entries(ix_all, k, p0, count, [&](int64_t e, scalar_t* row) {
-        const int64_t i = e / k - p0;
-        axpy2(v_all[e], grads.data() + i * dim, pre_grads[e - p0 * k],
-              features.data() + i * dim, row, dim);
-      });
+      dict_grad.template add_entries<2>(
+          ix_all, k, p0, count, [&](int64_t e, scalar_t* weights, const scalar_t** sources) {
+            const int64_t i = e / k - p0;
+            weights[0] = v_all[e];
+            sources[0] = grads.data() + i * dim;
+            weights[1] = pre_grads[e - p0 * k];
+            sources[1] = features.data() + i * dim;
+          });
     });
     grad_dict = dict_grad.finish(dictionary);
     grad_bias = want_bias ? at::scalar_tensor(bias_grads.total(), x.options()) : unwanted(x);

@@ -25,10 +25,10 @@ inline scalar_t sigmoid(scalar_t z) {
 // The dictionary gradient, accumulated codeword by codeword. The kept entries
 // of a block of pixels are grouped by codeword (a counting sort, pixel order
 // kept); each worker then owns a range of codewords and adds every entry of
-// a codeword to its row, so the row stays in L1 while the entries' pixel
-// rows stream past. Workers never share a value, there are no per-thread
-// copies, and each value is summed in the same order whatever the thread
-// count (bitwise reproducible).
+// a codeword to its row, so the row stays in registers or L1 while the
+// entries' pixel rows stream past. Workers never share a value, there are
+// no per-thread copies, and each value is summed in the same order whatever
+// the thread count (bitwise reproducible).
 //
 // Rows are codeword-major (K x D). The result is laid out like the dictionary
 // (at::empty_like), so a codeword-major dictionary gets its gradient with no
@@ -47,12 +47,13 @@ class DictionaryGradient {
     starts_.resize(num_codewords_ + 1);
   }
 
-  // Calls add(e, row) for every kept entry e = p * k + j of pixels
-  // [p0, p0 + count), with `row` the gradient row (D values) of codeword
-  // indices[e].
-  template <typename AddEntry>
+  // Adds sum_t weight_t * source_t (D values each) to the gradient row of
+  // codeword indices[e], for every kept entry e = p * k + j of pixels
+  // [p0, p0 + count): terms(e, weights, sources) writes entry e's kTerms
+  // weights and source pointers.
+  template <int kTerms, typename EntryTerms>
   void add_entries(const int64_t* indices, int64_t k, int64_t p0, int64_t count,
-                   const AddEntry& add) {
+                   const EntryTerms& terms) {
     if (!enabled_) return;
     group_by_codeword(indices, p0 * k, (p0 + count) * k);
     // Each worker takes a range of codewords holding about an equal share of
@@ -66,10 +67,26 @@ class DictionaryGradient {
       return static_cast<int64_t>(
           std::lower_bound(starts_.begin(), starts_.end() - 1, share) - starts_.begin());
     };
+    // A codeword's terms are added kBatch at a time, each batch in one pass
+    // over its row. Batches depend only on the codeword's entries, so the
+    // summation order does not depend on the thread count.
+    constexpr int kBatch = 16;
+    static_assert(kTerms >= 1 && kTerms <= kBatch, "kTerms must fit a batch");
     at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+      scalar_t weights[kBatch];
+      const scalar_t* sources[kBatch];
       for (int64_t c = first_codeword(w0); c < first_codeword(w1); ++c) {
         scalar_t* row = rows_.mutable_data_ptr<scalar_t>() + c * dim_;
-        for (int64_t i = starts_[c]; i < starts_[c + 1]; ++i) add(entries_[i], row);
+        int n = 0;
+        for (int64_t i = starts_[c]; i < starts_[c + 1]; ++i) {
+          if (n + kTerms > kBatch) {
+            add_weighted_rows(row, dim_, sources, weights, n);
+            n = 0;
+          }
+          terms(entries_[i], weights + n, sources + n);
+          n += kTerms;
+        }
+        if (n > 0) add_weighted_rows(row, dim_, sources, weights, n);
       }
     });
   }
@@ -87,9 +104,11 @@ class DictionaryGradient {
       for_each_piece(p0, count, [&](int64_t, int64_t q0, int64_t n) {
         gather_tile(source, grid, q0, n, rows.data() + (q0 - p0) * dim_);
       });
-      add_entries(indices, k, p0, count, [&](int64_t e, scalar_t* row) {
-        axpy(coefficient(e), rows.data() + (e / k - p0) * dim_, row, dim_);
-      });
+      add_entries<1>(indices, k, p0, count,
+                     [&](int64_t e, scalar_t* weights, const scalar_t** sources) {
+                       weights[0] = coefficient(e);
+                       sources[0] = rows.data() + (e / k - p0) * dim_;
+                     });
     });
   }
 

@@ -20,11 +20,6 @@ SRM_EXT_MULTIVERSION void axpy(float alpha, const float* x, float* y, int64_t n)
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
 }
 
-SRM_EXT_MULTIVERSION void axpy2(float alpha, const float* a, float beta, const float* b,
-                                float* y, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] += alpha * a[i] + beta * b[i];
-}
-
 #if defined(__GNUC__)
 
 // exp_approx on eight lanes.
@@ -153,6 +148,34 @@ SRM_EXT_MULTIVERSION void combine_rows(const float* rows, int64_t dim, const int
   for (; j < k; ++j) {
     const float* r = rows + indices[j] * dim;
     for (int64_t d = 0; d < dim; ++d) out[d] += weights[j] * r[d];
+  }
+}
+
+// The row's values stay in registers, 64 at a time, while all n sources
+// stream past: one load per multiply-add, where adding the sources one by one
+// loads and stores the row for each.
+SRM_EXT_MULTIVERSION void add_weighted_rows(float* row, int64_t dim, const float* const* sources,
+                                            const float* weights, int64_t n) {
+  int64_t d = 0;
+  for (; d + 64 <= dim; d += 64) {
+    Float8 acc[8];
+    for (int u = 0; u < 8; ++u) acc[u] = load8(row + d + 8 * u);
+    for (int64_t i = 0; i < n; ++i) {
+      const Float8 w = broadcast8(weights[i]);
+      const float* s = sources[i] + d;
+      for (int u = 0; u < 8; ++u) acc[u] += w * load8(s + 8 * u);
+    }
+    for (int u = 0; u < 8; ++u) store8(row + d + 8 * u, acc[u]);
+  }
+  for (; d + 8 <= dim; d += 8) {
+    Float8 acc = load8(row + d);
+    for (int64_t i = 0; i < n; ++i) acc += broadcast8(weights[i]) * load8(sources[i] + d);
+    store8(row + d, acc);
+  }
+  for (; d < dim; ++d) {
+    float acc = row[d];
+    for (int64_t i = 0; i < n; ++i) acc += weights[i] * sources[i][d];
+    row[d] = acc;
   }
 }
 
@@ -297,6 +320,11 @@ void combine_rows(const float* rows, int64_t dim, const int64_t* indices, const 
                   int64_t k, float* out) {
   std::fill_n(out, dim, 0.0f);
   for (int64_t j = 0; j < k; ++j) axpy(weights[j], rows + indices[j] * dim, out, dim);
+}
+
+void add_weighted_rows(float* row, int64_t dim, const float* const* sources,
+                       const float* weights, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) axpy(weights[i], sources[i], row, dim);
 }
 #endif
 

@@ -110,13 +110,6 @@ inline void axpy(scalar_t alpha, const scalar_t* x, scalar_t* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
 }
 
-// y += alpha * a + beta * b, one pass over y
-template <typename scalar_t>
-inline void axpy2(scalar_t alpha, const scalar_t* a, scalar_t beta, const scalar_t* b,
-                  scalar_t* y, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] += alpha * a[i] + beta * b[i];
-}
-
 // out[j] = <v, rows[indices[j]]> for j < k; rows is (num_rows x dim).
 template <typename scalar_t>
 inline void dot_rows(const scalar_t* v, const scalar_t* rows, int64_t dim,
@@ -132,16 +125,24 @@ inline void combine_rows(const scalar_t* rows, int64_t dim, const int64_t* indic
   for (int64_t j = 0; j < k; ++j) axpy(weights[j], rows + indices[j] * dim, out, dim);
 }
 
+// row += sum_{i < n} weights[i] * sources[i], over dim values.
+template <typename scalar_t>
+inline void add_weighted_rows(scalar_t* row, int64_t dim, const scalar_t* const* sources,
+                              const scalar_t* weights, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) axpy(weights[i], sources[i], row, dim);
+}
+
 // float32 overloads, chosen over the templates above: the sparse kernels
 // spend most of their time here, so they get AVX2 clones and register-blocked
 // loops (vector_math.cpp).
 float dot(const float* a, const float* b, int64_t n);
 void axpy(float alpha, const float* x, float* y, int64_t n);
-void axpy2(float alpha, const float* a, float beta, const float* b, float* y, int64_t n);
 void dot_rows(const float* v, const float* rows, int64_t dim, const int64_t* indices, int64_t k,
               float* out);
 void combine_rows(const float* rows, int64_t dim, const int64_t* indices, const float* weights,
                   int64_t k, float* out);
+void add_weighted_rows(float* row, int64_t dim, const float* const* sources,
+                       const float* weights, int64_t n);
 
 // dst[j * dst_stride + i] = src[i * src_stride + j] for i < rows, j < cols:
 // moves channel-major pixels into pixel-major rows and back, 8 x 8 blocks at
