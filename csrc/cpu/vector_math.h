@@ -136,7 +136,6 @@ inline void add_weighted_rows(scalar_t* row, int64_t dim, const scalar_t* const*
 // spend most of their time here, so they get AVX2 clones and register-blocked
 // loops (vector_math.cpp).
 float dot(const float* a, const float* b, int64_t n);
-void axpy(float alpha, const float* x, float* y, int64_t n);
 void dot_rows(const float* v, const float* rows, int64_t dim, const int64_t* indices, int64_t k,
               float* out);
 void combine_rows(const float* rows, int64_t dim, const int64_t* indices, const float* weights,

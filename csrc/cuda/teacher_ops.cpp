@@ -127,13 +127,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_encode_backward(
   return {grad_x, grad_dictionary, grad_intercept};
 }
 
-at::Tensor sparse_decode(const at::Tensor& values, const at::Tensor& indices,
-                         const at::Tensor& dictionary) {
+// A sparse code on CUDA and a (D, K) dictionary of its dtype, within the
+// decode kernels' limits: the inputs both decode ops share.
+void check_decode_args(const at::Tensor& values, const at::Tensor& indices,
+                       const at::Tensor& dictionary) {
   TORCH_CHECK(values.is_cuda(), "srm_ext: values must be a CUDA tensor");
   check_sparse_code(values, indices, values);
   check_dim(dictionary, 2, "dictionary", "(D, K)");
   check_dictionary(dictionary, dictionary.size(0), values, "values");
   check_sparse_kernel_limits(dictionary, values.size(3));
+}
+
+at::Tensor sparse_decode(const at::Tensor& values, const at::Tensor& indices,
+                         const at::Tensor& dictionary) {
+  check_decode_args(values, indices, dictionary);
 
   const c10::cuda::CUDAGuard guard(values.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -151,11 +158,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward(
     const at::Tensor& grad_output, const at::Tensor& values,
     const at::Tensor& indices, const at::Tensor& dictionary,
     std::array<bool, 2> output_mask) {
-  TORCH_CHECK(values.is_cuda(), "srm_ext: values must be a CUDA tensor");
-  check_sparse_code(values, indices, values);
-  check_dim(dictionary, 2, "dictionary", "(D, K)");
-  check_dictionary(dictionary, dictionary.size(0), values, "values");
-  check_sparse_kernel_limits(dictionary, values.size(3));
+  check_decode_args(values, indices, dictionary);
   check_on_device(grad_output, "grad_output", values);
   check_dim(grad_output, 4, "grad_output", "(N, D, H, W)");
   TORCH_CHECK(grad_output.size(0) == values.size(0) &&
