@@ -1,0 +1,218 @@
+// Python binding of the srm_ext kernel launchers (csrc/cuda/srm_kernels.h)
+// built against the CPU emulator (tools/cuda_emulator), so that the tests can
+// run the CUDA kernels on CPU tensors. Each function passes the tensors'
+// pointers straight to one launcher and raises if it reported an error or a
+// kernel failed in the emulator.
+#include <torch/extension.h>
+
+#include <optional>
+#include <string>
+
+#include "srm_kernels.h"
+
+namespace emulator_probes {
+cudaError_t launch_neighbour(bool with_barrier, int blocks, float* out);
+cudaError_t launch_divergent_barrier(float* out);
+cudaError_t launch_barrier_after_exit(float* out);
+cudaError_t launch_uninitialised_shared(float* out);
+cudaError_t launch_warp_primitives(float* out, unsigned* ballot);
+cudaError_t launch_dynamic_shared(size_t bytes, bool raise_limit, float* out);
+}  // namespace emulator_probes
+
+namespace {
+
+using srm_cuda::Dtype;
+using srm_cuda::FeatureMap;
+using OptionalTensor = std::optional<at::Tensor>;
+
+void check(cudaError_t status, const char* launcher) {
+  const std::string failure = cuda_emulator::take_failure();
+  TORCH_CHECK(failure.empty(), launcher, ": ", failure);
+  TORCH_CHECK(status == cudaSuccess, launcher, " returned ", cudaGetErrorString(status), " (",
+              static_cast<int>(status), ")");
+}
+
+Dtype dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return Dtype::kFloat32;
+    case at::kHalf: return Dtype::kFloat16;
+    case at::kBFloat16: return Dtype::kBFloat16;
+    default: TORCH_CHECK(false, "unsupported dtype ", t.scalar_type());
+  }
+}
+
+FeatureMap feature_map(const at::Tensor& t) {
+  TORCH_CHECK(t.dim() == 4, "feature maps are (N, D, H, W)");
+  return {t.data_ptr(), dtype_of(t),
+          {t.size(0), t.size(1), t.size(2), t.size(3), t.stride(0), t.stride(1), t.stride(2),
+           t.stride(3)}};
+}
+
+template <typename T>
+T* pointer(const OptionalTensor& t) {
+  return t.has_value() ? t->data_ptr<T>() : nullptr;
+}
+
+void sparse_encode(const at::Tensor& x, const at::Tensor& dictionary,
+                   const at::Tensor& intercept, int64_t k, bool use_tensor_cores,
+                   at::Tensor values, at::Tensor indices, const OptionalTensor& loss_partials) {
+  check(srm_cuda::launch_sparse_encode(feature_map(x), dictionary.data_ptr(), dictionary.size(1),
+                                       intercept.data_ptr<float>(), k, use_tensor_cores,
+                                       values.data_ptr(), indices.data_ptr<int64_t>(),
+                                       pointer<float>(loss_partials), nullptr),
+        "launch_sparse_encode");
+}
+
+void combine_codewords(const at::Tensor& coef, const at::Tensor indices, int64_t k,
+                       const at::Tensor& dictionary_t, const OptionalTensor& addend,
+                       double addend_scale, const OptionalTensor& device_scale,
+                       double host_scale, at::Tensor out) {
+  const std::optional<FeatureMap> add =
+      addend.has_value() ? std::optional<FeatureMap>(feature_map(*addend)) : std::nullopt;
+  check(srm_cuda::launch_combine_codewords(
+            coef.data_ptr<float>(), indices.data_ptr<int64_t>(), k, dictionary_t.data_ptr(),
+            dtype_of(dictionary_t), dictionary_t.size(0), add ? &*add : nullptr,
+            static_cast<float>(addend_scale), pointer<float>(device_scale),
+            static_cast<float>(host_scale), feature_map(out), nullptr),
+        "launch_combine_codewords");
+}
+
+void codeword_dots(const at::Tensor& features, const at::Tensor indices, int64_t k,
+                   const at::Tensor& dictionary_t, const OptionalTensor& sigmoid_values,
+                   at::Tensor out) {
+  check(srm_cuda::launch_codeword_dots(feature_map(features), indices.data_ptr<int64_t>(), k,
+                                       dictionary_t.data_ptr(), dtype_of(dictionary_t),
+                                       dictionary_t.size(0), pointer<float>(sigmoid_values),
+                                       out.data_ptr<float>(), nullptr),
+        "launch_codeword_dots");
+}
+
+void sigmoid_backward(const at::Tensor& grad_values, const at::Tensor& sigmoid, at::Tensor out) {
+  check(srm_cuda::launch_sigmoid_backward(grad_values.data_ptr(), dtype_of(grad_values),
+                                          sigmoid.data_ptr<float>(), sigmoid.numel(),
+                                          out.data_ptr<float>(), nullptr),
+        "launch_sigmoid_backward");
+}
+
+void scatter_codewords_atomic(const at::Tensor& features_a, const at::Tensor& coef_a,
+                              const OptionalTensor& features_b, const OptionalTensor& coef_b,
+                              const at::Tensor indices, int64_t k, int64_t num_codewords,
+                              at::Tensor grad_dictionary_t) {
+  const std::optional<FeatureMap> b =
+      features_b ? std::optional<FeatureMap>(feature_map(*features_b)) : std::nullopt;
+  check(srm_cuda::launch_scatter_codewords_atomic(
+            feature_map(features_a), coef_a.data_ptr<float>(), b ? &*b : nullptr,
+            pointer<float>(coef_b), indices.data_ptr<int64_t>(), k, num_codewords,
+            grad_dictionary_t.data_ptr<float>(), nullptr),
+        "launch_scatter_codewords_atomic");
+}
+
+void codeword_run_offsets(const at::Tensor& sorted_codes, int64_t num_codewords,
+                          at::Tensor run_offsets) {
+  check(srm_cuda::launch_codeword_run_offsets(sorted_codes.data_ptr<int64_t>(),
+                                              sorted_codes.numel(), num_codewords,
+                                              run_offsets.data_ptr<int64_t>(), nullptr),
+        "launch_codeword_run_offsets");
+}
+
+void scatter_codewords_sorted(const at::Tensor& features_a, const at::Tensor& coef_a,
+                              const OptionalTensor& features_b, const OptionalTensor& coef_b,
+                              const at::Tensor& entry_order, const at::Tensor run_offsets,
+                              int64_t k, int64_t num_codewords, int64_t num_segments,
+                              at::Tensor segment_partials) {
+  const std::optional<FeatureMap> b =
+      features_b ? std::optional<FeatureMap>(feature_map(*features_b)) : std::nullopt;
+  check(srm_cuda::launch_scatter_codewords_sorted(
+            feature_map(features_a), coef_a.data_ptr<float>(), b ? &*b : nullptr,
+            pointer<float>(coef_b), entry_order.data_ptr<int64_t>(),
+            run_offsets.data_ptr<int64_t>(), k, num_codewords, num_segments,
+            segment_partials.data_ptr<float>(), nullptr),
+        "launch_scatter_codewords_sorted");
+}
+
+void reduce_dictionary_partials(const at::Tensor segment_partials, int64_t num_segments,
+                                at::Tensor grad_dictionary) {
+  check(srm_cuda::launch_reduce_dictionary_partials(
+            segment_partials.data_ptr<float>(), num_segments, grad_dictionary.size(0),
+            grad_dictionary.size(1), grad_dictionary.data_ptr(), dtype_of(grad_dictionary),
+            nullptr),
+        "launch_reduce_dictionary_partials");
+}
+
+void deterministic_sum(const at::Tensor& input, double scale, at::Tensor out) {
+  auto workspace = at::empty({srm_cuda::deterministic_sum_workspace_size(input.numel())},
+                             input.options().dtype(at::kDouble));
+  check(srm_cuda::launch_deterministic_sum(input.data_ptr<float>(), input.numel(), scale,
+                                           workspace.data_ptr<double>(),
+                                           out.data_ptr<float>(), nullptr),
+        "launch_deterministic_sum");
+}
+
+void sparse_labels(const at::Tensor values, const at::Tensor indices, int64_t num_codewords,
+                   at::Tensor pixel_labels, at::Tensor image_labels, at::Tensor error_flag) {
+  check(srm_cuda::launch_sparse_labels(
+            values.data_ptr(), dtype_of(values), indices.data_ptr<int64_t>(), values.size(0),
+            values.size(1) * values.size(2), values.size(3), num_codewords,
+            pixel_labels.data_ptr<int64_t>(), image_labels.data_ptr(),
+            error_flag.data_ptr<int>(), nullptr),
+        "launch_sparse_labels");
+}
+
+void predictor_loss(at::Tensor logits, const at::Tensor& intercept,
+                    const at::Tensor pixel_labels, const at::Tensor image_labels,
+                    int64_t batch, int64_t pixels_per_image, double local_weight,
+                    double global_weight, double grad_scale, at::Tensor loss,
+                    at::Tensor error_flag) {
+  const int64_t num_codewords = logits.size(-1);
+  auto workspace = at::empty(
+      {srm_cuda::predictor_workspace_size(batch, pixels_per_image, num_codewords)},
+      logits.options().dtype(at::kFloat));
+  const int64_t sum_count = std::max(batch * pixels_per_image, batch * num_codewords);
+  auto sums = at::empty({srm_cuda::deterministic_sum_workspace_size(sum_count)},
+                        logits.options().dtype(at::kDouble));
+  check(srm_cuda::launch_predictor_loss(
+            logits.data_ptr(), dtype_of(logits), intercept.data_ptr<float>(),
+            pixel_labels.data_ptr<int64_t>(), image_labels.data_ptr(), batch, pixels_per_image,
+            num_codewords, static_cast<float>(local_weight), static_cast<float>(global_weight),
+            static_cast<float>(grad_scale), workspace.data_ptr<float>(),
+            sums.data_ptr<double>(), loss.data_ptr<float>(), error_flag.data_ptr<int>(),
+            nullptr),
+        "launch_predictor_loss");
+}
+
+// The emulator's own probes (cuda_emulation_probes.cu); `out` is float32.
+void probe(const std::string& name, at::Tensor out, const OptionalTensor& ballot, int64_t arg,
+           bool flag) {
+  namespace p = emulator_probes;
+  float* o = out.data_ptr<float>();
+  cudaError_t status = cudaErrorInvalidValue;
+  if (name == "neighbour") status = p::launch_neighbour(flag, static_cast<int>(arg), o);
+  if (name == "divergent_barrier") status = p::launch_divergent_barrier(o);
+  if (name == "barrier_after_exit") status = p::launch_barrier_after_exit(o);
+  if (name == "uninitialised_shared") status = p::launch_uninitialised_shared(o);
+  if (name == "warp_primitives") {
+    status = p::launch_warp_primitives(o, reinterpret_cast<unsigned*>(ballot->data_ptr<int>()));
+  }
+  if (name == "dynamic_shared") status = p::launch_dynamic_shared(arg, flag, o);
+  check(status, name.c_str());
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("set_schedule", &cuda_emulator::set_schedule,
+        "Thread order within a block: 0 forward, 1 reverse, 2 shuffled with seed");
+  m.def("sparse_encode_num_blocks", &srm_cuda::sparse_encode_num_blocks);
+  m.def("sparse_encode", &sparse_encode);
+  m.def("combine_codewords", &combine_codewords);
+  m.def("codeword_dots", &codeword_dots);
+  m.def("sigmoid_backward", &sigmoid_backward);
+  m.def("scatter_codewords_atomic", &scatter_codewords_atomic);
+  m.def("codeword_run_offsets", &codeword_run_offsets);
+  m.def("scatter_codewords_sorted", &scatter_codewords_sorted);
+  m.def("reduce_dictionary_partials", &reduce_dictionary_partials);
+  m.def("deterministic_sum", &deterministic_sum);
+  m.def("sparse_labels", &sparse_labels);
+  m.def("predictor_loss", &predictor_loss);
+  m.def("probe", &probe);
+}

@@ -1,0 +1,115 @@
+// Small kernels with known defects (and their correct twins) that show the
+// CPU emulator's checks fire: tests/test_cuda_emulated.py runs them through
+// cuda_emulation_binding.cpp. Not part of the srm_ext build.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace emulator_probes {
+namespace {
+
+constexpr int kThreads = 64;
+
+// out[i] = the value thread i + 1 stored in shared memory; without the
+// barrier a thread may read before its neighbour wrote.
+template <bool kWithBarrier>
+__global__ void neighbour_kernel(float* out) {
+  __shared__ float stored[kThreads];
+  const int i = threadIdx.x;
+  stored[i] = static_cast<float>(i);
+  if (kWithBarrier) {
+    __syncthreads();
+  }
+  out[blockIdx.x * kThreads + i] = stored[(i + 1) % kThreads];
+}
+
+// Half the block waits at a barrier the other half never reaches.
+__global__ void divergent_barrier_kernel(float* out) {
+  if (threadIdx.x < kThreads / 2) {
+    __syncthreads();
+  }
+  out[threadIdx.x] = 1.0f;
+}
+
+// Thread 0 leaves before the others synchronise.
+__global__ void barrier_after_exit_kernel(float* out) {
+  if (threadIdx.x == 0) {
+    return;
+  }
+  __syncthreads();
+  out[threadIdx.x] = 1.0f;
+}
+
+// Reads shared memory no thread wrote: the poison shows as NaN.
+__global__ void uninitialised_shared_kernel(float* out) {
+  __shared__ float never_written[kThreads];
+  out[blockIdx.x * kThreads + threadIdx.x] = never_written[threadIdx.x];
+}
+
+// out[i] = sum over the warp of lane values (butterfly shuffles) and
+// ballot[warp] = mask of odd lanes.
+__global__ void warp_primitives_kernel(float* out, unsigned* ballot) {
+  float v = static_cast<float>(threadIdx.x);
+  for (int offset = 16; offset > 0; offset /= 2) {
+    v += __shfl_xor_sync(0xffffffffu, v, offset);
+  }
+  out[threadIdx.x] = v;
+  const unsigned mask = __ballot_sync(0xffffffffu, threadIdx.x % 2);
+  if (threadIdx.x % 32 == 0) {
+    ballot[threadIdx.x / 32] = mask;
+  }
+}
+
+// Copies the first floats of its dynamic shared memory after writing them.
+__global__ void dynamic_shared_kernel(float* out) {
+  extern __shared__ float dynamic[];
+  dynamic[threadIdx.x] = static_cast<float>(threadIdx.x);
+  out[threadIdx.x] = dynamic[threadIdx.x];
+}
+
+}  // namespace
+
+cudaError_t launch_neighbour(bool with_barrier, int blocks, float* out) {
+  if (with_barrier) {
+    neighbour_kernel<true><<<blocks, kThreads>>>(out);
+  } else {
+    neighbour_kernel<false><<<blocks, kThreads>>>(out);
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t launch_divergent_barrier(float* out) {
+  divergent_barrier_kernel<<<1, kThreads>>>(out);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_barrier_after_exit(float* out) {
+  barrier_after_exit_kernel<<<1, kThreads>>>(out);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_uninitialised_shared(float* out) {
+  // Two blocks: the poison is laid before every block, not only the first.
+  uninitialised_shared_kernel<<<2, kThreads>>>(out);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_warp_primitives(float* out, unsigned* ballot) {
+  warp_primitives_kernel<<<1, kThreads>>>(out, ballot);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_dynamic_shared(size_t bytes, bool raise_limit, float* out) {
+  if (raise_limit) {
+    const cudaError_t status = cudaFuncSetAttribute(
+        reinterpret_cast<const void*>(dynamic_shared_kernel),
+        cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+    if (status != cudaSuccess) {
+      return status;
+    }
+  }
+  dynamic_shared_kernel<<<1, kThreads, bytes>>>(out);
+  return cudaGetLastError();
+}
+
+}  // namespace emulator_probes

@@ -1,0 +1,421 @@
+"""The CUDA kernels, run on the CPU by the emulator, against plain PyTorch.
+
+These run everywhere, GPU or not: they check the kernels' indexing, tails,
+tie-breaks, shared-memory staging and barriers (see tools/cuda_emulator), one
+launcher at a time. What only a GPU can show (timing, real warp scheduling,
+the torch glue, compute-sanitizer) stays in test_cuda_kernels.py.
+
+Inputs are multiples of 1/8 (conftest.dyadic), so products and sums are exact
+in float32 and in the float32 accumulators of every dtype: indices must match
+exactly and values agree to the rounding of the output dtype.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from srm_ext import reference
+
+import cuda_emulation
+from conftest import dyadic, make_layout
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Results in each dtype against a float64 computation, compared in float32:
+# one rounding to the dtype plus float32 summation.
+TOLERANCES = {
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.float16: dict(rtol=1e-3, atol=1e-3),
+    torch.bfloat16: dict(rtol=8e-3, atol=8e-3),
+}
+LAYOUTS = ["contiguous", "channels_last", "strided"]
+# (N, D, H, W, K, k): tails of every tile size, k = K, k = 1, one pixel,
+# and k past the 64 that fits the default shared memory.
+SHAPES = [
+    (2, 8, 5, 7, 20, 4),
+    (1, 3, 1, 1, 5, 1),
+    (2, 4, 3, 3, 6, 6),
+    (3, 17, 7, 5, 33, 7),
+    (1, 40, 3, 3, 130, 64),
+    (1, 24, 2, 3, 150, 81),
+    (1, 8, 2, 2, 128, 128),
+]
+SCHEDULES = {"forward": 0, "reverse": 1, "shuffled": 2}
+
+
+@pytest.fixture
+def emu():
+    """The emulated kernels, with the threads of a block run in a shuffled
+    order between barriers: a missing barrier then gives a wrong result."""
+    module = cuda_emulation.load()
+    module.set_schedule(SCHEDULES["shuffled"], 7)
+    return module
+
+
+@pytest.fixture(params=list(SCHEDULES))
+def scheduled(emu, request):
+    """The emulated kernels under each thread order."""
+    emu.set_schedule(SCHEDULES[request.param], 11)
+    return emu
+
+
+def close(actual, expected, dtype):
+    torch.testing.assert_close(actual.float(), expected.float(), **TOLERANCES[dtype])
+
+
+def encode_inputs(shape, dtype, seed=0, layout="contiguous"):
+    n, d, h, w, K, k = shape
+    g = torch.Generator().manual_seed(seed)
+    x = dyadic(n, d, h, w, dtype=torch.float32, generator=g)
+    C = dyadic(d, K, dtype=torch.float32, generator=g, span=1) / 4
+    b = dyadic(1, dtype=torch.float32, generator=g)
+    return make_layout(x.to(dtype), layout), C.to(dtype), b, k
+
+
+def run_encode(emu, x, C, b, k, tensor_cores, with_loss=False):
+    n, _, h, w = x.shape
+    values = torch.empty(n, h, w, k, dtype=x.dtype)
+    indices = torch.empty(n, h, w, k, dtype=torch.long)
+    partials = torch.empty(emu.sparse_encode_num_blocks(n * h * w)) if with_loss else None
+    emu.sparse_encode(x, C.contiguous(), b.float(), k, tensor_cores, values, indices, partials)
+    return values, indices, partials
+
+
+@pytest.mark.parametrize("tensor_cores", [False, True], ids=["fma", "mma"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_encode(emu, shape, dtype, layout, tensor_cores):
+    x, C, b, k = encode_inputs(shape, dtype, layout=layout)
+    values, indices, partials = run_encode(emu, x, C, b, k, tensor_cores, with_loss=True)
+    ref_values, ref_indices = reference.sparse_encode(x.float(), C.float(), b, k)
+    assert torch.equal(indices, ref_indices)
+    close(values, ref_values, dtype)
+    # The fused loss rebuilds x_hat from the values as rounded to the dtype.
+    x_hat = reference.sparse_decode(values.float(), indices, C.float())
+    expected = ((x_hat.double() - x.double()) ** 2).sum()
+    torch.testing.assert_close(partials.double().sum(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tensor_cores", [False, True], ids=["fma", "mma"])
+def test_encode_schedules(scheduled, tensor_cores):
+    x, C, b, k = encode_inputs((2, 40, 3, 7, 200, 20), torch.float32, seed=3)
+    values, indices, _ = run_encode(scheduled, x, C, b, k, tensor_cores)
+    ref_values, ref_indices = reference.sparse_encode(x, C, b, k)
+    assert torch.equal(indices, ref_indices)
+    close(values, ref_values, torch.float32)
+
+
+@pytest.mark.parametrize("tensor_cores", [False, True], ids=["fma", "mma"])
+def test_encode_ties_and_nan(emu, tensor_cores):
+    """Equal codewords tie to the lower index, NaN ranks above +inf and
+    saturated sigmoids do not change the order of the pre-activations."""
+    x, C, b, k = encode_inputs((2, 8, 4, 5, 70, 9), torch.float32, seed=5)
+    C[:, 40:60] = C[:, 10:11]  # 21 equal codewords, 10 and 40..59
+    C[:, 3] *= 64  # saturated: sigmoid rounds to 1 or 0
+    x[0, :, 1, 2] = float("nan")
+    x[1, 0, 0, 0] = float("inf")
+    values, indices, _ = run_encode(emu, x, C, b, k, tensor_cores)
+    ref_values, ref_indices = reference.sparse_encode(x, C, b, k)
+    assert torch.equal(indices, ref_indices)
+    torch.testing.assert_close(values, ref_values, equal_nan=True)
+
+
+def test_encode_beyond_default_shared_memory_needs_the_attribute(emu):
+    """k = 128 lists take more than 48 KiB of dynamic shared memory, which a
+    launch only gets after raising the kernel's attribute (done once)."""
+    x, C, b, k = encode_inputs((1, 8, 2, 2, 300, 128), torch.float32)
+    for _ in range(2):
+        values, indices, _ = run_encode(emu, x, C, b, k, False)
+        assert torch.equal(indices, reference.sparse_encode(x, C, b, k)[1])
+
+
+def sparse_code(n, h, w, K, k, seed, dtype=torch.float32, out_of_range=False):
+    g = torch.Generator().manual_seed(seed)
+    indices = torch.stack(
+        [torch.randperm(K, generator=g)[:k] for _ in range(n * h * w)]
+    ).reshape(n, h, w, k)
+    if out_of_range:
+        indices.view(-1)[::5] = K
+        indices.view(-1)[1::7] = -1
+    coef = dyadic(n, h, w, k, dtype=torch.float32, generator=g)
+    return coef.to(dtype).float(), indices
+
+
+def gathered(indices, K):
+    """(mask of in-range entries, indices clamped into range)."""
+    valid = (indices >= 0) & (indices < K)
+    return valid, indices.clamp(0, K - 1)
+
+
+def decode_expected(coef, indices, dictionary_t):
+    """sum_j coef_pj * C[:, idx_pj] over in-range entries, (N, D, H, W) float64."""
+    valid, safe = gathered(indices, dictionary_t.shape[0])
+    rows = dictionary_t.double()[safe]  # (N, H, W, k, D)
+    weights = (coef.double() * valid).unsqueeze(-1)
+    return (weights * rows).sum(dim=3).permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("out_float", [False, True], ids=["out_dtype", "out_float32"])
+@pytest.mark.parametrize("addend", [None, "dtype", "float32"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_combine_codewords(emu, dtype, layout, addend, out_float):
+    n, d, h, w, K, k = 2, 37, 5, 7, 50, 6
+    g = torch.Generator().manual_seed(1)
+    coef, indices = sparse_code(n, h, w, K, k, seed=2, out_of_range=True)
+    dictionary_t = dyadic(K, d, generator=g, dtype=torch.float32).to(dtype)
+    out = make_layout(torch.zeros(n, d, h, w, dtype=torch.float32 if out_float else dtype), layout)
+    add = None
+    if addend is not None:
+        add = dyadic(n, d, h, w, generator=g, dtype=torch.float32)
+        add = make_layout(add.to(dtype if addend == "dtype" else torch.float32), layout)
+    device_scale = torch.tensor([0.5])
+    emu.combine_codewords(
+        coef, indices, k, dictionary_t, add, -1.0, device_scale, 0.25, out
+    )
+    expected = decode_expected(coef, indices, dictionary_t)
+    if add is not None:
+        expected = expected - add.double()
+    close(out, 0.125 * expected, torch.float32 if out_float else dtype)
+
+
+@pytest.mark.parametrize("with_sigmoid", [False, True])
+@pytest.mark.parametrize("features_float", [False, True])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_codeword_dots(emu, dtype, layout, features_float, with_sigmoid):
+    n, d, h, w, K, k = 2, 45, 3, 5, 40, 7
+    g = torch.Generator().manual_seed(4)
+    _, indices = sparse_code(n, h, w, K, k, seed=5, out_of_range=True)
+    dictionary_t = dyadic(K, d, generator=g, dtype=torch.float32).to(dtype)
+    features = dyadic(n, d, h, w, generator=g, dtype=torch.float32)
+    features = make_layout(features.to(torch.float32 if features_float else dtype), layout)
+    sigmoid = torch.rand(n * h * w, k, generator=g) if with_sigmoid else None
+    out = torch.full((n * h * w, k), float("nan"))
+    emu.codeword_dots(features, indices, k, dictionary_t, sigmoid, out)
+    valid, safe = gathered(indices, K)
+    rows = dictionary_t.double()[safe]  # (N, H, W, k, D)
+    f = features.double().permute(0, 2, 3, 1).unsqueeze(3)
+    expected = ((rows * f).sum(-1) * valid).reshape(-1, k)
+    if with_sigmoid:
+        expected = expected * sigmoid.double() * (1 - sigmoid.double())
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sigmoid_backward(emu, dtype):
+    g = torch.Generator().manual_seed(6)
+    grad = dyadic(3001, generator=g, dtype=torch.float32).to(dtype)
+    sigmoid = torch.rand(3001, generator=g)
+    out = torch.empty(3001)
+    emu.sigmoid_backward(grad, sigmoid, out)
+    torch.testing.assert_close(out, grad.float() * sigmoid * (1 - sigmoid))
+
+
+def dictionary_grad_inputs(dtype, layout, with_b, shape=(2, 41, 4, 5, 30, 5), seed=8):
+    n, d, h, w, K, k = shape
+    g = torch.Generator().manual_seed(seed)
+    coef_a, indices = sparse_code(n, h, w, K, k, seed=seed + 1, out_of_range=True)
+    coef_b = dyadic(n, h, w, k, generator=g, dtype=torch.float32) if with_b else None
+    features_a = make_layout(dyadic(n, d, h, w, generator=g, dtype=torch.float32).to(dtype), layout)
+    features_b = None
+    if with_b:
+        features_b = make_layout(dyadic(n, d, h, w, generator=g, dtype=torch.float32), layout)
+    expected = torch.zeros(K, d, dtype=torch.float64)
+    valid, safe = gathered(indices, K)
+    terms = coef_a.double().unsqueeze(-1) * features_a.double().permute(0, 2, 3, 1).unsqueeze(3)
+    if with_b:
+        terms = terms + coef_b.double().unsqueeze(-1) * features_b.double().permute(
+            0, 2, 3, 1
+        ).unsqueeze(3)
+    terms = terms * valid.unsqueeze(-1)
+    expected.index_add_(0, safe.reshape(-1), terms.reshape(-1, d))
+    return (features_a, coef_a, features_b, coef_b, indices, k, K), expected
+
+
+@pytest.mark.parametrize("with_b", [False, True])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scatter_codewords_atomic(emu, dtype, layout, with_b):
+    args, expected = dictionary_grad_inputs(dtype, layout, with_b)
+    grad_t = torch.zeros(expected.shape)
+    emu.scatter_codewords_atomic(*args, grad_t)
+    torch.testing.assert_close(grad_t.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+# Short runs of entries per codeword, and runs longer than a block's batch.
+GRAD_SHAPES = [(2, 41, 4, 5, 30, 5), (2, 9, 15, 20, 3, 2)]
+
+
+@pytest.mark.parametrize("shape", GRAD_SHAPES, ids=["short_runs", "long_runs"])
+@pytest.mark.parametrize("num_segments", [1, 3])
+@pytest.mark.parametrize("with_b", [False, True])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scatter_codewords_sorted(emu, dtype, layout, with_b, num_segments, shape):
+    """The deterministic path: stable sort, run offsets, per-segment sums and
+    their reduction into the (D, K) dictionary layout in `dtype`."""
+    (fa, ca, fb, cb, indices, k, K), expected = dictionary_grad_inputs(
+        dtype, layout, with_b, shape
+    )
+    flat = indices.reshape(-1)
+    sorted_codes, entry_order = torch.sort(flat, stable=True)
+    run_offsets = torch.empty(K + 1, dtype=torch.long)
+    emu.codeword_run_offsets(sorted_codes, K, run_offsets)
+    assert torch.equal(run_offsets, torch.searchsorted(sorted_codes, torch.arange(K + 1)))
+    d = fa.shape[1]
+    partials = torch.full((num_segments, K, d), float("nan"))
+    emu.scatter_codewords_sorted(
+        fa, ca, fb, cb, entry_order, run_offsets, k, K, num_segments, partials
+    )
+    torch.testing.assert_close(partials.double().sum(0), expected, rtol=1e-5, atol=1e-5)
+    grad = torch.full((d, K), float("nan"), dtype=dtype)
+    emu.reduce_dictionary_partials(partials, num_segments, grad)
+    close(grad, expected.t(), dtype)
+
+
+@pytest.mark.parametrize("count", [0, 1, 255, 2049, 70001])
+def test_deterministic_sum(emu, count):
+    g = torch.Generator().manual_seed(count)
+    values = torch.randn(count, generator=g)
+    out = torch.full((1,), float("nan"))
+    emu.deterministic_sum(values, 0.5, out)
+    torch.testing.assert_close(out.double()[0], 0.5 * values.double().sum(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 3, 5, 40, 4), (1, 1, 1, 9, 9), (3, 17, 19, 300, 7)])
+def test_sparse_labels(emu, dtype, shape):
+    n, h, w, K, k = shape
+    g = torch.Generator().manual_seed(9)
+    _, indices = sparse_code(n, h, w, K, k, seed=10)
+    values = torch.rand(n, h, w, k, generator=g).to(dtype)
+    pixel_labels = torch.empty(n, h, w, dtype=torch.long)
+    image_labels = torch.full((n, K), float("nan"), dtype=dtype)
+    flag = torch.zeros(1, dtype=torch.int32)
+    emu.sparse_labels(values, indices, K, pixel_labels, image_labels, flag)
+    ref_pixel, ref_image = reference.sparse_labels(values.float(), indices, K)
+    assert flag.item() == 0
+    assert torch.equal(pixel_labels, ref_pixel)
+    close(image_labels, ref_image, dtype)
+
+
+def test_sparse_labels_flags_out_of_range_indices(emu):
+    _, indices = sparse_code(2, 3, 3, 20, 3, seed=11)
+    indices[1, 2, 0, 1] = 20
+    values = torch.rand(2, 3, 3, 3)
+    pixel_labels = torch.empty(2, 3, 3, dtype=torch.long)
+    image_labels = torch.empty(2, 20)
+    flag = torch.zeros(1, dtype=torch.int32)
+    emu.sparse_labels(values, indices, 20, pixel_labels, image_labels, flag)
+    assert flag.item() == 1
+
+
+@pytest.mark.parametrize("grad_scale", [1.0, 1024.0])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 3, 4, 30), (1, 1, 1, 5), (3, 5, 7, 300)])
+def test_predictor_loss(emu, dtype, shape, grad_scale):
+    """Loss and dloss/dz against the reference's autograd, through a student
+    map y = z and an identity dictionary (so that C^T y_p = z_p)."""
+    n, h, w, K = shape
+    g = torch.Generator().manual_seed(12)
+    logits = (torch.randn(n, h, w, K, generator=g) * 3).to(dtype)
+    intercept = torch.tensor([0.25])
+    pixel_labels = torch.randint(0, K, (n, h, w), generator=g)
+    image_labels = torch.rand(n, K, generator=g).to(dtype)
+
+    y = logits.float().permute(0, 3, 1, 2).contiguous().requires_grad_(True)
+    ref_loss = reference.predictor_loss(
+        y, torch.eye(K), intercept, pixel_labels, image_labels.float(), 0.75, 1.5
+    )
+    (ref_grad,) = torch.autograd.grad(ref_loss, y)
+
+    z = logits.clone()
+    loss = torch.full((1,), float("nan"))
+    flag = torch.zeros(1, dtype=torch.int32)
+    emu.predictor_loss(
+        z, intercept, pixel_labels, image_labels, n, h * w, 0.75, 1.5, grad_scale, loss, flag
+    )
+    assert flag.item() == 0
+    torch.testing.assert_close(loss[0], ref_loss.detach(), rtol=1e-5, atol=1e-6)
+    expected = ref_grad.permute(0, 2, 3, 1) * grad_scale
+    scale = expected.abs().max()
+    close(z.float() / scale, expected / scale, dtype)
+
+
+def test_predictor_loss_flags_out_of_range_labels(emu):
+    logits = torch.randn(1, 2, 2, 6)
+    labels = torch.tensor([[[0, 6], [1, -1]]])
+    loss = torch.empty(1)
+    flag = torch.zeros(1, dtype=torch.int32)
+    emu.predictor_loss(
+        logits, torch.zeros(1), labels, torch.rand(1, 6), 1, 4, 1.0, 1.0, 1.0, loss, flag
+    )
+    assert flag.item() == 1
+
+
+def test_launch_errors_are_reported(emu):
+    """Arguments a launcher rejects come back as errors, not as results."""
+    x, C, b, _ = encode_inputs((1, 4, 2, 2, 10, 3), torch.float32)
+    with pytest.raises(RuntimeError, match="invalid argument"):
+        run_encode(emu, x, C, b, 11, False)  # k > K
+
+
+# The emulator's own checks, on probe kernels with known defects
+# (cuda_emulation_probes.cu): each must be reported, and its correct twin pass.
+
+PROBE_THREADS = 64
+
+
+def probe(emu, name, arg=0, flag=False, ballot=None):
+    out = torch.full((2 * PROBE_THREADS,), -7.0)
+    emu.probe(name, out, ballot, arg, flag)
+    return out
+
+
+def test_emulator_exposes_a_missing_barrier(emu):
+    expected = (torch.arange(2 * PROBE_THREADS) + 1) % PROBE_THREADS
+    for schedule in SCHEDULES.values():
+        emu.set_schedule(schedule, 3)
+        assert torch.equal(probe(emu, "neighbour", 2, True), expected.float())
+    wrong = 0
+    for schedule in SCHEDULES.values():
+        emu.set_schedule(schedule, 3)
+        wrong += not torch.equal(probe(emu, "neighbour", 2, False), expected.float())
+    assert wrong == len(SCHEDULES)
+
+
+def test_emulator_reports_a_divergent_barrier(emu):
+    emu.set_schedule(SCHEDULES["forward"], 0)
+    with pytest.raises(RuntimeError, match="deadlock: 32 threads wait at __syncthreads"):
+        probe(emu, "divergent_barrier")
+    # In another order a thread can reach the barrier after others left.
+    emu.set_schedule(SCHEDULES["reverse"], 0)
+    with pytest.raises(RuntimeError, match="__syncthreads reached after 32 threads"):
+        probe(emu, "divergent_barrier")
+
+
+def test_emulator_reports_a_barrier_after_an_exit(emu):
+    with pytest.raises(RuntimeError, match="__syncthreads reached after 1 threads"):
+        probe(emu, "barrier_after_exit")
+
+
+def test_emulator_poisons_shared_memory_before_every_block(emu):
+    assert probe(emu, "uninitialised_shared").isnan().all()
+
+
+def test_emulator_warp_primitives(emu):
+    ballot = torch.zeros(2, dtype=torch.int32)
+    out = probe(emu, "warp_primitives", ballot=ballot)
+    lanes = torch.arange(PROBE_THREADS).reshape(2, 32)
+    assert torch.equal(out[:PROBE_THREADS], lanes.sum(1, keepdim=True).expand(2, 32).reshape(-1).float())
+    assert ballot.tolist() == [0x55555555 * 2 - (1 << 32), 0x55555555 * 2 - (1 << 32)]
+
+
+def test_emulator_dynamic_shared_memory_limit(emu):
+    expected = torch.arange(PROBE_THREADS).float()
+    assert torch.equal(probe(emu, "dynamic_shared", 48 * 1024)[:PROBE_THREADS], expected)
+    with pytest.raises(RuntimeError, match="without raising"):
+        probe(emu, "dynamic_shared", 64 * 1024)
+    assert torch.equal(probe(emu, "dynamic_shared", 64 * 1024, True)[:PROBE_THREADS], expected)

@@ -1,0 +1,435 @@
+// A CUDA execution model on the CPU, for checking kernel logic where no GPU
+// is present. Kernels are compiled as plain C++ (translate.py rewrites the
+// launch syntax and shared-memory declarations) and run block by block: each
+// thread of a block is a fiber on one OS thread, and every synchronising
+// primitive (__syncthreads, __syncwarp, shuffles, ballots, wmma) is a point
+// where the fiber waits for the threads it synchronises with.
+//
+// What it checks besides the results:
+//   * barrier misuse: a __syncthreads or full-warp primitive that not every
+//     thread of the block (warp) reaches, or reaches after others exited,
+//     is reported instead of hanging;
+//   * missing barriers: between two synchronisation points the threads run
+//     in an order chosen by the schedule (forward, reverse, or shuffled), so
+//     a read that relies on another thread's unsynchronised write sees the
+//     poisoned memory or stale data under one of the schedules;
+//   * uninitialised shared memory: static and dynamic shared memory is
+//     filled with 0xff bytes (NaN floats, -1 integers) before every block;
+//   * launch configuration: block and grid limits, and dynamic shared memory
+//     past 48 KiB without cudaFuncAttributeMaxDynamicSharedMemorySize.
+// It does not model timing, warp lockstep, or global-memory races.
+#pragma once
+
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <map>
+#include <numeric>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "cuda_runtime_api.h"
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __noinline__
+#define __launch_bounds__(...)
+#define __align__(n) alignas(n)
+
+struct uint3 {
+  unsigned x, y, z;
+};
+
+struct dim3 {
+  unsigned x, y, z;
+  constexpr dim3(unsigned vx = 1, unsigned vy = 1, unsigned vz = 1) : x(vx), y(vy), z(vz) {}
+};
+
+inline thread_local uint3 threadIdx{0, 0, 0};
+inline thread_local uint3 blockIdx{0, 0, 0};
+inline thread_local dim3 blockDim{1, 1, 1};
+inline thread_local dim3 gridDim{1, 1, 1};
+
+namespace cuda_emulator {
+
+constexpr int kWarpSize = 32;
+constexpr size_t kDefaultDynamicSharedBytes = 48 * 1024;
+constexpr size_t kFiberStackBytes = 256 * 1024;
+
+enum class Waiting { kRunnable, kBlockBarrier, kWarpBarrier, kExited };
+
+struct Fiber {
+  ucontext_t context{};
+  char* stack = nullptr;  // kFiberStackBytes, owned by State::stacks
+  uint3 thread{0, 0, 0};
+  int linear = 0;
+  Waiting waiting = Waiting::kRunnable;
+  uint64_t generation = 0;
+};
+
+struct BlockRun {
+  std::vector<Fiber> fibers;
+  ucontext_t scheduler{};
+  int current = -1;
+  int exited = 0;
+  int block_arrived = 0;
+  uint64_t block_generation = 0;
+  std::vector<int> warp_arrived;
+  std::vector<uint64_t> warp_generation;
+  std::vector<uint64_t> exchange;  // one 64-bit slot per thread
+  const std::function<void()>* body = nullptr;
+  std::string failure;
+};
+
+inline BlockRun& current_run(const char* what) {
+  BlockRun* run = state().run;
+  if (run == nullptr || run->current < 0) {
+    throw std::logic_error(std::string(what) + " called outside a kernel");
+  }
+  return *run;
+}
+
+// Reports a failure of the running thread and abandons its block: no thread
+// of it runs again (their locals are never destroyed; failures end a test).
+[[noreturn]] inline void fail(const std::string& message) {
+  BlockRun& run = *state().run;
+  if (run.failure.empty()) {
+    run.failure = message;
+  }
+  Fiber& self = run.fibers[run.current];
+  self.waiting = Waiting::kExited;
+  swapcontext(&self.context, &run.scheduler);
+  __builtin_unreachable();  // a failed block is never resumed
+}
+
+inline std::string where(const BlockRun& run) {
+  const Fiber& f = run.fibers[run.current];
+  return " (block " + std::to_string(blockIdx.x) + "," + std::to_string(blockIdx.y) +
+         ", thread " + std::to_string(f.linear) + ")";
+}
+
+inline void yield(BlockRun& run) {
+  Fiber& self = run.fibers[run.current];
+  swapcontext(&self.context, &run.scheduler);
+}
+
+inline int warp_of(int linear) { return linear / kWarpSize; }
+
+inline int warp_threads(const BlockRun& run, int warp) {
+  const int total = static_cast<int>(run.fibers.size());
+  return std::min(kWarpSize, total - warp * kWarpSize);
+}
+
+inline void sync_block() {
+  BlockRun& run = current_run("__syncthreads");
+  if (run.exited > 0) {
+    fail("__syncthreads reached after " + std::to_string(run.exited) +
+         " threads of the block exited" + where(run));
+  }
+  Fiber& self = run.fibers[run.current];
+  const int total = static_cast<int>(run.fibers.size());
+  if (++run.block_arrived == total) {
+    run.block_arrived = 0;
+    ++run.block_generation;
+    return;
+  }
+  self.waiting = Waiting::kBlockBarrier;
+  self.generation = run.block_generation;
+  yield(run);
+  self.waiting = Waiting::kRunnable;
+}
+
+inline void sync_warp(unsigned mask, const char* what) {
+  BlockRun& run = current_run(what);
+  Fiber& self = run.fibers[run.current];
+  const int warp = warp_of(self.linear);
+  const int lanes = warp_threads(run, warp);
+  const unsigned full = lanes == kWarpSize ? 0xffffffffu : ((1u << lanes) - 1u);
+  if (mask != full) {
+    fail(std::string(what) + ": only full-warp masks are modelled" + where(run));
+  }
+  for (int lane = 0; lane < lanes; ++lane) {
+    if (run.fibers[warp * kWarpSize + lane].waiting == Waiting::kExited) {
+      fail(std::string(what) + " with lane " + std::to_string(lane) +
+           " of the warp exited" + where(run));
+    }
+  }
+  if (++run.warp_arrived[warp] == lanes) {
+    run.warp_arrived[warp] = 0;
+    ++run.warp_generation[warp];
+    return;
+  }
+  self.waiting = Waiting::kWarpBarrier;
+  self.generation = run.warp_generation[warp];
+  yield(run);
+  self.waiting = Waiting::kRunnable;
+}
+
+// Every lane publishes 64 bits, the warp synchronises, `read(slots of the
+// warp)` runs in every lane, and the warp synchronises again so that the
+// slots may be reused.
+template <typename Read>
+auto warp_exchange(unsigned mask, uint64_t mine, const char* what, Read&& read) {
+  BlockRun& run = current_run(what);
+  const int linear = run.fibers[run.current].linear;
+  const int base = warp_of(linear) * kWarpSize;
+  run.exchange[linear] = mine;
+  sync_warp(mask, what);
+  BlockRun& again = *state().run;
+  auto result = read(again.exchange.data() + base, linear - base,
+                     warp_threads(again, base / kWarpSize));
+  sync_warp(mask, what);
+  return result;
+}
+
+// Called by every thread at a __shared__ declaration. The first call poisons
+// the array (no thread can have used it yet); run_block poisons it again
+// before every later block.
+inline void track_shared(void* address, size_t bytes) {
+  if (state().shared_regions.emplace(address, bytes).second) {
+    std::memset(address, 0xff, bytes);
+  }
+}
+
+inline void* dynamic_shared_memory() {
+  State& s = state();
+  return s.dynamic_shared.empty() ? nullptr : s.dynamic_shared.data();
+}
+
+inline void fiber_entry() {
+  BlockRun& run = *state().run;
+  (*run.body)();
+  Fiber& self = run.fibers[run.current];
+  self.waiting = Waiting::kExited;
+  ++run.exited;
+  swapcontext(&self.context, &run.scheduler);
+}
+
+// Runs one block to completion; returns false (with run.failure set) when a
+// thread failed or the block deadlocked.
+inline bool run_block(BlockRun& run, std::mt19937_64& rng) {
+  State& s = state();
+  const int total = static_cast<int>(run.fibers.size());
+  for (auto& [address, bytes] : s.shared_regions) {
+    std::memset(address, 0xff, bytes);
+  }
+  std::fill(s.dynamic_shared.begin(), s.dynamic_shared.end(), 0xff);
+  for (int i = 0; i < total; ++i) {
+    Fiber& f = run.fibers[i];
+    f.waiting = Waiting::kRunnable;
+    getcontext(&f.context);
+    f.context.uc_stack.ss_sp = f.stack;
+    f.context.uc_stack.ss_size = kFiberStackBytes;
+    f.context.uc_link = nullptr;
+    makecontext(&f.context, fiber_entry, 0);
+  }
+  std::fill(run.warp_arrived.begin(), run.warp_arrived.end(), 0);
+  run.exited = 0;
+  run.block_arrived = 0;
+  std::vector<int> order(total);
+  std::iota(order.begin(), order.end(), 0);
+  if (s.schedule == 1) {
+    std::reverse(order.begin(), order.end());
+  }
+  while (run.exited < total) {
+    if (s.schedule == 2) {
+      std::shuffle(order.begin(), order.end(), rng);
+    }
+    bool progressed = false;
+    for (int i : order) {
+      Fiber& f = run.fibers[i];
+      if (f.waiting == Waiting::kExited) continue;
+      if (f.waiting == Waiting::kBlockBarrier && f.generation == run.block_generation) continue;
+      if (f.waiting == Waiting::kWarpBarrier &&
+          f.generation == run.warp_generation[warp_of(f.linear)]) {
+        continue;
+      }
+      run.current = i;
+      threadIdx = f.thread;
+      swapcontext(&run.scheduler, &f.context);
+      run.current = -1;
+      progressed = true;
+      if (!run.failure.empty()) return false;
+    }
+    if (!progressed) {
+      int at_block = 0, at_warp = 0;
+      for (const Fiber& f : run.fibers) {
+        at_block += f.waiting == Waiting::kBlockBarrier;
+        at_warp += f.waiting == Waiting::kWarpBarrier;
+      }
+      run.failure = "deadlock: " + std::to_string(at_block) + " threads wait at __syncthreads, " +
+                    std::to_string(at_warp) + " at a warp barrier, " +
+                    std::to_string(run.exited) + " exited (block " +
+                    std::to_string(blockIdx.x) + ")";
+      return false;
+    }
+  }
+  return true;
+}
+
+struct LaunchConfig {
+  dim3 grid, block;
+  size_t shared_bytes;
+  LaunchConfig(dim3 g, dim3 b, size_t bytes = 0, cudaStream_t = nullptr)
+      : grid(g), block(b), shared_bytes(bytes) {}
+};
+
+inline void record_error(cudaError_t error, const std::string& message) {
+  State& s = state();
+  if (s.last_error == cudaSuccess) s.last_error = error;
+  if (s.failure.empty()) s.failure = message;
+}
+
+inline void run_grid(const void* kernel, const LaunchConfig& config,
+                     const std::function<void()>& body) {
+  State& s = state();
+  const dim3 g = config.grid, b = config.block;
+  const uint64_t threads = uint64_t{b.x} * b.y * b.z;
+  if (threads == 0 || threads > 1024 || b.z > 64 || g.x == 0 || g.y == 0 || g.z == 0 ||
+      g.x > 0x7fffffffu || g.y > 65535 || g.z > 65535) {
+    record_error(cudaErrorInvalidConfiguration, "invalid launch configuration");
+    return;
+  }
+  if (config.shared_bytes > kDefaultDynamicSharedBytes) {
+    auto it = s.dynamic_shared_limit.find(kernel);
+    if (it == s.dynamic_shared_limit.end() || it->second < config.shared_bytes) {
+      record_error(cudaErrorInvalidValue,
+                   std::to_string(config.shared_bytes) +
+                       " bytes of dynamic shared memory without raising "
+                       "cudaFuncAttributeMaxDynamicSharedMemorySize");
+      return;
+    }
+  }
+  s.dynamic_shared.assign(config.shared_bytes, 0xff);
+  BlockRun run;
+  run.body = &body;
+  run.fibers.resize(threads);
+  // Stacks are kept across launches; left uninitialised, only the pages a
+  // thread touches are ever mapped.
+  while (s.stacks.size() < threads) {
+    s.stacks.emplace_back(new char[kFiberStackBytes]);
+  }
+  for (uint64_t i = 0; i < threads; ++i) {
+    Fiber& f = run.fibers[i];
+    f.stack = s.stacks[i].get();
+    f.linear = static_cast<int>(i);
+    f.thread = {static_cast<unsigned>(i % b.x), static_cast<unsigned>((i / b.x) % b.y),
+                static_cast<unsigned>(i / (uint64_t{b.x} * b.y))};
+  }
+  const int warps = static_cast<int>((threads + kWarpSize - 1) / kWarpSize);
+  run.warp_arrived.assign(warps, 0);
+  run.warp_generation.assign(warps, 0);
+  run.exchange.assign(threads, 0);
+  std::mt19937_64 rng(s.seed);
+  BlockRun* outer = s.run;
+  s.run = &run;
+  blockDim = b;
+  gridDim = g;
+  for (unsigned z = 0; z < g.z; ++z) {
+    for (unsigned y = 0; y < g.y; ++y) {
+      for (unsigned x = 0; x < g.x; ++x) {
+        blockIdx = {x, y, z};
+        if (!run_block(run, rng)) {
+          s.run = outer;
+          record_error(cudaErrorLaunchFailure, run.failure);
+          return;
+        }
+      }
+    }
+  }
+  s.run = outer;
+}
+
+// kernel<<<grid, block, shared_bytes, stream>>>(args...) after translation.
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), const LaunchConfig& config, Args&&... args) {
+  // Arguments are converted to the parameter types at the launch, as CUDA
+  // does; every thread then gets its own copy.
+  std::tuple<std::decay_t<Params>...> params(static_cast<std::decay_t<Params>>(args)...);
+  const std::function<void()> body = [&]() {
+    auto copy = params;
+    std::apply(kernel, copy);
+  };
+  run_grid(reinterpret_cast<const void*>(kernel), config, body);
+}
+
+}  // namespace cuda_emulator
+
+// ---------------------------------------------------------------------------
+// Device intrinsics
+// ---------------------------------------------------------------------------
+
+inline void __syncthreads() { cuda_emulator::sync_block(); }
+inline void __syncwarp(unsigned mask = 0xffffffffu) { cuda_emulator::sync_warp(mask, "__syncwarp"); }
+
+template <typename T>
+T __shfl_xor_sync(unsigned mask, T value, int lane_mask, int width = 32) {
+  static_assert(sizeof(T) <= 8 && std::is_trivially_copyable_v<T>, "64-bit payload");
+  uint64_t bits = 0;
+  std::memcpy(&bits, &value, sizeof(T));
+  return cuda_emulator::warp_exchange(
+      mask, bits, "__shfl_xor_sync", [&](const uint64_t* slots, int lane, int lanes) {
+        const int source = (lane ^ lane_mask) & (width - 1) | (lane & ~(width - 1));
+        T out;
+        const uint64_t chosen = source < lanes ? slots[source] : slots[lane];
+        std::memcpy(&out, &chosen, sizeof(T));
+        return out;
+      });
+}
+
+inline unsigned __ballot_sync(unsigned mask, int predicate) {
+  return cuda_emulator::warp_exchange(
+      mask, predicate != 0, "__ballot_sync", [](const uint64_t* slots, int, int lanes) {
+        unsigned bits = 0;
+        for (int l = 0; l < lanes; ++l) bits |= (slots[l] ? 1u : 0u) << l;
+        return bits;
+      });
+}
+
+inline int __popc(unsigned v) { return __builtin_popcount(v); }
+
+inline unsigned __float_as_uint(float v) {
+  unsigned u;
+  std::memcpy(&u, &v, 4);
+  return u;
+}
+
+inline float __uint_as_float(unsigned u) {
+  float v;
+  std::memcpy(&v, &u, 4);
+  return v;
+}
+
+inline float atomicAdd(float* address, float value) {
+  const float old = *address;
+  *address = old + value;
+  return old;
+}
+
+inline double atomicAdd(double* address, double value) {
+  const double old = *address;
+  *address = old + value;
+  return old;
+}
+
+inline int atomicAdd(int* address, int value) {
+  const int old = *address;
+  *address = old + value;
+  return old;
+}
+
+using std::isnan;
+
+#include "cuda_fp16.h"
+#include "cuda_bf16.h"
