@@ -39,6 +39,7 @@ SHAPES = [
     (1, 40, 3, 3, 130, 64),
     (1, 24, 2, 3, 150, 81),
     (1, 8, 2, 2, 128, 128),
+    (1, 64, 2, 3, 1000, 40),  # many tiles: the top-k lists merge again and again
 ]
 SCHEDULES = {"forward": 0, "reverse": 1, "shuffled": 2}
 
@@ -59,6 +60,33 @@ def scheduled(emu, request):
     return emu
 
 
+GUARD = 64  # elements on each side of an output
+
+
+def guarded(*shape, dtype=torch.float32, fill=float("nan")):
+    """An output tensor (filled with `fill`) inside a larger buffer whose
+    other elements hold a sentinel, for untouched_outside()."""
+    numel = torch.Size(shape).numel()
+    buffer = torch.full((numel + 2 * GUARD,), -3, dtype=dtype)
+    return buffer[GUARD : GUARD + numel].view(shape).fill_(fill)
+
+
+def storage_of(view):
+    """All elements of view's storage, as a flat tensor."""
+    return torch.empty(0, dtype=view.dtype).set_(view.untyped_storage())
+
+
+def untouched_outside(view, before):
+    """Asserts that no element of view's storage outside the view differs
+    from `before` (a copy of storage_of(view) taken before the kernel ran):
+    the kernel wrote nothing out of bounds."""
+    storage = storage_of(view)
+    inside = torch.zeros(storage.numel(), dtype=torch.bool)
+    positions = torch.arange(storage.numel())
+    inside[positions.as_strided(view.shape, view.stride(), view.storage_offset())] = True
+    assert torch.equal(storage[~inside], before[~inside]), "written out of bounds"
+
+
 def close(actual, expected, dtype):
     torch.testing.assert_close(actual.float(), expected.float(), **TOLERANCES[dtype])
 
@@ -74,10 +102,14 @@ def encode_inputs(shape, dtype, seed=0, layout="contiguous"):
 
 def run_encode(emu, x, C, b, k, tensor_cores, with_loss=False):
     n, _, h, w = x.shape
-    values = torch.empty(n, h, w, k, dtype=x.dtype)
-    indices = torch.empty(n, h, w, k, dtype=torch.long)
-    partials = torch.empty(emu.sparse_encode_num_blocks(n * h * w)) if with_loss else None
+    values = guarded(n, h, w, k, dtype=x.dtype)
+    indices = guarded(n, h, w, k, dtype=torch.long, fill=-5)
+    partials = guarded(emu.sparse_encode_num_blocks(n * h * w)) if with_loss else None
+    outputs = [values, indices] + ([partials] if with_loss else [])
+    before = [storage_of(out).clone() for out in outputs]
     emu.sparse_encode(x, C.contiguous(), b.float(), k, tensor_cores, values, indices, partials)
+    for out, snapshot in zip(outputs, before):
+        untouched_outside(out, snapshot)
     return values, indices, partials
 
 
@@ -165,15 +197,18 @@ def test_combine_codewords(emu, dtype, layout, addend, out_float):
     g = torch.Generator().manual_seed(1)
     coef, indices = sparse_code(n, h, w, K, k, seed=2, out_of_range=True)
     dictionary_t = dyadic(K, d, generator=g, dtype=torch.float32).to(dtype)
-    out = make_layout(torch.zeros(n, d, h, w, dtype=torch.float32 if out_float else dtype), layout)
+    out_dtype = torch.float32 if out_float else dtype
+    out = make_layout(guarded(n, d, h, w, dtype=out_dtype, fill=0), layout)
     add = None
     if addend is not None:
         add = dyadic(n, d, h, w, generator=g, dtype=torch.float32)
         add = make_layout(add.to(dtype if addend == "dtype" else torch.float32), layout)
     device_scale = torch.tensor([0.5])
+    before = storage_of(out).clone()
     emu.combine_codewords(
         coef, indices, k, dictionary_t, add, -1.0, device_scale, 0.25, out
     )
+    untouched_outside(out, before)
     expected = decode_expected(coef, indices, dictionary_t)
     if add is not None:
         expected = expected - add.double()
@@ -192,8 +227,10 @@ def test_codeword_dots(emu, dtype, layout, features_float, with_sigmoid):
     features = dyadic(n, d, h, w, generator=g, dtype=torch.float32)
     features = make_layout(features.to(torch.float32 if features_float else dtype), layout)
     sigmoid = torch.rand(n * h * w, k, generator=g) if with_sigmoid else None
-    out = torch.full((n * h * w, k), float("nan"))
+    out = guarded(n * h * w, k)
+    before = storage_of(out).clone()
     emu.codeword_dots(features, indices, k, dictionary_t, sigmoid, out)
+    untouched_outside(out, before)
     valid, safe = gathered(indices, K)
     rows = dictionary_t.double()[safe]  # (N, H, W, k, D)
     f = features.double().permute(0, 2, 3, 1).unsqueeze(3)
@@ -239,8 +276,10 @@ def dictionary_grad_inputs(dtype, layout, with_b, shape=(2, 41, 4, 5, 30, 5), se
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_scatter_codewords_atomic(emu, dtype, layout, with_b):
     args, expected = dictionary_grad_inputs(dtype, layout, with_b)
-    grad_t = torch.zeros(expected.shape)
+    grad_t = guarded(*expected.shape, fill=0)
+    before = storage_of(grad_t).clone()
     emu.scatter_codewords_atomic(*args, grad_t)
+    untouched_outside(grad_t, before)
     torch.testing.assert_close(grad_t.double(), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -265,13 +304,17 @@ def test_scatter_codewords_sorted(emu, dtype, layout, with_b, num_segments, shap
     emu.codeword_run_offsets(sorted_codes, K, run_offsets)
     assert torch.equal(run_offsets, torch.searchsorted(sorted_codes, torch.arange(K + 1)))
     d = fa.shape[1]
-    partials = torch.full((num_segments, K, d), float("nan"))
+    partials = guarded(num_segments, K, d)
+    before = storage_of(partials).clone()
     emu.scatter_codewords_sorted(
         fa, ca, fb, cb, entry_order, run_offsets, k, K, num_segments, partials
     )
+    untouched_outside(partials, before)
     torch.testing.assert_close(partials.double().sum(0), expected, rtol=1e-5, atol=1e-5)
-    grad = torch.full((d, K), float("nan"), dtype=dtype)
+    grad = guarded(d, K, dtype=dtype)
+    before = storage_of(grad).clone()
     emu.reduce_dictionary_partials(partials, num_segments, grad)
+    untouched_outside(grad, before)
     close(grad, expected.t(), dtype)
 
 
@@ -291,10 +334,13 @@ def test_sparse_labels(emu, dtype, shape):
     g = torch.Generator().manual_seed(9)
     _, indices = sparse_code(n, h, w, K, k, seed=10)
     values = torch.rand(n, h, w, k, generator=g).to(dtype)
-    pixel_labels = torch.empty(n, h, w, dtype=torch.long)
-    image_labels = torch.full((n, K), float("nan"), dtype=dtype)
+    pixel_labels = guarded(n, h, w, dtype=torch.long, fill=-5)
+    image_labels = guarded(n, K, dtype=dtype)
+    before = [storage_of(pixel_labels).clone(), storage_of(image_labels).clone()]
     flag = torch.zeros(1, dtype=torch.int32)
     emu.sparse_labels(values, indices, K, pixel_labels, image_labels, flag)
+    untouched_outside(pixel_labels, before[0])
+    untouched_outside(image_labels, before[1])
     ref_pixel, ref_image = reference.sparse_labels(values.float(), indices, K)
     assert flag.item() == 0
     assert torch.equal(pixel_labels, ref_pixel)
