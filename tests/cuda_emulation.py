@@ -12,17 +12,13 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 EMULATOR = ROOT / "tools" / "cuda_emulator"
 KERNELS = ROOT / "csrc" / "cuda"
 BUILD = ROOT / "build" / "cuda_emulation"
-
-
-PROBES = Path(__file__).with_name("cuda_emulation_probes.cu")
+PROBES = Path(__file__).with_name("cuda_emulation_probes.cu")  # the emulator's own checks
 
 
 def _translate() -> list[Path]:
@@ -50,18 +46,12 @@ def load():
     from torch.utils import cpp_extension
 
     sources = _translate() + [Path(__file__).with_name("cuda_emulation_binding.cpp")]
-    jobs = os.environ.get("MAX_JOBS")
-    os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
-    try:
-        return cpp_extension.load(
-            name="srm_cuda_emulated",
-            sources=[str(s) for s in sources],
-            # The emulator's CUDA headers must shadow any real ones.
-            extra_include_paths=[str(EMULATOR / "include"), str(BUILD / "kernels"), str(KERNELS)],
-            extra_cflags=["-O1", "-std=c++17"],
-            build_directory=str(BUILD),
-            verbose=False,
-        )
-    finally:
-        if jobs is None:
-            os.environ.pop("MAX_JOBS", None)
+    return cpp_extension.load(
+        name="srm_cuda_emulated",
+        sources=[str(s) for s in sources],
+        # The emulator's CUDA headers must shadow any real ones.
+        extra_include_paths=[str(EMULATOR / "include"), str(BUILD / "kernels"), str(KERNELS)],
+        extra_cflags=["-O1", "-std=c++17"],
+        build_directory=str(BUILD),
+        verbose=False,
+    )
