@@ -12,6 +12,8 @@ exactly and values agree to the rounding of the output dtype.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -65,7 +67,7 @@ GUARD = 64  # elements on each side of an output
 
 def guarded(*shape, dtype=torch.float32, fill=float("nan")):
     """An output tensor (filled with `fill`) inside a larger buffer whose
-    other elements hold a sentinel, for untouched_outside()."""
+    other elements hold a sentinel, for writes_only_inside()."""
     numel = torch.Size(shape).numel()
     buffer = torch.full((numel + 2 * GUARD,), -3, dtype=dtype)
     return buffer[GUARD : GUARD + numel].view(shape).fill_(fill)
@@ -76,15 +78,18 @@ def storage_of(view):
     return torch.empty(0, dtype=view.dtype).set_(view.untyped_storage())
 
 
-def untouched_outside(view, before):
-    """Asserts that no element of view's storage outside the view differs
-    from `before` (a copy of storage_of(view) taken before the kernel ran):
-    the kernel wrote nothing out of bounds."""
-    storage = storage_of(view)
-    inside = torch.zeros(storage.numel(), dtype=torch.bool)
-    positions = torch.arange(storage.numel())
-    inside[positions.as_strided(view.shape, view.stride(), view.storage_offset())] = True
-    assert torch.equal(storage[~inside], before[~inside]), "written out of bounds"
+@contextlib.contextmanager
+def writes_only_inside(*views):
+    """Asserts that the code in the block changes no element of the views'
+    storage outside the views: the kernel wrote nothing out of bounds."""
+    before = [storage_of(view).clone() for view in views if view is not None]
+    yield
+    for view, snapshot in zip([v for v in views if v is not None], before):
+        storage = storage_of(view)
+        inside = torch.zeros(storage.numel(), dtype=torch.bool)
+        positions = torch.arange(storage.numel())
+        inside[positions.as_strided(view.shape, view.stride(), view.storage_offset())] = True
+        assert torch.equal(storage[~inside], snapshot[~inside]), "written out of bounds"
 
 
 def close(actual, expected, dtype):
@@ -105,11 +110,8 @@ def run_encode(emu, x, C, b, k, tensor_cores, with_loss=False):
     values = guarded(n, h, w, k, dtype=x.dtype)
     indices = guarded(n, h, w, k, dtype=torch.long, fill=-5)
     partials = guarded(emu.sparse_encode_num_blocks(n * h * w)) if with_loss else None
-    outputs = [values, indices] + ([partials] if with_loss else [])
-    before = [storage_of(out).clone() for out in outputs]
-    emu.sparse_encode(x, C.contiguous(), b.float(), k, tensor_cores, values, indices, partials)
-    for out, snapshot in zip(outputs, before):
-        untouched_outside(out, snapshot)
+    with writes_only_inside(values, indices, partials):
+        emu.sparse_encode(x, C.contiguous(), b.float(), k, tensor_cores, values, indices, partials)
     return values, indices, partials
 
 
@@ -204,11 +206,8 @@ def test_combine_codewords(emu, dtype, layout, addend, out_float):
         add = dyadic(n, d, h, w, generator=g, dtype=torch.float32)
         add = make_layout(add.to(dtype if addend == "dtype" else torch.float32), layout)
     device_scale = torch.tensor([0.5])
-    before = storage_of(out).clone()
-    emu.combine_codewords(
-        coef, indices, k, dictionary_t, add, -1.0, device_scale, 0.25, out
-    )
-    untouched_outside(out, before)
+    with writes_only_inside(out):
+        emu.combine_codewords(coef, indices, k, dictionary_t, add, -1.0, device_scale, 0.25, out)
     expected = decode_expected(coef, indices, dictionary_t)
     if add is not None:
         expected = expected - add.double()
@@ -228,9 +227,8 @@ def test_codeword_dots(emu, dtype, layout, features_float, with_sigmoid):
     features = make_layout(features.to(torch.float32 if features_float else dtype), layout)
     sigmoid = torch.rand(n * h * w, k, generator=g) if with_sigmoid else None
     out = guarded(n * h * w, k)
-    before = storage_of(out).clone()
-    emu.codeword_dots(features, indices, k, dictionary_t, sigmoid, out)
-    untouched_outside(out, before)
+    with writes_only_inside(out):
+        emu.codeword_dots(features, indices, k, dictionary_t, sigmoid, out)
     valid, safe = gathered(indices, K)
     rows = dictionary_t.double()[safe]  # (N, H, W, k, D)
     f = features.double().permute(0, 2, 3, 1).unsqueeze(3)
@@ -277,9 +275,8 @@ def dictionary_grad_inputs(dtype, layout, with_b, shape=(2, 41, 4, 5, 30, 5), se
 def test_scatter_codewords_atomic(emu, dtype, layout, with_b):
     args, expected = dictionary_grad_inputs(dtype, layout, with_b)
     grad_t = guarded(*expected.shape, fill=0)
-    before = storage_of(grad_t).clone()
-    emu.scatter_codewords_atomic(*args, grad_t)
-    untouched_outside(grad_t, before)
+    with writes_only_inside(grad_t):
+        emu.scatter_codewords_atomic(*args, grad_t)
     torch.testing.assert_close(grad_t.double(), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -305,16 +302,14 @@ def test_scatter_codewords_sorted(emu, dtype, layout, with_b, num_segments, shap
     assert torch.equal(run_offsets, torch.searchsorted(sorted_codes, torch.arange(K + 1)))
     d = fa.shape[1]
     partials = guarded(num_segments, K, d)
-    before = storage_of(partials).clone()
-    emu.scatter_codewords_sorted(
-        fa, ca, fb, cb, entry_order, run_offsets, k, K, num_segments, partials
-    )
-    untouched_outside(partials, before)
+    with writes_only_inside(partials):
+        emu.scatter_codewords_sorted(
+            fa, ca, fb, cb, entry_order, run_offsets, k, K, num_segments, partials
+        )
     torch.testing.assert_close(partials.double().sum(0), expected, rtol=1e-5, atol=1e-5)
     grad = guarded(d, K, dtype=dtype)
-    before = storage_of(grad).clone()
-    emu.reduce_dictionary_partials(partials, num_segments, grad)
-    untouched_outside(grad, before)
+    with writes_only_inside(grad):
+        emu.reduce_dictionary_partials(partials, num_segments, grad)
     close(grad, expected.t(), dtype)
 
 
@@ -336,11 +331,9 @@ def test_sparse_labels(emu, dtype, shape):
     values = torch.rand(n, h, w, k, generator=g).to(dtype)
     pixel_labels = guarded(n, h, w, dtype=torch.long, fill=-5)
     image_labels = guarded(n, K, dtype=dtype)
-    before = [storage_of(pixel_labels).clone(), storage_of(image_labels).clone()]
     flag = torch.zeros(1, dtype=torch.int32)
-    emu.sparse_labels(values, indices, K, pixel_labels, image_labels, flag)
-    untouched_outside(pixel_labels, before[0])
-    untouched_outside(image_labels, before[1])
+    with writes_only_inside(pixel_labels, image_labels):
+        emu.sparse_labels(values, indices, K, pixel_labels, image_labels, flag)
     ref_pixel, ref_image = reference.sparse_labels(values.float(), indices, K)
     assert flag.item() == 0
     assert torch.equal(pixel_labels, ref_pixel)
