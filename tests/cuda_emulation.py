@@ -27,18 +27,8 @@ def _translate() -> list[Path]:
     spec.loader.exec_module(translate)
     out = BUILD / "kernels"
     out.mkdir(parents=True, exist_ok=True)
-    sources = []
-    for path in [*sorted(KERNELS.iterdir()), PROBES]:
-        if path.suffix not in (".cu", ".cuh"):
-            continue
-        target = out / (path.stem + ".cpp" if path.suffix == ".cu" else path.name)
-        text = translate.translate(path.read_text())
-        # Rewrite only on change, so the build cache stays valid.
-        if not target.exists() or target.read_text() != text:
-            target.write_text(text)
-        if path.suffix == ".cu":
-            sources.append(target)
-    return sources
+    targets = [translate.translate_file(p, out) for p in [*sorted(KERNELS.iterdir()), PROBES]]
+    return [t for t in targets if t is not None and t.suffix == ".cpp"]
 
 
 @functools.lru_cache(maxsize=None)

@@ -48,6 +48,11 @@ FeatureMap feature_map(const at::Tensor& t) {
            t.stride(3)}};
 }
 
+// The map of an optional tensor, for launchers that take `const FeatureMap*`.
+std::optional<FeatureMap> optional_map(const OptionalTensor& t) {
+  return t.has_value() ? std::optional<FeatureMap>(feature_map(*t)) : std::nullopt;
+}
+
 template <typename T>
 T* pointer(const OptionalTensor& t) {
   return t.has_value() ? t->data_ptr<T>() : nullptr;
@@ -67,8 +72,7 @@ void combine_codewords(const at::Tensor& coef, const at::Tensor indices, int64_t
                        const at::Tensor& dictionary_t, const OptionalTensor& addend,
                        double addend_scale, const OptionalTensor& device_scale,
                        double host_scale, at::Tensor out) {
-  const std::optional<FeatureMap> add =
-      addend.has_value() ? std::optional<FeatureMap>(feature_map(*addend)) : std::nullopt;
+  const std::optional<FeatureMap> add = optional_map(addend);
   check(srm_cuda::launch_combine_codewords(
             coef.data_ptr<float>(), indices.data_ptr<int64_t>(), k, dictionary_t.data_ptr(),
             dtype_of(dictionary_t), dictionary_t.size(0), add ? &*add : nullptr,
@@ -98,8 +102,7 @@ void scatter_codewords_atomic(const at::Tensor& features_a, const at::Tensor& co
                               const OptionalTensor& features_b, const OptionalTensor& coef_b,
                               const at::Tensor indices, int64_t k, int64_t num_codewords,
                               at::Tensor grad_dictionary_t) {
-  const std::optional<FeatureMap> b =
-      features_b ? std::optional<FeatureMap>(feature_map(*features_b)) : std::nullopt;
+  const std::optional<FeatureMap> b = optional_map(features_b);
   check(srm_cuda::launch_scatter_codewords_atomic(
             feature_map(features_a), coef_a.data_ptr<float>(), b ? &*b : nullptr,
             pointer<float>(coef_b), indices.data_ptr<int64_t>(), k, num_codewords,
@@ -120,8 +123,7 @@ void scatter_codewords_sorted(const at::Tensor& features_a, const at::Tensor& co
                               const at::Tensor& entry_order, const at::Tensor run_offsets,
                               int64_t k, int64_t num_codewords, int64_t num_segments,
                               at::Tensor segment_partials) {
-  const std::optional<FeatureMap> b =
-      features_b ? std::optional<FeatureMap>(feature_map(*features_b)) : std::nullopt;
+  const std::optional<FeatureMap> b = optional_map(features_b);
   check(srm_cuda::launch_scatter_codewords_sorted(
             feature_map(features_a), coef_a.data_ptr<float>(), b ? &*b : nullptr,
             pointer<float>(coef_b), entry_order.data_ptr<int64_t>(),

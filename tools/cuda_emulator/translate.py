@@ -108,6 +108,19 @@ def translate(text: str) -> str:
     return rewrite_launches(rewrite_shared(text))
 
 
+def translate_file(path: Path, out_dir: Path) -> Path | None:
+    """Writes the translation of a .cu or .cuh file into out_dir and returns
+    its path (None for other files). An unchanged translation is not
+    rewritten, so that builds depending on it stay up to date."""
+    if path.suffix not in (".cu", ".cuh"):
+        return None
+    target = out_dir / (path.stem + ".cpp" if path.suffix == ".cu" else path.name)
+    text = translate(path.read_text())
+    if not target.exists() or target.read_text() != text:
+        target.write_text(text)
+    return target
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("source_dir", type=Path)
@@ -115,10 +128,7 @@ def main() -> None:
     args = parser.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     for path in sorted(args.source_dir.iterdir()):
-        if path.suffix not in (".cu", ".cuh"):
-            continue
-        name = path.with_suffix(".cpp").name if path.suffix == ".cu" else path.name
-        (args.out_dir / name).write_text(translate(path.read_text()))
+        translate_file(path, args.out_dir)
 
 
 if __name__ == "__main__":

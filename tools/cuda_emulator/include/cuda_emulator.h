@@ -27,7 +27,6 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
-#include <map>
 #include <numeric>
 #include <random>
 #include <stdexcept>
@@ -186,9 +185,7 @@ auto warp_exchange(unsigned mask, uint64_t mine, const char* what, Read&& read) 
   const int base = warp_of(linear) * kWarpSize;
   run.exchange[linear] = mine;
   sync_warp(mask, what);
-  BlockRun& again = *state().run;
-  auto result = read(again.exchange.data() + base, linear - base,
-                     warp_threads(again, base / kWarpSize));
+  auto result = read(run.exchange.data() + base, linear - base, warp_threads(run, base / kWarpSize));
   sync_warp(mask, what);
   return result;
 }
