@@ -216,3 +216,25 @@ torch.library.register_autograd(
 torch.library.register_autograd(
     f"{_LIB}::predictor_loss", _predictor_backward, setup_context=_predictor_setup
 )
+
+
+# The backward ops are differentiable only once. Without an autograd kernel,
+# create_graph=True would give gradients detached from their inputs (a
+# warning, then silently missing second-order terms); with this one, the
+# first-order gradients are exact and differentiating them raises.
+def _no_double_backward(op: str):
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"srm_ext: the compiled {op} is differentiable once only; for higher-order "
+            "gradients use srm_ext.reference or set SRM_EXT_BACKEND=reference"
+        )
+
+    return backward
+
+
+for _op in ("sparse_encode", "sparse_decode", "reconstruction_loss", "predictor_loss"):
+    torch.library.register_autograd(
+        f"{_LIB}::{_op}_backward",
+        _no_double_backward(_op),
+        setup_context=lambda ctx, inputs, output: None,
+    )

@@ -67,9 +67,11 @@ def srm_sizes(
 def resize_pixel_labels(labels: Tensor, size: tuple[int, int]) -> Tensor:
     """Nearest-neighbour resize of integer labels (N, H, W) to ``size`` = (H', W').
 
-    Uses the index rule of ``F.interpolate(mode="nearest")`` (source index
-    ``floor(dst * H / H')``) but gathers the integers directly, so labels never
-    pass through floating point.
+    Source index ``floor(dst * H / H')``: the rule of
+    ``F.interpolate(mode="nearest")``, but in exact integer arithmetic (interpolate
+    forms the scale ``H / H'`` in floating point and picks the next source
+    row for some sizes, e.g. 62 -> 28). Labels are gathered directly, so they
+    never pass through floating point either.
     """
     height, width = labels.shape[-2:]
     out_h, out_w = size

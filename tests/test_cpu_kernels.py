@@ -194,12 +194,13 @@ def test_predictor_loss_saturated_means_stay_finite():
 
 
 def test_predictor_image_loss_matches_reference_across_the_range_of_means():
-    # One pixel per image, so each image mean is one sigmoid: from 1e-35 to
-    # within 1e-7 of 1, the whole range of the BCE logs (vectorized in float32).
-    # Targets mix soft labels with exact 0 and 1.
+    # One pixel per image, so each image mean is one sigmoid: from 0 (float32
+    # sigmoids underflow below about -88.7) through 1e-35 to within 1e-7 of 1,
+    # the whole range of the BCE logs (vectorized in float32). Targets mix
+    # soft labels with exact 0 and 1.
     g = torch.Generator().manual_seed(11)
     n, K = 256, 24
-    y = torch.linspace(-80.0, 17.0, n).view(n, 1, 1, 1)
+    y = torch.linspace(-120.0, 17.0, n).view(n, 1, 1, 1)
     Cs = torch.linspace(0.5, 1.0, K).view(1, K)
     bs = torch.zeros(1)
     pixel = torch.randint(0, K, (n, 1, 1), generator=g)
@@ -262,6 +263,7 @@ SCREENED = [
     ("random", 8192, 64),
     ("random", 1000, 3),
     ("nan", 512, 5),
+    ("nan in the tail", 520, 10),  # past the last whole 16-entry block
     ("nan intercept", 512, 5),
     ("infinite intercept", 512, 5),
 ]
@@ -279,6 +281,8 @@ def test_screened_selection_matches_reference(values, K, k, dtype):
         C = dyadic(6, K, dtype=dtype, generator=g)
     if values == "nan":
         x[1, 2, 0, 1] = float("nan")
+    if values == "nan in the tail":
+        C[2, K - 3] = float("nan")
     b = torch.zeros(1, dtype=dtype)
     if values == "nan intercept":
         b.fill_(float("nan"))

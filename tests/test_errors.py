@@ -116,3 +116,15 @@ def test_kernels_reject_bad_input_when_called_directly():
         ops.predictor_loss(a["x"], a["C"], a["b"], a["pixel"] + 6, a["image"], 1.0, 1.0)
     with pytest.raises(RuntimeError, match="float32 or float64"):
         ops.sparse_encode(a["x"].half(), a["C"].half(), a["b"].half(), 2)
+    # A backward op handed the code of fewer pixels than x has.
+    small_values, small_indices = a["values"][:1, :1, :1], a["indices"][:1, :1, :1]
+    with pytest.raises(RuntimeError, match=re.escape("values must have shape (2, 3, 3, k) to match x")):
+        ops.sparse_encode_backward(
+            torch.ones_like(small_values), small_values, small_indices, a["x"], a["C"], a["b"],
+            [True, True, True],
+        )
+    with pytest.raises(RuntimeError, match=re.escape("values must have shape (2, 3, 3, k) to match x")):
+        ops.reconstruction_loss_backward(
+            torch.tensor(1.0), a["x"], a["C"], a["b"], small_values, small_indices,
+            [True, True, True],
+        )

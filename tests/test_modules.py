@@ -117,11 +117,19 @@ def test_predictor_resizes_pixel_labels_when_grids_differ(rep, x):
 
 @pytest.mark.parametrize("size", [(5, 4), (10, 8), (3, 2), (7, 9), (1, 1)])
 def test_resize_pixel_labels_matches_nearest_interpolation(size):
+    # Sizes where interpolate's floating-point scale is exact enough.
     labels = torch.randint(0, 50, (2, 5, 4))
     resized = resize_pixel_labels(labels, size)
     expected = F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0].long()
     assert resized.dtype == torch.int64
     assert torch.equal(resized, expected)
+
+
+def test_resize_pixel_labels_uses_the_exact_integer_rule():
+    # 62 -> 28 rows: interpolate's float scale sends some rows one further.
+    labels = torch.arange(62).view(1, 62, 1).expand(1, 62, 3)
+    resized = resize_pixel_labels(labels, (28, 3))
+    assert resized[0, :, 0].tolist() == [(i * 62) // 28 for i in range(28)]
 
 
 def test_resize_pixel_labels_keeps_large_ids_exact():

@@ -77,6 +77,10 @@ def op_cases():
             (one, x, C, b, values, indices, [True, True, True]),
         ),
         "sparse_labels": (ops.sparse_labels.default, (values, indices, 9)),
+        # k = 1: the pixel labels are the indices' only column, yet a new tensor.
+        "sparse_labels_k1": (
+            ops.sparse_labels.default, (values[..., :1].contiguous(), indices[..., :1].contiguous(), 9)
+        ),
         "predictor_loss": (
             ops.predictor_loss.default,
             (yg, Csg, bsg, pixel, image, 0.5, 2.0),
@@ -155,6 +159,39 @@ def test_backward_is_not_handed_zeros_for_the_kept_logit_gradient():
     fills = [e for e in prof.events() if e.name in ("aten::fill_", "aten::zero_", "aten::zeros")]
     assert not [e for e in fills if logits_shape in e.input_shapes]
     assert y.grad is not None and Cs.grad is not None and bs.grad is not None
+
+
+def _first_order_losses():
+    x, C, b = encode_inputs(requires_grad=True)
+    (y, Cs, bs), pixel, image = predictor_inputs(requires_grad=True)
+    values, indices = srm_ext.sparse_encode(x, C, b, 3)
+    return {
+        "sparse_encode": (values.square().sum(), (x, C, b)),
+        "sparse_decode": (srm_ext.sparse_decode(values, indices, C).square().sum(), (x, C, b)),
+        "reconstruction_loss": (srm_ext.reconstruction_loss(x, C, b, 3), (x, C, b)),
+        "predictor_loss": (srm_ext.predictor_loss(y, Cs, bs, pixel, image), (y, Cs, bs)),
+    }
+
+
+@pytest.mark.parametrize("op", ["sparse_encode", "sparse_decode", "reconstruction_loss", "predictor_loss"])
+def test_create_graph_gives_exact_first_order_gradients(op):
+    loss, inputs = _first_order_losses()[op]
+    want = torch.autograd.grad(loss, inputs, retain_graph=True)
+    got = torch.autograd.grad(loss, inputs, create_graph=True)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("op", ["sparse_encode", "sparse_decode", "reconstruction_loss", "predictor_loss"])
+def test_second_order_gradients_raise_instead_of_dropping_terms(op):
+    # A gradient penalty differentiates the gradients: the compiled backward
+    # ops are differentiable once only, so this must raise, not silently
+    # return a gradient without the second-order terms.
+    loss, inputs = _first_order_losses()[op]
+    grads = torch.autograd.grad(loss, inputs, create_graph=True)
+    penalty = sum(g.square().sum() for g in grads)
+    with pytest.raises(RuntimeError, match="differentiable once only.*srm_ext.reference"):
+        penalty.backward()
 
 
 def test_sparse_labels_carry_no_gradient():

@@ -31,11 +31,12 @@ inline void check_features_and_dictionary(const at::Tensor& x, const char* x_nam
   TORCH_CHECK(dictionary.size(1) >= 1, "dictionary must have at least one codeword");
 }
 
-inline void check_intercept(const at::Tensor& intercept, const at::Tensor& x) {
+inline void check_intercept(const at::Tensor& intercept, const at::Tensor& x,
+                            const char* x_name) {
   TORCH_CHECK(intercept.numel() == 1, "intercept must have one element, got shape ",
               intercept.sizes());
   check_cpu_float(intercept, "intercept");
-  check_same_dtype(x, "x", intercept, "intercept");
+  check_same_dtype(x, x_name, intercept, "intercept");
 }
 
 inline void check_k(int64_t k, int64_t num_codewords) {
@@ -60,6 +61,15 @@ inline void check_sparse_code(const at::Tensor& values, const at::Tensor& indice
     TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < num_codewords,
                 "indices must lie in [0, ", num_codewords, ")");
   }
+}
+
+// A sparse code (N, H, W, k) must cover exactly the pixels of the map
+// (N, D, H, W) it is used with: the kernels index both by pixel.
+inline void check_code_covers(const at::Tensor& values, const at::Tensor& x, const char* x_name) {
+  TORCH_CHECK(values.size(0) == x.size(0) && values.size(1) == x.size(2) &&
+                  values.size(2) == x.size(3),
+              "values must have shape (", x.size(0), ", ", x.size(2), ", ", x.size(3),
+              ", k) to match ", x_name, ", got ", values.sizes());
 }
 
 // Mask entries of a backward op; unwanted gradients are returned as (0,).

@@ -15,7 +15,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_encode(const at::Tensor& x,
                                                  const at::Tensor& dictionary,
                                                  const at::Tensor& intercept, int64_t k) {
   check_features_and_dictionary(x, "x", dictionary);
-  check_intercept(intercept, x);
+  check_intercept(intercept, x, "x");
   const int64_t num_codewords = dictionary.size(1);
   check_k(k, num_codewords);
 
@@ -49,9 +49,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_encode_backward(
     const at::Tensor& x, const at::Tensor& dictionary, const at::Tensor& intercept,
     std::array<bool, 3> output_mask) {
   check_features_and_dictionary(x, "x", dictionary);
-  check_intercept(intercept, x);
+  check_intercept(intercept, x, "x");
   const int64_t num_codewords = dictionary.size(1), dim = dictionary.size(0);
   check_sparse_code(values, indices, num_codewords);
+  check_code_covers(values, x, "x");
   TORCH_CHECK(grad_values.sizes() == values.sizes(), "grad_values must have shape ",
               values.sizes(), ", got ", grad_values.sizes());
   const bool want_x = output_mask[0], want_dict = output_mask[1], want_bias = output_mask[2];

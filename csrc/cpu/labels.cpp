@@ -17,7 +17,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_labels(const at::Tensor& values,
   const int64_t n = values.size(0), h = values.size(1), w = values.size(2), k = values.size(3);
   const auto vals = values.contiguous();
   const auto idx = indices.contiguous();
-  auto pixel_labels = idx.select(3, 0).contiguous();
+  // A fresh tensor even when k == 1 (a contiguous select would alias indices).
+  auto pixel_labels = idx.select(3, 0).clone(at::MemoryFormat::Contiguous);
   auto image_labels = at::zeros({n, num_codewords}, values.options());
   const int64_t per_image = h * w * k;
 

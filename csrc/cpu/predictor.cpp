@@ -266,7 +266,7 @@ std::tuple<at::Tensor, at::Tensor> predictor_loss(const at::Tensor& y,
                                                   const at::Tensor& image_labels,
                                                   double local_weight, double global_weight) {
   check_features_and_dictionary(y, "y", dictionary);
-  check_intercept(intercept, y);
+  check_intercept(intercept, y, "y");
   const int64_t num_codewords = dictionary.size(1);
   check_labels(pixel_labels, image_labels, y, num_codewords);
 

@@ -19,7 +19,7 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss(
     const at::Tensor& x, const at::Tensor& dictionary, const at::Tensor& intercept, int64_t k) {
   check_features_and_dictionary(x, "x", dictionary);
-  check_intercept(intercept, x);
+  check_intercept(intercept, x, "x");
   const int64_t dim = dictionary.size(0), num_codewords = dictionary.size(1);
   check_k(k, num_codewords);
 
@@ -73,9 +73,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss_backward(
     const at::Tensor& intercept, const at::Tensor& values, const at::Tensor& indices,
     std::array<bool, 3> output_mask) {
   check_features_and_dictionary(x, "x", dictionary);
-  check_intercept(intercept, x);
+  check_intercept(intercept, x, "x");
   const int64_t dim = dictionary.size(0), num_codewords = dictionary.size(1);
   check_sparse_code(values, indices, num_codewords);
+  check_code_covers(values, x, "x");
   TORCH_CHECK(grad_loss.numel() == 1, "grad_loss must have one element, got shape ",
               grad_loss.sizes());
   const bool want_x = output_mask[0], want_dict = output_mask[1], want_bias = output_mask[2];

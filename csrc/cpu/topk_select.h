@@ -149,7 +149,8 @@ class TopkSelector {
       return;
     }
     // NaN ranks first; the plain pass handles it exactly.
-    if (!screened_ || block_maxima(row, num_blocks_, bias, maxima_.data())) {
+    if (!screened_ || block_maxima(row, num_blocks_, bias, maxima_.data()) ||
+        tail_has_nan(row, bias)) {
       select_by_insertion(row, K, k, bias, top_pre, top_idx);
       return;
     }
@@ -174,6 +175,15 @@ class TopkSelector {
   }
 
  private:
+  // block_maxima sees whole blocks only, so the last K % 16 entries are
+  // checked for NaN here.
+  bool tail_has_nan(const scalar_t* row, scalar_t bias) const {
+    for (int64_t c = num_blocks_ * kScreenBlock; c < num_codewords_; ++c) {
+      if (std::isnan(row[c] + bias)) return true;
+    }
+    return false;
+  }
+
   int64_t num_codewords_, k_, num_blocks_;
   bool screened_;
   std::vector<int64_t> order_;

@@ -21,12 +21,16 @@ SRM_EXT_MULTIVERSION float dot(const float* a, const float* b, int64_t n) {
 // exp_approx on eight lanes.
 static inline Float8 exp8(Float8 x) {
   const Float8 low = Float8{} + kExpLow, high = Float8{} + kExpHigh;
+  const Int8 overflow = x > high;
   x = x < low ? low : x;  // NaN compares false and passes through
-  x = x > high ? high : x;
+  x = overflow ? high : x;
   Float8 n;
   const Float8 p = exp_reduced(x, n);
-  const Int8 bits = (__builtin_convertvector(n, Int8) + 127) << 23;
-  return p * reinterpret_cast<const Float8&>(bits);
+  const Int8 e = __builtin_convertvector(n, Int8), half = e >> 1;
+  const Int8 bits_half = (half + 127) << 23, bits_rest = (e - half + 127) << 23;
+  const Float8 result = p * reinterpret_cast<const Float8&>(bits_half) *
+                        reinterpret_cast<const Float8&>(bits_rest);
+  return overflow ? Float8{} + __builtin_inff() : result;
 }
 
 // log(x) on eight lanes within about 2 ulp (Cephes' logf): x = 2^e * m with

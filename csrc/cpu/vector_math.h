@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 #if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
 #define SRM_EXT_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
@@ -28,8 +29,9 @@ namespace srm_ext::cpu {
 // exp(x) within about 2 ulp for a float, or for a vector of floats (the
 // vector clone in vector_math.cpp): x = n*ln2 + r with |r| <= ln2/2 and a
 // degree-6 polynomial for exp(r) (Cephes' expf). Returns exp(r) and sets n;
-// the caller assembles 2^n from its bits. x must be clamped to [-87.3, 88.0]
-// so 2^n stays a normal float.
+// the caller assembles 2^n from the bits of two normal floats 2^(n/2) and
+// 2^(n - n/2): x must be clamped to [kExpLow, kExpHigh], where n lies in
+// [-126, 128] and 2^128 alone is not a float.
 template <typename V>
 SRM_EXT_INLINE V exp_reduced(V x, V& n) {
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
@@ -44,18 +46,27 @@ SRM_EXT_INLINE V exp_reduced(V x, V& n) {
   return p * r * r + r + 1.0f;
 }
 
-constexpr float kExpLow = -87.33654f, kExpHigh = 88.0f;
+// log(smallest normal float) and log(largest float).
+constexpr float kExpLow = -87.33654f, kExpHigh = 88.72283f;
 
-// Clamped to [kExpLow, kExpHigh], so results stay finite and normal (absolute
-// error below 1e-38 outside that range); NaN propagates.
+// 2^e for an integer e in [-126, 127], from its bits.
+SRM_EXT_INLINE float power_of_two(int32_t e) {
+  const int32_t bits = (e + 127) << 23;
+  float result;
+  std::memcpy(&result, &bits, sizeof(result));
+  return result;
+}
+
+// Above kExpHigh the result is +inf, where float32 exp overflows too (so a
+// sigmoid underflows to 0 where torch's does); below kExpLow it is clamped
+// (absolute error below 1e-38); NaN propagates.
 SRM_EXT_INLINE float exp_approx(float x) {
-  x = std::min(std::max(x, kExpLow), kExpHigh);
+  if (x > kExpHigh) return std::numeric_limits<float>::infinity();
+  x = std::max(x, kExpLow);
   float n;
   const float p = exp_reduced(x, n);
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float two_to_n;
-  std::memcpy(&two_to_n, &bits, sizeof(two_to_n));
-  return p * two_to_n;
+  const auto e = static_cast<int32_t>(n), half = e >> 1;
+  return p * power_of_two(half) * power_of_two(e - half);
 }
 
 inline double exp_approx(double x) { return std::exp(x); }

@@ -36,7 +36,8 @@ void check_dictionary(const at::Tensor& dictionary, int64_t depth,
                       const at::Tensor& ref, const char* ref_name);
 
 // D, K and k within what the sparse encode/decode kernels support
-// (srm_kernels.h). The labels and the student-side loss have no such limits.
+// (srm_kernels.h). The labels check K alone (the same maximum); the
+// student-side loss has no such limits.
 void check_sparse_kernel_limits(const at::Tensor& dictionary, int64_t k);
 
 // values (N, H, W, k) and int64 indices of the same shape, k >= 1.
