@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
+import threading
+import zipfile
 from collections.abc import Sequence
 from typing import Any
 
 __all__ = ["main", "build_parser"]
 
 PROG = "srm-ext"
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError)
+# Errors that mean bad input (flags, paths, data files, a diverging run): one
+# line and exit code 2, the traceback only with --debug. OSError covers the
+# file-system cases and images Pillow cannot read.
+USER_ERRORS = (ValueError, TypeError, OSError, FloatingPointError, zipfile.BadZipFile)
 
 
 def _csv(kind):
@@ -77,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = d.add_argument_group("schedule")
     g.add_argument("--methods", type=_csv(str), metavar="M,...",
                    help=f"any of {','.join(METHODS)} (default: scratch,kd,srm)")
-    g.add_argument("--seeds", type=_csv(int), metavar="S,...", help="e.g. 0,1,2")
+    g.add_argument("--seeds", type=_csv(int), metavar="S,...", help="student seeds, e.g. 0,1,2")
+    g.add_argument("--teacher-seed", type=int, help="seed of the one teacher all students share")
     g.add_argument("--epochs-teacher", type=int)
     g.add_argument("--epochs-dictionary", type=int, help="SRM stage 1")
     g.add_argument("--epochs-init", type=int, help="SRM stage 2 and FitNet's hint stage")
@@ -151,13 +159,32 @@ def build_config(args: argparse.Namespace) -> Any:
     return ExperimentConfig.from_dict(values)
 
 
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """Schedulers preempt jobs with SIGTERM: stop as on Ctrl-C, so temporary
+    files are removed and the resume command is printed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _distill(args: argparse.Namespace) -> int:
     from .distill.experiment import ExperimentRunner
 
     config = build_config(args)
     runner = ExperimentRunner(config, resume=args.resume, overwrite=args.overwrite)
     try:
-        runner.run()
+        with _sigterm_as_interrupt():
+            runner.run()
     except KeyboardInterrupt:
         print(
             f"\n{PROG}: interrupted; continue with: {PROG} distill --resume "

@@ -54,6 +54,10 @@ def test_distill_quick_preset_end_to_end(tmp_path):
         assert (out / name).is_file(), name
     config = json.loads((out / "config.json").read_text())
     assert config["preset"] == "quick" and config["seeds"] == [0] and config["train_limit"] == 128
+    resolved = config["resolved"]  # what "auto" and the defaults turned into
+    assert resolved["device"] == "cpu" and resolved["threads"] == 1 and resolved["processes"] == 1
+    assert resolved["layer_pairs"] and all(":" in pair for pair in resolved["layer_pairs"])
+    assert resolved["image_size"] == 8
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     stages = {r["stage"] for r in records}
     assert {"teacher", "scratch", "kd", "srm-dictionary", "srm-init", "srm-kd"} <= stages
@@ -122,6 +126,79 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path, stop_aft
     assert _final_numbers(interrupted) == _final_numbers(straight)
 
 
+def test_resume_before_the_first_checkpoint_keeps_the_run_settings(tmp_path):
+    # Stopped inside its first epoch, a run has config.json but no checkpoint:
+    # --resume must start that run again, not one with the default settings.
+    out = tmp_path / "run"
+    config = ExperimentConfig(**{**TINY_CONFIG, "seeds": [3], "methods": ["scratch"]},
+                              output_dir=str(out))
+    with pytest.raises(Interrupt):
+        ExperimentRunner(config, on_epoch_end=_raise(Interrupt), log=lambda *_: None).run()
+    (out / "checkpoint.pt").unlink()
+    assert main(["distill", "--resume", "--quiet", "--output-dir", str(out)]) == 0
+    runs = [r["run"] for r in json.loads((out / "results.json").read_text())["runs"]]
+    assert runs == ["teacher", "scratch/seed3"]
+    assert json.loads((out / "config.json").read_text())["train_limit"] == 128
+
+
+def _raise(exc_type):
+    def hook(*_args, **_kwargs):
+        raise exc_type
+
+    return hook
+
+
+def test_finished_run_keeps_its_model_file_across_an_interruption(tmp_path, monkeypatch):
+    # Interrupted while writing a student's model file: the checkpoint must
+    # not yet call the run finished, so --resume trains it and writes the file.
+    from srm_ext.distill import experiment
+
+    out = tmp_path / "run"
+    config = ExperimentConfig(**{**TINY_CONFIG, "methods": ["scratch"]}, output_dir=str(out))
+    real_save = experiment.atomic_save
+
+    def save(obj, path):
+        if path.name == "scratch-seed0.pt":
+            raise Interrupt
+        real_save(obj, path)
+
+    monkeypatch.setattr(experiment, "atomic_save", save)
+    with pytest.raises(Interrupt):
+        ExperimentRunner(config, log=lambda *_: None).run()
+    assert "scratch/seed0" not in torch.load(out / "checkpoint.pt", weights_only=True)["finished"]
+    monkeypatch.setattr(experiment, "atomic_save", real_save)
+    ExperimentRunner(config, resume=True, log=lambda *_: None).run()
+    assert (out / "models" / "scratch-seed0.pt").is_file()
+
+
+def test_overwrite_leaves_nothing_of_the_previous_run(tmp_path):
+    out = tmp_path / "run"
+    quiet = dict(log=lambda *_: None)
+    ExperimentRunner(ExperimentConfig(**{**TINY_CONFIG, "methods": ["scratch"]}, output_dir=str(out)),
+                     **quiet).run()
+    assert (out / "results.json").is_file() and (out / "models" / "scratch-seed0.pt").is_file()
+    # A new run into the same directory, stopped after its first epoch.
+    config = ExperimentConfig(**{**TINY_CONFIG, "methods": ["kd"]}, output_dir=str(out))
+    with pytest.raises(Interrupt):
+        ExperimentRunner(config, overwrite=True, on_epoch_end=_raise(Interrupt), **quiet).run()
+    leftovers = {"results.json", "results.md", "loss_curves.png", "accuracy.png"}
+    assert not [name for name in leftovers if (out / name).exists()]
+    assert not list((out / "models").glob("*.pt"))
+
+
+def test_teacher_does_not_depend_on_the_student_seeds(tmp_path):
+    def teacher_weights(seeds):
+        out = tmp_path / "-".join(map(str, seeds))
+        config = ExperimentConfig(**{**TINY_CONFIG, "seeds": seeds, "methods": ["scratch"],
+                                     "epochs_student": 0}, output_dir=str(out))
+        ExperimentRunner(config, log=lambda *_: None).run()
+        return torch.load(out / "models" / "teacher.pt", weights_only=True)
+
+    alone, listed_second = teacher_weights([1]), teacher_weights([0, 1])
+    assert alone.keys() == listed_second.keys()
+    assert all(torch.equal(alone[k], listed_second[k]) for k in alone)
+
+
 def test_existing_run_needs_resume_or_overwrite(tmp_path, capsys):
     out = tmp_path / "run"
     flags = [*TINY_FLAGS, "--methods", "scratch", "--seeds", "0", "--epochs-teacher", "1",
@@ -144,9 +221,18 @@ def test_existing_run_needs_resume_or_overwrite(tmp_path, capsys):
         (["--methods", "srm,magic"], "unknown method(s) magic"),
         (["--layer-pairs", "head.4:stage1"], "4-D"),
         (["--milestones", "0.5,1.5"], "milestones are fractions of the epochs in (0, 1]"),
+        (["--device", "gpu"], "unknown device 'gpu'"),
+        (["--threads", "-1"], "threads must be >= 1, got -1"),
+        (["--train-limit", "-5"], "train limit must be >= 1, got -5"),
+        (["--seeds", "0,0"], "must not repeat"),
+        (["--dataset", "npz", "--data-path", "broken.npz"], "broken.npz"),
+        (["--output-dir", "a_file"], "a_file"),
     ],
 )
-def test_user_errors_are_one_line_with_exit_code_2(tmp_path, capsys, flags, message):
+def test_user_errors_are_one_line_with_exit_code_2(tmp_path, capsys, monkeypatch, flags, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "broken.npz").write_bytes(b"PK\x03\x04 truncated")
+    (tmp_path / "a_file").write_text("not a directory")
     code = main(["distill", *TINY_FLAGS, "--output-dir", str(tmp_path / "run"), *flags])
     err = capsys.readouterr().err
     assert code == 2

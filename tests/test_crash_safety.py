@@ -1,5 +1,5 @@
 """A training run killed with SIGKILL mid-run resumes to the same result,
-losing at most the epoch in progress."""
+losing at most the epoch in progress; SIGTERM stops it like Ctrl-C."""
 
 from __future__ import annotations
 
@@ -56,3 +56,18 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     resumed = _cli("--resume", "--output-dir", str(killed), cwd=tmp_path)
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
     assert _final_numbers(killed) == _final_numbers(straight)
+
+
+def test_sigterm_stops_cleanly_with_the_resume_hint(tmp_path):
+    # How schedulers preempt a job: no traceback, no temporary file left over.
+    out = tmp_path / "run"
+    run = _cli("--output-dir", str(out), cwd=tmp_path)
+    deadline = time.monotonic() + 300
+    while _epochs_logged(out) < 1 and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert run.poll() is None, "the run ended before it could be stopped"
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=60) == 130
+    err = run.stderr.read()
+    assert "interrupted; continue with: srm-ext distill --resume" in err and "Traceback" not in err
+    assert not list(out.rglob("*.tmp"))

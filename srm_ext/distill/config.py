@@ -103,6 +103,9 @@ class ExperimentConfig:
     # schedule
     methods: list[str] = field(default_factory=lambda: ["scratch", "kd", "srm"])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    # The teacher is trained once, with its own seed, so a student's result
+    # does not depend on which other seeds are in the list.
+    teacher_seed: int = 0
     epochs_teacher: int = 20
     epochs_dictionary: int = 5
     epochs_init: int = 5
@@ -146,6 +149,26 @@ class ExperimentConfig:
             raise ConfigError(f"kd alpha must lie in [0, 1], got {self.kd_alpha}")
         if self.kd_temperature <= 0:
             raise ConfigError(f"kd temperature must be > 0, got {self.kd_temperature}")
+        for name in ("train_limit", "test_limit", "image_size", "threads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name.replace('_', ' ')} must be >= 1, got {value}")
+        if self.num_workers < 0:
+            raise ConfigError(f"num workers must be >= 0, got {self.num_workers}")
+        if len(set(self.methods)) < len(self.methods) or len(set(self.seeds)) < len(self.seeds):
+            raise ConfigError(
+                f"methods and seeds must not repeat, got methods {self.methods} "
+                f"and seeds {self.seeds}"
+            )
+        if self.device != "auto":
+            import torch
+
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                raise ConfigError(
+                    f"unknown device {self.device!r}; use auto, cpu, cuda or cuda:N"
+                ) from None
         # Validate the optimiser settings once, early.
         self.stage("student")
 

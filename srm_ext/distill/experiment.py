@@ -30,7 +30,7 @@ from .data import BatchPreprocessor, DatasetSplits, load_dataset, make_loaders
 from .distiller import SRMDistiller
 from .distributed import DistributedContext, init_distributed, resolve_device, shutdown_distributed
 from .hooks import FeatureTap
-from .methods import MethodPlan, build_plan, cross_entropy_stage
+from .methods import MethodPlan, attention_transfer_weight, build_plan, cross_entropy_stage
 from .metrics import accuracy
 from .models import build_model, default_layer_pairs
 from .plots import plot_accuracy, plot_loss_curves
@@ -92,9 +92,18 @@ class ExperimentRunner:
 
     @staticmethod
     def saved_config(output_dir: str | Path) -> dict[str, Any] | None:
-        """The config stored in ``output_dir``'s checkpoint, if there is one."""
+        """The config of the run in ``output_dir``: its checkpoint's, or, for a
+        run stopped before its first checkpoint, its ``config.json``."""
         path = Path(output_dir) / CHECKPOINT
-        return load_checkpoint(path)["config"] if path.exists() else None
+        if path.exists():
+            return load_checkpoint(path)["config"]
+        path = Path(output_dir) / "config.json"
+        if path.exists():
+            try:
+                return json.loads(path.read_text())
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{path} is not valid JSON ({exc})") from None
+        return None
 
     # ------------------------------------------------------------------ driver
 
@@ -120,7 +129,9 @@ class ExperimentRunner:
         self._load_or_init_state()
         if self.ctx.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(self.state["config"], indent=2) + "\n")
+            if self.overwrite:
+                self._remove_previous_outputs()
+            self._write_config()
             with open(self.out / "metrics.jsonl", "w") as f:  # the checkpoint's history is the truth
                 f.writelines(json.dumps(r) + "\n" for r in self.state["history"])
         self.ctx.barrier()
@@ -144,6 +155,8 @@ class ExperimentRunner:
         _, self.test_loader = make_loaders(self.splits, cfg.batch_size, 0, self.ctx, cfg.num_workers)
         self.example = self._example_batch(self.splits)
         self.layer_pairs = self._check_layer_pairs()
+        if self.ctx.is_main:
+            self._write_config(self._resolved_settings())
 
         teacher = self._teacher()
         for seed in cfg.seeds:
@@ -197,6 +210,34 @@ class ExperimentRunner:
             "weights": {},
         }
 
+    def _write_config(self, resolved: dict[str, Any] | None = None) -> None:
+        """``config.json``: the settings, and once known what the automatic
+        ones resolved to (ignored when the file is read back as a config)."""
+        config = dict(self.state["config"])
+        if resolved is not None:
+            config["resolved"] = resolved
+        (self.out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+    def _resolved_settings(self) -> dict[str, Any]:
+        resolved = {
+            "device": str(self.device),
+            "processes": self.ctx.world_size,
+            "threads": torch.get_num_threads(),
+            "layer_pairs": [f"{t}:{s}" for t, s in self.layer_pairs],
+            "image_size": self.splits.image_size,
+        }
+        if "at" in self.config.methods:
+            resolved["at_weight"] = attention_transfer_weight(self.config, self.example)
+        return resolved
+
+    def _remove_previous_outputs(self) -> None:
+        """Delete what an earlier run wrote here (only files this runner
+        writes), so no stale result or model outlives the new run."""
+        for name in (CHECKPOINT, "results.json", "results.md", "loss_curves.png", "accuracy.png"):
+            (self.out / name).unlink(missing_ok=True)
+        for model in (self.out / "models").glob("*.pt"):
+            model.unlink()
+
     def _example_batch(self, splits: DatasetSplits) -> Tensor:
         images = torch.stack([splits.train[i][0] for i in range(min(2, len(splits.train)))])
         return self.trainer.preprocess(images.to(self.device), False)
@@ -241,7 +282,9 @@ class ExperimentRunner:
             teacher = self._new_model("teacher")
             teacher.load_state_dict(self.state["weights"][run_id])
         else:
-            teacher = self._execute(run_id, "teacher", self.config.seeds[0], plan, keep_weights=True)
+            teacher = self._execute(
+                run_id, "teacher", self.config.teacher_seed, plan, keep_weights=True
+            )
         teacher.eval()
         return teacher
 
@@ -310,8 +353,10 @@ class ExperimentRunner:
         if keep_weights:
             self.state["weights"][run_id] = weights
         if self.ctx.is_main:
-            self._save()
+            # The model file first: once the checkpoint says finished, a resume
+            # skips this run and its weights are nowhere else.
             atomic_save(weights, self.out / "models" / f"{run_id.replace('/', '-')}.pt")
+            self._save()
             self._log(f"finished {run_id}: test accuracy {100 * result['test_acc']:.2f}%")
         return plan.student
 

@@ -119,7 +119,9 @@ def _fitnet_stages(
     return regressors, [hint, _kd_stage("fitnet-kd", teacher, student, cfg)]
 
 
-def _at_weight(cfg: ExperimentConfig, example: Tensor) -> float:
+def attention_transfer_weight(cfg: ExperimentConfig, example: Tensor) -> float:
+    """The AT loss weight: ``cfg.at_weight``, else the paper's 1000 scaled to
+    the input's pixel count (the loss averages over H*W)."""
     if cfg.at_weight is not None:
         return cfg.at_weight
     height, width = example.shape[-2:]
@@ -150,7 +152,7 @@ def build_plan(
     elif method == "at":
         stages = [
             _feature_regulariser_stage(
-                "at", teacher, student, layer_pairs, attention_transfer_loss, _at_weight(cfg, example), cfg
+                "at", teacher, student, layer_pairs, attention_transfer_loss, attention_transfer_weight(cfg, example), cfg
             )
         ]
     elif method == "fitnet":
