@@ -4,6 +4,7 @@ loaders' reproducible, shardable ordering."""
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +98,114 @@ def test_npz_without_known_arrays_is_an_error(tmp_path):
         load_dataset(config(dataset="npz", data_path=str(tmp_path / "bad.npz")))
 
 
+def test_npz_uint16_images_are_scaled_by_their_full_range(tmp_path):
+    # a 16-bit ramp and 12-bit values stored as uint16: scaled by 65535, never clipped
+    ramp = np.arange(0, 65536, 257, dtype=np.uint16)[:250].reshape(10, 5, 5)
+    twelve_bit = np.linspace(0, 4095, 4 * 25).astype(np.uint16).reshape(4, 5, 5)
+    np.savez(
+        tmp_path / "u16.npz",
+        x_train=ramp, y_train=np.arange(10) % 2, x_test=twelve_bit, y_test=np.arange(4) % 2
+    )
+    splits = load_dataset(config(dataset="npz", data_path=str(tmp_path / "u16.npz")))
+    check_splits(splits, 10, 4, 2, 1, 5)
+    train = torch.stack([splits.train[i][0] for i in range(10)])
+    test = torch.stack([splits.test[i][0] for i in range(4)])
+    assert torch.equal(train[:, 0], torch.from_numpy(ramp // 257).to(torch.uint8))
+    expected = np.rint(twelve_bit / 65535 * 255).astype(np.uint8)
+    assert torch.equal(test[:, 0], torch.from_numpy(expected))
+    # uint8 storage costs 12-bit data precision (17 levels), but nothing saturates
+    assert int(test.max()) == 16 and int(splits.train[9][0].max()) == 249
+
+
+@pytest.mark.parametrize(
+    "images, got",
+    [
+        (np.linspace(-2.1, 3.0, 6 * 16, dtype=np.float32), "float32 in [-2.1, 3]"),
+        (np.linspace(0, 1.5, 6 * 16), "float64 in [0, 1.5]"),
+        (np.arange(6 * 16, dtype=np.int32) - 5, "int32 in [-5, 90]"),
+        (np.arange(6 * 16) % 2 == 0, "bool"),
+    ],
+    ids=["standardised", "above 1", "negative int32", "bool"],
+)
+def test_npz_images_must_be_uint8_uint16_or_floats_in_unit_range(tmp_path, images, got):
+    path = tmp_path / "bad.npz"
+    np.savez(path, images=images.reshape(6, 4, 4), labels=np.arange(6) % 2)
+    with pytest.raises(ConfigError) as error:
+        load_dataset(config(dataset="npz", data_path=str(path)))
+    message = str(error.value)
+    assert str(path) in message
+    assert "images must be uint8, uint16, integers in [0, 255] or float in [0, 1]" in message
+    assert message.endswith(f"got {got}")
+
+
+def test_npz_8bit_values_in_a_wider_integer_type_load_as_they_are(tmp_path):
+    # np.array of Python ints is int64: 8-bit values in it need no scaling.
+    images = np.arange(6 * 16).reshape(6, 4, 4) * 2
+    np.savez(tmp_path / "int64.npz", images=images, labels=np.arange(6) % 2)
+    splits = load_dataset(config(dataset="npz", data_path=str(tmp_path / "int64.npz")))
+    loaded = torch.stack([splits.train[i][0] for i in range(len(splits.train))])
+    assert loaded.dtype == torch.uint8 and int(loaded.max()) <= 190
+    assert set(loaded.flatten().tolist()) <= set(images.flatten().tolist())
+
+
+@pytest.mark.parametrize("content", ["truncated", "one array", "directory"])
+def test_unreadable_npz_is_a_config_error_naming_the_file(tmp_path, content):
+    path = tmp_path / "data.npz"
+    if content == "truncated":
+        path.write_bytes(b"PK\x03\x04 cut short")
+    elif content == "one array":
+        with open(path, "wb") as f:
+            np.save(f, np.zeros((2, 4, 4), dtype=np.uint8))
+    else:
+        path.mkdir()
+    with pytest.raises(ConfigError, match=re.escape(repr(str(path)))):
+        load_dataset(config(dataset="npz", data_path=str(path)))
+
+
+def _label_fixture(case: str) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (60, 8, 8), dtype=np.uint8)
+    labels = np.arange(60) % 3
+    split = dict(x_train=images[:40], y_train=labels[:40], x_test=images[40:], y_test=labels[40:])
+    return {
+        "too few": dict(images=images, labels=labels[:50]),
+        "one-hot": dict(images=images, labels=np.eye(3)[labels]),
+        "negative": dict(images=images, labels=labels - 1),
+        "fractional": dict(images=images, labels=labels / 2),
+        "too few test": {**split, "y_test": labels[41:]},
+        "one-hot train": {**split, "y_train": np.eye(3)[labels[:40]]},
+        "negative test": {**split, "y_test": -labels[40:]},
+        "column of floats": dict(images=images, labels=labels[:, None].astype(np.float32)),
+    }[case]
+
+
+LABEL_ERRORS = {
+    "too few": "labels has 50 labels but images has 60 images; expected one label per image",
+    "one-hot": r"labels in .* shape \(60, 3\); labels must be 1-D integer class indices, "
+    "not one-hot",
+    "negative": "labels in .*: labels must be >= 0; found -1",
+    "fractional": "labels in .* are float64; labels must be integer class indices",
+    "too few test": "y_test has 19 labels but x_test has 20 images",
+    "one-hot train": "y_train in .* not one-hot",
+    "negative test": "y_test in .*: labels must be >= 0; found -2",
+}
+
+
+@pytest.mark.parametrize("case", LABEL_ERRORS)
+def test_npz_labels_must_be_one_non_negative_class_index_per_image(tmp_path, case):
+    path = tmp_path / "labels.npz"
+    np.savez(path, **_label_fixture(case))
+    with pytest.raises(ConfigError, match=LABEL_ERRORS[case]) as error:
+        load_dataset(config(dataset="npz", data_path=str(path)))
+    assert str(path) in str(error.value)
+
+
+def test_npz_column_of_whole_float_labels_is_class_indices(tmp_path):
+    np.savez(tmp_path / "labels.npz", **_label_fixture("column of floats"))
+    splits = load_dataset(config(dataset="npz", data_path=str(tmp_path / "labels.npz")))
+    check_splits(splits, 48, 12, 3, 1, 8)
+
+
 def _write_images(root: Path, classes: dict[str, int], size: int = 7) -> None:
     from PIL import Image
 
@@ -115,11 +224,40 @@ def test_imagefolder_single_tree(tmp_path):
     check_splits(splits, 8, 2, 2, 3, 12)
 
 
+def test_imagefolder_skips_hidden_files_and_folders(tmp_path):
+    # macOS ._* resource forks and .ipynb_checkpoints are not images or classes.
+    _write_images(tmp_path, {"cat": 5, "dog": 5})
+    (tmp_path / "cat" / "._0.png").write_bytes(b"\x00\x05\x16\x07 not an image")
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    (tmp_path / "dog" / ".thumbnails").mkdir()
+    (tmp_path / "dog" / ".thumbnails" / "0.png").write_bytes(b"not an image either")
+    splits = load_dataset(config(dataset="imagefolder", data_path=str(tmp_path), image_size=12))
+    check_splits(splits, 8, 2, 2, 3, 12)
+
+
 def test_imagefolder_train_test_tree(tmp_path):
     _write_images(tmp_path / "train", {"a": 3, "b": 2, "c": 2})
     _write_images(tmp_path / "val", {"a": 1, "b": 1, "c": 1})
     splits = load_dataset(config(dataset="imagefolder", data_path=str(tmp_path), image_size=9))
     check_splits(splits, 7, 3, 3, 3, 9)
+
+
+def test_imagefolder_16bit_png_is_scaled_by_65535(tmp_path):
+    from PIL import Image
+
+    ramp = np.linspace(0, 65535, 81).round().astype(np.uint16).reshape(9, 9)
+    for split in ("train", "test"):
+        (tmp_path / split / "a").mkdir(parents=True)
+        Image.fromarray(ramp).save(tmp_path / split / "a" / "ramp.png")
+    with Image.open(tmp_path / "train" / "a" / "ramp.png") as image:
+        assert image.mode == "I;16"
+    # at its own size Pillow's resize is a copy, so the values are exact
+    splits = load_dataset(config(dataset="imagefolder", data_path=str(tmp_path), image_size=9))
+    check_splits(splits, 1, 1, 1, 3, 9)
+    expected = torch.from_numpy(np.rint(ramp / 65535 * 255).astype(np.uint8))
+    assert all(torch.equal(channel, expected) for channel in splits.train[0][0])
+    resized = load_dataset(config(dataset="imagefolder", data_path=str(tmp_path), image_size=12))
+    assert (resized.train[0][0] == 255).float().mean() < 0.05
 
 
 @pytest.mark.parametrize("dataset", ["cifar10", "npz", "imagefolder"])

@@ -15,11 +15,17 @@ Formats:
   ``root/train/<class>/...`` with ``root/test`` (or ``val``); read with Pillow.
 * ``npz``: arrays ``images`` and ``labels`` (split 80/20), optionally with
   ``test_images``/``test_labels``; or ``x_train``, ``y_train``, ``x_test``,
-  ``y_test``. Images (N, H, W), (N, H, W, C) or (N, C, H, W), uint8 or floats in [0, 1].
+  ``y_test``. Images (N, H, W), (N, H, W, C) or (N, C, H, W), uint8, uint16 or floats
+  in [0, 1]; labels 1-D non-negative class indices, one per image.
+
+Images with more than 8 bits (uint16 arrays, 16-bit greyscale PNGs) are scaled by
+their full range and rounded to uint8.
 """
 
 from __future__ import annotations
 
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,7 +71,7 @@ class DatasetSplits:
 
 class ImageFolderDataset(Dataset):
     """Images under ``root/<class>/``, read lazily with Pillow, converted to RGB and
-    resized to ``size`` x ``size``."""
+    resized to ``size`` x ``size``; 16-bit greyscale images are scaled by 65535."""
 
     def __init__(self, files: list[Path], labels: list[int], size: int) -> None:
         self.files = files
@@ -79,9 +85,28 @@ class ImageFolderDataset(Dataset):
         from PIL import Image
 
         with Image.open(self.files[index]) as image:
+            if image.mode.startswith("I"):
+                # 16-bit greyscale (modes I;16*, I): convert("RGB") would clip at 255.
+                image = Image.fromarray(_16bit_image_to_uint8(image, self.files[index]))
             image = image.convert("RGB").resize((self.size, self.size), Image.BILINEAR)
             array = np.asarray(image, dtype=np.uint8)
         return torch.from_numpy(array.copy()).permute(2, 0, 1), self.labels[index]
+
+
+def _16bit_image_to_uint8(image, path: Path) -> np.ndarray:
+    array = np.asarray(image)
+    lo, hi = int(array.min()), int(array.max())
+    if lo < 0 or hi > 65535:
+        raise ConfigError(
+            f"{str(path)!r}: mode {image.mode} image has values in [{lo}, {hi}]; "
+            "expected 16-bit values in [0, 65535]"
+        )
+    return _uint16_to_uint8(array)
+
+
+def _uint16_to_uint8(array: np.ndarray) -> np.ndarray:
+    # round(v * 255 / 65535) = round(v / 257), exactly, in integers.
+    return ((array.astype(np.uint32) + 128) // 257).astype(np.uint8)
 
 
 class BatchPreprocessor:
@@ -198,21 +223,40 @@ def _read_cifar_batches(root: Path, files: list[str]) -> tuple[Tensor, Tensor]:
 
 
 def load_npz(path: Path) -> DatasetSplits:
-    with np.load(path) as arrays:
+    try:
+        return _load_npz(path)
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"{str(path)!r} is not a readable .npz file ({exc})") from None
+
+
+def _load_npz(path: Path) -> DatasetSplits:
+    arrays = np.load(path)
+    if not isinstance(arrays, np.lib.npyio.NpzFile):
+        raise ConfigError(f"{str(path)!r} holds one array; expected an .npz archive of arrays")
+    with arrays:
         keys = set(arrays.files)
         if {"x_train", "y_train", "x_test", "y_test"} <= keys:
-            parts = [arrays[k] for k in ("x_train", "y_train", "x_test", "y_test")]
+            pairs = [("x_train", "y_train"), ("x_test", "y_test")]
         elif {"images", "labels"} <= keys:
-            parts = [arrays["images"], arrays["labels"]]
+            pairs = [("images", "labels")]
             if {"test_images", "test_labels"} <= keys:
-                parts += [arrays["test_images"], arrays["test_labels"]]
+                pairs.append(("test_images", "test_labels"))
         else:
             raise ConfigError(
                 f"{str(path)!r} must hold arrays images and labels (or x_train, y_train, "
                 f"x_test, y_test); found {', '.join(sorted(keys)) or 'none'}"
             )
-    images = [_to_uint8_nchw(a, path) for a in parts[0::2]]
-    labels = [torch.from_numpy(np.asarray(a, dtype=np.int64)).reshape(-1) for a in parts[1::2]]
+        images, labels = [], []
+        for image_key, label_key in pairs:
+            images.append(_to_uint8_nchw(arrays[image_key], path, image_key))
+            labels.append(_npz_labels(arrays[label_key], path, label_key))
+            if len(labels[-1]) != len(images[-1]):
+                raise ConfigError(
+                    f"{str(path)!r}: {label_key} has {len(labels[-1])} labels but {image_key} "
+                    f"has {len(images[-1])} images; expected one label per image"
+                )
     natural = images[0].shape[1] == 3
     if len(images) == 1:
         return _split_arrays(images[0], labels[0], natural=natural)
@@ -220,22 +264,50 @@ def load_npz(path: Path) -> DatasetSplits:
     return _splits_from_tensors(images[0], labels[0], images[1], labels[1], num_classes, natural)
 
 
-def _to_uint8_nchw(array: np.ndarray, path: Path) -> Tensor:
+def _to_uint8_nchw(array: np.ndarray, path: Path, key: str) -> Tensor:
     if array.ndim == 3:
         array = array[:, None]
     elif array.ndim == 4 and array.shape[1] not in (1, 3) and array.shape[-1] in (1, 3):
         array = array.transpose(0, 3, 1, 2)
     if array.ndim != 4 or array.shape[1] not in (1, 3):
         raise ConfigError(
-            f"images in {str(path)!r} have shape {array.shape}; expected (N, H, W), "
+            f"{key} in {str(path)!r} have shape {array.shape}; expected (N, H, W), "
             "(N, H, W, C) or (N, C, H, W) with 1 or 3 channels"
         )
-    if array.dtype != np.uint8:
-        array = array.astype(np.float32)
-        if array.max() <= 1.0:
-            array = array * 255.0
-        array = np.clip(np.round(array), 0, 255).astype(np.uint8)
+    # Datasets are held as uint8 to save memory: 16-bit images are rounded to 8 bits.
+    if array.dtype == np.uint16:
+        array = _uint16_to_uint8(array)
+    elif array.dtype.kind == "f" and (array.size == 0 or 0 <= array.min() <= array.max() <= 1):
+        array = np.rint(array.astype(np.float32) * 255).astype(np.uint8)
+    elif array.dtype.kind in "iu" and array.size and 0 <= array.min() <= array.max() <= 255:
+        array = array.astype(np.uint8)  # 8-bit values in a wider type (numpy's default int64)
+    elif array.dtype != np.uint8:
+        got = str(array.dtype)
+        if array.size and array.dtype.kind in "iuf":
+            got += f" in [{array.min():.4g}, {array.max():.4g}]"
+        raise ConfigError(
+            f"{key} in {str(path)!r}: images must be uint8, uint16, integers in [0, 255] or float in [0, 1]; "
+            f"got {got}"
+        )
     return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def _npz_labels(labels: np.ndarray, path: Path, key: str) -> Tensor:
+    where = f"{key} in {str(path)!r}"
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]  # a column vector of indices
+    if labels.ndim != 1:
+        raise ConfigError(
+            f"{where} have shape {labels.shape}; labels must be 1-D integer class indices, "
+            "not one-hot"
+        )
+    # Whole-valued floats are accepted: several tools save class indices as floats.
+    whole = labels.dtype.kind == "f" and bool(np.all(np.mod(labels, 1) == 0))
+    if labels.dtype.kind not in "biu" and not whole:
+        raise ConfigError(f"{where} are {labels.dtype}; labels must be integer class indices")
+    if len(labels) and labels.min() < 0:
+        raise ConfigError(f"{where}: labels must be >= 0; found {labels.min():g}")
+    return torch.from_numpy(labels.astype(np.int64))
 
 
 def load_imagefolder(root: Path, image_size: int = 32) -> DatasetSplits:
@@ -255,8 +327,13 @@ def load_imagefolder(root: Path, image_size: int = 32) -> DatasetSplits:
     return DatasetSplits(train, test, len(classes), 3, image_size, mean, std, natural_images=True)
 
 
+def _hidden(name: str) -> bool:
+    # .ipynb_checkpoints, macOS ._* resource forks and the like.
+    return name.startswith(".")
+
+
 def _class_names(root: Path) -> list[str]:
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not _hidden(p.name))
     if not classes:
         raise ConfigError(f"{str(root)!r} has no class folders (expected root/<class>/<image>)")
     return classes
@@ -266,7 +343,8 @@ def _folder_dataset(root: Path, classes: list[str], size: int) -> ImageFolderDat
     files, labels = [], []
     for label, name in enumerate(classes):
         for f in sorted((root / name).rglob("*")):
-            if f.suffix.lower() in IMAGE_SUFFIXES:
+            hidden = any(_hidden(part) for part in f.relative_to(root / name).parts)
+            if f.suffix.lower() in IMAGE_SUFFIXES and not hidden:
                 files.append(f)
                 labels.append(label)
     if not files:
