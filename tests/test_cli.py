@@ -225,6 +225,7 @@ def test_existing_run_needs_resume_or_overwrite(tmp_path, capsys):
         (["--threads", "-1"], "threads must be >= 1, got -1"),
         (["--train-limit", "-5"], "train limit must be >= 1, got -5"),
         (["--seeds", "0,0"], "must not repeat"),
+        (["--layer-pairs", "block1:stage1,block1:stage1"], "'block1:stage1' is given more than once"),
         (["--dataset", "npz", "--data-path", "broken.npz"], "broken.npz"),
         (["--output-dir", "a_file"], "a_file"),
     ],

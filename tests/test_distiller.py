@@ -98,6 +98,53 @@ def test_k_larger_than_K_is_rejected():
         make_distiller(sparsity_multiplier=1.5)
 
 
+def test_repeated_layer_pair_is_rejected():
+    with pytest.raises(ValueError, match="'block1' -> 'stage1' is given more than once"):
+        make_distiller(pairs=[("block1", "stage1"), ("block2", "stage2"), ("block1", "stage1")])
+
+
+def grads_of(blocks: nn.ModuleList) -> list[bool]:
+    return [block.dictionary.grad is not None and bool(block.dictionary.grad.any()) for block in blocks]
+
+
+def test_pairs_sharing_a_student_path_each_add_their_loss():
+    # one student layer learns from two teacher layers
+    distiller = make_distiller(pairs={"block1": "stage2", "block2": "stage2"})
+    images = next(iter(toy_loader()))[0]
+    loss, parts = distiller.student_loss(images)
+    assert list(parts) == ["srm/block1->stage2", "srm/block2->stage2"]
+    torch.testing.assert_close(loss, parts["srm/block1->stage2"] + parts["srm/block2->stage2"])
+    loss.backward()
+    assert grads_of(distiller.predictors) == [True, True]
+    _, parts = distiller.dictionary_loss(images)
+    assert list(parts) == ["recon/block1", "recon/block2"]  # unique paths keep their names
+
+
+def test_pairs_sharing_a_teacher_path_each_add_their_loss():
+    # one teacher layer supervises two student layers
+    distiller = make_distiller(pairs=[("block2", "stage1"), ("block2", "stage2"), ("block3", "stage3")])
+    images = next(iter(toy_loader()))[0]
+    loss, parts = distiller.dictionary_loss(images)
+    assert list(parts) == ["recon/block2->stage1", "recon/block2->stage2", "recon/block3"]
+    torch.testing.assert_close(loss, sum(parts.values()))
+    loss.backward()
+    assert grads_of(distiller.representations) == [True, True, True]
+    _, parts = distiller.student_loss(images)
+    assert list(parts) == ["srm/stage1", "srm/stage2", "srm/stage3"]
+
+
+def test_stages_train_every_block_of_pairs_sharing_paths():
+    distiller = make_distiller(pairs=[("block2", "stage2"), ("block2", "stage3"), ("block3", "stage3")])
+    dicts_before = [snapshot(block) for block in distiller.representations]
+    preds_before = [snapshot(block) for block in distiller.predictors]
+    history = distiller.fit_dictionaries(toy_loader(n=32), epochs=1, **QUIET)
+    assert {"recon/block2->stage2", "recon/block2->stage3", "recon/block3"} <= set(history[0])
+    history = distiller.fit_student(toy_loader(n=32), epochs=1, **QUIET)
+    assert {"srm/stage2", "srm/block2->stage3", "srm/block3->stage3"} <= set(history[0])
+    assert all(map(changed, dicts_before, distiller.representations))
+    assert all(map(changed, preds_before, distiller.predictors))
+
+
 def test_lazy_build_from_first_batch():
     torch.manual_seed(0)
     distiller = SRMDistiller(tiny_teacher(), tiny_student(), {"block3": "stage3"})
@@ -189,6 +236,18 @@ def test_export_student_has_no_srm_blocks_or_hooks():
     assert student.state_dict().keys() == tiny_student().state_dict().keys()
     x = torch.randn(2, 1, 8, 8)
     torch.testing.assert_close(student(x), distiller.student.eval()(x))
+
+
+@pytest.mark.parametrize("method", ["fit_dictionaries", "fit_student", "fit_kd", "fit"])
+def test_trainer_keywords_next_to_a_trainer_are_rejected(method):
+    torch.manual_seed(0)
+    distiller = SRMDistiller(tiny_teacher(), tiny_student(), {"block1": "stage1"})
+    student_before = snapshot(distiller.student)
+    with pytest.raises(TypeError, match=r"trainer=.*\(amp, device\)"):
+        getattr(distiller, method)(
+            toy_loader(), 1, trainer=Trainer(**QUIET), amp="bf16", device="cpu"
+        )
+    assert not distiller.is_built and not changed(student_before, distiller.student)
 
 
 # ----------------------------------------------------------------------------- trainer

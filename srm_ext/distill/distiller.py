@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -38,8 +39,13 @@ class SRMDistiller(nn.Module):
         student: the classifier to train; returned without SRM blocks or hooks by
             :meth:`export_student`.
         layer_pairs: teacher module path -> student module path (dotted names as in
-            ``named_modules()``), e.g. ``{"layer2": "stage2", "layer3.1": "stage3"}``.
-            Both modules must output 4-D (N, C, H, W) maps; the grids may differ.
+            ``named_modules()``), e.g. ``{"layer2": "stage2", "layer3.1": "stage3"}``,
+            or a list of ``(teacher path, student path)`` pairs. Both modules must
+            output 4-D (N, C, H, W) maps; the grids may differ. A path may appear in
+            several pairs (each pair gets its own SRM blocks), but a pair only once.
+            The per-pair losses are logged as ``recon/{teacher path}`` (stage 1) and
+            ``srm/{student path}`` (stage 2), or as ``recon/{teacher}->{student}``
+            and ``srm/{teacher}->{student}`` where that path is shared by pairs.
         codeword_multiplier, sparsity_multiplier: per pair with teacher channels D,
             ``K = int(D * cm)`` codewords and ``k = max(1, int(D * sm * cm))`` kept.
         input_shape: (C, H, W) of one input, or ``example_input`` (a batch): used for
@@ -79,6 +85,13 @@ class SRMDistiller(nn.Module):
         self.teacher = teacher
         self.student = student
         self.layer_pairs: list[tuple[str, str]] = [(str(t), str(s)) for t, s in pairs]
+        repeated = [pair for pair, count in Counter(self.layer_pairs).items() if count > 1]
+        if repeated:
+            t_path, s_path = repeated[0]
+            raise ValueError(f"layer pair {t_path!r} -> {s_path!r} is given more than once")
+        # One metric name per pair, so that pairs sharing a path stay apart.
+        self._recon_names = _pair_names(self.layer_pairs, "recon", side=0)
+        self._srm_names = _pair_names(self.layer_pairs, "srm", side=1)
         self.codeword_multiplier = codeword_multiplier
         self.sparsity_multiplier = sparsity_multiplier
         self.local_weight = local_weight
@@ -138,8 +151,10 @@ class SRMDistiller(nn.Module):
         with torch.no_grad(), self.teacher_tap.capture() as t_maps:
             self.teacher(images)
         losses = {
-            f"recon/{t_path}": block.loss(t_maps[t_path])
-            for (t_path, _), block in zip(self.layer_pairs, self.representations)
+            name: block.loss(t_maps[t_path])
+            for name, (t_path, _), block in zip(
+                self._recon_names, self.layer_pairs, self.representations
+            )
         }
         return sum(losses.values()), losses
 
@@ -159,8 +174,10 @@ class SRMDistiller(nn.Module):
         with self.student_tap.capture() as s_maps:
             self.student(images)
         losses = {
-            f"srm/{s_path}": predictor(s_maps[s_path], target)
-            for (_, s_path), predictor, target in zip(self.layer_pairs, self.predictors, labels)
+            name: predictor(s_maps[s_path], target)
+            for name, (_, s_path), predictor, target in zip(
+                self._srm_names, self.layer_pairs, self.predictors, labels
+            )
         }
         return sum(losses.values()), losses
 
@@ -220,13 +237,13 @@ class SRMDistiller(nn.Module):
 
     def fit_dictionaries(self, loader: Iterable, epochs: int | None = None, **kwargs: Any) -> list[dict]:
         """Stage 1: fit the teacher-side dictionaries (teacher frozen, eval mode)."""
-        self._ensure_built(loader)
-        return self._fit(self.dictionary_stage, "dictionary", loader, epochs, **kwargs)
+        return self._fit(
+            self.dictionary_stage, "dictionary", loader, epochs, needs_blocks=True, **kwargs
+        )
 
     def fit_student(self, loader: Iterable, epochs: int | None = None, **kwargs: Any) -> list[dict]:
         """Stage 2: train the whole student and its predictors on the teacher's sparse codes."""
-        self._ensure_built(loader)
-        return self._fit(self.student_stage, "init", loader, epochs, **kwargs)
+        return self._fit(self.student_stage, "init", loader, epochs, needs_blocks=True, **kwargs)
 
     def fit_kd(self, loader: Iterable, epochs: int | None = None, **kwargs: Any) -> list[dict]:
         """Stage 3: Hinton KD of the student (predictor blocks unused)."""
@@ -254,15 +271,25 @@ class SRMDistiller(nn.Module):
         loader: Iterable,
         epochs: int | None,
         *,
+        needs_blocks: bool = False,
         config: StageConfig | None = None,
         trainer: Trainer | None = None,
         eval_loader: Iterable | None = None,
         **trainer_kwargs: Any,
     ) -> list[dict]:
         """Shared by the ``fit_*`` methods: ``config`` replaces the stage's default
-        settings, ``epochs`` overrides its epoch count; ``trainer`` (or keyword
-        arguments of :class:`Trainer`) says how to run; ``eval_loader`` adds the
-        student's held-out accuracy to the metrics of stage 3."""
+        settings, ``epochs`` overrides its epoch count; ``trainer`` or keyword
+        arguments of :class:`Trainer` (not both) say how to run; ``eval_loader``
+        adds the student's held-out accuracy to the metrics of stage 3."""
+        if trainer is not None and trainer_kwargs:
+            # They would be silently ignored (e.g. amp="bf16" running in float32).
+            names = ", ".join(sorted(trainer_kwargs))
+            raise TypeError(
+                f"got both trainer= and Trainer keyword arguments ({names}), which that "
+                "trainer would ignore; set them on the Trainer or drop trainer="
+            )
+        if needs_blocks:
+            self._ensure_built(loader)
         config = config or DEFAULT_STAGE_CONFIGS[key]
         if epochs is not None:
             config = config.replace(epochs=epochs)
@@ -279,6 +306,16 @@ class SRMDistiller(nn.Module):
     def export_student(self) -> nn.Module:
         """A copy of the student, in eval mode, with no SRM blocks and no hooks."""
         return copy.deepcopy(self.student).eval()
+
+
+def _pair_names(pairs: list[tuple[str, str]], prefix: str, side: int) -> list[str]:
+    """``prefix/path`` per pair, with its teacher (``side=0``) or student path, or
+    ``prefix/teacher->student`` where other pairs share that path."""
+    counts = Counter(pair[side] for pair in pairs)
+    return [
+        f"{prefix}/{pair[side]}" if counts[pair[side]] == 1 else f"{prefix}/{pair[0]}->{pair[1]}"
+        for pair in pairs
+    ]
 
 
 def module_device(module: nn.Module) -> torch.device:

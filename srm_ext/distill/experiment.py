@@ -57,7 +57,10 @@ def parse_layer_pairs(specs: list[str]) -> list[tuple[str, str]]:
         teacher_path, sep, student_path = spec.partition(":")
         if not sep or not teacher_path or not student_path:
             raise ConfigError(f"layer pair {spec!r} must look like TEACHER_PATH:STUDENT_PATH")
-        pairs.append((teacher_path.strip(), student_path.strip()))
+        pair = (teacher_path.strip(), student_path.strip())
+        if pair in pairs:
+            raise ConfigError(f"layer pair {spec!r} is given more than once")
+        pairs.append(pair)
     return pairs
 
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FeatureTap", "resolve_module"]
+__all__ = ["FeatureMaps", "FeatureTap", "resolve_module"]
 
 
 def resolve_module(model: nn.Module, path: str, role: str = "model") -> nn.Module:
@@ -24,6 +24,59 @@ def resolve_module(model: nn.Module, path: str, role: str = "model") -> nn.Modul
     close = difflib.get_close_matches(path, names, n=5, cutoff=0.4)
     hint = f"; closest: {', '.join(close)}" if close else ""
     raise ValueError(f"{role} has no module {path!r}{hint}")
+
+
+class FeatureMaps(Mapping[str, Tensor]):
+    """The maps of one :meth:`FeatureTap.capture`, by module path.
+
+    The hooks keep the output tensors themselves rather than copies (copying
+    every map would double their memory), so an in-place op later in the
+    forward pass (``out += identity``, ``ReLU(inplace=True)``) would change a
+    stored map. Each map's version counter is recorded when its module
+    returns it, and reading a map that has been modified since raises (maps
+    captured under torch.compile or in inference mode carry no usable counter
+    and are not checked).
+    """
+
+    def __init__(self, role: str = "model") -> None:
+        self._role = role
+        self._maps: dict[str, Tensor] = {}
+        self._versions: dict[str, int | None] = {}
+
+    def __getitem__(self, path: str) -> Tensor:
+        tensor = self._maps[path]
+        version = self._versions[path]
+        if version is not None and tensor._version != version:
+            raise RuntimeError(
+                f"{self._role} module {path!r}: its output was modified in place later in the "
+                "forward pass (e.g. `out += identity` or ReLU(inplace=True)), so it no longer "
+                "holds that module's output; tap the module after the in-place op (e.g. the "
+                "enclosing block), or a module whose output is not modified in place"
+            )
+        return tensor
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._maps)
+
+    def __len__(self) -> int:
+        return len(self._maps)
+
+    def _store(self, path: str, tensor: Tensor) -> None:
+        if path in self._maps:
+            raise RuntimeError(
+                f"{self._role} module {path!r} ran more than once in one forward pass, so "
+                "its output is ambiguous; tap a module that runs once per forward pass "
+                "(e.g. give each use of a shared layer its own module)"
+            )
+        self._maps[path] = tensor
+        # Under torch.compile the hooks see traced tensors, and inference tensors
+        # have no version counter: such maps go unchecked.
+        unchecked = torch.compiler.is_compiling() or tensor.is_inference()
+        self._versions[path] = None if unchecked else tensor._version
+
+    def _clear(self) -> None:
+        self._maps.clear()
+        self._versions.clear()
 
 
 class FeatureTap:
@@ -45,9 +98,13 @@ class FeatureTap:
         self._modules = {path: resolve_module(model, path, role) for path in self.paths}
 
     @contextmanager
-    def capture(self) -> Iterator[dict[str, Tensor]]:
-        features: dict[str, Tensor] = {}
-        handles = [
+    def capture(self) -> Iterator[FeatureMaps]:
+        """Hooks the tapped modules while the block runs. The maps hold the last
+        forward pass of ``model``: each call of the model starts afresh, and a
+        tapped module that runs twice within one pass raises."""
+        features = FeatureMaps(self.role)
+        handles = [self.model.register_forward_pre_hook(lambda module, args: features._clear())]
+        handles += [
             module.register_forward_hook(self._make_hook(path, features))
             for path, module in self._modules.items()
         ]
@@ -73,9 +130,9 @@ class FeatureTap:
             raise ValueError(
                 f"{self.role} modules {', '.join(map(repr, missing))} did not run in the forward pass"
             )
-        return dict(maps)
+        return {path: maps[path] for path in self.paths}  # reading checks for in-place changes
 
-    def _make_hook(self, path: str, features: dict[str, Tensor]):
+    def _make_hook(self, path: str, features: FeatureMaps):
         def hook(module: nn.Module, inputs: object, output: object) -> None:
             if not isinstance(output, Tensor) or output.dim() != 4:
                 got = (
@@ -87,6 +144,6 @@ class FeatureTap:
                     f"{self.role} module {path!r} returned {got}; SRM needs a 4-D "
                     "(N, C, H, W) feature map there, so pick a convolutional layer"
                 )
-            features[path] = output
+            features._store(path, output)
 
         return hook
