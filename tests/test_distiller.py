@@ -285,6 +285,16 @@ def test_trainer_resume_matches_uninterrupted_training():
         torch.testing.assert_close(resumed_model.state_dict()[key], value, rtol=0, atol=0)
 
 
+def test_trainer_without_a_device_sends_batches_where_the_model_lives():
+    # A model on another device (meta stands in for a GPU here) pulls the
+    # batches there; an explicit device is kept.
+    trainer, pinned = Trainer(**QUIET), Trainer("cpu", **QUIET)
+    for t in (trainer, pinned):
+        t.follow(nn.Linear(2, 2, device="meta").parameters())
+    images, _ = trainer.to_device(torch.zeros(1, 2), torch.zeros(1), train=False)
+    assert images.device.type == "meta" and pinned.device.type == "cpu"
+
+
 def test_trainer_rejects_empty_parameter_list():
     stage = cross_entropy_stage("ce", nn.Sequential(nn.Flatten()), StageConfig(epochs=1))
     with pytest.raises(ValueError, match="no parameters"):

@@ -321,6 +321,12 @@ class ExperimentRunner:
             rngs = current["rng"]
             if len(rngs) == self.ctx.world_size:
                 set_rng_state(rngs[self.ctx.rank])
+            else:
+                self._log(
+                    f"resuming {run_id} on {self.ctx.world_size} process(es), saved from "
+                    f"{len(rngs)}: augmentation draws restart, so its numbers will differ "
+                    "from an uninterrupted run"
+                )
 
         for index, stage in enumerate(plan.stages):
             resume = None

@@ -23,7 +23,8 @@ def accuracy(
     context: "DistributedContext | None" = None,
 ) -> float:
     """Top-1 accuracy of ``model`` over ``loader`` (eval mode; the previous mode is
-    restored). ``trainer`` supplies the device, preprocessing and autocast.
+    restored). ``trainer`` supplies the device, preprocessing and autocast; without
+    one, batches go to the model's device as they are.
 
     With a distributed ``context`` the counts are summed over its processes, so
     each process can evaluate its own shard of the held-out set (``make_loaders``
@@ -31,6 +32,9 @@ def accuracy(
     was_training = model.training
     model.eval()
     correct = total = 0
+    if trainer is not None:
+        trainer.follow(model.parameters())
+    device = next(model.parameters(), torch.empty(0)).device
     try:
         for images, targets in loader:
             if trainer is not None:
@@ -38,12 +42,13 @@ def accuracy(
                 with trainer.autocast():
                     logits = model(images)
             else:
+                images, targets = images.to(device), targets.to(device)
                 logits = model(images)
             correct += (logits.argmax(dim=1) == targets).sum().item()
             total += targets.numel()
     finally:
         model.train(was_training)
     if context is not None and context.enabled:
-        device = trainer.device if trainer is not None else "cpu"
+        device = trainer.device if trainer is not None else device
         correct, total = context.sum([correct, total], device)
     return correct / max(total, 1)

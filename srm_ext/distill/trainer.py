@@ -89,7 +89,8 @@ class Trainer:
     """Runs :class:`Stage` objects.
 
     Args:
-        device: where batches go.
+        device: where batches go; ``None``: wherever the parameters of the stage
+            being trained (or the model being evaluated) live.
         preprocess: ``preprocess(images, train)`` applied to each batch on the device.
         amp: ``"none"``, ``"bf16"`` or ``"fp16"`` autocast (fp16 uses a GradScaler on CUDA).
         progress: show tqdm bars (main process only; off when stderr is not a TTY).
@@ -99,14 +100,15 @@ class Trainer:
 
     def __init__(
         self,
-        device: torch.device | str = "cpu",
+        device: torch.device | str | None = None,
         preprocess: Preprocess | None = None,
         amp: str = "none",
         progress: bool = True,
         context: DistributedContext | None = None,
         log: Callable[[str], None] | None = print,
     ) -> None:
-        self.device = torch.device(device)
+        self._follows_parameters = device is None
+        self.device = torch.device("cpu" if device is None else device)
         self.preprocess = preprocess
         self.amp = amp
         self.context = context or DistributedContext.current()
@@ -132,6 +134,7 @@ class Trainer:
         """
         if not stage.parameters:
             raise ValueError(f"stage {stage.name!r} has no parameters to train")
+        self.follow(stage.parameters)
         optimizer = build_optimizer(stage.parameters, stage.config)
         scheduler = build_scheduler(optimizer, stage.config)
         scaler = self._grad_scaler()
@@ -160,6 +163,13 @@ class Trainer:
                 }
                 on_epoch_end(metrics, state)
         return history
+
+    def follow(self, parameters: Iterable[Tensor]) -> None:
+        """Without an explicit ``device``, send batches to where ``parameters`` live."""
+        if self._follows_parameters:
+            first = next(iter(parameters), None)
+            if first is not None:
+                self.device = first.device
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.amp == "none":
