@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 __all__ = [
     "ConfigError",
     "StageConfig",
@@ -161,8 +163,6 @@ class ExperimentConfig:
                 f"and seeds {self.seeds}"
             )
         if self.device != "auto":
-            import torch
-
             try:
                 torch.device(self.device)
             except RuntimeError:
