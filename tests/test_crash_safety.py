@@ -33,18 +33,24 @@ def _epochs_logged(out: Path) -> int:
     return len(metrics.read_text().splitlines()) if metrics.exists() else 0
 
 
+def _start_and_signal(out: Path, cwd: Path, epochs: int, signum: int) -> subprocess.Popen:
+    """Starts a run into ``out`` and sends it ``signum`` once ``epochs`` epochs are logged."""
+    run = _cli("--output-dir", str(out), cwd=cwd)
+    deadline = time.monotonic() + 300
+    while _epochs_logged(out) < epochs and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert run.poll() is None, "the run ended before the signal"
+    run.send_signal(signum)
+    return run
+
+
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     straight = tmp_path / "straight"
     done = _cli("--output-dir", str(straight), cwd=tmp_path)
     assert done.wait(timeout=300) == 0, done.stderr.read()
 
     killed = tmp_path / "killed"
-    run = _cli("--output-dir", str(killed), cwd=tmp_path)
-    deadline = time.monotonic() + 300
-    while _epochs_logged(killed) < 3 and run.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert run.poll() is None, "the run ended before it could be killed"
-    run.send_signal(signal.SIGKILL)
+    run = _start_and_signal(killed, tmp_path, 3, signal.SIGKILL)
     run.wait(timeout=60)
     logged = _epochs_logged(killed)
     assert not (killed / "results.json").exists()
@@ -61,12 +67,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
 def test_sigterm_stops_cleanly_with_the_resume_hint(tmp_path):
     # How schedulers preempt a job: no traceback, no temporary file left over.
     out = tmp_path / "run"
-    run = _cli("--output-dir", str(out), cwd=tmp_path)
-    deadline = time.monotonic() + 300
-    while _epochs_logged(out) < 1 and run.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert run.poll() is None, "the run ended before it could be stopped"
-    run.send_signal(signal.SIGTERM)
+    run = _start_and_signal(out, tmp_path, 1, signal.SIGTERM)
     assert run.wait(timeout=60) == 130
     err = run.stderr.read()
     assert "interrupted; continue with: srm-ext distill --resume" in err and "Traceback" not in err
