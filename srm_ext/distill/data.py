@@ -286,8 +286,8 @@ def _to_uint8_nchw(array: np.ndarray, path: Path, key: str) -> Tensor:
         if array.size and array.dtype.kind in "iuf":
             got += f" in [{array.min():.4g}, {array.max():.4g}]"
         raise ConfigError(
-            f"{key} in {str(path)!r}: images must be uint8, uint16, integers in [0, 255] or float in [0, 1]; "
-            f"got {got}"
+            f"{key} in {str(path)!r}: images must be uint8, uint16, integers in [0, 255] "
+            f"or float in [0, 1]; got {got}"
         )
     return torch.from_numpy(np.ascontiguousarray(array))
 

@@ -152,7 +152,13 @@ def build_plan(
     elif method == "at":
         stages = [
             _feature_regulariser_stage(
-                "at", teacher, student, layer_pairs, attention_transfer_loss, attention_transfer_weight(cfg, example), cfg
+                "at",
+                teacher,
+                student,
+                layer_pairs,
+                attention_transfer_loss,
+                attention_transfer_weight(cfg, example),
+                cfg,
             )
         ]
     elif method == "fitnet":
