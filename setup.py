@@ -24,7 +24,12 @@ DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
 
 def cpu_extension() -> CppExtension:
-    sources = ["csrc/registration.cpp", "csrc/build_info.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    sources = [
+        "csrc/registration.cpp",
+        "csrc/build_info.cpp",
+        "csrc/predictor_loss_backward.cpp",
+        *sorted(glob.glob("csrc/cpu/*.cpp")),
+    ]
     if sys.platform == "win32":
         cxx = ["/O2", "/openmp", "/std:c++20"]
         link = []

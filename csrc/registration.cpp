@@ -7,9 +7,12 @@
 //   dictionary              (D, K)
 //   intercept               one element
 //   values, indices         (N, H, W, k), contiguous, indices int64
-//   grad_logits             (N, H, W, K), contiguous
 // A backward op returns an empty tensor of shape (0,) for every gradient whose
-// output_mask entry is false. The encoder's backward ops take the intercept
+// output_mask entry is false; so does predictor_loss, which forms its
+// gradients in forward, for a unit upstream gradient (float16 inputs get them
+// in float32, whose range holds them unscaled); its backward op scales them,
+// and takes y and the dictionary to check them against (and so that the
+// scaled gradients' autograd history reaches the inputs). The encoder's backward ops take the intercept
 // too: where values are rounded to a 16-bit dtype, the derivative of the
 // sigmoid needs the pre-activation, recomputed from x, dictionary and it.
 #include <torch/library.h>
@@ -42,9 +45,10 @@ TORCH_LIBRARY(srm_ext, m) {
   m.def(
       "predictor_loss(Tensor y, Tensor dictionary, Tensor intercept,"
       " Tensor pixel_labels, Tensor image_labels, float local_weight,"
-      " float global_weight) -> (Tensor loss, Tensor grad_logits)");
+      " float global_weight, bool[3] output_mask) -> (Tensor loss, Tensor grad_y,"
+      " Tensor grad_dictionary, Tensor grad_intercept)");
   m.def(
-      "predictor_loss_backward(Tensor grad_loss, Tensor grad_logits, Tensor y,"
-      " Tensor dictionary, bool[3] output_mask)"
+      "predictor_loss_backward(Tensor grad_loss, Tensor grad_y, Tensor grad_dictionary,"
+      " Tensor grad_intercept, Tensor y, Tensor dictionary, bool[3] output_mask)"
       " -> (Tensor grad_y, Tensor grad_dictionary, Tensor grad_intercept)");
 }

@@ -88,20 +88,38 @@ def _(values, indices, num_codewords):
 
 
 @torch.library.register_fake(f"{_LIB}::predictor_loss")
-def _(y, dictionary, intercept, pixel_labels, image_labels, local_weight, global_weight):
-    n, _, h, w = y.shape
-    return y.new_empty(()), y.new_empty(n, h, w, dictionary.shape[1])
+def _(y, dictionary, intercept, pixel_labels, image_labels, local_weight, global_weight,
+      output_mask):
+    n, d, h, w = y.shape
+    # Gradients for a unit upstream gradient; float16's are kept in float32.
+    grad_dtype = torch.float32 if y.dtype == torch.float16 else y.dtype
+    # grad_y is (dz @ C_s^T) viewed as NCHW: channels-last strides.
+    grad_y = (
+        y.new_empty(n, h, w, d, dtype=grad_dtype).permute(0, 3, 1, 2)
+        if output_mask[0]
+        else y.new_empty(0, dtype=grad_dtype)
+    )
+    return (
+        y.new_empty(()),
+        grad_y,
+        torch.empty_like(dictionary, dtype=grad_dtype)
+        if output_mask[1]
+        else y.new_empty(0, dtype=grad_dtype),
+        y.new_empty((), dtype=grad_dtype) if output_mask[2] else y.new_empty(0, dtype=grad_dtype),
+    )
 
 
 @torch.library.register_fake(f"{_LIB}::predictor_loss_backward")
-def _(grad_loss, grad_logits, y, dictionary, output_mask):
-    n, d, h, w = y.shape
-    # The kernels return (dz @ C_s^T) viewed as NCHW: channels-last strides.
-    grad_y = y.new_empty(n, h, w, d).permute(0, 3, 1, 2) if output_mask[0] else y.new_empty(0)
+def _(grad_loss, grad_y, grad_dictionary, grad_intercept, y, dictionary, output_mask):
+    def scaled(unit, wanted):
+        if not wanted:
+            return grad_loss.new_empty(0)
+        return torch.empty_like(unit, dtype=grad_loss.dtype)
+
     return (
-        grad_y,
-        _masked_like(dictionary, output_mask[1]),
-        _masked(y, output_mask[2]),
+        scaled(grad_y, output_mask[0]),
+        scaled(grad_dictionary, output_mask[1]),
+        scaled(grad_intercept, output_mask[2]),
     )
 
 
@@ -171,30 +189,44 @@ def _reconstruction_backward(ctx, grad_loss, _grad_values, _grad_indices):
 
 
 def _predictor_setup(ctx, inputs, output):
-    y, dictionary, intercept = inputs[:3]
-    _, grad_logits = output
-    ctx.mark_non_differentiable(grad_logits)
-    # Otherwise autograd hands the backward a zero-filled (N, H, W, K) tensor
-    # for the non-differentiable output: a second buffer as large as the one
-    # kept, and a fill as long as a pass over it.
+    _, grad_y, grad_dictionary, grad_intercept = output
+    ctx.mark_non_differentiable(grad_y, grad_dictionary, grad_intercept)
+    # Otherwise autograd hands the backward zero-filled tensors for the
+    # non-differentiable outputs, each a pass over memory for nothing.
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(y, dictionary, grad_logits)
-    ctx.intercept_shape = intercept.shape
+    # The op formed the gradients in forward (for a unit upstream gradient):
+    # the backward only scales them. y and the dictionary go to the backward
+    # op too, so that the gradients it returns have them in their history.
+    y, dictionary = inputs[:2]
+    ctx.save_for_backward(grad_y, grad_dictionary, grad_intercept, y, dictionary)
+    ctx.intercept_shape = inputs[2].shape
+    ctx.formed = tuple(inputs[7])
     ctx.wanted = tuple(ctx.needs_input_grad[:3])
 
 
-def _predictor_backward(ctx, grad_loss, _grad_grad_logits):
+def _predictor_backward(ctx, grad_loss, *_grad_unit_grads):
     if grad_loss is None:
-        return (None,) * 7
-    y, dictionary, grad_logits = ctx.saved_tensors
+        return (None,) * 8
+    missing = [
+        name
+        for name, wanted, formed in zip(("y", "dictionary", "intercept"), ctx.wanted, ctx.formed)
+        if wanted and not formed
+    ]
+    if missing:
+        raise RuntimeError(
+            f"srm_ext: predictor_loss formed no gradient for {', '.join(missing)}: its "
+            "output_mask was off there when the op ran; srm_ext.predictor_loss sets it from "
+            "requires_grad"
+        )
     gy, gc, gb = torch.ops.srm_ext.predictor_loss_backward(
-        grad_loss, grad_logits, y, dictionary, list(ctx.wanted)
+        grad_loss, *ctx.saved_tensors, list(ctx.wanted)
     )
     gb = gb.reshape(ctx.intercept_shape) if ctx.wanted[2] else None
     return (
         _grad_or_none(gy, ctx.wanted[0]),
         _grad_or_none(gc, ctx.wanted[1]),
         gb,
+        None,
         None,
         None,
         None,

@@ -120,6 +120,8 @@ def predictor_loss(
         y, dictionary, intercept, pixel_labels, image_labels, local_weight, global_weight
     )
     if use_native(y):
+        # The op forms the gradients in forward, so it is told which are wanted.
+        wanted = [torch.is_grad_enabled() and t.requires_grad for t in (y, dictionary, intercept)]
         return torch.ops.srm_ext.predictor_loss(
             y,
             dictionary,
@@ -128,6 +130,7 @@ def predictor_loss(
             image_labels.detach(),
             float(local_weight),
             float(global_weight),
+            wanted,
         )[0]
     return reference.predictor_loss(
         y, dictionary, intercept, pixel_labels, image_labels, local_weight, global_weight

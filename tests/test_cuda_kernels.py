@@ -226,7 +226,7 @@ def test_opcheck_on_cuda(dtype):
     one = torch.ones((), device=DEVICE, dtype=dtype)
     y = torch.randn(2, 5, 3, 4, device=DEVICE, dtype=dtype)
     Cs = torch.randn(5, 12, device=DEVICE, dtype=dtype)
-    _, grad_logits = ops.predictor_loss(y, Cs, b, pixel, image, 1.0, 1.0)
+    _, *unit_grads = ops.predictor_loss(y, Cs, b, pixel, image, 1.0, 1.0, [True, True, True])
     cases = [
         (ops.sparse_encode.default, (leaf(x), leaf(C), leaf(b), k)),
         (ops.sparse_encode_backward.default, (torch.randn_like(values), values, indices, x, C, b, [True, True, True])),
@@ -235,8 +235,8 @@ def test_opcheck_on_cuda(dtype):
         (ops.reconstruction_loss.default, (leaf(x), leaf(C), leaf(b), k)),
         (ops.reconstruction_loss_backward.default, (one, x, C, b, values, indices, [True, True, True])),
         (ops.sparse_labels.default, (values, indices, 12)),
-        (ops.predictor_loss.default, (leaf(y), leaf(Cs), leaf(b), pixel, image, 0.5, 2.0)),
-        (ops.predictor_loss_backward.default, (one, grad_logits, y, Cs, [True, True, True])),
+        (ops.predictor_loss.default, (leaf(y), leaf(Cs), leaf(b), pixel, image, 0.5, 2.0, [True, True, True])),
+        (ops.predictor_loss_backward.default, (one, *unit_grads, y, Cs, [True, True, True])),
     ]
     for op, args in cases:
         opcheck(op, args)

@@ -113,7 +113,9 @@ def test_kernels_reject_bad_input_when_called_directly():
     with pytest.raises(RuntimeError, match="dictionary must have shape"):
         ops.reconstruction_loss(a["x"], torch.randn(3, 6), a["b"], 2)
     with pytest.raises(RuntimeError, match="pixel_labels must lie in"):
-        ops.predictor_loss(a["x"], a["C"], a["b"], a["pixel"] + 6, a["image"], 1.0, 1.0)
+        ops.predictor_loss(
+            a["x"], a["C"], a["b"], a["pixel"] + 6, a["image"], 1.0, 1.0, [True, True, True]
+        )
     with pytest.raises(RuntimeError, match="float32 or float64"):
         ops.sparse_encode(a["x"].half(), a["C"].half(), a["b"].half(), 2)
     # A backward op handed the code of fewer pixels than x has.
@@ -127,4 +129,12 @@ def test_kernels_reject_bad_input_when_called_directly():
         ops.reconstruction_loss_backward(
             torch.tensor(1.0), a["x"], a["C"], a["b"], small_values, small_indices,
             [True, True, True],
+        )
+    # The student backward op handed gradients that do not belong to y.
+    _, *unit_grads = ops.predictor_loss(
+        a["x"], a["C"], a["b"], a["pixel"], a["image"], 1.0, 1.0, [True, True, True]
+    )
+    with pytest.raises(RuntimeError, match=re.escape("grad_y must have shape [1, 4, 3, 3]")):
+        ops.predictor_loss_backward(
+            torch.tensor(1.0), *unit_grads, a["x"][:1], a["C"], [True, True, True]
         )

@@ -41,7 +41,7 @@ def op_cases():
     values, indices = reference.sparse_encode(x, C, b, 3)
     (y, Cs, bs), pixel, image = predictor_inputs()
     (yg, Csg, bsg), _, _ = predictor_inputs(requires_grad=True)
-    _, grad_logits = ops.predictor_loss(y, Cs, bs, pixel, image, 1.0, 1.0)
+    _, *unit_grads = ops.predictor_loss(y, Cs, bs, pixel, image, 1.0, 1.0, [True, True, True])
     grad_values = torch.randn_like(values)
     one = torch.tensor(1.0, dtype=torch.float64)
     return {
@@ -83,11 +83,16 @@ def op_cases():
         ),
         "predictor_loss": (
             ops.predictor_loss.default,
-            (yg, Csg, bsg, pixel, image, 0.5, 2.0),
+            (yg, Csg, bsg, pixel, image, 0.5, 2.0, [True, True, True]),
+        ),
+        # Only the dictionary's gradient formed: the others are (0,)-shaped.
+        "predictor_loss_masked": (
+            ops.predictor_loss.default,
+            (y, Csg, bs, pixel, image, 0.5, 2.0, [False, True, False]),
         ),
         "predictor_loss_backward": (
             ops.predictor_loss_backward.default,
-            (one, grad_logits, y, Cs, [True, True, True]),
+            (one, *unit_grads, y, Cs, [True, True, True]),
         ),
     }
 
@@ -147,18 +152,51 @@ def test_gradcheck_predictor_loss():
     )
 
 
-def test_backward_is_not_handed_zeros_for_the_kept_logit_gradient():
-    # predictor_loss's second output (N, H, W, K) is non-differentiable; if
-    # autograd materialised a zero gradient for it, backward would allocate
-    # and fill a second tensor that large.
+def test_predictor_loss_keeps_only_input_sized_gradients_for_backward():
+    # The gradients are formed in forward: backward holds tensors the size of
+    # y, the dictionary and the intercept, no (N, H, W, K) one.
     (y, Cs, bs), pixel, image = predictor_inputs(requires_grad=True)
     loss = srm_ext.predictor_loss(y, Cs, bs, pixel, image)
-    logits_shape = [y.shape[0], y.shape[2], y.shape[3], Cs.shape[1]]
+    saved = loss.grad_fn.saved_tensors
+    # The formed gradients, and y and the dictionary themselves (not copies).
+    shapes = [tuple(y.shape), tuple(Cs.shape), ()] + [tuple(y.shape), tuple(Cs.shape)]
+    assert sorted(tuple(t.shape) for t in saved) == sorted(shapes)
+    assert any(t is y for t in saved) or any(t.data_ptr() == y.data_ptr() for t in saved)
+
+
+def test_backward_is_not_handed_zeros_for_the_formed_gradients():
+    # predictor_loss's gradient outputs are non-differentiable; if autograd
+    # materialised zero gradients for them, backward would allocate and fill
+    # tensors as large as the inputs for nothing.
+    (y, Cs, bs), pixel, image = predictor_inputs(requires_grad=True)
+    loss = srm_ext.predictor_loss(y, Cs, bs, pixel, image)
     with torch.profiler.profile(record_shapes=True) as prof:
         loss.backward()
     fills = [e for e in prof.events() if e.name in ("aten::fill_", "aten::zero_", "aten::zeros")]
-    assert not [e for e in fills if logits_shape in e.input_shapes]
+    assert not [e for e in fills if [list(y.shape)] == e.input_shapes[:1]]
+    assert not [e for e in fills if [list(Cs.shape)] == e.input_shapes[:1]]
     assert y.grad is not None and Cs.grad is not None and bs.grad is not None
+
+
+def test_predictor_loss_gradients_follow_the_output_mask():
+    (y, Cs, bs), pixel, image = predictor_inputs(requires_grad=True)
+    want = torch.autograd.grad(srm_ext.predictor_loss(y, Cs, bs, pixel, image), (y, Cs, bs))
+    for mask in ([True, False, False], [False, True, False], [False, False, True]):
+        loss, *grads = ops.predictor_loss(y, Cs, bs, pixel, image, 1.0, 1.0, mask)
+        for grad, expected, formed in zip(grads, want, mask):
+            if formed:
+                torch.testing.assert_close(grad.reshape(expected.shape), expected, rtol=0, atol=0)
+            else:
+                assert grad.shape == (0,)
+
+
+def test_backward_through_an_unformed_gradient_names_it():
+    # Called directly with the mask off for an input that requires grad, the
+    # op has no gradient to give it: backward says so rather than inventing one.
+    (y, Cs, bs), pixel, image = predictor_inputs(requires_grad=True)
+    loss = ops.predictor_loss(y, Cs, bs, pixel, image, 1.0, 1.0, [True, False, True])[0]
+    with pytest.raises(RuntimeError, match="no gradient for dictionary.*output_mask"):
+        loss.backward()
 
 
 def _first_order_losses():

@@ -1,17 +1,21 @@
 // The student-side stage-2 loss on the CPU.
 //
-// The loss is a scalar, so its whole gradient with respect to the
-// pre-activations z = C_s^T y_p + b_s can be formed in the forward pass, in the
-// one (N, H, W, K) buffer the op keeps (grad_logits): one GEMM writes z there,
-// and two passes over each image's rows, one after the other while the rows
-// are in cache, turn it into the gradient in place. The backward op then
-// needs only the GEMMs that map that gradient to y and to the dictionary.
+// The loss is a scalar, so its gradients can be formed in the forward pass,
+// for a unit upstream gradient, and the backward op only scales them. Tile by
+// tile of pixels: a GEMM writes the logits z = C_s^T y_p, two passes over
+// each image's rows turn them into dloss/dz in place (with the loss on the
+// way), and two GEMMs map that to y and to the dictionary, all while the
+// tile's rows are in cache. Where the tiles hold whole images no (N, H, W, K)
+// tensor exists at all; images too large for one tile take one for the
+// duration of the op.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -76,29 +80,25 @@ void check_labels(const at::Tensor& pixel_labels, const at::Tensor& image_labels
   }
 }
 
-// How the passes over the logits split the pixels, by the shape alone. A
-// slice is a whole image, or a part of an image too large for one tile; the
-// column sums of q and the cross-entropy are summed per slice, and the
-// slices' sums added in order, so the result does not depend on the threads.
-// A tile, the unit of work, is a run of whole images or one slice. A tile of
-// whole images finishes its images (means, gradient pass) while their rows
-// are still in L2; slices of a larger image wait for its other slices.
+// How the work splits the pixels, by the shape alone: never by the thread
+// count, so every GEMM is the same call and every sum the same order on any
+// number of threads. A slice is a whole image, or a part of an image too
+// large for one tile; the column sums of q and the cross-entropy are summed
+// per slice, and the slices' sums added in order. A tile, the unit of work,
+// is a run of whole images or one slice.
 class StudentTiling {
  public:
   StudentTiling(int64_t images, int64_t per_image, int64_t num_codewords)
       : images_(images), per_image_(per_image) {
-    // About 2^17 logits (512 KiB in float32) per tile, and at least 64
-    // pixels per slice, so the slices' column sums (K doubles each) stay a
-    // small fraction of the logits whatever K.
-    constexpr int64_t kTileElements = 1 << 17, kMinSlicePixels = 64;
+    // About 2^18 logits (1 MiB in float32) per tile, and at least 64 pixels:
+    // rows enough for efficient GEMMs, and the slices' column sums (K doubles
+    // each) stay a small fraction of the logits.
+    constexpr int64_t kTileElements = 1 << 18, kMinTilePixels = 64;
     const int64_t rows =
-        std::max(kTileElements / std::max<int64_t>(num_codewords, 1), kMinSlicePixels);
+        std::max(kTileElements / std::max<int64_t>(num_codewords, 1), kMinTilePixels);
     slices_per_image_ = std::max<int64_t>(1, (per_image + rows - 1) / rows);
     slice_pixels_ = (per_image + slices_per_image_ - 1) / slices_per_image_;
-    // Runs of whole images, at most a thread's share of them.
-    const int64_t threads = std::max(at::get_num_threads(), 1);
-    images_per_tile_ = std::clamp<int64_t>(rows / std::max<int64_t>(per_image, 1), 1,
-                                           std::max<int64_t>((images + threads - 1) / threads, 1));
+    images_per_tile_ = std::max<int64_t>(rows / std::max<int64_t>(per_image, 1), 1);
   }
 
   bool whole_images() const { return slices_per_image_ == 1; }
@@ -107,11 +107,18 @@ class StudentTiling {
   int64_t tiles() const {
     return whole_images() ? (images_ + images_per_tile_ - 1) / images_per_tile_ : slices();
   }
+  // The most pixels in one tile.
+  int64_t tile_capacity() const {
+    return whole_images() ? images_per_tile_ * per_image_ : slice_pixels_;
+  }
   // Slices [first, last) of tile t; for whole images, slice i is image i.
   std::pair<int64_t, int64_t> tile_slices(int64_t t) const {
     if (!whole_images()) return {t, t + 1};
     return {t * images_per_tile_, std::min(images_, (t + 1) * images_per_tile_)};
   }
+  // Pixels [tile_begin(t), tile_end(t)) of tile t.
+  int64_t tile_begin(int64_t t) const { return slice_begin(tile_slices(t).first); }
+  int64_t tile_end(int64_t t) const { return slice_end(tile_slices(t).second - 1); }
   // Pixels [slice_begin(s), slice_end(s)) of slice s.
   int64_t slice_begin(int64_t s) const {
     return (s / slices_per_image_) * per_image_ + (s % slices_per_image_) * slice_pixels_;
@@ -125,40 +132,79 @@ class StudentTiling {
   int64_t images_, per_image_, slices_per_image_, slice_pixels_, images_per_tile_;
 };
 
-// The two passes that turn the logits z, a (pixels x K) row-major buffer,
-// into dloss/dz in place (via q = sigmoid(z + b)), and the loss on the way.
+// Rows of logits (K values each) for pixels from `first` on.
 template <typename scalar_t>
-class StudentLossPasses {
+struct LogitRows {
+  scalar_t* data;
+  int64_t first, num_codewords;
+  scalar_t* row(int64_t p) const { return data + (p - first) * num_codewords; }
+};
+
+// The loss and its gradients for a unit upstream gradient (those in the
+// output mask: y, dictionary, intercept).
+template <typename scalar_t>
+class StudentLoss {
  public:
-  StudentLossPasses(scalar_t* logits, int64_t images, int64_t per_image, int64_t num_codewords,
-                    scalar_t bias, const int64_t* labels, const scalar_t* targets,
-                    double local_weight, double global_weight)
-      : G_(logits), images_(images), per_image_(per_image), num_codewords_(num_codewords),
-        bias_(bias), labels_(labels), targets_(targets),
-        tiling_(images, per_image, num_codewords),
+  // dictionary: (D_s, K), any strides, detached.
+  StudentLoss(const at::Tensor& y, const at::Tensor& dictionary, scalar_t bias,
+              const int64_t* labels, const scalar_t* targets, double local_weight,
+              double global_weight, std::array<bool, 3> output_mask)
+      : y_(y.const_data_ptr<scalar_t>()), grid_(y), dictionary_(dictionary),
+        images_(y.size(0)), per_image_(grid_.pixels_per_image()),
+        num_codewords_(dictionary.size(1)), bias_(bias), labels_(labels), targets_(targets),
+        tiling_(images_, per_image_, num_codewords_), want_(output_mask),
         local_weight_(local_weight), global_weight_(global_weight),
         local_scale_(static_cast<scalar_t>(local_weight / static_cast<double>(pixels()))),
         global_scale_(global_weight / static_cast<double>(std::max<int64_t>(terms(), 1))),
         exp_sums_(pixels()), ce_sums_(tiling_.slices(), 0.0),
-        q_sums_(tiling_.slices() * num_codewords, 0.0), bce_sums_(images, 0.0),
-        means_(terms()), global_grad_(terms()) {}
+        q_sums_(tiling_.slices() * num_codewords_, 0.0), bce_sums_(images_, 0.0),
+        means_(terms()), global_grad_(terms()), bias_sums_(tiling_.tiles(), 0.0) {
+    const auto opts = dictionary.options();
+    if (want_[0]) grad_rows_ = at::empty({pixels(), grid_.c}, opts);
+    if (want_[1]) {
+      // One partial sum per worker, laid out like the dictionary; a worker's
+      // first tile writes it, so it needs no zero fill.
+      for (int64_t w = 0; w < at::get_num_threads(); ++w) {
+        grad_dictionary_parts_.push_back(at::empty_like(dictionary));
+      }
+      part_started_.assign(grad_dictionary_parts_.size(), false);
+    }
+  }
 
   void run() {
     const int64_t K = num_codewords_;
-    at::parallel_for(0, tiling_.tiles(), 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const auto [s0, s1] = tiling_.tile_slices(t);
-        for (int64_t s = s0; s < s1; ++s) sigmoid_pass(s);
-        if (!tiling_.whole_images()) continue;
-        for (int64_t img = s0; img < s1; ++img) {
-          finish_image(img, q_sums_.data() + img * K);
-          gradient_pass(img * per_image_, (img + 1) * per_image_);
+    const bool any_grad = want_[0] || want_[1] || want_[2];
+    PerThreadScratch<scalar_t> features(tiling_.tile_capacity() * grid_.c);
+    if (tiling_.whole_images()) {
+      // Each tile from logits to gradients in its worker's own buffer.
+      PerThreadScratch<scalar_t> logits(tiling_.tile_capacity() * K);
+      at::parallel_for(0, tiling_.tiles(), 1, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t p0 = tiling_.tile_begin(t), p1 = tiling_.tile_end(t);
+          const LogitRows<scalar_t> rows{logits.get(), p0, K};
+          logits_pass(p0, p1, rows, features.get());
+          const auto [s0, s1] = tiling_.tile_slices(t);
+          for (int64_t img = s0; img < s1; ++img) {
+            sigmoid_pass(img, rows);
+            finish_image(img, q_sums_.data() + img * K);
+          }
+          if (!any_grad) continue;
+          gradient_pass(p0, p1, rows);
+          gradient_products(t, rows, features.get());
         }
+      });
+      return;
+    }
+    // Larger images: the slices' logits in one buffer, kept until every slice
+    // of an image has added its sums.
+    std::vector<scalar_t> logits(pixels() * K);
+    const LogitRows<scalar_t> rows{logits.data(), 0, K};
+    at::parallel_for(0, tiling_.slices(), 1, [&](int64_t s0, int64_t s1) {
+      for (int64_t s = s0; s < s1; ++s) {
+        logits_pass(tiling_.slice_begin(s), tiling_.slice_end(s), rows, features.get());
+        sigmoid_pass(s, rows);
       }
     });
-    if (tiling_.whole_images()) return;
-    // Each larger image: its slices' sums added in order, then the gradient
-    // pass over all pixels.
     const int64_t slices = tiling_.slices_per_image();
     at::parallel_for(0, images_, 1, [&](int64_t i0, int64_t i1) {
       for (int64_t img = i0; img < i1; ++img) {
@@ -169,7 +215,15 @@ class StudentLossPasses {
         finish_image(img, sums);
       }
     });
-    at::parallel_for(0, pixels(), 1, [&](int64_t p0, int64_t p1) { gradient_pass(p0, p1); });
+    if (!any_grad) return;
+    at::parallel_for(0, tiling_.slices(), 1, [&](int64_t s0, int64_t s1) {
+      for (int64_t s = s0; s < s1; ++s) {
+        const int64_t p0 = tiling_.slice_begin(s), p1 = tiling_.slice_end(s);
+        gradient_pass(p0, p1, rows);
+        if (want_[1]) gather_tile(y_, grid_, p0, p1 - p0, features.get());
+        gradient_products(s, rows, features.get());
+      }
+    });
   }
 
   // Call after run().
@@ -181,16 +235,51 @@ class StudentLossPasses {
            global_weight_ * bce_sum / static_cast<double>(terms());
   }
 
+  // Call after run(): the gradients in the output mask, (0,)-shaped others.
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> gradients(const at::Tensor& y) const {
+    at::Tensor grad_y = unwanted(y), grad_dict = unwanted(y), grad_bias = unwanted(y);
+    if (want_[0]) {
+      grad_y = grad_rows_.view({y.size(0), y.size(2), y.size(3), grid_.c}).permute({0, 3, 1, 2});
+    }
+    if (want_[1]) {
+      // The workers' partial sums, added in worker order.
+      grad_dict = at::Tensor();
+      for (size_t w = 0; w < grad_dictionary_parts_.size(); ++w) {
+        if (!part_started_[w]) continue;
+        if (grad_dict.defined()) {
+          grad_dict.add_(grad_dictionary_parts_[w]);
+        } else {
+          grad_dict = grad_dictionary_parts_[w];
+        }
+      }
+      if (!grad_dict.defined()) grad_dict = at::zeros_like(dictionary_);  // no pixels
+    }
+    if (want_[2]) {
+      double total = 0.0;
+      for (double s : bias_sums_) total += s;
+      grad_bias = at::scalar_tensor(total, y.options());
+    }
+    return {grad_y, grad_dict, grad_bias};
+  }
+
  private:
   int64_t pixels() const { return images_ * per_image_; }
   int64_t terms() const { return images_ * num_codewords_; }
 
-  // Pass 1 over slice s: q = sigmoid(z + b) in place, the slice's column
-  // sums of q and its cross-entropy sum.
-  void sigmoid_pass(int64_t s) {
+  // z = y_p^T C_s for pixels [p0, p1), their features gathered into
+  // `features` (D_s values per pixel) first.
+  void logits_pass(int64_t p0, int64_t p1, const LogitRows<scalar_t>& rows,
+                   scalar_t* features) {
+    gather_tile(y_, grid_, p0, p1 - p0, features);
+    matmul_into(features, dictionary_, rows.row(p0), p1 - p0);
+  }
+
+  // Slice s: q = sigmoid(z + b) in place, the slice's column sums of q and
+  // its cross-entropy sum.
+  void sigmoid_pass(int64_t s, const LogitRows<scalar_t>& rows) {
     double* sums = q_sums_.data() + s * num_codewords_;
     for (int64_t p = tiling_.slice_begin(s); p < tiling_.slice_end(s); ++p) {
-      scalar_t* q = G_ + p * num_codewords_;
+      scalar_t* q = rows.row(p);
       exp_sums_[p] = sigmoid_row(q, num_codewords_, bias_, sums);
       ce_sums_[s] += std::log(exp_sums_[p]) - q[labels_[p]];
     }
@@ -214,23 +303,58 @@ class StudentLossPasses {
     bce_sums_[img] = binary_cross_entropy_sum(means, target, K);
   }
 
-  // Pass 2 over pixels [p0, p1): q -> dloss/dz = (dlocal/dq + dglobal/dq) * q (1 - q).
-  void gradient_pass(int64_t p0, int64_t p1) {
+  // Pixels [p0, p1): q -> dloss/dz = (dlocal/dq + dglobal/dq) * q (1 - q).
+  void gradient_pass(int64_t p0, int64_t p1, const LogitRows<scalar_t>& rows) {
     const int64_t K = num_codewords_;
     for (int64_t p = p0; p < p1; ++p) {
-      scalar_t* q = G_ + p * K;
+      scalar_t* q = rows.row(p);
       const scalar_t q_label = q[labels_[p]];
       grad_row(q, K, local_scale_ / exp_sums_[p], global_grad_.data() + (p / per_image_) * K);
       q[labels_[p]] -= local_scale_ * q_label * (scalar_t(1) - q_label);
     }
   }
 
-  scalar_t* G_;
+  // Tile t's share of the gradients, from its dloss/dz rows G_t and its
+  // features Y_t: grad_y rows G_t C_s^T, grad_dictionary += Y_t^T G_t (the
+  // worker's partial sum), and the sum of G_t for the intercept.
+  void gradient_products(int64_t t, const LogitRows<scalar_t>& rows, const scalar_t* features) {
+    const int64_t p0 = tiling_.tile_begin(t), count = tiling_.tile_end(t) - p0;
+    const int64_t K = num_codewords_, D = grid_.c;
+    const auto opts = dictionary_.options();
+    const auto G = at::from_blob(rows.row(p0), {count, K}, opts);
+    if (want_[0]) {
+      auto out = grad_rows_.narrow(0, p0, count);
+      at::mm_out(out, G, dictionary_.t());
+    }
+    if (want_[1]) {
+      const auto Y = at::from_blob(const_cast<scalar_t*>(features), {count, D}, opts);
+      const int64_t w = at::get_thread_num();
+      if (part_started_[w]) {
+        grad_dictionary_parts_[w].addmm_(Y.t(), G);
+      } else {
+        at::mm_out(grad_dictionary_parts_[w], Y.t(), G);
+        part_started_[w] = true;
+      }
+    }
+    if (want_[2]) {
+      double total = 0.0;
+      for (int64_t i = 0; i < count; ++i) {
+        const scalar_t* g = rows.row(p0 + i);
+        total += sum_in_lanes<double>(K, [&](int64_t c) { return double(g[c]); });
+      }
+      bias_sums_[t] = total;
+    }
+  }
+
+  const scalar_t* y_;
+  PixelGrid grid_;
+  const at::Tensor& dictionary_;
   int64_t images_, per_image_, num_codewords_;
   scalar_t bias_;
   const int64_t* labels_;
   const scalar_t* targets_;
   StudentTiling tiling_;
+  std::array<bool, 3> want_;
   double local_weight_, global_weight_;
   scalar_t local_scale_;
   double global_scale_;
@@ -239,108 +363,40 @@ class StudentLossPasses {
   std::vector<double> q_sums_;                 // per slice and codeword
   std::vector<double> bce_sums_;               // per image
   std::vector<scalar_t> means_, global_grad_;  // per image and codeword
+  std::vector<double> bias_sums_;              // per tile
+  at::Tensor grad_rows_;                       // (pixels, D_s), pixel-major
+  std::vector<at::Tensor> grad_dictionary_parts_;  // per worker
+  std::vector<char> part_started_;                 // per worker (not vector<bool>: shared writes)
 };
 
-// (N*H*W, C) pixel-major rows of an (N, C, H, W) map: a view when it is
-// channels_last, else a copy made tile by tile (for NCHW by in-register
-// transposes, several times faster than a permuted at::copy_).
-at::Tensor pixel_rows(const at::Tensor& y) {
-  const int64_t pixels = y.size(0) * y.size(2) * y.size(3), channels = y.size(1);
-  const auto pixel_major = y.permute({0, 2, 3, 1});
-  if (pixel_major.is_contiguous()) return pixel_major.view({pixels, channels});
-  auto rows = at::empty({pixels, channels}, y.options());
-  const PixelGrid grid(y);
-  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "pixel_rows_cpu", [&] {
-    for_each_piece(0, pixels, [&](int64_t, int64_t p0, int64_t count) {
-      gather_tile(y.const_data_ptr<scalar_t>(), grid, p0, count,
-                  rows.mutable_data_ptr<scalar_t>() + p0 * channels);
-    });
-  });
-  return rows;
-}
-
-std::tuple<at::Tensor, at::Tensor> predictor_loss(const at::Tensor& y,
-                                                  const at::Tensor& dictionary,
-                                                  const at::Tensor& intercept,
-                                                  const at::Tensor& pixel_labels,
-                                                  const at::Tensor& image_labels,
-                                                  double local_weight, double global_weight) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> predictor_loss(
+    const at::Tensor& y, const at::Tensor& dictionary, const at::Tensor& intercept,
+    const at::Tensor& pixel_labels, const at::Tensor& image_labels, double local_weight,
+    double global_weight, std::array<bool, 3> output_mask) {
   check_features_and_dictionary(y, "y", dictionary);
   check_intercept(intercept, y, "y");
-  const int64_t num_codewords = dictionary.size(1);
-  check_labels(pixel_labels, image_labels, y, num_codewords);
+  check_labels(pixel_labels, image_labels, y, dictionary.size(1));
 
-  const int64_t images = y.size(0), per_image = y.size(2) * y.size(3);
-  auto grad_logits = at::empty({images, y.size(2), y.size(3), num_codewords}, y.options());
-  // z for every pixel in one GEMM, into the buffer the op keeps anyway: BLAS
-  // packs the dictionary once, where a GEMM per tile would pack it per tile.
-  auto logits = grad_logits.view({images * per_image, num_codewords});
-  at::mm_out(logits, pixel_rows(y), dictionary);
+  const auto dict = dictionary.detach();  // read by worker threads (see matmul_into)
   const auto labels = pixel_labels.contiguous();
   const auto targets = image_labels.contiguous();
-  double loss = 0.0;
+  at::Tensor loss, grad_y, grad_dict, grad_bias;
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "predictor_loss_cpu", [&] {
-    StudentLossPasses<scalar_t> passes(
-        grad_logits.mutable_data_ptr<scalar_t>(), images, per_image, num_codewords,
-        intercept.item<scalar_t>(), labels.const_data_ptr<int64_t>(),
-        targets.const_data_ptr<scalar_t>(), local_weight, global_weight);
-    passes.run();
-    loss = passes.loss();
+    StudentLoss<scalar_t> student(y, dict, intercept.item<scalar_t>(),
+                                  labels.const_data_ptr<int64_t>(),
+                                  targets.const_data_ptr<scalar_t>(), local_weight, global_weight,
+                                  output_mask);
+    student.run();
+    loss = at::scalar_tensor(student.loss(), y.options());
+    std::tie(grad_y, grad_dict, grad_bias) = student.gradients(y);
   });
-  return {at::scalar_tensor(loss, y.options()), grad_logits};
-}
-
-// Sum of a (rows x cols) matrix with per-piece partials added in order: the
-// same bits for any thread count, which at::sum does not promise.
-double ordered_sum(const at::Tensor& matrix) {
-  const auto m = matrix.contiguous();
-  const int64_t cols = m.size(1);
-  PieceSums sums(m.size(0));
-  AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "ordered_sum_cpu", [&] {
-    const scalar_t* data = m.const_data_ptr<scalar_t>();
-    for_each_piece(0, m.size(0), [&](int64_t piece, int64_t r0, int64_t count) {
-      for (int64_t r = r0; r < r0 + count; ++r) {
-        const scalar_t* row = data + r * cols;
-        sums[piece] += sum_in_lanes<double>(cols, [&](int64_t c) { return double(row[c]); });
-      }
-    });
-  });
-  return sums.total();
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> predictor_loss_backward(
-    const at::Tensor& grad_loss, const at::Tensor& grad_logits, const at::Tensor& y,
-    const at::Tensor& dictionary, std::array<bool, 3> output_mask) {
-  check_features_and_dictionary(y, "y", dictionary);
-  const int64_t n = y.size(0), dim = y.size(1), h = y.size(2), w = y.size(3);
-  const int64_t num_codewords = dictionary.size(1);
-  TORCH_CHECK(grad_logits.sizes() == at::IntArrayRef({n, h, w, num_codewords}),
-              "grad_logits must have shape (", n, ", ", h, ", ", w, ", ", num_codewords,
-              "), got ", grad_logits.sizes());
-  TORCH_CHECK(grad_loss.numel() == 1, "grad_loss must have one element");
-  const double scale = grad_loss.item<double>();
-  // The gradient for a unit loss was formed in forward; BLAS applies the
-  // scale (alpha) as it writes the small results, with no pass over them.
-  const auto G = grad_logits.reshape({n * h * w, num_codewords});
-  at::Tensor grad_y = unwanted(y), grad_dict = unwanted(dictionary), grad_bias = unwanted(y);
-  if (output_mask[0]) {
-    auto rows = at::empty({n * h * w, dim}, y.options());
-    at::addmm_out(rows, rows, G, dictionary.t(), /*beta=*/0, /*alpha=*/scale);
-    grad_y = rows.view({n, h, w, dim}).permute({0, 3, 1, 2});
-  }
-  if (output_mask[1]) {
-    grad_dict = at::empty_like(dictionary);  // laid out like the dictionary
-    at::addmm_out(grad_dict, grad_dict, pixel_rows(y).t(), G, /*beta=*/0, /*alpha=*/scale);
-  }
-  if (output_mask[2]) grad_bias = at::scalar_tensor(ordered_sum(G) * scale, y.options());
-  return {grad_y, grad_dict, grad_bias};
+  return {loss, grad_y, grad_dict, grad_bias};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(srm_ext, CPU, m) {
   m.impl("predictor_loss", &predictor_loss);
-  m.impl("predictor_loss_backward", &predictor_loss_backward);
 }
 
 }  // namespace srm_ext::cpu

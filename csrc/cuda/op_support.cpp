@@ -165,7 +165,7 @@ at::Tensor transposed_dictionary(const at::Tensor& dictionary) {
 }
 
 at::Tensor laid_out_like(const at::Tensor& grad, const at::Tensor& dictionary) {
-  auto out = at::empty_like(dictionary);
+  auto out = at::empty_like(dictionary, grad.options());
   if (out.strides() == grad.strides()) return grad;
   return out.copy_(grad);
 }

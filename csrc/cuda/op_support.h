@@ -84,8 +84,8 @@ at::Tensor deterministic_sum(const at::Tensor& input, double scale,
 // Transposed (K, D) contiguous copy of the dictionary: one codeword per row.
 at::Tensor transposed_dictionary(const at::Tensor& dictionary);
 
-// The dictionary gradient in the dictionary's own layout (at::empty_like),
-// which is what the fake kernels promise for every backend.
+// The dictionary gradient in the dictionary's own layout (at::empty_like; the
+// gradient's dtype), which is what the fake kernels promise for every backend.
 at::Tensor laid_out_like(const at::Tensor& grad, const at::Tensor& dictionary);
 
 // Gradient of the dictionary, laid out like it:

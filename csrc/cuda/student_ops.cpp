@@ -1,6 +1,8 @@
 // CUDA implementations of the operators between teacher and student (schemas
 // in csrc/registration.cpp): sparse_labels, and the student-side
-// predictor_loss with its backward. Dense GEMMs go to cuBLAS through ATen.
+// predictor_loss, which forms its gradients in forward (its backward op is
+// device-generic, csrc/predictor_loss_backward.cpp). Dense GEMMs go to cuBLAS
+// through ATen.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -53,12 +55,13 @@ at::Tensor pixel_rows(const at::Tensor& y) {
   return y.permute({0, 2, 3, 1}).reshape({-1, y.size(1)});
 }
 
-// The power of two by which predictor_loss scales grad_logits and its backward
-// divides again. dloss/dz has terms of order 1/P (one-hot) and 1/(P*K)
-// (softmax, BCE); at training batch sizes they fall below float16's smallest
-// normal (6.1e-5) and round to zero. Scaled by about P*K/64 they sit near 1
-// with ample headroom. float32 and bfloat16 have float32's range and keep
-// dloss/dz itself, as the CPU kernels do.
+// The power of two by which the predictor kernel scales dloss/dz in float16,
+// divided out again in the GEMMs that map it to the inputs. dloss/dz has
+// terms of order 1/P (one-hot) and 1/(P*K) (softmax, BCE); at training batch
+// sizes they fall below float16's smallest normal (6.1e-5) and round to zero.
+// Scaled by about P*K/64 they sit near 1 with ample headroom. float32 and
+// bfloat16 have float32's range and keep dloss/dz itself, as the CPU kernels
+// do.
 double grad_logits_scale(at::ScalarType dtype, int64_t pixels,
                          int64_t num_codewords) {
   if (dtype != at::kHalf || pixels == 0) {
@@ -69,18 +72,51 @@ double grad_logits_scale(at::ScalarType dtype, int64_t pixels,
   return std::ldexp(1.0, std::max(exponent, 0));
 }
 
-// alpha * (a @ b), alpha applied to the GEMM's float32 accumulator: a 16-bit
-// product that fits only once scaled down cannot overflow first.
+// alpha * (a @ b), alpha applied to the GEMM's float32 accumulator. float16
+// products are returned in float32: a gradient for a unit upstream gradient
+// can lie below float16's subnormals, which a loss scale (GradScaler's) would
+// have lifted had it been applied before rounding.
 at::Tensor scaled_mm(const at::Tensor& a, const at::Tensor& b, double alpha) {
+  if (a.scalar_type() == at::kHalf) {
+    return at::mm(a, b, at::kFloat).mul_(alpha);
+  }
   // beta = 0: the uninitialised input is ignored, as in at::mm.
   return at::addmm(at::empty({}, a.options()), a, b, /*beta=*/0, alpha);
 }
 
-std::tuple<at::Tensor, at::Tensor> predictor_loss(
+// The gradients of the loss for a unit upstream gradient, from
+// g = grad_scale * dloss/dz as a (P, K) matrix.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> unit_gradients(
+    const at::Tensor& g, const at::Tensor& y, const at::Tensor& dictionary,
+    double grad_scale, std::array<bool, 3> output_mask) {
+  const int64_t n = y.size(0), depth = y.size(1), h = y.size(2),
+                w = y.size(3);
+  const double unscale = 1.0 / grad_scale;
+  const auto grad_dtype =
+      y.scalar_type() == at::kHalf ? at::kFloat : y.scalar_type();
+  at::Tensor grad_y = empty_gradient(y);
+  at::Tensor grad_dictionary = empty_gradient(y);
+  at::Tensor grad_intercept = empty_gradient(y);
+  if (output_mask[0]) {
+    grad_y = scaled_mm(g, dictionary.t(), unscale)
+                 .view({n, h, w, depth})
+                 .permute({0, 3, 1, 2});
+  }
+  if (output_mask[1]) {
+    grad_dictionary = laid_out_like(scaled_mm(pixel_rows(y).t(), g, unscale),
+                                    dictionary);
+  }
+  if (output_mask[2]) {
+    grad_intercept = at::sum(g, at::kFloat).mul_(unscale).to(grad_dtype);
+  }
+  return {grad_y, grad_dictionary, grad_intercept};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> predictor_loss(
     const at::Tensor& y, const at::Tensor& dictionary,
     const at::Tensor& intercept, const at::Tensor& pixel_labels,
-    const at::Tensor& image_labels, double local_weight,
-    double global_weight) {
+    const at::Tensor& image_labels, double local_weight, double global_weight,
+    std::array<bool, 3> output_mask) {
   TORCH_CHECK(y.is_cuda(), "srm_ext: y must be a CUDA tensor");
   check_dim(y, 4, "y", "(N, D_s, H, W)");
   const Dtype dtype = kernel_dtype(y.scalar_type(), "y");
@@ -108,9 +144,13 @@ std::tuple<at::Tensor, at::Tensor> predictor_loss(
   const at::Tensor bias = intercept_as_float(intercept, y);
   const int64_t pixels = n * h * w;
   if (pixels == 0) {
-    // Means over no pixels: NaN, as on the CPU; nothing to launch.
+    // Means over no pixels: NaN, as on the CPU; nothing to launch. The
+    // gradients of the empty sums are zero.
+    const auto grads = unit_gradients(
+        at::zeros({0, num_codewords}, y.options()), y, dictionary, 1.0,
+        output_mask);
     return {at::full({}, std::numeric_limits<double>::quiet_NaN(), y.options()),
-            at::empty({n, h, w, num_codewords}, y.options())};
+            std::get<0>(grads), std::get<1>(grads), std::get<2>(grads)};
   }
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor labels = pixel_labels.contiguous();
@@ -118,7 +158,8 @@ std::tuple<at::Tensor, at::Tensor> predictor_loss(
   const double grad_scale =
       grad_logits_scale(y.scalar_type(), pixels, num_codewords);
 
-  // The logits buffer becomes grad_logits in place.
+  // The logits buffer becomes grad_scale * dloss/dz in place; it lives only
+  // until the gradients for the inputs are formed from it.
   at::Tensor logits = at::mm(pixel_rows(y), dictionary).contiguous();
   auto float_workspace = at::empty(
       {srm_cuda::predictor_workspace_size(n, h * w, num_codewords)},
@@ -142,64 +183,9 @@ std::tuple<at::Tensor, at::Tensor> predictor_loss(
   check_error_flag(error_flag,
                    "srm_ext: predictor_loss: pixel_labels must lie in [0, K = ",
                    num_codewords, ")");
-  return {loss.to(y.scalar_type()), logits.view({n, h, w, num_codewords})};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> predictor_loss_backward(
-    const at::Tensor& grad_loss, const at::Tensor& grad_logits,
-    const at::Tensor& y, const at::Tensor& dictionary,
-    std::array<bool, 3> output_mask) {
-  TORCH_CHECK(y.is_cuda(), "srm_ext: y must be a CUDA tensor");
-  check_dim(y, 4, "y", "(N, D_s, H, W)");
-  kernel_dtype(y.scalar_type(), "y");
-  check_dictionary(dictionary, y.size(1), y, "y");
-  const int64_t n = y.size(0), depth = y.size(1), h = y.size(2),
-                w = y.size(3);
-  const int64_t num_codewords = dictionary.size(1);
-  check_on_device(grad_logits, "grad_logits", y);
-  TORCH_CHECK(grad_logits.dim() == 4 && grad_logits.size(0) == n &&
-                  grad_logits.size(1) == h && grad_logits.size(2) == w &&
-                  grad_logits.size(3) == num_codewords,
-              "srm_ext: grad_logits must have shape (N, H, W, K) = (", n, ", ",
-              h, ", ", w, ", ", num_codewords, "), got ", grad_logits.sizes());
-  TORCH_CHECK(grad_loss.numel() == 1,
-              "srm_ext: grad_loss must have one element, got shape ",
-              grad_loss.sizes());
-
-  const c10::cuda::CUDAGuard guard(y.device());
-  const at::Tensor upstream = grad_loss.to(y.device(), at::kFloat).reshape({});
-  const at::Tensor g =
-      grad_logits.to(y.scalar_type()).reshape({n * h * w, num_codewords});
-  const double unscale =
-      1.0 / grad_logits_scale(y.scalar_type(), n * h * w, num_codewords);
-  // float16 results take the upstream gradient inside the GEMM as well: a
-  // loss scale (GradScaler's) is there to lift them out of float16's
-  // subnormals, which rounding them before scaling would undo. Reading it
-  // costs one device sync, float16 only; elsewhere it is applied after.
-  const bool upstream_in_gemm = y.scalar_type() == at::kHalf;
-  const double alpha =
-      upstream_in_gemm ? unscale * grad_loss.item<double>() : unscale;
-  auto with_upstream = [&](at::Tensor t) {
-    return upstream_in_gemm ? t : t.mul_(upstream);
-  };
-
-  at::Tensor grad_y = empty_gradient(y);
-  at::Tensor grad_dictionary = empty_gradient(y);
-  at::Tensor grad_intercept = empty_gradient(y);
-  if (output_mask[0]) {
-    grad_y = with_upstream(scaled_mm(g, dictionary.t(), alpha))
-                 .view({n, h, w, depth})
-                 .permute({0, 3, 1, 2});
-  }
-  if (output_mask[1]) {
-    grad_dictionary = laid_out_like(
-        with_upstream(scaled_mm(pixel_rows(y).t(), g, alpha)), dictionary);
-  }
-  if (output_mask[2]) {
-    grad_intercept =
-        (at::sum(g, at::kFloat).mul_(unscale) * upstream).to(y.scalar_type());
-  }
-  return {grad_y, grad_dictionary, grad_intercept};
+  const auto [grad_y, grad_dictionary, grad_intercept] =
+      unit_gradients(logits, y, dictionary, grad_scale, output_mask);
+  return {loss.to(y.scalar_type()), grad_y, grad_dictionary, grad_intercept};
 }
 
 }  // namespace
@@ -208,5 +194,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> predictor_loss_backward(
 TORCH_LIBRARY_IMPL(srm_ext, CUDA, m) {
   m.impl("sparse_labels", &srm_ext::cuda_ops::sparse_labels);
   m.impl("predictor_loss", &srm_ext::cuda_ops::predictor_loss);
-  m.impl("predictor_loss_backward", &srm_ext::cuda_ops::predictor_loss_backward);
 }
