@@ -344,7 +344,7 @@ def test_results_do_not_depend_on_thread_count():
     # The student loss in both its layouts of work: images large enough to be
     # split into slices, and small images grouped into tiles.
     students = [
-        make_predictor_inputs((4, 8, 31, 31, 256, 3), torch.float32, seed=10),
+        make_predictor_inputs((4, 8, 31, 31, 512, 3), torch.float32, seed=10),
         make_predictor_inputs((7, 8, 2, 2, 64, 3), torch.float32, seed=10),
     ]
     threads = torch.get_num_threads()

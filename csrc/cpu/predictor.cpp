@@ -197,8 +197,8 @@ class StudentLoss {
     }
     // Larger images: the slices' logits in one buffer, kept until every slice
     // of an image has added its sums.
-    std::vector<scalar_t> logits(pixels() * K);
-    const LogitRows<scalar_t> rows{logits.data(), 0, K};
+    auto logits = at::empty({pixels(), K}, dictionary_.options());
+    const LogitRows<scalar_t> rows{logits.template mutable_data_ptr<scalar_t>(), 0, K};
     at::parallel_for(0, tiling_.slices(), 1, [&](int64_t s0, int64_t s1) {
       for (int64_t s = s0; s < s1; ++s) {
         logits_pass(tiling_.slice_begin(s), tiling_.slice_end(s), rows, features.get());
