@@ -93,19 +93,19 @@ def _(y, dictionary, intercept, pixel_labels, image_labels, local_weight, global
     n, d, h, w = y.shape
     # Gradients for a unit upstream gradient; float16's are kept in float32.
     grad_dtype = torch.float32 if y.dtype == torch.float16 else y.dtype
-    # grad_y is (dz @ C_s^T) viewed as NCHW: channels-last strides.
-    grad_y = (
-        y.new_empty(n, h, w, d, dtype=grad_dtype).permute(0, 3, 1, 2)
-        if output_mask[0]
-        else y.new_empty(0, dtype=grad_dtype)
-    )
+
+    def formed(wanted, make):
+        return make() if wanted else y.new_empty(0, dtype=grad_dtype)
+
     return (
         y.new_empty(()),
-        grad_y,
-        torch.empty_like(dictionary, dtype=grad_dtype)
-        if output_mask[1]
-        else y.new_empty(0, dtype=grad_dtype),
-        y.new_empty((), dtype=grad_dtype) if output_mask[2] else y.new_empty(0, dtype=grad_dtype),
+        # (dz @ C_s^T) viewed as NCHW: channels-last strides.
+        formed(
+            output_mask[0],
+            lambda: y.new_empty(n, h, w, d, dtype=grad_dtype).permute(0, 3, 1, 2),
+        ),
+        formed(output_mask[1], lambda: torch.empty_like(dictionary, dtype=grad_dtype)),
+        formed(output_mask[2], lambda: y.new_empty((), dtype=grad_dtype)),
     )
 
 

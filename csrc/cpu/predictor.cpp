@@ -241,19 +241,7 @@ class StudentLoss {
     if (want_[0]) {
       grad_y = grad_rows_.view({y.size(0), y.size(2), y.size(3), grid_.c}).permute({0, 3, 1, 2});
     }
-    if (want_[1]) {
-      // The workers' partial sums, added in worker order.
-      grad_dict = at::Tensor();
-      for (size_t w = 0; w < grad_dictionary_parts_.size(); ++w) {
-        if (!part_started_[w]) continue;
-        if (grad_dict.defined()) {
-          grad_dict.add_(grad_dictionary_parts_[w]);
-        } else {
-          grad_dict = grad_dictionary_parts_[w];
-        }
-      }
-      if (!grad_dict.defined()) grad_dict = at::zeros_like(dictionary_);  // no pixels
-    }
+    if (want_[1]) grad_dict = dictionary_gradient();
     if (want_[2]) {
       double total = 0.0;
       for (double s : bias_sums_) total += s;
@@ -265,6 +253,21 @@ class StudentLoss {
  private:
   int64_t pixels() const { return images_ * per_image_; }
   int64_t terms() const { return images_ * num_codewords_; }
+
+  // The workers' partial sums of the dictionary gradient, added in worker
+  // order (zero when no worker had a tile: no pixels).
+  at::Tensor dictionary_gradient() const {
+    at::Tensor total;
+    for (size_t w = 0; w < grad_dictionary_parts_.size(); ++w) {
+      if (!part_started_[w]) continue;
+      if (total.defined()) {
+        total.add_(grad_dictionary_parts_[w]);
+      } else {
+        total = grad_dictionary_parts_[w];
+      }
+    }
+    return total.defined() ? total : at::zeros_like(dictionary_);
+  }
 
   // z = y_p^T C_s for pixels [p0, p1), their features gathered into
   // `features` (D_s values per pixel) first.
