@@ -82,6 +82,8 @@ def _worker(rank: int, world_size: int, port: int, out: str) -> None:
     try:
         weights = train_srm(DistributedContext.current())
         torch.save(weights, f"{out}.{rank}")
+        # Both ranks done before either tears its gloo pairs down.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
