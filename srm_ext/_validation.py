@@ -226,6 +226,12 @@ def validate_predictor(
     global_weight: object,
 ) -> None:
     y = check_feature_map("y", y)
+    n, _, h, w = y.shape
+    if n * h * w == 0:
+        # Both terms are means over pixels: with none there is no loss to take.
+        raise ValueError(
+            f"y must have at least one pixel (N*H*W > 0), got shape {tuple(y.shape)}"
+        )
     dictionary = check_dictionary(dictionary, y.shape[1], feature_name="y")
     intercept = check_intercept(intercept)
     check_same_dtype_device(y=y, dictionary=dictionary, intercept=intercept)

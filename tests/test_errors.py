@@ -88,6 +88,8 @@ PREDICTOR_CASES = [
     (lambda g: dict(g, image=g["image"] + 2), ValueError, "image_labels must lie in [0, 1]"),
     (lambda g: dict(g, image=g["image"].double()), TypeError, "image_labels has dtype torch.float64 but y has torch.float32"),
     (lambda g: dict(g, C=torch.randn(3, 6)), ValueError, "dictionary has D=3 rows but y has 4 channels"),
+    (lambda g: dict(g, x=g["x"][:, :, :0], pixel=g["pixel"][:, :0]), ValueError, "y must have at least one pixel (N*H*W > 0)"),
+    (lambda g: dict(g, x=g["x"][:0], pixel=g["pixel"][:0], image=g["image"][:0]), ValueError, "y must have at least one pixel (N*H*W > 0)"),
     (lambda g: dict(g, x=g["x"][:, :, :, 0]), ValueError, "y must be a 4-D"),
     (lambda g: dict(g, weight="1"), TypeError, "local_weight must be a float"),
 ]
@@ -115,6 +117,11 @@ def test_kernels_reject_bad_input_when_called_directly():
     with pytest.raises(RuntimeError, match="pixel_labels must lie in"):
         ops.predictor_loss(
             a["x"], a["C"], a["b"], a["pixel"] + 6, a["image"], 1.0, 1.0, [True, True, True]
+        )
+    with pytest.raises(RuntimeError, match=re.escape("y must have at least one pixel")):
+        ops.predictor_loss(
+            a["x"][:, :, :0], a["C"], a["b"], a["pixel"][:, :0], a["image"], 1.0, 1.0,
+            [True, True, True],
         )
     with pytest.raises(RuntimeError, match="float32 or float64"):
         ops.sparse_encode(a["x"].half(), a["C"].half(), a["b"].half(), 2)

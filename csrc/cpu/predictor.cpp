@@ -62,6 +62,8 @@ void grad_row(float* row, int64_t n, float softmax_scale, const float* global_gr
 
 void check_labels(const at::Tensor& pixel_labels, const at::Tensor& image_labels,
                   const at::Tensor& y, int64_t num_codewords) {
+  TORCH_CHECK(y.size(0) * y.size(2) * y.size(3) > 0,
+              "y must have at least one pixel (N*H*W > 0), got shape ", y.sizes());
   TORCH_CHECK(pixel_labels.scalar_type() == at::kLong, "pixel_labels must be int64, got ",
               pixel_labels.scalar_type());
   TORCH_CHECK(pixel_labels.dim() == 3 && pixel_labels.size(0) == y.size(0) &&

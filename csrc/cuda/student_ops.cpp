@@ -122,6 +122,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> predictor_loss(
   const Dtype dtype = kernel_dtype(y.scalar_type(), "y");
   check_dictionary(dictionary, y.size(1), y, "y");
   const int64_t n = y.size(0), h = y.size(2), w = y.size(3);
+  TORCH_CHECK(n * h * w > 0, "srm_ext: y must have at least one pixel (N*H*W > 0), got shape ",
+              y.sizes());
   const int64_t num_codewords = dictionary.size(1);
   check_on_device(pixel_labels, "pixel_labels", y);
   TORCH_CHECK(pixel_labels.scalar_type() == at::kLong,
