@@ -257,7 +257,7 @@ class StudentLoss {
   int64_t terms() const { return images_ * num_codewords_; }
 
   // The workers' partial sums of the dictionary gradient, added in worker
-  // order (zero when no worker had a tile: no pixels).
+  // order. There is at least one pixel, so some worker had a tile.
   at::Tensor dictionary_gradient() const {
     at::Tensor total;
     for (size_t w = 0; w < grad_dictionary_parts_.size(); ++w) {
@@ -268,7 +268,8 @@ class StudentLoss {
         total = grad_dictionary_parts_[w];
       }
     }
-    return total.defined() ? total : at::zeros_like(dictionary_);
+    TORCH_INTERNAL_ASSERT(total.defined(), "no tile formed a dictionary gradient");
+    return total;
   }
 
   // z = y_p^T C_s for pixels [p0, p1), their features gathered into

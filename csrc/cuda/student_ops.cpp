@@ -10,7 +10,6 @@
 
 #include <algorithm>
 #include <array>
-#include <limits>
 #include <optional>
 #include <tuple>
 
@@ -145,15 +144,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> predictor_loss(
   const c10::cuda::CUDAGuard guard(y.device());
   const at::Tensor bias = intercept_as_float(intercept, y);
   const int64_t pixels = n * h * w;
-  if (pixels == 0) {
-    // Means over no pixels: NaN, as on the CPU; nothing to launch. The
-    // gradients of the empty sums are zero.
-    const auto grads = unit_gradients(
-        at::zeros({0, num_codewords}, y.options()), y, dictionary, 1.0,
-        output_mask);
-    return {at::full({}, std::numeric_limits<double>::quiet_NaN(), y.options()),
-            std::get<0>(grads), std::get<1>(grads), std::get<2>(grads)};
-  }
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor labels = pixel_labels.contiguous();
   const at::Tensor targets = image_labels.to(y.scalar_type()).contiguous();
