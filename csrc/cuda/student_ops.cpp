@@ -63,7 +63,7 @@ at::Tensor pixel_rows(const at::Tensor& y) {
 // do.
 double grad_logits_scale(at::ScalarType dtype, int64_t pixels,
                          int64_t num_codewords) {
-  if (dtype != at::kHalf || pixels == 0) {
+  if (dtype != at::kHalf) {
     return 1.0;
   }
   const int exponent = std::ilogb(static_cast<double>(pixels) *
@@ -93,9 +93,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unit_gradients(
   const double unscale = 1.0 / grad_scale;
   const auto grad_dtype =
       y.scalar_type() == at::kHalf ? at::kFloat : y.scalar_type();
-  at::Tensor grad_y = empty_gradient(y);
-  at::Tensor grad_dictionary = empty_gradient(y);
-  at::Tensor grad_intercept = empty_gradient(y);
+  // Unformed gradients are (0,)-shaped, in the dtype formed ones have (the
+  // fake kernel promises the same).
+  const auto unformed = [&] { return at::empty({0}, y.options().dtype(grad_dtype)); };
+  at::Tensor grad_y = unformed();
+  at::Tensor grad_dictionary = unformed();
+  at::Tensor grad_intercept = unformed();
   if (output_mask[0]) {
     grad_y = scaled_mm(g, dictionary.t(), unscale)
                  .view({n, h, w, depth})
