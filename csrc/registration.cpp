@@ -12,9 +12,10 @@
 // gradients in forward, for a unit upstream gradient (float16 inputs get them
 // in float32, whose range holds them unscaled); its backward op scales them,
 // and takes y and the dictionary to check them against (and so that the
-// scaled gradients' autograd history reaches the inputs). The encoder's backward ops take the intercept
-// too: where values are rounded to a 16-bit dtype, the derivative of the
-// sigmoid needs the pre-activation, recomputed from x, dictionary and it.
+// scaled gradients' autograd history reaches the inputs). The encoder's
+// backward ops take the intercept too: where values are rounded to a 16-bit
+// dtype, the derivative of the sigmoid needs the pre-activation, recomputed
+// from x, dictionary and it.
 #include <torch/library.h>
 
 TORCH_LIBRARY(srm_ext, m) {

@@ -157,7 +157,7 @@ class StudentLoss {
         tiling_(images_, per_image_, num_codewords_), want_(output_mask),
         local_weight_(local_weight), global_weight_(global_weight),
         local_scale_(static_cast<scalar_t>(local_weight / static_cast<double>(pixels()))),
-        global_scale_(global_weight / static_cast<double>(std::max<int64_t>(terms(), 1))),
+        global_scale_(global_weight / static_cast<double>(terms())),
         exp_sums_(pixels()), ce_sums_(tiling_.slices(), 0.0),
         q_sums_(tiling_.slices() * num_codewords_, 0.0), bce_sums_(images_, 0.0),
         means_(terms()), global_grad_(terms()), bias_sums_(tiling_.tiles(), 0.0) {

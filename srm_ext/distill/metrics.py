@@ -34,7 +34,9 @@ def accuracy(
     correct = total = 0
     if trainer is not None:
         trainer.follow(model.parameters())
-    device = next(model.parameters(), torch.empty(0)).device
+        device = trainer.device
+    else:
+        device = next(model.parameters(), torch.empty(0)).device
     try:
         for images, targets in loader:
             if trainer is not None:
@@ -49,6 +51,5 @@ def accuracy(
     finally:
         model.train(was_training)
     if context is not None and context.enabled:
-        device = trainer.device if trainer is not None else device
         correct, total = context.sum([correct, total], device)
     return correct / max(total, 1)
