@@ -163,7 +163,7 @@ void sparse_labels(const at::Tensor values, const at::Tensor indices, int64_t nu
 void predictor_loss(at::Tensor logits, const at::Tensor& intercept,
                     const at::Tensor pixel_labels, const at::Tensor image_labels,
                     int64_t batch, int64_t pixels_per_image, double local_weight,
-                    double global_weight, double grad_scale, at::Tensor loss,
+                    double global_weight, at::Tensor loss,
                     at::Tensor error_flag) {
   const int64_t num_codewords = logits.size(-1);
   auto workspace = at::empty(
@@ -173,10 +173,10 @@ void predictor_loss(at::Tensor logits, const at::Tensor& intercept,
   auto sums = at::empty({srm_cuda::deterministic_sum_workspace_size(sum_count)},
                         logits.options().dtype(at::kDouble));
   check(srm_cuda::launch_predictor_loss(
-            logits.data_ptr(), dtype_of(logits), intercept.data_ptr<float>(),
-            pixel_labels.data_ptr<int64_t>(), image_labels.data_ptr(), batch, pixels_per_image,
-            num_codewords, static_cast<float>(local_weight), static_cast<float>(global_weight),
-            static_cast<float>(grad_scale), workspace.data_ptr<float>(),
+            logits.data_ptr<float>(), intercept.data_ptr<float>(),
+            pixel_labels.data_ptr<int64_t>(), image_labels.data_ptr<float>(), batch,
+            pixels_per_image, num_codewords, static_cast<float>(local_weight),
+            static_cast<float>(global_weight), workspace.data_ptr<float>(),
             sums.data_ptr<double>(), loss.data_ptr<float>(), error_flag.data_ptr<int>(),
             nullptr),
         "launch_predictor_loss");

@@ -351,36 +351,35 @@ def test_sparse_labels_flags_out_of_range_indices(emu):
     assert flag.item() == 1
 
 
-@pytest.mark.parametrize("grad_scale", [1.0, 1024.0])
-@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(2, 3, 4, 30), (1, 1, 1, 5), (3, 5, 7, 300)])
-def test_predictor_loss(emu, dtype, shape, grad_scale):
+def test_predictor_loss(emu, shape):
     """Loss and dloss/dz against the reference's autograd, through a student
-    map y = z and an identity dictionary (so that C^T y_p = z_p)."""
+    map y = z and an identity dictionary (so that C^T y_p = z_p). The kernel
+    works in float32 for every student dtype (the glue forms float32 logits)."""
     n, h, w, K = shape
     g = torch.Generator().manual_seed(12)
-    logits = (torch.randn(n, h, w, K, generator=g) * 3).to(dtype)
+    logits = torch.randn(n, h, w, K, generator=g) * 3
     intercept = torch.tensor([0.25])
     pixel_labels = torch.randint(0, K, (n, h, w), generator=g)
-    image_labels = torch.rand(n, K, generator=g).to(dtype)
+    image_labels = torch.rand(n, K, generator=g)
 
-    y = logits.float().permute(0, 3, 1, 2).contiguous().requires_grad_(True)
+    y = logits.permute(0, 3, 1, 2).contiguous().requires_grad_(True)
     ref_loss = reference.predictor_loss(
-        y, torch.eye(K), intercept, pixel_labels, image_labels.float(), 0.75, 1.5
+        y, torch.eye(K), intercept, pixel_labels, image_labels, 0.75, 1.5
     )
     (ref_grad,) = torch.autograd.grad(ref_loss, y)
 
-    z = logits.clone()
-    loss = torch.full((1,), float("nan"))
+    z = guarded(n, h, w, K)
+    z.copy_(logits)
+    loss = guarded(1)
     flag = torch.zeros(1, dtype=torch.int32)
-    emu.predictor_loss(
-        z, intercept, pixel_labels, image_labels, n, h * w, 0.75, 1.5, grad_scale, loss, flag
-    )
+    with writes_only_inside(z, loss):
+        emu.predictor_loss(z, intercept, pixel_labels, image_labels, n, h * w, 0.75, 1.5, loss, flag)
     assert flag.item() == 0
     torch.testing.assert_close(loss[0], ref_loss.detach(), rtol=1e-5, atol=1e-6)
-    expected = ref_grad.permute(0, 2, 3, 1) * grad_scale
+    expected = ref_grad.permute(0, 2, 3, 1)
     scale = expected.abs().max()
-    close(z.float() / scale, expected / scale, dtype)
+    close(z / scale, expected / scale, torch.float32)
 
 
 def test_predictor_loss_flags_out_of_range_labels(emu):
@@ -388,9 +387,7 @@ def test_predictor_loss_flags_out_of_range_labels(emu):
     labels = torch.tensor([[[0, 6], [1, -1]]])
     loss = torch.empty(1)
     flag = torch.zeros(1, dtype=torch.int32)
-    emu.predictor_loss(
-        logits, torch.zeros(1), labels, torch.rand(1, 6), 1, 4, 1.0, 1.0, 1.0, loss, flag
-    )
+    emu.predictor_loss(logits, torch.zeros(1), labels, torch.rand(1, 6), 1, 4, 1.0, 1.0, loss, flag)
     assert flag.item() == 1
 
 

@@ -8,6 +8,8 @@ Values and gradients are compared in float32 with per-dtype tolerances.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch.library import opcheck
@@ -27,6 +29,9 @@ TOLERANCES = {
     torch.float16: dict(rtol=1e-2, atol=2e-3),
     torch.bfloat16: dict(rtol=4e-2, atol=1e-2),
 }
+# Gradients are also compared by relative norm, which a zero or badly scaled
+# gradient cannot pass (unlike an atol above the gradient's own size).
+GRAD_RELATIVE_ERROR = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 SHAPES = [
     (2, 8, 5, 7, 20, 4),
     (1, 3, 1, 1, 5, 1),
@@ -54,7 +59,11 @@ def inputs(shape, dtype, seed, layout="contiguous"):
     n, d, h, w, K, k = shape
     g = torch.Generator().manual_seed(seed)
     x = dyadic(n, d, h, w, dtype=torch.float32, generator=g)
-    C = dyadic(d, K, dtype=torch.float32, generator=g, span=1) / 4
+    # Scaled by a power of two near 1/sqrt(D / 16), so that pre-activations
+    # stay about as spread at every D: at D = 4096 the unscaled kept ones lie
+    # past 15, where the float32 sigmoid is 1 and every gradient through it 0.
+    shrink = 2 ** max(0, round(math.log2(d) / 2) - 2)
+    C = dyadic(d, K, dtype=torch.float32, generator=g, span=1) / (4 * shrink)
     b = dyadic(1, dtype=torch.float32, generator=g)
     on_device = [make_layout(x.to(DEVICE, dtype), layout), C.to(DEVICE, dtype), b.to(DEVICE, dtype)]
     return on_device, [x, C, b], k
@@ -62,6 +71,20 @@ def inputs(shape, dtype, seed, layout="contiguous"):
 
 def close(actual, expected, dtype):
     torch.testing.assert_close(actual.float().cpu(), expected.float().cpu(), **TOLERANCES[dtype])
+
+
+def relative_error(actual, expected):
+    expected = expected.float().cpu()
+    return float((actual.float().cpu() - expected).norm() / expected.norm())
+
+
+def close_grads(got, want, dtype, names=("x", "dictionary", "intercept")):
+    """Each gradient elementwise within the dtype's tolerances and within its
+    relative-norm bound; the expected gradients must not vanish."""
+    for name, g, w in zip(names, got, want):
+        assert float(w.abs().max()) > 0, f"the {name} gradient of the reference is zero"
+        close(g, w, dtype)
+        assert relative_error(g, w) < GRAD_RELATIVE_ERROR[dtype], name
 
 
 def grads(fn, leaves_in, upstream=None):
@@ -82,12 +105,13 @@ def test_encode(shape, dtype, layout):
     assert values.dtype == dtype and indices.dtype == torch.int64
     torch.testing.assert_close(indices.cpu(), ref_indices, rtol=0, atol=0)
     close(values, ref_values, dtype)
-    upstream = torch.randn(ref_values.shape)
-    for got, want in zip(
+    # Representable in dtype, so that both sides weight by the same numbers.
+    upstream = torch.randn(ref_values.shape).to(dtype).float()
+    close_grads(
         grads(lambda *a: srm_ext.sparse_encode(*a, k), (x, C, b), upstream.to(DEVICE)),
         grads(lambda *a: reference.sparse_encode(*a, k), ref_in, upstream),
-    ):
-        close(got, want, dtype)
+        dtype,
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -97,11 +121,12 @@ def test_decode(shape, dtype):
     ref_values, indices = reference.sparse_encode(*ref_in, k)
     values = ref_values.to(DEVICE).to(dtype)
     close(srm_ext.sparse_decode(values, indices.to(DEVICE), C), reference.sparse_decode(values.float().cpu(), indices, ref_in[1]), dtype)
-    for got, want in zip(
+    close_grads(
         grads(lambda v, c: srm_ext.sparse_decode(v, indices.to(DEVICE), c), (values, C)),
         grads(lambda v, c: reference.sparse_decode(v, indices, c), (values.float().cpu(), ref_in[1])),
-    ):
-        close(got, want, dtype)
+        dtype,
+        names=("values", "dictionary"),
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -112,18 +137,13 @@ def test_reconstruction_loss(shape, dtype, deterministic):
     torch.use_deterministic_algorithms(deterministic)
     try:
         close(srm_ext.reconstruction_loss(x, C, b, k), reference.reconstruction_loss(*ref_in, k), dtype)
-        for got, want in zip(
+        close_grads(
             grads(lambda *a: srm_ext.reconstruction_loss(*a, k), (x, C, b)),
             grads(lambda *a: reference.reconstruction_loss(*a, k), ref_in),
-        ):
-            close(got, want, dtype)
+            dtype,
+        )
     finally:
         torch.use_deterministic_algorithms(False)
-
-
-def relative_error(actual, expected):
-    expected = expected.float().cpu()
-    return float((actual.float().cpu() - expected).norm() / expected.norm())
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -209,11 +229,12 @@ def test_labels_and_predictor_loss(shape, dtype):
         reference.predictor_loss(*ref_in, ref_pixel, image_c.float().cpu(), 0.5, 2.0),
         dtype,
     )
-    for got, want in zip(
+    close_grads(
         grads(lambda *a: srm_ext.predictor_loss(*a, pixel, image_c, 0.5, 2.0), cuda_in),
         grads(lambda *a: reference.predictor_loss(*a, ref_pixel, image_c.float().cpu(), 0.5, 2.0), ref_in),
-    ):
-        close(got, want, dtype)
+        dtype,
+        names=("y", "dictionary", "intercept"),
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -296,14 +317,16 @@ def test_deterministic_encode_and_decode_gradients(shape, dtype):
     (x, C, b), ref_in, k = inputs(shape, dtype, seed=15)
     ref_values, indices = reference.sparse_encode(*ref_in, k)
     values = ref_values.to(DEVICE, dtype)
-    upstream = torch.randn(ref_values.shape, generator=torch.Generator().manual_seed(16))
+    upstream = torch.randn(ref_values.shape, generator=torch.Generator().manual_seed(16)).to(dtype).float()
     cases = [
         (lambda *a: srm_ext.sparse_encode(*a, k), (x, C, b),
          lambda *a: reference.sparse_encode(*a, k), ref_in, upstream),
         (lambda v, c: srm_ext.sparse_decode(v, indices.to(DEVICE), c), (values, C),
          lambda v, c: reference.sparse_decode(v, indices, c), (values.float().cpu(), ref_in[1]), None),
     ]
-    for native, native_in, ref, ref_args, weight in cases:
+    for (native, native_in, ref, ref_args, weight), names in zip(
+        cases, [("x", "dictionary", "intercept"), ("values", "dictionary")]
+    ):
         torch.use_deterministic_algorithms(True)
         try:
             on_device = None if weight is None else weight.to(DEVICE)
@@ -311,9 +334,9 @@ def test_deterministic_encode_and_decode_gradients(shape, dtype):
             second = grads(native, native_in, on_device)
         finally:
             torch.use_deterministic_algorithms(False)
-        for got, again, want in zip(first, second, grads(ref, ref_args, weight)):
+        for got, again in zip(first, second):
             assert torch.equal(got, again)
-            close(got, want, dtype)
+        close_grads(first, grads(ref, ref_args, weight), dtype, names)
 
 
 def test_decode_backward_takes_an_expanded_gradient():
@@ -344,11 +367,12 @@ def test_student_loss_reads_any_layout_of_y(layout):
     on_device = [make_layout(y.to(DEVICE), layout), Cs.to(DEVICE), bs.to(DEVICE)]
     labels = (pixel.to(DEVICE), image.to(DEVICE))
     close(srm_ext.predictor_loss(*on_device, *labels), reference.predictor_loss(y, Cs, bs, pixel, image), torch.float32)
-    for got, want in zip(
+    close_grads(
         grads(lambda *a: srm_ext.predictor_loss(*a, *labels), on_device),
         grads(lambda *a: reference.predictor_loss(*a, pixel, image), (y, Cs, bs)),
-    ):
-        close(got, want, torch.float32)
+        torch.float32,
+        names=("y", "dictionary", "intercept"),
+    )
 
 
 def test_float16_student_gradients_keep_their_precision_under_a_loss_scale():
@@ -385,11 +409,12 @@ def test_labels_and_student_loss_take_sizes_beyond_the_sparse_kernel_limits():
     y, Cs, bs, pixel, image = student_inputs(1, 4100, 2, 2, 9000, seed=21, dictionary_scale=0.01)
     on_device = [t.to(DEVICE) for t in (y, Cs, bs)]
     labels = (pixel.to(DEVICE), image.to(DEVICE))
-    for got, want in zip(
+    close_grads(
         grads(lambda *a: srm_ext.predictor_loss(*a, *labels), on_device),
         grads(lambda *a: reference.predictor_loss(*a, pixel, image), (y, Cs, bs)),
-    ):
-        close(got, want, torch.float32)
+        torch.float32,
+        names=("y", "dictionary", "intercept"),
+    )
 
 
 def test_empty_batch_on_cuda_matches_the_cpu():

@@ -1,6 +1,8 @@
-// Stage-2 predictor loss on precomputed logits z - b = C_s^T y_p (a dense
-// GEMM done by cuBLAS in the glue), and its gradient dloss/dz written over the
-// logits in place, so the (P, K) logits buffer is the only one of that size.
+// Stage-2 predictor loss on precomputed float32 logits z - b = C_s^T y_p (a
+// dense GEMM done by cuBLAS in the glue, accumulated and kept in float32 for
+// every input dtype, as the reference does), and its gradient dloss/dz written
+// over the logits in place, so the (P, K) logits buffer is the only one of
+// that size.
 //
 //   q = sigmoid(z)
 //   local  = mean_p(lse_p - q_p[label_p]),          lse_p = log sum_c exp(q_pc)
@@ -8,7 +10,7 @@
 //   global = mean_{n,c} BCE(m_nc, t_nc)             (logs clamped at -100)
 //   dq_pc  = lw / P * (softmax(q_p)_c - [c == label_p])
 //          + gw / (N K) * (m_nc - t_nc) / max(m_nc (1 - m_nc), 1e-12) / HW
-//   dz     = dq * q * (1 - q), written times grad_scale
+//   dz     = dq * q * (1 - q)
 //
 // Three passes, every reduction in a fixed order: per-pixel softmax statistics
 // (one warp per pixel), per-(image, codeword) means (one thread per column,
@@ -23,9 +25,8 @@ using namespace detail;
 constexpr int kThreads = 256;
 constexpr int kRowsPerBlock = kThreads / kWarpSize;
 
-template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    pixel_softmax_stats_kernel(const T* __restrict__ logits,
+    pixel_softmax_stats_kernel(const float* __restrict__ logits,
                                const float* __restrict__ intercept,
                                const int64_t* __restrict__ labels,
                                int64_t num_pixels, int64_t num_codes,
@@ -39,11 +40,11 @@ __global__ void __launch_bounds__(kThreads)
     return;  // warp-uniform
   }
   const float bias = intercept[0];
-  const T* row = logits + p * num_codes;
+  const float* row = logits + p * num_codes;
   // q lies in [0, 1], so exp(q) cannot overflow: no max shift needed.
   float sum_exp = 0.0f;
   for (int64_t c = lane; c < num_codes; c += kWarpSize) {
-    sum_exp += expf(sigmoid(to_float(row[c]) + bias));
+    sum_exp += expf(sigmoid(row[c] + bias));
   }
   sum_exp = warp_sum(sum_exp);
   if (lane == 0) {
@@ -51,7 +52,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t label = labels[p];
     float term = log_sum;
     if (label >= 0 && label < num_codes) {
-      term -= sigmoid(to_float(row[label]) + bias);
+      term -= sigmoid(row[label] + bias);
     } else {
       *error_flag = 1;
     }
@@ -60,11 +61,10 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    image_means_kernel(const T* __restrict__ logits,
+    image_means_kernel(const float* __restrict__ logits,
                        const float* __restrict__ intercept,
-                       const T* __restrict__ targets, int64_t batch,
+                       const float* __restrict__ targets, int64_t batch,
                        int64_t pixels_per_image, int64_t num_codes,
                        float global_scale, float* __restrict__ bce_terms,
                        float* __restrict__ global_coef) {
@@ -75,14 +75,14 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t n = i / num_codes;
   const int64_t c = i - n * num_codes;
   const float bias = intercept[0];
-  const T* column = logits + n * pixels_per_image * num_codes + c;
+  const float* column = logits + n * pixels_per_image * num_codes + c;
   float sum = 0.0f;
   for (int64_t hw = 0; hw < pixels_per_image; ++hw) {
-    sum += sigmoid(to_float(column[hw * num_codes]) + bias);
+    sum += sigmoid(column[hw * num_codes] + bias);
   }
   const float hw_count = static_cast<float>(pixels_per_image);
   const float m = sum / hw_count;
-  const float t = to_float(targets[i]);
+  const float t = targets[i];
   // Same clamping as torch.nn.functional.binary_cross_entropy.
   const float log_m = fmaxf(logf(m), -100.0f);
   const float log_1m = fmaxf(log1pf(-m), -100.0f);
@@ -91,9 +91,8 @@ __global__ void __launch_bounds__(kThreads)
       global_scale * (m - t) / fmaxf(m * (1.0f - m), 1e-12f) / hw_count;
 }
 
-template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    logit_grad_kernel(T* __restrict__ logits,
+    logit_grad_kernel(float* __restrict__ logits,
                       const float* __restrict__ intercept,
                       const int64_t* __restrict__ labels,
                       const float* __restrict__ lse,
@@ -107,12 +106,12 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t p = i / num_codes;
     const int64_t c = i - p * num_codes;
     const int64_t n = p / pixels_per_image;
-    const float q = sigmoid(to_float(logits[i]) + bias);
+    const float q = sigmoid(logits[i] + bias);
     const float softmax = expf(q - lse[p]);
     const float one_hot = labels[p] == c ? 1.0f : 0.0f;
     const float dq = local_scale * (softmax - one_hot) +
                      global_coef[n * num_codes + c];
-    logits[i] = from_float<T>(dq * q * (1.0f - q));
+    logits[i] = dq * q * (1.0f - q);
   }
 }
 
@@ -134,14 +133,12 @@ int64_t predictor_workspace_size(int64_t batch, int64_t pixels_per_image,
   return 2 * pixels + 2 * batch * num_codewords + 2;
 }
 
-cudaError_t launch_predictor_loss(void* logits, Dtype dtype,
-                                  const float* intercept,
+cudaError_t launch_predictor_loss(float* logits, const float* intercept,
                                   const int64_t* pixel_labels,
-                                  const void* image_labels, int64_t batch,
+                                  const float* image_labels, int64_t batch,
                                   int64_t pixels_per_image,
                                   int64_t num_codewords, float local_weight,
-                                  float global_weight, float grad_scale,
-                                  float* float_workspace,
+                                  float global_weight, float* float_workspace,
                                   double* sum_workspace, float* loss_out,
                                   int* error_flag, cudaStream_t stream) {
   const int64_t pixels = batch * pixels_per_image;
@@ -157,45 +154,40 @@ cudaError_t launch_predictor_loss(void* logits, Dtype dtype,
   float* global_coef = bce_terms + columns;
   float* partial_losses = global_coef + columns;
 
-  return detail::dispatch_dtype(dtype, [&](auto tag) -> cudaError_t {
-    using T = decltype(tag);
-    T* z = static_cast<T*>(logits);
-    pixel_softmax_stats_kernel<T>
-        <<<static_cast<unsigned>(detail::ceil_div(pixels, kRowsPerBlock)),
-           kThreads, 0, stream>>>(z, intercept, pixel_labels, pixels,
-                                  num_codewords, lse, local_terms, error_flag);
-    SRM_RETURN_IF_ERROR(cudaGetLastError());
+  pixel_softmax_stats_kernel<<<
+      static_cast<unsigned>(detail::ceil_div(pixels, kRowsPerBlock)), kThreads,
+      0, stream>>>(logits, intercept, pixel_labels, pixels, num_codewords, lse,
+                   local_terms, error_flag);
+  SRM_RETURN_IF_ERROR(cudaGetLastError());
 
-    // The gradient scales carry grad_scale; the loss terms do not.
-    const float global_scale = static_cast<float>(
-        static_cast<double>(global_weight) * grad_scale / columns);
-    image_means_kernel<T>
-        <<<static_cast<unsigned>(detail::ceil_div(columns, kThreads)),
-           kThreads, 0, stream>>>(z, intercept,
-                                  static_cast<const T*>(image_labels), batch,
-                                  pixels_per_image, num_codewords,
-                                  global_scale, bce_terms, global_coef);
-    SRM_RETURN_IF_ERROR(cudaGetLastError());
+  const float global_scale =
+      static_cast<float>(static_cast<double>(global_weight) / columns);
+  image_means_kernel<<<static_cast<unsigned>(
+                           detail::ceil_div(columns, kThreads)),
+                       kThreads, 0, stream>>>(
+      logits, intercept, image_labels, batch, pixels_per_image, num_codewords,
+      global_scale, bce_terms, global_coef);
+  SRM_RETURN_IF_ERROR(cudaGetLastError());
 
-    SRM_RETURN_IF_ERROR(launch_deterministic_sum(
-        local_terms, pixels, static_cast<double>(local_weight) / pixels,
-        sum_workspace, partial_losses, stream));
-    SRM_RETURN_IF_ERROR(launch_deterministic_sum(
-        bce_terms, columns, static_cast<double>(global_weight) / columns,
-        sum_workspace, partial_losses + 1, stream));
-    add_scalars_kernel<<<1, 1, 0, stream>>>(partial_losses,
-                                            partial_losses + 1, loss_out);
-    SRM_RETURN_IF_ERROR(cudaGetLastError());
+  SRM_RETURN_IF_ERROR(launch_deterministic_sum(
+      local_terms, pixels, static_cast<double>(local_weight) / pixels,
+      sum_workspace, partial_losses, stream));
+  SRM_RETURN_IF_ERROR(launch_deterministic_sum(
+      bce_terms, columns, static_cast<double>(global_weight) / columns,
+      sum_workspace, partial_losses + 1, stream));
+  add_scalars_kernel<<<1, 1, 0, stream>>>(partial_losses, partial_losses + 1,
+                                          loss_out);
+  SRM_RETURN_IF_ERROR(cudaGetLastError());
 
-    const int64_t total = pixels * num_codewords;
-    const float local_scale = static_cast<float>(
-        static_cast<double>(local_weight) * grad_scale / pixels);
-    logit_grad_kernel<T>
-        <<<clamp_blocks(detail::ceil_div(total, kThreads)), kThreads, 0,
-           stream>>>(z, intercept, pixel_labels, lse, global_coef,
-                     pixels_per_image, num_codewords, total, local_scale);
-    return cudaGetLastError();
-  });
+  const int64_t total = pixels * num_codewords;
+  const float local_scale =
+      static_cast<float>(static_cast<double>(local_weight) / pixels);
+  logit_grad_kernel<<<clamp_blocks(detail::ceil_div(total, kThreads)),
+                      kThreads, 0, stream>>>(logits, intercept, pixel_labels,
+                                             lse, global_coef,
+                                             pixels_per_image, num_codewords,
+                                             total, local_scale);
+  return cudaGetLastError();
 }
 
 }  // namespace srm_cuda

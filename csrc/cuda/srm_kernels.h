@@ -197,24 +197,23 @@ cudaError_t launch_sparse_labels(const void* values, Dtype dtype,
 int64_t predictor_workspace_size(int64_t batch, int64_t pixels_per_image,
                                  int64_t num_codewords);
 
-// On entry `logits` (P, K row-major, `dtype`) holds C_s^T y_p; on exit it
-// holds grad_scale * dloss/dz for z = logits + intercept and a unit upstream
-// gradient (grad_scale keeps float16 gradients in range).
+// On entry `logits` (P, K row-major) holds C_s^T y_p; on exit it holds
+// dloss/dz for z = logits + intercept and a unit upstream gradient.
 //   local  = mean_p(logsumexp_c q_pc - q_p[label_p]),  q = sigmoid(z)
 //   global = mean_{n,c} BCE(mean_hw q, image_labels) with logs clamped at -100
-//   loss_out[0] = local_weight * local + global_weight * global   (float32)
-// pixel_labels is (P,) int64, image_labels (N, K) in `dtype`. A label outside
-// [0, K) sets error_flag[0] = 1 and drops its one-hot term.
+//   loss_out[0] = local_weight * local + global_weight * global
+// Everything is float32 whatever the student's dtype (the reference works on
+// float32 pre-activations too). pixel_labels is (P,) int64, image_labels
+// (N, K). A label outside [0, K) sets error_flag[0] = 1 and drops its one-hot
+// term.
 // float_workspace: predictor_workspace_size(...) floats;
 // sum_workspace: deterministic_sum_workspace_size(max(P, N * K)) doubles.
-cudaError_t launch_predictor_loss(void* logits, Dtype dtype,
-                                  const float* intercept,
+cudaError_t launch_predictor_loss(float* logits, const float* intercept,
                                   const int64_t* pixel_labels,
-                                  const void* image_labels, int64_t batch,
+                                  const float* image_labels, int64_t batch,
                                   int64_t pixels_per_image,
                                   int64_t num_codewords, float local_weight,
-                                  float global_weight, float grad_scale,
-                                  float* float_workspace,
+                                  float global_weight, float* float_workspace,
                                   double* sum_workspace, float* loss_out,
                                   int* error_flag, cudaStream_t stream);
 

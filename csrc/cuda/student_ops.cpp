@@ -7,6 +7,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
 #include <algorithm>
 #include <array>
@@ -54,43 +55,30 @@ at::Tensor pixel_rows(const at::Tensor& y) {
   return y.permute({0, 2, 3, 1}).reshape({-1, y.size(1)});
 }
 
-// The power of two by which the predictor kernel scales dloss/dz in float16,
-// divided out again in the GEMMs that map it to the inputs. dloss/dz has
-// terms of order 1/P (one-hot) and 1/(P*K) (softmax, BCE); at training batch
-// sizes they fall below float16's smallest normal (6.1e-5) and round to zero.
-// Scaled by about P*K/64 they sit near 1 with ample headroom. float32 and
-// bfloat16 have float32's range and keep dloss/dz itself, as the CPU kernels
-// do.
-double grad_logits_scale(at::ScalarType dtype, int64_t pixels,
-                         int64_t num_codewords) {
-  if (dtype != at::kHalf) {
-    return 1.0;
+// a @ b accumulated and returned in float32; 16-bit inputs (one dtype for
+// both) stay 16-bit on the way into cuBLAS's tensor cores where torch has
+// the mm overload with an output dtype (2.8 on).
+at::Tensor float_mm(const at::Tensor& a, const at::Tensor& b) {
+  if (a.scalar_type() == at::kFloat) {
+    return at::mm(a, b);
   }
-  const int exponent = std::ilogb(static_cast<double>(pixels) *
-                                  static_cast<double>(num_codewords)) - 6;
-  return std::ldexp(1.0, std::max(exponent, 0));
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
+  return at::mm(a, b, at::kFloat);
+#else
+  return at::mm(a.to(at::kFloat), b.to(at::kFloat));
+#endif
 }
 
-// alpha * (a @ b), alpha applied to the GEMM's float32 accumulator. float16
-// products are returned in float32: a gradient for a unit upstream gradient
-// can lie below float16's subnormals, which a loss scale (GradScaler's) would
-// have lifted had it been applied before rounding.
-at::Tensor scaled_mm(const at::Tensor& a, const at::Tensor& b, double alpha) {
-  if (a.scalar_type() == at::kHalf) {
-    return at::mm(a, b, at::kFloat).mul_(alpha);
-  }
-  // beta = 0: the uninitialised input is ignored, as in at::mm.
-  return at::addmm(at::empty({}, a.options()), a, b, /*beta=*/0, alpha);
-}
-
-// The gradients of the loss for a unit upstream gradient, from
-// g = grad_scale * dloss/dz as a (P, K) matrix.
+// The gradients of the loss for a unit upstream gradient, from dloss/dz as a
+// float32 (P, K) matrix g. The products run in float32, as the reference's
+// do; gradients come back in y's dtype, float16's in float32: a gradient for
+// a unit upstream gradient can lie below float16's subnormals, which a loss
+// scale (GradScaler's) would have lifted had it been applied before rounding.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> unit_gradients(
     const at::Tensor& g, const at::Tensor& y, const at::Tensor& dictionary,
-    double grad_scale, std::array<bool, 3> output_mask) {
+    std::array<bool, 3> output_mask) {
   const int64_t n = y.size(0), depth = y.size(1), h = y.size(2),
                 w = y.size(3);
-  const double unscale = 1.0 / grad_scale;
   const auto grad_dtype =
       y.scalar_type() == at::kHalf ? at::kFloat : y.scalar_type();
   // Unformed gradients are (0,)-shaped, in the dtype formed ones have (the
@@ -100,16 +88,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unit_gradients(
   at::Tensor grad_dictionary = unformed();
   at::Tensor grad_intercept = unformed();
   if (output_mask[0]) {
-    grad_y = scaled_mm(g, dictionary.t(), unscale)
+    grad_y = at::mm(g, dictionary.t().to(at::kFloat))
                  .view({n, h, w, depth})
-                 .permute({0, 3, 1, 2});
+                 .permute({0, 3, 1, 2})
+                 .to(grad_dtype);
   }
   if (output_mask[1]) {
-    grad_dictionary = laid_out_like(scaled_mm(pixel_rows(y).t(), g, unscale),
-                                    dictionary);
+    grad_dictionary =
+        laid_out_like(at::mm(pixel_rows(y).t().to(at::kFloat), g), dictionary)
+            .to(grad_dtype);
   }
   if (output_mask[2]) {
-    grad_intercept = at::sum(g, at::kFloat).mul_(unscale).to(grad_dtype);
+    grad_intercept = g.sum().to(grad_dtype);
   }
   return {grad_y, grad_dictionary, grad_intercept};
 }
@@ -121,7 +111,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> predictor_loss(
     std::array<bool, 3> output_mask) {
   TORCH_CHECK(y.is_cuda(), "srm_ext: y must be a CUDA tensor");
   check_dim(y, 4, "y", "(N, D_s, H, W)");
-  const Dtype dtype = kernel_dtype(y.scalar_type(), "y");
+  kernel_dtype(y.scalar_type(), "y");  // float32, float16 or bfloat16
   check_dictionary(dictionary, y.size(1), y, "y");
   const int64_t n = y.size(0), h = y.size(2), w = y.size(3);
   TORCH_CHECK(n * h * w > 0, "srm_ext: y must have at least one pixel (N*H*W > 0), got shape ",
@@ -149,13 +139,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> predictor_loss(
   const int64_t pixels = n * h * w;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor labels = pixel_labels.contiguous();
-  const at::Tensor targets = image_labels.to(y.scalar_type()).contiguous();
-  const double grad_scale =
-      grad_logits_scale(y.scalar_type(), pixels, num_codewords);
+  const at::Tensor targets = image_labels.to(at::kFloat).contiguous();
 
-  // The logits buffer becomes grad_scale * dloss/dz in place; it lives only
-  // until the gradients for the inputs are formed from it.
-  at::Tensor logits = at::mm(pixel_rows(y), dictionary).contiguous();
+  // The float32 logits buffer becomes dloss/dz in place; it lives only until
+  // the gradients for the inputs are formed from it.
+  at::Tensor logits = float_mm(pixel_rows(y), dictionary).contiguous();
   auto float_workspace = at::empty(
       {srm_cuda::predictor_workspace_size(n, h * w, num_codewords)},
       y.options().dtype(at::kFloat));
@@ -166,11 +154,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> predictor_loss(
   auto loss = at::empty({}, y.options().dtype(at::kFloat));
   auto error_flag = at::zeros({1}, y.options().dtype(at::kInt));
   check_launch(srm_cuda::launch_predictor_loss(
-                   logits.data_ptr(), dtype, bias.data_ptr<float>(),
-                   labels.data_ptr<int64_t>(), targets.data_ptr(), n, h * w,
-                   num_codewords, static_cast<float>(local_weight),
+                   logits.data_ptr<float>(), bias.data_ptr<float>(),
+                   labels.data_ptr<int64_t>(), targets.data_ptr<float>(), n,
+                   h * w, num_codewords, static_cast<float>(local_weight),
                    static_cast<float>(global_weight),
-                   static_cast<float>(grad_scale),
                    float_workspace.data_ptr<float>(),
                    sum_workspace.data_ptr<double>(), loss.data_ptr<float>(),
                    error_flag.data_ptr<int>(), stream),
@@ -179,7 +166,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> predictor_loss(
                    "srm_ext: predictor_loss: pixel_labels must lie in [0, K = ",
                    num_codewords, ")");
   const auto [grad_y, grad_dictionary, grad_intercept] =
-      unit_gradients(logits, y, dictionary, grad_scale, output_mask);
+      unit_gradients(logits, y, dictionary, output_mask);
   return {loss.to(y.scalar_type()), grad_y, grad_dictionary, grad_intercept};
 }
 
