@@ -51,7 +51,9 @@ def cuda_wanted() -> bool:
 
 def cuda_extension() -> CUDAExtension:
     archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
-    arch_names = ";".join(a.replace(".", "").replace("+PTX", "") for a in archs.replace(" ", ";").split(";") if a)
+    # "8.0;9.0+PTX" -> "80;90+PTX": srm_ext.backend_info() reports these, and
+    # the dispatcher falls back to the reference on a GPU none of them runs on.
+    arch_names = ";".join(a.replace(".", "") for a in archs.replace(" ", ";").split(";") if a)
     sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
     return CUDAExtension(
         "srm_ext._C_cuda",

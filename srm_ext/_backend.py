@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import os
 import platform
+import re
 import warnings
 from types import ModuleType
 from typing import Any
@@ -21,6 +22,8 @@ _NATIVE_DTYPES = {
 
 _load_errors: dict[str, str] = {}
 _warned: set[tuple[str, str]] = set()
+# Per CUDA device index: whether the compiled kernels run on that GPU.
+_cuda_runs_on: dict[int, bool] = {}
 
 
 def _try_import(name: str) -> ModuleType | None:
@@ -48,16 +51,55 @@ def _has_kernels(device_type: str) -> bool:
     return False
 
 
+def archs_run_on(archs: list[str], capability: tuple[int, int]) -> bool:
+    """Whether code built for ``archs`` (as in build_info: "80", "90a",
+    "90+PTX") runs on a GPU of compute ``capability``.
+
+    Machine code for X.Y runs on X.Y' for Y' >= Y ("a" variants on X.Y only);
+    PTX is compiled at load time for any later GPU. An entry this does not
+    understand counts as running, so that only a known mismatch falls back.
+    """
+    for arch in archs:
+        match = re.fullmatch(r"(\d+)(\d)([af]?)(\+PTX)?", arch)
+        if match is None:
+            return True
+        built = (int(match.group(1)), int(match.group(2)))
+        if match.group(4) and capability >= built:
+            return True
+        if match.group(3):
+            if capability == built:
+                return True
+        elif capability[0] == built[0] and capability[1] >= built[1]:
+            return True
+    return False
+
+
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _cuda_kernels_run_on(device: torch.device) -> bool:
+    if torch.compiler.is_compiling():
+        return True  # the device is queried by eager calls, not while tracing
+    index = _cuda_index(device)
+    if index not in _cuda_runs_on:
+        archs = cuda_module.build_info()["cuda_archs"]
+        _cuda_runs_on[index] = archs_run_on(archs, torch.cuda.get_device_capability(index))
+    return _cuda_runs_on[index]
+
+
 def use_native(t: torch.Tensor) -> bool:
     """Whether the compiled op serves a call whose main input is ``t``.
 
     Falls back to the reference, with a one-time warning per (device, dtype),
-    when no compiled kernel covers the tensor.
+    when no compiled kernel covers the tensor: the backend is missing, has no
+    kernels for the dtype, or was built for other GPUs than this one.
     """
     if _forced_reference():
         return False
     device_type = t.device.type
-    if _has_kernels(device_type) and t.dtype in _NATIVE_DTYPES.get(device_type, ()):
+    supported = _has_kernels(device_type) and t.dtype in _NATIVE_DTYPES.get(device_type, ())
+    if supported and (device_type != "cuda" or _cuda_kernels_run_on(t.device)):
         return True
     key = (device_type, str(t.dtype))
     if key not in _warned:
@@ -66,8 +108,16 @@ def use_native(t: torch.Tensor) -> bool:
             why = f"the compiled {device_type} backend is not available"
             if device_type == "cpu" and "srm_ext._C" in _load_errors:
                 why += f" ({_load_errors['srm_ext._C']})"
-        else:
+        elif not supported:
             why = f"the {device_type} kernels do not support {t.dtype}"
+        else:
+            major, minor = torch.cuda.get_device_capability(_cuda_index(t.device))
+            archs = ", ".join(cuda_module.build_info()["cuda_archs"])
+            why = (
+                f"the CUDA kernels were built for sm {archs}, which do not run on this GPU "
+                f"(compute capability {major}.{minor}; rebuild with "
+                f"TORCH_CUDA_ARCH_LIST={major}.{minor} to use them)"
+            )
         warnings.warn(
             f"srm_ext: {why}; using the PyTorch reference implementation", stacklevel=3
         )

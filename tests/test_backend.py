@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import types
 import warnings
 
 import pytest
@@ -67,6 +68,45 @@ def test_unsupported_dtype_falls_back_with_one_warning(monkeypatch):
         srm_ext.sparse_encode(x, C, b, 3)  # warned once already
     assert values.dtype == torch.bfloat16
     torch.testing.assert_close(indices, reference.sparse_encode(x, C, b, 3)[1])
+
+
+@pytest.mark.parametrize(
+    "archs, capability, runs",
+    [
+        (["80", "90+PTX"], (8, 0), True),
+        (["80", "90+PTX"], (8, 6), True),  # sm_80 machine code runs on any 8.x from 8.0
+        (["80", "90+PTX"], (9, 0), True),
+        (["80", "90+PTX"], (12, 0), True),  # through the PTX
+        (["80", "90+PTX"], (7, 5), False),
+        (["80", "90"], (10, 0), False),  # no PTX: no later GPU
+        (["86"], (8, 0), False),  # machine code does not run on an earlier minor
+        (["90a"], (9, 0), True),
+        (["90a"], (10, 0), False),  # arch-specific code runs on its own GPU only
+        (["75+PTX"], (8, 9), True),
+        (["Hopper"], (7, 0), True),  # not understood: no fallback on a guess
+        ([], (9, 0), False),
+    ],
+)
+def test_cuda_architecture_compatibility(archs, capability, runs):
+    assert _backend.archs_run_on(archs, capability) is runs
+
+
+def test_gpu_the_kernels_were_not_built_for_falls_back_with_one_warning(monkeypatch):
+    monkeypatch.delenv("SRM_EXT_BACKEND", raising=False)
+    monkeypatch.setattr(_backend, "_warned", set())
+    monkeypatch.setattr(_backend, "_cuda_runs_on", {})
+    monkeypatch.setattr(
+        _backend, "cuda_module", types.SimpleNamespace(build_info=lambda: {"cuda_archs": ["80", "90+PTX"]})
+    )
+    capability = {0: (7, 5), 1: (8, 9)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: capability[index])
+    turing = types.SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.float16)
+    with pytest.warns(UserWarning, match=r"compute capability 7\.5; rebuild with TORCH_CUDA_ARCH_LIST=7\.5"):
+        assert not _backend.use_native(turing)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not _backend.use_native(turing)  # warned once already
+        assert _backend.use_native(types.SimpleNamespace(device=torch.device("cuda", 1), dtype=torch.float16))
 
 
 def test_package_imports_without_the_compiled_library(tmp_path):

@@ -7,7 +7,7 @@
 #include <string>
 #include <vector>
 
-// Architectures compiled into this module, e.g. SRM_EXT_CUDA_ARCHS="80;90".
+// Architectures compiled into this module, e.g. SRM_EXT_CUDA_ARCHS="80;90+PTX".
 // Stringified so that both a bare token list and a string literal work.
 #define SRM_EXT_STRINGIFY_IMPL(...) #__VA_ARGS__
 #define SRM_EXT_STRINGIFY(...) SRM_EXT_STRINGIFY_IMPL(__VA_ARGS__)
