@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shlex
 import signal
 import sys
 import threading
 import zipfile
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 __all__ = ["main", "build_parser"]
@@ -108,8 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-workers", type=int, help="DataLoader worker processes")
     g.add_argument("--threads", type=int, help="torch intra-op threads per process (default on CPU: half the cores)")
     g.add_argument("--quiet", action="store_true", default=None, help="no progress bars or epoch lines")
-    g.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
-    g.add_argument("--overwrite", action="store_true", help="replace the run in --output-dir")
+    existing = g.add_mutually_exclusive_group()
+    existing.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
+    existing.add_argument("--overwrite", action="store_true", help="replace the run in --output-dir")
 
     _document_defaults(d)
 
@@ -187,12 +190,19 @@ def _distill(args: argparse.Namespace) -> int:
             runner.run()
     except KeyboardInterrupt:
         print(
-            f"\n{PROG}: interrupted; continue with: {PROG} distill --resume "
-            f"--output-dir {config.output_dir}",
+            f"\n{PROG}: interrupted; continue with: {_invocation()} distill --resume "
+            f"--output-dir {shlex.quote(config.output_dir)}",
             file=sys.stderr,
         )
         return 130
     return 0
+
+
+def _invocation() -> str:
+    """How this command was started: the srm-ext script or python -m srm_ext."""
+    if sys.argv and Path(sys.argv[0]).name == "__main__.py":
+        return "python -m srm_ext"
+    return PROG
 
 
 def _bench(argv: Sequence[str]) -> int:

@@ -4,16 +4,18 @@ equivalence and one-line errors."""
 from __future__ import annotations
 
 import json
+import pickle
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from srm_ext.cli import build_parser, main
-from srm_ext.distill import ExperimentConfig, ExperimentRunner
+from srm_ext.distill import ConfigError, ExperimentConfig, ExperimentRunner
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -124,6 +126,11 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path, stop_aft
     # resume from the CLI, with only the output directory given
     assert main(["distill", "--resume", "--quiet", "--output-dir", str(interrupted)]) == 0
     assert _final_numbers(interrupted) == _final_numbers(straight)
+    # The training time adds up the epochs of both invocations.
+    results = json.loads((interrupted / "results.json").read_text())
+    records = [json.loads(line) for line in (interrupted / "metrics.jsonl").read_text().splitlines()]
+    assert results["training_time_s"] == pytest.approx(sum(r["time"] for r in records))
+    assert results["training_time_s"] > sum(r["time"] for r in records[stop_after:])
 
 
 def test_resume_before_the_first_checkpoint_keeps_the_run_settings(tmp_path):
@@ -209,6 +216,14 @@ def test_existing_run_needs_resume_or_overwrite(tmp_path, capsys):
     assert main(["distill", *flags, "--overwrite"]) == 0
     assert main(["distill", *flags, "--resume", "--epochs-student", "3"]) == 2
     assert "epochs_student=3" in capsys.readouterr().err
+    # Overwriting would delete the checkpoint and models that resuming keeps.
+    with pytest.raises(SystemExit) as exit_info:
+        main(["distill", *flags, "--resume", "--overwrite"])
+    assert exit_info.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+    assert (out / "checkpoint.pt").exists() and list((out / "models").glob("*.pt"))
+    with pytest.raises(ConfigError, match="exclude each other"):
+        ExperimentRunner(ExperimentConfig(output_dir=str(out)), resume=True, overwrite=True)
 
 
 @pytest.mark.parametrize(
@@ -228,17 +243,31 @@ def test_existing_run_needs_resume_or_overwrite(tmp_path, capsys):
         (["--layer-pairs", "block1:stage1,block1:stage1"], "'block1:stage1' is given more than once"),
         (["--dataset", "npz", "--data-path", "broken.npz"], "broken.npz"),
         (["--output-dir", "a_file"], "a_file"),
+        # Checked before any training, though only the SRM stages use them.
+        (["--lr-srm", "-1"], "lr_srm must be > 0, got -1.0"),
+        (["--local-weight", "-0.5"], "local weight must be >= 0, got -0.5"),
+        (["--sparsity-multiplier", "-0.1"], "sparsity multiplier must be > 0, got -0.1"),
+        (["--image-size", "2"], "inputs of shape (1, 2, 2)"),
+        (["--dataset", "cifar10", "--data-path", "cifar-100-python"], "use --dataset cifar100"),
     ],
 )
 def test_user_errors_are_one_line_with_exit_code_2(tmp_path, capsys, monkeypatch, flags, message):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "broken.npz").write_bytes(b"PK\x03\x04 truncated")
     (tmp_path / "a_file").write_text("not a directory")
+    _write_cifar_100_folder(tmp_path / "cifar-100-python")
     code = main(["distill", *TINY_FLAGS, "--output-dir", str(tmp_path / "run"), *flags])
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith("srm-ext: error: ") and message in err
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def _write_cifar_100_folder(folder: Path) -> None:
+    folder.mkdir()
+    for name, n in (("train", 6), ("test", 2)):
+        batch = {b"data": np.zeros((n, 3072), dtype=np.uint8), b"fine_labels": list(range(90, 90 + n))}
+        (folder / name).write_bytes(pickle.dumps(batch))
 
 
 def test_debug_shows_the_traceback(tmp_path):

@@ -70,5 +70,7 @@ def test_sigterm_stops_cleanly_with_the_resume_hint(tmp_path):
     run = _start_and_signal(out, tmp_path, 1, signal.SIGTERM)
     assert run.wait(timeout=60) == 130
     err = run.stderr.read()
-    assert "interrupted; continue with: srm-ext distill --resume" in err and "Traceback" not in err
+    # The hint repeats how the run was started (python -m srm_ext here).
+    hint = f"interrupted; continue with: python -m srm_ext distill --resume --output-dir {out}"
+    assert hint in err and "Traceback" not in err
     assert not list(out.rglob("*.tmp"))

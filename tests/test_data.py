@@ -53,7 +53,7 @@ def test_cifar10_python_folder(tmp_path):
         _write_cifar_batch(tmp_path / f"data_batch_{i}", 6, b"labels", 10, i)
     _write_cifar_batch(tmp_path / "test_batch", 4, b"labels", 10, 9)
     splits = load_dataset(config(dataset="cifar10", data_path=str(tmp_path)))
-    check_splits(splits, 12, 4, splits.num_classes, 3, 32)
+    check_splits(splits, 12, 4, 10, 3, 32)
     assert splits.natural_images
     with open(tmp_path / "data_batch_1", "rb") as f:
         raw = pickle.load(f, encoding="bytes")
@@ -65,7 +65,14 @@ def test_cifar100_python_folder(tmp_path):
     _write_cifar_batch(tmp_path / "train", 8, b"fine_labels", 100, 1)
     _write_cifar_batch(tmp_path / "test", 3, b"fine_labels", 100, 2)
     splits = load_dataset(config(dataset="cifar100", data_path=str(tmp_path)))
-    assert len(splits.train) == 8 and len(splits.test) == 3
+    check_splits(splits, 8, 3, 100, 3, 32)
+
+
+def test_cifar100_folder_named_as_cifar10_is_a_config_error(tmp_path):
+    _write_cifar_batch(tmp_path / "train", 8, b"fine_labels", 100, 1)
+    _write_cifar_batch(tmp_path / "test", 3, b"fine_labels", 100, 2)
+    with pytest.raises(ConfigError, match="use --dataset cifar100"):
+        load_dataset(config(dataset="cifar10", data_path=str(tmp_path)))
 
 
 def test_npz_images_and_labels_float_nhwc(tmp_path):

@@ -103,6 +103,24 @@ def test_repeated_layer_pair_is_rejected():
         make_distiller(pairs=[("block1", "stage1"), ("block2", "stage2"), ("block1", "stage1")])
 
 
+def test_layer_pairs_in_the_command_line_form_are_rejected_clearly():
+    with pytest.raises(ValueError, match=r"a dict or \(teacher_path, student_path\) pairs, got the entry 'block1:stage1'"):
+        make_distiller(pairs=["block1:stage1"])
+
+
+def test_float64_models_build_and_train():
+    # The dry run feeds each model its own dtype (float32 input would fail the conv).
+    torch.manual_seed(0)
+    teacher, student = tiny_teacher().double(), tiny_student().double()
+    distiller = SRMDistiller(teacher, student, {"block1": "stage1"}, input_shape=(1, 8, 8))
+    loader = DataLoader(
+        TensorDataset(*(t.double() if t.is_floating_point() else t for t in toy_loader().dataset.tensors)),
+        batch_size=16,
+    )
+    history = distiller.fit_dictionaries(loader, epochs=1, **QUIET)
+    assert history and all(torch.isfinite(torch.tensor(r["loss"])) for r in history)
+
+
 def grads_of(blocks: nn.ModuleList) -> list[bool]:
     return [block.dictionary.grad is not None and bool(block.dictionary.grad.any()) for block in blocks]
 
@@ -293,6 +311,13 @@ def test_trainer_without_a_device_sends_batches_where_the_model_lives():
         t.follow(nn.Linear(2, 2, device="meta").parameters())
     images, _ = trainer.to_device(torch.zeros(1, 2), torch.zeros(1), train=False)
     assert images.device.type == "meta" and pinned.device.type == "cpu"
+
+
+def test_loader_batches_other_than_image_target_pairs_are_a_clear_error():
+    stage = cross_entropy_stage("ce", tiny_student(), StageConfig(epochs=1))
+    triples = DataLoader(TensorDataset(torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.long), torch.zeros(4)))
+    with pytest.raises(TypeError, match=r"pair \(images, targets\) of tensors, got a list of 3"):
+        Trainer(**QUIET).fit(stage, triples)
 
 
 def test_trainer_rejects_empty_parameter_list():

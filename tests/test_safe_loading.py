@@ -77,6 +77,19 @@ def test_checkpoint_round_trip_is_weights_only(tmp_path):
     assert loaded["epoch"] == 2 and torch.equal(loaded["model"]["w"], torch.arange(3.0))
 
 
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+def test_checkpoint_is_created_with_the_permissions_of_any_other_file(tmp_path):
+    # A shared run directory: others must be able to load models and checkpoints.
+    previous = os.umask(0o022)
+    try:
+        atomic_save({"w": torch.ones(1)}, tmp_path / "model.pt")
+        (tmp_path / "results.json").write_text("{}")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "model.pt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "results.json").stat().st_mode & 0o777 == 0o644
+
+
 def test_checkpoint_with_arbitrary_objects_is_refused(tmp_path):
     marker = tmp_path / "pwned"
     torch.save({"model": {}, "hook": _RunsCode(marker)}, tmp_path / "checkpoint.pt")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,10 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     ``os.replace``: a crash leaves either the old file or the new one, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # Not mkstemp, which makes the file private (0600): created like any other
+    # file (0666 less the umask), so that others can load a shared run.
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)

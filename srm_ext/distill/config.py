@@ -157,6 +157,13 @@ class ExperimentConfig:
                 raise ConfigError(f"{name.replace('_', ' ')} must be >= 1, got {value}")
         if self.num_workers < 0:
             raise ConfigError(f"num workers must be >= 0, got {self.num_workers}")
+        for name in ("local_weight", "global_weight", "fitnet_weight", "sp_weight", "at_weight"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:
+                raise ConfigError(f"{name.replace('_', ' ')} must be >= 0, got {value}")
+        for name in ("codeword_multiplier", "sparsity_multiplier"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name.replace('_', ' ')} must be > 0, got {getattr(self, name)}")
         if len(set(self.methods)) < len(self.methods) or len(set(self.seeds)) < len(self.seeds):
             raise ConfigError(
                 f"methods and seeds must not repeat, got methods {self.methods} "
@@ -169,8 +176,13 @@ class ExperimentConfig:
                 raise ConfigError(
                     f"unknown device {self.device!r}; use auto, cpu, cuda or cuda:N"
                 ) from None
-        # Validate the optimiser settings once, early.
-        self.stage("student")
+        for name in ("lr", "lr_srm"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        # Validate every stage's settings now: a mistake found only when its
+        # stage starts would cost every run trained before it.
+        for kind in ("teacher", "dictionary", "init", "student"):
+            self.stage(kind)
 
     def stage(self, kind: str) -> StageConfig:
         """Stage settings for ``kind``: teacher | dictionary | init | student."""

@@ -161,7 +161,7 @@ def load_dataset(config: ExperimentConfig) -> DatasetSplits:
         if not path.exists():
             raise ConfigError(f"data path {str(path)!r} does not exist")
         if name in ("cifar10", "cifar100"):
-            splits = load_cifar(path)
+            splits = load_cifar(path, num_classes=10 if name == "cifar10" else 100)
         elif name == "npz":
             splits = load_npz(path)
         elif name == "imagefolder":
@@ -189,8 +189,8 @@ def load_digits(image_size: int = 8) -> DatasetSplits:
     return _split_arrays(images, torch.from_numpy(bunch.target).long(), natural=False)
 
 
-def load_cifar(root: Path) -> DatasetSplits:
-    """CIFAR-10/100 from the python-pickle folder."""
+def load_cifar(root: Path, num_classes: int = 10) -> DatasetSplits:
+    """CIFAR-10 (num_classes=10) or CIFAR-100 (100) from the python-pickle folder."""
     names = [p.name for p in root.iterdir()] if root.is_dir() else []
     if "test_batch" in names:
         train_files = sorted(p for p in names if p.startswith("data_batch_"))
@@ -204,7 +204,13 @@ def load_cifar(root: Path) -> DatasetSplits:
         )
     train_x, train_y = _read_cifar_batches(root, train_files)
     test_x, test_y = _read_cifar_batches(root, test_files)
-    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    low, high = int(min(train_y.min(), test_y.min())), int(max(train_y.max(), test_y.max()))
+    if low < 0 or high >= num_classes:
+        hint = " (a CIFAR-100 folder? use --dataset cifar100)" if num_classes == 10 and high < 100 else ""
+        raise ConfigError(
+            f"{str(root)!r} has labels in [{low}, {high}], outside the {num_classes} classes "
+            f"of CIFAR-{num_classes}{hint}"
+        )
     return _splits_from_tensors(train_x, train_y, test_x, test_y, num_classes, natural=True)
 
 

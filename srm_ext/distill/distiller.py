@@ -82,6 +82,12 @@ class SRMDistiller(nn.Module):
         pairs = list(layer_pairs.items() if isinstance(layer_pairs, Mapping) else layer_pairs)
         if not pairs:
             raise ValueError("layer_pairs is empty; give at least one teacher -> student pair")
+        for pair in pairs:
+            if isinstance(pair, str) or not isinstance(pair, Sequence) or len(pair) != 2:
+                raise ValueError(
+                    "layer_pairs must map teacher paths to student paths: a dict or "
+                    f"(teacher_path, student_path) pairs, got the entry {pair!r}"
+                )
         self.teacher = teacher
         self.student = student
         self.layer_pairs: list[tuple[str, str]] = [(str(t), str(s)) for t, s in pairs]
@@ -121,9 +127,11 @@ class SRMDistiller(nn.Module):
         if self.is_built:
             return
         device = module_device(self.teacher)
-        batch = example_input[:2].to(device=device, dtype=torch.float32)
-        t_maps = self.teacher_tap.probe(batch)
-        s_maps = self.student_tap.probe(batch.to(module_device(self.student)))
+        batch = example_input[:2]
+        t_maps = self.teacher_tap.probe(batch.to(device, module_dtype(self.teacher)))
+        s_maps = self.student_tap.probe(
+            batch.to(module_device(self.student), module_dtype(self.student))
+        )
         for t_path, s_path in self.layer_pairs:
             t_channels, s_channels = t_maps[t_path].shape[1], s_maps[s_path].shape[1]
             try:
@@ -322,3 +330,11 @@ def module_device(module: nn.Module) -> torch.device:
     for tensor in module.parameters():
         return tensor.device
     return torch.device("cpu")
+
+
+def module_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of the module's first floating parameter (float32 if none)."""
+    for tensor in module.parameters():
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return torch.float32

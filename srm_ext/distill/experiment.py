@@ -85,6 +85,9 @@ class ExperimentRunner:
         on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
         log: Callable[[str], None] = print,
     ) -> None:
+        if resume and overwrite:
+            # Overwriting deletes the checkpoint and the models a resume keeps.
+            raise ConfigError("resume and overwrite exclude each other: choose one")
         self.config = config
         self.resume = resume
         self.overwrite = overwrite
@@ -258,18 +261,26 @@ class ExperimentRunner:
             pairs = parse_layer_pairs(self.config.layer_pairs)
         else:
             pairs = list(default_layer_pairs(teacher, student).items())
-        if "srm" in self.config.methods:
-            SRMDistiller(
-                teacher,
-                student,
-                pairs,
-                self.config.codeword_multiplier,
-                self.config.sparsity_multiplier,
-                example_input=self.example,
-            )
-        else:
-            FeatureTap(teacher, [t for t, _ in pairs], "teacher").probe(self.example)
-            FeatureTap(student, [s for _, s in pairs], "student").probe(self.example)
+        try:
+            if "srm" in self.config.methods:
+                SRMDistiller(
+                    teacher,
+                    student,
+                    pairs,
+                    self.config.codeword_multiplier,
+                    self.config.sparsity_multiplier,
+                    example_input=self.example,
+                )
+            else:
+                FeatureTap(teacher, [t for t, _ in pairs], "teacher").probe(self.example)
+                FeatureTap(student, [s for _, s in pairs], "student").probe(self.example)
+        except RuntimeError as exc:  # the models cannot take these inputs at all
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(
+                f"{self.config.teacher} and {self.config.student} cannot run on this dataset's "
+                f"inputs of shape {tuple(self.example.shape[1:])} ({first_line}); try a larger "
+                "--image-size"
+            ) from exc
         return pairs
 
     # ------------------------------------------------------------------ runs
@@ -423,14 +434,20 @@ class ExperimentRunner:
         runs = list(self.state["finished"].values())
         rows = summarise(runs)
         table = markdown_table(rows)
-        results = {"rows": rows, "runs": runs, "wall_time_s": seconds}
+        # Epoch times come from the checkpointed history, so they add up over
+        # every invocation of a resumed run; the wall time is this one's.
+        training = sum(record["time"] for record in self.state["history"])
+        results = {"rows": rows, "runs": runs, "training_time_s": training, "wall_time_s": seconds}
         if self.ctx.is_main:
             (self.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
             (self.out / "results.md").write_text(table + "\n")
             plot_loss_curves(self.state["history"], self.out / "loss_curves.png")
             plot_accuracy(rows, self.out / "accuracy.png")
             self._log("\n" + table)
-            self._log(f"\n{len(runs)} runs in {seconds:.0f}s; outputs in {self.out}/")
+            self._log(
+                f"\n{len(runs)} runs, {training:.0f}s of training ({seconds:.0f}s in this "
+                f"invocation); outputs in {self.out}/"
+            )
         return results
 
 

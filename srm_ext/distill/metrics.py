@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from .trainer import image_batch
+
 if TYPE_CHECKING:
     from .distributed import DistributedContext
     from .trainer import Trainer
@@ -38,7 +40,8 @@ def accuracy(
     else:
         device = next(model.parameters(), torch.empty(0)).device
     try:
-        for images, targets in loader:
+        for batch in loader:
+            images, targets = image_batch(batch)
             if trainer is not None:
                 images, targets = trainer.to_device(images, targets, train=False)
                 with trainer.autocast():

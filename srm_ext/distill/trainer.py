@@ -218,8 +218,8 @@ class Trainer:
             disable=not self.progress,
             dynamic_ncols=True,
         )
-        for step, (images, targets) in enumerate(bar):
-            images, targets = self.to_device(images, targets, train=True)
+        for step, batch in enumerate(bar):
+            images, targets = self.to_device(*image_batch(batch), train=True)
             with self.autocast():
                 loss, parts = _split_objective(stage.objective(images, targets))
             optimizer.zero_grad(set_to_none=True)
@@ -270,3 +270,17 @@ def _format_metrics(metrics: dict[str, Any], total_epochs: int) -> str:
         if isinstance(value, float):
             fields.append(f"{key}={value:.4g}" if key != "time" else f"time={value:.1f}s")
     return "  ".join(fields)
+
+
+def image_batch(batch: Any) -> tuple[Tensor, Tensor]:
+    """The (images, targets) of a loader's batch, or a TypeError saying what
+    the loader must yield instead."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and all(
+        isinstance(t, Tensor) for t in batch
+    ):
+        return batch[0], batch[1]
+    shape = type(batch).__name__ + (f" of {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+    raise TypeError(
+        f"each batch of the loader must be a pair (images, targets) of tensors, got a {shape}; "
+        "wrap the loader or its dataset to yield that pair"
+    )
