@@ -190,21 +190,40 @@ __global__ void codeword_run_offsets_kernel(const int64_t* __restrict__ sorted,
   offsets[c] = lo;
 }
 
+// One 32 x 32 tile of (codeword, feature) per block, staged in shared memory:
+// the partials are read along their rows of D features and the gradient
+// written along its rows of K codewords, both coalesced (a thread per output
+// element would read with a stride of D). Each element sums its segments in
+// order.
+constexpr int kTransposeTile = 32;
+constexpr int kTransposeRows = 8;
+
 template <typename T>
-__global__ void reduce_dictionary_partials_kernel(
-    const float* __restrict__ partials, int64_t num_segments, int64_t depth,
-    int64_t num_codes, T* __restrict__ grad) {
-  const int64_t total = depth * num_codes;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-       i < total; i += stride) {
-    const int64_t d = i / num_codes;
-    const int64_t c = i - d * num_codes;
+__global__ void __launch_bounds__(kTransposeTile * kTransposeRows)
+    reduce_dictionary_partials_kernel(const float* __restrict__ partials,
+                                      int64_t num_segments, int64_t depth,
+                                      int64_t num_codes, T* __restrict__ grad) {
+  __shared__ float tile[kTransposeTile][kTransposeTile + 1];  // +1: no bank conflicts
+  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kTransposeTile;
+  const int64_t d0 = static_cast<int64_t>(blockIdx.y) * kTransposeTile;
+  for (int row = threadIdx.y; row < kTransposeTile; row += kTransposeRows) {
+    const int64_t c = c0 + row;
+    const int64_t d = d0 + threadIdx.x;
     float sum = 0.0f;
-    for (int64_t s = 0; s < num_segments; ++s) {
-      sum += partials[(s * num_codes + c) * depth + d];
+    if (c < num_codes && d < depth) {
+      for (int64_t s = 0; s < num_segments; ++s) {
+        sum += partials[(s * num_codes + c) * depth + d];
+      }
     }
-    grad[i] = from_float<T>(sum);
+    tile[row][threadIdx.x] = sum;
+  }
+  __syncthreads();
+  for (int row = threadIdx.y; row < kTransposeTile; row += kTransposeRows) {
+    const int64_t d = d0 + row;
+    const int64_t c = c0 + threadIdx.x;
+    if (d < depth && c < num_codes) {
+      grad[d * num_codes + c] = from_float<T>(tile[threadIdx.x][row]);
+    }
   }
 }
 
@@ -232,11 +251,6 @@ SecondTerm second_term(const FeatureMap& a, const FeatureMap* b) {
     return {nullptr, a.layout};
   }
   return {static_cast<const float*>(b->data), b->layout};
-}
-
-unsigned grid_stride_blocks(int64_t count, int threads) {
-  const int64_t blocks = ceil_div(count, threads);
-  return static_cast<unsigned>(blocks < 65535 ? blocks : 65535);
 }
 
 }  // namespace
@@ -321,17 +335,21 @@ cudaError_t launch_reduce_dictionary_partials(const float* segment_partials,
   if (num_segments < 1 || feature_dim < 0 || num_codewords < 0) {
     return cudaErrorInvalidValue;
   }
-  const int64_t total = feature_dim * num_codewords;
-  if (total == 0) {
+  if (feature_dim == 0 || num_codewords == 0) {
     return cudaSuccess;
   }
-  constexpr int kThreads = 256;
+  const int64_t tiles_c = ceil_div(num_codewords, kTransposeTile);
+  const int64_t tiles_d = ceil_div(feature_dim, kTransposeTile);
+  if (tiles_c > 0x7fffffff || tiles_d > 65535) {
+    return cudaErrorInvalidValue;
+  }
+  const dim3 grid(static_cast<unsigned>(tiles_c), static_cast<unsigned>(tiles_d));
+  const dim3 block(kTransposeTile, kTransposeRows);
   return detail::dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    reduce_dictionary_partials_kernel<T>
-        <<<grid_stride_blocks(total, kThreads), kThreads, 0, stream>>>(
-            segment_partials, num_segments, feature_dim, num_codewords,
-            static_cast<T*>(grad_dictionary));
+    reduce_dictionary_partials_kernel<T><<<grid, block, 0, stream>>>(
+        segment_partials, num_segments, feature_dim, num_codewords,
+        static_cast<T*>(grad_dictionary));
     return cudaGetLastError();
   });
 }
