@@ -276,10 +276,11 @@ class ExperimentRunner:
                 FeatureTap(student, [s for _, s in pairs], "student").probe(self.example)
         except RuntimeError as exc:  # the models cannot take these inputs at all
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            shape = tuple(self.example.shape[1:])
+            hint = "; try a larger --image-size" if min(shape[1:]) < 16 else ""
             raise ConfigError(
                 f"{self.config.teacher} and {self.config.student} cannot run on this dataset's "
-                f"inputs of shape {tuple(self.example.shape[1:])} ({first_line}); try a larger "
-                "--image-size"
+                f"inputs of shape {shape} ({first_line}){hint}"
             ) from exc
         return pairs
 
