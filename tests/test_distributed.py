@@ -171,3 +171,11 @@ def test_torchrun_cli_two_processes(tmp_path, device):
     assert len(ddp_records) == len(single_records)  # one writer, no duplicated epochs
     for run, acc in single_runs.items():
         assert abs(ddp_runs[run] - acc) <= 0.2, (run, ddp_runs[run], acc)
+
+
+@pytest.mark.parametrize("cores, world_size, threads", [(16, 1, 8), (16, 2, 4), (2, 1, 1), (1, 1, 1), (4, 8, 1)])
+def test_default_cpu_threads_is_half_the_cores_per_process(monkeypatch, cores, world_size, threads):
+    from srm_ext.distill.experiment import default_cpu_threads
+
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    assert default_cpu_threads(DistributedContext(rank=0, world_size=world_size)) == threads
