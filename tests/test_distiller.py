@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from srm_ext import SparseCodePredictor, SparseRepresentation, SRMDistiller
 from srm_ext.distill import StageConfig, Trainer
+from srm_ext.distill.trainer import build_optimizer, build_scheduler
 from srm_ext.distill.losses import (
     HintRegressor,
     attention_transfer_loss,
@@ -350,3 +353,92 @@ def test_feature_losses_vanish_on_identical_maps_and_have_gradients():
     hint = HintRegressor(3, 6)
     hint(s, f).backward()
     assert hint.proj.weight.grad is not None
+
+
+def test_similarity_preserving_loss_closed_form():
+    # Student rows orthonormal: normalised Gram I. Teacher rows equal: every
+    # Gram row (3, 3, 3, 3), normalised to 0.5 each. Each of the 16 entries
+    # differs by 0.5, so the loss is 16 * 0.25 / 4**2.
+    s = torch.zeros(4, 4, 1, 1)
+    s[range(4), range(4)] = 1.0
+    t = torch.ones(4, 3, 1, 1)
+    assert similarity_preserving_loss(s, t).item() == pytest.approx(0.25, rel=1e-6)
+    # scaling a map leaves its normalised Gram matrix unchanged
+    assert similarity_preserving_loss(3.0 * s, t).item() == pytest.approx(0.25, rel=1e-6)
+
+
+def test_attention_transfer_loss_closed_form():
+    # Attention maps mean_c |A_c|^2 peak at one pixel each, (0, 0) vs (0, 1):
+    # normalised they are unit vectors e_0 and e_1, whose squared difference
+    # (two entries of 1) is averaged over the 25 pixels.
+    a, b = torch.zeros(2, 3, 5, 5), torch.zeros(2, 3, 5, 5)
+    a[:, :, 0, 0] = 1.0
+    b[:, :, 0, 1] = 2.0
+    assert attention_transfer_loss(a, b).item() == pytest.approx(2 / 25, rel=1e-6)
+    # the sign of the activations does not matter (|A|^2)
+    assert attention_transfer_loss(-a, b).item() == pytest.approx(2 / 25, rel=1e-6)
+    assert attention_transfer_loss(a, 2.0 * a).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_hint_loss_is_the_mse_of_the_regressed_student_map():
+    torch.manual_seed(0)
+    s, f = torch.randn(4, 3, 5, 5), torch.randn(4, 6, 5, 5)
+    hint = HintRegressor(3, 6)
+    with torch.no_grad():
+        hint.proj.weight.zero_()  # regressed map 0 (BatchNorm of zeros is its bias, 0)
+    assert hint(s, f).item() == pytest.approx(f.pow(2).mean().item(), rel=1e-6)
+    hint = HintRegressor(3, 6).eval()  # BatchNorm with its initial running stats: ~identity
+    scale = (1 + hint.bn.eps) ** -0.5
+    expected = F.mse_loss(scale * F.conv2d(s, hint.proj.weight), f)
+    torch.testing.assert_close(hint(s, f), expected)
+    # a finer student grid is resized to the teacher's (bilinear)
+    fine = torch.randn(4, 3, 10, 10)
+    hinted = F.interpolate(scale * F.conv2d(fine, hint.proj.weight), size=(5, 5), mode="bilinear")
+    torch.testing.assert_close(hint(fine, f), F.mse_loss(hinted, f))
+
+
+# ----------------------------------------------------------------------------- optimisers
+
+
+def lrs_per_epoch(config: StageConfig) -> list[float]:
+    """The lr each epoch trains with (the trainer steps the scheduler after an epoch)."""
+    optimizer = build_optimizer([nn.Parameter(torch.zeros(1))], config)
+    scheduler = build_scheduler(optimizer, config)
+    lrs = []
+    for _ in range(config.epochs):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+def test_default_stage_is_adam_with_the_papers_step_schedule():
+    # Adam, lr 1e-3, weight decay 1e-4; lr / 10 after round(0.15 * epochs) and
+    # round(0.65 * epochs) epochs: 3 and 13 of 20.
+    config = StageConfig(epochs=20)
+    optimizer = build_optimizer([nn.Parameter(torch.zeros(1))], config)
+    assert type(optimizer) is torch.optim.Adam
+    assert optimizer.defaults["lr"] == 1e-3 and optimizer.defaults["weight_decay"] == 1e-4
+    want = [1e-3] * 3 + [1e-4] * 10 + [1e-5] * 7
+    assert lrs_per_epoch(config) == pytest.approx(want, rel=1e-9)
+
+
+def test_adamw_sgd_and_cosine_options():
+    param = [nn.Parameter(torch.zeros(1))]
+    adamw = build_optimizer(param, StageConfig(optimizer="adamw", lr=0.01, weight_decay=0.05))
+    assert type(adamw) is torch.optim.AdamW
+    assert adamw.defaults["lr"] == 0.01 and adamw.defaults["weight_decay"] == 0.05
+    config = StageConfig(
+        epochs=8, optimizer="sgd", lr=0.1, momentum=0.8, weight_decay=5e-4, schedule="cosine"
+    )
+    sgd = build_optimizer(param, config)
+    assert type(sgd) is torch.optim.SGD
+    assert sgd.defaults["momentum"] == 0.8 and sgd.defaults["weight_decay"] == 5e-4
+    assert sgd.defaults["lr"] == 0.1
+    # cosine annealing to zero over the epochs: lr_e = lr * (1 + cos(pi * e / epochs)) / 2
+    lrs = lrs_per_epoch(config)
+    assert lrs[0] == pytest.approx(0.1)
+    assert lrs[2] == pytest.approx(0.1 * (1 + math.cos(math.pi * 2 / 8)) / 2)
+    assert lrs[4] == pytest.approx(0.05)
+    assert lrs[7] == pytest.approx(0.1 * (1 + math.cos(math.pi * 7 / 8)) / 2)
+    assert lrs_per_epoch(config.replace(schedule="none")) == [0.1] * 8

@@ -98,9 +98,19 @@ def test_distiller_rejects_a_map_modified_in_place_before_training():
     with pytest.raises(RuntimeError, match="student module '1.bn'.*modified in place"):
         SRMDistiller(teacher, residual_net(), {"1": "1.bn"}, input_shape=(1, 8, 8))
     # tapping the in-place ReLU itself gives the block's output
-    distiller = SRMDistiller(teacher, residual_net(), {"1": "1.relu"}, input_shape=(1, 8, 8))
-    loss, _ = distiller.student_loss(torch.randn(2, 1, 8, 8))
+    student = residual_net()
+    distiller = SRMDistiller(teacher, student, {"1": "1.relu"}, input_shape=(1, 8, 8))
+    x = torch.randn(2, 1, 8, 8)
+    block_output = student[1](student[0](x))  # train mode: batch statistics, as in the loss
+    assert (block_output == 0).any() and (block_output > 0).any()  # the ReLU did something
+    with distiller.student_tap.capture() as maps:
+        student(x)
+    torch.testing.assert_close(maps["1.relu"], block_output, rtol=0, atol=0)
+    loss, _ = distiller.student_loss(x)
+    expected = distiller.predictors[0](block_output, distiller.teacher_labels(x)[0])
+    torch.testing.assert_close(loss, expected)
     loss.backward()
+    assert student[1].conv.weight.grad is not None and student[1].conv.weight.grad.any()
 
 
 @pytest.mark.parametrize("model", [

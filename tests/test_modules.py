@@ -3,6 +3,8 @@ the reference math, label resizing, autocast and torch.compile."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -31,7 +33,24 @@ def test_representation_parameters_and_init(rep):
     assert -1.0 <= rep.intercept.item() <= 1.0
     bound = (6.0 / K) ** 0.5  # kaiming-uniform on the stored (D, K) tensor
     assert rep.dictionary.abs().max() <= bound
+    # filled across the range, not left at zero (128 draws all under half the
+    # bound: probability 2**-128)
+    assert rep.dictionary.abs().max() > 0.5 * bound
+    assert rep.dictionary.std() > 0.25 * bound  # uniform: bound / sqrt(3)
+    assert rep.intercept.item() != 0.0
+    # codeword-major: each codeword (column) is contiguous, so the kernels
+    # read it and write its gradient in place
+    assert rep.dictionary.stride() == (1, D)
     assert {name for name, _ in rep.named_parameters()} == {"dictionary", "intercept"}
+
+
+def test_predictor_parameters_and_init():
+    torch.manual_seed(0)
+    pred = SparseCodePredictor(6, K)
+    assert pred.dictionary.shape == (6, K) and pred.intercept.shape == (1,)
+    bound = (6.0 / K) ** 0.5  # the same init as the representation's
+    assert 0.5 * bound < pred.dictionary.abs().max() <= bound
+    assert -1.0 <= pred.intercept.item() <= 1.0 and pred.intercept.item() != 0.0
 
 
 def test_representation_forward_shapes(rep, x):
@@ -148,9 +167,20 @@ def test_blocks_accept_half_precision_features_under_autocast(rep, x):
         labels = rep.labels(x_half)
         stage2 = pred(y_half, labels)
     assert loss.dtype == stage2.dtype == torch.float32
-    torch.testing.assert_close(loss, rep.loss(x_half.float()))
-    loss.backward()
-    assert rep.dictionary.grad.dtype == torch.float32
+    # The blocks cast the features to float32 and run the ops with autocast
+    # off, so loss and gradients are exactly those of float32 copies fed the
+    # promoted features.
+    rep32, pred32 = copy.deepcopy(rep), copy.deepcopy(pred)
+    loss32 = rep32.loss(x_half.float())
+    stage2_32 = pred32(y_half.float(), rep32.labels(x_half.float()))
+    exact = dict(rtol=0, atol=0)
+    torch.testing.assert_close(loss, loss32, **exact)
+    torch.testing.assert_close(stage2, stage2_32, **exact)
+    (loss + stage2).backward()
+    (loss32 + stage2_32).backward()
+    for block, block32 in ((rep, rep32), (pred, pred32)):
+        for (name, p), p32 in zip(block.named_parameters(), block32.parameters()):
+            torch.testing.assert_close(p.grad, p32.grad, **exact, msg=lambda m: f"{name}: {m}")
 
 
 def test_blocks_under_torch_compile_without_graph_breaks(rep, x):
