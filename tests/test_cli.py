@@ -78,7 +78,8 @@ def test_distill_on_cuda_with_bf16_autocast(tmp_path):
     proc = run_cli("distill", "--preset", "quick", *TINY_FLAGS, "--device", "cuda", "--amp", "bf16",
                    "--output-dir", str(out), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert json.loads((out / "config.json").read_text())["device"] == "cuda"
+    # what "cuda" resolved to: the GPU of the (single) process's local rank
+    assert json.loads((out / "config.json").read_text())["resolved"]["device"] == "cuda:0"
     results = json.loads((out / "results.json").read_text())
     assert all(0.0 <= run["test_acc"] <= 1.0 for run in results["runs"])
 
@@ -193,17 +194,20 @@ def test_overwrite_leaves_nothing_of_the_previous_run(tmp_path):
     assert not list((out / "models").glob("*.pt"))
 
 
-def test_teacher_does_not_depend_on_the_student_seeds(tmp_path):
-    def teacher_weights(seeds):
+def test_a_seed_does_not_depend_on_the_other_seeds_listed(tmp_path):
+    def models(seeds):
         out = tmp_path / "-".join(map(str, seeds))
         config = ExperimentConfig(**{**TINY_CONFIG, "seeds": seeds, "methods": ["scratch"],
-                                     "epochs_student": 0}, output_dir=str(out))
+                                     "epochs_teacher": 1, "epochs_student": 1},
+                                  output_dir=str(out))
         ExperimentRunner(config, log=lambda *_: None).run()
-        return torch.load(out / "models" / "teacher.pt", weights_only=True)
+        return [torch.load(out / "models" / name, weights_only=True)
+                for name in ("teacher.pt", "scratch-seed1.pt")]
 
-    alone, listed_second = teacher_weights([1]), teacher_weights([0, 1])
-    assert alone.keys() == listed_second.keys()
-    assert all(torch.equal(alone[k], listed_second[k]) for k in alone)
+    # seed 1 alone, and after seed 0 has trained a student
+    for alone, listed_second in zip(models([1]), models([0, 1])):
+        assert alone.keys() == listed_second.keys()
+        assert all(torch.equal(alone[k], listed_second[k]) for k in alone)
 
 
 def test_existing_run_needs_resume_or_overwrite(tmp_path, capsys):

@@ -22,7 +22,10 @@ SHAPES = [
     (4, 16, 1, 1, 32, 5),
     (3, 17, 7, 5, 33, 7),
     (2, 16, 13, 11, 300, 9),
-    (2, 8, 11, 13, 2000, 3),  # two encode tiles (2^19 / K = 262 pixels), the last partial
+    # At least two encode tiles on any thread count: a tile is at most
+    # 2^19 / K = 262 pixels, rounded up to whole 32-pixel pieces (288), and
+    # the 338 pixels are no whole number of pieces, so the last is partial.
+    (2, 8, 13, 13, 2000, 3),
     (1, 8, 4, 4, 100, 70),
     (2, 5, 3, 2, 8, 1),
 ]
@@ -33,6 +36,16 @@ LAYOUTS = ["contiguous", "channels_last", "strided", "transposed", "cropped"]
 @pytest.fixture(autouse=True)
 def _use_compiled(monkeypatch):
     monkeypatch.delenv("SRM_EXT_BACKEND", raising=False)
+
+
+@pytest.fixture
+def two_threads():
+    """Two intra-op threads, restored afterwards: block sizes scale with the
+    thread count, so a test of several blocks fixes it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)
 
 
 def make_inputs(shape, dtype, seed, layout="contiguous"):
@@ -133,6 +146,13 @@ def test_dictionary_gradient_is_laid_out_like_the_dictionary(op):
             out = srm_ext.reconstruction_loss(x, dictionary, b, k)
         out.sum().backward()
         assert dictionary.grad.stride() == dictionary.stride()
+        if op == "sparse_decode":
+            want = grads(lambda c: reference.sparse_decode(values, indices, c), (dictionary,))
+        elif op == "sparse_encode":
+            want = grads(lambda c: reference.sparse_encode(x, c, b, k)[0], (dictionary,))
+        else:
+            want = grads(lambda c: reference.reconstruction_loss(x, c, b, k), (dictionary,))
+        assert_close(dictionary.grad, want[0], torch.float32, scale=10)
 
 
 def test_reconstruction_loss_equals_encode_decode_mse():
@@ -184,13 +204,22 @@ def test_predictor_loss_and_gradients_match_reference(shape, dtype, layout, weig
 
 
 def test_predictor_loss_saturated_means_stay_finite():
-    # Image means of exactly 0 or 1 hit the BCE log clamp in both backends.
-    y, Cs, bs, pixel, image = make_predictor_inputs((2, 6, 3, 3, 10, 2), torch.float32, seed=8)
-    y = y * 1e4
+    # Logits of +-4e4 give sigmoids of exactly 1 and 0, so image means of
+    # exactly 0 and 1 hit the BCE log clamp in both backends.
+    _, _, _, pixel, image = make_predictor_inputs((2, 6, 3, 3, 10, 2), torch.float32, seed=8)
+    y = torch.full((2, 4, 3, 3), 1e4)
+    Cs = torch.tensor([1.0, -1.0]).repeat(5).expand(4, 10).contiguous()
+    bs = torch.tensor([0.5])
+    means = torch.sigmoid(torch.einsum("ndhw,dk->nhwk", y, Cs) + bs).mean(dim=(1, 2))
+    assert (means == 0).any() and (means == 1).any()
     loss = srm_ext.predictor_loss(y, Cs, bs, pixel, image)
     assert torch.isfinite(loss)
     torch.testing.assert_close(loss, reference.predictor_loss(y, Cs, bs, pixel, image))
-
+    got = grads(lambda *a: srm_ext.predictor_loss(*a, pixel, image), (y, Cs, bs))
+    want = grads(lambda *a: reference.predictor_loss(*a, pixel, image), (y, Cs, bs))
+    for g, r in zip(got, want):
+        assert torch.isfinite(g).all()
+        assert_close(g, r, torch.float32)
 
 
 def test_predictor_image_loss_matches_reference_across_the_range_of_means():
@@ -367,9 +396,12 @@ def test_results_do_not_depend_on_thread_count():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_backward_over_several_pixel_blocks(dtype):
-    # Wide pixels make the backward kernels split the map into several blocks
-    # (their buffers hold 2^18 values); the last block is a partial one.
+def test_backward_over_several_pixel_blocks(dtype, two_threads):
+    # The backward kernels walk the pixels in blocks of about 2^16 values, in
+    # whole 32-pixel pieces per thread (block_pixels). With 700-odd values per
+    # pixel that is 2 pieces, 64 pixels, on 1 or 2 threads: the 429 pixels
+    # take 7 blocks, the last a partial one of 45. From 3 threads on a block
+    # is one piece per thread, and from 14 one block holds every pixel.
     x, C, b, k = make_inputs((3, 700, 11, 13, 24, 3), dtype, seed=12)
     native = grads(lambda *a: srm_ext.reconstruction_loss(*a, k), (x, C, b))
     expected = grads(lambda *a: reference.reconstruction_loss(*a, k), (x, C, b))

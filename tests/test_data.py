@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from srm_ext.distill.config import ConfigError, ExperimentConfig
 from srm_ext.distill.data import BatchPreprocessor, load_dataset, make_loaders
@@ -77,13 +78,20 @@ def test_cifar100_folder_named_as_cifar10_is_a_config_error(tmp_path):
 
 def test_npz_images_and_labels_float_nhwc(tmp_path):
     rng = np.random.default_rng(0)
-    images = rng.random((20, 6, 6, 3)).astype(np.float32)
+    # One image, distinct at every position and channel, so any other
+    # reordering of the (H, W, C) values than a transpose shows.
+    base = rng.random((6, 6, 3)).astype(np.float32)
+    images = np.broadcast_to(base, (20, 6, 6, 3))
     labels = np.repeat(np.arange(4), 5)
     np.savez(tmp_path / "data.npz", images=images, labels=labels)
     splits = load_dataset(config(dataset="npz", data_path=str(tmp_path / "data.npz")))
     check_splits(splits, 16, 4, 4, 3, 6)
     # stratified: every class in both splits
     assert len({int(splits.test[i][1]) for i in range(len(splits.test))}) == 4
+    # floats in [0, 1] are rounded to the nearest of 256 levels
+    expected = torch.from_numpy(np.rint(base * 255).astype(np.uint8)).permute(2, 0, 1)
+    for split in (splits.train, splits.test):
+        assert all(torch.equal(split[i][0], expected) for i in range(len(split)))
 
 
 def test_npz_train_test_arrays_grey(tmp_path):
@@ -285,6 +293,7 @@ def test_loader_order_is_reproducible_per_epoch_and_shardable():
     single, _ = make_loaders(splits, batch_size=8, seed=3)
     again, _ = make_loaders(splits, batch_size=8, seed=3)
     assert torch.equal(epoch_labels(single, 1), epoch_labels(again, 1))
+    assert not torch.equal(epoch_labels(single, 1), epoch_labels(single, 2))  # fresh each epoch
     # two ranks with batch 4 each see exactly the single process's global batches
     ranks = [
         make_loaders(splits, 8, 3, DistributedContext(rank=r, world_size=2))[0] for r in (0, 1)
@@ -300,8 +309,10 @@ def test_loader_order_is_reproducible_per_epoch_and_shardable():
 
 
 def test_batch_preprocessor_normalises_and_augments():
-    images = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
-    pre = BatchPreprocessor(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), pad=1, flip=True)
+    g = torch.Generator().manual_seed(0)
+    n, p = 16, 1
+    images = torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8, generator=g)
+    pre = BatchPreprocessor(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), pad=p, flip=True)
     evaluated = pre(images, train=False)
     torch.testing.assert_close(evaluated, (images.float() / 255 - 0.5) / 0.25)
     torch.manual_seed(0)
@@ -309,3 +320,23 @@ def test_batch_preprocessor_normalises_and_augments():
     assert augmented.shape == evaluated.shape
     torch.manual_seed(0)
     assert torch.equal(augmented, pre(images, train=True))  # draws come from the torch RNG
+
+    # Normalised first, then zero-padded: each image is one crop of its padded
+    # normalised self, or that crop mirrored.
+    padded = F.pad(evaluated, (p, p, p, p))
+    offsets = [(dy, dx) for dy in range(2 * p + 1) for dx in range(2 * p + 1)]
+    mirrored, shifted = [], []
+    for image, source in zip(augmented, padded):
+        crops = [((dy, dx), source[:, dy : dy + 8, dx : dx + 8]) for dy, dx in offsets]
+        matches = [
+            (flip, offset)
+            for offset, crop in crops
+            for flip, candidate in ((False, crop), (True, crop.flip(-1)))
+            if torch.equal(image, candidate)
+        ]
+        assert matches, "not a crop of the padded image, nor a mirrored one"
+        mirrored.append(all(flip for flip, _ in matches))
+        shifted.append(all(offset != (p, p) for _, offset in matches))
+    # With 16 images the seed draws both kinds of each choice.
+    assert 0 < sum(mirrored) < n and 0 < sum(shifted) < n
+    assert not torch.equal(augmented, evaluated)

@@ -5,8 +5,9 @@ more than 2^31, so a 32-bit offset anywhere in the encode path would wrap,
 and a hidden dense (pixels x K) buffer would take 11 GiB. The kernels must
 keep exact results at the far end of the map and a workspace of a few MiB.
 
-The student-side loss is left out on purpose: it holds one (pixels x K)
-buffer by design (its gradient, formed in forward), as the README says.
+The student-side loss works in tiles of whole images and allocates no
+(pixels x K) tensor for images that fit in a tile, as the README says; a
+smaller batch checks that its workspace stays far below one such buffer.
 """
 
 from __future__ import annotations
@@ -85,3 +86,50 @@ def test_stage1_step_has_a_small_workspace(inputs):
         # tiles, pixel blocks and the gradient itself.
         kept = N * H * W * k * (4 + 8)
         assert peak_bytes - kept < WORKSPACE_LIMIT, f"stage-1 step used {peak_bytes / MIB:.0f} MiB"
+    # One image has fewer than 2^31 pairs, so per-image gradients need no
+    # large offsets. The loss is a mean over N*D*H*W values and every image has
+    # D*H*W of them: the batch gradient is the mean of the per-image ones.
+    # float32 sums in another order differ by about 5e-5 relative.
+    assert H * W * K < 2**31
+    per_image = []
+    for i in range(N):
+        leaves = [C.detach().clone().requires_grad_(True), b.clone().requires_grad_(True)]
+        loss = srm_ext.reconstruction_loss(x[i : i + 1], *leaves, k)
+        per_image.append(torch.autograd.grad(loss, leaves))
+    for got, parts in zip(result["grads"], zip(*per_image)):
+        torch.testing.assert_close(got, torch.stack(parts).mean(0), rtol=1e-4, atol=1e-6)
+
+
+@pytest.fixture
+def two_threads():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_student_loss_holds_no_pixels_by_codewords_buffer(two_threads):
+    # 16x16 images against 1024 codewords: 2^18 logits, one image per tile.
+    # A dense float32 (N*H*W x K) buffer would take 64 MiB; the tiles take
+    # 1 MiB per thread, the y gradient 2 MiB. Two threads, as the tiles'
+    # share grows with the thread count.
+    n, channels, size, codewords = 64, 32, 16, 1024
+    g = torch.Generator().manual_seed(21)
+    y = torch.randn(n, channels, size, size, generator=g)
+    dictionary = torch.randn(channels, codewords, generator=g) * 0.2
+    intercept = torch.zeros(1)
+    pixel = torch.randint(0, codewords, (n, size, size), generator=g)
+    image = torch.rand(n, codewords, generator=g) * 0.01
+    leaves = [t.clone().requires_grad_(True) for t in (y, dictionary, intercept)]
+    peak = _PeakMemory(torch.device("cpu"))
+    if not peak.available:
+        pytest.skip("the resident-set peak cannot be reset here")
+
+    def step():
+        loss = srm_ext.predictor_loss(*leaves, pixel, image)
+        torch.autograd.grad(loss, leaves)
+
+    step()  # thread pool and allocator set-up are not the op's
+    peak_bytes = peak.measure(step)
+    dense = n * size * size * codewords * 4
+    assert peak_bytes < dense / 4, f"student loss used {peak_bytes / MIB:.1f} MiB"

@@ -71,16 +71,36 @@ def test_predictor_loss_formula():
     g = torch.Generator().manual_seed(0)
     y = torch.randn(2, 3, 2, 2, dtype=torch.float64, generator=g)
     C = torch.randn(3, 5, dtype=torch.float64, generator=g)
-    b = torch.zeros(1, dtype=torch.float64)
+    b = torch.tensor([0.3], dtype=torch.float64)
     pixel = torch.randint(0, 5, (2, 2, 2), generator=g)
     image = torch.rand(2, 5, dtype=torch.float64, generator=g)
-    q = torch.sigmoid(torch.einsum("ndhw,dk->nhwk", y, C))
+    q = torch.sigmoid(torch.einsum("ndhw,dk->nhwk", y, C) + 0.3)
     local = (torch.logsumexp(q, -1) - q.gather(-1, pixel.unsqueeze(-1)).squeeze(-1)).mean()
     m = q.mean(dim=(1, 2))
     global_ = -(image * m.log() + (1 - image) * (1 - m).log()).mean()
     torch.testing.assert_close(
         reference.predictor_loss(y, C, b, pixel, image, 0.25, 4.0), 0.25 * local + 4.0 * global_
     )
+
+
+def test_float16_values_that_round_to_one_keep_their_gradient():
+    # Kept pre-activations 9 to 9.75: sigmoids within 1.3e-4 of 1, which
+    # float16 stores as 1.0, yet the gradient s (1 - s) must come from the
+    # float32 sigmoid.
+    x = torch.ones(1, 1, 1, 2, dtype=torch.float16)
+    C = torch.tensor([[8.5, 8.75, 9.0, 1.5, 9.25]], dtype=torch.float16)
+    b = torch.tensor([0.5], dtype=torch.float16, requires_grad=True)
+    values, indices = reference.sparse_encode(x, C, b, 4)
+    assert (values == 1).all()
+    (grad,) = torch.autograd.grad(values.sum(), b)
+    # In float64: the kept sigmoids' derivatives, over both pixels.
+    kept = torch.sigmoid(C.double()[0, indices] + 0.5)
+    want = (kept * (1 - kept)).sum().reshape(1)
+    assert grad > 0
+    # float32 holds s to 3e-8 (its spacing below 1 is 6e-8), about 5e-4 of
+    # the smallest 1 - s here (5.8e-5), and the sum is rounded to float16
+    # (within 2^-11): 2e-3 is twice the worst case.
+    torch.testing.assert_close(grad.double(), want, rtol=2e-3, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
