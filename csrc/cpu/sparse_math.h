@@ -72,11 +72,12 @@ class DictionaryGradient {
     // summation order does not depend on the thread count.
     constexpr int kBatch = 16;
     static_assert(kTerms >= 1 && kTerms <= kBatch, "kTerms must fit a batch");
+    scalar_t* const rows = rows_.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
       scalar_t weights[kBatch];
       const scalar_t* sources[kBatch];
       for (int64_t c = first_codeword(w0); c < first_codeword(w1); ++c) {
-        scalar_t* row = rows_.mutable_data_ptr<scalar_t>() + c * dim_;
+        scalar_t* row = rows + c * dim_;
         int n = 0;
         for (int64_t i = starts_[c]; i < starts_[c + 1]; ++i) {
           if (n + kTerms > kBatch) {
