@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -164,6 +165,20 @@ def test_stages_train_every_block_of_pairs_sharing_paths():
     assert {"srm/stage2", "srm/block2->stage3", "srm/block3->stage3"} <= set(history[0])
     assert all(map(changed, dicts_before, distiller.representations))
     assert all(map(changed, preds_before, distiller.predictors))
+
+
+def test_stage2_warns_when_the_dictionaries_were_never_fitted_or_loaded():
+    distiller = make_distiller()
+    with pytest.warns(UserWarning, match="fit_student before fit_dictionaries"):
+        distiller.fit_student(toy_loader(n=16), epochs=1, **QUIET)
+    distiller.fit_dictionaries(toy_loader(n=16), epochs=1, **QUIET)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        distiller.fit_student(toy_loader(n=16), epochs=1, **QUIET)
+        # fitted dictionaries loaded into a new distiller count as fitted
+        fresh = make_distiller()
+        fresh.load_state_dict(distiller.state_dict())
+        fresh.fit_student(toy_loader(n=16), epochs=1, **QUIET)
 
 
 def test_lazy_build_from_first_batch():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -109,6 +110,9 @@ class SRMDistiller(nn.Module):
         self.student_tap = FeatureTap(student, [s for _, s in self.layer_pairs], role="student")
         self.representations = nn.ModuleList()
         self.predictors = nn.ModuleList()
+        # A few values of each dictionary as built, to tell whether stage 1 ran
+        # (or fitted ones were loaded) before stage 2 uses their codes.
+        self._initial_fingerprints: list[Tensor] = []
         if example_input is None and input_shape is not None:
             example_input = torch.zeros(2, *input_shape)
         if example_input is not None:
@@ -146,6 +150,7 @@ class SRMDistiller(nn.Module):
             )
         self.representations.to(device)
         self.predictors.to(module_device(self.student))
+        self._initial_fingerprints = [_fingerprint(rep) for rep in self.representations]
 
     def _ensure_built(self, loader: Iterable) -> None:
         if not self.is_built:
@@ -272,6 +277,14 @@ class SRMDistiller(nn.Module):
             "kd": self.fit_kd(loader, kd_epochs, **kwargs),
         }
 
+    def _dictionaries_untrained(self) -> bool:
+        if not self.is_built:
+            return True
+        return all(
+            torch.equal(_fingerprint(rep), initial)
+            for rep, initial in zip(self.representations, self._initial_fingerprints)
+        )
+
     def _fit(
         self,
         make_stage: Callable[[StageConfig], Stage],
@@ -298,6 +311,12 @@ class SRMDistiller(nn.Module):
             )
         if needs_blocks:
             self._ensure_built(loader)
+        if key == "init" and self._dictionaries_untrained():
+            warnings.warn(
+                "fit_student before fit_dictionaries: the teacher's labels come from "
+                "untrained dictionaries; fit them first or load fitted ones",
+                stacklevel=3,
+            )
         config = config or DEFAULT_STAGE_CONFIGS[key]
         if epochs is not None:
             config = config.replace(epochs=epochs)
@@ -330,6 +349,12 @@ def module_device(module: nn.Module) -> torch.device:
     for tensor in module.parameters():
         return tensor.device
     return torch.device("cpu")
+
+
+def _fingerprint(representation: SparseRepresentation) -> Tensor:
+    """A few of its values, on the CPU: any training step or load changes them."""
+    values = torch.cat([representation.dictionary.detach()[0, :64], representation.intercept.detach()])
+    return values.to("cpu", copy=True)
 
 
 def module_dtype(module: nn.Module) -> torch.dtype:
