@@ -163,7 +163,7 @@ def test_npz_8bit_values_in_a_wider_integer_type_load_as_they_are(tmp_path):
     assert set(loaded.flatten().tolist()) <= set(images.flatten().tolist())
 
 
-@pytest.mark.parametrize("content", ["truncated", "one array", "directory"])
+@pytest.mark.parametrize("content", ["truncated", "one array", "text", "directory"])
 def test_unreadable_npz_is_a_config_error_naming_the_file(tmp_path, content):
     path = tmp_path / "data.npz"
     if content == "truncated":
@@ -171,10 +171,14 @@ def test_unreadable_npz_is_a_config_error_naming_the_file(tmp_path, content):
     elif content == "one array":
         with open(path, "wb") as f:
             np.save(f, np.zeros((2, 4, 4), dtype=np.uint8))
+    elif content == "text":
+        path.write_text("images,labels\n")
     else:
         path.mkdir()
-    with pytest.raises(ConfigError, match=re.escape(repr(str(path)))):
+    with pytest.raises(ConfigError, match=re.escape(repr(str(path)))) as info:
         load_dataset(config(dataset="npz", data_path=str(path)))
+    if content in ("one array", "text"):
+        assert "is not an .npz archive" in str(info.value)
 
 
 def _label_fixture(case: str) -> dict[str, np.ndarray]:

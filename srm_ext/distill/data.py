@@ -238,10 +238,11 @@ def load_npz(path: Path) -> DatasetSplits:
 
 
 def _load_npz(path: Path) -> DatasetSplits:
-    arrays = np.load(path)
-    if not isinstance(arrays, np.lib.npyio.NpzFile):
-        raise ConfigError(f"{str(path)!r} holds one array; expected an .npz archive of arrays")
-    with arrays:
+    if path.is_file() and not zipfile.is_zipfile(path):
+        # A single .npy, or no numpy file at all, which np.load would try as a
+        # pickle and blame "pickled (object) data".
+        raise ConfigError(f"{str(path)!r} is not an .npz archive (a zip file of .npy arrays)")
+    with np.load(path) as arrays:
         keys = set(arrays.files)
         if {"x_train", "y_train", "x_test", "y_test"} <= keys:
             pairs = [("x_train", "y_train"), ("x_test", "y_test")]
