@@ -251,7 +251,7 @@ def test_existing_run_needs_resume_or_overwrite(tmp_path, capsys):
         (["--lr-srm", "-1"], "lr_srm must be > 0, got -1.0"),
         (["--local-weight", "-0.5"], "local weight must be >= 0, got -0.5"),
         (["--sparsity-multiplier", "-0.1"], "sparsity multiplier must be > 0, got -0.1"),
-        (["--image-size", "2"], "inputs of shape (1, 2, 2)"),
+        (["--image-size", "2"], "failed on a dry-run batch of shape (2, 1, 2, 2)"),
         (["--dataset", "cifar10", "--data-path", "cifar-100-python"], "use --dataset cifar100"),
     ],
 )

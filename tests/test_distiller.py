@@ -112,6 +112,11 @@ def test_layer_pairs_in_the_command_line_form_are_rejected_clearly():
         make_distiller(pairs=["block1:stage1"])
 
 
+def test_an_input_shape_the_models_cannot_take_is_named():
+    with pytest.raises(RuntimeError, match=r"the teacher failed on a dry-run batch of shape \(2, 3, 8, 8\)"):
+        SRMDistiller(tiny_teacher(), tiny_student(), {"block1": "stage1"}, input_shape=(3, 8, 8))
+
+
 def test_float64_models_build_and_train():
     # The dry run feeds each model its own dtype (float32 input would fail the conv).
     torch.manual_seed(0)

@@ -29,7 +29,7 @@ from .config import RESUME_INVARIANT_EXCLUDES, ConfigError, ExperimentConfig
 from .data import BatchPreprocessor, DatasetSplits, load_dataset, make_loaders
 from .distiller import SRMDistiller
 from .distributed import DistributedContext, init_distributed, resolve_device, shutdown_distributed
-from .hooks import FeatureTap
+from .hooks import FeatureTap, FeatureTapError
 from .methods import MethodPlan, attention_transfer_weight, build_plan, cross_entropy_stage
 from .metrics import accuracy
 from .models import build_model, default_layer_pairs
@@ -274,14 +274,14 @@ class ExperimentRunner:
             else:
                 FeatureTap(teacher, [t for t, _ in pairs], "teacher").probe(self.example)
                 FeatureTap(student, [s for _, s in pairs], "student").probe(self.example)
-        except RuntimeError as exc:  # the models cannot take these inputs at all
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            shape = tuple(self.example.shape[1:])
-            hint = "; try a larger --image-size" if min(shape[1:]) < 16 else ""
-            raise ConfigError(
-                f"{self.config.teacher} and {self.config.student} cannot run on this dataset's "
-                f"inputs of shape {shape} ({first_line}){hint}"
-            ) from exc
+        except RuntimeError as exc:
+            if isinstance(exc, FeatureTapError):
+                raise
+            # A model that cannot take the dataset's inputs at all.
+            message = str(exc).strip()
+            first_line = message.splitlines()[0] if message else type(exc).__name__
+            hint = "; try a larger --image-size" if min(self.example.shape[-2:]) < 16 else ""
+            raise ConfigError(f"{first_line}{hint}") from exc
         return pairs
 
     # ------------------------------------------------------------------ runs

@@ -9,7 +9,11 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FeatureMaps", "FeatureTap", "resolve_module"]
+__all__ = ["FeatureMaps", "FeatureTap", "FeatureTapError", "resolve_module"]
+
+
+class FeatureTapError(RuntimeError):
+    """A tapped map that cannot be trusted: modified in place, or produced twice."""
 
 
 def resolve_module(model: nn.Module, path: str, role: str = "model") -> nn.Module:
@@ -47,7 +51,7 @@ class FeatureMaps(Mapping[str, Tensor]):
         tensor = self._maps[path]
         version = self._versions[path]
         if version is not None and tensor._version != version:
-            raise RuntimeError(
+            raise FeatureTapError(
                 f"{self._role} module {path!r}: its output was modified in place later in the "
                 "forward pass (e.g. `out += identity` or ReLU(inplace=True)), so it no longer "
                 "holds that module's output; tap the module after the in-place op (e.g. the "
@@ -63,7 +67,7 @@ class FeatureMaps(Mapping[str, Tensor]):
 
     def _store(self, path: str, tensor: Tensor) -> None:
         if path in self._maps:
-            raise RuntimeError(
+            raise FeatureTapError(
                 f"{self._role} module {path!r} ran more than once in one forward pass, so "
                 "its output is ambiguous; tap a module that runs once per forward pass "
                 "(e.g. give each use of a shared layer its own module)"
@@ -123,6 +127,15 @@ class FeatureTap:
         try:
             with self.capture() as maps:
                 self.model(batch)
+        except RuntimeError as exc:
+            if isinstance(exc, FeatureTapError):
+                raise
+            # Most often an input the model cannot take: say which model, and
+            # on what, before the error from deep inside it.
+            raise RuntimeError(
+                f"the {self.role} failed on a dry-run batch of shape {tuple(batch.shape)} "
+                f"(is that the input it takes?): {exc}"
+            ) from exc
         finally:
             self.model.train(was_training)
         missing = [path for path in self.paths if path not in maps]
