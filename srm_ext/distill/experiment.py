@@ -274,9 +274,9 @@ class ExperimentRunner:
             else:
                 FeatureTap(teacher, [t for t, _ in pairs], "teacher").probe(self.example)
                 FeatureTap(student, [s for _, s in pairs], "student").probe(self.example)
+        except FeatureTapError:
+            raise
         except RuntimeError as exc:
-            if isinstance(exc, FeatureTapError):
-                raise
             # A model that cannot take the dataset's inputs at all.
             message = str(exc).strip()
             first_line = message.splitlines()[0] if message else type(exc).__name__

@@ -127,9 +127,9 @@ class FeatureTap:
         try:
             with self.capture() as maps:
                 self.model(batch)
+        except FeatureTapError:
+            raise
         except RuntimeError as exc:
-            if isinstance(exc, FeatureTapError):
-                raise
             # Most often an input the model cannot take: say which model, and
             # on what, before the error from deep inside it.
             raise RuntimeError(
