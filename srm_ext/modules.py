@@ -55,6 +55,9 @@ def srm_sizes(
             f"codeword_multiplier={codeword_multiplier} gives K={num_codewords} codewords "
             f"for D={channels} channels; it must give at least one"
         )
+    if not sparsity_multiplier > 0:
+        # max(1, ...) would quietly turn it into k = 1.
+        raise ValueError(f"sparsity_multiplier={sparsity_multiplier} must be > 0")
     if sparsity > num_codewords:
         raise ValueError(
             f"sparsity_multiplier={sparsity_multiplier} gives k={sparsity} kept codewords "

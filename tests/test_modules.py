@@ -104,6 +104,9 @@ def test_srm_sizes_follow_the_paper():
     assert srm_sizes(8, 2.0, 0.02) == (16, 1)  # k is at least one
     with pytest.raises(ValueError, match="only K="):
         srm_sizes(8, 2.0, 1.5)
+    for sparsity_multiplier in (0.0, -0.1):  # not a silent k = 1
+        with pytest.raises(ValueError, match=f"sparsity_multiplier={sparsity_multiplier} must be > 0"):
+            srm_sizes(8, 2.0, sparsity_multiplier)
 
 
 def test_predictor_loss_equals_reference_and_has_gradients(rep, x):
