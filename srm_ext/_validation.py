@@ -18,6 +18,7 @@ __all__ = [
     "check_sparse_code",
     "check_labels",
     "check_same_dtype_device",
+    "check_loss_weight",
 ]
 
 
@@ -216,6 +217,13 @@ def validate_labels(values: object, indices: object, num_codewords: object) -> N
     check_sparse_code(values, indices, num_codewords)
 
 
+def check_loss_weight(name: str, weight: float) -> None:
+    """A loss weight must be finite and >= 0: NaN or inf would turn the loss and
+    every gradient into NaN, and a negative one would train against the labels."""
+    if not 0.0 <= weight < float("inf"):
+        raise ValueError(f"{name} must be finite and >= 0, got {weight}")
+
+
 def validate_predictor(
     y: object,
     dictionary: object,
@@ -239,3 +247,4 @@ def validate_predictor(
     for name, weight in (("local_weight", local_weight), ("global_weight", global_weight)):
         if isinstance(weight, bool) or not isinstance(weight, (int, float)):
             raise TypeError(f"{name} must be a float, got {type(weight).__name__}")
+        check_loss_weight(name, weight)

@@ -10,12 +10,14 @@ autocast disabled, since the ops require one dtype for all their tensors.
 
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from . import functional as srm_f
+from ._validation import check_loss_weight
 
 __all__ = [
     "SparseCode",
@@ -85,6 +87,15 @@ def resize_pixel_labels(labels: Tensor, size: tuple[int, int]) -> Tensor:
     return labels.index_select(-2, rows).index_select(-1, cols)
 
 
+def _check_block_sizes(**sizes: int) -> None:
+    for name, size in sizes.items():
+        if isinstance(size, bool) or not isinstance(size, numbers.Integral):
+            raise TypeError(f"{name} must be an int, got {type(size).__name__}")
+    for name in ("in_channels", "num_codewords"):
+        if sizes[name] < 1:
+            raise ValueError(f"{name} must be >= 1, got {sizes[name]}")
+
+
 def _init_dictionary(dictionary: Tensor, intercept: Tensor) -> None:
     # The authors' init: kaiming-uniform (default gain) on the (D, K) tensor as
     # stored, so the fan is K; intercept uniform(-1, 1).
@@ -113,10 +124,7 @@ class SparseRepresentation(nn.Module):
 
     def __init__(self, in_channels: int, num_codewords: int, sparsity: int) -> None:
         super().__init__()
-        if in_channels < 1 or num_codewords < 1:
-            raise ValueError(
-                f"in_channels and num_codewords must be >= 1, got {in_channels} and {num_codewords}"
-            )
+        _check_block_sizes(in_channels=in_channels, num_codewords=num_codewords, sparsity=sparsity)
         if not 1 <= sparsity <= num_codewords:
             raise ValueError(
                 f"sparsity must satisfy 1 <= k <= K={num_codewords}, got k={sparsity}"
@@ -186,14 +194,13 @@ class SparseCodePredictor(nn.Module):
         global_weight: float = 1.0,
     ) -> None:
         super().__init__()
-        if in_channels < 1 or num_codewords < 1:
-            raise ValueError(
-                f"in_channels and num_codewords must be >= 1, got {in_channels} and {num_codewords}"
-            )
+        _check_block_sizes(in_channels=in_channels, num_codewords=num_codewords)
         self.in_channels = in_channels
         self.num_codewords = num_codewords
         self.local_weight = float(local_weight)
         self.global_weight = float(global_weight)
+        check_loss_weight("local_weight", self.local_weight)
+        check_loss_weight("global_weight", self.global_weight)
         self.dictionary = nn.Parameter(torch.empty(in_channels, num_codewords))
         self.intercept = nn.Parameter(torch.empty(1))
         self.reset_parameters()

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from srm_ext import SparseCodePredictor, SparseRepresentation, SRMDistiller
-from srm_ext.distill import StageConfig, Trainer
+from srm_ext.distill import ConfigError, StageConfig, Trainer
 from srm_ext.distill.trainer import build_optimizer, build_scheduler
 from srm_ext.distill.losses import (
     HintRegressor,
@@ -100,6 +100,24 @@ def test_non_4d_output_is_rejected():
 def test_k_larger_than_K_is_rejected():
     with pytest.raises(ValueError, match="only K="):
         make_distiller(sparsity_multiplier=1.5)
+
+
+@pytest.mark.parametrize(
+    "setting, value, message",
+    [
+        ("codeword_multiplier", float("nan"), "codeword_multiplier must be finite and > 0, got nan"),
+        ("sparsity_multiplier", 0.0, "sparsity_multiplier must be finite and > 0"),
+        ("kd_temperature", 0.0, "kd_temperature must be finite and > 0"),
+        ("kd_temperature", float("inf"), "kd_temperature must be finite and > 0, got inf"),
+        ("kd_alpha", 1.5, r"kd_alpha must lie in \[0, 1\], got 1.5"),
+        ("kd_alpha", float("nan"), "kd_alpha must lie"),
+        ("local_weight", -1.0, "local_weight must be finite and >= 0, got -1.0"),
+        ("global_weight", float("nan"), "global_weight must be finite and >= 0, got nan"),
+    ],
+)
+def test_bad_hyperparameters_are_named_before_any_model_runs(setting, value, message):
+    with pytest.raises(ValueError, match=message):
+        SRMDistiller(tiny_teacher(), tiny_student(), {"block1": "stage1"}, **{setting: value})
 
 
 def test_repeated_layer_pair_is_rejected():
@@ -441,6 +459,26 @@ def test_default_stage_is_adam_with_the_papers_step_schedule():
     assert optimizer.defaults["lr"] == 1e-3 and optimizer.defaults["weight_decay"] == 1e-4
     want = [1e-3] * 3 + [1e-4] * 10 + [1e-5] * 7
     assert lrs_per_epoch(config) == pytest.approx(want, rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("lr", 0.0, "lr must be > 0"),
+        ("lr", float("nan"), "lr must be > 0, got nan"),
+        ("weight_decay", -1e-4, "weight decay must be >= 0"),
+        ("weight_decay", float("nan"), "weight decay must be >= 0, got nan"),
+        ("gamma", float("nan"), "gamma must be > 0, got nan"),
+        ("momentum", 1.0, r"momentum must lie in \[0, 1\)"),
+        ("momentum", float("nan"), "momentum must lie"),
+        ("epochs", -1, "epochs must be >= 0"),
+        ("milestones", (0.5, 0.0), r"milestones are fractions of the epochs in \(0, 1\]"),
+    ],
+)
+def test_stage_config_refuses_bad_values_by_name(field, value, message):
+    # NaN passes a `<= 0` test, and an optimiser built from it trains on NaN.
+    with pytest.raises(ConfigError, match=message):
+        StageConfig(**{field: value})
 
 
 def test_adamw_sgd_and_cosine_options():

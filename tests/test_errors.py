@@ -92,6 +92,9 @@ PREDICTOR_CASES = [
     (lambda g: dict(g, x=g["x"][:0], pixel=g["pixel"][:0], image=g["image"][:0]), ValueError, "y must have at least one pixel (N*H*W > 0)"),
     (lambda g: dict(g, x=g["x"][:, :, :, 0]), ValueError, "y must be a 4-D"),
     (lambda g: dict(g, weight="1"), TypeError, "local_weight must be a float"),
+    (lambda g: dict(g, weight=float("nan")), ValueError, "local_weight must be finite and >= 0, got nan"),
+    (lambda g: dict(g, weight=float("inf")), ValueError, "local_weight must be finite and >= 0, got inf"),
+    (lambda g: dict(g, weight=-0.5), ValueError, "local_weight must be finite and >= 0, got -0.5"),
 ]
 
 

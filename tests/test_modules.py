@@ -92,10 +92,21 @@ def test_representation_labels_match_reference(rep, x):
 
 
 def test_representation_rejects_bad_sizes():
-    with pytest.raises(ValueError, match="sparsity"):
+    with pytest.raises(ValueError, match="sparsity must satisfy 1 <= k <= K=8, got k=9"):
         SparseRepresentation(4, 8, 9)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="in_channels must be >= 1, got 0"):
         SparseRepresentation(0, 8, 1)
+    with pytest.raises(TypeError, match="sparsity must be an int, got float"):
+        SparseRepresentation(4, 8, 2.0)
+
+
+def test_predictor_rejects_bad_sizes_and_weights():
+    with pytest.raises(ValueError, match="num_codewords must be >= 1, got 0"):
+        SparseCodePredictor(4, 0)
+    with pytest.raises(TypeError, match="in_channels must be an int, got float"):
+        SparseCodePredictor(4.5, 8)
+    with pytest.raises(ValueError, match="global_weight must be finite and >= 0, got nan"):
+        SparseCodePredictor(4, 8, global_weight=float("nan"))
 
 
 def test_srm_sizes_follow_the_paper():

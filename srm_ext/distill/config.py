@@ -50,14 +50,17 @@ class StageConfig:
             raise ConfigError(f"unknown optimizer {self.optimizer!r}; use adam, adamw or sgd")
         if self.schedule not in ("none", "step", "cosine"):
             raise ConfigError(f"unknown schedule {self.schedule!r}; use none, step or cosine")
-        if self.lr <= 0:
+        # `not value > 0` also refuses NaN, which a `<= 0` test lets through.
+        if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not self.weight_decay >= 0:
+            raise ConfigError(f"weight decay must be >= 0, got {self.weight_decay}")
         self.milestones = tuple(float(m) for m in self.milestones)
         if any(not 0.0 < m <= 1.0 for m in self.milestones):
             raise ConfigError(
                 f"milestones are fractions of the epochs in (0, 1], got {list(self.milestones)}"
             )
-        if self.gamma <= 0:
+        if not self.gamma > 0:
             raise ConfigError(f"gamma must be > 0, got {self.gamma}")
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError(f"momentum must lie in [0, 1), got {self.momentum}")
@@ -149,7 +152,7 @@ class ExperimentConfig:
                 raise ConfigError(f"{name} must be >= 0")
         if not 0.0 <= self.kd_alpha <= 1.0:
             raise ConfigError(f"kd alpha must lie in [0, 1], got {self.kd_alpha}")
-        if self.kd_temperature <= 0:
+        if not self.kd_temperature > 0:
             raise ConfigError(f"kd temperature must be > 0, got {self.kd_temperature}")
         for name in ("train_limit", "test_limit", "image_size", "threads"):
             value = getattr(self, name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -11,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._validation import check_loss_weight
 from ..modules import SparseCodePredictor, SparseRepresentation, srm_sizes
 from .config import StageConfig
 from .hooks import FeatureTap
@@ -99,6 +101,14 @@ class SRMDistiller(nn.Module):
         # One metric name per pair, so that pairs sharing a path stay apart.
         self._recon_names = _pair_names(self.layer_pairs, "recon", side=0)
         self._srm_names = _pair_names(self.layer_pairs, "srm", side=1)
+        _check_hyperparameters(
+            codeword_multiplier=codeword_multiplier,
+            sparsity_multiplier=sparsity_multiplier,
+            local_weight=local_weight,
+            global_weight=global_weight,
+            kd_temperature=kd_temperature,
+            kd_alpha=kd_alpha,
+        )
         self.codeword_multiplier = codeword_multiplier
         self.sparsity_multiplier = sparsity_multiplier
         self.local_weight = local_weight
@@ -333,6 +343,17 @@ class SRMDistiller(nn.Module):
     def export_student(self) -> nn.Module:
         """A copy of the student, in eval mode, with no SRM blocks and no hooks."""
         return copy.deepcopy(self.student).eval()
+
+
+def _check_hyperparameters(**values: float) -> None:
+    """Refuse values that would train on NaN or silently mean something else."""
+    for name in ("codeword_multiplier", "sparsity_multiplier", "kd_temperature"):
+        if not 0.0 < values[name] < math.inf:  # also refuses NaN
+            raise ValueError(f"{name} must be finite and > 0, got {values[name]}")
+    for name in ("local_weight", "global_weight"):
+        check_loss_weight(name, values[name])
+    if not 0.0 <= values["kd_alpha"] <= 1.0:
+        raise ValueError(f"kd_alpha must lie in [0, 1], got {values['kd_alpha']}")
 
 
 def _pair_names(pairs: list[tuple[str, str]], prefix: str, side: int) -> list[str]:
