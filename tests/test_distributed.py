@@ -55,8 +55,9 @@ def toy_splits() -> DatasetSplits:
     return DatasetSplits(data, data, 3, 1, 8, (0.5,), (0.25,), natural_images=False)
 
 
-def train_srm(context: DistributedContext) -> dict[str, torch.Tensor]:
-    """All three SRM stages; returns the student's and the blocks' final weights."""
+def train_srm(context: DistributedContext, checkpoint: Path) -> dict[str, torch.Tensor]:
+    """All three SRM stages, checkpointed to ``checkpoint``; returns the
+    student's and the blocks' final weights."""
     torch.manual_seed(0)
     teacher, student = conv_net((6, 8)), conv_net((4, 5))
     distiller = SRMDistiller(teacher, student, {"1": "1", "3": "3"}, input_shape=(1, 8, 8))
@@ -64,9 +65,10 @@ def train_srm(context: DistributedContext) -> dict[str, torch.Tensor]:
     trainer = Trainer(
         preprocess=lambda x, train: x.float() / 255, progress=False, context=context, log=None
     )
-    configs = {"dictionary": StageConfig(epochs=2), "init": StageConfig(epochs=2), "kd": StageConfig(epochs=2)}
-    for stage in distiller.stages(configs):
-        trainer.fit(stage, loader)
+    config = StageConfig(epochs=2)
+    distiller.fit_dictionaries(loader, config=config, trainer=trainer, checkpoint=checkpoint)
+    distiller.fit_student(loader, config=config, trainer=trainer, checkpoint=checkpoint)
+    distiller.fit_kd(loader, config=config, trainer=trainer, checkpoint=checkpoint)
     return {
         **{f"student.{k}": v for k, v in distiller.student.state_dict().items()},
         **{f"rep.{k}": v for k, v in distiller.representations.state_dict().items()},
@@ -80,7 +82,7 @@ def _worker(rank: int, world_size: int, port: int, out: str) -> None:
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
     )
     try:
-        weights = train_srm(DistributedContext.current())
+        weights = train_srm(DistributedContext.current(), Path(f"{out}.checkpoint.pt"))
         torch.save(weights, f"{out}.{rank}")
         # Both ranks done before either tears its gloo pairs down.
         dist.barrier()
@@ -90,7 +92,11 @@ def _worker(rank: int, world_size: int, port: int, out: str) -> None:
 
 def test_two_gloo_processes_match_one_process(tmp_path):
     mp.spawn(_worker, args=(2, free_port(), str(tmp_path / "w")), nprocs=2, join=True)
-    single = train_srm(DistributedContext())
+    single = train_srm(DistributedContext(), tmp_path / "single.pt")
+    # One checkpoint, written by rank 0, with both processes' RNG states.
+    checkpoint = torch.load(tmp_path / "w.checkpoint.pt", weights_only=True)
+    assert len(checkpoint["rng"]) == 2
+    assert [s["training"]["epoch"] for s in checkpoint["stages"].values()] == [2, 2, 2]
     rank0 = torch.load(tmp_path / "w.0", weights_only=True)
     rank1 = torch.load(tmp_path / "w.1", weights_only=True)
     assert rank0.keys() == single.keys()

@@ -15,10 +15,19 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from .config import ConfigError
+from .distributed import DistributedContext
 
-__all__ = ["atomic_save", "load_checkpoint", "rng_state", "set_rng_state", "seed_everything"]
+__all__ = [
+    "atomic_save",
+    "load_checkpoint",
+    "rng_state",
+    "gather_rng_states",
+    "set_rng_state",
+    "seed_everything",
+]
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
@@ -95,6 +104,19 @@ def rng_state() -> dict[str, Any]:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def gather_rng_states(
+    context: DistributedContext, extra: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """Every process's :func:`rng_state` with ``extra`` added, in rank order (a
+    collective under DDP)."""
+    state = {**rng_state(), **(extra or {})}
+    if not context.enabled:
+        return [state]
+    states: list[Any] = [None] * context.world_size
+    dist.all_gather_object(states, state)
+    return states
 
 
 def set_rng_state(state: dict[str, Any]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -15,6 +16,7 @@ from torch import Tensor, nn
 from .._validation import check_loss_weight
 from ..modules import SparseCodePredictor, SparseRepresentation, srm_sizes
 from .config import StageConfig
+from .distiller_checkpoint import DistillerCheckpoint
 from .hooks import FeatureTap
 from .losses import kd_loss
 from .metrics import accuracy
@@ -306,12 +308,16 @@ class SRMDistiller(nn.Module):
         config: StageConfig | None = None,
         trainer: Trainer | None = None,
         eval_loader: Iterable | None = None,
+        checkpoint: str | os.PathLike | None = None,
         **trainer_kwargs: Any,
     ) -> list[dict]:
         """Shared by the ``fit_*`` methods: ``config`` replaces the stage's default
         settings, ``epochs`` overrides its epoch count; ``trainer`` or keyword
         arguments of :class:`Trainer` (not both) say how to run; ``eval_loader``
-        adds the student's held-out accuracy to the metrics of stage 3."""
+        adds the student's held-out accuracy to the metrics of stage 3.
+        ``checkpoint``: a file rewritten after every epoch; if it exists, the
+        distiller's weights are loaded from it first, a stage it holds as finished
+        is skipped and an unfinished one continues at its next epoch."""
         if trainer is not None and trainer_kwargs:
             # They would be silently ignored (e.g. amp="bf16" running in float32).
             names = ", ".join(sorted(trainer_kwargs))
@@ -319,24 +325,43 @@ class SRMDistiller(nn.Module):
                 f"got both trainer= and Trainer keyword arguments ({names}), which that "
                 "trainer would ignore; set them on the Trainer or drop trainer="
             )
-        if needs_blocks:
+        if needs_blocks or checkpoint is not None:
+            # A checkpoint holds the blocks' weights, whichever stage wrote it.
             self._ensure_built(loader)
-        if key == "init" and self._dictionaries_untrained():
-            warnings.warn(
-                "fit_student before fit_dictionaries: the teacher's labels come from "
-                "untrained dictionaries; fit them first or load fitted ones",
-                stacklevel=3,
-            )
         config = config or DEFAULT_STAGE_CONFIGS[key]
         if epochs is not None:
             config = config.replace(epochs=epochs)
         if trainer is None:
             trainer_kwargs.setdefault("device", module_device(self.student))
             trainer = Trainer(**trainer_kwargs)
+        history: list[dict] = []
+        resume = None
+        saver = None
+        if checkpoint is not None:
+            saver = DistillerCheckpoint(checkpoint, trainer.context)
+            history, resume = saver.restore(self, key, config, loader)
+            if resume is not None and resume["epoch"] >= config.epochs:
+                if trainer.log is not None:
+                    trainer.log(f"{key}: finished in {os.fspath(checkpoint)}; skipped")
+                return history
+        if key == "init" and self._dictionaries_untrained():
+            warnings.warn(
+                "fit_student before fit_dictionaries: the teacher's labels come from "
+                "untrained dictionaries; fit them first or load fitted ones",
+                stacklevel=3,
+            )
         stage = make_stage(config)
         if eval_loader is not None and stage.trains_classifier:
             stage.evaluate = lambda: {"test_acc": accuracy(self.student, eval_loader, trainer)}
-        return trainer.fit(stage, loader)
+        if saver is None:
+            return trainer.fit(stage, loader)
+
+        def save_epoch(metrics: dict, training: dict) -> None:
+            history.append(metrics)
+            saver.save_epoch(self, key, config, history, training, loader)
+
+        trainer.fit(stage, loader, resume=resume, on_epoch_end=save_epoch)
+        return history
 
     # ------------------------------------------------------------------ export
 

@@ -24,7 +24,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .checkpoint import atomic_save, load_checkpoint, rng_state, seed_everything, set_rng_state
+from .checkpoint import (
+    atomic_save,
+    gather_rng_states,
+    load_checkpoint,
+    seed_everything,
+    set_rng_state,
+)
 from .config import RESUME_INVARIANT_EXCLUDES, ConfigError, ExperimentConfig
 from .data import BatchPreprocessor, DatasetSplits, load_dataset, make_loaders
 from .distiller import SRMDistiller
@@ -401,7 +407,7 @@ class ExperimentRunner:
             "stage_index": stage_index,
             "modules": {name: module.state_dict() for name, module in plan.modules.items()},
             "training": training,
-            "rng": self._gather_rng_states(),
+            "rng": gather_rng_states(self.ctx),
         }
         if self.ctx.is_main:
             with open(self.out / "metrics.jsonl", "a") as f:
@@ -410,14 +416,6 @@ class ExperimentRunner:
         self.ctx.barrier()  # nobody runs ahead of a checkpoint
         if self.on_epoch_end is not None:
             self.on_epoch_end(record)
-
-    def _gather_rng_states(self) -> list[dict[str, Any]]:
-        state = rng_state()
-        if not self.ctx.enabled:
-            return [state]
-        states: list[Any] = [None] * self.ctx.world_size
-        dist.all_gather_object(states, state)
-        return states
 
     def _stage_times(self, run_id: str) -> dict[str, float]:
         times: dict[str, float] = defaultdict(float)

@@ -1,0 +1,129 @@
+"""Resumable training of :class:`~srm_ext.distill.SRMDistiller` from Python.
+
+One file holds a whole distillation: the distiller's weights (teacher, student
+and SRM blocks), and per stage its settings, the metrics of every finished
+epoch and the optimiser/scheduler state, plus every process's RNG state. It is
+rewritten atomically after each epoch, so an interrupted script that calls the
+same ``fit_*`` methods with the same ``checkpoint=`` path again skips the
+finished stages, continues the interrupted one at its next epoch and ends with
+the weights an uninterrupted run would have. A loader that shuffles with its
+own ``generator`` has that generator's state saved and restored too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import atomic_save, gather_rng_states, load_checkpoint, set_rng_state
+from .config import StageConfig
+from .distributed import DistributedContext
+
+__all__ = ["DistillerCheckpoint"]
+
+_FORMAT = "srm_ext.SRMDistiller.v1"
+
+
+def _loader_generator(loader: Iterable) -> torch.Generator | None:
+    # DataLoader(generator=g) draws its shuffle order and worker seeds from g.
+    generator = getattr(loader, "generator", None)
+    return generator if isinstance(generator, torch.Generator) else None
+
+
+def _plain(value: Any) -> Any:
+    # Tuples come back from a checkpoint as lists or tuples alike; compare as lists.
+    return list(value) if isinstance(value, tuple) else value
+
+
+class DistillerCheckpoint:
+    """The checkpoint file at ``path``; read on creation if it exists."""
+
+    def __init__(self, path: str | os.PathLike, context: DistributedContext) -> None:
+        self.path = Path(path)
+        self.context = context
+        if self.path.exists():
+            self.state = load_checkpoint(self.path)
+            if not isinstance(self.state, dict) or self.state.get("format") != _FORMAT:
+                raise ValueError(
+                    f"{os.fspath(self.path)} is not an SRMDistiller checkpoint; pass the path "
+                    "that fit_* wrote, or a new one to start afresh"
+                )
+        else:
+            self.state = {"format": _FORMAT, "model": None, "stages": {}, "last": None, "rng": []}
+
+    @property
+    def holds_weights(self) -> bool:
+        return self.state["model"] is not None
+
+    def restore(
+        self, model: nn.Module, key: str, config: StageConfig, loader: Iterable
+    ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+        """Load the saved weights into ``model``; return stage ``key``'s metrics
+        so far and the training state to resume it from (None: not started)."""
+        if self.holds_weights:
+            try:
+                model.load_state_dict(self.state["model"])
+            except RuntimeError as exc:
+                raise ValueError(
+                    f"{os.fspath(self.path)} was written for other models or layer pairs "
+                    f"than this distiller's: {exc}"
+                ) from None
+        progress = self.state["stages"].get(key)
+        if progress is None:
+            return [], None
+        saved, wanted = progress["config"], dataclasses.asdict(config)
+        changed = [name for name in wanted if _plain(saved.get(name)) != _plain(wanted[name])]
+        if changed:
+            details = ", ".join(f"{n}={saved.get(n)!r} -> {wanted[n]!r}" for n in changed)
+            raise ValueError(
+                f"{os.fspath(self.path)}: stage {key!r} was checkpointed with other settings "
+                f"({details}); pass the same ones to resume it, or another path to start afresh"
+            )
+        # The last stage to write also left the RNG state its next epoch starts from.
+        if self.state["last"] == key:
+            rngs = self.state["rng"]
+            if len(rngs) == self.context.world_size:
+                set_rng_state(rngs[self.context.rank])
+                generator = _loader_generator(loader)
+                if generator is not None and "loader" in rngs[self.context.rank]:
+                    generator.set_state(rngs[self.context.rank]["loader"])
+            else:
+                warnings.warn(
+                    f"{os.fspath(self.path)} was saved by {len(rngs)} process(es), resumed on "
+                    f"{self.context.world_size}: data order and augmentation restart, so the "
+                    "result will differ from an uninterrupted run",
+                    stacklevel=4,
+                )
+        return list(progress["history"]), progress["training"]
+
+    def save_epoch(
+        self,
+        model: nn.Module,
+        key: str,
+        config: StageConfig,
+        history: list[dict[str, Any]],
+        training: dict[str, Any],
+        loader: Iterable,
+    ) -> None:
+        """Record a finished epoch of stage ``key`` (on every process; the main
+        one writes the file, the others wait for it)."""
+        self.state["model"] = model.state_dict()
+        self.state["stages"][key] = {
+            "config": dataclasses.asdict(config),
+            "history": list(history),
+            "training": training,
+        }
+        self.state["last"] = key
+        generator = _loader_generator(loader)
+        extra = {} if generator is None else {"loader": generator.get_state()}
+        self.state["rng"] = gather_rng_states(self.context, extra)
+        if self.context.is_main:
+            atomic_save(self.state, self.path)
+        self.context.barrier()

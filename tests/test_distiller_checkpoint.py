@@ -1,0 +1,112 @@
+"""SRMDistiller's checkpoint= option: an interrupted script resumes exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from srm_ext.distill import StageConfig, Trainer
+from test_distiller import QUIET, make_distiller, toy_loader
+
+STAGES = {
+    "config": StageConfig(epochs=3, lr=1e-2, schedule="step", milestones=(0.5,)),
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(single_thread):
+    """Bitwise comparisons need the same reduction order in every run."""
+
+
+def global_rng_loader() -> DataLoader:
+    """The toy data shuffled from torch's global RNG (no generator of its own)."""
+    return DataLoader(toy_loader().dataset, batch_size=16, shuffle=True)
+
+
+def run_all_stages(path, make_loader=toy_loader):
+    """A user's script: the three stages, each with the same checkpoint file."""
+    distiller = make_distiller()
+    torch.manual_seed(123)
+    loader = make_loader()
+    histories = {
+        "dictionary": distiller.fit_dictionaries(loader, checkpoint=path, **STAGES, **QUIET),
+        "init": distiller.fit_student(loader, checkpoint=path, **STAGES, **QUIET),
+        "kd": distiller.fit_kd(loader, checkpoint=path, **STAGES, **QUIET),
+    }
+    return distiller, histories
+
+
+def interrupt_at(monkeypatch, stage_name: str, epoch: int) -> None:
+    """Make the trainer raise KeyboardInterrupt when it starts that epoch (0-based)."""
+    train_epoch = Trainer._train_epoch
+
+    def interrupted(self, stage, loader, optimizer, scaler, e):
+        if stage.name == stage_name and e == epoch:
+            raise KeyboardInterrupt
+        return train_epoch(self, stage, loader, optimizer, scaler, e)
+
+    monkeypatch.setattr(Trainer, "_train_epoch", interrupted)
+
+
+def without_times(histories):
+    return {k: [{m: v for m, v in r.items() if m != "time"} for r in h] for k, h in histories.items()}
+
+
+@pytest.mark.parametrize("make_loader", [toy_loader, global_rng_loader])
+@pytest.mark.parametrize("stage_name, epoch", [("srm-init", 1), ("srm-kd", 2), ("srm-init", 0)])
+def test_an_interrupted_run_resumes_to_the_uninterrupted_result(
+    tmp_path, monkeypatch, stage_name, epoch, make_loader
+):
+    reference, reference_histories = run_all_stages(tmp_path / "straight.pt", make_loader)
+
+    path = tmp_path / "interrupted.pt"
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, stage_name, epoch)
+        with pytest.raises(KeyboardInterrupt):
+            run_all_stages(path, make_loader)
+    assert path.exists()  # the epochs before the interruption are saved
+    # The script again, as a new process would run it: the weights, the data
+    # order and the RNG states come from the checkpoint.
+    resumed, histories = run_all_stages(path, make_loader)
+
+    assert without_times(histories) == without_times(reference_histories)
+    for name, value in reference.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name
+
+
+def test_a_finished_stage_is_skipped_with_its_weights_and_metrics(tmp_path, monkeypatch):
+    path = tmp_path / "run.pt"
+    trained = make_distiller()
+    history = trained.fit_dictionaries(toy_loader(), checkpoint=path, **STAGES, **QUIET)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished stage trained again")
+
+    monkeypatch.setattr(Trainer, "_train_epoch", no_training)
+    fresh = make_distiller()
+    assert fresh.fit_dictionaries(toy_loader(), checkpoint=path, **STAGES, **QUIET) == history
+    for name, value in trained.representations.state_dict().items():
+        assert torch.equal(fresh.representations.state_dict()[name], value)
+
+
+def test_other_stage_settings_are_refused_by_name(tmp_path):
+    path = tmp_path / "run.pt"
+    make_distiller().fit_dictionaries(toy_loader(), checkpoint=path, **STAGES, **QUIET)
+    with pytest.raises(ValueError, match=r"stage 'dictionary' was checkpointed with other settings \(lr=0.01 -> 0.001\)"):
+        make_distiller().fit_dictionaries(
+            toy_loader(), checkpoint=path, config=STAGES["config"].replace(lr=1e-3), **QUIET
+        )
+
+
+def test_a_checkpoint_of_other_models_or_another_file_is_refused(tmp_path):
+    path = tmp_path / "run.pt"
+    make_distiller().fit_dictionaries(toy_loader(), epochs=1, checkpoint=path, **QUIET)
+    other = make_distiller(pairs={"block1": "stage1"})
+    with pytest.raises(ValueError, match="written for other models or layer pairs"):
+        other.fit_dictionaries(toy_loader(), epochs=1, checkpoint=path, **QUIET)
+
+    foreign = tmp_path / "weights.pt"
+    torch.save({"weight": torch.zeros(2)}, foreign)
+    with pytest.raises(ValueError, match="weights.pt is not an SRMDistiller checkpoint"):
+        make_distiller().fit_dictionaries(toy_loader(), epochs=1, checkpoint=foreign, **QUIET)
