@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler
 
 from srm_ext.distill import StageConfig, Trainer
 from test_distiller import QUIET, make_distiller, toy_loader
@@ -22,6 +22,13 @@ def _one_thread(single_thread):
 def global_rng_loader() -> DataLoader:
     """The toy data shuffled from torch's global RNG (no generator of its own)."""
     return DataLoader(toy_loader().dataset, batch_size=16, shuffle=True)
+
+
+def sampler_generator_loader() -> DataLoader:
+    """The toy data in the order of a sampler with its own generator."""
+    data = toy_loader().dataset
+    sampler = RandomSampler(data, generator=torch.Generator().manual_seed(3))
+    return DataLoader(data, batch_size=16, sampler=sampler)
 
 
 def run_all_stages(path, make_loader=toy_loader):
@@ -53,7 +60,7 @@ def without_times(histories):
     return {k: [{m: v for m, v in r.items() if m != "time"} for r in h] for k, h in histories.items()}
 
 
-@pytest.mark.parametrize("make_loader", [toy_loader, global_rng_loader])
+@pytest.mark.parametrize("make_loader", [toy_loader, global_rng_loader, sampler_generator_loader])
 @pytest.mark.parametrize("stage_name, epoch", [("srm-init", 1), ("srm-kd", 2), ("srm-init", 0)])
 def test_an_interrupted_run_resumes_to_the_uninterrupted_result(
     tmp_path, monkeypatch, stage_name, epoch, make_loader

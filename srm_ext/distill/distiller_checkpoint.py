@@ -32,9 +32,13 @@ _FORMAT = "srm_ext.SRMDistiller.v1"
 
 
 def _loader_generator(loader: Iterable) -> torch.Generator | None:
-    # DataLoader(generator=g) draws its shuffle order and worker seeds from g.
-    generator = getattr(loader, "generator", None)
-    return generator if isinstance(generator, torch.Generator) else None
+    # DataLoader(generator=g) draws its shuffle order and worker seeds from g;
+    # a sampler given its own generator draws the order from that one.
+    for owner in (loader, getattr(loader, "sampler", None)):
+        generator = getattr(owner, "generator", None)
+        if isinstance(generator, torch.Generator):
+            return generator
+    return None
 
 
 def _plain(value: Any) -> Any:
