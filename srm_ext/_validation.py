@@ -57,6 +57,12 @@ def check_dictionary(t: object, channels: int, feature_name: str = "x") -> Tenso
             f"dictionary has D={t.shape[0]} rows but {feature_name} has "
             f"{channels} channels; expected dictionary of shape ({channels}, K)"
         )
+    if t.shape[0] < 1:
+        # Every backend needs a feature to compare; the CUDA kernels refuse D = 0.
+        raise ValueError(
+            f"dictionary must have at least one row (D >= 1), got shape (0, K): "
+            f"{feature_name} has no channels"
+        )
     if t.shape[1] < 1:
         raise ValueError("dictionary must have at least one codeword (K >= 1)")
     return t
@@ -205,6 +211,8 @@ def validate_decode(values: object, indices: object, dictionary: object) -> None
             f"dictionary must be a 2-D (D, K) tensor, got shape {tuple(dictionary.shape)}"
         )
     _check_floating("dictionary", dictionary)
+    if dictionary.shape[0] < 1:
+        raise ValueError("dictionary must have at least one row (D >= 1), got shape (0, K)")
     values, _ = check_sparse_code(values, indices, dictionary.shape[1])
     check_same_dtype_device(values=values, dictionary=dictionary)
 

@@ -30,6 +30,7 @@ ENCODE_CASES = [
     ("x", lambda g: dict(g, x=[1.0]), TypeError, "x must be a torch.Tensor"),
     ("dictionary", lambda g: dict(g, C=torch.randn(5, 6)), ValueError, "dictionary has D=5 rows but x has 4 channels"),
     ("dictionary", lambda g: dict(g, C=torch.randn(4, 6, 1)), ValueError, "dictionary must be a 2-D"),
+    ("x", lambda g: dict(g, x=g["x"][:, :0], C=g["C"][:0]), ValueError, "dictionary must have at least one row (D >= 1), got shape (0, K): x has no channels"),
     ("dictionary", lambda g: dict(g, C=g["C"].double()), TypeError, "dictionary has dtype torch.float64 but x has torch.float32"),
     ("dictionary", lambda g: dict(g, C=g["C"].to("meta")), ValueError, "dictionary is on meta but x is on cpu"),
     ("intercept", lambda g: dict(g, b=torch.zeros(2)), ValueError, "intercept must have exactly one element"),
@@ -57,6 +58,7 @@ DECODE_CASES = [
     (lambda g: dict(g, indices=g["indices"] - 3), ValueError, "indices must lie in [0, 6)"),
     (lambda g: dict(g, C=g["C"].double()), TypeError, "dictionary has dtype torch.float64 but values has torch.float32"),
     (lambda g: dict(g, C=g["C"][:, :1]), ValueError, "values keeps k=2 entries per pixel but there are only K=1"),
+    (lambda g: dict(g, C=g["C"][:0]), ValueError, "dictionary must have at least one row (D >= 1)"),
 ]
 
 
@@ -92,6 +94,7 @@ PREDICTOR_CASES = [
     (lambda g: dict(g, x=g["x"][:0], pixel=g["pixel"][:0], image=g["image"][:0]), ValueError, "y must have at least one pixel (N*H*W > 0)"),
     (lambda g: dict(g, x=g["x"][:, :, :, 0]), ValueError, "y must be a 4-D"),
     (lambda g: dict(g, weight="1"), TypeError, "local_weight must be a float"),
+    (lambda g: dict(g, x=g["x"][:, :0], C=g["C"][:0]), ValueError, "dictionary must have at least one row (D >= 1), got shape (0, K): y has no channels"),
     (lambda g: dict(g, weight=float("nan")), ValueError, "local_weight must be finite and >= 0, got nan"),
     (lambda g: dict(g, weight=float("inf")), ValueError, "local_weight must be finite and >= 0, got inf"),
     (lambda g: dict(g, weight=-0.5), ValueError, "local_weight must be finite and >= 0, got -0.5"),
