@@ -6,6 +6,14 @@ it; the build is cached in ``build/cuda_emulation`` and only redone when a
 source changes. The module's functions take CPU tensors and run the kernels
 exactly as written, thread block by thread block (see the emulator's header
 for what that does and does not check).
+
+The same module also holds the torch glue of csrc/cuda (the operators'
+CUDA implementations), registered as the ``srm_emu`` library for CPU
+tensors: ``torch.ops.srm_emu.sparse_encode`` and the rest run the real glue
+code over the emulated kernels. Only what has no CPU meaning is replaced: the
+device guard, the stream and the graph-capture query come from
+``tools/cuda_emulator/torch_shims``, and the few lines below rewrite the
+device checks and the registration.
 """
 
 from __future__ import annotations
@@ -31,17 +39,68 @@ def _translate() -> list[Path]:
     return [t for t in targets if t is not None and t.suffix == ".cpp"]
 
 
+# (source, [(text, replacement), ...]): each text must occur in its source, so
+# that a change to the glue that these rewrites no longer fit fails the build
+# here, by name, instead of leaving a CUDA check in place.
+_GLUE_REWRITES = [
+    (KERNELS / "op_support.cpp", [(".is_cuda()", ".is_cpu()")]),
+    (
+        KERNELS / "teacher_ops.cpp",
+        [(".is_cuda()", ".is_cpu()"), ("TORCH_LIBRARY_IMPL(srm_ext, CUDA,", "TORCH_LIBRARY_IMPL(srm_emu, CPU,")],
+    ),
+    (
+        KERNELS / "student_ops.cpp",
+        [
+            (".is_cuda()", ".is_cpu()"),
+            ("TORCH_LIBRARY_IMPL(srm_ext, CUDA,", "TORCH_LIBRARY_IMPL(srm_emu, CPU,"),
+            # CPU torch has no mm with an output dtype; the products are the same.
+            ("at::mm(a, b, at::kFloat)", "at::mm(a.to(at::kFloat), b.to(at::kFloat))"),
+        ],
+    ),
+    (ROOT / "csrc" / "registration.cpp", [("TORCH_LIBRARY(srm_ext,", "TORCH_LIBRARY(srm_emu,")]),
+    (
+        ROOT / "csrc" / "predictor_loss_backward.cpp",
+        [("TORCH_LIBRARY_IMPL(srm_ext,", "TORCH_LIBRARY_IMPL(srm_emu,")],
+    ),
+]
+
+
+def _glue_sources() -> list[Path]:
+    out = BUILD / "glue"
+    out.mkdir(parents=True, exist_ok=True)
+    targets = []
+    for source, rewrites in _GLUE_REWRITES:
+        text = source.read_text()
+        for old, new in rewrites:
+            if old not in text:
+                raise RuntimeError(
+                    f"{source.relative_to(ROOT)} no longer contains {old!r}: update the "
+                    "glue rewrites in tests/cuda_emulation.py"
+                )
+            text = text.replace(old, new)
+        target = out / source.name
+        if not target.exists() or target.read_text() != text:  # keep the build cache
+            target.write_text(text)
+        targets.append(target)
+    return targets
+
+
 @functools.lru_cache(maxsize=None)
 def load():
     from torch.utils import cpp_extension
 
-    sources = _translate() + [Path(__file__).with_name("cuda_emulation_binding.cpp")]
+    sources = [*_translate(), *_glue_sources(), Path(__file__).with_name("cuda_emulation_binding.cpp")]
     return cpp_extension.load(
         name="srm_cuda_emulated",
         sources=[str(s) for s in sources],
-        # The emulator's CUDA headers must shadow any real ones.
-        extra_include_paths=[str(EMULATOR / "include"), str(BUILD / "kernels"), str(KERNELS)],
-        extra_cflags=["-O1", "-std=c++17"],
+        # The emulator's CUDA headers and torch shims must shadow any real ones.
+        extra_include_paths=[
+            str(EMULATOR / "include"),
+            str(EMULATOR / "torch_shims"),
+            str(BUILD / "kernels"),
+            str(KERNELS),
+        ],
+        extra_cflags=["-O1", "-std=c++20"],
         build_directory=str(BUILD),
         verbose=False,
     )

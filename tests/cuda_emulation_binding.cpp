@@ -204,6 +204,8 @@ void probe(const std::string& name, at::Tensor out, const OptionalTensor& ballot
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_schedule", &cuda_emulator::set_schedule,
         "Thread order within a block: 0 forward, 1 reverse, 2 shuffled with seed");
+  m.def("take_failure", &cuda_emulator::take_failure,
+        "The first kernel failure since the last call (empty if none), cleared");
   m.def("sparse_encode_num_blocks", &srm_cuda::sparse_encode_num_blocks);
   m.def("sparse_encode", &sparse_encode);
   m.def("combine_codewords", &combine_codewords);

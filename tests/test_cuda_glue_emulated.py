@@ -1,0 +1,233 @@
+"""The CUDA operators' torch glue, run on the CPU over the emulated kernels.
+
+``torch.ops.srm_emu.*`` are csrc/cuda's operator implementations as written,
+with only the device guard, the stream and the device checks swapped for CPU
+stand-ins (see cuda_emulation.py). Where test_cuda_emulated.py checks each
+kernel launcher, these check what the glue adds: argument order and units,
+layouts (channels_last and strided maps, codeword-major dictionaries), the
+float32 intermediates of 16-bit inputs, output masks, the deterministic
+variants and the box splitting of the reconstruction loss. Every output is
+compared with the reference, computed in float64 from the same inputs, and
+with the fake kernel that torch.compile and opcheck rely on (shape, dtype and
+the strides of every dimension longer than one).
+
+Inputs are multiples of 1/8, so pre-activations are exact in every dtype and
+indices must match exactly. Tolerances per dtype (rtol = atol): float32 1e-4;
+float16 2e-2 and bfloat16 6e-2 for values, four times that for gradients,
+which sum many rounded terms.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from srm_ext import reference
+
+import cuda_emulation
+from conftest import dyadic, make_layout, requires_native_cpu
+
+pytestmark = requires_native_cpu  # the fake kernels need the op schemas
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+VALUE_TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}
+LAYOUTS = ["contiguous", "channels_last", "strided"]
+DICTIONARIES = ["row_major", "codeword_major"]
+# (N, D, H, W, K, k): tails of every tile, and k = K on one-pixel-wide maps.
+SHAPES = [(2, 8, 5, 7, 20, 4), (2, 4, 3, 1, 6, 6)]
+MASKS3 = list(itertools.product([False, True], repeat=3))
+
+
+@pytest.fixture(scope="module")
+def emu():
+    module = cuda_emulation.load()
+    module.set_schedule(2, 5)  # threads of a block in a shuffled order
+    return module
+
+
+@pytest.fixture
+def ops(emu):
+    yield torch.ops.srm_emu
+    assert emu.take_failure() == "", "an emulated kernel failed"
+
+
+@contextlib.contextmanager
+def deterministic(enabled: bool):
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(enabled)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+def dictionary_in(layout: str, C: torch.Tensor) -> torch.Tensor:
+    # Codeword-major is how SparseRepresentation stores it: (K, D) memory seen as (D, K).
+    return C.t().contiguous().t() if layout == "codeword_major" else C
+
+
+def as_outputs(out) -> tuple[torch.Tensor, ...]:
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def assert_like_fake(op: str, out, *args) -> None:
+    """Each output has the shape, dtype and strides the fake kernel promises."""
+    mode = FakeTensorMode()
+    fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+    with mode:
+        fake = as_outputs(getattr(torch.ops.srm_ext, op)(*fake_args))
+    for i, (real, promised) in enumerate(zip(as_outputs(out), fake)):
+        where = f"{op} output {i}"
+        assert real.shape == promised.shape and real.dtype == promised.dtype, where
+        for size, stride, fake_stride in zip(real.shape, real.stride(), promised.stride()):
+            assert size <= 1 or stride == fake_stride, f"{where}: strides {real.stride()} vs {promised.stride()}"
+
+
+def close(actual, expected, dtype, scale=1.0) -> None:
+    tol = VALUE_TOLERANCE[dtype] * scale
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=tol, atol=tol)
+
+
+def grads(fn, inputs, upstream):
+    """Reference gradients in float64 with respect to each of ``inputs``."""
+    leaves = [t.detach().double().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    return torch.autograd.grad(out, leaves, upstream.double())
+
+
+def teacher_inputs(shape, dtype, layout, dictionary, seed):
+    n, d, h, w, K, k = shape
+    g = torch.Generator().manual_seed(seed)
+    x = make_layout(dyadic(n, d, h, w, generator=g).to(dtype), layout)
+    C = dictionary_in(dictionary, dyadic(d, K, generator=g, span=1).to(dtype))
+    b = torch.tensor([0.25], dtype=dtype)
+    return x, C, b, k
+
+
+def check_unwanted(out, mask) -> None:
+    for want, grad in zip(mask, out):
+        if not want:
+            assert grad.shape == (0,)
+
+
+@pytest.mark.parametrize("dictionary", DICTIONARIES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_encode_and_decode_with_their_backward(ops, dtype, layout, dictionary):
+    # The deterministic variants change only the backward's reductions: one shape is enough.
+    for seed, (shape, determinism) in enumerate([(SHAPES[0], False), (SHAPES[0], True), (SHAPES[1], False)]):
+        x, C, b, k = teacher_inputs(shape, dtype, layout, dictionary, seed)
+        with deterministic(determinism):
+            values, indices = ops.sparse_encode(x, C, b, k)
+            want_values, want_indices = reference.sparse_encode(x.double(), C.double(), b.double(), k)
+            assert torch.equal(indices, want_indices)
+            close(values, want_values, dtype)
+            assert_like_fake("sparse_encode", (values, indices), x, C, b, k)
+
+            g = torch.Generator().manual_seed(100 + seed)
+            grad_values = dyadic(*values.shape, generator=g).to(dtype)
+            want = grads(lambda *t: reference.sparse_encode(*t, k)[0], (x, C, b), grad_values)
+            for mask in MASKS3:
+                out = ops.sparse_encode_backward(grad_values, values, indices, x, C, b, list(mask))
+                assert_like_fake("sparse_encode_backward", out, grad_values, values, indices, x, C, b, list(mask))
+                check_unwanted(out, mask)
+                for wanted, got, expected in zip(mask, out, want):
+                    if wanted:
+                        close(got, expected.reshape(got.shape), dtype, scale=4)
+
+            x_hat = ops.sparse_decode(values, indices, C)
+            close(x_hat, reference.sparse_decode(values.double(), indices, C.double()), dtype)
+            assert_like_fake("sparse_decode", x_hat, values, indices, C)
+            grad_x_hat = make_layout(dyadic(*x.shape, generator=g).to(dtype), layout)
+            want = grads(lambda v, c: reference.sparse_decode(v, indices, c), (values, C), grad_x_hat)
+            for mask in itertools.product([False, True], repeat=2):
+                out = ops.sparse_decode_backward(grad_x_hat, values, indices, C, list(mask))
+                assert_like_fake("sparse_decode_backward", out, grad_x_hat, values, indices, C, list(mask))
+                check_unwanted(out, mask)
+                for wanted, got, expected in zip(mask, out, want):
+                    if wanted:
+                        close(got, expected, dtype, scale=4)
+
+
+# None: the default split of the pixels into boxes; "1": one value per box,
+# so that every pixel row spans several boxes.
+@pytest.mark.parametrize("box_values", [None, "1"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reconstruction_loss_and_its_backward(ops, monkeypatch, dtype, box_values):
+    if box_values is not None:
+        monkeypatch.setenv("SRM_EXT_CUDA_BOX_VALUES", box_values)
+    cases = [
+        ("contiguous", "row_major", False),
+        ("contiguous", "codeword_major", True),
+        ("channels_last", "row_major", True),
+        ("channels_last", "codeword_major", False),
+    ]
+    for seed, (layout, dictionary, determinism) in enumerate(cases):
+        x, C, b, k = teacher_inputs((2, 5, 3, 4, 12, 3), dtype, layout, dictionary, seed)
+        with deterministic(determinism):
+            loss, values, indices = ops.reconstruction_loss(x, C, b, k)
+            assert_like_fake("reconstruction_loss", (loss, values, indices), x, C, b, k)
+            want_loss = reference.reconstruction_loss(x.double(), C.double(), b.double(), k)
+            close(loss, want_loss, dtype)
+            upstream = torch.tensor(1.5, dtype=dtype)
+            want = grads(lambda *t: reference.reconstruction_loss(*t, k), (x, C, b), upstream)
+            for mask in MASKS3:
+                out = ops.reconstruction_loss_backward(upstream, x, C, b, values, indices, list(mask))
+                assert_like_fake(
+                    "reconstruction_loss_backward", out, upstream, x, C, b, values, indices, list(mask)
+                )
+                check_unwanted(out, mask)
+                for wanted, got, expected in zip(mask, out, want):
+                    if wanted:
+                        close(got, expected.reshape(got.shape), dtype, scale=4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sparse_labels(ops, dtype):
+    x, C, b, k = teacher_inputs((3, 4, 3, 5, 6, 3), dtype, "contiguous", "row_major", 7)
+    values, indices = reference.sparse_encode(x, C, b, k)
+    # The code as reference.sparse_encode returns it, and in a (N, W, H, k) memory order.
+    transposed = tuple(t.transpose(1, 2).contiguous().transpose(1, 2) for t in (values, indices))
+    for v, i in [(values, indices), transposed]:
+        pixel, image = ops.sparse_labels(v, i, 6)
+        assert_like_fake("sparse_labels", (pixel, image), v, i, 6)
+        want_pixel, want_image = reference.sparse_labels(v.double(), i, 6)
+        assert torch.equal(pixel, want_pixel)
+        close(image, want_image, dtype)
+
+
+@pytest.mark.parametrize("dictionary", DICTIONARIES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_predictor_loss_and_its_backward(ops, dtype, layout, dictionary):
+    g = torch.Generator().manual_seed(3)
+    n, d, h, w, K = 2, 7, 5, 3, 9
+    y = make_layout(dyadic(n, d, h, w, generator=g).to(dtype), layout)
+    C = dictionary_in(dictionary, dyadic(d, K, generator=g, span=1).to(dtype))
+    b = torch.tensor([-0.5], dtype=dtype)
+    pixel = torch.randint(0, K, (n, h, w), generator=g)
+    image = (torch.randint(0, 9, (n, K), generator=g) / 8).to(dtype)
+    weights = (0.75, 1.25)
+    want = grads(
+        lambda *t: reference.predictor_loss(*t, pixel, image.double(), *weights), (y, C, b),
+        torch.tensor(1.0),
+    )
+    want_loss = reference.predictor_loss(y.double(), C.double(), b.double(), pixel, image.double(), *weights)
+    for mask in MASKS3:
+        out = ops.predictor_loss(y, C, b, pixel, image, *weights, list(mask))
+        assert_like_fake("predictor_loss", out, y, C, b, pixel, image, *weights, list(mask))
+        close(out[0], want_loss, dtype)
+        check_unwanted(out[1:], mask)
+        for wanted, got, expected in zip(mask, out[1:], want):
+            if wanted:
+                close(got, expected.reshape(got.shape), dtype, scale=4)
+        upstream = torch.tensor(2.0, dtype=dtype)
+        scaled = ops.predictor_loss_backward(upstream, *out[1:], y, C, list(mask))
+        assert_like_fake("predictor_loss_backward", scaled, upstream, *out[1:], y, C, list(mask))
+        for wanted, got, unit in zip(mask, scaled, out[1:]):
+            if wanted:
+                close(got, 2 * unit.double(), dtype)
