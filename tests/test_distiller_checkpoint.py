@@ -9,9 +9,8 @@ from torch.utils.data import DataLoader, RandomSampler
 from srm_ext.distill import StageConfig, Trainer
 from test_distiller import QUIET, make_distiller, toy_loader
 
-STAGES = {
-    "config": StageConfig(epochs=3, lr=1e-2, schedule="step", milestones=(0.5,)),
-}
+# Three epochs with an lr step after the second: a resumed stage must restore the schedule too.
+CONFIG = StageConfig(epochs=3, lr=1e-2, schedule="step", milestones=(0.5,))
 
 
 @pytest.fixture(autouse=True)
@@ -37,9 +36,9 @@ def run_all_stages(path, make_loader=toy_loader):
     torch.manual_seed(123)
     loader = make_loader()
     histories = {
-        "dictionary": distiller.fit_dictionaries(loader, checkpoint=path, **STAGES, **QUIET),
-        "init": distiller.fit_student(loader, checkpoint=path, **STAGES, **QUIET),
-        "kd": distiller.fit_kd(loader, checkpoint=path, **STAGES, **QUIET),
+        "dictionary": distiller.fit_dictionaries(loader, checkpoint=path, config=CONFIG, **QUIET),
+        "init": distiller.fit_student(loader, checkpoint=path, config=CONFIG, **QUIET),
+        "kd": distiller.fit_kd(loader, checkpoint=path, config=CONFIG, **QUIET),
     }
     return distiller, histories
 
@@ -85,24 +84,24 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(
 def test_a_finished_stage_is_skipped_with_its_weights_and_metrics(tmp_path, monkeypatch):
     path = tmp_path / "run.pt"
     trained = make_distiller()
-    history = trained.fit_dictionaries(toy_loader(), checkpoint=path, **STAGES, **QUIET)
+    history = trained.fit_dictionaries(toy_loader(), checkpoint=path, config=CONFIG, **QUIET)
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished stage trained again")
 
     monkeypatch.setattr(Trainer, "_train_epoch", no_training)
     fresh = make_distiller()
-    assert fresh.fit_dictionaries(toy_loader(), checkpoint=path, **STAGES, **QUIET) == history
+    assert fresh.fit_dictionaries(toy_loader(), checkpoint=path, config=CONFIG, **QUIET) == history
     for name, value in trained.representations.state_dict().items():
         assert torch.equal(fresh.representations.state_dict()[name], value)
 
 
 def test_other_stage_settings_are_refused_by_name(tmp_path):
     path = tmp_path / "run.pt"
-    make_distiller().fit_dictionaries(toy_loader(), checkpoint=path, **STAGES, **QUIET)
+    make_distiller().fit_dictionaries(toy_loader(), checkpoint=path, config=CONFIG, **QUIET)
     with pytest.raises(ValueError, match=r"stage 'dictionary' was checkpointed with other settings \(lr=0.01 -> 0.001\)"):
         make_distiller().fit_dictionaries(
-            toy_loader(), checkpoint=path, config=STAGES["config"].replace(lr=1e-3), **QUIET
+            toy_loader(), checkpoint=path, config=CONFIG.replace(lr=1e-3), **QUIET
         )
 
 
