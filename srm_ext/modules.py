@@ -10,6 +10,7 @@ autocast disabled, since the ops require one dtype for all their tensors.
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import NamedTuple
 
@@ -26,6 +27,7 @@ __all__ = [
     "SparseCodePredictor",
     "resize_pixel_labels",
     "srm_sizes",
+    "check_multipliers",
 ]
 
 
@@ -45,11 +47,24 @@ class SparseLabels(NamedTuple):
     image: Tensor
 
 
+def check_multipliers(codeword_multiplier: float, sparsity_multiplier: float) -> None:
+    """Both paper multipliers must be finite and > 0: int() fails on NaN and inf
+    without naming them, and max(1, ...) would turn a sparsity multiplier <= 0
+    into k = 1 quietly."""
+    for name, value in (
+        ("codeword_multiplier", codeword_multiplier),
+        ("sparsity_multiplier", sparsity_multiplier),
+    ):
+        if not 0.0 < value < math.inf:  # also refuses NaN
+            raise ValueError(f"{name} must be finite and > 0, got {value}")
+
+
 def srm_sizes(
     channels: int, codeword_multiplier: float, sparsity_multiplier: float
 ) -> tuple[int, int]:
     """``(K, k)`` from the paper's multipliers: ``K = int(D * cm)``,
     ``k = max(1, int(D * sm * cm))``. Raises ``ValueError`` when they are unusable."""
+    check_multipliers(codeword_multiplier, sparsity_multiplier)
     num_codewords = int(channels * codeword_multiplier)
     sparsity = max(1, int(channels * sparsity_multiplier * codeword_multiplier))
     if num_codewords < 1:
@@ -57,9 +72,6 @@ def srm_sizes(
             f"codeword_multiplier={codeword_multiplier} gives K={num_codewords} codewords "
             f"for D={channels} channels; it must give at least one"
         )
-    if not sparsity_multiplier > 0:
-        # max(1, ...) would quietly turn it into k = 1.
-        raise ValueError(f"sparsity_multiplier={sparsity_multiplier} must be > 0")
     if sparsity > num_codewords:
         raise ValueError(
             f"sparsity_multiplier={sparsity_multiplier} gives k={sparsity} kept codewords "

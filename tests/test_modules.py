@@ -116,8 +116,11 @@ def test_srm_sizes_follow_the_paper():
     with pytest.raises(ValueError, match="only K="):
         srm_sizes(8, 2.0, 1.5)
     for sparsity_multiplier in (0.0, -0.1):  # not a silent k = 1
-        with pytest.raises(ValueError, match=f"sparsity_multiplier={sparsity_multiplier} must be > 0"):
+        with pytest.raises(ValueError, match=f"sparsity_multiplier must be finite and > 0, got {sparsity_multiplier}"):
             srm_sizes(8, 2.0, sparsity_multiplier)
+    for codeword_multiplier in (float("nan"), float("inf")):  # named, not int()'s error
+        with pytest.raises(ValueError, match=f"codeword_multiplier must be finite and > 0, got {codeword_multiplier}"):
+            srm_sizes(8, codeword_multiplier, 0.02)
 
 
 def test_predictor_loss_equals_reference_and_has_gradients(rep, x):

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .._validation import check_loss_weight
-from ..modules import SparseCodePredictor, SparseRepresentation, srm_sizes
+from ..modules import SparseCodePredictor, SparseRepresentation, check_multipliers, srm_sizes
 from .config import StageConfig
 from .distiller_checkpoint import DistillerCheckpoint
 from .hooks import FeatureTap
@@ -372,9 +372,9 @@ class SRMDistiller(nn.Module):
 
 def _check_hyperparameters(**values: float) -> None:
     """Refuse values that would train on NaN or silently mean something else."""
-    for name in ("codeword_multiplier", "sparsity_multiplier", "kd_temperature"):
-        if not 0.0 < values[name] < math.inf:  # also refuses NaN
-            raise ValueError(f"{name} must be finite and > 0, got {values[name]}")
+    check_multipliers(values["codeword_multiplier"], values["sparsity_multiplier"])
+    if not 0.0 < values["kd_temperature"] < math.inf:  # also refuses NaN
+        raise ValueError(f"kd_temperature must be finite and > 0, got {values['kd_temperature']}")
     for name in ("local_weight", "global_weight"):
         check_loss_weight(name, values[name])
     if not 0.0 <= values["kd_alpha"] <= 1.0:
