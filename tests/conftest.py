@@ -76,6 +76,22 @@ def leaf_like(t: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.fixture
+def two_threads():
+    """Two intra-op threads, restored afterwards: block and tile sizes scale
+    with the thread count, so a test of several blocks fixes it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)
+
+
+def codeword_major(C):
+    """The (D, K) dictionary stored with each codeword contiguous, as
+    SparseRepresentation stores it."""
+    return C.t().contiguous().t()
+
+
+@pytest.fixture
 def single_thread():
     """One intra-op thread for tests of tiny models: as fast, and a busy CPU
     cannot stall them at thread barriers; the thread count is restored."""

@@ -8,7 +8,7 @@ import torch
 import srm_ext
 from srm_ext import reference
 
-from conftest import TOLERANCES, dyadic, leaf_like, make_layout, requires_native_cpu
+from conftest import TOLERANCES, codeword_major, dyadic, leaf_like, make_layout, requires_native_cpu
 
 pytestmark = requires_native_cpu
 
@@ -36,16 +36,6 @@ LAYOUTS = ["contiguous", "channels_last", "strided", "transposed", "cropped"]
 @pytest.fixture(autouse=True)
 def _use_compiled(monkeypatch):
     monkeypatch.delenv("SRM_EXT_BACKEND", raising=False)
-
-
-@pytest.fixture
-def two_threads():
-    """Two intra-op threads, restored afterwards: block sizes scale with the
-    thread count, so a test of several blocks fixes it."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(previous)
 
 
 def make_inputs(shape, dtype, seed, layout="contiguous"):
@@ -112,11 +102,6 @@ def test_decode_and_gradients_match_reference(shape, dtype, layout):
         assert_close(g, r, dtype, scale=10)
 
 
-def codeword_major(C):
-    """The (D, K) dictionary stored with each codeword contiguous."""
-    return C.t().contiguous().t()
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
@@ -136,22 +121,16 @@ def test_reconstruction_loss_and_gradients_match_reference(shape, dtype, layout,
 def test_dictionary_gradient_is_laid_out_like_the_dictionary(op):
     x, C, b, k = make_inputs((2, 8, 5, 7, 20, 4), torch.float32, seed=12)
     values, indices = reference.sparse_encode(x, C, b, k)
+    run = {
+        "sparse_decode": lambda ops, c: ops.sparse_decode(values, indices, c),
+        "sparse_encode": lambda ops, c: ops.sparse_encode(x, c, b, k)[0],
+        "reconstruction_loss": lambda ops, c: ops.reconstruction_loss(x, c, b, k),
+    }[op]
     for dictionary in (C, codeword_major(C)):
         dictionary = dictionary.detach().requires_grad_(True)
-        if op == "sparse_decode":
-            out = srm_ext.sparse_decode(values, indices, dictionary)
-        elif op == "sparse_encode":
-            out = srm_ext.sparse_encode(x, dictionary, b, k)[0]
-        else:
-            out = srm_ext.reconstruction_loss(x, dictionary, b, k)
-        out.sum().backward()
+        run(srm_ext, dictionary).sum().backward()
         assert dictionary.grad.stride() == dictionary.stride()
-        if op == "sparse_decode":
-            want = grads(lambda c: reference.sparse_decode(values, indices, c), (dictionary,))
-        elif op == "sparse_encode":
-            want = grads(lambda c: reference.sparse_encode(x, c, b, k)[0], (dictionary,))
-        else:
-            want = grads(lambda c: reference.reconstruction_loss(x, c, b, k), (dictionary,))
+        want = grads(lambda c: run(reference, c), (dictionary,))
         assert_close(dictionary.grad, want[0], torch.float32, scale=10)
 
 

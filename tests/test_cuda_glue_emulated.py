@@ -29,7 +29,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from srm_ext import reference
 
 import cuda_emulation
-from conftest import dyadic, make_layout, requires_native_cpu
+from conftest import codeword_major, dyadic, make_layout, requires_native_cpu
 
 pytestmark = requires_native_cpu  # the fake kernels need the op schemas
 
@@ -66,8 +66,7 @@ def deterministic(enabled: bool):
 
 
 def dictionary_in(layout: str, C: torch.Tensor) -> torch.Tensor:
-    # Codeword-major is how SparseRepresentation stores it: (K, D) memory seen as (D, K).
-    return C.t().contiguous().t() if layout == "codeword_major" else C
+    return codeword_major(C) if layout == "codeword_major" else C
 
 
 def as_outputs(out) -> tuple[torch.Tensor, ...]:

@@ -100,14 +100,6 @@ def test_stage1_step_has_a_small_workspace(inputs):
         torch.testing.assert_close(got, torch.stack(parts).mean(0), rtol=1e-4, atol=1e-6)
 
 
-@pytest.fixture
-def two_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(previous)
-
-
 def test_student_loss_holds_no_pixels_by_codewords_buffer(two_threads):
     # 16x16 images against 1024 codewords: 2^18 logits, one image per tile.
     # A dense float32 (N*H*W x K) buffer would take 64 MiB; the tiles take
