@@ -134,10 +134,11 @@ void scatter_codewords_sorted(const at::Tensor& features_a, const at::Tensor& co
 
 void reduce_dictionary_partials(const at::Tensor segment_partials, int64_t num_segments,
                                 at::Tensor grad_dictionary) {
+  // A (D, K) view of a contiguous (K, D) tensor asks for the codeword-major store.
   check(srm_cuda::launch_reduce_dictionary_partials(
             segment_partials.data_ptr<float>(), num_segments, grad_dictionary.size(0),
-            grad_dictionary.size(1), grad_dictionary.data_ptr(), dtype_of(grad_dictionary),
-            nullptr),
+            grad_dictionary.size(1), !grad_dictionary.is_contiguous(),
+            grad_dictionary.data_ptr(), dtype_of(grad_dictionary), nullptr),
         "launch_reduce_dictionary_partials");
 }
 

@@ -316,15 +316,17 @@ def test_scatter_codewords_sorted(emu, dtype, layout, with_b, num_segments, shap
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_segments", [1, 4])
 @pytest.mark.parametrize("d, K", [(1, 1), (33, 70), (64, 32), (5, 300), (100, 3)])
-def test_reduce_dictionary_partials(emu, dtype, num_segments, d, K):
-    """The (S, K, D) partials summed over S in order into the (D, K) layout:
-    tiles with tails on both sides, and exactly the in-order float32 sum."""
+@pytest.mark.parametrize("codeword_major", [False, True])
+def test_reduce_dictionary_partials(emu, dtype, num_segments, d, K, codeword_major):
+    """The (S, K, D) partials summed over S in order into a (D, K) gradient,
+    row-major or codeword-major: tiles with tails on both sides, and exactly
+    the in-order float32 sum."""
     g = torch.Generator().manual_seed(d * K + num_segments)
     partials = torch.randn(num_segments, K, d, generator=g)
     expected = partials[0].clone()
     for s in range(1, num_segments):
         expected += partials[s]
-    grad = guarded(d, K, dtype=dtype)
+    grad = guarded(K, d, dtype=dtype).t() if codeword_major else guarded(d, K, dtype=dtype)
     with writes_only_inside(grad):
         emu.reduce_dictionary_partials(partials, num_segments, grad)
     assert torch.equal(grad, expected.t().to(dtype))

@@ -190,11 +190,12 @@ __global__ void codeword_run_offsets_kernel(const int64_t* __restrict__ sorted,
   offsets[c] = lo;
 }
 
-// One 32 x 32 tile of (codeword, feature) per block, staged in shared memory:
-// the partials are read along their rows of D features and the gradient
-// written along its rows of K codewords, both coalesced (a thread per output
-// element would read with a stride of D). Each element sums its segments in
-// order.
+// One 32 x 32 tile of (codeword, feature) per block. Each element sums its
+// segments in order. A codeword-major gradient has the partials' layout and
+// is written in place of the reads; a (D, K) row-major one goes through
+// shared memory, so the partials are read along their rows of D features and
+// the gradient written along its rows of K codewords, both coalesced (a
+// thread per output element would read with a stride of D).
 constexpr int kTransposeTile = 32;
 constexpr int kTransposeRows = 8;
 
@@ -202,7 +203,8 @@ template <typename T>
 __global__ void __launch_bounds__(kTransposeTile * kTransposeRows)
     reduce_dictionary_partials_kernel(const float* __restrict__ partials,
                                       int64_t num_segments, int64_t depth,
-                                      int64_t num_codes, T* __restrict__ grad) {
+                                      int64_t num_codes, bool codeword_major,
+                                      T* __restrict__ grad) {
   __shared__ float tile[kTransposeTile][kTransposeTile + 1];  // +1: no bank conflicts
   const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kTransposeTile;
   const int64_t d0 = static_cast<int64_t>(blockIdx.y) * kTransposeTile;
@@ -214,8 +216,14 @@ __global__ void __launch_bounds__(kTransposeTile * kTransposeRows)
       for (int64_t s = 0; s < num_segments; ++s) {
         sum += partials[(s * num_codes + c) * depth + d];
       }
+      if (codeword_major) {
+        grad[c * depth + d] = from_float<T>(sum);
+      }
     }
     tile[row][threadIdx.x] = sum;
+  }
+  if (codeword_major) {
+    return;  // the same for the whole block, so no thread waits below
   }
   __syncthreads();
   for (int row = threadIdx.y; row < kTransposeTile; row += kTransposeRows) {
@@ -329,6 +337,7 @@ cudaError_t launch_reduce_dictionary_partials(const float* segment_partials,
                                               int64_t num_segments,
                                               int64_t feature_dim,
                                               int64_t num_codewords,
+                                              bool codeword_major,
                                               void* grad_dictionary,
                                               Dtype dtype,
                                               cudaStream_t stream) {
@@ -349,7 +358,7 @@ cudaError_t launch_reduce_dictionary_partials(const float* segment_partials,
     using T = decltype(tag);
     reduce_dictionary_partials_kernel<T><<<grid, block, 0, stream>>>(
         segment_partials, num_segments, feature_dim, num_codewords,
-        static_cast<T*>(grad_dictionary));
+        codeword_major, static_cast<T*>(grad_dictionary));
     return cudaGetLastError();
   });
 }

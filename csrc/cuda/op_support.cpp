@@ -180,7 +180,12 @@ at::Tensor dictionary_grad(const at::Tensor& features_a,
   const int64_t num_codewords = dictionary.size(1);
   const int64_t k = indices.size(-1);
   const auto float_options = features_a.options().dtype(at::kFloat);
-  auto grad = at::empty({depth, num_codewords}, dictionary.options());
+  // Laid out like the dictionary, as the fake kernels promise. A 2-D dense
+  // tensor is either (D, K) row-major or codeword-major, and the reduction
+  // writes either layout directly.
+  auto grad = at::empty_like(dictionary);
+  TORCH_INTERNAL_ASSERT(grad.is_contiguous() || grad.t().is_contiguous());
+  const bool codeword_major = !grad.is_contiguous();
   const Dtype grad_dtype = kernel_dtype(dictionary.scalar_type(), "dictionary");
 
   if (at::globalContext().deterministicAlgorithms()) {
@@ -229,9 +234,10 @@ at::Tensor dictionary_grad(const at::Tensor& features_a,
                  "scatter_codewords_sorted");
     check_launch(srm_cuda::launch_reduce_dictionary_partials(
                      partials.data_ptr<float>(), segments, depth,
-                     num_codewords, grad.data_ptr(), grad_dtype, stream),
+                     num_codewords, codeword_major, grad.data_ptr(),
+                     grad_dtype, stream),
                  "reduce_dictionary_partials");
-    return laid_out_like(grad, dictionary);
+    return grad;
   }
 
   auto grad_t = at::zeros({num_codewords, depth}, float_options);
@@ -249,9 +255,9 @@ at::Tensor dictionary_grad(const at::Tensor& features_a,
                "scatter_codewords_atomic");
   check_launch(srm_cuda::launch_reduce_dictionary_partials(
                    grad_t.data_ptr<float>(), 1, depth, num_codewords,
-                   grad.data_ptr(), grad_dtype, stream),
+                   codeword_major, grad.data_ptr(), grad_dtype, stream),
                "reduce_dictionary_partials");
-  return laid_out_like(grad, dictionary);
+  return grad;
 }
 
 at::Tensor intercept_grad(const at::Tensor& grad_pre, const at::Tensor& x,

@@ -155,13 +155,16 @@ cudaError_t launch_scatter_codewords_sorted(
     int64_t num_codewords, int64_t num_segments, float* segment_partials,
     cudaStream_t stream);
 
-// grad_dictionary[d, c] (D, K row-major, `dtype`) = sum over s in order of
-// segment_partials[(s * K + c) * D + d]. With num_segments == 1 this turns the
-// (K, D) float32 result of either scatter into the dictionary's layout.
+// grad_dictionary[d, c] (`dtype`) = sum over s in order of
+// segment_partials[(s * K + c) * D + d], stored (D, K) row-major, or (K, D)
+// row-major when codeword_major (the layout of a dictionary that is the
+// transpose of a contiguous (K, D) tensor). With num_segments == 1 this turns
+// the (K, D) float32 result of either scatter into the dictionary's layout.
 cudaError_t launch_reduce_dictionary_partials(const float* segment_partials,
                                               int64_t num_segments,
                                               int64_t feature_dim,
                                               int64_t num_codewords,
+                                              bool codeword_major,
                                               void* grad_dictionary,
                                               Dtype dtype, cudaStream_t stream);
 
