@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from torch.library import opcheck
@@ -188,6 +190,20 @@ def test_predictor_loss_gradients_follow_the_output_mask():
                 torch.testing.assert_close(grad.reshape(expected.shape), expected, rtol=0, atol=0)
             else:
                 assert grad.shape == (0,)
+
+
+@pytest.mark.parametrize("mask", [list(m) for m in itertools.product([False, True], repeat=3)])
+def test_reconstruction_loss_backward_follows_the_output_mask(mask):
+    x, C, b = encode_inputs()
+    _, values, indices = ops.reconstruction_loss(x, C, b, 3)
+    upstream = torch.tensor(0.7, dtype=torch.float64)
+    want = ops.reconstruction_loss_backward(upstream, x, C, b, values, indices, [True] * 3)
+    grads = ops.reconstruction_loss_backward(upstream, x, C, b, values, indices, mask)
+    for grad, expected, formed in zip(grads, want, mask):
+        if formed:
+            assert torch.equal(grad, expected)
+        else:
+            assert grad.shape == (0,)
 
 
 def test_backward_through_an_unformed_gradient_names_it():

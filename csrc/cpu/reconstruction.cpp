@@ -80,6 +80,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss_backward(
   TORCH_CHECK(grad_loss.numel() == 1, "grad_loss must have one element, got shape ",
               grad_loss.sizes());
   const bool want_x = output_mask[0], want_dict = output_mask[1], want_bias = output_mask[2];
+  if (!want_x && !want_dict && !want_bias) return {unwanted(x), unwanted(x), unwanted(x)};
 
   const PixelGrid grid(x);
   const int64_t k = values.size(3);

@@ -219,6 +219,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss_backward(
               "srm_ext: grad_loss must have one element, got shape ",
               grad_loss.sizes());
   check_intercept(intercept, x);
+  if (!output_mask[0] && !output_mask[1] && !output_mask[2]) {
+    return {empty_gradient(x), empty_gradient(x), empty_gradient(x)};
+  }
 
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
