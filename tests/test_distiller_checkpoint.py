@@ -7,6 +7,7 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler
 
 from srm_ext.distill import StageConfig, Trainer
+from srm_ext.distill.distiller_checkpoint import teacher_digest
 from test_distiller import QUIET, make_distiller, toy_loader
 
 # Three epochs with an lr step after the second: a resumed stage must restore the schedule too.
@@ -131,3 +132,39 @@ def test_a_checkpoint_of_other_models_or_another_file_is_refused(tmp_path):
     torch.save({"weight": torch.zeros(2)}, foreign)
     with pytest.raises(ValueError, match="weights.pt is not an SRMDistiller checkpoint"):
         make_distiller().fit_dictionaries(toy_loader(), epochs=1, checkpoint=foreign, **QUIET)
+
+
+def test_the_file_holds_a_digest_of_the_teacher_instead_of_its_weights(tmp_path):
+    path = tmp_path / "run.pt"
+    distiller = make_distiller()
+    distiller.fit_dictionaries(toy_loader(), epochs=1, checkpoint=path, **QUIET)
+    saved = torch.load(path, weights_only=True)
+    assert saved["teacher"] == teacher_digest(distiller.teacher)
+    assert not [name for name in saved["model"] if name.startswith("teacher.")]
+    assert set(saved["model"]) == {
+        name for name in distiller.state_dict() if not name.startswith("teacher.")
+    }
+
+
+def test_another_teacher_is_refused_by_name(tmp_path):
+    path = tmp_path / "run.pt"
+    make_distiller().fit_dictionaries(toy_loader(), epochs=1, checkpoint=path, **QUIET)
+    other = make_distiller()
+    with torch.no_grad():
+        next(other.teacher.parameters()).view(-1)[0] += 1e-3
+    with pytest.raises(ValueError, match="run.pt was written with another teacher"):
+        other.fit_dictionaries(toy_loader(), epochs=1, checkpoint=path, **QUIET)
+    # The teacher's buffers count too (a BatchNorm's running statistics).
+    other = make_distiller()
+    next(other.teacher.buffers()).view(-1)[0] += 1e-3
+    with pytest.raises(ValueError, match="run.pt was written with another teacher"):
+        other.fit_dictionaries(toy_loader(), epochs=1, checkpoint=path, **QUIET)
+
+
+def test_a_checkpoint_in_the_earlier_format_is_refused_by_name(tmp_path):
+    path = tmp_path / "old.pt"
+    make_distiller().fit_dictionaries(toy_loader(), epochs=1, checkpoint=path, **QUIET)
+    saved = torch.load(path, weights_only=True)
+    torch.save({**saved, "format": "srm_ext.SRMDistiller.v1"}, path)
+    with pytest.raises(ValueError, match="old.pt was written by an earlier srm_ext"):
+        make_distiller().fit_dictionaries(toy_loader(), epochs=1, checkpoint=path, **QUIET)

@@ -1,8 +1,10 @@
 """Resumable training of :class:`~srm_ext.distill.SRMDistiller` from Python.
 
-One file holds a whole distillation: the distiller's weights (teacher, student
-and SRM blocks), and per stage its settings, the metrics of every finished
-epoch and the optimiser/scheduler state, plus every process's RNG state. It is
+One file holds a whole distillation: the weights of the student and the SRM
+blocks, and per stage its settings, the metrics of every finished epoch and
+the optimiser/scheduler state, plus every process's RNG state. The teacher
+never changes, so the file keeps a SHA-256 digest of its state rather than a
+copy, and a run is only resumed with the teacher it started with. It is
 rewritten atomically after each epoch, so an interrupted script that calls the
 same ``fit_*`` methods with the same ``checkpoint=`` path again skips the
 finished stages, continues the interrupted one at its next epoch and ends with
@@ -13,6 +15,7 @@ own ``generator`` has that generator's state saved and restored too.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import warnings
 from collections.abc import Iterable
@@ -28,7 +31,10 @@ from .distributed import DistributedContext
 
 __all__ = ["DistillerCheckpoint"]
 
-_FORMAT = "srm_ext.SRMDistiller.v1"
+_FORMAT = "srm_ext.SRMDistiller.v2"
+_OLDER_FORMATS = ("srm_ext.SRMDistiller.v1",)
+# The distiller's state_dict keys of its teacher, which the file leaves out.
+_TEACHER_PREFIX = "teacher."
 
 
 def _loader_generator(loader: Iterable) -> torch.Generator | None:
@@ -39,6 +45,19 @@ def _loader_generator(loader: Iterable) -> torch.Generator | None:
         if isinstance(generator, torch.Generator):
             return generator
     return None
+
+
+def teacher_digest(teacher: nn.Module) -> str:
+    """SHA-256 of a module's state: every entry's name, dtype, shape and bytes."""
+    digest = hashlib.sha256()
+    for name, value in teacher.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().to("cpu").contiguous()
+            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:  # a module's extra state
+            digest.update(f"{name}:{value!r};".encode())
+    return digest.hexdigest()
 
 
 def _plain(value: Any) -> Any:
@@ -52,15 +71,25 @@ class DistillerCheckpoint:
     def __init__(self, path: str | os.PathLike, context: DistributedContext) -> None:
         self.path = Path(path)
         self.context = context
+        self._teacher_digest: str | None = None
         if self.path.exists():
             self.state = load_checkpoint(self.path)
-            if not isinstance(self.state, dict) or self.state.get("format") != _FORMAT:
+            saved_format = self.state.get("format") if isinstance(self.state, dict) else None
+            if saved_format in _OLDER_FORMATS:
+                raise ValueError(
+                    f"{os.fspath(self.path)} was written by an earlier srm_ext in a format "
+                    "this one does not resume; pass a new path to start afresh"
+                )
+            if saved_format != _FORMAT:
                 raise ValueError(
                     f"{os.fspath(self.path)} is not an SRMDistiller checkpoint; pass the path "
                     "that fit_* wrote, or a new one to start afresh"
                 )
         else:
-            self.state = {"format": _FORMAT, "model": None, "stages": {}, "last": None, "rng": []}
+            self.state = {
+                "format": _FORMAT, "teacher": None, "model": None, "stages": {}, "last": None,
+                "rng": [],
+            }
 
     @property
     def holds_weights(self) -> bool:
@@ -69,11 +98,23 @@ class DistillerCheckpoint:
     def restore(
         self, model: nn.Module, key: str, config: StageConfig, loader: Iterable
     ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-        """Load the saved weights into ``model``; return stage ``key``'s metrics
-        so far and the training state to resume it from (None: not started)."""
+        """Load the saved weights into ``model`` (an SRMDistiller); return stage
+        ``key``'s metrics so far and the training state to resume it from (None:
+        not started)."""
         if self.holds_weights:
+            if self.state["teacher"] != self._digest_of_teacher(model):
+                raise ValueError(
+                    f"{os.fspath(self.path)} was written with another teacher: its weights "
+                    "differ from this distiller's; load the teacher that run started with, "
+                    "or pass a new path to start afresh"
+                )
             try:
-                model.load_state_dict(self.state["model"])
+                missing, unexpected = model.load_state_dict(self.state["model"], strict=False)
+                missing = [name for name in missing if not name.startswith(_TEACHER_PREFIX)]
+                if missing or unexpected:
+                    raise RuntimeError(
+                        f"missing keys {missing}, unexpected keys {list(unexpected)}"
+                    )
             except RuntimeError as exc:
                 raise ValueError(
                     f"{os.fspath(self.path)} was written for other models or layer pairs "
@@ -118,7 +159,12 @@ class DistillerCheckpoint:
     ) -> None:
         """Record a finished epoch of stage ``key`` (on every process; the main
         one writes the file, the others wait for it)."""
-        self.state["model"] = model.state_dict()
+        self.state["teacher"] = self._digest_of_teacher(model)
+        self.state["model"] = {
+            name: value
+            for name, value in model.state_dict().items()
+            if not name.startswith(_TEACHER_PREFIX)
+        }
         self.state["stages"][key] = {
             "config": dataclasses.asdict(config),
             "history": list(history),
@@ -131,3 +177,9 @@ class DistillerCheckpoint:
         if self.context.is_main:
             atomic_save(self.state, self.path)
         self.context.barrier()
+
+    def _digest_of_teacher(self, model: nn.Module) -> str:
+        # Computed once: the teacher is frozen while the distiller trains.
+        if self._teacher_digest is None:
+            self._teacher_digest = teacher_digest(model.teacher)
+        return self._teacher_digest
