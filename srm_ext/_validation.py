@@ -7,6 +7,8 @@ kernel.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -139,16 +141,29 @@ def check_sparse_code(
 
 
 def _check_index_range(name: str, indices: Tensor, bound: int) -> None:
-    if indices.numel() == 0 or _is_fake(indices):
+    if _is_fake(indices):
         return
-    lo, hi = _value_range(indices)
+    _check_within_bound(name, *_value_ranges(indices)[0], bound)
+
+
+def _check_within_bound(name: str, lo: float, hi: float, bound: int) -> None:
     if lo < 0 or hi >= bound:
-        raise ValueError(f"{name} must lie in [0, {bound}), got values in [{lo}, {hi}]")
+        raise ValueError(f"{name} must lie in [0, {bound}), got values in [{lo:.0f}, {hi:.0f}]")
 
 
-def _value_range(t: Tensor) -> list:
-    # One read-back (one device sync on a GPU) for both ends.
-    return torch.stack(torch.aminmax(t.detach())).tolist()
+def _value_ranges(*tensors: Tensor) -> list[tuple[float, float]]:
+    """(min, max) of each tensor ((inf, -inf) if empty), all from one
+    read-back: one device sync on a GPU, however many tensors. In float64,
+    which holds every index below 2^53 exactly, so comparing with a bound is
+    exact. The tensors must share a device."""
+    ends = [
+        torch.stack(torch.aminmax(t.detach())).double()
+        if t.numel()
+        else torch.tensor([math.inf, -math.inf], dtype=torch.float64, device=t.device)
+        for t in tensors
+    ]
+    flat = torch.cat(ends).tolist()
+    return [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
 
 
 def _is_fake(t: Tensor) -> bool:
@@ -185,11 +200,13 @@ def check_labels(
     check_same_dtype_device(y=y, image_labels=image_labels)
     if pixel_labels.device != y.device:
         raise ValueError(f"pixel_labels is on {pixel_labels.device} but y is on {y.device}")
-    _check_index_range("pixel_labels", pixel_labels, num_codewords)
-    if image_labels.numel() and not _is_fake(image_labels):
-        lo, hi = _value_range(image_labels)
-        if not (lo >= 0.0 and hi <= 1.0):
-            raise ValueError(f"image_labels must lie in [0, 1], got values in [{lo}, {hi}]")
+    if not (_is_fake(pixel_labels) or _is_fake(image_labels)):
+        (pixel_lo, pixel_hi), (image_lo, image_hi) = _value_ranges(pixel_labels, image_labels)
+        _check_within_bound("pixel_labels", pixel_lo, pixel_hi, num_codewords)
+        if not (image_lo >= 0.0 and image_hi <= 1.0):
+            raise ValueError(
+                f"image_labels must lie in [0, 1], got values in [{image_lo}, {image_hi}]"
+            )
     return pixel_labels, image_labels
 
 

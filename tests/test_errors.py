@@ -9,6 +9,7 @@ import torch
 
 import srm_ext
 from srm_ext import reference
+from srm_ext._validation import check_labels
 
 from conftest import requires_native_cpu
 
@@ -107,6 +108,29 @@ def test_predictor_arguments(backend, mutate, exc, message):
     a = mutate(dict(good(), weight=1.0))
     with pytest.raises(exc, match=re.escape(message)):
         BACKENDS[backend].predictor_loss(a["x"], a["C"], a["b"], a["pixel"], a["image"], a["weight"])
+
+
+def test_label_ranges_are_read_back_together(monkeypatch):
+    """Both label range checks share one read-back (one device sync on a GPU),
+    and an index past 2^53 is still refused exactly at the bound."""
+    a = good()
+    read_backs = []
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: read_backs.append(t) or tolist(t))
+    check_labels(a["pixel"], a["image"], a["x"], 6)
+    assert len(read_backs) == 1
+    monkeypatch.undo()
+
+    pixel = a["pixel"].clone()
+    pixel.view(-1)[0] = 2**62 + 1
+    with pytest.raises(ValueError, match=re.escape("pixel_labels must lie in [0, 6), got values in [")):
+        check_labels(pixel, a["image"], a["x"], 6)
+    pixel.view(-1)[0] = 5
+    check_labels(pixel, a["image"], a["x"], 6)  # 5 is the largest valid label
+    image = a["image"].clone()
+    image.view(-1)[-1] = float("nan")
+    with pytest.raises(ValueError, match=re.escape("image_labels must lie in [0, 1], got values in [nan")):
+        check_labels(a["pixel"], image, a["x"], 6)
 
 
 @requires_native_cpu
