@@ -28,7 +28,7 @@ at::Tensor sparse_decode(const at::Tensor& values, const at::Tensor& indices,
   const PixelGrid grid(out);
   const auto vals = values.contiguous();
   const auto idx = indices.contiguous();
-  const auto codewords = dictionary.t().contiguous();  // K x D
+  const auto codewords = codeword_rows(dictionary);  // K x D
   const int64_t tile = tile_pixels(num_codewords, grid.pixels());
   const int64_t num_tiles = (grid.pixels() + tile - 1) / tile;
 
@@ -85,7 +85,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward(const at::Tensor& grad
     grad_dict = dict_grad.finish(dictionary);
 
     if (want_values) {
-      const auto codewords = dictionary.t().contiguous();  // K x D
+      const auto codewords = codeword_rows(dictionary);  // K x D
       const scalar_t* cw = codewords.const_data_ptr<scalar_t>();
       at::parallel_for(0, num_tiles, 1, [&](int64_t t0, int64_t t1) {
         std::vector<scalar_t> grads(tile * dim);

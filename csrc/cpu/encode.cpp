@@ -76,7 +76,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_encode_backward(
     dict_grad.add_weighted_pixels(x.const_data_ptr<scalar_t>(), grid, ix_all, k, pre_grad);
     grad_dict = dict_grad.finish(dictionary);
 
-    const auto codewords = dictionary.t().contiguous();  // K x D
+    const auto codewords = codeword_rows(dictionary);  // K x D
     PieceSums bias_grads(grid.pixels());
     PerThreadScratch<scalar_t> scratch(k + (want_x ? kPiecePixels * dim : 0));
     for_each_piece(0, grid.pixels(), [&](int64_t piece, int64_t p0, int64_t count) {

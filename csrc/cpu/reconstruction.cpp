@@ -27,7 +27,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss(
   auto values = at::empty({grid.n, grid.h, grid.w, k}, x.options());
   auto indices = at::empty({grid.n, grid.h, grid.w, k}, x.options().dtype(at::kLong));
   const auto dict = dictionary.detach();
-  const auto codewords = dictionary.t().contiguous();  // K x D
+  const auto codewords = codeword_rows(dictionary);  // K x D
   const int64_t tile = tile_pixels(num_codewords, grid.pixels());
   const int64_t num_tiles = (grid.pixels() + tile - 1) / tile;
   // Partial sums per piece of pixels, added in piece order: the loss does not
@@ -86,7 +86,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss_backward(
   const int64_t k = values.size(3);
   const auto vals = values.contiguous();
   const auto idx = indices.contiguous();
-  const auto codewords = dictionary.t().contiguous();  // K x D; free if codeword-major
+  const auto codewords = codeword_rows(dictionary);  // K x D
   auto grad_x = want_x ? at::empty_like(x) : unwanted(x);
   const PixelGrid grad_grid = want_x ? PixelGrid(grad_x) : grid;
   at::Tensor grad_dict, grad_bias;
