@@ -48,15 +48,17 @@ def _loader_generator(loader: Iterable) -> torch.Generator | None:
 
 
 def teacher_digest(teacher: nn.Module) -> str:
-    """SHA-256 of a module's state: every entry's name, dtype, shape and bytes."""
+    """SHA-256 of a module's state: every tensor's name, dtype, shape and bytes.
+    A module's extra state (any object) counts by name and type only: its
+    printed form need not be the same in two processes."""
     digest = hashlib.sha256()
     for name, value in teacher.state_dict().items():
         if isinstance(value, torch.Tensor):
             tensor = value.detach().to("cpu").contiguous()
             digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
             digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-        else:  # a module's extra state
-            digest.update(f"{name}:{value!r};".encode())
+        else:
+            digest.update(f"{name}:{type(value).__qualname__};".encode())
     return digest.hexdigest()
 
 
