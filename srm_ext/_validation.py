@@ -46,25 +46,34 @@ def check_feature_map(name: str, t: object) -> Tensor:
     return t
 
 
-def check_dictionary(t: object, channels: int, feature_name: str = "x") -> Tensor:
-    """A (D, K) floating dictionary whose D matches the feature map's channels."""
+def _check_dictionary_matrix(t: object) -> Tensor:
+    """A 2-D floating tensor, the shape of any (D, K) dictionary."""
     t = _check_tensor("dictionary", t)
     if t.dim() != 2:
         raise ValueError(
             f"dictionary must be a 2-D (D, K) tensor, got shape {tuple(t.shape)}"
         )
     _check_floating("dictionary", t)
+    return t
+
+
+def _check_dictionary_rows(t: Tensor, detail: str = "") -> None:
+    # Every backend needs a feature to compare; the CUDA kernels refuse D = 0.
+    if t.shape[0] < 1:
+        raise ValueError(
+            f"dictionary must have at least one row (D >= 1), got shape (0, K){detail}"
+        )
+
+
+def check_dictionary(t: object, channels: int, feature_name: str = "x") -> Tensor:
+    """A (D, K) floating dictionary whose D matches the feature map's channels."""
+    t = _check_dictionary_matrix(t)
     if t.shape[0] != channels:
         raise ValueError(
             f"dictionary has D={t.shape[0]} rows but {feature_name} has "
             f"{channels} channels; expected dictionary of shape ({channels}, K)"
         )
-    if t.shape[0] < 1:
-        # Every backend needs a feature to compare; the CUDA kernels refuse D = 0.
-        raise ValueError(
-            f"dictionary must have at least one row (D >= 1), got shape (0, K): "
-            f"{feature_name} has no channels"
-        )
+    _check_dictionary_rows(t, f": {feature_name} has no channels")
     if t.shape[1] < 1:
         raise ValueError("dictionary must have at least one codeword (K >= 1)")
     return t
@@ -222,14 +231,8 @@ def validate_encode(x: object, dictionary: object, intercept: object, k: object)
 
 
 def validate_decode(values: object, indices: object, dictionary: object) -> None:
-    dictionary = _check_tensor("dictionary", dictionary)
-    if dictionary.dim() != 2:
-        raise ValueError(
-            f"dictionary must be a 2-D (D, K) tensor, got shape {tuple(dictionary.shape)}"
-        )
-    _check_floating("dictionary", dictionary)
-    if dictionary.shape[0] < 1:
-        raise ValueError("dictionary must have at least one row (D >= 1), got shape (0, K)")
+    dictionary = _check_dictionary_matrix(dictionary)
+    _check_dictionary_rows(dictionary)
     values, _ = check_sparse_code(values, indices, dictionary.shape[1])
     check_same_dtype_device(values=values, dictionary=dictionary)
 

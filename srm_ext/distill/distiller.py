@@ -370,15 +370,23 @@ class SRMDistiller(nn.Module):
         return copy.deepcopy(self.student).eval()
 
 
-def _check_hyperparameters(**values: float) -> None:
+def _check_hyperparameters(
+    *,
+    codeword_multiplier: float,
+    sparsity_multiplier: float,
+    local_weight: float,
+    global_weight: float,
+    kd_temperature: float,
+    kd_alpha: float,
+) -> None:
     """Refuse values that would train on NaN or silently mean something else."""
-    check_multipliers(values["codeword_multiplier"], values["sparsity_multiplier"])
-    if not 0.0 < values["kd_temperature"] < math.inf:  # also refuses NaN
-        raise ValueError(f"kd_temperature must be finite and > 0, got {values['kd_temperature']}")
-    for name in ("local_weight", "global_weight"):
-        check_loss_weight(name, values[name])
-    if not 0.0 <= values["kd_alpha"] <= 1.0:
-        raise ValueError(f"kd_alpha must lie in [0, 1], got {values['kd_alpha']}")
+    check_multipliers(codeword_multiplier, sparsity_multiplier)
+    if not 0.0 < kd_temperature < math.inf:  # also refuses NaN
+        raise ValueError(f"kd_temperature must be finite and > 0, got {kd_temperature}")
+    check_loss_weight("local_weight", local_weight)
+    check_loss_weight("global_weight", global_weight)
+    if not 0.0 <= kd_alpha <= 1.0:
+        raise ValueError(f"kd_alpha must lie in [0, 1], got {kd_alpha}")
 
 
 def _pair_names(pairs: list[tuple[str, str]], prefix: str, side: int) -> list[str]:
