@@ -32,6 +32,15 @@ __all__ = [
 ]
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    if torch.compiler.is_compiling():
+        # Traced tensors live on devices autocast knows, and torch 2.11's
+        # Dynamo cannot trace is_autocast_available (a graph break).
+        return torch.is_autocast_enabled(device_type)
+    # is_autocast_enabled raises for device types without autocast (meta).
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def _promote_under_autocast(fn):
     """Under autocast, runs ``fn`` on its floating tensors cast to the widest of
     their dtypes, with autocast off (see the module docstring)."""
@@ -39,11 +48,9 @@ def _promote_under_autocast(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
-        device_type = tensors[0].device.type if tensors else None
-        if device_type is None or not (
-            torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
-        ):
+        if not tensors or not _autocast_enabled(tensors[0].device.type):
             return fn(*args, **kwargs)
+        device_type = tensors[0].device.type
         dtypes = [t.dtype for t in tensors if t.is_floating_point()]
         widest = functools.reduce(torch.promote_types, dtypes) if dtypes else None
 
