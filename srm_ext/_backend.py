@@ -39,6 +39,13 @@ native_module = _try_import("srm_ext._C")
 cuda_module = _try_import("srm_ext._C_cuda") if native_module is not None else None
 
 
+# The sizes the CUDA sparse-code kernels take ({"D": 4096, "K": 8192, "k": 128}),
+# read once here so that traced calls need no query of the extension.
+_cuda_code_limits: dict[str, int] = (
+    dict(cuda_module.build_info()["sparse_code_limits"]) if cuda_module is not None else {}
+)
+
+
 def _forced_reference() -> bool:
     return os.environ.get("SRM_EXT_BACKEND", "").strip().lower() == "reference"
 
@@ -88,19 +95,38 @@ def _cuda_kernels_run_on(device: torch.device) -> bool:
     return _cuda_runs_on[index]
 
 
-def use_native(t: torch.Tensor) -> bool:
+def _beyond_cuda_code_limits(code_sizes: dict[str, int]) -> tuple[str, str] | None:
+    """The first of ``code_sizes`` (D, K, k) over the CUDA kernels' limit, as
+    (name, explanation), or None when they take them all."""
+    for name, size in code_sizes.items():
+        limit = _cuda_code_limits.get(name)
+        if limit is not None and size > limit:
+            return name, f"the CUDA kernels take {name} <= {limit}, got {name} = {size}"
+    return None
+
+
+def use_native(t: torch.Tensor, code_sizes: dict[str, int] | None = None) -> bool:
     """Whether the compiled op serves a call whose main input is ``t``.
 
     Falls back to the reference, with a one-time warning per (device, dtype),
     when no compiled kernel covers the tensor: the backend is missing, has no
-    kernels for the dtype, or was built for other GPUs than this one.
+    kernels for the dtype, or was built for other GPUs than this one. The
+    teacher-side ops pass ``code_sizes`` {"D", "K", "k"}: beyond the CUDA
+    kernels' limits they fall back too, with a one-time warning per size.
     """
     if _forced_reference():
         return False
     device_type = t.device.type
     supported = _has_kernels(device_type) and t.dtype in _NATIVE_DTYPES.get(device_type, ())
     if supported and (device_type != "cuda" or _cuda_kernels_run_on(t.device)):
-        return True
+        beyond = _beyond_cuda_code_limits(code_sizes) if device_type == "cuda" and code_sizes else None
+        if beyond is None:
+            return True
+        name, why = beyond
+        if ("cuda", name) not in _warned:
+            _warned.add(("cuda", name))
+            warnings.warn(f"srm_ext: {why}; using the PyTorch reference implementation", stacklevel=3)
+        return False
     key = (device_type, str(t.dtype))
     if key not in _warned:
         _warned.add(key)

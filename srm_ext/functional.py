@@ -64,6 +64,10 @@ def _promote_under_autocast(fn):
     return wrapper
 
 
+def _code_sizes(dictionary: Tensor, k: int) -> dict[str, int]:
+    return {"D": dictionary.shape[0], "K": dictionary.shape[1], "k": k}
+
+
 @_promote_under_autocast
 def sparse_encode(
     x: Tensor, dictionary: Tensor, intercept: Tensor, k: int
@@ -75,7 +79,7 @@ def sparse_encode(
     Differentiable with respect to ``x``, ``dictionary`` and ``intercept``.
     """
     _validation.validate_encode(x, dictionary, intercept, k)
-    if use_native(x):
+    if use_native(x, _code_sizes(dictionary, k)):
         return tuple(torch.ops.srm_ext.sparse_encode(x, dictionary, intercept, k))
     return reference.sparse_encode(x, dictionary, intercept, k)
 
@@ -85,7 +89,7 @@ def sparse_decode(values: Tensor, indices: Tensor, dictionary: Tensor) -> Tensor
     """Reconstruction (N, D, H, W) from a sparse code; differentiable w.r.t.
     ``values`` and ``dictionary``."""
     _validation.validate_decode(values, indices, dictionary)
-    if use_native(values):
+    if use_native(values, _code_sizes(dictionary, values.shape[-1])):
         return torch.ops.srm_ext.sparse_decode(values, indices, dictionary)
     return reference.sparse_decode(values, indices, dictionary)
 
@@ -95,7 +99,7 @@ def reconstruction_loss(x: Tensor, dictionary: Tensor, intercept: Tensor, k: int
     """Fused stage-1 loss, equal to
     ``mean((sparse_decode(*sparse_encode(x, C, b, k), C) - x) ** 2)``."""
     _validation.validate_encode(x, dictionary, intercept, k)
-    if use_native(x):
+    if use_native(x, _code_sizes(dictionary, k)):
         return torch.ops.srm_ext.reconstruction_loss(x, dictionary, intercept, k)[0]
     return reference.reconstruction_loss(x, dictionary, intercept, k)
 

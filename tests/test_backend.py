@@ -109,6 +109,29 @@ def test_gpu_the_kernels_were_not_built_for_falls_back_with_one_warning(monkeypa
         assert _backend.use_native(types.SimpleNamespace(device=torch.device("cuda", 1), dtype=torch.float16))
 
 
+def test_sizes_beyond_the_cuda_kernels_fall_back_with_one_warning_per_size(monkeypatch):
+    monkeypatch.delenv("SRM_EXT_BACKEND", raising=False)
+    monkeypatch.setattr(_backend, "_warned", set())
+    monkeypatch.setattr(_backend, "_cuda_runs_on", {0: True})
+    monkeypatch.setattr(_backend, "cuda_module", types.SimpleNamespace())
+    monkeypatch.setattr(_backend, "_cuda_code_limits", {"D": 4096, "K": 8192, "k": 128})
+    gpu = types.SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _backend.use_native(gpu, {"D": 4096, "K": 8192, "k": 128})  # the limits themselves
+        assert _backend.use_native(gpu)  # ops without a sparse code have no limits
+    with pytest.warns(UserWarning, match=r"take k <= 128, got k = 129; using the PyTorch reference"):
+        assert not _backend.use_native(gpu, {"D": 64, "K": 300, "k": 129})
+    with pytest.warns(UserWarning, match=r"take D <= 4096, got D = 4097"):
+        assert not _backend.use_native(gpu, {"D": 4097, "K": 300, "k": 5})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not _backend.use_native(gpu, {"D": 64, "K": 300, "k": 200})  # k warned already
+    cpu = torch.zeros(1)
+    if _backend.native_module is not None:  # the CPU kernels take any size
+        assert _backend.use_native(cpu, {"D": 5000, "K": 9000, "k": 200})
+
+
 def test_package_imports_without_the_compiled_library(tmp_path):
     # Simulates a pure-Python install: the import must succeed and say why.
     import subprocess

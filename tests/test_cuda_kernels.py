@@ -15,7 +15,7 @@ import torch
 from torch.library import opcheck
 
 import srm_ext
-from srm_ext import reference
+from srm_ext import _backend, reference
 
 from conftest import beyond_float16, dyadic, leaf_like, make_layout, requires_cuda
 
@@ -457,6 +457,20 @@ def test_sizes_beyond_the_sparse_kernels_raise_naming_the_size(depth, num_codewo
     C = torch.randn(depth, num_codewords, device=DEVICE)
     with pytest.raises(RuntimeError, match=message):
         torch.ops.srm_ext.sparse_encode(x, C, torch.zeros(1, device=DEVICE), k)
+
+
+def test_public_functions_fall_back_to_the_reference_beyond_the_kernel_limits(monkeypatch):
+    monkeypatch.setattr(_backend, "_warned", set())
+    (x, C, b), ref_in, _ = inputs((2, 8, 3, 4, 300, 4), torch.float32, seed=29)
+    k = _backend._cuda_code_limits["k"] + 1
+    with pytest.warns(UserWarning, match=f"take k <= {k - 1}, got k = {k}"):
+        values, indices = srm_ext.sparse_encode(x, C, b, k)
+    ref_values, ref_indices = reference.sparse_encode(*ref_in, k)
+    torch.testing.assert_close(indices.cpu(), ref_indices, rtol=0, atol=0)
+    close(values, ref_values, torch.float32)
+    close(srm_ext.sparse_decode(values, indices, C), reference.sparse_decode(ref_values, ref_indices, ref_in[1]),
+          torch.float32)
+    close(srm_ext.reconstruction_loss(x, C, b, k), reference.reconstruction_loss(*ref_in, k), torch.float32)
 
 
 @pytest.mark.parametrize("shape", [(2, 8, 5, 7, 20, 4), (2, 64, 13, 11, 300, 9), (2, 32, 3, 4, 150, 81)])

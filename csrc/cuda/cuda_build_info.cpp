@@ -7,6 +7,8 @@
 #include <string>
 #include <vector>
 
+#include "srm_kernels.h"
+
 // Architectures compiled into this module, e.g. SRM_EXT_CUDA_ARCHS="80;90+PTX".
 // Stringified so that both a bare token list and a string literal work.
 #define SRM_EXT_STRINGIFY_IMPL(...) #__VA_ARGS__
@@ -44,6 +46,12 @@ pybind11::dict build_info() {
   info["cuda_version"] = std::to_string(CUDA_VERSION);
   info["cuda_archs"] = parse_archs(SRM_EXT_CUDA_ARCHS_STRING);
   info["deterministic_supported"] = true;
+  // Beyond these the teacher-side ops raise; srm_ext's functions fall back.
+  pybind11::dict limits;
+  limits["D"] = srm_cuda::kMaxFeatureDim;
+  limits["K"] = srm_cuda::kMaxCodewords;
+  limits["k"] = srm_cuda::kMaxTopK;
+  info["sparse_code_limits"] = limits;
   return info;
 }
 
