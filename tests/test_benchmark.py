@@ -36,7 +36,7 @@ def test_run_benchmarks_records_every_case():
 @requires_native_cpu
 def test_main_writes_json_markdown_and_chart(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(benchmark.SHAPE_SETS, "cifar", [TINY])
-    assert benchmark.main(["--quick", "--ops", "stage1_step,predictor_loss", "--out", str(tmp_path), "--name", "t"]) == 0
+    assert benchmark.main(["--quick", "--device", "cpu", "--ops", "stage1_step,predictor_loss", "--out", str(tmp_path), "--name", "t"]) == 0
     data = json.loads((tmp_path / "t.json").read_text())
     assert data["environment"]["device"] == "cpu" and data["results"]
     table = (tmp_path / "t.md").read_text()

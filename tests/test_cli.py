@@ -25,6 +25,9 @@ TINY_FLAGS = [
     "--teacher-width", "0.34", "--student-width", "0.05",
     "--epochs-teacher", "2", "--epochs-dictionary", "1", "--epochs-init", "2",
     "--epochs-student", "2", "--threads", "1", "--quiet",
+    # The runs compare bitwise (resume, seeds): CPU kernels are deterministic,
+    # cuDNN and atomics on a GPU are not.
+    "--device", "cpu",
 ]
 TINY_CONFIG = dict(
     train_limit=128, test_limit=64, batch_size=32, teacher_width=0.34, student_width=0.05,

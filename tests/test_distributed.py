@@ -185,3 +185,16 @@ def test_default_cpu_threads_is_half_the_cores_per_process(monkeypatch, cores, w
 
     monkeypatch.setattr(os, "cpu_count", lambda: cores)
     assert default_cpu_threads(DistributedContext(rank=0, world_size=world_size)) == threads
+
+
+def test_auto_device_is_the_local_ranks_gpu_else_the_cpu():
+    from srm_ext.distill.distributed import resolve_device
+
+    second_rank = DistributedContext(rank=1, world_size=2, local_rank=1)
+    if torch.cuda.is_available():
+        assert resolve_device("auto") == torch.device("cuda", 0)
+        assert resolve_device("cuda", second_rank) == torch.device("cuda", 1)
+    else:
+        assert resolve_device("auto", second_rank) == torch.device("cpu")
+        with pytest.raises(ValueError, match="'cuda' requested but CUDA is not available"):
+            resolve_device("cuda")
