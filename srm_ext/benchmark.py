@@ -306,8 +306,13 @@ def run_benchmarks(
     min_seconds: float = 1.0,
     max_repeats: int = 50,
     progress: Callable[[str], None] | None = None,
+    partial: Callable[[list[dict]], None] | None = None,
 ) -> list[dict]:
-    """Times every (shape, op, mode, implementation); returns one record each."""
+    """Times every (shape, op, mode, implementation); returns one record each.
+
+    ``partial`` is handed the records so far after every timed case (their
+    peak memory still None), so that a run cut short keeps its timings.
+    """
     dev = torch.device(device)
     if "native" in implementations and not _native_covers(dev, dtype):
         raise RuntimeError(
@@ -350,6 +355,8 @@ def run_benchmarks(
                 median_ms=statistics.median(times) * 1e3, min_ms=min(times) * 1e3,
                 repeats=len(times), peak_bytes=None,
             )
+        if partial:
+            partial(list(records.values()))
     # Memory in a second pass, after every timing: on the CPU, measuring sets
     # glibc to map and unmap each large block for the rest of the process,
     # which makes every large allocation fault its pages in and would slow the
@@ -443,6 +450,8 @@ def markdown_table(records: list[dict], env: dict) -> str:
         "| " + " | ".join(header) + " |",
         "|---|---|---|" + "---:|" * (len(header) - 3),
     ]
+    if env.get("complete") is False:
+        lines[1:1] = ["", "Incomplete: the run stopped after the cases below; memory is measured at the end."]
     for (shape, op, mode), impls in by_key.items():
         def get(impl, field):
             return impls[impl][field] if impl in impls else None
@@ -542,19 +551,29 @@ def main(argv: list[str] | None = None) -> int:
     repeats = dict(min_repeats=1, min_seconds=0.0, max_repeats=1) if args.quick else dict(
         min_repeats=args.min_repeats, min_seconds=args.min_seconds, max_repeats=args.max_repeats
     )
-    records = run_benchmarks(
-        shapes, ops, impls, device=args.device, dtype=getattr(torch, args.dtype),
-        progress=lambda msg: print(f"  {msg}", file=sys.stderr, flush=True), **repeats,
-    )
     env = environment(args.device)
     env.update(dtype=args.dtype, shapes=[asdict(s) for s in shapes])
-    table = markdown_table(records, env)
-    print(table)
-    if args.out is not None:
+    stem = args.name or f"{args.shapes}-{args.device.split(':')[0]}-{args.dtype}"
+
+    def write(records: list[dict], complete: bool) -> None:
+        # JSON and table after every case: a run stopped by a time limit keeps
+        # what it measured, marked incomplete.
+        if args.out is None:
+            return
         args.out.mkdir(parents=True, exist_ok=True)
-        stem = args.name or f"{args.shapes}-{args.device.split(':')[0]}-{args.dtype}"
-        (args.out / f"{stem}.json").write_text(json.dumps({"environment": env, "results": records}, indent=2))
-        (args.out / f"{stem}.md").write_text(table)
+        data = {"environment": {**env, "complete": complete}, "results": records}
+        (args.out / f"{stem}.json").write_text(json.dumps(data, indent=2))
+        (args.out / f"{stem}.md").write_text(markdown_table(records, data["environment"]))
+
+    records = run_benchmarks(
+        shapes, ops, impls, device=args.device, dtype=getattr(torch, args.dtype),
+        progress=lambda msg: print(f"  {msg}", file=sys.stderr, flush=True),
+        partial=lambda so_far: write(so_far, complete=False), **repeats,
+    )
+    env["complete"] = True
+    print(markdown_table(records, env))
+    if args.out is not None:
+        write(records, complete=True)
         speedup_chart(records, env, args.out / f"{stem}.png")
         print(f"wrote {args.out / stem}.json, .md and .png", file=sys.stderr)
     return 0

@@ -39,9 +39,34 @@ def test_main_writes_json_markdown_and_chart(tmp_path, monkeypatch, capsys):
     assert benchmark.main(["--quick", "--device", "cpu", "--ops", "stage1_step,predictor_loss", "--out", str(tmp_path), "--name", "t"]) == 0
     data = json.loads((tmp_path / "t.json").read_text())
     assert data["environment"]["device"] == "cpu" and data["results"]
+    assert data["environment"]["complete"] and all(r["peak_bytes"] is not None for r in data["results"])
     table = (tmp_path / "t.md").read_text()
-    assert "| tiny | stage1_step | forward+backward |" in table
+    assert "| tiny | stage1_step | forward+backward |" in table and "Incomplete" not in table
     assert (tmp_path / "t.png").stat().st_size > 0
+
+
+@requires_native_cpu
+def test_a_run_stopped_midway_keeps_the_cases_it_timed(tmp_path, monkeypatch):
+    monkeypatch.setitem(benchmark.SHAPE_SETS, "cifar", [TINY])
+    timed = []
+    real_time = benchmark._time_interleaved
+
+    def time_then_stop(fns, *args):
+        if len(timed) == 3:  # as a time limit would, during the fourth case
+            raise KeyboardInterrupt
+        timed.append(sorted(fns))
+        return real_time(fns, *args)
+
+    monkeypatch.setattr(benchmark, "_time_interleaved", time_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        benchmark.main(["--quick", "--device", "cpu", "--ops", "stage1_step,predictor_loss",
+                        "--out", str(tmp_path), "--name", "t"])
+    data = json.loads((tmp_path / "t.json").read_text())
+    assert data["environment"]["complete"] is False
+    assert len(data["results"]) == sum(len(impls) for impls in timed)
+    assert all(r["median_ms"] > 0 and r["peak_bytes"] is None for r in data["results"])
+    assert "Incomplete" in (tmp_path / "t.md").read_text()
+    assert not (tmp_path / "t.png").exists()
 
 
 def test_every_case_is_timed_before_memory_is_measured(monkeypatch):
