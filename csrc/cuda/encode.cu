@@ -23,14 +23,19 @@ constexpr int kDepthStep = 32;   // channels staged per GEMM step
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / kWarpSize;
 constexpr int kPixelsPerWarp = kPixels / kWarps;
-// FMA path: each thread owns one row and kColsPerThread strided columns.
-constexpr int kColsPerThread = kPixels * kTileCodes / kThreads;
-constexpr int kColGroups = kTileCodes / kColsPerThread;
+// FMA path: each thread owns a kFmaRows x kFmaCols block of the score tile and
+// reads its operands per channel as one float2 and one float4 (two shared
+// loads for eight FMAs, where one column per load made shared memory the
+// bottleneck).
+constexpr int kFmaRows = 2;
+constexpr int kFmaCols = 4;
+constexpr int kFmaColGroups = kTileCodes / kFmaCols;
 // MMA path: 16x16 output fragments, one per warp.
 constexpr int kFragment = 16;
 static_assert((kPixels / kFragment) * (kTileCodes / kFragment) == kWarps,
               "one MMA output fragment per warp");
-static_assert(kPixels * kColGroups == kThreads, "FMA thread mapping");
+static_assert((kPixels / kFmaRows) * kFmaColGroups == kThreads,
+              "FMA thread mapping");
 static_assert(kPixels % kWarps == 0, "whole pixels per warp");
 
 // Tensor cores need sm_80 for bf16 and tf32; older targets use the FMA path.
@@ -110,18 +115,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 
   // FMA-path ownership of the score tile.
-  const int fma_row = tid / kColGroups;
-  const int fma_col = tid % kColGroups;
+  const int fma_row = (tid / kFmaColGroups) * kFmaRows;
+  const int fma_col = (tid % kFmaColGroups) * kFmaCols;
   // MMA-path ownership: warp -> one 16x16 fragment (unused below sm_80).
   [[maybe_unused]] const int mma_row = (warp / (kTileCodes / kFragment)) * kFragment;
   [[maybe_unused]] const int mma_col = (warp % (kTileCodes / kFragment)) * kFragment;
 
   for (int64_t code0 = 0; code0 < num_codes; code0 += kTileCodes) {
-    float acc[kColsPerThread];
-#pragma unroll
-    for (int j = 0; j < kColsPerThread; ++j) {
-      acc[j] = 0.0f;
-    }
+    float acc[kFmaRows][kFmaCols] = {};
 #if SRM_ENCODE_HAS_MMA
     using Shape = MmaShape<Stage>;
     nvcuda::wmma::fragment<nvcuda::wmma::accumulator, kFragment, kFragment,
@@ -185,13 +186,21 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
 #endif
       } else {
+        static_assert(std::is_same_v<Stage, float>, "FMA path stages float");
+        static_assert(kXLd % kFmaRows == 0 && kCLd % kFmaCols == 0,
+                      "vector loads stay aligned");
 #pragma unroll 8
         for (int dl = 0; dl < kDepthStep; ++dl) {
-          const float xv = to_float(x_tile[dl][fma_row]);
+          const float2 xv = *reinterpret_cast<const float2*>(&x_tile[dl][fma_row]);
+          const float4 cv = *reinterpret_cast<const float4*>(&code_tile[dl][fma_col]);
+          const float xs[kFmaRows] = {xv.x, xv.y};
+          const float cs[kFmaCols] = {cv.x, cv.y, cv.z, cv.w};
 #pragma unroll
-          for (int j = 0; j < kColsPerThread; ++j) {
-            acc[j] = fmaf(xv, to_float(code_tile[dl][fma_col + j * kColGroups]),
-                          acc[j]);
+          for (int i = 0; i < kFmaRows; ++i) {
+#pragma unroll
+            for (int j = 0; j < kFmaCols; ++j) {
+              acc[i][j] = fmaf(xs[i], cs[j], acc[i][j]);
+            }
           }
         }
       }
@@ -206,9 +215,11 @@ __global__ void __launch_bounds__(kThreads, 1)
                                       kScoreLd, nvcuda::wmma::mem_row_major);
 #endif
     } else {
+      static_assert(kScoreLd % kFmaCols == 0, "vector stores stay aligned");
 #pragma unroll
-      for (int j = 0; j < kColsPerThread; ++j) {
-        scores[fma_row][fma_col + j * kColGroups] = acc[j];
+      for (int i = 0; i < kFmaRows; ++i) {
+        *reinterpret_cast<float4*>(&scores[fma_row + i][fma_col]) =
+            make_float4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
       }
     }
     __syncthreads();
@@ -219,8 +230,12 @@ __global__ void __launch_bounds__(kThreads, 1)
       uint64_t* list = topk_lists + static_cast<int64_t>(pl) * list_len;
       topk_append_tile<kTileCodes>(scores[pl], code0, num_codes, bias,
                                    threshold[i], list, count[i], lane);
-      if (count[i] > list_len - kTileCodes) {
-        threshold[i] = topk_merge(list, list_len, count[i], k, lane);
+      // Merge when the list could not take another tile, and as soon as k
+      // candidates are in: from then on the k-th best screens every tile,
+      // and most candidates never enter the list.
+      if (count[i] > list_len - kTileCodes ||
+          (threshold[i] == 0 && count[i] >= k)) {
+        threshold[i] = topk_merge(list, count[i], k, lane);
       }
     }
   }
@@ -231,7 +246,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int i = 0; i < kPixelsPerWarp; ++i) {
     const int pl = warp * kPixelsPerWarp + i;
     uint64_t* list = topk_lists + static_cast<int64_t>(pl) * list_len;
-    topk_merge(list, list_len, count[i], k, lane);
+    topk_merge(list, count[i], k, lane);
     const int64_t p = first_pixel + pl;
     if (p < total_pixels) {
       for (int j = lane; j < k; j += kWarpSize) {

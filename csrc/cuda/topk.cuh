@@ -10,7 +10,7 @@
 // after a merge its first min(count, k) slots hold the best keys sorted
 // descending, and new candidates above the k-th best (the threshold) are
 // appended behind them. When the list could not take another tile of
-// candidates the owning warp sorts it and truncates it to k.
+// candidates the owning warp sorts its live keys and truncates them to k.
 #pragma once
 
 #include <cstdint>
@@ -118,15 +118,21 @@ __device__ __forceinline__ void topk_append_tile(const float* tile_scores,
   __syncwarp();
 }
 
-// Sorts the list, keeps the best min(count, k) keys and returns the new
-// threshold (0, i.e. accept anything, while fewer than k keys were seen).
-__device__ __forceinline__ uint64_t topk_merge(uint64_t* list, int len,
-                                               int& count, int k, int lane) {
-  for (int i = count + lane; i < len; i += kWarpSize) {
+// Sorts the list's count live keys, keeps the best min(count, k) and returns
+// the new threshold (0, i.e. accept anything, while fewer than k keys were
+// seen). Only the smallest power of two holding the live keys is sorted: the
+// final merge of a pixel whose later tiles added few keys sorts a short list.
+__device__ __forceinline__ uint64_t topk_merge(uint64_t* list, int& count,
+                                               int k, int lane) {
+  int sort_len = 2;
+  while (sort_len < count) {
+    sort_len *= 2;
+  }
+  for (int i = count + lane; i < sort_len; i += kWarpSize) {
     list[i] = 0;
   }
   __syncwarp();
-  warp_bitonic_sort_descending(list, len, lane);
+  warp_bitonic_sort_descending(list, sort_len, lane);
   count = count < k ? count : k;
   return count >= k ? list[k - 1] : 0;
 }

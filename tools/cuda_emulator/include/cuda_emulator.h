@@ -50,6 +50,17 @@ struct uint3 {
   unsigned x, y, z;
 };
 
+// Vector types with CUDA's alignment (kernels load shared memory through them).
+struct alignas(8) float2 {
+  float x, y;
+};
+
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
+
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+
 struct dim3 {
   unsigned x, y, z;
   constexpr dim3(unsigned vx = 1, unsigned vy = 1, unsigned vz = 1) : x(vx), y(vy), z(vz) {}
