@@ -110,9 +110,9 @@ def use_native(t: torch.Tensor, code_sizes: dict[str, int] | None = None) -> boo
 
     Falls back to the reference, with a one-time warning per (device, dtype),
     when no compiled kernel covers the tensor: the backend is missing, has no
-    kernels for the dtype, or was built for other GPUs than this one. The
-    teacher-side ops pass ``code_sizes`` {"D", "K", "k"}: beyond the CUDA
-    kernels' limits they fall back too, with a one-time warning per size.
+    kernels for the dtype, or was built for other GPUs than this one. Ops on
+    sparse codes pass their ``code_sizes`` (any of "D", "K", "k"): beyond the
+    CUDA kernels' limits they fall back too, with a one-time warning per size.
     """
     if _forced_reference():
         return False

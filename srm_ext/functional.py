@@ -110,7 +110,7 @@ def sparse_labels(values: Tensor, indices: Tensor, num_codewords: int) -> tuple[
     each pixel, and ``image_labels`` (N, K), the per-image mean of the kept values.
     Carries no gradient."""
     _validation.validate_labels(values, indices, num_codewords)
-    if use_native(values):
+    if use_native(values, {"K": num_codewords}):
         return tuple(torch.ops.srm_ext.sparse_labels(values.detach(), indices, num_codewords))
     return reference.sparse_labels(values, indices, num_codewords)
 
