@@ -40,9 +40,10 @@ cuda_module = _try_import("srm_ext._C_cuda") if native_module is not None else N
 
 
 # The sizes the CUDA sparse-code kernels take ({"D": 4096, "K": 8192, "k": 128}),
-# read once here so that traced calls need no query of the extension.
+# read once here so that traced calls need no query of the extension. (A
+# module built before it reported them has none: its ops raise beyond them.)
 _cuda_code_limits: dict[str, int] = (
-    dict(cuda_module.build_info()["sparse_code_limits"]) if cuda_module is not None else {}
+    dict(cuda_module.build_info().get("sparse_code_limits", {})) if cuda_module is not None else {}
 )
 
 

@@ -468,8 +468,8 @@ def test_public_functions_fall_back_to_the_reference_beyond_the_kernel_limits(mo
     ref_values, ref_indices = reference.sparse_encode(*ref_in, k)
     torch.testing.assert_close(indices.cpu(), ref_indices, rtol=0, atol=0)
     close(values, ref_values, torch.float32)
-    close(srm_ext.sparse_decode(values, indices, C), reference.sparse_decode(ref_values, ref_indices, ref_in[1]),
-          torch.float32)
+    x_hat = srm_ext.sparse_decode(values, indices, C)
+    close(x_hat, reference.sparse_decode(ref_values, ref_indices, ref_in[1]), torch.float32)
     close(srm_ext.reconstruction_loss(x, C, b, k), reference.reconstruction_loss(*ref_in, k), torch.float32)
 
 

@@ -46,7 +46,7 @@ pybind11::dict build_info() {
   info["cuda_version"] = std::to_string(CUDA_VERSION);
   info["cuda_archs"] = parse_archs(SRM_EXT_CUDA_ARCHS_STRING);
   info["deterministic_supported"] = true;
-  // Beyond these the teacher-side ops raise; srm_ext's functions fall back.
+  // Beyond these the sparse-code ops raise; srm_ext's functions fall back.
   pybind11::dict limits;
   limits["D"] = srm_cuda::kMaxFeatureDim;
   limits["K"] = srm_cuda::kMaxCodewords;
