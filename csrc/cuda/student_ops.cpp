@@ -70,13 +70,14 @@ at::Tensor float_mm(const at::Tensor& a, const at::Tensor& b) {
 }
 
 // The gradients of the loss for a unit upstream gradient, from dloss/dz as a
-// float32 (P, K) matrix g. The products run in float32, as the reference's
+// float32 (P, K) matrix g and y's pixel rows (a copy unless y is
+// channels_last, so formed once per call). The products run in float32, as the reference's
 // do; gradients come back in y's dtype, float16's in float32: a gradient for
 // a unit upstream gradient can lie below float16's subnormals, which a loss
 // scale (GradScaler's) would have lifted had it been applied before rounding.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> unit_gradients(
-    const at::Tensor& g, const at::Tensor& y, const at::Tensor& dictionary,
-    std::array<bool, 3> output_mask) {
+    const at::Tensor& g, const at::Tensor& y, const at::Tensor& rows,
+    const at::Tensor& dictionary, std::array<bool, 3> output_mask) {
   const int64_t n = y.size(0), depth = y.size(1), h = y.size(2),
                 w = y.size(3);
   const auto grad_dtype =
@@ -95,7 +96,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unit_gradients(
   }
   if (output_mask[1]) {
     grad_dictionary =
-        laid_out_like(at::mm(pixel_rows(y).t().to(at::kFloat), g), dictionary)
+        laid_out_like(at::mm(rows.t().to(at::kFloat), g), dictionary)
             .to(grad_dtype);
   }
   if (output_mask[2]) {
@@ -143,7 +144,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> predictor_loss(
 
   // The float32 logits buffer becomes dloss/dz in place; it lives only until
   // the gradients for the inputs are formed from it.
-  at::Tensor logits = float_mm(pixel_rows(y), dictionary).contiguous();
+  const at::Tensor rows = pixel_rows(y);
+  at::Tensor logits = float_mm(rows, dictionary).contiguous();
   auto float_workspace = at::empty(
       {srm_cuda::predictor_workspace_size(n, h * w, num_codewords)},
       y.options().dtype(at::kFloat));
@@ -166,7 +168,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> predictor_loss(
                    "srm_ext: predictor_loss: pixel_labels must lie in [0, K = ",
                    num_codewords, ")");
   const auto [grad_y, grad_dictionary, grad_intercept] =
-      unit_gradients(logits, y, dictionary, output_mask);
+      unit_gradients(logits, y, rows, dictionary, output_mask);
   return {loss.to(y.scalar_type()), grad_y, grad_dictionary, grad_intercept};
 }
 
