@@ -92,7 +92,7 @@ def test_decode_and_gradients_match_reference(shape, dtype, layout):
     x, C, b, k = make_inputs(shape, dtype, seed=3)
     values, indices = reference.sparse_encode(x, C, b, k)
     if layout == "strided":
-        C = C.t().contiguous().t()
+        C = codeword_major(C)
     assert_close(srm_ext.sparse_decode(values, indices, C), reference.sparse_decode(values, indices, C), dtype)
     n, d, h, w, _, _ = shape
     upstream = make_layout(torch.randn(n, d, h, w, dtype=dtype), layout)

@@ -17,7 +17,7 @@ from torch.library import opcheck
 import srm_ext
 from srm_ext import _backend, reference
 
-from conftest import beyond_float16, dyadic, leaf_like, make_layout, requires_cuda
+from conftest import beyond_float16, codeword_major, dyadic, leaf_like, make_layout, requires_cuda
 
 pytestmark = requires_cuda
 
@@ -490,11 +490,11 @@ def test_tf32_encode_selects_exactly_on_inputs_tf32_represents(shape):
 def test_a_codeword_major_dictionary_gives_the_same_code_and_gradients():
     # (K, D) storage seen as (D, K), as the SRM modules keep their dictionary.
     (x, C, b), ref_in, k = inputs((2, 64, 13, 11, 300, 9), torch.float32, seed=24)
-    codeword_major = C.t().contiguous().t()
-    for got, want in zip(srm_ext.sparse_encode(x, codeword_major, b, k), srm_ext.sparse_encode(x, C, b, k)):
+    stored = codeword_major(C)
+    for got, want in zip(srm_ext.sparse_encode(x, stored, b, k), srm_ext.sparse_encode(x, C, b, k)):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
-    got = grads(lambda *a: srm_ext.reconstruction_loss(*a, k), (x, codeword_major, b))
-    assert got[1].stride() == codeword_major.stride()
+    got = grads(lambda *a: srm_ext.reconstruction_loss(*a, k), (x, stored, b))
+    assert got[1].stride() == stored.stride()
     for g, w in zip(got, grads(lambda *a: reference.reconstruction_loss(*a, k), ref_in)):
         close(g, w, torch.float32)
 

@@ -11,7 +11,7 @@ from torch.library import opcheck
 import srm_ext
 from srm_ext import reference
 
-from conftest import requires_native_cpu
+from conftest import codeword_major, requires_native_cpu
 
 pytestmark = requires_native_cpu
 
@@ -67,12 +67,12 @@ def op_cases():
         "reconstruction_loss": (ops.reconstruction_loss.default, (xg, Cg, bg, 3)),
         "reconstruction_loss_codeword_major": (
             ops.reconstruction_loss.default,
-            (xg, Cg.detach().t().contiguous().t().requires_grad_(True), bg, 3),
+            (xg, codeword_major(Cg.detach()).requires_grad_(True), bg, 3),
         ),
         "sparse_encode_backward_channels_last": (
             ops.sparse_encode_backward.default,
             (grad_values, values, indices, x.contiguous(memory_format=torch.channels_last),
-             C.t().contiguous().t(), b, [True, True, True]),
+             codeword_major(C), b, [True, True, True]),
         ),
         "reconstruction_loss_backward": (
             ops.reconstruction_loss_backward.default,
