@@ -22,12 +22,12 @@ std::tuple<at::Tensor, at::Tensor> sparse_encode(const at::Tensor& x,
   const PixelGrid grid(x);
   auto values = at::empty({grid.n, grid.h, grid.w, k}, x.options());
   auto indices = at::empty({grid.n, grid.h, grid.w, k}, x.options().dtype(at::kLong));
-  const auto dict = dictionary.detach();
   const int64_t tile = tile_pixels(num_codewords, grid.pixels());
   const int64_t num_tiles = (grid.pixels() + tile - 1) / tile;
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_encode_cpu", [&] {
     const scalar_t bias = intercept.item<scalar_t>();
+    const RightFactor<scalar_t> dict(dictionary.detach());
     at::parallel_for(0, num_tiles, 1, [&](int64_t t0, int64_t t1) {
       TileEncoder<scalar_t> encoder(x.const_data_ptr<scalar_t>(), grid, dict, k, bias, tile);
       for (int64_t t = t0; t < t1; ++t) {

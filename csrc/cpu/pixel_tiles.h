@@ -133,8 +133,8 @@ inline int64_t block_pixels(int64_t row_values) {
   return std::max<int64_t>(pieces / threads, 1) * threads * kPiecePixels;
 }
 
-// Pixels per encode tile: enough rows for an efficient GEMM (BLAS packs the
-// whole dictionary once per tile), few enough that the tile's (pixels x K)
+// Pixels per encode tile: enough rows for an efficient GEMM (the product
+// packs the whole dictionary once per tile), few enough that the tile's (pixels x K)
 // similarity block stays in cache (2 MiB in float32), and at most a thread's
 // share of the pixels, so every thread gets work. Whole pieces, so per-piece
 // partial sums never straddle two tiles.
@@ -196,18 +196,5 @@ class PerThreadScratch {
   int64_t size_;
   std::vector<scalar_t> values_;
 };
-
-// out (rows x cols, row-major) = a (rows x inner, row-major) @ b, through
-// ATen's BLAS; b may have any strides (a codeword-major dictionary is read in
-// place). `b` must not require grad: worker threads run outside the caller's
-// autograd guard, so pass a detached alias.
-template <typename scalar_t>
-void matmul_into(const scalar_t* a, const at::Tensor& b, scalar_t* out, int64_t rows) {
-  const int64_t inner = b.size(0), cols = b.size(1);
-  const auto opts = b.options();
-  auto ta = at::from_blob(const_cast<scalar_t*>(a), {rows, inner}, opts);
-  auto tout = at::from_blob(out, {rows, cols}, opts);
-  at::mm_out(tout, ta, b);
-}
 
 }  // namespace srm_ext::cpu

@@ -15,11 +15,13 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <optional>
 #include <tuple>
 #include <utility>
 #include <vector>
 
 #include "checks.h"
+#include "matmul.h"
 #include "pixel_tiles.h"
 #include "sparse_math.h"
 #include "vector_math.h"
@@ -160,9 +162,13 @@ class StudentLoss {
         global_scale_(global_weight / static_cast<double>(terms())),
         exp_sums_(pixels()), ce_sums_(tiling_.slices(), 0.0),
         q_sums_(tiling_.slices() * num_codewords_, 0.0), bce_sums_(images_, 0.0),
-        means_(terms()), global_grad_(terms()), bias_sums_(tiling_.tiles(), 0.0) {
+        means_(terms()), global_grad_(terms()), bias_sums_(tiling_.tiles(), 0.0),
+        logits_factor_(dictionary) {
     const auto opts = dictionary.options();
-    if (want_[0]) grad_rows_ = at::empty({pixels(), grid_.c}, opts);
+    if (want_[0]) {
+      grad_rows_ = at::empty({pixels(), grid_.c}, opts);
+      grad_y_factor_.emplace(dictionary.t());
+    }
     if (want_[1]) {
       // One partial sum per worker, laid out like the dictionary; a worker's
       // first tile writes it, so it needs no zero fill.
@@ -277,7 +283,8 @@ class StudentLoss {
   void logits_pass(int64_t p0, int64_t p1, const LogitRows<scalar_t>& rows,
                    scalar_t* features) {
     gather_tile(y_, grid_, p0, p1 - p0, features);
-    matmul_into(features, dictionary_, rows.row(p0), p1 - p0);
+    const MatrixRef<scalar_t> tile{features, p1 - p0, grid_.c, grid_.c, 1};
+    logits_factor_.multiply(tile, rows.row(p0), num_codewords_, /*accumulate=*/false);
   }
 
   // Slice s: q = sigmoid(z + b) in place, the slice's column sums of q and
@@ -326,21 +333,18 @@ class StudentLoss {
   void gradient_products(int64_t t, const LogitRows<scalar_t>& rows, const scalar_t* features) {
     const int64_t p0 = tiling_.tile_begin(t), count = tiling_.tile_end(t) - p0;
     const int64_t K = num_codewords_, D = grid_.c;
-    const auto opts = dictionary_.options();
-    const auto G = at::from_blob(rows.row(p0), {count, K}, opts);
     if (want_[0]) {
-      auto out = grad_rows_.narrow(0, p0, count);
-      at::mm_out(out, G, dictionary_.t());
+      const MatrixRef<scalar_t> G{rows.row(p0), count, K, K, 1};
+      grad_y_factor_->multiply(G, grad_rows_.template mutable_data_ptr<scalar_t>() + p0 * D, D,
+                               /*accumulate=*/false);
     }
     if (want_[1]) {
+      const auto opts = dictionary_.options();
+      const auto G = at::from_blob(rows.row(p0), {count, K}, opts);
       const auto Y = at::from_blob(const_cast<scalar_t*>(features), {count, D}, opts);
       const int64_t w = at::get_thread_num();
-      if (part_started_[w]) {
-        grad_dictionary_parts_[w].addmm_(Y.t(), G);
-      } else {
-        at::mm_out(grad_dictionary_parts_[w], Y.t(), G);
-        part_started_[w] = true;
-      }
+      matmul_into<scalar_t>(Y.t(), G, grad_dictionary_parts_[w], part_started_[w]);
+      part_started_[w] = true;
     }
     if (want_[2]) {
       double total = 0.0;
@@ -370,6 +374,8 @@ class StudentLoss {
   std::vector<double> bce_sums_;               // per image
   std::vector<scalar_t> means_, global_grad_;  // per image and codeword
   std::vector<double> bias_sums_;              // per tile
+  RightFactor<scalar_t> logits_factor_;                 // C_s, for z = y_p^T C_s
+  std::optional<RightFactor<scalar_t>> grad_y_factor_;  // C_s^T, for grad_y rows G C_s^T
   at::Tensor grad_rows_;                       // (pixels, D_s), pixel-major
   std::vector<at::Tensor> grad_dictionary_parts_;  // per worker
   std::vector<char> part_started_;                 // per worker (not vector<bool>: shared writes)
@@ -383,7 +389,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> predictor_loss(
   check_intercept(intercept, y, "y");
   check_labels(pixel_labels, image_labels, y, dictionary.size(1));
 
-  const auto dict = dictionary.detach();  // read by worker threads (see matmul_into)
+  const auto dict = dictionary.detach();  // read by worker threads (see RightFactor)
   const auto labels = pixel_labels.contiguous();
   const auto targets = image_labels.contiguous();
   at::Tensor loss, grad_y, grad_dict, grad_bias;

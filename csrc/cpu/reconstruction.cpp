@@ -26,7 +26,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss(
   const PixelGrid grid(x);
   auto values = at::empty({grid.n, grid.h, grid.w, k}, x.options());
   auto indices = at::empty({grid.n, grid.h, grid.w, k}, x.options().dtype(at::kLong));
-  const auto dict = dictionary.detach();
   const auto codewords = codeword_rows(dictionary);  // K x D
   const int64_t tile = tile_pixels(num_codewords, grid.pixels());
   const int64_t num_tiles = (grid.pixels() + tile - 1) / tile;
@@ -36,6 +35,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss(
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "reconstruction_loss_cpu", [&] {
     const scalar_t bias = intercept.item<scalar_t>();
+    const RightFactor<scalar_t> dict(dictionary.detach());
     const scalar_t* cw = codewords.const_data_ptr<scalar_t>();
     at::parallel_for(0, num_tiles, 1, [&](int64_t t0, int64_t t1) {
       TileEncoder<scalar_t> encoder(x.const_data_ptr<scalar_t>(), grid, dict, k, bias, tile);

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "matmul.h"
 #include "pixel_tiles.h"
 #include "sparse_math.h"
 #include "topk_select.h"
@@ -16,10 +17,10 @@ namespace srm_ext::cpu {
 template <typename scalar_t>
 class TileEncoder {
  public:
-  // dictionary: (D, K), any strides, detached. One encoder per worker thread.
-  TileEncoder(const scalar_t* x, const PixelGrid& grid, const at::Tensor& dictionary,
+  // dictionary: (D, K), shared by the workers. One encoder per worker thread.
+  TileEncoder(const scalar_t* x, const PixelGrid& grid, const RightFactor<scalar_t>& dictionary,
               int64_t k, scalar_t bias, int64_t tile_capacity)
-      : x_(x), grid_(grid), dictionary_(dictionary), num_codewords_(dictionary.size(1)),
+      : x_(x), grid_(grid), dictionary_(dictionary), num_codewords_(dictionary.cols()),
         k_(k), bias_(bias),
         features_(tile_capacity * grid.c),
         similarity_(tile_capacity * num_codewords_),
@@ -29,7 +30,8 @@ class TileEncoder {
   // Afterwards features() holds the tile's pixels as rows of D values.
   void encode(int64_t p0, int64_t count, scalar_t* values, int64_t* indices) {
     gather_tile(x_, grid_, p0, count, features_.data());
-    matmul_into(features_.data(), dictionary_, similarity_.data(), count);
+    const MatrixRef<scalar_t> tile{features_.data(), count, grid_.c, grid_.c, 1};
+    dictionary_.multiply(tile, similarity_.data(), num_codewords_, /*accumulate=*/false);
     for (int64_t i = 0; i < count; ++i) {
       scalar_t* v = values + i * k_;
       selector_.select(similarity_.data() + i * num_codewords_, bias_, v, indices + i * k_);
@@ -42,7 +44,7 @@ class TileEncoder {
  private:
   const scalar_t* x_;
   PixelGrid grid_;
-  const at::Tensor& dictionary_;
+  const RightFactor<scalar_t>& dictionary_;
   int64_t num_codewords_, k_;
   scalar_t bias_;
   std::vector<scalar_t> features_;    // tile x D
