@@ -9,6 +9,8 @@
 // its position, so equal columns give bitwise-equal results.
 #include "matmul.h"
 
+#include "vector_math.h"
+
 #include <algorithm>
 #include <cstdlib>
 #include <string_view>
@@ -82,9 +84,7 @@ void pack_left(const MatrixRef<float>& a, int64_t r0, int64_t rows, int64_t d0, 
     const int64_t n = std::min(kPanelRows, rows - p);
     const float* src = a.data + (r0 + p) * a.row_stride + d0 * a.col_stride;
     if (a.col_stride == 1) {  // each row's depth run is contiguous
-      for (int64_t i = 0; i < n; ++i) {
-        for (int64_t d = 0; d < depth; ++d) out[d * kPanelRows + i] = src[i * a.row_stride + d];
-      }
+      transpose(src, a.row_stride, n, depth, out, kPanelRows);
     } else {
       for (int64_t d = 0; d < depth; ++d) {
         for (int64_t i = 0; i < n; ++i) {
@@ -107,7 +107,9 @@ void pack_right(const MatrixRef<float>& b, int64_t c0, int64_t d0, int64_t depth
     for (int64_t d = 0; d < depth; ++d) {
       std::copy(src + d * b.row_stride, src + d * b.row_stride + n, out + d * kPanelCols);
     }
-  } else {  // each column's depth run is contiguous when b is column-major
+  } else if (b.row_stride == 1) {  // column-major: each column's depth run is contiguous
+    transpose(src, b.col_stride, n, depth, out, kPanelCols);
+  } else {
     for (int64_t j = 0; j < n; ++j) {
       for (int64_t d = 0; d < depth; ++d) {
         out[d * kPanelCols + j] = src[d * b.row_stride + j * b.col_stride];
