@@ -383,6 +383,10 @@ def environment(device: str) -> dict:
         "commit": _git_commit(),
         "device": device,
     }
+    if device == "cpu" and _backend.native_module is not None:
+        # The compiled CPU kernels' float32 products: their own AVX-512
+        # kernel or ATen's BLAS (see csrc/cpu/matmul.h).
+        env["cpu_float32_matmul"] = _backend.native_module.build_info().get("float32_matmul")
     if device.startswith("cuda") and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(torch.device(device))
         env.update(gpu=props.name, cuda=torch.version.cuda, driver=_nvidia_driver())
@@ -445,7 +449,9 @@ def markdown_table(records: list[dict], env: dict) -> str:
               *[f"memory saving vs {i}" for i in others]]
     lines = [
         f"Device: {env['device']} ({env.get('gpu') or env['cpu']}), torch {env['torch']}, "
-        f"{env['threads']} threads, commit {env['commit']}, {env['date']}",
+        f"{env['threads']} threads, commit {env['commit']}, {env['date']}"
+        + (f", native float32 products: {env['cpu_float32_matmul']}"
+           if env.get("cpu_float32_matmul") else ""),
         "",
         "| " + " | ".join(header) + " |",
         "|---|---|---|" + "---:|" * (len(header) - 3),

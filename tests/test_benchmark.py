@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+import srm_ext
 from srm_ext import _backend, benchmark
 
 from conftest import requires_native_cpu
@@ -43,6 +44,11 @@ def test_main_writes_json_markdown_and_chart(tmp_path, monkeypatch, capsys):
     table = (tmp_path / "t.md").read_text()
     assert "| tiny | stage1_step | forward+backward |" in table and "Incomplete" not in table
     assert (tmp_path / "t.png").stat().st_size > 0
+    if _backend.native_module is not None:
+        # Which kernel ran the native float32 products, as backend_info says.
+        kernel = srm_ext.backend_info()["cpu"]["float32_matmul"]
+        assert data["environment"]["cpu_float32_matmul"] == kernel
+        assert f"native float32 products: {kernel}" in table
 
 
 @requires_native_cpu
