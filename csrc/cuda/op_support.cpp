@@ -175,7 +175,8 @@ at::Tensor dictionary_grad(const at::Tensor& features_a,
                            const at::Tensor* features_b,
                            const at::Tensor* coef_b,
                            const at::Tensor& indices,
-                           const at::Tensor& dictionary, cudaStream_t stream) {
+                           const at::Tensor& dictionary,
+                           at::ScalarType grad_dtype, cudaStream_t stream) {
   const int64_t depth = features_a.size(1);
   const int64_t num_codewords = dictionary.size(1);
   const int64_t k = indices.size(-1);
@@ -183,10 +184,10 @@ at::Tensor dictionary_grad(const at::Tensor& features_a,
   // Laid out like the dictionary, as the fake kernels promise. A 2-D dense
   // tensor is either (D, K) row-major or codeword-major, and the reduction
   // writes either layout directly.
-  auto grad = at::empty_like(dictionary);
+  auto grad = at::empty_like(dictionary, dictionary.options().dtype(grad_dtype));
   TORCH_INTERNAL_ASSERT(grad.is_contiguous() || grad.t().is_contiguous());
   const bool codeword_major = !grad.is_contiguous();
-  const Dtype grad_dtype = kernel_dtype(dictionary.scalar_type(), "dictionary");
+  const Dtype grad_kernel_dtype = kernel_dtype(grad_dtype, "dictionary");
 
   if (at::globalContext().deterministicAlgorithms()) {
     // Group entries by codeword; the stable sort keeps entry order inside a
@@ -235,7 +236,7 @@ at::Tensor dictionary_grad(const at::Tensor& features_a,
     check_launch(srm_cuda::launch_reduce_dictionary_partials(
                      partials.data_ptr<float>(), segments, depth,
                      num_codewords, codeword_major, grad.data_ptr(),
-                     grad_dtype, stream),
+                     grad_kernel_dtype, stream),
                  "reduce_dictionary_partials");
     return grad;
   }
@@ -255,7 +256,7 @@ at::Tensor dictionary_grad(const at::Tensor& features_a,
                "scatter_codewords_atomic");
   check_launch(srm_cuda::launch_reduce_dictionary_partials(
                    grad_t.data_ptr<float>(), 1, depth, num_codewords,
-                   codeword_major, grad.data_ptr(), grad_dtype, stream),
+                   codeword_major, grad.data_ptr(), grad_kernel_dtype, stream),
                "reduce_dictionary_partials");
   return grad;
 }

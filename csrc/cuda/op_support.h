@@ -88,7 +88,7 @@ at::Tensor transposed_dictionary(const at::Tensor& dictionary);
 // gradient's dtype), which is what the fake kernels promise for every backend.
 at::Tensor laid_out_like(const at::Tensor& grad, const at::Tensor& dictionary);
 
-// Gradient of the dictionary, laid out like it:
+// Gradient of the dictionary, laid out like it, in grad_dtype:
 //   G[:, c] = sum over (p, j) with indices[p, j] == c of
 //             coef_a[p, j] * features_a[p] + coef_b[p, j] * features_b[p]
 // (b term optional, float32). Deterministic when torch asks for it.
@@ -97,7 +97,8 @@ at::Tensor dictionary_grad(const at::Tensor& features_a,
                            const at::Tensor* features_b,
                            const at::Tensor* coef_b,
                            const at::Tensor& indices,
-                           const at::Tensor& dictionary, cudaStream_t stream);
+                           const at::Tensor& dictionary,
+                           at::ScalarType grad_dtype, cudaStream_t stream);
 
 // Gradient of the shared intercept: the sum of the kept pre-activation
 // gradients, 0-dim in x's dtype.

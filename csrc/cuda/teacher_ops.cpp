@@ -119,7 +119,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_encode_backward(
   }
   if (output_mask[1]) {
     grad_dictionary =
-        dictionary_grad(x, grad_pre, nullptr, nullptr, idx, dictionary, stream);
+        dictionary_grad(x, grad_pre, nullptr, nullptr, idx, dictionary,
+                        dictionary.scalar_type(), stream);
   }
   if (output_mask[2]) {
     grad_intercept = intercept_grad(grad_pre, x, stream);
@@ -184,7 +185,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward(
   if (output_mask[1]) {
     const at::Tensor coef = values.to(at::kFloat).contiguous();
     grad_dictionary = dictionary_grad(grad_out, coef, nullptr, nullptr, idx,
-                                      dictionary, stream);
+                                      dictionary, dictionary.scalar_type(),
+                                      stream);
   }
   return {grad_values, grad_dictionary};
 }
@@ -235,11 +237,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss_backward(
                    : 0.0f;
 
   at::Tensor grad_x = output_mask[0] ? at::empty_like(x) : empty_gradient(x);
-  // Summed over the boxes in float32, in box order (deterministic);
-  // layout_of_grad only carries the dictionary's layout in float32.
+  // Summed over the boxes in float32, in box order (deterministic).
   at::Tensor grad_dictionary_sum, grad_intercept_sum;
-  const at::Tensor layout_of_grad =
-      at::empty_like(dictionary, dictionary.options().dtype(at::kFloat));
 
   for (const PixelBox& box :
        pixel_boxes(x, backward_box_values() / (depth + 3 * k))) {
@@ -264,7 +263,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss_backward(
     if (output_mask[1]) {
       // v_pj g_p (through x_hat) + gp_pj x_p (through the encoder)
       const at::Tensor part = dictionary_grad(xb, grad_pre, &g, &coef_values,
-                                              idx, layout_of_grad, stream);
+                                              idx, dictionary, at::kFloat, stream);
       grad_dictionary_sum = grad_dictionary_sum.defined()
                                 ? grad_dictionary_sum.add_(part)
                                 : part;
