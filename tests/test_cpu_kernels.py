@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import srm_ext
-from srm_ext import reference
+from srm_ext import _backend, reference
 
 from conftest import TOLERANCES, codeword_major, dyadic, leaf_like, make_layout, requires_native_cpu
 
@@ -344,13 +344,15 @@ def _all_outputs_and_gradients(x, C, b, k):
 
 
 def _student_loss_terms(y, Cs, bs, pixel, image):
-    # The loss and the intercept's gradient. The y and dictionary gradients
-    # come from BLAS products, and BLAS may split a long reduction differently
-    # for another thread count.
-    loss, _, _, grad_bias = torch.ops.srm_ext.predictor_loss(
-        y, Cs, bs, pixel, image, 1.0, 1.0, [False, False, True]
+    # The loss and the intercept's gradient, and the y gradient where the
+    # project's product kernel forms it (one call per tile, on one thread).
+    # The dictionary gradient is summed per worker thread, and BLAS may
+    # split a long reduction differently for another thread count.
+    with_y = _backend.native_module.build_info()["float32_matmul"] == "avx512"
+    loss, grad_y, _, grad_bias = torch.ops.srm_ext.predictor_loss(
+        y, Cs, bs, pixel, image, 1.0, 1.0, [with_y, False, True]
     )
-    return loss, grad_bias
+    return loss, grad_y, grad_bias
 
 
 def test_results_do_not_depend_on_thread_count():
