@@ -23,7 +23,7 @@ SHAPES = [
     (3, 17, 7, 5, 33, 7),
     (2, 16, 13, 11, 300, 9),
     # At least two encode tiles on any thread count: a tile is at most
-    # 2^19 / K = 262 pixels, rounded up to whole 32-pixel pieces (288), and
+    # 2^18 / K = 131 pixels, rounded up to whole 32-pixel pieces (160), and
     # the 338 pixels are no whole number of pieces, so the last is partial.
     (2, 8, 13, 13, 2000, 3),
     (1, 8, 4, 4, 100, 70),

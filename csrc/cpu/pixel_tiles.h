@@ -134,12 +134,13 @@ inline int64_t block_pixels(int64_t row_values) {
 }
 
 // Pixels per encode tile: enough rows for an efficient GEMM (the product
-// packs the whole dictionary once per tile), few enough that the tile's (pixels x K)
-// similarity block stays in cache (2 MiB in float32), and at most a thread's
+// packs the whole dictionary once per tile), few enough that the tile's
+// (pixels x K) similarity block stays in L2 (1 MiB in float32; the block is
+// also the encode's whole workspace per thread), and at most a thread's
 // share of the pixels, so every thread gets work. Whole pieces, so per-piece
 // partial sums never straddle two tiles.
 inline int64_t tile_pixels(int64_t num_codewords, int64_t pixels) {
-  constexpr int64_t kTileElements = 1 << 19, kMaxTile = 512;
+  constexpr int64_t kTileElements = 1 << 18, kMaxTile = 512;
   const int64_t threads = std::max(at::get_num_threads(), 1);
   const int64_t by_cache = kTileElements / std::max<int64_t>(num_codewords, 1);
   const int64_t share = (pixels + threads - 1) / threads;
