@@ -3,10 +3,11 @@
 //
 // float32 products run on the packed AVX-512 kernel of matmul.cpp where the
 // CPU has AVX-512F. BLAS libraries may pick a narrower code path by CPU
-// vendor (MKL runs its AVX2 code on AMD CPUs, at half their float32 peak).
-// float64, CPUs without AVX-512F, and SRM_EXT_CPU_GEMM=blas use ATen's BLAS.
-// Each product runs on the calling thread: the kernels call them from their
-// workers, one pixel tile each. Results do not depend on the thread count.
+// vendor: MKL runs its AVX2 code on AMD CPUs, at about half the float32 peak
+// of those with AVX-512. float64, CPUs without AVX-512F, and
+// SRM_EXT_CPU_GEMM=blas use ATen's BLAS. Each product runs on the calling
+// thread (the kernels call them from their workers, one pixel tile each), so
+// the AVX-512 kernel's results do not depend on the thread count.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -79,6 +80,8 @@ template <typename scalar_t>
 void matmul_into(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out,
                  bool accumulate) {
   if (out.size(1) > 1 && out.stride(1) != 1) {  // column-major out: out^T = b^T a^T
+    TORCH_CHECK(out.size(0) == 1 || out.stride(0) == 1,
+                "matmul_into: out needs a unit stride, got strides ", out.strides());
     matmul_into<scalar_t>(b.t(), a.t(), out.t(), accumulate);
     return;
   }
