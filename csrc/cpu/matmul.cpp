@@ -76,49 +76,39 @@ __attribute__((target("avx512f"))) void micro_kernel(int64_t depth, const float*
 
 #endif  // SRM_EXT_AVX512_MATMUL
 
-// Rows [r0, r0 + rows) and depth [d0, d0 + depth) of a as micro-panels:
-// depth x kPanelRows values each, rows past the end zero.
+// A strip of n <= width lanes (rows of a, or columns of b) over `depth`
+// steps, packed as depth x width values: out[d * width + i] =
+// src[i * lane_stride + d * depth_stride], lanes past n zero.
+void pack_strip(const float* src, int64_t lane_stride, int64_t depth_stride, int64_t n,
+                int64_t depth, int64_t width, float* out) {
+  if (depth_stride == 1) {  // each lane's run is contiguous
+    transpose(src, lane_stride, n, depth, out, width);
+  } else if (lane_stride == 1) {  // each step's lanes are contiguous
+    for (int64_t d = 0; d < depth; ++d) {
+      std::copy(src + d * depth_stride, src + d * depth_stride + n, out + d * width);
+    }
+  } else {
+    for (int64_t d = 0; d < depth; ++d) {
+      for (int64_t i = 0; i < n; ++i) out[d * width + i] = src[i * lane_stride + d * depth_stride];
+    }
+  }
+  for (int64_t d = 0; d < depth; ++d) std::fill(out + d * width + n, out + (d + 1) * width, 0.0f);
+}
+
+// Rows [r0, r0 + rows) and depth [d0, d0 + depth) of a as micro-panels of
+// kPanelRows rows.
 void pack_left(const MatrixRef<float>& a, int64_t r0, int64_t rows, int64_t d0, int64_t depth,
                float* out) {
   for (int64_t p = 0; p < rows; p += kPanelRows, out += depth * kPanelRows) {
-    const int64_t n = std::min(kPanelRows, rows - p);
-    const float* src = a.data + (r0 + p) * a.row_stride + d0 * a.col_stride;
-    if (a.col_stride == 1) {  // each row's depth run is contiguous
-      transpose(src, a.row_stride, n, depth, out, kPanelRows);
-    } else {
-      for (int64_t d = 0; d < depth; ++d) {
-        for (int64_t i = 0; i < n; ++i) {
-          out[d * kPanelRows + i] = src[i * a.row_stride + d * a.col_stride];
-        }
-      }
-    }
-    for (int64_t d = 0; d < depth; ++d) {
-      std::fill(out + d * kPanelRows + n, out + (d + 1) * kPanelRows, 0.0f);
-    }
+    pack_strip(a.data + (r0 + p) * a.row_stride + d0 * a.col_stride, a.row_stride, a.col_stride,
+               std::min(kPanelRows, rows - p), depth, kPanelRows, out);
   }
 }
 
-// Columns [c0, c0 + kPanelCols) and depth [d0, d0 + depth) of b as one
-// panel, columns past the end zero.
+// Columns [c0, c0 + kPanelCols) and depth [d0, d0 + depth) of b as one panel.
 void pack_right(const MatrixRef<float>& b, int64_t c0, int64_t d0, int64_t depth, float* out) {
-  const int64_t n = std::min(kPanelCols, b.cols - c0);
-  const float* src = b.data + d0 * b.row_stride + c0 * b.col_stride;
-  if (b.col_stride == 1) {
-    for (int64_t d = 0; d < depth; ++d) {
-      std::copy(src + d * b.row_stride, src + d * b.row_stride + n, out + d * kPanelCols);
-    }
-  } else if (b.row_stride == 1) {  // column-major: each column's depth run is contiguous
-    transpose(src, b.col_stride, n, depth, out, kPanelCols);
-  } else {
-    for (int64_t j = 0; j < n; ++j) {
-      for (int64_t d = 0; d < depth; ++d) {
-        out[d * kPanelCols + j] = src[d * b.row_stride + j * b.col_stride];
-      }
-    }
-  }
-  for (int64_t d = 0; d < depth; ++d) {
-    std::fill(out + d * kPanelCols + n, out + (d + 1) * kPanelCols, 0.0f);
-  }
+  pack_strip(b.data + d0 * b.row_stride + c0 * b.col_stride, b.col_stride, b.row_stride,
+             std::min(kPanelCols, b.cols - c0), depth, kPanelCols, out);
 }
 
 }  // namespace
