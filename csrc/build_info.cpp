@@ -1,6 +1,7 @@
 // The srm_ext._C Python module. Importing it loads this library, which
 // registers the operator schemas and CPU kernels with the dispatcher; the
-// module itself only reports how the library was built.
+// module itself reports how the library was built, and exposes the CPU
+// kernels' matrix product so that tests can check it directly.
 #include <torch/extension.h>
 
 #include <string>
