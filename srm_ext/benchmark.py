@@ -390,6 +390,9 @@ def environment(device: str) -> dict:
     if device.startswith("cuda") and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(torch.device(device))
         env.update(gpu=props.name, cuda=torch.version.cuda, driver=_nvidia_driver())
+        if _backend.cuda_module is not None:
+            # GEMM + row-wise selection, or the fused kernel (csrc/cuda/op_support.h).
+            env["cuda_encode"] = _backend.cuda_module.build_info().get("encode")
     return env
 
 
@@ -451,7 +454,8 @@ def markdown_table(records: list[dict], env: dict) -> str:
         f"Device: {env['device']} ({env.get('gpu') or env['cpu']}), torch {env['torch']}, "
         f"{env['threads']} threads, commit {env['commit']}, {env['date']}"
         + (f", native float32 products: {env['cpu_float32_matmul']}"
-           if env.get("cpu_float32_matmul") else ""),
+           if env.get("cpu_float32_matmul") else "")
+        + (f", CUDA encode: {env['cuda_encode']}" if env.get("cuda_encode") else ""),
         "",
         "| " + " | ".join(header) + " |",
         "|---|---|---|" + "---:|" * (len(header) - 3),

@@ -43,7 +43,17 @@ def _translate() -> list[Path]:
 # that a change to the glue that these rewrites no longer fit fails the build
 # here, by name, instead of leaving a CUDA check in place.
 _GLUE_REWRITES = [
-    (KERNELS / "op_support.cpp", [(".is_cuda()", ".is_cpu()")]),
+    (
+        KERNELS / "op_support.cpp",
+        [
+            (".is_cuda()", ".is_cpu()"),
+            # CPU torch has no products with an output dtype; the results are the same.
+            (
+                "#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)",
+                "#if 0",
+            ),
+        ],
+    ),
     (
         KERNELS / "teacher_ops.cpp",
         [(".is_cuda()", ".is_cpu()"), ("TORCH_LIBRARY_IMPL(srm_ext, CUDA,", "TORCH_LIBRARY_IMPL(srm_emu, CPU,")],
@@ -53,8 +63,6 @@ _GLUE_REWRITES = [
         [
             (".is_cuda()", ".is_cpu()"),
             ("TORCH_LIBRARY_IMPL(srm_ext, CUDA,", "TORCH_LIBRARY_IMPL(srm_emu, CPU,"),
-            # CPU torch has no mm with an output dtype; the products are the same.
-            ("at::mm(a, b, at::kFloat)", "at::mm(a.to(at::kFloat), b.to(at::kFloat))"),
         ],
     ),
     (ROOT / "csrc" / "registration.cpp", [("TORCH_LIBRARY(srm_ext,", "TORCH_LIBRARY(srm_emu,")]),

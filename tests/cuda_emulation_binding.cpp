@@ -68,6 +68,26 @@ void sparse_encode(const at::Tensor& x, const at::Tensor& dictionary,
         "launch_sparse_encode");
 }
 
+void select_top_k(const at::Tensor& pre, const at::Tensor& intercept, int64_t k,
+                  at::Tensor values, at::Tensor indices) {
+  TORCH_CHECK(pre.dim() == 2 && pre.stride(1) == 1, "pre is (rows, K) with unit column stride");
+  check(srm_cuda::launch_select_top_k(pre.data_ptr<float>(), pre.size(0), pre.stride(0),
+                                      pre.size(1), intercept.data_ptr<float>(), k,
+                                      dtype_of(values), values.data_ptr(),
+                                      indices.data_ptr<int64_t>(), nullptr),
+        "launch_select_top_k");
+}
+
+void residual_square_sums(const at::Tensor& coef, const at::Tensor indices, int64_t k,
+                          const at::Tensor& dictionary_t, const at::Tensor& x,
+                          at::Tensor partials) {
+  check(srm_cuda::launch_residual_square_sums(
+            coef.data_ptr<float>(), indices.data_ptr<int64_t>(), k, dictionary_t.data_ptr(),
+            dtype_of(dictionary_t), dictionary_t.size(0), feature_map(x),
+            partials.data_ptr<float>(), nullptr),
+        "launch_residual_square_sums");
+}
+
 void combine_codewords(const at::Tensor& coef, const at::Tensor indices, int64_t k,
                        const at::Tensor& dictionary_t, const OptionalTensor& addend,
                        double addend_scale, const OptionalTensor& device_scale,
@@ -209,6 +229,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "The first kernel failure since the last call (empty if none), cleared");
   m.def("sparse_encode_num_blocks", &srm_cuda::sparse_encode_num_blocks);
   m.def("sparse_encode", &sparse_encode);
+  m.def("select_top_k", &select_top_k);
+  m.def("residual_square_sums_num_blocks", &srm_cuda::residual_square_sums_num_blocks);
+  m.def("residual_square_sums", &residual_square_sums);
   m.def("combine_codewords", &combine_codewords);
   m.def("codeword_dots", &codeword_dots);
   m.def("sigmoid_backward", &sigmoid_backward);

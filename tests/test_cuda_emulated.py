@@ -164,6 +164,81 @@ def test_encode_beyond_default_shared_memory_needs_the_attribute(emu):
         assert torch.equal(indices, reference.sparse_encode(x, C, b, k)[1])
 
 
+def run_select(emu, pre, b, k, dtype):
+    """The row-wise selection of the GEMM encode path over float32 rows."""
+    values = guarded(pre.shape[0], k, dtype=dtype)
+    indices = guarded(pre.shape[0], k, dtype=torch.long, fill=-5)
+    with writes_only_inside(values, indices):
+        emu.select_top_k(pre, b.float(), k, values, indices)
+    return values, indices
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_select_top_k_matches_the_reference_encode(emu, shape, dtype):
+    """The GEMM path's second half: given the pre-activations (as cuBLAS
+    writes them, intercept not added), the same values and indices as the
+    reference's encode."""
+    x, C, b, k = encode_inputs(shape, dtype)
+    pre = x.float().permute(0, 2, 3, 1).reshape(-1, C.shape[0]) @ C.float()
+    values, indices = run_select(emu, pre, b, k, dtype)
+    ref_values, ref_indices = reference.sparse_encode(x.float(), C.float(), b, k)
+    assert torch.equal(indices, ref_indices.reshape(-1, k))
+    close(values, ref_values.reshape(-1, k), dtype)
+
+
+def test_select_top_k_reads_rows_through_their_stride(scheduled):
+    """Rows spaced wider than K (a view of a larger buffer): entries between
+    them are never candidates, here made larger than any real one."""
+    g = torch.Generator().manual_seed(8)
+    rows, K, k = 37, 300, 20
+    buffer = torch.full((rows, K + 13), 1e30)
+    buffer[:, :K] = dyadic(rows, K, dtype=torch.float32, generator=g)
+    pre = buffer[:, :K]
+    b = torch.tensor([0.25])
+    values, indices = run_select(scheduled, pre, b, k, torch.float32)
+    order = torch.sort(pre + b, dim=1, descending=True, stable=True).indices[:, :k]
+    assert torch.equal(indices, order)
+    torch.testing.assert_close(values, torch.sigmoid(torch.gather(pre, 1, order) + b))
+
+
+def test_select_top_k_ties_and_nan(emu):
+    """Ties go to the lower index, NaN ranks above +inf, -0 ties with +0, as
+    in the fused kernel and the reference."""
+    g = torch.Generator().manual_seed(9)
+    pre = dyadic(6, 150, dtype=torch.float32, generator=g)
+    pre[0, 70:140] = pre[0, 5]  # 71 equal pre-activations across three tiles
+    pre[1, 100] = float("nan")
+    pre[1, 3] = float("inf")
+    pre[2, :] = 0.0
+    pre[2, ::3] = -0.0
+    pre[3, :] = float("-inf")
+    b = torch.tensor([0.0])
+    for k in (1, 9, 64, 128):
+        values, indices = run_select(emu, pre, b, k, torch.float32)
+        order = torch.sort(pre, dim=1, descending=True, stable=True).indices[:, :k]
+        assert torch.equal(indices, order), k
+        torch.testing.assert_close(values, torch.sigmoid(torch.gather(pre, 1, order)), equal_nan=True)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_residual_square_sums(emu, dtype, layout):
+    n, d, h, w, K, k = 2, 37, 5, 7, 50, 6
+    g = torch.Generator().manual_seed(6)
+    coef, indices = sparse_code(n, h, w, K, k, seed=7, out_of_range=True)
+    dictionary_t = dyadic(K, d, generator=g, dtype=torch.float32).to(dtype)
+    x = make_layout(dyadic(n, d, h, w, generator=g, dtype=torch.float32).to(dtype), layout)
+    partials = guarded(emu.residual_square_sums_num_blocks(n * h * w))
+    with writes_only_inside(partials):
+        emu.residual_square_sums(coef, indices, k, dictionary_t, x, partials)
+    residual = decode_expected(coef, indices, dictionary_t) - x.double()
+    # One partial per 32 pixels, each the sum over its own pixels.
+    per_pixel = (residual**2).sum(1).reshape(-1)
+    expected = torch.stack([part.sum() for part in per_pixel.split(32)])
+    torch.testing.assert_close(partials.double(), expected, rtol=1e-5, atol=1e-5)
+
+
 def sparse_code(n, h, w, K, k, seed, dtype=torch.float32, out_of_range=False):
     g = torch.Generator().manual_seed(seed)
     indices = torch.stack(

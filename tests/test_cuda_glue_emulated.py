@@ -107,6 +107,14 @@ def teacher_inputs(shape, dtype, layout, dictionary, seed):
     return x, C, b, k
 
 
+@pytest.fixture(params=["auto", "fused"])
+def encode_path(request, monkeypatch):
+    """Both encode paths: "auto" runs the GEMM and the row-wise selection
+    outside deterministic mode, "fused" the single kernel everywhere."""
+    monkeypatch.setenv("SRM_EXT_CUDA_ENCODE", request.param)
+    return request.param
+
+
 def check_unwanted(out, mask) -> None:
     for want, grad in zip(mask, out):
         if not want:
@@ -116,8 +124,9 @@ def check_unwanted(out, mask) -> None:
 @pytest.mark.parametrize("dictionary", DICTIONARIES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_encode_and_decode_with_their_backward(ops, dtype, layout, dictionary):
-    # The deterministic variants change only the backward's reductions: one shape is enough.
+def test_encode_and_decode_with_their_backward(ops, encode_path, dtype, layout, dictionary):
+    # Deterministic mode changes the backward's reductions (and takes the
+    # fused encode): one shape is enough.
     for seed, (shape, determinism) in enumerate([(SHAPES[0], False), (SHAPES[0], True), (SHAPES[1], False)]):
         x, C, b, k = teacher_inputs(shape, dtype, layout, dictionary, seed)
         with deterministic(determinism):
@@ -152,11 +161,14 @@ def test_encode_and_decode_with_their_backward(ops, dtype, layout, dictionary):
                         close(got, expected, dtype, scale=4)
 
 
-# None: the default split of the pixels into boxes; "1": one value per box,
-# so that every pixel row spans several boxes.
-@pytest.mark.parametrize("box_values", [None, "1"])
+# None: the default split of the pixels into boxes (the whole batch); "1":
+# one value per box, so that every pixel row spans several boxes of the
+# backward and the GEMM encode takes one row per box; "120": boxes of two
+# rows and a short last one (K = 12 pre-activations per pixel in the encode,
+# D + 3k = 14 values in the backward); "180": one whole image per box.
+@pytest.mark.parametrize("box_values", [None, "1", "120", "180"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_reconstruction_loss_and_its_backward(ops, monkeypatch, dtype, box_values):
+def test_reconstruction_loss_and_its_backward(ops, monkeypatch, encode_path, dtype, box_values):
     if box_values is not None:
         monkeypatch.setenv("SRM_EXT_CUDA_BOX_VALUES", box_values)
     cases = [
@@ -183,6 +195,13 @@ def test_reconstruction_loss_and_its_backward(ops, monkeypatch, dtype, box_value
                 for wanted, got, expected in zip(mask, out, want):
                     if wanted:
                         close(got, expected.reshape(got.shape), dtype, scale=4)
+
+
+def test_unknown_encode_path_is_refused_by_name(ops, monkeypatch):
+    x, C, b, k = teacher_inputs(SHAPES[0], torch.float32, "contiguous", "row_major", 0)
+    monkeypatch.setenv("SRM_EXT_CUDA_ENCODE", "dense")
+    with pytest.raises(RuntimeError, match="SRM_EXT_CUDA_ENCODE must be 'auto' or 'fused', got 'dense'"):
+        ops.sparse_encode(x, C, b, k)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

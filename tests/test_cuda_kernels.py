@@ -55,6 +55,14 @@ def _compiled_and_exact(monkeypatch):
     torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
+@pytest.fixture(params=["auto", "fused"])
+def encode_path(request, monkeypatch):
+    """Both encode paths: "auto" runs a cuBLAS GEMM per box of pixels and the
+    row-wise selection outside deterministic mode, "fused" the single kernel."""
+    monkeypatch.setenv("SRM_EXT_CUDA_ENCODE", request.param)
+    return request.param
+
+
 def inputs(shape, dtype, seed, layout="contiguous"):
     n, d, h, w, K, k = shape
     g = torch.Generator().manual_seed(seed)
@@ -98,7 +106,7 @@ def grads(fn, leaves_in, upstream=None):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
-def test_encode(shape, dtype, layout):
+def test_encode(shape, dtype, layout, encode_path):
     (x, C, b), ref_in, k = inputs(shape, dtype, seed=0, layout=layout)
     values, indices = srm_ext.sparse_encode(x, C, b, k)
     ref_values, ref_indices = reference.sparse_encode(*ref_in, k)
@@ -132,7 +140,7 @@ def test_decode(shape, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_reconstruction_loss(shape, dtype, deterministic):
+def test_reconstruction_loss(shape, dtype, deterministic, encode_path):
     (x, C, b), ref_in, k = inputs(shape, dtype, seed=2)
     torch.use_deterministic_algorithms(deterministic)
     try:
@@ -191,6 +199,28 @@ def test_fused_loss_backward_over_many_pixel_boxes_matches_reference(dtype, layo
         want = grads(lambda *a: reference.reconstruction_loss(*a, k), ref_in)
         for name, g, w in zip(("x", "dictionary", "intercept"), got, want):
             assert relative_error(g, w) < tolerance, (shape, name)
+
+
+def test_gemm_encode_holds_one_box_of_pre_activations(monkeypatch):
+    # 65536 pixels x K = 1024: the whole float32 pre-activation matrix would
+    # take 256 MiB; the GEMM path holds one 16 MiB box of it at a time. The
+    # slack covers cuBLAS's workspace, which torch's allocator may hand out
+    # on the first GEMM of a stream.
+    monkeypatch.setenv("SRM_EXT_CUDA_ENCODE", "auto")
+    box_values = 1 << 22
+    monkeypatch.setenv("SRM_EXT_CUDA_BOX_VALUES", str(box_values))
+    (x, C, b), ref_in, k = inputs((64, 32, 32, 32, 1024, 8), torch.float32, seed=15)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    values, indices = srm_ext.sparse_encode(x, C, b, k)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    outputs = values.numel() * values.element_size() + indices.numel() * indices.element_size()
+    assert peak <= outputs + 4 * box_values + (64 << 20), peak
+    ref_values, ref_indices = reference.sparse_encode(*ref_in, k)
+    torch.testing.assert_close(indices.cpu(), ref_indices, rtol=0, atol=0)
+    close(values, ref_values, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

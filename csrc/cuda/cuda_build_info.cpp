@@ -1,12 +1,14 @@
 // Python module srm_ext._C_cuda: loading it registers the CUDA kernels of the
 // srm_ext operators (teacher_ops.cpp and student_ops.cpp, linked into the
-// same library) and exposes build_info() describing how they were compiled.
+// same library) and exposes build_info() describing how they were compiled
+// and which encode path runs.
 #include <cuda.h>
 #include <torch/extension.h>
 
 #include <string>
 #include <vector>
 
+#include "op_support.h"
 #include "srm_kernels.h"
 
 // Architectures compiled into this module, e.g. SRM_EXT_CUDA_ARCHS="80;90+PTX".
@@ -52,6 +54,9 @@ pybind11::dict build_info() {
   limits["K"] = srm_cuda::kMaxCodewords;
   limits["k"] = srm_cuda::kMaxTopK;
   info["sparse_code_limits"] = limits;
+  // How the encode runs now (SRM_EXT_CUDA_ENCODE and deterministic mode).
+  info["encode"] =
+      srm_ext::cuda_ops::use_fused_encode() ? "fused" : "gemm";
   return info;
 }
 

@@ -1,6 +1,7 @@
-// Per-pixel codeword gathers: decoding (sum_j coef_pj * C[:, idx_pj]) and its
-// adjoint (<f_p, C[:, idx_pj]> for every kept entry), plus the sigmoid
-// derivative of kept entries.
+// Per-pixel codeword gathers: decoding (sum_j coef_pj * C[:, idx_pj]), the
+// squared residual of a decoding against the map it rebuilds, the adjoint
+// (<f_p, C[:, idx_pj]> for every kept entry), and the sigmoid derivative of
+// kept entries.
 //
 // A block owns 32 pixels and walks the channels in chunks of 32. Within a
 // chunk a warp handles one pixel at a time with its lanes on consecutive
@@ -14,6 +15,9 @@ namespace {
 
 using namespace detail;
 
+// Writes every combined element to `out` (when not null) and, when
+// square_sums is not null, the block's sum of their squares to
+// square_sums[blockIdx.x].
 template <typename TDict, typename TOut, typename TAdd>
 __global__ void __launch_bounds__(kTileThreads, 4)
     combine_codewords_kernel(const float* __restrict__ coef,
@@ -22,11 +26,14 @@ __global__ void __launch_bounds__(kTileThreads, 4)
                              int64_t num_codes, const TAdd* addend,
                              FeatureMapLayout add_layout, float addend_scale,
                              const float* device_scale, float host_scale,
-                             TOut* out, FeatureMapLayout out_layout) {
+                             TOut* out, FeatureMapLayout out_layout,
+                             float* __restrict__ square_sums) {
   __shared__ int64_t out_offsets[kTilePixels];
   __shared__ int64_t add_offsets[kTilePixels];
   __shared__ PixelTile sums;
   __shared__ PixelTile add_tile;
+  __shared__ float sum_scratch[kTileThreads];
+  float sum_sq = 0.0f;
 
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
@@ -76,9 +83,19 @@ __global__ void __launch_bounds__(kTileThreads, 4)
           if (addend != nullptr) {
             v = fmaf(addend_scale, add_tile[i][c], v);
           }
-          out[offset] = from_float<TOut>(scale * v);
+          v *= scale;
+          if (out != nullptr) {
+            out[offset] = from_float<TOut>(v);
+          }
+          sum_sq = fmaf(v, v, sum_sq);
         });
     __syncthreads();  // tiles are rewritten by the next chunk
+  }
+  if (square_sums != nullptr) {  // grid-uniform
+    const float block_total = block_sum<kTileThreads>(sum_sq, sum_scratch);
+    if (threadIdx.x == 0) {
+      square_sums[blockIdx.x] = block_total;
+    }
   }
 }
 
@@ -165,17 +182,15 @@ bool valid_tile_grid(int64_t total_pixels) {
   return ceil_div(total_pixels, kTilePixels) <= 0x7fffffff;
 }
 
-}  // namespace
-
-cudaError_t launch_combine_codewords(const float* coef, const int64_t* indices,
-                                     int64_t k, const void* dictionary_t,
-                                     Dtype dictionary_dtype,
-                                     int64_t num_codewords,
-                                     const FeatureMap* addend,
-                                     float addend_scale,
-                                     const float* device_scale,
-                                     float host_scale, const FeatureMap& out,
-                                     cudaStream_t stream) {
+// launch_combine_codewords, with the square sums of combine_codewords_kernel;
+// out.data may be null when only those are wanted.
+cudaError_t launch_combine(const float* coef, const int64_t* indices,
+                           int64_t k, const void* dictionary_t,
+                           Dtype dictionary_dtype, int64_t num_codewords,
+                           const FeatureMap* addend, float addend_scale,
+                           const float* device_scale, float host_scale,
+                           const FeatureMap& out, float* square_sums,
+                           cudaStream_t stream) {
   const int64_t total_pixels = detail::num_pixels(out.layout);
   if (k < 0 || k > 0x7fffffff || !valid_tile_grid(total_pixels)) {
     return cudaErrorInvalidValue;
@@ -212,7 +227,7 @@ cudaError_t launch_combine_codewords(const float* coef, const int64_t* indices,
               static_cast<const T*>(dictionary_t), num_codewords,
               static_cast<const TAdd*>(add_data), add_layout, addend_scale,
               device_scale, host_scale, static_cast<TOut*>(out.data),
-              out.layout);
+              out.layout, square_sums);
       return cudaGetLastError();
     };
     const bool out_float = out.dtype == Dtype::kFloat32;
@@ -222,6 +237,48 @@ cudaError_t launch_combine_codewords(const float* coef, const int64_t* indices,
     }
     return add_float ? launch(T{}, float{}) : launch(T{}, T{});
   });
+}
+
+}  // namespace
+
+cudaError_t launch_combine_codewords(const float* coef, const int64_t* indices,
+                                     int64_t k, const void* dictionary_t,
+                                     Dtype dictionary_dtype,
+                                     int64_t num_codewords,
+                                     const FeatureMap* addend,
+                                     float addend_scale,
+                                     const float* device_scale,
+                                     float host_scale, const FeatureMap& out,
+                                     cudaStream_t stream) {
+  if (out.data == nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  return launch_combine(coef, indices, k, dictionary_t, dictionary_dtype,
+                        num_codewords, addend, addend_scale, device_scale,
+                        host_scale, out, nullptr, stream);
+}
+
+int64_t residual_square_sums_num_blocks(int64_t num_pixels) {
+  return detail::ceil_div(num_pixels, kTilePixels);
+}
+
+cudaError_t launch_residual_square_sums(const float* coef,
+                                        const int64_t* indices, int64_t k,
+                                        const void* dictionary_t,
+                                        Dtype dictionary_dtype,
+                                        int64_t num_codewords,
+                                        const FeatureMap& x, float* partials,
+                                        cudaStream_t stream) {
+  // With no channels no block would write its (zero) sum.
+  if (partials == nullptr || x.layout.d < 1) {
+    return cudaErrorInvalidValue;
+  }
+  // The residual x_hat - x: x enters as the addend with scale -1; nothing is
+  // written but the per-block sums.
+  const FeatureMap no_out{nullptr, Dtype::kFloat32, x.layout};
+  return launch_combine(coef, indices, k, dictionary_t, dictionary_dtype,
+                        num_codewords, &x, -1.0f, nullptr, 1.0f, no_out,
+                        partials, stream);
 }
 
 cudaError_t launch_codeword_dots(const FeatureMap& features,

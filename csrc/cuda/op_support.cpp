@@ -2,10 +2,12 @@
 #include "op_support.h"
 
 #include <ATen/Context.h>
+#include <torch/version.h>
 
 #include <algorithm>
 #include <cstdlib>
 #include <optional>
+#include <string_view>
 #include <tuple>
 
 namespace srm_ext::cuda_ops {
@@ -314,11 +316,38 @@ at::Tensor kept_sigmoid(const at::Tensor& x, const at::Tensor& values,
   return pre.add_(intercept_as_float(intercept, x)).sigmoid_();
 }
 
-int64_t backward_box_values() {
-  constexpr int64_t kDefault = int64_t{1} << 26;
+at::Tensor float_product(const at::Tensor& a, const at::Tensor& b) {
+  TORCH_INTERNAL_ASSERT(b.dim() == 2 && (a.dim() == 2 || a.dim() == 3));
+  // The batch shares b through an expanded view, which cuBLAS reads with a
+  // batch stride of 0: no copy per batch entry.
+  const auto shared = [&](const at::Tensor& right) {
+    return right.expand({a.size(0), right.size(0), right.size(1)});
+  };
+  const bool batched = a.dim() == 3;
+  if (a.scalar_type() == at::kFloat) {
+    return batched ? at::bmm(a, shared(b)) : at::mm(a, b);
+  }
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
+  return batched ? at::bmm(a, shared(b), at::kFloat) : at::mm(a, b, at::kFloat);
+#else
+  const at::Tensor fa = a.to(at::kFloat), fb = b.to(at::kFloat);
+  return batched ? at::bmm(fa, shared(fb)) : at::mm(fa, fb);
+#endif
+}
+
+bool use_fused_encode() {
+  const char* choice = std::getenv("SRM_EXT_CUDA_ENCODE");
+  const std::string_view name = choice != nullptr ? choice : "auto";
+  TORCH_CHECK(name == "auto" || name == "fused",
+              "srm_ext: SRM_EXT_CUDA_ENCODE must be 'auto' or 'fused', got '",
+              name, "'");
+  return name == "fused" || at::globalContext().deterministicAlgorithms();
+}
+
+int64_t box_values(int64_t default_values) {
   const char* text = std::getenv("SRM_EXT_CUDA_BOX_VALUES");
   const int64_t value = text != nullptr ? std::atoll(text) : 0;
-  return value > 0 ? value : kDefault;
+  return value > 0 ? value : default_values;
 }
 
 std::vector<PixelBox> pixel_boxes(const at::Tensor& x, int64_t max_pixels) {

@@ -130,12 +130,29 @@ at::Tensor kept_sigmoid(const at::Tensor& x, const at::Tensor& values,
                         const at::Tensor& dictionary_t,
                         const at::Tensor& intercept, cudaStream_t stream);
 
-// The backward of the fused loss keeps a float32 workspace of about D + 3k
-// values per pixel (the residual and per-entry terms); it walks the pixels in
-// boxes of at most about this many workspace values, so its memory stays
-// bounded whatever the size of x. SRM_EXT_CUDA_BOX_VALUES overrides it, so
+// a @ b for a (M, D) or batched (B, M, D) and b (D, K) of the same dtype,
+// accumulated and returned in float32 by cuBLAS. 16-bit inputs stay 16-bit on the way into
+// the tensor cores where torch has the products with an output dtype (2.8
+// on); float32 follows torch's TF32 setting, as any torch matmul does.
+at::Tensor float_product(const at::Tensor& a, const at::Tensor& b);
+
+// Whether the encode runs as one fused kernel (GEMM and top-k together, no
+// pre-activation buffer) rather than as a cuBLAS GEMM per box of pixels
+// followed by the row-wise selection. The fused kernel is used in
+// deterministic mode, where torch would demand CUBLAS_WORKSPACE_CONFIG of the
+// GEMM, and when SRM_EXT_CUDA_ENCODE=fused; SRM_EXT_CUDA_ENCODE=auto (the
+// default) chooses the GEMM otherwise. Other values are refused by name.
+bool use_fused_encode();
+
+// Ops that walk x in boxes of pixels keep a float32 workspace of a few values
+// per pixel: the GEMM encode K pre-activations, the backward of the fused
+// loss about D + 3k (the residual and per-entry terms). Each box holds at
+// most about `default_values` workspace values, so memory stays bounded
+// whatever the size of x. SRM_EXT_CUDA_BOX_VALUES overrides every budget, so
 // that tests can cover many boxes with small inputs.
-int64_t backward_box_values();
+int64_t box_values(int64_t default_values);
+constexpr int64_t kEncodeBoxValues = int64_t{1} << 23;    // 32 MiB
+constexpr int64_t kBackwardBoxValues = int64_t{1} << 26;  // 256 MiB
 
 // A box of pixels [n0, n0 + nc) x [h0, h0 + hc) x [0, W): whole images, or
 // whole rows of one image, so its part of a contiguous (N, H, W, k) code is

@@ -75,6 +75,22 @@ cudaError_t launch_sparse_encode(const FeatureMap& x, const void* dictionary,
                                  cudaStream_t stream);
 
 // ---------------------------------------------------------------------------
+// Row-wise selection (select.cu): the second half of the GEMM encode path
+// ---------------------------------------------------------------------------
+
+// For each of `rows` rows of float32 pre-activations (row r at
+// pre + r * row_stride, num_codewords entries, intercept not yet added) keeps
+// the k largest pre[r, c] + intercept[0] in launch_sparse_encode's order and
+// writes values = sigmoid(pre) in `dtype` and the codeword indices, (rows, k)
+// row-major each. Paired with a GEMM that writes a bounded box of pixels'
+// pre-activations at a time, this is the encode without its fusion.
+cudaError_t launch_select_top_k(const float* pre, int64_t rows,
+                                int64_t row_stride, int64_t num_codewords,
+                                const float* intercept, int64_t k, Dtype dtype,
+                                void* values, int64_t* indices,
+                                cudaStream_t stream);
+
+// ---------------------------------------------------------------------------
 // Codeword gathers and dot products (decode.cu)
 // ---------------------------------------------------------------------------
 
@@ -93,6 +109,24 @@ cudaError_t launch_combine_codewords(const float* coef, const int64_t* indices,
                                      const float* device_scale,
                                      float host_scale, const FeatureMap& out,
                                      cudaStream_t stream);
+
+// Number of thread blocks launch_residual_square_sums uses for `num_pixels`
+// pixels, i.e. the length of its `partials` output.
+int64_t residual_square_sums_num_blocks(int64_t num_pixels);
+
+// partials[b] = sum over block b's pixels p and channels d of
+// (sum_j coef[p, j] * dictionary_t[indices[p, j], d] - x[p, d])^2: the
+// squared residual of a decoding (launch_combine_codewords with x as the
+// addend at scale -1) without forming it. x has dtype dictionary_dtype or
+// float32 and at least one channel; reduce the partials in order with
+// launch_deterministic_sum.
+cudaError_t launch_residual_square_sums(const float* coef,
+                                        const int64_t* indices, int64_t k,
+                                        const void* dictionary_t,
+                                        Dtype dictionary_dtype,
+                                        int64_t num_codewords,
+                                        const FeatureMap& x, float* partials,
+                                        cudaStream_t stream);
 
 // out[p, j] = <features[p, :], dictionary_t[indices[p, j], :]>, multiplied by
 // s * (1 - s) with s = sigmoid_values[p, j] when sigmoid_values is not null.

@@ -7,7 +7,6 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
-#include <torch/version.h>
 
 #include <algorithm>
 #include <array>
@@ -53,20 +52,6 @@ std::tuple<at::Tensor, at::Tensor> sparse_labels(const at::Tensor& values,
 // (P, D_s) rows of y, one per pixel (a view when y is channels_last).
 at::Tensor pixel_rows(const at::Tensor& y) {
   return y.permute({0, 2, 3, 1}).reshape({-1, y.size(1)});
-}
-
-// a @ b accumulated and returned in float32; 16-bit inputs (one dtype for
-// both) stay 16-bit on the way into cuBLAS's tensor cores where torch has
-// the mm overload with an output dtype (2.8 on).
-at::Tensor float_mm(const at::Tensor& a, const at::Tensor& b) {
-  if (a.scalar_type() == at::kFloat) {
-    return at::mm(a, b);
-  }
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
-  return at::mm(a, b, at::kFloat);
-#else
-  return at::mm(a.to(at::kFloat), b.to(at::kFloat));
-#endif
 }
 
 // The gradients of the loss for a unit upstream gradient, from dloss/dz as a
@@ -145,7 +130,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> predictor_loss(
   // The float32 logits buffer becomes dloss/dz in place; it lives only until
   // the gradients for the inputs are formed from it.
   const at::Tensor rows = pixel_rows(y);
-  at::Tensor logits = float_mm(rows, dictionary).contiguous();
+  at::Tensor logits = float_product(rows, dictionary).contiguous();
   auto float_workspace = at::empty(
       {srm_cuda::predictor_workspace_size(n, h * w, num_codewords)},
       y.options().dtype(at::kFloat));

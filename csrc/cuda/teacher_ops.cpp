@@ -18,20 +18,81 @@
 namespace srm_ext::cuda_ops {
 namespace {
 
-// Shared by sparse_encode and reconstruction_loss; returns the per-block
-// squared-residual partials when with_loss.
+// The fused encode kernel: values, indices and (with loss_partials) the
+// squared-residual partials of every block in one launch.
+void encode_fused(const at::Tensor& x, const at::Tensor& dictionary,
+                  const at::Tensor& bias, int64_t k, at::Tensor& values,
+                  at::Tensor& indices, at::Tensor* loss_partials,
+                  cudaStream_t stream) {
+  if (loss_partials != nullptr) {
+    *loss_partials = at::empty(
+        {srm_cuda::sparse_encode_num_blocks(values.numel() / k)},
+        x.options().dtype(at::kFloat));
+  }
+  // float32 follows torch's matmul TF32 setting; 16-bit inputs always use
+  // their tensor-core MMA (exact products, float32 accumulation).
+  const bool use_tensor_cores =
+      x.scalar_type() != at::kFloat || at::globalContext().allowTF32CuBLAS();
+  const cudaError_t status = srm_cuda::launch_sparse_encode(
+      feature_map(x, "x"), dictionary.data_ptr(), dictionary.size(1),
+      bias.data_ptr<float>(), k, use_tensor_cores, values.data_ptr(),
+      indices.data_ptr<int64_t>(),
+      loss_partials != nullptr ? loss_partials->data_ptr<float>() : nullptr,
+      stream);
+  // The per-pixel top-k lists live in shared memory; every GPU the kernels
+  // build for gives a block enough for k <= 64.
+  TORCH_CHECK(status != cudaErrorLaunchOutOfResources, "srm_ext CUDA: k = ",
+              k, " needs more shared memory per block than this GPU "
+              "allows; use k <= 64 on it");
+  check_launch(status, "sparse_encode");
+}
+
+// The GEMM encode: cuBLAS writes the float32 pre-activations of one box of
+// pixels at a time (an NCHW box is read through its transposed view, as it
+// lies in memory) and the row-wise selection keeps each pixel's top k. The
+// box bounds the pre-activation buffer; the full (P, K) matrix never exists.
+void encode_by_gemm(const at::Tensor& x, const at::Tensor& dictionary,
+                    const at::Tensor& bias, int64_t k, at::Tensor& values,
+                    at::Tensor& indices, cudaStream_t stream) {
+  const int64_t h = x.size(2), w = x.size(3);
+  const int64_t num_codewords = dictionary.size(1);
+  const Dtype dtype = kernel_dtype(x.scalar_type(), "x");
+  const at::Tensor value_rows = values.view({-1, k});
+  const at::Tensor index_rows = indices.view({-1, k});
+  for (const PixelBox& box :
+       pixel_boxes(x, box_values(kEncodeBoxValues) / num_codewords)) {
+    // (nc, pixels of an image in the box, D): a strided view for NCHW and
+    // channels_last boxes, which cuBLAS takes as they are.
+    const at::Tensor rows = box.of_map(x).flatten(2).transpose(1, 2);
+    const at::Tensor pre =
+        float_product(rows, dictionary).contiguous();
+    const int64_t first = (box.n0 * h + box.h0) * w;
+    const int64_t count = box.nc * box.hc * w;
+    check_launch(srm_cuda::launch_select_top_k(
+                     pre.data_ptr<float>(), count, num_codewords,
+                     num_codewords, bias.data_ptr<float>(), k, dtype,
+                     value_rows.narrow(0, first, count).data_ptr(),
+                     index_rows.narrow(0, first, count).data_ptr<int64_t>(),
+                     stream),
+                 "select_top_k");
+  }
+}
+
+// Shared by sparse_encode and reconstruction_loss; with_loss also gives the
+// squared-residual partials that the loss sums.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> encode_impl(
     const at::Tensor& x, const at::Tensor& dictionary,
     const at::Tensor& intercept, int64_t k, bool with_loss) {
   TORCH_CHECK(x.is_cuda(), "srm_ext: x must be a CUDA tensor");
   check_dim(x, 4, "x", "(N, D, H, W)");
-  const Dtype dtype = kernel_dtype(x.scalar_type(), "x");
+  kernel_dtype(x.scalar_type(), "x");
   check_dictionary(dictionary, x.size(1), x, "x");
   const int64_t num_codewords = dictionary.size(1);
   TORCH_CHECK(k >= 1 && k <= num_codewords, "srm_ext: k = ", k,
               " must be in [1, K = ", num_codewords, "]");
   check_sparse_kernel_limits(dictionary, k);
   TORCH_CHECK(x.size(1) >= 1, "srm_ext: x must have at least one channel");
+  const bool fused = use_fused_encode();
 
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -41,30 +102,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> encode_impl(
   const int64_t n = x.size(0), h = x.size(2), w = x.size(3);
   auto values = at::empty({n, h, w, k}, x.options());
   auto indices = at::empty({n, h, w, k}, x.options().dtype(at::kLong));
-  at::Tensor partials;
-  const int64_t pixels = n * h * w;
-  if (with_loss) {
-    partials = at::empty({srm_cuda::sparse_encode_num_blocks(pixels)},
-                         x.options().dtype(at::kFloat));
-  }
-  if (pixels == 0) {
+  at::Tensor partials = at::empty({0}, x.options().dtype(at::kFloat));
+  if (n * h * w == 0) {
     return {values, indices, partials};
   }
-  // float32 follows torch's matmul TF32 setting; 16-bit inputs always use
-  // their tensor-core MMA (exact products, float32 accumulation).
-  const bool use_tensor_cores = dtype != Dtype::kFloat32 ||
-                                at::globalContext().allowTF32CuBLAS();
-  const cudaError_t status = srm_cuda::launch_sparse_encode(
-      feature_map(x, "x"), dict.data_ptr(), num_codewords,
-      bias.data_ptr<float>(), k, use_tensor_cores, values.data_ptr(),
-      indices.data_ptr<int64_t>(),
-      with_loss ? partials.data_ptr<float>() : nullptr, stream);
-  // The per-pixel top-k lists live in shared memory; every GPU the kernels
-  // build for gives a block enough for k <= 64.
-  TORCH_CHECK(status != cudaErrorLaunchOutOfResources, "srm_ext CUDA: k = ",
-              k, " needs more shared memory per block than this GPU "
-              "allows; use k <= 64 on it");
-  check_launch(status, "sparse_encode");
+  if (fused) {
+    encode_fused(x, dict, bias, k, values, indices,
+                 with_loss ? &partials : nullptr, stream);
+    return {values, indices, partials};
+  }
+  encode_by_gemm(x, dict, bias, k, values, indices, stream);
+  if (with_loss) {
+    // Rebuilt from the written (dtype-rounded) values, as the fused kernel
+    // and the reference do.
+    partials = at::empty(
+        {srm_cuda::residual_square_sums_num_blocks(n * h * w)},
+        x.options().dtype(at::kFloat));
+    const at::Tensor coef = values.to(at::kFloat).contiguous();
+    const at::Tensor dict_t = transposed_dictionary(dictionary);
+    check_launch(srm_cuda::launch_residual_square_sums(
+                     coef.data_ptr<float>(), indices.data_ptr<int64_t>(), k,
+                     dict_t.data_ptr(),
+                     kernel_dtype(dict_t.scalar_type(), "dictionary"),
+                     num_codewords, feature_map(x, "x"),
+                     partials.data_ptr<float>(), stream),
+                 "residual_square_sums");
+  }
   return {values, indices, partials};
 }
 
@@ -241,7 +304,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss_backward(
   at::Tensor grad_dictionary_sum, grad_intercept_sum;
 
   for (const PixelBox& box :
-       pixel_boxes(x, backward_box_values() / (depth + 3 * k))) {
+       pixel_boxes(x, box_values(kBackwardBoxValues) / (depth + 3 * k))) {
     const at::Tensor xb = box.of_map(x);
     const at::Tensor vals = box.of_code(values);
     const at::Tensor idx = box.of_code(indices);

@@ -1,0 +1,95 @@
+// Per-row top-k of precomputed pre-activations (the GEMM encode path).
+//
+// One warp owns one row at a time: it reads the row from global memory in
+// coalesced tiles of kTileCodes codewords and folds each tile into the row's
+// running top-k list in shared memory (topk.cuh), so after the first merge
+// the k-th best so far screens every later candidate with one comparison.
+// Only the k winners get their sigmoid and reach the outputs.
+#include <algorithm>
+
+#include "common.cuh"
+#include "topk.cuh"
+
+namespace srm_cuda {
+namespace {
+
+using namespace detail;
+
+constexpr int kTileCodes = 64;
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / kWarpSize;
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    select_top_k_kernel(const float* __restrict__ pre, int64_t rows,
+                        int64_t row_stride, int64_t num_codes,
+                        const float* __restrict__ intercept, int k,
+                        int list_len, T* __restrict__ values,
+                        int64_t* __restrict__ indices) {
+  extern __shared__ uint64_t topk_lists[];  // kWarps * list_len keys
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  uint64_t* list = topk_lists + static_cast<int64_t>(warp) * list_len;
+  const float bias = intercept[0];
+
+  // Grid-stride over rows; the loop bound is warp-uniform.
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+       row < rows; row += static_cast<int64_t>(gridDim.x) * kWarps) {
+    const float* scores = pre + row * row_stride;
+    int count = 0;
+    uint64_t threshold = 0;
+    for (int64_t code0 = 0; code0 < num_codes; code0 += kTileCodes) {
+      topk_append_tile<kTileCodes>(scores + code0, code0, num_codes, bias,
+                                   threshold, list, count, lane);
+      // Same policy as the fused encode: merge when another tile might not
+      // fit, and as soon as k candidates are in so a threshold screens.
+      if (count > list_len - kTileCodes || (threshold == 0 && count >= k)) {
+        threshold = topk_merge(list, count, k, lane);
+      }
+    }
+    topk_merge(list, count, k, lane);
+    for (int j = lane; j < k; j += kWarpSize) {
+      const uint64_t key = list[j];
+      values[row * k + j] = from_float<T>(sigmoid(topk_key_value(key)));
+      indices[row * k + j] = static_cast<int64_t>(topk_key_codeword(key));
+    }
+    __syncwarp();  // the list is reused by this warp's next row
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_select_top_k(const float* pre, int64_t rows,
+                                int64_t row_stride, int64_t num_codewords,
+                                const float* intercept, int64_t k, Dtype dtype,
+                                void* values, int64_t* indices,
+                                cudaStream_t stream) {
+  if (k < 1 || k > kMaxTopK || k > num_codewords ||
+      num_codewords > kMaxCodewords || row_stride < num_codewords ||
+      rows < 0) {
+    return cudaErrorInvalidValue;
+  }
+  if (rows == 0) {
+    return cudaSuccess;
+  }
+  const int top_k = static_cast<int>(k);
+  const int list_len = topk_list_length(top_k, kTileCodes);
+  const size_t list_bytes =
+      static_cast<size_t>(kWarps) * list_len * sizeof(uint64_t);
+  // Enough warps to fill any GPU many times over; more rows are strided.
+  constexpr int64_t kMaxBlocks = int64_t{1} << 16;
+  const int64_t blocks =
+      std::min(detail::ceil_div(rows, kWarps), kMaxBlocks);
+  return detail::dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    auto kernel = select_top_k_kernel<T>;
+    SRM_RETURN_IF_ERROR(allow_dynamic_shared_memory(
+        reinterpret_cast<const void*>(kernel), list_bytes));
+    kernel<<<static_cast<unsigned>(blocks), kThreads, list_bytes, stream>>>(
+        pre, rows, row_stride, num_codewords, intercept, top_k, list_len,
+        static_cast<T*>(values), indices);
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace srm_cuda
