@@ -12,9 +12,11 @@
 //          + gw / (N K) * (m_nc - t_nc) / max(m_nc (1 - m_nc), 1e-12) / HW
 //   dz     = dq * q * (1 - q)
 //
-// Three passes, every reduction in a fixed order: per-pixel softmax statistics
-// (one warp per pixel), per-(image, codeword) means (one thread per column,
-// walking the image's pixels in order), then the elementwise gradient.
+// Three passes over the logits, every reduction in a fixed order: per-pixel
+// softmax statistics (a warp per pixel), per-(image, codeword) means (a block
+// per image and 32 codewords, its warps on interleaved pixels), then the
+// gradient (a warp per pixel). Lanes always walk codewords, so every read of
+// a logits row is coalesced.
 #include "common.cuh"
 
 namespace srm_cuda {
@@ -61,25 +63,41 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Block (chunk, n) owns codewords [32 chunk, 32 chunk + 32) of image n; warp
+// w sums the image's pixels w, w + kRowsPerBlock, ... in order, and the warps'
+// sums are added in warp order: a fixed order whatever the scheduling.
 __global__ void __launch_bounds__(kThreads)
     image_means_kernel(const float* __restrict__ logits,
                        const float* __restrict__ intercept,
-                       const float* __restrict__ targets, int64_t batch,
+                       const float* __restrict__ targets,
                        int64_t pixels_per_image, int64_t num_codes,
-                       float global_scale, float* __restrict__ bce_terms,
+                       int64_t column_chunks, float global_scale,
+                       float* __restrict__ bce_terms,
                        float* __restrict__ global_coef) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (i >= batch * num_codes) {
+  __shared__ float warp_sums[kRowsPerBlock][kWarpSize];
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  const int64_t n = blockIdx.x / column_chunks;
+  const int64_t c = (blockIdx.x % column_chunks) * kWarpSize + lane;
+  const float bias = intercept[0];
+  float sum = 0.0f;
+  if (c < num_codes) {
+    const float* column = logits + n * pixels_per_image * num_codes + c;
+    for (int64_t hw = warp; hw < pixels_per_image; hw += kRowsPerBlock) {
+      sum += sigmoid(column[hw * num_codes] + bias);
+    }
+  }
+  warp_sums[warp][lane] = sum;
+  __syncthreads();
+  if (warp != 0 || c >= num_codes) {
     return;
   }
-  const int64_t n = i / num_codes;
-  const int64_t c = i - n * num_codes;
-  const float bias = intercept[0];
-  const float* column = logits + n * pixels_per_image * num_codes + c;
-  float sum = 0.0f;
-  for (int64_t hw = 0; hw < pixels_per_image; ++hw) {
-    sum += sigmoid(column[hw * num_codes] + bias);
+  sum = 0.0f;
+#pragma unroll
+  for (int w = 0; w < kRowsPerBlock; ++w) {
+    sum += warp_sums[w][lane];
   }
+  const int64_t i = n * num_codes + c;
   const float hw_count = static_cast<float>(pixels_per_image);
   const float m = sum / hw_count;
   const float t = targets[i];
@@ -97,21 +115,26 @@ __global__ void __launch_bounds__(kThreads)
                       const int64_t* __restrict__ labels,
                       const float* __restrict__ lse,
                       const float* __restrict__ global_coef,
-                      int64_t pixels_per_image, int64_t num_codes,
-                      int64_t total, float local_scale) {
+                      int64_t num_pixels, int64_t pixels_per_image,
+                      int64_t num_codes, float local_scale) {
+  const int lane = threadIdx.x % kWarpSize;
   const float bias = intercept[0];
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-       i < total; i += stride) {
-    const int64_t p = i / num_codes;
-    const int64_t c = i - p * num_codes;
-    const int64_t n = p / pixels_per_image;
-    const float q = sigmoid(logits[i] + bias);
-    const float softmax = expf(q - lse[p]);
-    const float one_hot = labels[p] == c ? 1.0f : 0.0f;
-    const float dq = local_scale * (softmax - one_hot) +
-                     global_coef[n * num_codes + c];
-    logits[i] = dq * q * (1.0f - q);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kRowsPerBlock;
+  // Grid-stride over pixels, a warp per pixel (warp-uniform bounds).
+  for (int64_t p = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock +
+                   threadIdx.x / kWarpSize;
+       p < num_pixels; p += stride) {
+    float* row = logits + p * num_codes;
+    const float* image_coef = global_coef + (p / pixels_per_image) * num_codes;
+    const float row_lse = lse[p];
+    const int64_t label = labels[p];
+    for (int64_t c = lane; c < num_codes; c += kWarpSize) {
+      const float q = sigmoid(row[c] + bias);
+      const float softmax = expf(q - row_lse);
+      const float one_hot = label == c ? 1.0f : 0.0f;
+      const float dq = local_scale * (softmax - one_hot) + image_coef[c];
+      row[c] = dq * q * (1.0f - q);
+    }
   }
 }
 
@@ -145,7 +168,7 @@ cudaError_t launch_predictor_loss(float* logits, const float* intercept,
   const int64_t columns = batch * num_codewords;
   if (pixels < 1 || num_codewords < 1 ||
       detail::ceil_div(pixels, kRowsPerBlock) > 0x7fffffff ||
-      detail::ceil_div(columns, kThreads) > 0x7fffffff) {
+      batch * detail::ceil_div(num_codewords, kWarpSize) > 0x7fffffff) {
     return cudaErrorInvalidValue;
   }
   float* lse = float_workspace;
@@ -162,11 +185,12 @@ cudaError_t launch_predictor_loss(float* logits, const float* intercept,
 
   const float global_scale =
       static_cast<float>(static_cast<double>(global_weight) / columns);
-  image_means_kernel<<<static_cast<unsigned>(
-                           detail::ceil_div(columns, kThreads)),
-                       kThreads, 0, stream>>>(
-      logits, intercept, image_labels, batch, pixels_per_image, num_codewords,
-      global_scale, bce_terms, global_coef);
+  const int64_t column_chunks = detail::ceil_div(num_codewords, kWarpSize);
+  image_means_kernel<<<static_cast<unsigned>(batch * column_chunks), kThreads,
+                       0, stream>>>(logits, intercept, image_labels,
+                                    pixels_per_image, num_codewords,
+                                    column_chunks, global_scale, bce_terms,
+                                    global_coef);
   SRM_RETURN_IF_ERROR(cudaGetLastError());
 
   SRM_RETURN_IF_ERROR(launch_deterministic_sum(
@@ -179,14 +203,13 @@ cudaError_t launch_predictor_loss(float* logits, const float* intercept,
                                           loss_out);
   SRM_RETURN_IF_ERROR(cudaGetLastError());
 
-  const int64_t total = pixels * num_codewords;
   const float local_scale =
       static_cast<float>(static_cast<double>(local_weight) / pixels);
-  logit_grad_kernel<<<clamp_blocks(detail::ceil_div(total, kThreads)),
+  logit_grad_kernel<<<clamp_blocks(detail::ceil_div(pixels, kRowsPerBlock)),
                       kThreads, 0, stream>>>(logits, intercept, pixel_labels,
-                                             lse, global_coef,
+                                             lse, global_coef, pixels,
                                              pixels_per_image, num_codewords,
-                                             total, local_scale);
+                                             local_scale);
   return cudaGetLastError();
 }
 
