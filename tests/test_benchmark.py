@@ -126,3 +126,23 @@ def test_native_is_required_for_a_native_run(monkeypatch):
     monkeypatch.setattr(_backend, "use_native", lambda t: False)
     with pytest.raises(RuntimeError, match="no compiled srm_ext kernel"):
         benchmark.run_benchmarks([TINY], ops=("stage1_step",), min_repeats=1, min_seconds=0.0)
+
+
+@requires_native_cpu
+def test_profile_script_writes_a_time_breakdown_per_case(tmp_path, monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "profile_ops.py"
+    spec = importlib.util.spec_from_file_location("profile_ops", path)
+    profile_ops = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile_ops)
+    monkeypatch.setitem(benchmark.SHAPE_SETS, "cifar", [TINY])
+    argv = ["--device", "cpu", "--steps", "1", "--ops", "stage1_step,sparse_labels", "--out", str(tmp_path)]
+    assert profile_ops.main(argv) == 0
+    text = (tmp_path / "profile-cifar-cpu-float32.md").read_text()
+    # One table per (shape, op); labels have no backward and are profiled forward.
+    assert "### tiny stage1_step:" in text and "### tiny sparse_labels:" in text
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    assert any("reconstruction_loss" in row for row in rows)
+    assert all(float(row.split("|")[2]) >= 0 for row in rows)
