@@ -131,9 +131,10 @@ at::Tensor kept_sigmoid(const at::Tensor& x, const at::Tensor& values,
                         const at::Tensor& intercept, cudaStream_t stream);
 
 // a @ b for a (M, D) or batched (B, M, D) and b (D, K) of the same dtype,
-// accumulated and returned in float32 by cuBLAS. 16-bit inputs stay 16-bit on the way into
-// the tensor cores where torch has the products with an output dtype (2.8
-// on); float32 follows torch's TF32 setting, as any torch matmul does.
+// accumulated and returned in float32 by cuBLAS. 16-bit inputs stay 16-bit
+// on the way into the tensor cores where torch has the products with an
+// output dtype (2.8 on); float32 follows torch's TF32 setting, as any torch
+// matmul does.
 at::Tensor float_product(const at::Tensor& a, const at::Tensor& b);
 
 // Whether the encode runs as one fused kernel (GEMM and top-k together, no

@@ -64,8 +64,7 @@ void encode_by_gemm(const at::Tensor& x, const at::Tensor& dictionary,
     // (nc, pixels of an image in the box, D): a strided view for NCHW and
     // channels_last boxes, which cuBLAS takes as they are.
     const at::Tensor rows = box.of_map(x).flatten(2).transpose(1, 2);
-    const at::Tensor pre =
-        float_product(rows, dictionary).contiguous();
+    const at::Tensor pre = float_product(rows, dictionary).contiguous();
     const int64_t first = (box.n0 * h + box.h0) * w;
     const int64_t count = box.nc * box.hc * w;
     check_launch(srm_cuda::launch_select_top_k(
@@ -85,7 +84,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> encode_impl(
     const at::Tensor& intercept, int64_t k, bool with_loss) {
   TORCH_CHECK(x.is_cuda(), "srm_ext: x must be a CUDA tensor");
   check_dim(x, 4, "x", "(N, D, H, W)");
-  kernel_dtype(x.scalar_type(), "x");
+  kernel_dtype(x.scalar_type(), "x");  // refuses any other dtype by name
   check_dictionary(dictionary, x.size(1), x, "x");
   const int64_t num_codewords = dictionary.size(1);
   TORCH_CHECK(k >= 1 && k <= num_codewords, "srm_ext: k = ", k,
