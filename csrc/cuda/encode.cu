@@ -228,15 +228,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int i = 0; i < kPixelsPerWarp; ++i) {
       const int pl = warp * kPixelsPerWarp + i;
       uint64_t* list = topk_lists + static_cast<int64_t>(pl) * list_len;
-      topk_append_tile<kTileCodes>(scores[pl], code0, num_codes, bias,
-                                   threshold[i], list, count[i], lane);
-      // Merge when the list could not take another tile, and as soon as k
-      // candidates are in: from then on the k-th best screens every tile,
-      // and most candidates never enter the list.
-      if (count[i] > list_len - kTileCodes ||
-          (threshold[i] == 0 && count[i] >= k)) {
-        threshold[i] = topk_merge(list, count[i], k, lane);
-      }
+      topk_add_tile<kTileCodes>(scores[pl], code0, num_codes, bias, k,
+                                list_len, threshold[i], list, count[i], lane);
     }
   }
 

@@ -39,13 +39,8 @@ __global__ void __launch_bounds__(kThreads)
     int count = 0;
     uint64_t threshold = 0;
     for (int64_t code0 = 0; code0 < num_codes; code0 += kTileCodes) {
-      topk_append_tile<kTileCodes>(scores + code0, code0, num_codes, bias,
-                                   threshold, list, count, lane);
-      // Same policy as the fused encode: merge when another tile might not
-      // fit, and as soon as k candidates are in so a threshold screens.
-      if (count > list_len - kTileCodes || (threshold == 0 && count >= k)) {
-        threshold = topk_merge(list, count, k, lane);
-      }
+      topk_add_tile<kTileCodes>(scores + code0, code0, num_codes, bias, k,
+                                list_len, threshold, list, count, lane);
     }
     topk_merge(list, count, k, lane);
     for (int j = lane; j < k; j += kWarpSize) {

@@ -24,6 +24,7 @@ void encode_fused(const at::Tensor& x, const at::Tensor& dictionary,
                   const at::Tensor& bias, int64_t k, at::Tensor& values,
                   at::Tensor& indices, at::Tensor* loss_partials,
                   cudaStream_t stream) {
+  const at::Tensor dict = dictionary.contiguous();  // (D, K) row-major
   if (loss_partials != nullptr) {
     *loss_partials = at::empty(
         {srm_cuda::sparse_encode_num_blocks(values.numel() / k)},
@@ -34,7 +35,7 @@ void encode_fused(const at::Tensor& x, const at::Tensor& dictionary,
   const bool use_tensor_cores =
       x.scalar_type() != at::kFloat || at::globalContext().allowTF32CuBLAS();
   const cudaError_t status = srm_cuda::launch_sparse_encode(
-      feature_map(x, "x"), dictionary.data_ptr(), dictionary.size(1),
+      feature_map(x, "x"), dict.data_ptr(), dict.size(1),
       bias.data_ptr<float>(), k, use_tensor_cores, values.data_ptr(),
       indices.data_ptr<int64_t>(),
       loss_partials != nullptr ? loss_partials->data_ptr<float>() : nullptr,
@@ -49,14 +50,15 @@ void encode_fused(const at::Tensor& x, const at::Tensor& dictionary,
 
 // The GEMM encode: cuBLAS writes the float32 pre-activations of one box of
 // pixels at a time (an NCHW box is read through its transposed view, as it
-// lies in memory) and the row-wise selection keeps each pixel's top k. The
-// box bounds the pre-activation buffer; the full (P, K) matrix never exists.
-void encode_by_gemm(const at::Tensor& x, const at::Tensor& dictionary,
-                    const at::Tensor& bias, int64_t k, at::Tensor& values,
-                    at::Tensor& indices, cudaStream_t stream) {
+// lies in memory, and the dictionary in either layout) and the row-wise
+// selection keeps each pixel's top k. The box bounds the pre-activation
+// buffer; the full (P, K) matrix never exists.
+void encode_by_gemm(const at::Tensor& x, Dtype dtype,
+                    const at::Tensor& dictionary, const at::Tensor& bias,
+                    int64_t k, at::Tensor& values, at::Tensor& indices,
+                    cudaStream_t stream) {
   const int64_t h = x.size(2), w = x.size(3);
   const int64_t num_codewords = dictionary.size(1);
-  const Dtype dtype = kernel_dtype(x.scalar_type(), "x");
   const at::Tensor value_rows = values.view({-1, k});
   const at::Tensor index_rows = indices.view({-1, k});
   for (const PixelBox& box :
@@ -84,7 +86,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> encode_impl(
     const at::Tensor& intercept, int64_t k, bool with_loss) {
   TORCH_CHECK(x.is_cuda(), "srm_ext: x must be a CUDA tensor");
   check_dim(x, 4, "x", "(N, D, H, W)");
-  kernel_dtype(x.scalar_type(), "x");  // refuses any other dtype by name
+  const Dtype dtype = kernel_dtype(x.scalar_type(), "x");
   check_dictionary(dictionary, x.size(1), x, "x");
   const int64_t num_codewords = dictionary.size(1);
   TORCH_CHECK(k >= 1 && k <= num_codewords, "srm_ext: k = ", k,
@@ -96,7 +98,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> encode_impl(
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor bias = intercept_as_float(intercept, x);
-  const at::Tensor dict = dictionary.contiguous();
 
   const int64_t n = x.size(0), h = x.size(2), w = x.size(3);
   auto values = at::empty({n, h, w, k}, x.options());
@@ -106,11 +107,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> encode_impl(
     return {values, indices, partials};
   }
   if (fused) {
-    encode_fused(x, dict, bias, k, values, indices,
+    encode_fused(x, dictionary, bias, k, values, indices,
                  with_loss ? &partials : nullptr, stream);
     return {values, indices, partials};
   }
-  encode_by_gemm(x, dict, bias, k, values, indices, stream);
+  encode_by_gemm(x, dtype, dictionary, bias, k, values, indices, stream);
   if (with_loss) {
     // Rebuilt from the written (dtype-rounded) values, as the fused kernel
     // and the reference do.
@@ -121,10 +122,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> encode_impl(
     const at::Tensor dict_t = transposed_dictionary(dictionary);
     check_launch(srm_cuda::launch_residual_square_sums(
                      coef.data_ptr<float>(), indices.data_ptr<int64_t>(), k,
-                     dict_t.data_ptr(),
-                     kernel_dtype(dict_t.scalar_type(), "dictionary"),
-                     num_codewords, feature_map(x, "x"),
-                     partials.data_ptr<float>(), stream),
+                     dict_t.data_ptr(), dtype, num_codewords,
+                     feature_map(x, "x"), partials.data_ptr<float>(), stream),
                  "residual_square_sums");
   }
   return {values, indices, partials};

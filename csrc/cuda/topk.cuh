@@ -137,5 +137,24 @@ __device__ __forceinline__ uint64_t topk_merge(uint64_t* list, int& count,
   return count >= k ? list[k - 1] : 0;
 }
 
+// Appends one tile row of candidates (topk_append_tile), then merges when the
+// list could not take another tile, and as soon as k candidates are in: from
+// then on the k-th best screens every tile, and most candidates never enter
+// the list. `threshold` is the last merge's (0 before the first).
+template <int kTileSize>
+__device__ __forceinline__ void topk_add_tile(const float* tile_scores,
+                                              int64_t first_codeword,
+                                              int64_t num_codewords,
+                                              float bias, int k, int list_len,
+                                              uint64_t& threshold,
+                                              uint64_t* list, int& count,
+                                              int lane) {
+  topk_append_tile<kTileSize>(tile_scores, first_codeword, num_codewords,
+                              bias, threshold, list, count, lane);
+  if (count > list_len - kTileSize || (threshold == 0 && count >= k)) {
+    threshold = topk_merge(list, count, k, lane);
+  }
+}
+
 }  // namespace detail
 }  // namespace srm_cuda
