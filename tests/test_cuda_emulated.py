@@ -265,12 +265,13 @@ def decode_expected(coef, indices, dictionary_t):
     return (weights * rows).sum(dim=3).permute(0, 3, 1, 2)
 
 
+@pytest.mark.parametrize("k", [6, 45], ids=["k6", "k45"])  # one and two chunks of entries
 @pytest.mark.parametrize("out_float", [False, True], ids=["out_dtype", "out_float32"])
 @pytest.mark.parametrize("addend", [None, "dtype", "float32"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_combine_codewords(emu, dtype, layout, addend, out_float):
-    n, d, h, w, K, k = 2, 37, 5, 7, 50, 6
+def test_combine_codewords(emu, dtype, layout, addend, out_float, k):
+    n, d, h, w, K = 2, 37, 5, 7, 50
     g = torch.Generator().manual_seed(1)
     coef, indices = sparse_code(n, h, w, K, k, seed=2, out_of_range=True)
     dictionary_t = dyadic(K, d, generator=g, dtype=torch.float32).to(dtype)
@@ -289,12 +290,13 @@ def test_combine_codewords(emu, dtype, layout, addend, out_float):
     close(out, 0.125 * expected, torch.float32 if out_float else dtype)
 
 
+@pytest.mark.parametrize("k", [7, 37], ids=["k7", "k37"])  # one and two chunks of entries
 @pytest.mark.parametrize("with_sigmoid", [False, True])
 @pytest.mark.parametrize("features_float", [False, True])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_codeword_dots(emu, dtype, layout, features_float, with_sigmoid):
-    n, d, h, w, K, k = 2, 45, 3, 5, 40, 7
+def test_codeword_dots(emu, dtype, layout, features_float, with_sigmoid, k):
+    n, d, h, w, K = 2, 45, 3, 5, 40
     g = torch.Generator().manual_seed(4)
     _, indices = sparse_code(n, h, w, K, k, seed=5, out_of_range=True)
     dictionary_t = dyadic(K, d, generator=g, dtype=torch.float32).to(dtype)
@@ -344,11 +346,17 @@ def dictionary_grad_inputs(dtype, layout, with_b, shape=(2, 41, 4, 5, 30, 5), se
     return (features_a, coef_a, features_b, coef_b, indices, k, K), expected
 
 
+# One range of codewords per block; then ranges of 512 codewords (a short
+# last one), two slices of channels (a short last one) and k past one chunk.
+ATOMIC_GRAD_SHAPES = [(2, 41, 4, 5, 30, 5), (2, 33, 3, 4, 1100, 40)]
+
+
+@pytest.mark.parametrize("shape", ATOMIC_GRAD_SHAPES, ids=["one_range", "three_ranges"])
 @pytest.mark.parametrize("with_b", [False, True])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_scatter_codewords_atomic(emu, dtype, layout, with_b):
-    args, expected = dictionary_grad_inputs(dtype, layout, with_b)
+def test_scatter_codewords_atomic(emu, dtype, layout, with_b, shape):
+    args, expected = dictionary_grad_inputs(dtype, layout, with_b, shape)
     grad_t = guarded(*expected.shape, fill=0)
     with writes_only_inside(grad_t):
         emu.scatter_codewords_atomic(*args, grad_t)
@@ -416,8 +424,21 @@ def test_deterministic_sum(emu, count):
     torch.testing.assert_close(out.double()[0], 0.5 * values.double().sum(), rtol=1e-6, atol=1e-6)
 
 
+# (N, H, W, K, k): few entries; every codeword in every pixel (lanes of a
+# group share codewords); many groups per warp; K that leaves room for six
+# histograms, and for one.
+LABEL_SHAPES = [
+    (2, 3, 5, 40, 4),
+    (1, 1, 1, 9, 9),
+    (2, 6, 7, 3, 3),
+    (3, 17, 19, 300, 7),
+    (2, 5, 9, 2000, 4),
+    (1, 4, 4, 8192, 8),
+]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(2, 3, 5, 40, 4), (1, 1, 1, 9, 9), (3, 17, 19, 300, 7)])
+@pytest.mark.parametrize("shape", LABEL_SHAPES)
 def test_sparse_labels(emu, dtype, shape):
     n, h, w, K, k = shape
     g = torch.Generator().manual_seed(9)

@@ -1,5 +1,6 @@
 // Helpers shared by the srm_ext CUDA kernels: dtype conversion, pixel
-// addressing, warp/block reductions and host-side dtype dispatch.
+// addressing, sparse code entries, warp/block reductions and host-side dtype
+// dispatch.
 #pragma once
 
 #include <cstdint>
@@ -28,7 +29,9 @@ namespace detail {
 constexpr int kWarpSize = 32;
 constexpr unsigned kFullWarpMask = 0xffffffffu;
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+__host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
 
 // ---------------------------------------------------------------------------
 // Scalar conversion. Explicit intrinsics only: torch builds CUDA sources with
@@ -97,6 +100,37 @@ __device__ __forceinline__ bool channels_fastest(const FeatureMapLayout& l) {
 }
 
 // ---------------------------------------------------------------------------
+// Sparse code entries, for kernels that run a warp per pixel
+// ---------------------------------------------------------------------------
+
+// Entry j0 + lane of pixel p of a (P, k) sparse code, as each lane of a warp
+// loads it (coalesced): its codeword c as c - code_begin when c lies in
+// [code_begin, code_end), else -1 (also past k), and coef[p, j0 + lane]
+// (0 without a codeword or with coef null). The warp then hands the entries
+// round by shuffles, so that reads through the codewords do not each wait on
+// an index load.
+struct PixelEntries {
+  int code;
+  float coef;
+};
+
+__device__ __forceinline__ PixelEntries load_pixel_entries(
+    const int64_t* __restrict__ indices, const float* __restrict__ coef,
+    int64_t p, int k, int j0, int64_t code_begin, int64_t code_end) {
+  const int j = j0 + static_cast<int>(threadIdx.x % kWarpSize);
+  PixelEntries entries{-1, 0.0f};
+  if (j < k) {
+    const int64_t e = p * k + j;
+    const int64_t c = indices[e];
+    if (c >= code_begin && c < code_end) {
+      entries.code = static_cast<int>(c - code_begin);
+      entries.coef = coef != nullptr ? coef[e] : 0.0f;
+    }
+  }
+  return entries;
+}
+
+// ---------------------------------------------------------------------------
 // Reductions with a fixed summation order
 // ---------------------------------------------------------------------------
 
@@ -132,6 +166,24 @@ __device__ __forceinline__ Acc block_sum(Acc v, Acc* scratch) {
 // Host-side launch helpers.
 // ---------------------------------------------------------------------------
 
+// The most dynamic shared memory a block of `kernel` can be given on the
+// current device, on top of the kernel's static shared memory.
+inline cudaError_t max_dynamic_shared_memory(const void* kernel,
+                                             size_t* bytes) {
+  int device = 0;
+  SRM_RETURN_IF_ERROR(cudaGetDevice(&device));
+  cudaFuncAttributes attributes{};
+  SRM_RETURN_IF_ERROR(cudaFuncGetAttributes(&attributes, kernel));
+  int opt_in_bytes = 0;
+  SRM_RETURN_IF_ERROR(cudaDeviceGetAttribute(
+      &opt_in_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  const size_t opt_in = static_cast<size_t>(opt_in_bytes);
+  *bytes = opt_in > attributes.sharedSizeBytes
+               ? opt_in - attributes.sharedSizeBytes
+               : 0;
+  return cudaSuccess;
+}
+
 // Lets `kernel` take `dynamic_bytes` of dynamic shared memory on the current
 // device, or returns cudaErrorLaunchOutOfResources where the device cannot
 // give a block that much on top of the kernel's static shared memory. The
@@ -149,13 +201,9 @@ inline cudaError_t allow_dynamic_shared_memory(const void* kernel,
   if (dynamic_bytes <= current) {
     return cudaSuccess;
   }
-  cudaFuncAttributes attributes{};
-  SRM_RETURN_IF_ERROR(cudaFuncGetAttributes(&attributes, kernel));
-  int opt_in_bytes = 0;
-  SRM_RETURN_IF_ERROR(cudaDeviceGetAttribute(
-      &opt_in_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  if (attributes.sharedSizeBytes + dynamic_bytes >
-      static_cast<size_t>(opt_in_bytes)) {
+  size_t available = 0;
+  SRM_RETURN_IF_ERROR(max_dynamic_shared_memory(kernel, &available));
+  if (dynamic_bytes > available) {
     return cudaErrorLaunchOutOfResources;
   }
   SRM_RETURN_IF_ERROR(cudaFuncSetAttribute(
@@ -163,6 +211,14 @@ inline cudaError_t allow_dynamic_shared_memory(const void* kernel,
       static_cast<int>(dynamic_bytes)));
   current = dynamic_bytes;
   return cudaSuccess;
+}
+
+// Multiprocessors of the current device, for kernels that size their grid
+// to fill it and loop over the rest of the work.
+inline cudaError_t multiprocessor_count(int* count) {
+  int device = 0;
+  SRM_RETURN_IF_ERROR(cudaGetDevice(&device));
+  return cudaDeviceGetAttribute(count, cudaDevAttrMultiProcessorCount, device);
 }
 
 // ---------------------------------------------------------------------------

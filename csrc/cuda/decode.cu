@@ -6,7 +6,8 @@
 // A block owns 32 pixels and walks the channels in chunks of 32. Within a
 // chunk a warp handles one pixel at a time with its lanes on consecutive
 // channels, so each codeword row of the (K, D) transposed dictionary is read
-// as one coalesced segment; feature maps go through pixel_tile.cuh.
+// as one coalesced segment; feature maps go through pixel_tile.cuh and the
+// pixel's entries through load_pixel_entries.
 #include "common.cuh"
 #include "pixel_tile.cuh"
 
@@ -59,14 +60,17 @@ __global__ void __launch_bounds__(kTileThreads, 4)
       const int pl = warp + i * kTileWarps;
       const int64_t p = first_pixel + pl;
       float acc = 0.0f;
-      if (p < total_pixels && d < depth) {
-        const float* pixel_coef = coef + p * k;
-        const int64_t* pixel_indices = indices + p * k;
-        for (int j = 0; j < k; ++j) {
-          const int64_t c = pixel_indices[j];
-          if (c >= 0 && c < num_codes) {
-            acc = fmaf(pixel_coef[j], to_float(dictionary_t[c * depth + d]),
-                       acc);
+      if (p < total_pixels) {  // warp-uniform
+        for (int j0 = 0; j0 < k; j0 += kWarpSize) {
+          const PixelEntries entries =
+              load_pixel_entries(indices, coef, p, k, j0, 0, num_codes);
+          const int count = k - j0 < kWarpSize ? k - j0 : kWarpSize;
+          for (int j = 0; j < count; ++j) {
+            const int c = __shfl_sync(kFullWarpMask, entries.code, j);
+            const float w = __shfl_sync(kFullWarpMask, entries.coef, j);
+            if (c >= 0 && d < depth) {
+              acc = fmaf(w, to_float(dictionary_t[c * depth + d]), acc);
+            }
           }
         }
       }
@@ -136,16 +140,20 @@ __global__ void __launch_bounds__(kTileThreads, 4)
         continue;  // warp-uniform
       }
       const float f = tile[pl][lane];
-      const int64_t* pixel_indices = indices + p * k;
-      for (int j = 0; j < k; ++j) {
-        const int64_t c = pixel_indices[j];
-        float prod = 0.0f;
-        if (c >= 0 && c < num_codes && d < depth) {
-          prod = f * to_float(dictionary_t[c * depth + d]);
-        }
-        prod = warp_sum(prod);
-        if (lane == 0) {
-          dots[pl][j] += prod;  // this warp owns row pl
+      for (int j0 = 0; j0 < k; j0 += kWarpSize) {
+        const PixelEntries entries =
+            load_pixel_entries(indices, nullptr, p, k, j0, 0, num_codes);
+        const int count = k - j0 < kWarpSize ? k - j0 : kWarpSize;
+        for (int j = 0; j < count; ++j) {
+          const int c = __shfl_sync(kFullWarpMask, entries.code, j);
+          float prod = 0.0f;
+          if (c >= 0 && d < depth) {
+            prod = f * to_float(dictionary_t[c * depth + d]);
+          }
+          prod = warp_sum(prod);
+          if (lane == 0) {
+            dots[pl][j0 + j] += prod;  // this warp owns row pl
+          }
         }
       }
     }

@@ -4,8 +4,12 @@
 // accumulated in float32 in the transposed (K, D) layout so that one codeword
 // is one contiguous row. Nothing of size K x P is ever formed.
 //
-// Fast path: blocks of 32 pixels stage feature tiles and add every entry to
-// its codeword row with coalesced float atomics.
+// Fast path: a block owns a 32-channel slice of a range of codewords and a
+// group of consecutive 32-pixel tiles. It accumulates its entries into that slice in shared
+// memory (shared atomics, which only collide when two of its warps hit the
+// same codeword) and adds the slice to the global gradient once at the end:
+// one global atomic per element and block instead of one per entry and
+// channel, which at small K x D would all contend for the same few lines.
 // Deterministic path: entries arrive grouped by codeword (stable sort done by
 // the caller); a block sums one fixed part of one codeword's run in entry
 // order, and the parts are added in a fixed order at the end.
@@ -17,8 +21,16 @@ namespace {
 
 using namespace detail;
 
+// Codewords per block of the fast path: a slice of at most 64 KiB, so that
+// two blocks fit on an sm_80 or sm_90 multiprocessor (fewer where the device
+// gives a block less shared memory).
+constexpr int64_t kSliceCodewords = 512;
+// Blocks of the fast path per multiprocessor the grid aims at; each block's
+// slice is added to the gradient once, so fewer, longer blocks move less.
+constexpr int64_t kScatterBlocksPerMultiprocessor = 4;
+
 template <typename T>
-__global__ void __launch_bounds__(kTileThreads, 4)
+__global__ void __launch_bounds__(kTileThreads, 2)
     scatter_codewords_atomic_kernel(const T* __restrict__ features_a,
                                     FeatureMapLayout layout_a,
                                     const float* __restrict__ coef_a,
@@ -26,8 +38,10 @@ __global__ void __launch_bounds__(kTileThreads, 4)
                                     FeatureMapLayout layout_b,
                                     const float* __restrict__ coef_b,
                                     const int64_t* __restrict__ indices, int k,
-                                    int64_t num_codes,
+                                    int64_t num_codes, int codes_per_block,
+                                    int64_t tiles_per_block,
                                     float* __restrict__ grad_t) {
+  extern __shared__ float slice[];  // (codes_per_block, kTileChannels)
   __shared__ int64_t offsets_a[kTilePixels];
   __shared__ int64_t offsets_b[kTilePixels];
   __shared__ PixelTile tile_a;
@@ -37,47 +51,72 @@ __global__ void __launch_bounds__(kTileThreads, 4)
   const int warp = threadIdx.x / kWarpSize;
   const int64_t total_pixels = num_pixels(layout_a);
   const int64_t depth = layout_a.d;
-  const int64_t first_pixel = static_cast<int64_t>(blockIdx.x) * kTilePixels;
+  const int64_t d0 = static_cast<int64_t>(blockIdx.y) * kTileChannels;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.z) * codes_per_block;
+  const int codes_here = static_cast<int>(
+      num_codes - c0 < codes_per_block ? num_codes - c0 : codes_per_block);
   const bool has_b = features_b != nullptr;
 
-  load_tile_pixel_offsets(offsets_a, layout_a, first_pixel);
-  if (has_b) {
-    load_tile_pixel_offsets(offsets_b, layout_b, first_pixel);
+  for (int e = threadIdx.x; e < codes_here * kTileChannels; e += kTileThreads) {
+    slice[e] = 0.0f;
   }
-  __syncthreads();
 
-  for (int64_t d0 = 0; d0 < depth; d0 += kTileChannels) {
+  const int64_t first_tile = static_cast<int64_t>(blockIdx.x) * tiles_per_block;
+  const int64_t num_tiles = ceil_div(total_pixels, kTilePixels);
+  const int64_t end_tile = first_tile + tiles_per_block < num_tiles
+                               ? first_tile + tiles_per_block
+                               : num_tiles;
+  for (int64_t tile = first_tile; tile < end_tile; ++tile) {
+    const int64_t first_pixel = tile * kTilePixels;
+    __syncthreads();  // the previous tile is consumed
+    load_tile_pixel_offsets(offsets_a, layout_a, first_pixel);
+    if (has_b) {
+      load_tile_pixel_offsets(offsets_b, layout_b, first_pixel);
+    }
+    __syncthreads();
     load_pixel_tile(tile_a, features_a, layout_a, offsets_a, d0);
     if (has_b) {
       load_pixel_tile(tile_b, features_b, layout_b, offsets_b, d0);
     }
     __syncthreads();
-    const int64_t d = d0 + lane;
-    if (d < depth) {
 #pragma unroll
-      for (int i = 0; i < kTilePixelsPerWarp; ++i) {
-        const int pl = warp + i * kTileWarps;
-        const int64_t p = first_pixel + pl;
-        if (p >= total_pixels) {
-          continue;
-        }
-        const float fa = tile_a[pl][lane];
-        const float fb = has_b ? tile_b[pl][lane] : 0.0f;
-        for (int j = 0; j < k; ++j) {
-          const int64_t e = p * k + j;
-          const int64_t c = indices[e];
-          if (c < 0 || c >= num_codes) {
-            continue;
-          }
-          float v = coef_a[e] * fa;
+    for (int i = 0; i < kTilePixelsPerWarp; ++i) {
+      const int pl = warp + i * kTileWarps;
+      const int64_t p = first_pixel + pl;
+      if (p >= total_pixels) {
+        continue;  // warp-uniform
+      }
+      // Lanes outside D hold 0 and add nothing that is ever read back.
+      const float fa = tile_a[pl][lane];
+      const float fb = has_b ? tile_b[pl][lane] : 0.0f;
+      for (int j0 = 0; j0 < k; j0 += kWarpSize) {
+        const PixelEntries entries = load_pixel_entries(
+            indices, coef_a, p, k, j0, c0, c0 + codes_here);
+        const float cb = has_b && entries.code >= 0
+                             ? coef_b[p * k + j0 + lane]
+                             : 0.0f;
+        // Only the entries in this block's range of codewords.
+        for (unsigned kept = __ballot_sync(kFullWarpMask, entries.code >= 0);
+             kept != 0; kept &= kept - 1) {
+          const int source = __ffs(kept) - 1;
+          const int c = __shfl_sync(kFullWarpMask, entries.code, source);
+          float v = __shfl_sync(kFullWarpMask, entries.coef, source) * fa;
           if (has_b) {
-            v = fmaf(coef_b[e], fb, v);
+            v = fmaf(__shfl_sync(kFullWarpMask, cb, source), fb, v);
           }
-          atomicAdd(grad_t + c * depth + d, v);
+          atomicAdd(slice + c * kTileChannels + lane, v);
         }
       }
     }
-    __syncthreads();  // tiles are rewritten by the next chunk
+  }
+  __syncthreads();
+
+  for (int e = threadIdx.x; e < codes_here * kTileChannels; e += kTileThreads) {
+    const int64_t d = d0 + e % kTileChannels;
+    const float v = slice[e];
+    if (d < depth && v != 0.0f) {  // codewords no entry of the block hit
+      atomicAdd(grad_t + (c0 + e / kTileChannels) * depth + d, v);
+    }
   }
 }
 
@@ -268,25 +307,55 @@ cudaError_t launch_scatter_codewords_atomic(
     const FeatureMap* features_b, const float* coef_b, const int64_t* indices,
     int64_t k, int64_t num_codewords, float* grad_dictionary_t,
     cudaStream_t stream) {
-  if (!valid_terms(features_a, features_b) || k < 0 || k > 0x7fffffff) {
+  if (!valid_terms(features_a, features_b) || k < 0 || k > 0x7fffffff ||
+      num_codewords < 0 || num_codewords > kMaxCodewords) {
     return cudaErrorInvalidValue;
   }
   const int64_t total_pixels = detail::num_pixels(features_a.layout);
-  if (total_pixels == 0 || k == 0 || features_a.layout.d == 0) {
+  if (total_pixels == 0 || k == 0 || features_a.layout.d == 0 ||
+      num_codewords == 0) {
     return cudaSuccess;
   }
-  const int64_t blocks = detail::ceil_div(total_pixels, kTilePixels);
-  if (blocks > 0x7fffffff) {
-    return cudaErrorInvalidValue;
-  }
+  int multiprocessors = 0;
+  SRM_RETURN_IF_ERROR(multiprocessor_count(&multiprocessors));
   const SecondTerm b = second_term(features_a, features_b);
   return detail::dispatch_dtype(features_a.dtype, [&](auto tag) {
     using T = decltype(tag);
+    const void* kernel =
+        reinterpret_cast<const void*>(scatter_codewords_atomic_kernel<T>);
+    size_t available = 0;
+    SRM_RETURN_IF_ERROR(max_dynamic_shared_memory(kernel, &available));
+    const int64_t slice_row_bytes = kTileChannels * sizeof(float);
+    int64_t codes_per_block = static_cast<int64_t>(available) / slice_row_bytes;
+    codes_per_block = codes_per_block < kSliceCodewords ? codes_per_block
+                                                        : kSliceCodewords;
+    codes_per_block =
+        codes_per_block < num_codewords ? codes_per_block : num_codewords;
+    if (codes_per_block < 1) {
+      return cudaErrorLaunchOutOfResources;
+    }
+    const size_t slice_bytes =
+        static_cast<size_t>(codes_per_block * slice_row_bytes);
+    SRM_RETURN_IF_ERROR(allow_dynamic_shared_memory(kernel, slice_bytes));
+
+    const int64_t slices = ceil_div(features_a.layout.d, kTileChannels);
+    const int64_t ranges = ceil_div(num_codewords, codes_per_block);
+    const int64_t num_tiles = ceil_div(total_pixels, kTilePixels);
+    const int64_t target_groups = ceil_div(
+        kScatterBlocksPerMultiprocessor * multiprocessors, slices * ranges);
+    const int64_t tiles_per_block = ceil_div(num_tiles, target_groups);
+    const int64_t groups = ceil_div(num_tiles, tiles_per_block);
+    if (groups > 0x7fffffff) {
+      return cudaErrorInvalidValue;
+    }
+    const dim3 grid(static_cast<unsigned>(groups), static_cast<unsigned>(slices),
+                    static_cast<unsigned>(ranges));
     scatter_codewords_atomic_kernel<T>
-        <<<static_cast<unsigned>(blocks), kTileThreads, 0, stream>>>(
+        <<<grid, kTileThreads, slice_bytes, stream>>>(
             static_cast<const T*>(features_a.data), features_a.layout, coef_a,
             b.data, b.layout, coef_b, indices, static_cast<int>(k),
-            num_codewords, grad_dictionary_t);
+            num_codewords, static_cast<int>(codes_per_block), tiles_per_block,
+            grad_dictionary_t);
     return cudaGetLastError();
   });
 }

@@ -2,10 +2,13 @@
 // codeword = first kept index) and image labels (per-image average of the
 // kept value of every codeword).
 //
-// One block per image. Entries are staged in shared memory in their original
-// order and thread t accumulates exactly the codewords c with
-// c % kThreads == t, so every image label is summed in entry order without
-// atomics.
+// One block per image. Each warp keeps a private histogram of the image's
+// codewords in shared memory and takes fixed 32-entry groups of the image's
+// entries; within a group, lanes holding the same codeword are summed in
+// lane order and their lowest lane adds the sum, so no two writes to a
+// histogram ever race. The histograms are then added in warp order: every
+// image label is summed in a fixed order, without atomics, and each entry is
+// read by one thread only.
 #include "common.cuh"
 
 namespace srm_cuda {
@@ -13,62 +16,77 @@ namespace {
 
 using namespace detail;
 
-constexpr int kThreads = 256;
-constexpr int kBatch = 1024;
+constexpr int kMaxWarps = 8;
+// Histograms per block: as many warps as fit without opting in to more
+// than the default dynamic shared memory (one warp at the largest K).
+constexpr int64_t kHistogramBytes = 48 * 1024;
+
+int histogram_warps(int64_t num_codes) {
+  const int64_t fit = kHistogramBytes / (num_codes * static_cast<int64_t>(sizeof(float)));
+  return static_cast<int>(fit < 1 ? 1 : (fit > kMaxWarps ? kMaxWarps : fit));
+}
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kMaxWarps * kWarpSize)
     sparse_labels_kernel(const T* __restrict__ values,
                          const int64_t* __restrict__ indices,
                          int64_t pixels_per_image, int k, int64_t num_codes,
                          int64_t* __restrict__ pixel_labels,
                          T* __restrict__ image_labels, int* error_flag) {
-  extern __shared__ float sums[];  // num_codes floats, one owner thread each
-  __shared__ int batch_code[kBatch];
-  __shared__ float batch_value[kBatch];
+  extern __shared__ float histograms[];  // (warps, num_codes)
+  __shared__ float group_values[kMaxWarps][kWarpSize];
 
+  const int warps = static_cast<int>(blockDim.x) / kWarpSize;
+  const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
+  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
   const int64_t image = blockIdx.x;
-  const int64_t first_entry = image * pixels_per_image * k;
   const int64_t num_entries = pixels_per_image * k;
+  const int64_t first_entry = image * num_entries;
+  float* histogram = histograms + warp * num_codes;
 
-  for (int64_t c = threadIdx.x; c < num_codes; c += kThreads) {
-    sums[c] = 0.0f;
+  for (int64_t c = lane; c < num_codes; c += kWarpSize) {
+    histogram[c] = 0.0f;
   }
+  __syncwarp();
 
-  for (int64_t batch = 0; batch < num_entries; batch += kBatch) {
-    __syncthreads();  // previous batch consumed
-    for (int i = threadIdx.x; i < kBatch; i += kThreads) {
-      const int64_t e = batch + i;
-      if (e >= num_entries) {
-        break;
-      }
-      const int64_t code = indices[first_entry + e];
-      const bool in_range = code >= 0 && code < num_codes;
-      if (!in_range) {
+  for (int64_t group = static_cast<int64_t>(warp) * kWarpSize;
+       group < num_entries; group += static_cast<int64_t>(warps) * kWarpSize) {
+    const int64_t e = group + lane;
+    int code = -1;
+    float value = 0.0f;
+    if (e < num_entries) {
+      const int64_t raw = indices[first_entry + e];
+      if (raw >= 0 && raw < num_codes) {
+        code = static_cast<int>(raw);
+        value = to_float(values[first_entry + e]);
+      } else {
         *error_flag = 1;
       }
-      batch_code[i] = in_range ? static_cast<int>(code) : -1;
-      batch_value[i] = to_float(values[first_entry + e]);
       if (e % k == 0) {
-        pixel_labels[image * pixels_per_image + e / k] = code;
+        pixel_labels[image * pixels_per_image + e / k] = raw;
       }
     }
-    __syncthreads();
-    const int64_t remaining = num_entries - batch;
-    const int batch_size =
-        remaining < kBatch ? static_cast<int>(remaining) : kBatch;
-    for (int i = 0; i < batch_size; ++i) {
-      const int code = batch_code[i];
-      if (code >= 0 && code % kThreads == static_cast<int>(threadIdx.x)) {
-        sums[code] += batch_value[i];
+    group_values[warp][lane] = value;
+    const unsigned same = __match_any_sync(kFullWarpMask, code);
+    __syncwarp();
+    if (code >= 0 && __ffs(same) - 1 == lane) {
+      float sum = 0.0f;
+      for (unsigned m = same; m != 0; m &= m - 1) {
+        sum += group_values[warp][__ffs(m) - 1];
       }
+      histogram[code] += sum;
     }
+    __syncwarp();  // group_values is rewritten by the next group
   }
   __syncthreads();
 
   const float inv_pixels = 1.0f / static_cast<float>(pixels_per_image);
-  for (int64_t c = threadIdx.x; c < num_codes; c += kThreads) {
-    image_labels[image * num_codes + c] = from_float<T>(sums[c] * inv_pixels);
+  for (int64_t c = threadIdx.x; c < num_codes; c += blockDim.x) {
+    float sum = 0.0f;
+    for (int w = 0; w < warps; ++w) {
+      sum += histograms[w * num_codes + c];
+    }
+    image_labels[image * num_codes + c] = from_float<T>(sum * inv_pixels);
   }
 }
 
@@ -87,17 +105,20 @@ cudaError_t launch_sparse_labels(const void* values, Dtype dtype,
   if (batch == 0) {
     return cudaSuccess;
   }
-  const size_t sums_bytes = static_cast<size_t>(num_codewords) * sizeof(float);
+  const int warps = histogram_warps(num_codewords);
+  const size_t histogram_bytes =
+      static_cast<size_t>(warps) * num_codewords * sizeof(float);
   return detail::dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    // Opt in beyond the 48 KiB default should kMaxCodewords ever need it.
     SRM_RETURN_IF_ERROR(allow_dynamic_shared_memory(
-        reinterpret_cast<const void*>(sparse_labels_kernel<T>), sums_bytes));
-    sparse_labels_kernel<T>
-        <<<static_cast<unsigned>(batch), kThreads, sums_bytes, stream>>>(
-            static_cast<const T*>(values), indices, pixels_per_image,
-            static_cast<int>(k), num_codewords, pixel_labels,
-            static_cast<T*>(image_labels), error_flag);
+        reinterpret_cast<const void*>(sparse_labels_kernel<T>),
+        histogram_bytes));
+    sparse_labels_kernel<T><<<static_cast<unsigned>(batch),
+                              static_cast<unsigned>(warps * kWarpSize),
+                              histogram_bytes, stream>>>(
+        static_cast<const T*>(values), indices, pixels_per_image,
+        static_cast<int>(k), num_codewords, pixel_labels,
+        static_cast<T*>(image_labels), error_flag);
     return cudaGetLastError();
   });
 }

@@ -396,6 +396,35 @@ T __shfl_xor_sync(unsigned mask, T value, int lane_mask, int width = 32) {
       });
 }
 
+template <typename T>
+T __shfl_sync(unsigned mask, T value, int source_lane, int width = 32) {
+  static_assert(sizeof(T) <= 8 && std::is_trivially_copyable_v<T>, "64-bit payload");
+  uint64_t bits = 0;
+  std::memcpy(&bits, &value, sizeof(T));
+  return cuda_emulator::warp_exchange(
+      mask, bits, "__shfl_sync", [&](const uint64_t* slots, int lane, int lanes) {
+        const int source = (lane & ~(width - 1)) + (source_lane & (width - 1));
+        T out;
+        const uint64_t chosen = source < lanes ? slots[source] : slots[lane];
+        std::memcpy(&out, &chosen, sizeof(T));
+        return out;
+      });
+}
+
+// Lanes whose value has the same bits as this lane's (32-bit values).
+template <typename T>
+unsigned __match_any_sync(unsigned mask, T value) {
+  static_assert(sizeof(T) == 4 && std::is_trivially_copyable_v<T>, "32-bit value");
+  uint32_t bits = 0;
+  std::memcpy(&bits, &value, sizeof(T));
+  return cuda_emulator::warp_exchange(
+      mask, bits, "__match_any_sync", [](const uint64_t* slots, int lane, int lanes) {
+        unsigned same = 0;
+        for (int l = 0; l < lanes; ++l) same |= (slots[l] == slots[lane] ? 1u : 0u) << l;
+        return same;
+      });
+}
+
 inline unsigned __ballot_sync(unsigned mask, int predicate) {
   return cuda_emulator::warp_exchange(
       mask, predicate != 0, "__ballot_sync", [](const uint64_t* slots, int, int lanes) {
@@ -406,6 +435,7 @@ inline unsigned __ballot_sync(unsigned mask, int predicate) {
 }
 
 inline int __popc(unsigned v) { return __builtin_popcount(v); }
+inline int __ffs(int v) { return __builtin_ffs(v); }
 
 inline unsigned __float_as_uint(float v) {
   unsigned u;

@@ -1,6 +1,9 @@
 // The part of the CUDA runtime API the srm_ext kernels and launchers use,
 // for the CPU emulator (cuda_emulator.h). Launches run synchronously; the
-// emulated device is one GPU with 227 KiB of opt-in shared memory per block.
+// emulated device is one GPU with 227 KiB of opt-in shared memory per block
+// and few multiprocessors (launchers that size their grids by them then
+// give each block little work, which spreads small test inputs over many
+// blocks).
 #pragma once
 
 #include <cstddef>
@@ -21,7 +24,10 @@ enum cudaError_t {
 struct CUstream_st;
 using cudaStream_t = CUstream_st*;
 
-enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
+enum cudaDeviceAttr {
+  cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
+};
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 
 struct cudaFuncAttributes {
@@ -32,6 +38,7 @@ struct cudaFuncAttributes {
 namespace cuda_emulator {
 
 constexpr int kOptInSharedBytes = 227 * 1024;
+constexpr int kMultiProcessors = 2;
 
 struct BlockRun;
 
@@ -92,9 +99,16 @@ inline cudaError_t cudaGetDevice(int* device) {
 }
 
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
-  if (device != 0 || attr != cudaDevAttrMaxSharedMemoryPerBlockOptin) return cudaErrorInvalidValue;
-  *value = cuda_emulator::kOptInSharedBytes;
-  return cudaSuccess;
+  if (device != 0) return cudaErrorInvalidValue;
+  switch (attr) {
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin:
+      *value = cuda_emulator::kOptInSharedBytes;
+      return cudaSuccess;
+    case cudaDevAttrMultiProcessorCount:
+      *value = cuda_emulator::kMultiProcessors;
+      return cudaSuccess;
+  }
+  return cudaErrorInvalidValue;
 }
 
 // Static shared memory is not known before a kernel runs; reported as 0.
