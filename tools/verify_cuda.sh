@@ -11,6 +11,8 @@
 #   build     build both extensions in place (TORCH_CUDA_ARCH_LIST honoured)
 #   test      the whole test suite, its CUDA cases included
 #   sanitize  compute-sanitizer (memcheck, racecheck) over the CUDA op tests
+#   profile   each kernel's device time in the stage-1 step, the labels and
+#             the student loss at the ImageNet shapes (float32)
 #   bench     ImageNet (N=256) and CIFAR (N=128) shapes, float32 and bfloat16
 #
 # Each stage writes <stage>.log; a failing stage is reported and the next one
@@ -27,7 +29,7 @@ fi
 out="$(mkdir -p "$1" && cd "$1" && pwd)"
 shift
 stages=("$@")
-[[ ${#stages[@]} -eq 0 ]] && stages=(env build test sanitize bench)
+[[ ${#stages[@]} -eq 0 ]] && stages=(env build test sanitize profile bench)
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "${repo_root}"
@@ -116,6 +118,11 @@ stage_sanitize() {
   return ${status}
 }
 
+stage_profile() {
+  "${python}" benchmarks/profile_ops.py --device cuda --shapes imagenet \
+    --ops stage1_step,sparse_labels,predictor_loss --out "${out}"
+}
+
 stage_bench() {
   local status=0 dtype
   for dtype in ${BENCH_DTYPES:-float32 bfloat16}; do
@@ -129,7 +136,7 @@ stage_bench() {
 
 for stage in "${stages[@]}"; do
   if ! declare -F "stage_${stage}" >/dev/null; then
-    echo "unknown stage '${stage}' (choose from env build test sanitize bench)" >&2
+    echo "unknown stage '${stage}' (choose from env build test sanitize profile bench)" >&2
     exit 2
   fi
 done
