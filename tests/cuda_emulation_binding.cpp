@@ -101,6 +101,21 @@ void combine_codewords(const at::Tensor& coef, const at::Tensor indices, int64_t
         "launch_combine_codewords");
 }
 
+void combine_codewords_and_dots(const at::Tensor& coef, const at::Tensor indices, int64_t k,
+                                const at::Tensor& dictionary_t, const OptionalTensor& addend,
+                                double addend_scale, const OptionalTensor& device_scale,
+                                double host_scale, at::Tensor out,
+                                const OptionalTensor& sigmoid_values, at::Tensor entry_dots) {
+  const std::optional<FeatureMap> add = optional_map(addend);
+  check(srm_cuda::launch_combine_codewords_and_dots(
+            coef.data_ptr<float>(), indices.data_ptr<int64_t>(), k, dictionary_t.data_ptr(),
+            dtype_of(dictionary_t), dictionary_t.size(0), add ? &*add : nullptr,
+            static_cast<float>(addend_scale), pointer<float>(device_scale),
+            static_cast<float>(host_scale), feature_map(out), pointer<float>(sigmoid_values),
+            entry_dots.data_ptr<float>(), nullptr),
+        "launch_combine_codewords_and_dots");
+}
+
 void codeword_dots(const at::Tensor& features, const at::Tensor indices, int64_t k,
                    const at::Tensor& dictionary_t, const OptionalTensor& sigmoid_values,
                    at::Tensor out) {
@@ -233,6 +248,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("residual_square_sums_num_blocks", &srm_cuda::residual_square_sums_num_blocks);
   m.def("residual_square_sums", &residual_square_sums);
   m.def("combine_codewords", &combine_codewords);
+  m.def("combine_codewords_and_dots", &combine_codewords_and_dots);
   m.def("codeword_dots", &codeword_dots);
   m.def("sigmoid_backward", &sigmoid_backward);
   m.def("scatter_codewords_atomic", &scatter_codewords_atomic);

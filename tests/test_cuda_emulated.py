@@ -290,6 +290,64 @@ def test_combine_codewords(emu, dtype, layout, addend, out_float, k):
     close(out, 0.125 * expected, torch.float32 if out_float else dtype)
 
 
+@pytest.mark.parametrize("k", [6, 45], ids=["k6", "k45"])
+@pytest.mark.parametrize("with_sigmoid", [False, True])
+@pytest.mark.parametrize("addend", ["dtype", "float32"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_combine_codewords_and_dots(emu, dtype, layout, addend, with_sigmoid, k):
+    """The stage-1 backward's residual and its entry dots from one pass: the
+    residual as combine_codewords writes it, the dots as codeword_dots gives
+    them from that residual (bitwise: both sum the same float32 terms in the
+    same order)."""
+    n, d, h, w, K = 2, 37, 5, 7, 50
+    g = torch.Generator().manual_seed(12)
+    coef, indices = sparse_code(n, h, w, K, k, seed=13, out_of_range=True)
+    dictionary_t = dyadic(K, d, generator=g, dtype=torch.float32).to(dtype)
+    x = dyadic(n, d, h, w, generator=g, dtype=torch.float32)
+    x = make_layout(x.to(dtype if addend == "dtype" else torch.float32), layout)
+    sigmoid = torch.rand(n * h * w, k, generator=g) if with_sigmoid else None
+    device_scale = torch.tensor([0.5])
+    out = make_layout(guarded(n, d, h, w, fill=0), layout)
+    dots = guarded(n * h * w, k)
+    with writes_only_inside(out, dots):
+        emu.combine_codewords_and_dots(
+            coef, indices, k, dictionary_t, x, -1.0, device_scale, 0.25, out, sigmoid, dots
+        )
+    expected_out = make_layout(guarded(n, d, h, w, fill=0), layout)
+    emu.combine_codewords(coef, indices, k, dictionary_t, x, -1.0, device_scale, 0.25, expected_out)
+    assert torch.equal(out, expected_out)
+    expected_dots = torch.empty(n * h * w, k)
+    emu.codeword_dots(out, indices, k, dictionary_t, sigmoid, expected_dots)
+    assert torch.equal(dots, expected_dots)
+    # And against float64 arithmetic, so that the two kernels cannot agree on
+    # a wrong answer.
+    residual = 0.125 * (decode_expected(coef, indices, dictionary_t) - x.double())
+    valid, safe = gathered(indices, K)
+    rows = dictionary_t.double()[safe]
+    exact = ((rows * residual.permute(0, 2, 3, 1).unsqueeze(3)).sum(-1) * valid).reshape(-1, k)
+    if with_sigmoid:
+        exact = exact * sigmoid.double() * (1 - sigmoid.double())
+    torch.testing.assert_close(dots.double(), exact, rtol=1e-5, atol=1e-5)
+
+
+def test_combine_codewords_and_dots_refuses_what_it_cannot_do(emu):
+    coef, indices = sparse_code(1, 2, 2, 200, 129, seed=14)
+    dictionary_t = torch.zeros(200, 3)
+    dots = torch.empty(4, 129)
+    with pytest.raises(RuntimeError, match="launch_combine_codewords_and_dots returned invalid argument"):
+        emu.combine_codewords_and_dots(
+            coef, indices, 129, dictionary_t, None, 0.0, None, 1.0,
+            torch.empty(1, 3, 2, 2), None, dots,
+        )  # k past kMaxTopK
+    coef, indices = sparse_code(1, 2, 2, 20, 3, seed=15)
+    with pytest.raises(RuntimeError, match="launch_combine_codewords_and_dots returned invalid argument"):
+        emu.combine_codewords_and_dots(
+            coef, indices, 3, torch.zeros(20, 3, dtype=torch.bfloat16), None, 0.0, None, 1.0,
+            torch.empty(1, 3, 2, 2, dtype=torch.bfloat16), None, torch.empty(4, 3),
+        )  # a 16-bit output
+
+
 @pytest.mark.parametrize("k", [7, 37], ids=["k7", "k37"])  # one and two chunks of entries
 @pytest.mark.parametrize("with_sigmoid", [False, True])
 @pytest.mark.parametrize("features_float", [False, True])

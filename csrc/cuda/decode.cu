@@ -8,6 +8,8 @@
 // channels, so each codeword row of the (K, D) transposed dictionary is read
 // as one coalesced segment; feature maps go through pixel_tile.cuh and the
 // pixel's entries through load_pixel_entries.
+#include <type_traits>
+
 #include "common.cuh"
 #include "pixel_tile.cuh"
 
@@ -16,10 +18,69 @@ namespace {
 
 using namespace detail;
 
+// Per-entry dot products of a tile's pixels, accumulated over the chunks of
+// 32 channels: (kTilePixels, kMaxTopK) floats in shared memory.
+using EntryDots = float[kTilePixels][kMaxTopK];
+
+__device__ __forceinline__ void zero_entry_dots(EntryDots& dots, int k) {
+  for (int e = threadIdx.x; e < kTilePixels * k; e += kTileThreads) {
+    dots[e / k][e % k] = 0.0f;
+  }
+}
+
+// dots[pl][j] += sum over this chunk's channels of f * C[idx[p, j], d], with
+// f this lane's channel d of pixel p (0 past D). Called by a whole warp,
+// which owns row pl.
+template <typename TDict>
+__device__ __forceinline__ void add_entry_dots(
+    EntryDots& dots, int pl, int64_t p, float f, int64_t d,
+    const int64_t* __restrict__ indices, int k,
+    const TDict* __restrict__ dictionary_t, int64_t num_codes, int64_t depth) {
+  const int lane = threadIdx.x % kWarpSize;
+  for (int j0 = 0; j0 < k; j0 += kWarpSize) {
+    const PixelEntries entries =
+        load_pixel_entries(indices, nullptr, p, k, j0, 0, num_codes);
+    const int count = k - j0 < kWarpSize ? k - j0 : kWarpSize;
+    for (int j = 0; j < count; ++j) {
+      const int c = __shfl_sync(kFullWarpMask, entries.code, j);
+      float prod = 0.0f;
+      if (c >= 0 && d < depth) {
+        prod = f * to_float(dictionary_t[c * depth + d]);
+      }
+      prod = warp_sum(prod);
+      if (lane == 0) {
+        dots[pl][j0 + j] += prod;
+      }
+    }
+  }
+}
+
+// out[p, j] = dots, times s (1 - s) with s = sigmoid_values[p, j] when given,
+// for the tile's pixels. Needs a barrier after the last add_entry_dots.
+__device__ __forceinline__ void store_entry_dots(
+    const EntryDots& dots, int64_t first_pixel, int64_t total_pixels, int k,
+    const float* __restrict__ sigmoid_values, float* __restrict__ out) {
+  for (int e = threadIdx.x; e < kTilePixels * k; e += kTileThreads) {
+    const int pl = e / k;
+    const int j = e % k;
+    const int64_t p = first_pixel + pl;
+    if (p < total_pixels) {
+      float r = dots[pl][j];
+      if (sigmoid_values != nullptr) {
+        const float s = sigmoid_values[p * k + j];
+        r *= s * (1.0f - s);
+      }
+      out[p * k + j] = r;
+    }
+  }
+}
+
 // Writes every combined element to `out` (when not null) and, when
 // square_sums is not null, the block's sum of their squares to
-// square_sums[blockIdx.x].
-template <typename TDict, typename TOut, typename TAdd>
+// square_sums[blockIdx.x]. With kEntryDots it also gives every kept entry's
+// dot product with the combined vector (float32, before any rounding to
+// out's dtype), as codeword_dots_kernel would from `out`.
+template <typename TDict, typename TOut, typename TAdd, bool kEntryDots>
 __global__ void __launch_bounds__(kTileThreads, 4)
     combine_codewords_kernel(const float* __restrict__ coef,
                              const int64_t* __restrict__ indices, int k,
@@ -28,12 +89,16 @@ __global__ void __launch_bounds__(kTileThreads, 4)
                              FeatureMapLayout add_layout, float addend_scale,
                              const float* device_scale, float host_scale,
                              TOut* out, FeatureMapLayout out_layout,
-                             float* __restrict__ square_sums) {
+                             float* __restrict__ square_sums,
+                             const float* __restrict__ sigmoid_values,
+                             float* __restrict__ entry_dots) {
   __shared__ int64_t out_offsets[kTilePixels];
   __shared__ int64_t add_offsets[kTilePixels];
   __shared__ PixelTile sums;
   __shared__ PixelTile add_tile;
   __shared__ float sum_scratch[kTileThreads];
+  // Only the variant with entry dots takes their 16 KiB.
+  __shared__ std::conditional_t<kEntryDots, EntryDots, float> dots;
   float sum_sq = 0.0f;
 
   const int lane = threadIdx.x % kWarpSize;
@@ -47,6 +112,9 @@ __global__ void __launch_bounds__(kTileThreads, 4)
   load_tile_pixel_offsets(out_offsets, out_layout, first_pixel);
   if (addend != nullptr) {
     load_tile_pixel_offsets(add_offsets, add_layout, first_pixel);
+  }
+  if constexpr (kEntryDots) {
+    zero_entry_dots(dots, k);
   }
   __syncthreads();
 
@@ -92,8 +160,27 @@ __global__ void __launch_bounds__(kTileThreads, 4)
             out[offset] = from_float<TOut>(v);
           }
           sum_sq = fmaf(v, v, sum_sq);
+          if constexpr (kEntryDots) {
+            sums[i][c] = v;  // this thread's own element; outside stays 0
+          }
         });
+    if constexpr (kEntryDots) {
+      __syncthreads();
+#pragma unroll
+      for (int i = 0; i < kTilePixelsPerWarp; ++i) {
+        const int pl = warp + i * kTileWarps;
+        const int64_t p = first_pixel + pl;
+        if (p < total_pixels) {  // warp-uniform
+          add_entry_dots(dots, pl, p, sums[pl][lane], d, indices, k,
+                         dictionary_t, num_codes, depth);
+        }
+      }
+    }
     __syncthreads();  // tiles are rewritten by the next chunk
+  }
+  if constexpr (kEntryDots) {
+    store_entry_dots(dots, first_pixel, total_pixels, k, sigmoid_values,
+                     entry_dots);
   }
   if (square_sums != nullptr) {  // grid-uniform
     const float block_total = block_sum<kTileThreads>(sum_sq, sum_scratch);
@@ -114,7 +201,7 @@ __global__ void __launch_bounds__(kTileThreads, 4)
                          float* __restrict__ out) {
   __shared__ int64_t offsets[kTilePixels];
   __shared__ PixelTile tile;
-  __shared__ float dots[kTilePixels][kMaxTopK];
+  __shared__ EntryDots dots;
 
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
@@ -123,56 +210,24 @@ __global__ void __launch_bounds__(kTileThreads, 4)
   const int64_t first_pixel = static_cast<int64_t>(blockIdx.x) * kTilePixels;
 
   load_tile_pixel_offsets(offsets, layout, first_pixel);
-  for (int e = threadIdx.x; e < kTilePixels * k; e += kTileThreads) {
-    dots[e / k][e % k] = 0.0f;
-  }
+  zero_entry_dots(dots, k);
   __syncthreads();
 
   for (int64_t d0 = 0; d0 < depth; d0 += kTileChannels) {
     load_pixel_tile(tile, features, layout, offsets, d0);
     __syncthreads();
-    const int64_t d = d0 + lane;
 #pragma unroll
     for (int i = 0; i < kTilePixelsPerWarp; ++i) {
       const int pl = warp + i * kTileWarps;
       const int64_t p = first_pixel + pl;
-      if (p >= total_pixels) {
-        continue;  // warp-uniform
-      }
-      const float f = tile[pl][lane];
-      for (int j0 = 0; j0 < k; j0 += kWarpSize) {
-        const PixelEntries entries =
-            load_pixel_entries(indices, nullptr, p, k, j0, 0, num_codes);
-        const int count = k - j0 < kWarpSize ? k - j0 : kWarpSize;
-        for (int j = 0; j < count; ++j) {
-          const int c = __shfl_sync(kFullWarpMask, entries.code, j);
-          float prod = 0.0f;
-          if (c >= 0 && d < depth) {
-            prod = f * to_float(dictionary_t[c * depth + d]);
-          }
-          prod = warp_sum(prod);
-          if (lane == 0) {
-            dots[pl][j0 + j] += prod;  // this warp owns row pl
-          }
-        }
+      if (p < total_pixels) {  // warp-uniform
+        add_entry_dots(dots, pl, p, tile[pl][lane], d0 + lane, indices, k,
+                       dictionary_t, num_codes, depth);
       }
     }
     __syncthreads();  // tile is rewritten by the next chunk
   }
-
-  for (int e = threadIdx.x; e < kTilePixels * k; e += kTileThreads) {
-    const int pl = e / k;
-    const int j = e % k;
-    const int64_t p = first_pixel + pl;
-    if (p < total_pixels) {
-      float r = dots[pl][j];
-      if (sigmoid_values != nullptr) {
-        const float s = sigmoid_values[p * k + j];
-        r *= s * (1.0f - s);
-      }
-      out[p * k + j] = r;
-    }
-  }
+  store_entry_dots(dots, first_pixel, total_pixels, k, sigmoid_values, out);
 }
 
 template <typename T>
@@ -190,17 +245,27 @@ bool valid_tile_grid(int64_t total_pixels) {
   return ceil_div(total_pixels, kTilePixels) <= 0x7fffffff;
 }
 
-// launch_combine_codewords, with the square sums of combine_codewords_kernel;
+// What combine_codewords_kernel gives besides `out`; null pointers for what
+// is not wanted. entry_dots needs a float32 out and k <= kMaxTopK.
+struct CombineExtras {
+  float* square_sums;
+  const float* sigmoid_values;
+  float* entry_dots;
+};
+
+// launch_combine_codewords, with the extras of combine_codewords_kernel;
 // out.data may be null when only those are wanted.
 cudaError_t launch_combine(const float* coef, const int64_t* indices,
                            int64_t k, const void* dictionary_t,
                            Dtype dictionary_dtype, int64_t num_codewords,
                            const FeatureMap* addend, float addend_scale,
                            const float* device_scale, float host_scale,
-                           const FeatureMap& out, float* square_sums,
+                           const FeatureMap& out, const CombineExtras& extras,
                            cudaStream_t stream) {
   const int64_t total_pixels = detail::num_pixels(out.layout);
-  if (k < 0 || k > 0x7fffffff || !valid_tile_grid(total_pixels)) {
+  const bool with_dots = extras.entry_dots != nullptr;
+  if (k < 0 || k > 0x7fffffff || !valid_tile_grid(total_pixels) ||
+      (with_dots && (k > kMaxTopK || out.dtype != Dtype::kFloat32))) {
     return cudaErrorInvalidValue;
   }
   if (addend != nullptr &&
@@ -208,7 +273,8 @@ cudaError_t launch_combine(const float* coef, const int64_t* indices,
        addend->layout.h != out.layout.h || addend->layout.w != out.layout.w)) {
     return cudaErrorInvalidValue;
   }
-  if (total_pixels == 0 || out.layout.d == 0) {
+  // Without channels the entry dots are still written (as zeros).
+  if (total_pixels == 0 || (out.layout.d == 0 && !with_dots)) {
     return cudaSuccess;
   }
   const Dtype add_dtype = addend != nullptr ? addend->dtype : dictionary_dtype;
@@ -226,24 +292,33 @@ cudaError_t launch_combine(const float* coef, const int64_t* indices,
   return detail::dispatch_dtype(dictionary_dtype, [&](auto tag) {
     using T = decltype(tag);
     // Output and addend are either the dictionary dtype or float32.
-    auto launch = [&](auto out_tag, auto add_tag) {
+    auto launch = [&](auto out_tag, auto add_tag, auto dots_tag) {
       using TOut = decltype(out_tag);
       using TAdd = decltype(add_tag);
-      combine_codewords_kernel<T, TOut, TAdd>
+      constexpr bool kEntryDots = decltype(dots_tag)::value;
+      combine_codewords_kernel<T, TOut, TAdd, kEntryDots>
           <<<blocks, kTileThreads, 0, stream>>>(
               coef, indices, static_cast<int>(k),
               static_cast<const T*>(dictionary_t), num_codewords,
               static_cast<const TAdd*>(add_data), add_layout, addend_scale,
               device_scale, host_scale, static_cast<TOut*>(out.data),
-              out.layout, square_sums);
+              out.layout, extras.square_sums, extras.sigmoid_values,
+              extras.entry_dots);
       return cudaGetLastError();
     };
+    const std::false_type plain;
     const bool out_float = out.dtype == Dtype::kFloat32;
     const bool add_float = add_dtype == Dtype::kFloat32;
-    if (out_float) {
-      return add_float ? launch(float{}, float{}) : launch(float{}, T{});
+    if (with_dots) {
+      const std::true_type dots;
+      return add_float ? launch(float{}, float{}, dots)
+                       : launch(float{}, T{}, dots);
     }
-    return add_float ? launch(T{}, float{}) : launch(T{}, T{});
+    if (out_float) {
+      return add_float ? launch(float{}, float{}, plain)
+                       : launch(float{}, T{}, plain);
+    }
+    return add_float ? launch(T{}, float{}, plain) : launch(T{}, T{}, plain);
   });
 }
 
@@ -263,7 +338,23 @@ cudaError_t launch_combine_codewords(const float* coef, const int64_t* indices,
   }
   return launch_combine(coef, indices, k, dictionary_t, dictionary_dtype,
                         num_codewords, addend, addend_scale, device_scale,
-                        host_scale, out, nullptr, stream);
+                        host_scale, out, CombineExtras{}, stream);
+}
+
+cudaError_t launch_combine_codewords_and_dots(
+    const float* coef, const int64_t* indices, int64_t k,
+    const void* dictionary_t, Dtype dictionary_dtype, int64_t num_codewords,
+    const FeatureMap* addend, float addend_scale, const float* device_scale,
+    float host_scale, const FeatureMap& out, const float* sigmoid_values,
+    float* entry_dots, cudaStream_t stream) {
+  if (out.data == nullptr || entry_dots == nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  return launch_combine(coef, indices, k, dictionary_t, dictionary_dtype,
+                        num_codewords, addend, addend_scale, device_scale,
+                        host_scale, out,
+                        CombineExtras{nullptr, sigmoid_values, entry_dots},
+                        stream);
 }
 
 int64_t residual_square_sums_num_blocks(int64_t num_pixels) {
@@ -286,7 +377,7 @@ cudaError_t launch_residual_square_sums(const float* coef,
   const FeatureMap no_out{nullptr, Dtype::kFloat32, x.layout};
   return launch_combine(coef, indices, k, dictionary_t, dictionary_dtype,
                         num_codewords, &x, -1.0f, nullptr, 1.0f, no_out,
-                        partials, stream);
+                        CombineExtras{partials, nullptr, nullptr}, stream);
 }
 
 cudaError_t launch_codeword_dots(const FeatureMap& features,

@@ -289,6 +289,31 @@ void combine_codewords(const at::Tensor& coef, const at::Tensor& indices,
       "combine_codewords");
 }
 
+at::Tensor combine_codewords_and_dots(
+    const at::Tensor& coef, const at::Tensor& indices,
+    const at::Tensor& dictionary_t, const at::Tensor* addend,
+    float addend_scale, const at::Tensor* device_scale, float host_scale,
+    const at::Tensor& out, const at::Tensor* sigmoid, cudaStream_t stream) {
+  FeatureMap add_map{};
+  if (addend != nullptr) {
+    add_map = feature_map(*addend, "addend");
+  }
+  auto dots = at::empty(indices.sizes(), out.options().dtype(at::kFloat));
+  check_launch(
+      srm_cuda::launch_combine_codewords_and_dots(
+          coef.data_ptr<float>(), indices.data_ptr<int64_t>(),
+          indices.size(-1), dictionary_t.data_ptr(),
+          kernel_dtype(dictionary_t.scalar_type(), "dictionary"),
+          dictionary_t.size(0), addend != nullptr ? &add_map : nullptr,
+          addend_scale,
+          device_scale != nullptr ? device_scale->data_ptr<float>() : nullptr,
+          host_scale, feature_map(out, "output"),
+          sigmoid != nullptr ? sigmoid->data_ptr<float>() : nullptr,
+          dots.data_ptr<float>(), stream),
+      "combine_codewords_and_dots");
+  return dots;
+}
+
 at::Tensor codeword_dots(const at::Tensor& features, const at::Tensor& indices,
                          const at::Tensor& dictionary_t,
                          const at::Tensor* sigmoid, cudaStream_t stream) {

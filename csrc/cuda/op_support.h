@@ -113,6 +113,14 @@ void combine_codewords(const at::Tensor& coef, const at::Tensor& indices,
                        float host_scale, const at::Tensor& out,
                        cudaStream_t stream);
 
+// combine_codewords into a float32 `out`, returning from the same pass what
+// codeword_dots(out, indices, dictionary_t, sigmoid) would.
+at::Tensor combine_codewords_and_dots(
+    const at::Tensor& coef, const at::Tensor& indices,
+    const at::Tensor& dictionary_t, const at::Tensor* addend,
+    float addend_scale, const at::Tensor* device_scale, float host_scale,
+    const at::Tensor& out, const at::Tensor* sigmoid, cudaStream_t stream);
+
 // (N, H, W, k) float32: <features_p, C[:, indices[p, j]]>, times s (1 - s)
 // when the kept entries' float32 sigmoid s is given (see kept_sigmoid).
 at::Tensor codeword_dots(const at::Tensor& features, const at::Tensor& indices,

@@ -110,6 +110,19 @@ cudaError_t launch_combine_codewords(const float* coef, const int64_t* indices,
                                      float host_scale, const FeatureMap& out,
                                      cudaStream_t stream);
 
+// launch_combine_codewords with a float32 `out`, and in the same pass, for
+// every entry, entry_dots[p, j] = <out[p, :], dictionary_t[indices[p, j], :]>
+// (0 for out-of-range indices), multiplied by s * (1 - s) with
+// s = sigmoid_values[p, j] when sigmoid_values is not null: what
+// launch_codeword_dots would give from `out`, without reading it back.
+// k <= kMaxTopK; entry_dots is (P, k) float32.
+cudaError_t launch_combine_codewords_and_dots(
+    const float* coef, const int64_t* indices, int64_t k,
+    const void* dictionary_t, Dtype dictionary_dtype, int64_t num_codewords,
+    const FeatureMap* addend, float addend_scale, const float* device_scale,
+    float host_scale, const FeatureMap& out, const float* sigmoid_values,
+    float* entry_dots, cudaStream_t stream);
+
 // Number of thread blocks launch_residual_square_sums uses for `num_pixels`
 // pixels, i.e. the length of its `partials` output.
 int64_t residual_square_sums_num_blocks(int64_t num_pixels);

@@ -306,15 +306,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss_backward(
     const at::Tensor xb = box.of_map(x);
     const at::Tensor vals = box.of_code(values);
     const at::Tensor idx = box.of_code(indices);
-    // g = 2 * grad_loss / M * (x_hat - x), float32 and pixel-major.
-    const at::Tensor g = empty_pixel_major_float(box.nc, depth, box.hc, w, x);
-    const at::Tensor coef_values = vals.to(at::kFloat).contiguous();
-    combine_codewords(coef_values, idx, dict_t, &xb, -1.0f, &upstream,
-                      mean_scale, g, stream);
-    // gp = <g_p, C[:, idx]> * s (1 - s).
+    // g = 2 * grad_loss / M * (x_hat - x), float32 and pixel-major, and from
+    // the same pass gp = <g_p, C[:, idx]> * s (1 - s).
     const at::Tensor sigmoid =
         kept_sigmoid(xb, vals, idx, dict_t, intercept, stream);
-    const at::Tensor grad_pre = codeword_dots(g, idx, dict_t, &sigmoid, stream);
+    const at::Tensor g = empty_pixel_major_float(box.nc, depth, box.hc, w, x);
+    const at::Tensor coef_values = vals.to(at::kFloat).contiguous();
+    const at::Tensor grad_pre = combine_codewords_and_dots(
+        coef_values, idx, dict_t, &xb, -1.0f, &upstream, mean_scale, g,
+        &sigmoid, stream);
 
     if (output_mask[0]) {
       // -g_p + sum_j gp_pj C[:, idx_pj]
