@@ -531,7 +531,14 @@ def test_sparse_labels_flags_out_of_range_indices(emu):
     assert flag.item() == 1
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 4, 30), (1, 1, 1, 5), (3, 5, 7, 300)])
+# (N, H, W, K): small images; 323 pixels per image (two chunks of 256, the
+# second short); K that leaves room for four warps' column sums; K past what
+# one warp's sums take in shared memory, summed in global memory instead.
+PREDICTOR_SHAPES = [(2, 3, 4, 30), (1, 1, 1, 5), (3, 5, 7, 300), (2, 17, 19, 40), (2, 1, 3, 3000),
+                    (1, 1, 3, 12289)]
+
+
+@pytest.mark.parametrize("shape", PREDICTOR_SHAPES)
 def test_predictor_loss(emu, shape):
     """Loss and dloss/dz against the reference's autograd, through a student
     map y = z and an identity dictionary (so that C^T y_p = z_p). The kernel

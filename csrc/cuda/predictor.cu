@@ -12,11 +12,14 @@
 //          + gw / (N K) * (m_nc - t_nc) / max(m_nc (1 - m_nc), 1e-12) / HW
 //   dz     = dq * q * (1 - q)
 //
-// Three passes over the logits, every reduction in a fixed order: per-pixel
-// softmax statistics (a warp per pixel), per-(image, codeword) means (a block
-// per image and 32 codewords, its warps on interleaved pixels), then the
-// gradient (a warp per pixel). Lanes always walk codewords, so every read of
-// a logits row is coalesced.
+// Two passes over the logits, every reduction in a fixed order. The forward
+// pass reads each image's pixels once: a block per (image, chunk of
+// kChunkPixels pixels), a warp per pixel with its lanes on codewords, gives
+// each pixel's softmax statistics and the chunk's per-codeword sums of q
+// (per-warp sums in shared memory, added in warp order). A small kernel adds
+// the chunks' sums in chunk order into the image means. The backward pass
+// writes the gradient, a warp per pixel. Every read of a logits row is
+// coalesced.
 #include "common.cuh"
 
 namespace srm_cuda {
@@ -26,78 +29,110 @@ using namespace detail;
 
 constexpr int kThreads = 256;
 constexpr int kRowsPerBlock = kThreads / kWarpSize;
+// Pixels per block of the forward pass: eight warps, 32 pixels each.
+constexpr int64_t kChunkPixels = 256;
+// Per-warp column sums of the forward pass live in shared memory, as many
+// warps' as fit in the default dynamic shared memory. Past that K a single
+// warp sums straight into the block's row of chunk sums in global memory.
+constexpr int64_t kColumnSumBytes = 48 * 1024;
 
+bool column_sums_fit(int64_t num_codes) {
+  return num_codes * static_cast<int64_t>(sizeof(float)) <= kColumnSumBytes;
+}
+
+int column_sum_warps(int64_t num_codes) {
+  if (!column_sums_fit(num_codes)) {
+    return 1;
+  }
+  const int64_t fit =
+      kColumnSumBytes / (num_codes * static_cast<int64_t>(sizeof(float)));
+  return static_cast<int>(fit > kRowsPerBlock ? kRowsPerBlock : fit);
+}
+
+// Block n * chunks + chunk takes pixels [chunk * kChunkPixels,
+// + kChunkPixels) of image n; warp w takes those of them at w, w + warps, ...
+// in order. Writes lse and the local loss term of each pixel, and
+// chunk_sums[block * K + c] = the chunk's sum of q_pc.
+template <bool kSharedSums>
 __global__ void __launch_bounds__(kThreads)
-    pixel_softmax_stats_kernel(const float* __restrict__ logits,
-                               const float* __restrict__ intercept,
-                               const int64_t* __restrict__ labels,
-                               int64_t num_pixels, int64_t num_codes,
-                               float* __restrict__ lse,
-                               float* __restrict__ local_terms,
-                               int* error_flag) {
-  const int lane = threadIdx.x % kWarpSize;
-  const int64_t p = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock +
-                    threadIdx.x / kWarpSize;
-  if (p >= num_pixels) {
-    return;  // warp-uniform
-  }
+    pixel_stats_kernel(const float* __restrict__ logits,
+                       const float* __restrict__ intercept,
+                       const int64_t* __restrict__ labels,
+                       int64_t pixels_per_image, int64_t num_codes,
+                       int64_t chunks, float* __restrict__ lse,
+                       float* __restrict__ local_terms,
+                       float* __restrict__ chunk_sums, int* error_flag) {
+  extern __shared__ float column_sums[];  // (warps, num_codes) if kSharedSums
+  const int warps = static_cast<int>(blockDim.x) / kWarpSize;
+  const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
+  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+  const int64_t n = blockIdx.x / chunks;
+  const int64_t first = (blockIdx.x - n * chunks) * kChunkPixels;
+  const int64_t end = first + kChunkPixels < pixels_per_image
+                          ? first + kChunkPixels
+                          : pixels_per_image;
   const float bias = intercept[0];
-  const float* row = logits + p * num_codes;
-  // q lies in [0, 1], so exp(q) cannot overflow: no max shift needed.
-  float sum_exp = 0.0f;
+  float* block_sums = chunk_sums + static_cast<int64_t>(blockIdx.x) * num_codes;
+  float* own_sums = kSharedSums ? column_sums + warp * num_codes : block_sums;
   for (int64_t c = lane; c < num_codes; c += kWarpSize) {
-    sum_exp += expf(sigmoid(row[c] + bias));
+    own_sums[c] = 0.0f;
   }
-  sum_exp = warp_sum(sum_exp);
-  if (lane == 0) {
-    const float log_sum = logf(sum_exp);
-    const int64_t label = labels[p];
-    float term = log_sum;
-    if (label >= 0 && label < num_codes) {
-      term -= sigmoid(row[label] + bias);
-    } else {
-      *error_flag = 1;
+  // Each warp adds only to its own sums, lane l to the columns c = l mod 32.
+  for (int64_t hw = first + warp; hw < end; hw += warps) {  // warp-uniform
+    const int64_t p = n * pixels_per_image + hw;
+    const float* row = logits + p * num_codes;
+    // q lies in [0, 1], so exp(q) cannot overflow: no max shift needed.
+    float sum_exp = 0.0f;
+    for (int64_t c = lane; c < num_codes; c += kWarpSize) {
+      const float q = sigmoid(row[c] + bias);
+      sum_exp += expf(q);
+      own_sums[c] += q;
     }
-    lse[p] = log_sum;
-    local_terms[p] = term;
+    sum_exp = warp_sum(sum_exp);
+    if (lane == 0) {
+      const float log_sum = logf(sum_exp);
+      const int64_t label = labels[p];
+      float term = log_sum;
+      if (label >= 0 && label < num_codes) {
+        term -= sigmoid(row[label] + bias);
+      } else {
+        *error_flag = 1;
+      }
+      lse[p] = log_sum;
+      local_terms[p] = term;
+    }
+  }
+  if constexpr (kSharedSums) {
+    __syncthreads();
+    for (int64_t c = threadIdx.x; c < num_codes; c += blockDim.x) {
+      float sum = 0.0f;
+      for (int w = 0; w < warps; ++w) {
+        sum += column_sums[w * num_codes + c];
+      }
+      block_sums[c] = sum;
+    }
   }
 }
 
-// Block (chunk, n) owns codewords [32 chunk, 32 chunk + 32) of image n; warp
-// w sums the image's pixels w, w + kRowsPerBlock, ... in order, and the warps'
-// sums are added in warp order: a fixed order whatever the scheduling.
+// One thread per (image, codeword): the image mean of q from the chunks'
+// sums, added in chunk order, and the BCE term and gradient coefficient.
 __global__ void __launch_bounds__(kThreads)
-    image_means_kernel(const float* __restrict__ logits,
-                       const float* __restrict__ intercept,
-                       const float* __restrict__ targets,
+    image_means_kernel(const float* __restrict__ chunk_sums, int64_t chunks,
+                       const float* __restrict__ targets, int64_t batch,
                        int64_t pixels_per_image, int64_t num_codes,
-                       int64_t column_chunks, float global_scale,
-                       float* __restrict__ bce_terms,
+                       float global_scale, float* __restrict__ bce_terms,
                        float* __restrict__ global_coef) {
-  __shared__ float warp_sums[kRowsPerBlock][kWarpSize];
-  const int lane = threadIdx.x % kWarpSize;
-  const int warp = threadIdx.x / kWarpSize;
-  const int64_t n = blockIdx.x / column_chunks;
-  const int64_t c = (blockIdx.x % column_chunks) * kWarpSize + lane;
-  const float bias = intercept[0];
-  float sum = 0.0f;
-  if (c < num_codes) {
-    const float* column = logits + n * pixels_per_image * num_codes + c;
-    for (int64_t hw = warp; hw < pixels_per_image; hw += kRowsPerBlock) {
-      sum += sigmoid(column[hw * num_codes] + bias);
-    }
-  }
-  warp_sums[warp][lane] = sum;
-  __syncthreads();
-  if (warp != 0 || c >= num_codes) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= batch * num_codes) {
     return;
   }
-  sum = 0.0f;
-#pragma unroll
-  for (int w = 0; w < kRowsPerBlock; ++w) {
-    sum += warp_sums[w][lane];
+  const int64_t n = i / num_codes;
+  const int64_t c = i - n * num_codes;
+  const float* sums = chunk_sums + n * chunks * num_codes + c;
+  float sum = 0.0f;
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+    sum += sums[chunk * num_codes];
   }
-  const int64_t i = n * num_codes + c;
   const float hw_count = static_cast<float>(pixels_per_image);
   const float m = sum / hw_count;
   const float t = targets[i];
@@ -152,8 +187,11 @@ unsigned clamp_blocks(int64_t blocks) {
 int64_t predictor_workspace_size(int64_t batch, int64_t pixels_per_image,
                                  int64_t num_codewords) {
   const int64_t pixels = batch * pixels_per_image;
-  // lse, local terms | BCE terms, global coefficients | two partial losses
-  return 2 * pixels + 2 * batch * num_codewords + 2;
+  const int64_t chunks = detail::ceil_div(pixels_per_image, kChunkPixels);
+  // lse, local terms | BCE terms, global coefficients | chunk sums |
+  // two partial losses
+  return 2 * pixels + 2 * batch * num_codewords +
+         batch * chunks * num_codewords + 2;
 }
 
 cudaError_t launch_predictor_loss(float* logits, const float* intercept,
@@ -166,31 +204,41 @@ cudaError_t launch_predictor_loss(float* logits, const float* intercept,
                                   int* error_flag, cudaStream_t stream) {
   const int64_t pixels = batch * pixels_per_image;
   const int64_t columns = batch * num_codewords;
-  if (pixels < 1 || num_codewords < 1 ||
+  const int64_t chunks = detail::ceil_div(pixels_per_image, kChunkPixels);
+  if (pixels < 1 || num_codewords < 1 || batch * chunks > 0x7fffffff ||
       detail::ceil_div(pixels, kRowsPerBlock) > 0x7fffffff ||
-      batch * detail::ceil_div(num_codewords, kWarpSize) > 0x7fffffff) {
+      detail::ceil_div(columns, kThreads) > 0x7fffffff) {
     return cudaErrorInvalidValue;
   }
   float* lse = float_workspace;
   float* local_terms = lse + pixels;
   float* bce_terms = local_terms + pixels;
   float* global_coef = bce_terms + columns;
-  float* partial_losses = global_coef + columns;
+  float* chunk_sums = global_coef + columns;
+  float* partial_losses = chunk_sums + batch * chunks * num_codewords;
 
-  pixel_softmax_stats_kernel<<<
-      static_cast<unsigned>(detail::ceil_div(pixels, kRowsPerBlock)), kThreads,
-      0, stream>>>(logits, intercept, pixel_labels, pixels, num_codewords, lse,
-                   local_terms, error_flag);
+  const int warps = column_sum_warps(num_codewords);
+  const unsigned blocks = static_cast<unsigned>(batch * chunks);
+  if (column_sums_fit(num_codewords)) {
+    const size_t column_sum_bytes =
+        static_cast<size_t>(warps) * num_codewords * sizeof(float);
+    pixel_stats_kernel<true><<<blocks, static_cast<unsigned>(warps * kWarpSize),
+                               column_sum_bytes, stream>>>(
+        logits, intercept, pixel_labels, pixels_per_image, num_codewords,
+        chunks, lse, local_terms, chunk_sums, error_flag);
+  } else {
+    pixel_stats_kernel<false><<<blocks, kWarpSize, 0, stream>>>(
+        logits, intercept, pixel_labels, pixels_per_image, num_codewords,
+        chunks, lse, local_terms, chunk_sums, error_flag);
+  }
   SRM_RETURN_IF_ERROR(cudaGetLastError());
 
   const float global_scale =
       static_cast<float>(static_cast<double>(global_weight) / columns);
-  const int64_t column_chunks = detail::ceil_div(num_codewords, kWarpSize);
-  image_means_kernel<<<static_cast<unsigned>(batch * column_chunks), kThreads,
-                       0, stream>>>(logits, intercept, image_labels,
-                                    pixels_per_image, num_codewords,
-                                    column_chunks, global_scale, bce_terms,
-                                    global_coef);
+  image_means_kernel<<<static_cast<unsigned>(detail::ceil_div(columns, kThreads)),
+                       kThreads, 0, stream>>>(
+      chunk_sums, chunks, image_labels, batch, pixels_per_image,
+      num_codewords, global_scale, bce_terms, global_coef);
   SRM_RETURN_IF_ERROR(cudaGetLastError());
 
   SRM_RETURN_IF_ERROR(launch_deterministic_sum(
