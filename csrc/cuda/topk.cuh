@@ -118,22 +118,64 @@ __device__ __forceinline__ void topk_append_tile(const float* tile_scores,
   __syncwarp();
 }
 
-// Sorts the list's count live keys, keeps the best min(count, k) and returns
-// the new threshold (0, i.e. accept anything, while fewer than k keys were
-// seen). Only the smallest power of two holding the live keys is sorted: the
-// final merge of a pixel whose later tiles added few keys sorts a short list.
-__device__ __forceinline__ uint64_t topk_merge(uint64_t* list, int& count,
-                                               int k, int lane) {
-  int sort_len = 2;
-  while (sort_len < count) {
-    sort_len *= 2;
-  }
-  for (int i = count + lane; i < sort_len; i += kWarpSize) {
-    list[i] = 0;
+// Below this k, picking the best k of 33 to 64 keys by rounds of a warp-wide
+// maximum (about a shuffle reduction per key kept) costs less than sorting
+// them (21 compare-exchange passes over 64 keys), which is how the first
+// merge of a row starts when k is small.
+constexpr int kRoundsMaxTopK = 8;
+
+// Writes the best `kept` of list[0:count) (count <= 64) to list[0:kept),
+// sorted descending. Each lane holds two keys in registers; every round the
+// warp's maximum is written out and cleared where it was (keys of distinct
+// codewords are distinct, so exactly one slot holds it).
+__device__ __forceinline__ void topk_select_by_rounds(uint64_t* list,
+                                                      int count, int kept,
+                                                      int lane) {
+  uint64_t a = lane < count ? list[lane] : 0;
+  uint64_t b = lane + kWarpSize < count ? list[lane + kWarpSize] : 0;
+  __syncwarp();  // every key is read before list[0:kept) is overwritten
+  for (int r = 0; r < kept; ++r) {
+    uint64_t best = a > b ? a : b;
+#pragma unroll
+    for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+      const uint64_t other = __shfl_xor_sync(kFullWarpMask, best, offset);
+      best = other > best ? other : best;
+    }
+    if (lane == 0) {
+      list[r] = best;
+    }
+    if (a == best) {
+      a = 0;
+    } else if (b == best) {
+      b = 0;
+    }
   }
   __syncwarp();
-  warp_bitonic_sort_descending(list, sort_len, lane);
-  count = count < k ? count : k;
+}
+
+// Keeps the best min(count, k) of the list's count live keys, sorted
+// descending at its front, and returns the new threshold (0, i.e. accept
+// anything, while fewer than k keys were seen). A small k out of a tile's
+// worth of keys is picked by rounds; otherwise only the smallest power of two
+// holding the live keys is sorted: the final merge of a pixel whose later
+// tiles added few keys sorts a short list.
+__device__ __forceinline__ uint64_t topk_merge(uint64_t* list, int& count,
+                                               int k, int lane) {
+  const int kept = count < k ? count : k;
+  if (k <= kRoundsMaxTopK && count > kWarpSize && count <= 2 * kWarpSize) {
+    topk_select_by_rounds(list, count, kept, lane);
+  } else {
+    int sort_len = 2;
+    while (sort_len < count) {
+      sort_len *= 2;
+    }
+    for (int i = count + lane; i < sort_len; i += kWarpSize) {
+      list[i] = 0;
+    }
+    __syncwarp();
+    warp_bitonic_sort_descending(list, sort_len, lane);
+  }
+  count = kept;
   return count >= k ? list[k - 1] : 0;
 }
 
