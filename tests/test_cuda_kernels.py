@@ -236,6 +236,30 @@ def test_deterministic_mode_is_bitwise_reproducible(dtype):
         assert torch.equal(a, b_)
 
 
+def test_labels_and_student_loss_sum_in_a_fixed_order():
+    """The image labels and the student loss reduce in a fixed order whether
+    or not deterministic mode is on, so repeated calls agree bitwise (cuBLAS
+    repeats its products bitwise on one GPU). 400 pixels per image: two
+    chunks of the student loss's statistics; K = 300: several warps'
+    histograms and column sums."""
+    (x, C, b), _, k = inputs((3, 16, 20, 20, 300, 5), torch.float32, seed=24)
+    values, indices = srm_ext.sparse_encode(x, C, b, k)
+    labels = srm_ext.sparse_labels(values, indices, 300)
+    again = srm_ext.sparse_labels(values, indices, 300)
+    assert all(torch.equal(a, b_) for a, b_ in zip(labels, again))
+
+    y, Cs, bs, _, _ = student_inputs(3, 24, 20, 20, 300, seed=25)
+    on_device = [t.to(DEVICE) for t in (y, Cs, bs)]
+
+    def loss(*args):
+        return srm_ext.predictor_loss(*args, *labels)
+
+    first = [loss(*on_device).detach(), *grads(loss, on_device)]
+    second = [loss(*on_device).detach(), *grads(loss, on_device)]
+    for a, b_ in zip(first, second):
+        assert torch.equal(a, b_)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_labels_and_predictor_loss(shape, dtype):
