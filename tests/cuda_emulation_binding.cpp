@@ -97,7 +97,7 @@ void combine_codewords(const at::Tensor& coef, const at::Tensor indices, int64_t
             coef.data_ptr<float>(), indices.data_ptr<int64_t>(), k, dictionary_t.data_ptr(),
             dtype_of(dictionary_t), dictionary_t.size(0), add ? &*add : nullptr,
             static_cast<float>(addend_scale), pointer<float>(device_scale),
-            static_cast<float>(host_scale), feature_map(out), nullptr),
+            static_cast<float>(host_scale), feature_map(out), nullptr, nullptr, nullptr),
         "launch_combine_codewords");
 }
 
@@ -107,13 +107,13 @@ void combine_codewords_and_dots(const at::Tensor& coef, const at::Tensor indices
                                 double host_scale, at::Tensor out,
                                 const OptionalTensor& sigmoid_values, at::Tensor entry_dots) {
   const std::optional<FeatureMap> add = optional_map(addend);
-  check(srm_cuda::launch_combine_codewords_and_dots(
+  check(srm_cuda::launch_combine_codewords(
             coef.data_ptr<float>(), indices.data_ptr<int64_t>(), k, dictionary_t.data_ptr(),
             dtype_of(dictionary_t), dictionary_t.size(0), add ? &*add : nullptr,
             static_cast<float>(addend_scale), pointer<float>(device_scale),
             static_cast<float>(host_scale), feature_map(out), pointer<float>(sigmoid_values),
             entry_dots.data_ptr<float>(), nullptr),
-        "launch_combine_codewords_and_dots");
+        "launch_combine_codewords (with entry dots)");
 }
 
 void codeword_dots(const at::Tensor& features, const at::Tensor indices, int64_t k,

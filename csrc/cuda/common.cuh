@@ -130,6 +130,27 @@ __device__ __forceinline__ PixelEntries load_pixel_entries(
   return entries;
 }
 
+// Calls fn(j, code, coef) for the entries j = 0, 1, ..., k - 1 of pixel p in
+// order, in every lane of the warp, with code and coef as load_pixel_entries
+// gives them over the codewords [0, num_codes) (coef 0 when coef is null).
+// Called by a whole warp.
+template <typename Fn>
+__device__ __forceinline__ void for_each_pixel_entry(
+    const int64_t* __restrict__ indices, const float* __restrict__ coef,
+    int64_t p, int k, int64_t num_codes, Fn&& fn) {
+  for (int j0 = 0; j0 < k; j0 += kWarpSize) {
+    const PixelEntries entries =
+        load_pixel_entries(indices, coef, p, k, j0, 0, num_codes);
+    const int count = k - j0 < kWarpSize ? k - j0 : kWarpSize;
+    for (int j = 0; j < count; ++j) {
+      const int code = __shfl_sync(kFullWarpMask, entries.code, j);
+      const float w =
+          coef != nullptr ? __shfl_sync(kFullWarpMask, entries.coef, j) : 0.0f;
+      fn(j0 + j, code, w);
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------
 // Reductions with a fixed summation order
 // ---------------------------------------------------------------------------

@@ -7,7 +7,7 @@
 // chunk a warp handles one pixel at a time with its lanes on consecutive
 // channels, so each codeword row of the (K, D) transposed dictionary is read
 // as one coalesced segment; feature maps go through pixel_tile.cuh and the
-// pixel's entries through load_pixel_entries.
+// pixel's entries through for_each_pixel_entry.
 #include <type_traits>
 
 #include "common.cuh"
@@ -37,22 +37,17 @@ __device__ __forceinline__ void add_entry_dots(
     const int64_t* __restrict__ indices, int k,
     const TDict* __restrict__ dictionary_t, int64_t num_codes, int64_t depth) {
   const int lane = threadIdx.x % kWarpSize;
-  for (int j0 = 0; j0 < k; j0 += kWarpSize) {
-    const PixelEntries entries =
-        load_pixel_entries(indices, nullptr, p, k, j0, 0, num_codes);
-    const int count = k - j0 < kWarpSize ? k - j0 : kWarpSize;
-    for (int j = 0; j < count; ++j) {
-      const int c = __shfl_sync(kFullWarpMask, entries.code, j);
-      float prod = 0.0f;
-      if (c >= 0 && d < depth) {
-        prod = f * to_float(dictionary_t[c * depth + d]);
-      }
-      prod = warp_sum(prod);
-      if (lane == 0) {
-        dots[pl][j0 + j] += prod;
-      }
-    }
-  }
+  for_each_pixel_entry(
+      indices, nullptr, p, k, num_codes, [&](int j, int c, float) {
+        float prod = 0.0f;
+        if (c >= 0 && d < depth) {
+          prod = f * to_float(dictionary_t[c * depth + d]);
+        }
+        prod = warp_sum(prod);
+        if (lane == 0) {
+          dots[pl][j] += prod;
+        }
+      });
 }
 
 // out[p, j] = dots, times s (1 - s) with s = sigmoid_values[p, j] when given,
@@ -129,18 +124,12 @@ __global__ void __launch_bounds__(kTileThreads, 4)
       const int64_t p = first_pixel + pl;
       float acc = 0.0f;
       if (p < total_pixels) {  // warp-uniform
-        for (int j0 = 0; j0 < k; j0 += kWarpSize) {
-          const PixelEntries entries =
-              load_pixel_entries(indices, coef, p, k, j0, 0, num_codes);
-          const int count = k - j0 < kWarpSize ? k - j0 : kWarpSize;
-          for (int j = 0; j < count; ++j) {
-            const int c = __shfl_sync(kFullWarpMask, entries.code, j);
-            const float w = __shfl_sync(kFullWarpMask, entries.coef, j);
-            if (c >= 0 && d < depth) {
-              acc = fmaf(w, to_float(dictionary_t[c * depth + d]), acc);
-            }
-          }
-        }
+        for_each_pixel_entry(
+            indices, coef, p, k, num_codes, [&](int, int c, float w) {
+              if (c >= 0 && d < depth) {
+                acc = fmaf(w, to_float(dictionary_t[c * depth + d]), acc);
+              }
+            });
       }
       sums[pl][lane] = acc;
     }
@@ -324,30 +313,13 @@ cudaError_t launch_combine(const float* coef, const int64_t* indices,
 
 }  // namespace
 
-cudaError_t launch_combine_codewords(const float* coef, const int64_t* indices,
-                                     int64_t k, const void* dictionary_t,
-                                     Dtype dictionary_dtype,
-                                     int64_t num_codewords,
-                                     const FeatureMap* addend,
-                                     float addend_scale,
-                                     const float* device_scale,
-                                     float host_scale, const FeatureMap& out,
-                                     cudaStream_t stream) {
-  if (out.data == nullptr) {
-    return cudaErrorInvalidValue;
-  }
-  return launch_combine(coef, indices, k, dictionary_t, dictionary_dtype,
-                        num_codewords, addend, addend_scale, device_scale,
-                        host_scale, out, CombineExtras{}, stream);
-}
-
-cudaError_t launch_combine_codewords_and_dots(
+cudaError_t launch_combine_codewords(
     const float* coef, const int64_t* indices, int64_t k,
     const void* dictionary_t, Dtype dictionary_dtype, int64_t num_codewords,
     const FeatureMap* addend, float addend_scale, const float* device_scale,
     float host_scale, const FeatureMap& out, const float* sigmoid_values,
     float* entry_dots, cudaStream_t stream) {
-  if (out.data == nullptr || entry_dots == nullptr) {
+  if (out.data == nullptr) {
     return cudaErrorInvalidValue;
   }
   return launch_combine(coef, indices, k, dictionary_t, dictionary_dtype,

@@ -268,11 +268,15 @@ at::Tensor intercept_grad(const at::Tensor& grad_pre, const at::Tensor& x,
   return deterministic_sum(grad_pre, 1.0, stream).to(x.scalar_type());
 }
 
-void combine_codewords(const at::Tensor& coef, const at::Tensor& indices,
-                       const at::Tensor& dictionary_t, const at::Tensor* addend,
-                       float addend_scale, const at::Tensor* device_scale,
-                       float host_scale, const at::Tensor& out,
-                       cudaStream_t stream) {
+namespace {
+
+// launch_combine_codewords on tensors; sigmoid and entry_dots optional.
+void run_combine_codewords(const at::Tensor& coef, const at::Tensor& indices,
+                           const at::Tensor& dictionary_t,
+                           const at::Tensor* addend, float addend_scale,
+                           const at::Tensor* device_scale, float host_scale,
+                           const at::Tensor& out, const at::Tensor* sigmoid,
+                           at::Tensor* entry_dots, cudaStream_t stream) {
   FeatureMap add_map{};
   if (addend != nullptr) {
     add_map = feature_map(*addend, "addend");
@@ -285,8 +289,23 @@ void combine_codewords(const at::Tensor& coef, const at::Tensor& indices,
           dictionary_t.size(0), addend != nullptr ? &add_map : nullptr,
           addend_scale,
           device_scale != nullptr ? device_scale->data_ptr<float>() : nullptr,
-          host_scale, feature_map(out, "output"), stream),
+          host_scale, feature_map(out, "output"),
+          sigmoid != nullptr ? sigmoid->data_ptr<float>() : nullptr,
+          entry_dots != nullptr ? entry_dots->data_ptr<float>() : nullptr,
+          stream),
       "combine_codewords");
+}
+
+}  // namespace
+
+void combine_codewords(const at::Tensor& coef, const at::Tensor& indices,
+                       const at::Tensor& dictionary_t, const at::Tensor* addend,
+                       float addend_scale, const at::Tensor* device_scale,
+                       float host_scale, const at::Tensor& out,
+                       cudaStream_t stream) {
+  run_combine_codewords(coef, indices, dictionary_t, addend, addend_scale,
+                        device_scale, host_scale, out, nullptr, nullptr,
+                        stream);
 }
 
 at::Tensor combine_codewords_and_dots(
@@ -294,23 +313,9 @@ at::Tensor combine_codewords_and_dots(
     const at::Tensor& dictionary_t, const at::Tensor* addend,
     float addend_scale, const at::Tensor* device_scale, float host_scale,
     const at::Tensor& out, const at::Tensor* sigmoid, cudaStream_t stream) {
-  FeatureMap add_map{};
-  if (addend != nullptr) {
-    add_map = feature_map(*addend, "addend");
-  }
   auto dots = at::empty(indices.sizes(), out.options().dtype(at::kFloat));
-  check_launch(
-      srm_cuda::launch_combine_codewords_and_dots(
-          coef.data_ptr<float>(), indices.data_ptr<int64_t>(),
-          indices.size(-1), dictionary_t.data_ptr(),
-          kernel_dtype(dictionary_t.scalar_type(), "dictionary"),
-          dictionary_t.size(0), addend != nullptr ? &add_map : nullptr,
-          addend_scale,
-          device_scale != nullptr ? device_scale->data_ptr<float>() : nullptr,
-          host_scale, feature_map(out, "output"),
-          sigmoid != nullptr ? sigmoid->data_ptr<float>() : nullptr,
-          dots.data_ptr<float>(), stream),
-      "combine_codewords_and_dots");
+  run_combine_codewords(coef, indices, dictionary_t, addend, addend_scale,
+                        device_scale, host_scale, out, sigmoid, &dots, stream);
   return dots;
 }
 

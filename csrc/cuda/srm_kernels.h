@@ -100,23 +100,12 @@ cudaError_t launch_select_top_k(const float* pre, int64_t rows,
 // dictionary_t is (K, D) in `dictionary_dtype`; out and the optional addend
 // have dtype dictionary_dtype or float32 and any strides. Out-of-range
 // indices contribute nothing. D and P come from out.layout.
-cudaError_t launch_combine_codewords(const float* coef, const int64_t* indices,
-                                     int64_t k, const void* dictionary_t,
-                                     Dtype dictionary_dtype,
-                                     int64_t num_codewords,
-                                     const FeatureMap* addend,
-                                     float addend_scale,
-                                     const float* device_scale,
-                                     float host_scale, const FeatureMap& out,
-                                     cudaStream_t stream);
-
-// launch_combine_codewords with a float32 `out`, and in the same pass, for
-// every entry, entry_dots[p, j] = <out[p, :], dictionary_t[indices[p, j], :]>
+// entry_dots (optional, (P, k) float32, k <= kMaxTopK, out float32): in the
+// same pass, entry_dots[p, j] = <out[p, :], dictionary_t[indices[p, j], :]>
 // (0 for out-of-range indices), multiplied by s * (1 - s) with
 // s = sigmoid_values[p, j] when sigmoid_values is not null: what
 // launch_codeword_dots would give from `out`, without reading it back.
-// k <= kMaxTopK; entry_dots is (P, k) float32.
-cudaError_t launch_combine_codewords_and_dots(
+cudaError_t launch_combine_codewords(
     const float* coef, const int64_t* indices, int64_t k,
     const void* dictionary_t, Dtype dictionary_dtype, int64_t num_codewords,
     const FeatureMap* addend, float addend_scale, const float* device_scale,
