@@ -28,30 +28,42 @@ __device__ __forceinline__ void zero_entry_dots(EntryDots& dots, int k) {
   }
 }
 
-// dots[pl][j] += sum over this chunk's channels of f * C[idx[p, j], d], with
-// f this lane's channel d of pixel p (0 past D). Called by a whole warp,
-// which owns row pl.
+// dots[pl][j] += sum over the chunk's channels d = d0 + c of
+// tile[pl][c] * C[idx[p, j], d], for the tile's pixels pl that this warp
+// owns (rows warp, warp + kTileWarps, ...). Called by every warp.
 template <typename TDict>
-__device__ __forceinline__ void add_entry_dots(
-    EntryDots& dots, int pl, int64_t p, float f, int64_t d,
-    const int64_t* __restrict__ indices, int k,
-    const TDict* __restrict__ dictionary_t, int64_t num_codes, int64_t depth) {
+__device__ __forceinline__ void add_tile_entry_dots(
+    EntryDots& dots, const PixelTile& tile, int64_t first_pixel,
+    int64_t total_pixels, int64_t d0, const int64_t* __restrict__ indices,
+    int k, const TDict* __restrict__ dictionary_t, int64_t num_codes,
+    int64_t depth) {
   const int lane = threadIdx.x % kWarpSize;
-  for_each_pixel_entry(
-      indices, nullptr, p, k, num_codes, [&](int j, int c, float) {
-        float prod = 0.0f;
-        if (c >= 0 && d < depth) {
-          prod = f * to_float(dictionary_t[c * depth + d]);
-        }
-        prod = warp_sum(prod);
-        if (lane == 0) {
-          dots[pl][j] += prod;
-        }
-      });
+  const int warp = threadIdx.x / kWarpSize;
+  const int64_t d = d0 + lane;
+#pragma unroll
+  for (int i = 0; i < kTilePixelsPerWarp; ++i) {
+    const int pl = warp + i * kTileWarps;
+    const int64_t p = first_pixel + pl;
+    if (p >= total_pixels) {
+      continue;  // warp-uniform
+    }
+    const float f = tile[pl][lane];  // 0 past D
+    for_each_pixel_entry(
+        indices, nullptr, p, k, num_codes, [&](int j, int c, float) {
+          float prod = 0.0f;
+          if (c >= 0 && d < depth) {
+            prod = f * to_float(dictionary_t[c * depth + d]);
+          }
+          prod = warp_sum(prod);
+          if (lane == 0) {
+            dots[pl][j] += prod;
+          }
+        });
+  }
 }
 
 // out[p, j] = dots, times s (1 - s) with s = sigmoid_values[p, j] when given,
-// for the tile's pixels. Needs a barrier after the last add_entry_dots.
+// for the tile's pixels. Needs a barrier after the last add_tile_entry_dots.
 __device__ __forceinline__ void store_entry_dots(
     const EntryDots& dots, int64_t first_pixel, int64_t total_pixels, int k,
     const float* __restrict__ sigmoid_values, float* __restrict__ out) {
@@ -155,15 +167,8 @@ __global__ void __launch_bounds__(kTileThreads, 4)
         });
     if constexpr (kEntryDots) {
       __syncthreads();
-#pragma unroll
-      for (int i = 0; i < kTilePixelsPerWarp; ++i) {
-        const int pl = warp + i * kTileWarps;
-        const int64_t p = first_pixel + pl;
-        if (p < total_pixels) {  // warp-uniform
-          add_entry_dots(dots, pl, p, sums[pl][lane], d, indices, k,
-                         dictionary_t, num_codes, depth);
-        }
-      }
+      add_tile_entry_dots(dots, sums, first_pixel, total_pixels, d0, indices,
+                          k, dictionary_t, num_codes, depth);
     }
     __syncthreads();  // tiles are rewritten by the next chunk
   }
@@ -192,8 +197,6 @@ __global__ void __launch_bounds__(kTileThreads, 4)
   __shared__ PixelTile tile;
   __shared__ EntryDots dots;
 
-  const int lane = threadIdx.x % kWarpSize;
-  const int warp = threadIdx.x / kWarpSize;
   const int64_t total_pixels = num_pixels(layout);
   const int64_t depth = layout.d;
   const int64_t first_pixel = static_cast<int64_t>(blockIdx.x) * kTilePixels;
@@ -205,15 +208,8 @@ __global__ void __launch_bounds__(kTileThreads, 4)
   for (int64_t d0 = 0; d0 < depth; d0 += kTileChannels) {
     load_pixel_tile(tile, features, layout, offsets, d0);
     __syncthreads();
-#pragma unroll
-    for (int i = 0; i < kTilePixelsPerWarp; ++i) {
-      const int pl = warp + i * kTileWarps;
-      const int64_t p = first_pixel + pl;
-      if (p < total_pixels) {  // warp-uniform
-        add_entry_dots(dots, pl, p, tile[pl][lane], d0 + lane, indices, k,
-                       dictionary_t, num_codes, depth);
-      }
-    }
+    add_tile_entry_dots(dots, tile, first_pixel, total_pixels, d0, indices, k,
+                        dictionary_t, num_codes, depth);
     __syncthreads();  // tile is rewritten by the next chunk
   }
   store_entry_dots(dots, first_pixel, total_pixels, k, sigmoid_values, out);
