@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from . import _backend, functional, reference, research_style
+from . import _backend, bench_floors, functional, reference, research_style
 
 __all__ = ["Shape", "SHAPE_SETS", "run_benchmarks", "main"]
 
@@ -565,25 +565,39 @@ def main(argv: list[str] | None = None) -> int:
     env.update(dtype=args.dtype, shapes=[asdict(s) for s in shapes])
     stem = args.name or f"{args.shapes}-{args.device.split(':')[0]}-{args.dtype}"
 
-    def write(records: list[dict], complete: bool) -> None:
-        # JSON and table after every case: a run stopped by a time limit keeps
-        # what it measured, marked incomplete.
-        if args.out is None:
-            return
-        args.out.mkdir(parents=True, exist_ok=True)
+    def report(records: list[dict], complete: bool, floors: list[dict] | None = None) -> str:
+        """Writes the JSON and markdown (when --out is given); returns the markdown.
+        Called after every case too: a run stopped by a time limit keeps what
+        it measured, marked incomplete."""
         data = {"environment": {**env, "complete": complete}, "results": records}
-        (args.out / f"{stem}.json").write_text(json.dumps(data, indent=2))
-        (args.out / f"{stem}.md").write_text(markdown_table(records, data["environment"]))
+        text = markdown_table(records, data["environment"])
+        if floors is not None:
+            data["stage1_floors"] = floors
+            text += "\n" + bench_floors.floors_markdown(floors, env["copy_bandwidth_bytes_per_s"])
+        if args.out is not None:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / f"{stem}.json").write_text(json.dumps(data, indent=2))
+            (args.out / f"{stem}.md").write_text(text)
+        return text
 
+    dtype = getattr(torch, args.dtype)
     records = run_benchmarks(
-        shapes, ops, impls, device=args.device, dtype=getattr(torch, args.dtype),
+        shapes, ops, impls, device=args.device, dtype=dtype,
         progress=lambda msg: print(f"  {msg}", file=sys.stderr, flush=True),
-        partial=lambda so_far: write(so_far, complete=False), **repeats,
+        partial=lambda so_far: report(so_far, complete=False), **repeats,
     )
     env["complete"] = True
-    print(markdown_table(records, env))
+    floors = None
+    if any(r["op"] == "stage1_step" and r["implementation"] == "native" for r in records):
+        # The memory floor's bandwidth, measured on the same device after the cases.
+        copy = dict(nbytes=1 << 24, repeats=2) if args.quick else {}
+        env["copy_bandwidth_bytes_per_s"] = bench_floors.copy_bandwidth(args.device, **copy)
+        floors = bench_floors.stage1_floors(
+            records, shapes, torch.empty(0, dtype=dtype).element_size(),
+            env["copy_bandwidth_bytes_per_s"],
+        )
+    print(report(records, complete=True, floors=floors))
     if args.out is not None:
-        write(records, complete=True)
         speedup_chart(records, env, args.out / f"{stem}.png")
         print(f"wrote {args.out / stem}.json, .md and .png", file=sys.stderr)
     return 0

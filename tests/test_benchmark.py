@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import srm_ext
-from srm_ext import _backend, benchmark
+from srm_ext import _backend, bench_floors, benchmark
 
 from conftest import requires_native_cpu
 
@@ -146,3 +146,56 @@ def test_profile_script_writes_a_time_breakdown_per_case(tmp_path, monkeypatch):
     rows = [line for line in text.splitlines() if line.startswith("| `")]
     assert any("reconstruction_loss" in row for row in rows)
     assert all(float(row.split("|")[2]) >= 0 for row in rows)
+
+
+def test_stage1_bytes_count_x_twice_the_code_twice_and_the_dictionary_three_times():
+    # P = 2 * 4 * 4 = 32 pixels, D = 8, k = 2, K = 16, float32 (4 bytes).
+    x, code, dictionary = 32 * 8 * 4, 32 * 2 * (4 + 8), 8 * 16 * 4
+    assert bench_floors.stage1_step_bytes(TINY, 4) == 2 * x + 2 * code + 3 * dictionary
+    assert bench_floors.stage1_step_bytes(TINY, 2) == 2 * (x // 2) + 2 * 32 * 2 * 10 + 3 * dictionary // 2
+
+
+def test_copy_bandwidth_is_bytes_read_and_written_per_second(monkeypatch):
+    ticks = iter(range(100))
+    monkeypatch.setattr(bench_floors.time, "perf_counter", lambda: float(next(ticks)) * 0.5)
+    # Each copy of 4 MiB takes one tick (0.5 s) and moves 8 MiB.
+    assert bench_floors.copy_bandwidth("cpu", nbytes=1 << 22, repeats=3) == pytest.approx(2 * (1 << 23))
+    assert bench_floors.copy_bandwidth("cpu", nbytes=1 << 20, repeats=1) > 0
+
+
+def test_floors_pick_the_larger_floor_and_state_each_fraction():
+    wide = dataclasses.replace(TINY, name="wide", channels=64)
+    records = [
+        dict(shape="tiny", op="stage1_step", mode="forward+backward", implementation="native", median_ms=2.0),
+        dict(shape="tiny", op="dense_gemm", mode="forward", implementation="research", median_ms=1.0),
+        dict(shape="wide", op="stage1_step", mode="forward+backward", implementation="native", median_ms=4.0),
+        dict(shape="wide", op="stage1_step", mode="forward+backward", implementation="research", median_ms=9.0),
+    ]
+    tiny_bytes = bench_floors.stage1_step_bytes(TINY, 4)
+    bandwidth = tiny_bytes / 0.5e-3  # tiny's bytes in 0.5 ms
+    rows = bench_floors.stage1_floors(records, [TINY, wide], 4, bandwidth)
+    tiny, wide_row = rows
+    assert tiny["memory_floor_ms"] == pytest.approx(0.5) and tiny["memory_fraction"] == pytest.approx(0.25)
+    assert tiny["gemm_fraction"] == pytest.approx(0.5) and tiny["bound_by"] == "gemm"
+    # No GEMM timed: the memory floor alone, its fraction against the native step only.
+    assert wide_row["gemm_ms"] is None and wide_row["bound_by"] == "memory"
+    assert wide_row["memory_fraction"] == pytest.approx(
+        bench_floors.stage1_step_bytes(wide, 4) / bandwidth * 1e3 / 4.0
+    )
+    table = bench_floors.floors_markdown(rows, bandwidth)
+    assert f"copy bandwidth {bandwidth / 1e9:.0f} GB/s" in table
+    assert "| tiny |" in table and "| 50% | gemm |" in table and "| n/a | memory |" in table
+
+
+@requires_native_cpu
+def test_main_reports_the_stage1_floors(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(benchmark.SHAPE_SETS, "cifar", [TINY])
+    args = ["--quick", "--device", "cpu", "--ops", "stage1_step,dense_gemm", "--out", str(tmp_path), "--name", "t"]
+    assert benchmark.main(args) == 0
+    data = json.loads((tmp_path / "t.json").read_text())
+    assert data["environment"]["copy_bandwidth_bytes_per_s"] > 0
+    (row,) = data["stage1_floors"]
+    assert row["shape"] == "tiny" and row["bytes"] == bench_floors.stage1_step_bytes(TINY, 4)
+    assert row["gemm_ms"] > 0 and row["bound_by"] in ("gemm", "memory")
+    assert "against its floors" in (tmp_path / "t.md").read_text()
+    assert "against its floors" in capsys.readouterr().out
