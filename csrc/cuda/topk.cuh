@@ -99,14 +99,24 @@ __device__ __forceinline__ void topk_append_tile(const float* tile_scores,
                                                  uint64_t* list, int& count,
                                                  int lane) {
   static_assert(kTileSize % kWarpSize == 0, "tile must be whole warps");
+  // A key above the threshold has a value at or above the threshold's (or is
+  // NaN): a float comparison screens most candidates before any key is built.
+  // While there is no threshold (0) its value reads as NaN and passes all.
+  const float floor_value = topk_key_value(threshold);
 #pragma unroll
   for (int base = 0; base < kTileSize; base += kWarpSize) {
     const int64_t codeword = first_codeword + base + lane;
-    uint64_t key = 0;
+    float value = 0.0f;
+    bool maybe = false;
     if (codeword < num_codewords) {
-      key = make_topk_key(tile_scores[base + lane] + bias,
-                          static_cast<uint32_t>(codeword));
+      value = tile_scores[base + lane] + bias;
+      maybe = !(value < floor_value);
     }
+    if (__ballot_sync(kFullWarpMask, maybe) == 0) {
+      continue;  // warp-uniform: nothing in this row of the tile can enter
+    }
+    const uint64_t key =
+        maybe ? make_topk_key(value, static_cast<uint32_t>(codeword)) : 0;
     const bool keep = key > threshold;
     const unsigned keep_mask = __ballot_sync(kFullWarpMask, keep);
     if (keep) {
