@@ -29,7 +29,7 @@ using namespace detail;
 
 constexpr int kThreads = 256;
 constexpr int kRowsPerBlock = kThreads / kWarpSize;
-// Pixels per block of the forward pass: eight warps, 32 pixels each.
+// Pixels per block of the forward pass (32 per warp when eight fit).
 constexpr int64_t kChunkPixels = 256;
 // Per-warp column sums of the forward pass live in shared memory, as many
 // warps' as fit in the default dynamic shared memory. Past that K a single
