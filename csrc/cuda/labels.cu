@@ -20,9 +20,13 @@ constexpr int kMaxWarps = 8;
 // Histograms per block: as many warps as fit without opting in to more
 // than the default dynamic shared memory (one warp at the largest K).
 constexpr int64_t kHistogramBytes = 48 * 1024;
+static_assert(kMaxCodewords * static_cast<int64_t>(sizeof(float)) <=
+                  kHistogramBytes,
+              "one histogram of the largest K fits without opting in");
 
 int histogram_warps(int64_t num_codes) {
-  const int64_t fit = kHistogramBytes / (num_codes * static_cast<int64_t>(sizeof(float)));
+  const int64_t fit =
+      kHistogramBytes / (num_codes * static_cast<int64_t>(sizeof(float)));
   return static_cast<int>(fit < 1 ? 1 : (fit > kMaxWarps ? kMaxWarps : fit));
 }
 
@@ -110,9 +114,6 @@ cudaError_t launch_sparse_labels(const void* values, Dtype dtype,
       static_cast<size_t>(warps) * num_codewords * sizeof(float);
   return detail::dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    SRM_RETURN_IF_ERROR(allow_dynamic_shared_memory(
-        reinterpret_cast<const void*>(sparse_labels_kernel<T>),
-        histogram_bytes));
     sparse_labels_kernel<T><<<static_cast<unsigned>(batch),
                               static_cast<unsigned>(warps * kWarpSize),
                               histogram_bytes, stream>>>(
