@@ -381,34 +381,38 @@ void launch(void (*kernel)(Params...), const LaunchConfig& config, Args&&... arg
 inline void __syncthreads() { cuda_emulator::sync_block(); }
 inline void __syncwarp(unsigned mask = 0xffffffffu) { cuda_emulator::sync_warp(mask, "__syncwarp"); }
 
-template <typename T>
-T __shfl_xor_sync(unsigned mask, T value, int lane_mask, int width = 32) {
+namespace cuda_emulator {
+
+// A warp shuffle: every lane publishes `value` and gets that of lane
+// source_of(lane), or its own where that lane does not exist.
+template <typename T, typename Source>
+T shuffle(unsigned mask, T value, const char* what, Source&& source_of) {
   static_assert(sizeof(T) <= 8 && std::is_trivially_copyable_v<T>, "64-bit payload");
   uint64_t bits = 0;
   std::memcpy(&bits, &value, sizeof(T));
-  return cuda_emulator::warp_exchange(
-      mask, bits, "__shfl_xor_sync", [&](const uint64_t* slots, int lane, int lanes) {
-        const int source = (lane ^ lane_mask) & (width - 1) | (lane & ~(width - 1));
-        T out;
-        const uint64_t chosen = source < lanes ? slots[source] : slots[lane];
-        std::memcpy(&out, &chosen, sizeof(T));
-        return out;
-      });
+  return warp_exchange(mask, bits, what, [&](const uint64_t* slots, int lane, int lanes) {
+    const int source = source_of(lane);
+    T out;
+    const uint64_t chosen = source < lanes ? slots[source] : slots[lane];
+    std::memcpy(&out, &chosen, sizeof(T));
+    return out;
+  });
+}
+
+}  // namespace cuda_emulator
+
+template <typename T>
+T __shfl_xor_sync(unsigned mask, T value, int lane_mask, int width = 32) {
+  return cuda_emulator::shuffle(mask, value, "__shfl_xor_sync", [&](int lane) {
+    return (lane ^ lane_mask) & (width - 1) | (lane & ~(width - 1));
+  });
 }
 
 template <typename T>
 T __shfl_sync(unsigned mask, T value, int source_lane, int width = 32) {
-  static_assert(sizeof(T) <= 8 && std::is_trivially_copyable_v<T>, "64-bit payload");
-  uint64_t bits = 0;
-  std::memcpy(&bits, &value, sizeof(T));
-  return cuda_emulator::warp_exchange(
-      mask, bits, "__shfl_sync", [&](const uint64_t* slots, int lane, int lanes) {
-        const int source = (lane & ~(width - 1)) + (source_lane & (width - 1));
-        T out;
-        const uint64_t chosen = source < lanes ? slots[source] : slots[lane];
-        std::memcpy(&out, &chosen, sizeof(T));
-        return out;
-      });
+  return cuda_emulator::shuffle(mask, value, "__shfl_sync", [&](int lane) {
+    return (lane & ~(width - 1)) + (source_lane & (width - 1));
+  });
 }
 
 // Lanes whose value has the same bits as this lane's (32-bit values).
