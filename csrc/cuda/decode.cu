@@ -38,15 +38,8 @@ __device__ __forceinline__ void add_tile_entry_dots(
     int k, const TDict* __restrict__ dictionary_t, int64_t num_codes,
     int64_t depth) {
   const int lane = threadIdx.x % kWarpSize;
-  const int warp = threadIdx.x / kWarpSize;
   const int64_t d = d0 + lane;
-#pragma unroll
-  for (int i = 0; i < kTilePixelsPerWarp; ++i) {
-    const int pl = warp + i * kTileWarps;
-    const int64_t p = first_pixel + pl;
-    if (p >= total_pixels) {
-      continue;  // warp-uniform
-    }
+  for_each_warp_pixel(first_pixel, total_pixels, [&](int pl, int64_t p) {
     const float f = tile[pl][lane];  // 0 past D
     for_each_pixel_entry(
         indices, nullptr, p, k, num_codes, [&](int j, int c, float) {
@@ -59,7 +52,7 @@ __device__ __forceinline__ void add_tile_entry_dots(
             dots[pl][j] += prod;
           }
         });
-  }
+  });
 }
 
 // out[p, j] = dots, times s (1 - s) with s = sigmoid_values[p, j] when given,

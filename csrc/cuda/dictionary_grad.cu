@@ -48,7 +48,6 @@ __global__ void __launch_bounds__(kTileThreads, 2)
   __shared__ PixelTile tile_b;
 
   const int lane = threadIdx.x % kWarpSize;
-  const int warp = threadIdx.x / kWarpSize;
   const int64_t total_pixels = num_pixels(layout_a);
   const int64_t depth = layout_a.d;
   const int64_t d0 = static_cast<int64_t>(blockIdx.y) * kTileChannels;
@@ -79,13 +78,7 @@ __global__ void __launch_bounds__(kTileThreads, 2)
       load_pixel_tile(tile_b, features_b, layout_b, offsets_b, d0);
     }
     __syncthreads();
-#pragma unroll
-    for (int i = 0; i < kTilePixelsPerWarp; ++i) {
-      const int pl = warp + i * kTileWarps;
-      const int64_t p = first_pixel + pl;
-      if (p >= total_pixels) {
-        continue;  // warp-uniform
-      }
+    for_each_warp_pixel(first_pixel, total_pixels, [&](int pl, int64_t p) {
       // Lanes outside D hold 0 and add nothing that is ever read back.
       const float fa = tile_a[pl][lane];
       const float fb = has_b ? tile_b[pl][lane] : 0.0f;
@@ -107,7 +100,7 @@ __global__ void __launch_bounds__(kTileThreads, 2)
           atomicAdd(slice + c * kTileChannels + lane, v);
         }
       }
-    }
+    });
   }
   __syncthreads();
 

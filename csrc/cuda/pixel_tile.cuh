@@ -63,5 +63,24 @@ __device__ __forceinline__ void load_pixel_tile(PixelTile& tile, const T* src,
       });
 }
 
+// Calls fn(pl, p) for the tile's pixels that this warp owns (rows warp,
+// warp + kTileWarps, ...) and that exist, p = first_pixel + pl. Whether a
+// pixel exists is the same for the whole warp, so fn may use warp
+// primitives.
+template <typename Fn>
+__device__ __forceinline__ void for_each_warp_pixel(int64_t first_pixel,
+                                                    int64_t total_pixels,
+                                                    Fn&& fn) {
+  const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
+#pragma unroll
+  for (int i = 0; i < kTilePixelsPerWarp; ++i) {
+    const int pl = warp + i * kTileWarps;
+    const int64_t p = first_pixel + pl;
+    if (p < total_pixels) {
+      fn(pl, p);
+    }
+  }
+}
+
 }  // namespace detail
 }  // namespace srm_cuda
