@@ -56,10 +56,11 @@ at::Tensor pixel_rows(const at::Tensor& y) {
 
 // The gradients of the loss for a unit upstream gradient, from dloss/dz as a
 // float32 (P, K) matrix g and y's pixel rows (a copy unless y is
-// channels_last, so formed once per call). The products run in float32, as the reference's
-// do; gradients come back in y's dtype, float16's in float32: a gradient for
-// a unit upstream gradient can lie below float16's subnormals, which a loss
-// scale (GradScaler's) would have lifted had it been applied before rounding.
+// channels_last, so formed once per call). The products run in float32, as
+// the reference's do; gradients come back in y's dtype, float16's in float32:
+// a gradient for a unit upstream gradient can lie below float16's
+// subnormals, which a loss scale (GradScaler's) would have lifted had it been
+// applied before rounding.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> unit_gradients(
     const at::Tensor& g, const at::Tensor& y, const at::Tensor& rows,
     const at::Tensor& dictionary, std::array<bool, 3> output_mask) {

@@ -323,8 +323,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss_backward(
     }
     if (output_mask[1]) {
       // v_pj g_p (through x_hat) + gp_pj x_p (through the encoder)
-      const at::Tensor part = dictionary_grad(xb, grad_pre, &g, &coef_values,
-                                              idx, dictionary, at::kFloat, stream);
+      const at::Tensor part =
+          dictionary_grad(xb, grad_pre, &g, &coef_values, idx, dictionary,
+                          at::kFloat, stream);
       grad_dictionary_sum = grad_dictionary_sum.defined()
                                 ? grad_dictionary_sum.add_(part)
                                 : part;
