@@ -145,6 +145,20 @@ void scatter_codewords_atomic(const at::Tensor& features_a, const at::Tensor& co
         "launch_scatter_codewords_atomic");
 }
 
+void residual_gradients(const at::Tensor& x, const at::Tensor& coef,
+                        const at::Tensor& grad_pre, const at::Tensor indices, int64_t k,
+                        const at::Tensor& dictionary_t, const OptionalTensor& device_scale,
+                        double host_scale, const OptionalTensor& grad_x,
+                        const OptionalTensor& grad_dictionary_t) {
+  const std::optional<FeatureMap> out = optional_map(grad_x);
+  check(srm_cuda::launch_residual_gradients(
+            feature_map(x), coef.data_ptr<float>(), grad_pre.data_ptr<float>(),
+            indices.data_ptr<int64_t>(), k, dictionary_t.data_ptr(), dictionary_t.size(0),
+            pointer<float>(device_scale), static_cast<float>(host_scale), out ? &*out : nullptr,
+            pointer<float>(grad_dictionary_t), nullptr),
+        "launch_residual_gradients");
+}
+
 void codeword_run_offsets(const at::Tensor& sorted_codes, int64_t num_codewords,
                           at::Tensor run_offsets) {
   check(srm_cuda::launch_codeword_run_offsets(sorted_codes.data_ptr<int64_t>(),
@@ -252,6 +266,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("codeword_dots", &codeword_dots);
   m.def("sigmoid_backward", &sigmoid_backward);
   m.def("scatter_codewords_atomic", &scatter_codewords_atomic);
+  m.def("residual_gradients", &residual_gradients);
   m.def("codeword_run_offsets", &codeword_run_offsets);
   m.def("scatter_codewords_sorted", &scatter_codewords_sorted);
   m.def("reduce_dictionary_partials", &reduce_dictionary_partials);

@@ -429,6 +429,79 @@ def test_scatter_codewords_atomic(emu, dtype, layout, with_b, shape):
     torch.testing.assert_close(grad_t.double(), expected, rtol=1e-5, atol=1e-5)
 
 
+# (x layout, grad_x layout or None, with the dictionary gradient). Without
+# the dictionary's warp barriers after the residual, only a pixel-major store
+# of grad_x (NCHW or strided) reads other warps' rows of the tile.
+RESIDUAL_GRAD_CASES = [
+    ("contiguous", "contiguous", True),
+    ("channels_last", "strided", False),
+    ("strided", "channels_last", True),
+    ("contiguous", None, True),
+]
+
+
+@pytest.mark.parametrize("shape", ATOMIC_GRAD_SHAPES, ids=["one_range", "three_ranges"])
+@pytest.mark.parametrize("x_layout, grad_x_layout, with_dictionary", RESIDUAL_GRAD_CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_residual_gradients(emu, dtype, x_layout, grad_x_layout, with_dictionary, shape):
+    """grad_x and the dictionary gradient with the residual rebuilt in place:
+    grad_x bitwise as the stored-residual path's two combines give it, the
+    dictionary gradient as its atomic scatter does (exact on these dyadic
+    inputs), both against float64 arithmetic too."""
+    n, d, h, w, K, k = shape
+    g = torch.Generator().manual_seed(21)
+    coef, indices = sparse_code(n, h, w, K, k, seed=22, out_of_range=True)
+    grad_pre = dyadic(n, h, w, k, generator=g, dtype=torch.float32)
+    dictionary_t = dyadic(K, d, generator=g, dtype=torch.float32).to(dtype)
+    x = make_layout(dyadic(n, d, h, w, generator=g, dtype=torch.float32).to(dtype), x_layout)
+    device_scale = torch.tensor([0.5])
+    grad_x = None
+    if grad_x_layout is not None:
+        grad_x = make_layout(guarded(n, d, h, w, dtype=dtype, fill=0), grad_x_layout)
+    grad_t = guarded(K, d, fill=0) if with_dictionary else None
+    with writes_only_inside(grad_x, grad_t):
+        emu.residual_gradients(
+            x, coef, grad_pre, indices, k, dictionary_t, device_scale, 0.25, grad_x, grad_t
+        )
+
+    residual = torch.empty(n, h, w, d).permute(0, 3, 1, 2)  # pixel-major, as the glue stores it
+    emu.combine_codewords(coef, indices, k, dictionary_t, x, -1.0, device_scale, 0.25, residual)
+    exact_residual = 0.125 * (decode_expected(coef, indices, dictionary_t) - x.double())
+    torch.testing.assert_close(residual.double(), exact_residual, rtol=1e-6, atol=1e-6)
+    if grad_x is not None:
+        expected = make_layout(torch.zeros(n, d, h, w, dtype=dtype), grad_x_layout)
+        emu.combine_codewords(grad_pre, indices, k, dictionary_t, residual, -1.0, None, 1.0, expected)
+        assert torch.equal(grad_x, expected)
+        exact = decode_expected(grad_pre, indices, dictionary_t) - exact_residual
+        close(grad_x, exact, dtype)
+    if grad_t is not None:
+        expected = guarded(K, d, fill=0)
+        emu.scatter_codewords_atomic(x, grad_pre, residual, coef, indices, k, K, expected)
+        torch.testing.assert_close(grad_t, expected, rtol=1e-6, atol=1e-6)
+        valid, safe = gathered(indices, K)
+        terms = grad_pre.double().unsqueeze(-1) * x.double().permute(0, 2, 3, 1).unsqueeze(3)
+        terms = terms + coef.double().unsqueeze(-1) * exact_residual.permute(0, 2, 3, 1).unsqueeze(3)
+        exact = torch.zeros(K, d, dtype=torch.float64)
+        exact.index_add_(0, safe.reshape(-1), (terms * valid.unsqueeze(-1)).reshape(-1, d))
+        torch.testing.assert_close(grad_t.double(), exact, rtol=1e-5, atol=1e-5)
+
+
+def test_residual_gradients_refuses_what_it_cannot_do(emu):
+    refused = "launch_residual_gradients returned invalid argument"
+    coef, indices = sparse_code(1, 2, 2, 20, 3, seed=23)
+    x = torch.zeros(1, 4, 2, 2)
+    dictionary_t = torch.zeros(20, 4)
+    grad_t = torch.zeros(20, 4)
+    for bad_grad_x in (torch.zeros(1, 4, 2, 2, dtype=torch.bfloat16), torch.zeros(1, 4, 2, 3)):
+        with pytest.raises(RuntimeError, match=refused):
+            emu.residual_gradients(x, coef, coef, indices, 3, dictionary_t, None, 1.0, bad_grad_x, grad_t)
+    coef, indices = sparse_code(1, 2, 2, 200, 129, seed=24)
+    with pytest.raises(RuntimeError, match=refused):  # k past kMaxTopK
+        emu.residual_gradients(
+            x, coef, coef, indices, 129, torch.zeros(200, 4), None, 1.0, None, torch.zeros(200, 4)
+        )
+
+
 # Short runs of entries per codeword, and runs longer than a block's batch.
 GRAD_SHAPES = [(2, 41, 4, 5, 30, 5), (2, 9, 15, 20, 3, 2)]
 

@@ -197,6 +197,42 @@ def test_reconstruction_loss_and_its_backward(ops, monkeypatch, encode_path, dty
                         close(got, expected.reshape(got.shape), dtype, scale=4)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reconstruction_backward_rebuilds_the_residual_as_stored(ops, dtype):
+    """Outside deterministic mode and within one slice of codewords, the
+    backward rebuilds the residual where each gradient needs it; deterministic
+    mode stores it and sums the dictionary gradient in order. grad_x takes the
+    same float32 terms in the same order either way, so it matches bitwise."""
+    x, C, b, k = teacher_inputs((2, 37, 5, 7, 40, 6), dtype, "channels_last", "row_major", 11)
+    values, indices = reference.sparse_encode(x, C, b, k)
+    upstream = torch.tensor(0.75, dtype=dtype)
+    rebuilt = ops.reconstruction_loss_backward(upstream, x, C, b, values, indices, [True, True, True])
+    with deterministic(True):
+        stored = ops.reconstruction_loss_backward(upstream, x, C, b, values, indices, [True, True, True])
+    assert torch.equal(rebuilt[0], stored[0])
+    close(rebuilt[1], stored[1], dtype)
+    want = grads(lambda *t: reference.reconstruction_loss(*t, k), (x, C, b), upstream)
+    for got, expected in zip(rebuilt, want):
+        close(got, expected.reshape(got.shape), dtype, scale=4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reconstruction_backward_past_one_slice_of_codewords(ops, dtype):
+    """Past one slice of codewords (K > 512) the residual is stored once and
+    both gradients read it, outside deterministic mode too."""
+    x, C, b, k = teacher_inputs((1, 6, 3, 4, 520, 4), dtype, "contiguous", "codeword_major", 12)
+    values, indices = reference.sparse_encode(x, C, b, k)
+    upstream = torch.tensor(1.25, dtype=dtype)
+    want = grads(lambda *t: reference.reconstruction_loss(*t, k), (x, C, b), upstream)
+    for mask in MASKS3:
+        out = ops.reconstruction_loss_backward(upstream, x, C, b, values, indices, list(mask))
+        assert_like_fake("reconstruction_loss_backward", out, upstream, x, C, b, values, indices, list(mask))
+        check_unwanted(out, mask)
+        for wanted, got, expected in zip(mask, out, want):
+            if wanted:
+                close(got, expected.reshape(got.shape), dtype, scale=4)
+
+
 def test_unknown_encode_path_is_refused_by_name(ops, monkeypatch):
     x, C, b, k = teacher_inputs(SHAPES[0], torch.float32, "contiguous", "row_major", 0)
     monkeypatch.setenv("SRM_EXT_CUDA_ENCODE", "dense")

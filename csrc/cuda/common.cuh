@@ -93,6 +93,11 @@ __device__ __forceinline__ int64_t pixel_offset(const FeatureMapLayout& l,
   return n * l.stride_n + h * l.stride_h + w * l.stride_w;
 }
 
+__host__ __device__ __forceinline__ bool same_sizes(const FeatureMapLayout& a,
+                                                   const FeatureMapLayout& b) {
+  return a.n == b.n && a.d == b.d && a.h == b.h && a.w == b.w;
+}
+
 // Whether consecutive channels of one pixel are adjacent in memory
 // (channels_last); tile loaders then walk channels fastest to coalesce.
 __device__ __forceinline__ bool channels_fastest(const FeatureMapLayout& l) {

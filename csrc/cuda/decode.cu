@@ -246,9 +246,7 @@ cudaError_t launch_combine(const float* coef, const int64_t* indices,
       (with_dots && (k > kMaxTopK || out.dtype != Dtype::kFloat32))) {
     return cudaErrorInvalidValue;
   }
-  if (addend != nullptr &&
-      (addend->layout.n != out.layout.n || addend->layout.d != out.layout.d ||
-       addend->layout.h != out.layout.h || addend->layout.w != out.layout.w)) {
+  if (addend != nullptr && !same_sizes(addend->layout, out.layout)) {
     return cudaErrorInvalidValue;
   }
   // Without channels the entry dots are still written (as zeros).
@@ -308,7 +306,7 @@ cudaError_t launch_combine_codewords(
     const FeatureMap* addend, float addend_scale, const float* device_scale,
     float host_scale, const FeatureMap& out, const float* sigmoid_values,
     float* entry_dots, cudaStream_t stream) {
-  if (out.data == nullptr) {
+  if (out.data == nullptr && entry_dots == nullptr) {
     return cudaErrorInvalidValue;
   }
   return launch_combine(coef, indices, k, dictionary_t, dictionary_dtype,

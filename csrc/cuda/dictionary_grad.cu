@@ -5,14 +5,12 @@
 // is one contiguous row. Nothing of size K x P is ever formed.
 //
 // Fast path: a block owns a 32-channel slice of a range of codewords and a
-// group of consecutive 32-pixel tiles. It accumulates its entries into that slice in shared
-// memory (shared atomics, which only collide when two of its warps hit the
-// same codeword) and adds the slice to the global gradient once at the end:
-// one global atomic per element and block instead of one per entry and
-// channel, which at small K x D would all contend for the same few lines.
+// run of pixel tiles, accumulates its entries into the slice in shared
+// memory and adds it to the gradient once (codeword_slice.cuh).
 // Deterministic path: entries arrive grouped by codeword (stable sort done by
 // the caller); a block sums one fixed part of one codeword's run in entry
 // order, and the parts are added in a fixed order at the end.
+#include "codeword_slice.cuh"
 #include "common.cuh"
 #include "pixel_tile.cuh"
 
@@ -20,14 +18,6 @@ namespace srm_cuda {
 namespace {
 
 using namespace detail;
-
-// Codewords per block of the fast path: a slice of at most 64 KiB, so that
-// two blocks fit on an sm_80 or sm_90 multiprocessor (fewer where the device
-// gives a block less shared memory).
-constexpr int64_t kSliceCodewords = 512;
-// Blocks of the fast path per multiprocessor the grid aims at; each block's
-// slice is added to the gradient once, so fewer, longer blocks move less.
-constexpr int64_t kScatterBlocksPerMultiprocessor = 4;
 
 template <typename T>
 __global__ void __launch_bounds__(kTileThreads, 2)
@@ -49,23 +39,12 @@ __global__ void __launch_bounds__(kTileThreads, 2)
 
   const int lane = threadIdx.x % kWarpSize;
   const int64_t total_pixels = num_pixels(layout_a);
-  const int64_t depth = layout_a.d;
-  const int64_t d0 = static_cast<int64_t>(blockIdx.y) * kTileChannels;
-  const int64_t c0 = static_cast<int64_t>(blockIdx.z) * codes_per_block;
-  const int codes_here = static_cast<int>(
-      num_codes - c0 < codes_per_block ? num_codes - c0 : codes_per_block);
+  const SliceBlock block =
+      slice_block(num_codes, codes_per_block, tiles_per_block, total_pixels);
   const bool has_b = features_b != nullptr;
+  zero_slice(slice, block.codes);
 
-  for (int e = threadIdx.x; e < codes_here * kTileChannels; e += kTileThreads) {
-    slice[e] = 0.0f;
-  }
-
-  const int64_t first_tile = static_cast<int64_t>(blockIdx.x) * tiles_per_block;
-  const int64_t num_tiles = ceil_div(total_pixels, kTilePixels);
-  const int64_t end_tile = first_tile + tiles_per_block < num_tiles
-                               ? first_tile + tiles_per_block
-                               : num_tiles;
-  for (int64_t tile = first_tile; tile < end_tile; ++tile) {
+  for (int64_t tile = block.first_tile; tile < block.end_tile; ++tile) {
     const int64_t first_pixel = tile * kTilePixels;
     __syncthreads();  // the previous tile is consumed
     load_tile_pixel_offsets(offsets_a, layout_a, first_pixel);
@@ -73,9 +52,9 @@ __global__ void __launch_bounds__(kTileThreads, 2)
       load_tile_pixel_offsets(offsets_b, layout_b, first_pixel);
     }
     __syncthreads();
-    load_pixel_tile(tile_a, features_a, layout_a, offsets_a, d0);
+    load_pixel_tile(tile_a, features_a, layout_a, offsets_a, block.d0);
     if (has_b) {
-      load_pixel_tile(tile_b, features_b, layout_b, offsets_b, d0);
+      load_pixel_tile(tile_b, features_b, layout_b, offsets_b, block.d0);
     }
     __syncthreads();
     for_each_warp_pixel(first_pixel, total_pixels, [&](int pl, int64_t p) {
@@ -83,34 +62,22 @@ __global__ void __launch_bounds__(kTileThreads, 2)
       const float fa = tile_a[pl][lane];
       const float fb = has_b ? tile_b[pl][lane] : 0.0f;
       for (int j0 = 0; j0 < k; j0 += kWarpSize) {
+        // Only the entries in this block's range of codewords.
         const PixelEntries entries = load_pixel_entries(
-            indices, coef_a, p, k, j0, c0, c0 + codes_here);
+            indices, coef_a, p, k, j0, block.c0, block.c0 + block.codes);
         const float cb = has_b && entries.code >= 0
                              ? coef_b[p * k + j0 + lane]
                              : 0.0f;
-        // Only the entries in this block's range of codewords.
-        for (unsigned kept = __ballot_sync(kFullWarpMask, entries.code >= 0);
-             kept != 0; kept &= kept - 1) {
-          const int source = __ffs(kept) - 1;
-          const int c = __shfl_sync(kFullWarpMask, entries.code, source);
-          float v = __shfl_sync(kFullWarpMask, entries.coef, source) * fa;
-          if (has_b) {
-            v = fmaf(__shfl_sync(kFullWarpMask, cb, source), fb, v);
-          }
-          atomicAdd(slice + c * kTileChannels + lane, v);
-        }
+        add_entries_to_slice(slice, entries.code, [&](int source) {
+          const float v = __shfl_sync(kFullWarpMask, entries.coef, source) * fa;
+          return has_b ? fmaf(__shfl_sync(kFullWarpMask, cb, source), fb, v)
+                       : v;
+        });
       }
     });
   }
   __syncthreads();
-
-  for (int e = threadIdx.x; e < codes_here * kTileChannels; e += kTileThreads) {
-    const int64_t d = d0 + e % kTileChannels;
-    const float v = slice[e];
-    if (d < depth && v != 0.0f) {  // codewords no entry of the block hit
-      atomicAdd(grad_t + (c0 + e / kTileChannels) * depth + d, v);
-    }
-  }
+  add_slice_to_gradient(slice, block, layout_a.d, grad_t);
 }
 
 constexpr int kSortedThreads = 256;
@@ -267,16 +234,12 @@ __global__ void __launch_bounds__(kTransposeTile * kTransposeRows)
   }
 }
 
-bool same_shape(const FeatureMapLayout& a, const FeatureMapLayout& b) {
-  return a.n == b.n && a.d == b.d && a.h == b.h && a.w == b.w;
-}
-
 bool valid_terms(const FeatureMap& a, const FeatureMap* b) {
   if (a.layout.d > kMaxFeatureDim) {
     return false;
   }
   return b == nullptr ||
-         (b->dtype == Dtype::kFloat32 && same_shape(a.layout, b->layout));
+         (b->dtype == Dtype::kFloat32 && same_sizes(a.layout, b->layout));
 }
 
 // Kernel arguments of the optional float32 b term; a's layout stands in
@@ -309,46 +272,19 @@ cudaError_t launch_scatter_codewords_atomic(
       num_codewords == 0) {
     return cudaSuccess;
   }
-  int multiprocessors = 0;
-  SRM_RETURN_IF_ERROR(multiprocessor_count(&multiprocessors));
   const SecondTerm b = second_term(features_a, features_b);
   return detail::dispatch_dtype(features_a.dtype, [&](auto tag) {
     using T = decltype(tag);
-    const void* kernel =
-        reinterpret_cast<const void*>(scatter_codewords_atomic_kernel<T>);
-    size_t available = 0;
-    SRM_RETURN_IF_ERROR(max_dynamic_shared_memory(kernel, &available));
-    const int64_t slice_row_bytes = kTileChannels * sizeof(float);
-    int64_t codes_per_block = static_cast<int64_t>(available) / slice_row_bytes;
-    codes_per_block = codes_per_block < kSliceCodewords ? codes_per_block
-                                                        : kSliceCodewords;
-    codes_per_block =
-        codes_per_block < num_codewords ? codes_per_block : num_codewords;
-    if (codes_per_block < 1) {
-      return cudaErrorLaunchOutOfResources;
-    }
-    const size_t slice_bytes =
-        static_cast<size_t>(codes_per_block * slice_row_bytes);
-    SRM_RETURN_IF_ERROR(allow_dynamic_shared_memory(kernel, slice_bytes));
-
-    const int64_t slices = ceil_div(features_a.layout.d, kTileChannels);
-    const int64_t ranges = ceil_div(num_codewords, codes_per_block);
-    const int64_t num_tiles = ceil_div(total_pixels, kTilePixels);
-    const int64_t target_groups = ceil_div(
-        kScatterBlocksPerMultiprocessor * multiprocessors, slices * ranges);
-    const int64_t tiles_per_block = ceil_div(num_tiles, target_groups);
-    const int64_t groups = ceil_div(num_tiles, tiles_per_block);
-    if (groups > 0x7fffffff) {
-      return cudaErrorInvalidValue;
-    }
-    const dim3 grid(static_cast<unsigned>(groups), static_cast<unsigned>(slices),
-                    static_cast<unsigned>(ranges));
-    scatter_codewords_atomic_kernel<T>
-        <<<grid, kTileThreads, slice_bytes, stream>>>(
-            static_cast<const T*>(features_a.data), features_a.layout, coef_a,
-            b.data, b.layout, coef_b, indices, static_cast<int>(k),
-            num_codewords, static_cast<int>(codes_per_block), tiles_per_block,
-            grad_dictionary_t);
+    auto kernel = scatter_codewords_atomic_kernel<T>;
+    SliceGrid plan{};
+    SRM_RETURN_IF_ERROR(plan_slice_grid(reinterpret_cast<const void*>(kernel),
+                                        num_codewords, features_a.layout.d,
+                                        total_pixels, /*with_slice=*/true,
+                                        &plan));
+    kernel<<<plan.grid, kTileThreads, plan.slice_bytes, stream>>>(
+        static_cast<const T*>(features_a.data), features_a.layout, coef_a,
+        b.data, b.layout, coef_b, indices, static_cast<int>(k), num_codewords,
+        plan.codes_per_block, plan.tiles_per_block, grad_dictionary_t);
     return cudaGetLastError();
   });
 }

@@ -183,13 +183,6 @@ at::Tensor dictionary_grad(const at::Tensor& features_a,
   const int64_t num_codewords = dictionary.size(1);
   const int64_t k = indices.size(-1);
   const auto float_options = features_a.options().dtype(at::kFloat);
-  // Laid out like the dictionary, as the fake kernels promise. A 2-D dense
-  // tensor is either (D, K) row-major or codeword-major, and the reduction
-  // writes either layout directly.
-  auto grad = at::empty_like(dictionary, dictionary.options().dtype(grad_dtype));
-  TORCH_INTERNAL_ASSERT(grad.is_contiguous() || grad.t().is_contiguous());
-  const bool codeword_major = !grad.is_contiguous();
-  const Dtype grad_kernel_dtype = kernel_dtype(grad_dtype, "dictionary");
 
   if (at::globalContext().deterministicAlgorithms()) {
     // Group entries by codeword; the stable sort keeps entry order inside a
@@ -235,12 +228,8 @@ at::Tensor dictionary_grad(const at::Tensor& features_a,
                      run_offsets.data_ptr<int64_t>(), k, num_codewords,
                      segments, partials.data_ptr<float>(), stream),
                  "scatter_codewords_sorted");
-    check_launch(srm_cuda::launch_reduce_dictionary_partials(
-                     partials.data_ptr<float>(), segments, depth,
-                     num_codewords, codeword_major, grad.data_ptr(),
-                     grad_kernel_dtype, stream),
-                 "reduce_dictionary_partials");
-    return grad;
+    return dictionary_grad_from_partials(partials, dictionary, grad_dtype,
+                                         stream);
   }
 
   auto grad_t = at::zeros({num_codewords, depth}, float_options);
@@ -256,9 +245,27 @@ at::Tensor dictionary_grad(const at::Tensor& features_a,
                    indices.data_ptr<int64_t>(), k, num_codewords,
                    grad_t.data_ptr<float>(), stream),
                "scatter_codewords_atomic");
+  return dictionary_grad_from_partials(grad_t, dictionary, grad_dtype, stream);
+}
+
+at::Tensor dictionary_grad_from_partials(const at::Tensor& partials,
+                                         const at::Tensor& dictionary,
+                                         at::ScalarType grad_dtype,
+                                         cudaStream_t stream) {
+  TORCH_INTERNAL_ASSERT(partials.scalar_type() == at::kFloat &&
+                        partials.is_contiguous() &&
+                        (partials.dim() == 2 || partials.dim() == 3));
+  // Laid out like the dictionary, as the fake kernels promise. A 2-D dense
+  // tensor is either (D, K) row-major or codeword-major, and the reduction
+  // writes either layout directly.
+  auto grad = at::empty_like(dictionary, dictionary.options().dtype(grad_dtype));
+  TORCH_INTERNAL_ASSERT(grad.is_contiguous() || grad.t().is_contiguous());
+  const int64_t segments = partials.dim() == 3 ? partials.size(0) : 1;
   check_launch(srm_cuda::launch_reduce_dictionary_partials(
-                   grad_t.data_ptr<float>(), 1, depth, num_codewords,
-                   codeword_major, grad.data_ptr(), grad_kernel_dtype, stream),
+                   partials.data_ptr<float>(), segments, dictionary.size(0),
+                   dictionary.size(1), /*codeword_major=*/!grad.is_contiguous(),
+                   grad.data_ptr(), kernel_dtype(grad_dtype, "dictionary"),
+                   stream),
                "reduce_dictionary_partials");
   return grad;
 }
@@ -270,12 +277,13 @@ at::Tensor intercept_grad(const at::Tensor& grad_pre, const at::Tensor& x,
 
 namespace {
 
-// launch_combine_codewords on tensors; sigmoid and entry_dots optional.
+// launch_combine_codewords on tensors; sigmoid and entry_dots optional, and
+// out.data null when only the entry dots are wanted.
 void run_combine_codewords(const at::Tensor& coef, const at::Tensor& indices,
                            const at::Tensor& dictionary_t,
                            const at::Tensor* addend, float addend_scale,
                            const at::Tensor* device_scale, float host_scale,
-                           const at::Tensor& out, const at::Tensor* sigmoid,
+                           const FeatureMap& out, const at::Tensor* sigmoid,
                            at::Tensor* entry_dots, cudaStream_t stream) {
   FeatureMap add_map{};
   if (addend != nullptr) {
@@ -289,7 +297,7 @@ void run_combine_codewords(const at::Tensor& coef, const at::Tensor& indices,
           dictionary_t.size(0), addend != nullptr ? &add_map : nullptr,
           addend_scale,
           device_scale != nullptr ? device_scale->data_ptr<float>() : nullptr,
-          host_scale, feature_map(out, "output"),
+          host_scale, out,
           sigmoid != nullptr ? sigmoid->data_ptr<float>() : nullptr,
           entry_dots != nullptr ? entry_dots->data_ptr<float>() : nullptr,
           stream),
@@ -304,8 +312,8 @@ void combine_codewords(const at::Tensor& coef, const at::Tensor& indices,
                        float host_scale, const at::Tensor& out,
                        cudaStream_t stream) {
   run_combine_codewords(coef, indices, dictionary_t, addend, addend_scale,
-                        device_scale, host_scale, out, nullptr, nullptr,
-                        stream);
+                        device_scale, host_scale, feature_map(out, "output"),
+                        nullptr, nullptr, stream);
 }
 
 at::Tensor combine_codewords_and_dots(
@@ -315,8 +323,51 @@ at::Tensor combine_codewords_and_dots(
     const at::Tensor& out, const at::Tensor* sigmoid, cudaStream_t stream) {
   auto dots = at::empty(indices.sizes(), out.options().dtype(at::kFloat));
   run_combine_codewords(coef, indices, dictionary_t, addend, addend_scale,
-                        device_scale, host_scale, out, sigmoid, &dots, stream);
+                        device_scale, host_scale, feature_map(out, "output"),
+                        sigmoid, &dots, stream);
   return dots;
+}
+
+at::Tensor residual_entry_dots(const at::Tensor& coef,
+                               const at::Tensor& indices,
+                               const at::Tensor& dictionary_t,
+                               const at::Tensor& x,
+                               const at::Tensor& device_scale,
+                               float host_scale, const at::Tensor& sigmoid,
+                               cudaStream_t stream) {
+  auto dots = at::empty(indices.sizes(), x.options().dtype(at::kFloat));
+  // The residual's layout with no data: dotted, never stored.
+  FeatureMap residual = feature_map(x, "x");
+  residual.data = nullptr;
+  residual.dtype = Dtype::kFloat32;
+  run_combine_codewords(coef, indices, dictionary_t, &x, -1.0f,
+                        &device_scale, host_scale, residual, &sigmoid, &dots,
+                        stream);
+  return dots;
+}
+
+void residual_gradients(const at::Tensor& x, const at::Tensor& coef,
+                        const at::Tensor& grad_pre, const at::Tensor& indices,
+                        const at::Tensor& dictionary_t,
+                        const at::Tensor& device_scale, float host_scale,
+                        const at::Tensor* grad_x,
+                        const at::Tensor* grad_dictionary_t,
+                        cudaStream_t stream) {
+  FeatureMap grad_x_map{};
+  if (grad_x != nullptr) {
+    grad_x_map = feature_map(*grad_x, "grad_x");
+  }
+  check_launch(
+      srm_cuda::launch_residual_gradients(
+          feature_map(x, "x"), coef.data_ptr<float>(),
+          grad_pre.data_ptr<float>(), indices.data_ptr<int64_t>(),
+          indices.size(-1), dictionary_t.data_ptr(), dictionary_t.size(0),
+          device_scale.data_ptr<float>(), host_scale,
+          grad_x != nullptr ? &grad_x_map : nullptr,
+          grad_dictionary_t != nullptr ? grad_dictionary_t->data_ptr<float>()
+                                       : nullptr,
+          stream),
+      "residual_gradients");
 }
 
 at::Tensor codeword_dots(const at::Tensor& features, const at::Tensor& indices,

@@ -100,6 +100,13 @@ at::Tensor dictionary_grad(const at::Tensor& features_a,
                            const at::Tensor& dictionary,
                            at::ScalarType grad_dtype, cudaStream_t stream);
 
+// A (K, D) float32 dictionary gradient, or (S, K, D) partials summed over S
+// in order, as a gradient laid out like `dictionary` in grad_dtype.
+at::Tensor dictionary_grad_from_partials(const at::Tensor& partials,
+                                         const at::Tensor& dictionary,
+                                         at::ScalarType grad_dtype,
+                                         cudaStream_t stream);
+
 // Gradient of the shared intercept: the sum of the kept pre-activation
 // gradients, 0-dim in x's dtype.
 at::Tensor intercept_grad(const at::Tensor& grad_pre, const at::Tensor& x,
@@ -120,6 +127,28 @@ at::Tensor combine_codewords_and_dots(
     const at::Tensor& dictionary_t, const at::Tensor* addend,
     float addend_scale, const at::Tensor* device_scale, float host_scale,
     const at::Tensor& out, const at::Tensor* sigmoid, cudaStream_t stream);
+
+// The entry dots of the reconstruction loss's residual
+// g = host_scale * device_scale[0] * (sum_j coef[p, j] C[:, indices[p, j]] - x),
+// times s (1 - s): combine_codewords_and_dots without storing g.
+at::Tensor residual_entry_dots(const at::Tensor& coef,
+                               const at::Tensor& indices,
+                               const at::Tensor& dictionary_t,
+                               const at::Tensor& x,
+                               const at::Tensor& device_scale,
+                               float host_scale, const at::Tensor& sigmoid,
+                               cudaStream_t stream);
+
+// grad_x (when given, x's layout) and the (K, D) float32 dictionary gradient
+// (when given, added to) of the reconstruction loss through that residual,
+// rebuilt from x and the code (srm_cuda::launch_residual_gradients).
+void residual_gradients(const at::Tensor& x, const at::Tensor& coef,
+                        const at::Tensor& grad_pre, const at::Tensor& indices,
+                        const at::Tensor& dictionary_t,
+                        const at::Tensor& device_scale, float host_scale,
+                        const at::Tensor* grad_x,
+                        const at::Tensor* grad_dictionary_t,
+                        cudaStream_t stream);
 
 // (N, H, W, k) float32: <features_p, C[:, indices[p, j]]>, times s (1 - s)
 // when the kept entries' float32 sigmoid s is given (see kept_sigmoid).

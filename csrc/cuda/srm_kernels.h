@@ -32,6 +32,10 @@ enum class Dtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 constexpr int64_t kMaxTopK = 128;
 constexpr int64_t kMaxCodewords = 8192;
 constexpr int64_t kMaxFeatureDim = 4096;
+// Most codewords one block of the atomic dictionary-gradient kernels holds
+// (their slice of it fills 64 KiB of shared memory; GPUs that give a block
+// less hold fewer). Larger dictionaries are split into ranges of codewords.
+constexpr int64_t kSliceCodewords = 512;
 
 // Sizes and element strides of an (N, D, H, W) feature map.
 struct FeatureMapLayout {
@@ -105,6 +109,8 @@ cudaError_t launch_select_top_k(const float* pre, int64_t rows,
 // (0 for out-of-range indices), multiplied by s * (1 - s) with
 // s = sigmoid_values[p, j] when sigmoid_values is not null: what
 // launch_codeword_dots would give from `out`, without reading it back.
+// With entry_dots, out.data may be null: the combined vectors are then only
+// dotted, not stored.
 cudaError_t launch_combine_codewords(
     const float* coef, const int64_t* indices, int64_t k,
     const void* dictionary_t, Dtype dictionary_dtype, int64_t num_codewords,
@@ -168,6 +174,26 @@ cudaError_t launch_scatter_codewords_atomic(
     const FeatureMap* features_b, const float* coef_b, const int64_t* indices,
     int64_t k, int64_t num_codewords, float* grad_dictionary_t,
     cudaStream_t stream);
+
+// The reconstruction loss's gradients for x and the dictionary through its
+// residual, rebuilding the residual instead of reading it:
+//   g_p      = host_scale * (device_scale ? device_scale[0] : 1)
+//              * (sum_j coef[p, j] * dictionary_t[indices[p, j], :] - x_p)
+//   grad_x_p = sum_j grad_pre[p, j] * dictionary_t[indices[p, j], :] - g_p
+//   G[c, :] += grad_pre[p, j] * x_p + coef[p, j] * g_p  per entry of codeword c
+// x and dictionary_t ((K, D)) share a dtype; grad_x (optional) has x's dtype
+// and shape and any strides; grad_dictionary_t (optional) is launch_scatter_
+// codewords_atomic's (K, D) float32 output, added to with float atomics.
+// coef and grad_pre are (P, k) float32, 1 <= k <= kMaxTopK. g and grad_x
+// are bitwise what launch_combine_codewords gives when it stores g (x as the
+// addend at scale -1) and then adds grad_pre's codewords to -g. Each
+// residual is rebuilt once per range of kSliceCodewords codewords: past one
+// range, storing it moves less.
+cudaError_t launch_residual_gradients(
+    const FeatureMap& x, const float* coef, const float* grad_pre,
+    const int64_t* indices, int64_t k, const void* dictionary_t,
+    int64_t num_codewords, const float* device_scale, float host_scale,
+    const FeatureMap* grad_x, float* grad_dictionary_t, cudaStream_t stream);
 
 // run_offsets[c] = first position of codeword c in sorted_codes (ascending,
 // num_entries long), for c in [0, K]; entries outside [0, K) fall outside

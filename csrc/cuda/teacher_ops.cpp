@@ -298,7 +298,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss_backward(
                    : 0.0f;
 
   at::Tensor grad_x = output_mask[0] ? at::empty_like(x) : empty_gradient(x);
-  // Summed over the boxes in float32, in box order (deterministic).
+  // With one range of codewords per block of the atomic dictionary gradient,
+  // both gradients rebuild the residual g where they need it, so g is never
+  // stored. Past it (each range would rebuild g again) and for the
+  // deterministic reductions, g is stored once per box.
+  const bool store_residual =
+      (output_mask[0] || output_mask[1]) &&
+      (dictionary.size(1) > srm_cuda::kSliceCodewords ||
+       at::globalContext().deterministicAlgorithms());
+  // (K, D) float32, added to by every box when the residual is rebuilt.
+  const at::Tensor grad_dictionary_t =
+      !store_residual && output_mask[1]
+          ? at::zeros({dictionary.size(1), depth},
+                      x.options().dtype(at::kFloat))
+          : at::Tensor();
+  // Otherwise summed over the boxes in float32, in box order.
   at::Tensor grad_dictionary_sum, grad_intercept_sum;
 
   for (const PixelBox& box :
@@ -306,29 +320,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss_backward(
     const at::Tensor xb = box.of_map(x);
     const at::Tensor vals = box.of_code(values);
     const at::Tensor idx = box.of_code(indices);
-    // g = 2 * grad_loss / M * (x_hat - x), float32 and pixel-major, and from
-    // the same pass gp = <g_p, C[:, idx]> * s (1 - s).
     const at::Tensor sigmoid =
         kept_sigmoid(xb, vals, idx, dict_t, intercept, stream);
-    const at::Tensor g = empty_pixel_major_float(box.nc, depth, box.hc, w, x);
     const at::Tensor coef_values = vals.to(at::kFloat).contiguous();
-    const at::Tensor grad_pre = combine_codewords_and_dots(
-        coef_values, idx, dict_t, &xb, -1.0f, &upstream, mean_scale, g,
-        &sigmoid, stream);
-
-    if (output_mask[0]) {
-      // -g_p + sum_j gp_pj C[:, idx_pj]
-      combine_codewords(grad_pre, idx, dict_t, &g, -1.0f, nullptr, 1.0f,
-                        box.of_map(grad_x), stream);
-    }
-    if (output_mask[1]) {
-      // v_pj g_p (through x_hat) + gp_pj x_p (through the encoder)
-      const at::Tensor part =
-          dictionary_grad(xb, grad_pre, &g, &coef_values, idx, dictionary,
-                          at::kFloat, stream);
-      grad_dictionary_sum = grad_dictionary_sum.defined()
-                                ? grad_dictionary_sum.add_(part)
-                                : part;
+    // g = 2 * grad_loss / M * (x_hat - x), and gp = <g_p, C[:, idx]> s (1 - s)
+    // for every kept entry.
+    at::Tensor grad_pre;
+    if (!store_residual) {
+      grad_pre = residual_entry_dots(coef_values, idx, dict_t, xb, upstream,
+                                     mean_scale, sigmoid, stream);
+      const at::Tensor grad_x_box =
+          output_mask[0] ? box.of_map(grad_x) : at::Tensor();
+      // grad_x = -g_p + sum_j gp_pj C[:, idx_pj]; the dictionary gets
+      // v_pj g_p (through x_hat) + gp_pj x_p (through the encoder).
+      residual_gradients(xb, coef_values, grad_pre, idx, dict_t, upstream,
+                         mean_scale, output_mask[0] ? &grad_x_box : nullptr,
+                         output_mask[1] ? &grad_dictionary_t : nullptr,
+                         stream);
+    } else {
+      const at::Tensor g =
+          empty_pixel_major_float(box.nc, depth, box.hc, w, x);
+      grad_pre = combine_codewords_and_dots(coef_values, idx, dict_t, &xb,
+                                            -1.0f, &upstream, mean_scale, g,
+                                            &sigmoid, stream);
+      if (output_mask[0]) {
+        combine_codewords(grad_pre, idx, dict_t, &g, -1.0f, nullptr, 1.0f,
+                          box.of_map(grad_x), stream);
+      }
+      if (output_mask[1]) {
+        const at::Tensor part =
+            dictionary_grad(xb, grad_pre, &g, &coef_values, idx, dictionary,
+                            at::kFloat, stream);
+        grad_dictionary_sum = grad_dictionary_sum.defined()
+                                  ? grad_dictionary_sum.add_(part)
+                                  : part;
+      }
     }
     if (output_mask[2]) {
       const at::Tensor part = deterministic_sum(grad_pre, 1.0, stream);
@@ -340,7 +366,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss_backward(
 
   at::Tensor grad_dictionary = empty_gradient(x);
   at::Tensor grad_intercept = empty_gradient(x);
-  if (output_mask[1]) {
+  if (grad_dictionary_t.defined()) {
+    grad_dictionary = dictionary_grad_from_partials(
+        grad_dictionary_t, dictionary, dictionary.scalar_type(), stream);
+  } else if (output_mask[1]) {
     grad_dictionary = grad_dictionary_sum.defined()
                           ? grad_dictionary_sum.to(dictionary.scalar_type())
                           : at::zeros_like(dictionary);
