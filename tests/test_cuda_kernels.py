@@ -224,6 +224,35 @@ def test_gemm_encode_holds_one_box_of_pre_activations(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_stage1_backward_rebuilds_its_residual_within_one_slice_of_codewords(dtype):
+    """With K <= 512 outside deterministic mode the backward rebuilds the
+    float32 residual where each gradient needs it: it allocates no
+    N*H*W x D float32 buffer, and x's gradient is bitwise the one that
+    deterministic mode computes from the stored residual."""
+    (x, C, b), _, k = inputs((16, 128, 32, 32, 256, 5), dtype, seed=16, layout="channels_last")
+    values, indices = srm_ext.sparse_encode(x, C, b, k)
+    upstream = torch.tensor(0.5, device=DEVICE, dtype=dtype)
+    backward = torch.ops.srm_ext.reconstruction_loss_backward
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    rebuilt = backward(upstream, x, C, b, values, indices, [True, True, True])
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    residual_bytes = x.numel() * 4
+    outputs = sum(t.numel() * t.element_size() for t in rebuilt)
+    assert peak < outputs + residual_bytes // 2, (peak, outputs, residual_bytes)
+    torch.use_deterministic_algorithms(True)
+    try:
+        stored = backward(upstream, x, C, b, values, indices, [True, True, True])
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert torch.equal(rebuilt[0], stored[0])
+    for got, want in zip(rebuilt[1:], stored[1:]):
+        assert relative_error(got, want) < GRAD_RELATIVE_ERROR[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_deterministic_mode_is_bitwise_reproducible(dtype):
     (x, C, b), _, k = inputs((4, 128, 16, 16, 256, 5), dtype, seed=3)
     torch.use_deterministic_algorithms(True)
