@@ -161,6 +161,20 @@ def test_encode_and_decode_with_their_backward(ops, encode_path, dtype, layout, 
                         close(got, expected, dtype, scale=4)
 
 
+def check_loss_backward(ops, upstream, x, C, b, values, indices, k) -> None:
+    """reconstruction_loss_backward for every output mask: the wanted
+    gradients against the reference's, the unwanted ones empty, every output
+    as the fake kernel promises."""
+    want = grads(lambda *t: reference.reconstruction_loss(*t, k), (x, C, b), upstream)
+    for mask in MASKS3:
+        out = ops.reconstruction_loss_backward(upstream, x, C, b, values, indices, list(mask))
+        assert_like_fake("reconstruction_loss_backward", out, upstream, x, C, b, values, indices, list(mask))
+        check_unwanted(out, mask)
+        for wanted, got, expected in zip(mask, out, want):
+            if wanted:
+                close(got, expected.reshape(got.shape), x.dtype, scale=4)
+
+
 # None: the default split of the pixels into boxes (the whole batch); "1":
 # one value per box, so that every pixel row spans several boxes of the
 # backward and the GEMM encode takes one row per box; "120": boxes of two
@@ -184,17 +198,7 @@ def test_reconstruction_loss_and_its_backward(ops, monkeypatch, encode_path, dty
             assert_like_fake("reconstruction_loss", (loss, values, indices), x, C, b, k)
             want_loss = reference.reconstruction_loss(x.double(), C.double(), b.double(), k)
             close(loss, want_loss, dtype)
-            upstream = torch.tensor(1.5, dtype=dtype)
-            want = grads(lambda *t: reference.reconstruction_loss(*t, k), (x, C, b), upstream)
-            for mask in MASKS3:
-                out = ops.reconstruction_loss_backward(upstream, x, C, b, values, indices, list(mask))
-                assert_like_fake(
-                    "reconstruction_loss_backward", out, upstream, x, C, b, values, indices, list(mask)
-                )
-                check_unwanted(out, mask)
-                for wanted, got, expected in zip(mask, out, want):
-                    if wanted:
-                        close(got, expected.reshape(got.shape), dtype, scale=4)
+            check_loss_backward(ops, torch.tensor(1.5, dtype=dtype), x, C, b, values, indices, k)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -222,15 +226,7 @@ def test_reconstruction_backward_past_one_slice_of_codewords(ops, dtype):
     both gradients read it, outside deterministic mode too."""
     x, C, b, k = teacher_inputs((1, 6, 3, 4, 520, 4), dtype, "contiguous", "codeword_major", 12)
     values, indices = reference.sparse_encode(x, C, b, k)
-    upstream = torch.tensor(1.25, dtype=dtype)
-    want = grads(lambda *t: reference.reconstruction_loss(*t, k), (x, C, b), upstream)
-    for mask in MASKS3:
-        out = ops.reconstruction_loss_backward(upstream, x, C, b, values, indices, list(mask))
-        assert_like_fake("reconstruction_loss_backward", out, upstream, x, C, b, values, indices, list(mask))
-        check_unwanted(out, mask)
-        for wanted, got, expected in zip(mask, out, want):
-            if wanted:
-                close(got, expected.reshape(got.shape), dtype, scale=4)
+    check_loss_backward(ops, torch.tensor(1.25, dtype=dtype), x, C, b, values, indices, k)
 
 
 def test_unknown_encode_path_is_refused_by_name(ops, monkeypatch):
