@@ -121,6 +121,20 @@ def check_unwanted(out, mask) -> None:
             assert grad.shape == (0,)
 
 
+def check_masked_backward(ops, op: str, args, masks, want) -> None:
+    """A backward op, op(*args, mask), for every output mask: the wanted
+    gradients against `want` (the reference's, in float64), the unwanted ones
+    empty, every output as the fake kernel promises. The dtype of args[0]
+    picks the tolerance."""
+    for mask in masks:
+        out = getattr(ops, op)(*args, list(mask))
+        assert_like_fake(op, out, *args, list(mask))
+        check_unwanted(out, mask)
+        for wanted, got, expected in zip(mask, out, want):
+            if wanted:
+                close(got, expected.reshape(got.shape), args[0].dtype, scale=4)
+
+
 @pytest.mark.parametrize("dictionary", DICTIONARIES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -139,40 +153,27 @@ def test_encode_and_decode_with_their_backward(ops, encode_path, dtype, layout, 
             g = torch.Generator().manual_seed(100 + seed)
             grad_values = dyadic(*values.shape, generator=g).to(dtype)
             want = grads(lambda *t: reference.sparse_encode(*t, k)[0], (x, C, b), grad_values)
-            for mask in MASKS3:
-                out = ops.sparse_encode_backward(grad_values, values, indices, x, C, b, list(mask))
-                assert_like_fake("sparse_encode_backward", out, grad_values, values, indices, x, C, b, list(mask))
-                check_unwanted(out, mask)
-                for wanted, got, expected in zip(mask, out, want):
-                    if wanted:
-                        close(got, expected.reshape(got.shape), dtype, scale=4)
+            check_masked_backward(
+                ops, "sparse_encode_backward", (grad_values, values, indices, x, C, b), MASKS3, want
+            )
 
             x_hat = ops.sparse_decode(values, indices, C)
             close(x_hat, reference.sparse_decode(values.double(), indices, C.double()), dtype)
             assert_like_fake("sparse_decode", x_hat, values, indices, C)
             grad_x_hat = make_layout(dyadic(*x.shape, generator=g).to(dtype), layout)
             want = grads(lambda v, c: reference.sparse_decode(v, indices, c), (values, C), grad_x_hat)
-            for mask in itertools.product([False, True], repeat=2):
-                out = ops.sparse_decode_backward(grad_x_hat, values, indices, C, list(mask))
-                assert_like_fake("sparse_decode_backward", out, grad_x_hat, values, indices, C, list(mask))
-                check_unwanted(out, mask)
-                for wanted, got, expected in zip(mask, out, want):
-                    if wanted:
-                        close(got, expected, dtype, scale=4)
+            check_masked_backward(
+                ops, "sparse_decode_backward", (grad_x_hat, values, indices, C),
+                itertools.product([False, True], repeat=2), want,
+            )
 
 
 def check_loss_backward(ops, upstream, x, C, b, values, indices, k) -> None:
-    """reconstruction_loss_backward for every output mask: the wanted
-    gradients against the reference's, the unwanted ones empty, every output
-    as the fake kernel promises."""
+    """reconstruction_loss_backward for every output mask."""
     want = grads(lambda *t: reference.reconstruction_loss(*t, k), (x, C, b), upstream)
-    for mask in MASKS3:
-        out = ops.reconstruction_loss_backward(upstream, x, C, b, values, indices, list(mask))
-        assert_like_fake("reconstruction_loss_backward", out, upstream, x, C, b, values, indices, list(mask))
-        check_unwanted(out, mask)
-        for wanted, got, expected in zip(mask, out, want):
-            if wanted:
-                close(got, expected.reshape(got.shape), x.dtype, scale=4)
+    check_masked_backward(
+        ops, "reconstruction_loss_backward", (upstream, x, C, b, values, indices), MASKS3, want
+    )
 
 
 # None: the default split of the pixels into boxes (the whole batch); "1":
