@@ -182,13 +182,14 @@ cudaError_t launch_scatter_codewords_atomic(
 //   grad_x_p = sum_j grad_pre[p, j] * dictionary_t[indices[p, j], :] - g_p
 //   G[c, :] += grad_pre[p, j] * x_p + coef[p, j] * g_p  per entry of codeword c
 // x and dictionary_t ((K, D)) share a dtype; grad_x (optional) has x's dtype
-// and shape and any strides; grad_dictionary_t (optional) is launch_scatter_
-// codewords_atomic's (K, D) float32 output, added to with float atomics.
-// coef and grad_pre are (P, k) float32, 1 <= k <= kMaxTopK. g and grad_x
-// are bitwise what launch_combine_codewords gives when it stores g (x as the
-// addend at scale -1) and then adds grad_pre's codewords to -g. Each
-// residual is rebuilt once per range of kSliceCodewords codewords: past one
-// range, storing it moves less.
+// and shape and any strides; grad_dictionary_t (optional) is (K, D) float32,
+// added to with float atomics as by launch_scatter_codewords_atomic. coef and
+// grad_pre are (P, k) float32, 1 <= k <= kMaxTopK; out-of-range indices
+// contribute nothing. g and grad_x are bitwise what launch_combine_codewords
+// gives when it stores g (x as the addend at scale -1) and then adds
+// grad_pre's codewords to -g. With the dictionary gradient, each residual is
+// rebuilt once per range of up to kSliceCodewords codewords: past one range,
+// storing it moves less.
 cudaError_t launch_residual_gradients(
     const FeatureMap& x, const float* coef, const float* grad_pre,
     const int64_t* indices, int64_t k, const void* dictionary_t,
