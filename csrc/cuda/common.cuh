@@ -239,6 +239,18 @@ inline cudaError_t allow_dynamic_shared_memory(const void* kernel,
   return cudaSuccess;
 }
 
+// Dynamic shared memory any block may take without opting in to more.
+constexpr int64_t kDefaultDynamicSharedBytes = 48 * 1024;
+
+// How many warps of a block (at most max_warps) can each keep a private
+// array of `length` floats in the default dynamic shared memory; 0 where not
+// even one can.
+inline int warps_with_private_floats(int64_t length, int max_warps) {
+  const int64_t fit = kDefaultDynamicSharedBytes /
+                      (length * static_cast<int64_t>(sizeof(float)));
+  return static_cast<int>(fit < max_warps ? fit : max_warps);
+}
+
 // Multiprocessors of the current device, for kernels that size their grid
 // to fill it and loop over the rest of the work.
 inline cudaError_t multiprocessor_count(int* count) {

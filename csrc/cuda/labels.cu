@@ -19,16 +19,9 @@ using namespace detail;
 constexpr int kMaxWarps = 8;
 // Histograms per block: as many warps as fit without opting in to more
 // than the default dynamic shared memory (one warp at the largest K).
-constexpr int64_t kHistogramBytes = 48 * 1024;
 static_assert(kMaxCodewords * static_cast<int64_t>(sizeof(float)) <=
-                  kHistogramBytes,
+                  kDefaultDynamicSharedBytes,
               "one histogram of the largest K fits without opting in");
-
-int histogram_warps(int64_t num_codes) {
-  const int64_t fit =
-      kHistogramBytes / (num_codes * static_cast<int64_t>(sizeof(float)));
-  return static_cast<int>(fit < 1 ? 1 : (fit > kMaxWarps ? kMaxWarps : fit));
-}
 
 template <typename T>
 __global__ void __launch_bounds__(kMaxWarps * kWarpSize)
@@ -109,7 +102,7 @@ cudaError_t launch_sparse_labels(const void* values, Dtype dtype,
   if (batch == 0) {
     return cudaSuccess;
   }
-  const int warps = histogram_warps(num_codewords);
+  const int warps = warps_with_private_floats(num_codewords, kMaxWarps);
   const size_t histogram_bytes =
       static_cast<size_t>(warps) * num_codewords * sizeof(float);
   return detail::dispatch_dtype(dtype, [&](auto tag) {

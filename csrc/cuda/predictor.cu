@@ -34,20 +34,6 @@ constexpr int64_t kChunkPixels = 256;
 // Per-warp column sums of the forward pass live in shared memory, as many
 // warps' as fit in the default dynamic shared memory. Past that K a single
 // warp sums straight into the block's row of chunk sums in global memory.
-constexpr int64_t kColumnSumBytes = 48 * 1024;
-
-bool column_sums_fit(int64_t num_codes) {
-  return num_codes * static_cast<int64_t>(sizeof(float)) <= kColumnSumBytes;
-}
-
-int column_sum_warps(int64_t num_codes) {
-  if (!column_sums_fit(num_codes)) {
-    return 1;
-  }
-  const int64_t fit =
-      kColumnSumBytes / (num_codes * static_cast<int64_t>(sizeof(float)));
-  return static_cast<int>(fit > kRowsPerBlock ? kRowsPerBlock : fit);
-}
 
 // Block n * chunks + chunk takes pixels [chunk * kChunkPixels,
 // + kChunkPixels) of image n; warp w takes those of them at w, w + warps, ...
@@ -217,9 +203,9 @@ cudaError_t launch_predictor_loss(float* logits, const float* intercept,
   float* chunk_sums = global_coef + columns;
   float* partial_losses = chunk_sums + batch * chunks * num_codewords;
 
-  const int warps = column_sum_warps(num_codewords);
+  const int warps = warps_with_private_floats(num_codewords, kRowsPerBlock);
   const unsigned blocks = static_cast<unsigned>(batch * chunks);
-  if (column_sums_fit(num_codewords)) {
+  if (warps > 0) {
     const size_t column_sum_bytes =
         static_cast<size_t>(warps) * num_codewords * sizeof(float);
     pixel_stats_kernel<true><<<blocks, static_cast<unsigned>(warps * kWarpSize),
