@@ -97,7 +97,8 @@ void combine_codewords(const at::Tensor& coef, const at::Tensor indices, int64_t
             coef.data_ptr<float>(), indices.data_ptr<int64_t>(), k, dictionary_t.data_ptr(),
             dtype_of(dictionary_t), dictionary_t.size(0), add ? &*add : nullptr,
             static_cast<float>(addend_scale), pointer<float>(device_scale),
-            static_cast<float>(host_scale), feature_map(out), nullptr, nullptr, nullptr),
+            static_cast<float>(host_scale), feature_map(out), nullptr, nullptr, nullptr,
+            nullptr),
         "launch_combine_codewords");
 }
 
@@ -105,14 +106,15 @@ void combine_codewords_and_dots(const at::Tensor& coef, const at::Tensor indices
                                 const at::Tensor& dictionary_t, const OptionalTensor& addend,
                                 double addend_scale, const OptionalTensor& device_scale,
                                 double host_scale, at::Tensor out,
-                                const OptionalTensor& sigmoid_values, at::Tensor entry_dots) {
+                                const OptionalTensor& sigmoid_values,
+                                const OptionalTensor& addend_intercept, at::Tensor entry_dots) {
   const std::optional<FeatureMap> add = optional_map(addend);
   check(srm_cuda::launch_combine_codewords(
             coef.data_ptr<float>(), indices.data_ptr<int64_t>(), k, dictionary_t.data_ptr(),
             dtype_of(dictionary_t), dictionary_t.size(0), add ? &*add : nullptr,
             static_cast<float>(addend_scale), pointer<float>(device_scale),
             static_cast<float>(host_scale), feature_map(out), pointer<float>(sigmoid_values),
-            entry_dots.data_ptr<float>(), nullptr),
+            pointer<float>(addend_intercept), entry_dots.data_ptr<float>(), nullptr),
         "launch_combine_codewords (with entry dots)");
 }
 

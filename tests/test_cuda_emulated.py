@@ -293,48 +293,66 @@ def test_combine_codewords(emu, dtype, layout, addend, out_float, k):
 # Every layout and addend dtype at k = 6; two chunks of entries (k = 45),
 # which the emulator runs slowly, once per dtype.
 COMBINE_AND_DOTS_CASES = [
-    (layout, addend, with_sigmoid, 6)
+    (layout, addend, sigmoid, 6)
     for layout in LAYOUTS
     for addend in ("dtype", "float32")
-    for with_sigmoid in (False, True)
-] + [("channels_last", "float32", True, 45)]
+    for sigmoid in ("none", "given", "of_addend")
+] + [("channels_last", "float32", "given", 45), ("strided", "dtype", "of_addend", 45)]
 
 
-@pytest.mark.parametrize("layout, addend, with_sigmoid, k", COMBINE_AND_DOTS_CASES)
+@pytest.mark.parametrize("layout, addend, sigmoid_source, k", COMBINE_AND_DOTS_CASES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_combine_codewords_and_dots(emu, dtype, layout, addend, with_sigmoid, k):
+def test_combine_codewords_and_dots(emu, dtype, layout, addend, sigmoid_source, k):
     """The stage-1 backward's residual and its entry dots from one pass: the
     residual as combine_codewords writes it, the dots as codeword_dots gives
     them from that residual (bitwise: both sum the same float32 terms in the
-    same order)."""
+    same order). The entries' sigmoid is given, or recomputed from the
+    addend's pre-activations <x_p, C_j> + b (what 16-bit codes need)."""
     n, d, h, w, K = 2, 37, 5, 7, 50
     g = torch.Generator().manual_seed(12)
     coef, indices = sparse_code(n, h, w, K, k, seed=13, out_of_range=True)
     dictionary_t = dyadic(K, d, generator=g, dtype=torch.float32).to(dtype)
     x = dyadic(n, d, h, w, generator=g, dtype=torch.float32)
     x = make_layout(x.to(dtype if addend == "dtype" else torch.float32), layout)
-    sigmoid = torch.rand(n * h * w, k, generator=g) if with_sigmoid else None
+    valid, safe = gathered(indices, K)
+    rows = dictionary_t.double()[safe]  # (N, H, W, k, D)
+    pre_exact = ((rows * x.double().permute(0, 2, 3, 1).unsqueeze(3)).sum(-1) * valid).reshape(-1, k)
+    intercept = torch.tensor([-0.375])
+    sigmoid = addend_intercept = None
+    if sigmoid_source == "given":
+        sigmoid = torch.rand(n * h * w, k, generator=g)
+    elif sigmoid_source == "of_addend":
+        addend_intercept = intercept
+        pre = torch.empty(n * h * w, k)
+        emu.codeword_dots(x, indices, k, dictionary_t, None, pre)
+        assert torch.equal(pre.double(), pre_exact)  # dyadic: exact in float32
+        sigmoid = torch.sigmoid(pre + intercept)
     device_scale = torch.tensor([0.5])
     out = make_layout(guarded(n, d, h, w, fill=0), layout)
     dots = guarded(n * h * w, k)
     with writes_only_inside(out, dots):
         emu.combine_codewords_and_dots(
-            coef, indices, k, dictionary_t, x, -1.0, device_scale, 0.25, out, sigmoid, dots
+            coef, indices, k, dictionary_t, x, -1.0, device_scale, 0.25, out,
+            sigmoid if addend_intercept is None else None, addend_intercept, dots,
         )
     expected_out = make_layout(guarded(n, d, h, w, fill=0), layout)
     emu.combine_codewords(coef, indices, k, dictionary_t, x, -1.0, device_scale, 0.25, expected_out)
     assert torch.equal(out, expected_out)
     expected_dots = torch.empty(n * h * w, k)
     emu.codeword_dots(out, indices, k, dictionary_t, sigmoid, expected_dots)
-    assert torch.equal(dots, expected_dots)
+    if addend_intercept is None:
+        assert torch.equal(dots, expected_dots)
+    else:  # the kernel's sigmoid against torch's: a few ulp
+        torch.testing.assert_close(dots, expected_dots, rtol=1e-6, atol=1e-7)
     # And against float64 arithmetic, so that the two kernels cannot agree on
     # a wrong answer.
     residual = 0.125 * (decode_expected(coef, indices, dictionary_t) - x.double())
-    valid, safe = gathered(indices, K)
-    rows = dictionary_t.double()[safe]
     exact = ((rows * residual.permute(0, 2, 3, 1).unsqueeze(3)).sum(-1) * valid).reshape(-1, k)
-    if with_sigmoid:
+    if sigmoid_source == "given":
         exact = exact * sigmoid.double() * (1 - sigmoid.double())
+    elif sigmoid_source == "of_addend":
+        s = torch.sigmoid(pre_exact + intercept.double())
+        exact = exact * s * (1 - s)
     torch.testing.assert_close(dots.double(), exact, rtol=1e-5, atol=1e-5)
 
 
@@ -346,14 +364,27 @@ def test_combine_codewords_and_dots_refuses_what_it_cannot_do(emu):
     with pytest.raises(RuntimeError, match=refused):
         emu.combine_codewords_and_dots(
             coef, indices, 129, dictionary_t, None, 0.0, None, 1.0,
-            torch.empty(1, 3, 2, 2), None, dots,
+            torch.empty(1, 3, 2, 2), None, None, dots,
         )  # k past kMaxTopK
     coef, indices = sparse_code(1, 2, 2, 20, 3, seed=15)
+    dictionary_t = torch.zeros(20, 3)
+    x = torch.zeros(1, 3, 2, 2)
+    intercept = torch.zeros(1)
     with pytest.raises(RuntimeError, match=refused):
         emu.combine_codewords_and_dots(
-            coef, indices, 3, torch.zeros(20, 3, dtype=torch.bfloat16), None, 0.0, None, 1.0,
-            torch.empty(1, 3, 2, 2, dtype=torch.bfloat16), None, torch.empty(4, 3),
+            coef, indices, 3, dictionary_t.bfloat16(), None, 0.0, None, 1.0,
+            torch.empty(1, 3, 2, 2, dtype=torch.bfloat16), None, None, torch.empty(4, 3),
         )  # a 16-bit output
+    with pytest.raises(RuntimeError, match=refused):
+        emu.combine_codewords_and_dots(
+            coef, indices, 3, dictionary_t, None, 0.0, None, 1.0,
+            torch.empty(1, 3, 2, 2), None, intercept, torch.empty(4, 3),
+        )  # a sigmoid from the addend without one
+    with pytest.raises(RuntimeError, match=refused):
+        emu.combine_codewords_and_dots(
+            coef, indices, 3, dictionary_t, x, -1.0, None, 1.0,
+            torch.empty(1, 3, 2, 2), torch.rand(4, 3), intercept, torch.empty(4, 3),
+        )  # the sigmoid both given and recomputed
 
 
 @pytest.mark.parametrize("k", [7, 37], ids=["k7", "k37"])  # one and two chunks of entries

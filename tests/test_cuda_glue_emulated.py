@@ -230,6 +230,39 @@ def test_reconstruction_backward_past_one_slice_of_codewords(ops, dtype):
     check_loss_backward(ops, torch.tensor(1.25, dtype=dtype), x, C, b, values, indices, k)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_saturated_16_bit_codes_still_pass_gradient_to_the_encoder(ops, dtype):
+    """Every kept pre-activation lies in [10, 11.5]: its 16-bit value rounds
+    to exactly 1, whose s (1 - s) would be 0. The backward ops must take s
+    from the pre-activation, as the reference's autograd does, so the
+    intercept's gradient (the sum of the kept entries' pre-activation
+    gradients, about 1e-4 of the residual's size) is neither 0 nor off."""
+    n, d, h, w, K, k = 2, 8, 3, 4, 12, 3
+    x = torch.ones(n, d, h, w, dtype=dtype)
+    x[:, :, 1] = 1.0625  # x_hat - x differs from pixel to pixel
+    C = (1.1875 + torch.arange(K) / 64).expand(d, K).to(dtype).contiguous()
+    b = torch.full((1,), 0.5, dtype=dtype)
+    values, indices = reference.sparse_encode(x, C, b, k)
+    assert torch.all(values == 1)
+    upstream = torch.tensor(1.0, dtype=dtype)
+
+    def check(got, expected):
+        assert expected.abs().item() > 1e-5
+        torch.testing.assert_close(got.double().reshape(()), expected.reshape(()), rtol=1e-2, atol=0)
+
+    for determinism in (False, True):  # the residual rebuilt, and stored
+        with deterministic(determinism):
+            got = ops.reconstruction_loss_backward(upstream, x, C, b, values, indices, [False, False, True])
+        want = grads(lambda *t: reference.reconstruction_loss(*t, k), (x, C, b), upstream)
+        check(got[2], want[2])
+    grad_values = dyadic(n, h, w, k, generator=torch.Generator().manual_seed(3)).to(dtype)
+    got = ops.sparse_encode_backward(grad_values, values, indices, x, C, b, [False, False, True])
+    want = grads(
+        lambda *t: (reference.sparse_encode(*t, k)[0] * grad_values.double()).sum(), (x, C, b), upstream
+    )
+    check(got[2], want[2])
+
+
 def test_unknown_encode_path_is_refused_by_name(ops, monkeypatch):
     x, C, b, k = teacher_inputs(SHAPES[0], torch.float32, "contiguous", "row_major", 0)
     monkeypatch.setenv("SRM_EXT_CUDA_ENCODE", "dense")

@@ -30,44 +30,72 @@ __device__ __forceinline__ void zero_entry_dots(EntryDots& dots, int k) {
 
 // dots[pl][j] += sum over the chunk's channels d = d0 + c of
 // tile[pl][c] * C[idx[p, j], d], for the tile's pixels pl that this warp
-// owns (rows warp, warp + kTileWarps, ...). Called by every warp.
-template <typename TDict>
+// owns (rows warp, warp + kTileWarps, ...). With kSecondTile, also
+// second_dots[pl][j] from second_tile, against the same codeword elements
+// read once. Called by every warp.
+template <bool kSecondTile = false, typename TDict>
 __device__ __forceinline__ void add_tile_entry_dots(
     EntryDots& dots, const PixelTile& tile, int64_t first_pixel,
     int64_t total_pixels, int64_t d0, const int64_t* __restrict__ indices,
     int k, const TDict* __restrict__ dictionary_t, int64_t num_codes,
-    int64_t depth) {
+    int64_t depth, EntryDots* second_dots = nullptr,
+    const PixelTile* second_tile = nullptr) {
   const int lane = threadIdx.x % kWarpSize;
   const int64_t d = d0 + lane;
   for_each_warp_pixel(first_pixel, total_pixels, [&](int pl, int64_t p) {
     const float f = tile[pl][lane];  // 0 past D
+    float f2 = 0.0f;
+    if constexpr (kSecondTile) {
+      f2 = (*second_tile)[pl][lane];
+    }
     for_each_pixel_entry(
         indices, nullptr, p, k, num_codes, [&](int j, int c, float) {
           float prod = 0.0f;
+          float prod2 = 0.0f;
           if (c >= 0 && d < depth) {
-            prod = f * to_float(dictionary_t[c * depth + d]);
+            const float codeword = to_float(dictionary_t[c * depth + d]);
+            prod = f * codeword;
+            prod2 = f2 * codeword;
           }
           prod = warp_sum(prod);
+          if constexpr (kSecondTile) {
+            prod2 = warp_sum(prod2);
+          }
           if (lane == 0) {
             dots[pl][j] += prod;
+            if constexpr (kSecondTile) {
+              (*second_dots)[pl][j] += prod2;
+            }
           }
         });
   });
 }
 
-// out[p, j] = dots, times s (1 - s) with s = sigmoid_values[p, j] when given,
+// The sigmoid of a kept entry whose derivative s (1 - s) scales its dot:
+// given (sigmoid_values, (P, k)), or recomputed from its pre-activation
+// <x_p, C[:, idx_pj]> (pre_dots) plus the intercept; neither: no scaling.
+struct EntrySigmoid {
+  const float* values;
+  const EntryDots* pre_dots;
+  const float* intercept;
+};
+
+// out[p, j] = dots, times s (1 - s) when the entries' sigmoid s is known,
 // for the tile's pixels. Needs a barrier after the last add_tile_entry_dots.
 __device__ __forceinline__ void store_entry_dots(
     const EntryDots& dots, int64_t first_pixel, int64_t total_pixels, int k,
-    const float* __restrict__ sigmoid_values, float* __restrict__ out) {
+    const EntrySigmoid& sigmoid_of, float* __restrict__ out) {
   for (int e = threadIdx.x; e < kTilePixels * k; e += kTileThreads) {
     const int pl = e / k;
     const int j = e % k;
     const int64_t p = first_pixel + pl;
     if (p < total_pixels) {
       float r = dots[pl][j];
-      if (sigmoid_values != nullptr) {
-        const float s = sigmoid_values[p * k + j];
+      if (sigmoid_of.values != nullptr || sigmoid_of.pre_dots != nullptr) {
+        const float s =
+            sigmoid_of.values != nullptr
+                ? sigmoid_of.values[p * k + j]
+                : sigmoid((*sigmoid_of.pre_dots)[pl][j] + sigmoid_of.intercept[0]);
         r *= s * (1.0f - s);
       }
       out[p * k + j] = r;
@@ -75,12 +103,20 @@ __device__ __forceinline__ void store_entry_dots(
   }
 }
 
+// What combine_codewords_kernel gives besides the combined vectors: nothing,
+// every kept entry's dot with them, or those dots scaled by the sigmoid
+// derivative of the entry's pre-activation, taken from the addend (x) in the
+// same pass.
+enum class EntryDotsMode { kNone, kDots, kDotsWithAddendSigmoid };
+
 // Writes every combined element to `out` (when not null) and, when
 // square_sums is not null, the block's sum of their squares to
-// square_sums[blockIdx.x]. With kEntryDots it also gives every kept entry's
+// square_sums[blockIdx.x]. With entry dots it also gives every kept entry's
 // dot product with the combined vector (float32, before any rounding to
-// out's dtype), as codeword_dots_kernel would from `out`.
-template <typename TDict, typename TOut, typename TAdd, bool kEntryDots>
+// out's dtype), as codeword_dots_kernel would from `out`, scaled by the
+// derivative of sigmoid_values or (kDotsWithAddendSigmoid) of the sigmoid of
+// <addend_p, C[:, idx_pj]> + intercept, summed as codeword_dots_kernel sums.
+template <typename TDict, typename TOut, typename TAdd, EntryDotsMode kMode>
 __global__ void __launch_bounds__(kTileThreads, 4)
     combine_codewords_kernel(const float* __restrict__ coef,
                              const int64_t* __restrict__ indices, int k,
@@ -91,14 +127,23 @@ __global__ void __launch_bounds__(kTileThreads, 4)
                              TOut* out, FeatureMapLayout out_layout,
                              float* __restrict__ square_sums,
                              const float* __restrict__ sigmoid_values,
+                             const float* __restrict__ intercept,
                              float* __restrict__ entry_dots) {
+  constexpr bool kEntryDots = kMode != EntryDotsMode::kNone;
+  constexpr bool kAddendDots = kMode == EntryDotsMode::kDotsWithAddendSigmoid;
   __shared__ int64_t out_offsets[kTilePixels];
   __shared__ int64_t add_offsets[kTilePixels];
   __shared__ PixelTile sums;
   __shared__ PixelTile add_tile;
   __shared__ float sum_scratch[kTileThreads];
-  // Only the variant with entry dots takes their 16 KiB.
+  // Only the variants with entry dots take their 16 KiB (twice with the
+  // addend's pre-activations).
   __shared__ std::conditional_t<kEntryDots, EntryDots, float> dots;
+  __shared__ std::conditional_t<kAddendDots, EntryDots, float> addend_dots;
+  EntryDots* addend_dots_or_null = nullptr;
+  if constexpr (kAddendDots) {
+    addend_dots_or_null = &addend_dots;
+  }
   float sum_sq = 0.0f;
 
   const int lane = threadIdx.x % kWarpSize;
@@ -115,6 +160,9 @@ __global__ void __launch_bounds__(kTileThreads, 4)
   }
   if constexpr (kEntryDots) {
     zero_entry_dots(dots, k);
+  }
+  if constexpr (kAddendDots) {
+    zero_entry_dots(*addend_dots_or_null, k);
   }
   __syncthreads();
 
@@ -160,13 +208,17 @@ __global__ void __launch_bounds__(kTileThreads, 4)
         });
     if constexpr (kEntryDots) {
       __syncthreads();
-      add_tile_entry_dots(dots, sums, first_pixel, total_pixels, d0, indices,
-                          k, dictionary_t, num_codes, depth);
+      add_tile_entry_dots<kAddendDots>(dots, sums, first_pixel, total_pixels,
+                                       d0, indices, k, dictionary_t,
+                                       num_codes, depth, addend_dots_or_null,
+                                       &add_tile);
     }
     __syncthreads();  // tiles are rewritten by the next chunk
   }
   if constexpr (kEntryDots) {
-    store_entry_dots(dots, first_pixel, total_pixels, k, sigmoid_values,
+    const EntrySigmoid sigmoid_of{sigmoid_values, addend_dots_or_null,
+                                  intercept};
+    store_entry_dots(dots, first_pixel, total_pixels, k, sigmoid_of,
                      entry_dots);
   }
   if (square_sums != nullptr) {  // grid-uniform
@@ -205,7 +257,8 @@ __global__ void __launch_bounds__(kTileThreads, 4)
                         dictionary_t, num_codes, depth);
     __syncthreads();  // tile is rewritten by the next chunk
   }
-  store_entry_dots(dots, first_pixel, total_pixels, k, sigmoid_values, out);
+  store_entry_dots(dots, first_pixel, total_pixels, k,
+                   EntrySigmoid{sigmoid_values, nullptr, nullptr}, out);
 }
 
 template <typename T>
@@ -224,10 +277,13 @@ bool valid_tile_grid(int64_t total_pixels) {
 }
 
 // What combine_codewords_kernel gives besides `out`; null pointers for what
-// is not wanted. entry_dots needs a float32 out and k <= kMaxTopK.
+// is not wanted. entry_dots needs a float32 out and k <= kMaxTopK; the
+// entries' sigmoid comes from sigmoid_values, from the addend's
+// pre-activations plus addend_intercept[0], or neither.
 struct CombineExtras {
   float* square_sums;
   const float* sigmoid_values;
+  const float* addend_intercept;
   float* entry_dots;
 };
 
@@ -242,8 +298,13 @@ cudaError_t launch_combine(const float* coef, const int64_t* indices,
                            cudaStream_t stream) {
   const int64_t total_pixels = detail::num_pixels(out.layout);
   const bool with_dots = extras.entry_dots != nullptr;
+  const bool addend_sigmoid = extras.addend_intercept != nullptr;
   if (k < 0 || k > 0x7fffffff || !valid_tile_grid(total_pixels) ||
       (with_dots && (k > kMaxTopK || out.dtype != Dtype::kFloat32))) {
+    return cudaErrorInvalidValue;
+  }
+  if (addend_sigmoid && (!with_dots || addend == nullptr ||
+                         extras.sigmoid_values != nullptr)) {
     return cudaErrorInvalidValue;
   }
   if (addend != nullptr && !same_sizes(addend->layout, out.layout)) {
@@ -268,25 +329,31 @@ cudaError_t launch_combine(const float* coef, const int64_t* indices,
   return detail::dispatch_dtype(dictionary_dtype, [&](auto tag) {
     using T = decltype(tag);
     // Output and addend are either the dictionary dtype or float32.
-    auto launch = [&](auto out_tag, auto add_tag, auto dots_tag) {
+    auto launch = [&](auto out_tag, auto add_tag, auto mode_tag) {
       using TOut = decltype(out_tag);
       using TAdd = decltype(add_tag);
-      constexpr bool kEntryDots = decltype(dots_tag)::value;
-      combine_codewords_kernel<T, TOut, TAdd, kEntryDots>
+      constexpr EntryDotsMode kMode = decltype(mode_tag)::value;
+      combine_codewords_kernel<T, TOut, TAdd, kMode>
           <<<blocks, kTileThreads, 0, stream>>>(
               coef, indices, static_cast<int>(k),
               static_cast<const T*>(dictionary_t), num_codewords,
               static_cast<const TAdd*>(add_data), add_layout, addend_scale,
               device_scale, host_scale, static_cast<TOut*>(out.data),
               out.layout, extras.square_sums, extras.sigmoid_values,
-              extras.entry_dots);
+              extras.addend_intercept, extras.entry_dots);
       return cudaGetLastError();
     };
-    const std::false_type plain;
+    using Mode = EntryDotsMode;
+    const std::integral_constant<Mode, Mode::kNone> plain;
     const bool out_float = out.dtype == Dtype::kFloat32;
     const bool add_float = add_dtype == Dtype::kFloat32;
+    if (addend_sigmoid) {
+      const std::integral_constant<Mode, Mode::kDotsWithAddendSigmoid> dots;
+      return add_float ? launch(float{}, float{}, dots)
+                       : launch(float{}, T{}, dots);
+    }
     if (with_dots) {
-      const std::true_type dots;
+      const std::integral_constant<Mode, Mode::kDots> dots;
       return add_float ? launch(float{}, float{}, dots)
                        : launch(float{}, T{}, dots);
     }
@@ -305,14 +372,15 @@ cudaError_t launch_combine_codewords(
     const void* dictionary_t, Dtype dictionary_dtype, int64_t num_codewords,
     const FeatureMap* addend, float addend_scale, const float* device_scale,
     float host_scale, const FeatureMap& out, const float* sigmoid_values,
-    float* entry_dots, cudaStream_t stream) {
+    const float* addend_intercept, float* entry_dots, cudaStream_t stream) {
   if (out.data == nullptr && entry_dots == nullptr) {
     return cudaErrorInvalidValue;
   }
   return launch_combine(coef, indices, k, dictionary_t, dictionary_dtype,
                         num_codewords, addend, addend_scale, device_scale,
                         host_scale, out,
-                        CombineExtras{nullptr, sigmoid_values, entry_dots},
+                        CombineExtras{nullptr, sigmoid_values,
+                                      addend_intercept, entry_dots},
                         stream);
 }
 
@@ -336,7 +404,8 @@ cudaError_t launch_residual_square_sums(const float* coef,
   const FeatureMap no_out{nullptr, Dtype::kFloat32, x.layout};
   return launch_combine(coef, indices, k, dictionary_t, dictionary_dtype,
                         num_codewords, &x, -1.0f, nullptr, 1.0f, no_out,
-                        CombineExtras{partials, nullptr, nullptr}, stream);
+                        CombineExtras{partials, nullptr, nullptr, nullptr},
+                        stream);
 }
 
 cudaError_t launch_codeword_dots(const FeatureMap& features,

@@ -283,12 +283,15 @@ void run_combine_codewords(const at::Tensor& coef, const at::Tensor& indices,
                            const at::Tensor& dictionary_t,
                            const at::Tensor* addend, float addend_scale,
                            const at::Tensor* device_scale, float host_scale,
-                           const FeatureMap& out, const at::Tensor* sigmoid,
+                           const FeatureMap& out, const KeptSigmoid* sigmoid,
                            at::Tensor* entry_dots, cudaStream_t stream) {
   FeatureMap add_map{};
   if (addend != nullptr) {
     add_map = feature_map(*addend, "addend");
   }
+  const auto pointer = [](const at::Tensor& t) {
+    return t.defined() ? t.data_ptr<float>() : nullptr;
+  };
   check_launch(
       srm_cuda::launch_combine_codewords(
           coef.data_ptr<float>(), indices.data_ptr<int64_t>(),
@@ -298,7 +301,8 @@ void run_combine_codewords(const at::Tensor& coef, const at::Tensor& indices,
           addend_scale,
           device_scale != nullptr ? device_scale->data_ptr<float>() : nullptr,
           host_scale, out,
-          sigmoid != nullptr ? sigmoid->data_ptr<float>() : nullptr,
+          sigmoid != nullptr ? pointer(sigmoid->values) : nullptr,
+          sigmoid != nullptr ? pointer(sigmoid->intercept) : nullptr,
           entry_dots != nullptr ? entry_dots->data_ptr<float>() : nullptr,
           stream),
       "combine_codewords");
@@ -316,15 +320,25 @@ void combine_codewords(const at::Tensor& coef, const at::Tensor& indices,
                         nullptr, nullptr, stream);
 }
 
-at::Tensor combine_codewords_and_dots(
-    const at::Tensor& coef, const at::Tensor& indices,
-    const at::Tensor& dictionary_t, const at::Tensor* addend,
-    float addend_scale, const at::Tensor* device_scale, float host_scale,
-    const at::Tensor& out, const at::Tensor* sigmoid, cudaStream_t stream) {
-  auto dots = at::empty(indices.sizes(), out.options().dtype(at::kFloat));
-  run_combine_codewords(coef, indices, dictionary_t, addend, addend_scale,
-                        device_scale, host_scale, feature_map(out, "output"),
-                        sigmoid, &dots, stream);
+KeptSigmoid kept_sigmoid_of(const at::Tensor& values,
+                            const at::Tensor& intercept, const at::Tensor& x) {
+  if (values.scalar_type() == at::kFloat) {
+    return {values.contiguous(), at::Tensor()};
+  }
+  return {at::Tensor(), intercept_as_float(intercept, x)};
+}
+
+at::Tensor residual_and_entry_dots(const at::Tensor& coef,
+                                   const at::Tensor& indices,
+                                   const at::Tensor& dictionary_t,
+                                   const at::Tensor& x,
+                                   const at::Tensor& device_scale,
+                                   float host_scale, const KeptSigmoid& sigmoid,
+                                   const at::Tensor& out, cudaStream_t stream) {
+  auto dots = at::empty(indices.sizes(), x.options().dtype(at::kFloat));
+  run_combine_codewords(coef, indices, dictionary_t, &x, -1.0f,
+                        &device_scale, host_scale, feature_map(out, "output"),
+                        &sigmoid, &dots, stream);
   return dots;
 }
 
@@ -333,7 +347,7 @@ at::Tensor residual_entry_dots(const at::Tensor& coef,
                                const at::Tensor& dictionary_t,
                                const at::Tensor& x,
                                const at::Tensor& device_scale,
-                               float host_scale, const at::Tensor& sigmoid,
+                               float host_scale, const KeptSigmoid& sigmoid,
                                cudaStream_t stream) {
   auto dots = at::empty(indices.sizes(), x.options().dtype(at::kFloat));
   // The residual's layout with no data: dotted, never stored.

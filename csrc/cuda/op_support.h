@@ -120,23 +120,36 @@ void combine_codewords(const at::Tensor& coef, const at::Tensor& indices,
                        float host_scale, const at::Tensor& out,
                        cudaStream_t stream);
 
-// combine_codewords into a float32 `out`, returning from the same pass what
-// codeword_dots(out, indices, dictionary_t, sigmoid) would.
-at::Tensor combine_codewords_and_dots(
-    const at::Tensor& coef, const at::Tensor& indices,
-    const at::Tensor& dictionary_t, const at::Tensor* addend,
-    float addend_scale, const at::Tensor* device_scale, float host_scale,
-    const at::Tensor& out, const at::Tensor* sigmoid, cudaStream_t stream);
+// The sigmoid s of every kept entry of a code of x, whose s (1 - s) scales
+// the entry dots of the passes below: float32 values are s; 16-bit values
+// are rounded (see kept_sigmoid), so s is recomputed there from x's
+// pre-activations plus the intercept, in the pass that reads x anyway.
+struct KeptSigmoid {
+  at::Tensor values;     // (N, H, W, k) float32, or undefined
+  at::Tensor intercept;  // (1,) float32 when values is undefined
+};
+KeptSigmoid kept_sigmoid_of(const at::Tensor& values,
+                            const at::Tensor& intercept, const at::Tensor& x);
 
-// The entry dots of the reconstruction loss's residual
-// g = host_scale * device_scale[0] * (sum_j coef[p, j] C[:, indices[p, j]] - x),
-// times s (1 - s): combine_codewords_and_dots without storing g.
+// The reconstruction loss's residual
+// g = host_scale * device_scale[0] * (sum_j coef[p, j] C[:, indices[p, j]] - x)
+// written to a float32 `out`, returning from the same pass its entry dots
+// <g_p, C[:, indices[p, j]]> s (1 - s), the kept entries' s from `sigmoid`.
+at::Tensor residual_and_entry_dots(const at::Tensor& coef,
+                                   const at::Tensor& indices,
+                                   const at::Tensor& dictionary_t,
+                                   const at::Tensor& x,
+                                   const at::Tensor& device_scale,
+                                   float host_scale, const KeptSigmoid& sigmoid,
+                                   const at::Tensor& out, cudaStream_t stream);
+
+// residual_and_entry_dots without storing g.
 at::Tensor residual_entry_dots(const at::Tensor& coef,
                                const at::Tensor& indices,
                                const at::Tensor& dictionary_t,
                                const at::Tensor& x,
                                const at::Tensor& device_scale,
-                               float host_scale, const at::Tensor& sigmoid,
+                               float host_scale, const KeptSigmoid& sigmoid,
                                cudaStream_t stream);
 
 // grad_x (when given, x's layout) and the (K, D) float32 dictionary gradient

@@ -109,6 +109,10 @@ cudaError_t launch_select_top_k(const float* pre, int64_t rows,
 // (0 for out-of-range indices), multiplied by s * (1 - s) with
 // s = sigmoid_values[p, j] when sigmoid_values is not null: what
 // launch_codeword_dots would give from `out`, without reading it back.
+// With addend_intercept (a float32 scalar; needs entry_dots and the addend,
+// excludes sigmoid_values) s is instead the sigmoid of the entry's
+// pre-activation <addend[p, :], dictionary_t[indices[p, j], :]> +
+// addend_intercept[0], that dot summed as launch_codeword_dots sums it.
 // With entry_dots, out.data may be null: the combined vectors are then only
 // dotted, not stored.
 cudaError_t launch_combine_codewords(
@@ -116,7 +120,7 @@ cudaError_t launch_combine_codewords(
     const void* dictionary_t, Dtype dictionary_dtype, int64_t num_codewords,
     const FeatureMap* addend, float addend_scale, const float* device_scale,
     float host_scale, const FeatureMap& out, const float* sigmoid_values,
-    float* entry_dots, cudaStream_t stream);
+    const float* addend_intercept, float* entry_dots, cudaStream_t stream);
 
 // Number of thread blocks launch_residual_square_sums uses for `num_pixels`
 // pixels, i.e. the length of its `partials` output.

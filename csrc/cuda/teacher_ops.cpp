@@ -320,8 +320,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss_backward(
     const at::Tensor xb = box.of_map(x);
     const at::Tensor vals = box.of_code(values);
     const at::Tensor idx = box.of_code(indices);
-    const at::Tensor sigmoid =
-        kept_sigmoid(xb, vals, idx, dict_t, intercept, stream);
+    const KeptSigmoid sigmoid = kept_sigmoid_of(vals, intercept, x);
     const at::Tensor coef_values = vals.to(at::kFloat).contiguous();
     // g = 2 * grad_loss / M * (x_hat - x), and gp = <g_p, C[:, idx]> s (1 - s)
     // for every kept entry.
@@ -340,9 +339,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss_backward(
     } else {
       const at::Tensor g =
           empty_pixel_major_float(box.nc, depth, box.hc, w, x);
-      grad_pre = combine_codewords_and_dots(coef_values, idx, dict_t, &xb,
-                                            -1.0f, &upstream, mean_scale, g,
-                                            &sigmoid, stream);
+      grad_pre = residual_and_entry_dots(coef_values, idx, dict_t, xb,
+                                         upstream, mean_scale, sigmoid, g,
+                                         stream);
       if (output_mask[0]) {
         combine_codewords(grad_pre, idx, dict_t, &g, -1.0f, nullptr, 1.0f,
                           box.of_map(grad_x), stream);
