@@ -5,7 +5,8 @@
 #   make distill        the main job: the SRM story on an embedded dataset
 #   make test           build, then run the test suite
 #   make bench          kernel microbenchmarks (ARGS="--shapes imagenet ...")
-#   make cuda-check     compile every CUDA kernel for sm_75, sm_80 and sm_90 with nvcc
+#   make cuda-check     compile every CUDA kernel for sm_75, sm_80 and sm_90 with nvcc,
+#                       and the torch glue against torch's CUDA headers
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -46,8 +47,9 @@ distill: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m srm_ext bench $(ARGS)
 
+# The torch glue is checked too where the venv's torch is installed.
 cuda-check:
-	bash tools/check_cuda_compile.sh
+	TORCH_PYTHON="$(or $(wildcard $(PY)),$(PYTHON))" bash tools/check_cuda_compile.sh
 
 clean:
 	rm -rf build $(VENV) srm_ext/*.so *.egg-info

@@ -6,11 +6,15 @@
 #
 #   tools/check_cuda_compile.sh            # all files, NVCC / JOBS overridable
 #
-# With TORCH_CUDA_INCLUDES set (colon-separated include folders of a CUDA
-# build of torch and of the cuBLAS, cuSPARSE and cuSOLVER headers it
-# includes), it also compiles the torch glue (csrc/cuda/*.cpp) and links it
-# with the kernels, so that a kernel the glue calls but no .cu defines shows
-# here instead of as an import failure on a GPU machine.
+# It then compiles the torch glue (csrc/cuda/*.cpp) against torch's CUDA
+# headers and links it with the kernels, so that glue that does not compile,
+# or a kernel the glue calls but no .cu defines, shows here instead of at
+# build or import time on a GPU machine. The headers come from
+# TORCH_CUDA_INCLUDES (colon-separated include folders) or else from the torch
+# that TORCH_PYTHON (default python3) imports: its CPU wheels ship ATen/cuda
+# and c10/cuda, and tools/cuda_library_stubs stands in for the cuBLAS,
+# cuSPARSE and cuSOLVER headers they name. Without either, only the kernels
+# are checked.
 set -u -o pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -87,6 +91,18 @@ if [[ ${failed} -ne 0 ]]; then
 fi
 echo "CUDA compile check passed (${#sources[@]} files)"
 
+torch_python="${TORCH_PYTHON:-python3}"
+if [[ -z "${TORCH_CUDA_INCLUDES:-}" ]]; then
+  torch_include="$("${torch_python}" -c \
+    'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "include"))' \
+    2>/dev/null || true)"
+  if [[ -n "${torch_include}" && -f "${torch_include}/ATen/cuda/CUDAContext.h" ]]; then
+    TORCH_CUDA_INCLUDES="${torch_include}:${repo_root}/tools/cuda_library_stubs"
+  else
+    echo "no torch with CUDA headers for ${torch_python}: torch glue not checked"
+  fi
+fi
+
 if [[ -n "${TORCH_CUDA_INCLUDES:-}" ]]; then
   cuda_include=""
   for root in "${CUDA_HOME:-}" "$(dirname "$(dirname "${nvcc_bin}")")" /usr/local/cuda; do
@@ -101,7 +117,7 @@ if [[ -n "${TORCH_CUDA_INCLUDES:-}" ]]; then
     includes+=(-I "${dir}")
     [[ -d "${dir}/torch/csrc/api/include" ]] && includes+=(-I "${dir}/torch/csrc/api/include")
   done
-  includes+=(-I "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["include"])')")
+  includes+=(-I "$("${torch_python}" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')")
   for src in "${repo_root}"/csrc/cuda/*.cpp; do
     if ! "${CXX:-g++}" -std=c++20 -O0 -fPIC -Wall -c "${includes[@]}" \
         -DTORCH_API_INCLUDE_EXTENSION_H -DTORCH_EXTENSION_NAME=_C_cuda \
