@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import re
 
 import pytest
 import torch
@@ -282,6 +283,28 @@ def test_sparse_labels(ops, dtype):
         want_pixel, want_image = reference.sparse_labels(v.double(), i, 6)
         assert torch.equal(pixel, want_pixel)
         close(image, want_image, dtype)
+
+
+def test_labels_out_of_range_are_refused_by_name(ops):
+    """The kernels flag a label outside [0, K) and the glue raises, for every
+    output mask of the student loss (its check waits for the gradients to be
+    queued)."""
+    g = torch.Generator().manual_seed(4)
+    values = torch.rand(2, 3, 3, 2, generator=g)
+    indices = torch.randint(0, 6, (2, 3, 3, 2), generator=g)
+    indices[1, 2, 0, 1] = 6
+    with pytest.raises(RuntimeError, match=re.escape("sparse_labels: indices must lie in [0, num_codewords = 6)")):
+        ops.sparse_labels(values, indices, 6)
+    y, C = dyadic(2, 4, 3, 3, generator=g).float(), dyadic(4, 6, generator=g).float()
+    b = torch.zeros(1)
+    pixel = torch.randint(0, 6, (2, 3, 3), generator=g)
+    image = torch.rand(2, 6, generator=g)
+    for bad in (6, -1):
+        labels = pixel.clone()
+        labels[0, 1, 2] = bad
+        for mask in MASKS3:
+            with pytest.raises(RuntimeError, match=re.escape("predictor_loss: pixel_labels must lie in [0, K = 6)")):
+                ops.predictor_loss(y, C, b, labels, image, 1.0, 1.0, list(mask))
 
 
 @pytest.mark.parametrize("dictionary", DICTIONARIES)

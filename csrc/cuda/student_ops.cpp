@@ -150,11 +150,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> predictor_loss(
                    sum_workspace.data_ptr<double>(), loss.data_ptr<float>(),
                    error_flag.data_ptr<int>(), stream),
                "predictor_loss");
+  const auto [grad_y, grad_dictionary, grad_intercept] =
+      unit_gradients(logits, y, rows, dictionary, output_mask);
+  // Checked once the gradient GEMMs are queued, so the GPU stays busy while
+  // the host waits for the flag; a bad label's gradients are never returned.
   check_error_flag(error_flag,
                    "srm_ext: predictor_loss: pixel_labels must lie in [0, K = ",
                    num_codewords, ")");
-  const auto [grad_y, grad_dictionary, grad_intercept] =
-      unit_gradients(logits, y, rows, dictionary, output_mask);
   return {loss.to(y.scalar_type()), grad_y, grad_dictionary, grad_intercept};
 }
 
