@@ -9,7 +9,8 @@
 # Stages, run in the order given (default: all of them):
 #   env       GPU, driver, CUDA, torch and compiler versions, the commit
 #   build     build both extensions in place (TORCH_CUDA_ARCH_LIST honoured)
-#   test      the whole test suite, its CUDA cases included
+#   test      the test suite with its CUDA cases, but for the emulated kernel
+#             suites, which CI runs (TEST_ARGS replaces the pytest arguments)
 #   sanitize  compute-sanitizer (memcheck, racecheck) over the CUDA op tests
 #   profile   each kernel's device time in the stage-1 step, the labels and
 #             the student loss at the ImageNet shapes (float32), and the
@@ -87,8 +88,12 @@ EOF
 
 # The whole suite: with a GPU present its CUDA cases run too (kernels,
 # autocast, the distiller and the CLI on CUDA; NCCL where there are two GPUs).
+# The emulated kernel suites are left out: they run the same on any CPU (CI
+# runs them) and take about two thirds of the suite's time. TEST_ARGS
+# replaces the pytest arguments (e.g. "tests" for everything).
 stage_test() {
-  "${python}" -m pytest -q -p no:cacheprovider -rs --junitxml="${out}/pytest.xml" tests
+  "${python}" -m pytest -q -p no:cacheprovider -rs --junitxml="${out}/pytest.xml" \
+    ${TEST_ARGS:---ignore=tests/test_cuda_emulated.py --ignore=tests/test_cuda_glue_emulated.py tests}
 }
 
 # Small shapes keep the instrumented runs short; every kernel still runs in
