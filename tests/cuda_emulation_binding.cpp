@@ -128,6 +128,17 @@ void codeword_dots(const at::Tensor& features, const at::Tensor indices, int64_t
         "launch_codeword_dots");
 }
 
+void recomputed_sigmoid_backward(const at::Tensor& grad_values, const at::Tensor& features,
+                                 const at::Tensor indices, int64_t k,
+                                 const at::Tensor& dictionary_t,
+                                 const OptionalTensor& intercept, at::Tensor out) {
+  check(srm_cuda::launch_recomputed_sigmoid_backward(
+            grad_values.data_ptr(), feature_map(features), indices.data_ptr<int64_t>(), k,
+            dictionary_t.data_ptr(), dtype_of(dictionary_t), dictionary_t.size(0),
+            pointer<float>(intercept), out.data_ptr<float>(), nullptr),
+        "launch_recomputed_sigmoid_backward");
+}
+
 void sigmoid_backward(const at::Tensor& grad_values, const at::Tensor& sigmoid, at::Tensor out) {
   check(srm_cuda::launch_sigmoid_backward(grad_values.data_ptr(), dtype_of(grad_values),
                                           sigmoid.data_ptr<float>(), sigmoid.numel(),
@@ -266,6 +277,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("combine_codewords", &combine_codewords);
   m.def("combine_codewords_and_dots", &combine_codewords_and_dots);
   m.def("codeword_dots", &codeword_dots);
+  m.def("recomputed_sigmoid_backward", &recomputed_sigmoid_backward);
   m.def("sigmoid_backward", &sigmoid_backward);
   m.def("scatter_codewords_atomic", &scatter_codewords_atomic);
   m.def("residual_gradients", &residual_gradients);

@@ -412,6 +412,49 @@ def test_codeword_dots(emu, dtype, layout, features_float, with_sigmoid, k):
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("k", [7, 37], ids=["k7", "k37"])
+@pytest.mark.parametrize("features_float", [False, True])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_recomputed_sigmoid_backward(emu, dtype, layout, features_float, k):
+    """grad * s (1 - s) with s from the entry's pre-activation <x_p, C_j> + b,
+    its dot bitwise as codeword_dots sums it."""
+    n, d, h, w, K = 2, 45, 3, 5, 40
+    g = torch.Generator().manual_seed(6)
+    _, indices = sparse_code(n, h, w, K, k, seed=7, out_of_range=True)
+    dictionary_t = dyadic(K, d, generator=g, dtype=torch.float32).to(dtype)
+    features = dyadic(n, d, h, w, generator=g, dtype=torch.float32)
+    features = make_layout(features.to(torch.float32 if features_float else dtype), layout)
+    grad_values = dyadic(n * h * w, k, generator=g, dtype=torch.float32).to(dtype)
+    intercept = torch.tensor([0.625])
+    out = guarded(n * h * w, k)
+    with writes_only_inside(out):
+        emu.recomputed_sigmoid_backward(grad_values, features, indices, k, dictionary_t, intercept, out)
+    pre = torch.empty(n * h * w, k)
+    emu.codeword_dots(features, indices, k, dictionary_t, None, pre)
+    s = torch.sigmoid(pre + intercept)
+    torch.testing.assert_close(out, grad_values.float() * s * (1 - s), rtol=1e-6, atol=1e-7)
+    valid, safe = gathered(indices, K)
+    rows = dictionary_t.double()[safe]  # (N, H, W, k, D)
+    f = features.double().permute(0, 2, 3, 1).unsqueeze(3)
+    s = torch.sigmoid(((rows * f).sum(-1) * valid).reshape(-1, k) + 0.625)
+    torch.testing.assert_close(out.double(), grad_values.double() * s * (1 - s), rtol=1e-5, atol=1e-6)
+
+
+def test_recomputed_sigmoid_backward_refuses_what_it_cannot_do(emu):
+    refused = r"launch_recomputed_sigmoid_backward returned invalid argument"
+    _, indices = sparse_code(1, 2, 2, 200, 129, seed=8)
+    features, dictionary_t = torch.zeros(1, 3, 2, 2), torch.zeros(200, 3)
+    with pytest.raises(RuntimeError, match=refused):
+        emu.recomputed_sigmoid_backward(
+            torch.zeros(4, 129), features, indices, 129, dictionary_t, torch.zeros(1), torch.empty(4, 129)
+        )  # k past kMaxTopK
+    with pytest.raises(RuntimeError, match=refused):
+        emu.recomputed_sigmoid_backward(
+            torch.zeros(4, 3), features, indices[..., :3].contiguous(), 3, dictionary_t, None, torch.empty(4, 3)
+        )  # no intercept
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_sigmoid_backward(emu, dtype):
     g = torch.Generator().manual_seed(6)

@@ -229,7 +229,10 @@ __global__ void __launch_bounds__(kTileThreads, 4)
   }
 }
 
-template <typename TFeat, typename TDict>
+// out[p, j] = <features_p, C[:, idx_pj]>, times s (1 - s) with s given by
+// sigmoid_values. With kSigmoidBackward, out[p, j] = grad_values[p, j] *
+// s (1 - s) instead, s = sigmoid(that dot + intercept[0]).
+template <typename TFeat, typename TDict, bool kSigmoidBackward>
 __global__ void __launch_bounds__(kTileThreads, 4)
     codeword_dots_kernel(const TFeat* __restrict__ features,
                          FeatureMapLayout layout,
@@ -237,6 +240,8 @@ __global__ void __launch_bounds__(kTileThreads, 4)
                          const TDict* __restrict__ dictionary_t,
                          int64_t num_codes,
                          const float* __restrict__ sigmoid_values,
+                         const TDict* __restrict__ grad_values,
+                         const float* __restrict__ intercept,
                          float* __restrict__ out) {
   __shared__ int64_t offsets[kTilePixels];
   __shared__ PixelTile tile;
@@ -257,8 +262,18 @@ __global__ void __launch_bounds__(kTileThreads, 4)
                         dictionary_t, num_codes, depth);
     __syncthreads();  // tile is rewritten by the next chunk
   }
-  store_entry_dots(dots, first_pixel, total_pixels, k,
-                   EntrySigmoid{sigmoid_values, nullptr, nullptr}, out);
+  if constexpr (kSigmoidBackward) {
+    for (int e = threadIdx.x; e < kTilePixels * k; e += kTileThreads) {
+      const int64_t p = first_pixel + e / k;
+      if (p < total_pixels) {
+        const float s = sigmoid(dots[e / k][e % k] + intercept[0]);
+        out[p * k + e % k] = to_float(grad_values[p * k + e % k]) * s * (1.0f - s);
+      }
+    }
+  } else {
+    store_entry_dots(dots, first_pixel, total_pixels, k,
+                     EntrySigmoid{sigmoid_values, nullptr, nullptr}, out);
+  }
 }
 
 template <typename T>
@@ -408,12 +423,15 @@ cudaError_t launch_residual_square_sums(const float* coef,
                         stream);
 }
 
-cudaError_t launch_codeword_dots(const FeatureMap& features,
-                                 const int64_t* indices, int64_t k,
-                                 const void* dictionary_t,
-                                 Dtype dictionary_dtype, int64_t num_codewords,
-                                 const float* sigmoid_values, float* out,
-                                 cudaStream_t stream) {
+namespace {
+
+// launch_codeword_dots, or with grad_values and intercept given,
+// launch_recomputed_sigmoid_backward.
+cudaError_t launch_codeword_dots_kernel(
+    const FeatureMap& features, const int64_t* indices, int64_t k,
+    const void* dictionary_t, Dtype dictionary_dtype, int64_t num_codewords,
+    const float* sigmoid_values, const void* grad_values,
+    const float* intercept, float* out, cudaStream_t stream) {
   const int64_t total_pixels = detail::num_pixels(features.layout);
   if (k < 0 || k > kMaxTopK || !valid_tile_grid(total_pixels)) {
     return cudaErrorInvalidValue;
@@ -428,16 +446,52 @@ cudaError_t launch_codeword_dots(const FeatureMap& features,
       static_cast<unsigned>(detail::ceil_div(total_pixels, kTilePixels));
   return detail::dispatch_dtype(dictionary_dtype, [&](auto tag) {
     using T = decltype(tag);
-    auto launch = [&](auto feature_tag) {
+    auto launch = [&](auto feature_tag, auto backward_tag) {
       using TFeat = decltype(feature_tag);
-      codeword_dots_kernel<TFeat, T><<<blocks, kTileThreads, 0, stream>>>(
-          static_cast<const TFeat*>(features.data), features.layout, indices,
-          static_cast<int>(k), static_cast<const T*>(dictionary_t),
-          num_codewords, sigmoid_values, out);
+      codeword_dots_kernel<TFeat, T, decltype(backward_tag)::value>
+          <<<blocks, kTileThreads, 0, stream>>>(
+              static_cast<const TFeat*>(features.data), features.layout,
+              indices, static_cast<int>(k),
+              static_cast<const T*>(dictionary_t), num_codewords,
+              sigmoid_values, static_cast<const T*>(grad_values), intercept,
+              out);
       return cudaGetLastError();
     };
-    return features.dtype == Dtype::kFloat32 ? launch(float{}) : launch(T{});
+    const bool feature_float = features.dtype == Dtype::kFloat32;
+    if (grad_values != nullptr) {
+      const std::true_type backward;
+      return feature_float ? launch(float{}, backward) : launch(T{}, backward);
+    }
+    const std::false_type dots;
+    return feature_float ? launch(float{}, dots) : launch(T{}, dots);
   });
+}
+
+}  // namespace
+
+cudaError_t launch_codeword_dots(const FeatureMap& features,
+                                 const int64_t* indices, int64_t k,
+                                 const void* dictionary_t,
+                                 Dtype dictionary_dtype, int64_t num_codewords,
+                                 const float* sigmoid_values, float* out,
+                                 cudaStream_t stream) {
+  return launch_codeword_dots_kernel(features, indices, k, dictionary_t,
+                                     dictionary_dtype, num_codewords,
+                                     sigmoid_values, nullptr, nullptr, out,
+                                     stream);
+}
+
+cudaError_t launch_recomputed_sigmoid_backward(
+    const void* grad_values, const FeatureMap& features,
+    const int64_t* indices, int64_t k, const void* dictionary_t,
+    Dtype dictionary_dtype, int64_t num_codewords, const float* intercept,
+    float* out, cudaStream_t stream) {
+  if (grad_values == nullptr || intercept == nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  return launch_codeword_dots_kernel(features, indices, k, dictionary_t,
+                                     dictionary_dtype, num_codewords, nullptr,
+                                     grad_values, intercept, out, stream);
 }
 
 cudaError_t launch_sigmoid_backward(const void* grad_values,

@@ -400,15 +400,32 @@ at::Tensor codeword_dots(const at::Tensor& features, const at::Tensor& indices,
   return out;
 }
 
-at::Tensor kept_sigmoid(const at::Tensor& x, const at::Tensor& values,
-                        const at::Tensor& indices,
-                        const at::Tensor& dictionary_t,
-                        const at::Tensor& intercept, cudaStream_t stream) {
+at::Tensor pre_activation_grad(const at::Tensor& grad_values,
+                               const at::Tensor& values,
+                               const at::Tensor& indices, const at::Tensor& x,
+                               const at::Tensor& dictionary_t,
+                               const at::Tensor& intercept,
+                               cudaStream_t stream) {
+  auto out = at::empty(values.sizes(), x.options().dtype(at::kFloat));
+  const Dtype grad_dtype = kernel_dtype(grad_values.scalar_type(), "grad_values");
   if (values.scalar_type() == at::kFloat) {
-    return values.contiguous();
+    check_launch(srm_cuda::launch_sigmoid_backward(
+                     grad_values.data_ptr(), grad_dtype,
+                     values.data_ptr<float>(), values.numel(),
+                     out.data_ptr<float>(), stream),
+                 "sigmoid_backward");
+    return out;
   }
-  at::Tensor pre = codeword_dots(x, indices, dictionary_t, nullptr, stream);
-  return pre.add_(intercept_as_float(intercept, x)).sigmoid_();
+  const at::Tensor bias = intercept_as_float(intercept, x);
+  check_launch(srm_cuda::launch_recomputed_sigmoid_backward(
+                   grad_values.data_ptr(), feature_map(x, "x"),
+                   indices.data_ptr<int64_t>(), indices.size(-1),
+                   dictionary_t.data_ptr(),
+                   kernel_dtype(dictionary_t.scalar_type(), "dictionary"),
+                   dictionary_t.size(0), bias.data_ptr<float>(),
+                   out.data_ptr<float>(), stream),
+               "recomputed_sigmoid_backward");
+  return out;
 }
 
 at::Tensor float_product(const at::Tensor& a, const at::Tensor& b) {

@@ -122,7 +122,7 @@ void combine_codewords(const at::Tensor& coef, const at::Tensor& indices,
 
 // The sigmoid s of every kept entry of a code of x, whose s (1 - s) scales
 // the entry dots of the passes below: float32 values are s; 16-bit values
-// are rounded (see kept_sigmoid), so s is recomputed there from x's
+// are rounded (see pre_activation_grad), so s is recomputed there from x's
 // pre-activations plus the intercept, in the pass that reads x anyway.
 struct KeptSigmoid {
   at::Tensor values;     // (N, H, W, k) float32, or undefined
@@ -164,21 +164,23 @@ void residual_gradients(const at::Tensor& x, const at::Tensor& coef,
                         cudaStream_t stream);
 
 // (N, H, W, k) float32: <features_p, C[:, indices[p, j]]>, times s (1 - s)
-// when the kept entries' float32 sigmoid s is given (see kept_sigmoid).
+// when the kept entries' float32 sigmoid s is given.
 at::Tensor codeword_dots(const at::Tensor& features, const at::Tensor& indices,
                          const at::Tensor& dictionary_t,
                          const at::Tensor* sigmoid, cudaStream_t stream);
 
-// The float32 sigmoid of every kept entry, whose s (1 - s) the backward ops
-// need. float32 values are that sigmoid. 16-bit values are rounded, to
-// exactly 1 once the pre-activation passes about 8 (float16) or 6
-// (bfloat16), which would stop their gradient; for them s is recomputed from
-// the pre-activation <x_p, C[:, idx]> + b, which is what the reference's
-// autograd keeps.
-at::Tensor kept_sigmoid(const at::Tensor& x, const at::Tensor& values,
-                        const at::Tensor& indices,
-                        const at::Tensor& dictionary_t,
-                        const at::Tensor& intercept, cudaStream_t stream);
+// The float32 gradient of every kept entry's pre-activation,
+// grad_values * s (1 - s) with s the entry's float32 sigmoid. float32 values
+// are s. 16-bit values are rounded, to exactly 1 once the pre-activation
+// passes about 8 (float16) or 6 (bfloat16), which would stop their gradient;
+// for them s is recomputed from the pre-activation <x_p, C[:, idx]> + b,
+// which is what the reference's autograd keeps.
+at::Tensor pre_activation_grad(const at::Tensor& grad_values,
+                               const at::Tensor& values,
+                               const at::Tensor& indices, const at::Tensor& x,
+                               const at::Tensor& dictionary_t,
+                               const at::Tensor& intercept,
+                               cudaStream_t stream);
 
 // a @ b for a (M, D) or batched (B, M, D) and b (D, K) of the same dtype,
 // accumulated and returned in float32 by cuBLAS. 16-bit inputs stay 16-bit

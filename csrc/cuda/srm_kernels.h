@@ -152,6 +152,19 @@ cudaError_t launch_codeword_dots(const FeatureMap& features,
                                  const float* sigmoid_values, float* out,
                                  cudaStream_t stream);
 
+// out[p, j] = grad_values[p, j] * s * (1 - s), s = sigmoid(<features[p, :],
+// dictionary_t[indices[p, j], :]> + intercept[0]), that dot summed as
+// launch_codeword_dots sums it: the gradient of every kept entry's
+// pre-activation when the values are too rounded to give s (16-bit). features
+// has dtype dictionary_dtype or float32 and any strides; grad_values is
+// (P, k) in dictionary_dtype; intercept is a float32 scalar; out is (P, k)
+// float32.
+cudaError_t launch_recomputed_sigmoid_backward(
+    const void* grad_values, const FeatureMap& features,
+    const int64_t* indices, int64_t k, const void* dictionary_t,
+    Dtype dictionary_dtype, int64_t num_codewords, const float* intercept,
+    float* out, cudaStream_t stream);
+
 // out[i] = grad_values[i] * sigmoid[i] * (1 - sigmoid[i]) in float32: the
 // gradient of the pre-activation of every kept entry. grad_values has
 // grad_dtype; sigmoid is float32.

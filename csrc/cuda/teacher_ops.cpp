@@ -160,15 +160,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_encode_backward(
       want_codewords ? transposed_dictionary(dictionary) : at::Tensor();
 
   // gp = d pre for every kept entry.
-  const at::Tensor sigmoid =
-      kept_sigmoid(x, vals, idx, dict_t, intercept, stream);
-  auto grad_pre = at::empty(vals.sizes(), x.options().dtype(at::kFloat));
-  check_launch(srm_cuda::launch_sigmoid_backward(
-                   grad_vals.data_ptr(),
-                   kernel_dtype(grad_vals.scalar_type(), "grad_values"),
-                   sigmoid.data_ptr<float>(), vals.numel(),
-                   grad_pre.data_ptr<float>(), stream),
-               "sigmoid_backward");
+  const at::Tensor grad_pre =
+      pre_activation_grad(grad_vals, vals, idx, x, dict_t, intercept, stream);
 
   at::Tensor grad_x = empty_gradient(x);
   at::Tensor grad_dictionary = empty_gradient(x);
