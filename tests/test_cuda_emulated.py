@@ -387,26 +387,34 @@ def test_combine_codewords_and_dots_refuses_what_it_cannot_do(emu):
         )  # the sigmoid both given and recomputed
 
 
+def entry_dot_inputs(dtype, layout, features_float, k, seed):
+    """(indices with out-of-range entries, (K, D) dictionary in dtype, a
+    feature map in dtype or float32, generator, float64 <f_p, C_j> of every
+    in-range entry as (P, k)), N, D, H, W, K = 2, 45, 3, 5, 40."""
+    n, d, h, w, K = 2, 45, 3, 5, 40
+    g = torch.Generator().manual_seed(seed)
+    _, indices = sparse_code(n, h, w, K, k, seed=seed + 1, out_of_range=True)
+    dictionary_t = dyadic(K, d, generator=g, dtype=torch.float32).to(dtype)
+    features = dyadic(n, d, h, w, generator=g, dtype=torch.float32)
+    features = make_layout(features.to(torch.float32 if features_float else dtype), layout)
+    valid, safe = gathered(indices, K)
+    rows = dictionary_t.double()[safe]  # (N, H, W, k, D)
+    f = features.double().permute(0, 2, 3, 1).unsqueeze(3)
+    exact = ((rows * f).sum(-1) * valid).reshape(-1, k)
+    return indices, dictionary_t, features, g, exact
+
+
 @pytest.mark.parametrize("k", [7, 37], ids=["k7", "k37"])  # one and two chunks of entries
 @pytest.mark.parametrize("with_sigmoid", [False, True])
 @pytest.mark.parametrize("features_float", [False, True])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_codeword_dots(emu, dtype, layout, features_float, with_sigmoid, k):
-    n, d, h, w, K = 2, 45, 3, 5, 40
-    g = torch.Generator().manual_seed(4)
-    _, indices = sparse_code(n, h, w, K, k, seed=5, out_of_range=True)
-    dictionary_t = dyadic(K, d, generator=g, dtype=torch.float32).to(dtype)
-    features = dyadic(n, d, h, w, generator=g, dtype=torch.float32)
-    features = make_layout(features.to(torch.float32 if features_float else dtype), layout)
-    sigmoid = torch.rand(n * h * w, k, generator=g) if with_sigmoid else None
-    out = guarded(n * h * w, k)
+    indices, dictionary_t, features, g, expected = entry_dot_inputs(dtype, layout, features_float, k, 4)
+    sigmoid = torch.rand(indices[..., 0].numel(), k, generator=g) if with_sigmoid else None
+    out = guarded(*expected.shape)
     with writes_only_inside(out):
         emu.codeword_dots(features, indices, k, dictionary_t, sigmoid, out)
-    valid, safe = gathered(indices, K)
-    rows = dictionary_t.double()[safe]  # (N, H, W, k, D)
-    f = features.double().permute(0, 2, 3, 1).unsqueeze(3)
-    expected = ((rows * f).sum(-1) * valid).reshape(-1, k)
     if with_sigmoid:
         expected = expected * sigmoid.double() * (1 - sigmoid.double())
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
@@ -419,25 +427,17 @@ def test_codeword_dots(emu, dtype, layout, features_float, with_sigmoid, k):
 def test_recomputed_sigmoid_backward(emu, dtype, layout, features_float, k):
     """grad * s (1 - s) with s from the entry's pre-activation <x_p, C_j> + b,
     its dot bitwise as codeword_dots sums it."""
-    n, d, h, w, K = 2, 45, 3, 5, 40
-    g = torch.Generator().manual_seed(6)
-    _, indices = sparse_code(n, h, w, K, k, seed=7, out_of_range=True)
-    dictionary_t = dyadic(K, d, generator=g, dtype=torch.float32).to(dtype)
-    features = dyadic(n, d, h, w, generator=g, dtype=torch.float32)
-    features = make_layout(features.to(torch.float32 if features_float else dtype), layout)
-    grad_values = dyadic(n * h * w, k, generator=g, dtype=torch.float32).to(dtype)
+    indices, dictionary_t, features, g, exact_pre = entry_dot_inputs(dtype, layout, features_float, k, 6)
+    grad_values = dyadic(*exact_pre.shape, generator=g, dtype=torch.float32).to(dtype)
     intercept = torch.tensor([0.625])
-    out = guarded(n * h * w, k)
+    out = guarded(*exact_pre.shape)
     with writes_only_inside(out):
         emu.recomputed_sigmoid_backward(grad_values, features, indices, k, dictionary_t, intercept, out)
-    pre = torch.empty(n * h * w, k)
+    pre = torch.empty(*exact_pre.shape)
     emu.codeword_dots(features, indices, k, dictionary_t, None, pre)
     s = torch.sigmoid(pre + intercept)
     torch.testing.assert_close(out, grad_values.float() * s * (1 - s), rtol=1e-6, atol=1e-7)
-    valid, safe = gathered(indices, K)
-    rows = dictionary_t.double()[safe]  # (N, H, W, k, D)
-    f = features.double().permute(0, 2, 3, 1).unsqueeze(3)
-    s = torch.sigmoid(((rows * f).sum(-1) * valid).reshape(-1, k) + 0.625)
+    s = torch.sigmoid(exact_pre + 0.625)
     torch.testing.assert_close(out.double(), grad_values.double() * s * (1 - s), rtol=1e-5, atol=1e-6)
 
 

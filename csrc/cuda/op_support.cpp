@@ -328,34 +328,25 @@ KeptSigmoid kept_sigmoid_of(const at::Tensor& values,
   return {at::Tensor(), intercept_as_float(intercept, x)};
 }
 
-at::Tensor residual_and_entry_dots(const at::Tensor& coef,
-                                   const at::Tensor& indices,
-                                   const at::Tensor& dictionary_t,
-                                   const at::Tensor& x,
-                                   const at::Tensor& device_scale,
-                                   float host_scale, const KeptSigmoid& sigmoid,
-                                   const at::Tensor& out, cudaStream_t stream) {
-  auto dots = at::empty(indices.sizes(), x.options().dtype(at::kFloat));
-  run_combine_codewords(coef, indices, dictionary_t, &x, -1.0f,
-                        &device_scale, host_scale, feature_map(out, "output"),
-                        &sigmoid, &dots, stream);
-  return dots;
-}
-
 at::Tensor residual_entry_dots(const at::Tensor& coef,
                                const at::Tensor& indices,
                                const at::Tensor& dictionary_t,
                                const at::Tensor& x,
                                const at::Tensor& device_scale,
                                float host_scale, const KeptSigmoid& sigmoid,
+                               const at::Tensor* residual,
                                cudaStream_t stream) {
   auto dots = at::empty(indices.sizes(), x.options().dtype(at::kFloat));
-  // The residual's layout with no data: dotted, never stored.
-  FeatureMap residual = feature_map(x, "x");
-  residual.data = nullptr;
-  residual.dtype = Dtype::kFloat32;
+  FeatureMap out;
+  if (residual != nullptr) {
+    out = feature_map(*residual, "residual");
+  } else {  // the residual's layout with no data: dotted, never stored
+    out = feature_map(x, "x");
+    out.data = nullptr;
+    out.dtype = Dtype::kFloat32;
+  }
   run_combine_codewords(coef, indices, dictionary_t, &x, -1.0f,
-                        &device_scale, host_scale, residual, &sigmoid, &dots,
+                        &device_scale, host_scale, out, &sigmoid, &dots,
                         stream);
   return dots;
 }

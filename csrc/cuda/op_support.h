@@ -131,25 +131,18 @@ struct KeptSigmoid {
 KeptSigmoid kept_sigmoid_of(const at::Tensor& values,
                             const at::Tensor& intercept, const at::Tensor& x);
 
-// The reconstruction loss's residual
-// g = host_scale * device_scale[0] * (sum_j coef[p, j] C[:, indices[p, j]] - x)
-// written to a float32 `out`, returning from the same pass its entry dots
-// <g_p, C[:, indices[p, j]]> s (1 - s), the kept entries' s from `sigmoid`.
-at::Tensor residual_and_entry_dots(const at::Tensor& coef,
-                                   const at::Tensor& indices,
-                                   const at::Tensor& dictionary_t,
-                                   const at::Tensor& x,
-                                   const at::Tensor& device_scale,
-                                   float host_scale, const KeptSigmoid& sigmoid,
-                                   const at::Tensor& out, cudaStream_t stream);
-
-// residual_and_entry_dots without storing g.
+// The entry dots <g_p, C[:, indices[p, j]]> s (1 - s) of the reconstruction
+// loss's residual
+// g = host_scale * device_scale[0] * (sum_j coef[p, j] C[:, indices[p, j]] - x),
+// the kept entries' s from `sigmoid`, in one pass that also writes g to a
+// float32 `residual` when given (otherwise g is never stored).
 at::Tensor residual_entry_dots(const at::Tensor& coef,
                                const at::Tensor& indices,
                                const at::Tensor& dictionary_t,
                                const at::Tensor& x,
                                const at::Tensor& device_scale,
                                float host_scale, const KeptSigmoid& sigmoid,
+                               const at::Tensor* residual,
                                cudaStream_t stream);
 
 // grad_x (when given, x's layout) and the (K, D) float32 dictionary gradient

@@ -320,7 +320,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss_backward(
     at::Tensor grad_pre;
     if (!store_residual) {
       grad_pre = residual_entry_dots(coef_values, idx, dict_t, xb, upstream,
-                                     mean_scale, sigmoid, stream);
+                                     mean_scale, sigmoid, nullptr, stream);
       const at::Tensor grad_x_box =
           output_mask[0] ? box.of_map(grad_x) : at::Tensor();
       // grad_x = -g_p + sum_j gp_pj C[:, idx_pj]; the dictionary gets
@@ -332,9 +332,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss_backward(
     } else {
       const at::Tensor g =
           empty_pixel_major_float(box.nc, depth, box.hc, w, x);
-      grad_pre = residual_and_entry_dots(coef_values, idx, dict_t, xb,
-                                         upstream, mean_scale, sigmoid, g,
-                                         stream);
+      grad_pre = residual_entry_dots(coef_values, idx, dict_t, xb, upstream,
+                                     mean_scale, sigmoid, &g, stream);
       if (output_mask[0]) {
         combine_codewords(grad_pre, idx, dict_t, &g, -1.0f, nullptr, 1.0f,
                           box.of_map(grad_x), stream);
