@@ -167,7 +167,8 @@ at::Tensor codeword_dots(const at::Tensor& features, const at::Tensor& indices,
 // are s. 16-bit values are rounded, to exactly 1 once the pre-activation
 // passes about 8 (float16) or 6 (bfloat16), which would stop their gradient;
 // for them s is recomputed from the pre-activation <x_p, C[:, idx]> + b,
-// which is what the reference's autograd keeps.
+// which is what the reference's autograd keeps. grad_values, values and
+// indices are contiguous, grad_values in values' dtype.
 at::Tensor pre_activation_grad(const at::Tensor& grad_values,
                                const at::Tensor& values,
                                const at::Tensor& indices, const at::Tensor& x,
