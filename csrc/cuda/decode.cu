@@ -264,10 +264,12 @@ __global__ void __launch_bounds__(kTileThreads, 4)
   }
   if constexpr (kSigmoidBackward) {
     for (int e = threadIdx.x; e < kTilePixels * k; e += kTileThreads) {
-      const int64_t p = first_pixel + e / k;
+      const int pl = e / k;
+      const int j = e % k;
+      const int64_t p = first_pixel + pl;
       if (p < total_pixels) {
-        const float s = sigmoid(dots[e / k][e % k] + intercept[0]);
-        out[p * k + e % k] = to_float(grad_values[p * k + e % k]) * s * (1.0f - s);
+        const float s = sigmoid(dots[pl][j] + intercept[0]);
+        out[p * k + j] = to_float(grad_values[p * k + j]) * s * (1.0f - s);
       }
     }
   } else {

@@ -320,14 +320,6 @@ void combine_codewords(const at::Tensor& coef, const at::Tensor& indices,
                         nullptr, nullptr, stream);
 }
 
-KeptSigmoid kept_sigmoid_of(const at::Tensor& values,
-                            const at::Tensor& intercept, const at::Tensor& x) {
-  if (values.scalar_type() == at::kFloat) {
-    return {values.contiguous(), at::Tensor()};
-  }
-  return {at::Tensor(), intercept_as_float(intercept, x)};
-}
-
 at::Tensor residual_entry_dots(const at::Tensor& coef,
                                const at::Tensor& indices,
                                const at::Tensor& dictionary_t,

@@ -128,8 +128,6 @@ struct KeptSigmoid {
   at::Tensor values;     // (N, H, W, k) float32, or undefined
   at::Tensor intercept;  // (1,) float32 when values is undefined
 };
-KeptSigmoid kept_sigmoid_of(const at::Tensor& values,
-                            const at::Tensor& intercept, const at::Tensor& x);
 
 // The entry dots <g_p, C[:, indices[p, j]]> s (1 - s) of the reconstruction
 // loss's residual

@@ -307,14 +307,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss_backward(
           : at::Tensor();
   // Otherwise summed over the boxes in float32, in box order.
   at::Tensor grad_dictionary_sum, grad_intercept_sum;
+  // float32 values are the kept entries' sigmoid; 16-bit ones have it
+  // recomputed from x's pre-activations plus this intercept (KeptSigmoid).
+  const at::Tensor sigmoid_intercept = values.scalar_type() == at::kFloat
+                                           ? at::Tensor()
+                                           : intercept_as_float(intercept, x);
 
   for (const PixelBox& box :
        pixel_boxes(x, box_values(kBackwardBoxValues) / (depth + 3 * k))) {
     const at::Tensor xb = box.of_map(x);
     const at::Tensor vals = box.of_code(values);
     const at::Tensor idx = box.of_code(indices);
-    const KeptSigmoid sigmoid = kept_sigmoid_of(vals, intercept, x);
     const at::Tensor coef_values = vals.to(at::kFloat).contiguous();
+    const KeptSigmoid sigmoid{
+        sigmoid_intercept.defined() ? at::Tensor() : coef_values,
+        sigmoid_intercept};
     // g = 2 * grad_loss / M * (x_hat - x), and gp = <g_p, C[:, idx]> s (1 - s)
     // for every kept entry.
     at::Tensor grad_pre;
