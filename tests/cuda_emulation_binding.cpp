@@ -12,6 +12,7 @@
 
 namespace emulator_probes {
 cudaError_t launch_neighbour(bool with_barrier, int blocks, float* out);
+cudaError_t launch_block_count(bool chained, int blocks, float* out);
 cudaError_t launch_divergent_barrier(float* out);
 cudaError_t launch_barrier_after_exit(float* out);
 cudaError_t launch_uninitialised_shared(float* out);
@@ -252,6 +253,7 @@ void probe(const std::string& name, at::Tensor out, const OptionalTensor& ballot
   float* o = out.data_ptr<float>();
   cudaError_t status = cudaErrorInvalidValue;
   if (name == "neighbour") status = p::launch_neighbour(flag, static_cast<int>(arg), o);
+  if (name == "block_count") status = p::launch_block_count(flag, static_cast<int>(arg), o);
   if (name == "divergent_barrier") status = p::launch_divergent_barrier(o);
   if (name == "barrier_after_exit") status = p::launch_barrier_after_exit(o);
   if (name == "uninitialised_shared") status = p::launch_uninitialised_shared(o);
@@ -266,7 +268,7 @@ void probe(const std::string& name, at::Tensor out, const OptionalTensor& ballot
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_schedule", &cuda_emulator::set_schedule,
-        "Thread order within a block: 0 forward, 1 reverse, 2 shuffled with seed");
+        "Order of the blocks of a grid and of the threads of a block: 0 forward, 1 reverse, 2 shuffled with seed");
   m.def("take_failure", &cuda_emulator::take_failure,
         "The first kernel failure since the last call (empty if none), cleared");
   m.def("sparse_encode_num_blocks", &srm_cuda::sparse_encode_num_blocks);

@@ -23,6 +23,18 @@ __global__ void neighbour_kernel(float* out) {
   out[blockIdx.x * kThreads + i] = stored[(i + 1) % kThreads];
 }
 
+// out[block b] = b + 1 everywhere. The chained twin takes it from block
+// b - 1's output, which nothing orders before block b in the same launch.
+template <bool kChained>
+__global__ void block_count_kernel(float* out) {
+  const int i = blockIdx.x * kThreads + threadIdx.x;
+  if (kChained) {
+    out[i] = (blockIdx.x == 0 ? 0.0f : out[i - kThreads]) + 1.0f;
+  } else {
+    out[i] = static_cast<float>(blockIdx.x + 1);
+  }
+}
+
 // Half the block waits at a barrier the other half never reaches.
 __global__ void divergent_barrier_kernel(float* out) {
   if (threadIdx.x < kThreads / 2) {
@@ -74,6 +86,15 @@ cudaError_t launch_neighbour(bool with_barrier, int blocks, float* out) {
     neighbour_kernel<true><<<blocks, kThreads>>>(out);
   } else {
     neighbour_kernel<false><<<blocks, kThreads>>>(out);
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t launch_block_count(bool chained, int blocks, float* out) {
+  if (chained) {
+    block_count_kernel<true><<<blocks, kThreads>>>(out);
+  } else {
+    block_count_kernel<false><<<blocks, kThreads>>>(out);
   }
   return cudaGetLastError();
 }

@@ -48,8 +48,9 @@ SCHEDULES = {"forward": 0, "reverse": 1, "shuffled": 2}
 
 @pytest.fixture
 def emu():
-    """The emulated kernels, with the threads of a block run in a shuffled
-    order between barriers: a missing barrier then gives a wrong result."""
+    """The emulated kernels, with the blocks of a grid and the threads of a
+    block between barriers run in a shuffled order: a missing barrier or a
+    block that reads another's output then gives a wrong result."""
     module = cuda_emulation.load()
     module.set_schedule(SCHEDULES["shuffled"], 7)
     return module
@@ -755,6 +756,20 @@ def test_emulator_exposes_a_missing_barrier(emu):
         emu.set_schedule(schedule, 3)
         wrong += not torch.equal(probe(emu, "neighbour", 2, False), expected.float())
     assert wrong == len(SCHEDULES)
+
+
+def test_emulator_exposes_a_block_reading_another_blocks_output(emu):
+    expected = (torch.arange(2 * PROBE_THREADS) // PROBE_THREADS + 1).float()
+
+    def chained_is_right(schedule, seed):
+        emu.set_schedule(schedule, seed)
+        assert torch.equal(probe(emu, "block_count", 2, False), expected)
+        return torch.equal(probe(emu, "block_count", 2, True), expected)
+
+    # Forward order runs block 0 first, as the chained kernel assumes.
+    assert chained_is_right(SCHEDULES["forward"], 0)
+    assert not chained_is_right(SCHEDULES["reverse"], 0)
+    assert not all(chained_is_right(SCHEDULES["shuffled"], seed) for seed in range(8))
 
 
 def test_emulator_reports_a_divergent_barrier(emu):

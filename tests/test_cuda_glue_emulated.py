@@ -46,7 +46,7 @@ MASKS3 = list(itertools.product([False, True], repeat=3))
 @pytest.fixture(scope="module")
 def emu():
     module = cuda_emulation.load()
-    module.set_schedule(2, 5)  # threads of a block in a shuffled order
+    module.set_schedule(2, 5)  # blocks, and threads of a block, in a shuffled order
     return module
 
 

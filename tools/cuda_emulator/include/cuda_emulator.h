@@ -12,7 +12,8 @@
 //   * missing barriers: between two synchronisation points the threads run
 //     in an order chosen by the schedule (forward, reverse, or shuffled), so
 //     a read that relies on another thread's unsynchronised write sees the
-//     poisoned memory or stale data under one of the schedules;
+//     poisoned memory or stale data under one of the schedules; the blocks
+//     of a grid run in the schedule's order too;
 //   * uninitialised shared memory: static and dynamic shared memory is
 //     filled with 0xff bytes (NaN floats, -1 integers) before every block;
 //   * launch configuration: block and grid limits, and dynamic shared memory
@@ -344,16 +345,25 @@ inline void run_grid(const void* kernel, const LaunchConfig& config,
   s.run = &run;
   blockDim = b;
   gridDim = g;
-  for (unsigned z = 0; z < g.z; ++z) {
-    for (unsigned y = 0; y < g.y; ++y) {
-      for (unsigned x = 0; x < g.x; ++x) {
-        blockIdx = {x, y, z};
-        if (!run_block(run, rng)) {
-          s.run = outer;
-          record_error(cudaErrorLaunchFailure, run.failure);
-          return;
-        }
-      }
+  // The schedule orders the blocks too: a block that reads what another
+  // block of the same launch writes (no grid-wide barrier exists) sees it
+  // missing under one of the orders.
+  const uint64_t blocks = uint64_t{g.x} * g.y * g.z;
+  std::vector<uint64_t> block_order(blocks);
+  std::iota(block_order.begin(), block_order.end(), uint64_t{0});
+  if (s.schedule == 1) {
+    std::reverse(block_order.begin(), block_order.end());
+  } else if (s.schedule == 2) {
+    std::shuffle(block_order.begin(), block_order.end(), rng);
+  }
+  for (const uint64_t linear_block : block_order) {
+    blockIdx = {static_cast<unsigned>(linear_block % g.x),
+                static_cast<unsigned>((linear_block / g.x) % g.y),
+                static_cast<unsigned>(linear_block / (uint64_t{g.x} * g.y))};
+    if (!run_block(run, rng)) {
+      s.run = outer;
+      record_error(cudaErrorLaunchFailure, run.failure);
+      return;
     }
   }
   s.run = outer;

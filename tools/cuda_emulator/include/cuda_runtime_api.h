@@ -60,8 +60,8 @@ inline State& state() {
   return s;
 }
 
-// Order in which the threads of a block run between synchronisation points:
-// 0 forward, 1 reverse, 2 shuffled with `seed`.
+// Order in which the blocks of a grid run, and the threads of a block between
+// synchronisation points: 0 forward, 1 reverse, 2 shuffled with `seed`.
 inline void set_schedule(int schedule, uint64_t seed) {
   state().schedule = schedule;
   state().seed = seed;
