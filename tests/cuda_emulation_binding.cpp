@@ -79,6 +79,42 @@ void select_top_k(const at::Tensor& pre, const at::Tensor& intercept, int64_t k,
         "launch_select_top_k");
 }
 
+void select_candidates(const at::Tensor& pre, const at::Tensor& intercept, int64_t count,
+                       at::Tensor candidates, at::Tensor cutoff) {
+  TORCH_CHECK(pre.dim() == 2 && pre.stride(1) == 1, "pre is (rows, K) with unit column stride");
+  check(srm_cuda::launch_select_candidates(pre.data_ptr<float>(), pre.size(0), pre.stride(0),
+                                           pre.size(1), intercept.data_ptr<float>(), count,
+                                           candidates.data_ptr<int64_t>(),
+                                           cutoff.data_ptr<float>(), nullptr),
+        "launch_select_candidates");
+}
+
+void certify_top_k(const at::Tensor& dots, const at::Tensor& candidates, const at::Tensor& cutoff,
+                   const at::Tensor& pixel_norms, const at::Tensor& norm_max,
+                   double error_per_norm, const at::Tensor& intercept, int64_t k,
+                   at::Tensor values, at::Tensor indices, int64_t first_row,
+                   at::Tensor fallback_rows, at::Tensor fallback_count) {
+  check(srm_cuda::launch_certify_top_k(
+            dots.data_ptr<float>(), candidates.data_ptr<int64_t>(), cutoff.data_ptr<float>(),
+            dots.size(0), dots.size(1), pixel_norms.data_ptr<float>(), norm_max.data_ptr<float>(),
+            static_cast<float>(error_per_norm), intercept.data_ptr<float>(), k,
+            values.data_ptr<float>(), indices.data_ptr<int64_t>(), first_row,
+            fallback_rows.data_ptr<int64_t>(), fallback_count.data_ptr<int>(), nullptr),
+        "launch_certify_top_k");
+}
+
+void exact_rows_top_k(const at::Tensor& x, const at::Tensor& dictionary_t,
+                      const at::Tensor& fallback_rows, const at::Tensor& fallback_count,
+                      int64_t max_rows, const at::Tensor& intercept, int64_t k,
+                      at::Tensor values, at::Tensor indices) {
+  check(srm_cuda::launch_exact_rows_top_k(
+            feature_map(x), dictionary_t.data_ptr<float>(), dictionary_t.size(0),
+            fallback_rows.data_ptr<int64_t>(), fallback_count.data_ptr<int>(), max_rows,
+            intercept.data_ptr<float>(), k, values.data_ptr<float>(),
+            indices.data_ptr<int64_t>(), nullptr),
+        "launch_exact_rows_top_k");
+}
+
 void residual_square_sums(const at::Tensor& coef, const at::Tensor indices, int64_t k,
                           const at::Tensor& dictionary_t, const at::Tensor& x,
                           at::Tensor partials) {
@@ -274,6 +310,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_encode_num_blocks", &srm_cuda::sparse_encode_num_blocks);
   m.def("sparse_encode", &sparse_encode);
   m.def("select_top_k", &select_top_k);
+  m.def("select_candidates", &select_candidates);
+  m.def("certify_top_k", &certify_top_k);
+  m.def("exact_rows_top_k", &exact_rows_top_k);
+  m.def("tf32_error_per_norm", &srm_cuda::tf32_error_per_norm);
   m.def("residual_square_sums_num_blocks", &srm_cuda::residual_square_sums_num_blocks);
   m.def("residual_square_sums", &residual_square_sums);
   m.def("combine_codewords", &combine_codewords);

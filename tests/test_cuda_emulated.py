@@ -222,6 +222,141 @@ def test_select_top_k_ties_and_nan(emu):
         torch.testing.assert_close(values, torch.sigmoid(torch.gather(pre, 1, order)), equal_nan=True)
 
 
+def tf32_truncated(t):
+    """t with the 13 low mantissa bits of every float32 cleared: the least
+    precise rounding TF32 tensor cores apply to their operands."""
+    return (t.float().view(torch.int32) & ~0x1FFF).view(torch.float32)
+
+
+def integer_features(shape, generator, bits=12):
+    """Integers of up to `bits` bits: truncated to TF32 they lose their low
+    bits, yet every dot product with small dyadic codewords is exact in
+    float32, so the exact top k (ties included) is known."""
+    return torch.randint(-(2**bits) + 1, 2**bits, shape, generator=generator).float()
+
+
+def screened_encode(emu, x, C, b, k, num_candidates):
+    """The screened encode's kernels in a row, as the glue runs them over one
+    box: TF32-ranked candidates, their exact dots, the certified top k, then
+    the exact encode of the uncertified pixels. Returns values, indices and
+    how many pixels fell back."""
+    n, d, h, w = x.shape
+    rows = x.permute(0, 2, 3, 1).reshape(-1, d)
+    pre = tf32_truncated(rows) @ tf32_truncated(C)
+    candidates = torch.empty(rows.shape[0], num_candidates, dtype=torch.long)
+    cutoff = torch.empty(rows.shape[0])
+    emu.select_candidates(pre, b, num_candidates, candidates, cutoff)
+    dictionary_t = C.t().contiguous()
+    dots = torch.empty(rows.shape[0], num_candidates)
+    emu.codeword_dots(x, candidates, num_candidates, dictionary_t, None, dots)
+    norms = torch.linalg.vector_norm(rows, dim=1)
+    norm_max = torch.linalg.vector_norm(C, dim=0).max().reshape(1)
+    values = guarded(rows.shape[0], k)
+    indices = guarded(rows.shape[0], k, dtype=torch.long, fill=-5)
+    fallback_rows = torch.full((rows.shape[0],), -1, dtype=torch.long)
+    fallback_count = torch.zeros(1, dtype=torch.int32)
+    with writes_only_inside(values, indices, fallback_rows):
+        emu.certify_top_k(dots, candidates, cutoff, norms, norm_max, emu.tf32_error_per_norm(d), b,
+                          k, values, indices, 0, fallback_rows, fallback_count)
+        emu.exact_rows_top_k(x, dictionary_t, fallback_rows, fallback_count, rows.shape[0], b, k,
+                             values, indices)
+    return values, indices, int(fallback_count)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", [(2, 40, 3, 5, 300, 5), (1, 24, 4, 4, 130, 40), (1, 8, 2, 3, 70, 1)])
+def test_screened_encode_kernels_give_the_exact_top_k(scheduled, shape, layout):
+    """TF32 ranks, the exact dots decide: the indices are the exact top k
+    (ties to the lower index), certified or re-encoded in full."""
+    n, d, h, w, K, k = shape
+    g = torch.Generator().manual_seed(21)
+    x = integer_features((n, d, h, w), g)
+    C = torch.randint(-15, 16, (d, K), generator=g).float() / 16
+    C[:, 7] = C[:, 3]  # equal codewords: their exact dots tie
+    x[0, :, 0, 1] = x[0, :, 0, 0]
+    x[0, :, 1, 0] = 0.0  # every score ties: only the full exact encode can tell
+    x[n - 1, 2, h - 1, w - 1] = float("nan")
+    x = make_layout(x, layout)
+    b = torch.tensor([0.375])
+    values, indices, fallen = screened_encode(scheduled, x, C, b, k, min(max(2 * k, k + 16), 128))
+    ref_values, ref_indices = reference.sparse_encode(x, C, b, k)
+    assert torch.equal(indices, ref_indices.reshape(-1, k))
+    torch.testing.assert_close(values, ref_values.reshape(-1, k), equal_nan=True)
+    # The all-zero pixel and the NaN pixel fell back; most others did not.
+    assert 2 <= fallen < n * h * w // 2
+
+
+def tf32_misranked_inputs(num_candidates):
+    """One pixel whose exact best codeword (the last) ties under TF32 with
+    num_candidates codewords of lower index that score 0.5 less exactly, so
+    TF32 leaves it out of the candidates."""
+    x = torch.tensor([4095.0, 2.0]).reshape(1, 2, 1, 1)  # TF32: (4094, 2)
+    C = torch.zeros(2, num_candidates + 1)
+    C[1, :num_candidates] = 2047.25  # exact 4094.5; TF32: 2047, so 4094
+    C[0, num_candidates] = 1.0  # exact 4095; TF32: 4094
+    return x, C
+
+
+def test_screened_encode_falls_back_where_tf32_misranks(emu):
+    num_candidates = 17
+    x, C = tf32_misranked_inputs(num_candidates)
+    values, indices, fallen = screened_encode(emu, x, C, torch.tensor([0.0]), 1, num_candidates)
+    assert indices.tolist() == [[num_candidates]] and fallen == 1
+
+
+def test_certify_top_k_refuses_to_certify_near_ties(emu):
+    """A k-th best within the error bound of the cutoff is not certified,
+    one clear of it is; NaN and an infinite bound never are."""
+    rows, c, k = 4, 6, 2
+    dots = torch.tensor([[9.0, 8.0, 5.0, 4.0, 3.0, 2.0]]).repeat(rows, 1)
+    candidates = torch.arange(c).repeat(rows, 1)
+    cutoff = torch.tensor([7.0, 7.9, 7.0, 7.0])  # row 1: the k-th (8) is 0.1 above
+    norms = torch.tensor([1.0, 1.0, float("inf"), float("nan")])
+    norm_max = torch.tensor([1.0])
+    values, indices = torch.empty(rows, k), torch.empty(rows, k, dtype=torch.long)
+    fallback_rows = torch.full((rows,), -1, dtype=torch.long)
+    fallback_count = torch.zeros(1, dtype=torch.int32)
+    emu.certify_top_k(dots, candidates, cutoff, norms, norm_max, 0.5, torch.tensor([0.0]), k,
+                      values, indices, 10, fallback_rows, fallback_count)
+    assert int(fallback_count) == 3
+    assert sorted(fallback_rows[:3].tolist()) == [11, 12, 13]
+    assert indices.tolist() == [[0, 1]] * rows
+    torch.testing.assert_close(values, torch.sigmoid(dots[:, :k]))
+
+
+def test_exact_rows_top_k_writes_only_the_listed_pixels(scheduled):
+    g = torch.Generator().manual_seed(22)
+    n, d, h, w, K, k = 2, 50, 3, 4, 200, 9
+    x = make_layout(integer_features((n, d, h, w), g), "channels_last")
+    C = torch.randint(-15, 16, (d, K), generator=g).float() / 16
+    b = torch.tensor([-0.5])
+    listed = torch.tensor([17, 0, 23, 5, 9])
+    fallback_rows = torch.cat([listed, torch.full((3,), 1000)])  # past the count: never read
+    values = torch.full((n * h * w, k), -3.0)
+    indices = torch.full((n * h * w, k), -3, dtype=torch.long)
+    scheduled.exact_rows_top_k(x, C.t().contiguous(), fallback_rows,
+                               torch.tensor([len(listed)], dtype=torch.int32), n * h * w, b, k,
+                               values, indices)
+    ref_values, ref_indices = reference.sparse_encode(x, C, b, k)
+    unlisted = torch.ones(n * h * w, dtype=torch.bool)
+    unlisted[listed] = False
+    assert torch.equal(indices[listed], ref_indices.reshape(-1, k)[listed])
+    torch.testing.assert_close(values[listed], ref_values.reshape(-1, k)[listed])
+    assert (indices[unlisted] == -3).all() and (values[unlisted] == -3).all()
+
+
+def test_screened_encode_kernels_refuse_bad_arguments(emu):
+    dots, candidates = torch.zeros(2, 4), torch.zeros(2, 4, dtype=torch.long)
+    one, count = torch.ones(2), torch.zeros(1, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="invalid argument"):  # k > candidates
+        emu.certify_top_k(dots, candidates, one, one, one, 0.1, one, 5, torch.zeros(2, 5),
+                          torch.zeros(2, 5, dtype=torch.long), 0, torch.zeros(2, dtype=torch.long), count)
+    x16 = torch.zeros(1, 4, 1, 2, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="invalid argument"):  # float32 only
+        emu.exact_rows_top_k(x16, torch.zeros(8, 4), torch.zeros(2, dtype=torch.long), count, 2,
+                             one, 2, torch.zeros(2, 2), torch.zeros(2, 2, dtype=torch.long))
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_residual_square_sums(emu, dtype, layout):

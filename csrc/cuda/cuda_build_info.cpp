@@ -55,8 +55,8 @@ pybind11::dict build_info() {
   limits["k"] = srm_cuda::kMaxTopK;
   info["sparse_code_limits"] = limits;
   // How the encode runs now (SRM_EXT_CUDA_ENCODE and deterministic mode).
-  info["encode"] =
-      srm_ext::cuda_ops::use_fused_encode() ? "fused" : "gemm";
+  info["encode"] = srm_ext::cuda_ops::encode_path_name(
+      srm_ext::cuda_ops::encode_path());
   return info;
 }
 

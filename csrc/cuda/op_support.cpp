@@ -2,10 +2,12 @@
 #include "op_support.h"
 
 #include <ATen/Context.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <torch/version.h>
 
 #include <algorithm>
 #include <cstdlib>
+#include <limits>
 #include <optional>
 #include <string_view>
 #include <tuple>
@@ -430,13 +432,88 @@ at::Tensor float_product(const at::Tensor& a, const at::Tensor& b) {
 #endif
 }
 
-bool use_fused_encode() {
+at::Tensor tf32_product(const at::Tensor& a, const at::Tensor& b) {
+  TORCH_INTERNAL_ASSERT(a.dim() == 3 && b.dim() == 2 &&
+                        a.scalar_type() == at::kFloat &&
+                        b.scalar_type() == at::kFloat && a.size(2) == b.size(0));
+  const int64_t batch = a.size(0), rows = a.size(1), depth = a.size(2);
+  const int64_t num_codes = b.size(1);
+  auto out = at::empty({batch, rows, num_codes}, a.options());
+  if (out.numel() == 0) {
+    return out;
+  }
+  // In cuBLAS's column-major terms, out^T (K x M) = b^T (K x D) a^T (D x M)
+  // for each batch entry; a matrix with unit stride along one dimension is
+  // that matrix, or its transpose, in column-major order.
+  at::Tensor right = b;
+  cublasOperation_t right_op = CUBLAS_OP_N;
+  int64_t right_ld = right.stride(0);
+  if (!(right.stride(1) == 1 && right_ld >= num_codes)) {
+    if (right.stride(0) == 1 && right.stride(1) >= depth) {
+      right_op = CUBLAS_OP_T;
+      right_ld = right.stride(1);
+    } else {
+      right = right.contiguous();
+      right_ld = num_codes;
+    }
+  }
+  at::Tensor left = a;
+  cublasOperation_t left_op = CUBLAS_OP_N;
+  int64_t left_ld = left.stride(1);
+  if (!(left.stride(2) == 1 && left_ld >= depth)) {
+    if (left.stride(1) == 1 && left.stride(2) >= rows) {
+      left_op = CUBLAS_OP_T;
+      left_ld = left.stride(2);
+    } else {
+      left = left.contiguous();
+      left_ld = depth;
+    }
+  }
+  constexpr int64_t kIntMax = std::numeric_limits<int>::max();
+  TORCH_CHECK(rows <= kIntMax && num_codes <= kIntMax && depth <= kIntMax &&
+                  batch <= kIntMax && left_ld <= kIntMax &&
+                  right_ld <= kIntMax,
+              "srm_ext CUDA: a box of ", batch, " x ", rows,
+              " pixels is too large for the TF32 GEMM");
+  const float one = 1.0f, zero = 0.0f;
+  const cublasStatus_t status = cublasGemmStridedBatchedEx(
+      at::cuda::getCurrentCUDABlasHandle(), right_op, left_op,
+      static_cast<int>(num_codes), static_cast<int>(rows),
+      static_cast<int>(depth), &one, right.data_ptr(), CUDA_R_32F,
+      static_cast<int>(right_ld), 0, left.data_ptr(), CUDA_R_32F,
+      static_cast<int>(left_ld), left.stride(0), &zero, out.data_ptr(),
+      CUDA_R_32F, static_cast<int>(num_codes), rows * num_codes,
+      static_cast<int>(batch), CUBLAS_COMPUTE_32F_FAST_TF32,
+      CUBLAS_GEMM_DEFAULT);
+  TORCH_CHECK(status == CUBLAS_STATUS_SUCCESS,
+              "srm_ext CUDA: the TF32 GEMM of the screened encode failed "
+              "(cuBLAS status ", static_cast<int>(status), ")");
+  return out;
+}
+
+EncodePath encode_path() {
   const char* choice = std::getenv("SRM_EXT_CUDA_ENCODE");
   const std::string_view name = choice != nullptr ? choice : "auto";
-  TORCH_CHECK(name == "auto" || name == "fused",
-              "srm_ext: SRM_EXT_CUDA_ENCODE must be 'auto' or 'fused', got '",
-              name, "'");
-  return name == "fused" || at::globalContext().deterministicAlgorithms();
+  TORCH_CHECK(name == "auto" || name == "gemm" || name == "fused" ||
+                  name == "screened",
+              "srm_ext: SRM_EXT_CUDA_ENCODE must be 'auto', 'gemm', 'fused' "
+              "or 'screened', got '", name, "'");
+  if (name == "fused" || at::globalContext().deterministicAlgorithms()) {
+    return EncodePath::kFused;
+  }
+  return name == "screened" ? EncodePath::kScreened : EncodePath::kGemm;
+}
+
+const char* encode_path_name(EncodePath path) {
+  switch (path) {
+    case EncodePath::kFused:
+      return "fused";
+    case EncodePath::kScreened:
+      return "screened";
+    case EncodePath::kGemm:
+      break;
+  }
+  return "gemm";
 }
 
 int64_t box_values(int64_t default_values) {

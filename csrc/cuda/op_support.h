@@ -181,13 +181,30 @@ at::Tensor pre_activation_grad(const at::Tensor& grad_values,
 // matmul does.
 at::Tensor float_product(const at::Tensor& a, const at::Tensor& b);
 
-// Whether the encode runs as one fused kernel (GEMM and top-k together, no
-// pre-activation buffer) rather than as a cuBLAS GEMM per box of pixels
-// followed by the row-wise selection. The fused kernel is used in
-// deterministic mode, where torch would demand CUBLAS_WORKSPACE_CONFIG of the
-// GEMM, and when SRM_EXT_CUDA_ENCODE=fused; SRM_EXT_CUDA_ENCODE=auto (the
-// default) chooses the GEMM otherwise. Other values are refused by name.
-bool use_fused_encode();
+// a @ b for a batch a (B, M, D) and b (D, K), both float32, on TF32 tensor
+// cores whatever torch's TF32 setting (the screened encode's ranking; its
+// error is bounded by srm_cuda::tf32_error_per_norm). Returns (B, M, K)
+// float32. a and b are read in place where one of their two inner strides
+// is 1, as NCHW and channels_last boxes and either dictionary layout are.
+at::Tensor tf32_product(const at::Tensor& a, const at::Tensor& b);
+
+// How the encode runs, from SRM_EXT_CUDA_ENCODE (other values are refused
+// by name):
+//   auto (default), gemm  a cuBLAS GEMM per box of pixels writes the
+//                         pre-activations, the row-wise selection keeps the
+//                         top k;
+//   fused                 one kernel does both, no pre-activation buffer;
+//   screened              for float32, a TF32 GEMM ranks, each pixel's best
+//                         few are scored exactly and the exact top k is kept
+//                         where TF32's error bound certifies it (other pixels
+//                         are encoded exactly in full); 16-bit inputs, and
+//                         float32 where TF32 is already allowed or where the
+//                         candidates would be every codeword, take the GEMM.
+// Deterministic mode takes the fused kernel, where torch would demand
+// CUBLAS_WORKSPACE_CONFIG of the GEMM.
+enum class EncodePath { kGemm, kFused, kScreened };
+EncodePath encode_path();
+const char* encode_path_name(EncodePath path);
 
 // Ops that walk x in boxes of pixels keep a float32 workspace of a few values
 // per pixel: the GEMM encode K pre-activations, the backward of the fused

@@ -94,6 +94,69 @@ cudaError_t launch_select_top_k(const float* pre, int64_t rows,
                                 void* values, int64_t* indices,
                                 cudaStream_t stream);
 
+// The same selection for the screened encode (screen.cu), where `pre` is a
+// TF32 approximation: keeps each row's best num_candidates codewords as
+// candidates for an exact rescoring, writing only their indices (rows,
+// num_candidates) and, as cutoff[r], the last one's pre-activation
+// pre[r, c] + intercept[0].
+cudaError_t launch_select_candidates(const float* pre, int64_t rows,
+                                     int64_t row_stride,
+                                     int64_t num_codewords,
+                                     const float* intercept,
+                                     int64_t num_candidates,
+                                     int64_t* candidates, float* cutoff,
+                                     cudaStream_t stream);
+
+// ---------------------------------------------------------------------------
+// Screened encode, float32 (screen.cu): a TF32 GEMM ranks every codeword,
+// launch_select_candidates keeps each pixel's best few, launch_codeword_dots
+// scores them exactly, and launch_certify_top_k keeps the exact top k where
+// TF32's error bound proves that no other codeword can reach it. The other
+// pixels are listed and encoded exactly in full by launch_exact_rows_top_k.
+// ---------------------------------------------------------------------------
+
+// Bound on |TF32 product - exact float32 product| of a D-long dot product,
+// per unit of |x_p| |C[:, c]| (Euclidean norms): operands rounded (or
+// truncated) to 10 mantissa bits, products accumulated in float32 in any
+// order, and the exact dot's own float32 rounding, with a factor 2 to spare.
+inline float tf32_error_per_norm(int64_t depth) {
+  return 0x1p-8f + static_cast<float>(depth) * 0x1p-21f;
+}
+
+// For `rows` pixels with `num_candidates` candidates each (rows, c) and
+// their exact dots <x_p, C[:, candidate]> (rows, c) float32: writes the top
+// k of dot + intercept[0] in launch_sparse_encode's order, values as the
+// sigmoid (float32) and indices, (rows, k) each. A pixel is certified when
+// its k-th best exceeds cutoff[r] (launch_select_candidates) by more than
+// error_per_norm * pixel_norms[r] * codeword_norm_max[0], which no codeword
+// outside the candidates can (NaN and infinity never certify); the row
+// first_row + r of every other pixel is appended to fallback_rows, counted by
+// *fallback_count (an int the caller zeroed), for launch_exact_rows_top_k.
+cudaError_t launch_certify_top_k(const float* dots, const int64_t* candidates,
+                                 const float* cutoff, int64_t rows,
+                                 int64_t num_candidates,
+                                 const float* pixel_norms,
+                                 const float* codeword_norm_max,
+                                 float error_per_norm, const float* intercept,
+                                 int64_t k, float* values, int64_t* indices,
+                                 int64_t first_row, int64_t* fallback_rows,
+                                 int* fallback_count, cudaStream_t stream);
+
+// The exact encode of the pixels that launch_certify_top_k could not
+// certify: for each of the first *fallback_count entries p of fallback_rows,
+// every <x_p, dictionary_t[c, :]> in float32, and the top k written to
+// values (float32 sigmoid) and indices at row p, as launch_sparse_encode
+// orders them. x is float32, dictionary_t (K, D) float32; the launch covers
+// at most max_rows listed pixels.
+cudaError_t launch_exact_rows_top_k(const FeatureMap& x,
+                                    const float* dictionary_t,
+                                    int64_t num_codewords,
+                                    const int64_t* fallback_rows,
+                                    const int* fallback_count,
+                                    int64_t max_rows, const float* intercept,
+                                    int64_t k, float* values, int64_t* indices,
+                                    cudaStream_t stream);
+
 // ---------------------------------------------------------------------------
 // Codeword gathers and dot products (decode.cu)
 // ---------------------------------------------------------------------------

@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <limits>
 #include <optional>
@@ -79,6 +80,72 @@ void encode_by_gemm(const at::Tensor& x, Dtype dtype,
   }
 }
 
+// Candidates the screened encode scores exactly per pixel: enough beyond k
+// that TF32's error rarely leaves the k-th best too close to the cutoff.
+int64_t screen_candidates(int64_t k) {
+  return std::min<int64_t>(std::max<int64_t>(2 * k, k + 16), srm_cuda::kMaxTopK);
+}
+
+// The screened encode (float32; srm_kernels.h): per box of pixels a TF32
+// GEMM ranks the codewords and the selection keeps each pixel's best few;
+// those are scored exactly, and the exact top k is kept where TF32's error
+// bound certifies it. The pixels it cannot certify are listed and encoded
+// exactly in full at the end.
+void encode_screened(const at::Tensor& x, const at::Tensor& dictionary,
+                     const at::Tensor& bias, int64_t k,
+                     int64_t num_candidates, at::Tensor& values,
+                     at::Tensor& indices, cudaStream_t stream) {
+  const int64_t h = x.size(2), w = x.size(3);
+  const int64_t num_codewords = dictionary.size(1);
+  const at::Tensor dict_t = transposed_dictionary(dictionary);
+  const at::Tensor norm_max =
+      at::linalg_vector_norm(dict_t, 2, {1}).max().reshape({1});
+  const float error_per_norm = srm_cuda::tf32_error_per_norm(x.size(1));
+  const int64_t pixels = x.size(0) * h * w;
+  const at::Tensor fallback_rows =
+      at::empty({pixels}, x.options().dtype(at::kLong));
+  const at::Tensor fallback_count = at::zeros({1}, x.options().dtype(at::kInt));
+  const at::Tensor value_rows = values.view({-1, k});
+  const at::Tensor index_rows = indices.view({-1, k});
+  for (const PixelBox& box :
+       pixel_boxes(x, box_values(kEncodeBoxValues) / num_codewords)) {
+    const at::Tensor xb = box.of_map(x);
+    const at::Tensor pre =
+        tf32_product(xb.flatten(2).transpose(1, 2), dictionary);
+    const int64_t first = (box.n0 * h + box.h0) * w;
+    const int64_t count = box.nc * box.hc * w;
+    const at::Tensor candidates = at::empty(
+        {box.nc, box.hc, w, num_candidates}, indices.options());
+    const at::Tensor cutoff = at::empty({count}, pre.options());
+    check_launch(srm_cuda::launch_select_candidates(
+                     pre.data_ptr<float>(), count, num_codewords,
+                     num_codewords, bias.data_ptr<float>(), num_candidates,
+                     candidates.data_ptr<int64_t>(),
+                     cutoff.data_ptr<float>(), stream),
+                 "select_candidates");
+    const at::Tensor dots =
+        codeword_dots(xb, candidates, dict_t, nullptr, stream);
+    const at::Tensor norms = at::linalg_vector_norm(xb, 2, {1}).contiguous();
+    check_launch(srm_cuda::launch_certify_top_k(
+                     dots.data_ptr<float>(), candidates.data_ptr<int64_t>(),
+                     cutoff.data_ptr<float>(), count, num_candidates,
+                     norms.data_ptr<float>(), norm_max.data_ptr<float>(),
+                     error_per_norm, bias.data_ptr<float>(), k,
+                     value_rows.narrow(0, first, count).data_ptr<float>(),
+                     index_rows.narrow(0, first, count).data_ptr<int64_t>(),
+                     first, fallback_rows.data_ptr<int64_t>(),
+                     fallback_count.data_ptr<int>(), stream),
+                 "certify_top_k");
+  }
+  check_launch(srm_cuda::launch_exact_rows_top_k(
+                   feature_map(x, "x"), dict_t.data_ptr<float>(),
+                   num_codewords, fallback_rows.data_ptr<int64_t>(),
+                   fallback_count.data_ptr<int>(), pixels,
+                   bias.data_ptr<float>(), k, values.data_ptr<float>(),
+                   indices.data_ptr<int64_t>(), stream),
+               "exact_rows_top_k");
+}
+
 // Shared by sparse_encode and reconstruction_loss; with_loss also gives the
 // squared-residual partials that the loss sums.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> encode_impl(
@@ -93,7 +160,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> encode_impl(
               " must be in [1, K = ", num_codewords, "]");
   check_sparse_kernel_limits(dictionary, k);
   TORCH_CHECK(x.size(1) >= 1, "srm_ext: x must have at least one channel");
-  const bool fused = use_fused_encode();
+  EncodePath path = encode_path();
+  const int64_t num_candidates = screen_candidates(k);
+  // The screen pays only where TF32 is not allowed anyway (the GEMM then
+  // uses it) and where it leaves codewords out.
+  if (path == EncodePath::kScreened &&
+      (dtype != Dtype::kFloat32 || at::globalContext().allowTF32CuBLAS() ||
+       num_candidates >= num_codewords)) {
+    path = EncodePath::kGemm;
+  }
 
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -106,12 +181,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> encode_impl(
   if (n * h * w == 0) {
     return {values, indices, partials};
   }
-  if (fused) {
+  if (path == EncodePath::kFused) {
     encode_fused(x, dictionary, bias, k, values, indices,
                  with_loss ? &partials : nullptr, stream);
     return {values, indices, partials};
   }
-  encode_by_gemm(x, dtype, dictionary, bias, k, values, indices, stream);
+  if (path == EncodePath::kScreened) {
+    encode_screened(x, dictionary, bias, k, num_candidates, values, indices,
+                    stream);
+  } else {
+    encode_by_gemm(x, dtype, dictionary, bias, k, values, indices, stream);
+  }
   if (with_loss) {
     // Rebuilt from the written (dtype-rounded) values, as the fused kernel
     // and the reference do.
