@@ -108,10 +108,12 @@ def teacher_inputs(shape, dtype, layout, dictionary, seed):
     return x, C, b, k
 
 
-@pytest.fixture(params=["auto", "fused"])
+@pytest.fixture(params=["auto", "fused", "screened"])
 def encode_path(request, monkeypatch):
-    """Both encode paths: "auto" runs the GEMM and the row-wise selection
-    outside deterministic mode, "fused" the single kernel everywhere."""
+    """Every encode path: "auto" runs the GEMM and the row-wise selection
+    outside deterministic mode, "fused" the single kernel everywhere,
+    "screened" the TF32 ranking with exact rescoring for float32 (the GEMM
+    for 16-bit inputs)."""
     monkeypatch.setenv("SRM_EXT_CUDA_ENCODE", request.param)
     return request.param
 
@@ -267,8 +269,39 @@ def test_saturated_16_bit_codes_still_pass_gradient_to_the_encoder(ops, dtype):
 def test_unknown_encode_path_is_refused_by_name(ops, monkeypatch):
     x, C, b, k = teacher_inputs(SHAPES[0], torch.float32, "contiguous", "row_major", 0)
     monkeypatch.setenv("SRM_EXT_CUDA_ENCODE", "dense")
-    with pytest.raises(RuntimeError, match="SRM_EXT_CUDA_ENCODE must be 'auto' or 'fused', got 'dense'"):
+    with pytest.raises(RuntimeError, match="must be 'auto', 'gemm', 'fused' or 'screened', got 'dense'"):
         ops.sparse_encode(x, C, b, k)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_screened_encode_is_exact_where_tf32_misranks(ops, monkeypatch, layout):
+    """Integer features lose bits to TF32 while their exact dots stay exact:
+    the screened encode gives the exact top k, over several boxes, even for
+    a pixel whose best codeword TF32 ranks below many others."""
+    monkeypatch.setenv("SRM_EXT_CUDA_ENCODE", "screened")
+    monkeypatch.setenv("SRM_EXT_CUDA_BOX_VALUES", str(6 * 300))  # boxes of 6 pixels
+    g = torch.Generator().manual_seed(31)
+    n, d, h, w, K, k = 2, 24, 4, 3, 300, 5
+    x = torch.randint(-4095, 4096, (n, d, h, w), generator=g).float()
+    C = torch.randint(-15, 16, (d, K), generator=g).float() / 16
+    # Pixel (1, 3, 2): 4095 and 2 in channels 0 and 1. Codewords 0 to 49
+    # score exactly 4094.5 there (TF32: 4094), codeword 50 exactly 4095
+    # (TF32: 4094 too, and a higher index): TF32 leaves it out.
+    x[1, :, 3, 2] = 0.0
+    x[1, 0, 3, 2], x[1, 1, 3, 2] = 4095.0, 2.0
+    C[:2, :51] = 0.0
+    C[1, :50] = 2047.25
+    C[0, 50] = 1.0
+    x = make_layout(x, layout)
+    b = torch.tensor([0.25])
+    values, indices = ops.sparse_encode(x, C, b, k)
+    ref_values, ref_indices = reference.sparse_encode(x, C, b, k)
+    assert indices[1, 3, 2, 0] == 50
+    assert torch.equal(indices, ref_indices)
+    torch.testing.assert_close(values, ref_values)
+    loss, values, indices = ops.reconstruction_loss(x, C, b, k)
+    assert torch.equal(indices, ref_indices)
+    torch.testing.assert_close(loss, reference.reconstruction_loss(x, C, b, k))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
