@@ -55,10 +55,12 @@ def _compiled_and_exact(monkeypatch):
     torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
-@pytest.fixture(params=["auto", "fused"])
+@pytest.fixture(params=["auto", "fused", "screened"])
 def encode_path(request, monkeypatch):
-    """Both encode paths: "auto" runs a cuBLAS GEMM per box of pixels and the
-    row-wise selection outside deterministic mode, "fused" the single kernel."""
+    """Every encode path: "auto" runs a cuBLAS GEMM per box of pixels and the
+    row-wise selection outside deterministic mode, "fused" the single kernel,
+    "screened" a TF32 GEMM with exact rescoring for float32 (the GEMM for
+    16-bit inputs)."""
     monkeypatch.setenv("SRM_EXT_CUDA_ENCODE", request.param)
     return request.param
 

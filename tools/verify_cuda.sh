@@ -16,6 +16,9 @@
 #             the student loss at the ImageNet shapes (float32), and the
 #             stage-1 step at two other encode box sizes
 #   bench     ImageNet (N=256) and CIFAR (N=128) shapes, float32 and bfloat16
+#   paths     the encode and the stage-1 step at the ImageNet shapes in
+#             float32 under each SRM_EXT_CUDA_ENCODE path (gemm, screened,
+#             fused)
 #
 # Each stage writes <stage>.log; a failing stage is reported and the next one
 # still runs. The exit status is non-zero if any stage failed.
@@ -31,7 +34,7 @@ fi
 out="$(mkdir -p "$1" && cd "$1" && pwd)"
 shift
 stages=("$@")
-[[ ${#stages[@]} -eq 0 ]] && stages=(env build test sanitize profile bench)
+[[ ${#stages[@]} -eq 0 ]] && stages=(env build test sanitize profile bench paths)
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "${repo_root}"
@@ -150,9 +153,19 @@ stage_bench() {
   return ${status}
 }
 
+stage_paths() {
+  local status=0 path
+  for path in gemm screened fused; do
+    SRM_EXT_CUDA_ENCODE="${path}" "${python}" benchmarks/bench_ops.py --device cuda \
+      --dtype float32 --shapes imagenet --ops sparse_encode,stage1_step --implementations native,research \
+      --name "imagenet-cuda-float32-encode-${path}" --out "${out}" ${BENCH_ARGS:-} || status=1
+  done
+  return ${status}
+}
+
 for stage in "${stages[@]}"; do
   if ! declare -F "stage_${stage}" >/dev/null; then
-    echo "unknown stage '${stage}' (choose from env build test sanitize profile bench)" >&2
+    echo "unknown stage '${stage}' (choose from env build test sanitize profile bench paths)" >&2
     exit 2
   fi
 done
