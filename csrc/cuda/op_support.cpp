@@ -432,6 +432,30 @@ at::Tensor float_product(const at::Tensor& a, const at::Tensor& b) {
 #endif
 }
 
+namespace {
+
+// The last two dimensions (R, C) of t as the column-major C x R matrix that
+// cuBLAS multiplies by: t itself (op N) when its columns are unit-stride,
+// its transpose read in place (op T) when its rows are, else a copy.
+struct BlasOperand {
+  at::Tensor tensor;
+  cublasOperation_t op;
+  int64_t ld;
+};
+
+BlasOperand transposed_operand(const at::Tensor& t) {
+  const int64_t rows = t.size(-2), cols = t.size(-1);
+  if (t.stride(-1) == 1 && t.stride(-2) >= cols) {
+    return {t, CUBLAS_OP_N, t.stride(-2)};
+  }
+  if (t.stride(-2) == 1 && t.stride(-1) >= rows) {
+    return {t, CUBLAS_OP_T, t.stride(-1)};
+  }
+  return {t.contiguous(), CUBLAS_OP_N, cols};
+}
+
+}  // namespace
+
 at::Tensor tf32_product(const at::Tensor& a, const at::Tensor& b) {
   TORCH_INTERNAL_ASSERT(a.dim() == 3 && b.dim() == 2 &&
                         a.scalar_type() == at::kFloat &&
@@ -443,47 +467,23 @@ at::Tensor tf32_product(const at::Tensor& a, const at::Tensor& b) {
     return out;
   }
   // In cuBLAS's column-major terms, out^T (K x M) = b^T (K x D) a^T (D x M)
-  // for each batch entry; a matrix with unit stride along one dimension is
-  // that matrix, or its transpose, in column-major order.
-  at::Tensor right = b;
-  cublasOperation_t right_op = CUBLAS_OP_N;
-  int64_t right_ld = right.stride(0);
-  if (!(right.stride(1) == 1 && right_ld >= num_codes)) {
-    if (right.stride(0) == 1 && right.stride(1) >= depth) {
-      right_op = CUBLAS_OP_T;
-      right_ld = right.stride(1);
-    } else {
-      right = right.contiguous();
-      right_ld = num_codes;
-    }
-  }
-  at::Tensor left = a;
-  cublasOperation_t left_op = CUBLAS_OP_N;
-  int64_t left_ld = left.stride(1);
-  if (!(left.stride(2) == 1 && left_ld >= depth)) {
-    if (left.stride(1) == 1 && left.stride(2) >= rows) {
-      left_op = CUBLAS_OP_T;
-      left_ld = left.stride(2);
-    } else {
-      left = left.contiguous();
-      left_ld = depth;
-    }
-  }
+  // for each batch entry, b shared by all of them.
+  const BlasOperand b_op = transposed_operand(b);
+  const BlasOperand a_op = transposed_operand(a);
   constexpr int64_t kIntMax = std::numeric_limits<int>::max();
   TORCH_CHECK(rows <= kIntMax && num_codes <= kIntMax && depth <= kIntMax &&
-                  batch <= kIntMax && left_ld <= kIntMax &&
-                  right_ld <= kIntMax,
+                  batch <= kIntMax && b_op.ld <= kIntMax && a_op.ld <= kIntMax,
               "srm_ext CUDA: a box of ", batch, " x ", rows,
               " pixels is too large for the TF32 GEMM");
   const float one = 1.0f, zero = 0.0f;
   const cublasStatus_t status = cublasGemmStridedBatchedEx(
-      at::cuda::getCurrentCUDABlasHandle(), right_op, left_op,
+      at::cuda::getCurrentCUDABlasHandle(), b_op.op, a_op.op,
       static_cast<int>(num_codes), static_cast<int>(rows),
-      static_cast<int>(depth), &one, right.data_ptr(), CUDA_R_32F,
-      static_cast<int>(right_ld), 0, left.data_ptr(), CUDA_R_32F,
-      static_cast<int>(left_ld), left.stride(0), &zero, out.data_ptr(),
-      CUDA_R_32F, static_cast<int>(num_codes), rows * num_codes,
-      static_cast<int>(batch), CUBLAS_COMPUTE_32F_FAST_TF32,
+      static_cast<int>(depth), &one, b_op.tensor.data_ptr(), CUDA_R_32F,
+      static_cast<int>(b_op.ld), 0, a_op.tensor.data_ptr(), CUDA_R_32F,
+      static_cast<int>(a_op.ld), a_op.tensor.stride(0), &zero,
+      out.data_ptr(), CUDA_R_32F, static_cast<int>(num_codes),
+      rows * num_codes, static_cast<int>(batch), CUBLAS_COMPUTE_32F_FAST_TF32,
       CUBLAS_GEMM_DEFAULT);
   TORCH_CHECK(status == CUBLAS_STATUS_SUCCESS,
               "srm_ext CUDA: the TF32 GEMM of the screened encode failed "

@@ -54,11 +54,7 @@ __global__ void __launch_bounds__(kCertifyThreads)
     }
     __syncwarp();
     warp_bitonic_sort_descending(list, list_len, lane);
-    for (int j = lane; j < k; j += kWarpSize) {
-      const uint64_t key = list[j];
-      values[row * k + j] = sigmoid(topk_key_value(key));
-      indices[row * k + j] = static_cast<int64_t>(topk_key_codeword(key));
-    }
+    topk_write_code(list, k, row, lane, values, indices);
     if (lane == 0) {
       const float kth = topk_key_value(list[k - 1]);
       const float bound = error_per_norm * pixel_norms[row] * norm_max;
@@ -133,11 +129,7 @@ __global__ void __launch_bounds__(kExactThreads)
                                   list_len, threshold, list, listed, lane);
       }
       topk_merge(list, listed, k, lane);
-      for (int j = lane; j < k; j += kWarpSize) {
-        const uint64_t key = list[j];
-        values[row * k + j] = sigmoid(topk_key_value(key));
-        indices[row * k + j] = static_cast<int64_t>(topk_key_codeword(key));
-      }
+      topk_write_code(list, k, row, lane, values, indices);
     }
   }
 }

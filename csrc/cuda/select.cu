@@ -48,15 +48,15 @@ __global__ void __launch_bounds__(kThreads)
                                 list_len, threshold, list, count, lane);
     }
     topk_merge(list, count, k, lane);
-    for (int j = lane; j < k; j += kWarpSize) {
-      const uint64_t key = list[j];
-      if constexpr (!kScreen) {
-        values[row * k + j] = from_float<T>(sigmoid(topk_key_value(key)));
+    if constexpr (kScreen) {
+      for (int j = lane; j < k; j += kWarpSize) {
+        indices[row * k + j] = static_cast<int64_t>(topk_key_codeword(list[j]));
       }
-      indices[row * k + j] = static_cast<int64_t>(topk_key_codeword(key));
-    }
-    if (kScreen && lane == 0) {
-      cutoff[row] = topk_key_value(list[k - 1]);
+      if (lane == 0) {
+        cutoff[row] = topk_key_value(list[k - 1]);
+      }
+    } else {
+      topk_write_code(list, k, row, lane, values, indices);
     }
     __syncwarp();  // the list is reused by this warp's next row
   }

@@ -208,5 +208,19 @@ __device__ __forceinline__ void topk_add_tile(const float* tile_scores,
   }
 }
 
+// Writes the first k keys of a merged list as pixel `row`'s code in a
+// (rows, k) sparse code: each value's sigmoid in T, and its codeword.
+// Called by a whole warp.
+template <typename T>
+__device__ __forceinline__ void topk_write_code(const uint64_t* list, int k,
+                                                int64_t row, int lane,
+                                                T* values, int64_t* indices) {
+  for (int j = lane; j < k; j += kWarpSize) {
+    const uint64_t key = list[j];
+    values[row * k + j] = from_float<T>(sigmoid(topk_key_value(key)));
+    indices[row * k + j] = static_cast<int64_t>(topk_key_codeword(key));
+  }
+}
+
 }  // namespace detail
 }  // namespace srm_cuda
