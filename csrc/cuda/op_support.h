@@ -199,7 +199,8 @@ at::Tensor tf32_product(const at::Tensor& a, const at::Tensor& b);
 //                         where TF32's error bound certifies it (other pixels
 //                         are encoded exactly in full); 16-bit inputs, and
 //                         float32 where TF32 is already allowed or where the
-//                         candidates would be every codeword, take the GEMM.
+//                         candidates would be every codeword or no more
+//                         than k, take the GEMM.
 // Deterministic mode takes the fused kernel, where torch would demand
 // CUBLAS_WORKSPACE_CONFIG of the GEMM.
 enum class EncodePath { kGemm, kFused, kScreened };

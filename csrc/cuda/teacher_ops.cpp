@@ -163,10 +163,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> encode_impl(
   EncodePath path = encode_path();
   const int64_t num_candidates = screen_candidates(k);
   // The screen pays only where TF32 is not allowed anyway (the GEMM then
-  // uses it) and where it leaves codewords out.
+  // uses it), where it leaves codewords out, and where candidates beyond k
+  // leave room to certify (not at the largest k).
   if (path == EncodePath::kScreened &&
       (dtype != Dtype::kFloat32 || at::globalContext().allowTF32CuBLAS() ||
-       num_candidates >= num_codewords)) {
+       num_candidates >= num_codewords || num_candidates <= k)) {
     path = EncodePath::kGemm;
   }
 
