@@ -229,6 +229,10 @@ struct PixelBox {
   at::Tensor of_code(const at::Tensor& t) const {  // (N, H, W, k)
     return t.narrow(0, n0, nc).narrow(1, h0, hc).contiguous();
   }
+  // Its pixels as rows [first_row, first_row + num_rows) of a (P, k) code
+  // of an H x W map.
+  int64_t first_row(int64_t h, int64_t w) const { return (n0 * h + h0) * w; }
+  int64_t num_rows(int64_t w) const { return nc * hc * w; }
 };
 
 // Boxes covering x's pixels, each with at most max_pixels pixels where a

@@ -122,13 +122,8 @@ __global__ void __launch_bounds__(kExactThreads)
     }
     __syncthreads();
     if (warp == 0) {
-      int listed = 0;
-      uint64_t threshold = 0;
-      for (int64_t code0 = 0; code0 < num_codes; code0 += kTileCodes) {
-        topk_add_tile<kTileCodes>(scores + code0, code0, num_codes, bias, k,
-                                  list_len, threshold, list, listed, lane);
-      }
-      topk_merge(list, listed, k, lane);
+      topk_of_row<kTileCodes>(scores, num_codes, bias, k, list_len, list,
+                              lane);
       topk_write_code(list, k, row, lane, values, indices);
     }
   }

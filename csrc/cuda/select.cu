@@ -40,14 +40,8 @@ __global__ void __launch_bounds__(kThreads)
   // Grid-stride over rows; the loop bound is warp-uniform.
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
        row < rows; row += static_cast<int64_t>(gridDim.x) * kWarps) {
-    const float* scores = pre + row * row_stride;
-    int count = 0;
-    uint64_t threshold = 0;
-    for (int64_t code0 = 0; code0 < num_codes; code0 += kTileCodes) {
-      topk_add_tile<kTileCodes>(scores + code0, code0, num_codes, bias, k,
-                                list_len, threshold, list, count, lane);
-    }
-    topk_merge(list, count, k, lane);
+    topk_of_row<kTileCodes>(pre + row * row_stride, num_codes, bias, k,
+                            list_len, list, lane);
     if constexpr (kScreen) {
       for (int j = lane; j < k; j += kWarpSize) {
         indices[row * k + j] = static_cast<int64_t>(topk_key_codeword(list[j]));

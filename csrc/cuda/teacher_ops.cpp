@@ -68,8 +68,8 @@ void encode_by_gemm(const at::Tensor& x, Dtype dtype,
     // channels_last boxes, which cuBLAS takes as they are.
     const at::Tensor rows = box.of_map(x).flatten(2).transpose(1, 2);
     const at::Tensor pre = float_product(rows, dictionary).contiguous();
-    const int64_t first = (box.n0 * h + box.h0) * w;
-    const int64_t count = box.nc * box.hc * w;
+    const int64_t first = box.first_row(h, w);
+    const int64_t count = box.num_rows(w);
     check_launch(srm_cuda::launch_select_top_k(
                      pre.data_ptr<float>(), count, num_codewords,
                      num_codewords, bias.data_ptr<float>(), k, dtype,
@@ -112,8 +112,8 @@ void encode_screened(const at::Tensor& x, const at::Tensor& dictionary,
     const at::Tensor xb = box.of_map(x);
     const at::Tensor pre =
         tf32_product(xb.flatten(2).transpose(1, 2), dictionary);
-    const int64_t first = (box.n0 * h + box.h0) * w;
-    const int64_t count = box.nc * box.hc * w;
+    const int64_t first = box.first_row(h, w);
+    const int64_t count = box.num_rows(w);
     const at::Tensor candidates = at::empty(
         {box.nc, box.hc, w, num_candidates}, indices.options());
     const at::Tensor cutoff = at::empty({count}, pre.options());

@@ -208,6 +208,23 @@ __device__ __forceinline__ void topk_add_tile(const float* tile_scores,
   }
 }
 
+// The top k of one row of scores (num_codewords of them, read tile_size at
+// a time, bias added), sorted descending at the front of `list`, whose
+// length list_len is topk_list_length(k, kTileSize). Called by a whole warp.
+template <int kTileSize>
+__device__ __forceinline__ void topk_of_row(const float* scores,
+                                            int64_t num_codewords, float bias,
+                                            int k, int list_len,
+                                            uint64_t* list, int lane) {
+  int count = 0;
+  uint64_t threshold = 0;
+  for (int64_t code0 = 0; code0 < num_codewords; code0 += kTileSize) {
+    topk_add_tile<kTileSize>(scores + code0, code0, num_codewords, bias, k,
+                             list_len, threshold, list, count, lane);
+  }
+  topk_merge(list, count, k, lane);
+}
+
 // Writes the first k keys of a merged list as pixel `row`'s code in a
 // (rows, k) sparse code: each value's sigmoid in T, and its codeword.
 // Called by a whole warp.
