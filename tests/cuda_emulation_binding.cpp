@@ -157,11 +157,12 @@ void combine_codewords_and_dots(const at::Tensor& coef, const at::Tensor indices
 
 void codeword_dots(const at::Tensor& features, const at::Tensor indices, int64_t k,
                    const at::Tensor& dictionary_t, const OptionalTensor& sigmoid_values,
-                   at::Tensor out) {
+                   at::Tensor out, const OptionalTensor& pixel_norms) {
   check(srm_cuda::launch_codeword_dots(feature_map(features), indices.data_ptr<int64_t>(), k,
                                        dictionary_t.data_ptr(), dtype_of(dictionary_t),
                                        dictionary_t.size(0), pointer<float>(sigmoid_values),
-                                       out.data_ptr<float>(), nullptr),
+                                       out.data_ptr<float>(), pointer<float>(pixel_norms),
+                                       nullptr),
         "launch_codeword_dots");
 }
 

@@ -248,8 +248,8 @@ def screened_encode(emu, x, C, b, k, num_candidates):
     emu.select_candidates(pre, b, num_candidates, candidates, cutoff)
     dictionary_t = C.t().contiguous()
     dots = torch.empty(rows.shape[0], num_candidates)
-    emu.codeword_dots(x, candidates, num_candidates, dictionary_t, None, dots)
-    norms = torch.linalg.vector_norm(rows, dim=1)
+    norms = torch.empty(rows.shape[0])
+    emu.codeword_dots(x, candidates, num_candidates, dictionary_t, None, dots, norms)
     norm_max = torch.linalg.vector_norm(C, dim=0).max().reshape(1)
     values = guarded(rows.shape[0], k)
     indices = guarded(rows.shape[0], k, dtype=torch.long, fill=-5)
@@ -460,7 +460,7 @@ def test_combine_codewords_and_dots(emu, dtype, layout, addend, sigmoid_source, 
     elif sigmoid_source == "of_addend":
         addend_intercept = intercept
         pre = torch.empty(n * h * w, k)
-        emu.codeword_dots(x, indices, k, dictionary_t, None, pre)
+        emu.codeword_dots(x, indices, k, dictionary_t, None, pre, None)
         assert torch.equal(pre.double(), pre_exact)  # dyadic: exact in float32
         sigmoid = torch.sigmoid(pre + intercept)
     device_scale = torch.tensor([0.5])
@@ -475,7 +475,7 @@ def test_combine_codewords_and_dots(emu, dtype, layout, addend, sigmoid_source, 
     emu.combine_codewords(coef, indices, k, dictionary_t, x, -1.0, device_scale, 0.25, expected_out)
     assert torch.equal(out, expected_out)
     expected_dots = torch.empty(n * h * w, k)
-    emu.codeword_dots(out, indices, k, dictionary_t, sigmoid, expected_dots)
+    emu.codeword_dots(out, indices, k, dictionary_t, sigmoid, expected_dots, None)
     if addend_intercept is None:
         assert torch.equal(dots, expected_dots)
     else:  # the kernel's sigmoid against torch's: a few ulp
@@ -546,14 +546,30 @@ def entry_dot_inputs(dtype, layout, features_float, k, seed):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_codeword_dots(emu, dtype, layout, features_float, with_sigmoid, k):
+    """The entries' dots; the pixels' norms too where asked (here: without
+    the sigmoid, so that both kinds of launch run)."""
     indices, dictionary_t, features, g, expected = entry_dot_inputs(dtype, layout, features_float, k, 4)
     sigmoid = torch.rand(indices[..., 0].numel(), k, generator=g) if with_sigmoid else None
     out = guarded(*expected.shape)
-    with writes_only_inside(out):
-        emu.codeword_dots(features, indices, k, dictionary_t, sigmoid, out)
+    norms = None if with_sigmoid else guarded(expected.shape[0])
+    with writes_only_inside(*(t for t in (out, norms) if t is not None)):
+        emu.codeword_dots(features, indices, k, dictionary_t, sigmoid, out, norms)
     if with_sigmoid:
         expected = expected * sigmoid.double() * (1 - sigmoid.double())
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    if norms is not None:
+        exact_norms = features.double().permute(0, 2, 3, 1).reshape(-1, features.shape[1]).norm(dim=1)
+        torch.testing.assert_close(norms.double(), exact_norms, rtol=1e-6, atol=0)
+
+
+def test_codeword_dots_gives_norms_without_entries(emu):
+    features = dyadic(2, 40, 3, 7, generator=torch.Generator().manual_seed(3), dtype=torch.float32)
+    norms = guarded(42)
+    with writes_only_inside(norms):
+        emu.codeword_dots(features, torch.empty(2, 3, 7, 0, dtype=torch.long), 0,
+                          torch.rand(5, 40), None, torch.empty(42, 0), norms)
+    exact = features.double().permute(0, 2, 3, 1).reshape(-1, 40).norm(dim=1)
+    torch.testing.assert_close(norms.double(), exact, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("k", [7, 37], ids=["k7", "k37"])
@@ -570,7 +586,7 @@ def test_recomputed_sigmoid_backward(emu, dtype, layout, features_float, k):
     with writes_only_inside(out):
         emu.recomputed_sigmoid_backward(grad_values, features, indices, k, dictionary_t, intercept, out)
     pre = torch.empty(*exact_pre.shape)
-    emu.codeword_dots(features, indices, k, dictionary_t, None, pre)
+    emu.codeword_dots(features, indices, k, dictionary_t, None, pre, None)
     s = torch.sigmoid(pre + intercept)
     torch.testing.assert_close(out, grad_values.float() * s * (1 - s), rtol=1e-6, atol=1e-7)
     s = torch.sigmoid(exact_pre + 0.625)

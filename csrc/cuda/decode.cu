@@ -229,9 +229,26 @@ __global__ void __launch_bounds__(kTileThreads, 4)
   }
 }
 
+// square_norms[pl] += the squares of the chunk's channels of the tile's
+// pixels pl that this warp owns. Called by every warp.
+__device__ __forceinline__ void add_tile_square_norms(float* square_norms,
+                                                      const PixelTile& tile,
+                                                      int64_t first_pixel,
+                                                      int64_t total_pixels) {
+  const int lane = threadIdx.x % kWarpSize;
+  for_each_warp_pixel(first_pixel, total_pixels, [&](int pl, int64_t) {
+    const float f = tile[pl][lane];  // 0 past D
+    const float sum = warp_sum(f * f);
+    if (lane == 0) {
+      square_norms[pl] += sum;
+    }
+  });
+}
+
 // out[p, j] = <features_p, C[:, idx_pj]>, times s (1 - s) with s given by
-// sigmoid_values. With kSigmoidBackward, out[p, j] = grad_values[p, j] *
-// s (1 - s) instead, s = sigmoid(that dot + intercept[0]).
+// sigmoid_values, and pixel_norms[p] = |features_p| when not null. With
+// kSigmoidBackward, out[p, j] = grad_values[p, j] * s (1 - s) instead,
+// s = sigmoid(that dot + intercept[0]).
 template <typename TFeat, typename TDict, bool kSigmoidBackward>
 __global__ void __launch_bounds__(kTileThreads, 4)
     codeword_dots_kernel(const TFeat* __restrict__ features,
@@ -242,10 +259,12 @@ __global__ void __launch_bounds__(kTileThreads, 4)
                          const float* __restrict__ sigmoid_values,
                          const TDict* __restrict__ grad_values,
                          const float* __restrict__ intercept,
-                         float* __restrict__ out) {
+                         float* __restrict__ out,
+                         float* __restrict__ pixel_norms) {
   __shared__ int64_t offsets[kTilePixels];
   __shared__ PixelTile tile;
   __shared__ EntryDots dots;
+  __shared__ float square_norms[kTilePixels];
 
   const int64_t total_pixels = num_pixels(layout);
   const int64_t depth = layout.d;
@@ -253,6 +272,9 @@ __global__ void __launch_bounds__(kTileThreads, 4)
 
   load_tile_pixel_offsets(offsets, layout, first_pixel);
   zero_entry_dots(dots, k);
+  if (threadIdx.x < kTilePixels) {
+    square_norms[threadIdx.x] = 0.0f;
+  }
   __syncthreads();
 
   for (int64_t d0 = 0; d0 < depth; d0 += kTileChannels) {
@@ -260,7 +282,15 @@ __global__ void __launch_bounds__(kTileThreads, 4)
     __syncthreads();
     add_tile_entry_dots(dots, tile, first_pixel, total_pixels, d0, indices, k,
                         dictionary_t, num_codes, depth);
+    if (pixel_norms != nullptr) {  // grid-uniform
+      // From the tile already staged: the norms cost no second read of x.
+      add_tile_square_norms(square_norms, tile, first_pixel, total_pixels);
+    }
     __syncthreads();  // tile is rewritten by the next chunk
+  }
+  if (pixel_norms != nullptr && threadIdx.x < kTilePixels &&
+      first_pixel + threadIdx.x < total_pixels) {
+    pixel_norms[first_pixel + threadIdx.x] = sqrtf(square_norms[threadIdx.x]);
   }
   if constexpr (kSigmoidBackward) {
     for (int e = threadIdx.x; e < kTilePixels * k; e += kTileThreads) {
@@ -433,7 +463,8 @@ cudaError_t launch_codeword_dots_kernel(
     const FeatureMap& features, const int64_t* indices, int64_t k,
     const void* dictionary_t, Dtype dictionary_dtype, int64_t num_codewords,
     const float* sigmoid_values, const void* grad_values,
-    const float* intercept, float* out, cudaStream_t stream) {
+    const float* intercept, float* out, float* pixel_norms,
+    cudaStream_t stream) {
   const int64_t total_pixels = detail::num_pixels(features.layout);
   if (k < 0 || k > kMaxTopK || !valid_tile_grid(total_pixels)) {
     return cudaErrorInvalidValue;
@@ -441,7 +472,7 @@ cudaError_t launch_codeword_dots_kernel(
   if (features.dtype != dictionary_dtype && features.dtype != Dtype::kFloat32) {
     return cudaErrorInvalidValue;
   }
-  if (total_pixels == 0 || k == 0) {
+  if (total_pixels == 0 || (k == 0 && pixel_norms == nullptr)) {
     return cudaSuccess;
   }
   const unsigned blocks =
@@ -456,7 +487,7 @@ cudaError_t launch_codeword_dots_kernel(
               indices, static_cast<int>(k),
               static_cast<const T*>(dictionary_t), num_codewords,
               sigmoid_values, static_cast<const T*>(grad_values), intercept,
-              out);
+              out, pixel_norms);
       return cudaGetLastError();
     };
     const bool feature_float = features.dtype == Dtype::kFloat32;
@@ -476,11 +507,11 @@ cudaError_t launch_codeword_dots(const FeatureMap& features,
                                  const void* dictionary_t,
                                  Dtype dictionary_dtype, int64_t num_codewords,
                                  const float* sigmoid_values, float* out,
-                                 cudaStream_t stream) {
+                                 float* pixel_norms, cudaStream_t stream) {
   return launch_codeword_dots_kernel(features, indices, k, dictionary_t,
                                      dictionary_dtype, num_codewords,
                                      sigmoid_values, nullptr, nullptr, out,
-                                     stream);
+                                     pixel_norms, stream);
 }
 
 cudaError_t launch_recomputed_sigmoid_backward(
@@ -493,7 +524,8 @@ cudaError_t launch_recomputed_sigmoid_backward(
   }
   return launch_codeword_dots_kernel(features, indices, k, dictionary_t,
                                      dictionary_dtype, num_codewords, nullptr,
-                                     grad_values, intercept, out, stream);
+                                     grad_values, intercept, out, nullptr,
+                                     stream);
 }
 
 cudaError_t launch_sigmoid_backward(const void* grad_values,

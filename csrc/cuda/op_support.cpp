@@ -371,8 +371,13 @@ void residual_gradients(const at::Tensor& x, const at::Tensor& coef,
 
 at::Tensor codeword_dots(const at::Tensor& features, const at::Tensor& indices,
                          const at::Tensor& dictionary_t,
-                         const at::Tensor* sigmoid, cudaStream_t stream) {
+                         const at::Tensor* sigmoid, cudaStream_t stream,
+                         at::Tensor* pixel_norms) {
   auto out = at::empty(indices.sizes(), features.options().dtype(at::kFloat));
+  if (pixel_norms != nullptr) {
+    *pixel_norms = at::empty(indices.sizes().slice(0, indices.dim() - 1),
+                             features.options().dtype(at::kFloat));
+  }
   check_launch(srm_cuda::launch_codeword_dots(
                    feature_map(features, "features"),
                    indices.data_ptr<int64_t>(), indices.size(-1),
@@ -380,7 +385,10 @@ at::Tensor codeword_dots(const at::Tensor& features, const at::Tensor& indices,
                    kernel_dtype(dictionary_t.scalar_type(), "dictionary"),
                    dictionary_t.size(0),
                    sigmoid != nullptr ? sigmoid->data_ptr<float>() : nullptr,
-                   out.data_ptr<float>(), stream),
+                   out.data_ptr<float>(),
+                   pixel_norms != nullptr ? pixel_norms->data_ptr<float>()
+                                          : nullptr,
+                   stream),
                "codeword_dots");
   return out;
 }

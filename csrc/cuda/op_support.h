@@ -155,10 +155,12 @@ void residual_gradients(const at::Tensor& x, const at::Tensor& coef,
                         cudaStream_t stream);
 
 // (N, H, W, k) float32: <features_p, C[:, indices[p, j]]>, times s (1 - s)
-// when the kept entries' float32 sigmoid s is given.
+// when the kept entries' float32 sigmoid s is given. pixel_norms, when not
+// null, is set to the (N, H, W) float32 norms |features_p| from the same pass.
 at::Tensor codeword_dots(const at::Tensor& features, const at::Tensor& indices,
                          const at::Tensor& dictionary_t,
-                         const at::Tensor* sigmoid, cudaStream_t stream);
+                         const at::Tensor* sigmoid, cudaStream_t stream,
+                         at::Tensor* pixel_norms = nullptr);
 
 // The float32 gradient of every kept entry's pre-activation,
 // grad_values * s (1 - s) with s the entry's float32 sigmoid. float32 values

@@ -110,9 +110,10 @@ cudaError_t launch_select_candidates(const float* pre, int64_t rows,
 // ---------------------------------------------------------------------------
 // Screened encode, float32 (screen.cu): a TF32 GEMM ranks every codeword,
 // launch_select_candidates keeps each pixel's best few, launch_codeword_dots
-// scores them exactly, and launch_certify_top_k keeps the exact top k where
-// TF32's error bound proves that no other codeword can reach it. The other
-// pixels are listed and encoded exactly in full by launch_exact_rows_top_k.
+// scores them exactly (and gives the pixels' norms), and launch_certify_top_k
+// keeps the exact top k where TF32's error bound proves that no other
+// codeword can reach it. The other pixels are listed and encoded exactly in
+// full by launch_exact_rows_top_k.
 // ---------------------------------------------------------------------------
 
 // Bound on |TF32 product - exact float32 product| of a D-long dot product,
@@ -204,16 +205,18 @@ cudaError_t launch_residual_square_sums(const float* coef,
                                         cudaStream_t stream);
 
 // out[p, j] = <features[p, :], dictionary_t[indices[p, j], :]>, multiplied by
-// s * (1 - s) with s = sigmoid_values[p, j] when sigmoid_values is not null.
-// features has dtype dictionary_dtype or float32 and any strides;
-// sigmoid_values is (P, k) float32 (the kept entries' sigmoid, unrounded);
-// out is (P, k) float32.
+// s * (1 - s) with s = sigmoid_values[p, j] when sigmoid_values is not null,
+// and, when pixel_norms is not null, pixel_norms[p] = |features[p, :]|
+// (Euclidean, float32) from the same read of the features. features has
+// dtype dictionary_dtype or float32 and any strides; sigmoid_values is
+// (P, k) float32 (the kept entries' sigmoid, unrounded); out is (P, k)
+// float32.
 cudaError_t launch_codeword_dots(const FeatureMap& features,
                                  const int64_t* indices, int64_t k,
                                  const void* dictionary_t,
                                  Dtype dictionary_dtype, int64_t num_codewords,
                                  const float* sigmoid_values, float* out,
-                                 cudaStream_t stream);
+                                 float* pixel_norms, cudaStream_t stream);
 
 // out[p, j] = grad_values[p, j] * s * (1 - s), s = sigmoid(<features[p, :],
 // dictionary_t[indices[p, j], :]> + intercept[0]), that dot summed as

@@ -123,9 +123,9 @@ void encode_screened(const at::Tensor& x, const at::Tensor& dictionary,
                      candidates.data_ptr<int64_t>(),
                      cutoff.data_ptr<float>(), stream),
                  "select_candidates");
+    at::Tensor norms;
     const at::Tensor dots =
-        codeword_dots(xb, candidates, dict_t, nullptr, stream);
-    const at::Tensor norms = at::linalg_vector_norm(xb, 2, {1}).contiguous();
+        codeword_dots(xb, candidates, dict_t, nullptr, stream, &norms);
     check_launch(srm_cuda::launch_certify_top_k(
                      dots.data_ptr<float>(), candidates.data_ptr<int64_t>(),
                      cutoff.data_ptr<float>(), count, num_candidates,
