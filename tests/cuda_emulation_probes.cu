@@ -79,6 +79,12 @@ __global__ void dynamic_shared_kernel(float* out) {
   out[threadIdx.x] = dynamic[threadIdx.x];
 }
 
+// Declared for blocks of at most kThreads / 2 threads: a GPU refuses a
+// larger block (its registers were allotted for the bound).
+__global__ void __launch_bounds__(kThreads / 2, 1) bounded_kernel(float* out) {
+  out[threadIdx.x] = static_cast<float>(threadIdx.x);
+}
+
 }  // namespace
 
 cudaError_t launch_neighbour(bool with_barrier, int blocks, float* out) {
@@ -130,6 +136,11 @@ cudaError_t launch_dynamic_shared(size_t bytes, bool raise_limit, float* out) {
     }
   }
   dynamic_shared_kernel<<<1, kThreads, bytes>>>(out);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_bounded(int threads, float* out) {
+  bounded_kernel<<<1, threads>>>(out);
   return cudaGetLastError();
 }
 

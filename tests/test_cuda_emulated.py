@@ -950,6 +950,15 @@ def test_emulator_warp_primitives(emu):
     assert ballot.tolist() == [0x55555555 * 2 - (1 << 32), 0x55555555 * 2 - (1 << 32)]
 
 
+def test_emulator_refuses_a_block_past_the_launch_bounds(emu):
+    out = probe(emu, "bounded", PROBE_THREADS // 2)
+    assert torch.equal(out[: PROBE_THREADS // 2], torch.arange(PROBE_THREADS // 2).float())
+    out = torch.full((2 * PROBE_THREADS,), -7.0)
+    with pytest.raises(RuntimeError, match="64 threads per block, past the kernel.s __launch_bounds__ of 32"):
+        emu.probe("bounded", out, None, PROBE_THREADS, False)
+    assert (out == -7).all()  # refused before any thread ran
+
+
 def test_emulator_dynamic_shared_memory_limit(emu):
     expected = torch.arange(PROBE_THREADS).float()
     assert torch.equal(probe(emu, "dynamic_shared", 48 * 1024)[:PROBE_THREADS], expected)

@@ -1,6 +1,6 @@
 """Rewrites CUDA sources into C++ that builds against the CPU emulator.
 
-Three constructs have no C++ spelling and are rewritten:
+Four constructs have no C++ spelling and are rewritten:
 
 * ``kernel<<<grid, block, bytes, stream>>>(args)`` becomes
   ``::cuda_emulator::launch(kernel, ::cuda_emulator::LaunchConfig(grid, block,
@@ -8,7 +8,9 @@ Three constructs have no C++ spelling and are rewritten:
 * ``__shared__ T name[...];`` becomes a function-static array registered with
   the emulator, which poisons it before every block;
 * ``extern __shared__ T name[];`` becomes a pointer to the launch's dynamic
-  shared memory.
+  shared memory;
+* ``__launch_bounds__(max_threads, ...)`` on a kernel becomes a check at the
+  top of its body, which fails the launch of a larger block as a GPU does.
 
 Everything else compiles as is with the headers in ``include/``, which must
 come before any real CUDA include directory. ``.cu`` files are written as
@@ -28,6 +30,8 @@ _STATIC_SHARED = re.compile(
     r"__shared__\s+((?:__align__\(\d+\)\s+)?[\w:<>, ]+?)\s+(\w+)((?:\s*\[[^\]]+\])*)\s*;"
 )
 _IDENTIFIER_CHAR = re.compile(r"[\w:]")
+_LAUNCH_BOUNDS = "__launch_bounds__("
+_KERNEL_NAME = re.compile(r"\s*\w+\s*\(")
 
 
 def _matching(text: str, start: int, open_: str, close: str) -> int:
@@ -85,6 +89,40 @@ def rewrite_launches(text: str) -> str:
     return "".join(out)
 
 
+def _first_argument(arguments: str) -> str:
+    """The first of comma-separated arguments, commas inside brackets kept."""
+    depth = 0
+    for i, char in enumerate(arguments):
+        if char in "(<[":
+            depth += 1
+        elif char in ")>]":
+            depth -= 1
+        elif char == "," and depth == 0:
+            return arguments[:i].strip()
+    return arguments.strip()
+
+
+def rewrite_launch_bounds(text: str) -> str:
+    out = []
+    pos = 0
+    while (at := text.find(_LAUNCH_BOUNDS, pos)) >= 0:
+        bounds_end = _matching(text, at + len(_LAUNCH_BOUNDS) - 1, "(", ")")
+        name = _KERNEL_NAME.match(text, bounds_end)
+        if name is None:  # not on a kernel definition: the header's macro drops it
+            out.append(text[pos:bounds_end])
+            pos = bounds_end
+            continue
+        max_threads = _first_argument(text[at + len(_LAUNCH_BOUNDS) : bounds_end - 1])
+        params_end = _matching(text, name.end() - 1, "(", ")")
+        body = text.index("{", params_end) + 1
+        out.append(text[pos:at])
+        out.append(text[bounds_end:body])
+        out.append(f" ::cuda_emulator::check_launch_bounds({max_threads});")
+        pos = body
+    out.append(text[pos:])
+    return "".join(out)
+
+
 def rewrite_shared(text: str) -> str:
     text = _DYNAMIC_SHARED.sub(
         lambda m: f"{m[1]}* {m[2]} = static_cast<{m[1]}*>(::cuda_emulator::dynamic_shared_memory());",
@@ -105,7 +143,7 @@ def rewrite_shared(text: str) -> str:
 
 
 def translate(text: str) -> str:
-    return rewrite_launches(rewrite_shared(text))
+    return rewrite_launches(rewrite_shared(rewrite_launch_bounds(text)))
 
 
 def translate_file(path: Path, out_dir: Path) -> Path | None:

@@ -16,8 +16,10 @@
 //     of a grid run in the schedule's order too;
 //   * uninitialised shared memory: static and dynamic shared memory is
 //     filled with 0xff bytes (NaN floats, -1 integers) before every block;
-//   * launch configuration: block and grid limits, and dynamic shared memory
-//     past 48 KiB without cudaFuncAttributeMaxDynamicSharedMemorySize.
+//   * launch configuration: block and grid limits, a block larger than the
+//     kernel's __launch_bounds__ (translate.py turns the bound into a check
+//     at the top of the kernel), and dynamic shared memory past 48 KiB
+//     without cudaFuncAttributeMaxDynamicSharedMemorySize.
 // It does not model timing, warp lockstep, or global-memory races.
 #pragma once
 
@@ -101,6 +103,7 @@ struct BlockRun {
   std::vector<uint64_t> exchange;  // one 64-bit slot per thread
   const std::function<void()>* body = nullptr;
   std::string failure;
+  cudaError_t failure_error = cudaErrorLaunchFailure;
 };
 
 inline BlockRun& current_run(const char* what) {
@@ -113,15 +116,30 @@ inline BlockRun& current_run(const char* what) {
 
 // Reports a failure of the running thread and abandons its block: no thread
 // of it runs again (their locals are never destroyed; failures end a test).
-[[noreturn]] inline void fail(const std::string& message) {
+[[noreturn]] inline void fail(const std::string& message,
+                              cudaError_t error = cudaErrorLaunchFailure) {
   BlockRun& run = *state().run;
   if (run.failure.empty()) {
     run.failure = message;
+    run.failure_error = error;
   }
   Fiber& self = run.fibers[run.current];
   self.waiting = Waiting::kExited;
   swapcontext(&self.context, &run.scheduler);
   __builtin_unreachable();  // a failed block is never resumed
+}
+
+// First statement of a kernel declared with __launch_bounds__(max_threads,
+// ...): a GPU refuses to launch it with a larger block, so the launch fails
+// before any thread has done anything.
+inline void check_launch_bounds(long long max_threads) {
+  const unsigned long long threads =
+      static_cast<unsigned long long>(blockDim.x) * blockDim.y * blockDim.z;
+  if (threads > static_cast<unsigned long long>(max_threads)) {
+    fail(std::to_string(threads) + " threads per block, past the kernel's __launch_bounds__ of " +
+             std::to_string(max_threads),
+         cudaErrorLaunchOutOfResources);
+  }
 }
 
 inline std::string where(const BlockRun& run) {
@@ -362,7 +380,7 @@ inline void run_grid(const void* kernel, const LaunchConfig& config,
                 static_cast<unsigned>(linear_block / (uint64_t{g.x} * g.y))};
     if (!run_block(run, rng)) {
       s.run = outer;
-      record_error(cudaErrorLaunchFailure, run.failure);
+      record_error(run.failure_error, run.failure);
       return;
     }
   }
