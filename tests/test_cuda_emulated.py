@@ -278,7 +278,7 @@ def test_screened_encode_kernels_give_the_exact_top_k(scheduled, shape, layout):
     x[n - 1, 2, h - 1, w - 1] = float("nan")
     x = make_layout(x, layout)
     b = torch.tensor([0.375])
-    values, indices, fallen = screened_encode(scheduled, x, C, b, k, min(max(2 * k, k + 16), 128))
+    values, indices, fallen = screened_encode(scheduled, x, C, b, k, min(k + max(k, 8), 128))
     ref_values, ref_indices = reference.sparse_encode(x, C, b, k)
     assert torch.equal(indices, ref_indices.reshape(-1, k))
     torch.testing.assert_close(values, ref_values.reshape(-1, k), equal_nan=True)
