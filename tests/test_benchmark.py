@@ -1,9 +1,11 @@
-"""The benchmark harness on a tiny shape: records, table and chart."""
+"""The benchmark harness and scripts on a tiny shape: records, tables and charts."""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +17,14 @@ from conftest import requires_native_cpu
 
 TINY = benchmark.Shape("tiny", batch=2, channels=8, height=4, width=4, num_codewords=16, k=2,
                        student_channels=4)
+
+
+def load_benchmark_script(name):
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @requires_native_cpu
@@ -130,13 +140,7 @@ def test_native_is_required_for_a_native_run(monkeypatch):
 
 @requires_native_cpu
 def test_profile_script_writes_a_time_breakdown_per_case(tmp_path, monkeypatch):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "profile_ops.py"
-    spec = importlib.util.spec_from_file_location("profile_ops", path)
-    profile_ops = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(profile_ops)
+    profile_ops = load_benchmark_script("profile_ops")
     monkeypatch.setitem(benchmark.SHAPE_SETS, "cifar", [TINY])
     argv = ["--device", "cpu", "--steps", "1", "--ops", "stage1_step,sparse_labels", "--out", str(tmp_path)]
     assert profile_ops.main(argv) == 0
@@ -146,6 +150,40 @@ def test_profile_script_writes_a_time_breakdown_per_case(tmp_path, monkeypatch):
     rows = [line for line in text.splitlines() if line.startswith("| `")]
     assert any("reconstruction_loss" in row for row in rows)
     assert all(float(row.split("|")[2]) >= 0 for row in rows)
+
+
+def test_certification_model_refuses_what_tf32_misranks_and_keeps_clear_winners():
+    screen = load_benchmark_script("screen_certification")
+    # Pixel 0: codewords 0-3 score 4094.5 exactly (TF32: 4094), codeword 4
+    # 4095 (TF32: 4094 too): four candidates leave the best one out.
+    # Pixel 1: codeword 2 wins by far. Pixel 2: NaN.
+    rows = torch.tensor([[4095.0, 2.0], [0.0, 1.0], [float("nan"), 1.0]])
+    C = torch.zeros(2, 5)
+    C[1, :4] = 2047.25
+    C[0, 4] = 1.0
+    assert screen.uncertified_fraction(rows[:1], C, 0.0, 1, 4) == 1.0
+    C2 = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0], [0.1, 0.2, 3.0, 0.0, 0.0]])
+    assert screen.uncertified_fraction(rows[1:2], C2, 0.5, 1, 2) == 0.0
+    assert screen.uncertified_fraction(rows[1:], C2, 0.5, 1, 2) == 0.5  # NaN never certifies
+
+
+def test_certification_script_writes_fractions_that_fall_with_more_candidates(tmp_path, monkeypatch):
+    screen = load_benchmark_script("screen_certification")
+    monkeypatch.setitem(benchmark.SHAPE_SETS, "cifar", [dataclasses.replace(TINY, num_codewords=40)])
+    argv = ["--shapes", "cifar", "--pixels", "256", "--train-steps", "2", "--out", str(tmp_path)]
+    assert screen.main(argv) == 0
+    records = json.loads((tmp_path / "screen-certification-cifar.json").read_text())["records"]
+    assert {r["dictionary"] for r in records} == {"random", "trained"}
+    for name in ("random", "trained"):
+        rows = [r for r in records if r["dictionary"] == name]
+        counts = [r["candidates"] for r in rows]
+        assert counts == sorted(counts) and counts[0] == TINY.k + 1
+        assert [r["chosen"] for r in rows].count(True) == 1  # k + max(k, 8) = 10
+        assert rows[[r["chosen"] for r in rows].index(True)]["candidates"] == 10
+        fractions = [r["uncertified"] for r in rows]
+        assert all(0.0 <= f <= 1.0 for f in fractions)
+        assert fractions == sorted(fractions, reverse=True)
+    assert "**10**" in (tmp_path / "screen-certification-cifar.md").read_text()
 
 
 def test_stage1_bytes_count_x_twice_the_code_twice_and_the_dictionary_three_times():
