@@ -18,7 +18,7 @@
 #   bench     ImageNet (N=256) and CIFAR (N=128) shapes, float32 and bfloat16
 #   paths     the encode and the stage-1 step at the ImageNet shapes in
 #             float32 under each SRM_EXT_CUDA_ENCODE path (gemm, screened,
-#             fused)
+#             fused), and each kernel's device time in the screened step
 #
 # Each stage writes <stage>.log; a failing stage is reported and the next one
 # still runs. The exit status is non-zero if any stage failed.
@@ -160,6 +160,9 @@ stage_paths() {
       --dtype float32 --shapes imagenet --ops sparse_encode,stage1_step --implementations native,research \
       --name "imagenet-cuda-float32-encode-${path}" --out "${out}" ${BENCH_ARGS:-} || status=1
   done
+  SRM_EXT_CUDA_ENCODE=screened "${python}" benchmarks/profile_ops.py --device cuda \
+    --shapes imagenet --ops stage1_step --name "profile-imagenet-cuda-float32-screened" \
+    --out "${out}" || status=1
   return ${status}
 }
 
