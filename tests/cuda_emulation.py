@@ -29,10 +29,16 @@ BUILD = ROOT / "build" / "cuda_emulation"
 PROBES = Path(__file__).with_name("cuda_emulation_probes.cu")  # the emulator's own checks
 
 
-def _translate() -> list[Path]:
+def translator():
+    """tools/cuda_emulator/translate.py as a module."""
     spec = importlib.util.spec_from_file_location("cuda_translate", EMULATOR / "translate.py")
     translate = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(translate)
+    return translate
+
+
+def _translate() -> list[Path]:
+    translate = translator()
     out = BUILD / "kernels"
     out.mkdir(parents=True, exist_ok=True)
     targets = [translate.translate_file(p, out) for p in [*sorted(KERNELS.iterdir()), PROBES]]

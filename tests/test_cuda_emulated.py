@@ -959,6 +959,20 @@ def test_emulator_refuses_a_block_past_the_launch_bounds(emu):
     assert (out == -7).all()  # refused before any thread ran
 
 
+def test_translation_checks_the_launch_bounds_of_kernel_definitions_only():
+    source = (
+        "__global__ void __launch_bounds__(std::max<int>(32, 64), 2)\n"
+        "    kernel(float* out) {\n  out[0] = 1;\n}\n"
+        "__global__ void __launch_bounds__(64) declared(float* out);\n"
+    )
+    lines = cuda_emulation.translator().rewrite_launch_bounds(source).splitlines()
+    # The bound becomes the body's first statement, on the same line, so
+    # that line numbers in compiler errors still match the source.
+    assert lines[1] == "    kernel(float* out) { ::cuda_emulator::check_launch_bounds(std::max<int>(32, 64));"
+    assert "__launch_bounds__" not in lines[0] and lines[2:4] == ["  out[0] = 1;", "}"]
+    assert lines[4] == "__global__ void __launch_bounds__(64) declared(float* out);"  # the macro drops it
+
+
 def test_emulator_dynamic_shared_memory_limit(emu):
     expected = torch.arange(PROBE_THREADS).float()
     assert torch.equal(probe(emu, "dynamic_shared", 48 * 1024)[:PROBE_THREADS], expected)

@@ -32,6 +32,7 @@ _STATIC_SHARED = re.compile(
 _IDENTIFIER_CHAR = re.compile(r"[\w:]")
 _LAUNCH_BOUNDS = "__launch_bounds__("
 _KERNEL_NAME = re.compile(r"\s*\w+\s*\(")
+_BODY_OPEN = re.compile(r"\s*\{")
 
 
 def _matching(text: str, start: int, open_: str, close: str) -> int:
@@ -90,7 +91,8 @@ def rewrite_launches(text: str) -> str:
 
 
 def _first_argument(arguments: str) -> str:
-    """The first of comma-separated arguments, commas inside brackets kept."""
+    """The first of comma-separated arguments, commas inside brackets
+    (template argument lists included) kept."""
     depth = 0
     for i, char in enumerate(arguments):
         if char in "(<[":
@@ -108,13 +110,14 @@ def rewrite_launch_bounds(text: str) -> str:
     while (at := text.find(_LAUNCH_BOUNDS, pos)) >= 0:
         bounds_end = _matching(text, at + len(_LAUNCH_BOUNDS) - 1, "(", ")")
         name = _KERNEL_NAME.match(text, bounds_end)
-        if name is None:  # not on a kernel definition: the header's macro drops it
+        params_end = _matching(text, name.end() - 1, "(", ")") if name else bounds_end
+        body = _BODY_OPEN.match(text, params_end)
+        if body is None:  # not on a kernel definition: the header's macro drops it
             out.append(text[pos:bounds_end])
             pos = bounds_end
             continue
         max_threads = _first_argument(text[at + len(_LAUNCH_BOUNDS) : bounds_end - 1])
-        params_end = _matching(text, name.end() - 1, "(", ")")
-        body = text.index("{", params_end) + 1
+        body = body.end()
         out.append(text[pos:at])
         out.append(text[bounds_end:body])
         out.append(f" ::cuda_emulator::check_launch_bounds({max_threads});")
