@@ -26,10 +26,23 @@ _warned: set[tuple[str, str]] = set()
 _cuda_runs_on: dict[int, bool] = {}
 
 
+# Why a compiled module is absent, where it was never built.
+_NOT_BUILT = {
+    "srm_ext._C": "not built: install with pip install --no-build-isolation .",
+    "srm_ext._C_cuda": (
+        "not built: the build found no CUDA build of torch or no nvcc, or "
+        "SRM_EXT_NO_CUDA=1 was set"
+    ),
+}
+
+
 def _try_import(name: str) -> ModuleType | None:
     try:
         return importlib.import_module(name)
-    except ImportError as exc:  # missing or built against another torch
+    except ModuleNotFoundError as exc:
+        _load_errors[name] = _NOT_BUILT[name] if exc.name == name else str(exc)
+        return None
+    except ImportError as exc:  # built, but against another torch or missing a library
         _load_errors[name] = str(exc)
         return None
 

@@ -35,6 +35,24 @@ def test_backend_info_reports_versions_and_backends():
         assert info["cpu"] is None and info["cpu_error"]
 
 
+def test_a_module_never_built_is_reported_as_such_and_a_broken_one_with_its_error(monkeypatch):
+    monkeypatch.setattr(_backend, "_load_errors", {})
+    real_import = _backend.importlib.import_module
+
+    def fake_import(name):
+        if name == "srm_ext._C_cuda":
+            raise ModuleNotFoundError(f"No module named '{name}'", name=name)
+        if name == "srm_ext._C":
+            raise ImportError("undefined symbol: cublasGemmStridedBatchedEx")
+        return real_import(name)
+
+    monkeypatch.setattr(_backend.importlib, "import_module", fake_import)
+    assert _backend._try_import("srm_ext._C_cuda") is None
+    assert _backend._try_import("srm_ext._C") is None
+    assert _backend._load_errors["srm_ext._C_cuda"].startswith("not built: the build found no CUDA")
+    assert _backend._load_errors["srm_ext._C"] == "undefined symbol: cublasGemmStridedBatchedEx"
+
+
 @requires_native_cpu
 def test_compiled_ops_are_used_for_supported_dtypes(monkeypatch):
     monkeypatch.delenv("SRM_EXT_BACKEND", raising=False)
