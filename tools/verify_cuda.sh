@@ -57,10 +57,13 @@ print(f"{p.name}: {p.multi_processor_count} SMs, {p.total_memory / 2**30:.1f} Gi
 EOF
 }
 
+# The built libraries are copied to OUT_DIR/lib too: put back into srm_ext/
+# on another machine with the same torch, they spare the next run the build.
 stage_build() {
   MAX_JOBS="${MAX_JOBS:-$(nproc)}" "${python}" setup.py build_ext --inplace &&
     "${python}" -c "import json, srm_ext; print(json.dumps(srm_ext.backend_info(), indent=1))" &&
-    check_errors_raise
+    check_errors_raise &&
+    mkdir -p "${out}/lib" && cp srm_ext/_C*.so "${out}/lib/"
 }
 
 # A failed argument check must come back to Python as an error. Built by a
