@@ -92,13 +92,16 @@ void select_candidates(const at::Tensor& pre, const at::Tensor& intercept, int64
 
 void certify_top_k(const at::Tensor& dots, const at::Tensor& candidates, const at::Tensor& cutoff,
                    const at::Tensor& pixel_norms, const at::Tensor& norm_max,
-                   double error_per_norm, const at::Tensor& intercept, int64_t k,
+                   double relative_error, double underflow_error,
+                   const at::Tensor& intercept, int64_t k,
                    at::Tensor values, at::Tensor indices, int64_t first_row,
                    at::Tensor fallback_rows, at::Tensor fallback_count) {
   check(srm_cuda::launch_certify_top_k(
             dots.data_ptr<float>(), candidates.data_ptr<int64_t>(), cutoff.data_ptr<float>(),
             dots.size(0), dots.size(1), pixel_norms.data_ptr<float>(), norm_max.data_ptr<float>(),
-            static_cast<float>(error_per_norm), intercept.data_ptr<float>(), k,
+            srm_cuda::Tf32ErrorBound{static_cast<float>(relative_error),
+                                     static_cast<float>(underflow_error)},
+            intercept.data_ptr<float>(), k,
             values.data_ptr<float>(), indices.data_ptr<int64_t>(), first_row,
             fallback_rows.data_ptr<int64_t>(), fallback_count.data_ptr<int>(), nullptr),
         "launch_certify_top_k");
@@ -316,7 +319,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("select_candidates", &select_candidates);
   m.def("certify_top_k", &certify_top_k);
   m.def("exact_rows_top_k", &exact_rows_top_k);
-  m.def("tf32_error_per_norm", &srm_cuda::tf32_error_per_norm);
+  m.def("tf32_error_bound", [](int64_t depth) {
+    const srm_cuda::Tf32ErrorBound error = srm_cuda::tf32_error_bound(depth);
+    return std::make_tuple(error.relative, error.underflow);
+  });
   m.def("residual_square_sums_num_blocks", &srm_cuda::residual_square_sums_num_blocks);
   m.def("residual_square_sums", &residual_square_sums);
   m.def("combine_codewords", &combine_codewords);

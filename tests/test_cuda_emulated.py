@@ -256,7 +256,7 @@ def screened_encode(emu, x, C, b, k, num_candidates):
     fallback_rows = torch.full((rows.shape[0],), -1, dtype=torch.long)
     fallback_count = torch.zeros(1, dtype=torch.int32)
     with writes_only_inside(values, indices, fallback_rows):
-        emu.certify_top_k(dots, candidates, cutoff, norms, norm_max, emu.tf32_error_per_norm(d), b,
+        emu.certify_top_k(dots, candidates, cutoff, norms, norm_max, *emu.tf32_error_bound(d), b,
                           k, values, indices, 0, fallback_rows, fallback_count)
         emu.exact_rows_top_k(x, dictionary_t, fallback_rows, fallback_count, rows.shape[0], b, k,
                              values, indices)
@@ -316,12 +316,31 @@ def test_certify_top_k_refuses_to_certify_near_ties(emu):
     values, indices = torch.empty(rows, k), torch.empty(rows, k, dtype=torch.long)
     fallback_rows = torch.full((rows,), -1, dtype=torch.long)
     fallback_count = torch.zeros(1, dtype=torch.int32)
-    emu.certify_top_k(dots, candidates, cutoff, norms, norm_max, 0.5, torch.tensor([0.0]), k,
+    emu.certify_top_k(dots, candidates, cutoff, norms, norm_max, 0.5, 0.0, torch.tensor([0.0]), k,
                       values, indices, 10, fallback_rows, fallback_count)
     assert int(fallback_count) == 3
     assert sorted(fallback_rows[:3].tolist()) == [11, 12, 13]
     assert indices.tolist() == [[0, 1]] * rows
     torch.testing.assert_close(values, torch.sigmoid(dots[:, :k]))
+
+
+def test_certify_top_k_allows_for_subnormals_flushed_to_zero(emu):
+    """Tensor cores may flush subnormal operands to zero: a pixel of
+    subnormal features then scores 0 against every codeword under TF32, and
+    candidates chosen among those ties prove nothing. Only the bound's
+    underflow term, not its relative one, refuses such a pixel."""
+    k, depth = 2, 64
+    dots = torch.tensor([[3e-40, 2e-40, 1e-40]])  # exact, and subnormal
+    candidates = torch.arange(3).reshape(1, 3)
+    cutoff = torch.zeros(1)  # every TF32 score, flushed
+    norms, norm_max = torch.tensor([1e-38]), torch.tensor([1.0])
+    relative, underflow = emu.tf32_error_bound(depth)
+    for underflow_error, expected_fallbacks in ((0.0, 0), (underflow, 1)):
+        count = torch.zeros(1, dtype=torch.int32)
+        emu.certify_top_k(dots, candidates, cutoff, norms, norm_max, relative, underflow_error,
+                          torch.tensor([0.0]), k, torch.empty(1, k), torch.empty(1, k, dtype=torch.long),
+                          0, torch.full((1,), -1, dtype=torch.long), count)
+        assert int(count) == expected_fallbacks
 
 
 def test_exact_rows_top_k_writes_only_the_listed_pixels(scheduled):
@@ -349,7 +368,7 @@ def test_screened_encode_kernels_refuse_bad_arguments(emu):
     dots, candidates = torch.zeros(2, 4), torch.zeros(2, 4, dtype=torch.long)
     one, count = torch.ones(2), torch.zeros(1, dtype=torch.int32)
     with pytest.raises(RuntimeError, match="invalid argument"):  # k > candidates
-        emu.certify_top_k(dots, candidates, one, one, one, 0.1, one, 5, torch.zeros(2, 5),
+        emu.certify_top_k(dots, candidates, one, one, one, 0.1, 0.0, one, 5, torch.zeros(2, 5),
                           torch.zeros(2, 5, dtype=torch.long), 0, torch.zeros(2, dtype=torch.long), count)
     x16 = torch.zeros(1, 4, 1, 2, dtype=torch.float16)
     with pytest.raises(RuntimeError, match="invalid argument"):  # float32 only

@@ -304,6 +304,27 @@ def test_screened_encode_is_exact_where_tf32_misranks(ops, monkeypatch, layout):
     torch.testing.assert_close(loss, reference.reconstruction_loss(x, C, b, k))
 
 
+def test_screened_encode_is_exact_for_subnormal_features(ops, monkeypatch):
+    """The stand-in cuBLAS flushes subnormals to zero, as tensor cores may:
+    a pixel of subnormal features then scores 0 against every codeword under
+    TF32, so its candidates are the lowest indices, not its best. Its exact
+    scores (multiples of 2^-144, summed exactly) put codeword K - 1 first;
+    the encode must still find it."""
+    monkeypatch.setenv("SRM_EXT_CUDA_ENCODE", "screened")
+    g = torch.Generator().manual_seed(32)
+    n, d, h, w, K, k = 1, 24, 2, 3, 300, 5
+    x = torch.randint(-15, 16, (n, d, h, w), generator=g).float() / 16
+    x[0, :, 1, 2] = torch.randint(1, 16, (d,), generator=g).float() * 2.0**-140
+    C = torch.randint(-15, 16, (d, K), generator=g).float() / 16
+    C[:, K - 1] = 15 / 16
+    b = torch.tensor([0.0])
+    values, indices = ops.sparse_encode(x, C, b, k)
+    ref_values, ref_indices = reference.sparse_encode(x, C, b, k)
+    assert indices[0, 1, 2, 0] == K - 1
+    assert torch.equal(indices, ref_indices)
+    torch.testing.assert_close(values, ref_values)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_sparse_labels(ops, dtype):
     x, C, b, k = teacher_inputs((3, 4, 3, 5, 6, 3), dtype, "contiguous", "row_major", 7)

@@ -185,7 +185,7 @@ at::Tensor float_product(const at::Tensor& a, const at::Tensor& b);
 
 // a @ b for a batch a (B, M, D) and b (D, K), both float32, on TF32 tensor
 // cores whatever torch's TF32 setting (the screened encode's ranking; its
-// error is bounded by srm_cuda::tf32_error_per_norm). Returns (B, M, K)
+// error is bounded by srm_cuda::tf32_error_bound). Returns (B, M, K)
 // float32. a and b are read in place where one of their two inner strides
 // is 1, as NCHW and channels_last boxes and either dictionary layout are.
 at::Tensor tf32_product(const at::Tensor& a, const at::Tensor& b);

@@ -4,7 +4,7 @@
 //
 // A pixel's candidates are its best c codewords by the TF32 score t; every
 // other codeword c' has t(c') + b at or below the cutoff (the c-th best), and
-// its exact score at most error_per_norm |x_p| |C|max above t(c'). So when
+// its exact score at most TF32's error bound above t(c'). So when
 // the exact k-th best among the candidates exceeds cutoff + that bound (with
 // a margin for the float32 additions that form it), no codeword outside the
 // candidates can rank in the top k, ties included, and the candidates' exact
@@ -30,7 +30,7 @@ __global__ void __launch_bounds__(kCertifyThreads)
                          int num_candidates, int list_len,
                          const float* __restrict__ pixel_norms,
                          const float* __restrict__ codeword_norm_max,
-                         float error_per_norm,
+                         Tf32ErrorBound error,
                          const float* __restrict__ intercept, int k,
                          float* __restrict__ values,
                          int64_t* __restrict__ indices, int64_t first_row,
@@ -57,7 +57,9 @@ __global__ void __launch_bounds__(kCertifyThreads)
     topk_write_code(list, k, row, lane, values, indices);
     if (lane == 0) {
       const float kth = topk_key_value(list[k - 1]);
-      const float bound = error_per_norm * pixel_norms[row] * norm_max;
+      const float norm = pixel_norms[row];
+      const float bound = error.relative * norm * norm_max +
+                          error.underflow * (norm + norm_max + 2.0f);
       const float limit = cutoff[row];
       // The margin covers the rounding of the sums beside it; the
       // comparison is false for NaN, as for an infinite bound.
@@ -136,7 +138,7 @@ cudaError_t launch_certify_top_k(const float* dots, const int64_t* candidates,
                                  int64_t num_candidates,
                                  const float* pixel_norms,
                                  const float* codeword_norm_max,
-                                 float error_per_norm, const float* intercept,
+                                 Tf32ErrorBound error, const float* intercept,
                                  int64_t k, float* values, int64_t* indices,
                                  int64_t first_row, int64_t* fallback_rows,
                                  int* fallback_count, cudaStream_t stream) {
@@ -159,7 +161,7 @@ cudaError_t launch_certify_top_k(const float* dots, const int64_t* candidates,
   certify_top_k_kernel<<<static_cast<unsigned>(blocks), kCertifyThreads,
                          list_bytes, stream>>>(
       dots, candidates, cutoff, rows, static_cast<int>(num_candidates),
-      list_len, pixel_norms, codeword_norm_max, error_per_norm, intercept,
+      list_len, pixel_norms, codeword_norm_max, error, intercept,
       static_cast<int>(k), values, indices, first_row, fallback_rows,
       fallback_count);
   return cudaGetLastError();

@@ -116,12 +116,22 @@ cudaError_t launch_select_candidates(const float* pre, int64_t rows,
 // full by launch_exact_rows_top_k.
 // ---------------------------------------------------------------------------
 
-// Bound on |TF32 product - exact float32 product| of a D-long dot product,
-// per unit of |x_p| |C[:, c]| (Euclidean norms): operands rounded (or
-// truncated) to 10 mantissa bits, products accumulated in float32 in any
-// order, and the exact dot's own float32 rounding, with a factor 2 to spare.
-inline float tf32_error_per_norm(int64_t depth) {
-  return 0x1p-8f + static_cast<float>(depth) * 0x1p-21f;
+// Bound on |TF32 product - exact float32 product| of a D-long dot product
+// <x_p, C[:, c]>: relative * |x_p| |C|max + underflow * (|x_p| + |C|max + 2),
+// Euclidean norms, |C|max the largest codeword's. The relative term covers
+// operands rounded (or truncated) to 10 mantissa bits, products accumulated
+// in float32 in any order, and the exact dot's own float32 rounding; the
+// underflow term, subnormal operands, products and partial sums flushed to
+// zero (as tensor cores may), at most 2^-126 per element and per addition.
+// Each has a factor 2 to spare.
+struct Tf32ErrorBound {
+  float relative;
+  float underflow;
+};
+
+inline Tf32ErrorBound tf32_error_bound(int64_t depth) {
+  const float d = static_cast<float>(depth);
+  return {0x1p-8f + d * 0x1p-21f, d * 0x1p-125f};
 }
 
 // For `rows` pixels with `num_candidates` candidates each (rows, c) and
@@ -129,8 +139,9 @@ inline float tf32_error_per_norm(int64_t depth) {
 // k of dot + intercept[0] in launch_sparse_encode's order, values as the
 // sigmoid (float32) and indices, (rows, k) each. A pixel is certified when
 // its k-th best exceeds cutoff[r] (launch_select_candidates) by more than
-// error_per_norm * pixel_norms[r] * codeword_norm_max[0], which no codeword
-// outside the candidates can (NaN and infinity never certify); the row
+// the error bound for |x_p| = pixel_norms[r] and |C|max = codeword_norm_max[0],
+// which no codeword outside the candidates can (NaN and infinity never
+// certify); the row
 // first_row + r of every other pixel is appended to fallback_rows, counted by
 // *fallback_count (an int the caller zeroed), for launch_exact_rows_top_k.
 cudaError_t launch_certify_top_k(const float* dots, const int64_t* candidates,
@@ -138,7 +149,7 @@ cudaError_t launch_certify_top_k(const float* dots, const int64_t* candidates,
                                  int64_t num_candidates,
                                  const float* pixel_norms,
                                  const float* codeword_norm_max,
-                                 float error_per_norm, const float* intercept,
+                                 Tf32ErrorBound error, const float* intercept,
                                  int64_t k, float* values, int64_t* indices,
                                  int64_t first_row, int64_t* fallback_rows,
                                  int* fallback_count, cudaStream_t stream);

@@ -103,7 +103,7 @@ void encode_screened(const at::Tensor& x, const at::Tensor& dictionary,
   const at::Tensor dict_t = transposed_dictionary(dictionary);
   const at::Tensor norm_max =
       at::linalg_vector_norm(dict_t, 2, {1}).max().reshape({1});
-  const float error_per_norm = srm_cuda::tf32_error_per_norm(x.size(1));
+  const srm_cuda::Tf32ErrorBound error = srm_cuda::tf32_error_bound(x.size(1));
   const int64_t pixels = x.size(0) * h * w;
   const at::Tensor fallback_rows =
       at::empty({pixels}, x.options().dtype(at::kLong));
@@ -133,7 +133,7 @@ void encode_screened(const at::Tensor& x, const at::Tensor& dictionary,
                      dots.data_ptr<float>(), candidates.data_ptr<int64_t>(),
                      cutoff.data_ptr<float>(), count, num_candidates,
                      norms.data_ptr<float>(), norm_max.data_ptr<float>(),
-                     error_per_norm, bias.data_ptr<float>(), k,
+                     error, bias.data_ptr<float>(), k,
                      value_rows.narrow(0, first, count).data_ptr<float>(),
                      index_rows.narrow(0, first, count).data_ptr<int64_t>(),
                      first, fallback_rows.data_ptr<int64_t>(),

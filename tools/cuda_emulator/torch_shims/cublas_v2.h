@@ -1,8 +1,10 @@
 // Stand-in for cuBLAS when the CUDA glue is built for the emulator: the one
 // call the glue makes, computed on the host as TF32 tensor cores would at
-// their least precise, operands truncated to 10 mantissa bits and products
-// summed in float32.
+// their least precise: operands truncated to 10 mantissa bits, products
+// summed in float32, and subnormal operands, products and sums flushed to
+// zero.
 #pragma once
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -14,12 +16,14 @@ typedef enum { CUBLAS_GEMM_DEFAULT = -1 } cublasGemmAlgo_t;
 typedef enum { CUDA_R_32F = 0 } cudaDataType;
 
 namespace cuda_emulator {
+inline float flush_subnormal(float v) { return std::fabs(v) < 0x1p-126f ? 0.0f : v; }
+
 inline float truncate_to_tf32(float v) {
   uint32_t bits;
   std::memcpy(&bits, &v, 4);
   bits &= 0xffffe000u;
   std::memcpy(&v, &bits, 4);
-  return v;
+  return flush_subnormal(v);
 }
 }  // namespace cuda_emulator
 
@@ -47,7 +51,9 @@ inline cublasStatus_t cublasGemmStridedBatchedEx(
         for (int p = 0; p < k; ++p) {
           const float av = transa == CUBLAS_OP_N ? a[i + int64_t{p} * lda] : a[p + int64_t{i} * lda];
           const float bv = transb == CUBLAS_OP_N ? b[p + int64_t{j} * ldb] : b[j + int64_t{p} * ldb];
-          sum += cuda_emulator::truncate_to_tf32(av) * cuda_emulator::truncate_to_tf32(bv);
+          const float product =
+              cuda_emulator::truncate_to_tf32(av) * cuda_emulator::truncate_to_tf32(bv);
+          sum = cuda_emulator::flush_subnormal(sum + cuda_emulator::flush_subnormal(product));
         }
         float& out = c[i + int64_t{j} * ldc];
         out = a_scale * sum + (c_scale != 0.0f ? c_scale * out : 0.0f);
