@@ -8,10 +8,10 @@ pixel when its exact k-th best beats the last candidate's TF32 score by more
 than TF32's error bound; the other pixels are encoded again in full. How
 large c must be is a property of the data, not of the GPU: this script
 models the TF32 product (operands truncated to 10 mantissa bits, products
-summed in float64) and reports the fraction of pixels left uncertified for
-several c, on synthetic low-rank ReLU feature maps against the paper's
-random dictionary and against one trained briefly on those maps
-(stage 1, the reference op).
+summed in float64; no subnormals arise here) and reports the fraction of
+pixels left uncertified for several c, on synthetic low-rank ReLU feature
+maps against the paper's random dictionary and against one trained briefly
+on those maps (stage 1, the reference op).
 """
 
 from __future__ import annotations
@@ -33,9 +33,10 @@ def tf32_truncated(t: torch.Tensor) -> torch.Tensor:
     return (bits & ~0x1FFF).view(torch.float32)
 
 
-def tf32_error_per_norm(depth: int) -> float:
-    """The screened encode's bound per unit of |x_p| max_c |C_c| (srm_kernels.h)."""
-    return 2.0**-8 + depth * 2.0**-21
+def tf32_error_bound(depth: int, pixel_norms: torch.Tensor, codeword_norm_max: torch.Tensor) -> torch.Tensor:
+    """The screened encode's bound on |TF32 score - exact score| (srm_kernels.h)."""
+    relative, underflow = 2.0**-8 + depth * 2.0**-21, depth * 2.0**-125
+    return relative * pixel_norms * codeword_norm_max + underflow * (pixel_norms + codeword_norm_max + 2)
 
 
 def uncertified_fraction(rows: torch.Tensor, dictionary: torch.Tensor, intercept: float,
@@ -49,8 +50,8 @@ def uncertified_fraction(rows: torch.Tensor, dictionary: torch.Tensor, intercept
     candidates = ranked.topk(num_candidates, dim=1).indices
     cutoff = ranked.gather(1, candidates[:, -1:])
     kth_best = exact.gather(1, candidates).topk(k, dim=1).values[:, -1:]
-    bound = (tf32_error_per_norm(depth) * rows.double().norm(dim=1, keepdim=True)
-             * dictionary.double().norm(dim=0).max())
+    bound = tf32_error_bound(depth, rows.double().norm(dim=1, keepdim=True),
+                             dictionary.double().norm(dim=0).max())
     certified = (kth_best - cutoff) > bound  # False for NaN
     return 1.0 - certified.double().mean().item()
 
