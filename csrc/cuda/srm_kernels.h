@@ -139,11 +139,11 @@ inline Tf32ErrorBound tf32_error_bound(int64_t depth) {
 // k of dot + intercept[0] in launch_sparse_encode's order, values as the
 // sigmoid (float32) and indices, (rows, k) each. A pixel is certified when
 // its k-th best exceeds cutoff[r] (launch_select_candidates) by more than
-// the error bound for |x_p| = pixel_norms[r] and |C|max = codeword_norm_max[0],
-// which no codeword outside the candidates can (NaN and infinity never
-// certify); the row
-// first_row + r of every other pixel is appended to fallback_rows, counted by
-// *fallback_count (an int the caller zeroed), for launch_exact_rows_top_k.
+// the error bound for |x_p| = pixel_norms[r] and |C|max =
+// codeword_norm_max[0], which no codeword outside the candidates can (NaN and
+// infinity never certify); the row first_row + r of every other pixel is
+// appended to fallback_rows, counted by *fallback_count (an int the caller
+// zeroed), for launch_exact_rows_top_k.
 cudaError_t launch_certify_top_k(const float* dots, const int64_t* candidates,
                                  const float* cutoff, int64_t rows,
                                  int64_t num_candidates,
