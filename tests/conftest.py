@@ -122,3 +122,33 @@ def beyond_float16(dtype, n, h, w, num_codewords, k, seed):
     assert exact.abs().max() > torch.finfo(torch.float16).max
     top_k = torch.sort(exact, dim=-1, descending=True, stable=True).indices[..., :k]
     return x, dictionary, intercept, top_k
+
+
+# The two pixels of tf32_screening_inputs that TF32 cannot rank.
+MISRANKED_PIXEL, SUBNORMAL_PIXEL = (1, 3, 2), (0, 0, 0)
+
+
+def tf32_screening_inputs(seed):
+    """(x (2, 24, 4, 3), C (24, 300)) for the screened encode: integer
+    features, whose dots with C (multiples of 1/16) are exact in float32
+    while TF32 drops their low bits. At MISRANKED_PIXEL codewords 0 to 49
+    score exactly 4094.5 (TF32, truncating: 4094) and codeword 50 exactly
+    4095 (TF32: 4094 too, at a higher index), so TF32 leaves the best one
+    out of the candidates. SUBNORMAL_PIXEL holds subnormal features
+    (multiples of 2^-140), which tensor cores may flush to zero; its exact
+    best is codeword 299."""
+    g = torch.Generator().manual_seed(seed)
+    n, d, h, w, K = 2, 24, 4, 3, 300
+    x = torch.randint(-4095, 4096, (n, d, h, w), generator=g).float()
+    C = torch.randint(-15, 16, (d, K), generator=g).float() / 16
+    n0, h0, w0 = MISRANKED_PIXEL
+    x[n0, :, h0, w0] = 0.0
+    x[n0, 0, h0, w0], x[n0, 1, h0, w0] = 4095.0, 2.0
+    C[:2, :51] = 0.0
+    C[1, :50] = 2047.25
+    C[0, 50] = 1.0
+    n1, h1, w1 = SUBNORMAL_PIXEL
+    x[n1, 2:, h1, w1] = torch.randint(1, 16, (d - 2,), generator=g).float() * 2.0**-140
+    x[n1, :2, h1, w1] = 0.0  # clear of the misranked pixel's codewords
+    C[2:, K - 1] = 15 / 16
+    return x, C

@@ -30,7 +30,15 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from srm_ext import reference
 
 import cuda_emulation
-from conftest import codeword_major, dyadic, make_layout, requires_native_cpu
+from conftest import (
+    MISRANKED_PIXEL,
+    SUBNORMAL_PIXEL,
+    codeword_major,
+    dyadic,
+    make_layout,
+    requires_native_cpu,
+    tf32_screening_inputs,
+)
 
 pytestmark = requires_native_cpu  # the fake kernels need the op schemas
 
@@ -274,55 +282,26 @@ def test_unknown_encode_path_is_refused_by_name(ops, monkeypatch):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_screened_encode_is_exact_where_tf32_misranks(ops, monkeypatch, layout):
-    """Integer features lose bits to TF32 while their exact dots stay exact:
-    the screened encode gives the exact top k, over several boxes, even for
-    a pixel whose best codeword TF32 ranks below many others."""
+def test_screened_encode_is_exact_where_tf32_misranks_or_flushes(ops, monkeypatch, layout):
+    """The screened encode gives the exact top k, over several boxes, even
+    for a pixel whose best codeword TF32 ranks below many others, and for
+    one whose subnormal features the stand-in cuBLAS flushes to zero (as
+    tensor cores may): that pixel scores 0 against every codeword under
+    TF32, so its candidates are the lowest indices, not its best."""
     monkeypatch.setenv("SRM_EXT_CUDA_ENCODE", "screened")
     monkeypatch.setenv("SRM_EXT_CUDA_BOX_VALUES", str(6 * 300))  # boxes of 6 pixels
-    g = torch.Generator().manual_seed(31)
-    n, d, h, w, K, k = 2, 24, 4, 3, 300, 5
-    x = torch.randint(-4095, 4096, (n, d, h, w), generator=g).float()
-    C = torch.randint(-15, 16, (d, K), generator=g).float() / 16
-    # Pixel (1, 3, 2): 4095 and 2 in channels 0 and 1. Codewords 0 to 49
-    # score exactly 4094.5 there (TF32: 4094), codeword 50 exactly 4095
-    # (TF32: 4094 too, and a higher index): TF32 leaves it out.
-    x[1, :, 3, 2] = 0.0
-    x[1, 0, 3, 2], x[1, 1, 3, 2] = 4095.0, 2.0
-    C[:2, :51] = 0.0
-    C[1, :50] = 2047.25
-    C[0, 50] = 1.0
+    x, C = tf32_screening_inputs(seed=31)
     x = make_layout(x, layout)
-    b = torch.tensor([0.25])
+    b = torch.tensor([0.0])  # a larger intercept would absorb the subnormal scores
+    k = 5
     values, indices = ops.sparse_encode(x, C, b, k)
     ref_values, ref_indices = reference.sparse_encode(x, C, b, k)
-    assert indices[1, 3, 2, 0] == 50
+    assert indices[MISRANKED_PIXEL][0] == 50 and indices[SUBNORMAL_PIXEL][0] == 299
     assert torch.equal(indices, ref_indices)
     torch.testing.assert_close(values, ref_values)
     loss, values, indices = ops.reconstruction_loss(x, C, b, k)
     assert torch.equal(indices, ref_indices)
     torch.testing.assert_close(loss, reference.reconstruction_loss(x, C, b, k))
-
-
-def test_screened_encode_is_exact_for_subnormal_features(ops, monkeypatch):
-    """The stand-in cuBLAS flushes subnormals to zero, as tensor cores may:
-    a pixel of subnormal features then scores 0 against every codeword under
-    TF32, so its candidates are the lowest indices, not its best. Its exact
-    scores (multiples of 2^-144, summed exactly) put codeword K - 1 first;
-    the encode must still find it."""
-    monkeypatch.setenv("SRM_EXT_CUDA_ENCODE", "screened")
-    g = torch.Generator().manual_seed(32)
-    n, d, h, w, K, k = 1, 24, 2, 3, 300, 5
-    x = torch.randint(-15, 16, (n, d, h, w), generator=g).float() / 16
-    x[0, :, 1, 2] = torch.randint(1, 16, (d,), generator=g).float() * 2.0**-140
-    C = torch.randint(-15, 16, (d, K), generator=g).float() / 16
-    C[:, K - 1] = 15 / 16
-    b = torch.tensor([0.0])
-    values, indices = ops.sparse_encode(x, C, b, k)
-    ref_values, ref_indices = reference.sparse_encode(x, C, b, k)
-    assert indices[0, 1, 2, 0] == K - 1
-    assert torch.equal(indices, ref_indices)
-    torch.testing.assert_close(values, ref_values)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -17,7 +17,17 @@ from torch.library import opcheck
 import srm_ext
 from srm_ext import _backend, reference
 
-from conftest import beyond_float16, codeword_major, dyadic, leaf_like, make_layout, requires_cuda
+from conftest import (
+    MISRANKED_PIXEL,
+    SUBNORMAL_PIXEL,
+    beyond_float16,
+    codeword_major,
+    dyadic,
+    leaf_like,
+    make_layout,
+    requires_cuda,
+    tf32_screening_inputs,
+)
 
 pytestmark = requires_cuda
 
@@ -573,28 +583,14 @@ def test_tf32_encode_selects_exactly_on_inputs_tf32_represents(shape):
 
 
 def test_screened_encode_is_exact_where_tf32_misranks_or_flushes(monkeypatch):
-    # Integer features lose bits to TF32 while their dots stay exact in
-    # float32. Pixel (0, 1, 2): where TF32 truncates, it scores codewords
-    # 0-49 as high as the exact best, 50, and leaves 50 out of the
-    # candidates. Pixel (1, 0, 0) is subnormal (multiples of 2^-140), which
-    # tensor cores may flush to zero; its exact best is codeword K - 1.
+    # conftest.tf32_screening_inputs: a pixel whose best codeword TF32 ranks
+    # below 50 others where it truncates, and one of subnormal features.
     monkeypatch.setenv("SRM_EXT_CUDA_ENCODE", "screened")
-    g = torch.Generator().manual_seed(26)
-    n, d, h, w, K, k = 2, 24, 4, 3, 300, 5
-    x = torch.randint(-4095, 4096, (n, d, h, w), generator=g).float()
-    C = torch.randint(-15, 16, (d, K), generator=g).float() / 16
-    x[0, :, 1, 2] = 0.0
-    x[0, 0, 1, 2], x[0, 1, 1, 2] = 4095.0, 2.0
-    C[:2, :51] = 0.0
-    C[1, :50] = 2047.25
-    C[0, 50] = 1.0
-    x[1, :, 0, 0] = torch.randint(1, 16, (d,), generator=g).float() * 2.0**-140
-    x[1, :2, 0, 0] = 0.0  # clear of the misranked pixel's codewords
-    C[2:, K - 1] = 15 / 16
-    b = torch.tensor([0.0])
+    x, C = tf32_screening_inputs(seed=26)
+    b, k = torch.tensor([0.0]), 5
     values, indices = srm_ext.sparse_encode(x.to(DEVICE), C.to(DEVICE), b.to(DEVICE), k)
     ref_values, ref_indices = reference.sparse_encode(x, C, b, k)
-    assert ref_indices[0, 1, 2, 0] == 50 and ref_indices[1, 0, 0, 0] == K - 1
+    assert ref_indices[MISRANKED_PIXEL][0] == 50 and ref_indices[SUBNORMAL_PIXEL][0] == 299
     torch.testing.assert_close(indices.cpu(), ref_indices, rtol=0, atol=0)
     close(values, ref_values, torch.float32)
 
