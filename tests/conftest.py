@@ -124,6 +124,18 @@ def beyond_float16(dtype, n, h, w, num_codewords, k, seed):
     return x, dictionary, intercept, top_k
 
 
+def tf32_misranked_inputs(num_candidates):
+    """One pixel (1, 2, 1, 1) whose exact best codeword (the last of
+    num_candidates + 1) ties under truncating TF32 with the num_candidates
+    codewords of lower index that score 0.5 less exactly, so TF32 leaves it
+    out of the candidates."""
+    x = torch.tensor([4095.0, 2.0]).reshape(1, 2, 1, 1)  # TF32: (4094, 2)
+    C = torch.zeros(2, num_candidates + 1)
+    C[1, :num_candidates] = 2047.25  # exact 4094.5; TF32: 2047, so 4094
+    C[0, num_candidates] = 1.0  # exact 4095; TF32: 4094
+    return x, C
+
+
 # The two pixels of tf32_screening_inputs that TF32 cannot rank.
 MISRANKED_PIXEL, SUBNORMAL_PIXEL = (1, 3, 2), (0, 0, 0)
 
@@ -131,10 +143,10 @@ MISRANKED_PIXEL, SUBNORMAL_PIXEL = (1, 3, 2), (0, 0, 0)
 def tf32_screening_inputs(seed):
     """(x (2, 24, 4, 3), C (24, 300)) for the screened encode: integer
     features, whose dots with C (multiples of 1/16) are exact in float32
-    while TF32 drops their low bits. At MISRANKED_PIXEL codewords 0 to 49
-    score exactly 4094.5 (TF32, truncating: 4094) and codeword 50 exactly
-    4095 (TF32: 4094 too, at a higher index), so TF32 leaves the best one
-    out of the candidates. SUBNORMAL_PIXEL holds subnormal features
+    while TF32 drops their low bits. MISRANKED_PIXEL is
+    tf32_misranked_inputs(50) in channels 0 and 1 and codewords 0 to 50, so
+    TF32 leaves its best codeword, 50, out of the candidates.
+    SUBNORMAL_PIXEL holds subnormal features
     (multiples of 2^-140), which tensor cores may flush to zero; its exact
     best is codeword 299."""
     g = torch.Generator().manual_seed(seed)
@@ -142,11 +154,10 @@ def tf32_screening_inputs(seed):
     x = torch.randint(-4095, 4096, (n, d, h, w), generator=g).float()
     C = torch.randint(-15, 16, (d, K), generator=g).float() / 16
     n0, h0, w0 = MISRANKED_PIXEL
+    pixel, codewords = tf32_misranked_inputs(50)
     x[n0, :, h0, w0] = 0.0
-    x[n0, 0, h0, w0], x[n0, 1, h0, w0] = 4095.0, 2.0
-    C[:2, :51] = 0.0
-    C[1, :50] = 2047.25
-    C[0, 50] = 1.0
+    x[n0, :2, h0, w0] = pixel.flatten()
+    C[:2, :51] = codewords
     n1, h1, w1 = SUBNORMAL_PIXEL
     x[n1, 2:, h1, w1] = torch.randint(1, 16, (d - 2,), generator=g).float() * 2.0**-140
     x[n1, :2, h1, w1] = 0.0  # clear of the misranked pixel's codewords

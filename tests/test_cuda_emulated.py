@@ -20,7 +20,7 @@ import torch
 from srm_ext import reference
 
 import cuda_emulation
-from conftest import dyadic, make_layout
+from conftest import dyadic, make_layout, tf32_misranked_inputs
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Results in each dtype against a float64 computation, compared in float32:
@@ -284,17 +284,6 @@ def test_screened_encode_kernels_give_the_exact_top_k(scheduled, shape, layout):
     torch.testing.assert_close(values, ref_values.reshape(-1, k), equal_nan=True)
     # The all-zero pixel and the NaN pixel fell back; most others did not.
     assert 2 <= fallen < n * h * w // 2
-
-
-def tf32_misranked_inputs(num_candidates):
-    """One pixel whose exact best codeword (the last) ties under TF32 with
-    num_candidates codewords of lower index that score 0.5 less exactly, so
-    TF32 leaves it out of the candidates."""
-    x = torch.tensor([4095.0, 2.0]).reshape(1, 2, 1, 1)  # TF32: (4094, 2)
-    C = torch.zeros(2, num_candidates + 1)
-    C[1, :num_candidates] = 2047.25  # exact 4094.5; TF32: 2047, so 4094
-    C[0, num_candidates] = 1.0  # exact 4095; TF32: 4094
-    return x, C
 
 
 def test_screened_encode_falls_back_where_tf32_misranks(emu):
