@@ -580,6 +580,55 @@ def test_codeword_dots_gives_norms_without_entries(emu):
     torch.testing.assert_close(norms.double(), exact, rtol=1e-6, atol=0)
 
 
+def warp_order_dots(features, indices, dictionary_t):
+    """float32 <f_p, C_j> of every in-range entry, summed as the entry-dot
+    kernels document: chunks of 32 channels in order, each summed by the
+    warp's xor butterfly (offsets 16, 8, 4, 2, 1), as (P, k)."""
+    d, k = features.shape[1], indices.shape[-1]
+    valid, safe = gathered(indices.reshape(-1, k), dictionary_t.shape[0])
+    rows = dictionary_t.float()[safe] * valid.unsqueeze(-1)  # (P, k, D)
+    f = features.float().permute(0, 2, 3, 1).reshape(-1, 1, d)
+    chunks = -(-d // 32)
+    lanes = torch.zeros(f.shape[0], k, chunks * 32)
+    lanes[..., :d] = f * rows
+    lanes = lanes.reshape(-1, k, chunks, 32)
+    for offset in (16, 8, 4, 2, 1):
+        lanes = lanes + lanes[..., torch.arange(32) ^ offset]
+    dots = torch.zeros(f.shape[0], k)
+    for c in range(chunks):
+        dots = dots + lanes[..., c, 0]
+    return dots
+
+
+@pytest.mark.parametrize("d, k", [(100, 13), (64, 40), (37, 5), (33, 128)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_entry_dots_are_summed_in_a_fixed_order(emu, dtype, d, k):
+    """Bitwise, on data whose sums round (unlike the dyadic inputs above):
+    the entry dots of codeword_dots and of combine_codewords_and_dots follow
+    the documented order, whatever the grouping of entries per butterfly.
+    Sums over fewer or more entries than a group, and over several chunks of
+    entries and channels, are covered."""
+    n, h, w, K = 2, 3, 5, 150
+    g = torch.Generator().manual_seed(d + k)
+    x = make_layout(torch.randn(n, d, h, w, generator=g).to(dtype), "channels_last")
+    indices = torch.randint(-1, K + 2, (n, h, w, k), generator=g)  # some out of range
+    dictionary_t = torch.randn(K, d, generator=g).to(dtype)
+    expected = warp_order_dots(x, indices, dictionary_t)
+    dots = torch.empty(n * h * w, k)
+    emu.codeword_dots(x, indices, k, dictionary_t, None, dots, None)
+    assert torch.equal(dots, expected)
+    # The backward pass's residual: the dots are taken of what it writes.
+    coef = torch.randn(n, h, w, k, generator=g)
+    residual = torch.zeros(n, d, h, w)
+    emu.combine_codewords_and_dots(coef, indices, k, dictionary_t, None, 0.0, None, 1.0,
+                                   residual, None, None, dots)
+    assert torch.equal(dots, warp_order_dots(residual, indices, dictionary_t))
+    naive = (residual.permute(0, 2, 3, 1).reshape(-1, 1, d)
+             * dictionary_t.float()[gathered(indices, K)[1]].reshape(-1, k, d)
+             * gathered(indices, K)[0].reshape(-1, k, 1)).sum(-1)
+    assert not torch.equal(dots, naive)  # the order is visible in these data
+
+
 @pytest.mark.parametrize("k", [7, 37], ids=["k7", "k37"])
 @pytest.mark.parametrize("features_float", [False, True])
 @pytest.mark.parametrize("layout", LAYOUTS)

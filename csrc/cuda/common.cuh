@@ -169,6 +169,36 @@ __device__ __forceinline__ Acc warp_sum(Acc v) {
   return v;
 }
 
+// Warp sums of kSums values at once: v[i] holds each lane's term of sum i,
+// and lane l gets sum l / (kWarpSize / kSums) in full. Each exchange of the
+// warp_sum butterfly sends half of the sums a lane still carries, so 8 sums
+// cost 9 shuffles where 8 warp_sum calls cost 40; every sum is added in
+// exactly warp_sum's order, so the results are bitwise the same.
+template <int kSums>
+__device__ __forceinline__ float warp_sums_spread(float (&v)[kSums]) {
+  static_assert(kSums > 0 && kSums <= kWarpSize && (kSums & (kSums - 1)) == 0,
+                "a power of two up to the warp size");
+  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+  int offset = kWarpSize / 2;
+#pragma unroll
+  for (int half = kSums / 2; half > 0; half /= 2, offset /= 2) {
+    // The upper half of the lanes keeps the upper half of the sums.
+    const bool upper = (lane & offset) != 0;
+#pragma unroll
+    for (int i = 0; i < half; ++i) {
+      const float keep = upper ? v[i + half] : v[i];
+      const float send = upper ? v[i] : v[i + half];
+      v[i] = keep + __shfl_xor_sync(kFullWarpMask, send, offset);
+    }
+  }
+  float sum = v[0];
+#pragma unroll
+  for (; offset > 0; offset /= 2) {
+    sum += __shfl_xor_sync(kFullWarpMask, sum, offset);
+  }
+  return sum;
+}
+
 // Tree sum over a block of kThreads threads (a power of two); the result is
 // valid in thread 0. `scratch` holds kThreads elements. Starts with a barrier
 // so that scratch may be reused across calls.

@@ -6,8 +6,9 @@
 // A block owns 32 pixels and walks the channels in chunks of 32. Within a
 // chunk a warp handles one pixel at a time with its lanes on consecutive
 // channels, so each codeword row of the (K, D) transposed dictionary is read
-// as one coalesced segment; feature maps go through pixel_tile.cuh and the
-// pixel's entries through for_each_pixel_entry.
+// as one coalesced segment; feature maps go through pixel_tile.cuh. Decoding
+// walks a pixel's entries through for_each_pixel_entry; the entry dots take
+// them in groups whose warp sums share one butterfly (warp_sums_spread).
 #include <type_traits>
 
 #include "common.cuh"
@@ -28,6 +29,9 @@ __device__ __forceinline__ void zero_entry_dots(EntryDots& dots, int k) {
   }
 }
 
+// Entries whose chunk dots one warp_sums_spread call finishes.
+constexpr int kEntryGroup = 8;
+
 // dots[pl][j] += sum over the chunk's channels d = d0 + c of
 // tile[pl][c] * C[idx[p, j], d], for the tile's pixels pl that this warp
 // owns (rows warp, warp + kTileWarps, ...). With kSecondTile, also
@@ -40,6 +44,7 @@ __device__ __forceinline__ void add_tile_entry_dots(
     int k, const TDict* __restrict__ dictionary_t, int64_t num_codes,
     int64_t depth, EntryDots* second_dots = nullptr,
     const PixelTile* second_tile = nullptr) {
+  constexpr int kLanesPerEntry = kWarpSize / kEntryGroup;
   const int lane = threadIdx.x % kWarpSize;
   const int64_t d = d0 + lane;
   for_each_warp_pixel(first_pixel, total_pixels, [&](int pl, int64_t p) {
@@ -48,26 +53,38 @@ __device__ __forceinline__ void add_tile_entry_dots(
     if constexpr (kSecondTile) {
       f2 = (*second_tile)[pl][lane];
     }
-    for_each_pixel_entry(
-        indices, nullptr, p, k, num_codes, [&](int j, int c, float) {
-          float prod = 0.0f;
-          float prod2 = 0.0f;
+    for (int j0 = 0; j0 < k; j0 += kWarpSize) {
+      const PixelEntries entries =
+          load_pixel_entries(indices, nullptr, p, k, j0, 0, num_codes);
+      // Past k the entries have no codeword, so a group's tail adds zeros.
+      for (int g = 0; g < kWarpSize && j0 + g < k; g += kEntryGroup) {
+        float prods[kEntryGroup];
+        float prods2[kEntryGroup];
+#pragma unroll
+        for (int i = 0; i < kEntryGroup; ++i) {
+          const int c = __shfl_sync(kFullWarpMask, entries.code, g + i);
+          prods[i] = 0.0f;
+          prods2[i] = 0.0f;
           if (c >= 0 && d < depth) {
             const float codeword = to_float(dictionary_t[c * depth + d]);
-            prod = f * codeword;
-            prod2 = f2 * codeword;
+            prods[i] = f * codeword;
+            prods2[i] = f2 * codeword;
           }
-          prod = warp_sum(prod);
+        }
+        const float sum = warp_sums_spread(prods);
+        float sum2 = 0.0f;
+        if constexpr (kSecondTile) {
+          sum2 = warp_sums_spread(prods2);
+        }
+        const int j = j0 + g + lane / kLanesPerEntry;
+        if (lane % kLanesPerEntry == 0 && j < k) {
+          dots[pl][j] += sum;
           if constexpr (kSecondTile) {
-            prod2 = warp_sum(prod2);
+            (*second_dots)[pl][j] += sum2;
           }
-          if (lane == 0) {
-            dots[pl][j] += prod;
-            if constexpr (kSecondTile) {
-              (*second_dots)[pl][j] += prod2;
-            }
-          }
-        });
+        }
+      }
+    }
   });
 }
 
