@@ -112,8 +112,8 @@ __device__ __forceinline__ bool channels_fastest(const FeatureMapLayout& l) {
 // loads it (coalesced): its codeword c as c - code_begin when c lies in
 // [code_begin, code_end), else -1 (also past k), and coef[p, j0 + lane]
 // (0 without a codeword or with coef null). The warp then hands the entries
-// round by shuffles, so that reads through the codewords do not each wait on
-// an index load.
+// round, so that reads through the codewords do not each wait on an index
+// load.
 struct PixelEntries {
   int code;
   float coef;
@@ -135,23 +135,54 @@ __device__ __forceinline__ PixelEntries load_pixel_entries(
   return entries;
 }
 
+// A warp's round of 32 entries in shared memory, which every lane then
+// reads four at a time by broadcast: one 16-byte read per four entries and
+// field, where a shuffle per entry and field moved them before.
+struct alignas(16) StagedEntries {
+  int code[kWarpSize];
+  float coef[kWarpSize];
+};
+
+// Writes each lane's entries to `staged`, once every lane has read the
+// previous round. Called by a whole warp.
+__device__ __forceinline__ void stage_entries(StagedEntries& staged,
+                                              const PixelEntries& entries) {
+  const int lane = static_cast<int>(threadIdx.x % kWarpSize);
+  __syncwarp();
+  staged.code[lane] = entries.code;
+  staged.coef[lane] = entries.coef;
+  __syncwarp();
+}
+
+// The codewords of staged entries [j, j + 4), j a multiple of 4.
+__device__ __forceinline__ int4 staged_codes(const StagedEntries& staged,
+                                             int j) {
+  return *reinterpret_cast<const int4*>(&staged.code[j]);
+}
+
 // Calls fn(j, code, coef) for the entries j = 0, 1, ..., k - 1 of pixel p in
 // order, in every lane of the warp, with code and coef as load_pixel_entries
 // gives them over the codewords [0, num_codes) (coef 0 when coef is null).
-// Called by a whole warp.
+// `staged` is the warp's own. Called by a whole warp.
 template <typename Fn>
 __device__ __forceinline__ void for_each_pixel_entry(
     const int64_t* __restrict__ indices, const float* __restrict__ coef,
-    int64_t p, int k, int64_t num_codes, Fn&& fn) {
+    int64_t p, int k, int64_t num_codes, StagedEntries& staged, Fn&& fn) {
   for (int j0 = 0; j0 < k; j0 += kWarpSize) {
-    const PixelEntries entries =
-        load_pixel_entries(indices, coef, p, k, j0, 0, num_codes);
+    stage_entries(staged,
+                  load_pixel_entries(indices, coef, p, k, j0, 0, num_codes));
     const int count = k - j0 < kWarpSize ? k - j0 : kWarpSize;
-    for (int j = 0; j < count; ++j) {
-      const int code = __shfl_sync(kFullWarpMask, entries.code, j);
-      const float w =
-          coef != nullptr ? __shfl_sync(kFullWarpMask, entries.coef, j) : 0.0f;
-      fn(j0 + j, code, w);
+    for (int j = 0; j < count; j += 4) {
+      const int4 codes = staged_codes(staged, j);
+      const float4 coefs = *reinterpret_cast<const float4*>(&staged.coef[j]);
+      const int code[4] = {codes.x, codes.y, codes.z, codes.w};
+      const float w[4] = {coefs.x, coefs.y, coefs.z, coefs.w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        if (j + i < count) {
+          fn(j0 + j + i, code[i], w[i]);
+        }
+      }
     }
   }
 }

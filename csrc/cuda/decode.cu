@@ -31,18 +31,19 @@ __device__ __forceinline__ void zero_entry_dots(EntryDots& dots, int k) {
 
 // Entries whose chunk dots one warp_sums_spread call finishes.
 constexpr int kEntryGroup = 8;
+static_assert(kEntryGroup % 4 == 0, "codes are read four at a time");
 
 // dots[pl][j] += sum over the chunk's channels d = d0 + c of
 // tile[pl][c] * C[idx[p, j], d], for the tile's pixels pl that this warp
-// owns (rows warp, warp + kTileWarps, ...). With kSecondTile, also
-// second_dots[pl][j] from second_tile, against the same codeword elements
-// read once. Called by every warp.
+// owns (rows warp, warp + kTileWarps, ...), with `staged` the warp's own.
+// With kSecondTile, also second_dots[pl][j] from second_tile, against the
+// same codeword elements read once. Called by every warp.
 template <bool kSecondTile = false, typename TDict>
 __device__ __forceinline__ void add_tile_entry_dots(
     EntryDots& dots, const PixelTile& tile, int64_t first_pixel,
     int64_t total_pixels, int64_t d0, const int64_t* __restrict__ indices,
     int k, const TDict* __restrict__ dictionary_t, int64_t num_codes,
-    int64_t depth, EntryDots* second_dots = nullptr,
+    int64_t depth, StagedEntries& staged, EntryDots* second_dots = nullptr,
     const PixelTile* second_tile = nullptr) {
   constexpr int kLanesPerEntry = kWarpSize / kEntryGroup;
   const int lane = threadIdx.x % kWarpSize;
@@ -54,15 +55,24 @@ __device__ __forceinline__ void add_tile_entry_dots(
       f2 = (*second_tile)[pl][lane];
     }
     for (int j0 = 0; j0 < k; j0 += kWarpSize) {
-      const PixelEntries entries =
-          load_pixel_entries(indices, nullptr, p, k, j0, 0, num_codes);
+      stage_entries(staged, load_pixel_entries(indices, nullptr, p, k, j0, 0,
+                                               num_codes));
       // Past k the entries have no codeword, so a group's tail adds zeros.
       for (int g = 0; g < kWarpSize && j0 + g < k; g += kEntryGroup) {
+        int codes[kEntryGroup];
+#pragma unroll
+        for (int i = 0; i < kEntryGroup; i += 4) {
+          const int4 four = staged_codes(staged, g + i);
+          codes[i] = four.x;
+          codes[i + 1] = four.y;
+          codes[i + 2] = four.z;
+          codes[i + 3] = four.w;
+        }
         float prods[kEntryGroup];
         float prods2[kEntryGroup];
 #pragma unroll
         for (int i = 0; i < kEntryGroup; ++i) {
-          const int c = __shfl_sync(kFullWarpMask, entries.code, g + i);
+          const int c = codes[i];
           prods[i] = 0.0f;
           prods2[i] = 0.0f;
           if (c >= 0 && d < depth) {
@@ -153,6 +163,7 @@ __global__ void __launch_bounds__(kTileThreads, 4)
   __shared__ PixelTile sums;
   __shared__ PixelTile add_tile;
   __shared__ float sum_scratch[kTileThreads];
+  __shared__ StagedEntries staged[kTileWarps];
   // Only the variants with entry dots take their 16 KiB (twice with the
   // addend's pre-activations).
   __shared__ std::conditional_t<kEntryDots, EntryDots, float> dots;
@@ -195,7 +206,8 @@ __global__ void __launch_bounds__(kTileThreads, 4)
       float acc = 0.0f;
       if (p < total_pixels) {  // warp-uniform
         for_each_pixel_entry(
-            indices, coef, p, k, num_codes, [&](int, int c, float w) {
+            indices, coef, p, k, num_codes, staged[warp],
+            [&](int, int c, float w) {
               if (c >= 0 && d < depth) {
                 acc = fmaf(w, to_float(dictionary_t[c * depth + d]), acc);
               }
@@ -227,8 +239,8 @@ __global__ void __launch_bounds__(kTileThreads, 4)
       __syncthreads();
       add_tile_entry_dots<kAddendDots>(dots, sums, first_pixel, total_pixels,
                                        d0, indices, k, dictionary_t,
-                                       num_codes, depth, addend_dots_or_null,
-                                       &add_tile);
+                                       num_codes, depth, staged[warp],
+                                       addend_dots_or_null, &add_tile);
     }
     __syncthreads();  // tiles are rewritten by the next chunk
   }
@@ -282,6 +294,7 @@ __global__ void __launch_bounds__(kTileThreads, 4)
   __shared__ PixelTile tile;
   __shared__ EntryDots dots;
   __shared__ float square_norms[kTilePixels];
+  __shared__ StagedEntries staged[kTileWarps];
 
   const int64_t total_pixels = num_pixels(layout);
   const int64_t depth = layout.d;
@@ -298,7 +311,8 @@ __global__ void __launch_bounds__(kTileThreads, 4)
     load_pixel_tile(tile, features, layout, offsets, d0);
     __syncthreads();
     add_tile_entry_dots(dots, tile, first_pixel, total_pixels, d0, indices, k,
-                        dictionary_t, num_codes, depth);
+                        dictionary_t, num_codes, depth,
+                        staged[threadIdx.x / kWarpSize]);
     if (pixel_norms != nullptr) {  // grid-uniform
       // From the tile already staged: the norms cost no second read of x.
       add_tile_square_norms(square_norms, tile, first_pixel, total_pixels);
