@@ -110,26 +110,29 @@ __device__ __forceinline__ bool channels_fastest(const FeatureMapLayout& l) {
 
 // Entry j0 + lane of pixel p of a (P, k) sparse code, as each lane of a warp
 // loads it (coalesced): its codeword c as c - code_begin when c lies in
-// [code_begin, code_end), else -1 (also past k), and coef[p, j0 + lane]
-// (0 without a codeword or with coef null). The warp then hands the entries
-// round, so that reads through the codewords do not each wait on an index
-// load.
+// [code_begin, code_end), else -1 (also past k), and coef[p, j0 + lane] and
+// grad[p, j0 + lane] (each 0 without a codeword or where null). The warp then
+// hands the entries round, so that reads through the codewords do not each
+// wait on an index load.
 struct PixelEntries {
   int code;
   float coef;
+  float grad;
 };
 
 __device__ __forceinline__ PixelEntries load_pixel_entries(
     const int64_t* __restrict__ indices, const float* __restrict__ coef,
-    int64_t p, int k, int j0, int64_t code_begin, int64_t code_end) {
+    int64_t p, int k, int j0, int64_t code_begin, int64_t code_end,
+    const float* __restrict__ grad = nullptr) {
   const int j = j0 + static_cast<int>(threadIdx.x % kWarpSize);
-  PixelEntries entries{-1, 0.0f};
+  PixelEntries entries{-1, 0.0f, 0.0f};
   if (j < k) {
     const int64_t e = p * k + j;
     const int64_t c = indices[e];
     if (c >= code_begin && c < code_end) {
       entries.code = static_cast<int>(c - code_begin);
       entries.coef = coef != nullptr ? coef[e] : 0.0f;
+      entries.grad = grad != nullptr ? grad[e] : 0.0f;
     }
   }
   return entries;
@@ -141,6 +144,7 @@ __device__ __forceinline__ PixelEntries load_pixel_entries(
 struct alignas(16) StagedEntries {
   int code[kWarpSize];
   float coef[kWarpSize];
+  float grad[kWarpSize];
 };
 
 // Writes each lane's entries to `staged`, once every lane has read the
@@ -151,7 +155,16 @@ __device__ __forceinline__ void stage_entries(StagedEntries& staged,
   __syncwarp();
   staged.code[lane] = entries.code;
   staged.coef[lane] = entries.coef;
+  staged.grad[lane] = entries.grad;
   __syncwarp();
+}
+
+template <typename Vec4, typename T>
+__device__ __forceinline__ void unpack(const Vec4& v, T (&out)[4]) {
+  out[0] = v.x;
+  out[1] = v.y;
+  out[2] = v.z;
+  out[3] = v.w;
 }
 
 // The codewords of staged entries [j, j + 4), j a multiple of 4.
@@ -160,27 +173,34 @@ __device__ __forceinline__ int4 staged_codes(const StagedEntries& staged,
   return *reinterpret_cast<const int4*>(&staged.code[j]);
 }
 
-// Calls fn(j, code, coef) for the entries j = 0, 1, ..., k - 1 of pixel p in
-// order, in every lane of the warp, with code and coef as load_pixel_entries
-// gives them over the codewords [0, num_codes) (coef 0 when coef is null).
-// `staged` is the warp's own. Called by a whole warp.
+// Calls fn(j, code, coef, grad) for the entries j = 0, 1, ..., k - 1 of
+// pixel p in order, in every lane of the warp, with the fields as
+// load_pixel_entries gives them over the codewords [0, num_codes). `staged`
+// is the warp's own. Called by a whole warp.
 template <typename Fn>
 __device__ __forceinline__ void for_each_pixel_entry(
     const int64_t* __restrict__ indices, const float* __restrict__ coef,
-    int64_t p, int k, int64_t num_codes, StagedEntries& staged, Fn&& fn) {
+    const float* __restrict__ grad, int64_t p, int k, int64_t num_codes,
+    StagedEntries& staged, Fn&& fn) {
   for (int j0 = 0; j0 < k; j0 += kWarpSize) {
-    stage_entries(staged,
-                  load_pixel_entries(indices, coef, p, k, j0, 0, num_codes));
+    stage_entries(staged, load_pixel_entries(indices, coef, p, k, j0, 0,
+                                             num_codes, grad));
     const int count = k - j0 < kWarpSize ? k - j0 : kWarpSize;
     for (int j = 0; j < count; j += 4) {
-      const int4 codes = staged_codes(staged, j);
-      const float4 coefs = *reinterpret_cast<const float4*>(&staged.coef[j]);
-      const int code[4] = {codes.x, codes.y, codes.z, codes.w};
-      const float w[4] = {coefs.x, coefs.y, coefs.z, coefs.w};
+      int code[4];
+      unpack(staged_codes(staged, j), code);
+      float w[4] = {};
+      float g[4] = {};
+      if (coef != nullptr) {
+        unpack(*reinterpret_cast<const float4*>(&staged.coef[j]), w);
+      }
+      if (grad != nullptr) {
+        unpack(*reinterpret_cast<const float4*>(&staged.grad[j]), g);
+      }
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         if (j + i < count) {
-          fn(j0 + j + i, code[i], w[i]);
+          fn(j0 + j + i, code[i], w[i], g[i]);
         }
       }
     }

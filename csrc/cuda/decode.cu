@@ -59,20 +59,16 @@ __device__ __forceinline__ void add_tile_entry_dots(
                                                num_codes));
       // Past k the entries have no codeword, so a group's tail adds zeros.
       for (int g = 0; g < kWarpSize && j0 + g < k; g += kEntryGroup) {
-        int codes[kEntryGroup];
+        int codes[kEntryGroup / 4][4];
 #pragma unroll
-        for (int i = 0; i < kEntryGroup; i += 4) {
-          const int4 four = staged_codes(staged, g + i);
-          codes[i] = four.x;
-          codes[i + 1] = four.y;
-          codes[i + 2] = four.z;
-          codes[i + 3] = four.w;
+        for (int q = 0; q < kEntryGroup / 4; ++q) {
+          unpack(staged_codes(staged, g + 4 * q), codes[q]);
         }
         float prods[kEntryGroup];
         float prods2[kEntryGroup];
 #pragma unroll
         for (int i = 0; i < kEntryGroup; ++i) {
-          const int c = codes[i];
+          const int c = codes[i / 4][i % 4];
           prods[i] = 0.0f;
           prods2[i] = 0.0f;
           if (c >= 0 && d < depth) {
@@ -206,8 +202,8 @@ __global__ void __launch_bounds__(kTileThreads, 4)
       float acc = 0.0f;
       if (p < total_pixels) {  // warp-uniform
         for_each_pixel_entry(
-            indices, coef, p, k, num_codes, staged[warp],
-            [&](int, int c, float w) {
+            indices, coef, nullptr, p, k, num_codes, staged[warp],
+            [&](int, int c, float w, float) {
               if (c >= 0 && d < depth) {
                 acc = fmaf(w, to_float(dictionary_t[c * depth + d]), acc);
               }

@@ -40,8 +40,10 @@ __global__ void __launch_bounds__(kTileThreads, 2)
   __shared__ int64_t grad_x_offsets[kTilePixels];
   __shared__ PixelTile x_tile;
   __shared__ PixelTile grad_x_tile;
+  __shared__ StagedEntries staged[kTileWarps];
 
   const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
   const int64_t total_pixels = num_pixels(x_layout);
   const int64_t depth = x_layout.d;
   const SliceBlock block =
@@ -72,22 +74,15 @@ __global__ void __launch_bounds__(kTileThreads, 2)
       // The decoding and grad_x's codeword sum over every entry, in order.
       float x_hat = 0.0f;
       float grad_sum = 0.0f;
-      for (int j0 = 0; j0 < k; j0 += kWarpSize) {
-        const PixelEntries entries =
-            load_pixel_entries(indices, coef, p, k, j0, 0, num_codes);
-        const float gp = entries.code >= 0 ? grad_pre[p * k + j0 + lane] : 0.0f;
-        const int count = k - j0 < kWarpSize ? k - j0 : kWarpSize;
-        for (int j = 0; j < count; ++j) {
-          const int c = __shfl_sync(kFullWarpMask, entries.code, j);
-          const float w = __shfl_sync(kFullWarpMask, entries.coef, j);
-          const float wg = __shfl_sync(kFullWarpMask, gp, j);
-          if (c >= 0 && d < depth) {
-            const float codeword = to_float(dictionary_t[c * depth + d]);
-            x_hat = fmaf(w, codeword, x_hat);
-            grad_sum = fmaf(wg, codeword, grad_sum);
-          }
-        }
-      }
+      for_each_pixel_entry(
+          indices, coef, grad_pre, p, k, num_codes, staged[warp],
+          [&](int, int c, float w, float wg) {
+            if (c >= 0 && d < depth) {
+              const float codeword = to_float(dictionary_t[c * depth + d]);
+              x_hat = fmaf(w, codeword, x_hat);
+              grad_sum = fmaf(wg, codeword, grad_sum);
+            }
+          });
       const float g = fmaf(-1.0f, xv, x_hat) * scale;
       if (writes_grad_x) {
         grad_x_tile[pl][lane] = fmaf(-1.0f, g, grad_sum);
@@ -95,12 +90,12 @@ __global__ void __launch_bounds__(kTileThreads, 2)
       if (with_dictionary) {
         // Only the entries in this block's range of codewords.
         for (int j0 = 0; j0 < k; j0 += kWarpSize) {
-          const PixelEntries entries = load_pixel_entries(
-              indices, coef, p, k, j0, block.c0, block.c0 + block.codes);
-          const float gp =
-              entries.code >= 0 ? grad_pre[p * k + j0 + lane] : 0.0f;
+          const PixelEntries entries =
+              load_pixel_entries(indices, coef, p, k, j0, block.c0,
+                                 block.c0 + block.codes, grad_pre);
           add_entries_to_slice(slice, entries.code, [&](int source) {
-            const float v = __shfl_sync(kFullWarpMask, gp, source) * xv;
+            const float v =
+                __shfl_sync(kFullWarpMask, entries.grad, source) * xv;
             return fmaf(__shfl_sync(kFullWarpMask, entries.coef, source), g,
                         v);
           });
