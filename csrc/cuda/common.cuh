@@ -3,6 +3,7 @@
 // dispatch.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <map>
 #include <mutex>
@@ -146,6 +147,10 @@ struct alignas(16) StagedEntries {
   float coef[kWarpSize];
   float grad[kWarpSize];
 };
+// 16-byte reads of four entries need every field 16-byte aligned.
+static_assert(offsetof(StagedEntries, coef) % 16 == 0 &&
+                  offsetof(StagedEntries, grad) % 16 == 0,
+              "StagedEntries fields start on 16 bytes");
 
 // Writes each lane's entries to `staged`, once every lane has read the
 // previous round. Called by a whole warp.
