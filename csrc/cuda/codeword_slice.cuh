@@ -77,6 +77,33 @@ __device__ __forceinline__ void add_entries_to_slice(float* slice, int code,
   }
 }
 
+// Adds term(coef, grad) to slice[c][lane] for each of the first `count`
+// entries of `staged` whose codeword c (minus c0) lies in the slice, in
+// entry order. Where (nearly) every entry lies in the slice, reading the
+// fields four entries at a time costs less than add_entries_to_slice's
+// shuffles per entry; where most lie outside, skipping them costs less.
+// Called by a whole warp.
+template <typename Term>
+__device__ __forceinline__ void add_staged_entries_to_slice(
+    float* slice, const StagedEntries& staged, int count, Term&& term) {
+  const int lane = threadIdx.x % kWarpSize;
+  for (int j = 0; j < count; j += 4) {
+    int code[4];
+    float coef[4];
+    float grad[4];
+    unpack(staged_codes(staged, j), code);
+    unpack(*reinterpret_cast<const float4*>(&staged.coef[j]), coef);
+    unpack(*reinterpret_cast<const float4*>(&staged.grad[j]), grad);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      if (j + i < count && code[i] >= 0) {  // warp-uniform
+        atomicAdd(slice + code[i] * kTileChannels + lane,
+                  term(coef[i], grad[i]));
+      }
+    }
+  }
+}
+
 // grad_t[c0 + c, d0 + lane] += slice[c][lane] for channels inside D. Needs a
 // barrier after the last add to the slice.
 __device__ __forceinline__ void add_slice_to_gradient(const float* slice,
