@@ -129,10 +129,30 @@ __device__ __forceinline__ void topk_append_tile(const float* tile_scores,
 }
 
 // Below this k, picking the best k of 33 to 64 keys by rounds of a warp-wide
-// maximum (about a shuffle reduction per key kept) costs less than sorting
-// them (21 compare-exchange passes over 64 keys), which is how the first
-// merge of a row starts when k is small.
+// maximum (warp_max_key per key kept) costs less than sorting them (21
+// compare-exchange passes over 64 keys), which is how the first merge of a
+// row starts when k is small.
 constexpr int kRoundsMaxTopK = 8;
+
+// The largest key of the warp, in every lane. sm_80 reduces 32-bit words in
+// one instruction: the high words first, then the low words of the lanes
+// that hold the largest high word. Older GPUs take five 64-bit shuffles.
+__device__ __forceinline__ uint64_t warp_max_key(uint64_t key) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  const unsigned high_word = static_cast<unsigned>(key >> 32);
+  const unsigned high = __reduce_max_sync(kFullWarpMask, high_word);
+  const unsigned low = __reduce_max_sync(
+      kFullWarpMask, high_word == high ? static_cast<unsigned>(key) : 0u);
+  return (static_cast<uint64_t>(high) << 32) | low;
+#else
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    const uint64_t other = __shfl_xor_sync(kFullWarpMask, key, offset);
+    key = other > key ? other : key;
+  }
+  return key;
+#endif
+}
 
 // Writes the best `kept` of list[0:count) (count <= 64) to list[0:kept),
 // sorted descending. Each lane holds two keys in registers; every round the
@@ -145,12 +165,7 @@ __device__ __forceinline__ void topk_select_by_rounds(uint64_t* list,
   uint64_t b = lane + kWarpSize < count ? list[lane + kWarpSize] : 0;
   __syncwarp();  // every key is read before list[0:kept) is overwritten
   for (int r = 0; r < kept; ++r) {
-    uint64_t best = a > b ? a : b;
-#pragma unroll
-    for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-      const uint64_t other = __shfl_xor_sync(kFullWarpMask, best, offset);
-      best = other > best ? other : best;
-    }
+    const uint64_t best = warp_max_key(a > b ? a : b);
     if (lane == 0) {
       list[r] = best;
     }

@@ -470,6 +470,16 @@ inline unsigned __ballot_sync(unsigned mask, int predicate) {
       });
 }
 
+// The largest of the lanes' values (sm_80's redux.sync).
+inline unsigned __reduce_max_sync(unsigned mask, unsigned value) {
+  return cuda_emulator::warp_exchange(
+      mask, value, "__reduce_max_sync", [](const uint64_t* slots, int, int lanes) {
+        uint64_t best = 0;
+        for (int l = 0; l < lanes; ++l) best = slots[l] > best ? slots[l] : best;
+        return static_cast<unsigned>(best);
+      });
+}
+
 inline int __popc(unsigned v) { return __builtin_popcount(v); }
 inline int __ffs(int v) { return __builtin_ffs(v); }
 
