@@ -58,8 +58,9 @@ __global__ void uninitialised_shared_kernel(float* out) {
   out[blockIdx.x * kThreads + threadIdx.x] = never_written[threadIdx.x];
 }
 
-// out[i] = sum over the warp of lane values (butterfly shuffles) and
-// ballot[warp] = mask of odd lanes.
+// out[i] = sum over the warp of lane values (butterfly shuffles),
+// ballot[warp] = mask of odd lanes and ballot[2 + warp] = the warp's largest
+// (37 * thread) % 61.
 __global__ void warp_primitives_kernel(float* out, unsigned* ballot) {
   float v = static_cast<float>(threadIdx.x);
   for (int offset = 16; offset > 0; offset /= 2) {
@@ -67,8 +68,11 @@ __global__ void warp_primitives_kernel(float* out, unsigned* ballot) {
   }
   out[threadIdx.x] = v;
   const unsigned mask = __ballot_sync(0xffffffffu, threadIdx.x % 2);
+  const unsigned largest =
+      __reduce_max_sync(0xffffffffu, (37u * threadIdx.x) % 61u);
   if (threadIdx.x % 32 == 0) {
     ballot[threadIdx.x / 32] = mask;
+    ballot[2 + threadIdx.x / 32] = largest;
   }
 }
 

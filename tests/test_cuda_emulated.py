@@ -1000,11 +1000,12 @@ def test_emulator_poisons_shared_memory_before_every_block(emu):
 
 
 def test_emulator_warp_primitives(emu):
-    ballot = torch.zeros(2, dtype=torch.int32)
+    ballot = torch.zeros(4, dtype=torch.int32)
     out = probe(emu, "warp_primitives", ballot=ballot)
     lanes = torch.arange(PROBE_THREADS).reshape(2, 32)
     assert torch.equal(out[:PROBE_THREADS], lanes.sum(1, keepdim=True).expand(2, 32).reshape(-1).float())
-    assert ballot.tolist() == [0x55555555 * 2 - (1 << 32), 0x55555555 * 2 - (1 << 32)]
+    assert ballot[:2].tolist() == [0x55555555 * 2 - (1 << 32), 0x55555555 * 2 - (1 << 32)]
+    assert ballot[2:].tolist() == ((37 * lanes) % 61).amax(1).tolist()
 
 
 def test_emulator_refuses_a_block_past_the_launch_bounds(emu):
