@@ -89,6 +89,23 @@ __global__ void __launch_bounds__(kThreads / 2, 1) bounded_kernel(float* out) {
   out[threadIdx.x] = static_cast<float>(threadIdx.x);
 }
 
+// out[0:4) = shared floats [first, first + 4) read as one float4: a GPU
+// faults unless first is a multiple of four.
+__global__ void vector_load_kernel(int first, float* out) {
+  __shared__ __align__(16) float values[8];
+  if (threadIdx.x < 8) {
+    values[threadIdx.x] = static_cast<float>(threadIdx.x);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const float4 v = *reinterpret_cast<const float4*>(&values[first]);
+    out[0] = v.x;
+    out[1] = v.y;
+    out[2] = v.z;
+    out[3] = v.w;
+  }
+}
+
 }  // namespace
 
 cudaError_t launch_neighbour(bool with_barrier, int blocks, float* out) {
@@ -145,6 +162,11 @@ cudaError_t launch_dynamic_shared(size_t bytes, bool raise_limit, float* out) {
 
 cudaError_t launch_bounded(int threads, float* out) {
   bounded_kernel<<<1, threads>>>(out);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_vector_load(int first, float* out) {
+  vector_load_kernel<<<1, kThreads>>>(first, out);
   return cudaGetLastError();
 }
 

@@ -1017,6 +1017,25 @@ def test_emulator_refuses_a_block_past_the_launch_bounds(emu):
     assert (out == -7).all()  # refused before any thread ran
 
 
+def test_emulator_refuses_a_misaligned_vector_access(emu):
+    out = probe(emu, "vector_load", 4)
+    assert out[:4].tolist() == [4.0, 5.0, 6.0, 7.0]
+    with pytest.raises(RuntimeError, match="misaligned address: a 16-byte vector access 4 bytes past"):
+        probe(emu, "vector_load", 1)
+
+
+def test_translation_checks_casts_to_vector_types_only():
+    source = (
+        "const float4 v = *reinterpret_cast<const float4*>(&a[j]);\n"
+        "*reinterpret_cast<float2 *>(&b[i]) = w;\n"
+        "f(reinterpret_cast<const void*>(kernel), reinterpret_cast<float4x*>(p));\n"
+    )
+    lines = cuda_emulation.translator().rewrite_vector_casts(source).splitlines()
+    assert lines[0] == "const float4 v = *::cuda_emulator::vector_cast<const float4*>(&a[j]);"
+    assert lines[1] == "*::cuda_emulator::vector_cast<float2 *>(&b[i]) = w;"
+    assert lines[2] == "f(reinterpret_cast<const void*>(kernel), reinterpret_cast<float4x*>(p));"
+
+
 def test_translation_checks_the_launch_bounds_of_kernel_definitions_only():
     source = (
         "__global__ void __launch_bounds__(std::max<int>(32, 64), 2)\n"

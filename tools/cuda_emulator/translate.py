@@ -1,6 +1,6 @@
 """Rewrites CUDA sources into C++ that builds against the CPU emulator.
 
-Four constructs have no C++ spelling and are rewritten:
+Four constructs have no C++ spelling and are rewritten, and one is checked:
 
 * ``kernel<<<grid, block, bytes, stream>>>(args)`` becomes
   ``::cuda_emulator::launch(kernel, ::cuda_emulator::LaunchConfig(grid, block,
@@ -10,7 +10,10 @@ Four constructs have no C++ spelling and are rewritten:
 * ``extern __shared__ T name[];`` becomes a pointer to the launch's dynamic
   shared memory;
 * ``__launch_bounds__(max_threads, ...)`` on a kernel becomes a check at the
-  top of its body, which fails the launch of a larger block as a GPU does.
+  top of its body, which fails the launch of a larger block as a GPU does;
+* ``reinterpret_cast<T*>`` to a CUDA vector type (``float2``, ``float4``,
+  ``int4``) becomes ``::cuda_emulator::vector_cast<T*>``, which fails the
+  kernel on a misaligned address as a GPU's wide access does.
 
 Everything else compiles as is with the headers in ``include/``, which must
 come before any real CUDA include directory. ``.cu`` files are written as
@@ -33,6 +36,7 @@ _IDENTIFIER_CHAR = re.compile(r"[\w:]")
 _LAUNCH_BOUNDS = "__launch_bounds__("
 _KERNEL_NAME = re.compile(r"\s*\w+\s*\(")
 _BODY_OPEN = re.compile(r"\s*\{")
+_VECTOR_CAST = re.compile(r"\breinterpret_cast<(\s*(?:const\s+)?(?:float2|float4|int4)\s*\*\s*)>")
 
 
 def _matching(text: str, start: int, open_: str, close: str) -> int:
@@ -145,8 +149,12 @@ def rewrite_shared(text: str) -> str:
     return _STATIC_SHARED.sub(static_array, text)
 
 
+def rewrite_vector_casts(text: str) -> str:
+    return _VECTOR_CAST.sub(r"::cuda_emulator::vector_cast<\1>", text)
+
+
 def translate(text: str) -> str:
-    return rewrite_launches(rewrite_shared(rewrite_launch_bounds(text)))
+    return rewrite_launches(rewrite_shared(rewrite_launch_bounds(rewrite_vector_casts(text))))
 
 
 def translate_file(path: Path, out_dir: Path) -> Path | None:

@@ -152,6 +152,27 @@ inline std::string where(const BlockRun& run) {
          ", thread " + std::to_string(f.linear) + ")";
 }
 
+// reinterpret_cast<Pointer>(p) for a pointer to a CUDA vector type, which
+// translate.py puts in place of such casts: a GPU's wide load or store
+// faults on an address that is not a multiple of the vector's size, so the
+// kernel fails here too.
+template <typename Pointer, typename From>
+Pointer vector_cast(From* p) {
+  using Vector = std::remove_cv_t<std::remove_pointer_t<Pointer>>;
+  if (reinterpret_cast<std::uintptr_t>(p) % alignof(Vector) != 0) {
+    const std::string message = "misaligned address: a " + std::to_string(sizeof(Vector)) +
+                                "-byte vector access " +
+                                std::to_string(reinterpret_cast<std::uintptr_t>(p) % alignof(Vector)) +
+                                " bytes past its alignment";
+    BlockRun* run = state().run;
+    if (run == nullptr || run->current < 0) {
+      throw std::logic_error(message);
+    }
+    fail(message + where(*run), cudaErrorMisalignedAddress);
+  }
+  return reinterpret_cast<Pointer>(p);
+}
+
 inline void yield(BlockRun& run) {
   Fiber& self = run.fibers[run.current];
   swapcontext(&self.context, &run.scheduler);
