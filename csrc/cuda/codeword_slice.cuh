@@ -92,8 +92,8 @@ __device__ __forceinline__ void add_staged_entries_to_slice(
     float coef[4];
     float grad[4];
     unpack(staged_codes(staged, j), code);
-    unpack(*reinterpret_cast<const float4*>(&staged.coef[j]), coef);
-    unpack(*reinterpret_cast<const float4*>(&staged.grad[j]), grad);
+    unpack(staged_coefs(staged, j), coef);
+    unpack(staged_grads(staged, j), grad);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       if (j + i < count && code[i] >= 0) {  // warp-uniform

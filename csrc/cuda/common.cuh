@@ -164,6 +164,7 @@ __device__ __forceinline__ void stage_entries(StagedEntries& staged,
   __syncwarp();
 }
 
+// out = the four components of a CUDA vector (int4, float4).
 template <typename Vec4, typename T>
 __device__ __forceinline__ void unpack(const Vec4& v, T (&out)[4]) {
   out[0] = v.x;
@@ -172,10 +173,18 @@ __device__ __forceinline__ void unpack(const Vec4& v, T (&out)[4]) {
   out[3] = v.w;
 }
 
-// The codewords of staged entries [j, j + 4), j a multiple of 4.
+// The fields of staged entries [j, j + 4), j a multiple of 4, one read each.
 __device__ __forceinline__ int4 staged_codes(const StagedEntries& staged,
                                              int j) {
   return *reinterpret_cast<const int4*>(&staged.code[j]);
+}
+__device__ __forceinline__ float4 staged_coefs(const StagedEntries& staged,
+                                               int j) {
+  return *reinterpret_cast<const float4*>(&staged.coef[j]);
+}
+__device__ __forceinline__ float4 staged_grads(const StagedEntries& staged,
+                                               int j) {
+  return *reinterpret_cast<const float4*>(&staged.grad[j]);
 }
 
 // Calls fn(j, code, coef, grad) for the entries j = 0, 1, ..., k - 1 of
@@ -197,10 +206,10 @@ __device__ __forceinline__ void for_each_pixel_entry(
       float w[4] = {};
       float g[4] = {};
       if (coef != nullptr) {
-        unpack(*reinterpret_cast<const float4*>(&staged.coef[j]), w);
+        unpack(staged_coefs(staged, j), w);
       }
       if (grad != nullptr) {
-        unpack(*reinterpret_cast<const float4*>(&staged.grad[j]), g);
+        unpack(staged_grads(staged, j), g);
       }
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
