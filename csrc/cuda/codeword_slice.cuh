@@ -61,44 +61,31 @@ __device__ __forceinline__ void zero_slice(float* slice, int codes) {
   }
 }
 
-// Adds v to slice[c][lane] for each of the 32 entries the warp holds (one
-// per lane, code = its codeword minus c0, or -1 for none): per entry, every
-// lane adds its channel's term term(source lane) to the slice. Called by a
-// whole warp.
-template <typename Term>
-__device__ __forceinline__ void add_entries_to_slice(float* slice, int code,
-                                                     Term&& term) {
-  const int lane = threadIdx.x % kWarpSize;
-  for (unsigned kept = __ballot_sync(kFullWarpMask, code >= 0); kept != 0;
-       kept &= kept - 1) {
-    const int source = __ffs(kept) - 1;
-    const int c = __shfl_sync(kFullWarpMask, code, source);
-    atomicAdd(slice + c * kTileChannels + lane, term(source));
-  }
-}
-
-// Adds term(coef, grad) to slice[c][lane] for each of the first `count`
+// Adds term(coef, coef2) to slice[c][lane] for each of the first `count`
 // entries of `staged` whose codeword c (minus c0) lies in the slice, in
-// entry order. Where (nearly) every entry lies in the slice, reading the
-// fields four entries at a time costs less than add_entries_to_slice's
-// shuffles per entry; where most lie outside, skipping them costs less.
-// Called by a whole warp.
+// entry order. Fields are read four entries at a time, and a group of four
+// without an entry in the slice (most, where the codewords span several
+// slices) costs one read. Called by a whole warp.
 template <typename Term>
-__device__ __forceinline__ void add_staged_entries_to_slice(
+__device__ __forceinline__ void add_entries_to_slice(
     float* slice, const StagedEntries& staged, int count, Term&& term) {
   const int lane = threadIdx.x % kWarpSize;
   for (int j = 0; j < count; j += 4) {
     int code[4];
-    float coef[4];
-    float grad[4];
     unpack(staged_codes(staged, j), code);
+    // Warp-uniform, as every lane reads the same entries.
+    if ((code[0] & code[1] & code[2] & code[3]) < 0) {
+      continue;  // all four are -1: none lies in the slice
+    }
+    float coef[4];
+    float coef2[4];
     unpack(staged_coefs(staged, j), coef);
-    unpack(staged_grads(staged, j), grad);
+    unpack(staged_coef2s(staged, j), coef2);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      if (j + i < count && code[i] >= 0) {  // warp-uniform
+      if (j + i < count && code[i] >= 0) {
         atomicAdd(slice + code[i] * kTileChannels + lane,
-                  term(coef[i], grad[i]));
+                  term(coef[i], coef2[i]));
       }
     }
   }

@@ -112,19 +112,20 @@ __device__ __forceinline__ bool channels_fastest(const FeatureMapLayout& l) {
 // Entry j0 + lane of pixel p of a (P, k) sparse code, as each lane of a warp
 // loads it (coalesced): its codeword c as c - code_begin when c lies in
 // [code_begin, code_end), else -1 (also past k), and coef[p, j0 + lane] and
-// grad[p, j0 + lane] (each 0 without a codeword or where null). The warp then
+// coef2[p, j0 + lane], a second coefficient where a kernel has one (each 0
+// without a codeword or where null). The warp then
 // hands the entries round, so that reads through the codewords do not each
 // wait on an index load.
 struct PixelEntries {
   int code;
   float coef;
-  float grad;
+  float coef2;
 };
 
 __device__ __forceinline__ PixelEntries load_pixel_entries(
     const int64_t* __restrict__ indices, const float* __restrict__ coef,
     int64_t p, int k, int j0, int64_t code_begin, int64_t code_end,
-    const float* __restrict__ grad = nullptr) {
+    const float* __restrict__ coef2 = nullptr) {
   const int j = j0 + static_cast<int>(threadIdx.x % kWarpSize);
   PixelEntries entries{-1, 0.0f, 0.0f};
   if (j < k) {
@@ -133,7 +134,7 @@ __device__ __forceinline__ PixelEntries load_pixel_entries(
     if (c >= code_begin && c < code_end) {
       entries.code = static_cast<int>(c - code_begin);
       entries.coef = coef != nullptr ? coef[e] : 0.0f;
-      entries.grad = grad != nullptr ? grad[e] : 0.0f;
+      entries.coef2 = coef2 != nullptr ? coef2[e] : 0.0f;
     }
   }
   return entries;
@@ -145,11 +146,11 @@ __device__ __forceinline__ PixelEntries load_pixel_entries(
 struct alignas(16) StagedEntries {
   int code[kWarpSize];
   float coef[kWarpSize];
-  float grad[kWarpSize];
+  float coef2[kWarpSize];
 };
 // 16-byte reads of four entries need every field 16-byte aligned.
 static_assert(offsetof(StagedEntries, coef) % 16 == 0 &&
-                  offsetof(StagedEntries, grad) % 16 == 0,
+                  offsetof(StagedEntries, coef2) % 16 == 0,
               "StagedEntries fields start on 16 bytes");
 
 // Writes each lane's entries to `staged`, once every lane has read the
@@ -160,7 +161,7 @@ __device__ __forceinline__ void stage_entries(StagedEntries& staged,
   __syncwarp();
   staged.code[lane] = entries.code;
   staged.coef[lane] = entries.coef;
-  staged.grad[lane] = entries.grad;
+  staged.coef2[lane] = entries.coef2;
   __syncwarp();
 }
 
@@ -182,39 +183,39 @@ __device__ __forceinline__ float4 staged_coefs(const StagedEntries& staged,
                                                int j) {
   return *reinterpret_cast<const float4*>(&staged.coef[j]);
 }
-__device__ __forceinline__ float4 staged_grads(const StagedEntries& staged,
-                                               int j) {
-  return *reinterpret_cast<const float4*>(&staged.grad[j]);
+__device__ __forceinline__ float4 staged_coef2s(const StagedEntries& staged,
+                                                int j) {
+  return *reinterpret_cast<const float4*>(&staged.coef2[j]);
 }
 
-// Calls fn(j, code, coef, grad) for the entries j = 0, 1, ..., k - 1 of
+// Calls fn(j, code, coef, coef2) for the entries j = 0, 1, ..., k - 1 of
 // pixel p in order, in every lane of the warp, with the fields as
 // load_pixel_entries gives them over the codewords [0, num_codes). `staged`
 // is the warp's own. Called by a whole warp.
 template <typename Fn>
 __device__ __forceinline__ void for_each_pixel_entry(
     const int64_t* __restrict__ indices, const float* __restrict__ coef,
-    const float* __restrict__ grad, int64_t p, int k, int64_t num_codes,
+    const float* __restrict__ coef2, int64_t p, int k, int64_t num_codes,
     StagedEntries& staged, Fn&& fn) {
   for (int j0 = 0; j0 < k; j0 += kWarpSize) {
     stage_entries(staged, load_pixel_entries(indices, coef, p, k, j0, 0,
-                                             num_codes, grad));
+                                             num_codes, coef2));
     const int count = k - j0 < kWarpSize ? k - j0 : kWarpSize;
     for (int j = 0; j < count; j += 4) {
       int code[4];
       unpack(staged_codes(staged, j), code);
       float w[4] = {};
-      float g[4] = {};
+      float w2[4] = {};
       if (coef != nullptr) {
         unpack(staged_coefs(staged, j), w);
       }
-      if (grad != nullptr) {
-        unpack(staged_grads(staged, j), g);
+      if (coef2 != nullptr) {
+        unpack(staged_coef2s(staged, j), w2);
       }
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         if (j + i < count) {
-          fn(j0 + j + i, code[i], w[i], g[i]);
+          fn(j0 + j + i, code[i], w[i], w2[i]);
         }
       }
     }

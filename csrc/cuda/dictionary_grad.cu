@@ -36,8 +36,10 @@ __global__ void __launch_bounds__(kTileThreads, 2)
   __shared__ int64_t offsets_b[kTilePixels];
   __shared__ PixelTile tile_a;
   __shared__ PixelTile tile_b;
+  __shared__ StagedEntries staged[kTileWarps];
 
   const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
   const int64_t total_pixels = num_pixels(layout_a);
   const SliceBlock block =
       slice_block(num_codes, codes_per_block, tiles_per_block, total_pixels);
@@ -63,16 +65,15 @@ __global__ void __launch_bounds__(kTileThreads, 2)
       const float fb = has_b ? tile_b[pl][lane] : 0.0f;
       for (int j0 = 0; j0 < k; j0 += kWarpSize) {
         // Only the entries in this block's range of codewords.
-        const PixelEntries entries = load_pixel_entries(
-            indices, coef_a, p, k, j0, block.c0, block.c0 + block.codes);
-        const float cb = has_b && entries.code >= 0
-                             ? coef_b[p * k + j0 + lane]
-                             : 0.0f;
-        add_entries_to_slice(slice, entries.code, [&](int source) {
-          const float v = __shfl_sync(kFullWarpMask, entries.coef, source) * fa;
-          return has_b ? fmaf(__shfl_sync(kFullWarpMask, cb, source), fb, v)
-                       : v;
-        });
+        stage_entries(staged[warp],
+                      load_pixel_entries(indices, coef_a, p, k, j0, block.c0,
+                                         block.c0 + block.codes, coef_b));
+        add_entries_to_slice(
+            slice, staged[warp], k - j0 < kWarpSize ? k - j0 : kWarpSize,
+            [&](float ca, float cb) {
+              const float v = ca * fa;
+              return has_b ? fmaf(cb, fb, v) : v;
+            });
       }
     });
   }

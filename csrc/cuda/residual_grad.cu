@@ -88,14 +88,12 @@ __global__ void __launch_bounds__(kTileThreads, 2)
         grad_x_tile[pl][lane] = fmaf(-1.0f, g, grad_sum);
       }
       if (with_dictionary) {
-        // Only the entries in this block's range of codewords: all of them
-        // where one range covers the dictionary, as it does for the
-        // K <= kSliceCodewords that the reconstruction loss sends here.
+        // Only the entries in this block's range of codewords.
         for (int j0 = 0; j0 < k; j0 += kWarpSize) {
           stage_entries(staged[warp],
                         load_pixel_entries(indices, coef, p, k, j0, block.c0,
                                            block.c0 + block.codes, grad_pre));
-          add_staged_entries_to_slice(
+          add_entries_to_slice(
               slice, staged[warp], k - j0 < kWarpSize ? k - j0 : kWarpSize,
               [&](float w, float wg) { return fmaf(w, g, wg * xv); });
         }
