@@ -36,6 +36,8 @@ static_assert(kEntryGroup % 4 == 0, "codes are read four at a time");
 // dots[pl][j] += sum over the chunk's channels d = d0 + c of
 // tile[pl][c] * C[idx[p, j], d], for the tile's pixels pl that this warp
 // owns (rows warp, warp + kTileWarps, ...), with `staged` the warp's own.
+// Each product is rounded (never fused into an add) and the chunk's 32 are
+// summed in warp_sum's butterfly, so a dot does not depend on the compiler.
 // With kSecondTile, also second_dots[pl][j] from second_tile, against the
 // same codeword elements read once. Called by every warp.
 template <bool kSecondTile = false, typename TDict>
@@ -73,8 +75,8 @@ __device__ __forceinline__ void add_tile_entry_dots(
           prods2[i] = 0.0f;
           if (c >= 0 && d < depth) {
             const float codeword = to_float(dictionary_t[c * depth + d]);
-            prods[i] = f * codeword;
-            prods2[i] = f2 * codeword;
+            prods[i] = __fmul_rn(f, codeword);
+            prods2[i] = __fmul_rn(f2, codeword);
           }
         }
         const float sum = warp_sums_spread(prods);
