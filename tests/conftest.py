@@ -136,6 +136,42 @@ def tf32_misranked_inputs(num_candidates):
     return x, C
 
 
+def warp_order_dots(features, indices, dictionary_t):
+    """float32 <f_p, C_j> of every entry in range, summed as the CUDA
+    entry-dot kernels document: rounded products, in chunks of 32 channels
+    taken in order, each chunk summed by a warp's xor butterfly (offsets 16,
+    8, 4, 2, 1). features (N, D, H, W), indices (N, H, W, k), dictionary_t
+    (K, D); (P, k), 0 where an index is out of range."""
+    d, k, K = features.shape[1], indices.shape[-1], dictionary_t.shape[0]
+    rows = indices.reshape(-1, k)
+    valid = (rows >= 0) & (rows < K)
+    codewords = dictionary_t.float()[rows.clamp(0, K - 1)] * valid.unsqueeze(-1)  # (P, k, D)
+    f = features.float().permute(0, 2, 3, 1).reshape(-1, 1, d)
+    chunks = -(-d // 32)
+    lanes = torch.zeros(f.shape[0], k, chunks * 32)
+    lanes[..., :d] = f * codewords
+    lanes = lanes.reshape(-1, k, chunks, 32)
+    for offset in (16, 8, 4, 2, 1):
+        lanes = lanes + lanes[..., torch.arange(32) ^ offset]
+    dots = torch.zeros(f.shape[0], k)
+    for c in range(chunks):
+        dots = dots + lanes[..., c, 0]
+    return dots
+
+
+def documented_order_inputs(seed):
+    """(values, indices, C, grad_x_hat) of N, D, H, W, K, k = 2, 100, 5, 7,
+    150, 13 with random (not dyadic) float32 data, so that the order of a
+    sum shows in its result."""
+    n, d, h, w, K, k = 2, 100, 5, 7, 150, 13
+    g = torch.Generator().manual_seed(seed)
+    values = torch.rand(n, h, w, k, generator=g)
+    indices = torch.stack([torch.randperm(K, generator=g)[:k] for _ in range(n * h * w)])
+    C = torch.randn(d, K, generator=g)
+    grad_x_hat = torch.randn(n, d, h, w, generator=g)
+    return values, indices.reshape(n, h, w, k), C, grad_x_hat
+
+
 # The two pixels of tf32_screening_inputs that TF32 cannot rank.
 MISRANKED_PIXEL, SUBNORMAL_PIXEL = (1, 3, 2), (0, 0, 0)
 

@@ -20,7 +20,7 @@ import torch
 from srm_ext import reference
 
 import cuda_emulation
-from conftest import dyadic, make_layout, tf32_misranked_inputs
+from conftest import dyadic, make_layout, tf32_misranked_inputs, warp_order_dots
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Results in each dtype against a float64 computation, compared in float32:
@@ -578,26 +578,6 @@ def test_codeword_dots_gives_norms_without_entries(emu):
                           torch.rand(5, 40), None, torch.empty(42, 0), norms)
     exact = features.double().permute(0, 2, 3, 1).reshape(-1, 40).norm(dim=1)
     torch.testing.assert_close(norms.double(), exact, rtol=1e-6, atol=0)
-
-
-def warp_order_dots(features, indices, dictionary_t):
-    """float32 <f_p, C_j> of every in-range entry, summed as the entry-dot
-    kernels document: chunks of 32 channels in order, each summed by the
-    warp's xor butterfly (offsets 16, 8, 4, 2, 1), as (P, k)."""
-    d, k = features.shape[1], indices.shape[-1]
-    valid, safe = gathered(indices.reshape(-1, k), dictionary_t.shape[0])
-    rows = dictionary_t.float()[safe] * valid.unsqueeze(-1)  # (P, k, D)
-    f = features.float().permute(0, 2, 3, 1).reshape(-1, 1, d)
-    chunks = -(-d // 32)
-    lanes = torch.zeros(f.shape[0], k, chunks * 32)
-    lanes[..., :d] = f * rows
-    lanes = lanes.reshape(-1, k, chunks, 32)
-    for offset in (16, 8, 4, 2, 1):
-        lanes = lanes + lanes[..., torch.arange(32) ^ offset]
-    dots = torch.zeros(f.shape[0], k)
-    for c in range(chunks):
-        dots = dots + lanes[..., c, 0]
-    return dots
 
 
 @pytest.mark.parametrize("d, k", [(100, 13), (64, 40), (37, 5), (33, 128)])

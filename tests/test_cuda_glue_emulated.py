@@ -37,7 +37,9 @@ from conftest import (
     dyadic,
     make_layout,
     requires_native_cpu,
+    documented_order_inputs,
     tf32_screening_inputs,
+    warp_order_dots,
 )
 
 pytestmark = requires_native_cpu  # the fake kernels need the op schemas
@@ -177,6 +179,16 @@ def test_encode_and_decode_with_their_backward(ops, encode_path, dtype, layout, 
                 ops, "sparse_decode_backward", (grad_x_hat, values, indices, C),
                 itertools.product([False, True], repeat=2), want,
             )
+
+
+def test_decode_value_gradients_sum_in_the_documented_order(ops):
+    """Through the glue, bitwise (the GPU twin is in test_cuda_kernels.py)."""
+    values, indices, C, grad_x_hat = documented_order_inputs(seed=3)
+    grad_values, _ = ops.sparse_decode_backward(grad_x_hat, values, indices, C, [True, False])
+    expected = warp_order_dots(grad_x_hat, indices, C.t()).reshape(values.shape)
+    assert torch.equal(grad_values, expected)
+    plain = torch.einsum("ndhw,nhwkd->nhwk", grad_x_hat, C.t()[indices])
+    assert not torch.equal(grad_values, plain)  # the order shows in these data
 
 
 def check_loss_backward(ops, upstream, x, C, b, values, indices, k) -> None:

@@ -22,11 +22,13 @@ from conftest import (
     SUBNORMAL_PIXEL,
     beyond_float16,
     codeword_major,
+    documented_order_inputs,
     dyadic,
     leaf_like,
     make_layout,
     requires_cuda,
     tf32_screening_inputs,
+    warp_order_dots,
 )
 
 pytestmark = requires_cuda
@@ -444,6 +446,16 @@ def test_decode_backward_takes_an_expanded_gradient():
     reference.sparse_decode(want[0], indices, want[1]).sum().backward()
     for g, w in zip(got, want):
         close(g.grad, w.grad, torch.float32)
+
+
+def test_decode_value_gradients_sum_in_the_documented_order():
+    """The values' gradient is every entry's <grad_p, C_j>, summed on the GPU
+    as warp_order_dots documents: bitwise, on data where the order shows."""
+    values, indices, C, grad_x_hat = documented_order_inputs(seed=3)
+    v = values.to(DEVICE).requires_grad_()
+    srm_ext.sparse_decode(v, indices.to(DEVICE), C.to(DEVICE)).backward(grad_x_hat.to(DEVICE))
+    expected = warp_order_dots(grad_x_hat, indices, C.t()).reshape(values.shape)
+    assert torch.equal(v.grad.cpu(), expected)
 
 
 def student_inputs(n, d, h, w, K, seed, dictionary_scale=0.3):
