@@ -34,10 +34,10 @@ from conftest import (
     MISRANKED_PIXEL,
     SUBNORMAL_PIXEL,
     codeword_major,
+    documented_order_inputs,
     dyadic,
     make_layout,
     requires_native_cpu,
-    documented_order_inputs,
     tf32_screening_inputs,
     warp_order_dots,
 )
