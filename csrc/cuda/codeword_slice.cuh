@@ -61,34 +61,20 @@ __device__ __forceinline__ void zero_slice(float* slice, int codes) {
   }
 }
 
-// Adds term(coef, coef2) to slice[c][lane] for each of the first `count`
-// entries of `staged` whose codeword c (minus c0) lies in the slice, in
-// entry order. Fields are read four entries at a time, and a group of four
-// without an entry in the slice (most, where the codewords span several
-// slices) costs one read. Called by a whole warp.
+// Adds term(coef, coef2) to slice[c][lane] for each entry of pixel p whose
+// codeword c0 + c lies in the block's slice, in entry order. Called by a
+// whole warp; `staged` is its own.
 template <typename Term>
 __device__ __forceinline__ void add_entries_to_slice(
-    float* slice, const StagedEntries& staged, int count, Term&& term) {
+    float* slice, const SliceBlock& b, const int64_t* __restrict__ indices,
+    const float* __restrict__ coef, const float* __restrict__ coef2,
+    int64_t p, int k, StagedEntries& staged, Term&& term) {
   const int lane = threadIdx.x % kWarpSize;
-  for (int j = 0; j < count; j += 4) {
-    int code[4];
-    unpack(staged_codes(staged, j), code);
-    // Warp-uniform, as every lane reads the same entries.
-    if ((code[0] & code[1] & code[2] & code[3]) < 0) {
-      continue;  // all four are -1: none lies in the slice
-    }
-    float coef[4];
-    float coef2[4];
-    unpack(staged_coefs(staged, j), coef);
-    unpack(staged_coef2s(staged, j), coef2);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      if (j + i < count && code[i] >= 0) {
-        atomicAdd(slice + code[i] * kTileChannels + lane,
-                  term(coef[i], coef2[i]));
-      }
-    }
-  }
+  for_each_pixel_entry(indices, coef, coef2, p, k, b.c0, b.c0 + b.codes,
+                       staged, [&](int c, float w, float w2) {
+                         atomicAdd(slice + c * kTileChannels + lane,
+                                   term(w, w2));
+                       });
 }
 
 // grad_t[c0 + c, d0 + lane] += slice[c][lane] for channels inside D. Needs a

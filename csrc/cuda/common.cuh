@@ -113,9 +113,8 @@ __device__ __forceinline__ bool channels_fastest(const FeatureMapLayout& l) {
 // loads it (coalesced): its codeword c as c - code_begin when c lies in
 // [code_begin, code_end), else -1 (also past k), and coef[p, j0 + lane] and
 // coef2[p, j0 + lane], a second coefficient where a kernel has one (each 0
-// without a codeword or where null). The warp then
-// hands the entries round, so that reads through the codewords do not each
-// wait on an index load.
+// without a codeword or where null). The warp then hands the entries round,
+// so that reads through the codewords do not each wait on an index load.
 struct PixelEntries {
   int code;
   float coef;
@@ -188,22 +187,28 @@ __device__ __forceinline__ float4 staged_coef2s(const StagedEntries& staged,
   return *reinterpret_cast<const float4*>(&staged.coef2[j]);
 }
 
-// Calls fn(j, code, coef, coef2) for the entries j = 0, 1, ..., k - 1 of
-// pixel p in order, in every lane of the warp, with the fields as
-// load_pixel_entries gives them over the codewords [0, num_codes). `staged`
-// is the warp's own. Called by a whole warp.
+// Calls fn(code, coef, coef2) for each entry of pixel p whose codeword lies
+// in [code_begin, code_end), in entry order, in every lane of the warp, with
+// the fields as load_pixel_entries gives them. Fields are read four entries
+// at a time, and a group of four without such an entry (most, where a
+// kernel's block covers one of several ranges of codewords) costs one read.
+// `staged` is the warp's own. Called by a whole warp.
 template <typename Fn>
 __device__ __forceinline__ void for_each_pixel_entry(
     const int64_t* __restrict__ indices, const float* __restrict__ coef,
-    const float* __restrict__ coef2, int64_t p, int k, int64_t num_codes,
-    StagedEntries& staged, Fn&& fn) {
+    const float* __restrict__ coef2, int64_t p, int k, int64_t code_begin,
+    int64_t code_end, StagedEntries& staged, Fn&& fn) {
   for (int j0 = 0; j0 < k; j0 += kWarpSize) {
-    stage_entries(staged, load_pixel_entries(indices, coef, p, k, j0, 0,
-                                             num_codes, coef2));
+    stage_entries(staged, load_pixel_entries(indices, coef, p, k, j0,
+                                             code_begin, code_end, coef2));
     const int count = k - j0 < kWarpSize ? k - j0 : kWarpSize;
     for (int j = 0; j < count; j += 4) {
       int code[4];
       unpack(staged_codes(staged, j), code);
+      // Warp-uniform, as every lane reads the same entries.
+      if ((code[0] & code[1] & code[2] & code[3]) < 0) {
+        continue;  // all four are -1: none lies in the range
+      }
       float w[4] = {};
       float w2[4] = {};
       if (coef != nullptr) {
@@ -214,8 +219,8 @@ __device__ __forceinline__ void for_each_pixel_entry(
       }
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        if (j + i < count) {
-          fn(j0 + j + i, code[i], w[i], w2[i]);
+        if (code[i] >= 0) {  // -1 also past k
+          fn(code[i], w[i], w2[i]);
         }
       }
     }

@@ -204,9 +204,9 @@ __global__ void __launch_bounds__(kTileThreads, 4)
       float acc = 0.0f;
       if (p < total_pixels) {  // warp-uniform
         for_each_pixel_entry(
-            indices, coef, nullptr, p, k, num_codes, staged[warp],
-            [&](int, int c, float w, float) {
-              if (c >= 0 && d < depth) {
+            indices, coef, nullptr, p, k, 0, num_codes, staged[warp],
+            [&](int c, float w, float) {
+              if (d < depth) {
                 acc = fmaf(w, to_float(dictionary_t[c * depth + d]), acc);
               }
             });

@@ -63,18 +63,11 @@ __global__ void __launch_bounds__(kTileThreads, 2)
       // Lanes outside D hold 0 and add nothing that is ever read back.
       const float fa = tile_a[pl][lane];
       const float fb = has_b ? tile_b[pl][lane] : 0.0f;
-      for (int j0 = 0; j0 < k; j0 += kWarpSize) {
-        // Only the entries in this block's range of codewords.
-        stage_entries(staged[warp],
-                      load_pixel_entries(indices, coef_a, p, k, j0, block.c0,
-                                         block.c0 + block.codes, coef_b));
-        add_entries_to_slice(
-            slice, staged[warp], k - j0 < kWarpSize ? k - j0 : kWarpSize,
-            [&](float ca, float cb) {
-              const float v = ca * fa;
-              return has_b ? fmaf(cb, fb, v) : v;
-            });
-      }
+      add_entries_to_slice(slice, block, indices, coef_a, coef_b, p, k,
+                           staged[warp], [&](float ca, float cb) {
+                             const float v = ca * fa;
+                             return has_b ? fmaf(cb, fb, v) : v;
+                           });
     });
   }
   __syncthreads();

@@ -75,9 +75,9 @@ __global__ void __launch_bounds__(kTileThreads, 2)
       float x_hat = 0.0f;
       float grad_sum = 0.0f;
       for_each_pixel_entry(
-          indices, coef, grad_pre, p, k, num_codes, staged[warp],
-          [&](int, int c, float w, float wg) {
-            if (c >= 0 && d < depth) {
+          indices, coef, grad_pre, p, k, 0, num_codes, staged[warp],
+          [&](int c, float w, float wg) {
+            if (d < depth) {
               const float codeword = to_float(dictionary_t[c * depth + d]);
               x_hat = fmaf(w, codeword, x_hat);
               grad_sum = fmaf(wg, codeword, grad_sum);
@@ -88,15 +88,9 @@ __global__ void __launch_bounds__(kTileThreads, 2)
         grad_x_tile[pl][lane] = fmaf(-1.0f, g, grad_sum);
       }
       if (with_dictionary) {
-        // Only the entries in this block's range of codewords.
-        for (int j0 = 0; j0 < k; j0 += kWarpSize) {
-          stage_entries(staged[warp],
-                        load_pixel_entries(indices, coef, p, k, j0, block.c0,
-                                           block.c0 + block.codes, grad_pre));
-          add_entries_to_slice(
-              slice, staged[warp], k - j0 < kWarpSize ? k - j0 : kWarpSize,
-              [&](float w, float wg) { return fmaf(w, g, wg * xv); });
-        }
+        add_entries_to_slice(
+            slice, block, indices, coef, grad_pre, p, k, staged[warp],
+            [&](float w, float wg) { return fmaf(w, g, wg * xv); });
       }
     });
 
