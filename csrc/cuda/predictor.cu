@@ -44,7 +44,7 @@ __global__ void __launch_bounds__(kThreads)
     pixel_stats_kernel(const float* __restrict__ logits,
                        const float* __restrict__ intercept,
                        const int64_t* __restrict__ labels,
-                       int64_t pixels_per_image, int64_t num_codes,
+                       int64_t pixels_per_image, int num_codes,
                        int64_t chunks, float* __restrict__ lse,
                        float* __restrict__ local_terms,
                        float* __restrict__ chunk_sums, int* error_flag) {
@@ -60,7 +60,7 @@ __global__ void __launch_bounds__(kThreads)
   const float bias = intercept[0];
   float* block_sums = chunk_sums + static_cast<int64_t>(blockIdx.x) * num_codes;
   float* own_sums = kSharedSums ? column_sums + warp * num_codes : block_sums;
-  for (int64_t c = lane; c < num_codes; c += kWarpSize) {
+  for (int c = lane; c < num_codes; c += kWarpSize) {
     own_sums[c] = 0.0f;
   }
   // Each warp adds only to its own sums, lane l to the columns c = l mod 32.
@@ -69,7 +69,7 @@ __global__ void __launch_bounds__(kThreads)
     const float* row = logits + p * num_codes;
     // q lies in [0, 1], so exp(q) cannot overflow: no max shift needed.
     float sum_exp = 0.0f;
-    for (int64_t c = lane; c < num_codes; c += kWarpSize) {
+    for (int c = lane; c < num_codes; c += kWarpSize) {
       const float q = sigmoid(row[c] + bias);
       sum_exp += expf(q);
       own_sums[c] += q;
@@ -90,7 +90,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   if constexpr (kSharedSums) {
     __syncthreads();
-    for (int64_t c = threadIdx.x; c < num_codes; c += blockDim.x) {
+    for (int c = threadIdx.x; c < num_codes; c += blockDim.x) {
       float sum = 0.0f;
       for (int w = 0; w < warps; ++w) {
         sum += column_sums[w * num_codes + c];
@@ -191,7 +191,9 @@ cudaError_t launch_predictor_loss(float* logits, const float* intercept,
   const int64_t pixels = batch * pixels_per_image;
   const int64_t columns = batch * num_codewords;
   const int64_t chunks = detail::ceil_div(pixels_per_image, kChunkPixels);
-  if (pixels < 1 || num_codewords < 1 || batch * chunks > 0x7fffffff ||
+  // The forward pass indexes a row's codewords with 32-bit ints.
+  if (pixels < 1 || num_codewords < 1 ||
+      num_codewords > 0x7fffffff - kWarpSize || batch * chunks > 0x7fffffff ||
       detail::ceil_div(pixels, kRowsPerBlock) > 0x7fffffff ||
       detail::ceil_div(columns, kThreads) > 0x7fffffff) {
     return cudaErrorInvalidValue;
@@ -210,12 +212,14 @@ cudaError_t launch_predictor_loss(float* logits, const float* intercept,
         static_cast<size_t>(warps) * num_codewords * sizeof(float);
     pixel_stats_kernel<true><<<blocks, static_cast<unsigned>(warps * kWarpSize),
                                column_sum_bytes, stream>>>(
-        logits, intercept, pixel_labels, pixels_per_image, num_codewords,
-        chunks, lse, local_terms, chunk_sums, error_flag);
+        logits, intercept, pixel_labels, pixels_per_image,
+        static_cast<int>(num_codewords), chunks, lse, local_terms, chunk_sums,
+        error_flag);
   } else {
     pixel_stats_kernel<false><<<blocks, kWarpSize, 0, stream>>>(
-        logits, intercept, pixel_labels, pixels_per_image, num_codewords,
-        chunks, lse, local_terms, chunk_sums, error_flag);
+        logits, intercept, pixel_labels, pixels_per_image,
+        static_cast<int>(num_codewords), chunks, lse, local_terms, chunk_sums,
+        error_flag);
   }
   SRM_RETURN_IF_ERROR(cudaGetLastError());
 
