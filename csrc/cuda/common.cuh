@@ -109,39 +109,10 @@ __device__ __forceinline__ bool channels_fastest(const FeatureMapLayout& l) {
 // Sparse code entries, for kernels that run a warp per pixel
 // ---------------------------------------------------------------------------
 
-// Entry j0 + lane of pixel p of a (P, k) sparse code, as each lane of a warp
-// loads it (coalesced): its codeword c as c - code_begin when c lies in
-// [code_begin, code_end), else -1 (also past k), and coef[p, j0 + lane] and
-// coef2[p, j0 + lane], a second coefficient where a kernel has one (each 0
-// without a codeword or where null). The warp then hands the entries round,
-// so that reads through the codewords do not each wait on an index load.
-struct PixelEntries {
-  int code;
-  float coef;
-  float coef2;
-};
-
-__device__ __forceinline__ PixelEntries load_pixel_entries(
-    const int64_t* __restrict__ indices, const float* __restrict__ coef,
-    int64_t p, int k, int j0, int64_t code_begin, int64_t code_end,
-    const float* __restrict__ coef2 = nullptr) {
-  const int j = j0 + static_cast<int>(threadIdx.x % kWarpSize);
-  PixelEntries entries{-1, 0.0f, 0.0f};
-  if (j < k) {
-    const int64_t e = p * k + j;
-    const int64_t c = indices[e];
-    if (c >= code_begin && c < code_end) {
-      entries.code = static_cast<int>(c - code_begin);
-      entries.coef = coef != nullptr ? coef[e] : 0.0f;
-      entries.coef2 = coef2 != nullptr ? coef2[e] : 0.0f;
-    }
-  }
-  return entries;
-}
-
-// A warp's round of 32 entries in shared memory, which every lane then
-// reads four at a time by broadcast: one 16-byte read per four entries and
-// field, where a shuffle per entry and field moved them before.
+// A warp's round of 32 entries of a pixel in shared memory, which every lane
+// then reads four at a time by broadcast: one 16-byte read per four entries
+// and field instead of a shuffle per entry and field, and reads through the
+// codewords do not each wait on an index load.
 struct alignas(16) StagedEntries {
   int code[kWarpSize];
   float coef[kWarpSize];
@@ -152,15 +123,34 @@ static_assert(offsetof(StagedEntries, coef) % 16 == 0 &&
                   offsetof(StagedEntries, coef2) % 16 == 0,
               "StagedEntries fields start on 16 bytes");
 
-// Writes each lane's entries to `staged`, once every lane has read the
-// previous round. Called by a whole warp.
-__device__ __forceinline__ void stage_entries(StagedEntries& staged,
-                                              const PixelEntries& entries) {
+// Stages entries j0 + lane of pixel p of a (P, k) sparse code, each lane
+// loading one (coalesced), once every lane has read the previous round: its
+// codeword c as c - code_begin when c lies in [code_begin, code_end), else -1
+// (also past k), and coef[p, j0 + lane] and coef2[p, j0 + lane], a second
+// coefficient where a kernel has one (each 0 without a codeword or where
+// null). Called by a whole warp.
+__device__ __forceinline__ void stage_pixel_entries(
+    StagedEntries& staged, const int64_t* __restrict__ indices,
+    const float* __restrict__ coef, const float* __restrict__ coef2,
+    int64_t p, int k, int j0, int64_t code_begin, int64_t code_end) {
   const int lane = static_cast<int>(threadIdx.x % kWarpSize);
+  const int j = j0 + lane;
+  int code = -1;
+  float w = 0.0f;
+  float w2 = 0.0f;
+  if (j < k) {
+    const int64_t e = p * k + j;
+    const int64_t c = indices[e];
+    if (c >= code_begin && c < code_end) {
+      code = static_cast<int>(c - code_begin);
+      w = coef != nullptr ? coef[e] : 0.0f;
+      w2 = coef2 != nullptr ? coef2[e] : 0.0f;
+    }
+  }
   __syncwarp();
-  staged.code[lane] = entries.code;
-  staged.coef[lane] = entries.coef;
-  staged.coef2[lane] = entries.coef2;
+  staged.code[lane] = code;
+  staged.coef[lane] = w;
+  staged.coef2[lane] = w2;
   __syncwarp();
 }
 
@@ -189,7 +179,7 @@ __device__ __forceinline__ float4 staged_coef2s(const StagedEntries& staged,
 
 // Calls fn(code, coef, coef2) for each entry of pixel p whose codeword lies
 // in [code_begin, code_end), in entry order, in every lane of the warp, with
-// the fields as load_pixel_entries gives them. Fields are read four entries
+// the fields as stage_pixel_entries gives them. Fields are read four entries
 // at a time, and a group of four without such an entry (most, where a
 // kernel's block covers one of several ranges of codewords) costs one read.
 // `staged` is the warp's own. Called by a whole warp.
@@ -199,8 +189,8 @@ __device__ __forceinline__ void for_each_pixel_entry(
     const float* __restrict__ coef2, int64_t p, int k, int64_t code_begin,
     int64_t code_end, StagedEntries& staged, Fn&& fn) {
   for (int j0 = 0; j0 < k; j0 += kWarpSize) {
-    stage_entries(staged, load_pixel_entries(indices, coef, p, k, j0,
-                                             code_begin, code_end, coef2));
+    stage_pixel_entries(staged, indices, coef, coef2, p, k, j0, code_begin,
+                        code_end);
     const int count = k - j0 < kWarpSize ? k - j0 : kWarpSize;
     for (int j = 0; j < count; j += 4) {
       int code[4];

@@ -57,8 +57,8 @@ __device__ __forceinline__ void add_tile_entry_dots(
       f2 = (*second_tile)[pl][lane];
     }
     for (int j0 = 0; j0 < k; j0 += kWarpSize) {
-      stage_entries(staged, load_pixel_entries(indices, nullptr, p, k, j0, 0,
-                                               num_codes));
+      stage_pixel_entries(staged, indices, nullptr, nullptr, p, k, j0, 0,
+                          num_codes);
       // Past k the entries have no codeword, so a group's tail adds zeros.
       for (int g = 0; g < kWarpSize && j0 + g < k; g += kEntryGroup) {
         int codes[kEntryGroup / 4][4];
