@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,19 @@ if os.environ.get("CI"):
 
 import srm_ext
 from srm_ext import _backend
+
+# Where the srm_ext under test was imported from: the source tree after an
+# in-place build, site-packages after `pip install .`. Child processes are
+# pointed at the same one, not at whatever their working folder would give.
+PACKAGE_ROOT = Path(srm_ext.__file__).resolve().parent.parent
+
+
+def child_env(**variables: str) -> dict[str, str]:
+    """The environment for a child Python process that imports srm_ext: the
+    package under test first on its path, one OpenMP thread, ``variables``."""
+    path = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", **variables}
+
 
 requires_native_cpu = pytest.mark.skipif(
     _backend.native_module is None, reason="compiled CPU backend not built"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import child_env
 from srm_ext.cli import build_parser, main
 from srm_ext.distill import ConfigError, ExperimentConfig, ExperimentRunner
 
-REPO = Path(__file__).resolve().parents[1]
 
 # A whole experiment in a few seconds: 128 digits, tiny models, 1-2 epochs per stage.
 TINY_FLAGS = [
@@ -42,9 +41,8 @@ def _one_thread(single_thread):
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "srm_ext", *args], cwd=cwd, env=env,
+        [sys.executable, "-m", "srm_ext", *args], cwd=cwd, env=child_env(),
         capture_output=True, text=True, timeout=300,
     )
 

@@ -25,11 +25,11 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from conftest import child_env
 from srm_ext import SRMDistiller
 from srm_ext.distill import DistributedContext, StageConfig, Trainer, accuracy
 from srm_ext.distill.data import DatasetSplits, make_loaders
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -151,7 +151,7 @@ def test_torchrun_cli_two_processes(tmp_path, device):
         "--epochs-student", "2", "--methods", "kd,srm", "--threads", "1", "--quiet",
         "--device", device,
     ]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = child_env()
     ddp_out, single_out = tmp_path / "ddp", tmp_path / "single"
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

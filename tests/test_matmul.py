@@ -13,12 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import requires_native_cpu
+from conftest import child_env, requires_native_cpu
 from srm_ext import _backend
 
 pytestmark = requires_native_cpu
 
-REPO = Path(__file__).resolve().parent.parent
 
 # Sizes on both sides of the kernel's blocks: 12-row micro-panels, 16-lane
 # vectors in 32-column panels, 256-deep blocks, 384-row blocks.
@@ -145,10 +144,11 @@ def test_unsupported_arguments_are_refused():
         matmul(torch.randn(3, 4), torch.randn(4, 6).double(), torch.empty(3, 6))
 
 
-def _run_python(code: str, **env: str) -> subprocess.CompletedProcess:
-    environment = dict(os.environ, PYTHONPATH=str(REPO), **env)
+def _run_python(code: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    # `python -c` puts its working folder first on the path: not the source
+    # tree, whose srm_ext may lack the build under test.
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env=environment, cwd=REPO, timeout=300)
+                          env=child_env(**env), cwd=cwd, timeout=300)
 
 
 OPS_AGREE_WITH_REFERENCE = """
@@ -175,16 +175,17 @@ print("ok")
 """
 
 
-def test_blas_products_serve_the_ops_when_asked():
-    result = _run_python(OPS_AGREE_WITH_REFERENCE, SRM_EXT_CPU_GEMM="blas")
+def test_blas_products_serve_the_ops_when_asked(tmp_path):
+    result = _run_python(OPS_AGREE_WITH_REFERENCE, tmp_path, SRM_EXT_CPU_GEMM="blas")
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["blas", "ok"]
 
 
-def test_an_unknown_product_kernel_is_refused_by_name():
+def test_an_unknown_product_kernel_is_refused_by_name(tmp_path):
     result = _run_python(
         "import torch, srm_ext\n"
         "srm_ext.sparse_encode(torch.randn(1, 4, 2, 2), torch.randn(4, 6), torch.zeros(()), 2)",
+        tmp_path,
         SRM_EXT_CPU_GEMM="fast",
     )
     assert result.returncode != 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -10,12 +9,14 @@ from pathlib import Path
 
 import torch
 
+from conftest import child_env
+
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "custom_models.py"
 
 
 def test_custom_models_example_runs(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = child_env()
     proc = subprocess.run(
         [sys.executable, str(EXAMPLE), "--epochs", "2"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
