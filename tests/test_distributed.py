@@ -31,7 +31,6 @@ from srm_ext.distill import DistributedContext, StageConfig, Trainer, accuracy
 from srm_ext.distill.data import DatasetSplits, make_loaders
 
 
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
