@@ -18,6 +18,7 @@ cudaError_t launch_barrier_after_exit(float* out);
 cudaError_t launch_uninitialised_shared(float* out);
 cudaError_t launch_warp_primitives(float* out, unsigned* ballot);
 cudaError_t launch_dynamic_shared(size_t bytes, bool raise_limit, float* out);
+cudaError_t launch_static_and_dynamic_shared(size_t bytes, bool raise_limit, float* out);
 cudaError_t launch_bounded(int threads, float* out);
 cudaError_t launch_vector_load(int first, float* out);
 }  // namespace emulator_probes
@@ -303,6 +304,9 @@ void probe(const std::string& name, at::Tensor out, const OptionalTensor& ballot
     status = p::launch_warp_primitives(o, reinterpret_cast<unsigned*>(ballot->data_ptr<int>()));
   }
   if (name == "dynamic_shared") status = p::launch_dynamic_shared(arg, flag, o);
+  if (name == "static_and_dynamic_shared") {
+    status = p::launch_static_and_dynamic_shared(arg, flag, o);
+  }
   if (name == "bounded") status = p::launch_bounded(static_cast<int>(arg), o);
   if (name == "vector_load") status = p::launch_vector_load(static_cast<int>(arg), o);
   check(status, name.c_str());

@@ -83,6 +83,16 @@ __global__ void dynamic_shared_kernel(float* out) {
   out[threadIdx.x] = dynamic[threadIdx.x];
 }
 
+// The same with 1 KiB of static shared memory, which counts against the
+// block's 48 KiB as the dynamic bytes do.
+__global__ void static_and_dynamic_shared_kernel(float* out) {
+  extern __shared__ float dynamic[];
+  __shared__ float fixed[256];
+  fixed[threadIdx.x] = static_cast<float>(threadIdx.x);
+  dynamic[threadIdx.x] = fixed[threadIdx.x];
+  out[threadIdx.x] = dynamic[threadIdx.x];
+}
+
 // Declared for blocks of at most kThreads / 2 threads: a GPU refuses a
 // larger block (its registers were allotted for the bound).
 __global__ void __launch_bounds__(kThreads / 2, 1) bounded_kernel(float* out) {
@@ -157,6 +167,20 @@ cudaError_t launch_dynamic_shared(size_t bytes, bool raise_limit, float* out) {
     }
   }
   dynamic_shared_kernel<<<1, kThreads, bytes>>>(out);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_static_and_dynamic_shared(size_t bytes, bool raise_limit,
+                                             float* out) {
+  if (raise_limit) {
+    const cudaError_t status = cudaFuncSetAttribute(
+        reinterpret_cast<const void*>(static_and_dynamic_shared_kernel),
+        cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+    if (status != cudaSuccess) {
+      return status;
+    }
+  }
+  static_and_dynamic_shared_kernel<<<1, kThreads, bytes>>>(out);
   return cudaGetLastError();
 }
 

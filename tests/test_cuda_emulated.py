@@ -829,13 +829,15 @@ def test_deterministic_sum(emu, count):
 
 # (N, H, W, K, k): few entries; every codeword in every pixel (lanes of a
 # group share codewords); many groups per warp; K that leaves room for six
-# histograms, and for one.
+# histograms, for five where six histograms alone would fill 48 KiB exactly
+# (the paper's K = 2048), and for one.
 LABEL_SHAPES = [
     (2, 3, 5, 40, 4),
     (1, 1, 1, 9, 9),
     (2, 6, 7, 3, 3),
     (3, 17, 19, 300, 7),
     (2, 5, 9, 2000, 4),
+    (2, 3, 4, 2048, 40),
     (1, 4, 4, 8192, 8),
 ]
 
@@ -1037,3 +1039,13 @@ def test_emulator_dynamic_shared_memory_limit(emu):
     with pytest.raises(RuntimeError, match="without raising"):
         probe(emu, "dynamic_shared", 64 * 1024)
     assert torch.equal(probe(emu, "dynamic_shared", 64 * 1024, True)[:PROBE_THREADS], expected)
+
+
+def test_emulator_counts_static_shared_memory_against_the_limit(emu):
+    expected = torch.arange(PROBE_THREADS).float()
+    fits = probe(emu, "static_and_dynamic_shared", 47 * 1024)
+    assert torch.equal(fits[:PROBE_THREADS], expected)
+    with pytest.raises(RuntimeError, match="static shared memory"):
+        probe(emu, "static_and_dynamic_shared", 48 * 1024)
+    raised = probe(emu, "static_and_dynamic_shared", 48 * 1024, True)
+    assert torch.equal(raised[:PROBE_THREADS], expected)

@@ -17,11 +17,16 @@ namespace {
 using namespace detail;
 
 constexpr int kMaxWarps = 8;
-// Histograms per block: as many warps as fit without opting in to more
-// than the default dynamic shared memory (one warp at the largest K).
-static_assert(kMaxCodewords * static_cast<int64_t>(sizeof(float)) <=
+// Each warp's shared memory: its histogram and one group of entry values.
+// All of it is dynamic, so that the warps per block are sized against the
+// whole block's default 48 KiB (one warp at the largest K).
+inline int64_t floats_per_warp(int64_t num_codes) {
+  return num_codes + kWarpSize;
+}
+static_assert((kMaxCodewords + kWarpSize) * static_cast<int64_t>(sizeof(float)) <=
                   kDefaultDynamicSharedBytes,
-              "one histogram of the largest K fits without opting in");
+              "one warp's histogram and group at the largest K fit without "
+              "opting in");
 
 template <typename T>
 __global__ void __launch_bounds__(kMaxWarps * kWarpSize)
@@ -30,8 +35,8 @@ __global__ void __launch_bounds__(kMaxWarps * kWarpSize)
                          int64_t pixels_per_image, int k, int64_t num_codes,
                          int64_t* __restrict__ pixel_labels,
                          T* __restrict__ image_labels, int* error_flag) {
-  extern __shared__ float histograms[];  // (warps, num_codes)
-  __shared__ float group_values[kMaxWarps][kWarpSize];
+  // (warps, num_codes) histograms, then (warps, kWarpSize) group values.
+  extern __shared__ float warp_floats[];
 
   const int warps = static_cast<int>(blockDim.x) / kWarpSize;
   const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
@@ -39,7 +44,9 @@ __global__ void __launch_bounds__(kMaxWarps * kWarpSize)
   const int64_t image = blockIdx.x;
   const int64_t num_entries = pixels_per_image * k;
   const int64_t first_entry = image * num_entries;
+  float* const histograms = warp_floats;
   float* histogram = histograms + warp * num_codes;
+  float* group_values = warp_floats + warps * num_codes + warp * kWarpSize;
 
   for (int64_t c = lane; c < num_codes; c += kWarpSize) {
     histogram[c] = 0.0f;
@@ -63,13 +70,13 @@ __global__ void __launch_bounds__(kMaxWarps * kWarpSize)
         pixel_labels[image * pixels_per_image + e / k] = raw;
       }
     }
-    group_values[warp][lane] = value;
+    group_values[lane] = value;
     const unsigned same = __match_any_sync(kFullWarpMask, code);
     __syncwarp();
     if (code >= 0 && __ffs(same) - 1 == lane) {
       float sum = 0.0f;
       for (unsigned m = same; m != 0; m &= m - 1) {
-        sum += group_values[warp][__ffs(m) - 1];
+        sum += group_values[__ffs(m) - 1];
       }
       histogram[code] += sum;
     }
@@ -102,14 +109,15 @@ cudaError_t launch_sparse_labels(const void* values, Dtype dtype,
   if (batch == 0) {
     return cudaSuccess;
   }
-  const int warps = warps_with_private_floats(num_codewords, kMaxWarps);
-  const size_t histogram_bytes =
-      static_cast<size_t>(warps) * num_codewords * sizeof(float);
+  const int warps =
+      warps_with_private_floats(floats_per_warp(num_codewords), kMaxWarps);
+  const size_t shared_bytes = static_cast<size_t>(warps) *
+                              floats_per_warp(num_codewords) * sizeof(float);
   return detail::dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     sparse_labels_kernel<T><<<static_cast<unsigned>(batch),
                               static_cast<unsigned>(warps * kWarpSize),
-                              histogram_bytes, stream>>>(
+                              shared_bytes, stream>>>(
         static_cast<const T*>(values), indices, pixels_per_image,
         static_cast<int>(k), num_codewords, pixel_labels,
         static_cast<T*>(image_labels), error_flag);

@@ -106,6 +106,11 @@ struct BlockRun {
   std::vector<uint64_t> warp_generation;
   std::vector<uint64_t> exchange;  // one 64-bit slot per thread
   const std::function<void()>* body = nullptr;
+  // Shared memory of the launch: its dynamic bytes, the dynamic limit it was
+  // allowed (0 when never raised) and the static arrays its threads declared.
+  size_t dynamic_shared_bytes = 0;
+  size_t dynamic_shared_limit = 0;
+  std::map<void*, size_t> static_shared;
   std::string failure;
   cudaError_t failure_error = cudaErrorLaunchFailure;
 };
@@ -248,9 +253,33 @@ auto warp_exchange(unsigned mask, uint64_t mine, const char* what, Read&& read) 
 // Called by every thread at a __shared__ declaration. The first call poisons
 // the array (no thread can have used it yet); run_block poisons it again
 // before every later block.
+//
+// A GPU gives a block at most 48 KiB of static and dynamic shared memory
+// together unless the kernel's dynamic limit was raised, and then at most the
+// opt-in size: static arrays count against both, so a launch whose total
+// passes its limit fails at the first declaration that takes it there.
 inline void track_shared(void* address, size_t bytes) {
-  if (state().shared_regions.emplace(address, bytes).second) {
+  State& s = state();
+  if (s.shared_regions.emplace(address, bytes).second) {
     std::memset(address, 0xff, bytes);
+  }
+  BlockRun& run = current_run("__shared__");
+  if (!run.static_shared.emplace(address, bytes).second) {
+    return;
+  }
+  size_t static_bytes = 0;
+  for (const auto& region : run.static_shared) {
+    static_bytes += region.second;
+  }
+  const size_t limit = run.dynamic_shared_limit > 0
+                           ? static_cast<size_t>(kOptInSharedBytes)
+                           : kDefaultDynamicSharedBytes;
+  const size_t dynamic = std::max(run.dynamic_shared_bytes, run.dynamic_shared_limit);
+  if (static_bytes + dynamic > limit) {
+    fail(std::to_string(static_bytes) + " bytes of static shared memory and " +
+             std::to_string(dynamic) + " of dynamic pass the block's " +
+             std::to_string(limit) + " bytes",
+         cudaErrorInvalidValue);
   }
 }
 
@@ -366,6 +395,10 @@ inline void run_grid(const void* kernel, const LaunchConfig& config,
   s.dynamic_shared.assign(config.shared_bytes, 0xff);
   BlockRun run;
   run.body = &body;
+  run.dynamic_shared_bytes = config.shared_bytes;
+  if (auto it = s.dynamic_shared_limit.find(kernel); it != s.dynamic_shared_limit.end()) {
+    run.dynamic_shared_limit = it->second;
+  }
   run.fibers.resize(threads);
   // Stacks are kept across launches; left uninitialised, only the pages a
   // thread touches are ever mapped.
