@@ -94,7 +94,7 @@ void select_candidates(const at::Tensor& pre, const at::Tensor& intercept, int64
 
 void certify_top_k(const at::Tensor& dots, const at::Tensor& candidates, const at::Tensor& cutoff,
                    const at::Tensor& pixel_norms, const at::Tensor& norm_max,
-                   double relative_error, double underflow_error,
+                   double relative_error, double underflow_error, double norm_floor,
                    const at::Tensor& intercept, int64_t k,
                    at::Tensor values, at::Tensor indices, int64_t first_row,
                    at::Tensor fallback_rows, at::Tensor fallback_count) {
@@ -102,10 +102,11 @@ void certify_top_k(const at::Tensor& dots, const at::Tensor& candidates, const a
             dots.data_ptr<float>(), candidates.data_ptr<int64_t>(), cutoff.data_ptr<float>(),
             dots.size(0), dots.size(1), pixel_norms.data_ptr<float>(), norm_max.data_ptr<float>(),
             srm_cuda::Tf32ErrorBound{static_cast<float>(relative_error),
-                                     static_cast<float>(underflow_error)},
+                                     static_cast<float>(underflow_error),
+                                     static_cast<float>(norm_floor)},
             intercept.data_ptr<float>(), k,
             values.data_ptr<float>(), indices.data_ptr<int64_t>(), first_row,
-            fallback_rows.data_ptr<int64_t>(), fallback_count.data_ptr<int>(), nullptr),
+            fallback_rows.data_ptr<int64_t>(), fallback_count.data_ptr<int64_t>(), nullptr),
         "launch_certify_top_k");
 }
 
@@ -115,7 +116,7 @@ void exact_rows_top_k(const at::Tensor& x, const at::Tensor& dictionary_t,
                       at::Tensor values, at::Tensor indices) {
   check(srm_cuda::launch_exact_rows_top_k(
             feature_map(x), dictionary_t.data_ptr<float>(), dictionary_t.size(0),
-            fallback_rows.data_ptr<int64_t>(), fallback_count.data_ptr<int>(), max_rows,
+            fallback_rows.data_ptr<int64_t>(), fallback_count.data_ptr<int64_t>(), max_rows,
             intercept.data_ptr<float>(), k, values.data_ptr<float>(),
             indices.data_ptr<int64_t>(), nullptr),
         "launch_exact_rows_top_k");
@@ -327,7 +328,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("exact_rows_top_k", &exact_rows_top_k);
   m.def("tf32_error_bound", [](int64_t depth) {
     const srm_cuda::Tf32ErrorBound error = srm_cuda::tf32_error_bound(depth);
-    return std::make_tuple(error.relative, error.underflow);
+    return std::make_tuple(error.relative, error.underflow, error.norm_floor);
   });
   m.def("residual_square_sums_num_blocks", &srm_cuda::residual_square_sums_num_blocks);
   m.def("residual_square_sums", &residual_square_sums);

@@ -254,7 +254,7 @@ def screened_encode(emu, x, C, b, k, num_candidates):
     values = guarded(rows.shape[0], k)
     indices = guarded(rows.shape[0], k, dtype=torch.long, fill=-5)
     fallback_rows = torch.full((rows.shape[0],), -1, dtype=torch.long)
-    fallback_count = torch.zeros(1, dtype=torch.int32)
+    fallback_count = torch.zeros(1, dtype=torch.long)
     with writes_only_inside(values, indices, fallback_rows):
         emu.certify_top_k(dots, candidates, cutoff, norms, norm_max, *emu.tf32_error_bound(d), b,
                           k, values, indices, 0, fallback_rows, fallback_count)
@@ -304,8 +304,8 @@ def test_certify_top_k_refuses_to_certify_near_ties(emu):
     norm_max = torch.tensor([1.0])
     values, indices = torch.empty(rows, k), torch.empty(rows, k, dtype=torch.long)
     fallback_rows = torch.full((rows,), -1, dtype=torch.long)
-    fallback_count = torch.zeros(1, dtype=torch.int32)
-    emu.certify_top_k(dots, candidates, cutoff, norms, norm_max, 0.5, 0.0, torch.tensor([0.0]), k,
+    fallback_count = torch.zeros(1, dtype=torch.long)
+    emu.certify_top_k(dots, candidates, cutoff, norms, norm_max, 0.5, 0.0, 0.0, torch.tensor([0.0]), k,
                       values, indices, 10, fallback_rows, fallback_count)
     assert int(fallback_count) == 3
     assert sorted(fallback_rows[:3].tolist()) == [11, 12, 13]
@@ -323,13 +323,34 @@ def test_certify_top_k_allows_for_subnormals_flushed_to_zero(emu):
     candidates = torch.arange(3).reshape(1, 3)
     cutoff = torch.zeros(1)  # every TF32 score, flushed
     norms, norm_max = torch.tensor([1e-38]), torch.tensor([1.0])
-    relative, underflow = emu.tf32_error_bound(depth)
+    relative, underflow, _ = emu.tf32_error_bound(depth)
     for underflow_error, expected_fallbacks in ((0.0, 0), (underflow, 1)):
-        count = torch.zeros(1, dtype=torch.int32)
-        emu.certify_top_k(dots, candidates, cutoff, norms, norm_max, relative, underflow_error,
+        count = torch.zeros(1, dtype=torch.long)
+        emu.certify_top_k(dots, candidates, cutoff, norms, norm_max, relative, underflow_error, 0.0,
                           torch.tensor([0.0]), k, torch.empty(1, k), torch.empty(1, k, dtype=torch.long),
                           0, torch.full((1,), -1, dtype=torch.long), count)
         assert int(count) == expected_fallbacks
+
+
+@pytest.mark.parametrize("tiny", ["pixels", "codewords"])
+def test_screened_encode_falls_back_where_the_norms_underflow(emu, tiny):
+    """Features (or codewords) of 2^-76 are normal floats that TF32 rounds,
+    yet their squares underflow, so the float32 norms come out 0: without
+    the norm floor the bound would be 0 too and certify TF32's ties."""
+    num_codewords, depth, k = 300, 8, 4
+    # TF32 rounds every codeword to all ones: every TF32 score ties, and the
+    # exact scores rise with the codeword index.
+    C = 1.0 + torch.arange(num_codewords).float().mul(2.0**-20).repeat(depth, 1)
+    x = torch.ones(1, depth, 1, 1)
+    if tiny == "pixels":
+        x = x * 2.0**-76
+    else:
+        C = C * 2.0**-76
+    values, indices, fallen = screened_encode(emu, x, C, torch.tensor([0.0]), k, k + 8)
+    ref_values, ref_indices = reference.sparse_encode(x, C, torch.tensor([0.0]), k)
+    assert fallen == 1
+    assert torch.equal(indices, ref_indices.reshape(-1, k))
+    assert indices.tolist() == [[299, 298, 297, 296]]
 
 
 def test_exact_rows_top_k_writes_only_the_listed_pixels(scheduled):
@@ -343,7 +364,7 @@ def test_exact_rows_top_k_writes_only_the_listed_pixels(scheduled):
     values = torch.full((n * h * w, k), -3.0)
     indices = torch.full((n * h * w, k), -3, dtype=torch.long)
     scheduled.exact_rows_top_k(x, C.t().contiguous(), fallback_rows,
-                               torch.tensor([len(listed)], dtype=torch.int32), n * h * w, b, k,
+                               torch.tensor([len(listed)]), n * h * w, b, k,
                                values, indices)
     ref_values, ref_indices = reference.sparse_encode(x, C, b, k)
     unlisted = torch.ones(n * h * w, dtype=torch.bool)
@@ -355,9 +376,9 @@ def test_exact_rows_top_k_writes_only_the_listed_pixels(scheduled):
 
 def test_screened_encode_kernels_refuse_bad_arguments(emu):
     dots, candidates = torch.zeros(2, 4), torch.zeros(2, 4, dtype=torch.long)
-    one, count = torch.ones(2), torch.zeros(1, dtype=torch.int32)
+    one, count = torch.ones(2), torch.zeros(1, dtype=torch.long)
     with pytest.raises(RuntimeError, match="invalid argument"):  # k > candidates
-        emu.certify_top_k(dots, candidates, one, one, one, 0.1, 0.0, one, 5, torch.zeros(2, 5),
+        emu.certify_top_k(dots, candidates, one, one, one, 0.1, 0.0, 0.0, one, 5, torch.zeros(2, 5),
                           torch.zeros(2, 5, dtype=torch.long), 0, torch.zeros(2, dtype=torch.long), count)
     x16 = torch.zeros(1, 4, 1, 2, dtype=torch.float16)
     with pytest.raises(RuntimeError, match="invalid argument"):  # float32 only

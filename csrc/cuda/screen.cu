@@ -35,13 +35,13 @@ __global__ void __launch_bounds__(kCertifyThreads)
                          float* __restrict__ values,
                          int64_t* __restrict__ indices, int64_t first_row,
                          int64_t* __restrict__ fallback_rows,
-                         int* __restrict__ fallback_count) {
+                         int64_t* __restrict__ fallback_count) {
   extern __shared__ uint64_t certify_lists[];  // kCertifyWarps * list_len
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
   uint64_t* list = certify_lists + static_cast<int64_t>(warp) * list_len;
   const float bias = intercept[0];
-  const float norm_max = codeword_norm_max[0];
+  const float norm_max = codeword_norm_max[0] + error.norm_floor;
 
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * kCertifyWarps + warp;
        row < rows; row += static_cast<int64_t>(gridDim.x) * kCertifyWarps) {
@@ -57,7 +57,7 @@ __global__ void __launch_bounds__(kCertifyThreads)
     topk_write_code(list, k, row, lane, values, indices);
     if (lane == 0) {
       const float kth = topk_key_value(list[k - 1]);
-      const float norm = pixel_norms[row];
+      const float norm = pixel_norms[row] + error.norm_floor;
       const float bound = error.relative * norm * norm_max +
                           error.underflow * (norm + norm_max + 2.0f);
       const float limit = cutoff[row];
@@ -67,7 +67,10 @@ __global__ void __launch_bounds__(kCertifyThreads)
           kth > limit + (bound * (1.0f + 0x1p-10f) +
                          0x1p-20f * (fabsf(limit) + bound));
       if (!certified) {
-        fallback_rows[atomicAdd(fallback_count, 1)] = first_row + row;
+        // A 64-bit count: more than 2^31 pixels may fall back.
+        const auto slot = atomicAdd(
+            reinterpret_cast<unsigned long long*>(fallback_count), 1ull);
+        fallback_rows[slot] = first_row + row;
       }
     }
     __syncwarp();  // the list is reused by this warp's next row
@@ -88,7 +91,7 @@ __global__ void __launch_bounds__(kExactThreads)
                             const float* __restrict__ dictionary_t,
                             int64_t num_codes,
                             const int64_t* __restrict__ fallback_rows,
-                            const int* __restrict__ fallback_count,
+                            const int64_t* __restrict__ fallback_count,
                             const float* __restrict__ intercept, int k,
                             int list_len, float* __restrict__ values,
                             int64_t* __restrict__ indices) {
@@ -141,7 +144,7 @@ cudaError_t launch_certify_top_k(const float* dots, const int64_t* candidates,
                                  Tf32ErrorBound error, const float* intercept,
                                  int64_t k, float* values, int64_t* indices,
                                  int64_t first_row, int64_t* fallback_rows,
-                                 int* fallback_count, cudaStream_t stream) {
+                                 int64_t* fallback_count, cudaStream_t stream) {
   if (k < 1 || k > num_candidates || num_candidates > kMaxTopK || rows < 0 ||
       first_row < 0) {
     return cudaErrorInvalidValue;
@@ -171,7 +174,7 @@ cudaError_t launch_exact_rows_top_k(const FeatureMap& x,
                                     const float* dictionary_t,
                                     int64_t num_codewords,
                                     const int64_t* fallback_rows,
-                                    const int* fallback_count,
+                                    const int64_t* fallback_count,
                                     int64_t max_rows, const float* intercept,
                                     int64_t k, float* values, int64_t* indices,
                                     cudaStream_t stream) {

@@ -20,6 +20,7 @@
 //   * All arithmetic accumulates in float32.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #include <cuda_runtime_api.h>
@@ -123,15 +124,19 @@ cudaError_t launch_select_candidates(const float* pre, int64_t rows,
 // in float32 in any order, and the exact dot's own float32 rounding; the
 // underflow term, subnormal operands, products and partial sums flushed to
 // zero (as tensor cores may), at most 2^-126 per element and per addition.
-// Each has a factor 2 to spare.
+// Each has a factor 2 to spare. The norms are float32 sums of squares, which
+// underflow too (features of 2^-76 square to 0): norm_floor, added to each,
+// makes them bounds of the true norms, at most 2^-126 lost per square and
+// per addition.
 struct Tf32ErrorBound {
   float relative;
   float underflow;
+  float norm_floor;
 };
 
 inline Tf32ErrorBound tf32_error_bound(int64_t depth) {
   const float d = static_cast<float>(depth);
-  return {0x1p-8f + d * 0x1p-21f, d * 0x1p-125f};
+  return {0x1p-8f + d * 0x1p-21f, d * 0x1p-125f, std::sqrt(2.0f * d) * 0x1p-63f};
 }
 
 // For `rows` pixels with `num_candidates` candidates each (rows, c) and
@@ -142,7 +147,7 @@ inline Tf32ErrorBound tf32_error_bound(int64_t depth) {
 // the error bound for |x_p| = pixel_norms[r] and |C|max =
 // codeword_norm_max[0], which no codeword outside the candidates can (NaN and
 // infinity never certify); the row first_row + r of every other pixel is
-// appended to fallback_rows, counted by *fallback_count (an int the caller
+// appended to fallback_rows, counted by *fallback_count (an int64 the caller
 // zeroed), for launch_exact_rows_top_k.
 cudaError_t launch_certify_top_k(const float* dots, const int64_t* candidates,
                                  const float* cutoff, int64_t rows,
@@ -152,7 +157,7 @@ cudaError_t launch_certify_top_k(const float* dots, const int64_t* candidates,
                                  Tf32ErrorBound error, const float* intercept,
                                  int64_t k, float* values, int64_t* indices,
                                  int64_t first_row, int64_t* fallback_rows,
-                                 int* fallback_count, cudaStream_t stream);
+                                 int64_t* fallback_count, cudaStream_t stream);
 
 // The exact encode of the pixels that launch_certify_top_k could not
 // certify: for each of the first *fallback_count entries p of fallback_rows,
@@ -164,7 +169,7 @@ cudaError_t launch_exact_rows_top_k(const FeatureMap& x,
                                     const float* dictionary_t,
                                     int64_t num_codewords,
                                     const int64_t* fallback_rows,
-                                    const int* fallback_count,
+                                    const int64_t* fallback_count,
                                     int64_t max_rows, const float* intercept,
                                     int64_t k, float* values, int64_t* indices,
                                     cudaStream_t stream);

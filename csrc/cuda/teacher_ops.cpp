@@ -107,7 +107,7 @@ void encode_screened(const at::Tensor& x, const at::Tensor& dictionary,
   const int64_t pixels = x.size(0) * h * w;
   const at::Tensor fallback_rows =
       at::empty({pixels}, x.options().dtype(at::kLong));
-  const at::Tensor fallback_count = at::zeros({1}, x.options().dtype(at::kInt));
+  const at::Tensor fallback_count = at::zeros({1}, x.options().dtype(at::kLong));
   const at::Tensor value_rows = values.view({-1, k});
   const at::Tensor index_rows = indices.view({-1, k});
   for (const PixelBox& box :
@@ -137,13 +137,13 @@ void encode_screened(const at::Tensor& x, const at::Tensor& dictionary,
                      value_rows.narrow(0, first, count).data_ptr<float>(),
                      index_rows.narrow(0, first, count).data_ptr<int64_t>(),
                      first, fallback_rows.data_ptr<int64_t>(),
-                     fallback_count.data_ptr<int>(), stream),
+                     fallback_count.data_ptr<int64_t>(), stream),
                  "certify_top_k");
   }
   check_launch(srm_cuda::launch_exact_rows_top_k(
                    feature_map(x, "x"), dict_t.data_ptr<float>(),
                    num_codewords, fallback_rows.data_ptr<int64_t>(),
-                   fallback_count.data_ptr<int>(), pixels,
+                   fallback_count.data_ptr<int64_t>(), pixels,
                    bias.data_ptr<float>(), k, values.data_ptr<float>(),
                    indices.data_ptr<int64_t>(), stream),
                "exact_rows_top_k");

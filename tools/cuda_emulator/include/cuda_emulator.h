@@ -571,6 +571,12 @@ inline int atomicAdd(int* address, int value) {
   return old;
 }
 
+inline unsigned long long atomicAdd(unsigned long long* address, unsigned long long value) {
+  const unsigned long long old = *address;
+  *address = old + value;
+  return old;
+}
+
 using std::isnan;
 
 #include "cuda_fp16.h"
