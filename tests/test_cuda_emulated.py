@@ -920,10 +920,10 @@ def test_predictor_loss(emu, shape):
     z = guarded(n, h, w, K)
     z.copy_(logits)
     loss = guarded(1)
-    flag = torch.zeros(1, dtype=torch.int32)
+    flags = torch.zeros(2, dtype=torch.int32)
     with writes_only_inside(z, loss):
-        emu.predictor_loss(z, intercept, pixel_labels, image_labels, n, h * w, 0.75, 1.5, loss, flag)
-    assert flag.item() == 0
+        emu.predictor_loss(z, intercept, pixel_labels, image_labels, n, h * w, 0.75, 1.5, loss, flags)
+    assert flags.tolist() == [0, 0]
     torch.testing.assert_close(loss[0], ref_loss.detach(), rtol=1e-5, atol=1e-6)
     expected = ref_grad.permute(0, 2, 3, 1)
     scale = expected.abs().max()
@@ -934,9 +934,20 @@ def test_predictor_loss_flags_out_of_range_labels(emu):
     logits = torch.randn(1, 2, 2, 6)
     labels = torch.tensor([[[0, 6], [1, -1]]])
     loss = torch.empty(1)
-    flag = torch.zeros(1, dtype=torch.int32)
-    emu.predictor_loss(logits, torch.zeros(1), labels, torch.rand(1, 6), 1, 4, 1.0, 1.0, loss, flag)
-    assert flag.item() == 1
+    flags = torch.zeros(2, dtype=torch.int32)
+    emu.predictor_loss(logits, torch.zeros(1), labels, torch.rand(1, 6), 1, 4, 1.0, 1.0, loss, flags)
+    assert flags.tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("bad", [1.5, -0.25, float("nan")])
+def test_predictor_loss_flags_image_labels_outside_the_unit_interval(emu, bad):
+    logits = torch.randn(2, 2, 2, 6)
+    labels = torch.zeros(2, 2, 2, dtype=torch.long)
+    image_labels = torch.rand(2, 6)
+    image_labels[1, 4] = bad
+    flags = torch.zeros(2, dtype=torch.int32)
+    emu.predictor_loss(logits, torch.zeros(1), labels, image_labels, 2, 4, 1.0, 1.0, torch.empty(1), flags)
+    assert flags.tolist() == [0, 1]
 
 
 def test_launch_errors_are_reported(emu):

@@ -331,9 +331,9 @@ def test_sparse_labels(ops, dtype):
 
 
 def test_labels_out_of_range_are_refused_by_name(ops):
-    """The kernels flag a label outside [0, K) and the glue raises, for every
-    output mask of the student loss (its check waits for the gradients to be
-    queued)."""
+    """The kernels flag a label outside [0, K) (or an image label outside
+    [0, 1]) and the glue raises, for every output mask of the student loss
+    (its check waits for the gradients to be queued)."""
     g = torch.Generator().manual_seed(4)
     values = torch.rand(2, 3, 3, 2, generator=g)
     indices = torch.randint(0, 6, (2, 3, 3, 2), generator=g)
@@ -350,6 +350,11 @@ def test_labels_out_of_range_are_refused_by_name(ops):
         for mask in MASKS3:
             with pytest.raises(RuntimeError, match=re.escape("predictor_loss: pixel_labels must lie in [0, K = 6)")):
                 ops.predictor_loss(y, C, b, labels, image, 1.0, 1.0, list(mask))
+    for bad in (1.5, float("nan")):
+        targets = image.clone()
+        targets[1, 3] = bad
+        with pytest.raises(RuntimeError, match=re.escape("predictor_loss: image_labels must lie in [0, 1]")):
+            ops.predictor_loss(y, C, b, pixel, targets, 1.0, 1.0, [True, True, True])
 
 
 @pytest.mark.parametrize("dictionary", DICTIONARIES)

@@ -148,6 +148,9 @@ def test_kernels_reject_bad_input_when_called_directly():
         ops.predictor_loss(
             a["x"], a["C"], a["b"], a["pixel"] + 6, a["image"], 1.0, 1.0, [True, True, True]
         )
+    for bad in (a["image"] + 1, a["image"] - 1, a["image"] * float("nan")):
+        with pytest.raises(RuntimeError, match=re.escape("image_labels must lie in [0, 1], got values in [")):
+            ops.predictor_loss(a["x"], a["C"], a["b"], a["pixel"], bad, 1.0, 1.0, [True, True, True])
     with pytest.raises(RuntimeError, match=re.escape("y must have at least one pixel")):
         ops.predictor_loss(
             a["x"][:, :, :0], a["C"], a["b"], a["pixel"][:, :0], a["image"], 1.0, 1.0,

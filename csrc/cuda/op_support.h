@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 #include "srm_kernels.h"
@@ -64,17 +65,26 @@ at::Tensor empty_pixel_major_float(int64_t n, int64_t d, int64_t h, int64_t w,
 
 at::Tensor empty_gradient(const at::Tensor& ref);
 
-// Raises `message` when a kernel set the int flag. Reading it back
+// The int error flags a kernel set, read back to the host. Reading them
 // synchronises with the device, which a stream under CUDA graph capture must
-// not do; there the check is skipped and the kernels' fallback for a bad
+// not do; there nothing is read (nullopt) and the kernels' fallback for a bad
 // entry (it is ignored) stands.
-template <typename... Message>
-void check_error_flag(const at::Tensor& flag, const Message&... message) {
+inline std::optional<std::vector<int>> error_flags_on_host(
+    const at::Tensor& flags) {
   if (c10::cuda::currentStreamCaptureStatusMayInitCtx() !=
       c10::cuda::CaptureStatus::None) {
-    return;
+    return std::nullopt;
   }
-  TORCH_CHECK(flag.item<int>() == 0, message...);
+  const at::Tensor host = flags.cpu();
+  const int* first = host.data_ptr<int>();
+  return std::vector<int>(first, first + host.numel());
+}
+
+// Raises `message` when a kernel set its one int flag.
+template <typename... Message>
+void check_error_flag(const at::Tensor& flag, const Message&... message) {
+  const auto flags = error_flags_on_host(flag);
+  TORCH_CHECK(!flags || (*flags)[0] == 0, message...);
 }
 
 // 0-dim float32 tensor: scale * sum(input), summed in a fixed order.

@@ -107,7 +107,7 @@ __global__ void __launch_bounds__(kThreads)
                        const float* __restrict__ targets, int64_t batch,
                        int64_t pixels_per_image, int64_t num_codes,
                        float global_scale, float* __restrict__ bce_terms,
-                       float* __restrict__ global_coef) {
+                       float* __restrict__ global_coef, int* error_flag) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= batch * num_codes) {
     return;
@@ -122,6 +122,9 @@ __global__ void __launch_bounds__(kThreads)
   const float hw_count = static_cast<float>(pixels_per_image);
   const float m = sum / hw_count;
   const float t = targets[i];
+  if (!(t >= 0.0f && t <= 1.0f)) {  // NaN too
+    error_flag[1] = 1;
+  }
   // Same clamping as torch.nn.functional.binary_cross_entropy.
   const float log_m = fmaxf(logf(m), -100.0f);
   const float log_1m = fmaxf(log1pf(-m), -100.0f);
@@ -228,7 +231,7 @@ cudaError_t launch_predictor_loss(float* logits, const float* intercept,
   image_means_kernel<<<static_cast<unsigned>(detail::ceil_div(columns, kThreads)),
                        kThreads, 0, stream>>>(
       chunk_sums, chunks, image_labels, batch, pixels_per_image,
-      num_codewords, global_scale, bce_terms, global_coef);
+      num_codewords, global_scale, bce_terms, global_coef, error_flag);
   SRM_RETURN_IF_ERROR(cudaGetLastError());
 
   SRM_RETURN_IF_ERROR(launch_deterministic_sum(

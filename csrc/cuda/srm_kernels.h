@@ -369,8 +369,8 @@ int64_t predictor_workspace_size(int64_t batch, int64_t pixels_per_image,
 //   loss_out[0] = local_weight * local + global_weight * global
 // Everything is float32 whatever the student's dtype (the reference works on
 // float32 pre-activations too). pixel_labels is (P,) int64, image_labels
-// (N, K). A label outside [0, K) sets error_flag[0] = 1 and drops its one-hot
-// term.
+// (N, K). A pixel label outside [0, K) sets error_flag[0] = 1 and drops its
+// one-hot term; an image label outside [0, 1] (or NaN) sets error_flag[1] = 1.
 // float_workspace: predictor_workspace_size(...) floats;
 // sum_workspace: deterministic_sum_workspace_size(max(P, N * K)) doubles.
 cudaError_t launch_predictor_loss(float* logits, const float* intercept,

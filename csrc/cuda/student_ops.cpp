@@ -140,7 +140,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> predictor_loss(
           std::max(pixels, n * num_codewords))},
       y.options().dtype(at::kDouble));
   auto loss = at::empty({}, y.options().dtype(at::kFloat));
-  auto error_flag = at::zeros({1}, y.options().dtype(at::kInt));
+  // Flags for a pixel label outside [0, K) and an image label outside [0, 1].
+  auto error_flags = at::zeros({2}, y.options().dtype(at::kInt));
   check_launch(srm_cuda::launch_predictor_loss(
                    logits.data_ptr<float>(), bias.data_ptr<float>(),
                    labels.data_ptr<int64_t>(), targets.data_ptr<float>(), n,
@@ -148,15 +149,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> predictor_loss(
                    static_cast<float>(global_weight),
                    float_workspace.data_ptr<float>(),
                    sum_workspace.data_ptr<double>(), loss.data_ptr<float>(),
-                   error_flag.data_ptr<int>(), stream),
+                   error_flags.data_ptr<int>(), stream),
                "predictor_loss");
   const auto [grad_y, grad_dictionary, grad_intercept] =
       unit_gradients(logits, y, rows, dictionary, output_mask);
   // Checked once the gradient GEMMs are queued, so the GPU stays busy while
-  // the host waits for the flag; a bad label's gradients are never returned.
-  check_error_flag(error_flag,
-                   "srm_ext: predictor_loss: pixel_labels must lie in [0, K = ",
-                   num_codewords, ")");
+  // the host waits for the flags; a bad label's gradients are never returned.
+  if (const auto flags = error_flags_on_host(error_flags)) {
+    TORCH_CHECK((*flags)[0] == 0,
+                "srm_ext: predictor_loss: pixel_labels must lie in [0, K = ",
+                num_codewords, ")");
+    TORCH_CHECK((*flags)[1] == 0,
+                "srm_ext: predictor_loss: image_labels must lie in [0, 1]");
+  }
   return {loss.to(y.scalar_type()), grad_y, grad_dictionary, grad_intercept};
 }
 
