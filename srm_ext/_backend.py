@@ -11,8 +11,20 @@ from types import ModuleType
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwAD
+from torch._C import _functorch
+from torch._functorch.pyfunctorch import (
+    retrieve_all_functorch_interpreters,
+    retrieve_current_functorch_interpreter,
+)
 
-__all__ = ["backend_info", "use_native", "native_module", "cuda_module"]
+__all__ = [
+    "backend_info",
+    "use_native",
+    "needs_reference_autograd",
+    "native_module",
+    "cuda_module",
+]
 
 # dtypes each compiled backend has kernels for; anything else uses the reference.
 _NATIVE_DTYPES = {
@@ -137,12 +149,13 @@ def use_native(t: torch.Tensor, code_sizes: dict[str, int] | None = None) -> boo
         if beyond is None:
             return True
         name, why = beyond
-        if ("cuda", name) not in _warned:
+        # Dynamo cannot trace warnings.warn: traced calls leave the warning to eager ones.
+        if not torch.compiler.is_compiling() and ("cuda", name) not in _warned:
             _warned.add(("cuda", name))
             warnings.warn(f"srm_ext: {why}; using the PyTorch reference implementation", stacklevel=3)
         return False
     key = (device_type, str(t.dtype))
-    if key not in _warned:
+    if not torch.compiler.is_compiling() and key not in _warned:
         _warned.add(key)
         if not _has_kernels(device_type):
             why = f"the compiled {device_type} backend is not available"
@@ -162,6 +175,50 @@ def use_native(t: torch.Tensor, code_sizes: dict[str, int] | None = None) -> boo
             f"srm_ext: {why}; using the PyTorch reference implementation", stacklevel=3
         )
     return False
+
+
+# The torch.func transforms that differentiate: the compiled ops' autograd
+# (a backward registered with torch.library) works under neither.
+_DIFFERENTIATING_TRANSFORMS = (_functorch.TransformType.Grad, _functorch.TransformType.Jvp)
+
+
+def needs_reference_autograd(*tensors: torch.Tensor) -> bool:
+    """Whether a call on ``tensors`` must run the reference for its derivatives.
+
+    The compiled ops define a backward only. Forward-mode AD
+    (``torch.autograd.forward_ad``, ``torch.func.jvp``) would pass them by and
+    leave the outputs without tangents (zero under ``jvp``), and
+    ``torch.func.grad``/``vjp``/``jacrev`` refuse them; the reference is plain
+    PyTorch and supports both. ``torch.func.vmap`` alone keeps the compiled ops.
+    """
+    return _carry_tangents(tensors) or _under_differentiating_transform()
+
+
+def _carry_tangents(tensors: tuple[torch.Tensor, ...]) -> bool:
+    if fwAD._current_level < 0:  # no dual level open
+        return False
+    if torch.compiler.is_compiling() or _functorch.get_dynamic_layer_stack_depth() > 0:
+        # Traced tensors show no tangents, and torch.func's wrapped ones cannot
+        # be asked (vmap has no batching rule for unpack_dual): an open dual
+        # level is enough.
+        # Dynamo guards on it, so calls outside one are traced anew.
+        return True
+    return any(fwAD.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def _under_differentiating_transform() -> bool:
+    depth = _functorch.get_dynamic_layer_stack_depth()
+    if depth == 0:
+        return False
+    if torch.compiler.is_compiling():
+        # Dynamo can trace the innermost transform only: under nested ones
+        # (grad of vmap) the reference is the safe choice.
+        innermost = retrieve_current_functorch_interpreter().key()
+        return depth > 1 or innermost in _DIFFERENTIATING_TRANSFORMS
+    return any(
+        interpreter.key() in _DIFFERENTIATING_TRANSFORMS
+        for interpreter in retrieve_all_functorch_interpreters()
+    )
 
 
 def backend_info() -> dict[str, Any]:

@@ -3,6 +3,11 @@
 The schemas live in ``csrc/registration.cpp``; the kernels in ``csrc/cpu`` and
 ``csrc/cuda``. Fake kernels give output metadata so the ops trace under
 ``torch.compile``; autograd routes every forward op to its backward op.
+
+That autograd is reverse mode only: torch.library has no forward-mode
+formula for a C++ op, and torch.func's transforms refuse its backward. The
+public functions send calls under forward-mode AD or ``torch.func.grad`` and
+its kin to :mod:`srm_ext.reference` instead (``_backend.needs_reference_autograd``).
 """
 
 from __future__ import annotations

@@ -8,11 +8,16 @@ kernel.
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 
 import torch
 from torch import Tensor
+from torch._C import _functorch
 
 __all__ = [
+    "as_int",
+    "as_float",
     "check_feature_map",
     "check_dictionary",
     "check_intercept",
@@ -27,12 +32,24 @@ __all__ = [
 def _check_tensor(name: str, t: object) -> Tensor:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    # Sparse, MKL-DNN and nested tensors have no kernels here (nested ones
+    # report a strided layout).
+    if t.layout != torch.strided or t.is_nested:
+        kind = "nested" if t.is_nested else str(t.layout).removeprefix("torch.")
+        raise TypeError(f"{name} must be a dense (strided) tensor, got a {kind} tensor")
     return t
 
 
+# The floating dtypes the ops compute in; float8 and smaller have no matmul.
+_FLOATING_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def _check_floating(name: str, t: Tensor) -> None:
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must have a floating-point dtype, got {t.dtype}")
+    if t.dtype not in _FLOATING_DTYPES:
+        raise TypeError(
+            f"{name} must have a floating-point dtype (float16, bfloat16, float32 or "
+            f"float64), got {t.dtype}"
+        )
 
 
 def check_feature_map(name: str, t: object) -> Tensor:
@@ -89,9 +106,27 @@ def check_intercept(t: object) -> Tensor:
     return t
 
 
+def as_int(name: str, value: object) -> int:
+    """``value`` as a Python int: any integral number (a NumPy integer too),
+    but no bool, float or tensor."""
+    if not isinstance(value, (bool, Tensor)):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+
+
+def as_float(name: str, value: object) -> float:
+    """``value`` as a Python float: any real number (a NumPy scalar too), but
+    no bool or tensor."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    return float(value)
+
+
 def check_k(k: object, num_codewords: int) -> int:
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    k = as_int("k", k)
     if not 1 <= k <= num_codewords:
         raise ValueError(
             f"k must satisfy 1 <= k <= K={num_codewords} (the number of codewords), got {k}"
@@ -165,14 +200,23 @@ def _value_ranges(*tensors: Tensor) -> list[tuple[float, float]]:
     read-back: one device sync on a GPU, however many tensors. In float64,
     which holds every index below 2^53 exactly, so comparing with a bound is
     exact. The tensors must share a device."""
+    tensors = [_unwrapped(t.detach()) for t in tensors]
     ends = [
-        torch.stack(torch.aminmax(t.detach())).double()
+        torch.stack(torch.aminmax(t)).double()
         if t.numel()
         else torch.tensor([math.inf, -math.inf], dtype=torch.float64, device=t.device)
         for t in tensors
     ]
     flat = torch.cat(ends).tolist()
     return [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
+
+
+def _unwrapped(t: Tensor) -> Tensor:
+    """The tensor under torch.func's wrappers, which can hold no Python
+    numbers: under vmap, the values of every sample."""
+    while _functorch.is_functorch_wrapped_tensor(t):
+        t = _functorch.get_unwrapped(t)
+    return t
 
 
 def _is_fake(t: Tensor) -> bool:
@@ -220,14 +264,17 @@ def check_labels(
 
 
 # One validator per public function, shared by the reference and the dispatcher.
+# They return the scalar arguments as Python numbers, which the ops' schemas
+# take (a NumPy integer is not an int to them).
 
 
-def validate_encode(x: object, dictionary: object, intercept: object, k: object) -> None:
+def validate_encode(x: object, dictionary: object, intercept: object, k: object) -> int:
+    """Returns k."""
     x = check_feature_map("x", x)
     dictionary = check_dictionary(dictionary, x.shape[1])
     intercept = check_intercept(intercept)
     check_same_dtype_device(x=x, dictionary=dictionary, intercept=intercept)
-    check_k(k, dictionary.shape[1])
+    return check_k(k, dictionary.shape[1])
 
 
 def validate_decode(values: object, indices: object, dictionary: object) -> None:
@@ -237,12 +284,20 @@ def validate_decode(values: object, indices: object, dictionary: object) -> None
     check_same_dtype_device(values=values, dictionary=dictionary)
 
 
-def validate_labels(values: object, indices: object, num_codewords: object) -> None:
-    if isinstance(num_codewords, bool) or not isinstance(num_codewords, int):
-        raise TypeError(f"num_codewords must be an int, got {type(num_codewords).__name__}")
+def validate_labels(values: object, indices: object, num_codewords: object) -> int:
+    """Returns num_codewords."""
+    num_codewords = as_int("num_codewords", num_codewords)
     if num_codewords < 1:
         raise ValueError(f"num_codewords must be >= 1, got {num_codewords}")
-    check_sparse_code(values, indices, num_codewords)
+    values, _ = check_sparse_code(values, indices, num_codewords)
+    _, h, w, _ = values.shape
+    if h * w == 0:
+        # The image labels are means over each image's pixels: with none there are none.
+        raise ValueError(
+            "values must have at least one pixel per image (H*W > 0), got shape "
+            f"{tuple(values.shape)}"
+        )
+    return num_codewords
 
 
 def check_loss_weight(name: str, weight: float) -> None:
@@ -260,7 +315,8 @@ def validate_predictor(
     image_labels: object,
     local_weight: object,
     global_weight: object,
-) -> None:
+) -> tuple[float, float]:
+    """Returns local_weight and global_weight."""
     y = check_feature_map("y", y)
     n, _, h, w = y.shape
     if n * h * w == 0:
@@ -272,7 +328,9 @@ def validate_predictor(
     intercept = check_intercept(intercept)
     check_same_dtype_device(y=y, dictionary=dictionary, intercept=intercept)
     check_labels(pixel_labels, image_labels, y, dictionary.shape[1])
+    weights = []
     for name, weight in (("local_weight", local_weight), ("global_weight", global_weight)):
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-            raise TypeError(f"{name} must be a float, got {type(weight).__name__}")
+        weight = as_float(name, weight)
         check_loss_weight(name, weight)
+        weights.append(weight)
+    return weights[0], weights[1]

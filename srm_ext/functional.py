@@ -3,7 +3,10 @@
 Shapes and math: ``../shared/srm-spec.md``. Every function validates its
 arguments, then calls ``torch.ops.srm_ext.*`` when a compiled kernel covers the
 input's device and dtype, else :mod:`srm_ext.reference` (with a one-time
-warning). ``SRM_EXT_BACKEND=reference`` forces the reference.
+warning). ``SRM_EXT_BACKEND=reference`` forces the reference. The compiled
+ops define a backward only: calls under forward-mode AD (``torch.func.jvp``,
+``torch.autograd.forward_ad``) or ``torch.func.grad``/``vjp``/``jacrev`` run
+the reference, which supports them.
 
 Under autocast the functions cast their floating tensors to the widest dtype
 among them and run with autocast off: the ops need one dtype for all their
@@ -21,7 +24,7 @@ import torch
 from torch import Tensor
 
 from . import _validation, reference
-from ._backend import use_native
+from ._backend import needs_reference_autograd, use_native
 
 __all__ = [
     "sparse_encode",
@@ -68,6 +71,13 @@ def _code_sizes(dictionary: Tensor, k: int) -> dict[str, int]:
     return {"D": dictionary.shape[0], "K": dictionary.shape[1], "k": k}
 
 
+def _native(
+    t: Tensor, inputs: tuple[Tensor, ...], code_sizes: dict[str, int] | None = None
+) -> bool:
+    """Whether the compiled op serves a call on ``inputs`` with main input ``t``."""
+    return not needs_reference_autograd(*inputs) and use_native(t, code_sizes)
+
+
 @_promote_under_autocast
 def sparse_encode(
     x: Tensor, dictionary: Tensor, intercept: Tensor, k: int
@@ -78,8 +88,8 @@ def sparse_encode(
     and ``indices`` (N, H, W, k) int64; ties go to the lower codeword index.
     Differentiable with respect to ``x``, ``dictionary`` and ``intercept``.
     """
-    _validation.validate_encode(x, dictionary, intercept, k)
-    if use_native(x, _code_sizes(dictionary, k)):
+    k = _validation.validate_encode(x, dictionary, intercept, k)
+    if _native(x, (x, dictionary, intercept), _code_sizes(dictionary, k)):
         return tuple(torch.ops.srm_ext.sparse_encode(x, dictionary, intercept, k))
     return reference.sparse_encode(x, dictionary, intercept, k)
 
@@ -89,7 +99,7 @@ def sparse_decode(values: Tensor, indices: Tensor, dictionary: Tensor) -> Tensor
     """Reconstruction (N, D, H, W) from a sparse code; differentiable w.r.t.
     ``values`` and ``dictionary``."""
     _validation.validate_decode(values, indices, dictionary)
-    if use_native(values, _code_sizes(dictionary, values.shape[-1])):
+    if _native(values, (values, dictionary), _code_sizes(dictionary, values.shape[-1])):
         return torch.ops.srm_ext.sparse_decode(values, indices, dictionary)
     return reference.sparse_decode(values, indices, dictionary)
 
@@ -98,8 +108,8 @@ def sparse_decode(values: Tensor, indices: Tensor, dictionary: Tensor) -> Tensor
 def reconstruction_loss(x: Tensor, dictionary: Tensor, intercept: Tensor, k: int) -> Tensor:
     """Fused stage-1 loss, equal to
     ``mean((sparse_decode(*sparse_encode(x, C, b, k), C) - x) ** 2)``."""
-    _validation.validate_encode(x, dictionary, intercept, k)
-    if use_native(x, _code_sizes(dictionary, k)):
+    k = _validation.validate_encode(x, dictionary, intercept, k)
+    if _native(x, (x, dictionary, intercept), _code_sizes(dictionary, k)):
         return torch.ops.srm_ext.reconstruction_loss(x, dictionary, intercept, k)[0]
     return reference.reconstruction_loss(x, dictionary, intercept, k)
 
@@ -109,7 +119,8 @@ def sparse_labels(values: Tensor, indices: Tensor, num_codewords: int) -> tuple[
     """Stage-2 targets: ``pixel_labels`` (N, H, W) int64, the argmax codeword of
     each pixel, and ``image_labels`` (N, K), the per-image mean of the kept values.
     Carries no gradient."""
-    _validation.validate_labels(values, indices, num_codewords)
+    num_codewords = _validation.validate_labels(values, indices, num_codewords)
+    # Labels carry no gradient: the compiled op serves calls under jvp or grad too.
     if use_native(values, {"K": num_codewords}):
         return tuple(torch.ops.srm_ext.sparse_labels(values.detach(), indices, num_codewords))
     return reference.sparse_labels(values, indices, num_codewords)
@@ -127,10 +138,10 @@ def predictor_loss(
 ) -> Tensor:
     """Stage-2 loss of a student feature map ``y`` (N, D_s, H, W) against the
     teacher's labels; differentiable w.r.t. ``y``, ``dictionary`` and ``intercept``."""
-    _validation.validate_predictor(
+    local_weight, global_weight = _validation.validate_predictor(
         y, dictionary, intercept, pixel_labels, image_labels, local_weight, global_weight
     )
-    if use_native(y):
+    if _native(y, (y, dictionary, intercept)):
         # The op forms the gradients in forward, so it is told which are wanted.
         wanted = [torch.is_grad_enabled() and t.requires_grad for t in (y, dictionary, intercept)]
         return torch.ops.srm_ext.predictor_loss(
@@ -139,8 +150,8 @@ def predictor_loss(
             intercept,
             pixel_labels,
             image_labels.detach(),
-            float(local_weight),
-            float(global_weight),
+            local_weight,
+            global_weight,
             wanted,
         )[0]
     return reference.predictor_loss(

@@ -11,14 +11,13 @@ autocast disabled, since the ops require one dtype for all their tensors.
 from __future__ import annotations
 
 import math
-import numbers
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from . import functional as srm_f
-from ._validation import check_loss_weight
+from ._validation import as_int, check_loss_weight
 
 __all__ = [
     "SparseCode",
@@ -99,13 +98,13 @@ def resize_pixel_labels(labels: Tensor, size: tuple[int, int]) -> Tensor:
     return labels.index_select(-2, rows).index_select(-1, cols)
 
 
-def _check_block_sizes(**sizes: int) -> None:
-    for name, size in sizes.items():
-        if isinstance(size, bool) or not isinstance(size, numbers.Integral):
-            raise TypeError(f"{name} must be an int, got {type(size).__name__}")
+def _block_sizes(**sizes: object) -> list[int]:
+    """The sizes as Python ints (a NumPy integer too), which the ops' schemas take."""
+    sizes = {name: as_int(name, size) for name, size in sizes.items()}
     for name in ("in_channels", "num_codewords"):
         if sizes[name] < 1:
             raise ValueError(f"{name} must be >= 1, got {sizes[name]}")
+    return list(sizes.values())
 
 
 def _init_dictionary(dictionary: Tensor, intercept: Tensor) -> None:
@@ -136,7 +135,9 @@ class SparseRepresentation(nn.Module):
 
     def __init__(self, in_channels: int, num_codewords: int, sparsity: int) -> None:
         super().__init__()
-        _check_block_sizes(in_channels=in_channels, num_codewords=num_codewords, sparsity=sparsity)
+        in_channels, num_codewords, sparsity = _block_sizes(
+            in_channels=in_channels, num_codewords=num_codewords, sparsity=sparsity
+        )
         if not 1 <= sparsity <= num_codewords:
             raise ValueError(
                 f"sparsity must satisfy 1 <= k <= K={num_codewords}, got k={sparsity}"
@@ -206,7 +207,9 @@ class SparseCodePredictor(nn.Module):
         global_weight: float = 1.0,
     ) -> None:
         super().__init__()
-        _check_block_sizes(in_channels=in_channels, num_codewords=num_codewords)
+        in_channels, num_codewords = _block_sizes(
+            in_channels=in_channels, num_codewords=num_codewords
+        )
         self.in_channels = in_channels
         self.num_codewords = num_codewords
         self.local_weight = float(local_weight)
@@ -239,6 +242,11 @@ class SparseCodePredictor(nn.Module):
     @torch.no_grad()
     def predict(self, y: Tensor) -> Tensor:
         """Predicted codeword similarities ``sigmoid(C_s^T y_p + b_s)``, (N, H, W, K)."""
+        if y.dim() != 4 or y.shape[1] != self.in_channels:
+            raise ValueError(
+                f"y must be a (N, {self.in_channels}, H, W) feature map for in_channels="
+                f"{self.in_channels}, got shape {tuple(y.shape)}"
+            )
         y = y.to(self.dictionary.dtype)
         return torch.sigmoid(y.permute(0, 2, 3, 1) @ self.dictionary + self.intercept)
 

@@ -40,7 +40,7 @@ def sparse_encode(
     x: Tensor, dictionary: Tensor, intercept: Tensor, k: int
 ) -> tuple[Tensor, Tensor]:
     """Top-k sparse code of every pixel: ``(values, indices)``, each (N, H, W, k)."""
-    _validation.validate_encode(x, dictionary, intercept, k)
+    k = _validation.validate_encode(x, dictionary, intercept, k)
     pre = _pre_activations(x, dictionary, intercept)
     order = torch.sort(pre.detach(), dim=-1, descending=True, stable=True).indices
     indices = order[..., :k].contiguous()
@@ -72,7 +72,7 @@ def sparse_labels(
     values: Tensor, indices: Tensor, num_codewords: int
 ) -> tuple[Tensor, Tensor]:
     """Stage-2 targets: pixel labels (N, H, W) int64 and image labels (N, K)."""
-    _validation.validate_labels(values, indices, num_codewords)
+    num_codewords = _validation.validate_labels(values, indices, num_codewords)
     values, indices = values.detach(), indices.detach()
     n, h, w, k = values.shape
     pixel_labels = indices[..., 0].contiguous()
@@ -93,12 +93,24 @@ def predictor_loss(
     global_weight: float = 1.0,
 ) -> Tensor:
     """Stage-2 loss of a student feature map against the teacher's labels."""
-    _validation.validate_predictor(
+    local_weight, global_weight = _validation.validate_predictor(
         y, dictionary, intercept, pixel_labels, image_labels, local_weight, global_weight
     )
     q = torch.sigmoid(_pre_activations(y, dictionary, intercept))  # (N, H, W, K)
     # The authors feed the sigmoid outputs to a cross-entropy as logits.
     local = F.cross_entropy(q.reshape(-1, q.shape[-1]), pixel_labels.reshape(-1))
     image_means = q.mean(dim=(1, 2))
-    global_ = F.binary_cross_entropy(image_means, image_labels.to(q.dtype))
+    # The labels are targets: no gradient flows into them.
+    targets = image_labels.detach().to(q.dtype)
+    if torch.compiler.is_compiling() and targets.device.type == "cpu":
+        # Tracing skips validate_predictor's range checks; on the CPU an
+        # assert in the graph takes their place (on a GPU it would be fatal).
+        in_range = ((targets >= 0) & (targets <= 1)).all()
+        torch._assert_async(in_range, "image_labels must lie in [0, 1]")
+    # binary_cross_entropy refuses a NaN mean (from NaN features or
+    # parameters): it gets a stand-in, and its term is the NaN itself, so the
+    # loss is NaN as from the kernels.
+    is_nan = image_means.isnan()
+    terms = F.binary_cross_entropy(image_means.masked_fill(is_nan, 0.5), targets, reduction="none")
+    global_ = torch.where(is_nan, image_means, terms).mean()
     return (local_weight * local + global_weight * global_).to(y.dtype)

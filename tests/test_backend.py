@@ -172,3 +172,20 @@ def test_package_imports_without_the_compiled_library(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "ok True" in out.stdout
+
+
+def test_fallback_warning_is_left_to_eager_calls_under_torch_compile(monkeypatch):
+    # Dynamo cannot trace warnings.warn: a first call under
+    # torch.compile(fullgraph=True) must trace, and an eager call still warns.
+    monkeypatch.delenv("SRM_EXT_BACKEND", raising=False)
+    monkeypatch.setattr(_backend, "_warned", set())
+    block = srm_ext.SparseRepresentation(4, 8, 2).bfloat16()
+    x = inputs(torch.bfloat16)[0]
+    torch._dynamo.reset()
+    compiled = torch.compile(block.loss, backend="aot_eager", fullgraph=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Dynamo's own warnings, if any
+        got = compiled(x)
+    with pytest.warns(UserWarning, match="using the PyTorch reference"):
+        want = block.loss(x)
+    torch.testing.assert_close(got, want)

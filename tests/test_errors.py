@@ -39,6 +39,17 @@ ENCODE_CASES = [
     ("k", lambda g: dict(g, k=0), ValueError, "k must satisfy 1 <= k <= K=6"),
     ("k", lambda g: dict(g, k=7), ValueError, "k must satisfy 1 <= k <= K=6"),
     ("k", lambda g: dict(g, k=2.0), TypeError, "k must be an int"),
+    ("k", lambda g: dict(g, k=True), TypeError, "k must be an int, got bool"),
+    ("k", lambda g: dict(g, k=torch.tensor(2)), TypeError, "k must be an int, got Tensor"),
+    ("x", lambda g: dict(g, x=g["x"].to_sparse()), TypeError, "x must be a dense (strided) tensor, got a sparse_coo tensor"),
+    ("dictionary", lambda g: dict(g, C=g["C"].to_sparse_csr()), TypeError, "dictionary must be a dense (strided) tensor, got a sparse_csr tensor"),
+    ("x", lambda g: dict(g, x=torch.nested.nested_tensor(list(g["x"]))), TypeError, "x must be a dense (strided) tensor, got a nested tensor"),
+    (
+        "x",
+        lambda g: dict(g, **{n: g[n].to(torch.float8_e4m3fn) for n in ("x", "C", "b")}),
+        TypeError,
+        "x must have a floating-point dtype (float16, bfloat16, float32 or float64), got torch.float8_e4m3fn",
+    ),
 ]
 
 
@@ -81,6 +92,12 @@ def test_labels_arguments(backend):
         fn(a["values"], a["indices"], 6.0)
     with pytest.raises(ValueError, match="num_codewords must be >= 1"):
         fn(a["values"], a["indices"], 0)
+    # Image labels are means over each image's pixels, which must exist (as
+    # predictor_loss requires of y), not NaN from an empty mean.
+    with pytest.raises(ValueError, match=re.escape("values must have at least one pixel per image (H*W > 0)")):
+        fn(a["values"][:, :0], a["indices"][:, :0], 6)
+    with pytest.raises(TypeError, match=re.escape("indices must be a dense (strided) tensor")):
+        fn(a["values"], a["indices"].to_sparse(), 6)
 
 
 PREDICTOR_CASES = [
@@ -99,6 +116,8 @@ PREDICTOR_CASES = [
     (lambda g: dict(g, weight=float("nan")), ValueError, "local_weight must be finite and >= 0, got nan"),
     (lambda g: dict(g, weight=float("inf")), ValueError, "local_weight must be finite and >= 0, got inf"),
     (lambda g: dict(g, weight=-0.5), ValueError, "local_weight must be finite and >= 0, got -0.5"),
+    (lambda g: dict(g, weight=True), TypeError, "local_weight must be a float, got bool"),
+    (lambda g: dict(g, image=g["image"].to_sparse()), TypeError, "image_labels must be a dense (strided) tensor"),
 ]
 
 
@@ -108,6 +127,29 @@ def test_predictor_arguments(backend, mutate, exc, message):
     a = mutate(dict(good(), weight=1.0))
     with pytest.raises(exc, match=re.escape(message)):
         BACKENDS[backend].predictor_loss(a["x"], a["C"], a["b"], a["pixel"], a["image"], a["weight"])
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_numpy_scalars_are_accepted_as_sizes_and_weights(backend):
+    np = pytest.importorskip("numpy")
+    ops = BACKENDS[backend]
+    a = good()
+    values, indices = ops.sparse_encode(a["x"], a["C"], a["b"], np.int64(2))
+    assert torch.equal(indices, reference.sparse_encode(a["x"], a["C"], a["b"], 2)[1])
+    torch.testing.assert_close(
+        ops.reconstruction_loss(a["x"], a["C"], a["b"], np.int32(2)),
+        reference.reconstruction_loss(a["x"], a["C"], a["b"], 2),
+    )
+    _, image = ops.sparse_labels(values, indices, np.int64(6))
+    torch.testing.assert_close(image, a["image"])
+    torch.testing.assert_close(
+        ops.predictor_loss(a["x"], a["C"], a["b"], a["pixel"], a["image"], np.float32(0.5), np.int64(2)),
+        reference.predictor_loss(a["x"], a["C"], a["b"], a["pixel"], a["image"], 0.5, 2.0),
+    )
+    with pytest.raises(TypeError, match="k must be an int, got float64"):
+        ops.sparse_encode(a["x"], a["C"], a["b"], np.float64(2))
+    with pytest.raises(TypeError, match="global_weight must be a float, got bool"):
+        ops.predictor_loss(a["x"], a["C"], a["b"], a["pixel"], a["image"], 1.0, np.bool_(True))
 
 
 def test_label_ranges_are_read_back_together(monkeypatch):
@@ -178,3 +220,21 @@ def test_kernels_reject_bad_input_when_called_directly():
         ops.predictor_loss_backward(
             torch.tensor(1.0), *unit_grads, a["x"][:1], a["C"], [True, True, True]
         )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # kernel, reference
+@pytest.mark.parametrize("bad", [2.0, -0.5, float("nan")])
+def test_image_labels_out_of_range_are_refused_under_torch_compile(dtype, bad):
+    # The Python range checks are skipped while tracing: the CPU kernel checks
+    # the labels itself, and the reference asserts in the graph.
+    a = {name: t.to(dtype) if t.is_floating_point() else t for name, t in good().items()}
+    image = a["image"].clone()
+    image[1, 3] = bad
+    torch._dynamo.reset()
+    compiled = torch.compile(srm_ext.predictor_loss, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(
+        compiled(a["x"], a["C"], a["b"], a["pixel"], a["image"]),
+        reference.predictor_loss(a["x"], a["C"], a["b"], a["pixel"], a["image"]),
+    )
+    with pytest.raises(RuntimeError, match=re.escape("image_labels must lie in [0, 1]")):
+        compiled(a["x"], a["C"], a["b"], a["pixel"], image)

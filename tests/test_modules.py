@@ -4,6 +4,7 @@ the reference math, label resizing, autocast and torch.compile."""
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -107,6 +108,29 @@ def test_predictor_rejects_bad_sizes_and_weights():
         SparseCodePredictor(4.5, 8)
     with pytest.raises(ValueError, match="global_weight must be finite and >= 0, got nan"):
         SparseCodePredictor(4, 8, global_weight=float("nan"))
+
+
+def test_blocks_take_numpy_sizes_and_store_python_ints(x):
+    np = pytest.importorskip("numpy")
+    rep = SparseRepresentation(np.int64(D), np.int64(K), np.int32(KEEP))
+    pred = SparseCodePredictor(np.int64(6), np.int64(K))
+    for value in (rep.in_channels, rep.num_codewords, rep.sparsity, pred.in_channels, pred.num_codewords):
+        assert type(value) is int
+    rep(x)
+    rep.loss(x)
+    labels = rep.labels(x)
+    pred(torch.randn(N, 6, H, W), labels)
+    with pytest.raises(TypeError, match="sparsity must be an int, got bool"):
+        SparseRepresentation(D, K, True)
+
+
+def test_predict_names_a_wrong_channel_count():
+    pred = SparseCodePredictor(6, K)
+    assert pred.predict(torch.randn(N, 6, H, W)).shape == (N, H, W, K)
+    with pytest.raises(ValueError, match=re.escape(f"y must be a (N, 6, H, W) feature map for in_channels=6, got shape ({N}, 5, {H}, {W})")):
+        pred.predict(torch.randn(N, 5, H, W))
+    with pytest.raises(ValueError, match=re.escape("y must be a (N, 6, H, W) feature map")):
+        pred.predict(torch.randn(6, H, W))
 
 
 def test_srm_sizes_follow_the_paper():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 
 import pytest
 import torch
@@ -282,3 +283,101 @@ def test_torch_compile_traces_without_graph_breaks():
     got_grads = torch.autograd.grad(got, (C, b, Cs, bs))
     want_grads = torch.autograd.grad(want, (C, b, Cs, bs))
     torch.testing.assert_close(got_grads, want_grads)
+
+
+def _differentiable_calls():
+    """Each public op as a function of its differentiable inputs, with those inputs."""
+    x, C, b = encode_inputs()
+    values, indices = reference.sparse_encode(x, C, b, 3)
+    (y, Cs, bs), pixel, image = predictor_inputs()
+    return {
+        "sparse_encode": (lambda mod, *a: mod.sparse_encode(*a, 3)[0], (x, C, b)),
+        "sparse_decode": (lambda mod, v, c: mod.sparse_decode(v, indices, c), (values, C)),
+        "reconstruction_loss": (lambda mod, *a: mod.reconstruction_loss(*a, 3), (x, C, b)),
+        "predictor_loss": (
+            lambda mod, *a: mod.predictor_loss(*a, pixel, image, 0.7, 1.3), (y, Cs, bs)
+        ),
+    }
+
+
+DIFFERENTIABLE_OPS = ["sparse_encode", "sparse_decode", "reconstruction_loss", "predictor_loss"]
+
+
+@pytest.mark.parametrize("op", DIFFERENTIABLE_OPS)
+def test_forward_mode_derivatives_match_the_reference(op):
+    # The compiled ops register a backward only: forward-mode AD must not
+    # pass them by with zero (jvp) or missing (forward_ad) tangents.
+    fn, primals = _differentiable_calls()[op]
+    g = torch.Generator().manual_seed(2)
+    tangents = tuple(torch.randn(p.shape, dtype=p.dtype, generator=g) for p in primals)
+    _, want = torch.func.jvp(lambda *a: fn(reference, *a), primals, tangents)
+    assert want.abs().sum() > 0
+    _, got = torch.func.jvp(lambda *a: fn(srm_ext, *a), primals, tangents)
+    torch.testing.assert_close(got, want)
+
+    fwAD = torch.autograd.forward_ad
+    with fwAD.dual_level():
+        duals = [fwAD.make_dual(p, t) for p, t in zip(primals, tangents)]
+        tangent = fwAD.unpack_dual(fn(srm_ext, *duals)).tangent
+    assert tangent is not None
+    torch.testing.assert_close(tangent, want)
+
+
+@pytest.mark.parametrize("op", DIFFERENTIABLE_OPS)
+def test_func_grad_and_jacrev_match_the_reference(op):
+    # torch.func refuses the compiled ops' backward (registered without the
+    # setup_context of an autograd.Function it can transform).
+    fn, primals = _differentiable_calls()[op]
+    argnums = tuple(range(len(primals)))
+
+    def total(mod):
+        return lambda *a: fn(mod, *a).sum()
+
+    for transform in (torch.func.grad, torch.func.jacrev):
+        want = transform(total(reference), argnums=argnums)(*primals)
+        got = transform(total(srm_ext), argnums=argnums)(*primals)
+        torch.testing.assert_close(got, want)
+
+
+def test_forward_mode_under_torch_compile_matches_the_reference():
+    fn, (x, C, b) = _differentiable_calls()["reconstruction_loss"]
+    tangent = torch.randn_like(C)
+
+    def directional(mod):
+        return lambda C, t: torch.func.jvp(lambda c: fn(mod, x, c, b), (C,), (t,))[1]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(directional(srm_ext), backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(C, tangent), directional(reference)(C, tangent))
+
+
+def test_vmap_alone_keeps_the_compiled_ops(monkeypatch):
+    # vmap needs no derivative: the compiled op serves every sample.
+    called = []
+    real = ops.reconstruction_loss
+    monkeypatch.setattr(ops, "reconstruction_loss", lambda *a: called.append(1) or real(*a))
+    x, C, b = encode_inputs()
+    batch = torch.stack([x, x.flip(0)])
+    got = torch.func.vmap(lambda x: srm_ext.reconstruction_loss(x, C, b, 3))(batch)
+    assert called
+    want = torch.stack([reference.reconstruction_loss(s, C, b, 3) for s in batch])
+    torch.testing.assert_close(got, want)
+
+
+def test_vmap_checks_the_indices_of_every_sample():
+    # The range checks read the values under vmap's wrapper: all samples.
+    x, C, b = encode_inputs()
+    values, indices = reference.sparse_encode(x, C, b, 3)
+    decode = torch.func.vmap(lambda v, i: srm_ext.sparse_decode(v, i, C))
+    got = decode(torch.stack([values, values / 2]), torch.stack([indices, indices]))
+    torch.testing.assert_close(got[1], reference.sparse_decode(values / 2, indices, C))
+    with pytest.raises(ValueError, match=re.escape("indices must lie in [0, 9)")):
+        decode(torch.stack([values, values]), torch.stack([indices, indices + 9]))
+
+
+def test_jacfwd_of_the_stage2_loss_matches_the_reference():
+    # jacfwd is vmap over jvp: the reference serves it, range checks included.
+    (y, Cs, bs), pixel, image = predictor_inputs()
+    got = torch.func.jacfwd(lambda c: srm_ext.predictor_loss(y, c, bs, pixel, image))(Cs)
+    want = torch.func.jacfwd(lambda c: reference.predictor_loss(y, c, bs, pixel, image))(Cs)
+    torch.testing.assert_close(got, want)

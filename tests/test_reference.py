@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from srm_ext import reference, research_style
 
@@ -126,3 +127,50 @@ def test_half_inputs_with_large_magnitudes_accumulate_in_float32(dtype):
     assert torch.isfinite(stage1)
     want_loss = reference.reconstruction_loss(x.float(), C.float(), b.float(), 4)
     torch.testing.assert_close(stage1.float(), want_loss, rtol=1e-2, atol=0)
+
+
+def _student_inputs(dtype=torch.float64):
+    g = torch.Generator().manual_seed(5)
+    y = torch.randn(2, 3, 2, 2, dtype=dtype, generator=g)
+    C = torch.randn(3, 5, dtype=dtype, generator=g)
+    b = torch.tensor([0.3], dtype=dtype)
+    pixel = torch.randint(0, 5, (2, 2, 2), generator=g)
+    image = torch.rand(2, 5, dtype=dtype, generator=g)
+    return y, C, b, pixel, image
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_predictor_loss_of_nan_features_is_nan(dtype):
+    # binary_cross_entropy refuses NaN means; the loss must be NaN, as from the kernels.
+    y, C, b, pixel, image = _student_inputs(dtype)
+    y[1, 2, 0, 1] = float("nan")
+    y.requires_grad_(True)
+    loss = reference.predictor_loss(y, C, b, pixel, image)
+    assert loss.isnan()
+    loss.backward()
+    assert y.grad[1].isnan().any() and not y.grad[0].isnan().any()
+
+
+def test_predictor_loss_keeps_binary_cross_entropy_gradients():
+    # Saturated means included: torch clamps the logs at -100 and the gradient's
+    # denominator at 1e-12, and so do the kernels.
+    y, C, b, pixel, image = _student_inputs()
+    y = y.abs() + 0.1
+    C[:, 0] = 1e3  # codeword 0 saturates: every image's mean is exactly 1
+    for t in (y, C, b):
+        t.requires_grad_(True)
+    got_loss = reference.predictor_loss(y, C, b, pixel, image, 0.0, 1.0)
+    q = torch.sigmoid(torch.einsum("ndhw,dk->nhwk", y, C) + b)
+    assert (q.mean(dim=(1, 2))[:, 0] == 1).all()
+    want_loss = F.binary_cross_entropy(q.mean(dim=(1, 2)), image)
+    torch.testing.assert_close(got_loss, want_loss)
+    got = torch.autograd.grad(got_loss, (y, C, b))
+    torch.testing.assert_close(got, torch.autograd.grad(want_loss, (y, C, b)))
+
+
+def test_image_labels_carry_no_gradient():
+    y, C, b, pixel, image = _student_inputs()
+    y.requires_grad_(True)
+    image.requires_grad_(True)
+    reference.predictor_loss(y, C, b, pixel, image).backward()
+    assert y.grad is not None and image.grad is None
