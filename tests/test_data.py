@@ -76,6 +76,46 @@ def test_cifar100_folder_named_as_cifar10_is_a_config_error(tmp_path):
         load_dataset(config(dataset="cifar10", data_path=str(tmp_path)))
 
 
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("more labels", r"b'labels' has shape \(23,\) \(int64\) for 20 images; expected one "
+         "integer label per image"),
+        ("narrow rows", r"b'data' has shape \(20, 3000\); expected \(N, 3072\)"),
+        ("no images", r"b'data' has shape \(0, 3072\); expected \(N, 3072\) with N >= 1"),
+        ("floats in [0, 1]", "b'data' must hold 8-bit pixel values 0..255; got float32"),
+    ],
+    ids=["more labels", "narrow rows", "no images", "floats in [0, 1]"],
+)
+def test_malformed_cifar_batch_is_an_error_naming_the_file(tmp_path, case, expected):
+    _write_cifar_batch(tmp_path / "data_batch_1", 20, b"labels", 10, 1)
+    _write_cifar_batch(tmp_path / "test_batch", 4, b"labels", 10, 2)
+    with open(tmp_path / "data_batch_1", "rb") as f:
+        batch = pickle.load(f, encoding="bytes")
+    if case == "more labels":
+        batch[b"labels"] += [0, 1, 2]
+    elif case == "narrow rows":
+        batch[b"data"] = batch[b"data"][:, :3000]
+    elif case == "no images":
+        batch[b"data"], batch[b"labels"] = batch[b"data"][:0], []
+    else:
+        batch[b"data"] = batch[b"data"].astype(np.float32) / 255
+    with open(tmp_path / "data_batch_1", "wb") as f:
+        pickle.dump(batch, f)
+    prefix = re.escape(str(tmp_path / "data_batch_1")) + ": "
+    with pytest.raises(ConfigError, match=prefix + expected):
+        load_dataset(config(dataset="cifar10", data_path=str(tmp_path)))
+
+
+def test_cifar_training_batches_of_one_class_are_refused(tmp_path):
+    batch = {b"data": np.zeros((6, 3072), dtype=np.uint8), b"labels": [4] * 6}
+    with open(tmp_path / "data_batch_1", "wb") as f:
+        pickle.dump(batch, f)
+    _write_cifar_batch(tmp_path / "test_batch", 4, b"labels", 10, 2)
+    with pytest.raises(ConfigError, match="every training image has the same class \\(4\\)"):
+        load_dataset(config(dataset="cifar10", data_path=str(tmp_path)))
+
+
 def test_npz_images_and_labels_float_nhwc(tmp_path):
     rng = np.random.default_rng(0)
     # One image, distinct at every position and channel, so any other
@@ -105,6 +145,74 @@ def test_npz_train_test_arrays_grey(tmp_path):
     )
     splits = load_dataset(config(dataset="npz", data_path=str(tmp_path / "d.npz")))
     check_splits(splits, 10, 4, 3, 1, 5)
+
+
+@pytest.mark.parametrize(
+    "test_shape",
+    [(20, 12, 12), (20, 16, 16, 3)],
+    ids=["grey test, colour train", "larger test images"],
+)
+def test_npz_train_and_test_images_must_agree(tmp_path, test_shape):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "d.npz"
+    np.savez(
+        path,
+        x_train=rng.integers(0, 256, (60, 12, 12, 3), dtype=np.uint8),
+        y_train=np.arange(60) % 3,
+        x_test=rng.integers(0, 256, test_shape, dtype=np.uint8),
+        y_test=np.arange(20) % 3,
+    )
+    expected = (
+        f"{str(path)!r}: x_train has shape (60, 12, 12, 3) but x_test has shape {test_shape}; "
+        "expected images of the same size and channels in both"
+    )
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        load_dataset(config(dataset="npz", data_path=str(path)))
+
+
+@pytest.mark.parametrize("key", ["images", "x_train", "x_test"])
+def test_npz_empty_image_array_is_an_error_naming_it(tmp_path, key):
+    path = tmp_path / "d.npz"
+    images, labels = np.zeros((10, 4, 4), dtype=np.uint8), np.arange(10) % 2
+    arrays = dict(images=images, labels=labels)
+    if key != "images":
+        arrays = dict(x_train=images, y_train=labels, x_test=images, y_test=labels)
+    label_key = {"images": "labels", "x_train": "y_train", "x_test": "y_test"}[key]
+    arrays[key], arrays[label_key] = images[:0], labels[:0]
+    np.savez(path, **arrays)
+    with pytest.raises(ConfigError, match=re.escape(f"{key} in {str(path)!r} is empty")):
+        load_dataset(config(dataset="npz", data_path=str(path)))
+
+
+@pytest.mark.parametrize(
+    "labels, expected",
+    [
+        (np.zeros(20), r"every training image has the same class \(0\); expected at least 2"),
+        (np.full(1, 3), r"every training image has the same class \(3\)"),
+        (np.arange(20) % 3 * 50000, "labels are class indices, so labels up to 100000 make "
+         r"100001 classes, but only 3 distinct labels occur; expected at most as many unused "
+         r"class indices as used ones \(renumber the labels 0..2\)"),
+        (np.arange(20) % 3 * 3 + 3, "labels are class indices, so labels up to 9 make 10 classes"),
+    ],
+    ids=["one class", "one image", "sparse", "more unused than used"],
+)
+def test_npz_labels_must_name_at_least_two_mostly_used_classes(tmp_path, labels, expected):
+    path = tmp_path / "d.npz"
+    np.savez(path, images=np.zeros((len(labels), 4, 4), dtype=np.uint8), labels=labels)
+    with pytest.raises(ConfigError, match=re.escape(repr(str(path))) + ": " + expected):
+        load_dataset(config(dataset="npz", data_path=str(path)))
+
+
+@pytest.mark.parametrize(
+    "present, num_classes", [(range(1, 11), 11), ([0, 2, 3], 4)], ids=["1-based", "one unused"]
+)
+def test_npz_labels_with_a_few_unused_indices_keep_them(tmp_path, present, num_classes):
+    # 20 images of up to 10 classes: too few to stratify, but still split
+    labels = np.resize(list(present), 20)
+    np.savez(tmp_path / "d.npz", images=np.zeros((20, 4, 4), dtype=np.uint8), labels=labels)
+    splits = load_dataset(config(dataset="npz", data_path=str(tmp_path / "d.npz")))
+    assert splits.num_classes == num_classes
+    assert len(splits.train) == 16 and len(splits.test) == 4
 
 
 def test_npz_without_known_arrays_is_an_error(tmp_path):
@@ -261,18 +369,90 @@ def test_imagefolder_train_test_tree(tmp_path):
     check_splits(splits, 7, 3, 3, 3, 9)
 
 
+@pytest.mark.parametrize("held_out", ["test", "val", "valid", "validation", "Valid"])
+def test_imagefolder_held_out_split_names(tmp_path, held_out):
+    _write_images(tmp_path / "train", {"a": 3, "b": 3})
+    _write_images(tmp_path / held_out, {"a": 1, "b": 2})
+    splits = load_dataset(config(dataset="imagefolder", data_path=str(tmp_path), image_size=9))
+    check_splits(splits, 6, 3, 2, 3, 9)
+    assert [splits.test[i][1] for i in range(3)] == [0, 1, 1]
+
+
+def test_imagefolder_prefers_test_over_other_held_out_splits(tmp_path):
+    _write_images(tmp_path / "train", {"a": 2, "b": 2})
+    _write_images(tmp_path / "valid", {"a": 1, "b": 1})
+    _write_images(tmp_path / "test", {"a": 2, "b": 1})
+    splits = load_dataset(config(dataset="imagefolder", data_path=str(tmp_path), image_size=9))
+    assert len(splits.test) == 3
+
+
+@pytest.mark.parametrize(
+    "folders, found",
+    [
+        (["train"], "train/"),
+        (["train", "extra"], "extra/, train/"),
+        (["train", "test", "holdout"], "holdout/, test/, train/"),
+        (["training", "testing"], "testing/, training/"),
+        (["valid", "other"], "other/, valid/"),
+    ],
+)
+def test_imagefolder_split_folders_must_be_train_and_held_out(tmp_path, folders, found):
+    for name in folders:
+        _write_images(tmp_path / name, {"a": 2, "b": 2})
+    with pytest.raises(ConfigError) as error:
+        load_dataset(config(dataset="imagefolder", data_path=str(tmp_path)))
+    assert str(error.value) == (
+        f"{str(tmp_path)!r} holds folders {found}; expected class folders root/<class>/<image>, "
+        "or split folders train/<class>/<image> and test/, val/, valid/ or validation/ "
+        "(the first present is held out) and no others"
+    )
+
+
+def test_imagefolder_held_out_classes_must_be_training_classes(tmp_path):
+    _write_images(tmp_path / "train", {"a": 2, "b": 2})
+    _write_images(tmp_path / "test", {"a": 1, "c": 1, "d": 1})
+    expected = (
+        f"{str(tmp_path / 'test')!r} has classes c, d that {str(tmp_path / 'train')!r} lacks"
+    )
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        load_dataset(config(dataset="imagefolder", data_path=str(tmp_path)))
+
+
+@pytest.mark.parametrize("layout", ["classes", "splits"])
+def test_imagefolder_needs_two_classes(tmp_path, layout):
+    train = tmp_path / "train" if layout == "splits" else tmp_path
+    _write_images(train, {"only": 5})
+    if layout == "splits":
+        _write_images(tmp_path / "val", {"only": 1})
+    expected = f"{str(train)!r}: every training image has the same class (only)"
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        load_dataset(config(dataset="imagefolder", data_path=str(tmp_path)))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage after the signature"])
+def test_imagefolder_unreadable_image_is_an_error_naming_it(tmp_path, damage):
+    _write_images(tmp_path, {"a": 4, "b": 4})
+    bad = tmp_path / "b" / "3.png"
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 2] if damage == "truncated" else data[:8] + b" garbage")
+    with pytest.raises(ConfigError, match=re.escape(f"{str(bad)!r}: not a readable image")):
+        splits = load_dataset(config(dataset="imagefolder", data_path=str(tmp_path)))
+        [splits.test[i] for i in range(len(splits.test))]
+
+
 def test_imagefolder_16bit_png_is_scaled_by_65535(tmp_path):
     from PIL import Image
 
     ramp = np.linspace(0, 65535, 81).round().astype(np.uint16).reshape(9, 9)
     for split in ("train", "test"):
-        (tmp_path / split / "a").mkdir(parents=True)
-        Image.fromarray(ramp).save(tmp_path / split / "a" / "ramp.png")
+        for name in ("a", "b"):
+            (tmp_path / split / name).mkdir(parents=True)
+            Image.fromarray(ramp).save(tmp_path / split / name / "ramp.png")
     with Image.open(tmp_path / "train" / "a" / "ramp.png") as image:
         assert image.mode == "I;16"
     # at its own size Pillow's resize is a copy, so the values are exact
     splits = load_dataset(config(dataset="imagefolder", data_path=str(tmp_path), image_size=9))
-    check_splits(splits, 1, 1, 1, 3, 9)
+    check_splits(splits, 2, 2, 2, 3, 9)
     expected = torch.from_numpy(np.rint(ramp / 65535 * 255).astype(np.uint8))
     assert all(torch.equal(channel, expected) for channel in splits.train[0][0])
     resized = load_dataset(config(dataset="imagefolder", data_path=str(tmp_path), image_size=12))

@@ -11,12 +11,17 @@ Formats:
 * ``cifar10`` / ``cifar100``: the python-pickle folders (``data_batch_1..5`` and
   ``test_batch``, or ``train`` and ``test``; keys ``b"data"`` and ``b"labels"`` /
   ``b"fine_labels"``).
-* ``imagefolder``: ``root/<class>/<image>`` (split 80/20) or
-  ``root/train/<class>/...`` with ``root/test`` (or ``val``); read with Pillow.
+* ``imagefolder``: ``root/<class>/<image>`` (split 80/20), or split folders
+  ``root/train/<class>/...`` with a held-out ``root/test``, ``val``, ``valid`` or
+  ``validation`` (the first present, in that order); read with Pillow. A root with
+  any folder named like a split holds splits, and then nothing else.
 * ``npz``: arrays ``images`` and ``labels`` (split 80/20), optionally with
   ``test_images``/``test_labels``; or ``x_train``, ``y_train``, ``x_test``,
   ``y_test``. Images (N, H, W), (N, H, W, C) or (N, C, H, W), uint8, uint16 or floats
-  in [0, 1]; labels 1-D non-negative class indices, one per image.
+  in [0, 1], the same size and channels in both splits; labels 1-D non-negative class
+  indices, one per image, at most half of the indices 0..max unused.
+
+Every dataset needs at least two classes in its training set.
 
 Images with more than 8 bits (uint16 arrays, 16-bit greyscale PNGs) are scaled by
 their full range and rounded to uint8.
@@ -24,6 +29,7 @@ their full range and rounded to uint8.
 
 from __future__ import annotations
 
+import math
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -52,6 +58,9 @@ __all__ = [
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+HELD_OUT_SPLITS = ("test", "val", "valid", "validation")  # in order of preference
+# Folder names (any case) that mark an ImageFolder root as holding splits, not classes.
+SPLIT_NAMES = frozenset({"train", "training", "testing", *HELD_OUT_SPLITS})
 SPLIT_SEED = 0  # the held-out split never depends on the experiment seed
 
 
@@ -84,12 +93,19 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         from PIL import Image
 
-        with Image.open(self.files[index]) as image:
-            if image.mode.startswith("I"):
-                # 16-bit greyscale (modes I;16*, I): convert("RGB") would clip at 255.
-                image = Image.fromarray(_16bit_image_to_uint8(image, self.files[index]))
-            image = image.convert("RGB").resize((self.size, self.size), Image.BILINEAR)
-            array = np.asarray(image, dtype=np.uint8)
+        path = self.files[index]
+        try:
+            with Image.open(path) as image:
+                if image.mode.startswith("I"):
+                    # 16-bit greyscale (modes I;16*, I): convert("RGB") would clip at 255.
+                    image = Image.fromarray(_16bit_image_to_uint8(image, path))
+                image = image.convert("RGB").resize((self.size, self.size), Image.BILINEAR)
+                array = np.asarray(image, dtype=np.uint8)
+        except ConfigError:
+            raise
+        except (OSError, SyntaxError, ValueError) as exc:
+            # Pillow's messages ("Truncated File Read") do not say which file.
+            raise ConfigError(f"{str(path)!r}: not a readable image ({exc})") from None
         return torch.from_numpy(array.copy()).permute(2, 0, 1), self.labels[index]
 
 
@@ -186,7 +202,7 @@ def load_digits(image_size: int = 8) -> DatasetSplits:
     if image_size != images.shape[-1]:
         images = F.interpolate(images, size=(image_size, image_size), mode="bilinear")
     images = (images.clamp(0, 1) * 255).round().to(torch.uint8)
-    return _split_arrays(images, torch.from_numpy(bunch.target).long(), natural=False)
+    return _split_arrays(images, torch.from_numpy(bunch.target).long(), False, "digits")
 
 
 def load_cifar(root: Path, num_classes: int = 10) -> DatasetSplits:
@@ -195,6 +211,8 @@ def load_cifar(root: Path, num_classes: int = 10) -> DatasetSplits:
     if "test_batch" in names:
         train_files = sorted(p for p in names if p.startswith("data_batch_"))
         test_files = ["test_batch"]
+        if not train_files:
+            raise ConfigError(f"{str(root)!r} has test_batch but no data_batch_* files")
     elif "train" in names and "test" in names:
         train_files, test_files = ["train"], ["test"]
     else:
@@ -211,21 +229,48 @@ def load_cifar(root: Path, num_classes: int = 10) -> DatasetSplits:
             f"{str(root)!r} has labels in [{low}, {high}], outside the {num_classes} classes "
             f"of CIFAR-{num_classes}{hint}"
         )
-    return _splits_from_tensors(train_x, train_y, test_x, test_y, num_classes, natural=True)
+    return _splits_from_tensors(
+        train_x, train_y, test_x, test_y, num_classes, True, repr(str(root))
+    )
 
 
 def _read_cifar_batches(root: Path, files: list[str]) -> tuple[Tensor, Tensor]:
     images, labels = [], []
     for name in files:
-        batch = load_data_pickle(root / name)
+        path = root / name
+        batch = load_data_pickle(path)
         if not isinstance(batch, dict):
-            raise ConfigError(f"{root / name} does not hold a CIFAR batch dict")
+            raise ConfigError(f"{path} does not hold a CIFAR batch dict")
         label_key = b"fine_labels" if b"fine_labels" in batch else b"labels"
         if b"data" not in batch or label_key not in batch:
-            raise ConfigError(f"{root / name} lacks b'data' or b'labels'/b'fine_labels'")
-        images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.append(np.asarray(batch[label_key], dtype=np.int64))
+            raise ConfigError(f"{path} lacks b'data' or b'labels'/b'fine_labels'")
+        x, y = _cifar_arrays(batch[b"data"], batch[label_key], path, label_key)
+        images.append(x)
+        labels.append(y)
     return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
+
+
+def _cifar_arrays(data, labels, path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        x, y = np.asarray(data), np.asarray(labels)
+    except ValueError as exc:  # ragged nested lists
+        raise ConfigError(f"{path}: b'data' or {label_key!r} is not an array ({exc})") from None
+    if x.ndim < 2 or x.shape[1:] not in ((3072,), (3, 32, 32)) or not len(x):
+        raise ConfigError(
+            f"{path}: b'data' has shape {x.shape}; expected (N, 3072) with N >= 1, "
+            "one row of 3x32x32 pixels per image"
+        )
+    if x.dtype != np.uint8:
+        # np.asarray(..., uint8) would wrap or truncate anything but whole 0..255 values.
+        whole = x.dtype.kind in "iuf" and 0 <= x.min() <= x.max() <= 255 and np.all(x % 1 == 0)
+        if not whole:
+            raise ConfigError(f"{path}: b'data' must hold 8-bit pixel values 0..255; got {x.dtype}")
+    if y.ndim != 1 or len(y) != len(x) or y.dtype.kind not in "iu":
+        raise ConfigError(
+            f"{path}: {label_key!r} has shape {y.shape} ({y.dtype}) for {len(x)} images; "
+            "expected one integer label per image"
+        )
+    return x.astype(np.uint8).reshape(-1, 3, 32, 32), y.astype(np.int64)
 
 
 def load_npz(path: Path) -> DatasetSplits:
@@ -255,20 +300,32 @@ def _load_npz(path: Path) -> DatasetSplits:
                 f"{str(path)!r} must hold arrays images and labels (or x_train, y_train, "
                 f"x_test, y_test); found {', '.join(sorted(keys)) or 'none'}"
             )
-        images, labels = [], []
+        images, labels, shapes = [], [], []
         for image_key, label_key in pairs:
-            images.append(_to_uint8_nchw(arrays[image_key], path, image_key))
+            array = arrays[image_key]
+            shapes.append(f"{image_key} has shape {array.shape}")
+            if array.ndim and not len(array):
+                raise ConfigError(f"{image_key} in {str(path)!r} is empty; expected images")
+            images.append(_to_uint8_nchw(array, path, image_key))
             labels.append(_npz_labels(arrays[label_key], path, label_key))
             if len(labels[-1]) != len(images[-1]):
                 raise ConfigError(
                     f"{str(path)!r}: {label_key} has {len(labels[-1])} labels but {image_key} "
                     f"has {len(images[-1])} images; expected one label per image"
                 )
+    where = repr(str(path))
     natural = images[0].shape[1] == 3
     if len(images) == 1:
-        return _split_arrays(images[0], labels[0], natural=natural)
-    num_classes = int(max(labels[0].max(), labels[1].max())) + 1
-    return _splits_from_tensors(images[0], labels[0], images[1], labels[1], num_classes, natural)
+        return _split_arrays(images[0], labels[0], natural, where)
+    if images[0].shape[1:] != images[1].shape[1:]:
+        raise ConfigError(
+            f"{where}: {shapes[0]} but {shapes[1]}; expected images of the same size and "
+            "channels in both"
+        )
+    num_classes = _num_classes(torch.cat(labels), where)
+    return _splits_from_tensors(
+        images[0], labels[0], images[1], labels[1], num_classes, natural, where
+    )
 
 
 def _to_uint8_nchw(array: np.ndarray, path: Path, key: str) -> Tensor:
@@ -320,18 +377,46 @@ def _npz_labels(labels: np.ndarray, path: Path, key: str) -> Tensor:
 def load_imagefolder(root: Path, image_size: int = 32) -> DatasetSplits:
     if not root.is_dir():
         raise ConfigError(f"{str(root)!r} is not a directory")
-    test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
-    if (root / "train").is_dir() and test_dir is not None:
-        classes = _class_names(root / "train")
-        train = _folder_dataset(root / "train", classes, image_size)
+    splits = _split_folders(root)
+    if splits:
+        train_dir, test_dir = splits
+        classes = _class_names(train_dir)
+        missing = sorted(set(_class_names(test_dir)) - set(classes))
+        if missing:
+            raise ConfigError(
+                f"{str(test_dir)!r} has classes {', '.join(missing)} that {str(train_dir)!r} "
+                "lacks; expected every held-out class to be a training class"
+            )
+        train = _folder_dataset(train_dir, classes, image_size)
         test = _folder_dataset(test_dir, classes, image_size)
+        _require_two_classes(torch.tensor(train.labels), repr(str(train_dir)), classes)
     else:
         classes = _class_names(root)
         full = _folder_dataset(root, classes, image_size)
+        _require_two_classes(torch.tensor(full.labels), repr(str(root)), classes)
         train_idx, test_idx = _stratified_split(torch.tensor(full.labels))
         train, test = Subset(full, train_idx), Subset(full, test_idx)
     mean, std = _channel_stats(torch.stack([train[i][0] for i in range(min(len(train), 512))]))
     return DatasetSplits(train, test, len(classes), 3, image_size, mean, std, natural_images=True)
+
+
+def _split_folders(root: Path) -> tuple[Path, Path] | None:
+    """The (train, held-out) folders when ``root`` holds splits; None when its folders
+    are classes. Any folder named like a split makes ``root`` hold splits, so that
+    ``train/`` beside an unknown sibling is refused, not taken as two classes."""
+    folders = {p.name.lower(): p for p in root.iterdir() if p.is_dir() and not _hidden(p.name)}
+    if not SPLIT_NAMES & folders.keys():
+        return None
+    held_out = [folders[name] for name in HELD_OUT_SPLITS if name in folders]
+    others = set(folders) - {"train", *HELD_OUT_SPLITS}
+    if "train" not in folders or not held_out or others:
+        found = ", ".join(sorted(p.name + "/" for p in folders.values()))
+        raise ConfigError(
+            f"{str(root)!r} holds folders {found}; expected class folders root/<class>/<image>, "
+            "or split folders train/<class>/<image> and test/, val/, valid/ or validation/ "
+            "(the first present is held out) and no others"
+        )
+    return folders["train"], held_out[0]
 
 
 def _hidden(name: str) -> bool:
@@ -367,24 +452,60 @@ def _stratified_split(labels: Tensor, test_fraction: float = 0.2) -> tuple[list[
 
     indices = np.arange(len(labels))
     counts = torch.bincount(labels)
-    stratify = labels.numpy() if counts[counts > 0].min() >= 2 else None
+    counts = counts[counts > 0]
+    n_test = math.ceil(test_fraction * len(labels))
+    # Stratifying needs two images of every class and room for each in both splits.
+    can_stratify = counts.min() >= 2 and len(counts) <= min(n_test, len(labels) - n_test)
+    stratify = labels.numpy() if can_stratify else None
     train_idx, test_idx = train_test_split(
         indices, test_size=test_fraction, random_state=SPLIT_SEED, stratify=stratify
     )
     return sorted(train_idx.tolist()), sorted(test_idx.tolist())
 
 
-def _split_arrays(images: Tensor, labels: Tensor, natural: bool) -> DatasetSplits:
+def _split_arrays(images: Tensor, labels: Tensor, natural: bool, where: str) -> DatasetSplits:
+    _require_two_classes(labels, where)  # also refuses one image, which cannot be split
+    num_classes = _num_classes(labels, where)
     train_idx, test_idx = _stratified_split(labels)
     return _splits_from_tensors(
         images[train_idx], labels[train_idx], images[test_idx], labels[test_idx],
-        int(labels.max()) + 1, natural,
+        num_classes, natural, where,
     )
 
 
+def _num_classes(labels: Tensor, where: str) -> int:
+    """Labels are class indices, so the classifier has max + 1 outputs. Refused when
+    most of those would have no examples ({0, 500, 100000} is not 100001 classes)."""
+    count, used = int(labels.max()) + 1, len(labels.unique())
+    if count > 2 * used:
+        raise ConfigError(
+            f"{where}: labels are class indices, so labels up to {count - 1} make {count} "
+            f"classes, but only {used} distinct labels occur; expected at most as many unused "
+            f"class indices as used ones (renumber the labels 0..{used - 1})"
+        )
+    return count
+
+
+def _require_two_classes(labels: Tensor, where: str, names: list[str] | None = None) -> None:
+    present = labels.unique().tolist()
+    if len(present) < 2:
+        found = ", ".join(names[i] if names else str(i) for i in present)
+        raise ConfigError(
+            f"{where}: every training image has the same class ({found}); "
+            "expected at least 2 classes"
+        )
+
+
 def _splits_from_tensors(
-    train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, num_classes: int, natural: bool
+    train_x: Tensor,
+    train_y: Tensor,
+    test_x: Tensor,
+    test_y: Tensor,
+    num_classes: int,
+    natural: bool,
+    where: str,
 ) -> DatasetSplits:
+    _require_two_classes(train_y, where)
     mean, std = _channel_stats(train_x)
     return DatasetSplits(
         train=TensorDataset(train_x, train_y),
