@@ -14,13 +14,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .distill.hooks import FeatureTapError
+
 __all__ = ["main", "build_parser"]
 
 PROG = "srm-ext"
-# Errors that mean bad input (flags, paths, data files, a diverging run): one
-# line and exit code 2, the traceback only with --debug. OSError covers the
-# file-system cases and images Pillow cannot read.
-USER_ERRORS = (ValueError, TypeError, OSError, FloatingPointError, zipfile.BadZipFile)
+# Errors that mean bad input (flags, paths, data files, a diverging run, a
+# layer that cannot be tapped): one line and exit code 2, the traceback only
+# with --debug. OSError covers the file-system cases and images Pillow cannot read.
+USER_ERRORS = (
+    ValueError, TypeError, OSError, FloatingPointError, zipfile.BadZipFile, FeatureTapError
+)
 
 
 def _csv(kind):

@@ -150,6 +150,41 @@ def test_resume_before_the_first_checkpoint_keeps_the_run_settings(tmp_path):
     assert json.loads((out / "config.json").read_text())["train_limit"] == 128
 
 
+@pytest.mark.parametrize(
+    "name, write, message",
+    [
+        ("checkpoint.pt", lambda path: torch.save({"a": 1}, path), "is not a checkpoint written by"),
+        ("checkpoint.pt", lambda path: torch.save([1, 2], path), "is not a checkpoint written by"),
+        ("config.json", lambda path: path.write_text("[1, 2]"), "is malformed: the run config must be"),
+        ("config.json", lambda path: path.write_text('{"epochs_teacher": "ten"}'),
+         "is malformed: epochs teacher must be an integer, got 'ten'"),
+    ],
+)
+def test_resume_names_a_file_it_did_not_write(tmp_path, capsys, name, write, message):
+    out = tmp_path / "run"
+    out.mkdir()
+    write(out / name)
+    assert main(["distill", "--resume", "--quiet", "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"srm-ext: error: {out / name} {message}")
+    assert err.count("\n") == 1
+
+
+def test_resume_on_another_thread_count_warns(tmp_path):
+    out = tmp_path / "run"
+    settings = {**TINY_CONFIG, "methods": ["scratch"], "epochs_student": 1, "device": "cpu",
+                "output_dir": str(out)}
+    with pytest.raises(Interrupt):
+        ExperimentRunner(ExperimentConfig(**settings), on_epoch_end=_raise(Interrupt),
+                         log=lambda *_: None).run()
+    lines = []
+    ExperimentRunner(ExperimentConfig(**{**settings, "threads": 2}), resume=True,
+                     log=lines.append).run()
+    warnings = [line for line in lines if line.startswith("warning:")]
+    assert len(warnings) == 1 and "resuming with 2 thread(s) where the run so far used 1" in warnings[0]
+    assert "--threads 1" in warnings[0]
+
+
 def _raise(exc_type):
     def hook(*_args, **_kwargs):
         raise exc_type
@@ -254,6 +289,15 @@ def test_existing_run_needs_resume_or_overwrite(tmp_path, capsys):
         (["--sparsity-multiplier", "-0.1"], "sparsity multiplier must be > 0, got -0.1"),
         (["--image-size", "2"], "failed on a dry-run batch of shape (2, 1, 2, 2)"),
         (["--dataset", "cifar10", "--data-path", "cifar-100-python"], "use --dataset cifar100"),
+        # a tap on a BatchNorm whose output the next ReLU(inplace=True) overwrites
+        (["--methods", "srm", "--layer-pairs", "block1:stage1.0.1"], "modified in place"),
+        # Infinite settings are refused before the teacher trains, not as a NaN loss.
+        (["--kd-temperature", "inf"], "kd temperature must be finite, got inf"),
+        (["--sp-weight", "inf"], "sp weight must be finite, got inf"),
+        (["--local-weight", "inf"], "local weight must be finite, got inf"),
+        (["--lr", "inf"], "lr must be finite, got inf"),
+        (["--weight-decay", "inf"], "weight decay must be finite, got inf"),
+        (["--teacher-width", "inf"], "teacher width must be finite, got inf"),
     ],
 )
 def test_user_errors_are_one_line_with_exit_code_2(tmp_path, capsys, monkeypatch, flags, message):

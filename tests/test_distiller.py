@@ -21,6 +21,7 @@ from srm_ext.distill.losses import (
     similarity_preserving_loss,
 )
 from srm_ext.distill.methods import cross_entropy_stage
+from srm_ext.distill.metrics import accuracy
 from srm_ext.distill.models import AllCNN, DenseNet
 
 QUIET = {"progress": False, "log": None}
@@ -148,6 +149,64 @@ def test_float64_models_build_and_train():
     assert history and all(torch.isfinite(torch.tensor(r["loss"])) for r in history)
 
 
+class ExtraOutputs(nn.Module):
+    """A classifier returning its logits with something else, always (``always``)
+    or, like torchvision's Inception, in training mode only."""
+
+    def __init__(self, model: nn.Module, kind: str = "tuple", always: bool = True) -> None:
+        super().__init__()
+        self.model, self.kind, self.always = model, kind, always
+
+    def forward(self, x: torch.Tensor):
+        logits = self.model(x)
+        if not (self.always or self.training):
+            return logits
+        return (logits, x.mean()) if self.kind == "tuple" else {"logits": logits}
+
+
+@pytest.mark.parametrize("role", ["teacher", "student"])
+@pytest.mark.parametrize("kind", ["tuple", "dict"])
+def test_models_must_return_logits_before_any_stage_trains(role, kind):
+    teacher, student = tiny_teacher(), tiny_student()
+    t_path, s_path = "block1", "stage1"
+    if role == "teacher":
+        teacher, t_path = ExtraOutputs(teacher, kind), "model.block1"
+    else:
+        student, s_path = ExtraOutputs(student, kind), "model.stage1"
+    with pytest.raises(TypeError, match=f"the {role} must return a logits tensor .*, got a {kind}"):
+        SRMDistiller(teacher, student, {t_path: s_path}, input_shape=(1, 8, 8))
+
+
+def test_a_student_returning_more_in_training_fails_clearly_in_stage_3():
+    torch.manual_seed(0)
+    student = ExtraOutputs(tiny_student(), always=False)
+    distiller = SRMDistiller(tiny_teacher(), student, {"block1": "model.stage1"}, input_shape=(1, 8, 8))
+    with pytest.raises(TypeError, match="the student must return a logits tensor .*, got a tuple"):
+        distiller.fit_kd(toy_loader(n=16), epochs=1, **QUIET)
+    with pytest.raises(TypeError, match="the model must return a logits tensor"):
+        accuracy(ExtraOutputs(tiny_student(), "dict"), toy_loader(n=16))
+
+
+@pytest.mark.parametrize(
+    "move_teacher, move_student, placement",
+    [
+        (lambda m: m, lambda m: m.double(), "torch.float32 teacher on cpu and a torch.float64 student on cpu"),
+        (lambda m: m.double(), lambda m: m, "torch.float64 teacher on cpu and a torch.float32 student on cpu"),
+        (lambda m: m, lambda m: m.to("meta"), "torch.float32 teacher on cpu and a torch.float32 student on meta"),
+    ],
+    ids=["float64 student", "float64 teacher", "meta student"],
+)
+def test_teacher_and_student_of_another_dtype_or_device_are_refused(move_teacher, move_student, placement):
+    with pytest.raises(ValueError, match=f"must share a dtype and device, got a {placement};"):
+        SRMDistiller(move_teacher(tiny_teacher()), move_student(tiny_student()), {"block1": "stage1"},
+                     input_shape=(1, 8, 8))
+    # moved after construction: refused when a stage starts
+    distiller = make_distiller()
+    distiller.student.double()
+    with pytest.raises(ValueError, match="must share a dtype and device"):
+        distiller.fit_kd(toy_loader(n=16), epochs=1, **QUIET)
+
+
 def grads_of(blocks: nn.ModuleList) -> list[bool]:
     return [block.dictionary.grad is not None and bool(block.dictionary.grad.any()) for block in blocks]
 
@@ -202,6 +261,28 @@ def test_stage2_warns_when_the_dictionaries_were_never_fitted_or_loaded():
         fresh = make_distiller()
         fresh.load_state_dict(distiller.state_dict())
         fresh.fit_student(toy_loader(n=16), epochs=1, **QUIET)
+
+
+@pytest.mark.parametrize(
+    "loader, error, message",
+    [
+        ([{"x": torch.zeros(4, 1, 8, 8), "y": torch.zeros(4, dtype=torch.long)}], TypeError,
+         r"pair \(images, targets\) of tensors, got a dict"),
+        ([(torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.long), torch.zeros(4))], TypeError,
+         r"pair \(images, targets\) of tensors, got a tuple of 3"),
+        ([], ValueError, "the loader yielded no batches"),
+    ],
+    ids=["dict", "triple", "empty"],
+)
+def test_lazy_build_checks_the_first_batch(loader, error, message):
+    distiller = SRMDistiller(tiny_teacher(), tiny_student(), {"block1": "stage1"})
+    with pytest.raises(error, match=message):
+        distiller.fit_dictionaries(loader, epochs=1, **QUIET)
+
+
+def test_an_empty_loader_is_an_error_not_an_epoch():
+    with pytest.raises(ValueError, match="stage 'srm-dictionary': the loader yielded no batches"):
+        make_distiller().fit_dictionaries([], epochs=1, **QUIET)
 
 
 def test_lazy_build_from_first_batch():
@@ -471,6 +552,9 @@ def test_default_stage_is_adam_with_the_papers_step_schedule():
         ("gamma", float("nan"), "gamma must be > 0, got nan"),
         ("momentum", 1.0, r"momentum must lie in \[0, 1\)"),
         ("momentum", float("nan"), "momentum must lie"),
+        ("lr", float("inf"), "lr must be finite, got inf"),
+        ("weight_decay", float("inf"), "weight decay must be finite, got inf"),
+        ("gamma", float("inf"), "gamma must be finite, got inf"),
         ("epochs", -1, "epochs must be >= 0"),
         ("milestones", (0.5, 0.0), r"milestones are fractions of the epochs in \(0, 1\]"),
     ],

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from srm_ext import SRMDistiller
 from srm_ext.distill import FeatureTap
+from srm_ext.distill.hooks import FeatureTapError
 from srm_ext.distill.models import AllCNN, DenseNet, ResNet
 
 
@@ -111,6 +112,43 @@ def test_distiller_rejects_a_map_modified_in_place_before_training():
     torch.testing.assert_close(loss, expected)
     loss.backward()
     assert student[1].conv.weight.grad is not None and student[1].conv.weight.grad.any()
+
+
+class EvalOnlyBranch(nn.Module):
+    """``extra`` runs in eval mode only, as in the dry run that sizes the blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.extra = nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stem(x)
+        return self.head(x if self.training else self.extra(x))
+
+
+def test_tapped_module_that_did_not_run_is_a_clear_error():
+    model = EvalOnlyBranch().train()
+    tap = FeatureTap(model, ["stem", "extra"], role="student")
+    with tap.capture() as maps:
+        model(torch.randn(2, 1, 8, 8))
+    assert "extra" not in maps and set(maps) == {"stem"}
+    message = r"student module 'extra' did not run in the last forward pass \(in training mode\)"
+    with pytest.raises(FeatureTapError, match=message):
+        maps["extra"]
+    with pytest.raises(KeyError):
+        maps["head"]  # not tapped: a plain missing key
+
+
+def test_distiller_names_a_student_module_that_runs_in_eval_mode_only():
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU())
+    distiller = SRMDistiller(teacher, EvalOnlyBranch(), {"1": "extra"}, input_shape=(1, 8, 8))
+    loader = [(torch.randn(4, 1, 8, 8), torch.zeros(4, dtype=torch.long))]
+    distiller.fit_dictionaries(loader, epochs=1, progress=False, log=None)
+    with pytest.raises(FeatureTapError, match="student module 'extra' did not run"):
+        distiller.fit_student(loader, epochs=1, progress=False, log=None)
 
 
 @pytest.mark.parametrize("model", [

@@ -1,9 +1,11 @@
-"""The results table: mean and sample std of accuracy over seeds, per method."""
+"""The results table (mean and sample std of accuracy over seeds, per method)
+and the plots."""
 
 from __future__ import annotations
 
 import pytest
 
+from srm_ext.distill.plots import plot_loss_curves
 from srm_ext.distill.report import markdown_table, summarise
 
 
@@ -23,3 +25,9 @@ def test_summary_over_several_seeds():
     table = markdown_table([kd, srm])
     assert "| kd | 92.00 ± 2.00 | 3 | kd 3.0 |" in table
     assert "| srm | 95.00 ± 0.00 | 1 | srm-dictionary 1.0, srm-kd 3.0 |" in table
+
+
+def test_loss_curves_are_written_when_no_epochs_ran(tmp_path):
+    path = tmp_path / "loss_curves.png"
+    plot_loss_curves([], path)
+    assert path.read_bytes()[:4] == b"\x89PNG"

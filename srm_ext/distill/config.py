@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +64,9 @@ class StageConfig:
             )
         if not self.gamma > 0:
             raise ConfigError(f"gamma must be > 0, got {self.gamma}")
+        for name in ("lr", "weight_decay", "gamma"):
+            if getattr(self, name) == math.inf:
+                raise ConfigError(f"{name.replace('_', ' ')} must be finite, got inf")
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError(f"momentum must lie in [0, 1), got {self.momentum}")
 
@@ -134,6 +139,7 @@ class ExperimentConfig:
     preset: str = "default"
 
     def __post_init__(self) -> None:
+        self._check_numbers()
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ConfigError(
@@ -187,6 +193,21 @@ class ExperimentConfig:
         for kind in ("teacher", "dictionary", "init", "student"):
             self.stage(kind)
 
+    def _check_numbers(self) -> None:
+        """Refuse wrong types (a hand-edited config.json) and non-finite floats,
+        which would otherwise surface as a NaN loss after the teacher trained."""
+        for name in _INT_FIELDS + _FLOAT_FIELDS:
+            value = getattr(self, name)
+            if value is None and name in _OPTIONAL_FIELDS:
+                continue
+            label = name.replace("_", " ")
+            kinds = numbers.Integral if name in _INT_FIELDS else numbers.Real
+            if isinstance(value, bool) or not isinstance(value, kinds):
+                expected = "an integer" if name in _INT_FIELDS else "a number"
+                raise ConfigError(f"{label} must be {expected}, got {value!r}")
+            if not math.isfinite(value):
+                raise ConfigError(f"{label} must be finite, got {value}")
+
     def stage(self, kind: str) -> StageConfig:
         """Stage settings for ``kind``: teacher | dictionary | init | student."""
         epochs = {
@@ -218,6 +239,17 @@ class ExperimentConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in names})
 
+
+_INT_FIELDS = (
+    "train_limit", "test_limit", "image_size", "teacher_seed", "epochs_teacher",
+    "epochs_dictionary", "epochs_init", "epochs_student", "batch_size", "num_workers", "threads",
+)
+_FLOAT_FIELDS = (
+    "teacher_width", "student_width", "codeword_multiplier", "sparsity_multiplier",
+    "local_weight", "global_weight", "kd_temperature", "kd_alpha", "fitnet_weight",
+    "sp_weight", "at_weight", "lr", "lr_srm", "weight_decay", "momentum", "gamma",
+)
+_OPTIONAL_FIELDS = ("train_limit", "test_limit", "image_size", "threads", "at_weight")
 
 # Settings that must agree between an interrupted run and its --resume.
 RESUME_INVARIANT_EXCLUDES = ("quiet", "device", "num_workers", "threads", "output_dir", "preset")

@@ -18,9 +18,9 @@ from ..modules import SparseCodePredictor, SparseRepresentation, check_multiplie
 from .config import StageConfig
 from .distiller_checkpoint import DistillerCheckpoint
 from .hooks import FeatureTap
-from .losses import kd_loss
+from .losses import check_logits, kd_loss
 from .metrics import accuracy
-from .trainer import Stage, Trainer
+from .trainer import Stage, Trainer, image_batch
 
 __all__ = ["SRMDistiller", "DEFAULT_STAGE_CONFIGS"]
 
@@ -117,6 +117,7 @@ class SRMDistiller(nn.Module):
         self.global_weight = global_weight
         self.kd_temperature = kd_temperature
         self.kd_alpha = kd_alpha
+        _check_placement(teacher, student)
         # Validates the paths now, so a typo fails before any training.
         self.teacher_tap = FeatureTap(teacher, [t for t, _ in self.layer_pairs], role="teacher")
         self.student_tap = FeatureTap(student, [s for _, s in self.layer_pairs], role="student")
@@ -143,11 +144,12 @@ class SRMDistiller(nn.Module):
         if self.is_built:
             return
         device = module_device(self.teacher)
-        batch = example_input[:2]
-        t_maps = self.teacher_tap.probe(batch.to(device, module_dtype(self.teacher)))
-        s_maps = self.student_tap.probe(
-            batch.to(module_device(self.student), module_dtype(self.student))
-        )
+        batch = example_input[:2].to(device, module_dtype(self.teacher))
+        t_maps, t_out = self.teacher_tap.probe(batch, return_output=True)
+        s_maps, s_out = self.student_tap.probe(batch, return_output=True)
+        # Stage 3 needs logits: say so now, not after stages 1 and 2 have trained.
+        check_logits(t_out, "teacher")
+        check_logits(s_out, "student")
         for t_path, s_path in self.layer_pairs:
             t_channels, s_channels = t_maps[t_path].shape[1], s_maps[s_path].shape[1]
             try:
@@ -161,13 +163,17 @@ class SRMDistiller(nn.Module):
                 SparseCodePredictor(s_channels, num_codewords, self.local_weight, self.global_weight)
             )
         self.representations.to(device)
-        self.predictors.to(module_device(self.student))
+        self.predictors.to(device)
         self._initial_fingerprints = [_fingerprint(rep) for rep in self.representations]
 
     def _ensure_built(self, loader: Iterable) -> None:
         if not self.is_built:
-            images, _ = next(iter(loader))
-            self.build(images)
+            batch = next(iter(loader), None)
+            if batch is None:
+                raise ValueError(
+                    "the loader yielded no batches, and the SRM blocks are sized from its first"
+                )
+            self.build(image_batch(batch)[0])
 
     # ------------------------------------------------------------------ objectives
 
@@ -325,6 +331,7 @@ class SRMDistiller(nn.Module):
                 f"got both trainer= and Trainer keyword arguments ({names}), which that "
                 "trainer would ignore; set them on the Trainer or drop trainer="
             )
+        _check_placement(self.teacher, self.student)  # either may have moved since
         if needs_blocks or checkpoint is not None:
             # A checkpoint holds the blocks' weights, whichever stage wrote it.
             self._ensure_built(loader)
@@ -387,6 +394,18 @@ def _check_hyperparameters(
     check_loss_weight("global_weight", global_weight)
     if not 0.0 <= kd_alpha <= 1.0:
         raise ValueError(f"kd_alpha must lie in [0, 1], got {kd_alpha}")
+
+
+def _check_placement(teacher: nn.Module, student: nn.Module) -> None:
+    """Both models see the same batches: refuse a pair that could not."""
+    placements = [(module_dtype(m), module_device(m)) for m in (teacher, student)]
+    if placements[0] != placements[1]:
+        (t_dtype, t_device), (s_dtype, s_device) = placements
+        raise ValueError(
+            f"teacher and student must share a dtype and device, got a {t_dtype} teacher on "
+            f"{t_device} and a {s_dtype} student on {s_device}; move one with .to(...) "
+            "(for mixed precision use the trainer's amp)"
+        )
 
 
 def _pair_names(pairs: list[tuple[str, str]], prefix: str, side: int) -> list[str]:

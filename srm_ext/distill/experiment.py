@@ -47,6 +47,7 @@ __all__ = ["ExperimentRunner", "run_experiment", "parse_layer_pairs"]
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
+_STATE_KEYS = {"format", "config", "finished", "history", "current", "weights"}
 
 
 def default_cpu_threads(context: DistributedContext) -> int:
@@ -108,14 +109,16 @@ class ExperimentRunner:
         run stopped before its first checkpoint, its ``config.json``."""
         path = Path(output_dir) / CHECKPOINT
         if path.exists():
-            return load_checkpoint(path)["config"]
+            return _load_state(path)["config"]
         path = Path(output_dir) / "config.json"
-        if path.exists():
-            try:
-                return json.loads(path.read_text())
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"{path} is not valid JSON ({exc})") from None
-        return None
+        if not path.exists():
+            return None
+        try:
+            config = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path} is not valid JSON ({exc})") from None
+        _check_saved_config(config, path)
+        return config
 
     # ------------------------------------------------------------------ driver
 
@@ -189,9 +192,7 @@ class ExperimentRunner:
         path = self.out / CHECKPOINT
         config = self.config.to_dict()
         if path.exists() and self.resume:
-            state = load_checkpoint(path)
-            if state.get("format") != CHECKPOINT_FORMAT:
-                raise ConfigError(f"{path} was written by an incompatible version")
+            state = _load_state(path)
             changed = [
                 f"{key}={config.get(key)!r} (checkpoint: {value!r})"
                 for key, value in state["config"].items()
@@ -205,6 +206,7 @@ class ExperimentRunner:
             self.state = state
             self.state["config"] = config
             self._log(f"resuming {self.out}: {len(state['finished'])} run(s) finished")
+            self._check_threads()
             return
         if self.resume:
             self._log(f"no checkpoint in {self.out}; starting a new run")
@@ -220,7 +222,20 @@ class ExperimentRunner:
             "history": [],
             "current": None,
             "weights": {},
+            "threads": torch.get_num_threads(),
         }
+
+    def _check_threads(self) -> None:
+        """CPU kernels split their sums by thread count: a resume on another
+        count may end with numbers that differ in the last bits."""
+        saved, threads = self.state.get("threads"), torch.get_num_threads()
+        if saved is not None and saved != threads and self.device.type == "cpu":
+            self._log(
+                f"warning: resuming with {threads} thread(s) where the run so far used {saved}: "
+                "its numbers may differ in the last bits from an uninterrupted run "
+                f"(pass --threads {saved} to match it)"
+            )
+        self.state["threads"] = threads
 
     def _write_config(self, resolved: dict[str, Any] | None = None) -> None:
         """``config.json``: the settings, and once known what the automatic
@@ -448,6 +463,33 @@ class ExperimentRunner:
                 f"invocation); outputs in {self.out}/"
             )
         return results
+
+
+def _load_state(path: Path) -> dict[str, Any]:
+    """The checkpoint the runner wrote at ``path``; a ConfigError naming the
+    file when it holds anything else."""
+    state = load_checkpoint(path)
+    if not isinstance(state, dict) or not _STATE_KEYS <= state.keys():
+        raise ConfigError(
+            f"{path} is not a checkpoint written by srm-ext distill; pass --overwrite to "
+            "replace it or choose another --output-dir"
+        )
+    if state["format"] != CHECKPOINT_FORMAT:
+        raise ConfigError(f"{path} was written by an incompatible version")
+    _check_saved_config(state["config"], path)
+    return state
+
+
+def _check_saved_config(config: Any, path: Path) -> None:
+    if not isinstance(config, dict):
+        raise ConfigError(
+            f"{path} is malformed: the run config must be a dict of settings, "
+            f"got a {type(config).__name__}"
+        )
+    try:
+        ExperimentConfig.from_dict({**ExperimentConfig().to_dict(), **config})
+    except (ValueError, TypeError) as exc:  # ConfigError is a ValueError
+        raise ConfigError(f"{path} is malformed: {exc}") from None
 
 
 def run_experiment(config: ExperimentConfig, **kwargs: Any) -> dict[str, Any]:

@@ -13,7 +13,8 @@ __all__ = ["FeatureMaps", "FeatureTap", "FeatureTapError", "resolve_module"]
 
 
 class FeatureTapError(RuntimeError):
-    """A tapped map that cannot be trusted: modified in place, or produced twice."""
+    """A tapped map that cannot be trusted: modified in place, produced twice,
+    or not produced at all."""
 
 
 def resolve_module(model: nn.Module, path: str, role: str = "model") -> nn.Module:
@@ -42,12 +43,25 @@ class FeatureMaps(Mapping[str, Tensor]):
     and are not checked).
     """
 
-    def __init__(self, role: str = "model") -> None:
+    def __init__(self, role: str = "model", paths: Sequence[str] = ()) -> None:
         self._role = role
+        self._paths = set(paths)
         self._maps: dict[str, Tensor] = {}
         self._versions: dict[str, int | None] = {}
+        self._training: bool | None = None  # mode of the last forward pass
 
     def __getitem__(self, path: str) -> Tensor:
+        if path not in self._maps:
+            if path not in self._paths:
+                raise KeyError(path)
+            # e.g. a branch taken only in eval mode, which the dry run uses
+            mode = "" if self._training is None else (
+                f" (in {'training' if self._training else 'eval'} mode)"
+            )
+            raise FeatureTapError(
+                f"{self._role} module {path!r} did not run in the last forward pass{mode}; "
+                "tap a module that runs in every forward pass, in training and in eval mode"
+            )
         tensor = self._maps[path]
         version = self._versions[path]
         if version is not None and tensor._version != version:
@@ -58,6 +72,9 @@ class FeatureMaps(Mapping[str, Tensor]):
                 "enclosing block), or a module whose output is not modified in place"
             )
         return tensor
+
+    def __contains__(self, path: object) -> bool:
+        return path in self._maps
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._maps)
@@ -78,9 +95,11 @@ class FeatureMaps(Mapping[str, Tensor]):
         unchecked = torch.compiler.is_compiling() or tensor.is_inference()
         self._versions[path] = None if unchecked else tensor._version
 
-    def _clear(self) -> None:
+    def _start(self, model: nn.Module, args: object) -> None:
+        """Forward pre-hook of the tapped model: each pass starts afresh."""
         self._maps.clear()
         self._versions.clear()
+        self._training = model.training
 
 
 class FeatureTap:
@@ -106,8 +125,8 @@ class FeatureTap:
         """Hooks the tapped modules while the block runs. The maps hold the last
         forward pass of ``model``: each call of the model starts afresh, and a
         tapped module that runs twice within one pass raises."""
-        features = FeatureMaps(self.role)
-        handles = [self.model.register_forward_pre_hook(lambda module, args: features._clear())]
+        features = FeatureMaps(self.role, self.paths)
+        handles = [self.model.register_forward_pre_hook(features._start)]
         handles += [
             module.register_forward_hook(self._make_hook(path, features))
             for path, module in self._modules.items()
@@ -119,14 +138,17 @@ class FeatureTap:
                 handle.remove()
 
     @torch.no_grad()
-    def probe(self, batch: Tensor) -> dict[str, Tensor]:
+    def probe(
+        self, batch: Tensor, return_output: bool = False
+    ) -> dict[str, Tensor] | tuple[dict[str, Tensor], object]:
         """The tapped maps of one eval-mode forward pass on ``batch`` (a dry run that
-        finds channel counts and grids); the model's train/eval mode is restored."""
+        finds channel counts and grids), and the model's output if ``return_output``;
+        the model's train/eval mode is restored."""
         was_training = self.model.training
         self.model.eval()
         try:
             with self.capture() as maps:
-                self.model(batch)
+                output = self.model(batch)
         except FeatureTapError:
             raise
         except RuntimeError as exc:
@@ -141,9 +163,11 @@ class FeatureTap:
         missing = [path for path in self.paths if path not in maps]
         if missing:
             raise ValueError(
-                f"{self.role} modules {', '.join(map(repr, missing))} did not run in the forward pass"
+                f"{self.role} modules {', '.join(map(repr, missing))} did not run in the "
+                "forward pass (a dry run in eval mode); tap modules that run in every pass"
             )
-        return {path: maps[path] for path in self.paths}  # reading checks for in-place changes
+        maps = {path: maps[path] for path in self.paths}  # reading checks for in-place changes
+        return (maps, output) if return_output else maps
 
     def _make_hook(self, path: str, features: FeatureMaps):
         def hook(module: nn.Module, inputs: object, output: object) -> None:

@@ -7,12 +7,24 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "check_logits",
     "kd_loss",
     "HintRegressor",
     "similarity_preserving_loss",
     "attention_map",
     "attention_transfer_loss",
 ]
+
+
+def check_logits(output: object, role: str = "model") -> Tensor:
+    """``output`` if it is a tensor of logits, else a TypeError saying what the
+    ``role`` model returned instead."""
+    if isinstance(output, Tensor):
+        return output
+    raise TypeError(
+        f"the {role} must return a logits tensor (N, classes), got a {type(output).__name__}; "
+        "wrap it in a module whose forward returns only the logits"
+    )
 
 
 def kd_loss(
@@ -24,8 +36,8 @@ def kd_loss(
 ) -> Tensor:
     """Hinton et al. (2015): ``alpha * T^2 * KL(p_t || p_s) + (1 - alpha) * CE(s, y)``
     with ``p = softmax(logits / T)`` and the KL averaged over the batch."""
-    student_logits = student_logits.float()
-    teacher_logits = teacher_logits.float()
+    student_logits = check_logits(student_logits, "student").float()
+    teacher_logits = check_logits(teacher_logits, "teacher").float()
     soft = F.kl_div(
         F.log_softmax(student_logits / temperature, dim=1),
         F.log_softmax(teacher_logits / temperature, dim=1),

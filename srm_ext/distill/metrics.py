@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from .losses import check_logits
 from .trainer import image_batch
 
 if TYPE_CHECKING:
@@ -49,7 +50,7 @@ def accuracy(
             else:
                 images, targets = images.to(device), targets.to(device)
                 logits = model(images)
-            correct += (logits.argmax(dim=1) == targets).sum().item()
+            correct += (check_logits(logits).argmax(dim=1) == targets).sum().item()
             total += targets.numel()
     finally:
         model.train(was_training)

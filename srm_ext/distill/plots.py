@@ -21,7 +21,8 @@ def _pyplot():
 
 def plot_loss_curves(history: list[dict[str, Any]], path: Path) -> None:
     """One panel per stage name, one line per run, training loss against epoch;
-    held-out accuracy on a second axis where the stage recorded it."""
+    held-out accuracy on a second axis where the stage recorded it. Without
+    any epochs, a figure that says so."""
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
@@ -29,6 +30,12 @@ def plot_loss_curves(history: list[dict[str, Any]], path: Path) -> None:
     for record in history:
         curves[record["stage"]][record["run"]].append(record)
     if not curves:
+        # Still write the file, so a run's outputs do not depend on its epochs.
+        fig, ax = plt.subplots(figsize=(4.5, 3.2))
+        ax.text(0.5, 0.5, "no epochs ran", ha="center", va="center")
+        ax.set_axis_off()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
         return
     cols = min(3, len(curves))
     rows = math.ceil(len(curves) / cols)

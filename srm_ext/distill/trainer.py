@@ -240,6 +240,8 @@ class Trainer:
             if self.progress and step % 5 == 0:
                 bar.set_postfix(loss=f"{(totals['loss'] / count).item():.4f}")
         bar.close()
+        if count == 0:
+            raise ValueError(f"stage {stage.name!r}: the loader yielded no batches")
         for module in stage.train_modules:
             self.context.average_buffers(module)
 
