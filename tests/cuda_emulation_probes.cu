@@ -157,31 +157,30 @@ cudaError_t launch_warp_primitives(float* out, unsigned* ballot) {
   return cudaGetLastError();
 }
 
-cudaError_t launch_dynamic_shared(size_t bytes, bool raise_limit, float* out) {
+// One block of `kernel` with `bytes` of dynamic shared memory, its limit
+// raised to that first when raise_limit.
+cudaError_t launch_with_dynamic_shared(void (*kernel)(float*), size_t bytes,
+                                       bool raise_limit, float* out) {
   if (raise_limit) {
     const cudaError_t status = cudaFuncSetAttribute(
-        reinterpret_cast<const void*>(dynamic_shared_kernel),
+        reinterpret_cast<const void*>(kernel),
         cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
     if (status != cudaSuccess) {
       return status;
     }
   }
-  dynamic_shared_kernel<<<1, kThreads, bytes>>>(out);
+  kernel<<<1, kThreads, bytes>>>(out);
   return cudaGetLastError();
+}
+
+cudaError_t launch_dynamic_shared(size_t bytes, bool raise_limit, float* out) {
+  return launch_with_dynamic_shared(dynamic_shared_kernel, bytes, raise_limit, out);
 }
 
 cudaError_t launch_static_and_dynamic_shared(size_t bytes, bool raise_limit,
                                              float* out) {
-  if (raise_limit) {
-    const cudaError_t status = cudaFuncSetAttribute(
-        reinterpret_cast<const void*>(static_and_dynamic_shared_kernel),
-        cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
-    if (status != cudaSuccess) {
-      return status;
-    }
-  }
-  static_and_dynamic_shared_kernel<<<1, kThreads, bytes>>>(out);
-  return cudaGetLastError();
+  return launch_with_dynamic_shared(static_and_dynamic_shared_kernel, bytes,
+                                    raise_limit, out);
 }
 
 cudaError_t launch_bounded(int threads, float* out) {
