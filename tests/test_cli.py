@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import child_env
-from srm_ext.cli import build_parser, main
+from srm_ext.cli import _error_line, build_parser, main
 from srm_ext.distill import ConfigError, ExperimentConfig, ExperimentRunner
 
 
@@ -264,6 +264,26 @@ def test_existing_run_needs_resume_or_overwrite(tmp_path, capsys):
     assert (out / "checkpoint.pt").exists() and list((out / "models").glob("*.pt"))
     with pytest.raises(ConfigError, match="exclude each other"):
         ExperimentRunner(ExperimentConfig(output_dir=str(out)), resume=True, overwrite=True)
+
+
+class _UnreadableImages(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int):
+        raise ConfigError(f"'img{index}.png': not a readable image (Truncated File Read)")
+
+
+def test_an_error_in_a_data_loader_worker_keeps_its_message():
+    # The worker's error comes back as "Caught ConfigError in DataLoader
+    # worker process 0." and a traceback: the one line shown is its message.
+    loader = torch.utils.data.DataLoader(_UnreadableImages(), num_workers=1)
+    with pytest.raises(ConfigError) as caught:
+        next(iter(loader))
+    assert str(caught.value).startswith("Caught ConfigError")
+    assert _error_line(caught.value) == "'img0.png': not a readable image (Truncated File Read)"
+    assert _error_line(ValueError("first line\nsecond")) == "first line"
+    assert _error_line(OSError()) == "OSError"
 
 
 @pytest.mark.parametrize(
