@@ -21,7 +21,9 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from srm_ext.benchmark import OPS, SHAPE_SETS, Shape, _build_callable, _Case, environment
+from srm_ext.benchmark import (
+    OPS, SHAPE_SETS, Shape, _build_callable, _Case, _native_covers, environment
+)
 
 
 def kernel_times(step, device: torch.device, steps: int) -> list[tuple[str, float, int]]:
@@ -91,6 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     if set(ops) - set(OPS):
         print(f"profile_ops: ops must be among {OPS}", file=sys.stderr)
         return 2
+
+    if args.implementation == "native" and not _native_covers(device, dtype):
+        # A profile of the reference under the native name would be worse than none.
+        print(f"profile_ops: no compiled srm_ext kernel for {device.type}/{args.dtype}",
+              file=sys.stderr)
+        return 1
 
     env = environment(args.device)
     sections = [

@@ -16,6 +16,7 @@ import argparse
 import datetime
 import gc
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -408,6 +409,9 @@ def _cpu_model() -> str:
 
 
 def _git_commit() -> str | None:
+    # A copy of the tree without git metadata is told its commit this way.
+    if os.environ.get("SRM_EXT_COMMIT"):
+        return os.environ["SRM_EXT_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],

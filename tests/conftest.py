@@ -19,6 +19,16 @@ if os.environ.get("CI"):
 import srm_ext
 from srm_ext import _backend
 
+def pytest_make_parametrize_id(config, val, argname):
+    """Readable test ids (float16, 2x8x5x7x20x4), so that -k can pick cases by
+    dtype or shape, as the sanitizer runs do."""
+    if isinstance(val, torch.dtype):
+        return str(val).removeprefix("torch.")
+    if isinstance(val, tuple) and val and all(isinstance(v, int) for v in val):
+        return "x".join(map(str, val))
+    return None
+
+
 # Where the srm_ext under test was imported from: the source tree after an
 # in-place build, site-packages after `pip install .`. Child processes are
 # pointed at the same one, not at whatever their working folder would give.

@@ -11,7 +11,8 @@
 #   build     build both extensions in place (TORCH_CUDA_ARCH_LIST honoured)
 #   test      the test suite with its CUDA cases, but for the emulated kernel
 #             suites, which CI runs (TEST_ARGS replaces the pytest arguments)
-#   sanitize  compute-sanitizer (memcheck, racecheck) over the CUDA op tests
+#   sanitize  compute-sanitizer memcheck over the CUDA op tests
+#   racecheck compute-sanitizer racecheck over a smaller selection of them
 #   profile   each kernel's device time in the stage-1 step, the labels and
 #             the student loss at the ImageNet shapes (float32), and the
 #             stage-1 step at two other encode box sizes
@@ -21,7 +22,12 @@
 #             fused), and each kernel's device time in the screened step
 #
 # Each stage writes <stage>.log; a failing stage is reported and the next one
-# still runs. The exit status is non-zero if any stage failed.
+# still runs. The exit status is non-zero if any stage failed. Every stage but
+# env and build first checks that the CUDA backend is built and a GPU seen,
+# so that none passes by skipping its tests or timing the reference.
+# VERIFY_ARCHIVE=FILE.tgz packs OUT_DIR into FILE after every stage (one file
+# to bring back; a stage cut short keeps what the earlier ones wrote).
+# SRM_EXT_COMMIT names the commit where the tree has no git metadata.
 # BENCH_DTYPES picks the benchmark dtypes (default "float32 bfloat16"), so a
 # long benchmark can be split over several calls; BENCH_ARGS adds flags to
 # every benchmark run (e.g. "--ops stage1_step").
@@ -34,7 +40,7 @@ fi
 out="$(mkdir -p "$1" && cd "$1" && pwd)"
 shift
 stages=("$@")
-[[ ${#stages[@]} -eq 0 ]] && stages=(env build test sanitize profile bench paths)
+[[ ${#stages[@]} -eq 0 ]] && stages=(env build test sanitize racecheck profile bench paths)
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "${repo_root}"
@@ -46,24 +52,41 @@ export CUBLAS_WORKSPACE_CONFIG="${CUBLAS_WORKSPACE_CONFIG:-:4096:8}"
 
 stage_env() {
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+  echo "nvcc: $(command -v nvcc)"
   nvcc --version | tail -n 2
-  git rev-parse HEAD 2>/dev/null || echo "commit: unknown (no git metadata)"
+  git rev-parse HEAD 2>/dev/null || echo "commit: ${SRM_EXT_COMMIT:-unknown (no git metadata)}"
   "${python}" - <<'EOF'
 import platform, torch
+from torch.utils import cpp_extension
 print("python", platform.python_version(), "| torch", torch.__version__, "| CUDA", torch.version.cuda)
+print("CUDA_HOME as the build finds it:", cpp_extension.CUDA_HOME)
 p = torch.cuda.get_device_properties(0)
 print(f"{p.name}: {p.multi_processor_count} SMs, {p.total_memory / 2**30:.1f} GiB, "
       f"capability {p.major}.{p.minor}")
 EOF
 }
 
-# The built libraries are copied to OUT_DIR/lib too: put back into srm_ext/
-# on another machine with the same torch, they spare the next run the build.
+# The built libraries are copied to OUT_DIR/lib too, without their debug
+# information (a tenth of the size): put back into srm_ext/ on another machine
+# with the same torch, they spare the next run the build.
 stage_build() {
   MAX_JOBS="${MAX_JOBS:-$(nproc)}" "${python}" setup.py build_ext --inplace &&
     "${python}" -c "import json, srm_ext; print(json.dumps(srm_ext.backend_info(), indent=1))" &&
     check_errors_raise &&
-    mkdir -p "${out}/lib" && cp srm_ext/_C*.so "${out}/lib/"
+    mkdir -p "${out}/lib" && cp srm_ext/_C*.so "${out}/lib/" &&
+    strip --strip-debug "${out}"/lib/_C*.so
+}
+
+# The GPU stages need the compiled CUDA backend and a GPU: without them the
+# tests would skip and the benchmarks time the reference, and pass.
+require_cuda() {
+  "${python}" - <<'EOF'
+import sys, torch
+from srm_ext import _backend
+if _backend.cuda_module is None or not torch.cuda.is_available():
+    sys.exit(f"the compiled CUDA backend is not usable here (run the build stage first): "
+             f"{_backend.backend_info()}")
+EOF
 }
 
 # A failed argument check must come back to Python as an error. Built by a
@@ -78,6 +101,8 @@ device = sys.argv[1]
 x, C, b = (torch.zeros(*s, device=device) for s in ((1, 2, 1, 1), (2, 3), (1,)))
 try:
     torch.ops.srm_ext.sparse_encode(x, C, b, 0)
+except NotImplementedError as e:  # no kernel registered for the device
+    sys.exit(f"{device}: no srm_ext kernel: {str(e).splitlines()[0]}")
 except RuntimeError as e:
     print(f"{device}: bad k raises: {str(e).splitlines()[0]}")
     sys.exit(0)
@@ -98,6 +123,7 @@ EOF
 # runs them) and take about two thirds of the suite's time. TEST_ARGS
 # replaces the pytest arguments (e.g. "tests" for everything).
 stage_test() {
+  require_cuda || return 1
   "${python}" -m pytest -q -p no:cacheprovider -rs --junitxml="${out}/pytest.xml" \
     ${TEST_ARGS:---ignore=tests/test_cuda_emulated.py --ignore=tests/test_cuda_glue_emulated.py tests}
 }
@@ -108,30 +134,49 @@ stage_test() {
 # memcheck sees an access past a tensor's end instead of landing in a pooled
 # block. A test failure does not stop the run (no -x): every kernel gets
 # instrumented, and exit code 99 tells a sanitizer error from a test failure.
-# SANITIZE_TOOLS picks the tools (default "memcheck racecheck"; initcheck and
-# synccheck also work) and SANITIZE_K the tests (a pytest -k expression).
-# On an H100, memcheck took about 2 minutes for the whole file and racecheck
-# about 4 s per test, so a long racecheck can be split over several calls.
+run_sanitizer() {
+  local tool="$1" selection="$2" code
+  echo "== ${tool}: -k ${selection}"
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "${tool}" \
+    --error-exitcode 99 --print-limit 20 \
+    "${python}" -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py -k "${selection}"
+  code=$?
+  case ${code} in
+    0) return 0 ;;
+    99) echo "${tool}: sanitizer errors (above)" ;;
+    *) echo "${tool}: tests failed under the sanitizer (exit ${code})" ;;
+  esac
+  return 1
+}
+
+# SANITIZE_TOOLS picks the tools (default memcheck; initcheck and synccheck
+# also work) and SANITIZE_K the tests (a pytest -k expression; test ids name
+# dtypes and shapes, e.g. float32, 2x8x5x7x20x4). Memcheck takes a few
+# minutes over the default selection.
 stage_sanitize() {
-  local status=0 tool code
-  for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do
-    echo "== ${tool}"
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "${tool}" \
-      --error-exitcode 99 --print-limit 20 \
-      "${python}" -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py \
-      -k "${SANITIZE_K:-not 2_31 and not opcheck}"
-    code=$?
-    case ${code} in
-      0) ;;
-      99) echo "${tool}: sanitizer errors (above)"; status=1 ;;
-      *) echo "${tool}: tests failed under the sanitizer (exit ${code})"; status=1 ;;
-    esac
+  local status=0 tool
+  require_cuda || return 1
+  for tool in ${SANITIZE_TOOLS:-memcheck}; do
+    run_sanitizer "${tool}" "${SANITIZE_K:-not 2_31 and not opcheck}" || status=1
   done
   return ${status}
 }
 
+# Racecheck took about 4 s per test on an H100, so it runs over the tests of
+# the contiguous layout at five shapes (tails, k = 64, k > 64 and the largest
+# k) in float32 and bfloat16: about 80 tests. RACECHECK_K replaces the
+# selection.
+racecheck_default="not 2_31 and not opcheck and not channels_last and not strided"
+racecheck_default+=" and not float16 and not 1x4096 and not 2x256x7 and not 2x64x13"
+racecheck_default+=" and not 1x3x1 and not 2x4x3x3"
+stage_racecheck() {
+  require_cuda || return 1
+  run_sanitizer racecheck "${RACECHECK_K:-${racecheck_default}}"
+}
+
 stage_profile() {
   local status=0 box
+  require_cuda || return 1
   "${python}" benchmarks/profile_ops.py --device cuda --shapes imagenet \
     --ops stage1_step,sparse_labels,predictor_loss --out "${out}" || status=1
   # The GEMM encode's box of pixels (2^23 pre-activations by default): a
@@ -147,6 +192,7 @@ stage_profile() {
 
 stage_bench() {
   local status=0 dtype
+  require_cuda || return 1
   for dtype in ${BENCH_DTYPES:-float32 bfloat16}; do
     "${python}" benchmarks/bench_ops.py --device cuda --dtype "${dtype}" --shapes imagenet \
       --out "${out}" ${BENCH_ARGS:-} || status=1
@@ -158,6 +204,7 @@ stage_bench() {
 
 stage_paths() {
   local status=0 path
+  require_cuda || return 1
   for path in gemm screened fused; do
     SRM_EXT_CUDA_ENCODE="${path}" "${python}" benchmarks/bench_ops.py --device cuda \
       --dtype float32 --shapes imagenet --ops sparse_encode,stage1_step --implementations native,research \
@@ -171,7 +218,7 @@ stage_paths() {
 
 for stage in "${stages[@]}"; do
   if ! declare -F "stage_${stage}" >/dev/null; then
-    echo "unknown stage '${stage}' (choose from env build test sanitize profile bench paths)" >&2
+    echo "unknown stage '${stage}' (choose from env build test sanitize racecheck profile bench paths)" >&2
     exit 2
   fi
 done
@@ -186,6 +233,9 @@ for stage in "${stages[@]}"; do
     echo "   FAILED ($((SECONDS - start)) s); last lines of ${stage}.log:"
     tail -n 30 "${out}/${stage}.log" | sed 's/^/   /'
     failed+=("${stage}")
+  fi
+  if [[ -n "${VERIFY_ARCHIVE:-}" ]]; then
+    tar -czf "${VERIFY_ARCHIVE}" -C "$(dirname "${out}")" "$(basename "${out}")"
   fi
 done
 if [[ ${#failed[@]} -gt 0 ]]; then
