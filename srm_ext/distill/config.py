@@ -195,15 +195,20 @@ class ExperimentConfig:
 
     def _check_numbers(self) -> None:
         """Refuse wrong types (a hand-edited config.json) and non-finite floats,
-        which would otherwise surface as a NaN loss after the teacher trained."""
-        for name in _INT_FIELDS + _FLOAT_FIELDS:
-            value = getattr(self, name)
-            if value is None and name in _OPTIONAL_FIELDS:
+        which would otherwise surface as a NaN loss after the teacher trained.
+        The numeric settings are the fields annotated ``int`` or ``float``
+        (``| None`` where None is allowed)."""
+        for f in dataclasses.fields(self):
+            kind, _, optional = f.type.partition(" | ")
+            if kind not in ("int", "float"):
                 continue
-            label = name.replace("_", " ")
-            kinds = numbers.Integral if name in _INT_FIELDS else numbers.Real
-            if isinstance(value, bool) or not isinstance(value, kinds):
-                expected = "an integer" if name in _INT_FIELDS else "a number"
+            value = getattr(self, f.name)
+            if value is None and optional == "None":
+                continue
+            label = f.name.replace("_", " ")
+            types = numbers.Integral if kind == "int" else numbers.Real
+            if isinstance(value, bool) or not isinstance(value, types):
+                expected = "an integer" if kind == "int" else "a number"
                 raise ConfigError(f"{label} must be {expected}, got {value!r}")
             if not math.isfinite(value):
                 raise ConfigError(f"{label} must be finite, got {value}")
@@ -239,17 +244,6 @@ class ExperimentConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in names})
 
-
-_INT_FIELDS = (
-    "train_limit", "test_limit", "image_size", "teacher_seed", "epochs_teacher",
-    "epochs_dictionary", "epochs_init", "epochs_student", "batch_size", "num_workers", "threads",
-)
-_FLOAT_FIELDS = (
-    "teacher_width", "student_width", "codeword_multiplier", "sparsity_multiplier",
-    "local_weight", "global_weight", "kd_temperature", "kd_alpha", "fitnet_weight",
-    "sp_weight", "at_weight", "lr", "lr_srm", "weight_decay", "momentum", "gamma",
-)
-_OPTIONAL_FIELDS = ("train_limit", "test_limit", "image_size", "threads", "at_weight")
 
 # Settings that must agree between an interrupted run and its --resume.
 RESUME_INVARIANT_EXCLUDES = ("quiet", "device", "num_workers", "threads", "output_dir", "preset")
