@@ -388,3 +388,25 @@ def test_predictor_loss_and_its_backward(ops, dtype, layout, dictionary):
         for wanted, got, unit in zip(mask, scaled, out[1:]):
             if wanted:
                 close(got, 2 * unit.double(), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_predictor_loss_called_under_autocast_computes_as_outside_it(ops, dtype):
+    """The op called directly under autocast (the public functions turn it
+    off first; a direct call need not): its GEMMs must keep their float32
+    accumulation and outputs, not run in autocast's 16 bits, so the loss and
+    the gradients are bitwise those of a call outside autocast, as the CPU
+    kernel's are."""
+    g = torch.Generator().manual_seed(8)
+    n, d, h, w, K = 2, 6, 3, 5, 11
+    y = dyadic(n, d, h, w, generator=g).to(dtype)
+    C = (dyadic(d, K, generator=g, span=1) / 3).to(dtype)  # not exact in 16 bits
+    b = torch.tensor([0.25], dtype=dtype)
+    pixel = torch.randint(0, K, (n, h, w), generator=g)
+    image = (torch.randint(0, 9, (n, K), generator=g) / 8).to(dtype)
+    args = (y, C, b, pixel, image, 0.75, 1.25, [True, True, True])
+    want = ops.predictor_loss(*args)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ops.predictor_loss(*args)
+    for name, a, e in zip(("loss", "grad_y", "grad_dictionary", "grad_intercept"), got, want):
+        assert a.dtype == e.dtype and torch.equal(a, e), name

@@ -5,6 +5,7 @@
 // through ATen.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -122,6 +123,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> predictor_loss(
               image_labels.scalar_type());
 
   const c10::cuda::CUDAGuard guard(y.device());
+  // The GEMMs below accumulate and return float32 whatever the caller's
+  // autocast state: under autocast the dispatcher would run them in 16 bits
+  // (a 16-bit logits buffer, gradients rounded to 16 bits).
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(
+      c10::autocast_dispatch_keyset);
   const at::Tensor bias = intercept_as_float(intercept, y);
   const int64_t pixels = n * h * w;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
