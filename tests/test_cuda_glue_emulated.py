@@ -390,13 +390,20 @@ def test_predictor_loss_and_its_backward(ops, dtype, layout, dictionary):
                 close(got, 2 * unit.double(), dtype)
 
 
+def assert_unchanged_by_autocast(op, *args) -> None:
+    """The op called directly under autocast (the public functions turn it
+    off first; a direct call need not) must keep its float32 GEMMs, not run
+    them in autocast's 16 bits: every output bitwise that of a call outside
+    autocast, as the CPU kernels' are."""
+    want = as_outputs(op(*args))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = as_outputs(op(*args))
+    for i, (a, e) in enumerate(zip(got, want)):
+        assert a.dtype == e.dtype and torch.equal(a, e), f"output {i}"
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_predictor_loss_called_under_autocast_computes_as_outside_it(ops, dtype):
-    """The op called directly under autocast (the public functions turn it
-    off first; a direct call need not): its GEMMs must keep their float32
-    accumulation and outputs, not run in autocast's 16 bits, so the loss and
-    the gradients are bitwise those of a call outside autocast, as the CPU
-    kernel's are."""
     g = torch.Generator().manual_seed(8)
     n, d, h, w, K = 2, 6, 3, 5, 11
     y = dyadic(n, d, h, w, generator=g).to(dtype)
@@ -404,9 +411,14 @@ def test_predictor_loss_called_under_autocast_computes_as_outside_it(ops, dtype)
     b = torch.tensor([0.25], dtype=dtype)
     pixel = torch.randint(0, K, (n, h, w), generator=g)
     image = (torch.randint(0, 9, (n, K), generator=g) / 8).to(dtype)
-    args = (y, C, b, pixel, image, 0.75, 1.25, [True, True, True])
-    want = ops.predictor_loss(*args)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = ops.predictor_loss(*args)
-    for name, a, e in zip(("loss", "grad_y", "grad_dictionary", "grad_intercept"), got, want):
-        assert a.dtype == e.dtype and torch.equal(a, e), name
+    assert_unchanged_by_autocast(ops.predictor_loss, y, C, b, pixel, image, 0.75, 1.25, [True] * 3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_teacher_ops_called_under_autocast_compute_as_outside_them(ops, dtype):
+    g = torch.Generator().manual_seed(9)
+    x = dyadic(2, 6, 3, 5, generator=g).to(dtype)
+    C = (dyadic(6, 40, generator=g, span=1) / 3).to(dtype)
+    b = torch.tensor([0.25], dtype=dtype)
+    for op in (ops.sparse_encode, ops.reconstruction_loss):
+        assert_unchanged_by_autocast(op, x, C, b, 4)

@@ -3,6 +3,7 @@
 
 #include <ATen/Context.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/version.h>
 
 #include <algorithm>
@@ -423,6 +424,10 @@ at::Tensor pre_activation_grad(const at::Tensor& grad_values,
 
 at::Tensor float_product(const at::Tensor& a, const at::Tensor& b) {
   TORCH_INTERNAL_ASSERT(b.dim() == 2 && (a.dim() == 2 || a.dim() == 3));
+  // A float32 product whatever the caller's autocast state: an op called
+  // under autocast would otherwise have its GEMM run in 16 bits.
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(
+      c10::autocast_dispatch_keyset);
   // The batch shares b through an expanded view, which cuBLAS reads with a
   // batch stride of 0: no copy per batch entry.
   const auto shared = [&](const at::Tensor& right) {
