@@ -22,7 +22,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from srm_ext.benchmark import (
-    OPS, SHAPE_SETS, Shape, _build_callable, _Case, _native_covers, environment
+    OPS, SHAPE_SETS, Shape, _build_callable, _Case, _native_covers, describe_run, environment
 )
 
 
@@ -101,9 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     env = environment(args.device)
+    env.update(dtype=args.dtype, shapes=[asdict(s) for s in shapes])
     sections = [
-        f"Device: {env['device']} ({env.get('gpu') or env['cpu']}), torch {env['torch']}, "
-        f"commit {env['commit']}, {env['date']}, {args.dtype}, {args.implementation}"
+        f"{describe_run(env)}, {args.implementation}"
         + (f", CUDA encode: {env['cuda_encode']}" if env.get("cuda_encode") else ""),
         "",
     ]

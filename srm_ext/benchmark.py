@@ -444,6 +444,21 @@ def _ratio(num: float | None, den: float | None) -> str:
     return f"{num / den:.2f}x"
 
 
+def describe_run(env: dict) -> str:
+    """One line naming what the numbers were measured on: the table's files
+    are read apart from the JSON, so they carry the dtype, the batch and the
+    GPU's driver and CUDA versions themselves."""
+    device = env.get("gpu") or env["cpu"]
+    if env.get("gpu"):
+        device += f", driver {env.get('driver') or 'unknown'}, CUDA {env.get('cuda')}"
+    batches = sorted({s["batch"] for s in env.get("shapes", [])})
+    return (
+        f"Device: {env['device']} ({device}), {env.get('dtype', 'dtype not recorded')}"
+        + (f", N={'/'.join(map(str, batches))}" if batches else "")
+        + f", torch {env['torch']}, {env['threads']} threads, commit {env['commit']}, {env['date']}"
+    )
+
+
 def markdown_table(records: list[dict], env: dict) -> str:
     """One row per (shape, op, mode): each implementation's median time and
     peak memory, and the compiled kernels' speed-up and memory saving."""
@@ -455,8 +470,7 @@ def markdown_table(records: list[dict], env: dict) -> str:
               *[f"speed-up vs {i}" for i in others], "native MiB", *[f"{i} MiB" for i in others],
               *[f"memory saving vs {i}" for i in others]]
     lines = [
-        f"Device: {env['device']} ({env.get('gpu') or env['cpu']}), torch {env['torch']}, "
-        f"{env['threads']} threads, commit {env['commit']}, {env['date']}"
+        describe_run(env)
         + (f", native float32 products: {env['cpu_float32_matmul']}"
            if env.get("cpu_float32_matmul") else "")
         + (f", CUDA encode: {env['cuda_encode']}" if env.get("cuda_encode") else ""),
@@ -512,7 +526,8 @@ def speedup_chart(records: list[dict], env: dict, path: Path) -> None:
         ax.set_xticklabels([s.split("-", 1)[-1] for s in shapes], fontsize=8)
         ax.set_ylabel("speed-up of srm_ext (x)")
         ax.legend(fontsize=7)
-    fig.suptitle(f"{env['device']}: {env.get('gpu') or env['cpu']}, {env['dtype']}, torch {env['torch']}", fontsize=9)
+    fig.suptitle(f"{env['device']}: {env.get('gpu') or env['cpu']}, {env['dtype']}, torch {env['torch']}, "
+                 f"commit {env['commit']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -237,3 +237,18 @@ def test_main_reports_the_stage1_floors(tmp_path, monkeypatch, capsys):
     assert row["gemm_ms"] > 0 and row["bound_by"] in ("gemm", "memory")
     assert "against its floors" in (tmp_path / "t.md").read_text()
     assert "against its floors" in capsys.readouterr().out
+
+
+def test_markdown_names_the_dtype_batch_driver_and_cuda_version():
+    # The .md files are read apart from the JSON: float32 and bfloat16 tables
+    # of one GPU must be told apart by their contents.
+    env = dict(device="cuda", gpu="NVIDIA H100 80GB HBM3", driver="580.159.04", cuda="13.0",
+               cpu="x", torch="2.11.0", threads=16, commit="abc1234", date="today",
+               dtype="bfloat16", shapes=[dataclasses.asdict(TINY)])
+    records = [dict(shape="tiny", op="stage1_step", mode="forward", implementation="native",
+                    median_ms=1.0, peak_bytes=None)]
+    header = benchmark.markdown_table(records, env).splitlines()[0]
+    for part in ("NVIDIA H100 80GB HBM3", "driver 580.159.04", "CUDA 13.0", "bfloat16", "N=2",
+                 "commit abc1234"):
+        assert part in header
+    assert "driver unknown" in benchmark.markdown_table(records, {**env, "driver": None})
