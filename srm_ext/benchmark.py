@@ -18,6 +18,7 @@ import gc
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -423,15 +424,29 @@ def _git_commit() -> str | None:
         return None
 
 
+# The loaded kernel module's version, readable where nvidia-smi is not installed.
+_NVIDIA_PROC_VERSION = Path("/proc/driver/nvidia/version")
+
+
 def _nvidia_driver() -> str | None:
     try:
         out = subprocess.run(
             ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
             capture_output=True, text=True, timeout=30,
         )
-        return out.stdout.strip().splitlines()[0] if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError, IndexError):
-        return None
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        # "NVRM version: NVIDIA UNIX x86_64 Kernel Module  580.159.04  <build date>"
+        for line in _NVIDIA_PROC_VERSION.read_text().splitlines():
+            if line.startswith("NVRM version:"):
+                match = re.search(r"\s(\d+\.\d+(?:\.\d+)?)\s", line + " ")
+                return match.group(1) if match else None
+    except OSError:
+        pass
+    return None
 
 
 def _mib(nbytes: float | None) -> str:

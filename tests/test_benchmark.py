@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import types
 from pathlib import Path
 
 import pytest
@@ -252,3 +253,29 @@ def test_markdown_names_the_dtype_batch_driver_and_cuda_version():
                  "commit abc1234"):
         assert part in header
     assert "driver unknown" in benchmark.markdown_table(records, {**env, "driver": None})
+
+
+def _fake_cuda_device(monkeypatch):
+    """What environment() asks of torch.cuda, as one H100 answers it."""
+    props = types.SimpleNamespace(name="NVIDIA H100 80GB HBM3", major=9, minor=0,
+                                  total_memory=85 * 2**30, multi_processor_count=132)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+
+
+def test_driver_is_read_from_the_kernel_module_where_nvidia_smi_is_missing(monkeypatch, tmp_path):
+    def no_nvidia_smi(*args, **kwargs):
+        raise FileNotFoundError("nvidia-smi")
+
+    version = tmp_path / "version"
+    version.write_text("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.159.04  "
+                       "Release Build  (dvs-builder@U16)  Thu Oct  2 2025\n"
+                       "GCC version:  gcc version 12.3.0\n")
+    _fake_cuda_device(monkeypatch)
+    monkeypatch.setattr(benchmark.subprocess, "run", no_nvidia_smi)
+    monkeypatch.setattr(benchmark, "_NVIDIA_PROC_VERSION", version)
+    env = benchmark.environment("cuda")
+    assert (env["gpu"], env["cuda"], env["driver"]) == ("NVIDIA H100 80GB HBM3", "13.0", "580.159.04")
+    monkeypatch.setattr(benchmark, "_NVIDIA_PROC_VERSION", tmp_path / "missing")
+    assert benchmark.environment("cuda")["driver"] is None
