@@ -409,17 +409,21 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _git_commit() -> str | None:
+def _git_commit(cwd: Path = Path(__file__).resolve().parent) -> str | None:
     # A copy of the tree without git metadata is told its commit this way.
     if os.environ.get("SRM_EXT_COMMIT"):
         return os.environ["SRM_EXT_COMMIT"]
+
+    def git(*args: str) -> str | None:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, cwd=cwd)
+        return out.stdout.strip() if out.returncode == 0 else None
+
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True, text=True, timeout=10,
-            cwd=Path(__file__).resolve().parent,
-        )
-        return out.stdout.strip() or None
+        commit = git("rev-parse", "--short", "HEAD")
+        # Numbers from edited tracked files are not that commit's numbers.
+        if commit and git("status", "--porcelain", "--untracked-files=no"):
+            commit += "-dirty"
+        return commit or None
     except (OSError, subprocess.SubprocessError):
         return None
 

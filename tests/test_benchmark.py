@@ -279,3 +279,27 @@ def test_driver_is_read_from_the_kernel_module_where_nvidia_smi_is_missing(monke
     assert (env["gpu"], env["cuda"], env["driver"]) == ("NVIDIA H100 80GB HBM3", "13.0", "580.159.04")
     monkeypatch.setattr(benchmark, "_NVIDIA_PROC_VERSION", tmp_path / "missing")
     assert benchmark.environment("cuda")["driver"] is None
+
+
+def test_commit_is_marked_dirty_where_tracked_files_were_edited(tmp_path, monkeypatch):
+    import subprocess
+
+    monkeypatch.delenv("SRM_EXT_COMMIT", raising=False)
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path,
+                       check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("commit", "-q", "-m", "a")
+    commit = benchmark._git_commit(tmp_path)
+    assert commit and not commit.endswith("-dirty")
+    (tmp_path / "results.json").write_text("{}")  # untracked output: still that commit
+    assert benchmark._git_commit(tmp_path) == commit
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert benchmark._git_commit(tmp_path) == commit + "-dirty"
+    monkeypatch.setenv("SRM_EXT_COMMIT", "0123abc")  # a tree copied without git
+    assert benchmark._git_commit(tmp_path) == "0123abc"
+    assert benchmark._git_commit(tmp_path.parent / "no-such-dir") == "0123abc"
