@@ -391,7 +391,14 @@ def environment(device: str) -> dict:
         env["cpu_float32_matmul"] = _backend.native_module.build_info().get("float32_matmul")
     if device.startswith("cuda") and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(torch.device(device))
-        env.update(gpu=props.name, cuda=torch.version.cuda, driver=_nvidia_driver())
+        env.update(
+            gpu=props.name, cuda=torch.version.cuda, driver=_nvidia_driver(),
+            capability=f"{props.major}.{props.minor}", sms=props.multi_processor_count,
+            memory_bytes=props.total_memory,
+            # float32 products of the reference, the research-style code, the
+            # dense GEMM and the native GEMM encode all follow this setting.
+            tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
+        )
         if _backend.cuda_module is not None:
             # GEMM + row-wise selection, or the fused kernel (csrc/cuda/op_support.h).
             env["cuda_encode"] = _backend.cuda_module.build_info().get("encode")
@@ -470,6 +477,8 @@ def describe_run(env: dict) -> str:
     device = env.get("gpu") or env["cpu"]
     if env.get("gpu"):
         device += f", driver {env.get('driver') or 'unknown'}, CUDA {env.get('cuda')}"
+        if "tf32_matmul" in env:
+            device += f", TF32 {'on' if env['tf32_matmul'] else 'off'}"
     batches = sorted({s["batch"] for s in env.get("shapes", [])})
     return (
         f"Device: {env['device']} ({device}), {env.get('dtype', 'dtype not recorded')}"
