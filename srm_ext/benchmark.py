@@ -329,6 +329,8 @@ def run_benchmarks(
         import torch._inductor.config as inductor_config
 
         inductor_config.compile_threads = 1
+    if "compiled" in implementations:
+        _allow_recompiles(2 * len(shapes))
 
     def cases():
         """(shape, op, mode, {implementation: callable}) for every applicable case."""
@@ -369,6 +371,18 @@ def run_benchmarks(
             fn()  # warm-up, so one-time allocations are not counted
             records[shape, op, mode, impl]["peak_bytes"] = memory.measure(fn)
     return list(records.values())
+
+
+def _allow_recompiles(entries: int) -> None:
+    """Lets each compiled reference op keep ``entries`` compiled variants
+    (one per shape and grad mode). Past Dynamo's limit (8 by default: the
+    four ImageNet shapes exactly) an op runs eagerly with only a warning, and
+    the eager reference would be timed as the compiled one."""
+    import torch._dynamo.config as dynamo_config
+
+    # recompile_limit is the name from torch 2.6 on.
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    setattr(dynamo_config, name, max(getattr(dynamo_config, name), entries + 2))
 
 
 def _native_covers(device: torch.device, dtype: torch.dtype) -> bool:

@@ -307,3 +307,33 @@ def test_commit_is_marked_dirty_where_tracked_files_were_edited(tmp_path, monkey
     monkeypatch.setenv("SRM_EXT_COMMIT", "0123abc")  # a tree copied without git
     assert benchmark._git_commit(tmp_path) == "0123abc"
     assert benchmark._git_commit(tmp_path.parent / "no-such-dir") == "0123abc"
+
+
+def test_the_compiled_reference_is_compiled_for_every_shape_and_grad_mode(monkeypatch):
+    # Past Dynamo's recompile limit an op silently runs eagerly: the eager
+    # reference would be timed under the compiled one's name.
+    import torch._dynamo
+
+    compiled_graphs = []
+
+    def counting_backend(gm, example_inputs):
+        compiled_graphs.append(gm)
+        return gm.forward
+
+    real_compile = torch.compile
+
+    def compile_counted(fn, **kwargs):
+        return real_compile(fn, backend=counting_backend, **kwargs)
+
+    monkeypatch.setattr(benchmark, "_COMPILED_REFERENCE", benchmark._CompiledReference())
+    monkeypatch.setattr(benchmark.torch, "compile", compile_counted)
+    shapes = [dataclasses.replace(TINY, name=f"w{w}", width=w) for w in range(1, 7)]
+    limit = torch._dynamo.config.recompile_limit
+    torch._dynamo.reset()
+    try:
+        benchmark.run_benchmarks(shapes, ops=("stage1_step",), implementations=("compiled",),
+                                 min_repeats=1, min_seconds=0.0, max_repeats=1)
+    finally:
+        torch._dynamo.reset()
+        torch._dynamo.config.recompile_limit = limit
+    assert len(compiled_graphs) == 2 * len(shapes)  # forward and forward+backward
