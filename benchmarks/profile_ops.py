@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"profile_ops: ops must be among {OPS}", file=sys.stderr)
         return 2
 
-    if args.implementation == "native" and not _native_covers(device, dtype):
+    if args.implementation == "native" and not _native_covers(device, dtype, shapes):
         # A profile of the reference under the native name would be worse than none.
         print(f"profile_ops: no compiled srm_ext kernel for {device.type}/{args.dtype}",
               file=sys.stderr)

@@ -134,9 +134,23 @@ def test_unknown_op_is_a_usage_error(capsys):
 
 
 def test_native_is_required_for_a_native_run(monkeypatch):
-    monkeypatch.setattr(_backend, "use_native", lambda t: False)
+    monkeypatch.setattr(_backend, "use_native", lambda t, code_sizes=None: False)
     with pytest.raises(RuntimeError, match="no compiled srm_ext kernel"):
         benchmark.run_benchmarks([TINY], ops=("stage1_step",), min_repeats=1, min_seconds=0.0)
+
+
+def test_native_is_required_at_every_shape(monkeypatch):
+    # Past the CUDA kernels' size limits the ops fall back to the reference,
+    # which must not be timed under the native name.
+    monkeypatch.setattr(_backend, "use_native",
+                        lambda t, code_sizes=None: code_sizes is None or code_sizes["K"] <= 16)
+    assert benchmark._native_covers(torch.device("cpu"), torch.float32, [TINY])
+    wide = dataclasses.replace(TINY, name="wide", num_codewords=32)
+    with pytest.raises(RuntimeError, match="no compiled srm_ext kernel"):
+        benchmark.run_benchmarks([TINY, wide], ops=("stage1_step",), min_repeats=1, min_seconds=0.0)
+    profile_ops = load_benchmark_script("profile_ops")
+    monkeypatch.setitem(benchmark.SHAPE_SETS, "cifar", [TINY, wide])
+    assert profile_ops.main(["--device", "cpu", "--steps", "1"]) == 1
 
 
 @requires_native_cpu
