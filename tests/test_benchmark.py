@@ -351,3 +351,38 @@ def test_the_compiled_reference_is_compiled_for_every_shape_and_grad_mode(monkey
         torch._dynamo.reset()
         torch._dynamo.config.recompile_limit = limit
     assert len(compiled_graphs) == 2 * len(shapes)  # forward and forward+backward
+
+
+def run_verify_stage(tmp_path, stage, **env):
+    """tools/verify_cuda.sh's ``stage`` with a stand-in python that logs its
+    arguments (one call a line) and succeeds, as on a machine with the backend."""
+    import os
+    import subprocess
+
+    calls = tmp_path / "calls"
+    fake_python = tmp_path / "python"
+    fake_python.write_text(f'#!/bin/sh\necho "$*" >> {calls}\ncat > /dev/null\n')
+    fake_python.chmod(0o755)
+    script = Path(__file__).resolve().parent.parent / "tools" / "verify_cuda.sh"
+    result = subprocess.run(
+        ["bash", str(script), str(tmp_path / "out"), stage],
+        env={**os.environ, "PYTHON": str(fake_python), **env}, capture_output=True, text=True,
+    )
+    runs = [line for line in calls.read_text().splitlines() if "bench_ops.py" in line]
+    return result.returncode, runs
+
+
+def test_verify_script_bench_stage_runs_the_chosen_shape_sets_and_dtypes(tmp_path):
+    # One GPU call cannot hold both shape sets in both dtypes: each pair must be
+    # a run of its own.
+    code, runs = run_verify_stage(tmp_path, "bench", BENCH_DTYPES="bfloat16", BENCH_SHAPES="cifar")
+    assert code == 0 and len(runs) == 1
+    assert "--shapes cifar" in runs[0] and "--batch 128" in runs[0] and "--dtype bfloat16" in runs[0]
+    (tmp_path / "defaults").mkdir()
+    code, runs = run_verify_stage(tmp_path / "defaults", "bench")  # all four
+    assert code == 0 and len(runs) == 4
+    assert [("imagenet" in r, "float32" in r) for r in runs] == [
+        (True, True), (False, True), (True, False), (False, False)]
+    (tmp_path / "typo").mkdir()
+    code, runs = run_verify_stage(tmp_path / "typo", "bench", BENCH_SHAPES="imagent")
+    assert code != 0 and runs == []

@@ -17,6 +17,7 @@
 #             the student loss at the ImageNet shapes (float32), and the
 #             stage-1 step at two other encode box sizes
 #   bench     ImageNet (N=256) and CIFAR (N=128) shapes, float32 and bfloat16
+#             (BENCH_SHAPES, BENCH_DTYPES below)
 #   paths     the encode and the stage-1 step at the ImageNet shapes in
 #             float32 under each SRM_EXT_CUDA_ENCODE path (gemm, screened,
 #             fused), and each kernel's device time in the screened step
@@ -28,9 +29,11 @@
 # VERIFY_ARCHIVE=FILE.tgz packs OUT_DIR into FILE after every stage (one file
 # to bring back; a stage cut short keeps what the earlier ones wrote).
 # SRM_EXT_COMMIT names the commit where the tree has no git metadata.
-# BENCH_DTYPES picks the benchmark dtypes (default "float32 bfloat16"), so a
-# long benchmark can be split over several calls; BENCH_ARGS adds flags to
-# every benchmark run (e.g. "--ops stage1_step").
+# BENCH_DTYPES picks the benchmark dtypes (default "float32 bfloat16") and
+# BENCH_SHAPES the shape sets (default "imagenet cifar"), so a long benchmark
+# can be split over several calls (each run compiles the reference for every
+# shape, op and mode: minutes on a GPU); BENCH_ARGS adds flags to every
+# benchmark run (e.g. "--ops stage1_step").
 set -u -o pipefail
 
 if [[ $# -lt 1 ]]; then
@@ -191,13 +194,19 @@ stage_profile() {
 }
 
 stage_bench() {
-  local status=0 dtype
+  local status=0 dtype shapes
   require_cuda || return 1
   for dtype in ${BENCH_DTYPES:-float32 bfloat16}; do
-    "${python}" benchmarks/bench_ops.py --device cuda --dtype "${dtype}" --shapes imagenet \
-      --out "${out}" ${BENCH_ARGS:-} || status=1
-    "${python}" benchmarks/bench_ops.py --device cuda --dtype "${dtype}" --shapes cifar \
-      --batch 128 --name "cifar-n128-cuda-${dtype}" --out "${out}" ${BENCH_ARGS:-} || status=1
+    for shapes in ${BENCH_SHAPES:-imagenet cifar}; do
+      case ${shapes} in
+        imagenet) "${python}" benchmarks/bench_ops.py --device cuda --dtype "${dtype}" \
+                    --shapes imagenet --out "${out}" ${BENCH_ARGS:-} || status=1 ;;
+        cifar) "${python}" benchmarks/bench_ops.py --device cuda --dtype "${dtype}" --shapes cifar \
+                 --batch 128 --name "cifar-n128-cuda-${dtype}" --out "${out}" ${BENCH_ARGS:-} ||
+                 status=1 ;;
+        *) echo "BENCH_SHAPES: unknown shape set '${shapes}' (imagenet, cifar)"; status=1 ;;
+      esac
+    done
   done
   return ${status}
 }
