@@ -560,14 +560,20 @@ def speedup_chart(records: list[dict], env: dict, path: Path) -> None:
     time = {(r["shape"], r["op"], r["implementation"]): r["median_ms"] for r in steps}
     fig, axes = plt.subplots(1, max(len(ops), 1), figsize=(4.2 * max(len(ops), 1), 3.6), squeeze=False)
     width = 0.8 / max(len(others), 1)
+
+    def ratio(shape, op, impl):
+        num, den = time.get((shape, op, impl)), time.get((shape, op, "native"))
+        return num / den if num is not None and den else float("nan")
+
     for ax, op in zip(axes[0], ops):
         for j, impl in enumerate(others):
-            ratios = [
-                time[(s, op, impl)] / time[(s, op, "native")]
-                if (s, op, impl) in time and (s, op, "native") in time else 0.0
-                for s in shapes
-            ]
-            ax.bar([i + j * width for i in range(len(shapes))], ratios, width, label=f"vs {impl}")
+            # A pair not timed draws no bar and no legend entry: a bar of
+            # height 0 would read as a measured speed-up of 0.
+            ratios = [ratio(s, op, impl) for s in shapes]
+            if all(r != r for r in ratios):
+                continue
+            ax.bar([i + j * width for i in range(len(shapes))], ratios, width,
+                   label=f"vs {impl}", color=f"C{j}")
         ax.axhline(1.0, color="grey", linewidth=0.8)
         ax.set_title(f"{op} (forward+backward)", fontsize=9)
         ax.set_xticks([i + width * (len(others) - 1) / 2 for i in range(len(shapes))])

@@ -386,3 +386,30 @@ def test_verify_script_bench_stage_runs_the_chosen_shape_sets_and_dtypes(tmp_pat
     (tmp_path / "typo").mkdir()
     code, runs = run_verify_stage(tmp_path / "typo", "bench", BENCH_SHAPES="imagent")
     assert code != 0 and runs == []
+
+
+def test_chart_draws_no_bar_for_a_pair_that_was_not_timed(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    drawn = []
+    real_bar = matplotlib.axes.Axes.bar
+
+    def bar(self, x, heights, *args, label=None, **kwargs):
+        drawn.append((self, label, list(heights)))
+        return real_bar(self, x, heights, *args, label=label, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", bar)
+    fb = "forward+backward"
+    records = [
+        dict(shape="tiny", op="stage1_step", mode=fb, implementation="native", median_ms=1.0),
+        dict(shape="tiny", op="stage1_step", mode=fb, implementation="research", median_ms=3.0),
+        dict(shape="tiny", op="predictor_loss", mode=fb, implementation="native", median_ms=1.0),
+        dict(shape="tiny", op="predictor_loss", mode=fb, implementation="reference", median_ms=2.0),
+        dict(shape="tiny2", op="predictor_loss", mode=fb, implementation="native", median_ms=1.0),
+    ]
+    env = dict(device="cpu", cpu="x", dtype="float32", torch="2", commit="abc")
+    benchmark.speedup_chart(records, env, tmp_path / "c.png")
+    bars = {(ax.get_title().split()[0], label): heights for ax, label, heights in drawn}
+    assert set(bars) == {("stage1_step", "vs research"), ("predictor_loss", "vs reference")}
+    assert bars["stage1_step", "vs research"] == [3.0, pytest.approx(float("nan"), nan_ok=True)]
+    assert bars["predictor_loss", "vs reference"][0] == 2.0
