@@ -273,15 +273,25 @@ def _time_interleaved(
 ) -> dict[str, list[float]]:
     """Seconds per call of each callable, timed in rounds that call every one
     once (starting at a different one each round), so a slow spell of a
-    shared machine falls on all of them alike and their ratios stay fair."""
+    shared machine falls on all of them alike and their ratios stay fair.
+
+    A callable that runs out of GPU memory in its warm-up call is left out
+    (no times), so that the others of the case and the cases after it run.
+    """
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    names = list(fns)
-    for name in names:
-        fns[name]()  # warm-up: first-call allocations, lazy initialisation
-    sync()
+    names = []
+    for name, fn in fns.items():
+        try:
+            fn()  # warm-up: first-call allocations, lazy initialisation
+            sync()
+        except torch.cuda.OutOfMemoryError:
+            gc.collect()
+            torch.cuda.empty_cache()
+            continue
+        names.append(name)
     times: dict[str, list[float]] = {name: [] for name in names}
     start = time.perf_counter()
     rounds = 0
@@ -353,11 +363,14 @@ def run_benchmarks(
         if progress:
             progress(f"{shape} {op} {mode}: {', '.join(fns)}")
         timings = _time_interleaved(fns, dev, min_repeats, min_seconds, max_repeats)
-        for impl, times in timings.items():
+        for impl in fns:
+            times = timings.get(impl)
             records[shape, op, mode, impl] = dict(
                 shape=shape, op=op, mode=mode, implementation=impl,
-                median_ms=statistics.median(times) * 1e3, min_ms=min(times) * 1e3,
-                repeats=len(times), peak_bytes=None,
+                median_ms=statistics.median(times) * 1e3 if times else None,
+                min_ms=min(times) * 1e3 if times else None,
+                repeats=len(times or ()), peak_bytes=None,
+                **({} if times else {"error": "out of memory"}),
             )
         if partial:
             partial(list(records.values()))
@@ -368,6 +381,8 @@ def run_benchmarks(
     memory = _PeakMemory(dev)
     for shape, op, mode, fns in cases():
         for impl, fn in fns.items():
+            if "error" in records[shape, op, mode, impl]:
+                continue
             fn()  # warm-up, so one-time allocations are not counted
             records[shape, op, mode, impl]["peak_bytes"] = memory.measure(fn)
     return list(records.values())
@@ -534,6 +549,8 @@ def markdown_table(records: list[dict], env: dict) -> str:
 
         def ms(impl):
             v = get(impl, "median_ms")
+            if impl in impls and impls[impl].get("error"):
+                return impls[impl]["error"]
             return "n/a" if v is None else f"{v:.2f}"
 
         native_ms, native_mem = get("native", "median_ms"), get("native", "peak_bytes")

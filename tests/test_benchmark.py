@@ -413,3 +413,23 @@ def test_chart_draws_no_bar_for_a_pair_that_was_not_timed(tmp_path, monkeypatch)
     assert set(bars) == {("stage1_step", "vs research"), ("predictor_loss", "vs reference")}
     assert bars["stage1_step", "vs research"] == [3.0, pytest.approx(float("nan"), nan_ok=True)]
     assert bars["predictor_loss", "vs reference"][0] == 2.0
+
+
+@requires_native_cpu
+def test_an_implementation_out_of_gpu_memory_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
+    def out_of_memory(*args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
+
+    monkeypatch.setitem(benchmark.SHAPE_SETS, "cifar", [TINY, dataclasses.replace(TINY, name="tiny2")])
+    monkeypatch.setattr(benchmark.research_style, "dense_reconstruction_loss", out_of_memory)
+    args = ["--quick", "--device", "cpu", "--ops", "stage1_step,dense_gemm", "--out", str(tmp_path), "--name", "t"]
+    assert benchmark.main(args) == 0
+    data = json.loads((tmp_path / "t.json").read_text())
+    failed = [r for r in data["results"] if r.get("error")]
+    assert {(r["shape"], r["implementation"]) for r in failed} == {("tiny", "research"), ("tiny2", "research")}
+    assert all(r["op"] == "stage1_step" and r["median_ms"] is None and r["peak_bytes"] is None for r in failed)
+    timed = [r for r in data["results"] if not r.get("error")]
+    assert len(timed) == 2 * (2 * 2 + 1) and all(r["median_ms"] > 0 and r["peak_bytes"] is not None for r in timed)
+    assert len(data["stage1_floors"]) == 2
+    assert "| tiny | stage1_step | forward+backward | " in (tmp_path / "t.md").read_text()
+    assert "out of memory" in (tmp_path / "t.md").read_text() and (tmp_path / "t.png").exists()
