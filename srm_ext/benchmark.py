@@ -269,7 +269,7 @@ def _cpu_peak_resettable() -> bool:
 
 def _time_interleaved(
     fns: dict[str, Callable[[], object]], device: torch.device, min_repeats: int,
-    min_seconds: float, max_repeats: int,
+    min_seconds: float, max_repeats: int, first_calls: dict[str, float] | None = None,
 ) -> dict[str, list[float]]:
     """Seconds per call of each callable, timed in rounds that call every one
     once (starting at a different one each round), so a slow spell of a
@@ -277,6 +277,8 @@ def _time_interleaved(
 
     A callable that runs out of GPU memory in its warm-up call is left out
     (no times), so that the others of the case and the cases after it run.
+    ``first_calls`` is given each warm-up call's seconds (torch.compile's
+    compilation included), which the timings leave out.
     """
     def sync():
         if device.type == "cuda":
@@ -284,9 +286,12 @@ def _time_interleaved(
 
     names = []
     for name, fn in fns.items():
+        t0 = time.perf_counter()
         try:
             fn()  # warm-up: first-call allocations, lazy initialisation
             sync()
+            if first_calls is not None:
+                first_calls[name] = time.perf_counter() - t0
         except torch.cuda.OutOfMemoryError:
             gc.collect()
             torch.cuda.empty_cache()
@@ -362,14 +367,17 @@ def run_benchmarks(
     for shape, op, mode, fns in cases():
         if progress:
             progress(f"{shape} {op} {mode}: {', '.join(fns)}")
-        timings = _time_interleaved(fns, dev, min_repeats, min_seconds, max_repeats)
+        first_calls: dict[str, float] = {}
+        timings = _time_interleaved(fns, dev, min_repeats, min_seconds, max_repeats, first_calls)
         for impl in fns:
             times = timings.get(impl)
+            first = first_calls.get(impl)
             records[shape, op, mode, impl] = dict(
                 shape=shape, op=op, mode=mode, implementation=impl,
                 median_ms=statistics.median(times) * 1e3 if times else None,
                 min_ms=min(times) * 1e3 if times else None,
                 repeats=len(times or ()), peak_bytes=None,
+                first_call_ms=None if first is None else first * 1e3,
                 **({} if times else {"error": "out of memory"}),
             )
         if partial:
@@ -671,12 +679,16 @@ def main(argv: list[str] | None = None) -> int:
         return text
 
     dtype = getattr(torch, args.dtype)
+    started = time.perf_counter()
     records = run_benchmarks(
         shapes, ops, impls, device=args.device, dtype=dtype,
-        progress=lambda msg: print(f"  {msg}", file=sys.stderr, flush=True),
+        # Elapsed time on each line: a run stopped by a time limit shows where its time went.
+        progress=lambda msg: print(f"  [{time.perf_counter() - started:5.0f} s] {msg}",
+                                   file=sys.stderr, flush=True),
         partial=lambda so_far: report(so_far, complete=False), **repeats,
     )
     env["complete"] = True
+    env["timing_seconds"] = time.perf_counter() - started  # compilation included
     floors = None
     if any(r["op"] == "stage1_step" and r["implementation"] == "native" for r in records):
         # The memory floor's bandwidth, measured on the same device after the cases.

@@ -433,3 +433,33 @@ def test_an_implementation_out_of_gpu_memory_is_recorded_and_the_run_goes_on(tmp
     assert len(data["stage1_floors"]) == 2
     assert "| tiny | stage1_step | forward+backward | " in (tmp_path / "t.md").read_text()
     assert "out of memory" in (tmp_path / "t.md").read_text() and (tmp_path / "t.png").exists()
+
+
+def test_first_calls_are_recorded_apart_from_the_timed_calls(monkeypatch):
+    # torch.compile compiles in an implementation's first call: that call is
+    # left out of the times and recorded on its own.
+    clock = [0.0]
+    monkeypatch.setattr(benchmark.time, "perf_counter", lambda: clock[0])
+    calls = {"compiled": 0, "native": 0}
+
+    def run(name, first, later):
+        def fn():
+            clock[0] += first if calls[name] == 0 else later
+            calls[name] += 1
+        return fn
+
+    fns = {"compiled": run("compiled", 30.0, 2.0), "native": run("native", 1.0, 1.0)}
+    first_calls = {}
+    times = benchmark._time_interleaved(fns, torch.device("cpu"), 3, 0.0, 3, first_calls)
+    assert first_calls == {"compiled": 30.0, "native": 1.0}
+    assert times == {"compiled": [2.0] * 3, "native": [1.0] * 3}
+
+
+@requires_native_cpu
+def test_records_carry_the_first_call_and_the_run_its_duration(tmp_path, monkeypatch):
+    monkeypatch.setitem(benchmark.SHAPE_SETS, "cifar", [TINY])
+    args = ["--quick", "--device", "cpu", "--ops", "stage1_step", "--out", str(tmp_path), "--name", "t"]
+    assert benchmark.main(args) == 0
+    data = json.loads((tmp_path / "t.json").read_text())
+    assert all(r["first_call_ms"] > 0 for r in data["results"])
+    assert data["environment"]["timing_seconds"] > 0
