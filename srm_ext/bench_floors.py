@@ -6,10 +6,12 @@ backward) whatever the implementation:
 * memory: the bytes it must move, at the copy bandwidth measured on the same
   device. The forward reads x and the dictionary and writes the sparse code;
   the backward reads x, the code and the dictionary again and writes the
-  dictionary's gradient. At these sizes x cannot stay in cache between the
-  two passes, so it is read twice:
+  dictionary's gradient. x is counted twice, as read in both passes:
   ``2 P D e + 2 P k (e + 8) + 3 D K e`` bytes for P = N H W pixels, element
-  size e and int64 indices.
+  size e and int64 indices. That holds where x is larger than the last-level
+  cache (ImageNet layer 1 on any GPU: 205 MB in float32); where it fits (an
+  H100's 50 MB L2 holds x at the CIFAR shapes and ImageNet layer 4) a step
+  could read it once, and this floor overstates the bytes by up to P D e.
 * compute: the dense similarity product ``(P x D) @ (D x K)`` that every
   encode needs, timed alone as the benchmark's ``dense_gemm`` case (cuBLAS on
   a GPU, the CPU BLAS otherwise).
@@ -95,6 +97,12 @@ def floors_markdown(rows: list[dict], bandwidth: float) -> str:
     lines = [
         f"### Stage-1 step (forward+backward) against its floors; measured copy bandwidth "
         f"{bandwidth / 1e9:.0f} GB/s",
+        "",
+        "Bytes it must move: `2 P D e + 2 P k (e + 8) + 3 D K e` for P = N*H*W pixels of "
+        "element size e (x read in forward and again in backward, the sparse code with int64 "
+        "indices written and read back, the dictionary read twice and its gradient written); "
+        "memory floor: those bytes at the copy bandwidth. Dense GEMM: the (P x D) @ (D x K) "
+        "similarity product alone, same dtype. A fraction is that floor's time over the step's.",
         "",
         "| shape | bytes it must move (MB) | memory floor ms | dense GEMM ms | native step ms "
         "| fraction of memory roofline | fraction of GEMM throughput | bound by |",

@@ -237,6 +237,7 @@ def test_floors_pick_the_larger_floor_and_state_each_fraction():
     )
     table = bench_floors.floors_markdown(rows, bandwidth)
     assert f"copy bandwidth {bandwidth / 1e9:.0f} GB/s" in table
+    assert "`2 P D e + 2 P k (e + 8) + 3 D K e`" in table  # what the byte count counts
     assert "| tiny |" in table and "| 50% | gemm |" in table and "| n/a | memory |" in table
 
 
