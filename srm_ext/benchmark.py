@@ -661,6 +661,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     env = environment(args.device)
     env.update(dtype=args.dtype, shapes=[asdict(s) for s in shapes])
+    if env["commit"] is None:
+        print("srm-ext bench: warning: the commit is unknown (no git metadata here); "
+              "set SRM_EXT_COMMIT to record it", file=sys.stderr)
     stem = args.name or f"{args.shapes}-{args.device.split(':')[0]}-{args.dtype}"
 
     def report(records: list[dict], complete: bool, floors: list[dict] | None = None) -> str:

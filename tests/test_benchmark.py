@@ -464,3 +464,11 @@ def test_records_carry_the_first_call_and_the_run_its_duration(tmp_path, monkeyp
     data = json.loads((tmp_path / "t.json").read_text())
     assert all(r["first_call_ms"] > 0 for r in data["results"])
     assert data["environment"]["timing_seconds"] > 0
+
+
+@requires_native_cpu
+def test_a_run_without_a_known_commit_says_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(benchmark.SHAPE_SETS, "cifar", [TINY])
+    monkeypatch.setattr(benchmark, "_git_commit", lambda: None)
+    assert benchmark.main(["--quick", "--device", "cpu", "--ops", "sparse_labels"]) == 0
+    assert "set SRM_EXT_COMMIT" in capsys.readouterr().err
