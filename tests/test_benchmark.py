@@ -354,20 +354,24 @@ def test_the_compiled_reference_is_compiled_for_every_shape_and_grad_mode(monkey
     assert len(compiled_graphs) == 2 * len(shapes)  # forward and forward+backward
 
 
-def run_verify_stage(tmp_path, stage, **env):
+def run_verify_stage(tmp_path, stage, bench_body="", **env):
     """tools/verify_cuda.sh's ``stage`` with a stand-in python that logs its
-    arguments (one call a line) and succeeds, as on a machine with the backend."""
+    arguments (one call a line) and succeeds, as on a machine with the backend;
+    its benchmark runs then run ``bench_body``."""
     import os
     import subprocess
 
     calls = tmp_path / "calls"
     fake_python = tmp_path / "python"
-    fake_python.write_text(f'#!/bin/sh\necho "$*" >> {calls}\ncat > /dev/null\n')
+    fake_python.write_text(f'#!/bin/sh\necho "$*" >> {calls}\n'
+                           f'case "$*" in *bench_ops.py*) {bench_body or ":"} ;; esac\n'
+                           'cat > /dev/null\n')
     fake_python.chmod(0o755)
     script = Path(__file__).resolve().parent.parent / "tools" / "verify_cuda.sh"
     result = subprocess.run(
         ["bash", str(script), str(tmp_path / "out"), stage],
         env={**os.environ, "PYTHON": str(fake_python), **env}, capture_output=True, text=True,
+        timeout=60,
     )
     runs = [line for line in calls.read_text().splitlines() if "bench_ops.py" in line]
     return result.returncode, runs
@@ -472,3 +476,14 @@ def test_a_run_without_a_known_commit_says_so(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(benchmark, "_git_commit", lambda: None)
     assert benchmark.main(["--quick", "--device", "cpu", "--ops", "sparse_labels"]) == 0
     assert "set SRM_EXT_COMMIT" in capsys.readouterr().err
+
+
+def test_verify_script_stops_a_benchmark_run_at_bench_timeout_and_archives_the_stage(tmp_path):
+    # A run past the call's time limit would be killed with the script, and the
+    # stage's archive never written.
+    archive = tmp_path / "results.tgz"
+    code, runs = run_verify_stage(tmp_path, "bench", bench_body="exec sleep 90",
+                                  BENCH_DTYPES="float32", BENCH_SHAPES="imagenet cifar",
+                                  BENCH_TIMEOUT="1", VERIFY_ARCHIVE=str(archive))
+    assert code != 0 and len(runs) == 2  # the second run started after the first was stopped
+    assert archive.stat().st_size > 0

@@ -33,7 +33,9 @@
 # BENCH_SHAPES the shape sets (default "imagenet cifar"), so a long benchmark
 # can be split over several calls (each run compiles the reference for every
 # shape, op and mode: minutes on a GPU); BENCH_ARGS adds flags to every
-# benchmark run (e.g. "--ops stage1_step").
+# benchmark run (e.g. "--ops stage1_step"). BENCH_TIMEOUT (seconds) stops
+# each benchmark run there: it keeps the cases it timed (JSON and markdown
+# marked incomplete) and the stage ends in time to be archived.
 set -u -o pipefail
 
 if [[ $# -lt 1 ]]; then
@@ -193,17 +195,23 @@ stage_profile() {
   return ${status}
 }
 
+# One benchmark run, ended at BENCH_TIMEOUT by SIGTERM (SIGINT would be
+# ignored by a script started in the background); the run has written its
+# JSON and markdown after every case.
+bench_run() {
+  ${BENCH_TIMEOUT:+timeout -k 30 ${BENCH_TIMEOUT}} "${python}" benchmarks/bench_ops.py "$@"
+}
+
 stage_bench() {
   local status=0 dtype shapes
   require_cuda || return 1
   for dtype in ${BENCH_DTYPES:-float32 bfloat16}; do
     for shapes in ${BENCH_SHAPES:-imagenet cifar}; do
       case ${shapes} in
-        imagenet) "${python}" benchmarks/bench_ops.py --device cuda --dtype "${dtype}" \
-                    --shapes imagenet --out "${out}" ${BENCH_ARGS:-} || status=1 ;;
-        cifar) "${python}" benchmarks/bench_ops.py --device cuda --dtype "${dtype}" --shapes cifar \
-                 --batch 128 --name "cifar-n128-cuda-${dtype}" --out "${out}" ${BENCH_ARGS:-} ||
-                 status=1 ;;
+        imagenet) bench_run --device cuda --dtype "${dtype}" --shapes imagenet --out "${out}" \
+                    ${BENCH_ARGS:-} || status=1 ;;
+        cifar) bench_run --device cuda --dtype "${dtype}" --shapes cifar --batch 128 \
+                 --name "cifar-n128-cuda-${dtype}" --out "${out}" ${BENCH_ARGS:-} || status=1 ;;
         *) echo "BENCH_SHAPES: unknown shape set '${shapes}' (imagenet, cifar)"; status=1 ;;
       esac
     done
@@ -215,7 +223,7 @@ stage_paths() {
   local status=0 path
   require_cuda || return 1
   for path in gemm screened fused; do
-    SRM_EXT_CUDA_ENCODE="${path}" "${python}" benchmarks/bench_ops.py --device cuda \
+    SRM_EXT_CUDA_ENCODE="${path}" bench_run --device cuda \
       --dtype float32 --shapes imagenet --ops sparse_encode,stage1_step --implementations native,research \
       --name "imagenet-cuda-float32-encode-${path}" --out "${out}" ${BENCH_ARGS:-} || status=1
   done
