@@ -584,3 +584,12 @@ def test_adamw_sgd_and_cosine_options():
     assert lrs[4] == pytest.approx(0.05)
     assert lrs[7] == pytest.approx(0.1 * (1 + math.cos(math.pi * 7 / 8)) / 2)
     assert lrs_per_epoch(config.replace(schedule="none")) == [0.1] * 8
+
+
+def test_sgd_without_momentum_is_plain_sgd():
+    # momentum 0 is a valid setting; Nesterov, which torch refuses without
+    # momentum, applies only with it.
+    param = [nn.Parameter(torch.zeros(1))]
+    plain = build_optimizer(param, StageConfig(optimizer="sgd", momentum=0.0))
+    assert plain.defaults["momentum"] == 0.0 and plain.defaults["nesterov"] is False
+    assert build_optimizer(param, StageConfig(optimizer="sgd")).defaults["nesterov"] is True

@@ -64,8 +64,13 @@ def build_optimizer(parameters: Iterable[nn.Parameter], config: StageConfig) -> 
         return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     if config.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    # Nesterov needs momentum: torch refuses it at momentum 0, which means plain SGD.
     return torch.optim.SGD(
-        params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=True
+        params,
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        nesterov=config.momentum > 0,
     )
 
 
