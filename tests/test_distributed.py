@@ -23,11 +23,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import child_env
 from srm_ext import SRMDistiller
 from srm_ext.distill import DistributedContext, StageConfig, Trainer, accuracy
+from srm_ext.distill.methods import cross_entropy_stage
 from srm_ext.distill.data import DatasetSplits, make_loaders
 
 
@@ -135,6 +136,37 @@ def test_sharded_evaluation_sums_to_the_single_process_accuracy(tmp_path):
     assert 0.0 < single < 1.0  # a mixed result, so a half-set count would show
     for rank in (0, 1):
         assert float((tmp_path / f"acc.{rank}").read_text()) == single
+
+
+class PeerOverflowed(DistributedContext):
+    """Rank 0 of two whose peer's scaled gradients overflowed: the all-reduce
+    brings in an inf, the rest is local."""
+
+    def all_reduce_gradients(self, parameters):
+        for p in parameters:
+            if p.grad is not None:
+                p.grad.add_(float("inf")).div_(self.world_size)
+
+    def average_buffers(self, module):
+        pass
+
+    def sum(self, values, device="cpu"):
+        return [v * self.world_size for v in values]
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)`")  # the skipped step
+def test_fp16_step_is_skipped_when_any_process_overflowed(monkeypatch):
+    # The GradScaler's inf check must see the reduced gradients: one that saw
+    # only this process's would step on the peer's inf and leave NaN weights.
+    monkeypatch.setattr(Trainer, "_grad_scaler", lambda self: torch.amp.GradScaler("cpu"))
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    loader = DataLoader(TensorDataset(torch.randn(4, 3), torch.tensor([0, 1, 0, 1])), batch_size=4)
+    trainer = Trainer(progress=False, log=None, context=PeerOverflowed(rank=0, world_size=2))
+    trainer.fit(cross_entropy_stage("ce", model, StageConfig(epochs=1)), loader)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
 
 
 @pytest.mark.parametrize("device", [

@@ -230,8 +230,11 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
+                # Reduce before unscaling: unscale_ records this process's inf
+                # check, which must see an overflow of any process's gradients,
+                # or the processes disagree on skipping the step.
                 self.context.all_reduce_gradients(stage.parameters)
+                scaler.unscale_(optimizer)
                 scaler.step(optimizer)
                 scaler.update()
             else:
