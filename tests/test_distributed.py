@@ -105,15 +105,19 @@ def test_two_gloo_processes_match_one_process(tmp_path):
         torch.testing.assert_close(rank0[key], value, rtol=1e-4, atol=1e-5, msg=key)
 
 
-def held_out_accuracy(context: DistributedContext) -> float:
-    """A fixed model on 37 held-out samples: the two shards are 19 and 18."""
-    torch.manual_seed(0)
-    model = conv_net((4, 5))
+def held_out_splits() -> DatasetSplits:
+    """37 samples, so that two processes' shards are 19 and 18."""
     g = torch.Generator().manual_seed(1)
     images = torch.randint(0, 256, (37, 1, 8, 8), dtype=torch.uint8, generator=g)
     data = TensorDataset(images, torch.randint(0, 3, (37,), generator=g))
-    splits = DatasetSplits(data, data, 3, 1, 8, (0.5,), (0.25,), natural_images=False)
-    _, test = make_loaders(splits, batch_size=8, seed=0, context=context)
+    return DatasetSplits(data, data, 3, 1, 8, (0.5,), (0.25,), natural_images=False)
+
+
+def held_out_accuracy(context: DistributedContext) -> float:
+    """A fixed model on the held-out samples, each process taking its shard."""
+    torch.manual_seed(0)
+    model = conv_net((4, 5))
+    _, test = make_loaders(held_out_splits(), batch_size=8, seed=0, context=context)
     trainer = Trainer(preprocess=lambda x, train: x.float() / 255, progress=False,
                       context=context, log=None)
     return accuracy(model, test, trainer, context=context)
@@ -136,6 +140,39 @@ def test_sharded_evaluation_sums_to_the_single_process_accuracy(tmp_path):
     assert 0.0 < single < 1.0  # a mixed result, so a half-set count would show
     for rank in (0, 1):
         assert float((tmp_path / f"acc.{rank}").read_text()) == single
+
+
+def _kd_eval_worker(rank: int, world_size: int, port: int, out: str) -> None:
+    """Stage 3 with a sharded held-out loader: writes the accuracy the stage
+    logged and the trained student's accuracy on the whole held-out set."""
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+    )
+    try:
+        context = DistributedContext.current()
+        torch.manual_seed(0)
+        distiller = SRMDistiller(conv_net((6, 8)), conv_net((4, 5)), {"1": "1"}, input_shape=(1, 8, 8))
+        loader, _ = make_loaders(toy_splits(), batch_size=16, seed=5, context=context)
+        _, shard = make_loaders(held_out_splits(), batch_size=8, seed=0, context=context)
+        _, whole = make_loaders(held_out_splits(), batch_size=8, seed=0)
+        trainer = Trainer(
+            preprocess=lambda x, train: x.float() / 255, progress=False, context=context, log=None
+        )
+        history = distiller.fit_kd(loader, config=StageConfig(epochs=1), eval_loader=shard, trainer=trainer)
+        local = Trainer(preprocess=trainer.preprocess, progress=False, log=None)
+        logged, full = history[-1]["test_acc"], accuracy(distiller.student, whole, local)
+        Path(f"{out}.{rank}").write_text(json.dumps([logged, full]))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_stage3_accuracy_counts_every_processs_held_out_shard(tmp_path):
+    mp.spawn(_kd_eval_worker, args=(2, free_port(), str(tmp_path / "kd")), nprocs=2, join=True)
+    for rank in (0, 1):
+        logged, full = json.loads((tmp_path / f"kd.{rank}").read_text())
+        assert 0.0 < full < 1.0  # a mixed result, so one shard's count would show
+        assert logged == full, rank
 
 
 class PeerOverflowed(DistributedContext):

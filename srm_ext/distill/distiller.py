@@ -320,7 +320,9 @@ class SRMDistiller(nn.Module):
         """Shared by the ``fit_*`` methods: ``config`` replaces the stage's default
         settings, ``epochs`` overrides its epoch count; ``trainer`` or keyword
         arguments of :class:`Trainer` (not both) say how to run; ``eval_loader``
-        adds the student's held-out accuracy to the metrics of stage 3.
+        adds the student's held-out accuracy to the metrics of stage 3 (under
+        torch.distributed over the union of the processes' loaders, which may be
+        shards of the held-out set or each the whole of it).
         ``checkpoint``: a file rewritten after every epoch; if it exists, the
         distiller's weights are loaded from it first, a stage it holds as finished
         is skipped and an unfinished one continues at its next epoch."""
@@ -359,7 +361,10 @@ class SRMDistiller(nn.Module):
             )
         stage = make_stage(config)
         if eval_loader is not None and stage.trains_classifier:
-            stage.evaluate = lambda: {"test_acc": accuracy(self.student, eval_loader, trainer)}
+            # Counts summed over processes: each may hold a shard of the held-out set.
+            stage.evaluate = lambda: {
+                "test_acc": accuracy(self.student, eval_loader, trainer, context=trainer.context)
+            }
         if saver is None:
             return trainer.fit(stage, loader)
 
