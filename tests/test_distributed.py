@@ -55,11 +55,17 @@ def toy_splits() -> DatasetSplits:
     return DatasetSplits(data, data, 3, 1, 8, (0.5,), (0.25,), natural_images=False)
 
 
-def train_srm(context: DistributedContext, checkpoint: Path) -> dict[str, torch.Tensor]:
+def train_srm(
+    context: DistributedContext, checkpoint: Path, student_seed: int | None = None
+) -> dict[str, torch.Tensor]:
     """All three SRM stages, checkpointed to ``checkpoint``; returns the
-    student's and the blocks' final weights."""
+    student's and the blocks' final weights. ``student_seed`` reseeds torch
+    before the student and the SRM blocks are built."""
     torch.manual_seed(0)
-    teacher, student = conv_net((6, 8)), conv_net((4, 5))
+    teacher = conv_net((6, 8))
+    if student_seed is not None:
+        torch.manual_seed(student_seed)
+    student = conv_net((4, 5))
     distiller = SRMDistiller(teacher, student, {"1": "1", "3": "3"}, input_shape=(1, 8, 8))
     loader, _ = make_loaders(toy_splits(), batch_size=16, seed=5, context=context)
     trainer = Trainer(
@@ -76,13 +82,17 @@ def train_srm(context: DistributedContext, checkpoint: Path) -> dict[str, torch.
     }
 
 
-def _worker(rank: int, world_size: int, port: int, out: str) -> None:
+def _worker(rank: int, world_size: int, port: int, out: str, seed_per_rank: bool = False) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
     )
     try:
-        weights = train_srm(DistributedContext.current(), Path(f"{out}.checkpoint.pt"))
+        weights = train_srm(
+            DistributedContext.current(),
+            Path(f"{out}.checkpoint.pt"),
+            student_seed=rank if seed_per_rank else None,
+        )
         torch.save(weights, f"{out}.{rank}")
         # Both ranks done before either tears its gloo pairs down.
         dist.barrier()
@@ -102,6 +112,18 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     assert rank0.keys() == single.keys()
     for key, value in single.items():
         torch.testing.assert_close(rank0[key], rank1[key], rtol=0, atol=0)  # replicas agree
+        torch.testing.assert_close(rank0[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_replicas_seeded_per_rank_train_rank_0s_model(tmp_path):
+    # A script seeding torch with its rank builds another student and other
+    # SRM blocks on each process; every stage starts from rank 0's.
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path / "w"), True), nprocs=2, join=True)
+    single = train_srm(DistributedContext(), tmp_path / "single.pt", student_seed=0)
+    rank0 = torch.load(tmp_path / "w.0", weights_only=True)
+    rank1 = torch.load(tmp_path / "w.1", weights_only=True)
+    for key, value in single.items():
+        torch.testing.assert_close(rank1[key], rank0[key], rtol=0, atol=0, msg=key)
         torch.testing.assert_close(rank0[key], value, rtol=1e-4, atol=1e-5, msg=key)
 
 
@@ -183,6 +205,9 @@ class PeerOverflowed(DistributedContext):
         for p in parameters:
             if p.grad is not None:
                 p.grad.add_(float("inf")).div_(self.world_size)
+
+    def broadcast_from_main(self, tensors):
+        pass
 
     def average_buffers(self, module):
         pass

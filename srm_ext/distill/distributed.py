@@ -6,7 +6,8 @@ in ``DistributedDataParallel``: the trainable set changes from stage to stage
 (dictionaries only, student + predictors, student only) and parts of the student
 receive no gradient in stage 2, which DDP only tolerates with
 ``find_unused_parameters``. Averaging every gradient that exists gives the same
-update as DDP at these model sizes, with one code path for all stages.
+update as DDP at these model sizes, with one code path for all stages. As
+with DDP, each stage starts from rank 0's copy of what it trains.
 """
 
 from __future__ import annotations
@@ -60,6 +61,25 @@ class DistributedContext:
         for g in grads:
             g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
+
+    def broadcast_from_main(self, tensors: Iterable[Tensor]) -> None:
+        """Overwrite ``tensors`` with rank 0's values, as DDP does when it wraps a
+        module: averaged gradients keep replicas equal only if they start equal."""
+        if not self.enabled:
+            return
+        groups: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+        for tensor in tensors:
+            groups.setdefault((tensor.dtype, tensor.device), []).append(tensor)
+        with torch.no_grad():
+            # One flat copy per dtype: a single call each, and NCCL refuses
+            # non-contiguous tensors such as the codeword-major dictionaries.
+            for group in groups.values():
+                flat = torch.cat([t.detach().reshape(-1) for t in group])
+                dist.broadcast(flat, src=0)
+                offset = 0
+                for t in group:
+                    t.copy_(flat[offset : offset + t.numel()].view_as(t))
+                    offset += t.numel()
 
     def average_buffers(self, module: nn.Module) -> None:
         """Average floating buffers (BatchNorm running statistics) over processes so

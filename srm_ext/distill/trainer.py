@@ -140,6 +140,11 @@ class Trainer:
         if not stage.parameters:
             raise ValueError(f"stage {stage.name!r} has no parameters to train")
         self.follow(stage.parameters)
+        # Replicas initialised differently (a seed per rank) would otherwise
+        # train apart for good, each on the averaged gradients.
+        self.context.broadcast_from_main(
+            [*stage.parameters, *(b for m in stage.train_modules for b in m.buffers())]
+        )
         optimizer = build_optimizer(stage.parameters, stage.config)
         scheduler = build_scheduler(optimizer, stage.config)
         scaler = self._grad_scaler()
