@@ -9,10 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, TensorDataset
+from torch.utils.data.distributed import DistributedSampler
 
 from srm_ext import SparseCodePredictor, SparseRepresentation, SRMDistiller
-from srm_ext.distill import ConfigError, StageConfig, Trainer
+from srm_ext.distill import ConfigError, Stage, StageConfig, Trainer
 from srm_ext.distill.trainer import build_optimizer, build_scheduler
 from srm_ext.distill.losses import (
     HintRegressor,
@@ -440,6 +441,27 @@ def test_loader_batches_other_than_image_target_pairs_are_a_clear_error():
     triples = DataLoader(TensorDataset(torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.long), torch.zeros(4)))
     with pytest.raises(TypeError, match=r"pair \(images, targets\) of tensors, got a list of 3"):
         Trainer(**QUIET).fit(stage, triples)
+
+
+def test_a_distributed_sampler_inside_a_batch_sampler_gets_each_epoch():
+    # Batches formed by a custom batch sampler over a DistributedSampler: that
+    # sampler must hear set_epoch too, or every epoch repeats the first's order.
+    data = TensorDataset(torch.arange(16.0).view(16, 1), torch.zeros(16, dtype=torch.long))
+    sampler = DistributedSampler(data, num_replicas=1, rank=0, seed=0)
+    loader = DataLoader(data, batch_sampler=BatchSampler(sampler, 4, drop_last=False))
+    weight = nn.Parameter(torch.zeros(1))
+    seen: list[float] = []
+
+    def objective(images, _targets):
+        seen.extend(images.view(-1).tolist())
+        return (weight * images).sum()
+
+    Trainer(**QUIET).fit(Stage("order", objective, [weight], [], StageConfig(epochs=2)), loader)
+    expected = []
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        expected += [float(i) for i in sampler]
+    assert seen == expected and seen[:16] != seen[16:]
 
 
 def test_trainer_rejects_empty_parameter_list():

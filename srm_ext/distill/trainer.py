@@ -213,9 +213,9 @@ class Trainer:
             module.train()
         for module in stage.frozen_modules:
             module.eval()
-        sampler = getattr(loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)  # a fresh, reproducible order every epoch
+        for sampler in loader_samplers(loader):
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)  # a fresh, reproducible order every epoch
 
         started = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
@@ -285,6 +285,22 @@ def _format_metrics(metrics: dict[str, Any], total_epochs: int) -> str:
         if isinstance(value, float):
             fields.append(f"{key}={value:.4g}" if key != "time" else f"time={value:.1f}s")
     return "  ".join(fields)
+
+
+def loader_samplers(loader: Iterable) -> list[Any]:
+    """The samplers that order a DataLoader's data: its ``sampler``, and a
+    ``batch_sampler`` given in its place with the sampler that one wraps (where a
+    DistributedSampler sits when batches are formed by a custom batch sampler)."""
+    found: list[Any] = []
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    for sampler in (
+        getattr(loader, "sampler", None),
+        batch_sampler,
+        getattr(batch_sampler, "sampler", None),
+    ):
+        if sampler is not None and all(sampler is not seen for seen in found):
+            found.append(sampler)
+    return found
 
 
 def image_batch(batch: Any) -> tuple[Tensor, Tensor]:
