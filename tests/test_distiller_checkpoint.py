@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
 from srm_ext.distill import StageConfig, Trainer
 from srm_ext.distill.distiller_checkpoint import teacher_digest
@@ -29,6 +29,13 @@ def sampler_generator_loader() -> DataLoader:
     data = toy_loader().dataset
     sampler = RandomSampler(data, generator=torch.Generator().manual_seed(3))
     return DataLoader(data, batch_size=16, sampler=sampler)
+
+
+def batch_sampler_generator_loader() -> DataLoader:
+    """The toy data in batches of a batch sampler over a sampler with its own generator."""
+    data = toy_loader().dataset
+    sampler = RandomSampler(data, generator=torch.Generator().manual_seed(3))
+    return DataLoader(data, batch_sampler=BatchSampler(sampler, 16, drop_last=False))
 
 
 def run_all_stages(path, make_loader=toy_loader):
@@ -75,7 +82,10 @@ def uninterrupted(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("make_loader", [toy_loader, global_rng_loader, sampler_generator_loader])
+@pytest.mark.parametrize(
+    "make_loader",
+    [toy_loader, global_rng_loader, sampler_generator_loader, batch_sampler_generator_loader],
+)
 @pytest.mark.parametrize("stage_name, epoch", [("srm-init", 1), ("srm-kd", 2), ("srm-init", 0)])
 def test_an_interrupted_run_resumes_to_the_uninterrupted_result(
     tmp_path, monkeypatch, uninterrupted, stage_name, epoch, make_loader

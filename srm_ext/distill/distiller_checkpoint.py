@@ -28,6 +28,7 @@ from torch import nn
 from .checkpoint import atomic_save, gather_rng_states, load_checkpoint, set_rng_state
 from .config import StageConfig
 from .distributed import DistributedContext
+from .trainer import loader_samplers
 
 __all__ = ["DistillerCheckpoint"]
 
@@ -39,8 +40,9 @@ _TEACHER_PREFIX = "teacher."
 
 def _loader_generator(loader: Iterable) -> torch.Generator | None:
     # DataLoader(generator=g) draws its shuffle order and worker seeds from g;
-    # a sampler given its own generator draws the order from that one.
-    for owner in (loader, getattr(loader, "sampler", None)):
+    # a sampler given its own generator (directly or inside a batch_sampler)
+    # draws the order from that one.
+    for owner in (loader, *loader_samplers(loader)):
         generator = getattr(owner, "generator", None)
         if isinstance(generator, torch.Generator):
             return generator
