@@ -294,6 +294,24 @@ def test_lazy_build_from_first_batch():
     assert distiller.is_built and len(distiller.representations) == 1
 
 
+def test_a_saved_distiller_loads_into_one_that_builds_lazily():
+    # No input_shape, so no blocks yet: the saved dictionaries size them.
+    saved = make_distiller()
+    saved.fit_dictionaries(toy_loader(n=16), epochs=1, **QUIET)
+    state = saved.state_dict()
+    lazy = SRMDistiller(tiny_teacher(), tiny_student(), {"block1": "stage1", "block2.layer1": "stage2.1"})
+    lazy.load_state_dict(state)
+    assert lazy.is_built
+    for name, value in lazy.state_dict().items():
+        assert torch.equal(value, state[name]), name
+    for rep, saved_rep in zip(lazy.representations, saved.representations):
+        assert rep.sparsity == saved_rep.sparsity
+        assert rep.dictionary.stride() == saved_rep.dictionary.stride()  # codeword-major
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # loaded dictionaries count as fitted
+        lazy.fit_student(toy_loader(n=16), epochs=1, **QUIET)
+
+
 # ----------------------------------------------------------------------------- stages
 
 

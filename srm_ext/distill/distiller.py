@@ -55,7 +55,8 @@ class SRMDistiller(nn.Module):
             ``K = int(D * cm)`` codewords and ``k = max(1, int(D * sm * cm))`` kept.
         input_shape: (C, H, W) of one input, or ``example_input`` (a batch): used for
             a dry forward pass that finds the channel counts. When both are omitted
-            the first batch of the first ``fit_*`` call is used.
+            the first batch of the first ``fit_*`` call is used, or the shapes in a
+            state dict loaded before it.
         local_weight, global_weight: weights of the pixel- and image-level losses.
         kd_temperature, kd_alpha: Hinton KD of stage 3.
 
@@ -150,8 +151,13 @@ class SRMDistiller(nn.Module):
         # Stage 3 needs logits: say so now, not after stages 1 and 2 have trained.
         check_logits(t_out, "teacher")
         check_logits(s_out, "student")
-        for t_path, s_path in self.layer_pairs:
-            t_channels, s_channels = t_maps[t_path].shape[1], s_maps[s_path].shape[1]
+        self._add_blocks(
+            [(t_maps[t].shape[1], s_maps[s].shape[1]) for t, s in self.layer_pairs], device
+        )
+
+    def _add_blocks(self, channels: list[tuple[int, int]], device: torch.device) -> None:
+        """The SRM blocks of every pair from its (teacher, student) channel counts."""
+        for (t_path, s_path), (t_channels, s_channels) in zip(self.layer_pairs, channels):
             try:
                 num_codewords, sparsity = srm_sizes(
                     t_channels, self.codeword_multiplier, self.sparsity_multiplier
@@ -165,6 +171,23 @@ class SRMDistiller(nn.Module):
         self.representations.to(device)
         self.predictors.to(device)
         self._initial_fingerprints = [_fingerprint(rep) for rep in self.representations]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # A distiller left to build itself from its first batch has no blocks
+        # yet: size them from the saved dictionaries (their channel counts), as
+        # lazy modules do, so that a saved distiller loads without a dry run.
+        if not self.is_built:
+            shapes = [
+                tuple(state_dict.get(f"{prefix}{kind}.{i}.dictionary", torch.empty(0)).shape)
+                for i in range(len(self.layer_pairs))
+                for kind in ("representations", "predictors")
+            ]
+            if all(len(shape) == 2 for shape in shapes):
+                self._add_blocks(
+                    [(shapes[i][0], shapes[i + 1][0]) for i in range(0, len(shapes), 2)],
+                    module_device(self.teacher),
+                )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _ensure_built(self, loader: Iterable) -> None:
         if not self.is_built:
