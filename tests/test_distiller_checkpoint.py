@@ -86,7 +86,9 @@ def uninterrupted(tmp_path_factory):
     "make_loader",
     [toy_loader, global_rng_loader, sampler_generator_loader, batch_sampler_generator_loader],
 )
-@pytest.mark.parametrize("stage_name, epoch", [("srm-init", 1), ("srm-kd", 2), ("srm-init", 0)])
+@pytest.mark.parametrize(
+    "stage_name, epoch", [("srm-dictionary", 1), ("srm-init", 1), ("srm-kd", 2), ("srm-init", 0)]
+)
 def test_an_interrupted_run_resumes_to_the_uninterrupted_result(
     tmp_path, monkeypatch, uninterrupted, stage_name, epoch, make_loader
 ):
