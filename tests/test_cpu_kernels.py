@@ -410,3 +410,20 @@ def test_repeated_runs_are_bitwise_identical():
     second = grads(lambda *a: srm_ext.reconstruction_loss(*a, k), (x, C, b))
     for a, b_ in zip(first, second):
         assert torch.equal(a, b_)
+
+
+def test_backward_ops_name_a_tensor_of_another_dtype():
+    # The backward ops are public operators too: a gradient or a code of
+    # another dtype than x must be refused by name, not read as x's dtype.
+    x, C, b, k = make_inputs((2, 8, 3, 3, 10, 3), torch.float32, seed=13)
+    values, indices = srm_ext.sparse_encode(x, C, b, k)
+    ops = torch.ops.srm_ext
+    mask = [True, True, True]
+    with pytest.raises(RuntimeError, match="grad_values has dtype Double but values has Float"):
+        ops.sparse_encode_backward(values.double(), values, indices, x, C, b, mask)
+    with pytest.raises(RuntimeError, match="values has dtype Double but x has Float"):
+        ops.sparse_encode_backward(values.double(), values.double(), indices, x, C, b, mask)
+    with pytest.raises(RuntimeError, match="values has dtype Double but x has Float"):
+        ops.reconstruction_loss_backward(torch.tensor(1.0), x, C, b, values.double(), indices, mask)
+    with pytest.raises(RuntimeError, match="grad_output has dtype Double but values has Float"):
+        ops.sparse_decode_backward(x.double(), values, indices, C, [True, True])

@@ -59,6 +59,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward(const at::Tensor& grad
                                                           std::array<bool, 2> output_mask) {
   check_decode_args(values, indices, dictionary);
   check_cpu_float(grad_output, "grad_output");
+  check_same_dtype(values, "values", grad_output, "grad_output");
   const int64_t n = values.size(0), h = values.size(1), w = values.size(2), k = values.size(3);
   const int64_t dim = dictionary.size(0), num_codewords = dictionary.size(1);
   TORCH_CHECK(grad_output.dim() == 4 && grad_output.size(0) == n && grad_output.size(1) == dim &&

@@ -53,6 +53,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_encode_backward(
   const int64_t num_codewords = dictionary.size(1), dim = dictionary.size(0);
   check_sparse_code(values, indices, num_codewords);
   check_code_covers(values, x, "x");
+  check_same_dtype(x, "x", values, "values");
+  check_cpu_float(grad_values, "grad_values");
+  check_same_dtype(values, "values", grad_values, "grad_values");
   TORCH_CHECK(grad_values.sizes() == values.sizes(), "grad_values must have shape ",
               values.sizes(), ", got ", grad_values.sizes());
   const bool want_x = output_mask[0], want_dict = output_mask[1], want_bias = output_mask[2];

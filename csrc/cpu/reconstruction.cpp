@@ -77,6 +77,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss_backward(
   const int64_t dim = dictionary.size(0), num_codewords = dictionary.size(1);
   check_sparse_code(values, indices, num_codewords);
   check_code_covers(values, x, "x");
+  check_same_dtype(x, "x", values, "values");
   TORCH_CHECK(grad_loss.numel() == 1, "grad_loss must have one element, got shape ",
               grad_loss.sizes());
   const bool want_x = output_mask[0], want_dict = output_mask[1], want_bias = output_mask[2];
