@@ -633,3 +633,15 @@ def test_sgd_without_momentum_is_plain_sgd():
     plain = build_optimizer(param, StageConfig(optimizer="sgd", momentum=0.0))
     assert plain.defaults["momentum"] == 0.0 and plain.defaults["nesterov"] is False
     assert build_optimizer(param, StageConfig(optimizer="sgd")).defaults["nesterov"] is True
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_blocks_follow_models_moved_one_by_one():
+    """The teacher and the student moved to the GPU after the blocks were
+    built, not the distiller: each stage takes the blocks along."""
+    distiller = make_distiller()
+    distiller.teacher.cuda(), distiller.student.cuda()
+    out = distiller.fit(toy_loader(), 1, 1, 1, **QUIET)
+    assert all(torch.isfinite(torch.tensor(h[-1]["loss"])) for h in out.values())
+    blocks = [*distiller.representations.parameters(), *distiller.predictors.parameters()]
+    assert blocks and all(p.is_cuda for p in blocks)

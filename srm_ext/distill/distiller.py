@@ -360,6 +360,11 @@ class SRMDistiller(nn.Module):
         if needs_blocks or checkpoint is not None:
             # A checkpoint holds the blocks' weights, whichever stage wrote it.
             self._ensure_built(loader)
+        # Models moved one by one (not by distiller.to) leave the blocks on
+        # the old device: they follow. Their dtype stays, as the blocks cast
+        # the features to it.
+        self.representations.to(module_device(self.teacher))
+        self.predictors.to(module_device(self.student))
         config = config or DEFAULT_STAGE_CONFIGS[key]
         if epochs is not None:
             config = config.replace(epochs=epochs)
