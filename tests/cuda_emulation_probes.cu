@@ -76,6 +76,26 @@ __global__ void warp_primitives_kernel(float* out, unsigned* ballot) {
   }
 }
 
+// out[i] = i ^ 1 by a butterfly shuffle; in the mixed twin the upper half of
+// each warp calls a ballot instead while the lower half shuffles. The halves
+// meeting at two different __syncwarp calls is fine (sm_70 and later).
+template <bool kMixed>
+__global__ void warp_collectives_kernel(float* out) {
+  const int lane = threadIdx.x % 32;
+  if (lane < 16) {
+    __syncwarp();
+  } else {
+    __syncwarp();
+  }
+  unsigned v = 0;
+  if (kMixed && lane >= 16) {
+    v = __ballot_sync(0xffffffffu, 1);
+  } else {
+    v = __shfl_xor_sync(0xffffffffu, threadIdx.x, 1);
+  }
+  out[threadIdx.x] = static_cast<float>(v);
+}
+
 // Copies the first floats of its dynamic shared memory after writing them.
 __global__ void dynamic_shared_kernel(float* out) {
   extern __shared__ float dynamic[];
@@ -143,6 +163,15 @@ cudaError_t launch_divergent_barrier(float* out) {
 
 cudaError_t launch_barrier_after_exit(float* out) {
   barrier_after_exit_kernel<<<1, kThreads>>>(out);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_warp_collectives(bool mixed, float* out) {
+  if (mixed) {
+    warp_collectives_kernel<true><<<1, kThreads>>>(out);
+  } else {
+    warp_collectives_kernel<false><<<1, kThreads>>>(out);
+  }
   return cudaGetLastError();
 }
 

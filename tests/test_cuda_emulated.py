@@ -1010,6 +1010,15 @@ def test_emulator_reports_a_barrier_after_an_exit(emu):
         probe(emu, "barrier_after_exit")
 
 
+def test_emulator_reports_lanes_meeting_at_different_warp_collectives(emu):
+    expected = (torch.arange(PROBE_THREADS) ^ 1).float()
+    for schedule in SCHEDULES.values():
+        emu.set_schedule(schedule, 3)
+        assert torch.equal(probe(emu, "warp_collectives")[:PROBE_THREADS], expected)
+        with pytest.raises(RuntimeError, match="_sync reached while other lanes of the warp wait at __"):
+            probe(emu, "warp_collectives", flag=True)
+
+
 def test_emulator_poisons_shared_memory_before_every_block(emu):
     assert probe(emu, "uninitialised_shared").isnan().all()
 

@@ -8,7 +8,8 @@
 // What it checks besides the results:
 //   * barrier misuse: a __syncthreads or full-warp primitive that not every
 //     thread of the block (warp) reaches, or reaches after others exited,
-//     is reported instead of hanging;
+//     is reported instead of hanging; so are lanes of a warp meeting at
+//     different kinds of collective (a shuffle in some, a ballot in others);
 //   * missing barriers: between two synchronisation points the threads run
 //     in an order chosen by the schedule (forward, reverse, or shuffled), so
 //     a read that relies on another thread's unsynchronised write sees the
@@ -104,6 +105,7 @@ struct BlockRun {
   uint64_t block_generation = 0;
   std::vector<int> warp_arrived;
   std::vector<uint64_t> warp_generation;
+  std::vector<const char*> warp_primitive;  // what the waiting lanes called
   std::vector<uint64_t> exchange;  // one 64-bit slot per thread
   const std::function<void()>* body = nullptr;
   // Shared memory of the launch: its dynamic bytes, the dynamic limit it was
@@ -223,6 +225,15 @@ inline void sync_warp(unsigned mask, const char* what) {
       fail(std::string(what) + " with lane " + std::to_string(lane) +
            " of the warp exited" + where(run));
     }
+  }
+  // Lanes meet only at the same kind of collective (a shuffle mode, a
+  // ballot, __syncwarp): a GPU does not pair a shuffle in one lane with a
+  // ballot or a __syncwarp in another, and what each gets is undefined.
+  if (run.warp_arrived[warp] == 0) {
+    run.warp_primitive[warp] = what;
+  } else if (std::strcmp(run.warp_primitive[warp], what) != 0) {
+    fail(std::string(what) + " reached while other lanes of the warp wait at " +
+         run.warp_primitive[warp] + where(run));
   }
   if (++run.warp_arrived[warp] == lanes) {
     run.warp_arrived[warp] = 0;
@@ -415,6 +426,7 @@ inline void run_grid(const void* kernel, const LaunchConfig& config,
   const int warps = static_cast<int>((threads + kWarpSize - 1) / kWarpSize);
   run.warp_arrived.assign(warps, 0);
   run.warp_generation.assign(warps, 0);
+  run.warp_primitive.assign(warps, nullptr);
   run.exchange.assign(threads, 0);
   std::mt19937_64 rng(s.seed);
   BlockRun* outer = s.run;
