@@ -16,6 +16,7 @@ cudaError_t launch_block_count(bool chained, int blocks, float* out);
 cudaError_t launch_divergent_barrier(float* out);
 cudaError_t launch_barrier_after_exit(float* out);
 cudaError_t launch_uninitialised_shared(float* out);
+cudaError_t launch_split_barrier(bool split, float* out);
 cudaError_t launch_warp_collectives(bool mixed, float* out);
 cudaError_t launch_warp_primitives(float* out, unsigned* ballot);
 cudaError_t launch_dynamic_shared(size_t bytes, bool raise_limit, float* out);
@@ -302,6 +303,7 @@ void probe(const std::string& name, at::Tensor out, const OptionalTensor& ballot
   if (name == "divergent_barrier") status = p::launch_divergent_barrier(o);
   if (name == "barrier_after_exit") status = p::launch_barrier_after_exit(o);
   if (name == "uninitialised_shared") status = p::launch_uninitialised_shared(o);
+  if (name == "split_barrier") status = p::launch_split_barrier(flag, o);
   if (name == "warp_collectives") status = p::launch_warp_collectives(flag, o);
   if (name == "warp_primitives") {
     status = p::launch_warp_primitives(o, reinterpret_cast<unsigned*>(ballot->data_ptr<int>()));

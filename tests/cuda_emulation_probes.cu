@@ -76,6 +76,21 @@ __global__ void warp_primitives_kernel(float* out, unsigned* ballot) {
   }
 }
 
+// out[i] = the value thread i + 1 stored, read after a barrier; the split
+// twin's two halves of the block wait at two different __syncthreads.
+template <bool kSplit>
+__global__ void split_barrier_kernel(float* out) {
+  __shared__ float stored[kThreads];
+  const int i = threadIdx.x;
+  stored[i] = static_cast<float>(i);
+  if (kSplit && i < kThreads / 2) {
+    __syncthreads();
+  } else {
+    __syncthreads();
+  }
+  out[i] = stored[(i + 1) % kThreads];
+}
+
 // out[i] = i ^ 1 by a butterfly shuffle; in the mixed twin the upper half of
 // each warp calls a ballot instead while the lower half shuffles. The halves
 // meeting at two different __syncwarp calls is fine (sm_70 and later).
@@ -163,6 +178,15 @@ cudaError_t launch_divergent_barrier(float* out) {
 
 cudaError_t launch_barrier_after_exit(float* out) {
   barrier_after_exit_kernel<<<1, kThreads>>>(out);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_split_barrier(bool split, float* out) {
+  if (split) {
+    split_barrier_kernel<true><<<1, kThreads>>>(out);
+  } else {
+    split_barrier_kernel<false><<<1, kThreads>>>(out);
+  }
   return cudaGetLastError();
 }
 

@@ -1010,6 +1010,15 @@ def test_emulator_reports_a_barrier_after_an_exit(emu):
         probe(emu, "barrier_after_exit")
 
 
+def test_emulator_reports_threads_waiting_at_different_barriers(emu):
+    expected = ((torch.arange(PROBE_THREADS) + 1) % PROBE_THREADS).float()
+    for schedule in SCHEDULES.values():
+        emu.set_schedule(schedule, 3)
+        assert torch.equal(probe(emu, "split_barrier")[:PROBE_THREADS], expected)
+        with pytest.raises(RuntimeError, match=r"__syncthreads at \S+ reached while other threads of the block wait at"):
+            probe(emu, "split_barrier", flag=True)
+
+
 def test_emulator_reports_lanes_meeting_at_different_warp_collectives(emu):
     expected = (torch.arange(PROBE_THREADS) ^ 1).float()
     for schedule in SCHEDULES.values():

@@ -8,7 +8,8 @@
 // What it checks besides the results:
 //   * barrier misuse: a __syncthreads or full-warp primitive that not every
 //     thread of the block (warp) reaches, or reaches after others exited,
-//     is reported instead of hanging; so are lanes of a warp meeting at
+//     is reported instead of hanging; so are threads of a block waiting at
+//     different __syncthreads calls, and lanes of a warp meeting at
 //     different kinds of collective (a shuffle in some, a ballot in others);
 //   * missing barriers: between two synchronisation points the threads run
 //     in an order chosen by the schedule (forward, reverse, or shuffled), so
@@ -33,6 +34,7 @@
 #include <functional>
 #include <numeric>
 #include <random>
+#include <source_location>
 #include <stdexcept>
 #include <string>
 #include <tuple>
@@ -103,6 +105,7 @@ struct BlockRun {
   int exited = 0;
   int block_arrived = 0;
   uint64_t block_generation = 0;
+  std::source_location block_barrier;  // where the waiting threads called it
   std::vector<int> warp_arrived;
   std::vector<uint64_t> warp_generation;
   std::vector<const char*> warp_primitive;  // what the waiting lanes called
@@ -192,11 +195,27 @@ inline int warp_threads(const BlockRun& run, int warp) {
   return std::min(kWarpSize, total - warp * kWarpSize);
 }
 
-inline void sync_block() {
+inline std::string describe(const std::source_location& site) {
+  return std::string(site.file_name()) + ":" + std::to_string(site.line()) + ":" +
+         std::to_string(site.column());
+}
+
+inline void sync_block(const std::source_location& site) {
   BlockRun& run = current_run("__syncthreads");
   if (run.exited > 0) {
     fail("__syncthreads reached after " + std::to_string(run.exited) +
          " threads of the block exited" + where(run));
+  }
+  // Threads waiting at one __syncthreads are not released by another: a
+  // barrier in code that diverges across the block is undefined on a GPU
+  // (it may hang, or pair up the wrong phases), not a barrier that holds.
+  if (run.block_arrived == 0) {
+    run.block_barrier = site;
+  } else if (site.line() != run.block_barrier.line() ||
+             site.column() != run.block_barrier.column() ||
+             std::strcmp(site.file_name(), run.block_barrier.file_name()) != 0) {
+    fail("__syncthreads at " + describe(site) + " reached while other threads of the block wait at " +
+         describe(run.block_barrier) + where(run));
   }
   Fiber& self = run.fibers[run.current];
   const int total = static_cast<int>(run.fibers.size());
@@ -476,7 +495,9 @@ void launch(void (*kernel)(Params...), const LaunchConfig& config, Args&&... arg
 // Device intrinsics
 // ---------------------------------------------------------------------------
 
-inline void __syncthreads() { cuda_emulator::sync_block(); }
+inline void __syncthreads(std::source_location site = std::source_location::current()) {
+  cuda_emulator::sync_block(site);
+}
 inline void __syncwarp(unsigned mask = 0xffffffffu) { cuda_emulator::sync_warp(mask, "__syncwarp"); }
 
 namespace cuda_emulator {
