@@ -1,14 +1,21 @@
 // Python binding of the srm_ext kernel launchers (csrc/cuda/srm_kernels.h)
 // built against the CPU emulator (tools/cuda_emulator), so that the tests can
 // run the CUDA kernels on CPU tensors. Each function passes the tensors'
-// pointers straight to one launcher and raises if it reported an error or a
-// kernel failed in the emulator.
+// pointers to one launcher and raises if it reported an error or a kernel
+// failed in the emulator. The tensors are fenced copies (see with_fences), so
+// that a kernel reading or writing outside one fails as on a GPU.
 #include <torch/extension.h>
 
+#include <cstring>
+#include <map>
 #include <optional>
 #include <string>
+#include <type_traits>
+#include <vector>
 
 #include "srm_kernels.h"
+
+#include <cuda_runtime.h>  // the emulator's, for its fenced memory
 
 namespace emulator_probes {
 cudaError_t launch_neighbour(bool with_barrier, int blocks, float* out);
@@ -23,6 +30,7 @@ cudaError_t launch_dynamic_shared(size_t bytes, bool raise_limit, float* out);
 cudaError_t launch_static_and_dynamic_shared(size_t bytes, bool raise_limit, float* out);
 cudaError_t launch_bounded(int threads, float* out);
 cudaError_t launch_vector_load(int first, float* out);
+cudaError_t launch_shifted_read(const float* in, int shift, float* out);
 }  // namespace emulator_probes
 
 namespace {
@@ -30,6 +38,93 @@ namespace {
 using srm_cuda::Dtype;
 using srm_cuda::FeatureMap;
 using OptionalTensor = std::optional<at::Tensor>;
+
+// Copies of a call's tensors in fenced memory (cuda_emulator::fenced_alloc),
+// written back to the originals after the call. Each copy spans its tensor's
+// elements exactly, against the inaccessible page after them, or under the
+// reverse schedule the one before them (the shuffled one picks per tensor),
+// so that an index one past either end faults instead of reading a
+// neighbouring allocation. Tensors that share storage with another argument
+// are passed as they are: separate copies would not alias.
+class Fences {
+ public:
+  template <typename T>
+  void count(const T& arg) {
+    if constexpr (std::is_same_v<T, at::Tensor>) {
+      if (arg.defined()) ++storages_[arg.storage().data()];
+    } else if constexpr (std::is_same_v<T, OptionalTensor>) {
+      if (arg.has_value()) count(*arg);
+    }
+  }
+
+  template <typename T>
+  T fence(const T& arg) {
+    if constexpr (std::is_same_v<T, at::Tensor>) {
+      return copy_of(arg);
+    } else if constexpr (std::is_same_v<T, OptionalTensor>) {
+      return arg.has_value() ? OptionalTensor(copy_of(*arg)) : arg;
+    } else {
+      return arg;
+    }
+  }
+
+  // Writes the copies back; raises where a kernel wrote into the poisoned
+  // bytes beside a copy, which no fault catches.
+  void finish() {
+    for (const Copy& c : copies_) {
+      TORCH_CHECK(cuda_emulator::fenced_intact(c.copy.data_ptr()),
+                  "a kernel wrote outside a ", c.bytes, "-byte tensor argument");
+      std::memcpy(c.original.data_ptr(), c.copy.data_ptr(), c.bytes);
+    }
+  }
+
+ private:
+  struct Copy {
+    at::Tensor original, copy;
+    size_t bytes;
+  };
+
+  at::Tensor copy_of(const at::Tensor& t) {
+    if (!t.defined() || t.numel() == 0 || storages_[t.storage().data()] > 1) return t;
+    int64_t span = 1;
+    for (int64_t i = 0; i < t.dim(); ++i) {
+      if (t.stride(i) < 0) return t;
+      span += (t.size(i) - 1) * t.stride(i);
+    }
+    const size_t bytes = static_cast<size_t>(span) * t.element_size();
+    const cuda_emulator::State& s = cuda_emulator::state();
+    const bool at_start = s.schedule == 1 || (s.schedule == 2 && (s.seed + copies_.size()) % 2 == 1);
+    void* data = cuda_emulator::fenced_alloc(bytes, t.element_size(), "tensor", at_start);
+    std::memcpy(data, t.data_ptr(), bytes);
+    at::Tensor copy = at::from_blob(
+        data, t.sizes(), t.strides(), [](void* p) { cuda_emulator::fenced_free(p); }, t.options());
+    copies_.push_back({t, copy, bytes});
+    return copy;
+  }
+
+  std::map<const void*, int> storages_;
+  std::vector<Copy> copies_;
+};
+
+// `function` with every tensor argument fenced.
+template <typename... Params>
+auto with_fences(void (*function)(Params...)) {
+  return [function](Params... args) {
+    Fences fences;
+    (fences.count(args), ...);
+    function(fences.fence(args)...);
+    fences.finish();
+  };
+}
+
+// An uninitialised float tensor of `numel` elements in fenced memory (0xff
+// bytes), for workspaces.
+at::Tensor fenced_empty(int64_t numel, at::ScalarType dtype) {
+  const size_t bytes = static_cast<size_t>(numel) * c10::elementSize(dtype);
+  void* data = cuda_emulator::fenced_alloc(bytes, c10::elementSize(dtype), "workspace");
+  return at::from_blob(
+      data, {numel}, [](void* p) { cuda_emulator::fenced_free(p); }, at::TensorOptions(dtype));
+}
 
 void check(cudaError_t status, const char* launcher) {
   const std::string failure = cuda_emulator::take_failure();
@@ -252,8 +347,8 @@ void reduce_dictionary_partials(const at::Tensor segment_partials, int64_t num_s
 }
 
 void deterministic_sum(const at::Tensor& input, double scale, at::Tensor out) {
-  auto workspace = at::empty({srm_cuda::deterministic_sum_workspace_size(input.numel())},
-                             input.options().dtype(at::kDouble));
+  auto workspace = fenced_empty(srm_cuda::deterministic_sum_workspace_size(input.numel()),
+                               at::kDouble);
   check(srm_cuda::launch_deterministic_sum(input.data_ptr<float>(), input.numel(), scale,
                                            workspace.data_ptr<double>(),
                                            out.data_ptr<float>(), nullptr),
@@ -276,12 +371,10 @@ void predictor_loss(at::Tensor logits, const at::Tensor& intercept,
                     double global_weight, at::Tensor loss,
                     at::Tensor error_flag) {
   const int64_t num_codewords = logits.size(-1);
-  auto workspace = at::empty(
-      {srm_cuda::predictor_workspace_size(batch, pixels_per_image, num_codewords)},
-      logits.options().dtype(at::kFloat));
+  auto workspace = fenced_empty(
+      srm_cuda::predictor_workspace_size(batch, pixels_per_image, num_codewords), at::kFloat);
   const int64_t sum_count = std::max(batch * pixels_per_image, batch * num_codewords);
-  auto sums = at::empty({srm_cuda::deterministic_sum_workspace_size(sum_count)},
-                        logits.options().dtype(at::kDouble));
+  auto sums = fenced_empty(srm_cuda::deterministic_sum_workspace_size(sum_count), at::kDouble);
   check(srm_cuda::launch_predictor_loss(
             logits.data_ptr<float>(), intercept.data_ptr<float>(),
             pixel_labels.data_ptr<int64_t>(), image_labels.data_ptr<float>(), batch,
@@ -292,8 +385,9 @@ void predictor_loss(at::Tensor logits, const at::Tensor& intercept,
         "launch_predictor_loss");
 }
 
-// The emulator's own probes (cuda_emulation_probes.cu); `out` is float32.
-void probe(const std::string& name, at::Tensor out, const OptionalTensor& ballot, int64_t arg,
+// The emulator's own probes (cuda_emulation_probes.cu); `out` is float32,
+// `extra` the ballot words (int32) or the shifted read's input (float32).
+void probe(const std::string& name, at::Tensor out, const OptionalTensor& extra, int64_t arg,
            bool flag) {
   namespace p = emulator_probes;
   float* o = out.data_ptr<float>();
@@ -306,7 +400,10 @@ void probe(const std::string& name, at::Tensor out, const OptionalTensor& ballot
   if (name == "split_barrier") status = p::launch_split_barrier(flag, o);
   if (name == "warp_collectives") status = p::launch_warp_collectives(flag, o);
   if (name == "warp_primitives") {
-    status = p::launch_warp_primitives(o, reinterpret_cast<unsigned*>(ballot->data_ptr<int>()));
+    status = p::launch_warp_primitives(o, reinterpret_cast<unsigned*>(extra->data_ptr<int>()));
+  }
+  if (name == "shifted_read") {
+    status = p::launch_shifted_read(extra->data_ptr<float>(), static_cast<int>(arg), o);
   }
   if (name == "dynamic_shared") status = p::launch_dynamic_shared(arg, flag, o);
   if (name == "static_and_dynamic_shared") {
@@ -325,29 +422,29 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("take_failure", &cuda_emulator::take_failure,
         "The first kernel failure since the last call (empty if none), cleared");
   m.def("sparse_encode_num_blocks", &srm_cuda::sparse_encode_num_blocks);
-  m.def("sparse_encode", &sparse_encode);
-  m.def("select_top_k", &select_top_k);
-  m.def("select_candidates", &select_candidates);
-  m.def("certify_top_k", &certify_top_k);
-  m.def("exact_rows_top_k", &exact_rows_top_k);
+  m.def("sparse_encode", with_fences(&sparse_encode));
+  m.def("select_top_k", with_fences(&select_top_k));
+  m.def("select_candidates", with_fences(&select_candidates));
+  m.def("certify_top_k", with_fences(&certify_top_k));
+  m.def("exact_rows_top_k", with_fences(&exact_rows_top_k));
   m.def("tf32_error_bound", [](int64_t depth) {
     const srm_cuda::Tf32ErrorBound error = srm_cuda::tf32_error_bound(depth);
     return std::make_tuple(error.relative, error.underflow, error.norm_floor);
   });
   m.def("residual_square_sums_num_blocks", &srm_cuda::residual_square_sums_num_blocks);
-  m.def("residual_square_sums", &residual_square_sums);
-  m.def("combine_codewords", &combine_codewords);
-  m.def("combine_codewords_and_dots", &combine_codewords_and_dots);
-  m.def("codeword_dots", &codeword_dots);
-  m.def("recomputed_sigmoid_backward", &recomputed_sigmoid_backward);
-  m.def("sigmoid_backward", &sigmoid_backward);
-  m.def("scatter_codewords_atomic", &scatter_codewords_atomic);
-  m.def("residual_gradients", &residual_gradients);
-  m.def("codeword_run_offsets", &codeword_run_offsets);
-  m.def("scatter_codewords_sorted", &scatter_codewords_sorted);
-  m.def("reduce_dictionary_partials", &reduce_dictionary_partials);
-  m.def("deterministic_sum", &deterministic_sum);
-  m.def("sparse_labels", &sparse_labels);
-  m.def("predictor_loss", &predictor_loss);
-  m.def("probe", &probe);
+  m.def("residual_square_sums", with_fences(&residual_square_sums));
+  m.def("combine_codewords", with_fences(&combine_codewords));
+  m.def("combine_codewords_and_dots", with_fences(&combine_codewords_and_dots));
+  m.def("codeword_dots", with_fences(&codeword_dots));
+  m.def("recomputed_sigmoid_backward", with_fences(&recomputed_sigmoid_backward));
+  m.def("sigmoid_backward", with_fences(&sigmoid_backward));
+  m.def("scatter_codewords_atomic", with_fences(&scatter_codewords_atomic));
+  m.def("residual_gradients", with_fences(&residual_gradients));
+  m.def("codeword_run_offsets", with_fences(&codeword_run_offsets));
+  m.def("scatter_codewords_sorted", with_fences(&scatter_codewords_sorted));
+  m.def("reduce_dictionary_partials", with_fences(&reduce_dictionary_partials));
+  m.def("deterministic_sum", with_fences(&deterministic_sum));
+  m.def("sparse_labels", with_fences(&sparse_labels));
+  m.def("predictor_loss", with_fences(&predictor_loss));
+  m.def("probe", with_fences(&probe));
 }

@@ -151,6 +151,12 @@ __global__ void vector_load_kernel(int first, float* out) {
   }
 }
 
+// out[i] = in[i + shift]: with a shift the last (or, negative, the first)
+// threads read past the end (start) of `in`, as an off-by-one index does.
+__global__ void shifted_read_kernel(const float* in, int shift, float* out) {
+  out[threadIdx.x] = in[static_cast<int>(threadIdx.x) + shift];
+}
+
 }  // namespace
 
 cudaError_t launch_neighbour(bool with_barrier, int blocks, float* out) {
@@ -243,6 +249,11 @@ cudaError_t launch_bounded(int threads, float* out) {
 
 cudaError_t launch_vector_load(int first, float* out) {
   vector_load_kernel<<<1, kThreads>>>(first, out);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_shifted_read(const float* in, int shift, float* out) {
+  shifted_read_kernel<<<1, kThreads>>>(in, shift, out);
   return cudaGetLastError();
 }
 

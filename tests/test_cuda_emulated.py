@@ -963,9 +963,9 @@ def test_launch_errors_are_reported(emu):
 PROBE_THREADS = 64
 
 
-def probe(emu, name, arg=0, flag=False, ballot=None):
+def probe(emu, name, arg=0, flag=False, extra=None):
     out = torch.full((2 * PROBE_THREADS,), -7.0)
-    emu.probe(name, out, ballot, arg, flag)
+    emu.probe(name, out, extra, arg, flag)
     return out
 
 
@@ -1034,11 +1034,28 @@ def test_emulator_poisons_shared_memory_before_every_block(emu):
 
 def test_emulator_warp_primitives(emu):
     ballot = torch.zeros(4, dtype=torch.int32)
-    out = probe(emu, "warp_primitives", ballot=ballot)
+    out = probe(emu, "warp_primitives", extra=ballot)
     lanes = torch.arange(PROBE_THREADS).reshape(2, 32)
     assert torch.equal(out[:PROBE_THREADS], lanes.sum(1, keepdim=True).expand(2, 32).reshape(-1).float())
     assert ballot[:2].tolist() == [0x55555555 * 2 - (1 << 32), 0x55555555 * 2 - (1 << 32)]
     assert ballot[2:].tolist() == ((37 * lanes) % 61).amax(1).tolist()
+
+
+def test_emulator_reports_a_read_outside_a_tensor(emu):
+    inputs = torch.arange(PROBE_THREADS, dtype=torch.float32)
+    for schedule in SCHEDULES.values():
+        emu.set_schedule(schedule, 3)
+        assert torch.equal(probe(emu, "shifted_read", 0, extra=inputs)[:PROBE_THREADS], inputs)
+    # The copy a kernel reads ends at an inaccessible page (forward), or
+    # starts at one (reverse); on the other side the bytes read as NaN.
+    emu.set_schedule(SCHEDULES["forward"], 0)
+    with pytest.raises(RuntimeError, match="illegal address 0x[0-9a-f]+, 0 bytes past the end of a 256-byte tensor"):
+        probe(emu, "shifted_read", 1, extra=inputs)
+    assert probe(emu, "shifted_read", -1, extra=inputs)[0].isnan()
+    emu.set_schedule(SCHEDULES["reverse"], 0)
+    with pytest.raises(RuntimeError, match="illegal address 0x[0-9a-f]+, 4 bytes before the start of a 256-byte tensor"):
+        probe(emu, "shifted_read", -1, extra=inputs)
+    assert probe(emu, "shifted_read", 1, extra=inputs)[PROBE_THREADS - 1].isnan()
 
 
 def test_emulator_refuses_a_block_past_the_launch_bounds(emu):

@@ -18,6 +18,11 @@
 //     of a grid run in the schedule's order too;
 //   * uninitialised shared memory: static and dynamic shared memory is
 //     filled with 0xff bytes (NaN floats, -1 integers) before every block;
+//   * global memory outside a buffer: a buffer from fenced_alloc (the
+//     tests' tensors) lies against an inaccessible page after its end (or
+//     before its start), so that an access past it faults and fails the
+//     thread, as an illegal address does on a GPU; a fault at any other
+//     address inside a kernel is reported the same way;
 //   * launch configuration: block and grid limits, a block larger than the
 //     kernel's __launch_bounds__ (translate.py turns the bound into a check
 //     at the top of the kernel), and dynamic shared memory past 48 KiB
@@ -25,13 +30,18 @@
 // It does not model timing, warp lockstep, or global-memory races.
 #pragma once
 
+#include <signal.h>
+#include <sys/mman.h>
 #include <ucontext.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <functional>
+#include <new>
 #include <numeric>
 #include <random>
 #include <source_location>
@@ -160,6 +170,122 @@ inline std::string where(const BlockRun& run) {
   const Fiber& f = run.fibers[run.current];
   return " (block " + std::to_string(blockIdx.x) + "," + std::to_string(blockIdx.y) +
          ", thread " + std::to_string(f.linear) + ")";
+}
+
+// Memory between two inaccessible pages, its bytes placed against the back
+// one (or with at_start, the front one): a kernel reading or writing past
+// that end faults, as a GPU's access outside its allocation does (and
+// compute-sanitizer names), where an ordinary host buffer would hand it a
+// neighbour's bytes. The rest of the pages between (the other side, and the
+// bytes up to `align` past the end) hold 0xff, which reads as NaN or -1 and
+// which fenced_intact checks.
+struct Fenced {
+  char* base;
+  size_t mapped;
+  size_t bytes;
+  const char* what;
+};
+
+inline std::map<char*, Fenced>& fenced_blocks() {
+  static std::map<char*, Fenced> blocks;  // by data address
+  return blocks;
+}
+
+inline size_t page_bytes() {
+  static const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  return page;
+}
+
+inline void install_fault_handler();
+
+inline void* fenced_alloc(size_t bytes, size_t align, const char* what, bool at_start = false) {
+  install_fault_handler();
+  const size_t page = page_bytes();
+  const size_t padded = (bytes + align - 1) / align * align;
+  const size_t pages = std::max<size_t>(1, (padded + page - 1) / page);
+  const size_t mapped = (pages + 2) * page;
+  void* mapping = mmap(nullptr, mapped, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (mapping == MAP_FAILED) throw std::bad_alloc();
+  char* base = static_cast<char*>(mapping);
+  if (mprotect(base + page, pages * page, PROT_READ | PROT_WRITE) != 0) {
+    munmap(mapping, mapped);
+    throw std::bad_alloc();
+  }
+  std::memset(base + page, 0xff, pages * page);
+  char* data = at_start ? base + page : base + (pages + 1) * page - padded;
+  fenced_blocks()[data] = Fenced{base, mapped, bytes, what};
+  return data;
+}
+
+inline void fenced_free(void* data) {
+  auto it = fenced_blocks().find(static_cast<char*>(data));
+  if (it == fenced_blocks().end()) return;
+  munmap(it->second.base, it->second.mapped);
+  fenced_blocks().erase(it);
+}
+
+// Whether the poisoned bytes around a fenced block's data are untouched.
+inline bool fenced_intact(const void* data) {
+  const auto it = fenced_blocks().find(static_cast<char*>(const_cast<void*>(data)));
+  if (it == fenced_blocks().end()) return true;
+  const Fenced& f = it->second;
+  const char* start = it->first;
+  const auto poisoned = [](const char* from, const char* to) {
+    for (; from < to; ++from) {
+      if (static_cast<unsigned char>(*from) != 0xff) return false;
+    }
+    return true;
+  };
+  const size_t page = page_bytes();
+  return poisoned(f.base + page, start) &&
+         poisoned(start + f.bytes, f.base + f.mapped - page);
+}
+
+// What a faulting address is, for the report: where it lies against the
+// nearest fenced block, if any is within a page of it.
+inline std::string describe_address(const void* address) {
+  const char* a = static_cast<const char*>(address);
+  char hex[32];
+  std::snprintf(hex, sizeof(hex), "%p", address);
+  for (const auto& [data, f] : fenced_blocks()) {
+    if (a >= f.base && a < f.base + f.mapped) {
+      const std::string size = " of a " + std::to_string(f.bytes) + "-byte " + f.what;
+      if (a >= data) {
+        return std::string(hex) + ", " + std::to_string(a - (data + f.bytes)) +
+               " bytes past the end" + size;
+      }
+      return std::string(hex) + ", " + std::to_string(data - a) + " bytes before the start" + size;
+    }
+  }
+  return hex;
+}
+
+inline struct sigaction& previous_fault_action() {
+  static struct sigaction action;
+  return action;
+}
+
+// A fault in an emulated thread fails its block, as an illegal address does
+// on a GPU; any other fault goes to the handler that was there before.
+inline void on_fault(int, siginfo_t* info, void*) {
+  BlockRun* run = state().run;
+  if (run == nullptr || run->current < 0) {
+    sigaction(SIGSEGV, &previous_fault_action(), nullptr);  // the access faults again there
+    return;
+  }
+  fail("illegal address " + describe_address(info->si_addr) + where(*run),
+       cudaErrorIllegalAddress);
+}
+
+inline void install_fault_handler() {
+  static const bool installed = [] {
+    struct sigaction action {};
+    action.sa_sigaction = on_fault;
+    action.sa_flags = SA_SIGINFO | SA_ONSTACK;
+    sigemptyset(&action.sa_mask);
+    return sigaction(SIGSEGV, &action, &previous_fault_action()) == 0;
+  }();
+  (void)installed;
 }
 
 // reinterpret_cast<Pointer>(p) for a pointer to a CUDA vector type, which

@@ -19,6 +19,7 @@ enum cudaError_t {
   cudaErrorInvalidConfiguration = 9,
   cudaErrorLaunchFailure = 719,
   cudaErrorLaunchOutOfResources = 701,
+  cudaErrorIllegalAddress = 700,
   cudaErrorMisalignedAddress = 716,
 };
 
@@ -91,6 +92,7 @@ inline const char* cudaGetErrorString(cudaError_t e) {
     case cudaErrorLaunchOutOfResources: return "too many resources requested for launch";
     case cudaErrorLaunchFailure: return "unspecified launch failure";
     case cudaErrorMisalignedAddress: return "misaligned address";
+    case cudaErrorIllegalAddress: return "an illegal memory access was encountered";
   }
   return "unknown error";
 }
