@@ -1108,6 +1108,19 @@ def test_emulator_dynamic_shared_memory_limit(emu):
     assert torch.equal(probe(emu, "dynamic_shared", 64 * 1024, True)[:PROBE_THREADS], expected)
 
 
+def test_emulator_reports_an_access_past_the_dynamic_shared_memory(emu):
+    # Each of the 64 threads writes and reads its own float; in forward
+    # order thread 32 is the first past 128 bytes.
+    emu.set_schedule(SCHEDULES["forward"], 0)
+    expected = torch.arange(PROBE_THREADS).float()
+    assert torch.equal(probe(emu, "dynamic_shared", 4 * PROBE_THREADS)[:PROBE_THREADS], expected)
+    with pytest.raises(RuntimeError, match="illegal address 0x[0-9a-f]+, 0 bytes past the end of a 128-byte dynamic shared memory"):
+        probe(emu, "dynamic_shared", 128)
+    # Short of the next 16 bytes the page is not reached; the write still is.
+    with pytest.raises(RuntimeError, match=r"wrote past the end of 250 bytes of dynamic shared memory \(its byte 250\)"):
+        probe(emu, "dynamic_shared", 250)
+
+
 def test_emulator_counts_static_shared_memory_against_the_limit(emu):
     expected = torch.arange(PROBE_THREADS).float()
     fits = probe(emu, "static_and_dynamic_shared", 47 * 1024)

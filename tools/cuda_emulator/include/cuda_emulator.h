@@ -23,6 +23,8 @@
 //     before its start), so that an access past it faults and fails the
 //     thread, as an illegal address does on a GPU; a fault at any other
 //     address inside a kernel is reported the same way;
+//   * dynamic shared memory past the launch's size: it lies against an
+//     inaccessible page too, so that an access past it faults;
 //   * launch configuration: block and grid limits, a block larger than the
 //     kernel's __launch_bounds__ (translate.py turns the bound into a check
 //     at the top of the kernel), and dynamic shared memory past 48 KiB
@@ -439,9 +441,26 @@ inline void track_shared(void* address, size_t bytes) {
   }
 }
 
-inline void* dynamic_shared_memory() {
-  State& s = state();
-  return s.dynamic_shared.empty() ? nullptr : s.dynamic_shared.data();
+inline void* dynamic_shared_memory() { return state().dynamic_shared; }
+
+// GPUs align dynamic shared memory to at least 16 bytes.
+constexpr size_t kDynamicSharedAlign = 16;
+
+// Fails the running thread if it wrote into the bytes between the end of the
+// dynamic shared memory and the inaccessible page (it is rounded up to
+// kDynamicSharedAlign), which no fault catches.
+inline void check_dynamic_shared_tail(BlockRun& run) {
+  const State& s = state();
+  const size_t bytes = s.dynamic_shared_bytes;
+  const size_t padded = (bytes + kDynamicSharedAlign - 1) / kDynamicSharedAlign * kDynamicSharedAlign;
+  for (size_t i = bytes; i < padded; ++i) {
+    if (s.dynamic_shared[i] != 0xff) {
+      run.failure = "wrote past the end of " + std::to_string(bytes) +
+                    " bytes of dynamic shared memory (its byte " + std::to_string(i) + ")" +
+                    where(run);
+      return;
+    }
+  }
 }
 
 inline void fiber_entry() {
@@ -461,7 +480,7 @@ inline bool run_block(BlockRun& run, std::mt19937_64& rng) {
   for (auto& [address, bytes] : s.shared_regions) {
     std::memset(address, 0xff, bytes);
   }
-  std::fill(s.dynamic_shared.begin(), s.dynamic_shared.end(), 0xff);
+  std::memset(s.dynamic_shared, 0xff, s.dynamic_shared_bytes);
   for (int i = 0; i < total; ++i) {
     Fiber& f = run.fibers[i];
     f.waiting = Waiting::kRunnable;
@@ -495,6 +514,7 @@ inline bool run_block(BlockRun& run, std::mt19937_64& rng) {
       run.current = i;
       threadIdx = f.thread;
       swapcontext(&run.scheduler, &f.context);
+      if (run.failure.empty()) check_dynamic_shared_tail(run);
       run.current = -1;
       progressed = true;
       if (!run.failure.empty()) return false;
@@ -548,7 +568,15 @@ inline void run_grid(const void* kernel, const LaunchConfig& config,
       return;
     }
   }
-  s.dynamic_shared.assign(config.shared_bytes, 0xff);
+  // Against an inaccessible page, so that an access past the bytes the
+  // launch asked for faults (on a GPU it leaves the block's shared memory)
+  // instead of reaching what an earlier, larger launch left there.
+  if (s.dynamic_shared == nullptr || s.dynamic_shared_bytes != config.shared_bytes) {
+    fenced_free(s.dynamic_shared);
+    s.dynamic_shared = static_cast<unsigned char*>(
+        fenced_alloc(config.shared_bytes, kDynamicSharedAlign, "dynamic shared memory"));
+    s.dynamic_shared_bytes = config.shared_bytes;
+  }
   BlockRun run;
   run.body = &body;
   run.dynamic_shared_bytes = config.shared_bytes;

@@ -52,7 +52,9 @@ struct State {
   int schedule = 0;     // 0 forward, 1 reverse, 2 shuffled
   uint64_t seed = 0;
   std::map<void*, size_t> shared_regions;
-  std::vector<unsigned char> dynamic_shared;
+  // The launch's dynamic shared memory (fenced_alloc), and its size.
+  unsigned char* dynamic_shared = nullptr;
+  size_t dynamic_shared_bytes = 0;
   std::map<const void*, size_t> dynamic_shared_limit;
   std::vector<std::unique_ptr<char[]>> stacks;  // one per emulated thread
 };
