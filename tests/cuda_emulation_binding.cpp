@@ -31,6 +31,7 @@ cudaError_t launch_static_and_dynamic_shared(size_t bytes, bool raise_limit, flo
 cudaError_t launch_bounded(int threads, float* out);
 cudaError_t launch_vector_load(int first, float* out);
 cudaError_t launch_shifted_read(const float* in, int shift, float* out);
+cudaError_t launch_tf32_mma(bool round, float* out);
 }  // namespace emulator_probes
 
 namespace {
@@ -402,6 +403,7 @@ void probe(const std::string& name, at::Tensor out, const OptionalTensor& extra,
   if (name == "warp_primitives") {
     status = p::launch_warp_primitives(o, reinterpret_cast<unsigned*>(extra->data_ptr<int>()));
   }
+  if (name == "tf32_mma") status = p::launch_tf32_mma(flag, o);
   if (name == "shifted_read") {
     status = p::launch_shifted_read(extra->data_ptr<float>(), static_cast<int>(arg), o);
   }

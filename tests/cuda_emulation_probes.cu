@@ -2,6 +2,7 @@
 // CPU emulator's checks fire: tests/test_cuda_emulated.py runs them through
 // cuda_emulation_binding.cpp. Not part of the srm_ext build.
 #include <cuda_runtime.h>
+#include <mma.h>
 
 #include <cstdint>
 
@@ -157,6 +158,43 @@ __global__ void shifted_read_kernel(const float* in, int shift, float* out) {
   out[threadIdx.x] = in[static_cast<int>(threadIdx.x) + shift];
 }
 
+// out[0] = element (0, 0) of A B by one tf32 MMA (k = 8) of a warp, A all
+// 1 + 3 * 2^-12 and B all ones. With kRound the operands are first rounded
+// by __float_to_tf32 (to 1 + 2^-10), as kernels must; without it the tensor
+// cores ignore their low bits (1).
+template <bool kRound>
+__global__ void tf32_mma_kernel(float* out) {
+  namespace wmma = nvcuda::wmma;
+  __shared__ __align__(32) float a_tile[16 * 8];
+  __shared__ __align__(32) float b_tile[8 * 16];
+  __shared__ __align__(32) float c_tile[16 * 16];
+  for (int i = threadIdx.x; i < 16 * 8; i += 32) {
+    a_tile[i] = 1.0f + 3.0f / 4096.0f;
+    b_tile[i] = 1.0f;
+  }
+  __syncwarp();
+  wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> a;
+  wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major> b;
+  wmma::fragment<wmma::accumulator, 16, 16, 8, float> c;
+  wmma::fill_fragment(c, 0.0f);
+  wmma::load_matrix_sync(a, a_tile, 8);
+  wmma::load_matrix_sync(b, b_tile, 16);
+  if (kRound) {
+    for (int i = 0; i < a.num_elements; ++i) {
+      a.x[i] = wmma::__float_to_tf32(a.x[i]);
+    }
+    for (int i = 0; i < b.num_elements; ++i) {
+      b.x[i] = wmma::__float_to_tf32(b.x[i]);
+    }
+  }
+  wmma::mma_sync(c, a, b, c);
+  wmma::store_matrix_sync(c_tile, c, 16, wmma::mem_row_major);
+  __syncwarp();
+  if (threadIdx.x == 0) {
+    out[0] = c_tile[0];
+  }
+}
+
 }  // namespace
 
 cudaError_t launch_neighbour(bool with_barrier, int blocks, float* out) {
@@ -254,6 +292,15 @@ cudaError_t launch_vector_load(int first, float* out) {
 
 cudaError_t launch_shifted_read(const float* in, int shift, float* out) {
   shifted_read_kernel<<<1, kThreads>>>(in, shift, out);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_tf32_mma(bool round, float* out) {
+  if (round) {
+    tf32_mma_kernel<true><<<1, 32>>>(out);
+  } else {
+    tf32_mma_kernel<false><<<1, 32>>>(out);
+  }
   return cudaGetLastError();
 }
 

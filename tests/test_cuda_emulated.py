@@ -1074,6 +1074,12 @@ def test_emulator_refuses_a_misaligned_vector_access(emu):
         probe(emu, "vector_load", 1)
 
 
+def test_emulator_tensor_cores_ignore_the_low_bits_of_tf32_operands(emu):
+    # Eight products of 1 + 3 * 2^-12 (rounded to 1 + 2^-10, or not: 1) by 1.
+    assert probe(emu, "tf32_mma", flag=True)[0].item() == 8 * (1 + 2**-10)
+    assert probe(emu, "tf32_mma", flag=False)[0].item() == 8.0
+
+
 def test_translation_checks_casts_to_vector_types_only():
     source = (
         "const float4 v = *reinterpret_cast<const float4*>(&a[j]);\n"

@@ -2,7 +2,9 @@
 // fragment (the element-to-lane layout is the hardware's business; code that
 // only maps over fragment elements works either way). Loads, stores and
 // products are warp-collective, as on the GPU: each synchronises the warp.
-// Products are exact and summed in float32 in k order.
+// Products are exact and summed in float32 in k order. A tf32 operand is
+// used as the tensor cores read it: its 13 low mantissa bits are ignored, so
+// an element not rounded with __float_to_tf32 is truncated.
 #pragma once
 
 #include <cmath>
@@ -53,6 +55,26 @@ struct Extent<accumulator, M, N, K> {
 inline float as_float(float v) { return v; }
 inline float as_float(__half v) { return __half2float(v); }
 inline float as_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// The tf32 value a tensor core reads from a float: sign, exponent and the
+// 10 high mantissa bits.
+inline float tf32_bits(float v) {
+  if (std::isnan(v)) return v;
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  bits &= 0xffffe000u;
+  std::memcpy(&v, &bits, 4);
+  return v;
+}
+
+template <typename T, typename E>
+float operand(E v) {
+  if constexpr (std::is_same_v<T, precision::tf32>) {
+    return tf32_bits(v);
+  } else {
+    return as_float(v);
+  }
+}
 
 inline void collective(const char* what) { cuda_emulator::sync_warp(0xffffffffu, what); }
 }  // namespace detail
@@ -115,7 +137,7 @@ void mma_sync(fragment<accumulator, M, N, K, TC>& d, const fragment<matrix_a, M,
     for (int j = 0; j < N; ++j) {
       float acc = c.x[i * N + j];
       for (int kk = 0; kk < K; ++kk) {
-        acc += detail::as_float(a.x[i * K + kk]) * detail::as_float(b.x[kk * N + j]);
+        acc += detail::operand<TA>(a.x[i * K + kk]) * detail::operand<TB>(b.x[kk * N + j]);
       }
       out[i * N + j] = acc;
     }
