@@ -1029,7 +1029,16 @@ def test_emulator_reports_lanes_meeting_at_different_warp_collectives(emu):
 
 
 def test_emulator_poisons_shared_memory_before_every_block(emu):
+    huge = torch.tensor([0x7F7F7F7F], dtype=torch.int32).view(torch.float32)
+    emu.set_schedule(SCHEDULES["forward"], 0)
     assert probe(emu, "uninitialised_shared").isnan().all()
+    emu.set_schedule(SCHEDULES["reverse"], 0)
+    assert (probe(emu, "uninitialised_shared") == huge).all()
+    # Shuffled, the two blocks get one fill each.
+    emu.set_schedule(SCHEDULES["shuffled"], 0)
+    blocks = probe(emu, "uninitialised_shared").reshape(2, PROBE_THREADS)
+    assert sorted([blocks[b].isnan().all().item() for b in range(2)]) == [False, True]
+    assert ((blocks == huge).all(1) | blocks.isnan().all(1)).all()
 
 
 def test_emulator_warp_primitives(emu):

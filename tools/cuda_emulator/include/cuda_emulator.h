@@ -17,7 +17,11 @@
 //     poisoned memory or stale data under one of the schedules; the blocks
 //     of a grid run in the schedule's order too;
 //   * uninitialised shared memory: static and dynamic shared memory is
-//     filled with 0xff bytes (NaN floats, -1 integers) before every block;
+//     filled before every block with 0xff bytes (NaN floats, -1 integers),
+//     or under the reverse schedule, and in every other block of a
+//     shuffled one, with 0x7f bytes (3.4e38 floats, huge positive integers):
+//     -1 is also how kernels mark an absent pixel or codeword, which a read
+//     of memory never written must not pass for under every schedule;
 //   * global memory outside a buffer: a buffer from fenced_alloc (the
 //     tests' tensors) lies against an inaccessible page after its end (or
 //     before its start), so that an access past it faults and fails the
@@ -130,6 +134,7 @@ struct BlockRun {
   std::map<void*, size_t> static_shared;
   std::string failure;
   cudaError_t failure_error = cudaErrorLaunchFailure;
+  unsigned char poison = 0xff;  // the block's fill of its shared memory
 };
 
 inline BlockRun& current_run(const char* what) {
@@ -418,10 +423,10 @@ auto warp_exchange(unsigned mask, uint64_t mine, const char* what, Read&& read) 
 // passes its limit fails at the first declaration that takes it there.
 inline void track_shared(void* address, size_t bytes) {
   State& s = state();
-  if (s.shared_regions.emplace(address, bytes).second) {
-    std::memset(address, 0xff, bytes);
-  }
   BlockRun& run = current_run("__shared__");
+  if (s.shared_regions.emplace(address, bytes).second) {
+    std::memset(address, run.poison, bytes);
+  }
   if (!run.static_shared.emplace(address, bytes).second) {
     return;
   }
@@ -478,9 +483,9 @@ inline bool run_block(BlockRun& run, std::mt19937_64& rng) {
   State& s = state();
   const int total = static_cast<int>(run.fibers.size());
   for (auto& [address, bytes] : s.shared_regions) {
-    std::memset(address, 0xff, bytes);
+    std::memset(address, run.poison, bytes);
   }
-  std::memset(s.dynamic_shared, 0xff, s.dynamic_shared_bytes);
+  std::memset(s.dynamic_shared, run.poison, s.dynamic_shared_bytes);
   for (int i = 0; i < total; ++i) {
     Fiber& f = run.fibers[i];
     f.waiting = Waiting::kRunnable;
@@ -617,7 +622,9 @@ inline void run_grid(const void* kernel, const LaunchConfig& config,
   } else if (s.schedule == 2) {
     std::shuffle(block_order.begin(), block_order.end(), rng);
   }
-  for (const uint64_t linear_block : block_order) {
+  for (uint64_t i = 0; i < blocks; ++i) {
+    const uint64_t linear_block = block_order[i];
+    run.poison = s.schedule == 1 || (s.schedule == 2 && i % 2 == 1) ? 0x7f : 0xff;
     blockIdx = {static_cast<unsigned>(linear_block % g.x),
                 static_cast<unsigned>((linear_block / g.x) % g.y),
                 static_cast<unsigned>(linear_block / (uint64_t{g.x} * g.y))};
