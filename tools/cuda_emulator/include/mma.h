@@ -12,6 +12,7 @@
 #include <cstring>
 
 #include "cuda_emulator.h"
+#include "tf32.h"
 
 namespace nvcuda {
 namespace wmma {
@@ -56,21 +57,10 @@ inline float as_float(float v) { return v; }
 inline float as_float(__half v) { return __half2float(v); }
 inline float as_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 
-// The tf32 value a tensor core reads from a float: sign, exponent and the
-// 10 high mantissa bits.
-inline float tf32_bits(float v) {
-  if (std::isnan(v)) return v;
-  uint32_t bits;
-  std::memcpy(&bits, &v, 4);
-  bits &= 0xffffe000u;
-  std::memcpy(&v, &bits, 4);
-  return v;
-}
-
 template <typename T, typename E>
 float operand(E v) {
   if constexpr (std::is_same_v<T, precision::tf32>) {
-    return tf32_bits(v);
+    return cuda_emulator::tf32_bits(v);
   } else {
     return as_float(v);
   }

@@ -8,6 +8,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "tf32.h"  // the emulator's include folder
+
 typedef struct cublasContext* cublasHandle_t;
 typedef enum { CUBLAS_STATUS_SUCCESS = 0, CUBLAS_STATUS_NOT_SUPPORTED = 15 } cublasStatus_t;
 typedef enum { CUBLAS_OP_N = 0, CUBLAS_OP_T = 1 } cublasOperation_t;
@@ -18,13 +20,7 @@ typedef enum { CUDA_R_32F = 0 } cudaDataType;
 namespace cuda_emulator {
 inline float flush_subnormal(float v) { return std::fabs(v) < 0x1p-126f ? 0.0f : v; }
 
-inline float truncate_to_tf32(float v) {
-  uint32_t bits;
-  std::memcpy(&bits, &v, 4);
-  bits &= 0xffffe000u;
-  std::memcpy(&v, &bits, 4);
-  return flush_subnormal(v);
-}
+inline float truncate_to_tf32(float v) { return flush_subnormal(tf32_bits(v)); }
 }  // namespace cuda_emulator
 
 // Column-major C (m x n) = op(A) (m x k) op(B) (k x n), per batch entry.
