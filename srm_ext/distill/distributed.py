@@ -13,7 +13,7 @@ with DDP, each stage starts from rank 0's copy of what it trains.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -54,13 +54,12 @@ class DistributedContext:
         grads = [p.grad for p in parameters if p.grad is not None]
         if not grads:
             return
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat /= self.world_size
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
+
+        def average(flat: Tensor) -> None:
+            dist.all_reduce(flat)
+            flat /= self.world_size
+
+        _through_flat(grads, average)
 
     def broadcast_from_main(self, tensors: Iterable[Tensor]) -> None:
         """Overwrite ``tensors`` with rank 0's values, as DDP does when it wraps a
@@ -74,12 +73,7 @@ class DistributedContext:
             # One flat copy per dtype: a single call each, and NCCL refuses
             # non-contiguous tensors such as the codeword-major dictionaries.
             for group in groups.values():
-                flat = torch.cat([t.detach().reshape(-1) for t in group])
-                dist.broadcast(flat, src=0)
-                offset = 0
-                for t in group:
-                    t.copy_(flat[offset : offset + t.numel()].view_as(t))
-                    offset += t.numel()
+                _through_flat(group, lambda flat: dist.broadcast(flat, src=0))
 
     def average_buffers(self, module: nn.Module) -> None:
         """Average floating buffers (BatchNorm running statistics) over processes so
@@ -142,3 +136,15 @@ def resolve_device(requested: str, context: DistributedContext | None = None) ->
         if device.index is None:
             device = torch.device("cuda", context.local_rank)
     return device
+
+
+def _through_flat(tensors: list[Tensor], collective: Callable[[Tensor], None]) -> None:
+    """Run ``collective`` in place on one flat copy of ``tensors`` (one call
+    where a call per tensor would each pay the latency) and copy the result
+    back into them."""
+    flat = torch.cat([t.detach().reshape(-1) for t in tensors])
+    collective(flat)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
