@@ -13,7 +13,7 @@ from torch.utils.data import BatchSampler, DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
 from srm_ext import SparseCodePredictor, SparseRepresentation, SRMDistiller
-from srm_ext.distill import ConfigError, Stage, StageConfig, Trainer
+from srm_ext.distill import DEFAULT_STAGE_CONFIGS, ConfigError, Stage, StageConfig, Trainer
 from srm_ext.distill.trainer import build_optimizer, build_scheduler
 from srm_ext.distill.losses import (
     HintRegressor,
@@ -603,6 +603,50 @@ def test_stage_config_refuses_bad_values_by_name(field, value, message):
     # NaN passes a `<= 0` test, and an optimiser built from it trains on NaN.
     with pytest.raises(ConfigError, match=message):
         StageConfig(**{field: value})
+
+
+class RecordingTrainer(Trainer):
+    """Records the stages it is given instead of training them."""
+
+    def __init__(self) -> None:
+        super().__init__(**QUIET)
+        self.stages: list[Stage] = []
+
+    def fit(self, stage, loader, **kwargs):
+        self.stages.append(stage)
+        return []
+
+
+def test_a_mapping_changes_only_the_settings_it_names():
+    distiller, trainer = make_distiller(), RecordingTrainer()
+    distiller.fit_dictionaries(toy_loader(), config={"lr": 3e-4}, trainer=trainer)
+    distiller.fit_kd(toy_loader(), epochs=2, config={"schedule": "cosine"}, trainer=trainer)
+    dictionary, kd = (stage.config for stage in trainer.stages)
+    # A StageConfig(lr=3e-4) would also have reset the epochs to 1 and put
+    # weight decay on the dictionaries.
+    assert dictionary == DEFAULT_STAGE_CONFIGS["dictionary"].replace(lr=3e-4)
+    assert dictionary.epochs == 10 and dictionary.weight_decay == 0.0
+    assert kd == DEFAULT_STAGE_CONFIGS["kd"].replace(epochs=2, schedule="cosine")
+    stages = distiller.stages({"init": {"optimizer": "sgd"}, "kd": StageConfig(epochs=3)})
+    assert [stage.config for stage in stages] == [
+        DEFAULT_STAGE_CONFIGS["dictionary"],
+        DEFAULT_STAGE_CONFIGS["init"].replace(optimizer="sgd"),
+        StageConfig(epochs=3),
+    ]
+
+
+def test_unknown_stages_and_settings_are_named():
+    distiller = make_distiller()
+    unknown_setting = r"unknown stage setting\(s\) 'learning_rate'; a stage has epochs, optimizer, lr"
+    with pytest.raises(ConfigError, match=unknown_setting):
+        distiller.fit_dictionaries(toy_loader(), config={"learning_rate": 1e-2}, **QUIET)
+    unknown_stage = r"unknown stage\(s\) 'dictionaries'; the stages are dictionary, init, kd"
+    with pytest.raises(ValueError, match=unknown_stage):
+        distiller.stages({"dictionaries": {"lr": 1e-2}})
+    with pytest.raises(TypeError, match="StageConfig or a mapping of settings to change, got float"):
+        distiller.fit_kd(toy_loader(), config=1e-2, **QUIET)
+    with pytest.raises(ConfigError, match="lr must be > 0"):
+        distiller.fit_kd(toy_loader(), config={"lr": -1.0}, **QUIET)
 
 
 def test_adamw_sgd_and_cosine_options():

@@ -71,6 +71,14 @@ class StageConfig:
             raise ConfigError(f"momentum must lie in [0, 1), got {self.momentum}")
 
     def replace(self, **changes: Any) -> "StageConfig":
+        """A copy with ``changes`` applied (validated like a new config)."""
+        names = [f.name for f in dataclasses.fields(self)]
+        unknown = sorted(set(changes) - set(names))
+        if unknown:
+            raise ConfigError(
+                f"unknown stage setting(s) {', '.join(map(repr, unknown))}; "
+                f"a stage has {', '.join(names)}"
+            )
         return dataclasses.replace(self, **changes)
 
 

@@ -17,7 +17,7 @@ from .._validation import check_loss_weight
 from ..modules import SparseCodePredictor, SparseRepresentation, check_multipliers, srm_sizes
 from .config import StageConfig
 from .distiller_checkpoint import DistillerCheckpoint
-from .hooks import FeatureTap
+from .hooks import FeatureTap, unwrap, wrapped_module
 from .losses import check_logits, kd_loss
 from .metrics import accuracy
 from .trainer import Stage, Trainer, image_batch
@@ -34,6 +34,23 @@ DEFAULT_STAGE_CONFIGS: dict[str, StageConfig] = {
 }
 
 LayerPairs = Mapping[str, str] | Sequence[tuple[str, str]]
+#: A stage's settings in full, or a mapping of those to change from its defaults.
+StageSettings = StageConfig | Mapping[str, Any]
+
+
+def _stage_config(key: str, settings: StageSettings | None) -> StageConfig:
+    """The settings of stage ``key``: ``settings`` when a :class:`StageConfig`,
+    else the stage's defaults with the changes a mapping gives."""
+    if isinstance(settings, StageConfig):
+        return settings
+    if settings is None:
+        return DEFAULT_STAGE_CONFIGS[key]
+    if isinstance(settings, Mapping):
+        return DEFAULT_STAGE_CONFIGS[key].replace(**settings)
+    raise TypeError(
+        f"a stage config must be a StageConfig or a mapping of settings to change, "
+        f"got {type(settings).__name__}"
+    )
 
 
 class SRMDistiller(nn.Module):
@@ -42,7 +59,10 @@ class SRMDistiller(nn.Module):
     Args:
         teacher: a trained classifier returning logits; it is never updated.
         student: the classifier to train; returned without SRM blocks or hooks by
-            :meth:`export_student`.
+            :meth:`export_student`. Either model may be compiled (``model.compile()``
+            or ``torch.compile(model)``; paths are those of the plain model) or
+            wrapped in DistributedDataParallel, which is dropped: the trainer
+            averages gradients across processes itself.
         layer_pairs: teacher module path -> student module path (dotted names as in
             ``named_modules()``), e.g. ``{"layer2": "stage2", "layer3.1": "stage3"}``,
             or a list of ``(teacher path, student path)`` pairs. Both modules must
@@ -94,6 +114,8 @@ class SRMDistiller(nn.Module):
                     "layer_pairs must map teacher paths to student paths: a dict or "
                     f"(teacher_path, student_path) pairs, got the entry {pair!r}"
                 )
+        teacher = _without_data_parallel(teacher, "teacher")
+        student = _without_data_parallel(student, "student")
         self.teacher = teacher
         self.student = student
         self.layer_pairs: list[tuple[str, str]] = [(str(t), str(s)) for t, s in pairs]
@@ -277,16 +299,23 @@ class SRMDistiller(nn.Module):
             config=config,
         )
 
-    def stages(self, configs: Mapping[str, StageConfig] | None = None) -> list[Stage]:
+    def stages(self, configs: Mapping[str, StageSettings] | None = None) -> list[Stage]:
         """The three stages in order, with ``configs`` overriding the defaults per
-        key (``dictionary``, ``init``, ``kd``). The blocks must be built."""
+        key (``dictionary``, ``init``, ``kd``), each a :class:`StageConfig` or a
+        mapping of the settings to change. The blocks must be built."""
         if not self.is_built:
             raise RuntimeError("build the SRM blocks first (input_shape, example_input or build())")
-        configs = {**DEFAULT_STAGE_CONFIGS, **(configs or {})}
+        configs = dict(configs or {})
+        unknown = sorted(set(configs) - set(DEFAULT_STAGE_CONFIGS))
+        if unknown:
+            raise ValueError(
+                f"unknown stage(s) {', '.join(map(repr, unknown))}; the stages are "
+                f"{', '.join(DEFAULT_STAGE_CONFIGS)}"
+            )
         return [
-            self.dictionary_stage(configs["dictionary"]),
-            self.student_stage(configs["init"]),
-            self.kd_stage(configs["kd"]),
+            self.dictionary_stage(_stage_config("dictionary", configs.get("dictionary"))),
+            self.student_stage(_stage_config("init", configs.get("init"))),
+            self.kd_stage(_stage_config("kd", configs.get("kd"))),
         ]
 
     def fit_dictionaries(self, loader: Iterable, epochs: int | None = None, **kwargs: Any) -> list[dict]:
@@ -334,14 +363,15 @@ class SRMDistiller(nn.Module):
         epochs: int | None,
         *,
         needs_blocks: bool = False,
-        config: StageConfig | None = None,
+        config: StageSettings | None = None,
         trainer: Trainer | None = None,
         eval_loader: Iterable | None = None,
         checkpoint: str | os.PathLike | None = None,
         **trainer_kwargs: Any,
     ) -> list[dict]:
         """Shared by the ``fit_*`` methods: ``config`` replaces the stage's default
-        settings, ``epochs`` overrides its epoch count; ``trainer`` or keyword
+        settings (a :class:`StageConfig`) or changes some of them (a mapping such
+        as ``{"lr": 3e-4}``), ``epochs`` overrides its epoch count; ``trainer`` or keyword
         arguments of :class:`Trainer` (not both) say how to run; ``eval_loader``
         adds the student's held-out accuracy to the metrics of stage 3 (under
         torch.distributed over the union of the processes' loaders, which may be
@@ -365,7 +395,7 @@ class SRMDistiller(nn.Module):
         # the features to it.
         self.representations.to(module_device(self.teacher))
         self.predictors.to(module_device(self.student))
-        config = config or DEFAULT_STAGE_CONFIGS[key]
+        config = _stage_config(key, config)
         if epochs is not None:
             config = config.replace(epochs=epochs)
         if trainer is None:
@@ -406,8 +436,9 @@ class SRMDistiller(nn.Module):
     # ------------------------------------------------------------------ export
 
     def export_student(self) -> nn.Module:
-        """A copy of the student, in eval mode, with no SRM blocks and no hooks."""
-        return copy.deepcopy(self.student).eval()
+        """A copy of the student, in eval mode, with no SRM blocks and no hooks
+        (the plain model, where a ``torch.compile`` wrapper was given)."""
+        return copy.deepcopy(unwrap(self.student)).eval()
 
 
 def _check_hyperparameters(
@@ -427,6 +458,24 @@ def _check_hyperparameters(
     check_loss_weight("global_weight", global_weight)
     if not 0.0 <= kd_alpha <= 1.0:
         raise ValueError(f"kd_alpha must lie in [0, 1], got {kd_alpha}")
+
+
+def _without_data_parallel(model: nn.Module, role: str) -> nn.Module:
+    """The model to train, without a DistributedDataParallel wrapper: the trainer
+    averages gradients itself, and DDP's reduction beside it would fail on the
+    student parts that stage 2 leaves without gradients."""
+    layer = model
+    while (inner := wrapped_module(layer)) is not None:
+        if isinstance(layer, nn.parallel.DistributedDataParallel):
+            return inner
+        if isinstance(layer, nn.DataParallel):
+            raise ValueError(
+                f"the {role} is wrapped in nn.DataParallel, which the distiller does not "
+                "run; pass the model itself, and for several GPUs launch one process per "
+                "GPU with torchrun (the trainer averages gradients across them)"
+            )
+        layer = inner
+    return model
 
 
 def _check_placement(teacher: nn.Module, student: nn.Module) -> None:

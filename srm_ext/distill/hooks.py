@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import difflib
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
+import torch._dynamo.config as dynamo_config
 from torch import Tensor, nn
 
-__all__ = ["FeatureMaps", "FeatureTap", "FeatureTapError", "resolve_module"]
+__all__ = ["FeatureMaps", "FeatureTap", "FeatureTapError", "resolve_module", "unwrap"]
 
 
 class FeatureTapError(RuntimeError):
@@ -17,14 +19,32 @@ class FeatureTapError(RuntimeError):
     or not produced at all."""
 
 
+def wrapped_module(model: nn.Module) -> nn.Module | None:
+    """The module that ``model`` wraps, when it is ``torch.compile``'s
+    ``OptimizedModule`` or a data-parallel wrapper; else None."""
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        return model.module
+    return model._modules.get("_orig_mod")  # torch.compile's OptimizedModule
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside all of ``model``'s wrappers, whose submodules have the
+    paths of the plain model (without ``_orig_mod.`` or ``module.`` in front)."""
+    while (inner := wrapped_module(model)) is not None:
+        model = inner
+    return model
+
+
 def resolve_module(model: nn.Module, path: str, role: str = "model") -> nn.Module:
-    """The submodule at dotted ``path`` (as in ``named_modules()``).
+    """The submodule at dotted ``path`` (as in ``named_modules()``), of ``model``
+    or of the model inside its wrappers (:func:`unwrap`).
 
     Raises ``ValueError`` naming the closest existing paths when it is missing.
     """
-    modules = dict(model.named_modules())
-    if path in modules and path != "":
-        return modules[path]
+    for candidate in (model, unwrap(model)):
+        modules = dict(candidate.named_modules())
+        if path in modules and path != "":
+            return modules[path]
     names = [name for name in modules if name]
     close = difflib.get_close_matches(path, names, n=5, cutoff=0.4)
     hint = f"; closest: {', '.join(close)}" if close else ""
@@ -106,7 +126,10 @@ class FeatureTap:
     """Captures the outputs of the submodules at ``paths`` of ``model``.
 
     Hooks are attached only inside :meth:`capture`, so the model carries no hooks
-    the rest of the time (it can be saved, exported or compiled as it is)::
+    the rest of the time (it can be saved, exported or compiled as it is). Paths
+    are those of the plain model, also when ``model`` is compiled or wrapped; a
+    compiled model's first capture turns on torch.compile's guards on module
+    hooks, with a warning::
 
         tap = FeatureTap(teacher, ["block1", "block2"], role="teacher")
         with tap.capture() as features:
@@ -119,12 +142,19 @@ class FeatureTap:
         self.role = role
         self.paths = list(paths)
         self._modules = {path: resolve_module(model, path, role) for path in self.paths}
+        self._all_modules = list(model.modules())  # searched for compiled ones at each capture
 
     @contextmanager
     def capture(self) -> Iterator[FeatureMaps]:
         """Hooks the tapped modules while the block runs. The maps hold the last
         forward pass of ``model``: each call of the model starts afresh, and a
         tapped module that runs twice within one pass raises."""
+        if (
+            dynamo_config.skip_nnmodule_hook_guards
+            and not torch.compiler.is_compiling()
+            and _any_compiled(self._all_modules)
+        ):
+            _guard_module_hooks(self.role)
         features = FeatureMaps(self.role, self.paths)
         handles = [self.model.register_forward_pre_hook(features._start)]
         handles += [
@@ -184,3 +214,30 @@ class FeatureTap:
             features._store(path, output)
 
         return hook
+
+
+def _any_compiled(modules: Sequence[nn.Module]) -> bool:
+    """Whether one of ``modules`` runs through torch.compile (``torch.compile(module)``
+    or ``module.compile()``)."""
+    # Read without nn.Module.__getattr__: this runs at every capture.
+    return any(
+        module.__dict__.get("_compiled_call_impl") is not None or "_orig_mod" in module._modules
+        for module in modules
+    )
+
+
+def _guard_module_hooks(role: str) -> None:
+    """Makes compiled code notice the taps' hooks. Dynamo does not guard on
+    module hooks by default, so code it compiled for a model without hooks
+    (the teacher evaluated before distillation) would keep running when the
+    hooks are attached, and the tapped maps would never arrive. With the
+    guards on, code compiled before is dropped once: it has none."""
+    dynamo_config.skip_nnmodule_hook_guards = False
+    torch.compiler.reset()
+    warnings.warn(
+        f"srm_ext: the {role} is compiled, and torch.compile does not notice forward "
+        "hooks added to a model after it compiled it; the feature taps have set "
+        "torch._dynamo.config.skip_nnmodule_hook_guards = False and cleared the "
+        "compiled code once, so compiled models recompile on their next call",
+        stacklevel=3,
+    )
