@@ -109,6 +109,23 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(
         assert torch.equal(resumed.state_dict()[name], value), name
 
 
+def test_resuming_with_persistent_workers_warns_that_augmentation_restarts(tmp_path, monkeypatch):
+    # Each epoch's fresh workers draw their seeds from the saved RNG, but
+    # persistent ones carry their random state over from the last epoch.
+    def persistent_loader() -> DataLoader:
+        return DataLoader(toy_loader().dataset, batch_size=32, num_workers=1, persistent_workers=True)
+
+    path = tmp_path / "run.pt"
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, "srm-dictionary", 1)
+        with pytest.raises(KeyboardInterrupt):
+            run_all_stages(path, persistent_loader)
+    with pytest.warns(UserWarning, match="persistent workers: their random state is not saved"):
+        make_distiller().fit_dictionaries(
+            persistent_loader(), checkpoint=path, config=CONFIG, **QUIET
+        )
+
+
 def test_a_finished_stage_is_skipped_with_its_weights_and_metrics(tmp_path, monkeypatch):
     path = tmp_path / "run.pt"
     trained = make_distiller()

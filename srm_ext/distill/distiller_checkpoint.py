@@ -143,6 +143,15 @@ class DistillerCheckpoint:
                 generator = _loader_generator(loader)
                 if generator is not None and "loader" in rngs[self.context.rank]:
                     generator.set_state(rngs[self.context.rank]["loader"])
+                if getattr(loader, "persistent_workers", False):
+                    warnings.warn(
+                        f"resuming from {os.fspath(self.path)} with a loader that keeps "
+                        "persistent workers: their random state is not saved, so random "
+                        "numbers drawn in the dataset (augmentation) restart from new worker "
+                        "seeds and the result will differ from an uninterrupted run; "
+                        "persistent_workers=False makes it exact",
+                        stacklevel=4,
+                    )
             else:
                 warnings.warn(
                     f"{os.fspath(self.path)} was saved by {len(rngs)} process(es), resumed on "
