@@ -3,15 +3,17 @@
 A :class:`Stage` says what to optimise (an objective over a batch, the
 parameters, which modules train and which stay frozen, the optimiser settings);
 :class:`Trainer` runs it for ``config.epochs`` epochs with progress bars, mixed
-precision, gradient averaging across processes and a per-epoch callback that the
-experiment runner uses to checkpoint. Resuming continues from the saved
-optimiser/scheduler state at the next epoch.
+precision, gradient accumulation and clipping, gradient averaging across
+processes and a per-epoch callback that the experiment runner uses to
+checkpoint. Resuming continues from the saved optimiser/scheduler state at the
+next epoch.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -99,8 +101,19 @@ class Trainer:
         preprocess: ``preprocess(images, train)`` applied to each batch on the device.
         amp: ``"none"``, ``"bf16"`` or ``"fp16"`` autocast (fp16 uses a GradScaler on CUDA).
         progress: show tqdm bars (main process only; off when stderr is not a TTY).
-        context: the distributed context; gradients are averaged across its processes.
+        context: the distributed context; gradients are averaged across its processes
+            (once per optimiser step).
         log: receives one summary line per epoch (main process only); ``None`` mutes it.
+        accumulate_steps: batches whose gradients are summed into one optimiser
+            step, each loss divided by the group's size: the step follows the mean
+            of their losses, as it would for one batch of them all (BatchNorm still
+            normalises each batch by its own statistics). An epoch's last group may
+            be shorter and is stepped on the mean over its batches, so no gradient
+            carries over into the next epoch or a checkpoint. Its size comes from
+            ``len(loader)``; a loader without one has the last group's gradients
+            rescaled to that mean before the step.
+        max_grad_norm: clip the total norm of the (averaged, unscaled) gradients
+            to this before each step; ``None``: no clipping.
     """
 
     def __init__(
@@ -111,7 +124,23 @@ class Trainer:
         progress: bool = True,
         context: DistributedContext | None = None,
         log: Callable[[str], None] | None = print,
+        accumulate_steps: int = 1,
+        max_grad_norm: float | None = None,
     ) -> None:
+        if (
+            isinstance(accumulate_steps, bool)
+            or not isinstance(accumulate_steps, numbers.Integral)
+            or accumulate_steps < 1
+        ):
+            raise ValueError(f"accumulate_steps must be an integer >= 1, got {accumulate_steps!r}")
+        if max_grad_norm is not None and (
+            isinstance(max_grad_norm, bool)
+            or not isinstance(max_grad_norm, numbers.Real)
+            or not 0 < max_grad_norm < math.inf  # also refuses NaN
+        ):
+            raise ValueError(
+                f"max_grad_norm must be None or a finite number > 0, got {max_grad_norm!r}"
+            )
         self._follows_parameters = device is None
         self.device = torch.device("cpu" if device is None else device)
         self.preprocess = preprocess
@@ -119,6 +148,8 @@ class Trainer:
         self.context = context or DistributedContext.current()
         self.progress = progress and self.context.is_main and sys.stderr.isatty()
         self.log = log if self.context.is_main else None
+        self.accumulate_steps = int(accumulate_steps)
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
 
     # ------------------------------------------------------------------ public
 
@@ -221,6 +252,9 @@ class Trainer:
         lr = optimizer.param_groups[0]["lr"]
         totals: dict[str, Tensor] = {}
         count = 0
+        batches = _length(loader)
+        group = accumulated = 0  # size of the group being accumulated, batches in it so far
+        optimizer.zero_grad(set_to_none=True)  # gradients left by earlier work join no step
         bar = tqdm(
             loader,
             desc=f"{stage.name} {epoch + 1}/{stage.config.epochs}",
@@ -229,29 +263,38 @@ class Trainer:
             dynamic_ncols=True,
         )
         for step, batch in enumerate(bar):
+            if accumulated == 0:
+                # The epoch's last group may be shorter. Where len(loader) cannot
+                # tell (no len, or a loader yielding more), the group is taken
+                # as full and the end of the epoch corrects it.
+                group = self.accumulate_steps
+                if batches is not None and step < batches:
+                    group = min(group, batches - step)
             images, targets = self.to_device(*image_batch(batch), train=True)
             with self.autocast():
                 loss, parts = _split_objective(stage.objective(images, targets))
-            optimizer.zero_grad(set_to_none=True)
+            # Dividing by 1 is exact: without accumulation the gradients are the loss's own.
+            share = loss / group
             if scaler is not None:
-                scaler.scale(loss).backward()
-                # Reduce before unscaling: unscale_ records this process's inf
-                # check, which must see an overflow of any process's gradients,
-                # or the processes disagree on skipping the step.
-                self.context.all_reduce_gradients(stage.parameters)
-                scaler.unscale_(optimizer)
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                self.context.all_reduce_gradients(stage.parameters)
-                optimizer.step()
+                share = scaler.scale(share)
+            share.backward()
+            accumulated += 1
+            if accumulated == group:
+                self._step(stage, optimizer, scaler)
+                accumulated = 0
             n = images.shape[0]
             count += n
             for key, value in {"loss": loss, **parts}.items():
                 totals[key] = totals.get(key, 0.0) + value.detach().float() * n
             if self.progress and step % 5 == 0:
                 bar.set_postfix(loss=f"{(totals['loss'] / count).item():.4f}")
+        if accumulated:
+            # The loader ended inside a group: its gradients are sums over
+            # `accumulated` batches divided by `group`; make them their mean.
+            for p in stage.parameters:
+                if p.grad is not None:
+                    p.grad.mul_(group / accumulated)
+            self._step(stage, optimizer, scaler)
         bar.close()
         if count == 0:
             raise ValueError(f"stage {stage.name!r}: the loader yielded no batches")
@@ -268,6 +311,37 @@ class Trainer:
             )
         metrics["time"] = time.perf_counter() - started
         return metrics
+
+    def _step(
+        self,
+        stage: Stage,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler | None,
+    ) -> None:
+        """One optimiser step on the accumulated gradients, which it then clears."""
+        self.context.all_reduce_gradients(stage.parameters)
+        if scaler is not None:
+            # Unscale only after the reduce: unscale_ records this process's
+            # inf check, which must see an overflow of any process's gradients,
+            # or the processes disagree on skipping the step.
+            scaler.unscale_(optimizer)
+        if self.max_grad_norm is not None:
+            nn.utils.clip_grad_norm_(stage.parameters, self.max_grad_norm)
+        if scaler is None:
+            optimizer.step()
+        else:
+            scaler.step(optimizer)
+            scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def _length(loader: Iterable) -> int | None:
+    """How many batches ``loader`` yields, or None when it cannot say (a
+    generator, a DataLoader over an IterableDataset without ``__len__``)."""
+    try:
+        return len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return None
 
 
 def _split_objective(out: Any) -> tuple[Tensor, dict[str, Tensor]]:
