@@ -97,9 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs-init", type=int, help="SRM stage 2 and FitNet's hint stage")
     g.add_argument("--epochs-student", type=int, help="KD stage and the single-stage methods")
     g.add_argument("--batch-size", type=int, help="global batch (split across processes)")
+    g.add_argument("--accumulate-steps", type=int,
+                   help="batches whose gradients are summed into one optimiser step")
     g.add_argument("--lr", type=float, help="teacher, KD and baseline stages")
     g.add_argument("--lr-srm", type=float, help="SRM stages 1-2 and FitNet's hint stage")
     g.add_argument("--weight-decay", type=float)
+    g.add_argument("--max-grad-norm", type=float,
+                   help="clip the gradients' total norm to this before each step (default: off)")
     g.add_argument("--optimizer", choices=["adam", "adamw", "sgd"])
     g.add_argument("--momentum", type=float, help="sgd only")
     g.add_argument("--schedule", choices=["none", "step", "cosine"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from conftest import child_env
-from srm_ext.cli import _error_line, build_parser, main
+from srm_ext.cli import _error_line, build_config, build_parser, main
 from srm_ext.distill import ConfigError, ExperimentConfig, ExperimentRunner
 
 
@@ -170,6 +171,54 @@ def test_resume_names_a_file_it_did_not_write(tmp_path, capsys, name, write, mes
     assert err.count("\n") == 1
 
 
+def test_accumulation_and_clipping_reach_the_trainer_and_bind_a_resume(tmp_path, capsys, monkeypatch):
+    from srm_ext.distill import experiment
+
+    trainers = []
+
+    class Recorded(experiment.Trainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            trainers.append(self)
+
+    monkeypatch.setattr(experiment, "Trainer", Recorded)
+    out = tmp_path / "run"
+    flags = [*TINY_FLAGS, "--methods", "scratch", "--seeds", "0", "--epochs-teacher", "2",
+             "--epochs-student", "1", "--output-dir", str(out)]
+    config = build_config(build_parser().parse_args(
+        ["distill", *flags, "--accumulate-steps", "2", "--max-grad-norm", "5"]
+    ))
+    with pytest.raises(Interrupt):  # after the teacher's first epoch
+        ExperimentRunner(config, on_epoch_end=_raise(Interrupt), log=lambda *_: None).run()
+    assert [(t.accumulate_steps, t.max_grad_norm) for t in trainers] == [(2, 5.0)]
+
+    # Both change the result, so a resume must keep them.
+    assert main(["distill", "--resume", *flags, "--accumulate-steps", "1"]) == 2
+    assert "accumulate_steps=1 (checkpoint: 2)" in capsys.readouterr().err
+    assert main(["distill", "--resume", *flags, "--max-grad-norm", "1"]) == 2
+    assert "max_grad_norm=1.0 (checkpoint: 5.0)" in capsys.readouterr().err
+    assert main(["distill", "--resume", *flags]) == 0
+    assert [(t.accumulate_steps, t.max_grad_norm) for t in trainers[1:]] == [(2, 5.0)]
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("accumulate_steps", 0, "accumulate steps must be >= 1, got 0"),
+        ("accumulate_steps", 1.5, "accumulate steps must be an integer, got 1.5"),
+        ("accumulate_steps", True, "accumulate steps must be an integer, got True"),
+        ("max_grad_norm", 0.0, "max grad norm must be > 0, got 0.0"),
+        ("max_grad_norm", -1.0, "max grad norm must be > 0, got -1.0"),
+        ("max_grad_norm", float("nan"), "max grad norm must be finite, got nan"),
+        ("max_grad_norm", float("inf"), "max grad norm must be finite, got inf"),
+        ("max_grad_norm", "1", "max grad norm must be a number, got '1'"),
+    ],
+)
+def test_accumulation_and_clipping_settings_are_checked(field, value, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        ExperimentConfig(**{field: value})
+
+
 def test_resume_on_another_thread_count_warns(tmp_path):
     out = tmp_path / "run"
     settings = {**TINY_CONFIG, "methods": ["scratch"], "epochs_student": 1, "device": "cpu",
@@ -318,6 +367,8 @@ def test_an_error_in_a_data_loader_worker_keeps_its_message():
         (["--lr", "inf"], "lr must be finite, got inf"),
         (["--weight-decay", "inf"], "weight decay must be finite, got inf"),
         (["--teacher-width", "inf"], "teacher width must be finite, got inf"),
+        (["--accumulate-steps", "0"], "accumulate steps must be >= 1, got 0"),
+        (["--max-grad-norm", "-1"], "max grad norm must be > 0, got -1.0"),
     ],
 )
 def test_user_errors_are_one_line_with_exit_code_2(tmp_path, capsys, monkeypatch, flags, message):
@@ -383,8 +434,6 @@ def test_bench_forwards_its_arguments(monkeypatch):
 
 
 def test_schedule_flags_reach_every_scheduled_stage():
-    from srm_ext.cli import build_config
-
     args = build_parser().parse_args(
         ["distill", "--optimizer", "sgd", "--momentum", "0.8", "--schedule", "step",
          "--milestones", "0.5,0.75", "--gamma", "0.2"]
@@ -396,3 +445,12 @@ def test_schedule_flags_reach_every_scheduled_stage():
         assert stage.milestones == (0.5, 0.75) and stage.gamma == 0.2
     # SRM stages 1 and 2 keep a constant lr (see ExperimentConfig.stage).
     assert config.stage("dictionary").schedule == "none"
+
+
+def test_accumulation_and_clipping_flags():
+    config = build_config(build_parser().parse_args(["distill"]))
+    assert (config.accumulate_steps, config.max_grad_norm) == (1, None)
+    config = build_config(build_parser().parse_args(
+        ["distill", "--accumulate-steps", "4", "--max-grad-norm", "1.5"]
+    ))
+    assert (config.accumulate_steps, config.max_grad_norm) == (4, 1.5)

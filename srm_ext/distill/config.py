@@ -87,8 +87,9 @@ class ExperimentConfig:
     """Everything ``srm-ext distill`` needs; saved as ``config.json`` in the run dir.
 
     ``batch_size`` is the global batch: under torch.distributed every process takes
-    ``batch_size / world_size`` samples per step, so results do not depend on the
-    number of processes (up to BatchNorm statistics).
+    ``batch_size / world_size`` samples per batch, so results do not depend on the
+    number of processes (up to BatchNorm statistics). An optimiser step follows
+    the mean loss of ``accumulate_steps`` batches.
     """
 
     # data
@@ -129,9 +130,11 @@ class ExperimentConfig:
     epochs_init: int = 5
     epochs_student: int = 20  # KD stage of srm/fitnet, and the only stage of the rest
     batch_size: int = 64
+    accumulate_steps: int = 1  # batches whose gradients make one optimiser step
     lr: float = 1e-3
     lr_srm: float = 1e-3  # stages 1 and 2 (and FitNet's hint stage)
     weight_decay: float = 1e-4
+    max_grad_norm: float | None = None  # clip the gradients' total norm; None: no clipping
     optimizer: str = "adam"
     momentum: float = 0.9  # sgd only
     schedule: str = "cosine"
@@ -159,6 +162,10 @@ class ExperimentConfig:
             raise ConfigError("at least one seed is needed")
         if self.batch_size < 1:
             raise ConfigError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.accumulate_steps < 1:
+            raise ConfigError(f"accumulate steps must be >= 1, got {self.accumulate_steps}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ConfigError(f"max grad norm must be > 0, got {self.max_grad_norm}")
         if self.amp not in ("none", "bf16", "fp16"):
             raise ConfigError(f"unknown amp mode {self.amp!r}; use none, bf16 or fp16")
         for name in ("epochs_teacher", "epochs_dictionary", "epochs_init", "epochs_student"):

@@ -166,6 +166,8 @@ class ExperimentRunner:
             progress=not cfg.quiet,
             context=self.ctx,
             log=None if cfg.quiet else self._log,
+            accumulate_steps=cfg.accumulate_steps,
+            max_grad_norm=cfg.max_grad_norm,
         )
         _, self.test_loader = make_loaders(self.splits, cfg.batch_size, 0, self.ctx, cfg.num_workers)
         self.example = self._example_batch(self.splits)
