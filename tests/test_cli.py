@@ -173,6 +173,7 @@ def test_resume_names_a_file_it_did_not_write(tmp_path, capsys, name, write, mes
 
 def test_accumulation_and_clipping_reach_the_trainer_and_bind_a_resume(tmp_path, capsys, monkeypatch):
     from srm_ext.distill import experiment
+    from srm_ext.distill.checkpoint import atomic_save, load_checkpoint
 
     trainers = []
 
@@ -197,8 +198,14 @@ def test_accumulation_and_clipping_reach_the_trainer_and_bind_a_resume(tmp_path,
     assert "accumulate_steps=1 (checkpoint: 2)" in capsys.readouterr().err
     assert main(["distill", "--resume", *flags, "--max-grad-norm", "1"]) == 2
     assert "max_grad_norm=1.0 (checkpoint: 5.0)" in capsys.readouterr().err
+    # A checkpoint from before these settings existed trained with their defaults.
+    state = load_checkpoint(out / "checkpoint.pt")
+    del state["config"]["accumulate_steps"], state["config"]["max_grad_norm"]
+    atomic_save(state, out / "checkpoint.pt")
+    assert main(["distill", "--resume", *flags, "--accumulate-steps", "2"]) == 2
+    assert "accumulate_steps=2 (checkpoint: 1)" in capsys.readouterr().err
     assert main(["distill", "--resume", *flags]) == 0
-    assert [(t.accumulate_steps, t.max_grad_norm) for t in trainers[1:]] == [(2, 5.0)]
+    assert [(t.accumulate_steps, t.max_grad_norm) for t in trainers[1:]] == [(1, None)]
 
 
 @pytest.mark.parametrize(

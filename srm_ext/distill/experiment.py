@@ -195,9 +195,12 @@ class ExperimentRunner:
         config = self.config.to_dict()
         if path.exists() and self.resume:
             state = _load_state(path)
+            # A setting added since the checkpoint was written held its default
+            # there, as build_config assumes when it fills in a saved config.
+            saved = {**ExperimentConfig().to_dict(), **state["config"]}
             changed = [
                 f"{key}={config.get(key)!r} (checkpoint: {value!r})"
-                for key, value in state["config"].items()
+                for key, value in saved.items()
                 if key not in RESUME_INVARIANT_EXCLUDES and config.get(key) != value
             ]
             if changed:
