@@ -409,6 +409,18 @@ def test_trainer_keywords_next_to_a_trainer_are_rejected(method):
     assert not distiller.is_built and not changed(student_before, distiller.student)
 
 
+def test_trainer_keywords_accumulate_the_stage_steps():
+    # Stage 1 on batches of 8, two a step, takes the steps of batches of 16:
+    # the teacher is frozen in eval mode, so its BatchNorm sees no batch.
+    data = toy_loader().dataset
+    small, large = make_distiller(), make_distiller()
+    small.fit_dictionaries(DataLoader(data, batch_size=8), 2, accumulate_steps=2, **QUIET)
+    large.fit_dictionaries(DataLoader(data, batch_size=16), 2, **QUIET)
+    assert changed(snapshot(make_distiller().representations), small.representations)
+    for key, value in large.representations.state_dict().items():
+        torch.testing.assert_close(small.representations.state_dict()[key], value, msg=key)
+
+
 # ----------------------------------------------------------------------------- trainer
 
 

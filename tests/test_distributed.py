@@ -197,6 +197,41 @@ def test_stage3_accuracy_counts_every_processs_held_out_shard(tmp_path):
         assert logged == full, rank
 
 
+def train_accumulated(context: DistributedContext) -> dict[str, torch.Tensor]:
+    """Two epochs of 5 batches of 12, 2 batches a step (the last group is one
+    batch), every step clipped (the gradient norms are 0.06-0.2)."""
+    torch.manual_seed(0)
+    model = conv_net((4, 5))
+    loader, _ = make_loaders(toy_splits(), batch_size=12, seed=5, context=context)
+    trainer = Trainer(preprocess=lambda x, train: x.float() / 255, progress=False,
+                      context=context, log=None, accumulate_steps=2, max_grad_norm=0.05)
+    trainer.fit(cross_entropy_stage("ce", model, StageConfig(epochs=2)), loader)
+    return model.state_dict()
+
+
+def _accumulation_worker(rank: int, world_size: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+    )
+    try:
+        torch.save(train_accumulated(DistributedContext.current()), f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_accumulated_and_clipped_steps_match_one_process(tmp_path):
+    # The clip sees the averaged gradients: clipping each process's own
+    # (half-batch) gradients would take other steps.
+    mp.spawn(_accumulation_worker, args=(2, free_port(), str(tmp_path / "w")), nprocs=2, join=True)
+    single = train_accumulated(DistributedContext())
+    rank0 = torch.load(tmp_path / "w.0", weights_only=True)
+    rank1 = torch.load(tmp_path / "w.1", weights_only=True)
+    for key, value in single.items():
+        torch.testing.assert_close(rank1[key], rank0[key], rtol=0, atol=0, msg=key)
+        torch.testing.assert_close(rank0[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
 class PeerOverflowed(DistributedContext):
     """Rank 0 of two whose peer's scaled gradients overflowed: the all-reduce
     brings in an inf, the rest is local."""
