@@ -262,14 +262,14 @@ class Trainer:
             disable=not self.progress,
             dynamic_ncols=True,
         )
-        for step, batch in enumerate(bar):
+        for index, batch in enumerate(bar):
             if accumulated == 0:
                 # The epoch's last group may be shorter. Where len(loader) cannot
                 # tell (no len, or a loader yielding more), the group is taken
                 # as full and the end of the epoch corrects it.
                 group = self.accumulate_steps
-                if batches is not None and step < batches:
-                    group = min(group, batches - step)
+                if batches is not None and index < batches:
+                    group = min(group, batches - index)
             images, targets = self.to_device(*image_batch(batch), train=True)
             with self.autocast():
                 loss, parts = _split_objective(stage.objective(images, targets))
@@ -286,7 +286,7 @@ class Trainer:
             count += n
             for key, value in {"loss": loss, **parts}.items():
                 totals[key] = totals.get(key, 0.0) + value.detach().float() * n
-            if self.progress and step % 5 == 0:
+            if self.progress and index % 5 == 0:
                 bar.set_postfix(loss=f"{(totals['loss'] / count).item():.4f}")
         if accumulated:
             # The loader ended inside a group: its gradients are sums over
