@@ -255,3 +255,29 @@ def test_grad_scaler_path_unscales_before_clipping(monkeypatch, max_norm):
 def test_invalid_arguments_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Trainer(**QUIET, **kwargs)
+
+
+class CountingLoader:
+    """Counts the iterators asked of a loader."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+        self.iterators = 0
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        self.iterators += 1
+        return iter(self.loader)
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_one_iterator_per_epoch(monkeypatch, progress):
+    # A DataLoader iterator draws a seed from the loader's generator and starts
+    # its worker processes: a second one per epoch would waste both.
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True)
+    loader = CountingLoader(DataLoader(samples(12), batch_size=4))
+    trainer = Trainer(progress=progress, log=None)
+    train(loader, StageConfig(epochs=3, schedule="none"), trainer)
+    assert loader.iterators == 3

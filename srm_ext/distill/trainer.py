@@ -22,7 +22,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+# tqdm.auto may pick the asyncio class, whose constructor calls iter(loader): a
+# second DataLoader iterator per epoch, drawing a seed and starting workers.
+from tqdm import tqdm
 
 from .config import StageConfig
 from .distributed import DistributedContext
