@@ -150,6 +150,17 @@ def test_other_stage_settings_are_refused_by_name(tmp_path):
         )
 
 
+def test_other_trainer_settings_are_refused_by_name(tmp_path):
+    path = tmp_path / "run.pt"
+    make_distiller().fit_dictionaries(toy_loader(), checkpoint=path, config=CONFIG, **QUIET)
+    changed = r"other settings \(trainer accumulate_steps=1 -> 2, trainer max_grad_norm=None -> 1.0\)"
+    with pytest.raises(ValueError, match=changed):
+        make_distiller().fit_dictionaries(
+            toy_loader(), checkpoint=path, config=CONFIG, accumulate_steps=2, max_grad_norm=1.0,
+            **QUIET,
+        )
+
+
 def test_a_checkpoint_of_other_models_or_another_file_is_refused(tmp_path):
     path = tmp_path / "run.pt"
     make_distiller().fit_dictionaries(toy_loader(), epochs=1, checkpoint=path, **QUIET)

@@ -405,7 +405,7 @@ class SRMDistiller(nn.Module):
         resume = None
         saver = None
         if checkpoint is not None:
-            saver = DistillerCheckpoint(checkpoint, trainer.context)
+            saver = DistillerCheckpoint(checkpoint, trainer)
             history, resume = saver.restore(self, key, config, loader)
             if resume is not None and resume["epoch"] >= config.epochs:
                 if trainer.log is not None:

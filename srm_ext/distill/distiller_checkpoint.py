@@ -1,7 +1,8 @@
 """Resumable training of :class:`~srm_ext.distill.SRMDistiller` from Python.
 
 One file holds a whole distillation: the weights of the student and the SRM
-blocks, and per stage its settings, the metrics of every finished epoch and
+blocks, and per stage its settings and the trainer's (mixed precision,
+accumulation, clipping), the metrics of every finished epoch and
 the optimiser/scheduler state, plus every process's RNG state. The teacher
 never changes, so the file keeps a SHA-256 digest of its state rather than a
 copy, and a run is only resumed with the teacher it started with. It is
@@ -27,8 +28,7 @@ from torch import nn
 
 from .checkpoint import atomic_save, gather_rng_states, load_checkpoint, set_rng_state
 from .config import StageConfig
-from .distributed import DistributedContext
-from .trainer import loader_samplers
+from .trainer import Trainer, loader_samplers
 
 __all__ = ["DistillerCheckpoint"]
 
@@ -72,9 +72,10 @@ def _plain(value: Any) -> Any:
 class DistillerCheckpoint:
     """The checkpoint file at ``path``; read on creation if it exists."""
 
-    def __init__(self, path: str | os.PathLike, context: DistributedContext) -> None:
+    def __init__(self, path: str | os.PathLike, trainer: Trainer) -> None:
         self.path = Path(path)
-        self.context = context
+        self.context = trainer.context
+        self.trainer_settings = trainer.settings
         self._teacher_digest: str | None = None
         if self.path.exists():
             self.state = load_checkpoint(self.path)
@@ -129,8 +130,19 @@ class DistillerCheckpoint:
             return [], None
         saved, wanted = progress["config"], dataclasses.asdict(config)
         changed = [name for name in wanted if _plain(saved.get(name)) != _plain(wanted[name])]
-        if changed:
-            details = ", ".join(f"{n}={saved.get(n)!r} -> {wanted[n]!r}" for n in changed)
+        # Files written before the trainer's settings were saved cannot be checked for them.
+        saved_trainer = progress.get("trainer", self.trainer_settings)
+        changed_trainer = [
+            name for name, value in self.trainer_settings.items() if saved_trainer.get(name) != value
+        ]
+        if changed or changed_trainer:
+            details = ", ".join(
+                [f"{n}={saved.get(n)!r} -> {wanted[n]!r}" for n in changed]
+                + [
+                    f"trainer {n}={saved_trainer.get(n)!r} -> {self.trainer_settings[n]!r}"
+                    for n in changed_trainer
+                ]
+            )
             raise ValueError(
                 f"{os.fspath(self.path)}: stage {key!r} was checkpointed with other settings "
                 f"({details}); pass the same ones to resume it, or another path to start afresh"
@@ -180,6 +192,7 @@ class DistillerCheckpoint:
         }
         self.state["stages"][key] = {
             "config": dataclasses.asdict(config),
+            "trainer": self.trainer_settings,
             "history": list(history),
             "training": training,
         }

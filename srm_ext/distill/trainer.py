@@ -155,6 +155,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ public
 
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The settings that change what training computes (a resumed run must
+        keep them), beside the stage's own."""
+        return {
+            "amp": self.amp,
+            "accumulate_steps": self.accumulate_steps,
+            "max_grad_norm": self.max_grad_norm,
+        }
+
     def fit(
         self,
         stage: Stage,
