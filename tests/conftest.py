@@ -17,7 +17,7 @@ if os.environ.get("CI"):
     settings.load_profile("ci")
 
 import srm_ext
-from srm_ext import _backend
+from srm_ext import _backend, reference
 
 def pytest_make_parametrize_id(config, val, argname):
     """Readable test ids (float16, 2x8x5x7x20x4), so that -k can pick cases by
@@ -223,3 +223,116 @@ def tf32_screening_inputs(seed):
     x[n1, :2, h1, w1] = 0.0  # clear of the misranked pixel's codewords
     C[2:, K - 1] = 15 / 16
     return x, C
+
+
+# The names c10 gives the floating dtypes in its messages.
+_SCALAR_TYPE_NAMES = {
+    torch.float32: "Float",
+    torch.float64: "Double",
+    torch.float16: "Half",
+    torch.bfloat16: "BFloat16",
+}
+
+
+def _op_inputs(device, dtype, seed):
+    """x (2, 4, 3, 3), C (4, 6), b, its code (k = 2) and labels, and a
+    student map y (2, 5, 3, 3) with its dictionary Cs, on device in dtype."""
+    g = torch.Generator().manual_seed(seed)
+    x, C = dyadic(2, 4, 3, 3, generator=g), dyadic(4, 6, generator=g, span=1)
+    b = torch.tensor([0.25], dtype=torch.float64)
+    values, indices = reference.sparse_encode(x, C, b, 2)
+    pixel, image = reference.sparse_labels(values, indices, 6)
+    y, Cs = dyadic(2, 5, 3, 3, generator=g), dyadic(5, 6, generator=g, span=1)
+    floating = dict(x=x, C=C, b=b, values=values, image=image, y=y, Cs=Cs)
+    out = {name: t.to(device, dtype) for name, t in floating.items()}
+    return dict(out, indices=indices.to(device), pixel=pixel.to(device))
+
+
+def calls_every_backend_refuses(device, dtype):
+    """Direct calls of the compiled ops on device with dtype inputs that the
+    CPU kernels refuse and the CUDA kernels must refuse as well, each as
+    (id, op name, args, the CUDA kernels' message): a tensor in another
+    dtype than the one it must share (float32 beside 16-bit inputs, float64
+    beside float32), and a code that keeps more entries per pixel than there
+    are codewords. Each backward op is called with every output wanted and
+    with none, since its checks must not depend on the mask."""
+    a = _op_inputs(device, dtype, seed=40)
+    other = torch.float64 if dtype == torch.float32 else torch.float32
+    names = _SCALAR_TYPE_NAMES
+
+    def mismatch(name, ref_name):
+        return f"srm_ext: {name} must have the dtype of {ref_name} ({names[dtype]}), got {names[other]}"
+
+    x, C, b, values, indices = a["x"], a["C"], a["b"], a["values"], a["indices"]
+    one = torch.ones((), device=device, dtype=dtype)
+    g = torch.Generator().manual_seed(41)
+    wide_values = torch.rand(2, 3, 3, 7, generator=g).to(device, dtype)  # k = 7 > K = 6
+    wide_indices = torch.randint(0, 6, (2, 3, 3, 7), generator=g).to(device)
+    too_many = "srm_ext: values keeps k = 7 entries per pixel but there are only K = 6 codewords"
+    calls = [
+        ("encode intercept", "sparse_encode", (x, C, b.to(other), 2), mismatch("intercept", "x")),
+        ("loss intercept", "reconstruction_loss", (x, C, b.to(other), 2), mismatch("intercept", "x")),
+        (
+            "student intercept", "predictor_loss",
+            (a["y"], a["Cs"], b.to(other), a["pixel"], a["image"], 1.0, 1.0, [True] * 3),
+            mismatch("intercept", "y"),
+        ),
+        (
+            "student image_labels", "predictor_loss",
+            (a["y"], a["Cs"], b, a["pixel"], a["image"].to(other), 1.0, 1.0, [True] * 3),
+            mismatch("image_labels", "y"),
+        ),
+        ("labels k > K", "sparse_labels", (wide_values, wide_indices, 6), too_many),
+        ("decode k > K", "sparse_decode", (wide_values, wide_indices, C), too_many),
+    ]
+    for wanted in (True, False):
+        mask2, mask3 = [wanted] * 2, [wanted] * 3
+        suffix = "" if wanted else " (no output wanted)"
+        calls += [
+            (
+                "encode backward intercept" + suffix, "sparse_encode_backward",
+                (torch.ones_like(values), values, indices, x, C, b.to(other), mask3),
+                mismatch("intercept", "x"),
+            ),
+            (
+                "encode backward grad_values" + suffix, "sparse_encode_backward",
+                (torch.ones_like(values, dtype=other), values, indices, x, C, b, mask3),
+                mismatch("grad_values", "values"),
+            ),
+            (
+                "encode backward k > K" + suffix, "sparse_encode_backward",
+                (torch.ones_like(wide_values), wide_values, wide_indices, x, C, b, mask3),
+                too_many,
+            ),
+            (
+                "loss backward intercept" + suffix, "reconstruction_loss_backward",
+                (one, x, C, b.to(other), values, indices, mask3),
+                mismatch("intercept", "x"),
+            ),
+            (
+                "loss backward k > K" + suffix, "reconstruction_loss_backward",
+                (one, x, C, b, wide_values, wide_indices, mask3),
+                too_many,
+            ),
+            (
+                "decode backward grad_output" + suffix, "sparse_decode_backward",
+                (torch.ones_like(x, dtype=other), values, indices, C, mask2),
+                mismatch("grad_output", "values"),
+            ),
+            (
+                "decode backward k > K" + suffix, "sparse_decode_backward",
+                (torch.ones_like(x), wide_values, wide_indices, C, mask2),
+                too_many,
+            ),
+        ]
+    return calls
+
+
+def assert_refused(op, args, message: str, label: str) -> str:
+    """op(*args) raises a RuntimeError containing message; returns its text."""
+    try:
+        op(*args)
+    except RuntimeError as error:
+        assert message in str(error), f"{label}: refused, but with another message: {error}"
+        return str(error)
+    pytest.fail(f"{label}: not refused")

@@ -6,10 +6,11 @@ stand-ins (see cuda_emulation.py). Where test_cuda_emulated.py checks each
 kernel launcher, these check what the glue adds: argument order and units,
 layouts (channels_last and strided maps, codeword-major dictionaries), the
 float32 intermediates of 16-bit inputs, output masks, the deterministic
-variants and the box splitting of the reconstruction loss. Every output is
-compared with the reference, computed in float64 from the same inputs, and
-with the fake kernel that torch.compile and opcheck rely on (shape, dtype and
-the strides of every dimension longer than one).
+variants, the box splitting of the reconstruction loss, and the argument
+checks, which refuse what the CPU kernels refuse. Every output is compared
+with the reference, computed in float64 from the same inputs, and with the
+fake kernel that torch.compile and opcheck rely on (shape, dtype and the
+strides of every dimension longer than one).
 
 Inputs are multiples of 1/8, so pre-activations are exact in every dtype and
 indices must match exactly. Tolerances per dtype (rtol = atol): float32 1e-4;
@@ -33,6 +34,8 @@ import cuda_emulation
 from conftest import (
     MISRANKED_PIXEL,
     SUBNORMAL_PIXEL,
+    assert_refused,
+    calls_every_backend_refuses,
     codeword_major,
     documented_order_inputs,
     dyadic,
@@ -355,6 +358,23 @@ def test_labels_out_of_range_are_refused_by_name(ops):
         targets[1, 3] = bad
         with pytest.raises(RuntimeError, match=re.escape("predictor_loss: image_labels must lie in [0, 1]")):
             ops.predictor_loss(y, C, b, pixel, targets, 1.0, 1.0, [True, True, True])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ops_refuse_what_the_cpu_ops_refuse(ops, dtype):
+    """A direct call of an op behaves alike on both devices: what the CPU
+    kernels refuse (an intercept, image labels or gradient in another dtype
+    than the tensor it must share one with, a code keeping more entries than
+    there are codewords) the glue refuses too, naming the argument and the
+    dtype expected and got, whatever the output mask. The CPU ops are called
+    with the same float32 arguments and must refuse them naming the same
+    argument. (The GPU twin is in test_cuda_kernels.py.)"""
+    for label, op, args, message in calls_every_backend_refuses("cpu", dtype):
+        assert_refused(getattr(ops, op), args, message, label)
+        if dtype == torch.float32:  # the CPU kernels take no 16-bit inputs
+            argument = message.split()[1]
+            cpu_message = assert_refused(getattr(torch.ops.srm_ext, op), args, "", f"CPU {label}")
+            assert argument in cpu_message, f"CPU {label}: {cpu_message}"
 
 
 @pytest.mark.parametrize("dictionary", DICTIONARIES)

@@ -20,7 +20,9 @@ from srm_ext import _backend, reference
 from conftest import (
     MISRANKED_PIXEL,
     SUBNORMAL_PIXEL,
+    assert_refused,
     beyond_float16,
+    calls_every_backend_refuses,
     codeword_major,
     documented_order_inputs,
     dyadic,
@@ -534,6 +536,16 @@ def test_empty_batch_on_cuda_matches_the_cpu():
     want = srm_ext.reconstruction_loss(x, C, b, 2)
     got = srm_ext.reconstruction_loss(x.to(DEVICE), C.to(DEVICE), b.to(DEVICE), 2)
     torch.testing.assert_close(got.cpu(), want, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ops_refuse_what_the_cpu_ops_refuse(dtype):
+    """What the CPU kernels refuse (a tensor in another dtype than the one
+    it must share, a code keeping more entries than there are codewords),
+    the CUDA ops refuse by name, whatever the output mask. (The emulated
+    twin is in test_cuda_glue_emulated.py.)"""
+    for label, op, args, message in calls_every_backend_refuses(DEVICE, dtype):
+        assert_refused(getattr(torch.ops.srm_ext, op), args, message, label)
 
 
 def test_ops_run_on_the_current_stream():

@@ -82,7 +82,7 @@ void check_sparse_kernel_limits(const at::Tensor& dictionary, int64_t k) {
 }
 
 void check_sparse_code(const at::Tensor& values, const at::Tensor& indices,
-                       const at::Tensor& ref) {
+                       const at::Tensor& ref, int64_t num_codewords) {
   check_on_device(values, "values", ref);
   check_on_device(indices, "indices", ref);
   check_dim(values, 4, "values", "(N, H, W, k)");
@@ -95,6 +95,9 @@ void check_sparse_code(const at::Tensor& values, const at::Tensor& indices,
   TORCH_CHECK(values.size(3) >= 1,
               "srm_ext: values must keep at least one entry per pixel, got "
               "shape ", values.sizes());
+  TORCH_CHECK(values.size(3) <= num_codewords, "srm_ext: values keeps k = ",
+              values.size(3), " entries per pixel but there are only K = ",
+              num_codewords, " codewords");
 }
 
 void check_code_of_x(const at::Tensor& x, const at::Tensor& dictionary,
@@ -103,7 +106,7 @@ void check_code_of_x(const at::Tensor& x, const at::Tensor& dictionary,
   check_dim(x, 4, "x", "(N, D, H, W)");
   kernel_dtype(x.scalar_type(), "x");
   check_dictionary(dictionary, x.size(1), x, "x");
-  check_sparse_code(values, indices, x);
+  check_sparse_code(values, indices, x, dictionary.size(1));
   check_sparse_kernel_limits(dictionary, values.size(3));
   check_same_dtype(values, "values", x, "x");
   TORCH_CHECK(values.size(0) == x.size(0) && values.size(1) == x.size(2) &&
@@ -112,19 +115,16 @@ void check_code_of_x(const at::Tensor& x, const at::Tensor& dictionary,
               " do not match the pixels of x ", x.sizes());
 }
 
-void check_intercept(const at::Tensor& intercept, const at::Tensor& ref) {
+void check_intercept(const at::Tensor& intercept, const at::Tensor& ref,
+                     const char* ref_name) {
   check_on_device(intercept, "intercept", ref);
   TORCH_CHECK(intercept.numel() == 1,
               "srm_ext: intercept must have exactly one element, got shape ",
               intercept.sizes());
-  TORCH_CHECK(at::isFloatingType(intercept.scalar_type()),
-              "srm_ext: intercept must be floating point, got ",
-              intercept.scalar_type());
+  check_same_dtype(intercept, "intercept", ref, ref_name);
 }
 
-at::Tensor intercept_as_float(const at::Tensor& intercept,
-                              const at::Tensor& ref) {
-  check_intercept(intercept, ref);
+at::Tensor intercept_as_float(const at::Tensor& intercept) {
   return intercept.reshape({1}).to(at::kFloat).contiguous();
 }
 
@@ -410,7 +410,7 @@ at::Tensor pre_activation_grad(const at::Tensor& grad_values,
                  "sigmoid_backward");
     return out;
   }
-  const at::Tensor bias = intercept_as_float(intercept, x);
+  const at::Tensor bias = intercept_as_float(intercept);
   check_launch(srm_cuda::launch_recomputed_sigmoid_backward(
                    grad_values.data_ptr(), feature_map(x, "x"),
                    indices.data_ptr<int64_t>(), indices.size(-1),

@@ -41,20 +41,26 @@ void check_dictionary(const at::Tensor& dictionary, int64_t depth,
 // student-side loss has no such limits.
 void check_sparse_kernel_limits(const at::Tensor& dictionary, int64_t k);
 
-// values (N, H, W, k) and int64 indices of the same shape, k >= 1.
+// values (N, H, W, k) and int64 indices of the same shape, with
+// 1 <= k <= num_codewords (a code keeps distinct codewords). The indices'
+// range is not read here, which would synchronise with the device: the
+// kernels skip an entry outside [0, K) (sparse_labels flags it).
 void check_sparse_code(const at::Tensor& values, const at::Tensor& indices,
-                       const at::Tensor& ref);
+                       const at::Tensor& ref, int64_t num_codewords);
 
 // x (N, D, H, W) on CUDA, its (D, K) dictionary, and a sparse code of its
 // pixels: the inputs every backward op of the encoder shares.
 void check_code_of_x(const at::Tensor& x, const at::Tensor& dictionary,
                      const at::Tensor& values, const at::Tensor& indices);
 
-void check_intercept(const at::Tensor& intercept, const at::Tensor& ref);
+// A one-element intercept on ref's device, in ref's dtype (as on the CPU,
+// where the features, dictionary and intercept share one dtype).
+void check_intercept(const at::Tensor& intercept, const at::Tensor& ref,
+                     const char* ref_name);
 
-// The shared intercept as a one-element float32 tensor on the device.
-at::Tensor intercept_as_float(const at::Tensor& intercept,
-                              const at::Tensor& ref);
+// An intercept that check_intercept passed, as the one-element float32
+// tensor the kernels read.
+at::Tensor intercept_as_float(const at::Tensor& intercept);
 
 FeatureMap feature_map(const at::Tensor& t, const char* name);
 

@@ -23,10 +23,10 @@ std::tuple<at::Tensor, at::Tensor> sparse_labels(const at::Tensor& values,
                                                  const at::Tensor& indices,
                                                  int64_t num_codewords) {
   TORCH_CHECK(values.is_cuda(), "srm_ext: values must be a CUDA tensor");
-  check_sparse_code(values, indices, values);
   TORCH_CHECK(num_codewords >= 1 && num_codewords <= srm_cuda::kMaxCodewords,
               "srm_ext CUDA: num_codewords = ", num_codewords,
               " must be in [1, ", srm_cuda::kMaxCodewords, "]");
+  check_sparse_code(values, indices, values, num_codewords);
 
   const c10::cuda::CUDAGuard guard(values.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -101,6 +101,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> predictor_loss(
   check_dim(y, 4, "y", "(N, D_s, H, W)");
   kernel_dtype(y.scalar_type(), "y");  // float32, float16 or bfloat16
   check_dictionary(dictionary, y.size(1), y, "y");
+  check_intercept(intercept, y, "y");
   const int64_t n = y.size(0), h = y.size(2), w = y.size(3);
   TORCH_CHECK(n * h * w > 0, "srm_ext: y must have at least one pixel (N*H*W > 0), got shape ",
               y.sizes());
@@ -118,9 +119,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> predictor_loss(
                   image_labels.size(1) == num_codewords,
               "srm_ext: image_labels must have shape (N, K) = (", n, ", ",
               num_codewords, "), got ", image_labels.sizes());
-  TORCH_CHECK(at::isFloatingType(image_labels.scalar_type()),
-              "srm_ext: image_labels must be floating point, got ",
-              image_labels.scalar_type());
+  check_same_dtype(image_labels, "image_labels", y, "y");
 
   const c10::cuda::CUDAGuard guard(y.device());
   // The GEMMs below accumulate and return float32 whatever the caller's
@@ -128,7 +127,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> predictor_loss(
   // (a 16-bit logits buffer, gradients rounded to 16 bits).
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(
       c10::autocast_dispatch_keyset);
-  const at::Tensor bias = intercept_as_float(intercept, y);
+  const at::Tensor bias = intercept_as_float(intercept);
   const int64_t pixels = n * h * w;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor labels = pixel_labels.contiguous();

@@ -163,6 +163,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> encode_impl(
               " must be in [1, K = ", num_codewords, "]");
   check_sparse_kernel_limits(dictionary, k);
   TORCH_CHECK(x.size(1) >= 1, "srm_ext: x must have at least one channel");
+  check_intercept(intercept, x, "x");
   EncodePath path = encode_path();
   const int64_t num_candidates = screen_candidates(k);
   // The screen pays only where TF32 is not allowed anyway (the GEMM then
@@ -176,7 +177,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> encode_impl(
 
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const at::Tensor bias = intercept_as_float(intercept, x);
+  const at::Tensor bias = intercept_as_float(intercept);
 
   const int64_t n = x.size(0), h = x.size(2), w = x.size(3);
   auto values = at::empty({n, h, w, k}, x.options());
@@ -227,7 +228,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_encode_backward(
     const at::Tensor& dictionary, const at::Tensor& intercept,
     std::array<bool, 3> output_mask) {
   check_code_of_x(x, dictionary, values, indices);
+  check_intercept(intercept, x, "x");
   check_on_device(grad_values, "grad_values", x);
+  check_same_dtype(grad_values, "grad_values", values, "values");
   TORCH_CHECK(grad_values.sizes() == values.sizes(),
               "srm_ext: grad_values must have the shape of values (",
               values.sizes(), "), got ", grad_values.sizes());
@@ -236,8 +239,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_encode_backward(
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor vals = values.contiguous();
   const at::Tensor idx = indices.contiguous();
-  const at::Tensor grad_vals = grad_values.to(values.scalar_type()).contiguous();
-  check_intercept(intercept, x);
+  const at::Tensor grad_vals = grad_values.contiguous();
   const bool want_codewords =
       output_mask[0] || values.scalar_type() != at::kFloat;
   const at::Tensor dict_t =
@@ -271,8 +273,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_encode_backward(
 void check_decode_args(const at::Tensor& values, const at::Tensor& indices,
                        const at::Tensor& dictionary) {
   TORCH_CHECK(values.is_cuda(), "srm_ext: values must be a CUDA tensor");
-  check_sparse_code(values, indices, values);
   check_dim(dictionary, 2, "dictionary", "(D, K)");
+  check_sparse_code(values, indices, values, dictionary.size(1));
   check_dictionary(dictionary, dictionary.size(0), values, "values");
   check_sparse_kernel_limits(dictionary, values.size(3));
 }
@@ -299,6 +301,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward(
     std::array<bool, 2> output_mask) {
   check_decode_args(values, indices, dictionary);
   check_on_device(grad_output, "grad_output", values);
+  check_same_dtype(grad_output, "grad_output", values, "values");
   check_dim(grad_output, 4, "grad_output", "(N, D, H, W)");
   TORCH_CHECK(grad_output.size(0) == values.size(0) &&
                   grad_output.size(1) == dictionary.size(0) &&
@@ -310,19 +313,19 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward(
 
   const c10::cuda::CUDAGuard guard(values.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const at::Tensor grad_out = grad_output.to(values.scalar_type());
   const at::Tensor idx = indices.contiguous();
 
   at::Tensor grad_values = empty_gradient(values);
   at::Tensor grad_dictionary = empty_gradient(values);
   if (output_mask[0]) {
-    grad_values = codeword_dots(grad_out, idx, transposed_dictionary(dictionary),
-                                nullptr, stream)
+    grad_values = codeword_dots(grad_output, idx,
+                                transposed_dictionary(dictionary), nullptr,
+                                stream)
                       .to(values.scalar_type());
   }
   if (output_mask[1]) {
     const at::Tensor coef = values.to(at::kFloat).contiguous();
-    grad_dictionary = dictionary_grad(grad_out, coef, nullptr, nullptr, idx,
+    grad_dictionary = dictionary_grad(grad_output, coef, nullptr, nullptr, idx,
                                       dictionary, dictionary.scalar_type(),
                                       stream);
   }
@@ -358,7 +361,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss_backward(
   TORCH_CHECK(grad_loss.numel() == 1,
               "srm_ext: grad_loss must have one element, got shape ",
               grad_loss.sizes());
-  check_intercept(intercept, x);
+  check_intercept(intercept, x, "x");
   if (!output_mask[0] && !output_mask[1] && !output_mask[2]) {
     return {empty_gradient(x), empty_gradient(x), empty_gradient(x)};
   }
@@ -395,7 +398,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss_backward(
   // recomputed from x's pre-activations plus this intercept (KeptSigmoid).
   const at::Tensor sigmoid_intercept = values.scalar_type() == at::kFloat
                                            ? at::Tensor()
-                                           : intercept_as_float(intercept, x);
+                                           : intercept_as_float(intercept);
 
   for (const PixelBox& box :
        pixel_boxes(x, box_values(kBackwardBoxValues) / (depth + 3 * k))) {
