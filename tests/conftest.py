@@ -328,6 +328,64 @@ def calls_every_backend_refuses(device, dtype):
     return calls
 
 
+def empty_input_calls(device, dtype):
+    """Direct calls of the compiled ops on device with dtype inputs without
+    pixels (N = 0, or H = 0) or without channels (D = 0), which the CPU
+    kernels take, each as (id, op name, args). sparse_encode and
+    reconstruction_loss are called with channels only: the CUDA kernels
+    refuse D = 0 by name (the public functions refuse it on every device)."""
+    a = _op_inputs(device, dtype, seed=42)
+    x, C, b, values, indices = a["x"], a["C"], a["b"], a["values"], a["indices"]
+    one = torch.ones((), device=device, dtype=dtype)
+    mask2, mask3 = [True] * 2, [True] * 3
+    calls = []
+    for where, x_part, code_part in [
+        ("N = 0", x[:0], (slice(0, 0),)),
+        ("H = 0", x[:, :, :0], (slice(None), slice(0, 0))),
+        ("D = 0", x[:, :0], None),
+    ]:
+        C_part = C[: x_part.shape[1]]
+        if code_part is not None:
+            v, i = values[code_part], indices[code_part]
+        else:
+            # The code of x without channels: every pre-activation is b, and
+            # the tie keeps the lowest codewords.
+            v = torch.sigmoid(b.double()).expand(values.shape).to(dtype)
+            i = torch.arange(2, device=device).expand(indices.shape)
+        if where != "D = 0":
+            calls += [
+                (f"encode {where}", "sparse_encode", (x_part, C, b, 2)),
+                (f"loss {where}", "reconstruction_loss", (x_part, C, b, 2)),
+                (f"labels {where}", "sparse_labels", (v, i, 6)),
+            ]
+        calls += [
+            (f"encode backward {where}", "sparse_encode_backward",
+             (torch.ones_like(v), v, i, x_part, C_part, b, mask3)),
+            (f"loss backward {where}", "reconstruction_loss_backward",
+             (one, x_part, C_part, b, v, i, mask3)),
+            (f"decode {where}", "sparse_decode", (v, i, C_part)),
+            (f"decode backward {where}", "sparse_decode_backward",
+             (torch.ones_like(x_part), v, i, C_part, mask2)),
+        ]
+    y = a["y"][:, :0]  # the student loss needs pixels, not channels
+    calls.append(
+        ("student D = 0", "predictor_loss",
+         (y, a["Cs"][:0], b, a["pixel"], a["image"], 0.75, 1.25, mask3))
+    )
+    return calls
+
+
+def on_cpu_in_float32(args):
+    """args for the CPU kernels: floating tensors as float32 CPU copies,
+    integer ones on the CPU, other arguments as they are."""
+    def copy(a):
+        if not isinstance(a, torch.Tensor):
+            return a
+        return a.to("cpu", torch.float32 if a.is_floating_point() else a.dtype)
+
+    return [copy(a) for a in args]
+
+
 def assert_refused(op, args, message: str, label: str) -> str:
     """op(*args) raises a RuntimeError containing message; returns its text."""
     try:

@@ -666,6 +666,28 @@ def test_recomputed_sigmoid_backward_refuses_what_it_cannot_do(emu):
         )  # no intercept
 
 
+@pytest.mark.parametrize("n, d, h", [(0, 3, 2), (1, 3, 0), (1, 0, 2)], ids=["N0", "H0", "D0"])
+def test_empty_outputs_and_gradients_may_have_null_data(emu, n, d, h):
+    """torch gives an empty tensor a null data pointer: a combine into an
+    output without pixels or channels stores nothing, and the recomputed
+    sigmoid's gradient of no entries reads none, so neither launcher may
+    refuse the null pointer as a missing argument."""
+    K, k, w = 5, 2, 3
+    g = torch.Generator().manual_seed(16)
+    coef = torch.rand(n * h * w, k, generator=g)
+    indices = torch.randint(0, K, (n * h * w, k), generator=g)
+    dictionary_t = torch.rand(K, d, generator=g).bfloat16()
+    out = torch.empty(n, d, h, w, dtype=torch.bfloat16)
+    emu.combine_codewords(coef, indices, k, dictionary_t, None, 0.0, None, 1.0, out)
+    grad = torch.empty(n * h * w, k)
+    emu.recomputed_sigmoid_backward(
+        torch.ones(n * h * w, k, dtype=torch.bfloat16), out, indices, k, dictionary_t,
+        torch.zeros(1), grad,
+    )
+    # Without channels every pre-activation is the intercept, 0: s (1 - s) = 1/4.
+    assert torch.all(grad == 0.25)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_sigmoid_backward(emu, dtype):
     g = torch.Generator().manual_seed(6)

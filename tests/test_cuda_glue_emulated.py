@@ -7,10 +7,11 @@ kernel launcher, these check what the glue adds: argument order and units,
 layouts (channels_last and strided maps, codeword-major dictionaries), the
 float32 intermediates of 16-bit inputs, output masks, the deterministic
 variants, the box splitting of the reconstruction loss, and the argument
-checks, which refuse what the CPU kernels refuse. Every output is compared
-with the reference, computed in float64 from the same inputs, and with the
-fake kernel that torch.compile and opcheck rely on (shape, dtype and the
-strides of every dimension longer than one).
+checks, which refuse what the CPU kernels refuse and take the empty inputs
+they take. Every output is compared with the reference, computed in float64
+from the same inputs (or with the CPU op's), and with the fake kernel that
+torch.compile and opcheck rely on (shape, dtype and the strides of every
+dimension longer than one, of a tensor that is not empty).
 
 Inputs are multiples of 1/8, so pre-activations are exact in every dtype and
 indices must match exactly. Tolerances per dtype (rtol = atol): float32 1e-4;
@@ -39,7 +40,9 @@ from conftest import (
     codeword_major,
     documented_order_inputs,
     dyadic,
+    empty_input_calls,
     make_layout,
+    on_cpu_in_float32,
     requires_native_cpu,
     tf32_screening_inputs,
     warp_order_dots,
@@ -96,6 +99,8 @@ def assert_like_fake(op: str, out, *args) -> None:
     for i, (real, promised) in enumerate(zip(as_outputs(out), fake)):
         where = f"{op} output {i}"
         assert real.shape == promised.shape and real.dtype == promised.dtype, where
+        if real.numel() == 0:
+            continue  # an empty tensor's strides address nothing
         for size, stride, fake_stride in zip(real.shape, real.stride(), promised.stride()):
             assert size <= 1 or stride == fake_stride, f"{where}: strides {real.stride()} vs {promised.stride()}"
 
@@ -375,6 +380,27 @@ def test_ops_refuse_what_the_cpu_ops_refuse(ops, dtype):
             argument = message.split()[1]
             cpu_message = assert_refused(getattr(torch.ops.srm_ext, op), args, "", f"CPU {label}")
             assert argument in cpu_message, f"CPU {label}: {cpu_message}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_empty_inputs_give_what_the_cpu_ops_give(ops, dtype):
+    """Inputs without pixels (N = 0, H = 0) or without channels (D = 0),
+    which the CPU kernels take: every output as the CPU op gives it from
+    float32 copies (NaN for a mean over nothing) and as the fake kernel
+    promises. Empty tensors have null data pointers, which the launchers
+    must not refuse as missing outputs. (The GPU twin is in
+    test_cuda_kernels.py.)"""
+    for label, op, args in empty_input_calls("cpu", dtype):
+        out = as_outputs(getattr(ops, op)(*args))
+        assert_like_fake(op, out, *args)
+        want = as_outputs(getattr(torch.ops.srm_ext, op)(*on_cpu_in_float32(args)))
+        for i, (got, expected) in enumerate(zip(out, want)):
+            assert got.shape == expected.shape, f"{label}: output {i}"
+            tol = VALUE_TOLERANCE[dtype]
+            torch.testing.assert_close(
+                got.double(), expected.double(), rtol=tol, atol=tol, equal_nan=True,
+                msg=lambda m: f"{label}: output {i}: {m}",
+            )
 
 
 @pytest.mark.parametrize("dictionary", DICTIONARIES)

@@ -26,8 +26,10 @@ from conftest import (
     codeword_major,
     documented_order_inputs,
     dyadic,
+    empty_input_calls,
     leaf_like,
     make_layout,
+    on_cpu_in_float32,
     requires_cuda,
     tf32_screening_inputs,
     warp_order_dots,
@@ -536,6 +538,23 @@ def test_empty_batch_on_cuda_matches_the_cpu():
     want = srm_ext.reconstruction_loss(x, C, b, 2)
     got = srm_ext.reconstruction_loss(x.to(DEVICE), C.to(DEVICE), b.to(DEVICE), 2)
     torch.testing.assert_close(got.cpu(), want, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_empty_inputs_give_what_the_cpu_ops_give(dtype):
+    """The ops called directly on inputs without pixels or channels, which
+    the CPU kernels take: every output as the CPU op gives it from float32
+    copies. (The emulated twin is in test_cuda_glue_emulated.py.)"""
+    for label, op, args in empty_input_calls(DEVICE, dtype):
+        out = getattr(torch.ops.srm_ext, op)(*args)
+        want = getattr(torch.ops.srm_ext, op)(*on_cpu_in_float32(args))
+        out, want = [o if isinstance(o, (tuple, list)) else (o,) for o in (out, want)]
+        for i, (got, expected) in enumerate(zip(out, want)):
+            assert got.shape == expected.shape, f"{label}: output {i}"
+            torch.testing.assert_close(
+                got.double().cpu(), expected.double(), **TOLERANCES[dtype], equal_nan=True,
+                msg=lambda m: f"{label}: output {i}: {m}",
+            )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

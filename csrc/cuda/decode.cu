@@ -449,7 +449,10 @@ cudaError_t launch_combine_codewords(
     const FeatureMap* addend, float addend_scale, const float* device_scale,
     float host_scale, const FeatureMap& out, const float* sigmoid_values,
     const float* addend_intercept, float* entry_dots, cudaStream_t stream) {
-  if (out.data == nullptr && entry_dots == nullptr) {
+  // Without entry dots there must be somewhere to store: an empty out (no
+  // pixels or no channels, whose data pointer torch leaves null) needs none.
+  const int64_t out_elements = detail::num_pixels(out.layout) * out.layout.d;
+  if (out.data == nullptr && entry_dots == nullptr && out_elements > 0) {
     return cudaErrorInvalidValue;
   }
   return launch_combine(coef, indices, k, dictionary_t, dictionary_dtype,
@@ -548,7 +551,10 @@ cudaError_t launch_recomputed_sigmoid_backward(
     const int64_t* indices, int64_t k, const void* dictionary_t,
     Dtype dictionary_dtype, int64_t num_codewords, const float* intercept,
     float* out, cudaStream_t stream) {
-  if (grad_values == nullptr || intercept == nullptr) {
+  // grad_values may be null only where there are no entries (torch leaves
+  // an empty tensor's data pointer null).
+  const int64_t entries = detail::num_pixels(features.layout) * k;
+  if ((grad_values == nullptr && entries > 0) || intercept == nullptr) {
     return cudaErrorInvalidValue;
   }
   return launch_codeword_dots_kernel(features, indices, k, dictionary_t,

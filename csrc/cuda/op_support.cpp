@@ -540,8 +540,11 @@ std::vector<PixelBox> pixel_boxes(const at::Tensor& x, int64_t max_pixels) {
   const int64_t per_image = h * w;
   max_pixels = std::max<int64_t>(max_pixels, 1);
   std::vector<PixelBox> boxes;
+  if (per_image == 0) {
+    return boxes;
+  }
   if (per_image <= max_pixels) {
-    const int64_t images = per_image > 0 ? max_pixels / per_image : n;
+    const int64_t images = max_pixels / per_image;
     for (int64_t n0 = 0; n0 < n; n0 += images) {
       boxes.push_back({n0, std::min(images, n - n0), 0, h});
     }

@@ -255,6 +255,7 @@ struct PixelBox {
 
 // Boxes covering x's pixels, each with at most max_pixels pixels where a
 // single row allows: as many whole images as fit, else rows of one image.
+// None when x has no pixels.
 std::vector<PixelBox> pixel_boxes(const at::Tensor& x, int64_t max_pixels);
 
 }  // namespace srm_ext::cuda_ops

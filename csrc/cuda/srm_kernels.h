@@ -194,7 +194,8 @@ cudaError_t launch_exact_rows_top_k(const FeatureMap& x,
 // pre-activation <addend[p, :], dictionary_t[indices[p, j], :]> +
 // addend_intercept[0], that dot summed as launch_codeword_dots sums it.
 // With entry_dots, out.data may be null: the combined vectors are then only
-// dotted, not stored.
+// dotted, not stored. An empty out (no pixels or no channels) may have a null
+// data pointer too.
 cudaError_t launch_combine_codewords(
     const float* coef, const int64_t* indices, int64_t k,
     const void* dictionary_t, Dtype dictionary_dtype, int64_t num_codewords,
@@ -239,8 +240,8 @@ cudaError_t launch_codeword_dots(const FeatureMap& features,
 // launch_codeword_dots sums it: the gradient of every kept entry's
 // pre-activation when the values are too rounded to give s (16-bit). features
 // has dtype dictionary_dtype or float32 and any strides; grad_values is
-// (P, k) in dictionary_dtype; intercept is a float32 scalar; out is (P, k)
-// float32.
+// (P, k) in dictionary_dtype (null only when P * k = 0); intercept is a
+// float32 scalar; out is (P, k) float32.
 cudaError_t launch_recomputed_sigmoid_backward(
     const void* grad_values, const FeatureMap& features,
     const int64_t* indices, int64_t k, const void* dictionary_t,

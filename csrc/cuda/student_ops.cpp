@@ -50,9 +50,11 @@ std::tuple<at::Tensor, at::Tensor> sparse_labels(const at::Tensor& values,
   return {pixel_labels, image_labels};
 }
 
-// (P, D_s) rows of y, one per pixel (a view when y is channels_last).
+// (P, D_s) rows of y, one per pixel (a view when y is channels_last). P is
+// spelled out: with D_s = 0 a -1 could not be inferred.
 at::Tensor pixel_rows(const at::Tensor& y) {
-  return y.permute({0, 2, 3, 1}).reshape({-1, y.size(1)});
+  return y.permute({0, 2, 3, 1})
+      .reshape({y.size(0) * y.size(2) * y.size(3), y.size(1)});
 }
 
 // The gradients of the loss for a unit upstream gradient, from dloss/dz as a
