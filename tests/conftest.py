@@ -18,6 +18,7 @@ if os.environ.get("CI"):
 
 import srm_ext
 from srm_ext import _backend, reference
+from srm_ext.distill import DistributedContext
 
 def pytest_make_parametrize_id(config, val, argname):
     """Readable test ids (float16, 2x8x5x7x20x4), so that -k can pick cases by
@@ -394,3 +395,18 @@ def assert_refused(op, args, message: str, label: str) -> str:
         assert message in str(error), f"{label}: refused, but with another message: {error}"
         return str(error)
     pytest.fail(f"{label}: not refused")
+
+
+class SimulatedRankZero(DistributedContext):
+    """Rank 0 of ``world_size`` processes simulated in one: a subclass says
+    what the gradient all-reduce brings back; the other collectives keep this
+    process's tensors, and sums count every process as this one."""
+
+    def broadcast_from_main(self, tensors):
+        pass
+
+    def average_buffers(self, module):
+        pass
+
+    def sum(self, values, device="cpu"):
+        return [v * self.world_size for v in values]

@@ -25,7 +25,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import child_env
+from conftest import SimulatedRankZero, child_env
 from srm_ext import SRMDistiller
 from srm_ext.distill import DistributedContext, StageConfig, Trainer, accuracy
 from srm_ext.distill.methods import cross_entropy_stage
@@ -232,7 +232,7 @@ def test_accumulated_and_clipped_steps_match_one_process(tmp_path):
         torch.testing.assert_close(rank0[key], value, rtol=1e-4, atol=1e-5, msg=key)
 
 
-class PeerOverflowed(DistributedContext):
+class PeerOverflowed(SimulatedRankZero):
     """Rank 0 of two whose peer's scaled gradients overflowed: the all-reduce
     brings in an inf, the rest is local."""
 
@@ -240,15 +240,6 @@ class PeerOverflowed(DistributedContext):
         for p in parameters:
             if p.grad is not None:
                 p.grad.add_(float("inf")).div_(self.world_size)
-
-    def broadcast_from_main(self, tensors):
-        pass
-
-    def average_buffers(self, module):
-        pass
-
-    def sum(self, values, device="cpu"):
-        return [v * self.world_size for v in values]
 
 
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)`")  # the skipped step

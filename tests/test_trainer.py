@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
+from conftest import SimulatedRankZero
 from srm_ext.distill import DistributedContext, StageConfig, Trainer
 from srm_ext.distill.methods import cross_entropy_stage
 from srm_ext.distill.trainer import build_optimizer, build_scheduler
@@ -69,7 +70,7 @@ def assert_same(actual: nn.Module, expected: nn.Module, **tolerance) -> None:
 
 
 @dataclass(frozen=True)
-class FirstOfTwo(DistributedContext):
+class FirstOfTwo(SimulatedRankZero):
     """Rank 0 of two processes, simulated: each gradient all-reduce is
     recorded and brings back ``factor`` times this process's gradients."""
 
@@ -83,15 +84,6 @@ class FirstOfTwo(DistributedContext):
         self.reduces.append(torch.cat([g.reshape(-1) for g in grads]).norm().item())
         for g in grads:
             g.mul_(self.factor)
-
-    def broadcast_from_main(self, tensors):
-        pass
-
-    def average_buffers(self, module):
-        pass
-
-    def sum(self, values, device="cpu"):
-        return [v * self.world_size for v in values]
 
 
 # ----------------------------------------------------------------------------- accumulation
