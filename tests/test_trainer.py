@@ -1,4 +1,5 @@
-"""The Trainer's optimiser step: gradient accumulation and gradient-norm clipping.
+"""The Trainer's optimiser step: gradient accumulation, gradient-norm clipping
+and the gradient-norm metric.
 
 The models are float64 and free of BatchNorm, so that accumulating the
 gradients of small batches and taking one large batch differ only by
@@ -226,6 +227,70 @@ def test_grad_scaler_path_unscales_before_clipping(monkeypatch, max_norm):
     assert len(scaled.reduces) == len(plain.reduces) == 2 * 3
     if max_norm is not None:
         assert min(plain.reduces) > max_norm  # every step was clipped
+
+
+# ----------------------------------------------------------------------------- gradient norm
+
+
+@pytest.mark.parametrize("max_norm, torch_before_2_6", [(1e-3, False), (None, False), (None, True)])
+def test_grad_norm_is_the_norm_before_clipping(monkeypatch, max_norm, torch_before_2_6):
+    if torch_before_2_6:
+        monkeypatch.delattr(nn.utils, "get_total_norm", raising=False)
+    loader = DataLoader(samples(4), batch_size=4)
+    g = first_gradient(loader)
+    config = StageConfig(epochs=1, optimizer="sgd", lr=0.1, schedule="none")
+    net = model()
+    [metrics] = Trainer(**QUIET, max_grad_norm=max_norm).fit(
+        cross_entropy_stage("ce", net, config), loader
+    )
+    # Summed in float32 on the device.
+    assert metrics["grad_norm"] == pytest.approx(g.norm().item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_grad_norm_is_the_mean_over_the_epochs_steps(steps):
+    # The simulated all-reduce records the norm of every step's gradients,
+    # the short last group's rescaled to its mean included.
+    context = FirstOfTwo()
+    trainer = Trainer(**QUIET, context=context, accumulate_steps=steps)
+    config = StageConfig(epochs=2, lr=1e-2, schedule="none")
+    history = trainer.fit(cross_entropy_stage("ce", model(), config), DataLoader(samples(20), batch_size=4))
+    per_epoch = len(context.reduces) // 2
+    assert per_epoch == math.ceil(5 / steps)
+    for epoch, metrics in enumerate(history):
+        norms = context.reduces[epoch * per_epoch:(epoch + 1) * per_epoch]
+        assert metrics["grad_norm"] == pytest.approx(sum(norms) / len(norms), rel=1e-6)
+    assert history[0]["grad_norm"] != pytest.approx(history[1]["grad_norm"], rel=1e-6)
+
+
+@dataclass(frozen=True)
+class OverflowsOnce(SimulatedRankZero):
+    """Rank 0 of two whose peer's gradients overflow at the first step only."""
+
+    world_size: int = 2
+    steps: list = field(default_factory=list)
+
+    def all_reduce_gradients(self, parameters):
+        self.steps.append(None)
+        if len(self.steps) == 1:
+            for p in parameters:
+                if p.grad is not None:
+                    p.grad.add_(float("inf"))
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)`")  # the skipped step
+def test_grad_norm_leaves_out_the_steps_the_scaler_skips(monkeypatch):
+    loader = DataLoader(samples(8), batch_size=4)
+    images, targets = list(loader)[1]
+    net = model()
+    F.cross_entropy(net(images), targets).backward()  # the second step's gradient: the first was skipped
+    expected = torch.cat([p.grad.reshape(-1) for p in net.parameters()]).norm().item()
+    monkeypatch.setattr(Trainer, "_grad_scaler", lambda self: torch.amp.GradScaler("cpu"))
+    config = StageConfig(epochs=1, optimizer="sgd", lr=0.1, schedule="none")
+    [metrics] = Trainer(**QUIET, context=OverflowsOnce()).fit(
+        cross_entropy_stage("ce", model(), config), loader
+    )
+    assert metrics["grad_norm"] == pytest.approx(expected, rel=1e-6)
 
 
 # ----------------------------------------------------------------------------- arguments

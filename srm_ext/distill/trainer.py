@@ -116,6 +116,10 @@ class Trainer:
             rescaled to that mean before the step.
         max_grad_norm: clip the total norm of the (averaged, unscaled) gradients
             to this before each step; ``None``: no clipping.
+
+    Each epoch's metrics include ``grad_norm``: the mean, over its optimiser
+    steps, of that total norm before clipping (steps whose gradients overflowed
+    under fp16, which the GradScaler skips, are left out; ``None`` if all were).
     """
 
     def __init__(
@@ -266,6 +270,9 @@ class Trainer:
         count = 0
         batches = _length(loader)
         group = accumulated = 0  # size of the group being accumulated, batches in it so far
+        # Summed on the device: reading each step's norm would wait for the step.
+        norm_sum = torch.zeros((), device=self.device)
+        norm_steps = torch.zeros((), device=self.device)
         optimizer.zero_grad(set_to_none=True)  # gradients left by earlier work join no step
         bar = tqdm(
             loader,
@@ -292,7 +299,8 @@ class Trainer:
             share.backward()
             accumulated += 1
             if accumulated == group:
-                self._step(stage, optimizer, scaler)
+                norm = self._step(stage, optimizer, scaler)
+                norm_sum, norm_steps = _add_finite(norm, norm_sum, norm_steps)
                 accumulated = 0
             n = images.shape[0]
             count += n
@@ -306,7 +314,8 @@ class Trainer:
             for p in stage.parameters:
                 if p.grad is not None:
                     p.grad.mul_(group / accumulated)
-            self._step(stage, optimizer, scaler)
+            norm = self._step(stage, optimizer, scaler)
+            norm_sum, norm_steps = _add_finite(norm, norm_sum, norm_steps)
         bar.close()
         if count == 0:
             raise ValueError(f"stage {stage.name!r}: the loader yielded no batches")
@@ -316,6 +325,8 @@ class Trainer:
         metrics: dict[str, Any] = {"stage": stage.name, "epoch": epoch + 1, "lr": lr}
         for key, total in totals.items():
             metrics[key] = self.context.mean(total.item() / max(count, 1), self.device)
+        # The gradients were all-reduced before their norm: it is every process's.
+        metrics["grad_norm"] = (norm_sum / norm_steps).item() if norm_steps.item() else None
         if not math.isfinite(metrics.get("loss", 0.0)):
             raise FloatingPointError(
                 f"stage {stage.name!r}: the loss became {metrics['loss']} in epoch {epoch + 1}; "
@@ -329,8 +340,9 @@ class Trainer:
         stage: Stage,
         optimizer: torch.optim.Optimizer,
         scaler: torch.amp.GradScaler | None,
-    ) -> None:
-        """One optimiser step on the accumulated gradients, which it then clears."""
+    ) -> Tensor:
+        """One optimiser step on the accumulated gradients, which it then
+        clears; returns their total norm before clipping."""
         self.context.all_reduce_gradients(stage.parameters)
         if scaler is not None:
             # Unscale only after the reduce: unscale_ records this process's
@@ -338,13 +350,38 @@ class Trainer:
             # or the processes disagree on skipping the step.
             scaler.unscale_(optimizer)
         if self.max_grad_norm is not None:
-            nn.utils.clip_grad_norm_(stage.parameters, self.max_grad_norm)
+            norm = nn.utils.clip_grad_norm_(stage.parameters, self.max_grad_norm)
+        else:
+            norm = _total_norm(stage.parameters)
         if scaler is None:
             optimizer.step()
         else:
             scaler.step(optimizer)
             scaler.update()
         optimizer.zero_grad(set_to_none=True)
+        return norm.detach()
+
+
+def _total_norm(parameters: Iterable[Tensor]) -> Tensor:
+    """The 2-norm of all the gradients of ``parameters`` together, as
+    ``clip_grad_norm_`` measures it."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    get_total_norm = getattr(nn.utils, "get_total_norm", None)  # torch >= 2.6
+    if get_total_norm is not None:
+        return get_total_norm(grads)
+    device = grads[0].device
+    return torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(g).to(device) for g in grads])
+    )
+
+
+def _add_finite(norm: Tensor, total: Tensor, steps: Tensor) -> tuple[Tensor, Tensor]:
+    """Adds a step's gradient norm to the running sum when it is finite."""
+    norm = norm.to(total.device, total.dtype)
+    finite = torch.isfinite(norm)
+    return total + torch.where(finite, norm, 0.0), steps + finite.to(steps.dtype)
 
 
 def _length(loader: Iterable) -> int | None:
