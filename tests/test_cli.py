@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch._dynamo.config as dynamo_config
+from torch import nn
 
 from conftest import child_env
 from srm_ext.cli import _error_line, build_config, build_parser, main
@@ -461,3 +463,144 @@ def test_accumulation_and_clipping_flags():
         ["distill", "--accumulate-steps", "4", "--max-grad-norm", "1.5"]
     ))
     assert (config.accumulate_steps, config.max_grad_norm) == (4, 1.5)
+
+
+# --------------------------------------------------------------------------- --compile
+
+
+class CompileRecord:
+    def __init__(self) -> None:
+        self.models: list[nn.Module] = []  # what the runner compiled, in order
+        self.graphs: list[torch.fx.GraphModule] = []  # what dynamo captured from them
+
+
+@pytest.fixture
+def eager_compile(monkeypatch):
+    """``Module.compile`` with dynamo capturing graphs that run eagerly: the
+    wiring of --compile without inductor, which takes minutes to generate
+    code on a small CPU. The backend runs the kernels of the plain model, so
+    the numbers must equal an uncompiled run's bit for bit. Dynamo starts as
+    in a new process: hook guards off (torch's default), no compiled code."""
+    record = CompileRecord()
+    compile_in_place = nn.Module.compile
+
+    def capture(graph, example_inputs):
+        record.graphs.append(graph)
+        return graph.forward
+
+    def compile_eagerly(module, *args, **kwargs):
+        assert not args and not kwargs  # torch.compile's defaults: inductor, mode "default"
+        record.models.append(module)
+        compile_in_place(module, backend=capture)
+
+    monkeypatch.setattr(nn.Module, "compile", compile_eagerly)
+    monkeypatch.setattr(dynamo_config, "skip_nnmodule_hook_guards", True)
+    torch.compiler.reset()
+    yield record
+    torch.compiler.reset()
+
+
+def test_compile_flag_merges_with_presets_and_saved_configs(tmp_path):
+    def parse(*argv):
+        return build_config(build_parser().parse_args(["distill", *argv])).compile
+
+    assert parse() is False
+    assert parse("--compile") is True and parse("--preset", "quick", "--compile") is True
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(ExperimentConfig(compile=True).to_dict()))
+    # A resume keeps the run's setting unless told otherwise, either way.
+    assert parse("--resume", "--output-dir", str(out)) is True
+    assert parse("--resume", "--no-compile", "--output-dir", str(out)) is False
+
+
+def test_compile_runs_teacher_and_students_compiled_to_the_same_numbers(
+    tmp_path, eager_compile, recwarn
+):
+    # A ResNet-8 teacher: dynamo traces it in a third of the DenseNet's time.
+    flags = [*TINY_FLAGS, "--teacher", "resnet8", "--methods", "kd,srm", "--seeds", "0"]
+    plain, compiled = tmp_path / "plain", tmp_path / "compiled"
+    assert main(["distill", *flags, "--output-dir", str(plain)]) == 0
+    assert not eager_compile.models
+    assert main(["distill", *flags, "--compile", "--output-dir", str(compiled)]) == 0
+
+    # The teacher, then each method's student, compiled in place and run compiled.
+    assert [type(m).__name__ for m in eager_compile.models] == ["ResNet", "AllCNN", "AllCNN"]
+    assert all(m._compiled_call_impl is not None for m in eager_compile.models)
+    assert eager_compile.graphs
+    # The runner turned dynamo's hook guards on before the first compiled call,
+    # so the SRM taps neither warned nor dropped the compiled code; and back off after.
+    assert not [w for w in recwarn if "skip_nnmodule_hook_guards" in str(w.message)]
+    assert dynamo_config.skip_nnmodule_hook_guards
+    assert json.loads((compiled / "config.json").read_text())["compile"] is True
+    assert json.loads((plain / "config.json").read_text())["compile"] is False
+
+    assert _final_numbers(compiled) == _final_numbers(plain)  # accuracies and every loss
+    names = sorted(path.name for path in (plain / "models").glob("*.pt"))
+    assert names == ["kd-seed0.pt", "srm-seed0.pt", "teacher.pt"]
+    for name in names:
+        expected = torch.load(plain / "models" / name, weights_only=True)
+        got = torch.load(compiled / "models" / name, weights_only=True)
+        assert got.keys() == expected.keys()  # the plain model's, no "_orig_mod."
+        assert all(torch.equal(got[k], expected[k]) for k in expected), name
+
+
+@pytest.mark.parametrize(
+    "compile_first, resume_flags, compile_resumed",
+    [(True, ["--no-compile"], False), (False, ["--compile"], True)],
+)
+def test_a_resume_may_turn_compile_on_or_off(
+    tmp_path, eager_compile, compile_first, resume_flags, compile_resumed
+):
+    straight = tmp_path / "straight"
+    settings = {**TINY_CONFIG, "teacher": "resnet8"}  # quick to trace
+    ExperimentRunner(ExperimentConfig(**settings, output_dir=str(straight)), log=lambda *_: None).run()
+
+    out = tmp_path / "run"
+    seen = []
+
+    def stop(record):  # inside SRM stage 2, after the teacher and scratch finished
+        seen.append(record)
+        if len(seen) == 6:
+            raise Interrupt
+
+    config = ExperimentConfig(**settings, compile=compile_first, output_dir=str(out))
+    with pytest.raises(Interrupt):
+        ExperimentRunner(config, on_epoch_end=stop, log=lambda *_: None).run()
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert saved["current"]["run"] == "srm/seed0"
+    keys = [*saved["weights"]["teacher"]]
+    keys += [key for module in saved["current"]["modules"].values() for key in module]
+    assert keys and not [key for key in keys if "_orig_mod" in key]
+
+    eager_compile.models.clear()
+    assert main(["distill", "--resume", "--quiet", *resume_flags, "--output-dir", str(out)]) == 0
+    # the finished teacher, loaded to distil from, and the SRM student
+    assert len(eager_compile.models) == (2 if compile_resumed else 0)
+    assert json.loads((out / "config.json").read_text())["compile"] is compile_resumed
+    assert _final_numbers(out) == _final_numbers(straight)
+
+
+def test_compile_where_torch_compile_cannot_run_is_refused_naming_the_flag(
+    tmp_path, capsys, monkeypatch
+):
+    from srm_ext.distill.experiment import check_compile_supported
+
+    def unsupported():
+        raise RuntimeError("Python 3.15+ not yet supported for torch.compile")
+
+    monkeypatch.setattr(torch._dynamo.eval_frame, "check_if_dynamo_supported", unsupported)
+    out = tmp_path / "run"
+    assert main(["distill", *TINY_FLAGS, "--compile", "--output-dir", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        "srm-ext: error: --compile is not available here: "
+        "Python 3.15+ not yet supported for torch.compile; run without it\n"
+    )
+    assert not out.exists()  # refused before anything ran
+
+    # A Python that dynamo supports, and a GPU without Triton to generate kernels for it.
+    monkeypatch.setattr(torch._dynamo.eval_frame, "check_if_dynamo_supported", lambda: None)
+    monkeypatch.setattr("torch.utils._triton.has_triton", lambda: False)
+    with pytest.raises(ConfigError, match="--compile is not available here: .* needs Triton"):
+        check_compile_supported(torch.device("cuda"))
+    check_compile_supported(torch.device("cpu"))  # inductor's CPU code needs no Triton

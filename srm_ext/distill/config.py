@@ -147,6 +147,7 @@ class ExperimentConfig:
     num_workers: int = 0
     threads: int | None = None  # torch intra-op threads; None: half the CPU cores per process
     quiet: bool = False
+    compile: bool = False  # run the teacher and students through torch.compile
     preset: str = "default"
 
     def __post_init__(self) -> None:
@@ -260,8 +261,12 @@ class ExperimentConfig:
         return cls(**{k: v for k, v in values.items() if k in names})
 
 
-# Settings that must agree between an interrupted run and its --resume.
-RESUME_INVARIANT_EXCLUDES = ("quiet", "device", "num_workers", "threads", "output_dir", "preset")
+# Settings that must agree between an interrupted run and its --resume: all but
+# these, which change how a run is carried out, not what it computes (compile
+# runs the same steps through torch.compile, faster).
+RESUME_INVARIANT_EXCLUDES = (
+    "quiet", "device", "num_workers", "threads", "compile", "output_dir", "preset"
+)
 
 #: Named bundles of settings; explicit flags override them.
 PRESETS: dict[str, dict[str, Any]] = {

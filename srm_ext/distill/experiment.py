@@ -11,6 +11,7 @@ samplers, augmentation from the restored RNG states).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch._dynamo.config as dynamo_config
 import torch.distributed as dist
 from torch import Tensor, nn
 
@@ -55,6 +57,23 @@ def default_cpu_threads(context: DistributedContext) -> int:
     intra-op threads barely help, and on a shared CPU every op's thread barrier
     waits for descheduled threads (10x slowdowns seen on two busy cores)."""
     return max(1, (os.cpu_count() or 1) // 2 // context.world_size)
+
+
+def check_compile_supported(device: torch.device) -> None:
+    """Refuse ``compile`` before any training where torch.compile cannot run:
+    a Python that dynamo does not support, or a GPU without Triton, for
+    which inductor generates its kernels."""
+    try:
+        torch._dynamo.eval_frame.check_if_dynamo_supported()
+    except RuntimeError as exc:
+        raise ConfigError(f"--compile is not available here: {exc}; run without it") from None
+    from torch.utils._triton import has_triton  # private: imported only when compiling
+
+    if device.type == "cuda" and not has_triton():
+        raise ConfigError(
+            "--compile is not available here: torch.compile needs Triton for this GPU, "
+            "and Triton is not installed or does not support it; run without it"
+        )
 
 
 def parse_layer_pairs(specs: list[str]) -> list[tuple[str, str]]:
@@ -129,8 +148,19 @@ class ExperimentRunner:
         self.ctx = init_distributed(self.config.device)
         if not self.ctx.is_main:
             self._log = lambda *_: None
+        # Dynamo does not guard on module hooks by default, so the feature taps,
+        # finding a compiled model, turn the guards on, clear all compiled code
+        # and warn (see hooks._guard_module_hooks). Compiling the models itself,
+        # the runner turns the guards on before their first call instead: no
+        # recompile, no warning. The setting is global, so it is restored after.
+        guards = (
+            dynamo_config.patch(skip_nnmodule_hook_guards=False)
+            if self.config.compile
+            else contextlib.nullcontext()
+        )
         try:
-            return self._run()
+            with guards:
+                return self._run()
         finally:
             if started_group:
                 shutdown_distributed()
@@ -139,6 +169,8 @@ class ExperimentRunner:
         cfg = self.config
         started = time.perf_counter()
         self.device = resolve_device(cfg.device, self.ctx)
+        if cfg.compile:
+            check_compile_supported(self.device)
         if cfg.threads or self.device.type == "cpu":
             torch.set_num_threads(cfg.threads or default_cpu_threads(self.ctx))
         self._load_or_init_state()
@@ -279,6 +311,21 @@ class ExperimentRunner:
         arch, width = (cfg.teacher, cfg.teacher_width) if role == "teacher" else (cfg.student, cfg.student_width)
         return build_model(arch, self.splits.num_classes, self.splits.in_channels, width).to(self.device)
 
+    def _run_model(self, role: str) -> nn.Module:
+        """A new teacher or student for the runs, compiled with ``compile``. In
+        place (``model.compile()``, not ``torch.compile(model)``), so its
+        state_dict keys stay those of the plain model, without ``_orig_mod.``:
+        checkpoints and model files load alike with and without compiling.
+
+        Under torchrun each process compiles its own replica, and nothing more
+        is needed: gradients are all-reduced after the backward pass (see
+        distributed.py), not inside it by a DistributedDataParallel wrapper,
+        at whose gradient buckets torch.compile would have to split its graphs."""
+        model = self._new_model(role)
+        if self.config.compile:
+            model.compile()
+        return model
+
     def _check_layer_pairs(self) -> list[tuple[str, str]]:
         """Resolve the layer pairs and fail before any training when a path is
         missing, a hooked output is not 4-D or the SRM sizes are impossible."""
@@ -314,13 +361,13 @@ class ExperimentRunner:
 
     def _teacher(self) -> nn.Module:
         def plan() -> MethodPlan:
-            teacher = self._new_model("teacher")
+            teacher = self._run_model("teacher")
             stage = cross_entropy_stage("teacher", teacher, self.config.stage("teacher"))
             return MethodPlan(teacher, {"teacher": teacher}, [stage])
 
         run_id = "teacher"
         if run_id in self.state["finished"]:
-            teacher = self._new_model("teacher")
+            teacher = self._run_model("teacher")  # compiled too: the students' stages run it
             teacher.load_state_dict(self.state["weights"][run_id])
         else:
             teacher = self._execute(
@@ -331,7 +378,7 @@ class ExperimentRunner:
 
     def _student_plan(self, method: str, teacher: nn.Module) -> MethodPlan:
         return build_plan(
-            method, teacher, self._new_model("student"), self.layer_pairs, self.example, self.config
+            method, teacher, self._run_model("student"), self.layer_pairs, self.example, self.config
         )
 
     def _execute(
