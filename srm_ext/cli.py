@@ -117,11 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output-dir", help="where config, metrics, results, plots and checkpoints go")
     g.add_argument("--num-workers", type=int, help="DataLoader worker processes")
     g.add_argument("--threads", type=int, help="torch intra-op threads per process (default on CPU: half the cores)")
-    g.add_argument("--quiet", action="store_true", default=None, help="no progress bars or epoch lines")
-    # --no-compile too, so that a resume can turn off what the saved config turned on.
+    # --no-quiet and --no-compile too, so that a resume can turn off what the
+    # saved config turned on.
+    g.add_argument("--quiet", action=argparse.BooleanOptionalAction, default=None,
+                   help="no progress bars or epoch lines")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="run the teacher and students through torch.compile: faster steps "
-                        "on a GPU, after minutes of compiling (default: off)")
+                   help="run the teacher and students through torch.compile (meant for "
+                        "GPUs; compiling takes minutes; default: off)")
     existing = g.add_mutually_exclusive_group()
     existing.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
     existing.add_argument("--overwrite", action="store_true", help="replace the run in --output-dir")

@@ -228,6 +228,25 @@ def test_accumulation_and_clipping_settings_are_checked(field, value, message):
         ExperimentConfig(**{field: value})
 
 
+@pytest.mark.parametrize("field", ["augment", "quiet", "compile"])
+@pytest.mark.parametrize("value", ["false", 0, None])
+def test_yes_no_settings_must_be_booleans(field, value):
+    # A hand-edited config.json's "false" is a true value in Python.
+    with pytest.raises(ConfigError, match=re.escape(f"must be true or false, got {value!r}")):
+        ExperimentConfig(**{field: value})
+
+
+def test_quiet_run_resumes_with_progress(tmp_path):
+    def parse(*argv):
+        return build_config(build_parser().parse_args(["distill", *argv])).quiet
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(ExperimentConfig(quiet=True).to_dict()))
+    assert parse("--resume", "--output-dir", str(out)) is True
+    assert parse("--resume", "--no-quiet", "--output-dir", str(out)) is False
+
+
 def test_resume_on_another_thread_count_warns(tmp_path):
     out = tmp_path / "run"
     settings = {**TINY_CONFIG, "methods": ["scratch"], "epochs_student": 1, "device": "cpu",

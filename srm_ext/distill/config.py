@@ -151,7 +151,7 @@ class ExperimentConfig:
     preset: str = "default"
 
     def __post_init__(self) -> None:
-        self._check_numbers()
+        self._check_types()
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ConfigError(
@@ -209,19 +209,24 @@ class ExperimentConfig:
         for kind in ("teacher", "dictionary", "init", "student"):
             self.stage(kind)
 
-    def _check_numbers(self) -> None:
+    def _check_types(self) -> None:
         """Refuse wrong types (a hand-edited config.json) and non-finite floats,
         which would otherwise surface as a NaN loss after the teacher trained.
         The numeric settings are the fields annotated ``int`` or ``float``
-        (``| None`` where None is allowed)."""
+        (``| None`` where None is allowed); the yes/no ones, ``bool``, whose
+        ``"false"`` would otherwise count as on."""
         for f in dataclasses.fields(self):
             kind, _, optional = f.type.partition(" | ")
-            if kind not in ("int", "float"):
+            if kind not in ("int", "float", "bool"):
                 continue
             value = getattr(self, f.name)
             if value is None and optional == "None":
                 continue
             label = f.name.replace("_", " ")
+            if kind == "bool":
+                if not isinstance(value, bool):
+                    raise ConfigError(f"{label} must be true or false, got {value!r}")
+                continue
             types = numbers.Integral if kind == "int" else numbers.Real
             if isinstance(value, bool) or not isinstance(value, types):
                 expected = "an integer" if kind == "int" else "a number"
