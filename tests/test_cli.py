@@ -15,10 +15,19 @@ import pytest
 import torch
 import torch._dynamo.config as dynamo_config
 from torch import nn
+from torch.utils.data import DataLoader
 
 from conftest import child_env
 from srm_ext.cli import _error_line, build_config, build_parser, main
-from srm_ext.distill import ConfigError, ExperimentConfig, ExperimentRunner
+from srm_ext.distill import (
+    ConfigError,
+    ExperimentConfig,
+    ExperimentRunner,
+    accuracy,
+    load_trained_model,
+    trained_model_names,
+)
+from srm_ext.distill.data import load_dataset
 
 
 # A whole experiment in a few seconds: 128 digits, tiny models, 1-2 epochs per stage.
@@ -74,6 +83,28 @@ def test_distill_quick_preset_end_to_end(tmp_path):
     student = torch.load(out / "models" / "srm-seed0.pt", weights_only=True)
     assert not any("dictionary" in key for key in student)
     assert (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    # Every model the run wrote, loaded for inference, scores what the run reported.
+    assert trained_model_names(out) == ["kd-seed0", "scratch-seed0", "srm-seed0", "teacher"]
+    held_out = load_dataset(ExperimentConfig.from_dict(config)).test
+    loader = DataLoader(held_out, batch_size=32)
+    for run in results["runs"]:
+        model = load_trained_model(out, run["run"])
+        assert not model.training
+        assert accuracy(model, loader) == run["test_acc"], run["run"]
+
+
+def test_load_trained_model_names_what_is_missing(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match="has no trained model 'srm-seed0'; it has: none"):
+        load_trained_model(out, "srm/seed0")
+    (out / "models").mkdir(parents=True)
+    torch.save({}, out / "models" / "teacher.pt")
+    with pytest.raises(ConfigError, match="holds no run: .*config.json is missing"):
+        load_trained_model(out, "teacher")
+    # A run stopped before its data loaded wrote the settings without "resolved".
+    (out / "config.json").write_text(json.dumps(ExperimentConfig().to_dict()))
+    with pytest.raises(ConfigError, match="does not record the model's input"):
+        load_trained_model(out, "teacher")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

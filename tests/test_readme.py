@@ -1,4 +1,5 @@
-"""Every Python block in the README runs as written."""
+"""Every Python block in the README runs as written. Blocks fenced ```py are
+fragments that need a finished run (tests/test_cli.py runs what they show)."""
 
 from __future__ import annotations
 

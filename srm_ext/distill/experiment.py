@@ -289,6 +289,11 @@ class ExperimentRunner:
             "threads": torch.get_num_threads(),
             "layer_pairs": [f"{t}:{s}" for t, s in self.layer_pairs],
             "image_size": self.splits.image_size,
+            # What load_trained_model needs to rebuild the models and their input.
+            "num_classes": self.splits.num_classes,
+            "in_channels": self.splits.in_channels,
+            "mean": list(self.splits.mean),
+            "std": list(self.splits.std),
         }
         if "at" in self.config.methods:
             resolved["at_weight"] = attention_transfer_weight(self.config, self.example)

@@ -1,0 +1,90 @@
+"""Models that ``srm-ext distill`` trained, ready for inference.
+
+A run's ``models/*.pt`` are plain state dicts; :func:`load_trained_model`
+rebuilds the architecture from the run's ``config.json`` and puts the run's
+input normalisation in front, so the model takes images as the data loaders
+gave them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .checkpoint import load_checkpoint
+from .config import ConfigError, ExperimentConfig
+from .models import build_model
+
+__all__ = ["InputNormalization", "load_trained_model", "trained_model_names"]
+
+
+class InputNormalization(nn.Module):
+    """Scales uint8 images to [0, 1] (float images are taken as already
+    there) and normalises each channel, as the run's training did."""
+
+    def __init__(self, mean: list[float], std: list[float]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, images: Tensor) -> Tensor:
+        x = images.float() / 255.0 if images.dtype == torch.uint8 else images
+        return (x - self.mean) / self.std
+
+
+def trained_model_names(output_dir: str | Path) -> list[str]:
+    """The models a run has finished: ``"teacher"``, ``"srm-seed0"``, ..."""
+    return sorted(path.stem for path in (Path(output_dir) / "models").glob("*.pt"))
+
+
+def load_trained_model(
+    output_dir: str | Path, name: str, device: torch.device | str = "cpu"
+) -> nn.Sequential:
+    """The model ``name`` of the run in ``output_dir`` (``"teacher"`` or a
+    student, ``"srm-seed0"``; ``"srm/seed0"`` as the results name it works
+    too), in eval mode: ``InputNormalization`` followed by the network.
+
+    It takes ``(N, C, S, S)`` images, with ``S`` the run's image size
+    (``config.json``'s ``resolved.image_size``), as uint8 or as floats in
+    [0, 1], and returns logits.
+    """
+    out = Path(output_dir)
+    name = name.replace("/", "-")
+    weights = out / "models" / f"{name}.pt"
+    if not weights.exists():
+        found = ", ".join(trained_model_names(out)) or "none"
+        raise ConfigError(f"{out} has no trained model {name!r}; it has: {found}")
+    settings = _run_settings(out)
+    config = ExperimentConfig.from_dict(settings)
+    resolved = settings["resolved"]
+    arch, width = (
+        (config.teacher, config.teacher_width)
+        if name == "teacher"
+        else (config.student, config.student_width)
+    )
+    network = build_model(arch, resolved["num_classes"], resolved["in_channels"], width)
+    network.load_state_dict(load_checkpoint(weights))
+    model = nn.Sequential(InputNormalization(resolved["mean"], resolved["std"]), network)
+    return model.to(device).eval()
+
+
+def _run_settings(out: Path) -> dict:
+    path = out / "config.json"
+    if not path.exists():
+        raise ConfigError(f"{out} holds no run: {path} is missing")
+    try:
+        settings = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path} is not valid JSON ({exc})") from None
+    needed = ("num_classes", "in_channels", "mean", "std")
+    resolved = settings.get("resolved") if isinstance(settings, dict) else None
+    if not isinstance(resolved, dict) or any(key not in resolved for key in needed):
+        raise ConfigError(
+            f"{path} does not record the model's input ({', '.join(needed)} under "
+            "'resolved'): the run was written by an older version or stopped before "
+            "its data loaded"
+        )
+    return settings
