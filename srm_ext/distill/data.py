@@ -32,13 +32,14 @@ from __future__ import annotations
 import math
 import zipfile
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 
 from .config import ConfigError, ExperimentConfig
@@ -49,6 +50,7 @@ __all__ = [
     "DatasetSplits",
     "ImageFolderDataset",
     "BatchPreprocessor",
+    "InputNormalization",
     "load_dataset",
     "load_digits",
     "load_cifar",
@@ -125,6 +127,20 @@ def _uint16_to_uint8(array: np.ndarray) -> np.ndarray:
     return ((array.astype(np.uint32) + 128) // 257).astype(np.uint8)
 
 
+class InputNormalization(nn.Module):
+    """Scales uint8 images to [0, 1] (float images are taken as already there)
+    and normalises each channel: the input side of every model a run trains."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, images: Tensor) -> Tensor:
+        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+        return (x - self.mean) / self.std
+
+
 class BatchPreprocessor:
     """Scales uint8 batches to [0, 1], normalises per channel and, for training
     batches, applies random translations (pad-and-crop) and optional flips. Random
@@ -138,15 +154,13 @@ class BatchPreprocessor:
         pad: int = 2,
         flip: bool = False,
     ) -> None:
-        self.mean = torch.tensor(mean).view(1, -1, 1, 1)
-        self.std = torch.tensor(std).view(1, -1, 1, 1)
+        self.normalize = InputNormalization(mean, std)
         self.augment = augment
         self.pad = pad
         self.flip = flip
 
     def __call__(self, images: Tensor, train: bool) -> Tensor:
-        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-        x = (x - self.mean.to(x.device)) / self.std.to(x.device)
+        x = self.normalize.to(images.device)(images)  # moves its buffers once
         if train and self.augment:
             x = self._translate(x)
             if self.flip:

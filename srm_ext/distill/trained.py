@@ -12,27 +12,14 @@ import json
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from .checkpoint import load_checkpoint
 from .config import ConfigError, ExperimentConfig
+from .data import InputNormalization
 from .models import build_model
 
-__all__ = ["InputNormalization", "load_trained_model", "trained_model_names"]
-
-
-class InputNormalization(nn.Module):
-    """Scales uint8 images to [0, 1] (float images are taken as already
-    there) and normalises each channel, as the run's training did."""
-
-    def __init__(self, mean: list[float], std: list[float]) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
-
-    def forward(self, images: Tensor) -> Tensor:
-        x = images.float() / 255.0 if images.dtype == torch.uint8 else images
-        return (x - self.mean) / self.std
+__all__ = ["load_trained_model", "trained_model_names"]
 
 
 def trained_model_names(output_dir: str | Path) -> list[str]:
