@@ -270,9 +270,9 @@ class Trainer:
         count = 0
         batches = _length(loader)
         group = accumulated = 0  # size of the group being accumulated, batches in it so far
-        # Summed on the device: reading each step's norm would wait for the step.
-        norm_sum = torch.zeros((), device=self.device)
-        norm_steps = torch.zeros((), device=self.device)
+        # Kept on the device until the epoch ends: reading each step's norm
+        # would wait for the step.
+        step_norms: list[Tensor] = []
         optimizer.zero_grad(set_to_none=True)  # gradients left by earlier work join no step
         bar = tqdm(
             loader,
@@ -299,8 +299,7 @@ class Trainer:
             share.backward()
             accumulated += 1
             if accumulated == group:
-                norm = self._step(stage, optimizer, scaler)
-                norm_sum, norm_steps = _add_finite(norm, norm_sum, norm_steps)
+                step_norms.append(self._step(stage, optimizer, scaler))
                 accumulated = 0
             n = images.shape[0]
             count += n
@@ -314,8 +313,7 @@ class Trainer:
             for p in stage.parameters:
                 if p.grad is not None:
                     p.grad.mul_(group / accumulated)
-            norm = self._step(stage, optimizer, scaler)
-            norm_sum, norm_steps = _add_finite(norm, norm_sum, norm_steps)
+            step_norms.append(self._step(stage, optimizer, scaler))
         bar.close()
         if count == 0:
             raise ValueError(f"stage {stage.name!r}: the loader yielded no batches")
@@ -326,7 +324,10 @@ class Trainer:
         for key, total in totals.items():
             metrics[key] = self.context.mean(total.item() / max(count, 1), self.device)
         # The gradients were all-reduced before their norm: it is every process's.
-        metrics["grad_norm"] = (norm_sum / norm_steps).item() if norm_steps.item() else None
+        # Non-finite norms are the steps the GradScaler skipped.
+        norms = torch.stack([n.to(self.device, torch.float32) for n in step_norms])
+        norms = norms[torch.isfinite(norms)]
+        metrics["grad_norm"] = norms.mean().item() if norms.numel() else None
         if not math.isfinite(metrics.get("loss", 0.0)):
             raise FloatingPointError(
                 f"stage {stage.name!r}: the loss became {metrics['loss']} in epoch {epoch + 1}; "
@@ -375,13 +376,6 @@ def _total_norm(parameters: Iterable[Tensor]) -> Tensor:
     return torch.linalg.vector_norm(
         torch.stack([torch.linalg.vector_norm(g).to(device) for g in grads])
     )
-
-
-def _add_finite(norm: Tensor, total: Tensor, steps: Tensor) -> tuple[Tensor, Tensor]:
-    """Adds a step's gradient norm to the running sum when it is finite."""
-    norm = norm.to(total.device, total.dtype)
-    finite = torch.isfinite(norm)
-    return total + torch.where(finite, norm, 0.0), steps + finite.to(steps.dtype)
 
 
 def _length(loader: Iterable) -> int | None:
