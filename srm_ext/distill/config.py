@@ -257,6 +257,12 @@ class ExperimentConfig:
             gamma=self.gamma,
         )
 
+    def architecture(self, role: str) -> tuple[str, float]:
+        """The architecture and width multiplier of the ``"teacher"`` or the students."""
+        if role == "teacher":
+            return self.teacher, self.teacher_width
+        return self.student, self.student_width
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

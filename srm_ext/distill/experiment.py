@@ -43,6 +43,7 @@ from .metrics import accuracy
 from .models import build_model, default_layer_pairs
 from .plots import plot_accuracy, plot_loss_curves
 from .report import markdown_table, summarise
+from .trained import MODELS_DIR, model_path
 from .trainer import Trainer
 
 __all__ = ["ExperimentRunner", "run_experiment", "parse_layer_pairs"]
@@ -304,7 +305,7 @@ class ExperimentRunner:
         writes), so no stale result or model outlives the new run."""
         for name in (CHECKPOINT, "results.json", "results.md", "loss_curves.png", "accuracy.png"):
             (self.out / name).unlink(missing_ok=True)
-        for model in (self.out / "models").glob("*.pt"):
+        for model in (self.out / MODELS_DIR).glob("*.pt"):
             model.unlink()
 
     def _example_batch(self, splits: DatasetSplits) -> Tensor:
@@ -312,8 +313,7 @@ class ExperimentRunner:
         return self.trainer.preprocess(images.to(self.device), False)
 
     def _new_model(self, role: str) -> nn.Module:
-        cfg = self.config
-        arch, width = (cfg.teacher, cfg.teacher_width) if role == "teacher" else (cfg.student, cfg.student_width)
+        arch, width = self.config.architecture(role)
         return build_model(arch, self.splits.num_classes, self.splits.in_channels, width).to(self.device)
 
     def _run_model(self, role: str) -> nn.Module:
@@ -454,7 +454,7 @@ class ExperimentRunner:
         if self.ctx.is_main:
             # The model file first: once the checkpoint says finished, a resume
             # skips this run and its weights are nowhere else.
-            atomic_save(weights, self.out / "models" / f"{run_id.replace('/', '-')}.pt")
+            atomic_save(weights, model_path(self.out, run_id))
             self._save()
             self._log(f"finished {run_id}: test accuracy {100 * result['test_acc']:.2f}%")
         return plan.student

@@ -19,12 +19,21 @@ from .config import ConfigError, ExperimentConfig
 from .data import InputNormalization
 from .models import build_model
 
-__all__ = ["load_trained_model", "trained_model_names"]
+__all__ = ["load_trained_model", "model_path", "trained_model_names"]
+
+
+MODELS_DIR = "models"  # in a run's output directory
+
+
+def model_path(output_dir: str | Path, run: str) -> Path:
+    """Where a run's finished model ``run`` (``"teacher"``, ``"srm/seed0"`` or
+    ``"srm-seed0"``) is saved."""
+    return Path(output_dir) / MODELS_DIR / f"{run.replace('/', '-')}.pt"
 
 
 def trained_model_names(output_dir: str | Path) -> list[str]:
     """The models a run has finished: ``"teacher"``, ``"srm-seed0"``, ..."""
-    return sorted(path.stem for path in (Path(output_dir) / "models").glob("*.pt"))
+    return sorted(path.stem for path in (Path(output_dir) / MODELS_DIR).glob("*.pt"))
 
 
 def load_trained_model(
@@ -39,19 +48,13 @@ def load_trained_model(
     [0, 1], and returns logits.
     """
     out = Path(output_dir)
-    name = name.replace("/", "-")
-    weights = out / "models" / f"{name}.pt"
+    weights = model_path(out, name)
     if not weights.exists():
         found = ", ".join(trained_model_names(out)) or "none"
-        raise ConfigError(f"{out} has no trained model {name!r}; it has: {found}")
+        raise ConfigError(f"{out} has no trained model {weights.stem!r}; it has: {found}")
     settings = _run_settings(out)
-    config = ExperimentConfig.from_dict(settings)
+    arch, width = ExperimentConfig.from_dict(settings).architecture(weights.stem)
     resolved = settings["resolved"]
-    arch, width = (
-        (config.teacher, config.teacher_width)
-        if name == "teacher"
-        else (config.student, config.student_width)
-    )
     network = build_model(arch, resolved["num_classes"], resolved["in_channels"], width)
     network.load_state_dict(load_checkpoint(weights))
     model = nn.Sequential(InputNormalization(resolved["mean"], resolved["std"]), network)
