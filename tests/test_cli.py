@@ -634,23 +634,33 @@ def test_a_resume_may_turn_compile_on_or_off(
 def test_compile_where_torch_compile_cannot_run_is_refused_naming_the_flag(
     tmp_path, capsys, monkeypatch
 ):
+    import torch._inductor.config as inductor_config
+
     from srm_ext.distill.experiment import check_compile_supported
 
     def unsupported():
         raise RuntimeError("Python 3.15+ not yet supported for torch.compile")
 
+    torch.compiler.reset()  # no compiled probe left over from an earlier test
     monkeypatch.setattr(torch._dynamo.eval_frame, "check_if_dynamo_supported", unsupported)
     out = tmp_path / "run"
     assert main(["distill", *TINY_FLAGS, "--compile", "--output-dir", str(out)]) == 2
     assert capsys.readouterr().err == (
-        "srm-ext: error: --compile is not available here: "
-        "Python 3.15+ not yet supported for torch.compile; run without it\n"
+        "srm-ext: error: --compile is not available here: torch.compile fails on cpu "
+        "(Python 3.15+ not yet supported for torch.compile); run without it\n"
     )
     assert not out.exists()  # refused before anything ran
+    monkeypatch.undo()
 
-    # A Python that dynamo supports, and a GPU without Triton to generate kernels for it.
-    monkeypatch.setattr(torch._dynamo.eval_frame, "check_if_dynamo_supported", lambda: None)
-    monkeypatch.setattr("torch.utils._triton.has_triton", lambda: False)
-    with pytest.raises(ConfigError, match="--compile is not available here: .* needs Triton"):
-        check_compile_supported(torch.device("cuda"))
-    check_compile_supported(torch.device("cpu"))  # inductor's CPU code needs no Triton
+    # Inductor's CPU code with no working C++ compiler.
+    torch.compiler.reset()
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, str(tmp_path / "no-such-g++")))
+    with pytest.raises(ConfigError) as refused:
+        check_compile_supported(torch.device("cpu"))
+    message = str(refused.value)
+    assert message.startswith("--compile is not available here: torch.compile fails on cpu (")
+    assert "no-such-g++" in message and "\n" not in message
+    monkeypatch.undo()
+
+    torch.compiler.reset()
+    check_compile_supported(torch.device("cpu"))  # this machine's toolchain works
