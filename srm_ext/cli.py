@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--student-width", type=float, help="channel width multiplier")
     g.add_argument("--layer-pairs", type=_csv(str), metavar="T:S,...",
                    help="teacher:student module paths (default: the architectures' stages)")
+    g.add_argument("--teacher-weights", metavar="PATH",
+                   help="load the teacher instead of training it: a state dict of --teacher, "
+                        "or an earlier run's output directory (its models/teacher.pt)")
     g = d.add_argument_group("SRM and baselines")
     g.add_argument("--codeword-multiplier", type=float, help="K = int(D * cm)")
     g.add_argument("--sparsity-multiplier", type=float, help="k = max(1, int(D * sm * cm))")

@@ -28,6 +28,7 @@ from srm_ext.distill import (
     trained_model_names,
 )
 from srm_ext.distill.data import load_dataset
+from srm_ext.distill.models import build_model
 
 
 # A whole experiment in a few seconds: 128 digits, tiny models, 1-2 epochs per stage.
@@ -354,6 +355,56 @@ def test_a_seed_does_not_depend_on_the_other_seeds_listed(tmp_path):
         assert all(torch.equal(alone[k], listed_second[k]) for k in alone)
 
 
+def test_a_loaded_teacher_gives_the_students_of_a_teacher_trained_in_the_run(tmp_path):
+    logged = []
+
+    def run(name, methods, **settings):
+        out = tmp_path / name
+        config = ExperimentConfig(**{**TINY_CONFIG, "methods": methods, **settings},
+                                  output_dir=str(out))
+        return out, ExperimentRunner(config, log=logged.append).run()
+
+    together, together_results = run("together", ["scratch", "kd"])
+    first, _ = run("first", ["scratch"])
+    # The earlier run's directory, or its teacher's file.
+    for source in (first, first / "models" / "teacher.pt"):
+        later, results = run(f"later-{source.name}", ["kd"], teacher_weights=str(source))
+        assert f"loaded teacher from {first / 'models' / 'teacher.pt'}: test accuracy" in "".join(logged)
+        assert not [line for line in logged if "warning" in line]  # same data
+        records = [json.loads(line) for line in (later / "metrics.jsonl").read_text().splitlines()]
+        assert {r["stage"] for r in records} == {"kd"}  # no teacher epochs
+        teacher = results["runs"][0]
+        assert teacher["run"] == "teacher" and teacher["seed"] is None
+        assert teacher["loaded_from"] == str(first / "models" / "teacher.pt")
+        assert teacher["stage_times"] == {}
+        assert re.search(r"^\| teacher \| .* \| 1 \| loaded \|$", (later / "results.md").read_text(), re.M)
+        expected = {r["run"]: r["test_acc"] for r in together_results["runs"]}
+        assert {r["run"]: r["test_acc"] for r in results["runs"]} == {
+            run: expected[run] for run in ("teacher", "kd/seed0")
+        }
+        for name in ("teacher.pt", "kd-seed0.pt"):  # bitwise the same models
+            want = torch.load(together / "models" / name, weights_only=True)
+            got = torch.load(later / "models" / name, weights_only=True)
+            assert all(torch.equal(want[k], got[k]) for k in want) and want.keys() == got.keys()
+
+
+def test_a_teacher_from_a_run_on_other_data_is_loaded_with_a_warning(tmp_path):
+    first = tmp_path / "first"
+    config = ExperimentConfig(**{**TINY_CONFIG, "methods": ["scratch"]}, output_dir=str(first))
+    ExperimentRunner(config, log=lambda *_: None).run()
+    # Other images of the same size, channels and classes as digits: the teacher loads.
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "other.npz", images=rng.integers(0, 256, (200, 8, 8), dtype=np.uint8),
+             labels=np.arange(200) % 10)
+    lines = []
+    config = ExperimentConfig(**{**TINY_CONFIG, "methods": ["scratch"]}, dataset="npz",
+                              data_path=str(tmp_path / "other.npz"), teacher_weights=str(first),
+                              output_dir=str(tmp_path / "later"))
+    ExperimentRunner(config, log=lines.append).run()
+    warnings = [line for line in lines if line.startswith("warning: the teacher's run normalised")]
+    assert len(warnings) == 1 and "(other data?)" in warnings[0]
+
+
 def test_existing_run_needs_resume_or_overwrite(tmp_path, capsys):
     out = tmp_path / "run"
     flags = [*TINY_FLAGS, "--methods", "scratch", "--seeds", "0", "--epochs-teacher", "1",
@@ -428,12 +479,19 @@ def test_an_error_in_a_data_loader_worker_keeps_its_message():
         (["--teacher-width", "inf"], "teacher width must be finite, got inf"),
         (["--accumulate-steps", "0"], "accumulate steps must be >= 1, got 0"),
         (["--max-grad-norm", "-1"], "max grad norm must be > 0, got -1.0"),
+        (["--teacher-weights", "missing.pt"], "--teacher-weights: missing.pt does not exist"),
+        (["--teacher-weights", "resnet8.pt"],
+         "--teacher-weights: resnet8.pt is not a state dict of the densenet teacher (width 0.34, "
+         "10 classes, 1 input channel(s)): Missing key(s) in state_dict: "),
+        (["--teacher-weights", "tensor.pt"], "Expected state_dict to be dict-like"),
     ],
 )
 def test_user_errors_are_one_line_with_exit_code_2(tmp_path, capsys, monkeypatch, flags, message):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "broken.npz").write_bytes(b"PK\x03\x04 truncated")
     (tmp_path / "a_file").write_text("not a directory")
+    torch.save(build_model("resnet8", 10, 1).state_dict(), tmp_path / "resnet8.pt")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
     _write_cifar_100_folder(tmp_path / "cifar-100-python")
     code = main(["distill", *TINY_FLAGS, "--output-dir", str(tmp_path / "run"), *flags])
     err = capsys.readouterr().err

@@ -105,6 +105,9 @@ class ExperimentConfig:
     teacher_width: float = 1.0
     student_width: float = 0.25
     layer_pairs: list[str] | None = None  # ["teacher.path:student.path", ...]; None: arch defaults
+    # A state dict of the teacher architecture (or an earlier run's output
+    # directory, for its models/teacher.pt): the teacher is loaded, not trained.
+    teacher_weights: str | None = None
     # SRM
     codeword_multiplier: float = 2.0
     sparsity_multiplier: float = 0.02
@@ -159,6 +162,10 @@ class ExperimentConfig:
             )
         if not self.methods:
             raise ConfigError("at least one method is needed")
+        if self.teacher_weights is not None and not (
+            isinstance(self.teacher_weights, str) and self.teacher_weights
+        ):
+            raise ConfigError(f"teacher weights must be a path, got {self.teacher_weights!r}")
         if not self.seeds:
             raise ConfigError("at least one seed is needed")
         if self.batch_size < 1:

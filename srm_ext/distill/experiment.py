@@ -379,12 +379,60 @@ class ExperimentRunner:
         if run_id in self.state["finished"]:
             teacher = self._run_model("teacher")  # compiled too: the students' stages run it
             teacher.load_state_dict(self.state["weights"][run_id])
+        elif self.config.teacher_weights is not None:
+            teacher = self._load_teacher(run_id)
         else:
             teacher = self._execute(
                 run_id, "teacher", self.config.teacher_seed, plan, keep_weights=True
             )
         teacher.eval()
         return teacher
+
+    def _load_teacher(self, run_id: str) -> nn.Module:
+        """The teacher from ``teacher_weights`` instead of training one: kept
+        in the checkpoint and the run's model files like a trained one."""
+        path = Path(self.config.teacher_weights)
+        if path.is_dir():  # an earlier run's output directory
+            path = model_path(path, run_id)
+        if not path.is_file():
+            raise ConfigError(f"--teacher-weights: {path} does not exist")
+        teacher = self._run_model("teacher")
+        try:
+            teacher.load_state_dict(load_checkpoint(path))
+        except (RuntimeError, TypeError) as exc:  # wrong keys or shapes, or not a dict
+            arch, width = self.config.architecture("teacher")
+            # load_state_dict's first line names the model; the next, what is wrong.
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            reason = (lines[1:] or lines or [type(exc).__name__])[0]
+            if len(reason) > 200:
+                reason = reason[:200] + " ..."
+            raise ConfigError(
+                f"--teacher-weights: {path} is not a state dict of the {arch} teacher "
+                f"(width {width}, {self.splits.num_classes} classes, "
+                f"{self.splits.in_channels} input channel(s)): {reason}"
+            ) from None
+        self._warn_if_normalised_otherwise(path)
+        return self._finish(run_id, "teacher", None, teacher, keep_weights=True, loaded_from=str(path))
+
+    def _warn_if_normalised_otherwise(self, teacher_file: Path) -> None:
+        """A teacher from an earlier run learnt that run's input normalisation
+        (the channel statistics of its whole training split): say so when this
+        run's differs."""
+        config = teacher_file.parent.parent / "config.json"
+        if teacher_file.parent.name != MODELS_DIR or not config.is_file():
+            return
+        try:
+            resolved = json.loads(config.read_text())["resolved"]
+            theirs = (resolved["mean"], resolved["std"])
+        except (ValueError, KeyError, TypeError):  # not a run's config: nothing to compare
+            return
+        ours = (list(self.splits.mean), list(self.splits.std))
+        if theirs != ours:
+            self._log(
+                f"warning: the teacher's run normalised its inputs with mean {theirs[0]} and "
+                f"std {theirs[1]}, this run with mean {ours[0]} and std {ours[1]} (other data?): "
+                "the teacher may do worse here than it did there"
+            )
 
     def _student_plan(self, method: str, teacher: nn.Module) -> MethodPlan:
         return build_plan(
@@ -444,16 +492,29 @@ class ExperimentRunner:
                 on_epoch_end=functools.partial(self._end_of_epoch, run_id, method, seed, index, plan),
             )
 
+        return self._finish(run_id, method, seed, plan.student, keep_weights)
+
+    def _finish(
+        self,
+        run_id: str,
+        method: str,
+        seed: int | None,
+        model: nn.Module,
+        keep_weights: bool,
+        **details: Any,
+    ) -> nn.Module:
+        """Evaluate a finished run's model, record the result and save the model."""
         result = {
             "run": run_id,
             "method": method,
             "seed": seed,
-            "test_acc": self._evaluate(plan.student)["test_acc"],
+            "test_acc": self._evaluate(model)["test_acc"],
             "stage_times": self._stage_times(run_id),
+            **details,
         }
         self.state["finished"][run_id] = result
         self.state["current"] = None
-        weights = {k: v.detach().cpu() for k, v in plan.student.state_dict().items()}
+        weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         if keep_weights:
             self.state["weights"][run_id] = weights
         if self.ctx.is_main:
@@ -461,8 +522,10 @@ class ExperimentRunner:
             # skips this run and its weights are nowhere else.
             atomic_save(weights, model_path(self.out, run_id))
             self._save()
-            self._log(f"finished {run_id}: test accuracy {100 * result['test_acc']:.2f}%")
-        return plan.student
+            source = details.get("loaded_from")
+            done = f"loaded {run_id} from {source}" if source else f"finished {run_id}"
+            self._log(f"{done}: test accuracy {100 * result['test_acc']:.2f}%")
+        return model
 
     def _evaluate(self, model: nn.Module) -> dict[str, float]:
         return {"test_acc": accuracy(model, self.test_loader, self.trainer, context=self.ctx)}

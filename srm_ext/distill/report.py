@@ -12,7 +12,8 @@ __all__ = ["summarise", "markdown_table"]
 
 def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per method (in first-seen order) from per-run results
-    ``{"method", "seed", "test_acc", "stage_times": {stage: seconds}}``."""
+    ``{"method", "seed", "test_acc", "stage_times": {stage: seconds}}`` (and
+    ``"loaded_from"`` for a model loaded rather than trained)."""
     by_method: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for run in runs:
         by_method[run["method"]].append(run)
@@ -32,6 +33,7 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                 "accs": accs,
                 "stage_time_mean": {s: statistics.fmean(t) for s, t in stage_times.items()},
+                "loaded": all("loaded_from" in r for r in method_runs),  # not trained here
             }
         )
     return rows
@@ -44,6 +46,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     ]
     for row in rows:
         acc = f"{100 * row['acc_mean']:.2f} ± {100 * row['acc_std']:.2f}"
-        times = ", ".join(f"{s} {t:.1f}" for s, t in row["stage_time_mean"].items()) or "-"
+        times = ", ".join(f"{s} {t:.1f}" for s, t in row["stage_time_mean"].items())
+        times = times or ("loaded" if row.get("loaded") else "-")
         lines.append(f"| {row['method']} | {acc} | {row['runs']} | {times} |")
     return "\n".join(lines)
