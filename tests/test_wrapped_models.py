@@ -28,12 +28,13 @@ def _one_thread(single_thread):
 
 
 @pytest.fixture
-def fresh_dynamo(monkeypatch):
+def fresh_dynamo():
     """torch.compile as a user's process starts it: hook guards off (torch's
-    default, which the taps turn on) and no compiled code; both restored after."""
-    monkeypatch.setattr(dynamo_config, "skip_nnmodule_hook_guards", True)
+    default, which the taps turn on) and no compiled code; both restored after.
+    patch, not monkeypatch: undoing a monkeypatch deletes the setting on torch 2.11."""
     torch.compiler.reset()
-    yield
+    with dynamo_config.patch(skip_nnmodule_hook_guards=True):
+        yield
     torch.compiler.reset()
 
 

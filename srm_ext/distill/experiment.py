@@ -74,8 +74,9 @@ def check_compile_supported(device: torch.device) -> None:
     try:
         torch.compile(_compile_probe, fullgraph=True, dynamic=False)(torch.zeros(2, device=device))
     except Exception as exc:  # whatever the backend raises, reported in one line
-        lines = str(exc).strip().splitlines()
-        reason = lines[0] if lines else type(exc).__name__
+        # Skip headers such as "backend='inductor' raised:" that wrap the cause.
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        reason = next((line for line in lines if not line.endswith(":")), type(exc).__name__)
         raise ConfigError(
             f"--compile is not available here: torch.compile fails on {device.type} "
             f"({reason}); run without it"
