@@ -182,6 +182,14 @@ def use_native(t: torch.Tensor, code_sizes: dict[str, int] | None = None) -> boo
 _DIFFERENTIATING_TRANSFORMS = (_functorch.TransformType.Grad, _functorch.TransformType.Jvp)
 
 
+@torch.compiler.assume_constant_result
+def _transform_depth() -> int:
+    """How many torch.func transforms are active. Under torch.compile a
+    constant of the trace, which dynamo guards through the functorch stack
+    (older dynamo cannot trace the call itself)."""
+    return _functorch.get_dynamic_layer_stack_depth()
+
+
 def needs_reference_autograd(*tensors: torch.Tensor) -> bool:
     """Whether a call on ``tensors`` must run the reference for its derivatives.
 
@@ -197,7 +205,7 @@ def needs_reference_autograd(*tensors: torch.Tensor) -> bool:
 def _carry_tangents(tensors: tuple[torch.Tensor, ...]) -> bool:
     if fwAD._current_level < 0:  # no dual level open
         return False
-    if torch.compiler.is_compiling() or _functorch.get_dynamic_layer_stack_depth() > 0:
+    if torch.compiler.is_compiling() or _transform_depth() > 0:
         # Traced tensors show no tangents, and torch.func's wrapped ones cannot
         # be asked (vmap has no batching rule for unpack_dual): an open dual
         # level is enough.
@@ -207,7 +215,7 @@ def _carry_tangents(tensors: tuple[torch.Tensor, ...]) -> bool:
 
 
 def _under_differentiating_transform() -> bool:
-    depth = _functorch.get_dynamic_layer_stack_depth()
+    depth = _transform_depth()
     if depth == 0:
         return False
     if torch.compiler.is_compiling():

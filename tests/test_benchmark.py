@@ -293,8 +293,13 @@ def test_driver_is_read_from_the_kernel_module_where_nvidia_smi_is_missing(monke
     env = benchmark.environment("cuda")
     assert (env["gpu"], env["cuda"], env["driver"]) == ("NVIDIA H100 80GB HBM3", "13.0", "580.159.04")
     assert (env["capability"], env["sms"], env["tf32_matmul"]) == ("9.0", 132, False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    env = {**benchmark.environment("cuda"), "dtype": "float32"}
+    # Set by hand: pytest 9.2's monkeypatch undo deletes this attribute instead of restoring it.
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        env = {**benchmark.environment("cuda"), "dtype": "float32"}
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     assert env["tf32_matmul"] is True and "TF32 on" in benchmark.describe_run(env)
     monkeypatch.setattr(benchmark, "_NVIDIA_PROC_VERSION", tmp_path / "missing")
     assert benchmark.environment("cuda")["driver"] is None

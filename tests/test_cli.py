@@ -603,7 +603,7 @@ def eager_compile(monkeypatch):
 
     monkeypatch.setattr(nn.Module, "compile", compile_eagerly)
     torch.compiler.reset()
-    # patch, not monkeypatch: undoing a monkeypatch deletes the setting on torch 2.11.
+    # patch, not monkeypatch: pytest 9.2's monkeypatch undo deletes the setting.
     with dynamo_config.patch(skip_nnmodule_hook_guards=True):
         yield record
     torch.compiler.reset()

@@ -31,7 +31,7 @@ def _one_thread(single_thread):
 def fresh_dynamo():
     """torch.compile as a user's process starts it: hook guards off (torch's
     default, which the taps turn on) and no compiled code; both restored after.
-    patch, not monkeypatch: undoing a monkeypatch deletes the setting on torch 2.11."""
+    patch, not monkeypatch: pytest 9.2's monkeypatch undo deletes the setting."""
     torch.compiler.reset()
     with dynamo_config.patch(skip_nnmodule_hook_guards=True):
         yield
