@@ -368,6 +368,7 @@ def test_a_loaded_teacher_gives_the_students_of_a_teacher_trained_in_the_run(tmp
     first, _ = run("first", ["scratch"])
     # The earlier run's directory, or its teacher's file.
     for source in (first, first / "models" / "teacher.pt"):
+        logged.clear()
         later, results = run(f"later-{source.name}", ["kd"], teacher_weights=str(source))
         assert f"loaded teacher from {first / 'models' / 'teacher.pt'}: test accuracy" in "".join(logged)
         assert not [line for line in logged if "warning" in line]  # same data
