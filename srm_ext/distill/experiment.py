@@ -43,7 +43,7 @@ from .metrics import accuracy
 from .models import build_model, default_layer_pairs
 from .plots import plot_accuracy, plot_loss_curves
 from .report import markdown_table, summarise
-from .trained import MODELS_DIR, model_path
+from .trained import MODELS_DIR, model_path, run_settings
 from .trainer import Trainer
 
 __all__ = ["ExperimentRunner", "run_experiment", "parse_layer_pairs"]
@@ -74,13 +74,18 @@ def check_compile_supported(device: torch.device) -> None:
     try:
         torch.compile(_compile_probe, fullgraph=True, dynamic=False)(torch.zeros(2, device=device))
     except Exception as exc:  # whatever the backend raises, reported in one line
-        # Skip headers such as "backend='inductor' raised:" that wrap the cause.
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        reason = next((line for line in lines if not line.endswith(":")), type(exc).__name__)
         raise ConfigError(
             f"--compile is not available here: torch.compile fails on {device.type} "
-            f"({reason}); run without it"
+            f"({_cause_line(exc)}); run without it"
         ) from None
+
+
+def _cause_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message that says what is wrong, past
+    headers ending in ":" such as "backend='inductor' raised:" or
+    load_state_dict's "Error(s) in loading state_dict for DenseNet:"."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return next((line for line in lines if not line.endswith(":")), type(exc).__name__)
 
 
 def parse_layer_pairs(specs: list[str]) -> list[tuple[str, str]]:
@@ -402,10 +407,8 @@ class ExperimentRunner:
             teacher.load_state_dict(load_checkpoint(path))
         except (RuntimeError, TypeError) as exc:  # wrong keys or shapes, or not a dict
             arch, width = self.config.architecture("teacher")
-            # load_state_dict's first line names the model; the next, what is wrong.
-            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-            reason = (lines[1:] or lines or [type(exc).__name__])[0]
-            if len(reason) > 200:
+            reason = _cause_line(exc)
+            if len(reason) > 200:  # a missing-keys line lists every key
                 reason = reason[:200] + " ..."
             raise ConfigError(
                 f"--teacher-weights: {path} is not a state dict of the {arch} teacher "
@@ -413,20 +416,19 @@ class ExperimentRunner:
                 f"{self.splits.in_channels} input channel(s)): {reason}"
             ) from None
         self._warn_if_normalised_otherwise(path)
-        return self._finish(run_id, "teacher", None, teacher, keep_weights=True, loaded_from=str(path))
+        return self._finish(run_id, "teacher", None, teacher, keep_weights=True, loaded_from=path)
 
     def _warn_if_normalised_otherwise(self, teacher_file: Path) -> None:
         """A teacher from an earlier run learnt that run's input normalisation
         (the channel statistics of its whole training split): say so when this
         run's differs."""
-        config = teacher_file.parent.parent / "config.json"
-        if teacher_file.parent.name != MODELS_DIR or not config.is_file():
+        if teacher_file.parent.name != MODELS_DIR:
             return
         try:
-            resolved = json.loads(config.read_text())["resolved"]
-            theirs = (resolved["mean"], resolved["std"])
-        except (ValueError, KeyError, TypeError):  # not a run's config: nothing to compare
+            resolved = run_settings(teacher_file.parent.parent)["resolved"]
+        except ConfigError:  # not a run that recorded its input: nothing to compare
             return
+        theirs = (resolved["mean"], resolved["std"])
         ours = (list(self.splits.mean), list(self.splits.std))
         if theirs != ours:
             self._log(
@@ -502,17 +504,19 @@ class ExperimentRunner:
         seed: int | None,
         model: nn.Module,
         keep_weights: bool,
-        **details: Any,
+        loaded_from: Path | None = None,
     ) -> nn.Module:
-        """Evaluate a finished run's model, record the result and save the model."""
+        """Evaluate a finished run's model (trained, or loaded from
+        ``loaded_from``), record the result and save the model."""
         result = {
             "run": run_id,
             "method": method,
             "seed": seed,
             "test_acc": self._evaluate(model)["test_acc"],
             "stage_times": self._stage_times(run_id),
-            **details,
         }
+        if loaded_from is not None:
+            result["loaded_from"] = str(loaded_from)
         self.state["finished"][run_id] = result
         self.state["current"] = None
         weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -523,8 +527,7 @@ class ExperimentRunner:
             # skips this run and its weights are nowhere else.
             atomic_save(weights, model_path(self.out, run_id))
             self._save()
-            source = details.get("loaded_from")
-            done = f"loaded {run_id} from {source}" if source else f"finished {run_id}"
+            done = f"loaded {run_id} from {loaded_from}" if loaded_from else f"finished {run_id}"
             self._log(f"{done}: test accuracy {100 * result['test_acc']:.2f}%")
         return model
 

@@ -52,7 +52,7 @@ def load_trained_model(
     if not weights.exists():
         found = ", ".join(trained_model_names(out)) or "none"
         raise ConfigError(f"{out} has no trained model {weights.stem!r}; it has: {found}")
-    settings = _run_settings(out)
+    settings = run_settings(out)
     arch, width = ExperimentConfig.from_dict(settings).architecture(weights.stem)
     resolved = settings["resolved"]
     network = build_model(arch, resolved["num_classes"], resolved["in_channels"], width)
@@ -61,7 +61,9 @@ def load_trained_model(
     return model.to(device).eval()
 
 
-def _run_settings(out: Path) -> dict:
+def run_settings(out: Path) -> dict:
+    """The run's ``config.json``, which must record its models' input under
+    ``resolved``; a ConfigError naming the file otherwise."""
     path = out / "config.json"
     if not path.exists():
         raise ConfigError(f"{out} holds no run: {path} is missing")
