@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .distill.config import error_line
 from .distill.hooks import FeatureTapError
 
 __all__ = ["main", "build_parser"]
@@ -254,21 +255,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as exc:
         if args.debug:
             raise
-        print(f"{PROG}: error: {_error_line(exc)}", file=sys.stderr)
+        print(f"{PROG}: error: {error_line(exc)}", file=sys.stderr)
         return 2
-
-
-def _error_line(exc: BaseException) -> str:
-    """The one line that says what went wrong. An error raised in a DataLoader
-    worker comes back as "Caught <type> in DataLoader worker ..." followed by
-    the worker's traceback, whose last line holds the original message."""
-    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-    if not lines:
-        return type(exc).__name__
-    if len(lines) > 2 and lines[0].startswith("Caught ") and "Traceback" in lines[1]:
-        last = lines[-1]
-        prefix = f"{type(exc).__name__}: "
-        # "srm_ext.distill.data.ConfigError: message" -> "message"
-        at = last.find(prefix)
-        return last[at + len(prefix):] if at >= 0 else last
-    return lines[0]

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from conftest import child_env
-from srm_ext.cli import _error_line, build_config, build_parser, main
+from srm_ext.cli import build_config, build_parser, main
 from srm_ext.distill import (
     ConfigError,
     ExperimentConfig,
@@ -27,6 +27,7 @@ from srm_ext.distill import (
     load_trained_model,
     trained_model_names,
 )
+from srm_ext.distill.config import error_line
 from srm_ext.distill.data import load_dataset
 from srm_ext.distill.models import build_model
 
@@ -441,9 +442,23 @@ def test_an_error_in_a_data_loader_worker_keeps_its_message():
     with pytest.raises(ConfigError) as caught:
         next(iter(loader))
     assert str(caught.value).startswith("Caught ConfigError")
-    assert _error_line(caught.value) == "'img0.png': not a readable image (Truncated File Read)"
-    assert _error_line(ValueError("first line\nsecond")) == "first line"
-    assert _error_line(OSError()) == "OSError"
+    assert error_line(caught.value) == "'img0.png': not a readable image (Truncated File Read)"
+
+
+@pytest.mark.parametrize(
+    "message, line",
+    [
+        ("first line\nsecond", "first line"),
+        ("\n  indented first\n", "indented first"),
+        # Headers are passed over to the line that names the problem.
+        ("Error(s) in loading state_dict for ResNet:\n\tMissing key(s): fc.weight", "Missing key(s): fc.weight"),
+        ("backend='inductor' raised:\nInvalidCxxCompilerError: no g++", "InvalidCxxCompilerError: no g++"),
+        ("only a header:", "only a header:"),
+        ("", "OSError"),
+    ],
+)
+def test_an_error_is_shown_by_the_line_that_names_the_problem(message, line):
+    assert error_line(OSError(message) if message else OSError()) == line
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .config import ConfigError
+from .config import ConfigError, error_line
 from .distributed import DistributedContext
 
 __all__ = [
@@ -72,10 +72,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise ConfigError(
             f"{os.fspath(path)}: refused: the checkpoint needs arbitrary pickled objects, "
-            f"which are never loaded ({first_line})"
+            f"which are never loaded ({error_line(exc)})"
         ) from exc
     except (RuntimeError, EOFError, ValueError) as exc:
         raise ConfigError(

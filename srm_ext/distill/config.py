@@ -12,6 +12,7 @@ import torch
 
 __all__ = [
     "ConfigError",
+    "error_line",
     "StageConfig",
     "ExperimentConfig",
     "METHODS",
@@ -25,6 +26,26 @@ METHODS = ("scratch", "kd", "fitnet", "sp", "at", "srm")
 
 class ConfigError(ValueError):
     """A user-facing configuration mistake (bad flag value, missing file, ...)."""
+
+
+def error_line(exc: BaseException) -> str:
+    """The one line of ``exc``'s message that says what went wrong.
+
+    Headers ending in ":" are passed over, such as torch.compile's
+    "backend='inductor' raised:" or load_state_dict's "Error(s) in loading
+    state_dict for DenseNet:". An error raised in a DataLoader worker comes
+    back as "Caught <type> in DataLoader worker ..." followed by the worker's
+    traceback, whose last line holds the original message."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    if len(lines) > 2 and lines[0].startswith("Caught ") and "Traceback" in lines[1]:
+        # "srm_ext.distill.config.ConfigError: message" -> "message"
+        prefix = f"{type(exc).__name__}: "
+        last = lines[-1]
+        at = last.find(prefix)
+        return last[at + len(prefix):] if at >= 0 else last
+    return next((line for line in lines if not line.endswith(":")), lines[0])
 
 
 @dataclass

@@ -33,7 +33,7 @@ from .checkpoint import (
     seed_everything,
     set_rng_state,
 )
-from .config import RESUME_INVARIANT_EXCLUDES, ConfigError, ExperimentConfig
+from .config import RESUME_INVARIANT_EXCLUDES, ConfigError, ExperimentConfig, error_line
 from .data import BatchPreprocessor, DatasetSplits, load_dataset, make_loaders
 from .distiller import SRMDistiller
 from .distributed import DistributedContext, init_distributed, resolve_device, shutdown_distributed
@@ -76,16 +76,8 @@ def check_compile_supported(device: torch.device) -> None:
     except Exception as exc:  # whatever the backend raises, reported in one line
         raise ConfigError(
             f"--compile is not available here: torch.compile fails on {device.type} "
-            f"({_cause_line(exc)}); run without it"
+            f"({error_line(exc)}); run without it"
         ) from None
-
-
-def _cause_line(exc: BaseException) -> str:
-    """The first line of ``exc``'s message that says what is wrong, past
-    headers ending in ":" such as "backend='inductor' raised:" or
-    load_state_dict's "Error(s) in loading state_dict for DenseNet:"."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return next((line for line in lines if not line.endswith(":")), type(exc).__name__)
 
 
 def parse_layer_pairs(specs: list[str]) -> list[tuple[str, str]]:
@@ -367,10 +359,8 @@ class ExperimentRunner:
             raise
         except RuntimeError as exc:
             # A model that cannot take the dataset's inputs at all.
-            message = str(exc).strip()
-            first_line = message.splitlines()[0] if message else type(exc).__name__
             hint = "; try a larger --image-size" if min(self.example.shape[-2:]) < 16 else ""
-            raise ConfigError(f"{first_line}{hint}") from exc
+            raise ConfigError(f"{error_line(exc)}{hint}") from exc
         return pairs
 
     # ------------------------------------------------------------------ runs
@@ -407,7 +397,7 @@ class ExperimentRunner:
             teacher.load_state_dict(load_checkpoint(path))
         except (RuntimeError, TypeError) as exc:  # wrong keys or shapes, or not a dict
             arch, width = self.config.architecture("teacher")
-            reason = _cause_line(exc)
+            reason = error_line(exc)
             if len(reason) > 200:  # a missing-keys line lists every key
                 reason = reason[:200] + " ..."
             raise ConfigError(
