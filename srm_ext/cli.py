@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import shlex
 import signal
 import sys
@@ -71,8 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-limit", type=int, help="use only the first N training samples")
     g.add_argument("--test-limit", type=int, help="use only the first N held-out samples")
     g = d.add_argument_group("models")
-    g.add_argument("--teacher", help=f"teacher architecture: {', '.join(ARCHITECTURES)}")
-    g.add_argument("--student", help=f"student architecture: {', '.join(ARCHITECTURES)}")
+    own = "or package.module:function, called as function(num_classes, in_channels, width)"
+    g.add_argument("--teacher", help=f"teacher architecture: {', '.join(ARCHITECTURES)}, {own}")
+    g.add_argument("--student", help=f"student architecture: {', '.join(ARCHITECTURES)}, {own}")
     g.add_argument("--teacher-width", type=float, help="channel width multiplier")
     g.add_argument("--student-width", type=float, help="channel width multiplier")
     g.add_argument("--layer-pairs", type=_csv(str), metavar="T:S,...",
@@ -202,6 +204,8 @@ def _distill(args: argparse.Namespace) -> int:
     from .distill.experiment import ExperimentRunner
 
     config = build_config(args)
+    if ":" in config.teacher or ":" in config.student:
+        _import_from_working_directory()
     runner = ExperimentRunner(config, resume=args.resume, overwrite=args.overwrite)
     try:
         with _sigterm_as_interrupt():
@@ -214,6 +218,13 @@ def _distill(args: argparse.Namespace) -> int:
         )
         return 130
     return 0
+
+
+def _import_from_working_directory() -> None:
+    """A model named package.module:function is found in the working directory
+    as ``python -m`` finds it, also under the srm-ext script."""
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
 
 
 def _invocation() -> str:

@@ -335,14 +335,17 @@ class ExperimentRunner:
         return model
 
     def _check_layer_pairs(self) -> list[tuple[str, str]]:
-        """Resolve the layer pairs and fail before any training when a path is
-        missing, a hooked output is not 4-D or the SRM sizes are impossible."""
+        """Resolve the layer pairs and fail before any training when a model
+        does not give logits for the dataset's classes, a path is missing, a
+        hooked output is not 4-D or the SRM sizes are impossible."""
         teacher, student = self._new_model("teacher"), self._new_model("student")
-        if self.config.layer_pairs:
-            pairs = parse_layer_pairs(self.config.layer_pairs)
-        else:
-            pairs = list(default_layer_pairs(teacher, student).items())
         try:
+            self._check_logits(teacher, "teacher")
+            self._check_logits(student, "student")
+            if self.config.layer_pairs:
+                pairs = parse_layer_pairs(self.config.layer_pairs)
+            else:
+                pairs = list(default_layer_pairs(teacher, student).items())
             if "srm" in self.config.methods:
                 SRMDistiller(
                     teacher,
@@ -362,6 +365,20 @@ class ExperimentRunner:
             hint = "; try a larger --image-size" if min(self.example.shape[-2:]) < 16 else ""
             raise ConfigError(f"{error_line(exc)}{hint}") from exc
         return pairs
+
+    def _check_logits(self, model: nn.Module, role: str) -> None:
+        """The model must map a batch to (N, classes) logits, which a user's
+        own model may not (a torchvision one has 1000 classes unless told)."""
+        _, logits = FeatureTap(model, [], role).probe(self.example, return_output=True)
+        expected = (len(self.example), self.splits.num_classes)
+        if isinstance(logits, Tensor) and tuple(logits.shape) == expected:
+            return
+        got = f"shape {tuple(logits.shape)}" if isinstance(logits, Tensor) else type(logits).__name__
+        arch, _ = self.config.architecture(role)
+        raise ConfigError(
+            f"the {role} {arch!r} maps a batch of {expected[0]} images to {got}; expected "
+            f"logits of shape {expected} for the dataset's {expected[1]} classes"
+        )
 
     # ------------------------------------------------------------------ runs
 

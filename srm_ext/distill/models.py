@@ -1,19 +1,21 @@
 """Small CNNs for the distillation experiments: the paper's DenseNet-style teacher
-and AllCNN-style student, and CIFAR-style ResNets.
+and AllCNN-style student, and CIFAR-style ResNets; and a user's own models,
+named by the function that builds them.
 
-Every model exposes ``feature_stages``, the module paths of its stage outputs
-(finest grid first); the default SRM layer pairs match these in order.
+Every model here exposes ``feature_stages``, the module paths of its stage
+outputs (finest grid first); the default SRM layer pairs match these in order.
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
-from .config import ConfigError
+from .config import ConfigError, error_line
 
 __all__ = [
     "DenseNet",
@@ -233,16 +235,56 @@ ARCHITECTURES: dict[str, ModelBuilder] = {
 
 
 def build_model(name: str, num_classes: int, in_channels: int, width: float = 1.0) -> nn.Module:
-    """Instantiate a registered architecture; unknown names raise :class:`ConfigError`."""
+    """Instantiate a registered architecture, or a user's model named
+    ``"package.module:function"``: the function is imported and called like
+    the registered builders, ``function(num_classes, in_channels, width)``,
+    and must return an ``nn.Module``. Unknown names, and a function that
+    cannot be imported, called or returns something else, raise
+    :class:`ConfigError`."""
+    if width <= 0:
+        raise ConfigError(f"width multiplier must be > 0, got {width}")
+    if ":" in name:
+        return _build_imported(name, num_classes, in_channels, width)
     if name not in ARCHITECTURES:
         close = difflib.get_close_matches(name, ARCHITECTURES, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ConfigError(
-            f"unknown architecture {name!r}{hint}; available: {', '.join(ARCHITECTURES)}"
+            f"unknown architecture {name!r}{hint}; available: {', '.join(ARCHITECTURES)}, "
+            "or package.module:function for a model of your own"
         )
-    if width <= 0:
-        raise ConfigError(f"width multiplier must be > 0, got {width}")
     return ARCHITECTURES[name](num_classes, in_channels, width)
+
+
+def _build_imported(spec: str, num_classes: int, in_channels: int, width: float) -> nn.Module:
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise ConfigError(f"model {spec!r} must look like package.module:function")
+    try:
+        builder = importlib.import_module(module_name)
+    except Exception as exc:  # ImportError, or whatever the module raises as it runs
+        raise ConfigError(
+            f"model {spec!r}: cannot import {module_name!r} ({type(exc).__name__}: "
+            f"{error_line(exc)})"
+        ) from exc
+    for part in attribute.split("."):
+        if not hasattr(builder, part):
+            raise ConfigError(f"model {spec!r}: {module_name!r} has no {attribute!r}")
+        builder = getattr(builder, part)
+    if not callable(builder):
+        raise ConfigError(f"model {spec!r}: {attribute!r} is not callable")
+    try:
+        model = builder(num_classes, in_channels, width)
+    except Exception as exc:  # the user's code, reported in one line; --debug shows it
+        raise ConfigError(
+            f"model {spec!r}: {attribute}({num_classes}, {in_channels}, {width}) raised "
+            f"{type(exc).__name__}: {error_line(exc)}"
+        ) from exc
+    if not isinstance(model, nn.Module):
+        raise ConfigError(
+            f"model {spec!r}: {attribute} returned {type(model).__name__}, "
+            "expected a torch.nn.Module"
+        )
+    return model
 
 
 def default_layer_pairs(teacher: nn.Module, student: nn.Module) -> dict[str, str]:
