@@ -92,6 +92,12 @@ def test_missing_path_lists_closest_names():
     assert "teacher has no module 'blok2'" in message and "block2" in message
     with pytest.raises(ValueError, match="student has no module 'stage4'.*stage"):
         make_distiller(pairs={"block2": "stage4"})
+    # Nothing alike: the top-level modules show where the paths start.
+    with pytest.raises(ValueError) as info:
+        make_distiller(pairs={"block2": "features.7"})
+    assert str(info.value) == (
+        "student has no module 'features.7'; its top-level modules: stage1, stage2, stage3, head"
+    )
 
 
 def test_non_4d_output_is_rejected():

@@ -47,7 +47,10 @@ def resolve_module(model: nn.Module, path: str, role: str = "model") -> nn.Modul
             return modules[path]
     names = [name for name in modules if name]
     close = difflib.get_close_matches(path, names, n=5, cutoff=0.4)
-    hint = f"; closest: {', '.join(close)}" if close else ""
+    if close:
+        hint = f"; closest: {', '.join(close)}"
+    else:  # nothing alike: where its paths start
+        hint = f"; its top-level modules: {', '.join(name for name in names if '.' not in name)}"
     raise ValueError(f"{role} has no module {path!r}{hint}")
 
 
