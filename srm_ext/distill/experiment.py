@@ -43,7 +43,7 @@ from .metrics import accuracy
 from .models import build_model, default_layer_pairs
 from .plots import plot_accuracy, plot_loss_curves
 from .report import markdown_table, summarise
-from .trained import MODELS_DIR, model_path, run_settings
+from .trained import MODELS_DIR, find_state_dict, model_path, run_settings
 from .trainer import Trainer
 
 __all__ = ["ExperimentRunner", "run_experiment", "parse_layer_pairs"]
@@ -410,8 +410,11 @@ class ExperimentRunner:
         if not path.is_file():
             raise ConfigError(f"--teacher-weights: {path} does not exist")
         teacher = self._run_model("teacher")
+        weights, found = find_state_dict(load_checkpoint(path), teacher)
+        if found:
+            self._log(f"--teacher-weights: the teacher's weights are {path}'s, {', '.join(found)}")
         try:
-            teacher.load_state_dict(load_checkpoint(path))
+            teacher.load_state_dict(weights)
         except (RuntimeError, TypeError) as exc:  # wrong keys or shapes, or not a dict
             arch, width = self.config.architecture("teacher")
             reason = error_line(exc)

@@ -3,26 +3,35 @@
 A run's ``models/*.pt`` are plain state dicts; :func:`load_trained_model`
 rebuilds the architecture from the run's ``config.json`` and puts the run's
 input normalisation in front, so the model takes images as the data loaders
-gave them.
+gave them. :func:`find_state_dict` finds a model's weights in a checkpoint
+that another training script wrote.
 """
 
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from .checkpoint import load_checkpoint
 from .config import ConfigError, ExperimentConfig
 from .data import InputNormalization
 from .models import build_model
 
-__all__ = ["load_trained_model", "model_path", "trained_model_names"]
+__all__ = ["find_state_dict", "load_trained_model", "model_path", "trained_model_names"]
 
 
 MODELS_DIR = "models"  # in a run's output directory
+
+# Where training scripts commonly keep a model's weights in a checkpoint dict.
+_WEIGHTS_ENTRIES = ("state_dict", "model_state_dict", "model")
+# Key prefixes of wrapped models: DistributedDataParallel's, torch.compile's.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 def model_path(output_dir: str | Path, run: str) -> Path:
@@ -80,3 +89,44 @@ def run_settings(out: Path) -> dict:
             "its data loaded"
         )
     return settings
+
+
+def find_state_dict(checkpoint: object, model: nn.Module) -> tuple[object, list[str]]:
+    """The state dict for ``model`` in ``checkpoint`` as loaded, and how it was
+    found: the checkpoint itself, or its ``"state_dict"``, ``"model_state_dict"``
+    or ``"model"`` entry; without the ``module.`` or ``_orig_mod.`` prefix that
+    a wrapper put on every key and ``model``'s own keys lack. Anything else is
+    returned as it is, for ``load_state_dict`` to refuse."""
+    found = []
+    if isinstance(checkpoint, dict) and not _is_state_dict(checkpoint):
+        entry = next((e for e in _WEIGHTS_ENTRIES if _is_state_dict(checkpoint.get(e))), None)
+        if entry is not None:
+            checkpoint = checkpoint[entry]
+            found.append(f"its {entry!r} entry")
+    if not _is_state_dict(checkpoint):
+        return checkpoint, found
+    weights = OrderedDict(checkpoint)  # renamed below: the caller's object stays as it was
+    if hasattr(checkpoint, "_metadata"):  # module versions, which load_state_dict reads
+        weights._metadata = OrderedDict(checkpoint._metadata)
+    own_keys = list(model.state_dict())
+
+    def wrapper_prefix() -> str | None:
+        return next((p for p in _WRAPPER_PREFIXES if _all_start_with(weights, p)
+                     and not _all_start_with(own_keys, p)), None)
+
+    while prefix := wrapper_prefix():
+        consume_prefix_in_state_dict_if_present(weights, prefix)
+        found.append(f"keys without {prefix!r}")
+    return weights, found
+
+
+def _all_start_with(keys: Iterable[str], prefix: str) -> bool:
+    return all(key.startswith(prefix) for key in keys)
+
+
+def _is_state_dict(candidate: object) -> bool:
+    return (
+        isinstance(candidate, dict)
+        and bool(candidate)
+        and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in candidate.items())
+    )
