@@ -71,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="disable random translations/flips")
     g.add_argument("--train-limit", type=int, help="use only the first N training samples")
     g.add_argument("--test-limit", type=int, help="use only the first N held-out samples")
+    g.add_argument("--input-mean", type=_csv(float), metavar="M,...",
+                   help="channel means that inputs in [0, 1] are normalised with "
+                        "(default: the training split's)")
+    g.add_argument("--input-std", type=_csv(float), metavar="S,...",
+                   help="channel stds, likewise; e.g. a teacher trained on ImageNet wants "
+                        "0.229,0.224,0.225 with --input-mean 0.485,0.456,0.406")
     g = d.add_argument_group("models")
     own = "or package.module:function, called as function(num_classes, in_channels, width)"
     g.add_argument("--teacher", help=f"teacher architecture: {', '.join(ARCHITECTURES)}, {own}")

@@ -38,6 +38,26 @@ def test_digits():
     check_splits(upsampled, 10, 5, 10, 1, 16)
 
 
+def test_given_input_statistics_replace_the_training_splits():
+    measured = load_dataset(config(dataset="digits"))
+    given = load_dataset(config(dataset="digits", input_mean=[0.5], input_std=[0.25]))
+    assert (given.mean, given.std) == ((0.5,), (0.25,)) != (measured.mean, measured.std)
+    only_std = load_dataset(config(dataset="digits", input_std=[2]))
+    assert (only_std.mean, only_std.std) == (measured.mean, (2.0,))
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(input_mean=[0.5, 0.5, 0.5]), "--input-mean gives 3 value(s) but the images have 1 channel(s)"),
+        (dict(input_std=[0.2, 0.2]), "--input-std gives 2 value(s) but the images have 1 channel(s)"),
+    ],
+)
+def test_input_statistics_must_give_one_value_per_channel(settings, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_dataset(config(dataset="digits", **settings))
+
+
 def _write_cifar_batch(path: Path, n: int, label_key: bytes, classes: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
     batch = {

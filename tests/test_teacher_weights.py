@@ -1,16 +1,19 @@
-"""A teacher's weights from a checkpoint that another training script wrote:
-found under the usual entries and without the prefixes wrappers add."""
+"""A teacher trained elsewhere: its weights found in another training script's
+checkpoint (under the usual entries, without the prefixes wrappers add), and
+its inputs normalised with the statistics it was trained with."""
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
-from srm_ext.distill import ExperimentConfig, ExperimentRunner
-from srm_ext.distill.models import build_model
+from srm_ext.distill import ExperimentConfig, ExperimentRunner, accuracy, load_trained_model
+from srm_ext.distill.data import InputNormalization, load_dataset
 from srm_ext.distill.trained import find_state_dict
 from test_cli import TINY_CONFIG
 
@@ -24,12 +27,13 @@ def small_model() -> nn.Module:
     return nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
 
 
-def prefixed(state: OrderedDict, prefix: str) -> OrderedDict:
+def prefixed(state: dict, prefix: str) -> OrderedDict:
     """``state`` as a model wrapped with ``prefix`` gives it, module versions included."""
     out = OrderedDict((prefix + key, value) for key, value in state.items())
-    out._metadata = OrderedDict(
-        (prefix + key if key else prefix[:-1], value) for key, value in state._metadata.items()
-    )
+    if hasattr(state, "_metadata"):
+        out._metadata = OrderedDict(
+            (prefix + key if key else prefix[:-1], value) for key, value in state._metadata.items()
+        )
     return out
 
 
@@ -87,18 +91,40 @@ def test_the_callers_checkpoint_is_not_changed():
 
 
 def test_a_run_loads_a_teacher_saved_by_a_ddp_training_script(tmp_path):
-    torch.manual_seed(5)
-    teacher = build_model("densenet", 10, 1, TINY_CONFIG["teacher_width"])
-    torch.save({"epoch": 30, "model": prefixed(teacher.state_dict(), "module.")},
-               tmp_path / "teacher.pth")
+    # A teacher trained on inputs normalised with other statistics than this
+    # data's, then saved the way a DDP training script saves it.
+    statistics = dict(input_mean=[0.5], input_std=[0.25])
+    elsewhere = tmp_path / "elsewhere"
+    ExperimentRunner(
+        ExperimentConfig(**{**TINY_CONFIG, "methods": ["scratch"]}, output_dir=str(elsewhere),
+                         **statistics),
+        log=lambda *_: None,
+    ).run()
+    teacher = torch.load(elsewhere / "models" / "teacher.pt", weights_only=True)
+    torch.save({"epoch": 30, "model": prefixed(teacher, "module.")}, tmp_path / "teacher.pth")
+
     logged = []
     out = tmp_path / "run"
     config = ExperimentConfig(**{**TINY_CONFIG, "methods": ["kd"]}, output_dir=str(out),
-                              teacher_weights=str(tmp_path / "teacher.pth"))
-    ExperimentRunner(config, log=logged.append).run()
+                              teacher_weights=str(tmp_path / "teacher.pth"), **statistics)
+    results = ExperimentRunner(config, log=logged.append).run()
     assert (
         f"--teacher-weights: the teacher's weights are {tmp_path / 'teacher.pth'}'s, "
         "its 'model' entry, keys without 'module.'"
     ) in logged
-    saved = torch.load(out / "models" / "teacher.pt", weights_only=True)
-    assert_same_weights(saved, teacher.state_dict())
+    assert_same_weights(torch.load(out / "models" / "teacher.pt", weights_only=True), teacher)
+
+    # Evaluated on inputs normalised with the given statistics, and loaded
+    # for inference with them.
+    resolved = json.loads((out / "config.json").read_text())["resolved"]
+    assert (resolved["mean"], resolved["std"]) == ([0.5], [0.25])
+    loaded = load_trained_model(out, "teacher")
+    assert loaded[0].mean.flatten().tolist() == [0.5] and loaded[0].std.flatten().tolist() == [0.25]
+    held_out = DataLoader(load_dataset(config).test, batch_size=32)
+    measured = load_dataset(ExperimentConfig(**TINY_CONFIG))  # the data's own statistics
+    with_given = accuracy(loaded, held_out)
+    with_measured = accuracy(
+        nn.Sequential(InputNormalization(measured.mean, measured.std), loaded[1]), held_out
+    )
+    assert with_given != with_measured  # the statistics matter to this teacher
+    assert results["runs"][0]["run"] == "teacher" and results["runs"][0]["test_acc"] == with_given

@@ -120,6 +120,10 @@ class ExperimentConfig:
     augment: bool = True
     train_limit: int | None = None  # use only the first N training samples (smoke tests)
     test_limit: int | None = None
+    # Channel mean and std that inputs in [0, 1] are normalised with; None:
+    # the training split's. A teacher trained elsewhere wants its own.
+    input_mean: list[float] | None = None
+    input_std: list[float] | None = None
     # models
     teacher: str = "densenet"
     student: str = "allcnn"
@@ -187,6 +191,7 @@ class ExperimentConfig:
             isinstance(self.teacher_weights, str) and self.teacher_weights
         ):
             raise ConfigError(f"teacher weights must be a path, got {self.teacher_weights!r}")
+        self._check_input_statistics()
         if not self.seeds:
             raise ConfigError("at least one seed is needed")
         if self.batch_size < 1:
@@ -261,6 +266,20 @@ class ExperimentConfig:
                 raise ConfigError(f"{label} must be {expected}, got {value!r}")
             if not math.isfinite(value):
                 raise ConfigError(f"{label} must be finite, got {value}")
+
+    def _check_input_statistics(self) -> None:
+        for name in ("input_mean", "input_std"):
+            values = getattr(self, name)
+            if values is None:
+                continue
+            label = name.replace("_", " ")
+            if not isinstance(values, list) or not values or not all(
+                isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+                for v in values
+            ):
+                raise ConfigError(f"{label} must be finite numbers, one per channel, got {values!r}")
+        if self.input_std is not None and min(self.input_std) <= 0:
+            raise ConfigError(f"input std must be > 0 in every channel, got {self.input_std}")
 
     def stage(self, kind: str) -> StageConfig:
         """Stage settings for ``kind``: teacher | dictionary | init | student."""

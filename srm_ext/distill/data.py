@@ -180,7 +180,8 @@ class BatchPreprocessor:
 
 
 def load_dataset(config: ExperimentConfig) -> DatasetSplits:
-    """The dataset ``config`` names, with ``train_limit``/``test_limit`` applied."""
+    """The dataset ``config`` names, with ``train_limit``/``test_limit`` applied
+    and the input statistics ``input_mean``/``input_std`` where given."""
     name = config.dataset
     if name == "digits":
         splits = load_digits(config.image_size or 8)
@@ -204,6 +205,16 @@ def load_dataset(config: ExperimentConfig) -> DatasetSplits:
         splits.train = Subset(splits.train, range(min(config.train_limit, len(splits.train))))
     if config.test_limit:
         splits.test = Subset(splits.test, range(min(config.test_limit, len(splits.test))))
+    for name in ("mean", "std"):
+        given = getattr(config, f"input_{name}")
+        if given is None:
+            continue
+        if len(given) != splits.in_channels:
+            raise ConfigError(
+                f"--input-{name} gives {len(given)} value(s) but the images have "
+                f"{splits.in_channels} channel(s)"
+            )
+        setattr(splits, name, tuple(float(v) for v in given))
     return splits
 
 
