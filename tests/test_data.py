@@ -42,8 +42,9 @@ def test_given_input_statistics_replace_the_training_splits():
     measured = load_dataset(config(dataset="digits"))
     given = load_dataset(config(dataset="digits", input_mean=[0.5], input_std=[0.25]))
     assert (given.mean, given.std) == ((0.5,), (0.25,)) != (measured.mean, measured.std)
-    only_std = load_dataset(config(dataset="digits", input_std=[2]))
+    only_std = load_dataset(config(dataset="digits", input_std=(2,)))
     assert (only_std.mean, only_std.std) == (measured.mean, (2.0,))
+    assert config(input_std=(2,)).to_dict()["input_std"] == [2.0]  # as config.json gives it back
 
 
 @pytest.mark.parametrize(

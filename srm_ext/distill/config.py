@@ -273,11 +273,12 @@ class ExperimentConfig:
             if values is None:
                 continue
             label = name.replace("_", " ")
-            if not isinstance(values, list) or not values or not all(
+            if not isinstance(values, (list, tuple)) or not values or not all(
                 isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
                 for v in values
             ):
                 raise ConfigError(f"{label} must be finite numbers, one per channel, got {values!r}")
+            setattr(self, name, [float(v) for v in values])  # as config.json gives it back
         if self.input_std is not None and min(self.input_std) <= 0:
             raise ConfigError(f"input std must be > 0 in every channel, got {self.input_std}")
 
