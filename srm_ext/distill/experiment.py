@@ -430,8 +430,8 @@ class ExperimentRunner:
 
     def _warn_if_normalised_otherwise(self, teacher_file: Path) -> None:
         """A teacher from an earlier run learnt that run's input normalisation
-        (the channel statistics of its whole training split): say so when this
-        run's differs."""
+        (its training split's channel statistics, or those it was given, as its
+        config.json records them): say so when this run's differs."""
         if teacher_file.parent.name != MODELS_DIR:
             return
         try:
