@@ -84,6 +84,9 @@ def test_distill_quick_preset_end_to_end(tmp_path):
     assert checkpoint["current"] is None and len(checkpoint["finished"]) == 4
     student = torch.load(out / "models" / "srm-seed0.pt", weights_only=True)
     assert not any("dictionary" in key for key in student)
+    # with the module versions load_state_dict reads (BatchNorm's among them)
+    assert student._metadata == load_trained_model(out, "srm-seed0")[1].state_dict()._metadata
+    assert any(meta.get("version") == 2 for meta in student._metadata.values())
     assert (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
     # Every model the run wrote, loaded for inference, scores what the run reported.
     assert trained_model_names(out) == ["kd-seed0", "scratch-seed0", "srm-seed0", "teacher"]

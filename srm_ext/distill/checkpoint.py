@@ -22,6 +22,7 @@ from .distributed import DistributedContext
 
 __all__ = [
     "atomic_save",
+    "cpu_state_dict",
     "load_checkpoint",
     "rng_state",
     "gather_rng_states",
@@ -49,6 +50,17 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_directory(path.parent)
+
+
+def cpu_state_dict(model: torch.nn.Module) -> dict[str, Any]:
+    """``model.state_dict()`` detached on the CPU, keeping its module versions
+    (``_metadata``), which ``load_state_dict`` reads to upgrade weights saved by
+    an older version of a module."""
+    state = model.state_dict()
+    weights = type(state)((name, value.detach().cpu()) for name, value in state.items())
+    if hasattr(state, "_metadata"):
+        weights._metadata = state._metadata
+    return weights
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from .checkpoint import (
     atomic_save,
+    cpu_state_dict,
     gather_rng_states,
     load_checkpoint,
     seed_everything,
@@ -529,7 +530,7 @@ class ExperimentRunner:
             result["loaded_from"] = str(loaded_from)
         self.state["finished"][run_id] = result
         self.state["current"] = None
-        weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        weights = cpu_state_dict(model)
         if keep_weights:
             self.state["weights"][run_id] = weights
         if self.ctx.is_main:
