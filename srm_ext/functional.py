@@ -22,6 +22,7 @@ import functools
 
 import torch
 from torch import Tensor
+from torch._C._functorch import is_functorch_wrapped_tensor
 
 from . import _validation, reference
 from ._backend import needs_reference_autograd, use_native
@@ -65,6 +66,17 @@ def _promote_under_autocast(fn):
             return fn(*map(cast, args), **{name: cast(a) for name, a in kwargs.items()})
 
     return wrapper
+
+
+def _gradients_wanted(*tensors: Tensor) -> list[bool]:
+    """Which of ``tensors`` autograd may ask gradients for. Under torch.func's
+    transforms a wrapper's requires_grad need not be that of the tensor autograd
+    records beneath it (vmap's wrappers report False), so there all are."""
+    if not torch.is_grad_enabled():
+        return [False] * len(tensors)
+    if not torch.compiler.is_compiling() and any(map(is_functorch_wrapped_tensor, tensors)):
+        return [True] * len(tensors)
+    return [t.requires_grad for t in tensors]
 
 
 def _code_sizes(dictionary: Tensor, k: int) -> dict[str, int]:
@@ -143,7 +155,7 @@ def predictor_loss(
     )
     if _native(y, (y, dictionary, intercept)):
         # The op forms the gradients in forward, so it is told which are wanted.
-        wanted = [torch.is_grad_enabled() and t.requires_grad for t in (y, dictionary, intercept)]
+        wanted = _gradients_wanted(y, dictionary, intercept)
         return torch.ops.srm_ext.predictor_loss(
             y,
             dictionary,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import warnings
 import re
 
 import pytest
@@ -362,6 +363,28 @@ def test_vmap_alone_keeps_the_compiled_ops(monkeypatch):
     assert called
     want = torch.stack([reference.reconstruction_loss(s, C, b, 3) for s in batch])
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("batched", ["y", "dictionary"])
+def test_backward_through_vmap_of_the_stage2_loss_matches_the_reference(batched):
+    # The compiled op forms its gradients in forward; under vmap's wrappers,
+    # whose requires_grad is False, it must still form those autograd asks for.
+    (y, Cs, bs), pixel, image = predictor_inputs()
+    ys = torch.stack([y, y.flip(0)]) if batched == "y" else y
+    Css = torch.stack([Cs, -Cs]) if batched == "dictionary" else Cs
+    in_dims = (0, None) if batched == "y" else (None, 0)
+
+    def gradients(mod):
+        leaves = [t.detach().clone().requires_grad_() for t in (ys, Css, bs)]
+        y_, C_, b_ = leaves
+        loss = torch.func.vmap(lambda yy, CC: mod.predictor_loss(yy, CC, b_, pixel, image), in_dims)(y_, C_)
+        return torch.autograd.grad((loss * torch.tensor([1.0, 2.0], dtype=loss.dtype)).sum(), leaves)
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*batching rule")  # per-sample fallback
+        got = gradients(srm_ext)
+    for g, w in zip(got, gradients(reference)):
+        torch.testing.assert_close(g, w)
 
 
 def test_vmap_checks_the_indices_of_every_sample():
