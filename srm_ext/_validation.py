@@ -300,11 +300,22 @@ def validate_labels(values: object, indices: object, num_codewords: object) -> i
     return num_codewords
 
 
-def check_loss_weight(name: str, weight: float) -> None:
-    """A loss weight must be finite and >= 0: NaN or inf would turn the loss and
-    every gradient into NaN, and a negative one would train against the labels."""
+# The largest loss weight the kernels can take: they scale in float32.
+_MAX_LOSS_WEIGHT = torch.finfo(torch.float32).max
+
+
+def check_loss_weight(name: str, weight: object) -> float:
+    """``weight`` as a float. A loss weight must be finite and >= 0: NaN or inf
+    would turn the loss and every gradient into NaN, and a negative one would
+    train against the labels."""
+    weight = as_float(name, weight)
     if not 0.0 <= weight < float("inf"):
         raise ValueError(f"{name} must be finite and >= 0, got {weight}")
+    if weight > _MAX_LOSS_WEIGHT:
+        raise ValueError(
+            f"{name} must be at most {_MAX_LOSS_WEIGHT:.4g} (float32's largest), got {weight}"
+        )
+    return weight
 
 
 def validate_predictor(
@@ -328,9 +339,7 @@ def validate_predictor(
     intercept = check_intercept(intercept)
     check_same_dtype_device(y=y, dictionary=dictionary, intercept=intercept)
     check_labels(pixel_labels, image_labels, y, dictionary.shape[1])
-    weights = []
-    for name, weight in (("local_weight", local_weight), ("global_weight", global_weight)):
-        weight = as_float(name, weight)
-        check_loss_weight(name, weight)
-        weights.append(weight)
-    return weights[0], weights[1]
+    return (
+        check_loss_weight("local_weight", local_weight),
+        check_loss_weight("global_weight", global_weight),
+    )

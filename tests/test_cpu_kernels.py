@@ -210,6 +210,20 @@ def test_predictor_loss_saturated_means_stay_finite():
         assert_close(g, r, torch.float32)
 
 
+def test_sums_past_float32s_range_are_inf_as_in_the_reference():
+    # The kernels sum in double; a float32 loss out of range rounds to inf
+    # instead of failing the conversion.
+    x = torch.full((1, 2, 2, 2), 1e20)
+    C, b = torch.eye(2, 4), torch.zeros(1)
+    loss = srm_ext.reconstruction_loss(x, C, b, 1)
+    assert loss.isinf() and loss == reference.reconstruction_loss(x, C, b, 1)
+    _, _, _, pixel, image = make_predictor_inputs((2, 6, 3, 3, 10, 2), torch.float32, seed=8)
+    y, Cs, bs = torch.randn(2, 4, 3, 3), torch.randn(4, 10), torch.zeros(1)
+    big = 3e38  # a loss weight float32 holds, times a cross-entropy above 1
+    loss = srm_ext.predictor_loss(y, Cs, bs, pixel, image, big, 1.0)
+    assert loss.isinf() and loss == reference.predictor_loss(y, Cs, bs, pixel, image, big, 1.0)
+
+
 def test_predictor_image_loss_matches_reference_across_the_range_of_means():
     # One pixel per image, so each image mean is one sigmoid: from 0 (float32
     # sigmoids underflow below about -88.7) through 1e-35 to within 1e-7 of 1,

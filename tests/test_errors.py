@@ -117,6 +117,7 @@ PREDICTOR_CASES = [
     (lambda g: dict(g, weight=float("inf")), ValueError, "local_weight must be finite and >= 0, got inf"),
     (lambda g: dict(g, weight=-0.5), ValueError, "local_weight must be finite and >= 0, got -0.5"),
     (lambda g: dict(g, weight=True), TypeError, "local_weight must be a float, got bool"),
+    (lambda g: dict(g, weight=1e39), ValueError, "local_weight must be at most 3.403e+38 (float32's largest), got 1e+39"),
     (lambda g: dict(g, image=g["image"].to_sparse()), TypeError, "image_labels must be a dense (strided) tensor"),
 ]
 

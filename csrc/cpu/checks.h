@@ -75,4 +75,11 @@ inline void check_code_covers(const at::Tensor& values, const at::Tensor& x, con
 // Mask entries of a backward op; unwanted gradients are returned as (0,).
 inline at::Tensor unwanted(const at::Tensor& like) { return at::empty({0}, like.options()); }
 
+// A sum kept in double, as a 0-dim tensor of like's dtype. Rounded as a cast
+// rounds, so past float32's range it is +-inf, as the reference's result would
+// be; at::scalar_tensor refuses such a value.
+inline at::Tensor scalar_like(double value, const at::Tensor& like) {
+  return at::scalar_tensor(value, like.options().dtype(at::kDouble)).to(like.scalar_type());
+}
+
 }  // namespace srm_ext::cpu

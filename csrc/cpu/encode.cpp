@@ -100,7 +100,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_encode_backward(
         scatter_tile(grad_features, grad_grid, p0, count, grad_x.mutable_data_ptr<scalar_t>());
       }
     });
-    grad_bias = want_bias ? at::scalar_tensor(bias_grads.total(), x.options()) : unwanted(x);
+    grad_bias = want_bias ? scalar_like(bias_grads.total(), x) : unwanted(x);
   });
   return {grad_x, grad_dict, grad_bias};
 }

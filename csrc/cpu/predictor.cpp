@@ -261,7 +261,7 @@ class StudentLoss {
     if (want_[2]) {
       double total = 0.0;
       for (double s : bias_sums_) total += s;
-      grad_bias = at::scalar_tensor(total, y.options());
+      grad_bias = scalar_like(total, y);
     }
     return {grad_y, grad_dict, grad_bias};
   }
@@ -407,7 +407,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> predictor_loss(
                                   targets.const_data_ptr<scalar_t>(), local_weight, global_weight,
                                   output_mask);
     student.run();
-    loss = at::scalar_tensor(student.loss(), y.options());
+    loss = scalar_like(student.loss(), y);
     std::tie(grad_y, grad_dict, grad_bias) = student.gradients(y);
   });
   return {loss, grad_y, grad_dict, grad_bias};

@@ -58,7 +58,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss(
   });
   const double total = piece_sums.total();
   const double count = static_cast<double>(grid.pixels() * dim);
-  auto loss = at::scalar_tensor(count > 0 ? total / count : std::nan(""), x.options());
+  auto loss = scalar_like(count > 0 ? total / count : std::nan(""), x);
   return {loss, values, indices};
 }
 
@@ -151,7 +151,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss_backward(
           });
     });
     grad_dict = dict_grad.finish(dictionary);
-    grad_bias = want_bias ? at::scalar_tensor(bias_grads.total(), x.options()) : unwanted(x);
+    grad_bias = want_bias ? scalar_like(bias_grads.total(), x) : unwanted(x);
   });
   return {grad_x, grad_dict, grad_bias};
 }
