@@ -140,7 +140,9 @@ def use_native(t: torch.Tensor, code_sizes: dict[str, int] | None = None) -> boo
     sparse codes pass their ``code_sizes`` (any of "D", "K", "k"): beyond the
     CUDA kernels' limits they fall back too, with a one-time warning per size.
     """
-    if _forced_reference():
+    # Meta tensors hold no data: the reference gives their shapes, and no
+    # kernel is missed.
+    if _forced_reference() or t.device.type == "meta":
         return False
     device_type = t.device.type
     supported = _has_kernels(device_type) and t.dtype in _NATIVE_DTYPES.get(device_type, ())

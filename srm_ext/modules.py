@@ -10,6 +10,7 @@ autocast disabled, since the ops require one dtype for all their tensors.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import NamedTuple
 
@@ -17,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as srm_f
-from ._validation import as_int, check_loss_weight
+from ._validation import as_float, as_int, check_feature_map, check_loss_weight
 
 __all__ = [
     "SparseCode",
@@ -54,7 +55,7 @@ def check_multipliers(codeword_multiplier: float, sparsity_multiplier: float) ->
         ("codeword_multiplier", codeword_multiplier),
         ("sparsity_multiplier", sparsity_multiplier),
     ):
-        if not 0.0 < value < math.inf:  # also refuses NaN
+        if not 0.0 < as_float(name, value) < math.inf:  # also refuses NaN
             raise ValueError(f"{name} must be finite and > 0, got {value}")
 
 
@@ -98,6 +99,26 @@ def resize_pixel_labels(labels: Tensor, size: tuple[int, int]) -> Tensor:
     return labels.index_select(-2, rows).index_select(-1, cols)
 
 
+def _label_pair(labels: object) -> tuple[Tensor, Tensor]:
+    """The teacher's ``(pixel, image)`` labels; pixel labels on a grid that can
+    be resized to the student's (no side of it empty)."""
+    if (
+        not isinstance(labels, (tuple, list))
+        or len(labels) != 2
+        or not all(isinstance(t, Tensor) for t in labels)
+    ):
+        raise TypeError(
+            "labels must be the teacher's (pixel, image) label tensors, as "
+            f"SparseRepresentation.labels gives them, got {type(labels).__name__}"
+        )
+    pixel, image = labels
+    if pixel.dim() != 3 or 0 in pixel.shape[1:]:
+        raise ValueError(
+            f"pixel labels must have shape (N, H, W) with H, W >= 1, got {tuple(pixel.shape)}"
+        )
+    return pixel, image
+
+
 def _block_sizes(**sizes: object) -> list[int]:
     """The sizes as Python ints (a NumPy integer too), which the ops' schemas take."""
     sizes = {name: as_int(name, size) for name, size in sizes.items()}
@@ -114,8 +135,12 @@ def _init_dictionary(dictionary: Tensor, intercept: Tensor) -> None:
     nn.init.uniform_(intercept, -1.0, 1.0)
 
 
-def _no_autocast(device_type: str) -> torch.autocast:
-    return torch.autocast(device_type=device_type, enabled=False)
+def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
+    # A device type without autocast (meta) has nothing to turn off, and
+    # torch.autocast refuses it. Dynamo cannot trace the availability check.
+    if torch.compiler.is_compiling() or torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class SparseRepresentation(nn.Module):
@@ -155,7 +180,7 @@ class SparseRepresentation(nn.Module):
         _init_dictionary(self.dictionary, self.intercept)
 
     def _prepare(self, x: Tensor) -> Tensor:
-        return x.to(self.dictionary.dtype)
+        return check_feature_map("x", x).to(self.dictionary.dtype)
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Sparse code ``(values, indices)``, each (N, H, W, k)."""
@@ -212,10 +237,8 @@ class SparseCodePredictor(nn.Module):
         )
         self.in_channels = in_channels
         self.num_codewords = num_codewords
-        self.local_weight = float(local_weight)
-        self.global_weight = float(global_weight)
-        check_loss_weight("local_weight", self.local_weight)
-        check_loss_weight("global_weight", self.global_weight)
+        self.local_weight = check_loss_weight("local_weight", local_weight)
+        self.global_weight = check_loss_weight("global_weight", global_weight)
         self.dictionary = nn.Parameter(torch.empty(in_channels, num_codewords))
         self.intercept = nn.Parameter(torch.empty(1))
         self.reset_parameters()
@@ -224,8 +247,8 @@ class SparseCodePredictor(nn.Module):
         _init_dictionary(self.dictionary, self.intercept)
 
     def forward(self, y: Tensor, labels: SparseLabels | tuple[Tensor, Tensor]) -> Tensor:
-        pixel, image = labels
-        y = y.to(self.dictionary.dtype)
+        pixel, image = _label_pair(labels)
+        y = check_feature_map("y", y).to(self.dictionary.dtype)
         pixel = resize_pixel_labels(pixel, (y.shape[-2], y.shape[-1]))
         image = image.to(self.dictionary.dtype)
         with _no_autocast(y.device.type):
@@ -242,7 +265,7 @@ class SparseCodePredictor(nn.Module):
     @torch.no_grad()
     def predict(self, y: Tensor) -> Tensor:
         """Predicted codeword similarities ``sigmoid(C_s^T y_p + b_s)``, (N, H, W, K)."""
-        if y.dim() != 4 or y.shape[1] != self.in_channels:
+        if check_feature_map("y", y).shape[1] != self.in_channels:
             raise ValueError(
                 f"y must be a (N, {self.in_channels}, H, W) feature map for in_channels="
                 f"{self.in_channels}, got shape {tuple(y.shape)}"

@@ -129,8 +129,42 @@ def test_predict_names_a_wrong_channel_count():
     assert pred.predict(torch.randn(N, 6, H, W)).shape == (N, H, W, K)
     with pytest.raises(ValueError, match=re.escape(f"y must be a (N, 6, H, W) feature map for in_channels=6, got shape ({N}, 5, {H}, {W})")):
         pred.predict(torch.randn(N, 5, H, W))
-    with pytest.raises(ValueError, match=re.escape("y must be a (N, 6, H, W) feature map")):
+    with pytest.raises(ValueError, match=re.escape("y must be a 4-D (N, C, H, W) feature map, got shape (6, 5, 4)")):
         pred.predict(torch.randn(6, H, W))
+
+
+def test_blocks_name_inputs_that_are_not_feature_maps(rep, x):
+    pred = SparseCodePredictor(D, K)
+    labels = rep.labels(x)
+    for call in (rep, rep.loss, rep.encode, rep.labels):
+        with pytest.raises(TypeError, match="x must be a torch.Tensor, got ndarray"):
+            call(x.numpy())
+        with pytest.raises(TypeError, match="x must have a floating-point dtype .* got torch.complex64"):
+            call(x.to(torch.complex64))  # never cast to real quietly
+    with pytest.raises(TypeError, match="y must be a torch.Tensor, got NoneType"):
+        pred(None, labels)
+    with pytest.raises(TypeError, match="y must be a torch.Tensor, got ndarray"):
+        pred.predict(x.numpy())
+    with pytest.raises(TypeError, match=r"labels must be the teacher's \(pixel, image\) label tensors, .* got Tensor"):
+        pred(x, labels.pixel)
+    with pytest.raises(TypeError, match=r"labels must be the teacher's \(pixel, image\) label tensors, .* got tuple"):
+        pred(x, (labels.pixel.numpy(), labels.image))
+    for pixel in (labels.pixel.flatten(), labels.pixel[:, :0]):
+        with pytest.raises(ValueError, match=re.escape(f"pixel labels must have shape (N, H, W) with H, W >= 1, got {tuple(pixel.shape)}")):
+            pred(x, (pixel, labels.image))
+    with pytest.raises(TypeError, match="local_weight must be a float, got str"):
+        SparseCodePredictor(D, K, local_weight="2.5")
+
+
+def test_blocks_run_on_the_meta_device(rep, x):
+    # Shapes without data (as when a model is built on meta to be loaded
+    # later): autocast has no meta device type, so there is none to turn off.
+    rep = rep.to("meta")
+    pred = SparseCodePredictor(D, K).to("meta")
+    x = x.to("meta")
+    assert rep.loss(x).shape == () and rep(x).reconstruction.shape == x.shape
+    pixel = torch.zeros(N, H, W, dtype=torch.long, device="meta")
+    assert pred(x, (pixel, torch.zeros(N, K, device="meta"))).shape == ()
 
 
 def test_srm_sizes_follow_the_paper():
