@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import math
+import re
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -126,6 +129,79 @@ def test_k_larger_than_K_is_rejected():
 def test_bad_hyperparameters_are_named_before_any_model_runs(setting, value, message):
     with pytest.raises(ValueError, match=message):
         SRMDistiller(tiny_teacher(), tiny_student(), {"block1": "stage1"}, **{setting: value})
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        ({"teacher": lambda x: x}, "teacher must be an nn.Module, got function"),
+        ({"student": None}, "student must be an nn.Module, got NoneType"),
+        ({"layer_pairs": None}, r"a dict or \(teacher_path, student_path\) pairs, got NoneType"),
+        ({"layer_pairs": "block1:stage1"}, r"pairs, got str"),
+        ({"codeword_multiplier": "2"}, "codeword_multiplier must be a float, got str"),
+        ({"kd_alpha": None}, "kd_alpha must be a float, got NoneType"),
+        ({"kd_temperature": "4"}, "kd_temperature must be a float, got str"),
+        ({"local_weight": "2.5"}, "local_weight must be a float, got str"),
+        ({"input_shape": 3}, r"input_shape must be the \(C, H, W\) of one input, got int"),
+        ({"input_shape": (3, 8.0, 8)}, "input_shape must be an int, got float"),
+        ({"example_input": np.zeros((2, 1, 8, 8), np.float32)}, "example_input must be a batch of inputs \\(a Tensor\\), got ndarray"),
+    ],
+)
+def test_arguments_of_the_wrong_type_are_named(arguments, message):
+    settings = {"teacher": tiny_teacher(), "student": tiny_student(), "layer_pairs": {"block1": "stage1"}}
+    with pytest.raises(TypeError, match=message):
+        SRMDistiller(**{**settings, **arguments})
+
+
+def test_a_student_that_is_or_shares_the_teacher_is_refused():
+    teacher = tiny_teacher()
+    with pytest.raises(ValueError, match=r"teacher and student are the same model: training the student would change the teacher"):
+        SRMDistiller(teacher, teacher, {"block1": "block2"})
+    student = tiny_student()
+    student.stage1 = teacher.block1  # a layer taken over from the teacher
+    with pytest.raises(ValueError, match=r"teacher and student share parameters \(stage1\.layer1\.body\.0\.weight, \.\.\.\)"):
+        SRMDistiller(teacher, student, {"block1": "stage2"})
+    SRMDistiller(teacher, copy.deepcopy(teacher), {"block1": "block2"})  # a copy is its own model
+
+
+class _ReshapedLogits(nn.Module):
+    """A classifier whose output is reshaped, e.g. (N, 1, classes)."""
+
+    def __init__(self, model: nn.Module, *shape: int) -> None:
+        super().__init__()
+        self.model, self.shape = model, shape
+
+    def forward(self, x):
+        return self.model(x).reshape(len(x), *self.shape)
+
+
+def test_outputs_that_are_not_logits_of_the_same_classes_are_refused_before_training():
+    teacher, student = tiny_teacher(), tiny_student()
+    classes = teacher(torch.zeros(2, 1, 8, 8)).shape[1]
+    with pytest.raises(ValueError, match=re.escape(f"the teacher maps a batch of 2 inputs to shape (2, 1, {classes}); expected logits of shape (2, classes)")):
+        SRMDistiller(_ReshapedLogits(teacher, 1, classes), student, {"model.block1": "stage1"}, input_shape=(1, 8, 8))
+    with pytest.raises(ValueError, match=re.escape(f"the student maps a batch of 2 inputs to shape (2, {classes}, 1)")):
+        SRMDistiller(teacher, _ReshapedLogits(student, classes, 1), {"block1": "model.stage1"}, input_shape=(1, 8, 8))
+    # Fewer classes would broadcast in no way KD could use.
+    fewer = nn.Sequential(student, nn.Linear(classes, classes - 1))
+    with pytest.raises(ValueError, match=re.escape(f"the student's logits have shape (2, {classes - 1}) but the teacher's (2, {classes}); KD needs both models")):
+        SRMDistiller(teacher, fewer, {"block1": "0.stage1"}, input_shape=(1, 8, 8))
+
+
+def test_kd_loss_refuses_logits_that_would_broadcast():
+    targets = torch.tensor([0, 1])
+    with pytest.raises(ValueError, match=re.escape("the student's logits have shape (2, 3) but the teacher's (2, 1, 3)")):
+        kd_loss(torch.randn(2, 3), torch.randn(2, 1, 3), targets)
+    with pytest.raises(ValueError, match=re.escape("the student's logits have shape (2, 3) but the teacher's (2, 1)")):
+        kd_loss(torch.randn(2, 3), torch.randn(2, 1), targets)
+
+
+def test_epoch_counts_must_be_ints():
+    distiller = make_distiller()
+    with pytest.raises(TypeError, match="epochs must be an int, got float"):
+        distiller.fit_dictionaries(toy_loader(), epochs=1.5, **QUIET)
+    with pytest.raises(TypeError, match="lr must be a float, got str"):
+        StageConfig(lr="1e-3")
 
 
 def test_repeated_layer_pair_is_rejected():

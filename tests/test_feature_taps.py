@@ -57,6 +57,13 @@ def residual_net() -> nn.Module:
     )
 
 
+def conv_teacher() -> nn.Module:
+    """A convolution whose ReLU ("1") is tapped, and a 3-class head."""
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)
+    )
+
+
 def test_module_running_twice_in_one_forward_is_rejected():
     tap = FeatureTap(SharedActivation(), ["act"], role="student")
     with pytest.raises(RuntimeError, match="student module 'act' ran more than once in one forward"):
@@ -65,7 +72,7 @@ def test_module_running_twice_in_one_forward_is_rejected():
 
 
 def test_distiller_rejects_a_reused_student_module_before_training():
-    teacher = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU())
+    teacher = conv_teacher()
     with pytest.raises(RuntimeError, match="'act' ran more than once"):
         SRMDistiller(teacher, SharedActivation(), {"1": "act"}, input_shape=(1, 8, 8))
 
@@ -95,7 +102,7 @@ def test_map_modified_in_place_later_is_rejected_when_read():
 
 
 def test_distiller_rejects_a_map_modified_in_place_before_training():
-    teacher = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU())
+    teacher = conv_teacher()
     with pytest.raises(RuntimeError, match="student module '1.bn'.*modified in place"):
         SRMDistiller(teacher, residual_net(), {"1": "1.bn"}, input_shape=(1, 8, 8))
     # tapping the in-place ReLU itself gives the block's output
@@ -143,7 +150,7 @@ def test_tapped_module_that_did_not_run_is_a_clear_error():
 
 def test_distiller_names_a_student_module_that_runs_in_eval_mode_only():
     torch.manual_seed(0)
-    teacher = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU())
+    teacher = conv_teacher()
     distiller = SRMDistiller(teacher, EvalOnlyBranch(), {"1": "extra"}, input_shape=(1, 8, 8))
     loader = [(torch.randn(4, 1, 8, 8), torch.zeros(4, dtype=torch.long))]
     distiller.fit_dictionaries(loader, epochs=1, progress=False, log=None)

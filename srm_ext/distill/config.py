@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from .._validation import as_float, as_int
+
 __all__ = [
     "ConfigError",
     "error_line",
@@ -67,6 +69,9 @@ class StageConfig:
     gamma: float = 0.1  # step: lr factor at each milestone
 
     def __post_init__(self) -> None:
+        self.epochs = as_int("epochs", self.epochs)
+        for name in ("lr", "weight_decay", "momentum", "gamma"):
+            setattr(self, name, as_float(name, getattr(self, name)))
         if self.epochs < 0:
             raise ConfigError(f"epochs must be >= 0, got {self.epochs}")
         if self.optimizer not in ("adam", "adamw", "sgd"):

@@ -13,12 +13,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._validation import check_loss_weight
+from .._validation import as_float, as_int, check_loss_weight
 from ..modules import SparseCodePredictor, SparseRepresentation, check_multipliers, srm_sizes
 from .config import StageConfig
 from .distiller_checkpoint import DistillerCheckpoint
 from .hooks import FeatureTap, unwrap, wrapped_module
-from .losses import check_logits, kd_loss
+from .losses import check_logits, check_same_classes, kd_loss
 from .metrics import accuracy
 from .trainer import Stage, Trainer, image_batch
 
@@ -105,6 +105,14 @@ class SRMDistiller(nn.Module):
         kd_alpha: float = 0.9,
     ) -> None:
         super().__init__()
+        for role, model in (("teacher", teacher), ("student", student)):
+            if not isinstance(model, nn.Module):
+                raise TypeError(f"{role} must be an nn.Module, got {type(model).__name__}")
+        if isinstance(layer_pairs, str) or not isinstance(layer_pairs, Iterable):
+            raise TypeError(
+                "layer_pairs must map teacher paths to student paths: a dict or "
+                f"(teacher_path, student_path) pairs, got {type(layer_pairs).__name__}"
+            )
         pairs = list(layer_pairs.items() if isinstance(layer_pairs, Mapping) else layer_pairs)
         if not pairs:
             raise ValueError("layer_pairs is empty; give at least one teacher -> student pair")
@@ -116,6 +124,7 @@ class SRMDistiller(nn.Module):
                 )
         teacher = _without_data_parallel(teacher, "teacher")
         student = _without_data_parallel(student, "student")
+        _check_separate(teacher, student)
         self.teacher = teacher
         self.student = student
         self.layer_pairs: list[tuple[str, str]] = [(str(t), str(s)) for t, s in pairs]
@@ -150,7 +159,7 @@ class SRMDistiller(nn.Module):
         # (or fitted ones were loaded) before stage 2 uses their codes.
         self._initial_fingerprints: list[Tensor] = []
         if example_input is None and input_shape is not None:
-            example_input = torch.zeros(2, *input_shape)
+            example_input = torch.zeros(2, *_input_shape(input_shape))
         if example_input is not None:
             self.build(example_input)
 
@@ -166,13 +175,18 @@ class SRMDistiller(nn.Module):
         ``example_input`` (a batch; only its first two samples are used)."""
         if self.is_built:
             return
+        if not isinstance(example_input, Tensor):
+            raise TypeError(
+                "example_input must be a batch of inputs (a Tensor), got "
+                f"{type(example_input).__name__}"
+            )
         device = module_device(self.teacher)
         batch = example_input[:2].to(device, module_dtype(self.teacher))
         t_maps, t_out = self.teacher_tap.probe(batch, return_output=True)
         s_maps, s_out = self.student_tap.probe(batch, return_output=True)
         # Stage 3 needs logits: say so now, not after stages 1 and 2 have trained.
-        check_logits(t_out, "teacher")
-        check_logits(s_out, "student")
+        teacher_logits = check_logits(t_out, "teacher", len(batch))
+        check_same_classes(check_logits(s_out, "student", len(batch)), teacher_logits)
         self._add_blocks(
             [(t_maps[t].shape[1], s_maps[s].shape[1]) for t, s in self.layer_pairs], device
         )
@@ -452,11 +466,11 @@ def _check_hyperparameters(
 ) -> None:
     """Refuse values that would train on NaN or silently mean something else."""
     check_multipliers(codeword_multiplier, sparsity_multiplier)
-    if not 0.0 < kd_temperature < math.inf:  # also refuses NaN
+    if not 0.0 < as_float("kd_temperature", kd_temperature) < math.inf:  # also refuses NaN
         raise ValueError(f"kd_temperature must be finite and > 0, got {kd_temperature}")
     check_loss_weight("local_weight", local_weight)
     check_loss_weight("global_weight", global_weight)
-    if not 0.0 <= kd_alpha <= 1.0:
+    if not 0.0 <= as_float("kd_alpha", kd_alpha) <= 1.0:
         raise ValueError(f"kd_alpha must lie in [0, 1], got {kd_alpha}")
 
 
@@ -476,6 +490,26 @@ def _without_data_parallel(model: nn.Module, role: str) -> nn.Module:
             )
         layer = inner
     return model
+
+
+def _check_separate(teacher: nn.Module, student: nn.Module) -> None:
+    """Training the student must leave the frozen teacher as it is."""
+    teacher_parameters = {id(p) for p in teacher.parameters()}
+    shared = [name for name, p in student.named_parameters() if id(p) in teacher_parameters]
+    if teacher is student or shared:
+        what = "are the same model" if teacher is student else f"share parameters ({shared[0]}, ...)"
+        raise ValueError(
+            f"teacher and student {what}: training the student would change the "
+            "teacher; give the student its own copy (copy.deepcopy)"
+        )
+
+
+def _input_shape(input_shape: object) -> list[int]:
+    if isinstance(input_shape, Sequence) and not isinstance(input_shape, str):
+        return [as_int("input_shape", size) for size in input_shape]
+    raise TypeError(
+        f"input_shape must be the (C, H, W) of one input, got {type(input_shape).__name__}"
+    )
 
 
 def _check_placement(teacher: nn.Module, student: nn.Module) -> None:

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "check_logits",
+    "check_same_classes",
     "kd_loss",
     "HintRegressor",
     "similarity_preserving_loss",
@@ -16,15 +17,32 @@ __all__ = [
 ]
 
 
-def check_logits(output: object, role: str = "model") -> Tensor:
-    """``output`` if it is a tensor of logits, else a TypeError saying what the
-    ``role`` model returned instead."""
-    if isinstance(output, Tensor):
-        return output
-    raise TypeError(
-        f"the {role} must return a logits tensor (N, classes), got a {type(output).__name__}; "
-        "wrap it in a module whose forward returns only the logits"
-    )
+def check_logits(output: object, role: str = "model", batch_size: int | None = None) -> Tensor:
+    """``output`` if it is a tensor of logits, of shape ``(batch_size, classes)``
+    where ``batch_size`` is given; else an error saying what the ``role`` model
+    returned instead."""
+    if not isinstance(output, Tensor):
+        raise TypeError(
+            f"the {role} must return a logits tensor (N, classes), got a "
+            f"{type(output).__name__}; wrap it in a module whose forward returns only the logits"
+        )
+    if batch_size is not None and (output.dim() != 2 or output.shape[0] != batch_size):
+        raise ValueError(
+            f"the {role} maps a batch of {batch_size} inputs to shape {tuple(output.shape)}; "
+            f"expected logits of shape ({batch_size}, classes)"
+        )
+    return output
+
+
+def check_same_classes(student_logits: Tensor, teacher_logits: Tensor) -> None:
+    """KD compares the two models' logits class by class: refuse logits that
+    broadcast against each other instead."""
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"the student's logits have shape {tuple(student_logits.shape)} but the "
+            f"teacher's {tuple(teacher_logits.shape)}; KD needs both models to give "
+            "(N, classes) logits over the same classes"
+        )
 
 
 def kd_loss(
@@ -38,6 +56,7 @@ def kd_loss(
     with ``p = softmax(logits / T)`` and the KL averaged over the batch."""
     student_logits = check_logits(student_logits, "student").float()
     teacher_logits = check_logits(teacher_logits, "teacher").float()
+    check_same_classes(student_logits, teacher_logits)
     soft = F.kl_div(
         F.log_softmax(student_logits / temperature, dim=1),
         F.log_softmax(teacher_logits / temperature, dim=1),
