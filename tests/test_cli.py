@@ -343,6 +343,26 @@ def test_overwrite_leaves_nothing_of_the_previous_run(tmp_path):
     assert not list((out / "models").glob("*.pt"))
 
 
+def test_an_overwrite_refused_by_a_check_leaves_the_previous_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    flags = ["distill", *TINY_FLAGS, "--seeds", "0", "--methods", "scratch", "--output-dir", str(out)]
+    assert main(flags) == 0
+    previous = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    assert out / "models" / "teacher.pt" in previous
+    capsys.readouterr()
+    # A mistake found while checking the data and the models deletes nothing.
+    assert main([*flags, "--overwrite", "--layer-pairs", "no_such_layer:stage1"]) == 2
+    assert "no_such_layer" in capsys.readouterr().err
+    # Nor does a teacher to load from among the files the overwrite would delete.
+    assert main([*flags, "--overwrite", "--teacher-weights", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"srm-ext: error: --teacher-weights: {out / 'models' / 'teacher.pt'} is one of the files "
+        f"that --overwrite deletes from {out}; copy it elsewhere first or choose another "
+        "--output-dir\n"
+    )
+    assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == previous
+
+
 def test_a_seed_does_not_depend_on_the_other_seeds_listed(tmp_path):
     def models(seeds):
         out = tmp_path / "-".join(map(str, seeds))

@@ -127,6 +127,18 @@ def test_default_layer_pairs_come_from_the_models_feature_stages(user_models):
     assert config["resolved"]["layer_pairs"] == ["layer1:layer1", "layer2:layer2"]
 
 
+def test_scratch_and_kd_need_no_layer_pairs(user_models, capsys):
+    models = ["--teacher", f"{MODULE}:teacher", "--student", f"{MODULE}:student"]
+    flags = ["distill", *TINY_FLAGS, *models, "--seeds", "0", "--epochs-teacher", "1",
+             "--epochs-student", "1"]
+    out = user_models / "run"
+    assert main([*flags, "--methods", "scratch,kd", "--output-dir", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["resolved"]["layer_pairs"] == []
+    # A method that trains on layer pairs still needs them.
+    assert main([*flags, "--methods", "kd,sp", "--output-dir", str(user_models / "sp")]) == 2
+    assert "these models declare no feature_stages; pass --layer-pairs" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "spec, message",
     [

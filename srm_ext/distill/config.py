@@ -18,12 +18,15 @@ __all__ = [
     "StageConfig",
     "ExperimentConfig",
     "METHODS",
+    "PAIRED_METHODS",
     "PRESETS",
     "RESUME_INVARIANT_EXCLUDES",
 ]
 
 #: Methods the experiment runner knows, in the order results are reported.
 METHODS = ("scratch", "kd", "fitnet", "sp", "at", "srm")
+#: The methods that train on layer pairs.
+PAIRED_METHODS = ("fitnet", "sp", "at", "srm")
 
 
 class ConfigError(ValueError):

@@ -34,7 +34,13 @@ from .checkpoint import (
     seed_everything,
     set_rng_state,
 )
-from .config import RESUME_INVARIANT_EXCLUDES, ConfigError, ExperimentConfig, error_line
+from .config import (
+    PAIRED_METHODS,
+    RESUME_INVARIANT_EXCLUDES,
+    ConfigError,
+    ExperimentConfig,
+    error_line,
+)
 from .data import BatchPreprocessor, DatasetSplits, load_dataset, make_loaders
 from .distiller import SRMDistiller
 from .distributed import DistributedContext, init_distributed, resolve_device, shutdown_distributed
@@ -179,15 +185,8 @@ class ExperimentRunner:
         if cfg.threads or self.device.type == "cpu":
             torch.set_num_threads(cfg.threads or default_cpu_threads(self.ctx))
         self._load_or_init_state()
-        if self.ctx.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            if self.overwrite:
-                self._remove_previous_outputs()
-            self._write_config()
-            with open(self.out / "metrics.jsonl", "w") as f:  # the checkpoint's history is the truth
-                f.writelines(json.dumps(r) + "\n" for r in self.state["history"])
-        self.ctx.barrier()
-
+        # Every check of the data and the models comes first: a mistake must
+        # leave the output directory as it was, an earlier run in it included.
         self.splits = load_dataset(cfg)
         preprocess = BatchPreprocessor(
             self.splits.mean,
@@ -209,8 +208,17 @@ class ExperimentRunner:
         _, self.test_loader = make_loaders(self.splits, cfg.batch_size, 0, self.ctx, cfg.num_workers)
         self.example = self._example_batch(self.splits)
         self.layer_pairs = self._check_layer_pairs()
+        if self.overwrite:
+            self._check_teacher_weights_survive_overwrite()
         if self.ctx.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if self.overwrite:
+                for path in self._previous_outputs():
+                    path.unlink()
             self._write_config(self._resolved_settings())
+            with open(self.out / "metrics.jsonl", "w") as f:  # the checkpoint's history is the truth
+                f.writelines(json.dumps(r) + "\n" for r in self.state["history"])
+        self.ctx.barrier()
 
         teacher = self._teacher()
         for seed in cfg.seeds:
@@ -304,13 +312,22 @@ class ExperimentRunner:
             resolved["at_weight"] = attention_transfer_weight(self.config, self.example)
         return resolved
 
-    def _remove_previous_outputs(self) -> None:
-        """Delete what an earlier run wrote here (only files this runner
-        writes), so no stale result or model outlives the new run."""
-        for name in (CHECKPOINT, "results.json", "results.md", "loss_curves.png", "accuracy.png"):
-            (self.out / name).unlink(missing_ok=True)
-        for model in (self.out / MODELS_DIR).glob("*.pt"):
-            model.unlink()
+    def _previous_outputs(self) -> list[Path]:
+        """What an earlier run wrote here (only files this runner writes), which
+        ``overwrite`` deletes so that no stale result or model outlives the new run."""
+        names = (CHECKPOINT, "results.json", "results.md", "loss_curves.png", "accuracy.png")
+        found = [self.out / name for name in names if (self.out / name).exists()]
+        return found + sorted((self.out / MODELS_DIR).glob("*.pt"))
+
+    def _check_teacher_weights_survive_overwrite(self) -> None:
+        if self.config.teacher_weights is None:
+            return
+        source = self._teacher_weights_file().resolve()
+        if source in {path.resolve() for path in self._previous_outputs()}:
+            raise ConfigError(
+                f"--teacher-weights: {source} is one of the files that --overwrite deletes "
+                f"from {self.out}; copy it elsewhere first or choose another --output-dir"
+            )
 
     def _example_batch(self, splits: DatasetSplits) -> Tensor:
         images = torch.stack([splits.train[i][0] for i in range(min(2, len(splits.train)))])
@@ -345,6 +362,8 @@ class ExperimentRunner:
             self._check_logits(student, "student")
             if self.config.layer_pairs:
                 pairs = parse_layer_pairs(self.config.layer_pairs)
+            elif not set(self.config.methods) & set(PAIRED_METHODS):
+                return []  # scratch and KD tap no layers: a model needs no feature_stages
             else:
                 pairs = list(default_layer_pairs(teacher, student).items())
             if "srm" in self.config.methods:
@@ -402,12 +421,16 @@ class ExperimentRunner:
         teacher.eval()
         return teacher
 
+    def _teacher_weights_file(self) -> Path:
+        path = Path(self.config.teacher_weights)
+        if path.is_dir():  # an earlier run's output directory
+            path = model_path(path, "teacher")
+        return path
+
     def _load_teacher(self, run_id: str) -> nn.Module:
         """The teacher from ``teacher_weights`` instead of training one: kept
         in the checkpoint and the run's model files like a trained one."""
-        path = Path(self.config.teacher_weights)
-        if path.is_dir():  # an earlier run's output directory
-            path = model_path(path, run_id)
+        path = self._teacher_weights_file()
         if not path.is_file():
             raise ConfigError(f"--teacher-weights: {path} does not exist")
         teacher = self._run_model("teacher")
