@@ -363,6 +363,22 @@ def test_an_overwrite_refused_by_a_check_leaves_the_previous_run(tmp_path, capsy
     assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == previous
 
 
+@pytest.mark.parametrize("resume", [[], ["--resume"]])
+def test_outputs_of_a_run_without_its_checkpoint_need_overwrite(tmp_path, capsys, resume):
+    out = tmp_path / "run"
+    flags = ["distill", *TINY_FLAGS, "--seeds", "0", "--methods", "scratch", "--output-dir", str(out)]
+    assert main(flags) == 0
+    (out / "checkpoint.pt").unlink()  # e.g. to save space
+    capsys.readouterr()
+    assert main([*flags, *resume, "--student-width", "0.1"]) == 2
+    assert capsys.readouterr().err == (
+        f"srm-ext: error: {out} holds the results or models of an earlier run (no checkpoint "
+        "to resume); pass --overwrite to start again or choose another --output-dir\n"
+    )
+    assert main([*flags, "--overwrite", "--student-width", "0.1"]) == 0
+    assert sorted(path.name for path in (out / "models").glob("*.pt")) == ["scratch-seed0.pt", "teacher.pt"]
+
+
 def test_a_seed_does_not_depend_on_the_other_seeds_listed(tmp_path):
     def models(seeds):
         out = tmp_path / "-".join(map(str, seeds))

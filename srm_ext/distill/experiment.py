@@ -258,13 +258,20 @@ class ExperimentRunner:
             self._log(f"resuming {self.out}: {len(state['finished'])} run(s) finished")
             self._check_threads()
             return
-        if self.resume:
-            self._log(f"no checkpoint in {self.out}; starting a new run")
-        elif path.exists() and not self.overwrite:
+        if path.exists() and not self.overwrite:
             raise ConfigError(
                 f"{self.out} already holds a run; pass --resume to continue it or "
                 "--overwrite to start again"
             )
+        if self._previous_outputs() and not self.overwrite:
+            # Its checkpoint is gone, so nothing can be resumed, but its models
+            # would stand beside the new run's as if they were of it.
+            raise ConfigError(
+                f"{self.out} holds the results or models of an earlier run (no checkpoint to "
+                "resume); pass --overwrite to start again or choose another --output-dir"
+            )
+        if self.resume:
+            self._log(f"no checkpoint in {self.out}; starting a new run")
         self.state = {
             "format": CHECKPOINT_FORMAT,
             "config": config,
