@@ -234,7 +234,14 @@ def _import_from_working_directory() -> None:
 
 
 def _invocation() -> str:
-    """How this command was started: the srm-ext script or python -m srm_ext."""
+    """How this command was started: the srm-ext script, python -m srm_ext, or
+    torchrun, whose process count a resume must repeat to match the run."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+        if local == world:
+            return f"torchrun --nproc_per_node={world} -m srm_ext"
+        return "torchrun (with this run's options) -m srm_ext"
     if sys.argv and Path(sys.argv[0]).name == "__main__.py":
         return "python -m srm_ext"
     return PROG

@@ -522,6 +522,7 @@ def test_an_error_is_shown_by_the_line_that_names_the_problem(message, line):
         (["--local-weight", "-0.5"], "local weight must be >= 0, got -0.5"),
         (["--sparsity-multiplier", "-0.1"], "sparsity multiplier must be > 0, got -0.1"),
         (["--image-size", "2"], "failed on a dry-run batch of shape (2, 1, 2, 2)"),
+        (["--image-size", "2"], "; try a larger --image-size"),
         (["--dataset", "cifar10", "--data-path", "cifar-100-python"], "use --dataset cifar100"),
         # a tap on a BatchNorm whose output the next ReLU(inplace=True) overwrites
         (["--methods", "srm", "--layer-pairs", "block1:stage1.0.1"], "modified in place"),

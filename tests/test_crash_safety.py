@@ -72,3 +72,24 @@ def test_sigterm_stops_cleanly_with_the_resume_hint(tmp_path):
     hint = f"interrupted; continue with: python -m srm_ext distill --resume --output-dir {out}"
     assert hint in err and "Traceback" not in err
     assert not list(out.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize(
+    "environment, started_as",
+    [
+        ({}, "python -m srm_ext"),
+        ({"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4"}, "torchrun --nproc_per_node=4 -m srm_ext"),
+        ({"WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4"}, "torchrun (with this run's options) -m srm_ext"),
+    ],
+)
+def test_the_resume_hint_repeats_how_the_run_was_started(monkeypatch, environment, started_as):
+    # A resume on another process count would not give the uninterrupted run's numbers.
+    from srm_ext import cli
+
+    for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(sys, "argv", ["/site-packages/srm_ext/__main__.py"])
+    assert cli._invocation() == started_as
+

@@ -55,6 +55,10 @@ MODELS = textwrap.dedent(
         staged = staticmethod(lambda num_classes, in_channels, width: Staged(num_classes, in_channels, 8))
 
 
+    def double_precision(num_classes, in_channels, width):
+        return Small(num_classes, in_channels, 8).double()
+
+
     def imagenet_head(num_classes, in_channels, width):
         return Small(1000, in_channels, 8)
 
@@ -125,6 +129,13 @@ def test_default_layer_pairs_come_from_the_models_feature_stages(user_models):
     assert code == 0
     config = json.loads((out / "config.json").read_text())
     assert config["resolved"]["layer_pairs"] == ["layer1:layer1", "layer2:layer2"]
+
+
+def test_a_model_that_fails_on_small_images_for_another_reason_gets_no_size_hint(user_models, capsys):
+    flags = ["distill", "--preset", "quick", *TINY_FLAGS, "--teacher", f"{MODULE}:double_precision"]
+    assert main([*flags, "--output-dir", str(user_models / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "should be the same" in err and "--image-size" not in err
 
 
 def test_scratch_and_kd_need_no_layer_pairs(user_models, capsys):

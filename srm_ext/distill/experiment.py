@@ -388,8 +388,10 @@ class ExperimentRunner:
         except FeatureTapError:
             raise
         except RuntimeError as exc:
-            # A model that cannot take the dataset's inputs at all.
-            hint = "; try a larger --image-size" if min(self.example.shape[-2:]) < 16 else ""
+            # A model that cannot take the dataset's inputs at all: images too
+            # small for its kernels or pooling, or inputs of another kind.
+            too_small = min(self.example.shape[-2:]) < 16 and "size" in str(exc).lower()
+            hint = "; try a larger --image-size" if too_small else ""
             raise ConfigError(f"{error_line(exc)}{hint}") from exc
         return pairs
 
