@@ -636,10 +636,33 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _refused_arguments(args: argparse.Namespace, batch: int | None) -> str | None:
+    """What is wrong with the arguments, in one line, before anything runs."""
+    if batch is not None and batch < 1:
+        return f"--batch must be >= 1, got {batch}"
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        return f"--device {args.device!r} is no device; use cpu, cuda or cuda:N"
+    if device.type not in ("cpu", "cuda"):
+        return f"--device {args.device!r}: the benchmarks run on cpu or cuda"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return f"--device {args.device!r}: no GPU is available here"
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        return f"--out {args.out} is a file, not a directory"
+    if args.name is not None and Path(args.name).name != args.name:
+        return f"--name {args.name!r} must be a file name stem, without a directory"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     shapes = SHAPE_SETS[args.shapes]
     batch = 2 if args.quick else args.batch
+    refused = _refused_arguments(args, batch)
+    if refused:
+        print(f"srm-ext bench: {refused}", file=sys.stderr)
+        return 2
     if batch is not None:
         shapes = [Shape(**{**asdict(s), "batch": batch}) for s in shapes]
     ops = tuple(o.strip() for o in args.ops.split(",") if o.strip())
@@ -682,6 +705,13 @@ def main(argv: list[str] | None = None) -> int:
         return text
 
     dtype = getattr(torch, args.dtype)
+    if "native" in impls and not _native_covers(torch.device(args.device), dtype, shapes):
+        print(
+            f"srm-ext bench: no compiled srm_ext kernel for {args.device}/{args.dtype} (see "
+            "srm-ext info); pass --implementations without native to time the others",
+            file=sys.stderr,
+        )
+        return 2
     started = time.perf_counter()
     records = run_benchmarks(
         shapes, ops, impls, device=args.device, dtype=dtype,

@@ -133,6 +133,36 @@ def test_unknown_op_is_a_usage_error(capsys):
     assert "unknown op" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--batch", "0"], "--batch must be >= 1, got 0"),
+        (["--device", "nonsense"], "--device 'nonsense' is no device; use cpu, cuda or cuda:N"),
+        (["--device", "meta"], "--device 'meta': the benchmarks run on cpu or cuda"),
+        (["--name", "a/b"], "--name 'a/b' must be a file name stem, without a directory"),
+        (["--out", "{file}"], "--out {file} is a file, not a directory"),
+    ],
+)
+def test_arguments_that_cannot_run_are_one_line_usage_errors(tmp_path, capsys, arguments, message):
+    file = tmp_path / "a_file"
+    file.write_text("")
+    argv = [a.format(file=file) for a in ["--ops", "sparse_labels", "--device", "cpu", *arguments]]
+    assert benchmark.main(argv) == 2
+    assert capsys.readouterr().err == f"srm-ext bench: {message.format(file=file)}\n"
+
+
+def test_a_gpu_run_without_a_gpu_is_a_usage_error(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert benchmark.main(["--device", "cuda:1", "--ops", "sparse_labels"]) == 2
+    assert capsys.readouterr().err == "srm-ext bench: --device 'cuda:1': no GPU is available here\n"
+
+
+def test_a_native_run_without_the_kernels_is_a_usage_error(monkeypatch, capsys):
+    monkeypatch.setattr(_backend, "use_native", lambda t, code_sizes=None: False)
+    assert benchmark.main(["--device", "cpu", "--dtype", "float16", "--ops", "sparse_labels"]) == 2
+    assert "no compiled srm_ext kernel for cpu/float16" in capsys.readouterr().err
+
+
 def test_native_is_required_for_a_native_run(monkeypatch):
     monkeypatch.setattr(_backend, "use_native", lambda t, code_sizes=None: False)
     with pytest.raises(RuntimeError, match="no compiled srm_ext kernel"):
