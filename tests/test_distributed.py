@@ -318,3 +318,20 @@ def test_auto_device_is_the_local_ranks_gpu_else_the_cpu():
         assert resolve_device("auto", second_rank) == torch.device("cpu")
         with pytest.raises(ValueError, match="'cuda' requested but CUDA is not available"):
             resolve_device("cuda")
+
+
+@pytest.mark.parametrize("gpus, message", [
+    (0, "device 'cuda' requested but CUDA is not available"),
+    (1, "process 1 of this node has no GPU of its own: the node has 1; start at most that many"),
+])
+def test_a_torchrun_process_without_a_gpu_is_refused_before_joining(monkeypatch, gpus, message):
+    # Joining an NCCL group first needs the process's GPU: say why there is none.
+    from srm_ext.distill import distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    with pytest.raises(ValueError, match=message):
+        distributed.init_distributed("cuda")

@@ -113,7 +113,17 @@ def init_distributed(device: str = "auto") -> DistributedContext:
     if not dist.is_initialized():
         use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
         if use_cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            # Checked here as resolve_device checks a single process: the
+            # process group needs its GPU before that runs.
+            if not torch.cuda.is_available():
+                raise ValueError(f"device {device!r} requested but CUDA is not available")
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            if local_rank >= torch.cuda.device_count():
+                raise ValueError(
+                    f"process {local_rank} of this node has no GPU of its own: the node has "
+                    f"{torch.cuda.device_count()}; start at most that many processes per node"
+                )
+            torch.cuda.set_device(local_rank)
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     return DistributedContext.current()
 
