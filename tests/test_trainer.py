@@ -149,6 +149,17 @@ def test_a_short_last_group_is_divided_by_its_own_size():
     assert_same(trained, expected, rtol=0, atol=0)
 
 
+def test_a_stage_with_every_parameter_frozen_is_refused_by_name():
+    net = model().requires_grad_(False)
+    loader = DataLoader(samples(8), batch_size=4)
+    with pytest.raises(ValueError, match="stage 'ce' has nothing to train: every parameter has requires_grad=False"):
+        Trainer(**QUIET).fit(cross_entropy_stage("ce", net, StageConfig()), loader)
+    net[0].requires_grad_(True)  # partly frozen trains the rest
+    frozen, trained = net[-1].weight.clone(), net[0].weight.clone()
+    Trainer(**QUIET).fit(cross_entropy_stage("ce", net, StageConfig()), loader)
+    assert torch.equal(net[-1].weight, frozen) and not torch.equal(net[0].weight, trained)
+
+
 def test_gradients_are_all_reduced_once_per_step():
     context = FirstOfTwo()
     trainer = Trainer(**QUIET, context=context, accumulate_steps=2)

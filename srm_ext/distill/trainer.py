@@ -186,6 +186,11 @@ class Trainer:
         """
         if not stage.parameters:
             raise ValueError(f"stage {stage.name!r} has no parameters to train")
+        if not any(p.requires_grad for p in stage.parameters):
+            raise ValueError(
+                f"stage {stage.name!r} has nothing to train: every parameter has "
+                "requires_grad=False"
+            )
         self.follow(stage.parameters)
         # Replicas initialised differently (a seed per rank) would otherwise
         # train apart for good, each on the averaged gradients.
