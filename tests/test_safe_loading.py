@@ -98,6 +98,24 @@ def test_checkpoint_with_arbitrary_objects_is_refused(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("kept", [0.9, 0.5, 0.1, 0.01])
+def test_a_checkpoint_cut_anywhere_is_one_error_naming_the_file(tmp_path, kept):
+    # Where the bytes stop decides what fails: the zip directory, a record's
+    # seek (OSError) or the unpickler.
+    atomic_save({"w": torch.randn(1000), "history": [{"loss": 1.0}] * 50, "v": torch.randn(5000)},
+                tmp_path / "checkpoint.pt")
+    data = (tmp_path / "checkpoint.pt").read_bytes()
+    (tmp_path / "checkpoint.pt").write_bytes(data[: int(len(data) * kept)])
+    with pytest.raises(ConfigError, match=r"checkpoint\.pt: (cannot read the checkpoint|truncated or malformed checkpoint) \("):
+        load_checkpoint(tmp_path / "checkpoint.pt")
+
+
+def test_a_file_that_is_no_checkpoint_is_named(tmp_path):
+    (tmp_path / "notes.txt").write_text("just some words in a text file\n" * 10)
+    with pytest.raises(ConfigError, match=r"notes\.txt: truncated or malformed checkpoint"):
+        load_checkpoint(tmp_path / "notes.txt")
+
+
 def test_truncated_checkpoint_names_the_file(tmp_path):
     atomic_save({"w": torch.randn(1000)}, tmp_path / "checkpoint.pt")
     data = (tmp_path / "checkpoint.pt").read_bytes()

@@ -84,11 +84,21 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        if "Weights only load failed" not in str(exc):
+            raise ConfigError(
+                f"{os.fspath(path)}: not a checkpoint torch.save wrote ({error_line(exc)})"
+            ) from exc
         raise ConfigError(
             f"{os.fspath(path)}: refused: the checkpoint needs arbitrary pickled objects, "
             f"which are never loaded ({error_line(exc)})"
         ) from exc
-    except (RuntimeError, EOFError, ValueError) as exc:
+    except OSError as exc:
+        raise ConfigError(
+            f"{os.fspath(path)}: cannot read the checkpoint ({type(exc).__name__}: {exc})"
+        ) from exc
+    # A damaged or foreign file fails wherever its bytes stop making sense:
+    # in the zip reader (RuntimeError) or in the unpickler (the others).
+    except (RuntimeError, EOFError, ValueError, KeyError, IndexError) as exc:
         raise ConfigError(
             f"{os.fspath(path)}: truncated or malformed checkpoint ({type(exc).__name__}: {exc})"
         ) from exc
