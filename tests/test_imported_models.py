@@ -55,6 +55,15 @@ MODELS = textwrap.dedent(
         staged = staticmethod(lambda num_classes, in_channels, width: Staged(num_classes, in_channels, 8))
 
 
+    class RaisesInForward(Small):
+        def forward(self, x):
+            return {"logits": super().forward(x)}["probabilities"]
+
+
+    def raises_in_forward(num_classes, in_channels, width):
+        return RaisesInForward(num_classes, in_channels, 8)
+
+
     def double_precision(num_classes, in_channels, width):
         return Small(num_classes, in_channels, 8).double()
 
@@ -165,6 +174,9 @@ def test_scratch_and_kd_need_no_layer_pairs(user_models, capsys):
         (f"{MODULE}:imagenet_head",
          f"the teacher '{MODULE}:imagenet_head' maps a batch of 2 images to shape (2, 1000); "
          "expected logits of shape (2, 10) for the dataset's 10 classes"),
+        (f"{MODULE}:raises_in_forward",
+         "the teacher failed on a dry-run batch of shape (2, 1, 8, 8) (is that the input it "
+         "takes?): KeyError: 'probabilities'"),
         (":teacher", "model ':teacher' must look like package.module:function"),
         (f"{MODULE}:", f"model '{MODULE}:' must look like package.module:function"),
         ("resnet9", "unknown architecture 'resnet9' (did you mean resnet8"),

@@ -184,12 +184,14 @@ class FeatureTap:
                 output = self.model(batch)
         except FeatureTapError:
             raise
-        except RuntimeError as exc:
-            # Most often an input the model cannot take: say which model, and
-            # on what, before the error from deep inside it.
+        except Exception as exc:
+            # Most often an input the model cannot take (a RuntimeError from
+            # torch), or a user's forward that raises its own: say which model,
+            # and on what, before the error from deep inside it.
+            what = str(exc) if isinstance(exc, RuntimeError) else f"{type(exc).__name__}: {exc}"
             raise RuntimeError(
                 f"the {self.role} failed on a dry-run batch of shape {tuple(batch.shape)} "
-                f"(is that the input it takes?): {exc}"
+                f"(is that the input it takes?): {what}"
             ) from exc
         finally:
             self.model.train(was_training)
