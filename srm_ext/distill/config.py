@@ -202,6 +202,10 @@ class ExperimentConfig:
         self._check_input_statistics()
         if not self.seeds:
             raise ConfigError("at least one seed is needed")
+        for seed in [*self.seeds, self.teacher_seed]:
+            # numpy takes seeds below 2**32; torch's generators no more than 64 bits.
+            if not 0 <= seed < 2**32:
+                raise ConfigError(f"seeds must lie in [0, 2**32), got {seed}")
         if self.batch_size < 1:
             raise ConfigError(f"batch size must be >= 1, got {self.batch_size}")
         if self.accumulate_steps < 1:
@@ -237,11 +241,13 @@ class ExperimentConfig:
             )
         if self.device != "auto":
             try:
-                torch.device(self.device)
+                kind = torch.device(self.device).type
             except RuntimeError:
+                kind = None
+            if kind not in ("cpu", "cuda"):  # the devices the runs are made for and tested on
                 raise ConfigError(
                     f"unknown device {self.device!r}; use auto, cpu, cuda or cuda:N"
-                ) from None
+                )
         for name in ("lr", "lr_srm"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
