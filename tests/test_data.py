@@ -191,6 +191,14 @@ def test_npz_train_and_test_images_must_agree(tmp_path, test_shape):
         load_dataset(config(dataset="npz", data_path=str(path)))
 
 
+def test_npz_images_that_are_not_square_are_refused(tmp_path):
+    # The run's image size is one side, which augmentation and the saved models assume.
+    path = tmp_path / "d.npz"
+    np.savez(path, images=np.zeros((10, 16, 6), dtype=np.uint8), labels=np.arange(10) % 2)
+    with pytest.raises(ConfigError, match=re.escape("the images are 16x6; expected square images")):
+        load_dataset(config(dataset="npz", data_path=str(path)))
+
+
 @pytest.mark.parametrize("key", ["images", "x_train", "x_test"])
 def test_npz_empty_image_array_is_an_error_naming_it(tmp_path, key):
     path = tmp_path / "d.npz"

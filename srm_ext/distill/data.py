@@ -531,6 +531,14 @@ def _splits_from_tensors(
     where: str,
 ) -> DatasetSplits:
     _require_two_classes(train_y, where)
+    height, width = train_x.shape[-2:]
+    if height != width:
+        # The run's image size (augmentation, config.json, load_trained_model)
+        # is one side: S x S.
+        raise ConfigError(
+            f"{where}: the images are {height}x{width}; expected square images (crop or pad "
+            "them to SxS)"
+        )
     mean, std = _channel_stats(train_x)
     return DatasetSplits(
         train=TensorDataset(train_x, train_y),
