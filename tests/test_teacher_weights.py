@@ -5,6 +5,7 @@ its inputs normalised with the statistics it was trained with."""
 from __future__ import annotations
 
 import json
+import re
 from collections import OrderedDict
 
 import pytest
@@ -12,7 +13,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from srm_ext.distill import ExperimentConfig, ExperimentRunner, accuracy, load_trained_model
+from srm_ext.distill import (
+    ConfigError,
+    ExperimentConfig,
+    ExperimentRunner,
+    accuracy,
+    load_trained_model,
+)
 from srm_ext.distill.data import InputNormalization, load_dataset
 from srm_ext.distill.trained import find_state_dict
 from test_cli import TINY_CONFIG
@@ -128,3 +135,23 @@ def test_a_run_loads_a_teacher_saved_by_a_ddp_training_script(tmp_path):
     )
     assert with_given != with_measured  # the statistics matter to this teacher
     assert results["runs"][0]["run"] == "teacher" and results["runs"][0]["test_acc"] == with_given
+
+
+def test_a_teacher_with_nan_weights_is_refused_before_any_student_trains(tmp_path):
+    source = tmp_path / "source"
+    ExperimentRunner(
+        ExperimentConfig(**{**TINY_CONFIG, "methods": ["scratch"]}, output_dir=str(source)),
+        log=lambda *_: None,
+    ).run()
+    teacher = torch.load(source / "models" / "teacher.pt", weights_only=True)
+    name = next(key for key, value in teacher.items() if value.is_floating_point())
+    teacher[name][0] = float("nan")
+    torch.save(teacher, tmp_path / "diverged.pt")
+    out = tmp_path / "run"
+    config = ExperimentConfig(**{**TINY_CONFIG, "methods": ["scratch"]}, output_dir=str(out),
+                              teacher_weights=str(tmp_path / "diverged.pt"))
+    with pytest.raises(ConfigError, match=re.escape(
+        f"--teacher-weights: {tmp_path / 'diverged.pt'} holds NaN or inf values ({name}, ...)"
+    )):
+        ExperimentRunner(config, log=lambda *_: None).run()
+    assert not (out / "models" / "scratch-seed0.pt").exists()

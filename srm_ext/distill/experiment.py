@@ -458,6 +458,17 @@ class ExperimentRunner:
                 f"(width {width}, {self.splits.num_classes} classes, "
                 f"{self.splits.in_channels} input channel(s)): {reason}"
             ) from None
+        # A diverged teacher's NaN would otherwise surface as the students' loss.
+        broken = [
+            name
+            for name, value in teacher.state_dict().items()
+            if value.is_floating_point() and not torch.isfinite(value).all()
+        ]
+        if broken:
+            raise ConfigError(
+                f"--teacher-weights: {path} holds NaN or inf values ({broken[0]}, ...); "
+                "the teacher it was saved from diverged"
+            )
         self._warn_if_normalised_otherwise(path)
         return self._finish(run_id, "teacher", None, teacher, keep_weights=True, loaded_from=path)
 
