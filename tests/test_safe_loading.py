@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -110,9 +111,18 @@ def test_a_checkpoint_cut_anywhere_is_one_error_naming_the_file(tmp_path, kept):
         load_checkpoint(tmp_path / "checkpoint.pt")
 
 
-def test_a_file_that_is_no_checkpoint_is_named(tmp_path):
-    (tmp_path / "notes.txt").write_text("just some words in a text file\n" * 10)
-    with pytest.raises(ConfigError, match=r"notes\.txt: truncated or malformed checkpoint"):
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("<html><body>not found</body></html>\n", "not a checkpoint (torch.save writes no such bytes)"),
+        ("just some words in a text file\n" * 10, "truncated or malformed checkpoint"),
+    ],
+)
+def test_a_file_that_is_no_checkpoint_is_named(tmp_path, text, message):
+    # Whichever way the unpickler fails on it, never as a file that needs
+    # arbitrary objects.
+    (tmp_path / "notes.txt").write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(f"notes.txt: {message}")):
         load_checkpoint(tmp_path / "notes.txt")
 
 

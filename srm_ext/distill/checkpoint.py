@@ -84,9 +84,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "Weights only load failed" not in str(exc):
+        if "Unsupported operand" in str(exc):  # bytes no pickler wrote: text, an image, ...
             raise ConfigError(
-                f"{os.fspath(path)}: not a checkpoint torch.save wrote ({error_line(exc)})"
+                f"{os.fspath(path)}: not a checkpoint (torch.save writes no such bytes)"
             ) from exc
         raise ConfigError(
             f"{os.fspath(path)}: refused: the checkpoint needs arbitrary pickled objects, "
