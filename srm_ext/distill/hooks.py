@@ -182,7 +182,7 @@ class FeatureTap:
         try:
             with self.capture() as maps:
                 output = self.model(batch)
-        except FeatureTapError:
+        except (FeatureTapError, _NotAFeatureMap):  # the taps' own errors name the module
             raise
         except Exception as exc:
             # Most often an input the model cannot take (a RuntimeError from
@@ -212,13 +212,17 @@ class FeatureTap:
                     if isinstance(output, Tensor)
                     else f"a {type(output).__name__}"
                 )
-                raise TypeError(
+                raise _NotAFeatureMap(
                     f"{self.role} module {path!r} returned {got}; SRM needs a 4-D "
                     "(N, C, H, W) feature map there, so pick a convolutional layer"
                 )
             features._store(path, output)
 
         return hook
+
+
+class _NotAFeatureMap(TypeError):
+    """A tapped module's output is no 4-D feature map."""
 
 
 def _any_compiled(modules: Sequence[nn.Module]) -> bool:
