@@ -36,13 +36,16 @@ __all__ = [
 ]
 
 
+def _has_autocast(device_type: str) -> bool:
+    """Whether autocast knows ``device_type``: torch.autocast and
+    is_autocast_enabled raise for one it does not (meta)."""
+    # Traced tensors live on devices autocast knows, and torch 2.11's Dynamo
+    # cannot trace is_autocast_available (a graph break).
+    return torch.compiler.is_compiling() or torch.amp.is_autocast_available(device_type)
+
+
 def _autocast_enabled(device_type: str) -> bool:
-    if torch.compiler.is_compiling():
-        # Traced tensors live on devices autocast knows, and torch 2.11's
-        # Dynamo cannot trace is_autocast_available (a graph break).
-        return torch.is_autocast_enabled(device_type)
-    # is_autocast_enabled raises for device types without autocast (meta).
-    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    return _has_autocast(device_type) and torch.is_autocast_enabled(device_type)
 
 
 def _promote_under_autocast(fn):

@@ -136,9 +136,8 @@ def _init_dictionary(dictionary: Tensor, intercept: Tensor) -> None:
 
 
 def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
-    # A device type without autocast (meta) has nothing to turn off, and
-    # torch.autocast refuses it. Dynamo cannot trace the availability check.
-    if torch.compiler.is_compiling() or torch.amp.is_autocast_available(device_type):
+    # A device type without autocast (meta) has nothing to turn off.
+    if srm_f._has_autocast(device_type):
         return torch.autocast(device_type=device_type, enabled=False)
     return contextlib.nullcontext()
 

@@ -115,8 +115,7 @@ def init_distributed(device: str = "auto") -> DistributedContext:
         if use_cuda:
             # Checked here as resolve_device checks a single process: the
             # process group needs its GPU before that runs.
-            if not torch.cuda.is_available():
-                raise ValueError(f"device {device!r} requested but CUDA is not available")
+            _require_cuda(device)
             local_rank = int(os.environ.get("LOCAL_RANK", "0"))
             if local_rank >= torch.cuda.device_count():
                 raise ValueError(
@@ -141,11 +140,15 @@ def resolve_device(requested: str, context: DistributedContext | None = None) ->
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(requested)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {requested!r} requested but CUDA is not available")
+        _require_cuda(requested)
         if device.index is None:
             device = torch.device("cuda", context.local_rank)
     return device
+
+
+def _require_cuda(requested: str) -> None:
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {requested!r} requested but CUDA is not available")
 
 
 def _through_flat(tensors: list[Tensor], collective: Callable[[Tensor], None]) -> None:
