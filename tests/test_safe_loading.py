@@ -4,8 +4,10 @@ damaged files give an error that names them."""
 from __future__ import annotations
 
 import os
+import io
 import pickle
 import re
+import struct
 
 import numpy as np
 import pytest
@@ -45,6 +47,72 @@ def write_cifar_folder(root, payload=None, n=4):
 def test_plain_cifar_batches_load(tmp_path):
     splits = load_cifar(write_cifar_folder(tmp_path / "cifar"))
     assert splits is not None
+
+
+class _Python2Pickler(pickle._Pickler):
+    """Writes bytes and str as Python 2's str (BINSTRING), the layout of the
+    CIFAR batches as published."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def _save_python2_str(self, obj):
+        data = obj.encode("latin1") if isinstance(obj, str) else obj
+        if len(data) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(data)) + data)
+        self.memoize(obj)
+
+    dispatch[bytes] = _save_python2_str
+    dispatch[str] = _save_python2_str
+
+
+def _sample_batch():
+    rng = np.random.default_rng(1)
+    return {
+        b"data": rng.integers(0, 256, (3, 3 * 32 * 32), dtype=np.uint8),
+        b"labels": [7, 0, 3],
+        b"batch_label": b"training batch 1 of 5",
+        b"empty": b"",
+    }
+
+
+def _assert_same_batch(loaded, batch):
+    assert loaded.keys() == batch.keys()
+    assert loaded[b"data"].dtype == np.uint8
+    assert np.array_equal(loaded[b"data"], batch[b"data"])
+    assert [loaded[k] for k in (b"labels", b"batch_label", b"empty")] == [
+        batch[k] for k in (b"labels", b"batch_label", b"empty")
+    ]
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_batches_load_in_every_pickle_protocol(tmp_path, protocol):
+    # Protocols 0-2 rebuild bytes through _codecs.encode, 5 arrays through
+    # numpy's _frombuffer; the default protocol differs between Pythons.
+    batch = _sample_batch()
+    path = tmp_path / "batch"
+    with open(path, "wb") as f:
+        pickle.dump(batch, f, protocol=protocol)
+    _assert_same_batch(load_data_pickle(path), batch)
+
+
+def test_batches_load_as_python_2_wrote_them(tmp_path):
+    batch = _sample_batch()
+    buffer = io.BytesIO()
+    _Python2Pickler(buffer, protocol=2).dump(batch)
+    assert buffer.getvalue().startswith(b"\x80\x02}q\x00(U\x04data")
+    path = tmp_path / "batch"
+    path.write_bytes(buffer.getvalue())
+    _assert_same_batch(load_data_pickle(path), batch)
+
+
+@pytest.mark.parametrize("codec", ["rot13", "zlib_codec"])
+def test_bytes_encoded_with_another_codec_are_refused(tmp_path, codec):
+    path = tmp_path / "batch"
+    path.write_bytes(f"c_codecs\nencode\n(Vabc\nV{codec}\ntR.".encode())
+    with pytest.raises(ConfigError, match=f"refused to unpickle: it encodes bytes with '{codec}'"):
+        load_data_pickle(path)
 
 
 def test_crafted_pickle_is_refused_and_runs_nothing(tmp_path):

@@ -3,7 +3,8 @@
 A pickle can name any importable callable and have the loader call it. The
 dataset formats we read (the CIFAR python folders) hold only dicts, lists,
 bytes, numbers and numpy arrays, so the unpickler here resolves just the
-globals that rebuild numpy arrays and refuses every other one.
+globals that rebuild numpy arrays and bytes, in every pickle protocol, and
+refuses every other one.
 """
 
 from __future__ import annotations
@@ -16,13 +17,16 @@ from .config import ConfigError
 
 __all__ = ["load_data_pickle"]
 
-# The globals numpy arrays pickle through (numpy 1.x and 2.x module names).
+# The globals numpy arrays pickle through (numpy 1.x and 2.x module names);
+# _frombuffer is protocol 5's.
 _ALLOWED_GLOBALS = frozenset(
     {
         ("numpy.core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy.core.multiarray", "scalar"),
         ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
     }
@@ -33,8 +37,27 @@ class _RefusedGlobal(pickle.UnpicklingError):
     pass
 
 
+def _latin1_bytes(text: str = "", encoding: str = "latin1") -> bytes:
+    """Rebuilds bytes as Python 3 pickles them under protocols 0-2:
+    ``_codecs.encode(text, "latin1")``, or ``bytes()`` when empty. Only that
+    codec is run: others may import modules."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise _RefusedGlobal(f"it encodes bytes with {encoding!r}; only latin1 is accepted")
+    return text.encode("latin1")
+
+
+# Globals answered with a narrower stand-in than the real callable.
+_STAND_INS = {
+    ("_codecs", "encode"): _latin1_bytes,
+    ("builtins", "bytes"): _latin1_bytes,
+    ("__builtin__", "bytes"): _latin1_bytes,
+}
+
+
 class _DataOnlyUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _STAND_INS:
+            return _STAND_INS[module, name]
         if (module, name) in _ALLOWED_GLOBALS:
             return super().find_class(module, name)
         raise _RefusedGlobal(
