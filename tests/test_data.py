@@ -168,6 +168,47 @@ def test_npz_train_test_arrays_grey(tmp_path):
     check_splits(splits, 10, 4, 3, 1, 5)
 
 
+@pytest.mark.parametrize("size", [16, 64])
+def test_cifar_images_are_resized_to_a_given_image_size(tmp_path, size):
+    _write_cifar_batch(tmp_path / "data_batch_1", 6, b"labels", 10, 1)
+    _write_cifar_batch(tmp_path / "test_batch", 4, b"labels", 10, 2)
+    stored = load_dataset(config(dataset="cifar10", data_path=str(tmp_path)))
+    splits = load_dataset(config(dataset="cifar10", data_path=str(tmp_path), image_size=size))
+    check_splits(splits, 6, 4, 10, 3, size)
+    assert splits.image_size == size
+    for resized, original in ((splits.train, stored.train), (splits.test, stored.test)):
+        images = torch.stack([original[i][0] for i in range(len(original))]).float()
+        expected = F.interpolate(
+            images, size=(size, size), mode="bilinear", antialias=size < 32
+        ).round().clamp(0, 255).to(torch.uint8)
+        assert torch.equal(torch.stack([resized[i][0] for i in range(len(resized))]), expected)
+        assert [int(resized[i][1]) for i in range(len(resized))] == [
+            int(original[i][1]) for i in range(len(original))
+        ]
+    # The input statistics are the resized training images'.
+    train = torch.stack([splits.train[i][0] for i in range(6)]).float() / 255
+    assert splits.mean == pytest.approx(train.mean(dim=(0, 2, 3)).tolist(), abs=1e-6)
+    assert splits.std == pytest.approx(train.std(dim=(0, 2, 3)).tolist(), abs=1e-6)
+
+
+def test_npz_images_are_resized_to_a_given_image_size(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(
+        tmp_path / "d.npz",
+        images=rng.integers(0, 256, (12, 5, 5), dtype=np.uint8),
+        labels=np.arange(12) % 2,
+    )
+    splits = load_dataset(config(dataset="npz", data_path=str(tmp_path / "d.npz"), image_size=7))
+    check_splits(splits, 9, 3, 2, 1, 7)
+    same = load_dataset(config(dataset="npz", data_path=str(tmp_path / "d.npz"), image_size=5))
+    check_splits(same, 9, 3, 2, 1, 5)
+
+
+def test_a_data_path_with_the_built_in_digits_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="the digits dataset is built in and reads no --data-path"):
+        load_dataset(config(dataset="digits", data_path=str(tmp_path)))
+
+
 @pytest.mark.parametrize(
     "test_shape",
     [(20, 12, 12), (20, 16, 16, 3)],

@@ -124,7 +124,7 @@ class ExperimentConfig:
     # data
     dataset: str = "digits"  # digits | cifar10 | cifar100 | imagefolder | npz
     data_path: str | None = None
-    image_size: int | None = None  # ImageFolder: resize to (32); digits: upsample to (8: as-is)
+    image_size: int | None = None  # resize to SxS; None: digits 8, ImageFolder 32, others as stored
     augment: bool = True
     train_limit: int | None = None  # use only the first N training samples (smoke tests)
     test_limit: int | None = None

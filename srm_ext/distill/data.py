@@ -21,7 +21,8 @@ Formats:
   in [0, 1], the same size and channels in both splits; labels 1-D non-negative class
   indices, one per image, at most half of the indices 0..max unused.
 
-Every dataset needs at least two classes in its training set.
+Every dataset needs at least two classes in its training set. ``image_size``
+resizes any of them (bilinear; antialiased when shrinking).
 
 Images with more than 8 bits (uint16 arrays, 16-bit greyscale PNGs) are scaled by
 their full range and rounded to uint8.
@@ -29,6 +30,7 @@ their full range and rounded to uint8.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import zipfile
 import zlib
@@ -56,6 +58,7 @@ __all__ = [
     "load_cifar",
     "load_npz",
     "load_imagefolder",
+    "resize_splits",
     "make_loaders",
 ]
 
@@ -184,6 +187,11 @@ def load_dataset(config: ExperimentConfig) -> DatasetSplits:
     and the input statistics ``input_mean``/``input_std`` where given."""
     name = config.dataset
     if name == "digits":
+        if config.data_path:
+            raise ConfigError(
+                "the digits dataset is built in and reads no --data-path; name the format of "
+                f"{config.data_path!r} with --dataset cifar10, cifar100, imagefolder or npz"
+            )
         splits = load_digits(config.image_size or 8)
     else:
         if not config.data_path:
@@ -201,6 +209,8 @@ def load_dataset(config: ExperimentConfig) -> DatasetSplits:
             raise ConfigError(
                 f"unknown dataset {name!r}; use digits, cifar10, cifar100, imagefolder or npz"
             )
+        if config.image_size:  # CIFAR and npz load at their stored size
+            splits = resize_splits(splits, config.image_size)
     if config.train_limit:
         splits.train = Subset(splits.train, range(min(config.train_limit, len(splits.train))))
     if config.test_limit:
@@ -216,6 +226,34 @@ def load_dataset(config: ExperimentConfig) -> DatasetSplits:
             )
         setattr(splits, name, tuple(float(v) for v in given))
     return splits
+
+
+def resize_splits(splits: DatasetSplits, image_size: int) -> DatasetSplits:
+    """In-memory splits (CIFAR, npz) with their images resized to
+    ``image_size`` x ``image_size``, and the input statistics recomputed."""
+    if image_size == splits.image_size:
+        return splits
+    train, test = (_resized_tensor_dataset(split, image_size) for split in (splits.train, splits.test))
+    mean, std = _channel_stats(train.tensors[0])
+    return dataclasses.replace(
+        splits, train=train, test=test, image_size=image_size, mean=mean, std=std
+    )
+
+
+def _resized_tensor_dataset(dataset: Dataset, size: int) -> TensorDataset:
+    if not isinstance(dataset, TensorDataset):
+        raise TypeError(f"resizing needs images held in a TensorDataset, got {type(dataset).__name__}")
+    images, labels = dataset.tensors
+    resized = torch.empty((*images.shape[:2], size, size), dtype=torch.uint8)
+    # Converted a chunk at a time: the whole set as float would take 4x the memory.
+    for start in range(0, len(images), 1024):
+        chunk = images[start : start + 1024].float()
+        chunk = F.interpolate(
+            chunk, size=(size, size), mode="bilinear", align_corners=False,
+            antialias=size < images.shape[-1],  # downsampling without it aliases
+        )
+        resized[start : start + 1024] = chunk.round().clamp(0, 255).to(torch.uint8)
+    return TensorDataset(resized, labels)
 
 
 def load_digits(image_size: int = 8) -> DatasetSplits:
