@@ -667,17 +667,20 @@ def main(argv: list[str] | None = None) -> int:
         shapes = [Shape(**{**asdict(s), "batch": batch}) for s in shapes]
     ops = tuple(o.strip() for o in args.ops.split(",") if o.strip())
     unknown = set(ops) - set(OPS)
+    if not ops:
+        print(f"srm-ext bench: --ops names no op; choose from {','.join(OPS)}", file=sys.stderr)
+        return 2
     if unknown:
         print(f"srm-ext bench: unknown op(s) {sorted(unknown)}; choose from {OPS}", file=sys.stderr)
         return 2
     default_impls = IMPLEMENTATIONS if args.device.startswith("cuda") else tuple(
         i for i in IMPLEMENTATIONS if i != "compiled"
     )
-    impls = tuple(
-        i.strip() for i in (args.implementations or ",".join(default_impls)).split(",") if i.strip()
-    )
-    if set(impls) - set(IMPLEMENTATIONS):
-        print(f"srm-ext bench: implementations must be among {IMPLEMENTATIONS}", file=sys.stderr)
+    listed = ",".join(default_impls) if args.implementations is None else args.implementations
+    impls = tuple(i.strip() for i in listed.split(",") if i.strip())
+    if not impls or set(impls) - set(IMPLEMENTATIONS):
+        print(f"srm-ext bench: --implementations must name some of {','.join(IMPLEMENTATIONS)}, "
+              f"got {listed!r}", file=sys.stderr)
         return 2
     repeats = dict(min_repeats=1, min_seconds=0.0, max_repeats=1) if args.quick else dict(
         min_repeats=args.min_repeats, min_seconds=args.min_seconds, max_repeats=args.max_repeats

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shlex
 import signal
 import sys
@@ -32,9 +33,12 @@ USER_ERRORS = (
 def _csv(kind):
     def parse(text: str) -> list:
         try:
-            return [kind(item.strip()) for item in text.split(",") if item.strip()]
+            items = [kind(item.strip()) for item in text.split(",") if item.strip()]
         except ValueError:
+            items = []
+        if not items:  # "" or ",," would otherwise stand for the default without a word
             raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+        return items
 
     return parse
 
@@ -66,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = d.add_argument_group("data")
     g.add_argument("--dataset", choices=["digits", "cifar10", "cifar100", "imagefolder", "npz"])
     g.add_argument("--data-path", help="CIFAR python folder, ImageFolder root or .npz file")
-    g.add_argument("--image-size", type=int, help="digits: upsample to; imagefolder: resize to")
+    g.add_argument("--image-size", type=int, metavar="S",
+                   help="resize the images to SxS (default: digits 8, imagefolder 32, CIFAR and "
+                   "npz as stored)")
     g.add_argument("--no-augment", dest="augment", action="store_false", default=None,
                    help="disable random translations/flips")
     g.add_argument("--train-limit", type=int, help="use only the first N training samples")
@@ -165,6 +171,28 @@ def _document_defaults(parser: argparse.ArgumentParser) -> None:
 
 # Flags that are not ExperimentConfig fields.
 _CONTROL_FLAGS = ("command", "debug", "preset", "resume", "overwrite")
+# Flags read only under one value of another setting: given without it, the
+# run would not do what they ask.
+_CONDITIONAL_FLAGS = {
+    "milestones": ("schedule", "step"),
+    "gamma": ("schedule", "step"),
+    "momentum": ("optimizer", "sgd"),
+}
+# Flags read only by some methods (the epoch counts aside, which runs tend to
+# set together). A sweep may pass them to every run, so their absence from
+# --methods is a warning, not an error.
+_METHOD_FLAGS = {
+    "kd_temperature": ("kd", "fitnet", "srm"),
+    "kd_alpha": ("kd", "fitnet", "srm"),
+    "lr_srm": ("fitnet", "srm"),
+    "fitnet_weight": ("fitnet",),
+    "sp_weight": ("sp",),
+    "at_weight": ("at",),
+    "codeword_multiplier": ("srm",),
+    "sparsity_multiplier": ("srm",),
+    "local_weight": ("srm",),
+    "global_weight": ("srm",),
+}
 
 
 def build_config(args: argparse.Namespace) -> Any:
@@ -185,7 +213,35 @@ def build_config(args: argparse.Namespace) -> Any:
         values.update(PRESETS[preset])
         values["preset"] = preset
     values.update(flags)
-    return ExperimentConfig.from_dict(values)
+    config = ExperimentConfig.from_dict(values)
+    _check_flags_are_read(flags, config)
+    return config
+
+
+def _check_flags_are_read(flags: dict[str, Any], config: Any) -> None:
+    """Refuses flags the run would ignore because of another setting; warns
+    (once, from rank 0) about flags none of the chosen methods reads."""
+    from .distill.config import ConfigError, PAIRED_METHODS
+
+    for name, (setting, needed) in _CONDITIONAL_FLAGS.items():
+        if name in flags and getattr(config, setting) != needed:
+            raise ConfigError(
+                f"--{_flag(name)} applies to --{setting} {needed} only; this run's {setting} "
+                f"is {getattr(config, setting)}"
+            )
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    for name, readers in {**_METHOD_FLAGS, "layer_pairs": PAIRED_METHODS}.items():
+        if name in flags and not set(readers) & set(config.methods):
+            print(
+                f"{PROG}: warning: --{_flag(name)} is not used by --methods "
+                f"{','.join(config.methods)}; it applies to {', '.join(readers)}",
+                file=sys.stderr,
+            )
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
 
 
 @contextlib.contextmanager
@@ -281,3 +337,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"{PROG}: error: {error_line(exc)}", file=sys.stderr)
         return 2
+    except (MemoryError, RuntimeError) as exc:
+        if args.debug or not _out_of_memory(exc):
+            raise
+        print(
+            f"{PROG}: error: out of memory ({_allocation(exc)}); use a smaller --batch-size, "
+            "--image-size, --teacher-width or --student-width",
+            file=sys.stderr,
+        )
+        return 2
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """Python's MemoryError, torch's (CUDA) OutOfMemoryError, or the
+    RuntimeError of torch's CPU allocator."""
+    return (
+        isinstance(exc, MemoryError)
+        or type(exc).__name__ == "OutOfMemoryError"
+        or "can't allocate memory" in str(exc)
+    )
+
+
+def _allocation(exc: BaseException) -> str:
+    """What the failed allocation asked for, briefly."""
+    found = re.search(r"tried to allocate (\d+) bytes", str(exc))
+    if found:
+        return f"{int(found.group(1)) / 2**30:,.1f} GiB requested"
+    return error_line(exc) if str(exc) else type(exc).__name__

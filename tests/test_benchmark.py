@@ -141,6 +141,11 @@ def test_unknown_op_is_a_usage_error(capsys):
         (["--device", "meta"], "--device 'meta': the benchmarks run on cpu or cuda"),
         (["--name", "a/b"], "--name 'a/b' must be a file name stem, without a directory"),
         (["--out", "{file}"], "--out {file} is a file, not a directory"),
+        (["--ops", ","], "--ops names no op; choose from " + ",".join(benchmark.OPS)),
+        (["--implementations", ""], "--implementations must name some of "
+         + ",".join(benchmark.IMPLEMENTATIONS) + ", got ''"),
+        (["--implementations", "native,fast"], "--implementations must name some of "
+         + ",".join(benchmark.IMPLEMENTATIONS) + ", got 'native,fast'"),
     ],
 )
 def test_arguments_that_cannot_run_are_one_line_usage_errors(tmp_path, capsys, arguments, message):

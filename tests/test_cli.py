@@ -293,9 +293,25 @@ def test_resume_on_another_thread_count_warns(tmp_path):
     lines = []
     ExperimentRunner(ExperimentConfig(**{**settings, "threads": 2}), resume=True,
                      log=lines.append).run()
-    warnings = [line for line in lines if line.startswith("warning:")]
+    warnings = [line for line in lines if line.startswith("warning: resuming")]
     assert len(warnings) == 1 and "resuming with 2 thread(s) where the run so far used 1" in warnings[0]
     assert "--threads 1" in warnings[0]
+
+
+@pytest.mark.parametrize("threads, processes, warned", [(2, 1, False), (3, 1, True), (1, 3, True)])
+def test_more_threads_than_cores_are_warned_about(
+    tmp_path, monkeypatch, threads, processes, warned
+):
+    from srm_ext.distill import experiment
+
+    monkeypatch.setattr(experiment, "available_cpu_cores", lambda: 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(processes))
+    runner = ExperimentRunner(ExperimentConfig(**TINY_CONFIG), log=(lines := []).append)
+    runner.ctx = experiment.DistributedContext()
+    runner._check_threads_fit_the_cores(threads)
+    expected = f"warning: --threads {threads}{f' x {processes} processes' if processes > 1 else ''}"
+    assert lines == ([f"{expected} is more than the 2 core(s) available; the run will be slower "
+                      "than with fewer"] if warned else [])
 
 
 def _raise(exc_type):
@@ -539,7 +555,13 @@ def test_an_error_is_shown_by_the_line_that_names_the_problem(message, line):
         (["--accumulate-steps", "0"], "accumulate steps must be >= 1, got 0"),
         (["--input-std", "0.5,0"], "input std must be > 0 in every channel, got [0.5, 0.0]"),
         (["--input-mean", "nan"], "input mean must be finite numbers, one per channel, got [nan]"),
-        (["--input-mean", ","], "input mean must be finite numbers, one per channel, got []"),
+        (["--milestones", "0.5"], "--milestones applies to --schedule step only; this run's "
+         "schedule is cosine"),
+        (["--schedule", "none", "--gamma", "0.5"], "--gamma applies to --schedule step only"),
+        (["--momentum", "0.5"], "--momentum applies to --optimizer sgd only; this run's "
+         "optimizer is adam"),
+        (["--data-path", "broken.npz"], "the digits dataset is built in and reads no --data-path; "
+         "name the format of 'broken.npz' with --dataset"),
         (["--input-mean", "0.5,0.5"], "--input-mean gives 2 value(s) but the images have 1 channel(s)"),
         (["--max-grad-norm", "-1"], "max grad norm must be > 0, got -1.0"),
         (["--teacher-weights", "missing.pt"], "--teacher-weights: missing.pt does not exist"),
@@ -568,6 +590,46 @@ def _write_cifar_100_folder(folder: Path) -> None:
     for name, n in (("train", 6), ("test", 2)):
         batch = {b"data": np.zeros((n, 3072), dtype=np.uint8), b"fine_labels": list(range(90, 90 + n))}
         (folder / name).write_bytes(pickle.dumps(batch))
+
+
+@pytest.mark.parametrize(
+    "error, shown",
+    [
+        (RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
+                      "allocate memory: you tried to allocate 3221225472 bytes. Error code 12"),
+         "3.0 GiB requested"),
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a "
+                                "total capacity of 79.19 GiB"),
+         "CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 79.19 GiB"),
+        (MemoryError(), "MemoryError"),
+    ],
+    ids=["cpu allocator", "cuda", "python"],
+)
+def test_running_out_of_memory_is_one_line_naming_the_size_flags(monkeypatch, capsys, error, shown):
+    from srm_ext import cli
+
+    def run_out(_args):
+        raise error
+
+    monkeypatch.setattr(cli, "_distill", run_out)
+    assert main(["distill"]) == 2
+    assert capsys.readouterr().err == (
+        f"srm-ext: error: out of memory ({shown}); use a smaller --batch-size, --image-size, "
+        "--teacher-width or --student-width\n"
+    )
+    with pytest.raises(type(error)):
+        main(["--debug", "distill"])
+
+
+def test_other_runtime_errors_keep_their_traceback(monkeypatch):
+    from srm_ext import cli
+
+    def fail(_args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(cli, "_distill", fail)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["distill"])
 
 
 def test_debug_shows_the_traceback(tmp_path):
@@ -611,6 +673,39 @@ def test_bench_forwards_its_arguments(monkeypatch):
     monkeypatch.setattr("srm_ext.benchmark", fake, raising=False)
     assert main(["bench", "--sizes", "small", "-h"]) == 0
     assert seen == [["--sizes", "small", "-h"]]
+
+
+@pytest.mark.parametrize("flag", ["--layer-pairs", "--methods", "--seeds", "--input-mean"])
+@pytest.mark.parametrize("value", ["", ",,"])
+def test_an_empty_list_flag_is_a_usage_error(capsys, flag, value):
+    # Not taken as "no value", which would run the default without a word.
+    with pytest.raises(SystemExit) as stop:
+        build_parser().parse_args(["distill", flag, value])
+    assert stop.value.code == 2
+    assert f"{flag}: expected a comma-separated list, got {value!r}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags, warned",
+    [
+        (["--methods", "scratch,kd", "--sp-weight", "10", "--kd-alpha", "0.5"],
+         ["--sp-weight is not used by --methods scratch,kd; it applies to sp"]),
+        (["--methods", "scratch", "--layer-pairs", "a:b", "--lr-srm", "0.1", "--epochs-init", "3"],
+         ["--lr-srm is not used by --methods scratch; it applies to fitnet, srm",
+          "--layer-pairs is not used by --methods scratch; it applies to fitnet, sp, at, srm"]),
+        (["--methods", "fitnet", "--lr-srm", "0.01", "--kd-temperature", "2"], []),
+        (["--codeword-multiplier", "3"], []),  # srm is a default method
+    ],
+)
+def test_flags_no_chosen_method_reads_are_warned_about(capsys, flags, warned):
+    build_config(build_parser().parse_args(["distill", *flags]))
+    assert capsys.readouterr().err.splitlines() == [f"srm-ext: warning: {w}" for w in warned]
+
+
+def test_only_rank_0_warns_about_unread_flags(capsys, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    build_config(build_parser().parse_args(["distill", "--methods", "kd", "--sp-weight", "10"]))
+    assert capsys.readouterr().err == ""
 
 
 def test_schedule_flags_reach_every_scheduled_stage():

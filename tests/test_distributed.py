@@ -301,9 +301,10 @@ def test_torchrun_cli_two_processes(tmp_path, device):
 
 @pytest.mark.parametrize("cores, world_size, threads", [(16, 1, 8), (16, 2, 4), (2, 1, 1), (1, 1, 1), (4, 8, 1)])
 def test_default_cpu_threads_is_half_the_cores_per_process(monkeypatch, cores, world_size, threads):
+    from srm_ext.distill import experiment
     from srm_ext.distill.experiment import default_cpu_threads
 
-    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(experiment, "available_cpu_cores", lambda: cores)
     assert default_cpu_threads(DistributedContext(rank=0, world_size=world_size)) == threads
 
 

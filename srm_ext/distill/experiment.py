@@ -60,11 +60,19 @@ CHECKPOINT_FORMAT = 1
 _STATE_KEYS = {"format", "config", "finished", "history", "current", "weights"}
 
 
+def available_cpu_cores() -> int:
+    """The cores this process may run on: its affinity mask (a container's or a
+    scheduler's cpuset) where the platform has one, else the machine's count."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
 def default_cpu_threads(context: DistributedContext) -> int:
     """Half the cores per process, at least one. The models here are small, so more
     intra-op threads barely help, and on a shared CPU every op's thread barrier
     waits for descheduled threads (10x slowdowns seen on two busy cores)."""
-    return max(1, (os.cpu_count() or 1) // 2 // context.world_size)
+    return max(1, available_cpu_cores() // 2 // context.world_size)
 
 
 def _compile_probe(t: Tensor) -> Tensor:
@@ -184,6 +192,8 @@ class ExperimentRunner:
             check_compile_supported(self.device)
         if cfg.threads or self.device.type == "cpu":
             torch.set_num_threads(cfg.threads or default_cpu_threads(self.ctx))
+        if cfg.threads:
+            self._check_threads_fit_the_cores(cfg.threads)
         self._load_or_init_state()
         # Every check of the data and the models comes first: a mistake must
         # leave the output directory as it was, an earlier run in it included.
@@ -281,6 +291,18 @@ class ExperimentRunner:
             "weights": {},
             "threads": torch.get_num_threads(),
         }
+
+    def _check_threads_fit_the_cores(self, threads: int) -> None:
+        """More threads than cores make every op's thread barrier wait for
+        descheduled threads: a slower run, not a wrong one, so a warning."""
+        processes = int(os.environ.get("LOCAL_WORLD_SIZE", self.ctx.world_size))
+        cores = available_cpu_cores()
+        if threads * processes > cores:
+            per = f" x {processes} processes" if processes > 1 else ""
+            self._log(
+                f"warning: --threads {threads}{per} is more than the {cores} core(s) available; "
+                "the run will be slower than with fewer"
+            )
 
     def _check_threads(self) -> None:
         """CPU kernels split their sums by thread count: a resume on another
