@@ -131,12 +131,20 @@ def _(grad_loss, grad_y, grad_dictionary, grad_intercept, y, dictionary, output_
 # --- autograd --------------------------------------------------------------
 
 
+def _saveable(t: Tensor) -> Tensor:
+    """``t``, or a copy of it where autograd refuses to save it: a tensor made
+    under torch.inference_mode, such as features of a teacher run in it."""
+    return t.detach().clone() if t.is_inference() else t
+
+
 def _save_encoder_state(ctx, x, dictionary, intercept, values, indices):
     """What the encoder's backward ops need, saved by both encoder ops."""
     # A copy of the intercept (16-bit backward recomputes the pre-activations
     # with it): the reference's autograd keeps none, so updating it in place
     # before backward must not fail here either.
-    ctx.save_for_backward(x, dictionary, intercept.detach().clone(), values, indices)
+    ctx.save_for_backward(
+        _saveable(x), _saveable(dictionary), intercept.detach().clone(), values, indices
+    )
     ctx.intercept_shape = intercept.shape
     ctx.wanted = tuple(ctx.needs_input_grad[:3])
 
@@ -162,7 +170,7 @@ def _encode_backward(ctx, grad_values, _grad_indices):
 
 def _decode_setup(ctx, inputs, output):
     values, indices, dictionary = inputs
-    ctx.save_for_backward(values, indices, dictionary)
+    ctx.save_for_backward(*map(_saveable, (values, indices, dictionary)))
     ctx.wanted = (ctx.needs_input_grad[0], ctx.needs_input_grad[2])
 
 
@@ -203,7 +211,7 @@ def _predictor_setup(ctx, inputs, output):
     # the backward only scales them. y and the dictionary go to the backward
     # op too, so that the gradients it returns have them in their history.
     y, dictionary = inputs[:2]
-    ctx.save_for_backward(grad_y, grad_dictionary, grad_intercept, y, dictionary)
+    ctx.save_for_backward(grad_y, grad_dictionary, grad_intercept, _saveable(y), _saveable(dictionary))
     ctx.intercept_shape = inputs[2].shape
     ctx.formed = tuple(inputs[7])
     ctx.wanted = tuple(ctx.needs_input_grad[:3])

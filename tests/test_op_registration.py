@@ -404,3 +404,30 @@ def test_jacfwd_of_the_stage2_loss_matches_the_reference():
     got = torch.func.jacfwd(lambda c: srm_ext.predictor_loss(y, c, bs, pixel, image))(Cs)
     want = torch.func.jacfwd(lambda c: reference.predictor_loss(y, c, bs, pixel, image))(Cs)
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("op", ["sparse_encode", "sparse_decode", "reconstruction_loss", "predictor_loss"])
+def test_features_made_under_inference_mode_train_the_dictionary(op):
+    # A frozen teacher is often run under torch.inference_mode; autograd will
+    # not save its outputs, so the ops keep a copy where they need one.
+    x, C, b = encode_inputs()
+    values, indices = reference.sparse_encode(x, C, b, 3)
+    (y, Cs, bs), pixel, image = predictor_inputs()
+    with torch.inference_mode():
+        x, values, y = x.clone(), values.clone(), y.clone()
+    calls = {
+        "sparse_encode": lambda mod, C, b: mod.sparse_encode(x, C, b, 3)[0],
+        "sparse_decode": lambda mod, C, b: mod.sparse_decode(values, indices, C),
+        "reconstruction_loss": lambda mod, C, b: mod.reconstruction_loss(x, C, b, 3),
+        "predictor_loss": lambda mod, C, b: mod.predictor_loss(y, C, b, pixel, image),
+    }
+    dictionary, intercept = (Cs, bs) if op == "predictor_loss" else (C, b)
+
+    def gradients(mod):
+        leaves = [t.detach().clone().requires_grad_() for t in (dictionary, intercept)]
+        out = calls[op](mod, *leaves)
+        return torch.autograd.grad(out.sum(), leaves, allow_unused=True)
+
+    assert x.is_inference() and values.is_inference() and y.is_inference()
+    for g, w in zip(gradients(srm_ext), gradients(reference)):
+        torch.testing.assert_close(g, w)
