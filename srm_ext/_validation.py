@@ -290,7 +290,12 @@ def validate_labels(values: object, indices: object, num_codewords: object) -> i
     if num_codewords < 1:
         raise ValueError(f"num_codewords must be >= 1, got {num_codewords}")
     values, _ = check_sparse_code(values, indices, num_codewords)
-    _, h, w, _ = values.shape
+    n, h, w, _ = values.shape
+    if n * num_codewords * 8 >= 2**63:  # 8: the widest element of the (N, K) image labels
+        raise ValueError(
+            f"num_codewords={num_codewords} is too large: image labels of shape "
+            f"({n}, {num_codewords}) exceed the largest tensor"
+        )
     if h * w == 0:
         # The image labels are means over each image's pixels: with none there are none.
         raise ValueError(

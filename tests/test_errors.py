@@ -92,6 +92,12 @@ def test_labels_arguments(backend):
         fn(a["values"], a["indices"], 6.0)
     with pytest.raises(ValueError, match="num_codewords must be >= 1"):
         fn(a["values"], a["indices"], 0)
+    n = a["values"].shape[0]
+    with pytest.raises(ValueError, match=re.escape(
+        f"num_codewords={2**62} is too large: image labels of shape ({n}, {2**62}) exceed the "
+        "largest tensor"
+    )):
+        fn(a["values"], a["indices"], 2**62)
     # Image labels are means over each image's pixels, which must exist (as
     # predictor_loss requires of y), not NaN from an empty mean.
     with pytest.raises(ValueError, match=re.escape("values must have at least one pixel per image (H*W > 0)")):
