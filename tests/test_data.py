@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -560,6 +561,27 @@ def test_loader_order_is_reproducible_per_epoch_and_shardable():
         assert torch.equal(merged, global_batch[1].sort().values)
     with pytest.raises(ConfigError, match="divisible"):
         make_loaders(splits, 7, 0, DistributedContext(rank=0, world_size=2))
+
+
+class _InterruptHandlerProbe(torch.utils.data.Dataset):
+    """Each sample: whether the process loading it ignores SIGINT."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        return torch.tensor(signal.getsignal(signal.SIGINT) is signal.SIG_IGN), i % 2
+
+
+def test_loader_workers_leave_ctrl_c_to_the_main_process():
+    # Ctrl-C reaches the workers too; one dying of it would be reported as a
+    # worker crash instead of the interrupt.
+    probe = _InterruptHandlerProbe()
+    splits = load_dataset(config(dataset="digits"))
+    splits.train, splits.test = probe, probe
+    for loader in make_loaders(splits, batch_size=2, seed=0, num_workers=1):
+        assert all(bool(ignored) for batch, _ in loader for ignored in batch)
+    assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # the main process's is kept
 
 
 def test_batch_preprocessor_normalises_and_augments():

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import signal
 import zipfile
 import zlib
 from collections.abc import Sequence
@@ -624,6 +625,7 @@ def make_loaders(
         batch_size=batch_size // context.world_size,
         sampler=sampler,
         num_workers=num_workers,
+        worker_init_fn=_ignore_interrupts,
         drop_last=len(splits.train) > batch_size,  # no 1-sample BatchNorm batches
         # Own generators: creating an iterator draws a seed, which would otherwise
         # come from the global RNG and make results depend on how often we evaluate.
@@ -634,6 +636,15 @@ def make_loaders(
         batch_size=max(batch_size, 256),
         sampler=range(context.rank, len(splits.test), context.world_size),
         num_workers=num_workers,
+        worker_init_fn=_ignore_interrupts,
         generator=torch.Generator().manual_seed(seed),
     )
     return train, test
+
+
+def _ignore_interrupts(_worker_id: int) -> None:
+    """Ctrl-C reaches the whole process group. A worker that died of it would
+    turn the main process's interrupt (a clean stop and a resume hint) into a
+    "DataLoader worker exited unexpectedly" error; the main process shuts the
+    workers down itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
