@@ -365,6 +365,22 @@ def test_labels_out_of_range_are_refused_by_name(ops):
             ops.predictor_loss(y, C, b, pixel, targets, 1.0, 1.0, [True, True, True])
 
 
+@pytest.mark.parametrize("bad", [9, -1])
+def test_decode_indices_out_of_range_are_refused_by_name(ops, bad):
+    """The decode kernels pass over an index outside [0, K): the glue refuses
+    the code, as the CPU op does, instead of decoding what remains."""
+    g = torch.Generator().manual_seed(5)
+    values = dyadic(2, 3, 3, 2, generator=g).float()
+    indices = torch.randint(0, 9, (2, 3, 3, 2), generator=g)
+    C = dyadic(4, 9, generator=g).float()
+    close(ops.sparse_decode(values, indices, C), reference.sparse_decode(values.double(), indices, C.double()), torch.float32)
+    indices[1, 0, 2, 1] = bad
+    with pytest.raises(RuntimeError, match=re.escape("sparse_decode: indices must lie in [0, K = 9)")):
+        ops.sparse_decode(values, indices, C)
+    with pytest.raises(RuntimeError, match=re.escape("indices must lie in [0, 9)")):
+        torch.ops.srm_ext.sparse_decode(values, indices, C)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_ops_refuse_what_the_cpu_ops_refuse(ops, dtype):
     """A direct call of an op behaves alike on both devices: what the CPU
