@@ -103,6 +103,59 @@ def test_missing_path_lists_closest_names():
     )
 
 
+def test_a_module_reached_through_an_alias_attribute_is_found_by_either_path():
+    teacher = tiny_teacher()
+    teacher.first_block = teacher.block1  # a convenience alias, as model zoos keep
+    distiller = SRMDistiller(teacher, tiny_student(), {"first_block": "stage1"}, input_shape=(1, 8, 8))
+    reference = make_distiller(pairs={"block1": "stage1"})
+    assert [r.dictionary.shape for r in distiller.representations] == [
+        r.dictionary.shape for r in reference.representations
+    ]
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_a_torchscript_model_is_refused_by_role():
+    with pytest.raises(TypeError, match="teacher is a TorchScript module, which runs no forward hooks"):
+        SRMDistiller(torch.jit.script(tiny_teacher()), tiny_student(), {"block1": "stage1"})
+
+
+def test_a_refused_layer_pair_leaves_the_distiller_unbuilt():
+    # 12 teacher channels at block1 give K = 1, 10 at block2.layer1 give
+    # K = 0: the error comes after the first pair has been sized.
+    distiller = SRMDistiller(
+        tiny_teacher(), tiny_student(), {"block1": "stage1", "block2.layer1": "stage2.1"},
+        codeword_multiplier=0.09,
+    )
+    with pytest.raises(ValueError, match="layer pair 'block2.layer1' -> 'stage2.1'"):
+        distiller.build(torch.zeros(2, 1, 8, 8))
+    assert not distiller.is_built
+    assert len(distiller.representations) == len(distiller.predictors) == 0
+
+
+class _EmbeddingNet(nn.Module):
+    """Takes (N, H, W) integer ids, as a model over tokens or cell types does."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, width)
+        self.conv = nn.Conv2d(width, width, 3, padding=1)
+        self.head = nn.Linear(width, 4)
+
+    def forward(self, ids):
+        features = self.conv(self.embed(ids).permute(0, 3, 1, 2))
+        return self.head(features.mean(dim=(2, 3)))
+
+
+def test_models_taking_integer_inputs_build_and_train():
+    torch.manual_seed(0)
+    ids = torch.randint(0, 10, (16, 6, 6))
+    loader = DataLoader(TensorDataset(ids, torch.randint(0, 4, (16,))), batch_size=8)
+    distiller = SRMDistiller(_EmbeddingNet(16), _EmbeddingNet(8), {"conv": "conv"}, example_input=ids)
+    assert distiller.representations[0].dictionary.shape == (16, 32)
+    history = distiller.fit_dictionaries(loader, 1, **QUIET)
+    assert history and all(math.isfinite(record["loss"]) for record in history)
+
+
 def test_non_4d_output_is_rejected():
     with pytest.raises(TypeError, match="4-D"):
         make_distiller(pairs={"head.4": "stage1"})  # the teacher's Linear layer

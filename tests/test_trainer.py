@@ -318,6 +318,10 @@ def test_grad_norm_leaves_out_the_steps_the_scaler_skips(monkeypatch):
         ({"max_grad_norm": math.nan}, "max_grad_norm must be None or a finite number > 0, got nan"),
         ({"max_grad_norm": math.inf}, "max_grad_norm must be None or a finite number > 0, got inf"),
         ({"max_grad_norm": "1"}, "max_grad_norm must be None or a finite number > 0, got '1'"),
+        # Anything but these three used to run float16 autocast.
+        ({"amp": "bfloat16"}, "amp must be 'none', 'bf16' or 'fp16', got 'bfloat16'"),
+        ({"amp": False}, "amp must be 'none', 'bf16' or 'fp16', got False"),
+        ({"amp": None}, "amp must be 'none', 'bf16' or 'fp16', got None"),
     ],
 )
 def test_invalid_arguments_are_named(kwargs, message):

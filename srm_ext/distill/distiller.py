@@ -108,6 +108,11 @@ class SRMDistiller(nn.Module):
         for role, model in (("teacher", teacher), ("student", student)):
             if not isinstance(model, nn.Module):
                 raise TypeError(f"{role} must be an nn.Module, got {type(model).__name__}")
+            if isinstance(unwrap(model), torch.jit.ScriptModule):
+                raise TypeError(
+                    f"{role} is a TorchScript module, which runs no forward hooks, and the "
+                    "features are taken with hooks: pass the Python module it was made from"
+                )
         if isinstance(layer_pairs, str) or not isinstance(layer_pairs, Iterable):
             raise TypeError(
                 "layer_pairs must map teacher paths to student paths: a dict or "
@@ -181,7 +186,9 @@ class SRMDistiller(nn.Module):
                 f"{type(example_input).__name__}"
             )
         device = module_device(self.teacher)
-        batch = example_input[:2].to(device, module_dtype(self.teacher))
+        batch = example_input[:2].to(device)
+        if batch.is_floating_point():  # integer inputs (token or class ids) stay integers
+            batch = batch.to(module_dtype(self.teacher))
         t_maps, t_out = self.teacher_tap.probe(batch, return_output=True)
         s_maps, s_out = self.student_tap.probe(batch, return_output=True)
         # Stage 3 needs logits: say so now, not after stages 1 and 2 have trained.
@@ -193,6 +200,7 @@ class SRMDistiller(nn.Module):
 
     def _add_blocks(self, channels: list[tuple[int, int]], device: torch.device) -> None:
         """The SRM blocks of every pair from its (teacher, student) channel counts."""
+        representations, predictors = [], []
         for (t_path, s_path), (t_channels, s_channels) in zip(self.layer_pairs, channels):
             try:
                 num_codewords, sparsity = srm_sizes(
@@ -200,10 +208,14 @@ class SRMDistiller(nn.Module):
                 )
             except ValueError as exc:
                 raise ValueError(f"layer pair {t_path!r} -> {s_path!r}: {exc}") from None
-            self.representations.append(SparseRepresentation(t_channels, num_codewords, sparsity))
-            self.predictors.append(
+            representations.append(SparseRepresentation(t_channels, num_codewords, sparsity))
+            predictors.append(
                 SparseCodePredictor(s_channels, num_codewords, self.local_weight, self.global_weight)
             )
+        # Added only once every pair has its blocks: a pair refused above
+        # leaves the distiller unbuilt, not half built.
+        self.representations.extend(representations)
+        self.predictors.extend(predictors)
         self.representations.to(device)
         self.predictors.to(device)
         self._initial_fingerprints = [_fingerprint(rep) for rep in self.representations]

@@ -24,6 +24,8 @@ def wrapped_module(model: nn.Module) -> nn.Module | None:
     ``OptimizedModule`` or a data-parallel wrapper; else None."""
     if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
         return model.module
+    if isinstance(model, torch.jit.ScriptModule):  # its _modules is no dict
+        return None
     return model._modules.get("_orig_mod")  # torch.compile's OptimizedModule
 
 
@@ -42,7 +44,9 @@ def resolve_module(model: nn.Module, path: str, role: str = "model") -> nn.Modul
     Raises ``ValueError`` naming the closest existing paths when it is missing.
     """
     for candidate in (model, unwrap(model)):
-        modules = dict(candidate.named_modules())
+        # remove_duplicate=False: a module also reached through an alias
+        # attribute answers to both of its paths.
+        modules = dict(candidate.named_modules(remove_duplicate=False))
         if path in modules and path != "":
             return modules[path]
     names = [name for name in modules if name]

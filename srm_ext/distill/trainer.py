@@ -147,6 +147,8 @@ class Trainer:
             raise ValueError(
                 f"max_grad_norm must be None or a finite number > 0, got {max_grad_norm!r}"
             )
+        if not isinstance(amp, str) or amp not in ("none", "bf16", "fp16"):
+            raise ValueError(f"amp must be 'none', 'bf16' or 'fp16', got {amp!r}")
         self._follows_parameters = device is None
         self.device = torch.device("cpu" if device is None else device)
         self.preprocess = preprocess
