@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler
@@ -159,6 +161,42 @@ def test_other_trainer_settings_are_refused_by_name(tmp_path):
             toy_loader(), checkpoint=path, config=CONFIG, accumulate_steps=2, max_grad_norm=1.0,
             **QUIET,
         )
+
+
+FIT = {"dictionary": "fit_dictionaries", "init": "fit_student", "kd": "fit_kd"}
+
+
+@pytest.mark.filterwarnings("ignore:fit_student before fit_dictionaries")
+@pytest.mark.parametrize(
+    "stage, setting, value, change",
+    [
+        ("dictionary", "sparsity_multiplier", 0.2, "distiller sparsity=[1, 1] -> [4, 4]"),
+        ("init", "sparsity_multiplier", 0.2, "distiller sparsity=[1, 1] -> [4, 4]"),
+        ("init", "local_weight", 0.5, "distiller local_weight=[1.0, 1.0] -> [0.5, 0.5]"),
+        ("init", "global_weight", 0.0, "distiller global_weight=[1.0, 1.0] -> [0.0, 0.0]"),
+        ("kd", "kd_alpha", 0.5, "distiller kd_alpha=0.9 -> 0.5"),
+        ("kd", "kd_temperature", 2.0, "distiller kd_temperature=4.0 -> 2.0"),
+    ],
+)
+def test_other_distiller_settings_of_a_stage_are_refused_by_name(tmp_path, stage, setting, value, change):
+    # They change what the stage computes but not the weights' shapes: a
+    # resume would have continued, or skipped the finished stage, under them.
+    path = tmp_path / "run.pt"
+    getattr(make_distiller(), FIT[stage])(toy_loader(), checkpoint=path, config=CONFIG, **QUIET)
+    message = f"stage '{stage}' was checkpointed with other settings ({change})"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        getattr(make_distiller(**{setting: value}), FIT[stage])(
+            toy_loader(), checkpoint=path, config=CONFIG, **QUIET
+        )
+
+
+def test_settings_a_stage_does_not_read_do_not_stop_its_resume(tmp_path, monkeypatch):
+    # KD's alpha and temperature leave stage 1 as it was: its finished run is reused.
+    path = tmp_path / "run.pt"
+    history = make_distiller().fit_dictionaries(toy_loader(), checkpoint=path, config=CONFIG, **QUIET)
+    monkeypatch.setattr(Trainer, "_train_epoch", lambda *a: pytest.fail("stage 1 trained again"))
+    again = make_distiller(kd_alpha=0.5, kd_temperature=2.0)
+    assert again.fit_dictionaries(toy_loader(), checkpoint=path, config=CONFIG, **QUIET) == history
 
 
 def test_a_checkpoint_of_other_models_or_another_file_is_refused(tmp_path):

@@ -373,6 +373,17 @@ class SRMDistiller(nn.Module):
             "kd": self.fit_kd(loader, kd_epochs, **kwargs),
         }
 
+    def stage_settings(self, key: str) -> dict[str, Any]:
+        """The distiller's settings that stage ``key`` (dictionary, init or
+        kd) computes with beside its StageConfig; a resumed stage must keep them."""
+        if key == "kd":
+            return {"kd_temperature": self.kd_temperature, "kd_alpha": self.kd_alpha}
+        settings: dict[str, Any] = {"sparsity": [rep.sparsity for rep in self.representations]}
+        if key == "init":
+            settings["local_weight"] = [pred.local_weight for pred in self.predictors]
+            settings["global_weight"] = [pred.global_weight for pred in self.predictors]
+        return settings
+
     def _dictionaries_untrained(self) -> bool:
         if not self.is_built:
             return True

@@ -1,8 +1,9 @@
 """Resumable training of :class:`~srm_ext.distill.SRMDistiller` from Python.
 
 One file holds a whole distillation: the weights of the student and the SRM
-blocks, and per stage its settings and the trainer's (mixed precision,
-accumulation, clipping), the metrics of every finished epoch and
+blocks, and per stage its settings, the trainer's (mixed precision,
+accumulation, clipping) and the distiller's it computes with (k, loss
+weights, KD temperature and alpha), the metrics of every finished epoch and
 the optimiser/scheduler state, plus every process's RNG state. The teacher
 never changes, so the file keeps a SHA-256 digest of its state rather than a
 copy, and a run is only resumed with the teacher it started with. It is
@@ -130,19 +131,20 @@ class DistillerCheckpoint:
             return [], None
         saved, wanted = progress["config"], dataclasses.asdict(config)
         changed = [name for name in wanted if _plain(saved.get(name)) != _plain(wanted[name])]
-        # Files written before the trainer's settings were saved cannot be checked for them.
-        saved_trainer = progress.get("trainer", self.trainer_settings)
-        changed_trainer = [
-            name for name, value in self.trainer_settings.items() if saved_trainer.get(name) != value
-        ]
-        if changed or changed_trainer:
-            details = ", ".join(
-                [f"{n}={saved.get(n)!r} -> {wanted[n]!r}" for n in changed]
-                + [
-                    f"trainer {n}={saved_trainer.get(n)!r} -> {self.trainer_settings[n]!r}"
-                    for n in changed_trainer
-                ]
-            )
+        # Files written before the trainer's or the distiller's settings were
+        # saved cannot be checked for them.
+        changes = [f"{n}={saved.get(n)!r} -> {wanted[n]!r}" for n in changed]
+        for owner, current in (
+            ("trainer", self.trainer_settings), ("distiller", model.stage_settings(key))
+        ):
+            recorded = progress.get(owner, current)
+            changes += [
+                f"{owner} {n}={recorded.get(n)!r} -> {value!r}"
+                for n, value in current.items()
+                if _plain(recorded.get(n)) != _plain(value)
+            ]
+        if changes:
+            details = ", ".join(changes)
             raise ValueError(
                 f"{os.fspath(self.path)}: stage {key!r} was checkpointed with other settings "
                 f"({details}); pass the same ones to resume it, or another path to start afresh"
@@ -193,6 +195,7 @@ class DistillerCheckpoint:
         self.state["stages"][key] = {
             "config": dataclasses.asdict(config),
             "trainer": self.trainer_settings,
+            "distiller": model.stage_settings(key),
             "history": list(history),
             "training": training,
         }
