@@ -478,6 +478,34 @@ def test_stage2_trains_student_and_predictors_and_reduces_the_loss():
     assert changed(student_before, distiller.student) and changed(preds_before, distiller.predictors)
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_stage2_warns_once_when_a_student_map_carries_no_gradient(reentrant):
+    # A reentrant checkpoint runs its segment without autograd: the student
+    # would not train, while the predictors' loss still falls.
+    torch.manual_seed(0)
+    student = tiny_student()
+    student.stage1 = _Checkpointed(student.stage1, reentrant)
+    distiller = SRMDistiller(tiny_teacher(), student, {"block1": "stage1.inner"}, input_shape=(1, 8, 8))
+    distiller.fit_dictionaries(toy_loader(), epochs=1, **QUIET)
+    before = [p.detach().clone() for p in distiller.student.parameters()]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        distiller.fit_student(toy_loader(), epochs=2, **QUIET)
+    mine = [w for w in caught if "carries no gradient" in str(w.message)]
+    assert len(mine) == (1 if reentrant else 0)
+    trained = any(not torch.equal(a, p) for a, p in zip(before, distiller.student.parameters()))
+    assert trained != reentrant
+
+
+class _Checkpointed(nn.Module):
+    def __init__(self, inner: nn.Module, reentrant: bool) -> None:
+        super().__init__()
+        self.inner, self.reentrant = inner, reentrant
+
+    def forward(self, x):
+        return torch.utils.checkpoint.checkpoint(self.inner, x, use_reentrant=self.reentrant)
+
+
 def test_stage3_kd_reduces_the_loss_and_reports_accuracy():
     distiller = make_distiller()
     loader = toy_loader()

@@ -154,6 +154,7 @@ class SRMDistiller(nn.Module):
         self.global_weight = global_weight
         self.kd_temperature = kd_temperature
         self.kd_alpha = kd_alpha
+        self._warned_without_gradient: set[str] = set()  # student paths
         _check_placement(teacher, student)
         # Validates the paths now, so a typo fails before any training.
         self.teacher_tap = FeatureTap(teacher, [t for t, _ in self.layer_pairs], role="teacher")
@@ -275,6 +276,8 @@ class SRMDistiller(nn.Module):
         labels = self.teacher_labels(images)
         with self.student_tap.capture() as s_maps:
             self.student(images)
+        if torch.is_grad_enabled():
+            self._warn_of_maps_without_gradient(s_maps)
         losses = {
             name: predictor(s_maps[s_path], target)
             for name, (_, s_path), predictor, target in zip(
@@ -282,6 +285,21 @@ class SRMDistiller(nn.Module):
             )
         }
         return sum(losses.values()), losses
+
+    def _warn_of_maps_without_gradient(self, s_maps: Mapping[str, Tensor]) -> None:
+        """Stage 2 trains the student through its tapped maps. One that carries
+        no gradient leaves the student as it was while the loss still falls
+        (the predictors learn): say so, once per path."""
+        for _, s_path in self.layer_pairs:
+            if s_path not in self._warned_without_gradient and not s_maps[s_path].requires_grad:
+                self._warned_without_gradient.add(s_path)
+                warnings.warn(
+                    f"the student's map at {s_path!r} carries no gradient, so stage 2 trains "
+                    "only its predictor, not the student; is it computed under torch.no_grad, "
+                    "by frozen layers only, or inside torch.utils.checkpoint with "
+                    "use_reentrant=True (use use_reentrant=False)?",
+                    stacklevel=2,
+                )
 
     def kd_loss(self, images: Tensor, targets: Tensor) -> Tensor:
         """Stage 3: Hinton KD from the teacher's logits."""
