@@ -579,9 +579,15 @@ def test_loader_workers_leave_ctrl_c_to_the_main_process():
     probe = _InterruptHandlerProbe()
     splits = load_dataset(config(dataset="digits"))
     splits.train, splits.test = probe, probe
-    for loader in make_loaders(splits, batch_size=2, seed=0, num_workers=1):
-        assert all(bool(ignored) for batch, _ in loader for ignored in batch)
-    assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # the main process's is kept
+    # Python's own handler, as in a terminal (a background job starts with
+    # SIGINT ignored, which the workers would inherit).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        for loader in make_loaders(splits, batch_size=2, seed=0, num_workers=1):
+            assert all(bool(ignored) for batch, _ in loader for ignored in batch)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the main's is kept
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_batch_preprocessor_normalises_and_augments():
