@@ -211,7 +211,9 @@ def _predictor_setup(ctx, inputs, output):
     # the backward only scales them. y and the dictionary go to the backward
     # op too, so that the gradients it returns have them in their history.
     y, dictionary = inputs[:2]
-    ctx.save_for_backward(grad_y, grad_dictionary, grad_intercept, _saveable(y), _saveable(dictionary))
+    ctx.save_for_backward(
+        grad_y, grad_dictionary, grad_intercept, _saveable(y), _saveable(dictionary)
+    )
     ctx.intercept_shape = inputs[2].shape
     ctx.formed = tuple(inputs[7])
     ctx.wanted = tuple(ctx.needs_input_grad[:3])
