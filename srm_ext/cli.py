@@ -44,7 +44,7 @@ def _csv(kind):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .distill.config import METHODS, PRESETS
+    from .distill.config import AMP_MODES, METHODS, PRESETS
     from .distill.models import ARCHITECTURES
 
     parser = argparse.ArgumentParser(
@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gamma", type=float, help="step schedule: lr factor at each milestone")
     g = d.add_argument_group("runtime")
     g.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
-    g.add_argument("--amp", choices=["none", "bf16", "fp16"], help="autocast dtype")
+    g.add_argument("--amp", choices=AMP_MODES, help="autocast dtype")
     g.add_argument("--output-dir", help="where config, metrics, results, plots and checkpoints go")
     g.add_argument("--num-workers", type=int, help="DataLoader worker processes")
     g.add_argument("--threads", type=int, help="torch intra-op threads per process (default on CPU: half the cores)")

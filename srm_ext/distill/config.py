@@ -17,6 +17,7 @@ __all__ = [
     "error_line",
     "StageConfig",
     "ExperimentConfig",
+    "AMP_MODES",
     "METHODS",
     "PAIRED_METHODS",
     "PRESETS",
@@ -27,6 +28,8 @@ __all__ = [
 METHODS = ("scratch", "kd", "fitnet", "sp", "at", "srm")
 #: The methods that train on layer pairs.
 PAIRED_METHODS = ("fitnet", "sp", "at", "srm")
+#: Mixed-precision modes: none, or autocast to bfloat16 or float16.
+AMP_MODES = ("none", "bf16", "fp16")
 
 
 class ConfigError(ValueError):
@@ -212,7 +215,7 @@ class ExperimentConfig:
             raise ConfigError(f"accumulate steps must be >= 1, got {self.accumulate_steps}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ConfigError(f"max grad norm must be > 0, got {self.max_grad_norm}")
-        if self.amp not in ("none", "bf16", "fp16"):
+        if self.amp not in AMP_MODES:
             raise ConfigError(f"unknown amp mode {self.amp!r}; use none, bf16 or fp16")
         for name in ("epochs_teacher", "epochs_dictionary", "epochs_init", "epochs_student"):
             if getattr(self, name) < 0:

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 # second DataLoader iterator per epoch, drawing a seed and starting workers.
 from tqdm import tqdm
 
-from .config import StageConfig
+from .config import AMP_MODES, StageConfig
 from .distributed import DistributedContext
 
 __all__ = [
@@ -147,7 +147,7 @@ class Trainer:
             raise ValueError(
                 f"max_grad_norm must be None or a finite number > 0, got {max_grad_norm!r}"
             )
-        if not isinstance(amp, str) or amp not in ("none", "bf16", "fp16"):
+        if not isinstance(amp, str) or amp not in AMP_MODES:
             raise ValueError(f"amp must be 'none', 'bf16' or 'fp16', got {amp!r}")
         self._follows_parameters = device is None
         self.device = torch.device("cpu" if device is None else device)
