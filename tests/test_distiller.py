@@ -16,7 +16,14 @@ from torch.utils.data import BatchSampler, DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
 from srm_ext import SparseCodePredictor, SparseRepresentation, SRMDistiller
-from srm_ext.distill import DEFAULT_STAGE_CONFIGS, ConfigError, Stage, StageConfig, Trainer
+from srm_ext.distill import (
+    DEFAULT_STAGE_CONFIGS,
+    ConfigError,
+    ExperimentConfig,
+    Stage,
+    StageConfig,
+    Trainer,
+)
 from srm_ext.distill.trainer import build_optimizer, build_scheduler
 from srm_ext.distill.losses import (
     HintRegressor,
@@ -24,7 +31,7 @@ from srm_ext.distill.losses import (
     kd_loss,
     similarity_preserving_loss,
 )
-from srm_ext.distill.methods import cross_entropy_stage
+from srm_ext.distill.methods import build_plan, cross_entropy_stage
 from srm_ext.distill.metrics import accuracy
 from srm_ext.distill.models import AllCNN, DenseNet
 
@@ -447,6 +454,90 @@ def test_a_saved_distiller_loads_into_one_that_builds_lazily():
         lazy.fit_student(toy_loader(n=16), epochs=1, **QUIET)
 
 
+def _stage2_student_parameters(distiller: SRMDistiller) -> set[str]:
+    trained = {id(p) for p in distiller.student_stage(StageConfig()).parameters}
+    return {name for name, p in distiller.student.named_parameters() if id(p) in trained}
+
+
+def test_stage2_trains_the_student_up_to_its_tapped_maps_only():
+    # The layers past them get no gradient from the stage-2 loss: left out of
+    # the optimiser, which would otherwise move them by weight decay alone
+    # where compiled code fills their gradients with zeros.
+    distiller = make_distiller(pairs={"block1": "stage1", "block2.layer1": "stage2.1"})
+    names = [name for name, _ in distiller.student.named_parameters()]
+    up_to_the_taps = {n for n in names if n.startswith(("stage1.", "stage2.0.", "stage2.1."))}
+    assert _stage2_student_parameters(distiller) == up_to_the_taps
+    # A distiller sized from a state dict finds them on its first batch.
+    lazy = SRMDistiller(tiny_teacher(), tiny_student(), distiller.layer_pairs)
+    lazy.load_state_dict(distiller.state_dict())
+    assert _stage2_student_parameters(lazy) == set(names)  # not known yet: all of them
+    lazy.fit_student(toy_loader(n=16), epochs=1, **QUIET)
+    assert _stage2_student_parameters(lazy) == up_to_the_taps
+
+
+def test_a_distiller_built_on_the_meta_device_trains_once_materialised():
+    # Deferred initialisation: build on meta, then to_empty and load weights.
+    torch.manual_seed(0)
+    teacher, student = tiny_teacher(), tiny_student()
+    with torch.device("meta"):
+        meta = SRMDistiller(
+            tiny_teacher(), tiny_student(), {"block1": "stage1"}, input_shape=(1, 8, 8)
+        )
+    assert meta.is_built and meta.representations[0].dictionary.is_meta
+    fitted = SRMDistiller(teacher, student, {"block1": "stage1"}, input_shape=(1, 8, 8))
+    fitted.fit_dictionaries(toy_loader(n=16), epochs=1, **QUIET)
+    meta.to_empty(device="cpu")
+    meta.load_state_dict(fitted.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # loaded dictionaries count as fitted
+        history = meta.fit_student(toy_loader(n=16), epochs=1, **QUIET)
+    assert math.isfinite(history[0]["loss"])
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.uint8, torch.int16])
+def test_integer_labels_of_any_dtype_train_every_stage(dtype):
+    images, labels = toy_loader(n=16).dataset.tensors
+    int64 = DataLoader(TensorDataset(images, labels), batch_size=8)
+    other = DataLoader(TensorDataset(images, labels.to(dtype)), batch_size=8)
+    expected = make_distiller().fit(int64, 1, 1, 1, eval_loader=int64, **QUIET)["kd"]
+    history = make_distiller().fit(other, 1, 1, 1, eval_loader=other, **QUIET)["kd"]
+    for metric in ("loss", "test_acc"):
+        assert history[0][metric] == expected[0][metric]
+
+
+@pytest.mark.parametrize(
+    "labels, message",
+    [
+        (torch.zeros(16, 1, dtype=torch.long), r"got a torch.int64 tensor of shape \(8, 1\); flatten"),
+        (torch.zeros(16), r"class indices of shape \(8,\) \(an integer tensor\).*torch.float32"),
+        (torch.zeros(16, dtype=torch.bool), "got a torch.bool tensor"),
+        (torch.zeros(16, 2, 2, dtype=torch.long), r"shape \(8, 2, 2\)"),
+    ],
+    ids=["column", "float indices", "bool", "3-d"],
+)
+def test_targets_the_losses_cannot_take_are_refused_on_the_first_batch_of_stage_1(labels, message):
+    images = toy_loader(n=16).dataset.tensors[0]
+    loader = DataLoader(TensorDataset(images, labels), batch_size=8)
+    distiller = make_distiller()
+    with pytest.raises(ValueError, match="the loader's targets must be " + ".*" + message):
+        distiller.fit_dictionaries(loader, epochs=1, **QUIET)
+
+
+def test_class_probabilities_train_kd_and_accuracy_refuses_them():
+    images, labels = toy_loader(n=16).dataset.tensors
+    soft = DataLoader(TensorDataset(images, F.one_hot(labels, 4).float()), batch_size=8)
+    hard = DataLoader(TensorDataset(images, labels), batch_size=8)
+    config = StageConfig(epochs=1, schedule="none")
+    from_soft = make_distiller().fit_kd(soft, config=config, **QUIET)
+    from_hard = make_distiller().fit_kd(hard, config=config, **QUIET)
+    assert from_soft[0]["loss"] == pytest.approx(from_hard[0]["loss"], rel=1e-5)
+    with pytest.raises(ValueError, match="accuracy needs class indices"):
+        accuracy(tiny_student(), soft)
+    # A column of labels would broadcast against the predictions.
+    with pytest.raises(ValueError, match=r"shape \(8, 1\)"):
+        accuracy(tiny_student(), DataLoader(TensorDataset(images, labels[:, None]), batch_size=8))
+
+
 # ----------------------------------------------------------------------------- stages
 
 
@@ -664,6 +755,21 @@ def test_trainer_rejects_empty_parameter_list():
 
 
 # ----------------------------------------------------------------------------- baselines
+
+
+def test_the_fitnet_hint_stage_trains_the_student_up_to_its_guided_layers():
+    student = tiny_student()
+    plan = build_plan(
+        "fitnet", tiny_teacher(), student, [("block1", "stage1")], torch.zeros(2, 1, 8, 8),
+        ExperimentConfig(),
+    )
+    hint = plan.stages[0]
+    assert hint.name == "fitnet-hint"
+    trained = {id(p) for p in hint.parameters}
+    assert {n for n, p in student.named_parameters() if id(p) in trained} == {
+        n for n, _ in student.named_parameters() if n.startswith("stage1.")
+    }
+    assert all(id(p) in trained for p in plan.modules["regressors"].parameters())
 
 
 def test_kd_loss_matches_definition():

@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from srm_ext import SRMDistiller
 from srm_ext.distill import FeatureTap
-from srm_ext.distill.hooks import resolve_module, unwrap
+from srm_ext.distill.hooks import FeatureTapError, resolve_module, unwrap
 from srm_ext.distill.models import AllCNN, DenseNet
 
 QUIET = {"progress": False, "log": None}
@@ -147,3 +147,73 @@ def test_data_parallel_is_refused_with_the_way_out():
     teacher, student = models()
     with pytest.raises(ValueError, match="student is wrapped in nn.DataParallel.*torchrun"):
         SRMDistiller(teacher, nn.DataParallel(student), PAIRS, input_shape=(1, 8, 8))
+
+
+class _AddsInPlaceAfterItsBatchNorm(nn.Module):
+    """ResNet's pattern: ``out = bn(conv(x)); out += identity``."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, width, 3, padding=1)
+        self.bn = nn.BatchNorm2d(width)
+        self.fc = nn.Linear(width, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn(self.conv(x))
+        out += x
+        return self.fc(out.relu().mean((2, 3)))
+
+
+@pytest.mark.parametrize("style", ["wrapper", "method"])
+def test_a_compiled_map_modified_in_place_later_is_refused_as_a_plain_one(fresh_dynamo, style):
+    # Maps captured while compiling carry no version counter: the dry run
+    # runs the models eagerly so that the check still sees the in-place add.
+    torch.manual_seed(0)
+    teacher = compiled(_AddsInPlaceAfterItsBatchNorm(8), style)
+    student = compiled(_AddsInPlaceAfterItsBatchNorm(4), style)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the hook-guard note
+        with pytest.raises(FeatureTapError, match="teacher module 'bn'.*modified in place"):
+            SRMDistiller(teacher, student, {"bn": "conv"}, input_shape=(1, 8, 8))
+
+
+@pytest.mark.parametrize("compiled_role", ["teacher", "student"])
+def test_a_checkpoint_resumes_with_or_without_a_compile_wrapper(fresh_dynamo, tmp_path, compiled_role):
+    # The file keys the plain models, so adding the wrapper (or dropping it)
+    # between one run and its resumption changes nothing.
+    path = tmp_path / "srm.pt"
+    first = SRMDistiller(*models(), PAIRS, input_shape=(1, 8, 8))
+    stage1 = first.fit_dictionaries(batches(), 1, checkpoint=path, **QUIET)
+    teacher, student = models()
+    wrapped = {"teacher": teacher, "student": student}
+    wrapped[compiled_role] = torch.compile(wrapped[compiled_role], backend="eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the hook-guard note
+        second = SRMDistiller(wrapped["teacher"], wrapped["student"], PAIRS, input_shape=(1, 8, 8))
+        assert second.fit_dictionaries(batches(), 1, checkpoint=path, **QUIET) == stage1
+        stage2 = second.fit_student(batches(), 1, checkpoint=path, **QUIET)
+    assert not [name for name in torch.load(path, weights_only=False)["model"] if "_orig_mod" in name]
+    third_teacher, third_student = models()
+    third = SRMDistiller(third_teacher, third_student, PAIRS, input_shape=(1, 8, 8))
+    assert third.fit_dictionaries(batches(), 1, checkpoint=path, **QUIET) == stage1
+    assert third.fit_student(batches(), 1, checkpoint=path, **QUIET) == stage2
+    for name, value in student.state_dict().items():
+        torch.testing.assert_close(third_student.state_dict()[name], value, rtol=0, atol=0, msg=name)
+
+
+def test_a_student_compiled_through_aot_autograd_keeps_its_head_in_stage_2(fresh_dynamo):
+    # Compiled code gives the layers past the tapped map zero gradients where
+    # eager autograd gives None: with weight decay they would move in stage 2.
+    teacher, student = models()
+    distiller = SRMDistiller(
+        teacher, torch.compile(student, backend="aot_eager"), PAIRS, input_shape=(1, 8, 8)
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the hook-guard note
+        distiller.fit_dictionaries(batches(), 1, **QUIET)
+        before = {name: p.detach().clone() for name, p in student.named_parameters()}
+        distiller.fit_student(batches(), 2, config={"weight_decay": 0.1}, **QUIET)
+    moved = {name for name, p in student.named_parameters() if not torch.equal(p, before[name])}
+    past_the_tap = {name for name in before if name.startswith(("stage3.", "head."))}
+    assert past_the_tap and not moved & past_the_tap
+    assert moved == set(before) - past_the_tap

@@ -17,7 +17,7 @@ from .._validation import as_float, as_int, check_loss_weight
 from ..modules import SparseCodePredictor, SparseRepresentation, check_multipliers, srm_sizes
 from .config import StageConfig
 from .distiller_checkpoint import DistillerCheckpoint
-from .hooks import FeatureTap, unwrap, wrapped_module
+from .hooks import FeatureTap, parameters_except, unwrap, wrapped_module
 from .losses import check_logits, check_same_classes, kd_loss
 from .metrics import accuracy
 from .trainer import Stage, Trainer, image_batch
@@ -163,7 +163,10 @@ class SRMDistiller(nn.Module):
         self.predictors = nn.ModuleList()
         # A few values of each dictionary as built, to tell whether stage 1 ran
         # (or fitted ones were loaded) before stage 2 uses their codes.
-        self._initial_fingerprints: list[Tensor] = []
+        self._initial_fingerprints: list[Tensor | None] = []
+        # Student parameters that no tapped map depends on, which stage 2 does
+        # not train; None until a batch has shown which they are.
+        self._student_parameters_off_the_maps: set[str] | None = None
         if example_input is None and input_shape is not None:
             example_input = torch.zeros(2, *_input_shape(input_shape))
         if example_input is not None:
@@ -186,18 +189,24 @@ class SRMDistiller(nn.Module):
                 "example_input must be a batch of inputs (a Tensor), got "
                 f"{type(example_input).__name__}"
             )
-        device = module_device(self.teacher)
-        batch = example_input[:2].to(device)
-        if batch.is_floating_point():  # integer inputs (token or class ids) stay integers
-            batch = batch.to(module_dtype(self.teacher))
+        batch = self._dry_run_batch(example_input)
         t_maps, t_out = self.teacher_tap.probe(batch, return_output=True)
         s_maps, s_out = self.student_tap.probe(batch, return_output=True)
         # Stage 3 needs logits: say so now, not after stages 1 and 2 have trained.
         teacher_logits = check_logits(t_out, "teacher", len(batch))
         check_same_classes(check_logits(s_out, "student", len(batch)), teacher_logits)
         self._add_blocks(
-            [(t_maps[t].shape[1], s_maps[s].shape[1]) for t, s in self.layer_pairs], device
+            [(t_maps[t].shape[1], s_maps[s].shape[1]) for t, s in self.layer_pairs],
+            batch.device,
         )
+        self._student_parameters_off_the_maps = self.student_tap.parameters_off_the_maps(batch)
+
+    def _dry_run_batch(self, example_input: Tensor) -> Tensor:
+        """Two samples of ``example_input`` where the models are, in their dtype."""
+        batch = example_input[:2].to(module_device(self.teacher))
+        if batch.is_floating_point():  # integer inputs (token or class ids) stay integers
+            batch = batch.to(module_dtype(self.teacher))
+        return batch
 
     def _add_blocks(self, channels: list[tuple[int, int]], device: torch.device) -> None:
         """The SRM blocks of every pair from its (teacher, student) channel counts."""
@@ -240,12 +249,15 @@ class SRMDistiller(nn.Module):
 
     def _ensure_built(self, loader: Iterable) -> None:
         if not self.is_built:
-            batch = next(iter(loader), None)
-            if batch is None:
-                raise ValueError(
-                    "the loader yielded no batches, and the SRM blocks are sized from its first"
-                )
-            self.build(image_batch(batch)[0])
+            self.build(_first_images(loader, "the SRM blocks are sized from its first"))
+
+    def _ensure_student_parameters_known(self, loader: Iterable) -> None:
+        # Blocks sized from a state dict saw no batch that shows them.
+        if self._student_parameters_off_the_maps is None:
+            images = _first_images(loader, "stage 2 finds the student's trained layers on its first")
+            self._student_parameters_off_the_maps = self.student_tap.parameters_off_the_maps(
+                self._dry_run_batch(images)
+            )
 
     # ------------------------------------------------------------------ objectives
 
@@ -323,10 +335,13 @@ class SRMDistiller(nn.Module):
         )
 
     def student_stage(self, config: StageConfig) -> Stage:
+        trained = parameters_except(self.student, self._student_parameters_off_the_maps or set())
         return Stage(
             name="srm-init",
             objective=lambda images, _targets: self.student_loss(images),
-            parameters=[*self.student.parameters(), *self.predictors.parameters()],
+            # The layers after the tapped maps (the classifier) get no gradient:
+            # left out, so that weight decay leaves them as it does in eager mode.
+            parameters=[*trained, *self.predictors.parameters()],
             train_modules=[self.student, self.predictors],
             frozen_modules=[self.teacher, self.representations],
             config=config,
@@ -405,9 +420,10 @@ class SRMDistiller(nn.Module):
     def _dictionaries_untrained(self) -> bool:
         if not self.is_built:
             return True
+        current = [_fingerprint(rep) for rep in self.representations]
         return all(
-            torch.equal(_fingerprint(rep), initial)
-            for rep, initial in zip(self.representations, self._initial_fingerprints)
+            now is not None and initial is not None and torch.equal(now, initial)
+            for now, initial in zip(current, self._initial_fingerprints)
         )
 
     def _fit(
@@ -445,6 +461,8 @@ class SRMDistiller(nn.Module):
         if needs_blocks or checkpoint is not None:
             # A checkpoint holds the blocks' weights, whichever stage wrote it.
             self._ensure_built(loader)
+        if key == "init":
+            self._ensure_student_parameters_known(loader)
         # Models moved one by one (not by distiller.to) leave the blocks on
         # the old device: they follow. Their dtype stays, as the blocks cast
         # the features to it.
@@ -575,14 +593,25 @@ def _pair_names(pairs: list[tuple[str, str]], prefix: str, side: int) -> list[st
     ]
 
 
+def _first_images(loader: Iterable, why: str) -> Tensor:
+    batch = next(iter(loader), None)
+    if batch is None:
+        raise ValueError(f"the loader yielded no batches, and {why}")
+    return image_batch(batch)[0]
+
+
 def module_device(module: nn.Module) -> torch.device:
     for tensor in module.parameters():
         return tensor.device
     return torch.device("cpu")
 
 
-def _fingerprint(representation: SparseRepresentation) -> Tensor:
-    """A few of its values, on the CPU: any training step or load changes them."""
+def _fingerprint(representation: SparseRepresentation) -> Tensor | None:
+    """A few of its values, on the CPU: any training step or load changes them.
+    None on the meta device, where there are no values (the blocks get theirs
+    when the models are materialised and loaded)."""
+    if representation.dictionary.is_meta:
+        return None
     values = torch.cat([representation.dictionary.detach()[0, :64], representation.intercept.detach()])
     return values.to("cpu", copy=True)
 

@@ -11,7 +11,9 @@ rewritten atomically after each epoch, so an interrupted script that calls the
 same ``fit_*`` methods with the same ``checkpoint=`` path again skips the
 finished stages, continues the interrupted one at its next epoch and ends with
 the weights an uninterrupted run would have. A loader that shuffles with its
-own ``generator`` has that generator's state saved and restored too.
+own ``generator`` has that generator's state saved and restored too. Weights
+and digest are those of the plain models, so a run resumes whether or not
+either model is compiled.
 """
 
 from __future__ import annotations
@@ -29,14 +31,17 @@ from torch import nn
 
 from .checkpoint import atomic_save, gather_rng_states, load_checkpoint, set_rng_state
 from .config import StageConfig
+from .hooks import unwrap, wrapper_prefix
 from .trainer import Trainer, loader_samplers
 
 __all__ = ["DistillerCheckpoint"]
 
 _FORMAT = "srm_ext.SRMDistiller.v2"
 _OLDER_FORMATS = ("srm_ext.SRMDistiller.v1",)
-# The distiller's state_dict keys of its teacher, which the file leaves out.
+# The distiller's state_dict keys of its teacher, which the file leaves out,
+# and of its student.
 _TEACHER_PREFIX = "teacher."
+_STUDENT_PREFIX = "student."
 
 
 def _loader_generator(loader: Iterable) -> torch.Generator | None:
@@ -115,7 +120,9 @@ class DistillerCheckpoint:
                     "or pass a new path to start afresh"
                 )
             try:
-                missing, unexpected = model.load_state_dict(self.state["model"], strict=False)
+                missing, unexpected = model.load_state_dict(
+                    _with_student_wrappers(self.state["model"], model), strict=False
+                )
                 missing = [name for name in missing if not name.startswith(_TEACHER_PREFIX)]
                 if missing or unexpected:
                     raise RuntimeError(
@@ -187,11 +194,7 @@ class DistillerCheckpoint:
         """Record a finished epoch of stage ``key`` (on every process; the main
         one writes the file, the others wait for it)."""
         self.state["teacher"] = self._digest_of_teacher(model)
-        self.state["model"] = {
-            name: value
-            for name, value in model.state_dict().items()
-            if not name.startswith(_TEACHER_PREFIX)
-        }
+        self.state["model"] = _plain_state(model)
         self.state["stages"][key] = {
             "config": dataclasses.asdict(config),
             "trainer": self.trainer_settings,
@@ -210,5 +213,25 @@ class DistillerCheckpoint:
     def _digest_of_teacher(self, model: nn.Module) -> str:
         # Computed once: the teacher is frozen while the distiller trains.
         if self._teacher_digest is None:
-            self._teacher_digest = teacher_digest(model.teacher)
+            self._teacher_digest = teacher_digest(unwrap(model.teacher))
         return self._teacher_digest
+
+
+def _plain_state(model: nn.Module) -> dict[str, Any]:
+    """The distiller's state without its teacher, with the student's keys those
+    of the plain model (no ``_orig_mod.`` from a torch.compile wrapper)."""
+    wrapped = _STUDENT_PREFIX + wrapper_prefix(model.student)
+    return {
+        _STUDENT_PREFIX + name[len(wrapped):] if name.startswith(wrapped) else name: value
+        for name, value in model.state_dict().items()
+        if not name.startswith(_TEACHER_PREFIX)
+    }
+
+
+def _with_student_wrappers(state: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+    """``state`` (from :func:`_plain_state`) keyed for ``model``'s student as it is wrapped."""
+    wrapped = _STUDENT_PREFIX + wrapper_prefix(model.student)
+    return {
+        wrapped + name[len(_STUDENT_PREFIX):] if name.startswith(_STUDENT_PREFIX) else name: value
+        for name, value in state.items()
+    }

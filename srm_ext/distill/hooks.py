@@ -11,7 +11,15 @@ import torch
 import torch._dynamo.config as dynamo_config
 from torch import Tensor, nn
 
-__all__ = ["FeatureMaps", "FeatureTap", "FeatureTapError", "resolve_module", "unwrap"]
+__all__ = [
+    "FeatureMaps",
+    "FeatureTap",
+    "FeatureTapError",
+    "parameters_except",
+    "resolve_module",
+    "unwrap",
+    "wrapper_prefix",
+]
 
 
 class FeatureTapError(RuntimeError):
@@ -35,6 +43,21 @@ def unwrap(model: nn.Module) -> nn.Module:
     while (inner := wrapped_module(model)) is not None:
         model = inner
     return model
+
+
+def wrapper_prefix(model: nn.Module) -> str:
+    """What ``model``'s wrappers put in front of the plain model's state-dict
+    keys: ``"_orig_mod."`` for ``torch.compile(model)``, ``""`` for no wrapper."""
+    prefix = ""
+    while (inner := wrapped_module(model)) is not None:
+        prefix += next(name for name, child in model._modules.items() if child is inner) + "."
+        model = inner
+    return prefix
+
+
+def parameters_except(model: nn.Module, names: set[str]) -> list[nn.Parameter]:
+    """``model``'s parameters but those at ``names`` (paths of the plain model)."""
+    return [p for name, p in unwrap(model).named_parameters() if name not in names]
 
 
 def resolve_module(model: nn.Module, path: str, role: str = "model") -> nn.Module:
@@ -180,11 +203,13 @@ class FeatureTap:
     ) -> dict[str, Tensor] | tuple[dict[str, Tensor], object]:
         """The tapped maps of one eval-mode forward pass on ``batch`` (a dry run that
         finds channel counts and grids), and the model's output if ``return_output``;
-        the model's train/eval mode is restored."""
+        the model's train/eval mode is restored. It runs eagerly, also when the
+        model is compiled, so that a map modified in place later in the pass is
+        caught here: maps captured while compiling cannot be checked."""
         was_training = self.model.training
         self.model.eval()
         try:
-            with self.capture() as maps:
+            with _eager(), self.capture() as maps:
                 output = self.model(batch)
         except (FeatureTapError, _NotAFeatureMap):  # the taps' own errors name the module
             raise
@@ -208,6 +233,35 @@ class FeatureTap:
         maps = {path: maps[path] for path in self.paths}  # reading checks for in-place changes
         return (maps, output) if return_output else maps
 
+    def parameters_off_the_maps(self, batch: Tensor) -> set[str]:
+        """Names (as in the plain model) of the trainable parameters that none of
+        the tapped maps depends on, from one eager eval-mode forward and backward
+        pass on ``batch``. A loss on the maps alone gives them no gradient: eager
+        autograd leaves theirs None and optimisers skip them, but code compiled
+        through AOT autograd fills it with zeros, and weight decay would then
+        move them. Stages that train on the maps alone leave them out."""
+        named = [(name, p) for name, p in unwrap(self.model).named_parameters() if p.requires_grad]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            # The backward pass too, in the same mode: activation checkpoints
+            # recompute their segment in it.
+            with torch.enable_grad(), _eager():
+                with self.capture() as maps:
+                    self.model(batch)
+                outputs = [maps[path] for path in self.paths if maps[path].requires_grad]
+                if not outputs or not named:
+                    return {name for name, _ in named}
+                gradients = torch.autograd.grad(
+                    outputs,
+                    [p for _, p in named],
+                    grad_outputs=[torch.ones_like(output) for output in outputs],
+                    allow_unused=True,
+                )
+        finally:
+            self.model.train(was_training)
+        return {name for (name, _), gradient in zip(named, gradients) if gradient is None}
+
     def _make_hook(self, path: str, features: FeatureMaps):
         def hook(module: nn.Module, inputs: object, output: object) -> None:
             if not isinstance(output, Tensor) or output.dim() != 4:
@@ -223,6 +277,11 @@ class FeatureTap:
             features._store(path, output)
 
         return hook
+
+
+def _eager():
+    """Runs compiled models and modules as the plain ones, hooks included."""
+    return torch.compiler.set_stance("force_eager")
 
 
 class _NotAFeatureMap(TypeError):

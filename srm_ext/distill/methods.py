@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from .config import ExperimentConfig, StageConfig
 from .distiller import SRMDistiller
-from .hooks import FeatureTap
+from .hooks import FeatureTap, parameters_except
 from .losses import HintRegressor, attention_transfer_loss, kd_loss, similarity_preserving_loss
 from .trainer import Stage
 
@@ -107,10 +107,13 @@ def _fitnet_stages(
             regressor(s_maps[s], t_maps[t]) for regressor, (t, s) in zip(regressors, pairs)
         )
 
+    # The layers past the guided ones get no gradient from the hints: left
+    # out, so that weight decay leaves them as eager autograd does.
+    guided = parameters_except(student, s_tap.parameters_off_the_maps(example))
     hint = Stage(
         "fitnet-hint",
         hint_objective,
-        [*student.parameters(), *regressors.parameters()],
+        [*guided, *regressors.parameters()],
         [student, regressors],
         cfg.stage("init"),
         [teacher],

@@ -43,6 +43,11 @@ def accuracy(
     try:
         for batch in loader:
             images, targets = image_batch(batch)
+            if targets.dim() != 1:
+                raise ValueError(
+                    "accuracy needs class indices as the held-out targets, got class "
+                    f"probabilities of shape {tuple(targets.shape)}"
+                )
             if trainer is not None:
                 images, targets = trainer.to_device(images, targets, train=False)
                 with trainer.autocast():

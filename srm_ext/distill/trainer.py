@@ -428,14 +428,43 @@ def loader_samplers(loader: Iterable) -> list[Any]:
 
 
 def image_batch(batch: Any) -> tuple[Tensor, Tensor]:
-    """The (images, targets) of a loader's batch, or a TypeError saying what
-    the loader must yield instead."""
+    """The (images, targets) of a loader's batch, with the targets as the losses
+    take them (:func:`class_targets`), or an error saying what the loader must
+    yield instead."""
     if isinstance(batch, (tuple, list)) and len(batch) == 2 and all(
         isinstance(t, Tensor) for t in batch
     ):
-        return batch[0], batch[1]
+        images, targets = batch
+        if images.dim() == 0:
+            raise TypeError("the loader's images must be a batch (N, ...), got a 0-d tensor")
+        return images, class_targets(targets, images.shape[0])
     shape = type(batch).__name__ + (f" of {len(batch)}" if isinstance(batch, (tuple, list)) else "")
     raise TypeError(
         f"each batch of the loader must be a pair (images, targets) of tensors, got a {shape}; "
         "wrap the loader or its dataset to yield that pair"
+    )
+
+
+def class_targets(targets: Tensor, batch_size: int) -> Tensor:
+    """``targets`` as class indices of shape ``(batch_size,)`` in int64 (any
+    integer dtype is taken: numpy's int32, uint8), or as class probabilities of
+    shape ``(batch_size, classes)``, which cross-entropy also takes. Anything
+    else is refused on the first batch: an ``(N, 1)`` column would fail only
+    in the stage that reads the targets, and broadcast in the accuracy."""
+    is_integer = not (targets.is_floating_point() or targets.is_complex()) and (
+        targets.dtype != torch.bool
+    )
+    if is_integer and targets.shape == (batch_size,):
+        return targets.long()
+    if targets.is_floating_point() and targets.dim() == 2 and targets.shape[0] == batch_size:
+        return targets
+    hint = (
+        "; flatten that column (targets.view(-1))"
+        if is_integer and targets.shape == (batch_size, 1)
+        else ""
+    )
+    raise ValueError(
+        f"the loader's targets must be class indices of shape ({batch_size},) (an integer "
+        f"tensor) or class probabilities of shape ({batch_size}, classes) for a batch of "
+        f"{batch_size} images, got a {targets.dtype} tensor of shape {tuple(targets.shape)}{hint}"
     )
