@@ -3,19 +3,26 @@ loaders' reproducible, shardable ordering."""
 
 from __future__ import annotations
 
+import gc
+import multiprocessing
+import os
 import pickle
 import re
 import signal
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.utils.data._utils.worker as worker_module
+from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 
 from srm_ext.distill.config import ConfigError, ExperimentConfig
 from srm_ext.distill.data import BatchPreprocessor, load_dataset, make_loaders
 from srm_ext.distill.distributed import DistributedContext
+from srm_ext.distill.interrupt_safe_loader import InterruptSafeDataLoader
 
 
 def config(**kwargs) -> ExperimentConfig:
@@ -563,31 +570,92 @@ def test_loader_order_is_reproducible_per_epoch_and_shardable():
         make_loaders(splits, 7, 0, DistributedContext(rank=0, world_size=2))
 
 
-class _InterruptHandlerProbe(torch.utils.data.Dataset):
-    """Each sample: whether the process loading it ignores SIGINT."""
+class _SignalProbe(torch.utils.data.Dataset):
+    """Each sample: whether the process loading it ignores SIGINT, and whether
+    it blocks SIGINT or SIGTERM."""
 
     def __len__(self):
         return 4
 
     def __getitem__(self, i):
-        return torch.tensor(signal.getsignal(signal.SIGINT) is signal.SIG_IGN), i % 2
+        ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        blocked = bool(signal.pthread_sigmask(signal.SIG_BLOCK, []) & _STOP_SIGNALS)
+        return torch.tensor([ignored, blocked]), i % 2
 
 
-def test_loader_workers_leave_ctrl_c_to_the_main_process():
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+@pytest.fixture
+def python_sigint_handler():
+    """Python's own SIGINT handler, as in a terminal: a background job (CI)
+    starts with SIGINT ignored, which the workers would inherit."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_loader_workers_leave_ctrl_c_to_the_main_process(python_sigint_handler, monkeypatch):
     # Ctrl-C reaches the workers too; one dying of it would be reported as a
     # worker crash instead of the interrupt.
-    probe = _InterruptHandlerProbe()
+    probe = _SignalProbe()
     splits = load_dataset(config(dataset="digits"))
     splits.train, splits.test = probe, probe
-    # Python's own handler, as in a terminal (a background job starts with
-    # SIGINT ignored, which the workers would inherit).
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        for loader in make_loaders(splits, batch_size=2, seed=0, num_workers=1):
-            assert all(bool(ignored) for batch, _ in loader for ignored in batch)
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the main's is kept
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    masks_at_start = []
+    real_start = _MultiProcessingDataLoaderIter.__init__
+
+    def start(self, loader):
+        masks_at_start.append(signal.pthread_sigmask(signal.SIG_BLOCK, []))
+        real_start(self, loader)
+
+    monkeypatch.setattr(_MultiProcessingDataLoaderIter, "__init__", start)
+    mask_before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    for loader in make_loaders(splits, batch_size=2, seed=0, num_workers=1):
+        samples = torch.cat([batch for batch, _ in loader])
+        assert samples[:, 0].all()  # SIGINT ignored in the workers
+        assert not samples[:, 1].any()  # and nothing left blocked there
+    # Blocked while the workers started (they inherit the mask), then restored.
+    assert len(masks_at_start) == 2 and all(_STOP_SIGNALS <= mask for mask in masks_at_start)
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == mask_before
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the main's is kept
+
+
+def test_a_ctrl_c_while_the_workers_start_stops_only_the_main_process(
+    python_sigint_handler, monkeypatch, capfd
+):
+    # The signal reaches each worker before its init function can ignore it;
+    # unblocked, it would kill the worker with a traceback of its own.
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("needs the fork start method")
+    real_loop = worker_module._worker_loop
+
+    def slow_to_start(*args, **kwargs):  # as a worker still importing
+        time.sleep(0.5)
+        return real_loop(*args, **kwargs)
+
+    monkeypatch.setattr(worker_module, "_worker_loop", slow_to_start)
+    workers = []
+    real_start = _MultiProcessingDataLoaderIter.__init__
+
+    def start_then_interrupt(self, loader):
+        real_start(self, loader)
+        workers.extend(self._workers)
+        for worker in self._workers:
+            os.kill(worker.pid, signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(_MultiProcessingDataLoaderIter, "__init__", start_then_interrupt)
+    loader = InterruptSafeDataLoader(
+        _SignalProbe(), batch_size=2, num_workers=2, multiprocessing_context="fork"
+    )
+    with pytest.raises(KeyboardInterrupt):
+        for _ in loader:
+            pass
+    gc.collect()  # the interrupted iterator shuts its workers down
+    for worker in workers:
+        worker.join(timeout=30)
+        assert worker.exitcode == 0
+    assert "KeyboardInterrupt" not in capfd.readouterr().err
 
 
 def test_batch_preprocessor_normalises_and_augments():

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import signal
 import zipfile
 import zlib
 from collections.abc import Sequence
@@ -46,6 +45,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 
 from .config import ConfigError, ExperimentConfig
+from .interrupt_safe_loader import InterruptSafeDataLoader
 from .safe_pickle import load_data_pickle
 from .distributed import DistributedContext
 
@@ -620,31 +620,21 @@ def make_loaders(
     sampler = DistributedSampler(
         splits.train, num_replicas=context.world_size, rank=context.rank, shuffle=True, seed=seed
     )
-    train = DataLoader(
+    train = InterruptSafeDataLoader(
         splits.train,
         batch_size=batch_size // context.world_size,
         sampler=sampler,
         num_workers=num_workers,
-        worker_init_fn=_ignore_interrupts,
         drop_last=len(splits.train) > batch_size,  # no 1-sample BatchNorm batches
         # Own generators: creating an iterator draws a seed, which would otherwise
         # come from the global RNG and make results depend on how often we evaluate.
         generator=torch.Generator().manual_seed(seed),
     )
-    test = DataLoader(
+    test = InterruptSafeDataLoader(
         splits.test,
         batch_size=max(batch_size, 256),
         sampler=range(context.rank, len(splits.test), context.world_size),
         num_workers=num_workers,
-        worker_init_fn=_ignore_interrupts,
         generator=torch.Generator().manual_seed(seed),
     )
     return train, test
-
-
-def _ignore_interrupts(_worker_id: int) -> None:
-    """Ctrl-C reaches the whole process group. A worker that died of it would
-    turn the main process's interrupt (a clean stop and a resume hint) into a
-    "DataLoader worker exited unexpectedly" error; the main process shuts the
-    workers down itself."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
