@@ -415,6 +415,7 @@ def test_features_made_under_inference_mode_train_the_dictionary(op):
     (y, Cs, bs), pixel, image = predictor_inputs()
     with torch.inference_mode():
         x, values, y = x.clone(), values.clone(), y.clone()
+        pixel, image = pixel.clone(), image.clone()  # the teacher's labels, too
     calls = {
         "sparse_encode": lambda mod, C, b: mod.sparse_encode(x, C, b, 3)[0],
         "sparse_decode": lambda mod, C, b: mod.sparse_decode(values, indices, C),
@@ -428,6 +429,6 @@ def test_features_made_under_inference_mode_train_the_dictionary(op):
         out = calls[op](mod, *leaves)
         return torch.autograd.grad(out.sum(), leaves, allow_unused=True)
 
-    assert x.is_inference() and values.is_inference() and y.is_inference()
+    assert all(t.is_inference() for t in (x, values, y, pixel, image))
     for g, w in zip(gradients(srm_ext), gradients(reference)):
         torch.testing.assert_close(g, w)
