@@ -584,6 +584,9 @@ class _SignalProbe(torch.utils.data.Dataset):
 
 
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+needs_signal_masks = pytest.mark.skipif(
+    not hasattr(signal, "pthread_sigmask"), reason="needs POSIX signal masks"
+)
 
 
 @pytest.fixture
@@ -595,6 +598,7 @@ def python_sigint_handler():
     signal.signal(signal.SIGINT, previous)
 
 
+@needs_signal_masks
 def test_loader_workers_leave_ctrl_c_to_the_main_process(python_sigint_handler, monkeypatch):
     # Ctrl-C reaches the workers too; one dying of it would be reported as a
     # worker crash instead of the interrupt.
@@ -620,6 +624,7 @@ def test_loader_workers_leave_ctrl_c_to_the_main_process(python_sigint_handler, 
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the main's is kept
 
 
+@needs_signal_masks
 def test_a_ctrl_c_while_the_workers_start_stops_only_the_main_process(
     python_sigint_handler, monkeypatch, capfd
 ):
