@@ -9,6 +9,7 @@ import os
 import pickle
 import re
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -629,7 +630,10 @@ def test_a_ctrl_c_while_the_workers_start_stops_only_the_main_process(
     python_sigint_handler, monkeypatch, capfd
 ):
     # The signal reaches each worker before its init function can ignore it;
-    # unblocked, it would kill the worker with a traceback of its own.
+    # unblocked, it would kill the worker with a traceback of its own. In the
+    # main process, Python runs its handler in the main thread even when
+    # another thread took the signal: it must wait until the workers are
+    # started, as a KeyboardInterrupt raised inside a fork callback is dropped.
     if "fork" not in multiprocessing.get_all_start_methods():
         pytest.skip("needs the fork start method")
     real_loop = worker_module._worker_loop
@@ -639,7 +643,7 @@ def test_a_ctrl_c_while_the_workers_start_stops_only_the_main_process(
         return real_loop(*args, **kwargs)
 
     monkeypatch.setattr(worker_module, "_worker_loop", slow_to_start)
-    workers = []
+    workers, started = [], []
     real_start = _MultiProcessingDataLoaderIter.__init__
 
     def start_then_interrupt(self, loader):
@@ -648,6 +652,8 @@ def test_a_ctrl_c_while_the_workers_start_stops_only_the_main_process(
         for worker in self._workers:
             os.kill(worker.pid, signal.SIGINT)
         os.kill(os.getpid(), signal.SIGINT)
+        signal.getsignal(signal.SIGINT)(signal.SIGINT, None)  # as taken by another thread
+        started.append(True)
 
     monkeypatch.setattr(_MultiProcessingDataLoaderIter, "__init__", start_then_interrupt)
     loader = InterruptSafeDataLoader(
@@ -656,11 +662,26 @@ def test_a_ctrl_c_while_the_workers_start_stops_only_the_main_process(
     with pytest.raises(KeyboardInterrupt):
         for _ in loader:
             pass
+    assert started == [True]  # the interrupt came once the workers were started
     gc.collect()  # the interrupted iterator shuts its workers down
     for worker in workers:
         worker.join(timeout=30)
         assert worker.exitcode == 0
     assert "KeyboardInterrupt" not in capfd.readouterr().err
+
+
+@needs_signal_masks
+def test_a_sigterm_from_a_scheduler_stops_a_worker_quietly():
+    # torch lets a worker die of a SIGTERM that its parent did not send, which
+    # the main process would report as a crash instead of stopping cleanly.
+    loader = InterruptSafeDataLoader(_SignalProbe(), batch_size=1, num_workers=1)
+    iterator = iter(loader)
+    next(iterator)
+    (worker,) = iterator._workers
+    subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)  # another process
+    worker.join(timeout=30)
+    assert worker.exitcode == 0
+    del iterator
 
 
 def test_batch_preprocessor_normalises_and_augments():
