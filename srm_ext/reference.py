@@ -97,17 +97,11 @@ def predictor_loss(
         y, dictionary, intercept, pixel_labels, image_labels, local_weight, global_weight
     )
     q = torch.sigmoid(_pre_activations(y, dictionary, intercept))  # (N, H, W, K)
-    # The losses save their targets for backward, which labels made under
-    # torch.inference_mode (a frozen teacher's) cannot be: those are copied.
-    if pixel_labels.is_inference():
-        pixel_labels = pixel_labels.clone()
     # The authors feed the sigmoid outputs to a cross-entropy as logits.
-    local = F.cross_entropy(q.reshape(-1, q.shape[-1]), pixel_labels.reshape(-1))
+    local = F.cross_entropy(q.reshape(-1, q.shape[-1]), _saveable(pixel_labels).reshape(-1))
     image_means = q.mean(dim=(1, 2))
     # The labels are targets: no gradient flows into them.
-    targets = image_labels.detach().to(q.dtype)
-    if targets.is_inference():
-        targets = targets.clone()
+    targets = _saveable(image_labels.detach().to(q.dtype))
     if torch.compiler.is_compiling() and targets.device.type == "cpu":
         # Tracing skips validate_predictor's range checks; on the CPU an
         # assert in the graph takes their place (on a GPU it would be fatal).
@@ -120,3 +114,12 @@ def predictor_loss(
     terms = F.binary_cross_entropy(image_means.masked_fill(is_nan, 0.5), targets, reduction="none")
     global_ = torch.where(is_nan, image_means, terms).mean()
     return (local_weight * local + global_weight * global_).to(y.dtype)
+
+
+def _saveable(target: Tensor) -> Tensor:
+    """``target`` as a loss can save it for backward: labels made under
+    torch.inference_mode (a frozen teacher's) cannot be, so they are copied.
+    torch.compile cannot trace that check: there they are taken as they are."""
+    if torch.compiler.is_compiling() or not target.is_inference():
+        return target
+    return target.clone()
