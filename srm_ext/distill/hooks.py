@@ -206,10 +206,8 @@ class FeatureTap:
         the model's train/eval mode is restored. It runs eagerly, also when the
         model is compiled, so that a map modified in place later in the pass is
         caught here: maps captured while compiling cannot be checked."""
-        was_training = self.model.training
-        self.model.eval()
         try:
-            with _eager(), self.capture() as maps:
+            with _eager_eval(self.model), self.capture() as maps:
                 output = self.model(batch)
         except (FeatureTapError, _NotAFeatureMap):  # the taps' own errors name the module
             raise
@@ -222,8 +220,6 @@ class FeatureTap:
                 f"the {self.role} failed on a dry-run batch of shape {tuple(batch.shape)} "
                 f"(is that the input it takes?): {what}"
             ) from exc
-        finally:
-            self.model.train(was_training)
         missing = [path for path in self.paths if path not in maps]
         if missing:
             raise ValueError(
@@ -241,25 +237,20 @@ class FeatureTap:
         through AOT autograd fills it with zeros, and weight decay would then
         move them. Stages that train on the maps alone leave them out."""
         named = [(name, p) for name, p in unwrap(self.model).named_parameters() if p.requires_grad]
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            # The backward pass too, in the same mode: activation checkpoints
-            # recompute their segment in it.
-            with torch.enable_grad(), _eager():
-                with self.capture() as maps:
-                    self.model(batch)
-                outputs = [maps[path] for path in self.paths if maps[path].requires_grad]
-                if not outputs or not named:
-                    return {name for name, _ in named}
-                gradients = torch.autograd.grad(
-                    outputs,
-                    [p for _, p in named],
-                    grad_outputs=[torch.ones_like(output) for output in outputs],
-                    allow_unused=True,
-                )
-        finally:
-            self.model.train(was_training)
+        # The backward pass too, in the same mode: activation checkpoints
+        # recompute their segment in it.
+        with torch.enable_grad(), _eager_eval(self.model):
+            with self.capture() as maps:
+                self.model(batch)
+            outputs = [maps[path] for path in self.paths if maps[path].requires_grad]
+            if not outputs or not named:
+                return {name for name, _ in named}
+            gradients = torch.autograd.grad(
+                outputs,
+                [p for _, p in named],
+                grad_outputs=[torch.ones_like(output) for output in outputs],
+                allow_unused=True,
+            )
         return {name for (name, _), gradient in zip(named, gradients) if gradient is None}
 
     def _make_hook(self, path: str, features: FeatureMaps):
@@ -279,9 +270,17 @@ class FeatureTap:
         return hook
 
 
-def _eager():
-    """Runs compiled models and modules as the plain ones, hooks included."""
-    return torch.compiler.set_stance("force_eager")
+@contextmanager
+def _eager_eval(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode, and compiled models and modules run as the plain
+    ones (hooks included); its train/eval mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.compiler.set_stance("force_eager"):
+            yield
+    finally:
+        model.train(was_training)
 
 
 class _NotAFeatureMap(TypeError):
