@@ -340,6 +340,26 @@ def test_driver_is_read_from_the_kernel_module_where_nvidia_smi_is_missing(monke
     assert benchmark.environment("cuda")["driver"] is None
 
 
+def test_cpu_is_recorded_with_its_family_and_model(tmp_path):
+    # Two processors of a VM that names only the vendor's line: the first one's
+    # family and model tell Zen 4 (25, 17) from Zen 5 (26, ...).
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(
+        "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+        "model name\t: AMD EPYC\nstepping\t: 1\n\n"
+        "processor\t: 1\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
+        "model name\t: AMD EPYC\n\n"
+    )
+    assert benchmark._cpu_model(cpuinfo) == "AMD EPYC, family 25 model 17"
+    # Where there are no x86 numbers the name stands alone; where there is no
+    # name at all (an Arm cpuinfo), or no file, the platform's answer is taken.
+    assert benchmark.describe_cpu("model name\t: Neoverse-V2\n") == "Neoverse-V2"
+    assert benchmark.describe_cpu("processor\t: 0\nBogoMIPS\t: 2000.00\n") is None
+    fallback = benchmark.platform.processor() or benchmark.platform.machine()
+    assert benchmark._cpu_model(tmp_path / "missing") == fallback
+    assert benchmark.environment("cpu")["cpu"] == benchmark._cpu_model()
+
+
 def test_commit_is_marked_dirty_where_tracked_files_were_edited(tmp_path, monkeypatch):
     import subprocess
 
