@@ -494,6 +494,29 @@ def test_a_distiller_built_on_the_meta_device_trains_once_materialised():
     assert math.isfinite(history[0]["loss"])
 
 
+def test_a_distiller_built_on_the_meta_device_warns_of_dictionaries_neither_fitted_nor_loaded():
+    # No initial values to compare with on meta: materialised and initialised
+    # afresh, its dictionaries are untrained until stage 1 runs.
+    def materialised():
+        with torch.device("meta"):
+            distiller = SRMDistiller(
+                tiny_teacher(), tiny_student(), {"block1": "stage1"}, input_shape=(1, 8, 8)
+            )
+        distiller.to_empty(device="cpu")
+        for module in distiller.modules():
+            if hasattr(module, "reset_parameters"):  # the layers, BatchNorm's statistics and the blocks
+                module.reset_parameters()
+        return distiller
+
+    with pytest.warns(UserWarning, match="fit_student before fit_dictionaries"):
+        materialised().fit_student(toy_loader(n=16), epochs=1, **QUIET)
+    distiller = materialised()
+    distiller.fit_dictionaries(toy_loader(n=16), epochs=1, **QUIET)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        distiller.fit_student(toy_loader(n=16), epochs=1, **QUIET)
+
+
 @pytest.mark.parametrize("dtype", [torch.int32, torch.uint8, torch.int16])
 def test_integer_labels_of_any_dtype_train_every_stage(dtype):
     images, labels = toy_loader(n=16).dataset.tensors

@@ -164,6 +164,9 @@ class SRMDistiller(nn.Module):
         # A few values of each dictionary as built, to tell whether stage 1 ran
         # (or fitted ones were loaded) before stage 2 uses their codes.
         self._initial_fingerprints: list[Tensor | None] = []
+        # Blocks sized on the meta device have no initial values to compare
+        # with: there, only a stage-1 run or a load of saved ones counts.
+        self._dictionaries_fitted_or_loaded = False
         # Student parameters that no tapped map depends on, which stage 2 does
         # not train; None until a batch has shown which they are.
         self._student_parameters_off_the_maps: set[str] | None = None
@@ -246,6 +249,8 @@ class SRMDistiller(nn.Module):
                     module_device(self.teacher),
                 )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if all(f"{prefix}representations.{i}.dictionary" in state_dict for i in range(len(self.layer_pairs))):
+            self._dictionaries_fitted_or_loaded = True
 
     def _ensure_built(self, loader: Iterable) -> None:
         if not self.is_built:
@@ -420,9 +425,11 @@ class SRMDistiller(nn.Module):
     def _dictionaries_untrained(self) -> bool:
         if not self.is_built:
             return True
+        if any(initial is None for initial in self._initial_fingerprints):  # sized on meta
+            return not self._dictionaries_fitted_or_loaded
         current = [_fingerprint(rep) for rep in self.representations]
         return all(
-            now is not None and initial is not None and torch.equal(now, initial)
+            now is not None and torch.equal(now, initial)
             for now, initial in zip(current, self._initial_fingerprints)
         )
 
@@ -497,13 +504,16 @@ class SRMDistiller(nn.Module):
                 "test_acc": accuracy(self.student, eval_loader, trainer, context=trainer.context)
             }
         if saver is None:
-            return trainer.fit(stage, loader)
+            history = trainer.fit(stage, loader)
+        else:
 
-        def save_epoch(metrics: dict, training: dict) -> None:
-            history.append(metrics)
-            saver.save_epoch(self, key, config, history, training, loader)
+            def save_epoch(metrics: dict, training: dict) -> None:
+                history.append(metrics)
+                saver.save_epoch(self, key, config, history, training, loader)
 
-        trainer.fit(stage, loader, resume=resume, on_epoch_end=save_epoch)
+            trainer.fit(stage, loader, resume=resume, on_epoch_end=save_epoch)
+        if key == "dictionary" and history:
+            self._dictionaries_fitted_or_loaded = True
         return history
 
     # ------------------------------------------------------------------ export
