@@ -249,7 +249,8 @@ class SRMDistiller(nn.Module):
                     module_device(self.teacher),
                 )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if all(f"{prefix}representations.{i}.dictionary" in state_dict for i in range(len(self.layer_pairs))):
+        saved = [f"{prefix}representations.{i}.dictionary" for i in range(len(self.layer_pairs))]
+        if all(key in state_dict for key in saved):
             self._dictionaries_fitted_or_loaded = True
 
     def _ensure_built(self, loader: Iterable) -> None:
