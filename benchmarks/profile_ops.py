@@ -21,9 +21,9 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from srm_ext.benchmark import (
-    OPS, SHAPE_SETS, Shape, _build_callable, _Case, _native_covers, describe_run, environment
-)
+from srm_ext.bench_environment import environment
+from srm_ext.bench_report import describe_run
+from srm_ext.benchmark import OPS, SHAPE_SETS, Shape, _build_callable, _Case, _native_covers
 
 
 def kernel_times(step, device: torch.device, steps: int) -> list[tuple[str, float, int]]:

@@ -5,7 +5,8 @@ Every implementation is timed in the same run, so the ratios hold on a noisy
 machine. Reported per case: median wall time, peak memory above the inputs
 (CPU: the process's resident high-water mark, reset before each case; CUDA:
 the allocator's peak), and ratios against the compiled kernels. All cases are
-timed before any memory is measured (see run_benchmarks).
+timed before any memory is measured (see run_benchmarks). What the run ran
+on is recorded by bench_environment; bench_report writes the table and chart.
 
 ``python -m srm_ext bench --help`` lists the options.
 """
@@ -13,14 +14,9 @@ timed before any memory is measured (see run_benchmarks).
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
-import os
-import platform
-import re
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -31,6 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from . import _backend, bench_floors, functional, reference, research_style
+from .bench_environment import environment
+from .bench_report import markdown_table, speedup_chart
 
 __all__ = ["Shape", "SHAPE_SETS", "run_benchmarks", "main"]
 
@@ -416,217 +414,6 @@ def _native_covers(device: torch.device, dtype: torch.dtype, shapes: list[Shape]
     return _backend.use_native(t) and all(
         _backend.use_native(t, {"D": s.channels, "K": s.num_codewords, "k": s.k}) for s in shapes
     )
-
-
-def environment(device: str) -> dict:
-    env = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
-        "cpu": _cpu_model(),
-        "commit": _git_commit(),
-        "device": device,
-    }
-    if device == "cpu" and _backend.native_module is not None:
-        # The compiled CPU kernels' float32 products: their own AVX-512
-        # kernel or ATen's BLAS (see csrc/cpu/matmul.h).
-        env["cpu_float32_matmul"] = _backend.native_module.build_info().get("float32_matmul")
-    if device.startswith("cuda") and torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(torch.device(device))
-        env.update(
-            gpu=props.name, cuda=torch.version.cuda, driver=_nvidia_driver(),
-            capability=f"{props.major}.{props.minor}", sms=props.multi_processor_count,
-            memory_bytes=props.total_memory,
-            # float32 products of the reference, the research-style code, the
-            # dense GEMM and the native GEMM encode all follow this setting.
-            tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
-        )
-        if _backend.cuda_module is not None:
-            # GEMM + row-wise selection, or the fused kernel (csrc/cuda/op_support.h).
-            env["cuda_encode"] = _backend.cuda_module.build_info().get("encode")
-    return env
-
-
-def _cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
-    try:
-        described = describe_cpu(cpuinfo.read_text())
-    except OSError:
-        described = None
-    return described or platform.processor() or platform.machine()
-
-
-def describe_cpu(cpuinfo: str) -> str | None:
-    """The first CPU of a /proc/cpuinfo text: its model name, and on x86 its
-    family and model numbers. A virtual machine may name only the vendor's
-    line ("AMD EPYC"); the numbers still tell its generation apart, and the
-    CPU kernels' speed depends on it (Zen 4 runs each AVX-512 instruction as
-    two 256-bit halves, Zen 5 in one)."""
-    fields: dict[str, str] = {}
-    for line in cpuinfo.splitlines():
-        if not line.strip():
-            break  # the end of the first processor's block
-        key, sep, value = line.partition(":")
-        if sep:
-            fields.setdefault(key.strip(), value.strip())
-    name = fields.get("model name")
-    if not name:
-        return None
-    family, model = fields.get("cpu family"), fields.get("model")
-    return f"{name}, family {family} model {model}" if family and model else name
-
-
-def _git_commit(cwd: Path = Path(__file__).resolve().parent) -> str | None:
-    # A copy of the tree without git metadata is told its commit this way.
-    if os.environ.get("SRM_EXT_COMMIT"):
-        return os.environ["SRM_EXT_COMMIT"]
-
-    def git(*args: str) -> str | None:
-        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, cwd=cwd)
-        return out.stdout.strip() if out.returncode == 0 else None
-
-    try:
-        commit = git("rev-parse", "--short", "HEAD")
-        # Numbers from edited tracked files are not that commit's numbers.
-        if commit and git("status", "--porcelain", "--untracked-files=no"):
-            commit += "-dirty"
-        return commit or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-# The loaded kernel module's version, readable where nvidia-smi is not installed.
-_NVIDIA_PROC_VERSION = Path("/proc/driver/nvidia/version")
-
-
-def _nvidia_driver() -> str | None:
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=30,
-        )
-        if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.strip().splitlines()[0]
-    except (OSError, subprocess.SubprocessError):
-        pass
-    try:
-        # "NVRM version: NVIDIA UNIX x86_64 Kernel Module  580.159.04  <build date>"
-        for line in _NVIDIA_PROC_VERSION.read_text().splitlines():
-            if line.startswith("NVRM version:"):
-                match = re.search(r"\s(\d+\.\d+(?:\.\d+)?)\s", line + " ")
-                return match.group(1) if match else None
-    except OSError:
-        pass
-    return None
-
-
-def _mib(nbytes: float | None) -> str:
-    return "n/a" if nbytes is None else f"{nbytes / 2**20:.1f}"
-
-
-def _ratio(num: float | None, den: float | None) -> str:
-    if num is None or den is None or den <= 0:
-        return "n/a"
-    return f"{num / den:.2f}x"
-
-
-def describe_run(env: dict) -> str:
-    """One line naming what the numbers were measured on: the table's files
-    are read apart from the JSON, so they carry the dtype, the batch and the
-    GPU's driver and CUDA versions themselves."""
-    device = env.get("gpu") or env["cpu"]
-    if env.get("gpu"):
-        device += f", driver {env.get('driver') or 'unknown'}, CUDA {env.get('cuda')}"
-        if "tf32_matmul" in env:
-            device += f", TF32 {'on' if env['tf32_matmul'] else 'off'}"
-    batches = sorted({s["batch"] for s in env.get("shapes", [])})
-    return (
-        f"Device: {env['device']} ({device}), {env.get('dtype', 'dtype not recorded')}"
-        + (f", N={'/'.join(map(str, batches))}" if batches else "")
-        + f", torch {env['torch']}, {env['threads']} threads, commit {env['commit']}, {env['date']}"
-    )
-
-
-def markdown_table(records: list[dict], env: dict) -> str:
-    """One row per (shape, op, mode): each implementation's median time and
-    peak memory, and the compiled kernels' speed-up and memory saving."""
-    by_key: dict[tuple, dict[str, dict]] = {}
-    for r in records:
-        by_key.setdefault((r["shape"], r["op"], r["mode"]), {})[r["implementation"]] = r
-    others = [i for i in IMPLEMENTATIONS if i != "native" and any(i in v for v in by_key.values())]
-    header = ["shape", "op", "mode", "native ms", *[f"{i} ms" for i in others],
-              *[f"speed-up vs {i}" for i in others], "native MiB", *[f"{i} MiB" for i in others],
-              *[f"memory saving vs {i}" for i in others]]
-    lines = [
-        describe_run(env)
-        + (f", native float32 products: {env['cpu_float32_matmul']}"
-           if env.get("cpu_float32_matmul") else "")
-        + (f", CUDA encode: {env['cuda_encode']}" if env.get("cuda_encode") else ""),
-        "",
-        "| " + " | ".join(header) + " |",
-        "|---|---|---|" + "---:|" * (len(header) - 3),
-    ]
-    if env.get("complete") is False:
-        lines[1:1] = ["", "Incomplete: the run stopped after the cases below; memory is measured at the end."]
-    for (shape, op, mode), impls in by_key.items():
-        def get(impl, field):
-            return impls[impl][field] if impl in impls else None
-
-        def ms(impl):
-            v = get(impl, "median_ms")
-            if impl in impls and impls[impl].get("error"):
-                return impls[impl]["error"]
-            return "n/a" if v is None else f"{v:.2f}"
-
-        native_ms, native_mem = get("native", "median_ms"), get("native", "peak_bytes")
-        row = [shape, op, mode, ms("native"), *[ms(i) for i in others],
-               *[_ratio(get(i, "median_ms"), native_ms) for i in others],
-               _mib(native_mem), *[_mib(get(i, "peak_bytes")) for i in others],
-               *[_ratio(get(i, "peak_bytes"), native_mem) for i in others]]
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def speedup_chart(records: list[dict], env: dict, path: Path) -> None:
-    """PNG: forward+backward speed-up of the compiled kernels over each other
-    implementation, one panel per op, one bar group per shape."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [r for r in records if r["mode"] == "forward+backward"]
-    ops = [o for o in OPS if any(r["op"] == o for r in steps)]
-    shapes = list(dict.fromkeys(r["shape"] for r in steps))
-    others = [i for i in IMPLEMENTATIONS if i != "native" and any(r["implementation"] == i for r in steps)]
-    time = {(r["shape"], r["op"], r["implementation"]): r["median_ms"] for r in steps}
-    fig, axes = plt.subplots(1, max(len(ops), 1), figsize=(4.2 * max(len(ops), 1), 3.6), squeeze=False)
-    width = 0.8 / max(len(others), 1)
-
-    def ratio(shape, op, impl):
-        num, den = time.get((shape, op, impl)), time.get((shape, op, "native"))
-        return num / den if num is not None and den else float("nan")
-
-    for ax, op in zip(axes[0], ops):
-        for j, impl in enumerate(others):
-            # A pair not timed draws no bar and no legend entry: a bar of
-            # height 0 would read as a measured speed-up of 0.
-            ratios = [ratio(s, op, impl) for s in shapes]
-            if all(r != r for r in ratios):
-                continue
-            ax.bar([i + j * width for i in range(len(shapes))], ratios, width,
-                   label=f"vs {impl}", color=f"C{j}")
-        ax.axhline(1.0, color="grey", linewidth=0.8)
-        ax.set_title(f"{op} (forward+backward)", fontsize=9)
-        ax.set_xticks([i + width * (len(others) - 1) / 2 for i in range(len(shapes))])
-        ax.set_xticklabels([s.split("-", 1)[-1] for s in shapes], fontsize=8)
-        ax.set_ylabel("speed-up of srm_ext (x)")
-        ax.legend(fontsize=7)
-    fig.suptitle(f"{env['device']}: {env.get('gpu') or env['cpu']}, {env['dtype']}, torch {env['torch']}, "
-                 f"commit {env['commit']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import srm_ext
-from srm_ext import _backend, bench_floors, benchmark
+from srm_ext import _backend, bench_environment, bench_floors, bench_report, benchmark
 
 from conftest import requires_native_cpu
 
@@ -298,11 +298,24 @@ def test_markdown_names_the_dtype_batch_driver_and_cuda_version():
                dtype="bfloat16", shapes=[dataclasses.asdict(TINY)])
     records = [dict(shape="tiny", op="stage1_step", mode="forward", implementation="native",
                     median_ms=1.0, peak_bytes=None)]
-    header = benchmark.markdown_table(records, env).splitlines()[0]
+    header = bench_report.markdown_table(records, env).splitlines()[0]
     for part in ("NVIDIA H100 80GB HBM3", "driver 580.159.04", "CUDA 13.0", "bfloat16", "N=2",
                  "commit abc1234"):
         assert part in header
-    assert "driver unknown" in benchmark.markdown_table(records, {**env, "driver": None})
+    assert "driver unknown" in bench_report.markdown_table(records, {**env, "driver": None})
+
+
+def test_markdown_columns_follow_the_order_the_implementations_were_timed_in():
+    env = dict(device="cpu", cpu="x", torch="2", threads=2, commit="abc", date="today")
+    records = [dict(shape="tiny", op="stage1_step", mode="forward", implementation=impl,
+                    median_ms=ms, peak_bytes=None)
+               for impl, ms in (("research", 4.0), ("native", 1.0), ("reference", 2.0))]
+    header = bench_report.markdown_table(records, env).splitlines()[2]
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    assert columns[3:8] == ["native ms", "research ms", "reference ms",
+                            "speed-up vs research", "speed-up vs reference"]
+    row = bench_report.markdown_table(records, env).splitlines()[4]
+    assert "| 4.00x | 2.00x |" in row
 
 
 def _fake_cuda_device(monkeypatch):
@@ -323,21 +336,21 @@ def test_driver_is_read_from_the_kernel_module_where_nvidia_smi_is_missing(monke
                        "Release Build  (dvs-builder@U16)  Thu Oct  2 2025\n"
                        "GCC version:  gcc version 12.3.0\n")
     _fake_cuda_device(monkeypatch)
-    monkeypatch.setattr(benchmark.subprocess, "run", no_nvidia_smi)
-    monkeypatch.setattr(benchmark, "_NVIDIA_PROC_VERSION", version)
-    env = benchmark.environment("cuda")
+    monkeypatch.setattr(bench_environment.subprocess, "run", no_nvidia_smi)
+    monkeypatch.setattr(bench_environment, "_NVIDIA_PROC_VERSION", version)
+    env = bench_environment.environment("cuda")
     assert (env["gpu"], env["cuda"], env["driver"]) == ("NVIDIA H100 80GB HBM3", "13.0", "580.159.04")
     assert (env["capability"], env["sms"], env["tf32_matmul"]) == ("9.0", 132, False)
     # Set by hand: pytest 9.2's monkeypatch undo deletes this attribute instead of restoring it.
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
-        env = {**benchmark.environment("cuda"), "dtype": "float32"}
+        env = {**bench_environment.environment("cuda"), "dtype": "float32"}
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
-    assert env["tf32_matmul"] is True and "TF32 on" in benchmark.describe_run(env)
-    monkeypatch.setattr(benchmark, "_NVIDIA_PROC_VERSION", tmp_path / "missing")
-    assert benchmark.environment("cuda")["driver"] is None
+    assert env["tf32_matmul"] is True and "TF32 on" in bench_report.describe_run(env)
+    monkeypatch.setattr(bench_environment, "_NVIDIA_PROC_VERSION", tmp_path / "missing")
+    assert bench_environment.environment("cuda")["driver"] is None
 
 
 def test_cpu_is_recorded_with_its_family_and_model(tmp_path):
@@ -350,14 +363,14 @@ def test_cpu_is_recorded_with_its_family_and_model(tmp_path):
         "processor\t: 1\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
         "model name\t: AMD EPYC\n\n"
     )
-    assert benchmark._cpu_model(cpuinfo) == "AMD EPYC, family 25 model 17"
+    assert bench_environment._cpu_model(cpuinfo) == "AMD EPYC, family 25 model 17"
     # Where there are no x86 numbers the name stands alone; where there is no
     # name at all (an Arm cpuinfo), or no file, the platform's answer is taken.
-    assert benchmark.describe_cpu("model name\t: Neoverse-V2\n") == "Neoverse-V2"
-    assert benchmark.describe_cpu("processor\t: 0\nBogoMIPS\t: 2000.00\n") is None
-    fallback = benchmark.platform.processor() or benchmark.platform.machine()
-    assert benchmark._cpu_model(tmp_path / "missing") == fallback
-    assert benchmark.environment("cpu")["cpu"] == benchmark._cpu_model()
+    assert bench_environment.describe_cpu("model name\t: Neoverse-V2\n") == "Neoverse-V2"
+    assert bench_environment.describe_cpu("processor\t: 0\nBogoMIPS\t: 2000.00\n") is None
+    fallback = bench_environment.platform.processor() or bench_environment.platform.machine()
+    assert bench_environment._cpu_model(tmp_path / "missing") == fallback
+    assert bench_environment.environment("cpu")["cpu"] == bench_environment._cpu_model()
 
 
 def test_commit_is_marked_dirty_where_tracked_files_were_edited(tmp_path, monkeypatch):
@@ -373,15 +386,15 @@ def test_commit_is_marked_dirty_where_tracked_files_were_edited(tmp_path, monkey
     (tmp_path / "a.py").write_text("x = 1\n")
     git("add", "a.py")
     git("commit", "-q", "-m", "a")
-    commit = benchmark._git_commit(tmp_path)
+    commit = bench_environment._git_commit(tmp_path)
     assert commit and not commit.endswith("-dirty")
     (tmp_path / "results.json").write_text("{}")  # untracked output: still that commit
-    assert benchmark._git_commit(tmp_path) == commit
+    assert bench_environment._git_commit(tmp_path) == commit
     (tmp_path / "a.py").write_text("x = 2\n")
-    assert benchmark._git_commit(tmp_path) == commit + "-dirty"
+    assert bench_environment._git_commit(tmp_path) == commit + "-dirty"
     monkeypatch.setenv("SRM_EXT_COMMIT", "0123abc")  # a tree copied without git
-    assert benchmark._git_commit(tmp_path) == "0123abc"
-    assert benchmark._git_commit(tmp_path.parent / "no-such-dir") == "0123abc"
+    assert bench_environment._git_commit(tmp_path) == "0123abc"
+    assert bench_environment._git_commit(tmp_path.parent / "no-such-dir") == "0123abc"
 
 
 def test_the_compiled_reference_is_compiled_for_every_shape_and_grad_mode(monkeypatch):
@@ -473,7 +486,7 @@ def test_chart_draws_no_bar_for_a_pair_that_was_not_timed(tmp_path, monkeypatch)
         dict(shape="tiny2", op="predictor_loss", mode=fb, implementation="native", median_ms=1.0),
     ]
     env = dict(device="cpu", cpu="x", dtype="float32", torch="2", commit="abc")
-    benchmark.speedup_chart(records, env, tmp_path / "c.png")
+    bench_report.speedup_chart(records, env, tmp_path / "c.png")
     bars = {(ax.get_title().split()[0], label): heights for ax, label, heights in drawn}
     assert set(bars) == {("stage1_step", "vs research"), ("predictor_loss", "vs reference")}
     assert bars["stage1_step", "vs research"] == [3.0, pytest.approx(float("nan"), nan_ok=True)]
@@ -533,7 +546,7 @@ def test_records_carry_the_first_call_and_the_run_its_duration(tmp_path, monkeyp
 @requires_native_cpu
 def test_a_run_without_a_known_commit_says_so(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(benchmark.SHAPE_SETS, "cifar", [TINY])
-    monkeypatch.setattr(benchmark, "_git_commit", lambda: None)
+    monkeypatch.setattr(bench_environment, "_git_commit", lambda: None)
     assert benchmark.main(["--quick", "--device", "cpu", "--ops", "sparse_labels"]) == 0
     assert "set SRM_EXT_COMMIT" in capsys.readouterr().err
 
