@@ -375,10 +375,12 @@ def test_results_do_not_depend_on_thread_count():
     # gradients are bitwise equal.
     x, C, b, k = make_inputs((4, 16, 9, 9, 64, 5), torch.float32, seed=10)
     # The student loss in both its layouts of work: images large enough to be
-    # split into slices, and small images grouped into tiles.
+    # split into slices, and small images grouped into tiles (one tile, and
+    # four of four images each).
     students = [
         make_predictor_inputs((4, 8, 31, 31, 512, 3), torch.float32, seed=10),
         make_predictor_inputs((7, 8, 2, 2, 64, 3), torch.float32, seed=10),
+        make_predictor_inputs((16, 8, 4, 4, 64, 3), torch.float32, seed=10),
     ]
     threads = torch.get_num_threads()
     try:

@@ -102,14 +102,22 @@ class StudentTiling {
  public:
   StudentTiling(int64_t images, int64_t per_image, int64_t num_codewords)
       : images_(images), per_image_(per_image) {
-    // About 2^18 logits (1 MiB in float32) per tile, and at least 64 pixels:
-    // rows enough for efficient GEMMs, and the slices' column sums (K doubles
-    // each) stay a small fraction of the logits.
+    // At most about 2^18 logits (1 MiB in float32) per tile, and at least 64
+    // pixels: rows enough for efficient GEMMs, and the slices' column sums (K
+    // doubles each) stay a small fraction of the logits. Images larger than
+    // that are sliced.
     constexpr int64_t kTileElements = 1 << 18, kMinTilePixels = 64;
-    const int64_t rows =
+    const int64_t most_rows =
         std::max(kTileElements / std::max<int64_t>(num_codewords, 1), kMinTilePixels);
-    slices_per_image_ = std::max<int64_t>(1, (per_image + rows - 1) / rows);
+    slices_per_image_ = std::max<int64_t>(1, (per_image + most_rows - 1) / most_rows);
     slice_pixels_ = (per_image + slices_per_image_ - 1) / slices_per_image_;
+    // Smaller batches are still cut into up to kTargetTiles tiles of whole
+    // images, a count fixed by the shape, so that they keep several threads
+    // busy too. Not below 64 pixels a tile: each tile's dictionary-gradient
+    // product reads and writes a whole D x K partial sum.
+    constexpr int64_t kTargetTiles = 8;
+    const int64_t rows = std::min(
+        most_rows, std::max((images * per_image + kTargetTiles - 1) / kTargetTiles, kMinTilePixels));
     images_per_tile_ = std::max<int64_t>(rows / std::max<int64_t>(per_image, 1), 1);
   }
 
