@@ -1,9 +1,14 @@
 """setup.py's search for the CUDA library headers that torch's CUDA headers
-include, on folder layouts made here (no toolkit or GPU needed)."""
+include, on folder layouts made here (no toolkit or GPU needed), and what a
+source distribution holds."""
 
 from __future__ import annotations
 
+import os
 import runpy
+import subprocess
+import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -75,3 +80,25 @@ def test_cuda_home_without_the_runtime_headers_is_refused(setup_script, tmp_path
     make_headers(not_a_toolkit / "include", ())
     with pytest.raises(RuntimeError, match=r"CUDA_HOME=.*has no include/cuda_runtime_api\.h.*SRM_EXT_NO_CUDA=1"):
         setup_script["cuda_library_include_dirs"](str(not_a_toolkit), [])
+
+
+def test_the_sdist_holds_every_kernel_source_and_header(tmp_path):
+    # Without MANIFEST.in an sdist held only the .cpp files setup.py names for
+    # a CPU build: no header and no CUDA source, so it could not be built.
+    subprocess.run(
+        [sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path),
+         "sdist", "-d", str(tmp_path)],
+        cwd=REPO, env={**os.environ, "SRM_EXT_NO_CUDA": "1"}, check=True, capture_output=True,
+    )
+    (archive,) = tmp_path.glob("*.tar.gz")
+    with tarfile.open(archive) as tar:
+        held = {Path(*Path(name).parts[1:]).as_posix() for name in tar.getnames()}
+    wanted = {
+        path.relative_to(REPO).as_posix()
+        for folder in ("csrc", "tools/cuda_emulator")
+        for path in (REPO / folder).rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts
+    }
+    wanted |= {"setup.py", "pyproject.toml", "README.md", "tests/conftest.py"}
+    assert wanted <= held, sorted(wanted - held)
+    assert not [name for name in held if name.endswith((".so", ".pyc"))]
