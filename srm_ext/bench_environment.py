@@ -19,6 +19,7 @@ __all__ = ["environment", "describe_cpu"]
 
 
 def environment(device: str) -> dict:
+    """The description of this machine for a run on ``device`` (see above)."""
     env = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
