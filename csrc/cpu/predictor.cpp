@@ -113,8 +113,8 @@ class StudentTiling {
     slice_pixels_ = (per_image + slices_per_image_ - 1) / slices_per_image_;
     // Smaller batches are still cut into up to kTargetTiles tiles of whole
     // images, a count fixed by the shape, so that they keep several threads
-    // busy too. Not below 64 pixels a tile: each tile's dictionary-gradient
-    // product reads and writes a whole D x K partial sum.
+    // busy too; but not into tiles much below 64 pixels, since each tile's
+    // dictionary-gradient product reads and writes a whole D x K partial sum.
     constexpr int64_t kTargetTiles = 8;
     const int64_t rows = std::min(
         most_rows, std::max((images * per_image + kTargetTiles - 1) / kTargetTiles, kMinTilePixels));
