@@ -612,10 +612,11 @@ def test_public_functions_fall_back_to_the_reference_beyond_the_kernel_limits(mo
 
 
 @pytest.mark.parametrize("shape", [(2, 8, 5, 7, 20, 4), (2, 64, 13, 11, 300, 9), (2, 32, 3, 4, 150, 81)])
-def test_tf32_encode_selects_exactly_on_inputs_tf32_represents(shape):
-    # With TF32 allowed, float32 encodes on tensor cores. The dyadic inputs
-    # have fewer significant bits than TF32 keeps, so every product and sum is
-    # still exact and the selection must match the reference's.
+def test_tf32_encode_selects_exactly_on_inputs_tf32_represents(shape, encode_path):
+    # With TF32 allowed, float32 encodes on tensor cores (cuBLAS's GEMM, or the
+    # fused kernel's TF32 MMA). The dyadic inputs have fewer significant bits
+    # than TF32 keeps, so every product and sum is still exact and the
+    # selection must match the reference's.
     (x, C, b), ref_in, k = inputs(shape, torch.float32, seed=23)
     torch.backends.cuda.matmul.allow_tf32 = True  # the autouse fixture restores it
     values, indices = srm_ext.sparse_encode(x, C, b, k)
