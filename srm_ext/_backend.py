@@ -22,6 +22,7 @@ __all__ = [
     "backend_info",
     "use_native",
     "needs_reference_autograd",
+    "transform_depth",
     "native_module",
     "cuda_module",
 ]
@@ -185,7 +186,7 @@ _DIFFERENTIATING_TRANSFORMS = (_functorch.TransformType.Grad, _functorch.Transfo
 
 
 @torch.compiler.assume_constant_result
-def _transform_depth() -> int:
+def transform_depth() -> int:
     """How many torch.func transforms are active. Under torch.compile a
     constant of the trace, which dynamo guards through the functorch stack
     (older dynamo cannot trace the call itself)."""
@@ -207,7 +208,7 @@ def needs_reference_autograd(*tensors: torch.Tensor) -> bool:
 def _carry_tangents(tensors: tuple[torch.Tensor, ...]) -> bool:
     if fwAD._current_level < 0:  # no dual level open
         return False
-    if torch.compiler.is_compiling() or _transform_depth() > 0:
+    if torch.compiler.is_compiling() or transform_depth() > 0:
         # Traced tensors show no tangents, and torch.func's wrapped ones cannot
         # be asked (vmap has no batching rule for unpack_dual): an open dual
         # level is enough.
@@ -217,7 +218,7 @@ def _carry_tangents(tensors: tuple[torch.Tensor, ...]) -> bool:
 
 
 def _under_differentiating_transform() -> bool:
-    depth = _transform_depth()
+    depth = transform_depth()
     if depth == 0:
         return False
     if torch.compiler.is_compiling():

@@ -25,7 +25,7 @@ from torch import Tensor
 from torch._C._functorch import is_functorch_wrapped_tensor
 
 from . import _validation, reference
-from ._backend import needs_reference_autograd, use_native
+from ._backend import needs_reference_autograd, transform_depth, use_native
 
 __all__ = [
     "sparse_encode",
@@ -77,7 +77,12 @@ def _gradients_wanted(*tensors: Tensor) -> list[bool]:
     records beneath it (vmap's wrappers report False), so there all are."""
     if not torch.is_grad_enabled():
         return [False] * len(tensors)
-    if not torch.compiler.is_compiling() and any(map(is_functorch_wrapped_tensor, tensors)):
+    if torch.compiler.is_compiling():
+        # Traced tensors do not show their wrappers; the transform stack does.
+        under_transform = transform_depth() > 0
+    else:
+        under_transform = any(map(is_functorch_wrapped_tensor, tensors))
+    if under_transform:
         return [True] * len(tensors)
     return [t.requires_grad for t in tensors]
 

@@ -365,24 +365,34 @@ def test_vmap_alone_keeps_the_compiled_ops(monkeypatch):
     torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "torch_compile"])
 @pytest.mark.parametrize("batched", ["y", "dictionary"])
-def test_backward_through_vmap_of_the_stage2_loss_matches_the_reference(batched):
+def test_backward_through_vmap_of_the_stage2_loss_matches_the_reference(batched, compiled):
     # The compiled op forms its gradients in forward; under vmap's wrappers,
     # whose requires_grad is False, it must still form those autograd asks for.
+    # Under torch.compile the traced tensors do not show vmap's wrappers.
     (y, Cs, bs), pixel, image = predictor_inputs()
     ys = torch.stack([y, y.flip(0)]) if batched == "y" else y
     Css = torch.stack([Cs, -Cs]) if batched == "dictionary" else Cs
     in_dims = (0, None) if batched == "y" else (None, 0)
 
-    def gradients(mod):
+    def gradients(mod, wrap=lambda f: f):
         leaves = [t.detach().clone().requires_grad_() for t in (ys, Css, bs)]
-        y_, C_, b_ = leaves
-        loss = torch.func.vmap(lambda yy, CC: mod.predictor_loss(yy, CC, b_, pixel, image), in_dims)(y_, C_)
+        batched_loss = wrap(
+            lambda y_, C_, b_: torch.func.vmap(
+                lambda yy, CC: mod.predictor_loss(yy, CC, b_, pixel, image), in_dims
+            )(y_, C_)
+        )
+        loss = batched_loss(*leaves)
         return torch.autograd.grad((loss * torch.tensor([1.0, 2.0], dtype=loss.dtype)).sum(), leaves)
 
+    torch._dynamo.reset()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*batching rule")  # per-sample fallback
-        got = gradients(srm_ext)
+        if compiled:
+            got = gradients(srm_ext, lambda f: torch.compile(f, backend="aot_eager"))
+        else:
+            got = gradients(srm_ext)
     for g, w in zip(got, gradients(reference)):
         torch.testing.assert_close(g, w)
 
