@@ -33,7 +33,8 @@ def _pre_activations(x: Tensor, dictionary: Tensor, intercept: Tensor) -> Tensor
     """``C^T x_p + b`` for every pixel, shaped (N, H, W, K), in the
     accumulation dtype."""
     acc = _accumulation_dtype(x)
-    return x.permute(0, 2, 3, 1).to(acc) @ dictionary.to(acc) + intercept.reshape(()).to(acc)
+    pixels = _saveable(x).permute(0, 2, 3, 1).to(acc)
+    return pixels @ _saveable(dictionary).to(acc) + intercept.reshape(()).to(acc)
 
 
 def sparse_encode(
@@ -54,8 +55,8 @@ def sparse_decode(values: Tensor, indices: Tensor, dictionary: Tensor) -> Tensor
     acc = _accumulation_dtype(values)
     num_codewords = dictionary.shape[1]
     codes = values.new_zeros(*values.shape[:-1], num_codewords, dtype=acc)
-    codes = codes.scatter_add(-1, indices, values.to(acc))
-    return (codes @ dictionary.to(acc).t()).to(values.dtype).permute(0, 3, 1, 2)
+    codes = codes.scatter_add(-1, _saveable(indices), values.to(acc))
+    return (codes @ _saveable(dictionary).to(acc).t()).to(values.dtype).permute(0, 3, 1, 2)
 
 
 def reconstruction_loss(
@@ -75,7 +76,9 @@ def sparse_labels(
     num_codewords = _validation.validate_labels(values, indices, num_codewords)
     values, indices = values.detach(), indices.detach()
     n, h, w, k = values.shape
-    pixel_labels = indices[..., 0].contiguous()
+    # A copy, never a view of indices (which it would be for k = 1): writing
+    # to the labels must not change the code.
+    pixel_labels = indices[..., 0].clone(memory_format=torch.contiguous_format)
     image_labels = values.new_zeros(n, num_codewords, dtype=_accumulation_dtype(values))
     image_labels.scatter_add_(
         1, indices.reshape(n, h * w * k), values.reshape(n, h * w * k).to(image_labels.dtype)
@@ -116,10 +119,11 @@ def predictor_loss(
     return (local_weight * local + global_weight * global_).to(y.dtype)
 
 
-def _saveable(target: Tensor) -> Tensor:
-    """``target`` as a loss can save it for backward: labels made under
-    torch.inference_mode (a frozen teacher's) cannot be, so they are copied.
-    torch.compile cannot trace that check: there they are taken as they are."""
-    if torch.compiler.is_compiling() or not target.is_inference():
-        return target
-    return target.clone()
+def _saveable(t: Tensor) -> Tensor:
+    """``t`` as autograd can save it for backward: a tensor made under
+    torch.inference_mode (a frozen teacher's features or labels) cannot be
+    where an op keeps it or a view of it, so it is copied. torch.compile cannot
+    trace that check: there tensors are taken as they are."""
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled() or not t.is_inference():
+        return t
+    return t.clone()

@@ -174,3 +174,44 @@ def test_image_labels_carry_no_gradient():
     image.requires_grad_(True)
     reference.predictor_loss(y, C, b, pixel, image).backward()
     assert y.grad is not None and image.grad is None
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "one_pixel"])
+def test_inference_mode_features_and_dictionary_train_through_the_reference(layout):
+    # A frozen teacher's features come from torch.inference_mode. Where the
+    # matmul reads pixels as a view (channels_last, or a 1x1 map) or keeps a
+    # dictionary made there, autograd would refuse to save them: the reference
+    # copies them, as the compiled ops do.
+    h, w = (1, 1) if layout == "one_pixel" else (4, 5)
+    x, C, b = tie_free_inputs(2, 6, h, w, 12, seed=41)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        frozen_x, frozen_C = x.clone(), C.clone()
+        values, indices = reference.sparse_encode(x, C, b, 3)
+
+    def dictionary_grads(x):
+        leaves = [t.detach().clone().requires_grad_() for t in (C, b)]
+        return torch.autograd.grad(reference.reconstruction_loss(x, *leaves, 3), leaves)
+
+    torch.testing.assert_close(dictionary_grads(frozen_x), dictionary_grads(x))
+    x_leaf = x.clone().requires_grad_()
+    frozen = torch.autograd.grad(reference.reconstruction_loss(x_leaf, frozen_C, b, 3), x_leaf)
+    plain = torch.autograd.grad(reference.reconstruction_loss(x_leaf, C, b, 3), x_leaf)
+    torch.testing.assert_close(frozen, plain)
+
+    v = values.clone().requires_grad_()
+    frozen = torch.autograd.grad(reference.sparse_decode(v, indices, frozen_C).sum(), v)
+    plain = torch.autograd.grad(reference.sparse_decode(v, indices.clone(), C).sum(), v)
+    torch.testing.assert_close(frozen, plain)
+
+
+def test_pixel_labels_are_a_copy_of_the_indices_even_for_k_1():
+    # indices[..., 0] is a view for k = 1: writing to the labels (masking to an
+    # ignore index, say) must not change the code autograd still holds.
+    x, C, b = tie_free_inputs(2, 4, 3, 3, 6, seed=42)
+    values, indices = reference.sparse_encode(x, C, b, 1)
+    kept = indices.clone()
+    pixel, _ = reference.sparse_labels(values, indices, 6)
+    pixel.fill_(-100)
+    torch.testing.assert_close(indices, kept)
