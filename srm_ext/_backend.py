@@ -6,6 +6,7 @@ import importlib
 import os
 import platform
 import re
+import sys
 import warnings
 from types import ModuleType
 from typing import Any
@@ -155,7 +156,7 @@ def use_native(t: torch.Tensor, code_sizes: dict[str, int] | None = None) -> boo
         # Dynamo cannot trace warnings.warn: traced calls leave the warning to eager ones.
         if not torch.compiler.is_compiling() and ("cuda", name) not in _warned:
             _warned.add(("cuda", name))
-            warnings.warn(f"srm_ext: {why}; using the PyTorch reference implementation", stacklevel=3)
+            _warn_fallback(why)
         return False
     key = (device_type, str(t.dtype))
     if not torch.compiler.is_compiling() and key not in _warned:
@@ -174,10 +175,24 @@ def use_native(t: torch.Tensor, code_sizes: dict[str, int] | None = None) -> boo
                 f"(compute capability {major}.{minor}; rebuild with "
                 f"TORCH_CUDA_ARCH_LIST={major}.{minor} to use them)"
             )
-        warnings.warn(
-            f"srm_ext: {why}; using the PyTorch reference implementation", stacklevel=3
-        )
+        _warn_fallback(why)
     return False
+
+
+# Frames in these folders lie between a user's call and the fallback warning:
+# the ops and modules, and torch's Module.__call__, transforms and wrappers.
+_LIBRARY_DIRS = tuple(
+    os.path.dirname(os.path.abspath(path)) + os.sep for path in (__file__, torch.__file__)
+)
+
+
+def _warn_fallback(why: str) -> None:
+    """Warns that a call runs the reference, attributed to the user's line that
+    made it: the first frame outside srm_ext and torch."""
+    frame, level = sys._getframe(1), 2
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(f"srm_ext: {why}; using the PyTorch reference implementation", stacklevel=level)
 
 
 # The torch.func transforms that differentiate: the compiled ops' autograd

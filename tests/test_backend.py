@@ -189,3 +189,16 @@ def test_fallback_warning_is_left_to_eager_calls_under_torch_compile(monkeypatch
     with pytest.warns(UserWarning, match="using the PyTorch reference"):
         want = block.loss(x)
     torch.testing.assert_close(got, want)
+
+
+def test_the_fallback_warning_points_at_the_callers_line(monkeypatch):
+    # Between the user's call and the warning lie srm_ext's functions and
+    # modules and torch's Module.__call__: none of them is where to look.
+    monkeypatch.delenv("SRM_EXT_BACKEND", raising=False)
+    x, _, _ = inputs(torch.bfloat16)
+    block = srm_ext.SparseRepresentation(x.shape[1], 8, 2).to(torch.bfloat16)
+    for call in (lambda: srm_ext.sparse_encode(x, block.dictionary, block.intercept, 2), lambda: block(x)):
+        monkeypatch.setattr(_backend, "_warned", set())
+        with pytest.warns(UserWarning, match="using the PyTorch reference") as record:
+            call()
+        assert [(w.filename, w.lineno) for w in record] == [(__file__, call.__code__.co_firstlineno)]
