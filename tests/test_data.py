@@ -430,6 +430,24 @@ def test_imagefolder_single_tree(tmp_path):
     check_splits(splits, 8, 2, 2, 3, 12)
 
 
+def test_imagefolder_statistics_sample_every_class(tmp_path, monkeypatch):
+    # The tree lists its images class by class: the statistics must not come
+    # from the first class alone when the sample is smaller than the split.
+    from PIL import Image
+
+    from srm_ext.distill import data
+
+    monkeypatch.setattr(data, "_STATS_SAMPLE", 8)
+    for name, level in (("dark", 0), ("bright", 255)):
+        for split, count in (("train", 20), ("test", 1)):
+            (tmp_path / split / name).mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (3, 3), (level,) * 3).save(tmp_path / split / name / f"{i}.png")
+    splits = load_dataset(config(dataset="imagefolder", data_path=str(tmp_path), image_size=3))
+    assert splits.mean == pytest.approx((0.5,) * 3)
+    assert splits.std == pytest.approx((0.5,) * 3, rel=0.1)
+
+
 def test_imagefolder_skips_hidden_files_and_folders(tmp_path):
     # macOS ._* resource forks and .ipynb_checkpoints are not images or classes.
     _write_images(tmp_path, {"cat": 5, "dog": 5})

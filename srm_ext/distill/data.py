@@ -460,8 +460,21 @@ def load_imagefolder(root: Path, image_size: int = 32) -> DatasetSplits:
         _require_two_classes(torch.tensor(full.labels), repr(str(root)), classes)
         train_idx, test_idx = _stratified_split(torch.tensor(full.labels))
         train, test = Subset(full, train_idx), Subset(full, test_idx)
-    mean, std = _channel_stats(torch.stack([train[i][0] for i in range(min(len(train), 512))]))
+    mean, std = _channel_stats(torch.stack([train[i][0] for i in _spread_sample(len(train))]))
     return DatasetSplits(train, test, len(classes), 3, image_size, mean, std, natural_images=True)
+
+
+# Images decoded to estimate an image folder's channel statistics: reading a
+# large tree whole would take longer than a short run's training.
+_STATS_SAMPLE = 512
+
+
+def _spread_sample(count: int) -> list[int]:
+    """Up to _STATS_SAMPLE indices spread evenly over ``count`` items: the tree
+    lists its images class by class, so a prefix would see the first classes only."""
+    if count <= _STATS_SAMPLE:
+        return list(range(count))
+    return torch.linspace(0, count - 1, _STATS_SAMPLE).round().long().tolist()
 
 
 def _split_folders(root: Path) -> tuple[Path, Path] | None:
