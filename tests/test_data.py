@@ -249,6 +249,23 @@ def test_npz_images_that_are_not_square_are_refused(tmp_path):
         load_dataset(config(dataset="npz", data_path=str(path)))
 
 
+def test_npz_images_of_any_shape_are_resized_to_a_given_image_size(tmp_path):
+    # --image-size resizes any dataset: non-square images, and test images of
+    # another size than the training ones, become S x S before any check.
+    rng = np.random.default_rng(0)
+    path = tmp_path / "d.npz"
+    np.savez(
+        path,
+        x_train=rng.integers(0, 256, (30, 16, 6), dtype=np.uint8),
+        y_train=np.arange(30) % 3,
+        x_test=np.full((6, 9, 9), 200, dtype=np.uint8),
+        y_test=np.arange(6) % 3,
+    )
+    splits = load_dataset(config(dataset="npz", data_path=str(path), image_size=8))
+    check_splits(splits, 30, 6, 3, 1, 8)
+    assert (splits.test.tensors[0] == 200).all()  # a uniform image stays uniform
+
+
 @pytest.mark.parametrize("key", ["images", "x_train", "x_test"])
 def test_npz_empty_image_array_is_an_error_naming_it(tmp_path, key):
     path = tmp_path / "d.npz"

@@ -203,14 +203,14 @@ def load_dataset(config: ExperimentConfig) -> DatasetSplits:
         if name in ("cifar10", "cifar100"):
             splits = load_cifar(path, num_classes=10 if name == "cifar10" else 100)
         elif name == "npz":
-            splits = load_npz(path)
+            splits = load_npz(path, config.image_size)
         elif name == "imagefolder":
             splits = load_imagefolder(path, config.image_size or 32)
         else:
             raise ConfigError(
                 f"unknown dataset {name!r}; use digits, cifar10, cifar100, imagefolder or npz"
             )
-        if config.image_size:  # CIFAR and npz load at their stored size
+        if config.image_size:  # CIFAR loads at its stored size
             splits = resize_splits(splits, config.image_size)
     if config.train_limit:
         splits.train = Subset(splits.train, range(min(config.train_limit, len(splits.train))))
@@ -245,16 +245,23 @@ def _resized_tensor_dataset(dataset: Dataset, size: int) -> TensorDataset:
     if not isinstance(dataset, TensorDataset):
         raise TypeError(f"resizing needs images held in a TensorDataset, got {type(dataset).__name__}")
     images, labels = dataset.tensors
+    return TensorDataset(_resized_images(images, size), labels)
+
+
+def _resized_images(images: Tensor, size: int) -> Tensor:
+    """uint8 images (N, C, H, W) of any H x W resized to ``size`` x ``size``."""
+    if images.shape[-2:] == (size, size):
+        return images
     resized = torch.empty((*images.shape[:2], size, size), dtype=torch.uint8)
     # Converted a chunk at a time: the whole set as float would take 4x the memory.
     for start in range(0, len(images), 1024):
         chunk = images[start : start + 1024].float()
         chunk = F.interpolate(
             chunk, size=(size, size), mode="bilinear", align_corners=False,
-            antialias=size < images.shape[-1],  # downsampling without it aliases
+            antialias=size < max(images.shape[-2:]),  # downsampling without it aliases
         )
         resized[start : start + 1024] = chunk.round().clamp(0, 255).to(torch.uint8)
-    return TensorDataset(resized, labels)
+    return resized
 
 
 def load_digits(image_size: int = 8) -> DatasetSplits:
@@ -337,16 +344,18 @@ def _cifar_arrays(data, labels, path: Path, label_key: bytes) -> tuple[np.ndarra
     return x.astype(np.uint8).reshape(-1, 3, 32, 32), y.astype(np.int64)
 
 
-def load_npz(path: Path) -> DatasetSplits:
+def load_npz(path: Path, image_size: int | None = None) -> DatasetSplits:
+    """An .npz of images and labels; with ``image_size``, its images (of any
+    size, square or not) resized to ``image_size`` x ``image_size``."""
     try:
-        return _load_npz(path)
+        return _load_npz(path, image_size)
     except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as exc:
         if isinstance(exc, ConfigError):
             raise
         raise ConfigError(f"{str(path)!r} is not a readable .npz file ({exc})") from None
 
 
-def _load_npz(path: Path) -> DatasetSplits:
+def _load_npz(path: Path, image_size: int | None) -> DatasetSplits:
     if path.is_file() and not zipfile.is_zipfile(path):
         # A single .npy, or no numpy file at all, which np.load would try as a
         # pickle and blame "pickled (object) data".
@@ -377,6 +386,8 @@ def _load_npz(path: Path) -> DatasetSplits:
                     f"{str(path)!r}: {label_key} has {len(labels[-1])} labels but {image_key} "
                     f"has {len(images[-1])} images; expected one label per image"
                 )
+    if image_size:
+        images = [_resized_images(split, image_size) for split in images]
     where = repr(str(path))
     natural = images[0].shape[1] == 3
     if len(images) == 1:
@@ -589,7 +600,7 @@ def _splits_from_tensors(
         # is one side: S x S.
         raise ConfigError(
             f"{where}: the images are {height}x{width}; expected square images (crop or pad "
-            "them to SxS)"
+            "them to SxS, or resize them with --image-size S)"
         )
     mean, std = _channel_stats(train_x)
     return DatasetSplits(
