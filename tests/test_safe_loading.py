@@ -3,11 +3,13 @@ damaged files give an error that names them."""
 
 from __future__ import annotations
 
-import os
 import io
+import os
 import pickle
 import re
 import struct
+import subprocess
+import uuid
 
 import numpy as np
 import pytest
@@ -200,3 +202,21 @@ def test_truncated_checkpoint_names_the_file(tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(data[: len(data) // 3])
     with pytest.raises(ConfigError, match=r"checkpoint.pt: truncated or malformed checkpoint"):
         load_checkpoint(tmp_path / "checkpoint.pt")
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX process ids")
+def test_a_save_removes_the_temp_files_that_killed_writers_left(tmp_path):
+    # A SIGKILL mid-save leaves its temp file; the next save of that path
+    # removes it, but never one of a writer still running or of another path.
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    name = lambda target, pid: tmp_path / f".{target}.{pid}.{uuid.uuid4().hex}.tmp"
+    abandoned = name("checkpoint.pt", ended.pid)
+    running = name("checkpoint.pt", os.getppid())
+    other_path = name("model.pt", ended.pid)
+    for path in (abandoned, running, other_path):
+        path.write_bytes(b"half a checkpoint")
+    atomic_save({"w": torch.ones(1)}, tmp_path / "checkpoint.pt")
+    assert not abandoned.exists()
+    assert running.exists() and other_path.exists()
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["w"].item() == 1.0

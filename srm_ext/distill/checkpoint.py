@@ -6,9 +6,11 @@ dicts), so checkpoints load with ``torch.load(..., weights_only=True)``.
 
 from __future__ import annotations
 
+import glob
 import os
 import pickle
 import random
+import re
 import uuid
 from pathlib import Path
 from typing import Any
@@ -33,9 +35,11 @@ __all__ = [
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` to a temp file in the same directory, fsync, then
-    ``os.replace``: a crash leaves either the old file or the new one, never half."""
+    ``os.replace``: a crash leaves either the old file or the new one, never half.
+    A temp file that a killed writer left beside ``path`` goes with this save."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_temporaries(path)
     # Not mkstemp, which makes the file private (0600): created like any other
     # file (0666 less the umask), so that others can load a shared run.
     tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
@@ -50,6 +54,28 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_directory(path.parent)
+
+
+def _remove_abandoned_temporaries(path: Path) -> None:
+    """Removes the temp files of ``path`` whose writer process has ended: a
+    SIGKILL mid-save gives it no chance to, and over resumes they pile up."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.[0-9a-f]{{32}}\.tmp")
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        match = pattern.fullmatch(tmp.name)
+        if match and not _process_alive(int(match[1])):
+            tmp.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid() or os.name != "posix":  # Windows' os.kill would end the process
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
 
 
 def cpu_state_dict(model: torch.nn.Module) -> dict[str, Any]:
