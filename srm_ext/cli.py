@@ -273,11 +273,15 @@ def _distill(args: argparse.Namespace) -> int:
         with _sigterm_as_interrupt():
             runner.run()
     except KeyboardInterrupt:
-        print(
-            f"\n{PROG}: interrupted; continue with: {_invocation()} distill --resume "
-            f"--output-dir {shlex.quote(config.output_dir)}",
-            file=sys.stderr,
-        )
+        if int(os.environ.get("RANK", "0")) == 0:
+            if runner.resumable:
+                advice = (
+                    f"continue with: {_invocation()} distill --resume "
+                    f"--output-dir {shlex.quote(config.output_dir)}"
+                )
+            else:
+                advice = "the run had saved nothing yet; start it again with the same command"
+            print(f"\n{PROG}: interrupted; {advice}", file=sys.stderr)
         return 130
     return 0
 

@@ -344,6 +344,56 @@ def test_finished_run_keeps_its_model_file_across_an_interruption(tmp_path, monk
     assert (out / "models" / "scratch-seed0.pt").is_file()
 
 
+def test_a_run_stopped_after_its_loaded_teachers_file_resumes(tmp_path, monkeypatch):
+    # A loaded teacher's file is the first model file a run writes, before any
+    # epoch: the run's checkpoint is written before it, so --resume continues
+    # the run instead of refusing a directory with models and no checkpoint.
+    from srm_ext.distill import experiment
+
+    quiet = dict(log=lambda *_: None)
+    source = tmp_path / "source"
+    ExperimentRunner(
+        ExperimentConfig(**{**TINY_CONFIG, "methods": ["scratch"]}, output_dir=str(source)), **quiet
+    ).run()
+    out = tmp_path / "run"
+    config = ExperimentConfig(
+        **{**TINY_CONFIG, "methods": ["kd"]}, teacher_weights=str(source), output_dir=str(out)
+    )
+    real_save = experiment.atomic_save
+
+    def save(obj, path):
+        real_save(obj, path)
+        if path.name == "teacher.pt":
+            raise Interrupt
+
+    monkeypatch.setattr(experiment, "atomic_save", save)
+    with pytest.raises(Interrupt):
+        ExperimentRunner(config, **quiet).run()
+    assert (out / "models" / "teacher.pt").is_file()
+    monkeypatch.setattr(experiment, "atomic_save", real_save)
+    results = ExperimentRunner(config, resume=True, **quiet).run()
+    assert [r["run"] for r in results["runs"]] == ["teacher", "kd/seed0"]
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_an_interruption_before_the_run_saved_anything_gives_no_resume_hint(
+    tmp_path, monkeypatch, capsys, rank
+):
+    # Nothing of the run is on disk yet: --resume would find no settings and
+    # run the defaults. Only rank 0 speaks, as for every other message.
+    from srm_ext.distill import experiment
+
+    monkeypatch.setattr(experiment, "load_dataset", _raise(KeyboardInterrupt))
+    monkeypatch.setenv("RANK", rank)
+    out = tmp_path / "run"
+    assert main(["distill", "--preset", "quick", "--quiet", "--output-dir", str(out)]) == 130
+    err = capsys.readouterr().err
+    said = "interrupted; the run had saved nothing yet; start it again with the same command"
+    assert (said in err) is (rank == "0")
+    assert "--resume" not in err
+    assert not out.exists()
+
+
 def test_overwrite_leaves_nothing_of_the_previous_run(tmp_path):
     out = tmp_path / "run"
     quiet = dict(log=lambda *_: None)

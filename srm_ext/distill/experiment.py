@@ -140,6 +140,9 @@ class ExperimentRunner:
         self.out = Path(config.output_dir)
         self._log = log
         self.state: dict[str, Any] = {}
+        # Whether this run's config and checkpoint are in the output directory,
+        # so that an interruption from now on can be continued with resume.
+        self.resumable = False
 
     @staticmethod
     def saved_config(output_dir: str | Path) -> dict[str, Any] | None:
@@ -228,7 +231,11 @@ class ExperimentRunner:
             self._write_config(self._resolved_settings())
             with open(self.out / "metrics.jsonl", "w") as f:  # the checkpoint's history is the truth
                 f.writelines(json.dumps(r) + "\n" for r in self.state["history"])
+            # A checkpoint before any model file: a run stopped between a loaded
+            # teacher's file and its first epoch is resumed, not taken for an old one.
+            self._save()
         self.ctx.barrier()
+        self.resumable = True
 
         teacher = self._teacher()
         for seed in cfg.seeds:
@@ -265,6 +272,7 @@ class ExperimentRunner:
                 )
             self.state = state
             self.state["config"] = config
+            self.resumable = True
             self._log(f"resuming {self.out}: {len(state['finished'])} run(s) finished")
             self._check_threads()
             return
