@@ -465,6 +465,18 @@ def test_imagefolder_statistics_sample_every_class(tmp_path, monkeypatch):
     assert splits.std == pytest.approx((0.5,) * 3, rel=0.1)
 
 
+def test_sample_limits_spread_over_splits_listed_class_by_class(tmp_path):
+    # A prefix of an image tree's split would hold its first class only.
+    _write_images(tmp_path / "train", {"a": 6, "b": 6, "c": 6})
+    _write_images(tmp_path / "test", {"a": 3, "b": 3, "c": 3})
+    settings = dict(dataset="imagefolder", data_path=str(tmp_path), image_size=4)
+    splits = load_dataset(config(**settings, train_limit=3, test_limit=3))
+    for split in (splits.train, splits.test):
+        assert sorted(int(split[i][1]) for i in range(len(split))) == [0, 1, 2]
+    with pytest.raises(ConfigError, match=r"--train-limit 1: every training image has the same class \(0\)"):
+        load_dataset(config(**settings, train_limit=1))
+
+
 def test_imagefolder_skips_hidden_files_and_folders(tmp_path):
     # macOS ._* resource forks and .ipynb_checkpoints are not images or classes.
     _write_images(tmp_path, {"cat": 5, "dog": 5})

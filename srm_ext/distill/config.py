@@ -129,7 +129,7 @@ class ExperimentConfig:
     data_path: str | None = None
     image_size: int | None = None  # resize to SxS; None: digits 8, ImageFolder 32, others as stored
     augment: bool = True
-    train_limit: int | None = None  # use only the first N training samples (smoke tests)
+    train_limit: int | None = None  # use only N training samples, spread evenly (smoke tests)
     test_limit: int | None = None
     # Channel mean and std that inputs in [0, 1] are normalised with; None:
     # the training split's. A teacher trained elsewhere wants its own.

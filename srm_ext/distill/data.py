@@ -212,10 +212,12 @@ def load_dataset(config: ExperimentConfig) -> DatasetSplits:
             )
         if config.image_size:  # CIFAR loads at its stored size
             splits = resize_splits(splits, config.image_size)
+    # Spread over each split, which may list its images class by class.
     if config.train_limit:
-        splits.train = Subset(splits.train, range(min(config.train_limit, len(splits.train))))
+        splits.train = Subset(splits.train, _spread_sample(len(splits.train), config.train_limit))
+        _require_two_classes(_labels(splits.train), f"--train-limit {config.train_limit}")
     if config.test_limit:
-        splits.test = Subset(splits.test, range(min(config.test_limit, len(splits.test))))
+        splits.test = Subset(splits.test, _spread_sample(len(splits.test), config.test_limit))
     for name in ("mean", "std"):
         given = getattr(config, f"input_{name}")
         if given is None:
@@ -471,7 +473,8 @@ def load_imagefolder(root: Path, image_size: int = 32) -> DatasetSplits:
         _require_two_classes(torch.tensor(full.labels), repr(str(root)), classes)
         train_idx, test_idx = _stratified_split(torch.tensor(full.labels))
         train, test = Subset(full, train_idx), Subset(full, test_idx)
-    mean, std = _channel_stats(torch.stack([train[i][0] for i in _spread_sample(len(train))]))
+    sample = _spread_sample(len(train), _STATS_SAMPLE)
+    mean, std = _channel_stats(torch.stack([train[i][0] for i in sample]))
     return DatasetSplits(train, test, len(classes), 3, image_size, mean, std, natural_images=True)
 
 
@@ -480,12 +483,21 @@ def load_imagefolder(root: Path, image_size: int = 32) -> DatasetSplits:
 _STATS_SAMPLE = 512
 
 
-def _spread_sample(count: int) -> list[int]:
-    """Up to _STATS_SAMPLE indices spread evenly over ``count`` items: the tree
+def _spread_sample(count: int, size: int) -> list[int]:
+    """Up to ``size`` indices spread evenly over ``count`` items: an image tree
     lists its images class by class, so a prefix would see the first classes only."""
-    if count <= _STATS_SAMPLE:
+    if count <= size:
         return list(range(count))
-    return torch.linspace(0, count - 1, _STATS_SAMPLE).round().long().tolist()
+    return torch.linspace(0, count - 1, size).round().long().tolist()
+
+
+def _labels(dataset: Dataset) -> Tensor:
+    """The class labels of a split, read without loading its images."""
+    if isinstance(dataset, Subset):
+        return _labels(dataset.dataset)[torch.as_tensor(dataset.indices, dtype=torch.long)]
+    if isinstance(dataset, TensorDataset):
+        return dataset.tensors[1]
+    return torch.as_tensor(dataset.labels)
 
 
 def _split_folders(root: Path) -> tuple[Path, Path] | None:
