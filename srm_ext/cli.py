@@ -75,8 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "npz as stored)")
     g.add_argument("--no-augment", dest="augment", action="store_false", default=None,
                    help="disable random translations/flips")
-    g.add_argument("--train-limit", type=int, help="use only N training samples, spread evenly over the training split")
-    g.add_argument("--test-limit", type=int, help="use only N held-out samples, spread evenly over the held-out split")
+    g.add_argument("--train-limit", type=int,
+                   help="use only N training samples, spread evenly over the training split")
+    g.add_argument("--test-limit", type=int,
+                   help="use only N held-out samples, spread evenly over the held-out split")
     g.add_argument("--input-mean", type=_csv(float), metavar="M,...",
                    help="channel means that inputs in [0, 1] are normalised with "
                         "(default: the training split's)")
