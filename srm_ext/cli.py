@@ -231,7 +231,7 @@ def _check_flags_are_read(flags: dict[str, Any], config: Any) -> None:
                 f"--{_flag(name)} applies to --{setting} {needed} only; this run's {setting} "
                 f"is {getattr(config, setting)}"
             )
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not _is_rank_zero():
         return
     for name, readers in {**_METHOD_FLAGS, "layer_pairs": PAIRED_METHODS}.items():
         if name in flags and not set(readers) & set(config.methods):
@@ -240,6 +240,12 @@ def _check_flags_are_read(flags: dict[str, Any], config: Any) -> None:
                 f"{','.join(config.methods)}; it applies to {', '.join(readers)}",
                 file=sys.stderr,
             )
+
+
+def _is_rank_zero() -> bool:
+    """Whether this process speaks for the run: the only one, or torchrun's rank 0
+    (read from the environment: the CLI talks before and after the process group)."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _flag(name: str) -> str:
@@ -275,7 +281,7 @@ def _distill(args: argparse.Namespace) -> int:
         with _sigterm_as_interrupt():
             runner.run()
     except KeyboardInterrupt:
-        if int(os.environ.get("RANK", "0")) == 0:
+        if _is_rank_zero():
             if runner.resumable:
                 advice = (
                     f"continue with: {_invocation()} distill --resume "
