@@ -2,7 +2,10 @@
 
 Every public function validates its arguments here first, so that bad input
 raises a ``ValueError``/``TypeError`` naming the argument instead of reaching a
-kernel.
+kernel. The checks of values (index and label ranges) read the tensors, a
+device sync on a GPU: :mod:`srm_ext.functional` leaves them to the op it calls
+(``check_ranges=False``), and the compiled ops and the reference make them once,
+raising the same ``ValueError``.
 """
 
 from __future__ import annotations
@@ -151,7 +154,11 @@ def check_same_dtype_device(**tensors: Tensor) -> None:
 
 
 def check_sparse_code(
-    values: object, indices: object, num_codewords: int | None = None
+    values: object,
+    indices: object,
+    num_codewords: int | None = None,
+    *,
+    check_ranges: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """values (N, H, W, k) floating and indices (N, H, W, k) int64 in [0, K)."""
     values = _check_tensor("values", values)
@@ -180,7 +187,8 @@ def check_sparse_code(
                 f"values keeps k={values.shape[-1]} entries per pixel but there are "
                 f"only K={num_codewords} codewords"
             )
-        _check_index_range("indices", indices, num_codewords)
+        if check_ranges:
+            _check_index_range("indices", indices, num_codewords)
     return values, indices
 
 
@@ -229,7 +237,12 @@ def _is_fake(t: Tensor) -> bool:
 
 
 def check_labels(
-    pixel_labels: object, image_labels: object, y: Tensor, num_codewords: int
+    pixel_labels: object,
+    image_labels: object,
+    y: Tensor,
+    num_codewords: int,
+    *,
+    check_ranges: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """pixel_labels (N, H, W) int64 in [0, K); image_labels (N, K) in [0, 1]."""
     n, _, h, w = y.shape
@@ -253,7 +266,7 @@ def check_labels(
     check_same_dtype_device(y=y, image_labels=image_labels)
     if pixel_labels.device != y.device:
         raise ValueError(f"pixel_labels is on {pixel_labels.device} but y is on {y.device}")
-    if not (_is_fake(pixel_labels) or _is_fake(image_labels)):
+    if check_ranges and not (_is_fake(pixel_labels) or _is_fake(image_labels)):
         (pixel_lo, pixel_hi), (image_lo, image_hi) = _value_ranges(pixel_labels, image_labels)
         _check_within_bound("pixel_labels", pixel_lo, pixel_hi, num_codewords)
         if not (image_lo >= 0.0 and image_hi <= 1.0):
@@ -277,19 +290,25 @@ def validate_encode(x: object, dictionary: object, intercept: object, k: object)
     return check_k(k, dictionary.shape[1])
 
 
-def validate_decode(values: object, indices: object, dictionary: object) -> None:
+def validate_decode(
+    values: object, indices: object, dictionary: object, *, check_ranges: bool = True
+) -> None:
     dictionary = _check_dictionary_matrix(dictionary)
     _check_dictionary_rows(dictionary)
-    values, _ = check_sparse_code(values, indices, dictionary.shape[1])
+    values, _ = check_sparse_code(
+        values, indices, dictionary.shape[1], check_ranges=check_ranges
+    )
     check_same_dtype_device(values=values, dictionary=dictionary)
 
 
-def validate_labels(values: object, indices: object, num_codewords: object) -> int:
+def validate_labels(
+    values: object, indices: object, num_codewords: object, *, check_ranges: bool = True
+) -> int:
     """Returns num_codewords."""
     num_codewords = as_int("num_codewords", num_codewords)
     if num_codewords < 1:
         raise ValueError(f"num_codewords must be >= 1, got {num_codewords}")
-    values, _ = check_sparse_code(values, indices, num_codewords)
+    values, _ = check_sparse_code(values, indices, num_codewords, check_ranges=check_ranges)
     n, h, w, _ = values.shape
     if n * num_codewords * 8 >= 2**63:  # 8: the widest element of the (N, K) image labels
         raise ValueError(
@@ -331,6 +350,8 @@ def validate_predictor(
     image_labels: object,
     local_weight: object,
     global_weight: object,
+    *,
+    check_ranges: bool = True,
 ) -> tuple[float, float]:
     """Returns local_weight and global_weight."""
     y = check_feature_map("y", y)
@@ -343,7 +364,9 @@ def validate_predictor(
     dictionary = check_dictionary(dictionary, y.shape[1], feature_name="y")
     intercept = check_intercept(intercept)
     check_same_dtype_device(y=y, dictionary=dictionary, intercept=intercept)
-    check_labels(pixel_labels, image_labels, y, dictionary.shape[1])
+    check_labels(
+        pixel_labels, image_labels, y, dictionary.shape[1], check_ranges=check_ranges
+    )
     return (
         check_loss_weight("local_weight", local_weight),
         check_loss_weight("global_weight", global_weight),

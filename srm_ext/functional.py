@@ -1,9 +1,10 @@
 """The public SRM ops: compiled kernels where present, the reference elsewhere.
 
 Shapes and math: ``../shared/srm-spec.md``. Every function validates its
-arguments, then calls ``torch.ops.srm_ext.*`` when a compiled kernel covers the
-input's device and dtype, else :mod:`srm_ext.reference` (with a one-time
-warning). ``SRM_EXT_BACKEND=reference`` forces the reference. The compiled
+arguments' shapes and dtypes, then calls ``torch.ops.srm_ext.*`` when a compiled
+kernel covers the input's device and dtype, else :mod:`srm_ext.reference` (with
+a one-time warning). Whichever runs checks the index and label ranges, so they
+are read once (a device sync on a GPU) and raise the same ``ValueError``. ``SRM_EXT_BACKEND=reference`` forces the reference. The compiled
 ops define a backward only: calls under forward-mode AD (``torch.func.jvp``,
 ``torch.autograd.forward_ad``) or ``torch.func.grad``/``vjp``/``jacrev`` run
 the reference, which supports them.
@@ -118,7 +119,7 @@ def sparse_encode(
 def sparse_decode(values: Tensor, indices: Tensor, dictionary: Tensor) -> Tensor:
     """Reconstruction (N, D, H, W) from a sparse code; differentiable w.r.t.
     ``values`` and ``dictionary``."""
-    _validation.validate_decode(values, indices, dictionary)
+    _validation.validate_decode(values, indices, dictionary, check_ranges=False)
     if _native(values, (values, dictionary), _code_sizes(dictionary, values.shape[-1])):
         return torch.ops.srm_ext.sparse_decode(values, indices, dictionary)
     return reference.sparse_decode(values, indices, dictionary)
@@ -139,7 +140,9 @@ def sparse_labels(values: Tensor, indices: Tensor, num_codewords: int) -> tuple[
     """Stage-2 targets: ``pixel_labels`` (N, H, W) int64, the argmax codeword of
     each pixel, and ``image_labels`` (N, K), the per-image mean of the kept values.
     Carries no gradient."""
-    num_codewords = _validation.validate_labels(values, indices, num_codewords)
+    num_codewords = _validation.validate_labels(
+        values, indices, num_codewords, check_ranges=False
+    )
     # Labels carry no gradient: the compiled op serves calls under jvp or grad too.
     if use_native(values, {"K": num_codewords}):
         return tuple(torch.ops.srm_ext.sparse_labels(values.detach(), indices, num_codewords))
@@ -159,7 +162,14 @@ def predictor_loss(
     """Stage-2 loss of a student feature map ``y`` (N, D_s, H, W) against the
     teacher's labels; differentiable w.r.t. ``y``, ``dictionary`` and ``intercept``."""
     local_weight, global_weight = _validation.validate_predictor(
-        y, dictionary, intercept, pixel_labels, image_labels, local_weight, global_weight
+        y,
+        dictionary,
+        intercept,
+        pixel_labels,
+        image_labels,
+        local_weight,
+        global_weight,
+        check_ranges=False,
     )
     if _native(y, (y, dictionary, intercept)):
         # The op forms the gradients in forward, so it is told which are wanted.

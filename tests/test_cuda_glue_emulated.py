@@ -340,13 +340,13 @@ def test_sparse_labels(ops, dtype):
 
 def test_labels_out_of_range_are_refused_by_name(ops):
     """The kernels flag a label outside [0, K) (or an image label outside
-    [0, 1]) and the glue raises, for every output mask of the student loss
+    [0, 1]) and the glue raises the CPU ops' ValueError, for every output mask of the student loss
     (its check waits for the gradients to be queued)."""
     g = torch.Generator().manual_seed(4)
     values = torch.rand(2, 3, 3, 2, generator=g)
     indices = torch.randint(0, 6, (2, 3, 3, 2), generator=g)
     indices[1, 2, 0, 1] = 6
-    with pytest.raises(RuntimeError, match=re.escape("sparse_labels: indices must lie in [0, num_codewords = 6)")):
+    with pytest.raises(ValueError, match=re.escape("srm_ext: sparse_labels: indices must lie in [0, 6)")):
         ops.sparse_labels(values, indices, 6)
     y, C = dyadic(2, 4, 3, 3, generator=g).float(), dyadic(4, 6, generator=g).float()
     b = torch.zeros(1)
@@ -356,28 +356,29 @@ def test_labels_out_of_range_are_refused_by_name(ops):
         labels = pixel.clone()
         labels[0, 1, 2] = bad
         for mask in MASKS3:
-            with pytest.raises(RuntimeError, match=re.escape("predictor_loss: pixel_labels must lie in [0, K = 6)")):
+            with pytest.raises(ValueError, match=re.escape("srm_ext: predictor_loss: pixel_labels must lie in [0, 6)")):
                 ops.predictor_loss(y, C, b, labels, image, 1.0, 1.0, list(mask))
     for bad in (1.5, float("nan")):
         targets = image.clone()
         targets[1, 3] = bad
-        with pytest.raises(RuntimeError, match=re.escape("predictor_loss: image_labels must lie in [0, 1]")):
+        with pytest.raises(ValueError, match=re.escape("srm_ext: predictor_loss: image_labels must lie in [0, 1]")):
             ops.predictor_loss(y, C, b, pixel, targets, 1.0, 1.0, [True, True, True])
 
 
 @pytest.mark.parametrize("bad", [9, -1])
 def test_decode_indices_out_of_range_are_refused_by_name(ops, bad):
     """The decode kernels pass over an index outside [0, K): the glue refuses
-    the code, as the CPU op does, instead of decoding what remains."""
+    the code with a ValueError, as the CPU op does, instead of decoding what
+    remains."""
     g = torch.Generator().manual_seed(5)
     values = dyadic(2, 3, 3, 2, generator=g).float()
     indices = torch.randint(0, 9, (2, 3, 3, 2), generator=g)
     C = dyadic(4, 9, generator=g).float()
     close(ops.sparse_decode(values, indices, C), reference.sparse_decode(values.double(), indices, C.double()), torch.float32)
     indices[1, 0, 2, 1] = bad
-    with pytest.raises(RuntimeError, match=re.escape("sparse_decode: indices must lie in [0, K = 9)")):
+    with pytest.raises(ValueError, match=re.escape("srm_ext: sparse_decode: indices must lie in [0, 9)")):
         ops.sparse_decode(values, indices, C)
-    with pytest.raises(RuntimeError, match=re.escape("indices must lie in [0, 9)")):
+    with pytest.raises(ValueError, match=re.escape("indices must lie in [0, 9)")):
         torch.ops.srm_ext.sparse_decode(values, indices, C)
 
 

@@ -676,3 +676,27 @@ def test_non_finite_inputs_select_like_the_reference(case):
     torch.testing.assert_close(indices.cpu(), ref_indices, rtol=0, atol=0)
     torch.testing.assert_close(values.cpu(), ref_values, equal_nan=True)
     assert not torch.isfinite(srm_ext.reconstruction_loss(x.to(DEVICE), C.to(DEVICE), b.to(DEVICE), 5))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_public_functions_refuse_values_out_of_range_with_a_value_error(dtype):
+    """srm_ext's functions leave the index and label ranges to the CUDA ops
+    (one read of the kernels' flags): a bad value raises the ValueError that
+    the CPU ops and the reference raise, naming the argument."""
+    g = torch.Generator().manual_seed(6)
+    values = torch.rand(2, 3, 3, 2, generator=g).to(DEVICE, dtype)
+    indices = torch.randint(0, 6, (2, 3, 3, 2), generator=g).to(DEVICE)
+    C = dyadic(4, 6, generator=g).to(DEVICE, dtype)
+    y, b = dyadic(2, 4, 3, 3, generator=g).to(DEVICE, dtype), torch.zeros(1, device=DEVICE, dtype=dtype)
+    pixel, image = srm_ext.sparse_labels(values, indices, 6)
+    srm_ext.predictor_loss(y, C, b, pixel, image)  # in range: accepted
+    bad = indices.clone()
+    bad[1, 2, 0, 1] = 6
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, 6\)"):
+        srm_ext.sparse_decode(values, bad, C)
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, 6\)"):
+        srm_ext.sparse_labels(values, bad - 7, 6)
+    with pytest.raises(ValueError, match=r"pixel_labels must lie in \[0, 6\)"):
+        srm_ext.predictor_loss(y, C, b, pixel + 6, image)
+    with pytest.raises(ValueError, match=r"image_labels must lie in \[0, 1\]"):
+        srm_ext.predictor_loss(y, C, b, pixel, image * float("nan"))

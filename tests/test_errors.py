@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import srm_ext
-from srm_ext import reference
+from srm_ext import _validation, reference
 from srm_ext._validation import check_labels
 
 from conftest import requires_native_cpu
@@ -183,22 +183,46 @@ def test_label_ranges_are_read_back_together(monkeypatch):
 
 
 @requires_native_cpu
+@pytest.mark.parametrize("backend", ["kernel", "reference"])
+def test_each_call_reads_the_ranges_once(monkeypatch, backend):
+    """The public ops check shapes and leave the index and label ranges to the
+    backend that runs (a read is a device sync on a GPU): the compiled op
+    checks them itself, the reference through the Python checks, once."""
+    if backend == "reference":
+        monkeypatch.setenv("SRM_EXT_BACKEND", "reference")
+    a = good()
+    reads = []
+    value_ranges = _validation._value_ranges
+    monkeypatch.setattr(
+        _validation, "_value_ranges", lambda *t: reads.append(len(t)) or value_ranges(*t)
+    )
+    srm_ext.sparse_decode(a["values"], a["indices"], a["C"])
+    srm_ext.sparse_labels(a["values"], a["indices"], 6)
+    srm_ext.predictor_loss(a["x"], a["C"], a["b"], a["pixel"], a["image"])
+    # The reference reads the indices, then both labels together.
+    assert reads == ([1, 1, 2] if backend == "reference" else [])
+
+
+@requires_native_cpu
 def test_kernels_reject_bad_input_when_called_directly():
     # The operators are public too: they must raise, never read out of bounds.
+    # A value out of range raises the ValueError the Python checks raise.
     a = good()
     ops = torch.ops.srm_ext
-    with pytest.raises(RuntimeError, match="indices must lie in"):
+    with pytest.raises(ValueError, match=re.escape("indices must lie in [0, 6), got values in [100, 105]")):
         ops.sparse_decode(a["values"], a["indices"] + 100, a["C"])
+    with pytest.raises(ValueError, match=re.escape("indices must lie in [0, 6), got values in [-1, ")):
+        ops.sparse_labels(a["values"], a["indices"] - 1, 6)
     with pytest.raises(RuntimeError, match="k must satisfy"):
         ops.sparse_encode(a["x"], a["C"], a["b"], 9)
     with pytest.raises(RuntimeError, match="dictionary must have shape"):
         ops.reconstruction_loss(a["x"], torch.randn(3, 6), a["b"], 2)
-    with pytest.raises(RuntimeError, match="pixel_labels must lie in"):
+    with pytest.raises(ValueError, match=re.escape("pixel_labels must lie in [0, 6), got values in [6, ")):
         ops.predictor_loss(
             a["x"], a["C"], a["b"], a["pixel"] + 6, a["image"], 1.0, 1.0, [True, True, True]
         )
     for bad in (a["image"] + 1, a["image"] - 1, a["image"] * float("nan")):
-        with pytest.raises(RuntimeError, match=re.escape("image_labels must lie in [0, 1], got values in [")):
+        with pytest.raises(ValueError, match=re.escape("image_labels must lie in [0, 1], got values in [")):
             ops.predictor_loss(a["x"], a["C"], a["b"], a["pixel"], bad, 1.0, 1.0, [True, True, True])
     with pytest.raises(RuntimeError, match=re.escape("y must have at least one pixel")):
         ops.predictor_loss(
@@ -229,9 +253,11 @@ def test_kernels_reject_bad_input_when_called_directly():
         )
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # kernel, reference
+@pytest.mark.parametrize(
+    "dtype,error", [(torch.float32, ValueError), (torch.bfloat16, RuntimeError)]
+)  # kernel, reference
 @pytest.mark.parametrize("bad", [2.0, -0.5, float("nan")])
-def test_image_labels_out_of_range_are_refused_under_torch_compile(dtype, bad):
+def test_image_labels_out_of_range_are_refused_under_torch_compile(dtype, error, bad):
     # The Python range checks are skipped while tracing: the CPU kernel checks
     # the labels itself, and the reference asserts in the graph.
     a = {name: t.to(dtype) if t.is_floating_point() else t for name, t in good().items()}
@@ -243,5 +269,5 @@ def test_image_labels_out_of_range_are_refused_under_torch_compile(dtype, bad):
         compiled(a["x"], a["C"], a["b"], a["pixel"], a["image"]),
         reference.predictor_loss(a["x"], a["C"], a["b"], a["pixel"], a["image"]),
     )
-    with pytest.raises(RuntimeError, match=re.escape("image_labels must lie in [0, 1]")):
+    with pytest.raises(error, match=re.escape("image_labels must lie in [0, 1]")):
         compiled(a["x"], a["C"], a["b"], a["pixel"], image)

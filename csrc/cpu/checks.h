@@ -1,5 +1,7 @@
-// Argument checks at the kernel boundary. The Python layer validates first
-// with friendlier messages; these keep direct torch.ops calls safe.
+// Argument checks at the kernel boundary. The Python layer checks shapes and
+// dtypes first with friendlier messages; these keep direct torch.ops calls
+// safe. The checks of values (index and label ranges) are the only ones a
+// call through srm_ext makes: they raise ValueError, as the Python checks do.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -44,6 +46,17 @@ inline void check_k(int64_t k, int64_t num_codewords) {
               ", got ", k);
 }
 
+// Every entry of the int64 tensor t lies in [0, bound).
+inline void check_index_range(const at::Tensor& t, const char* name, int64_t bound) {
+  if (t.numel() == 0) {
+    return;
+  }
+  const auto [lo, hi] = at::aminmax(t);
+  const int64_t low = lo.item<int64_t>(), high = hi.item<int64_t>();
+  TORCH_CHECK_VALUE(low >= 0 && high < bound, name, " must lie in [0, ", bound,
+                    "), got values in [", low, ", ", high, "]");
+}
+
 // values (N, H, W, k) and int64 indices of the same shape, all in [0, K).
 inline void check_sparse_code(const at::Tensor& values, const at::Tensor& indices,
                               int64_t num_codewords) {
@@ -56,11 +69,7 @@ inline void check_sparse_code(const at::Tensor& values, const at::Tensor& indice
   TORCH_CHECK(values.size(3) >= 1 && values.size(3) <= num_codewords,
               "values keeps k=", values.size(3), " entries but there are K=",
               num_codewords, " codewords");
-  if (indices.numel() > 0) {
-    const auto [lo, hi] = at::aminmax(indices);
-    TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < num_codewords,
-                "indices must lie in [0, ", num_codewords, ")");
-  }
+  check_index_range(indices, "indices", num_codewords);
 }
 
 // A sparse code (N, H, W, k) must cover exactly the pixels of the map

@@ -77,18 +77,14 @@ void check_labels(const at::Tensor& pixel_labels, const at::Tensor& image_labels
               "image_labels must have shape (", y.size(0), ", ", num_codewords, "), got ",
               image_labels.sizes());
   check_same_dtype(y, "y", image_labels, "image_labels");
-  if (pixel_labels.numel() > 0) {
-    const auto [lo, hi] = at::aminmax(pixel_labels);
-    TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < num_codewords,
-                "pixel_labels must lie in [0, ", num_codewords, ")");
-  }
+  check_index_range(pixel_labels, "pixel_labels", num_codewords);
   if (image_labels.numel() > 0) {
     // aminmax propagates NaN, which then fails both comparisons.
     const auto [lo, hi] = at::aminmax(image_labels);
     const double image_lo = lo.item<double>(), image_hi = hi.item<double>();
-    TORCH_CHECK(image_lo >= 0.0 && image_hi <= 1.0,
-                "image_labels must lie in [0, 1], got values in [", image_lo, ", ", image_hi,
-                "]");
+    TORCH_CHECK_VALUE(image_lo >= 0.0 && image_hi <= 1.0,
+                      "image_labels must lie in [0, 1], got values in [", image_lo, ", ",
+                      image_hi, "]");
   }
 }
 

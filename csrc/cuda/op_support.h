@@ -86,11 +86,12 @@ inline std::optional<std::vector<int>> error_flags_on_host(
   return std::vector<int>(first, first + host.numel());
 }
 
-// Raises `message` when a kernel set its one int flag.
+// Raises `message` as a ValueError (a value out of range, as on the CPU) when
+// a kernel set its one int flag.
 template <typename... Message>
 void check_error_flag(const at::Tensor& flag, const Message&... message) {
   const auto flags = error_flags_on_host(flag);
-  TORCH_CHECK(!flags || (*flags)[0] == 0, message...);
+  TORCH_CHECK_VALUE(!flags || (*flags)[0] == 0, message...);
 }
 
 // 0-dim float32 tensor: scale * sum(input), summed in a fixed order.

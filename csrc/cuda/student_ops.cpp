@@ -44,8 +44,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_labels(const at::Tensor& values,
                    error_flag.data_ptr<int>(), stream),
                "sparse_labels");
   check_error_flag(error_flag,
-                   "srm_ext: sparse_labels: indices must lie in [0, "
-                   "num_codewords = ",
+                   "srm_ext: sparse_labels: indices must lie in [0, ",
                    num_codewords, ")");
   return {pixel_labels, image_labels};
 }
@@ -163,11 +162,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> predictor_loss(
   // Checked once the gradient GEMMs are queued, so the GPU stays busy while
   // the host waits for the flags; a bad label's gradients are never returned.
   if (const auto flags = error_flags_on_host(error_flags)) {
-    TORCH_CHECK((*flags)[0] == 0,
-                "srm_ext: predictor_loss: pixel_labels must lie in [0, K = ",
-                num_codewords, ")");
-    TORCH_CHECK((*flags)[1] == 0,
-                "srm_ext: predictor_loss: image_labels must lie in [0, 1]");
+    TORCH_CHECK_VALUE((*flags)[0] == 0,
+                      "srm_ext: predictor_loss: pixel_labels must lie in [0, ",
+                      num_codewords, ")");
+    TORCH_CHECK_VALUE((*flags)[1] == 0,
+                      "srm_ext: predictor_loss: image_labels must lie in [0, 1]");
   }
   return {loss.to(y.scalar_type()), grad_y, grad_dictionary, grad_intercept};
 }

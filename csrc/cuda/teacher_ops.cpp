@@ -286,14 +286,14 @@ at::Tensor sparse_decode(const at::Tensor& values, const at::Tensor& indices,
   const c10::cuda::CUDAGuard guard(values.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   // The decode kernels pass over an index outside [0, K); a code from
-  // anywhere but sparse_encode (a direct or compiled call skips the Python
-  // checks) gets an error instead, as from the CPU op.
+  // anywhere but sparse_encode gets an error instead, as from the CPU op
+  // (srm_ext.sparse_decode leaves this check to the op).
   if (indices.numel() > 0) {
     const int64_t num_codewords = dictionary.size(1);
     const at::Tensor outside =
         at::logical_or(indices < 0, indices >= num_codewords).any();
     check_error_flag(outside.to(at::kInt).reshape({1}),
-                     "sparse_decode: indices must lie in [0, K = ",
+                     "srm_ext: sparse_decode: indices must lie in [0, ",
                      num_codewords, ")");
   }
   const int64_t n = values.size(0), h = values.size(1), w = values.size(2);
