@@ -189,6 +189,50 @@ def test_resume_before_the_first_checkpoint_keeps_the_run_settings(tmp_path):
     assert json.loads((out / "config.json").read_text())["train_limit"] == 128
 
 
+def _digit_images(count: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"images": rng.integers(0, 256, (count, 8, 8), dtype=np.uint8),
+            "labels": np.arange(count) % 10}
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda arrays: arrays["images"][7].fill(0), "the train split's images or labels changed"),
+        # A label moves images between the stratified splits.
+        (lambda arrays: arrays["labels"].__setitem__(3, 9),
+         "the train split's images or labels changed; the test split's images or labels changed"),
+        (lambda arrays: arrays.update(_digit_images(150, seed=0)),
+         "the train split has 120 images (checkpoint: 128); the test split has 30 images "
+         "(checkpoint: 40)"),
+    ],
+    ids=["pixels", "label", "fewer images"],
+)
+def test_resume_refuses_a_dataset_changed_since_the_run_started(tmp_path, capsys, change, message):
+    data = tmp_path / "data.npz"
+    arrays = _digit_images(200, seed=0)
+    np.savez(data, **arrays)
+    out = tmp_path / "run"
+    config = ExperimentConfig(**{**TINY_CONFIG, "methods": ["scratch"]}, dataset="npz",
+                              data_path=str(data), output_dir=str(out))
+    with pytest.raises(Interrupt):
+        ExperimentRunner(config, on_epoch_end=_raise(Interrupt), log=lambda *_: None).run()
+    checkpoint = (out / "checkpoint.pt").read_bytes()
+
+    change(arrays)
+    np.savez(data, **arrays)
+    assert main(["distill", "--resume", "--quiet", "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"srm-ext: error: cannot resume {out}: the dataset differs from the one "
+                          f"the run started with: {message}. Restore that data")
+    assert err.count("\n") == 1
+    assert (out / "checkpoint.pt").read_bytes() == checkpoint  # the run is left as it was
+
+    np.savez(data, **_digit_images(200, seed=0))  # the data the run started with
+    assert main(["distill", "--resume", "--quiet", "--output-dir", str(out)]) == 0
+    assert (out / "results.json").exists()
+
+
 @pytest.mark.parametrize(
     "name, write, message",
     [

@@ -6,7 +6,8 @@ scheduler, RNG states of every process, epoch counters, finished runs, metric
 history) goes into ``checkpoint.pt`` atomically, so an interrupted experiment
 resumed with ``resume=True`` loses at most the epoch in progress and ends with
 the same numbers as an uninterrupted one (data order comes from per-epoch seeded
-samplers, augmentation from the restored RNG states).
+samplers, augmentation from the restored RNG states). A resume refuses settings
+or data that differ from the checkpoint's.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from .config import (
     error_line,
 )
 from .data import BatchPreprocessor, DatasetSplits, load_dataset, make_loaders
+from .data_fingerprint import dataset_fingerprint, fingerprint_differences
 from .distiller import SRMDistiller
 from .distributed import DistributedContext, init_distributed, resolve_device, shutdown_distributed
 from .hooks import FeatureTap, FeatureTapError
@@ -201,6 +203,7 @@ class ExperimentRunner:
         # Every check of the data and the models comes first: a mistake must
         # leave the output directory as it was, an earlier run in it included.
         self.splits = load_dataset(cfg)
+        self._check_dataset()
         preprocess = BatchPreprocessor(
             self.splits.mean,
             self.splits.std,
@@ -299,6 +302,19 @@ class ExperimentRunner:
             "weights": {},
             "threads": torch.get_num_threads(),
         }
+
+    def _check_dataset(self) -> None:
+        """A resumed run goes on with the data it started with, or not at all."""
+        current = dataset_fingerprint(self.splits)
+        saved = self.state.get("dataset")  # absent from a checkpoint of an older version
+        differences = fingerprint_differences(saved, current) if saved is not None else []
+        if differences:
+            raise ConfigError(
+                f"cannot resume {self.out}: the dataset differs from the one the run started "
+                f"with: {'; '.join(differences)}. Restore that data, or pass --overwrite to "
+                "start again on this"
+            )
+        self.state["dataset"] = current
 
     def _check_threads_fit_the_cores(self, threads: int) -> None:
         """More threads than cores make every op's thread barrier wait for
