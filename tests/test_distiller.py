@@ -27,6 +27,7 @@ from srm_ext.distill import (
 from srm_ext.distill.trainer import build_optimizer, build_scheduler
 from srm_ext.distill.losses import (
     HintRegressor,
+    attention_map,
     attention_transfer_loss,
     kd_loss,
     similarity_preserving_loss,
@@ -841,6 +842,15 @@ def test_attention_transfer_loss_closed_form():
     # the sign of the activations does not matter (|A|^2)
     assert attention_transfer_loss(-a, b).item() == pytest.approx(2 / 25, rel=1e-6)
     assert attention_transfer_loss(a, 2.0 * a).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_attention_map_takes_absolute_values_for_any_power():
+    # Channel 0 holds (-2, 1) over the two pixels, channel 1 holds (1, -1).
+    features = torch.tensor([[-2.0, 1.0], [1.0, -1.0]]).reshape(1, 2, 1, 2)  # (N, C, H, W)
+    for p in (1, 2, 3):
+        want = torch.tensor([[(2.0**p + 1.0) / 2, 1.0]])  # mean_c |A_c|^p per pixel
+        want = torch.nn.functional.normalize(want, dim=1)
+        torch.testing.assert_close(attention_map(features, p=p), want)
 
 
 def test_hint_loss_is_the_mse_of_the_regressed_student_map():

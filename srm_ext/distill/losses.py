@@ -99,7 +99,7 @@ def similarity_preserving_loss(student_features: Tensor, teacher_features: Tenso
 def attention_map(features: Tensor, p: int = 2) -> Tensor:
     """Zagoruyko & Komodakis (2017): the spatial map ``mean_c |A_c|^p`` (their
     channel sum up to a constant, which the L2 normalisation removes), (N, H*W)."""
-    return F.normalize(features.float().pow(p).mean(dim=1).flatten(1), dim=1)
+    return F.normalize(features.float().abs().pow(p).mean(dim=1).flatten(1), dim=1)
 
 
 def attention_transfer_loss(student_features: Tensor, teacher_features: Tensor) -> Tensor:
