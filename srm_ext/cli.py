@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fitnet-weight", type=float)
     g.add_argument("--sp-weight", type=float)
     g.add_argument("--at-weight", type=float,
-                   help="default: 1000 * H * W / 1024 (the paper's 1000 at 32x32)")
+                   help="default: the paper's 1000")
     g = d.add_argument_group("schedule")
     g.add_argument("--methods", type=_csv(str), metavar="M,...",
                    help=f"any of {','.join(METHODS)} (default: scratch,kd,srm)")

@@ -796,6 +796,21 @@ def test_the_fitnet_hint_stage_trains_the_student_up_to_its_guided_layers():
     assert all(id(p) in trained for p in plan.modules["regressors"].parameters())
 
 
+@pytest.mark.parametrize("image_size", [8, 32])
+@pytest.mark.parametrize("at_weight", [None, 5.0])
+def test_the_at_baseline_weighs_its_loss_as_the_paper_at_every_input_size(image_size, at_weight):
+    """The AT authors (and the SRM authors' baselines) use beta = 1000 for 32x32
+    and 224x224 inputs alike; ``at_weight`` replaces it."""
+    teacher, student = tiny_teacher(), tiny_student()
+    images = torch.randn(4, 1, image_size, image_size)
+    plan = build_plan("at", teacher, student, [("block1", "stage1")], images[:2],
+                      ExperimentConfig(at_weight=at_weight))
+    loss, parts = plan.stages[0].objective(images, torch.tensor([0, 1, 2, 3]))
+    weight = 1000.0 if at_weight is None else at_weight
+    assert parts["at"] > 0
+    torch.testing.assert_close(loss, parts["ce"] + weight * parts["at"])
+
+
 def test_kd_loss_matches_definition():
     torch.manual_seed(0)
     s, t, y = torch.randn(5, 7), torch.randn(5, 7), torch.randint(0, 7, (5,))
@@ -829,6 +844,20 @@ def test_similarity_preserving_loss_closed_form():
     assert similarity_preserving_loss(s, t).item() == pytest.approx(0.25, rel=1e-6)
     # scaling a map leaves its normalised Gram matrix unchanged
     assert similarity_preserving_loss(3.0 * s, t).item() == pytest.approx(0.25, rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_similarity_preserving_loss_keeps_float32_under_autocast(dtype):
+    """CIFAR block-1 maps (128x16x16, after a ReLU): Gram entries pass float16's
+    largest value, and bfloat16 rounding would swamp a small difference."""
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.randn(16, 128, 16, 16, generator=g).relu()
+    student = teacher + 0.02 * torch.randn(teacher.shape, generator=g)
+    want = similarity_preserving_loss(student, teacher)
+    with torch.autocast("cpu", dtype=dtype):
+        got = similarity_preserving_loss(student, teacher)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want)
 
 
 def test_attention_transfer_loss_closed_form():

@@ -155,8 +155,7 @@ class ExperimentConfig:
     # other baselines
     fitnet_weight: float = 1.0
     sp_weight: float = 3000.0
-    # AT: the paper's 1000 is for 32x32 inputs; the loss averages over H*W, so None
-    # scales it by the input's pixel count: 1000 * H * W / 1024.
+    # AT: None is the paper's 1000 (methods.AT_PAPER_WEIGHT), at every input size.
     at_weight: float | None = None
     # schedule
     methods: list[str] = field(default_factory=lambda: ["scratch", "kd", "srm"])

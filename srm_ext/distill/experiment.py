@@ -362,7 +362,7 @@ class ExperimentRunner:
             "std": list(self.splits.std),
         }
         if "at" in self.config.methods:
-            resolved["at_weight"] = attention_transfer_weight(self.config, self.example)
+            resolved["at_weight"] = attention_transfer_weight(self.config)
         return resolved
 
     def _previous_outputs(self) -> list[Path]:

@@ -3,6 +3,7 @@ preserving KD (SP) and attention transfer (AT)."""
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -93,7 +94,10 @@ def similarity_preserving_loss(student_features: Tensor, teacher_features: Tenso
         flat = features.float().reshape(n, -1)
         return F.normalize(flat @ flat.t(), p=2, dim=1)
 
-    return (gram(student_features) - gram(teacher_features)).pow(2).sum() / (n * n)
+    # In float32 under autocast too, which would run the products in half
+    # precision: a Gram entry sums C*H*W products, soon past float16's range.
+    with torch.autocast(student_features.device.type, enabled=False):
+        return (gram(student_features) - gram(teacher_features)).pow(2).sum() / (n * n)
 
 
 def attention_map(features: Tensor, p: int = 2) -> Tensor:

@@ -6,7 +6,7 @@
   MSE to the teacher's hint layers; ``epochs_init`` epochs), then KD.
 * ``sp``: cross-entropy + ``sp_weight`` x similarity-preserving loss over the pairs.
 * ``at``: cross-entropy + ``at_weight`` x attention-transfer loss over the pairs
-  (default: the paper's 1000 at 32x32 inputs, scaled by the pixel count).
+  (default: the paper's 1000, which its authors use at every input size).
 * ``srm``: the three SRM stages (:class:`SRMDistiller`).
 
 Plus ``teacher``: the teacher trained from scratch.
@@ -122,13 +122,15 @@ def _fitnet_stages(
     return regressors, [hint, _kd_stage("fitnet-kd", teacher, student, cfg)]
 
 
-def attention_transfer_weight(cfg: ExperimentConfig, example: Tensor) -> float:
-    """The AT loss weight: ``cfg.at_weight``, else the paper's 1000 scaled to
-    the input's pixel count (the loss averages over H*W)."""
-    if cfg.at_weight is not None:
-        return cfg.at_weight
-    height, width = example.shape[-2:]
-    return 1000.0 * height * width / (32 * 32)
+#: The AT paper's loss weight (beta), which its authors' code and the SRM
+#: authors' baselines use for 32x32 and 224x224 inputs alike: the loss already
+#: averages over the attention map's elements, as the paper's beta divides by them.
+AT_PAPER_WEIGHT = 1000.0
+
+
+def attention_transfer_weight(cfg: ExperimentConfig) -> float:
+    """The AT loss weight: ``cfg.at_weight``, else the paper's."""
+    return AT_PAPER_WEIGHT if cfg.at_weight is None else cfg.at_weight
 
 
 def build_plan(
@@ -160,7 +162,7 @@ def build_plan(
                 student,
                 layer_pairs,
                 attention_transfer_loss,
-                attention_transfer_weight(cfg, example),
+                attention_transfer_weight(cfg),
                 cfg,
             )
         ]
