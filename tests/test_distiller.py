@@ -948,6 +948,50 @@ def test_stage_config_refuses_bad_values_by_name(field, value, message):
         StageConfig(**{field: value})
 
 
+def test_changing_a_stage_config_leaves_the_defaults_as_they_were():
+    defaults = {key: copy.deepcopy(config) for key, config in DEFAULT_STAGE_CONFIGS.items()}
+    for stage in make_distiller().stages():
+        stage.config.lr, stage.config.epochs = 0.5, 1
+    assert DEFAULT_STAGE_CONFIGS == defaults
+    assert [stage.config for stage in make_distiller().stages()] == list(defaults.values())
+
+
+def test_a_stage_setting_passed_as_a_trainer_argument_names_config():
+    with pytest.raises(TypeError, match=re.escape(
+        "lr is a stage setting, not a Trainer argument: pass config={'lr': 0.1}"
+    )):
+        make_distiller().fit_dictionaries(toy_loader(), 1, lr=0.1, **QUIET)
+    with pytest.raises(TypeError, match=re.escape(
+        "lr, optimizer are stage settings, not a Trainer argument: pass "
+        "config={'lr': 0.1, 'optimizer': 'sgd'}"
+    )):
+        make_distiller().fit_kd(toy_loader(), 1, optimizer="sgd", lr=0.1, **QUIET)
+
+
+def test_the_objectives_run_the_teacher_in_eval_mode_and_restore_its_modes():
+    """Called on their own, outside fit_*, as the stages run them: the teacher's
+    BatchNorm statistics stay as they are, and each module keeps its mode."""
+    distiller = make_distiller()
+    teacher = distiller.teacher
+    teacher.train()
+    frozen = [m for m in teacher.modules() if isinstance(m, nn.BatchNorm2d)][0]
+    frozen.eval()  # one module of the user's own choosing stays in eval
+    modes = [m.training for m in teacher.modules()]
+    buffers = snapshot(teacher)
+    images, targets = next(iter(toy_loader()))
+    images = 3.0 * images + 1.0  # statistics unlike the running ones
+    losses = [
+        distiller.dictionary_loss(images)[0],
+        distiller.teacher_labels(images)[0][1],
+        distiller.kd_loss(images, targets),
+    ]
+    assert not changed(buffers, teacher)
+    assert [m.training for m in teacher.modules()] == modes
+    teacher.eval()
+    torch.testing.assert_close(losses[0], distiller.dictionary_loss(images)[0])
+    torch.testing.assert_close(losses[1], distiller.teacher_labels(images)[0][1])
+
+
 class RecordingTrainer(Trainer):
     """Records the stages it is given instead of training them."""
 

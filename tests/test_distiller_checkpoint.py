@@ -10,7 +10,7 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
 from srm_ext.distill import StageConfig, Trainer
 from srm_ext.distill.distiller_checkpoint import teacher_digest
-from test_distiller import QUIET, make_distiller, toy_loader
+from test_distiller import QUIET, changed, make_distiller, snapshot, toy_loader
 
 # Three epochs with an lr step after the second: a resumed stage must restore the schedule too.
 CONFIG = StageConfig(epochs=3, lr=1e-2, schedule="step", milestones=(0.5,))
@@ -197,6 +197,28 @@ def test_settings_a_stage_does_not_read_do_not_stop_its_resume(tmp_path, monkeyp
     monkeypatch.setattr(Trainer, "_train_epoch", lambda *a: pytest.fail("stage 1 trained again"))
     again = make_distiller(kd_alpha=0.5, kd_temperature=2.0)
     assert again.fit_dictionaries(toy_loader(), checkpoint=path, config=CONFIG, **QUIET) == history
+
+
+@pytest.mark.parametrize(
+    "distiller_settings, config, message",
+    [
+        ({}, CONFIG.replace(lr=1e-3), "checkpointed with other settings (lr=0.01 -> 0.001)"),
+        ({"sparsity_multiplier": 0.2}, CONFIG, "other settings (distiller sparsity=[1, 1] -> [4, 4])"),
+        ({"codeword_multiplier": 4.0}, CONFIG, "other shapes ['representations.0.dictionary (12, 24) -> (12, 48)'"),
+    ],
+    ids=["stage settings", "distiller settings", "block shapes"],
+)
+def test_a_refused_resume_leaves_the_distiller_as_it_was(tmp_path, distiller_settings, config, message):
+    # Following the message's advice, a new path, must start from these
+    # weights, not the checkpoint's.
+    path = tmp_path / "run.pt"
+    make_distiller().fit_dictionaries(toy_loader(), checkpoint=path, config=CONFIG, **QUIET)
+    fresh = make_distiller(**distiller_settings)
+    before = snapshot(fresh)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        fresh.fit_dictionaries(toy_loader(), checkpoint=path, config=config, **QUIET)
+    assert not changed(before, fresh) and fresh.state_dict().keys() == before.keys()
+    assert fresh._dictionaries_untrained()
 
 
 def test_a_checkpoint_of_other_models_or_another_file_is_refused(tmp_path):

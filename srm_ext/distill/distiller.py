@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -44,7 +46,8 @@ def _stage_config(key: str, settings: StageSettings | None) -> StageConfig:
     if isinstance(settings, StageConfig):
         return settings
     if settings is None:
-        return DEFAULT_STAGE_CONFIGS[key]
+        # A copy: a stage's config may be changed, the defaults must not be.
+        return DEFAULT_STAGE_CONFIGS[key].replace()
     if isinstance(settings, Mapping):
         return DEFAULT_STAGE_CONFIGS[key].replace(**settings)
     raise TypeError(
@@ -269,7 +272,7 @@ class SRMDistiller(nn.Module):
 
     def dictionary_loss(self, images: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Stage 1: reconstruction loss of the teacher's maps, summed over pairs."""
-        with torch.no_grad(), self.teacher_tap.capture() as t_maps:
+        with torch.no_grad(), _eval_mode(self.teacher), self.teacher_tap.capture() as t_maps:
             self.teacher(images)
         losses = {
             name: block.loss(t_maps[t_path])
@@ -282,7 +285,7 @@ class SRMDistiller(nn.Module):
     @torch.no_grad()
     def teacher_labels(self, images: Tensor) -> list[tuple[Tensor, Tensor]]:
         """Stage-2 targets (pixel labels, image labels) per layer pair."""
-        with self.teacher_tap.capture() as t_maps:
+        with _eval_mode(self.teacher), self.teacher_tap.capture() as t_maps:
             self.teacher(images)
         return [
             tuple(block.labels(t_maps[t_path]))
@@ -321,7 +324,7 @@ class SRMDistiller(nn.Module):
 
     def kd_loss(self, images: Tensor, targets: Tensor) -> Tensor:
         """Stage 3: Hinton KD from the teacher's logits."""
-        with torch.no_grad():
+        with torch.no_grad(), _eval_mode(self.teacher):
             teacher_logits = self.teacher(images)
         return kd_loss(
             self.student(images), teacher_logits, targets, self.kd_temperature, self.kd_alpha
@@ -458,6 +461,15 @@ class SRMDistiller(nn.Module):
         ``checkpoint``: a file rewritten after every epoch; if it exists, the
         distiller's weights are loaded from it first, a stage it holds as finished
         is skipped and an unfinished one continues at its next epoch."""
+        stage_fields = {field.name for field in dataclasses.fields(StageConfig)}
+        stage_settings = sorted(set(trainer_kwargs) & stage_fields)
+        if stage_settings:
+            given = ", ".join(f"{name!r}: {trainer_kwargs[name]!r}" for name in stage_settings)
+            what = "is a stage setting" if len(stage_settings) == 1 else "are stage settings"
+            raise TypeError(
+                f"{', '.join(stage_settings)} {what}, not a Trainer argument: pass "
+                f"config={{{given}}}"
+            )
         if trainer is not None and trainer_kwargs:
             # They would be silently ignored (e.g. amp="bf16" running in float32).
             names = ", ".join(sorted(trainer_kwargs))
@@ -523,6 +535,23 @@ class SRMDistiller(nn.Module):
         """A copy of the student, in eval mode, with no SRM blocks and no hooks
         (the plain model, where a ``torch.compile`` wrapper was given)."""
         return copy.deepcopy(unwrap(self.student)).eval()
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode for the block (the frozen teacher, as the stages
+    run it, also when an objective is called on its own); each module's mode is
+    restored after."""
+    training = [module for module in model.modules() if module.training]
+    if not training:
+        yield
+        return
+    model.eval()
+    try:
+        yield
+    finally:
+        for module in training:
+            module.training = True
 
 
 def _check_hyperparameters(

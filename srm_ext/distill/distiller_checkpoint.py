@@ -111,7 +111,9 @@ class DistillerCheckpoint:
     ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
         """Load the saved weights into ``model`` (an SRMDistiller); return stage
         ``key``'s metrics so far and the training state to resume it from (None:
-        not started)."""
+        not started). A checkpoint refused for any reason leaves ``model`` as it
+        was: every check comes before the weights are loaded."""
+        weights = None
         if self.holds_weights:
             if self.state["teacher"] != self._digest_of_teacher(model):
                 raise ValueError(
@@ -119,43 +121,20 @@ class DistillerCheckpoint:
                     "differ from this distiller's; load the teacher that run started with, "
                     "or pass a new path to start afresh"
                 )
-            try:
-                missing, unexpected = model.load_state_dict(
-                    _with_student_wrappers(self.state["model"], model), strict=False
-                )
-                missing = [name for name in missing if not name.startswith(_TEACHER_PREFIX)]
-                if missing or unexpected:
-                    raise RuntimeError(
-                        f"missing keys {missing}, unexpected keys {list(unexpected)}"
-                    )
-            except RuntimeError as exc:
+            weights = _with_student_wrappers(self.state["model"], model)
+            mismatch = _state_mismatch(weights, model)
+            if mismatch:
                 raise ValueError(
                     f"{os.fspath(self.path)} was written for other models or layer pairs "
-                    f"than this distiller's: {exc}"
-                ) from None
+                    f"than this distiller's: {mismatch}"
+                )
         progress = self.state["stages"].get(key)
+        if progress is not None:
+            self._check_settings(progress, model, key, config)
+        if weights is not None:
+            model.load_state_dict(weights, strict=False)
         if progress is None:
             return [], None
-        saved, wanted = progress["config"], dataclasses.asdict(config)
-        changed = [name for name in wanted if _plain(saved.get(name)) != _plain(wanted[name])]
-        # Files written before the trainer's or the distiller's settings were
-        # saved cannot be checked for them.
-        changes = [f"{n}={saved.get(n)!r} -> {wanted[n]!r}" for n in changed]
-        for owner, current in (
-            ("trainer", self.trainer_settings), ("distiller", model.stage_settings(key))
-        ):
-            recorded = progress.get(owner, current)
-            changes += [
-                f"{owner} {n}={recorded.get(n)!r} -> {value!r}"
-                for n, value in current.items()
-                if _plain(recorded.get(n)) != _plain(value)
-            ]
-        if changes:
-            details = ", ".join(changes)
-            raise ValueError(
-                f"{os.fspath(self.path)}: stage {key!r} was checkpointed with other settings "
-                f"({details}); pass the same ones to resume it, or another path to start afresh"
-            )
         # The last stage to write also left the RNG state its next epoch starts from.
         if self.state["last"] == key:
             rngs = self.state["rng"]
@@ -181,6 +160,31 @@ class DistillerCheckpoint:
                     stacklevel=4,
                 )
         return list(progress["history"]), progress["training"]
+
+    def _check_settings(
+        self, progress: dict[str, Any], model: nn.Module, key: str, config: StageConfig
+    ) -> None:
+        """Stage ``key`` resumes only with the settings it was checkpointed with."""
+        saved, wanted = progress["config"], dataclasses.asdict(config)
+        changed = [name for name in wanted if _plain(saved.get(name)) != _plain(wanted[name])]
+        # Files written before the trainer's or the distiller's settings were
+        # saved cannot be checked for them.
+        changes = [f"{n}={saved.get(n)!r} -> {wanted[n]!r}" for n in changed]
+        for owner, current in (
+            ("trainer", self.trainer_settings), ("distiller", model.stage_settings(key))
+        ):
+            recorded = progress.get(owner, current)
+            changes += [
+                f"{owner} {n}={recorded.get(n)!r} -> {value!r}"
+                for n, value in current.items()
+                if _plain(recorded.get(n)) != _plain(value)
+            ]
+        if changes:
+            details = ", ".join(changes)
+            raise ValueError(
+                f"{os.fspath(self.path)}: stage {key!r} was checkpointed with other settings "
+                f"({details}); pass the same ones to resume it, or another path to start afresh"
+            )
 
     def save_epoch(
         self,
@@ -226,6 +230,27 @@ def _plain_state(model: nn.Module) -> dict[str, Any]:
         for name, value in model.state_dict().items()
         if not name.startswith(_TEACHER_PREFIX)
     }
+
+
+def _state_mismatch(weights: dict[str, Any], model: nn.Module) -> str:
+    """How ``weights`` fail to fit ``model`` (the teacher's own aside, which the
+    checkpoint does not hold), or "" where they fit."""
+    current = model.state_dict()
+    missing = [n for n in current if n not in weights and not n.startswith(_TEACHER_PREFIX)]
+    unexpected = [n for n in weights if n not in current]
+    reshaped = [
+        f"{n} {tuple(weights[n].shape)} -> {tuple(current[n].shape)}"
+        for n in weights
+        if n in current and tuple(weights[n].shape) != tuple(current[n].shape)
+    ]
+    problems = [
+        f"{what} {names}"
+        for what, names in (
+            ("missing keys", missing), ("unexpected keys", unexpected), ("other shapes", reshaped)
+        )
+        if names
+    ]
+    return "; ".join(problems)
 
 
 def _with_student_wrappers(state: dict[str, Any], model: nn.Module) -> dict[str, Any]:
