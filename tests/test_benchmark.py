@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import os
+import sys
+import tarfile
 import types
 from pathlib import Path
 
@@ -464,6 +467,53 @@ def test_verify_script_bench_stage_runs_the_chosen_shape_sets_and_dtypes(tmp_pat
     (tmp_path / "typo").mkdir()
     code, runs = run_verify_stage(tmp_path / "typo", "bench", BENCH_SHAPES="imagent")
     assert code != 0 and runs == []
+
+
+def test_verify_script_refuses_an_output_folder_it_cannot_create(tmp_path):
+    import subprocess
+
+    (tmp_path / "file").write_text("")
+    script = Path(__file__).resolve().parent.parent / "tools" / "verify_cuda.sh"
+    result = subprocess.run(["bash", str(script), str(tmp_path / "file" / "out"), "env"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.endswith(f"cannot create the output folder '{tmp_path / 'file' / 'out'}'\n")
+
+
+def test_verify_script_archive_named_relative_to_the_callers_folder(tmp_path, monkeypatch):
+    # The script changes to the repository's root before it packs the folder.
+    monkeypatch.chdir(tmp_path)
+    code, _ = run_verify_stage(tmp_path, "bench", BENCH_DTYPES="float32", BENCH_SHAPES="cifar",
+                               VERIFY_ARCHIVE="results.tgz")
+    assert code == 0
+    with tarfile.open(tmp_path / "results.tgz") as archive:
+        assert "out/bench.log" in archive.getnames()
+
+
+def test_verify_script_racecheck_selection_holds_bfloat16_but_not_float16(tmp_path):
+    """The racecheck stage's default -k expression, as compute-sanitizer is
+    handed it, picks float32 and bfloat16 tests (a bare "float16" would match
+    every bfloat16 id too) and no float16 one."""
+    import subprocess
+
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    sanitizer = tools / "compute-sanitizer"
+    sanitizer.write_text(f'#!/bin/sh\nfor a in "$@"; do echo "$a"; done > {tmp_path / "args"}\n')
+    sanitizer.chmod(0o755)
+    code, _ = run_verify_stage(tmp_path, "racecheck", PATH=f"{tools}:{os.environ['PATH']}")
+    assert code == 0
+    args = (tmp_path / "args").read_text().splitlines()
+    selection = args[args.index("-k") + 1]
+    collected = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+         "tests/test_cuda_kernels.py", "-k", selection],
+        cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=120,
+    ).stdout.splitlines()
+    ids = [line for line in collected if "::" in line]
+    assert 60 <= len(ids) <= 100  # about 4 s each under racecheck on an H100
+    assert any("bfloat16" in i for i in ids) and any("float32" in i for i in ids)
+    assert not any("float16" in i.replace("bfloat16", "") for i in ids)
 
 
 def test_chart_draws_no_bar_for_a_pair_that_was_not_timed(tmp_path, monkeypatch):
