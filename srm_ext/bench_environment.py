@@ -29,7 +29,7 @@ def environment(device: str) -> dict:
         "commit": _git_commit(),
         "device": device,
     }
-    if device == "cpu" and _backend.native_module is not None:
+    if torch.device(device).type == "cpu" and _backend.native_module is not None:
         # The compiled CPU kernels' float32 products: their own AVX-512
         # kernel or ATen's BLAS (see csrc/cpu/matmul.h).
         env["cpu_float32_matmul"] = _backend.native_module.build_info().get("float32_matmul")

@@ -87,7 +87,8 @@ def stage1_floors(records: list[dict], shapes: list, element_size: int,
             shape=shape.name, bytes=nbytes, memory_floor_ms=memory_ms, gemm_ms=gemm_ms,
             step_ms=step_ms, memory_fraction=memory_ms / step_ms,
             gemm_fraction=None if gemm_ms is None else gemm_ms / step_ms,
-            bound_by="gemm" if gemm_ms is not None and gemm_ms > memory_ms else "memory",
+            # Unknown where the GEMM was not timed (--ops without dense_gemm).
+            bound_by=None if gemm_ms is None else ("gemm" if gemm_ms > memory_ms else "memory"),
         ))
     return rows
 
@@ -114,6 +115,6 @@ def floors_markdown(rows: list[dict], bandwidth: float) -> str:
         lines.append(
             f"| {r['shape']} | {r['bytes'] / 1e6:.1f} | {r['memory_floor_ms']:.3f} | {gemm} "
             f"| {r['step_ms']:.2f} | {r['memory_fraction']:.0%} | {gemm_fraction} "
-            f"| {r['bound_by']} |"
+            f"| {r['bound_by'] or 'n/a'} |"
         )
     return "\n".join(lines) + "\n"

@@ -115,7 +115,8 @@ def speedup_chart(records: list[dict], env: dict, path: Path) -> None:
         ax.set_xticks([i + width * (len(others) - 1) / 2 for i in range(len(shapes))])
         ax.set_xticklabels([s.split("-", 1)[-1] for s in shapes], fontsize=8)
         ax.set_ylabel("speed-up of srm_ext (x)")
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.suptitle(f"{env['device']}: {env.get('gpu') or env['cpu']}, {env['dtype']}, torch {env['torch']}, "
                  f"commit {env['commit']}", fontsize=9)
     fig.tight_layout()

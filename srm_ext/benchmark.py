@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
+import os
 import statistics
 import sys
 import time
@@ -126,10 +128,25 @@ def _backward(loss: torch.Tensor, params: list[torch.Tensor]) -> None:
     torch.autograd.grad(loss, params)
 
 
+def _applies(op: str, impl: str, with_backward: bool) -> bool:
+    """Whether (op, implementation, mode) is a case: labels carry no gradient,
+    the dense GEMM is the research code's forward alone, and the student loss
+    has no research-style version (the reference is that dense computation)."""
+    if op == "dense_gemm":
+        return impl == "research" and not with_backward
+    if op == "sparse_labels":
+        return not with_backward
+    if op == "predictor_loss":
+        return impl != "research"
+    return True
+
+
 def _build_callable(
     case: _Case, op: str, impl: str, with_backward: bool
 ) -> Callable[[], object] | None:
     """A closure running one (op, implementation, mode), or None if not applicable."""
+    if not _applies(op, impl, with_backward):
+        return None
     c = case
     k, K = c.shape.k, c.shape.num_codewords
     ops = {"native": functional, "reference": reference, "compiled": _COMPILED_REFERENCE}.get(impl)
@@ -159,21 +176,15 @@ def _build_callable(
             fwd = lambda: ops.reconstruction_loss(c.x, C, b, k)
         params = [C, b]
     elif op == "sparse_labels":
-        if with_backward:
-            return None
         if impl == "research":
             # Labels from the dense masked code the research code already holds.
             return lambda: (c.dense_code.argmax(-1), c.dense_code.mean(dim=(1, 2)))
         return lambda: ops.sparse_labels(c.values, c.indices, K)
     elif op == "predictor_loss":
-        if impl == "research":
-            return None  # the reference is the research code's dense computation
         y, C, b = _trainable(c.y, c.student_dictionary, c.student_intercept)
         fwd = lambda: ops.predictor_loss(y, C, b, c.pixel_labels, c.image_labels)
         params = [y, C, b]
     elif op == "dense_gemm":
-        if impl != "research" or with_backward:
-            return None
         rows = c.x.permute(0, 2, 3, 1).reshape(-1, c.shape.channels).contiguous()
         return lambda: rows @ c.dictionary
     else:
@@ -452,10 +463,27 @@ def _refused_arguments(args: argparse.Namespace, batch: int | None) -> str | Non
         return f"--device {args.device!r}: the benchmarks run on cpu or cuda"
     if device.type == "cuda" and not torch.cuda.is_available():
         return f"--device {args.device!r}: no GPU is available here"
-    if args.out is not None and args.out.exists() and not args.out.is_dir():
-        return f"--out {args.out} is a file, not a directory"
+    if args.max_repeats < 1:
+        return f"--max-repeats must be >= 1, got {args.max_repeats}"
+    if not 0 <= args.min_repeats <= args.max_repeats:
+        return (
+            f"--min-repeats must lie in [0, --max-repeats = {args.max_repeats}], "
+            f"got {args.min_repeats}"
+        )
+    if not 0.0 <= args.min_seconds < math.inf:
+        return f"--min-seconds must be finite and >= 0, got {args.min_seconds}"
     if args.name is not None and Path(args.name).name != args.name:
         return f"--name {args.name!r} must be a file name stem, without a directory"
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        return f"--out {args.out} is a file, not a directory"
+    if args.out is not None:
+        # Made now, not after the first cases have been timed (minutes on a GPU).
+        try:
+            args.out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            return f"--out {args.out}: cannot create the folder ({exc.strerror})"
+        if not os.access(args.out, os.W_OK | os.X_OK):
+            return f"--out {args.out}: the folder is not writable"
     return None
 
 
@@ -486,6 +514,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"srm-ext bench: --implementations must name some of {','.join(IMPLEMENTATIONS)}, "
               f"got {listed!r}", file=sys.stderr)
         return 2
+    if not any(_applies(o, i, b) for o in ops for i in impls for b in (False, True)):
+        print(f"srm-ext bench: --ops {','.join(ops)} has no case for --implementations "
+              f"{','.join(impls)} (dense_gemm is research-style only; predictor_loss has no "
+              "research-style version)", file=sys.stderr)
+        return 2
     repeats = dict(min_repeats=1, min_seconds=0.0, max_repeats=1) if args.quick else dict(
         min_repeats=args.min_repeats, min_seconds=args.min_seconds, max_repeats=args.max_repeats
     )
@@ -494,7 +527,10 @@ def main(argv: list[str] | None = None) -> int:
     if env["commit"] is None:
         print("srm-ext bench: warning: the commit is unknown (no git metadata here); "
               "set SRM_EXT_COMMIT to record it", file=sys.stderr)
-    stem = args.name or f"{args.shapes}-{args.device.split(':')[0]}-{args.dtype}"
+    # Another batch than the set's is named, so that a smoke run (--quick) or a
+    # larger batch never overwrites the results of the set's own.
+    sized = "" if batch is None else f"-n{batch}"
+    stem = args.name or f"{args.shapes}{sized}-{args.device.split(':')[0]}-{args.dtype}"
 
     def report(records: list[dict], complete: bool, floors: list[dict] | None = None) -> str:
         """Writes the JSON and markdown (when --out is given); returns the markdown.
@@ -513,9 +549,13 @@ def main(argv: list[str] | None = None) -> int:
 
     dtype = getattr(torch, args.dtype)
     if "native" in impls and not _native_covers(torch.device(args.device), dtype, shapes):
+        why = (
+            "SRM_EXT_BACKEND=reference turns the compiled kernels off"
+            if _backend.backend_info()["forced_reference"]
+            else f"no compiled srm_ext kernel for {args.device}/{args.dtype} (see srm-ext info)"
+        )
         print(
-            f"srm-ext bench: no compiled srm_ext kernel for {args.device}/{args.dtype} (see "
-            "srm-ext info); pass --implementations without native to time the others",
+            f"srm-ext bench: {why}; pass --implementations without native to time the others",
             file=sys.stderr,
         )
         return 2
@@ -540,8 +580,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(report(records, complete=True, floors=floors))
     if args.out is not None:
-        speedup_chart(records, env, args.out / f"{stem}.png")
-        print(f"wrote {args.out / stem}.json, .md and .png", file=sys.stderr)
+        if "native" in impls:  # the chart shows speed-ups over the compiled kernels
+            speedup_chart(records, env, args.out / f"{stem}.png")
+            print(f"wrote {args.out / stem}.json, .md and .png", file=sys.stderr)
+        else:
+            print(f"wrote {args.out / stem}.json and .md", file=sys.stderr)
     return 0
 
 

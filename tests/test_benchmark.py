@@ -144,6 +144,19 @@ def test_unknown_op_is_a_usage_error(capsys):
         (["--device", "meta"], "--device 'meta': the benchmarks run on cpu or cuda"),
         (["--name", "a/b"], "--name 'a/b' must be a file name stem, without a directory"),
         (["--out", "{file}"], "--out {file} is a file, not a directory"),
+        (["--out", "{file}/sub"], "--out {file}/sub: cannot create the folder (Not a directory)"),
+        (["--max-repeats", "0"], "--max-repeats must be >= 1, got 0"),
+        (["--min-repeats", "-1"], "--min-repeats must lie in [0, --max-repeats = 50], got -1"),
+        (["--min-repeats", "5", "--max-repeats", "3"],
+         "--min-repeats must lie in [0, --max-repeats = 3], got 5"),
+        (["--min-seconds", "-1"], "--min-seconds must be finite and >= 0, got -1.0"),
+        (["--min-seconds", "nan"], "--min-seconds must be finite and >= 0, got nan"),
+        (["--ops", "dense_gemm", "--implementations", "native"],
+         "--ops dense_gemm has no case for --implementations native (dense_gemm is "
+         "research-style only; predictor_loss has no research-style version)"),
+        (["--ops", "predictor_loss", "--implementations", "research"],
+         "--ops predictor_loss has no case for --implementations research (dense_gemm is "
+         "research-style only; predictor_loss has no research-style version)"),
         (["--ops", ","], "--ops names no op; choose from " + ",".join(benchmark.OPS)),
         (["--implementations", ""], "--implementations must name some of "
          + ",".join(benchmark.IMPLEMENTATIONS) + ", got ''"),
@@ -169,6 +182,26 @@ def test_a_native_run_without_the_kernels_is_a_usage_error(monkeypatch, capsys):
     monkeypatch.setattr(_backend, "use_native", lambda t, code_sizes=None: False)
     assert benchmark.main(["--device", "cpu", "--dtype", "float16", "--ops", "sparse_labels"]) == 2
     assert "no compiled srm_ext kernel for cpu/float16" in capsys.readouterr().err
+
+
+def test_a_native_run_with_the_kernels_turned_off_says_so(monkeypatch, capsys):
+    monkeypatch.setenv("SRM_EXT_BACKEND", "reference")
+    assert benchmark.main(["--device", "cpu", "--ops", "sparse_labels"]) == 2
+    assert capsys.readouterr().err == (
+        "srm-ext bench: SRM_EXT_BACKEND=reference turns the compiled kernels off; pass "
+        "--implementations without native to time the others\n"
+    )
+
+
+@requires_native_cpu
+@pytest.mark.parametrize("device", ["cpu", "cpu:0"])
+def test_a_smoke_run_is_named_by_its_batch_and_records_the_cpu_products(tmp_path, monkeypatch, device):
+    monkeypatch.setitem(benchmark.SHAPE_SETS, "cifar", [TINY])
+    args = ["--quick", "--device", device, "--ops", "sparse_labels", "--out", str(tmp_path)]
+    assert benchmark.main(args) == 0
+    data = json.loads((tmp_path / "cifar-n2-cpu-float32.json").read_text())
+    assert data["environment"]["cpu_float32_matmul"] in ("avx512", "blas")
+    assert "native float32 products" in (tmp_path / "cifar-n2-cpu-float32.md").read_text()
 
 
 def test_native_is_required_for_a_native_run(monkeypatch):
@@ -269,14 +302,14 @@ def test_floors_pick_the_larger_floor_and_state_each_fraction():
     assert tiny["memory_floor_ms"] == pytest.approx(0.5) and tiny["memory_fraction"] == pytest.approx(0.25)
     assert tiny["gemm_fraction"] == pytest.approx(0.5) and tiny["bound_by"] == "gemm"
     # No GEMM timed: the memory floor alone, its fraction against the native step only.
-    assert wide_row["gemm_ms"] is None and wide_row["bound_by"] == "memory"
+    assert wide_row["gemm_ms"] is None and wide_row["bound_by"] is None
     assert wide_row["memory_fraction"] == pytest.approx(
         bench_floors.stage1_step_bytes(wide, 4) / bandwidth * 1e3 / 4.0
     )
     table = bench_floors.floors_markdown(rows, bandwidth)
     assert f"copy bandwidth {bandwidth / 1e9:.0f} GB/s" in table
     assert "`2 P D e + 2 P k (e + 8) + 3 D K e`" in table  # what the byte count counts
-    assert "| tiny |" in table and "| 50% | gemm |" in table and "| n/a | memory |" in table
+    assert "| tiny |" in table and "| 50% | gemm |" in table and "| n/a | n/a |" in table
 
 
 @requires_native_cpu

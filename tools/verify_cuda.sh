@@ -20,7 +20,8 @@
 #             (BENCH_SHAPES, BENCH_DTYPES below)
 #   paths     the encode and the stage-1 step at the ImageNet shapes in
 #             float32 under each SRM_EXT_CUDA_ENCODE path (gemm, screened,
-#             fused), and each kernel's device time in the screened step
+#             fused), with the dense GEMM their floors compare with, and each
+#             kernel's device time in the screened step
 #
 # Each stage writes <stage>.log; a failing stage is reported and the next one
 # still runs. The exit status is non-zero if any stage failed. Every stage but
@@ -234,7 +235,8 @@ stage_paths() {
   require_cuda || return 1
   for path in gemm screened fused; do
     SRM_EXT_CUDA_ENCODE="${path}" bench_run --device cuda \
-      --dtype float32 --shapes imagenet --ops sparse_encode,stage1_step --implementations native,research \
+      --dtype float32 --shapes imagenet --ops sparse_encode,stage1_step,dense_gemm \
+      --implementations native,research \
       --name "imagenet-cuda-float32-encode-${path}" --out "${out}" ${BENCH_ARGS:-} || status=1
   done
   SRM_EXT_CUDA_ENCODE=screened "${python}" benchmarks/profile_ops.py --device cuda \
