@@ -280,6 +280,25 @@ def test_an_input_shape_the_models_cannot_take_is_named():
         SRMDistiller(tiny_teacher(), tiny_student(), {"block1": "stage1"}, input_shape=(3, 8, 8))
 
 
+def test_a_one_shot_loader_is_refused_where_its_first_batch_would_size_the_blocks():
+    torch.manual_seed(0)
+    batches = list(toy_loader())
+    lazy = SRMDistiller(tiny_teacher(), tiny_student(), {"block1": "stage1"})
+    with pytest.raises(ValueError, match=re.escape(
+        "the loader is a one-shot iterator and the SRM blocks are sized from its first batch"
+    )):
+        lazy.fit_dictionaries(iter(batches), epochs=1, **QUIET)
+    assert not lazy.is_built
+    seen = []
+    lazy.fit_dictionaries(batches, epochs=1, preprocess=lambda x, train: seen.append(x) or x, **QUIET)
+    assert len(seen) == len(batches)  # a list: sized from its first batch, trained on all
+    sized = make_distiller()
+    seen.clear()
+    sized.fit_dictionaries(iter(batches), epochs=1, preprocess=lambda x, train: seen.append(x) or x,
+                           **QUIET)
+    assert len(seen) == len(batches)
+
+
 def test_float64_models_build_and_train():
     # The dry run feeds each model its own dtype (float32 input would fail the conv).
     torch.manual_seed(0)
@@ -289,8 +308,13 @@ def test_float64_models_build_and_train():
         TensorDataset(*(t.double() if t.is_floating_point() else t for t in toy_loader().dataset.tensors)),
         batch_size=16,
     )
+    # The blocks take the models' dtype: float32 blocks would round the maps.
+    blocks = [*distiller.representations.parameters(), *distiller.predictors.parameters()]
+    assert {p.dtype for p in blocks} == {torch.float64}
     history = distiller.fit_dictionaries(loader, epochs=1, **QUIET)
     assert history and all(torch.isfinite(torch.tensor(r["loss"])) for r in history)
+    loss, _ = distiller.student_loss(next(iter(loader))[0])
+    assert loss.dtype == torch.float64
 
 
 class ExtraOutputs(nn.Module):

@@ -232,8 +232,8 @@ class SRMDistiller(nn.Module):
         # leaves the distiller unbuilt, not half built.
         self.representations.extend(representations)
         self.predictors.extend(predictors)
-        self.representations.to(device)
-        self.predictors.to(device)
+        self.representations.to(device, _block_dtype(self.teacher))
+        self.predictors.to(device, _block_dtype(self.student))
         self._initial_fingerprints = [_fingerprint(rep) for rep in self.representations]
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
@@ -634,7 +634,15 @@ def _pair_names(pairs: list[tuple[str, str]], prefix: str, side: int) -> list[st
 
 
 def _first_images(loader: Iterable, why: str) -> Tensor:
-    batch = next(iter(loader), None)
+    batches = iter(loader)
+    if batches is loader:
+        # Its first batch, taken here, would be missing from the training.
+        raise ValueError(
+            f"the loader is a one-shot iterator and {why} batch, which training would then "
+            "miss: pass input_shape or example_input to SRMDistiller, or a loader that can "
+            "be iterated again (a DataLoader or a list of batches)"
+        )
+    batch = next(batches, None)
     if batch is None:
         raise ValueError(f"the loader yielded no batches, and {why}")
     return image_batch(batch)[0]
@@ -654,6 +662,13 @@ def _fingerprint(representation: SparseRepresentation) -> Tensor | None:
         return None
     values = torch.cat([representation.dictionary.detach()[0, :64], representation.intercept.detach()])
     return values.to("cpu", copy=True)
+
+
+def _block_dtype(model: nn.Module) -> torch.dtype:
+    """The SRM blocks' parameter dtype for ``model``'s maps: float64 for a
+    float64 model, whose maps float32 blocks would round; float32 otherwise,
+    half-precision models included (the blocks cast the maps up)."""
+    return torch.float64 if module_dtype(model) == torch.float64 else torch.float32
 
 
 def module_dtype(module: nn.Module) -> torch.dtype:
