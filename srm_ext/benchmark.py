@@ -451,6 +451,14 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _write_atomically(path: Path, text: str) -> None:
+    """``text`` into ``path`` through a temporary file: a run stopped by a time
+    limit while writing keeps the previous complete file, not half of one."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
 def _refused_arguments(args: argparse.Namespace, batch: int | None) -> str | None:
     """What is wrong with the arguments, in one line, before anything runs."""
     if batch is not None and batch < 1:
@@ -542,9 +550,8 @@ def main(argv: list[str] | None = None) -> int:
             data["stage1_floors"] = floors
             text += "\n" + bench_floors.floors_markdown(floors, env["copy_bandwidth_bytes_per_s"])
         if args.out is not None:
-            args.out.mkdir(parents=True, exist_ok=True)
-            (args.out / f"{stem}.json").write_text(json.dumps(data, indent=2))
-            (args.out / f"{stem}.md").write_text(text)
+            _write_atomically(args.out / f"{stem}.json", json.dumps(data, indent=2))
+            _write_atomically(args.out / f"{stem}.md", text)
         return text
 
     dtype = getattr(torch, args.dtype)

@@ -6,6 +6,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import shutil
 import sys
 import tarfile
 import types
@@ -521,6 +522,34 @@ def test_verify_script_archive_named_relative_to_the_callers_folder(tmp_path, mo
     assert code == 0
     with tarfile.open(tmp_path / "results.tgz") as archive:
         assert "out/bench.log" in archive.getnames()
+
+
+def test_result_files_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    # A time limit may stop a run while it rewrites its partial results.
+    path = tmp_path / "r.json"
+    benchmark._write_atomically(path, '{"complete": true}')
+    real_write = Path.write_text
+
+    def stopped_halfway(self, text, *args, **kwargs):
+        real_write(self, text[: len(text) // 2], *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", stopped_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        benchmark._write_atomically(path, '{"complete": false, "results": []}')
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"complete": True}
+
+
+def test_verify_script_names_a_missing_sanitizer(tmp_path):
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    for tool in ("bash", "sh", "cat", "mkdir", "dirname", "tail", "sed"):
+        (tools / tool).symlink_to(shutil.which(tool))
+    code, _ = run_verify_stage(tmp_path, "sanitize", PATH=str(tools))
+    assert code == 1
+    log = (tmp_path / "out" / "sanitize.log").read_text()
+    assert "compute-sanitizer is not on PATH" in log
 
 
 def test_verify_script_racecheck_selection_holds_bfloat16_but_not_float16(tmp_path):

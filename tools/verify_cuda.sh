@@ -150,6 +150,10 @@ stage_test() {
 # instrumented, and exit code 99 tells a sanitizer error from a test failure.
 run_sanitizer() {
   local tool="$1" selection="$2" code
+  if ! command -v compute-sanitizer >/dev/null; then
+    echo "compute-sanitizer is not on PATH (it ships with the CUDA toolkit, in its bin folder)"
+    return 1
+  fi
   echo "== ${tool}: -k ${selection}"
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "${tool}" \
     --error-exitcode 99 --print-limit 20 \
