@@ -45,7 +45,9 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         "|---|---|---|---|",
     ]
     for row in rows:
-        acc = f"{100 * row['acc_mean']:.2f} ± {100 * row['acc_std']:.2f}"
+        acc = f"{100 * row['acc_mean']:.2f}"
+        if row["runs"] > 1:  # one run has no spread to state
+            acc += f" ± {100 * row['acc_std']:.2f}"
         times = ", ".join(f"{s} {t:.1f}" for s, t in row["stage_time_mean"].items())
         times = times or ("loaded" if row.get("loaded") else "-")
         lines.append(f"| {row['method']} | {acc} | {row['runs']} | {times} |")
