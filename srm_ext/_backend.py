@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import platform
@@ -179,20 +180,30 @@ def use_native(t: torch.Tensor, code_sizes: dict[str, int] | None = None) -> boo
     return False
 
 
-# Frames in these folders lie between a user's call and the fallback warning:
-# the ops and modules, and torch's Module.__call__, transforms and wrappers.
-_LIBRARY_DIRS = tuple(
-    os.path.dirname(os.path.abspath(path)) + os.sep for path in (__file__, torch.__file__)
+# Frames in these files lie between a user's call and a warning about it:
+# srm_ext's own, torch's Module.__call__, transforms and wrappers, and the
+# context managers of contextlib.
+_LIBRARY_FILES = (
+    *(os.path.dirname(os.path.abspath(path)) + os.sep for path in (__file__, torch.__file__)),
+    os.path.abspath(contextlib.__file__),
 )
 
 
-def _warn_fallback(why: str) -> None:
-    """Warns that a call runs the reference, attributed to the user's line that
-    made it: the first frame outside srm_ext and torch."""
-    frame, level = sys._getframe(1), 2
-    while frame.f_back is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that attributes a warning issued by the caller of
+    this function to the user's line that led to it: the first frame outside
+    srm_ext, torch and contextlib."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_LIBRARY_FILES):
         frame, level = frame.f_back, level + 1
-    warnings.warn(f"srm_ext: {why}; using the PyTorch reference implementation", stacklevel=level)
+    return level
+
+
+def _warn_fallback(why: str) -> None:
+    """Warns that a call runs the reference, attributed to the user's line that made it."""
+    warnings.warn(
+        f"srm_ext: {why}; using the PyTorch reference implementation", stacklevel=user_stacklevel()
+    )
 
 
 # The torch.func transforms that differentiate: the compiled ops' autograd

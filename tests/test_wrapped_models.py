@@ -89,9 +89,11 @@ def test_capture_of_a_compiled_model_that_ran_without_hooks(fresh_dynamo, style)
     with torch.no_grad():
         model(x)
     tap = FeatureTap(model, ["block1"])
-    with pytest.warns(UserWarning, match="skip_nnmodule_hook_guards = False"):
+    with pytest.warns(UserWarning, match="skip_nnmodule_hook_guards = False") as record:
         with torch.no_grad(), tap.capture() as maps:
             model(x)
+    # Attributed to the line that entered the capture, not to contextlib.
+    assert [w.filename for w in record] == [__file__]
     torch.testing.assert_close(maps["block1"], plain.block1(plain.stem(x)))
     assert not dynamo_config.skip_nnmodule_hook_guards
     with warnings.catch_warnings():

@@ -11,6 +11,8 @@ import torch
 import torch._dynamo.config as dynamo_config
 from torch import Tensor, nn
 
+from .._backend import user_stacklevel
+
 __all__ = [
     "FeatureMaps",
     "FeatureTap",
@@ -310,5 +312,5 @@ def _guard_module_hooks(role: str) -> None:
         "hooks added to a model after it compiled it; the feature taps have set "
         "torch._dynamo.config.skip_nnmodule_hook_guards = False and cleared the "
         "compiled code once, so compiled models recompile on their next call",
-        stacklevel=3,
+        stacklevel=user_stacklevel(),
     )
