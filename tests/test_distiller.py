@@ -1016,6 +1016,19 @@ def test_the_objectives_run_the_teacher_in_eval_mode_and_restore_its_modes():
     torch.testing.assert_close(losses[1], distiller.teacher_labels(images)[0][1])
 
 
+def test_the_dry_run_and_accuracy_restore_each_modules_own_mode():
+    # A model in training with a frozen part in eval keeps that part in eval.
+    teacher, student = tiny_teacher(), tiny_student()
+    for model in (teacher, student):
+        model.train()
+        next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d)).eval()
+    modes = {model: [m.training for m in model.modules()] for model in (teacher, student)}
+    SRMDistiller(teacher, student, {"block1": "stage1"}, input_shape=(1, 8, 8))
+    accuracy(student, toy_loader(n=16))
+    for model, before in modes.items():
+        assert [m.training for m in model.modules()] == before
+
+
 class RecordingTrainer(Trainer):
     """Records the stages it is given instead of training them."""
 

@@ -8,8 +8,7 @@ import math
 import os
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -19,7 +18,7 @@ from .._validation import as_float, as_int, check_loss_weight
 from ..modules import SparseCodePredictor, SparseRepresentation, check_multipliers, srm_sizes
 from .config import StageConfig
 from .distiller_checkpoint import DistillerCheckpoint
-from .hooks import FeatureTap, parameters_except, unwrap, wrapped_module
+from .hooks import FeatureTap, eval_mode, parameters_except, unwrap, wrapped_module
 from .losses import check_logits, check_same_classes, kd_loss
 from .metrics import accuracy
 from .trainer import Stage, Trainer, image_batch
@@ -272,7 +271,9 @@ class SRMDistiller(nn.Module):
 
     def dictionary_loss(self, images: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Stage 1: reconstruction loss of the teacher's maps, summed over pairs."""
-        with torch.no_grad(), _eval_mode(self.teacher), self.teacher_tap.capture() as t_maps:
+        # The frozen teacher runs in eval mode, as the stages run it, also when
+        # an objective is called on its own.
+        with torch.no_grad(), eval_mode(self.teacher), self.teacher_tap.capture() as t_maps:
             self.teacher(images)
         losses = {
             name: block.loss(t_maps[t_path])
@@ -285,7 +286,7 @@ class SRMDistiller(nn.Module):
     @torch.no_grad()
     def teacher_labels(self, images: Tensor) -> list[tuple[Tensor, Tensor]]:
         """Stage-2 targets (pixel labels, image labels) per layer pair."""
-        with _eval_mode(self.teacher), self.teacher_tap.capture() as t_maps:
+        with eval_mode(self.teacher), self.teacher_tap.capture() as t_maps:
             self.teacher(images)
         return [
             tuple(block.labels(t_maps[t_path]))
@@ -324,7 +325,7 @@ class SRMDistiller(nn.Module):
 
     def kd_loss(self, images: Tensor, targets: Tensor) -> Tensor:
         """Stage 3: Hinton KD from the teacher's logits."""
-        with torch.no_grad(), _eval_mode(self.teacher):
+        with torch.no_grad(), eval_mode(self.teacher):
             teacher_logits = self.teacher(images)
         return kd_loss(
             self.student(images), teacher_logits, targets, self.kd_temperature, self.kd_alpha
@@ -535,23 +536,6 @@ class SRMDistiller(nn.Module):
         """A copy of the student, in eval mode, with no SRM blocks and no hooks
         (the plain model, where a ``torch.compile`` wrapper was given)."""
         return copy.deepcopy(unwrap(self.student)).eval()
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """``model`` in eval mode for the block (the frozen teacher, as the stages
-    run it, also when an objective is called on its own); each module's mode is
-    restored after."""
-    training = [module for module in model.modules() if module.training]
-    if not training:
-        yield
-        return
-    model.eval()
-    try:
-        yield
-    finally:
-        for module in training:
-            module.training = True
 
 
 def _check_hyperparameters(

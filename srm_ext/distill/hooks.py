@@ -17,6 +17,7 @@ __all__ = [
     "FeatureMaps",
     "FeatureTap",
     "FeatureTapError",
+    "eval_mode",
     "parameters_except",
     "resolve_module",
     "unwrap",
@@ -273,16 +274,28 @@ class FeatureTap:
 
 
 @contextmanager
-def _eager_eval(model: nn.Module) -> Iterator[None]:
-    """``model`` in eval mode, and compiled models and modules run as the plain
-    ones (hooks included); its train/eval mode is restored after."""
-    was_training = model.training
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode for the block; each module's own mode is
+    restored after (a model in training may hold frozen parts in eval)."""
+    modes = [(module, module.training) for module in model.modules()]
+    if not any(training for _, training in modes):
+        yield
+        return
     model.eval()
     try:
-        with torch.compiler.set_stance("force_eager"):
-            yield
+        yield
     finally:
-        model.train(was_training)
+        model.train(modes[0][1])  # the model's own train(), which it may override
+        for module, training in modes:
+            module.training = training
+
+
+@contextmanager
+def _eager_eval(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode, and compiled models and modules run as the plain
+    ones (hooks included); each module's mode is restored after."""
+    with eval_mode(model), torch.compiler.set_stance("force_eager"):
+        yield
 
 
 class _NotAFeatureMap(TypeError):

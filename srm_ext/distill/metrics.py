@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from .hooks import eval_mode
 from .losses import check_logits
 from .trainer import image_batch
 
@@ -32,15 +33,13 @@ def accuracy(
     With a distributed ``context`` the counts are summed over its processes, so
     each process can evaluate its own shard of the held-out set (``make_loaders``
     shards it); every process must then call this function."""
-    was_training = model.training
-    model.eval()
     correct = total = 0
     if trainer is not None:
         trainer.follow(model.parameters())
         device = trainer.device
     else:
         device = next(model.parameters(), torch.empty(0)).device
-    try:
+    with eval_mode(model):
         for batch in loader:
             images, targets = image_batch(batch)
             if targets.dim() != 1:
@@ -57,8 +56,6 @@ def accuracy(
                 logits = model(images)
             correct += (check_logits(logits).argmax(dim=1) == targets).sum().item()
             total += targets.numel()
-    finally:
-        model.train(was_training)
     if context is not None and context.enabled:
         correct, total = context.sum([correct, total], device)
     return correct / max(total, 1)
