@@ -4,6 +4,7 @@ for the same data loaded again, different for any change a run would see."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -86,6 +87,16 @@ def test_an_image_tree_fingerprint_sees_replaced_added_and_removed_files(tmp_pat
         now = _fingerprint(**settings)
         assert now["train"]["size"] + now["test"]["size"] == images
         assert (fingerprint_differences(later, now) != []) == (images != 10)
+
+
+def test_an_image_tree_split_in_two_is_read_once(tmp_path, monkeypatch):
+    _write_tree(tmp_path)
+    splits = load_dataset(ExperimentConfig(dataset="imagefolder", data_path=str(tmp_path), image_size=6))
+    stats = []
+    stat = Path.stat
+    monkeypatch.setattr(Path, "stat", lambda self, **kw: stats.append(self) or stat(self, **kw))
+    fingerprint = dataset_fingerprint(splits)
+    assert len(stats) == 10 and fingerprint["train"] != fingerprint["test"]
 
 
 def test_a_dataset_of_another_kind_has_no_fingerprint():

@@ -23,9 +23,11 @@ def dataset_fingerprint(splits: DatasetSplits) -> dict[str, Any]:
     """Each split's size and a digest of its labels and images: their bytes
     where they are held in memory, and in an image tree, whose images are read
     as training goes, each file's path, size and modification time."""
+    # An image tree split 80/20 gives two subsets of one dataset: read it once.
+    contents: dict[int, str] = {}
     return {
-        "train": _split_fingerprint(splits.train),
-        "test": _split_fingerprint(splits.test),
+        "train": _split_fingerprint(splits.train, contents),
+        "test": _split_fingerprint(splits.test, contents),
         "classes": splits.num_classes,
         "image_shape": [splits.in_channels, splits.image_size, splits.image_size],
     }
@@ -50,17 +52,22 @@ def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> l
     return differences
 
 
-def _split_fingerprint(dataset: Dataset) -> dict[str, Any]:
-    digest = hashlib.sha256()
-    _add_to_digest(dataset, digest)
-    return {"size": len(dataset), "sha256": digest.hexdigest()}
-
-
-def _add_to_digest(dataset: Dataset, digest: Any) -> None:
-    if isinstance(dataset, Subset):
+def _split_fingerprint(dataset: Dataset, contents: dict[int, str]) -> dict[str, Any]:
+    """The split's size and the sha256 of its subset indices, outermost first,
+    and of the content digest of the dataset beneath them (kept in ``contents``)."""
+    size, digest = len(dataset), hashlib.sha256()
+    while isinstance(dataset, Subset):
         digest.update(repr(list(dataset.indices)).encode())
-        _add_to_digest(dataset.dataset, digest)
-    elif isinstance(dataset, TensorDataset):
+        dataset = dataset.dataset
+    if id(dataset) not in contents:
+        contents[id(dataset)] = _content_digest(dataset)
+    digest.update(contents[id(dataset)].encode())
+    return {"size": size, "sha256": digest.hexdigest()}
+
+
+def _content_digest(dataset: Dataset) -> str:
+    digest = hashlib.sha256()
+    if isinstance(dataset, TensorDataset):
         for tensor in dataset.tensors:
             _add_tensor(tensor, digest)
     elif isinstance(dataset, ImageFolderDataset):
@@ -69,6 +76,7 @@ def _add_to_digest(dataset: Dataset, digest: Any) -> None:
             digest.update(f"{path}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     else:
         raise TypeError(f"no fingerprint for a dataset of type {type(dataset).__name__}")
+    return digest.hexdigest()
 
 
 def _add_tensor(tensor: Tensor, digest: Any) -> None:
