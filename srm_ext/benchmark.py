@@ -387,7 +387,8 @@ def run_benchmarks(
                 min_ms=min(times) * 1e3 if times else None,
                 repeats=len(times or ()), peak_bytes=None,
                 first_call_ms=None if first is None else first * 1e3,
-                **({} if times else {"error": "out of memory"}),
+                # Left out of the timings only by running out of memory.
+                **({} if impl in timings else {"error": "out of memory"}),
             )
         if partial:
             partial(list(records.values()))

@@ -625,6 +625,15 @@ def test_an_implementation_out_of_gpu_memory_is_recorded_and_the_run_goes_on(tmp
     assert "out of memory" in (tmp_path / "t.md").read_text() and (tmp_path / "t.png").exists()
 
 
+@requires_native_cpu
+def test_a_run_with_no_timed_rounds_is_not_called_out_of_memory():
+    records = benchmark.run_benchmarks([TINY], ops=("sparse_labels",),
+                                       implementations=("native", "reference"),
+                                       min_repeats=0, min_seconds=0.0, max_repeats=0)
+    assert records and all(r["repeats"] == 0 and r["median_ms"] is None for r in records)
+    assert not any("error" in r for r in records)
+
+
 def test_first_calls_are_recorded_apart_from_the_timed_calls(monkeypatch):
     # torch.compile compiles in an implementation's first call: that call is
     # left out of the times and recorded on its own.
