@@ -4,8 +4,9 @@ Shapes and math: ``../shared/srm-spec.md``. Every function validates its
 arguments' shapes and dtypes, then calls ``torch.ops.srm_ext.*`` when a compiled
 kernel covers the input's device and dtype, else :mod:`srm_ext.reference` (with
 a one-time warning). Whichever runs checks the index and label ranges, so they
-are read once (a device sync on a GPU) and raise the same ``ValueError``. ``SRM_EXT_BACKEND=reference`` forces the reference. The compiled
-ops define a backward only: calls under forward-mode AD (``torch.func.jvp``,
+are read once (a device sync on a GPU) and raise the same ``ValueError``.
+``SRM_EXT_BACKEND=reference`` forces the reference. The compiled ops define a
+backward only: calls under forward-mode AD (``torch.func.jvp``,
 ``torch.autograd.forward_ad``) or ``torch.func.grad``/``vjp``/``jacrev`` run
 the reference, which supports them.
 
