@@ -317,6 +317,28 @@ def test_float64_models_build_and_train():
     assert loss.dtype == torch.float64
 
 
+
+def test_a_loader_of_float64_images_trains_float32_models_as_the_dry_run_feeds_them():
+    # numpy arrays give float64 images: every stage and the held-out accuracy
+    # take them as the dry run does, in the models' dtype, with the result of
+    # a float32 loader.
+    single = toy_loader()
+    images, labels = single.dataset.tensors
+    double = DataLoader(TensorDataset(images.double(), labels), batch_size=16, shuffle=True,
+                        generator=torch.Generator().manual_seed(0))
+    results = []
+    for loader in (single, double):
+        distiller = make_distiller()
+        history = distiller.fit(loader, 1, 1, 1, eval_loader=loader, **QUIET)
+        untimed = {key: [{k: v for k, v in row.items() if k != "time"} for row in rows]
+                   for key, rows in history.items()}
+        results.append((untimed, snapshot(distiller)))
+    (single_history, single_state), (double_history, double_state) = results
+    assert double_history == single_history
+    assert all(torch.equal(single_state[n], double_state[n]) for n in single_state)
+    student = make_distiller().student  # also without a trainer
+    assert accuracy(student, double) == accuracy(student, single)
+
 class ExtraOutputs(nn.Module):
     """A classifier returning its logits with something else, always (``always``)
     or, like torchvision's Inception, in training mode only."""

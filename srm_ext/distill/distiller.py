@@ -21,6 +21,7 @@ from .distiller_checkpoint import DistillerCheckpoint
 from .hooks import FeatureTap, eval_mode, parameters_except, unwrap, wrapped_module
 from .losses import check_logits, check_same_classes, kd_loss
 from .metrics import accuracy
+from .placement import model_input, module_device, module_dtype
 from .trainer import Stage, Trainer, image_batch
 
 __all__ = ["SRMDistiller", "DEFAULT_STAGE_CONFIGS"]
@@ -208,10 +209,7 @@ class SRMDistiller(nn.Module):
 
     def _dry_run_batch(self, example_input: Tensor) -> Tensor:
         """Two samples of ``example_input`` where the models are, in their dtype."""
-        batch = example_input[:2].to(module_device(self.teacher))
-        if batch.is_floating_point():  # integer inputs (token or class ids) stay integers
-            batch = batch.to(module_dtype(self.teacher))
-        return batch
+        return model_input(example_input[:2].to(module_device(self.teacher)), self.teacher)
 
     def _add_blocks(self, channels: list[tuple[int, int]], device: torch.device) -> None:
         """The SRM blocks of every pair from its (teacher, student) channel counts."""
@@ -274,7 +272,7 @@ class SRMDistiller(nn.Module):
         # The frozen teacher runs in eval mode, as the stages run it, also when
         # an objective is called on its own.
         with torch.no_grad(), eval_mode(self.teacher), self.teacher_tap.capture() as t_maps:
-            self.teacher(images)
+            self.teacher(model_input(images, self.teacher))
         losses = {
             name: block.loss(t_maps[t_path])
             for name, (t_path, _), block in zip(
@@ -287,7 +285,7 @@ class SRMDistiller(nn.Module):
     def teacher_labels(self, images: Tensor) -> list[tuple[Tensor, Tensor]]:
         """Stage-2 targets (pixel labels, image labels) per layer pair."""
         with eval_mode(self.teacher), self.teacher_tap.capture() as t_maps:
-            self.teacher(images)
+            self.teacher(model_input(images, self.teacher))
         return [
             tuple(block.labels(t_maps[t_path]))
             for (t_path, _), block in zip(self.layer_pairs, self.representations)
@@ -297,7 +295,7 @@ class SRMDistiller(nn.Module):
         """Stage 2: the student's sparse-code prediction loss, summed over pairs."""
         labels = self.teacher_labels(images)
         with self.student_tap.capture() as s_maps:
-            self.student(images)
+            self.student(model_input(images, self.student))
         if torch.is_grad_enabled():
             self._warn_of_maps_without_gradient(s_maps)
         losses = {
@@ -325,6 +323,7 @@ class SRMDistiller(nn.Module):
 
     def kd_loss(self, images: Tensor, targets: Tensor) -> Tensor:
         """Stage 3: Hinton KD from the teacher's logits."""
+        images = model_input(images, self.student)  # the teacher shares its dtype
         with torch.no_grad(), eval_mode(self.teacher):
             teacher_logits = self.teacher(images)
         return kd_loss(
@@ -632,12 +631,6 @@ def _first_images(loader: Iterable, why: str) -> Tensor:
     return image_batch(batch)[0]
 
 
-def module_device(module: nn.Module) -> torch.device:
-    for tensor in module.parameters():
-        return tensor.device
-    return torch.device("cpu")
-
-
 def _fingerprint(representation: SparseRepresentation) -> Tensor | None:
     """A few of its values, on the CPU: any training step or load changes them.
     None on the meta device, where there are no values (the blocks get theirs
@@ -654,10 +647,3 @@ def _block_dtype(model: nn.Module) -> torch.dtype:
     half-precision models included (the blocks cast the maps up)."""
     return torch.float64 if module_dtype(model) == torch.float64 else torch.float32
 
-
-def module_dtype(module: nn.Module) -> torch.dtype:
-    """The dtype of the module's first floating parameter (float32 if none)."""
-    for tensor in module.parameters():
-        if tensor.is_floating_point():
-            return tensor.dtype
-    return torch.float32

@@ -10,6 +10,7 @@ from torch import nn
 
 from .hooks import eval_mode
 from .losses import check_logits
+from .placement import model_input
 from .trainer import image_batch
 
 if TYPE_CHECKING:
@@ -28,7 +29,8 @@ def accuracy(
 ) -> float:
     """Top-1 accuracy of ``model`` over ``loader`` (eval mode; the previous mode is
     restored). ``trainer`` supplies the device, preprocessing and autocast; without
-    one, batches go to the model's device as they are.
+    one, batches go to the model's device. Floating images are cast to the
+    model's dtype.
 
     With a distributed ``context`` the counts are summed over its processes, so
     each process can evaluate its own shard of the held-out set (``make_loaders``
@@ -50,10 +52,10 @@ def accuracy(
             if trainer is not None:
                 images, targets = trainer.to_device(images, targets, train=False)
                 with trainer.autocast():
-                    logits = model(images)
+                    logits = model(model_input(images, model))
             else:
                 images, targets = images.to(device), targets.to(device)
-                logits = model(images)
+                logits = model(model_input(images, model))
             correct += (check_logits(logits).argmax(dim=1) == targets).sum().item()
             total += targets.numel()
     if context is not None and context.enabled:
