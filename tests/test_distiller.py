@@ -593,6 +593,35 @@ def test_targets_the_losses_cannot_take_are_refused_on_the_first_batch_of_stage_
         distiller.fit_dictionaries(loader, epochs=1, **QUIET)
 
 
+class _AlwaysClassZero(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.tensor([1.0, 0.0]))
+
+    def forward(self, x):
+        return self.bias.expand(len(x), 2)
+
+
+@pytest.mark.parametrize("batched_by", ["sampler", "batch_sampler"])
+def test_accuracy_over_distributed_sampler_shards_counts_each_sample_once(batched_by):
+    # 10 samples over 3 shards: DistributedSampler pads shards 1 and 2 with
+    # samples 0 and 1. Only sample 0 is of class 0, which the model predicts.
+    data = TensorDataset(torch.zeros(10, 1), torch.tensor([0] + [1] * 9))
+    counts = []
+    for rank in range(3):
+        sampler = DistributedSampler(data, num_replicas=3, rank=rank, shuffle=False)
+        loader = (
+            DataLoader(data, batch_size=2, sampler=sampler)
+            if batched_by == "sampler"
+            else DataLoader(data, batch_sampler=BatchSampler(sampler, 2, drop_last=False))
+        )
+        total = len(range(rank, 10, 3))
+        counts.append((round(accuracy(_AlwaysClassZero(), loader) * total), total))
+    # Shard 1 is 1, 4, 7 and then sample 0 again, which counted as a hit before.
+    assert counts == [(1, 4), (0, 3), (0, 3)]
+    assert sum(c for c, _ in counts) / sum(t for _, t in counts) == 0.1
+
+
 def test_class_probabilities_train_kd_and_accuracy_refuses_them():
     images, labels = toy_loader(n=16).dataset.tensors
     soft = DataLoader(TensorDataset(images, F.one_hot(labels, 4).float()), batch_size=8)

@@ -457,7 +457,8 @@ class SRMDistiller(nn.Module):
         arguments of :class:`Trainer` (not both) say how to run; ``eval_loader``
         adds the student's held-out accuracy to the metrics of stage 3 (under
         torch.distributed over the union of the processes' loaders, which may be
-        shards of the held-out set or each the whole of it).
+        shards of the held-out set, drawn by a DistributedSampler or any other,
+        or each the whole of it).
         ``checkpoint``: a file rewritten after every epoch; if it exists, the
         distiller's weights are loaded from it first, a stage it holds as finished
         is skipped and an unfinished one continues at its next epoch."""

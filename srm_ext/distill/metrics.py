@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from torch.utils.data import BatchSampler, DistributedSampler
 
 from .hooks import eval_mode
 from .losses import check_logits
@@ -34,8 +35,11 @@ def accuracy(
 
     With a distributed ``context`` the counts are summed over its processes, so
     each process can evaluate its own shard of the held-out set (``make_loaders``
-    shards it); every process must then call this function."""
+    shards it); every process must then call this function. A shard drawn by a
+    ``DistributedSampler`` counts its samples once: the repeats it pads the
+    last shards with are left out."""
     correct = total = 0
+    own_samples = _samples_before_padding(loader)
     if trainer is not None:
         trainer.follow(model.parameters())
         device = trainer.device
@@ -56,8 +60,26 @@ def accuracy(
             else:
                 images, targets = images.to(device), targets.to(device)
                 logits = model(model_input(images, model))
-            correct += (check_logits(logits).argmax(dim=1) == targets).sum().item()
+            predictions = check_logits(logits).argmax(dim=1)
+            if own_samples is not None:
+                kept = max(0, min(len(targets), own_samples - total))
+                predictions, targets = predictions[:kept], targets[:kept]
+            correct += (predictions == targets).sum().item()
             total += targets.numel()
     if context is not None and context.enabled:
         correct, total = context.sum([correct, total], device)
     return correct / max(total, 1)
+
+
+def _samples_before_padding(loader: Iterable) -> int | None:
+    """How many of the loader's samples come before the padding of its
+    ``DistributedSampler``, or None where it has none. That sampler makes the
+    shards equal by repeating the first samples at the end of the order, so a
+    process's padded samples are the last ones it is given."""
+    sampler = getattr(loader, "sampler", None)
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    if type(batch_sampler) is BatchSampler:  # keeps its sampler's order
+        sampler = batch_sampler.sampler
+    if not isinstance(sampler, DistributedSampler) or sampler.drop_last:
+        return None
+    return len(range(sampler.rank, len(sampler.dataset), sampler.num_replicas))
