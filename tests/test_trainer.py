@@ -240,6 +240,25 @@ def test_grad_scaler_path_unscales_before_clipping(monkeypatch, max_norm):
         assert min(plain.reduces) > max_norm  # every step was clipped
 
 
+def test_fp16_on_the_cpu_scales_the_loss_so_small_gradients_survive():
+    # A gradient of 1e-8 is below float16's smallest number: unscaled, the
+    # fp16 backward of the linear layer rounds it to zero and nothing trains.
+    torch.manual_seed(0)
+    net = nn.Linear(4, 2)
+    before = net.weight.detach().clone()
+    loader = DataLoader(TensorDataset(torch.randn(8, 4), torch.zeros(8, dtype=torch.long)),
+                        batch_size=8)
+    stage = cross_entropy_stage("tiny", net, StageConfig(epochs=1, weight_decay=0.0))
+    stage.objective = lambda images, _targets: 1e-8 * net(images).float().sum()
+    states = []
+    [metrics] = Trainer(**QUIET, amp="fp16").fit(
+        stage, loader, on_epoch_end=lambda _metrics, state: states.append(state)
+    )
+    assert metrics["grad_norm"] > 0
+    assert not torch.equal(net.weight, before)
+    assert states[0]["scaler"]["scale"] > 1  # saved, so a resumed run keeps it
+
+
 # ----------------------------------------------------------------------------- gradient norm
 
 

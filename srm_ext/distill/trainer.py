@@ -101,7 +101,7 @@ class Trainer:
         device: where batches go; ``None``: wherever the parameters of the stage
             being trained (or the model being evaluated) live.
         preprocess: ``preprocess(images, train)`` applied to each batch on the device.
-        amp: ``"none"``, ``"bf16"`` or ``"fp16"`` autocast (fp16 uses a GradScaler on CUDA).
+        amp: ``"none"``, ``"bf16"`` or ``"fp16"`` autocast (fp16 with a GradScaler).
         progress: show tqdm bars (main process only; off when stderr is not a TTY).
         context: the distributed context; gradients are averaged across its processes
             (once per optimiser step).
@@ -251,8 +251,9 @@ class Trainer:
     # ------------------------------------------------------------------ internals
 
     def _grad_scaler(self) -> torch.amp.GradScaler | None:
-        if self.amp == "fp16" and self.device.type == "cuda":
-            return torch.amp.GradScaler("cuda")
+        # fp16 gradients underflow on any device, the CPU included.
+        if self.amp == "fp16":
+            return torch.amp.GradScaler(self.device.type)
         return None
 
     def _train_epoch(
