@@ -170,8 +170,6 @@ FIT = {"dictionary": "fit_dictionaries", "init": "fit_student", "kd": "fit_kd"}
 @pytest.mark.parametrize(
     "stage, setting, value, change",
     [
-        ("dictionary", "sparsity_multiplier", 0.2, "distiller sparsity=[1, 1] -> [4, 4]"),
-        ("init", "sparsity_multiplier", 0.2, "distiller sparsity=[1, 1] -> [4, 4]"),
         ("init", "local_weight", 0.5, "distiller local_weight=[1.0, 1.0] -> [0.5, 0.5]"),
         ("init", "global_weight", 0.0, "distiller global_weight=[1.0, 1.0] -> [0.0, 0.0]"),
         ("kd", "kd_alpha", 0.5, "distiller kd_alpha=0.9 -> 0.5"),
@@ -190,6 +188,49 @@ def test_other_distiller_settings_of_a_stage_are_refused_by_name(tmp_path, stage
         )
 
 
+@pytest.mark.parametrize("stage", ["dictionary", "init", "kd"])
+def test_other_layer_pairs_of_the_same_shapes_are_refused_by_name(tmp_path, stage):
+    # Same channel counts, so the weights would load without a complaint.
+    path = tmp_path / "run.pt"
+    make_distiller().fit_dictionaries(toy_loader(), checkpoint=path, config=CONFIG, **QUIET)
+    other = make_distiller(pairs={"block1": "stage1", "block2": "stage2.2"})
+    before = snapshot(other)
+    message = (
+        "run.pt was written for the layer pairs block1 -> stage1, block2.layer1 -> stage2.1, "
+        "this distiller pairs block1 -> stage1, block2 -> stage2.2"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        getattr(other, FIT[stage])(toy_loader(), checkpoint=path, config=CONFIG, **QUIET)
+    assert not changed(before, other)
+
+
+@pytest.mark.parametrize("stage", ["dictionary", "init", "kd"])
+def test_another_k_is_refused_by_every_later_stage(tmp_path, stage):
+    # Stage 1 fitted the dictionaries keeping k codewords: stage 2's labels
+    # under another k would come from dictionaries fitted for something else.
+    path = tmp_path / "run.pt"
+    make_distiller().fit_dictionaries(toy_loader(), checkpoint=path, config=CONFIG, **QUIET)
+    message = "run.pt was written with k=[1, 1] codewords kept per pixel, this distiller keeps k=[4, 4]"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        getattr(make_distiller(sparsity_multiplier=0.2), FIT[stage])(
+            toy_loader(), checkpoint=path, config=CONFIG, **QUIET
+        )
+
+
+def test_a_checkpoint_without_the_layout_checks_k_per_stage(tmp_path):
+    # Files written before the layout was saved still hold each stage's k.
+    path = tmp_path / "run.pt"
+    make_distiller().fit_dictionaries(toy_loader(), checkpoint=path, config=CONFIG, **QUIET)
+    state = torch.load(path, weights_only=True)
+    del state["layout"]
+    torch.save(state, path)
+    message = "stage 'dictionary' was checkpointed with other settings (distiller sparsity=[1, 1] -> [4, 4])"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        make_distiller(sparsity_multiplier=0.2).fit_dictionaries(
+            toy_loader(), checkpoint=path, config=CONFIG, **QUIET
+        )
+
+
 def test_settings_a_stage_does_not_read_do_not_stop_its_resume(tmp_path, monkeypatch):
     # KD's alpha and temperature leave stage 1 as it was: its finished run is reused.
     path = tmp_path / "run.pt"
@@ -203,7 +244,7 @@ def test_settings_a_stage_does_not_read_do_not_stop_its_resume(tmp_path, monkeyp
     "distiller_settings, config, message",
     [
         ({}, CONFIG.replace(lr=1e-3), "checkpointed with other settings (lr=0.01 -> 0.001)"),
-        ({"sparsity_multiplier": 0.2}, CONFIG, "other settings (distiller sparsity=[1, 1] -> [4, 4])"),
+        ({"sparsity_multiplier": 0.2}, CONFIG, "written with k=[1, 1] codewords kept per pixel"),
         ({"codeword_multiplier": 4.0}, CONFIG, "other shapes ['representations.0.dictionary (12, 24) -> (12, 48)'"),
     ],
     ids=["stage settings", "distiller settings", "block shapes"],
@@ -225,7 +266,7 @@ def test_a_checkpoint_of_other_models_or_another_file_is_refused(tmp_path):
     path = tmp_path / "run.pt"
     make_distiller().fit_dictionaries(toy_loader(), epochs=1, checkpoint=path, **QUIET)
     other = make_distiller(pairs={"block1": "stage1"})
-    with pytest.raises(ValueError, match="written for other models or layer pairs"):
+    with pytest.raises(ValueError, match="written for the layer pairs"):
         other.fit_dictionaries(toy_loader(), epochs=1, checkpoint=path, **QUIET)
 
     foreign = tmp_path / "weights.pt"

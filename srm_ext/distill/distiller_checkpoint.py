@@ -1,10 +1,11 @@
 """Resumable training of :class:`~srm_ext.distill.SRMDistiller` from Python.
 
 One file holds a whole distillation: the weights of the student and the SRM
-blocks, and per stage its settings, the trainer's (mixed precision,
-accumulation, clipping) and the distiller's it computes with (k, loss
-weights, KD temperature and alpha), the metrics of every finished epoch and
-the optimiser/scheduler state, plus every process's RNG state. The teacher
+blocks with the layer pairs and k they were trained for, and per stage its
+settings, the trainer's (mixed precision, accumulation, clipping) and the
+distiller's it computes with (k, loss weights, KD temperature and alpha), the
+metrics of every finished epoch and the optimiser/scheduler state, plus every
+process's RNG state. The teacher
 never changes, so the file keeps a SHA-256 digest of its state rather than a
 copy, and a run is only resumed with the teacher it started with. It is
 rewritten atomically after each epoch, so an interrupted script that calls the
@@ -121,6 +122,7 @@ class DistillerCheckpoint:
                     "differ from this distiller's; load the teacher that run started with, "
                     "or pass a new path to start afresh"
                 )
+            self._check_layout(model)
             weights = _with_student_wrappers(self.state["model"], model)
             mismatch = _state_mismatch(weights, model)
             if mismatch:
@@ -161,6 +163,28 @@ class DistillerCheckpoint:
                 )
         return list(progress["history"]), progress["training"]
 
+    def _check_layout(self, model: nn.Module) -> None:
+        """The weights resume only into the layer pairs, and the k per pair, they
+        were trained for: other pairs of the same channel counts, or another k,
+        would load them without a shape to tell."""
+        saved = self.state.get("layout")
+        if saved is None:  # written before the layout was saved
+            return
+        current = _layout(model)
+        if saved["layer_pairs"] != current["layer_pairs"]:
+            raise ValueError(
+                f"{os.fspath(self.path)} was written for the layer pairs "
+                f"{_pairs_text(saved['layer_pairs'])}, this distiller pairs "
+                f"{_pairs_text(current['layer_pairs'])}; pass the same pairs to resume, "
+                "or another path to start afresh"
+            )
+        if saved["sparsity"] != current["sparsity"]:
+            raise ValueError(
+                f"{os.fspath(self.path)} was written with k={saved['sparsity']} codewords kept "
+                f"per pixel, this distiller keeps k={current['sparsity']}: pass the "
+                "sparsity_multiplier that run used to resume it, or another path to start afresh"
+            )
+
     def _check_settings(
         self, progress: dict[str, Any], model: nn.Module, key: str, config: StageConfig
     ) -> None:
@@ -199,6 +223,7 @@ class DistillerCheckpoint:
         one writes the file, the others wait for it)."""
         self.state["teacher"] = self._digest_of_teacher(model)
         self.state["model"] = _plain_state(model)
+        self.state["layout"] = _layout(model)
         self.state["stages"][key] = {
             "config": dataclasses.asdict(config),
             "trainer": self.trainer_settings,
@@ -219,6 +244,18 @@ class DistillerCheckpoint:
         if self._teacher_digest is None:
             self._teacher_digest = teacher_digest(unwrap(model.teacher))
         return self._teacher_digest
+
+
+def _layout(model: nn.Module) -> dict[str, list]:
+    """What the weights were trained for beside their shapes."""
+    return {
+        "layer_pairs": [list(pair) for pair in model.layer_pairs],
+        "sparsity": [rep.sparsity for rep in model.representations],
+    }
+
+
+def _pairs_text(pairs: list[list[str]]) -> str:
+    return ", ".join(f"{t_path} -> {s_path}" for t_path, s_path in pairs)
 
 
 def _plain_state(model: nn.Module) -> dict[str, Any]:
