@@ -948,6 +948,20 @@ def test_attention_transfer_loss_closed_form():
     assert attention_transfer_loss(a, 2.0 * a).item() == pytest.approx(0.0, abs=1e-7)
 
 
+@pytest.mark.parametrize("student_grid, teacher_grid", [((2, 2), (4, 4)), ((4, 4), (2, 2)), ((2, 4), (4, 2))])
+def test_attention_transfer_pools_the_larger_map_down_to_the_smaller_grid(student_grid, teacher_grid):
+    # As the authors' AT baseline does: the finer map is average-pooled, the
+    # coarser one is never upsampled.
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 3, *student_grid), torch.randn(2, 5, *teacher_grid)
+    grid = tuple(min(s, t) for s, t in zip(student_grid, teacher_grid))
+    expected = (
+        attention_map(F.adaptive_avg_pool2d(student, grid))
+        - attention_map(F.adaptive_avg_pool2d(teacher, grid))
+    ).pow(2).mean()
+    torch.testing.assert_close(attention_transfer_loss(student, teacher), expected)
+
+
 def test_attention_map_takes_absolute_values_for_any_power():
     # Channel 0 holds (-2, 1) over the two pixels, channel 1 holds (1, -1).
     features = torch.tensor([[-2.0, 1.0], [1.0, -1.0]]).reshape(1, 2, 1, 2)  # (N, C, H, W)

@@ -107,11 +107,13 @@ def attention_map(features: Tensor, p: int = 2) -> Tensor:
 
 
 def attention_transfer_loss(student_features: Tensor, teacher_features: Tensor) -> Tensor:
-    """Mean squared distance between the attention maps; the student map is
-    resized to the teacher's grid first when they differ."""
-    if student_features.shape[-2:] != teacher_features.shape[-2:]:
-        student_features = F.adaptive_avg_pool2d(
-            student_features, teacher_features.shape[-2:]
-        )
+    """Mean squared distance between the attention maps. Where the grids
+    differ, the finer map is average-pooled to the coarser grid, as in the SRM
+    authors' AT baseline (per dimension: pooling never upsamples)."""
+    grid = [min(s, t) for s, t in zip(student_features.shape[-2:], teacher_features.shape[-2:])]
+    if list(student_features.shape[-2:]) != grid:
+        student_features = F.adaptive_avg_pool2d(student_features, grid)
+    if list(teacher_features.shape[-2:]) != grid:
+        teacher_features = F.adaptive_avg_pool2d(teacher_features, grid)
     diff = attention_map(student_features) - attention_map(teacher_features)
     return diff.pow(2).mean()
