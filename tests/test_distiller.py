@@ -1015,6 +1015,20 @@ def test_default_stage_is_adam_with_the_papers_step_schedule():
 
 
 @pytest.mark.parametrize(
+    "stage, epochs, phases, weight_decay",
+    [("dictionary", 100, (10, 60, 30), 0.0), ("init", 160, (30, 100, 30), 1e-4),
+     ("kd", 200, (30, 100, 70), 1e-4)],
+)
+def test_the_distillers_stage_defaults_follow_the_authors_phases(stage, epochs, phases, weight_decay):
+    # The SRM authors' CIFAR runs: Adam at 1e-3, 1e-4 and 1e-5 for these
+    # epoch counts per stage; the defaults give the same split at any length.
+    config = DEFAULT_STAGE_CONFIGS[stage].replace(epochs=epochs)
+    want = [1e-3] * phases[0] + [1e-4] * phases[1] + [1e-5] * phases[2]
+    assert lrs_per_epoch(config) == pytest.approx(want, rel=1e-9)
+    assert config.optimizer == "adam" and config.weight_decay == weight_decay
+
+
+@pytest.mark.parametrize(
     "field, value, message",
     [
         ("lr", 0.0, "lr must be > 0"),
