@@ -106,6 +106,32 @@ def test_cifar100_folder_named_as_cifar10_is_a_config_error(tmp_path):
         load_dataset(config(dataset="cifar10", data_path=str(tmp_path)))
 
 
+def test_cifar10_folder_named_as_cifar100_is_a_config_error(tmp_path):
+    # Its labels 0..9 fit 100 classes too: only the batches' key tells.
+    _write_cifar_batch(tmp_path / "data_batch_1", 8, b"labels", 10, 1)
+    _write_cifar_batch(tmp_path / "test_batch", 3, b"labels", 10, 2)
+    expected = f"{tmp_path / 'data_batch_1'} holds b'labels', not b'fine_labels': a CIFAR-10 batch? use --dataset cifar10"
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        load_dataset(config(dataset="cifar100", data_path=str(tmp_path)))
+
+
+def test_cifar_training_batches_must_run_from_one_without_a_gap(tmp_path):
+    for i in (1, 2, 4):
+        _write_cifar_batch(tmp_path / f"data_batch_{i}", 6, b"labels", 10, i)
+    _write_cifar_batch(tmp_path / "test_batch", 4, b"labels", 10, 9)
+    with pytest.raises(ConfigError, match="has data_batch_4 but lacks data_batch_3;"):
+        load_dataset(config(dataset="cifar10", data_path=str(tmp_path)))
+    # A copy beside the batches is no batch; batch 10 comes after batch 9.
+    (tmp_path / "data_batch_4").rename(tmp_path / "data_batch_1.bak")
+    for i in range(3, 11):
+        _write_cifar_batch(tmp_path / f"data_batch_{i}", 1, b"labels", 10, i)
+    splits = load_dataset(config(dataset="cifar10", data_path=str(tmp_path)))
+    assert len(splits.train) == 12 + 8
+    with open(tmp_path / "data_batch_10", "rb") as f:
+        last = pickle.load(f, encoding="bytes")[b"data"][0].reshape(3, 32, 32)
+    assert torch.equal(splits.train[len(splits.train) - 1][0], torch.from_numpy(last))
+
+
 @pytest.mark.parametrize(
     "case, expected",
     [
@@ -315,6 +341,33 @@ def test_npz_without_known_arrays_is_an_error(tmp_path):
     np.savez(tmp_path / "bad.npz", foo=np.zeros(3))
     with pytest.raises(ConfigError, match="images and labels"):
         load_dataset(config(dataset="npz", data_path=str(tmp_path / "bad.npz")))
+
+
+@pytest.mark.parametrize("present", ["test_images", "test_labels"])
+def test_npz_held_out_images_without_their_labels_are_refused(tmp_path, present):
+    # Else the held-out set would silently become 20% of the training images.
+    images, labels = np.zeros((10, 4, 4), np.uint8), np.arange(10) % 2
+    held_out = {"test_images": images[:4]} if present == "test_images" else {"test_labels": labels[:4]}
+    np.savez(tmp_path / "d.npz", images=images, labels=labels, **held_out)
+    with pytest.raises(ConfigError, match=f"holds {present} but not test_"):
+        load_dataset(config(dataset="npz", data_path=str(tmp_path / "d.npz")))
+
+
+def test_npz_big_endian_uint16_images_are_scaled_as_little_endian_ones(tmp_path):
+    ramp = np.arange(0, 65536, 257, dtype=np.uint16)[:250].reshape(10, 5, 5)
+    loaded = []
+    for order in ("<u2", ">u2"):
+        np.savez(tmp_path / "d.npz", images=ramp.astype(order), labels=np.arange(10) % 2)
+        splits = load_dataset(config(dataset="npz", data_path=str(tmp_path / "d.npz")))
+        loaded.append(splits.train.tensors[0])
+    assert torch.equal(loaded[0], loaded[1]) and int(loaded[1].max()) > 200
+
+
+def test_npz_labels_beyond_any_class_count_are_refused(tmp_path):
+    labels = np.array([0, 1, 2**63 + 5, 1], dtype=np.uint64)
+    np.savez(tmp_path / "d.npz", images=np.zeros((4, 4, 4), np.uint8), labels=labels)
+    with pytest.raises(ConfigError, match="labels must be class indices below 2147483648; found 9.2"):
+        load_dataset(config(dataset="npz", data_path=str(tmp_path / "d.npz")))
 
 
 def test_npz_uint16_images_are_scaled_by_their_full_range(tmp_path):
@@ -542,6 +595,30 @@ def test_imagefolder_held_out_classes_must_be_training_classes(tmp_path):
     )
     with pytest.raises(ConfigError, match=re.escape(expected)):
         load_dataset(config(dataset="imagefolder", data_path=str(tmp_path)))
+
+
+@pytest.mark.parametrize("layout", ["classes", "splits"])
+def test_imagefolder_training_class_folders_without_images_are_refused(tmp_path, layout):
+    # Each would be a class the models output but never see.
+    train = tmp_path / "train" if layout == "splits" else tmp_path
+    _write_images(train, {"a": 4, "b": 4})
+    (train / "c").mkdir()
+    (train / "d").mkdir()
+    (train / "d" / "notes.txt").write_text("no image")
+    if layout == "splits":
+        _write_images(tmp_path / "test", {"a": 1})  # a held-out split may lack classes
+    expected = f"{str(train)!r}: class folder(s) c, d hold no images"
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        load_dataset(config(dataset="imagefolder", data_path=str(tmp_path)))
+
+
+def test_imagefolder_reads_tiff_images(tmp_path):
+    _write_images(tmp_path, {"a": 4, "b": 4})
+    from PIL import Image
+
+    Image.fromarray(np.full((7, 7, 3), 200, np.uint8)).save(tmp_path / "b" / "x.tif")
+    splits = load_dataset(config(dataset="imagefolder", data_path=str(tmp_path)))
+    assert len(splits.train) + len(splits.test) == 9
 
 
 @pytest.mark.parametrize("layout", ["classes", "splits"])

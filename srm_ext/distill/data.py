@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import zipfile
 import zlib
 from collections.abc import Sequence
@@ -63,7 +64,7 @@ __all__ = [
     "make_loaders",
 ]
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 HELD_OUT_SPLITS = ("test", "val", "valid", "validation")  # in order of preference
 # Folder names (any case) that mark an ImageFolder root as holding splits, not classes.
 SPLIT_NAMES = frozenset({"train", "training", "testing", *HELD_OUT_SPLITS})
@@ -109,7 +110,7 @@ class ImageFolderDataset(Dataset):
                 array = np.asarray(image, dtype=np.uint8)
         except ConfigError:
             raise
-        except (OSError, SyntaxError, ValueError) as exc:
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             # Pillow's messages ("Truncated File Read") do not say which file.
             raise ConfigError(f"{str(path)!r}: not a readable image ({exc})") from None
         return torch.from_numpy(array.copy()).permute(2, 0, 1), self.labels[index]
@@ -282,10 +283,8 @@ def load_cifar(root: Path, num_classes: int = 10) -> DatasetSplits:
     """CIFAR-10 (num_classes=10) or CIFAR-100 (100) from the python-pickle folder."""
     names = [p.name for p in root.iterdir()] if root.is_dir() else []
     if "test_batch" in names:
-        train_files = sorted(p for p in names if p.startswith("data_batch_"))
+        train_files = _cifar_training_batches(root, names)
         test_files = ["test_batch"]
-        if not train_files:
-            raise ConfigError(f"{str(root)!r} has test_batch but no data_batch_* files")
     elif "train" in names and "test" in names:
         train_files, test_files = ["train"], ["test"]
     else:
@@ -293,8 +292,9 @@ def load_cifar(root: Path, num_classes: int = 10) -> DatasetSplits:
             f"{str(root)!r} is not a CIFAR python folder (expected data_batch_1..5 and "
             "test_batch, or train and test)"
         )
-    train_x, train_y = _read_cifar_batches(root, train_files)
-    test_x, test_y = _read_cifar_batches(root, test_files)
+    label_key = b"labels" if num_classes == 10 else b"fine_labels"
+    train_x, train_y = _read_cifar_batches(root, train_files, label_key)
+    test_x, test_y = _read_cifar_batches(root, test_files, label_key)
     low, high = int(min(train_y.min(), test_y.min())), int(max(train_y.max(), test_y.max()))
     if low < 0 or high >= num_classes:
         hint = " (a CIFAR-100 folder? use --dataset cifar100)" if num_classes == 10 and high < 100 else ""
@@ -307,16 +307,42 @@ def load_cifar(root: Path, num_classes: int = 10) -> DatasetSplits:
     )
 
 
-def _read_cifar_batches(root: Path, files: list[str]) -> tuple[Tensor, Tensor]:
+def _cifar_training_batches(root: Path, names: list[str]) -> list[str]:
+    """The ``data_batch_<i>`` files in order of ``i``, which must run from 1 without
+    a gap: a lost batch would shrink the training set without a word. Other
+    names (``data_batch_1.bak``) are not batches."""
+    numbers = sorted(int(m[1]) for name in names if (m := re.fullmatch(r"data_batch_(\d+)", name)))
+    if not numbers:
+        raise ConfigError(f"{str(root)!r} has test_batch but no data_batch_<i> files")
+    missing = sorted(set(range(1, numbers[-1] + 1)) - set(numbers))
+    if missing:
+        listed = ", ".join(f"data_batch_{i}" for i in missing)
+        raise ConfigError(
+            f"{str(root)!r} has data_batch_{numbers[-1]} but lacks {listed}; expected "
+            "data_batch_1 to data_batch_N (CIFAR has 1..5)"
+        )
+    return [f"data_batch_{i}" for i in numbers]
+
+
+def _read_cifar_batches(root: Path, files: list[str], label_key: bytes) -> tuple[Tensor, Tensor]:
+    """Images and labels of CIFAR batch ``files``; ``label_key`` tells CIFAR-10's
+    ``b"labels"`` from CIFAR-100's ``b"fine_labels"``."""
+    other_key, other_name = (
+        (b"fine_labels", "cifar100") if label_key == b"labels" else (b"labels", "cifar10")
+    )
     images, labels = [], []
     for name in files:
         path = root / name
         batch = load_data_pickle(path)
         if not isinstance(batch, dict):
             raise ConfigError(f"{path} does not hold a CIFAR batch dict")
-        label_key = b"fine_labels" if b"fine_labels" in batch else b"labels"
+        if label_key not in batch and other_key in batch:
+            raise ConfigError(
+                f"{path} holds {other_key!r}, not {label_key!r}: a CIFAR-"
+                f"{other_name[5:]} batch? use --dataset {other_name}"
+            )
         if b"data" not in batch or label_key not in batch:
-            raise ConfigError(f"{path} lacks b'data' or b'labels'/b'fine_labels'")
+            raise ConfigError(f"{path} lacks b'data' or {label_key!r}")
         x, y = _cifar_arrays(batch[b"data"], batch[label_key], path, label_key)
         images.append(x)
         labels.append(y)
@@ -368,7 +394,16 @@ def _load_npz(path: Path, image_size: int | None) -> DatasetSplits:
             pairs = [("x_train", "y_train"), ("x_test", "y_test")]
         elif {"images", "labels"} <= keys:
             pairs = [("images", "labels")]
-            if {"test_images", "test_labels"} <= keys:
+            held_out = {"test_images", "test_labels"} & keys
+            if len(held_out) == 1:
+                # Else the held-out set would silently be a split of the training images.
+                (present,) = held_out
+                raise ConfigError(
+                    f"{str(path)!r} holds {present} but not "
+                    f"{'test_labels' if present == 'test_images' else 'test_images'}; "
+                    "expected both (the held-out set) or neither (20% of images is held out)"
+                )
+            if held_out:
                 pairs.append(("test_images", "test_labels"))
         else:
             raise ConfigError(
@@ -416,7 +451,7 @@ def _to_uint8_nchw(array: np.ndarray, path: Path, key: str) -> Tensor:
             "(N, H, W, C) or (N, C, H, W) with 1 or 3 channels"
         )
     # Datasets are held as uint8 to save memory: 16-bit images are rounded to 8 bits.
-    if array.dtype == np.uint16:
+    if array.dtype.kind == "u" and array.dtype.itemsize == 2:  # either byte order
         array = _uint16_to_uint8(array)
     elif array.dtype.kind == "f" and (array.size == 0 or 0 <= array.min() <= array.max() <= 1):
         array = np.rint(array.astype(np.float32) * 255).astype(np.uint8)
@@ -448,7 +483,17 @@ def _npz_labels(labels: np.ndarray, path: Path, key: str) -> Tensor:
         raise ConfigError(f"{where} are {labels.dtype}; labels must be integer class indices")
     if len(labels) and labels.min() < 0:
         raise ConfigError(f"{where}: labels must be >= 0; found {labels.min():g}")
+    if len(labels) and labels.max() >= _MAX_CLASSES:
+        # int64 would wrap the largest, and no classifier has this many outputs.
+        raise ConfigError(
+            f"{where}: labels must be class indices below {_MAX_CLASSES}; found {labels.max():g}"
+        )
     return torch.from_numpy(labels.astype(np.int64))
+
+
+# Labels at or above this are no class indices (numpy's uint64 or float
+# labels could pass int64's range).
+_MAX_CLASSES = 2**31
 
 
 def load_imagefolder(root: Path, image_size: int = 32) -> DatasetSplits:
@@ -465,7 +510,8 @@ def load_imagefolder(root: Path, image_size: int = 32) -> DatasetSplits:
                 "lacks; expected every held-out class to be a training class"
             )
         train = _folder_dataset(train_dir, classes, image_size)
-        test = _folder_dataset(test_dir, classes, image_size)
+        # The held-out split may lack a class, or hold no folder for it.
+        test = _folder_dataset(test_dir, classes, image_size, every_class=False)
         _require_two_classes(torch.tensor(train.labels), repr(str(train_dir)), classes)
     else:
         classes = _class_names(root)
@@ -531,16 +577,31 @@ def _class_names(root: Path) -> list[str]:
     return classes
 
 
-def _folder_dataset(root: Path, classes: list[str], size: int) -> ImageFolderDataset:
-    files, labels = [], []
+def _folder_dataset(
+    root: Path, classes: list[str], size: int, every_class: bool = True
+) -> ImageFolderDataset:
+    """The images under ``root/<class>/``. With ``every_class``, a class folder
+    without images is refused: it would be a class the models must output but
+    never see."""
+    files, labels, empty = [], [], []
     for label, name in enumerate(classes):
-        for f in sorted((root / name).rglob("*")):
-            hidden = any(_hidden(part) for part in f.relative_to(root / name).parts)
-            if f.suffix.lower() in IMAGE_SUFFIXES and not hidden:
-                files.append(f)
-                labels.append(label)
+        found = [
+            f
+            for f in sorted((root / name).rglob("*"))
+            if f.suffix.lower() in IMAGE_SUFFIXES
+            and not any(_hidden(part) for part in f.relative_to(root / name).parts)
+        ]
+        if not found and (root / name).is_dir():
+            empty.append(name)
+        files += found
+        labels += [label] * len(found)
     if not files:
         raise ConfigError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {str(root)!r}")
+    if every_class and empty:
+        raise ConfigError(
+            f"{str(root)!r}: class folder(s) {', '.join(empty)} hold no images "
+            f"({', '.join(IMAGE_SUFFIXES)}); remove them or add their images"
+        )
     return ImageFolderDataset(files, labels, size)
 
 
@@ -628,7 +689,7 @@ def _splits_from_tensors(
 
 
 def _channel_stats(images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    x = images.float() / 255.0
+    x = images.float().div_(255.0)  # in place: one float copy of the images, not two
     mean = x.mean(dim=(0, 2, 3))
     std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)
     return tuple(mean.tolist()), tuple(std.tolist())
