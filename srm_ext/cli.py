@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "npz as stored)")
     g.add_argument("--no-augment", dest="augment", action="store_false", default=None,
                    help="disable random translations/flips")
+    g.add_argument("--no-flip", dest="flip", action="store_false", default=None,
+                   help="keep the translations but disable the horizontal flips that 3-channel "
+                        "images get (for text, digits, signs: whatever a mirror changes)")
     g.add_argument("--train-limit", type=int,
                    help="use only N training samples, spread evenly over the training split")
     g.add_argument("--test-limit", type=int,

@@ -27,6 +27,7 @@ from srm_ext.distill import (
     load_trained_model,
     trained_model_names,
 )
+from srm_ext.distill import experiment
 from srm_ext.distill.config import error_line
 from srm_ext.distill.data import load_dataset
 from srm_ext.distill.models import build_model
@@ -308,12 +309,35 @@ def test_accumulation_and_clipping_settings_are_checked(field, value, message):
         ExperimentConfig(**{field: value})
 
 
-@pytest.mark.parametrize("field", ["augment", "quiet", "compile"])
+@pytest.mark.parametrize("field", ["augment", "flip", "quiet", "compile"])
 @pytest.mark.parametrize("value", ["false", 0, None])
 def test_yes_no_settings_must_be_booleans(field, value):
     # A hand-edited config.json's "false" is a true value in Python.
     with pytest.raises(ConfigError, match=re.escape(f"must be true or false, got {value!r}")):
         ExperimentConfig(**{field: value})
+
+
+@pytest.mark.parametrize("flags, augment, flip", [((), True, True), (("--no-flip",), True, False),
+                                                  (("--no-augment",), False, True)])
+def test_no_flip_keeps_the_translations_of_3_channel_images(tmp_path, monkeypatch, flags, augment, flip):
+    images = np.random.default_rng(0).integers(0, 256, (40, 3, 8, 8), dtype=np.uint8)
+    np.savez(tmp_path / "rgb.npz", images=images, labels=np.arange(40) % 2)
+    seen = {}
+
+    class Recorded(experiment.BatchPreprocessor):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seen.update(augment=self.augment, flip=self.flip)
+            raise Interrupt
+
+    monkeypatch.setattr(experiment, "BatchPreprocessor", Recorded)
+    args = build_parser().parse_args(
+        ["distill", "--dataset", "npz", "--data-path", str(tmp_path / "rgb.npz"),
+         "--output-dir", str(tmp_path / "run"), "--quiet", *flags]
+    )
+    with pytest.raises(Interrupt):
+        ExperimentRunner(build_config(args), log=lambda *_: None).run()
+    assert seen == {"augment": augment, "flip": flip}
 
 
 def test_quiet_run_resumes_with_progress(tmp_path):

@@ -128,7 +128,8 @@ class ExperimentConfig:
     dataset: str = "digits"  # digits | cifar10 | cifar100 | imagefolder | npz
     data_path: str | None = None
     image_size: int | None = None  # resize to SxS; None: digits 8, ImageFolder 32, others as stored
-    augment: bool = True
+    augment: bool = True  # random translations, and flips where `flip`
+    flip: bool = True  # with augment: horizontal flips of 3-channel (natural) images
     train_limit: int | None = None  # use only N training samples, spread evenly (smoke tests)
     test_limit: int | None = None
     # Channel mean and std that inputs in [0, 1] are normalised with; None:

@@ -209,7 +209,7 @@ class ExperimentRunner:
             self.splits.std,
             augment=cfg.augment,
             pad=max(1, self.splits.image_size // 8),
-            flip=self.splits.natural_images,
+            flip=cfg.flip and self.splits.natural_images,
         )
         self.trainer = Trainer(
             self.device,
