@@ -506,11 +506,24 @@ def test_outputs_of_a_run_without_its_checkpoint_need_overwrite(tmp_path, capsys
     capsys.readouterr()
     assert main([*flags, *resume, "--student-width", "0.1"]) == 2
     assert capsys.readouterr().err == (
-        f"srm-ext: error: {out} holds the results or models of an earlier run (no checkpoint "
-        "to resume); pass --overwrite to start again or choose another --output-dir\n"
+        f"srm-ext: error: {out} holds config.json, metrics.jsonl, results.json, results.md and "
+        "4 more, which this run would write, and no checkpoint to resume; pass --overwrite to "
+        "replace them or choose another --output-dir\n"
     )
     assert main([*flags, "--overwrite", "--student-width", "0.1"]) == 0
     assert sorted(path.name for path in (out / "models").glob("*.pt")) == ["scratch-seed0.pt", "teacher.pt"]
+
+
+@pytest.mark.parametrize("name", ["config.json", "metrics.jsonl"])
+def test_another_programs_file_of_a_name_the_run_writes_needs_overwrite(tmp_path, capsys, name):
+    # A model folder's config.json, say: replaced without a word before.
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / name).write_text('{"model_type": "bert"}\n')
+    flags = ["distill", *TINY_FLAGS, "--seeds", "0", "--methods", "scratch", "--output-dir", str(out)]
+    assert main(flags) == 2
+    assert f"{out} holds {name}, which this run would write" in capsys.readouterr().err
+    assert (out / name).read_text() == '{"model_type": "bert"}\n'
 
 
 def test_a_seed_does_not_depend_on_the_other_seeds_listed(tmp_path):

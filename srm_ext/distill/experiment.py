@@ -284,12 +284,16 @@ class ExperimentRunner:
                 f"{self.out} already holds a run; pass --resume to continue it or "
                 "--overwrite to start again"
             )
-        if self._previous_outputs() and not self.overwrite:
-            # Its checkpoint is gone, so nothing can be resumed, but its models
-            # would stand beside the new run's as if they were of it.
+        previous = self._previous_outputs()
+        if previous and not self.overwrite:
+            # An earlier run's checkpoint is gone, so nothing can be resumed,
+            # but its models would stand beside the new run's as if they were
+            # of it; or another program's files would be replaced.
+            names = [str(path.relative_to(self.out)) for path in previous]
+            listed = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
             raise ConfigError(
-                f"{self.out} holds the results or models of an earlier run (no checkpoint to "
-                "resume); pass --overwrite to start again or choose another --output-dir"
+                f"{self.out} holds {listed}, which this run would write, and no checkpoint to "
+                "resume; pass --overwrite to replace them or choose another --output-dir"
             )
         if self.resume:
             self._log(f"no checkpoint in {self.out}; starting a new run")
@@ -366,9 +370,13 @@ class ExperimentRunner:
         return resolved
 
     def _previous_outputs(self) -> list[Path]:
-        """What an earlier run wrote here (only files this runner writes), which
-        ``overwrite`` deletes so that no stale result or model outlives the new run."""
-        names = (CHECKPOINT, "results.json", "results.md", "loss_curves.png", "accuracy.png")
+        """The files here that a run writes (an earlier run's, or another
+        program's of the same name), which ``overwrite`` deletes so that no stale
+        result or model outlives the new run."""
+        names = (
+            CHECKPOINT, "config.json", "metrics.jsonl", "results.json", "results.md",
+            "loss_curves.png", "accuracy.png",
+        )
         found = [self.out / name for name in names if (self.out / name).exists()]
         return found + sorted((self.out / MODELS_DIR).glob("*.pt"))
 
