@@ -10,6 +10,7 @@
 // which at small K x D would all contend for the same few lines.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include "common.cuh"
@@ -130,7 +131,9 @@ inline cudaError_t plan_slice_grid(const void* kernel, int64_t num_codewords,
   const int64_t num_tiles = ceil_div(total_pixels, kTilePixels);
   const int64_t target_groups = ceil_div(
       kSliceBlocksPerMultiprocessor * multiprocessors, slices * ranges);
-  const int64_t tiles_per_block = ceil_div(num_tiles, target_groups);
+  // At least one: no pixels (which callers return before) must not divide by 0.
+  const int64_t tiles_per_block =
+      std::max<int64_t>(1, ceil_div(num_tiles, target_groups));
   const int64_t groups = ceil_div(num_tiles, tiles_per_block);
   if (groups > 0x7fffffff || slices > 65535 || ranges > 65535 ||
       codes_per_block > 0x7fffffff) {

@@ -42,10 +42,12 @@ void encode_fused(const at::Tensor& x, const at::Tensor& dictionary,
       loss_partials != nullptr ? loss_partials->data_ptr<float>() : nullptr,
       stream);
   // The per-pixel top-k lists live in shared memory; every GPU the kernels
-  // build for gives a block enough for k <= 64.
-  TORCH_CHECK(status != cudaErrorLaunchOutOfResources, "srm_ext CUDA: k = ",
-              k, " needs more shared memory per block than this GPU "
-              "allows; use k <= 64 on it");
+  // build for gives a block enough for k <= 64. Registers could run short
+  // too, so the message names both.
+  TORCH_CHECK(status != cudaErrorLaunchOutOfResources,
+              "srm_ext CUDA: the fused encode at k = ", k,
+              " needs more resources per block (shared memory or registers) "
+              "than this GPU allows; use k <= 64 on it");
   check_launch(status, "sparse_encode");
 }
 
