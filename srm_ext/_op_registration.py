@@ -12,6 +12,8 @@ its kin to :mod:`srm_ext.reference` instead (``_backend.needs_reference_autograd
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -35,13 +37,36 @@ def _grad_or_none(grad: Tensor, wanted: bool) -> Tensor | None:
 # --- fake kernels ----------------------------------------------------------
 
 
-@torch.library.register_fake(f"{_LIB}::sparse_encode")
+def _fake(op: str):
+    """Register a fake kernel for ``op``. It also serves as the op's Meta
+    kernel, which the dispatcher picks when any tensor argument is on the meta
+    device: with the others elsewhere, it would return empty (unwritten)
+    tensors there, so that mix is refused as the real kernels refuse it."""
+
+    def register(fake):
+        @functools.wraps(fake)
+        def checked(*args):
+            devices = {a.device.type for a in args if isinstance(a, Tensor)}
+            if "meta" in devices and len(devices) > 1:
+                others = ", ".join(sorted(devices - {"meta"}))
+                raise RuntimeError(
+                    f"{_LIB}::{op}: its tensors are on meta and {others}; expected them all "
+                    "on one device"
+                )
+            return fake(*args)
+
+        return torch.library.register_fake(f"{_LIB}::{op}")(checked)
+
+    return register
+
+
+@_fake("sparse_encode")
 def _(x, dictionary, intercept, k):
     n, _, h, w = x.shape
     return x.new_empty(n, h, w, k), x.new_empty(n, h, w, k, dtype=torch.int64)
 
 
-@torch.library.register_fake(f"{_LIB}::sparse_encode_backward")
+@_fake("sparse_encode_backward")
 def _(grad_values, values, indices, x, dictionary, intercept, output_mask):
     return (
         _masked_like(x, output_mask[0]),
@@ -50,13 +75,13 @@ def _(grad_values, values, indices, x, dictionary, intercept, output_mask):
     )
 
 
-@torch.library.register_fake(f"{_LIB}::sparse_decode")
+@_fake("sparse_decode")
 def _(values, indices, dictionary):
     n, h, w, _ = values.shape
     return values.new_empty(n, dictionary.shape[0], h, w)
 
 
-@torch.library.register_fake(f"{_LIB}::sparse_decode_backward")
+@_fake("sparse_decode_backward")
 def _(grad_output, values, indices, dictionary, output_mask):
     return (
         _masked(values, output_mask[0], *values.shape),
@@ -64,7 +89,7 @@ def _(grad_output, values, indices, dictionary, output_mask):
     )
 
 
-@torch.library.register_fake(f"{_LIB}::reconstruction_loss")
+@_fake("reconstruction_loss")
 def _(x, dictionary, intercept, k):
     n, _, h, w = x.shape
     return (
@@ -74,7 +99,7 @@ def _(x, dictionary, intercept, k):
     )
 
 
-@torch.library.register_fake(f"{_LIB}::reconstruction_loss_backward")
+@_fake("reconstruction_loss_backward")
 def _(grad_loss, x, dictionary, intercept, values, indices, output_mask):
     return (
         _masked_like(x, output_mask[0]),
@@ -83,7 +108,7 @@ def _(grad_loss, x, dictionary, intercept, values, indices, output_mask):
     )
 
 
-@torch.library.register_fake(f"{_LIB}::sparse_labels")
+@_fake("sparse_labels")
 def _(values, indices, num_codewords):
     n, h, w, _ = values.shape
     return (
@@ -92,7 +117,7 @@ def _(values, indices, num_codewords):
     )
 
 
-@torch.library.register_fake(f"{_LIB}::predictor_loss")
+@_fake("predictor_loss")
 def _(y, dictionary, intercept, pixel_labels, image_labels, local_weight, global_weight,
       output_mask):
     n, d, h, w = y.shape
@@ -114,7 +139,7 @@ def _(y, dictionary, intercept, pixel_labels, image_labels, local_weight, global
     )
 
 
-@torch.library.register_fake(f"{_LIB}::predictor_loss_backward")
+@_fake("predictor_loss_backward")
 def _(grad_loss, grad_y, grad_dictionary, grad_intercept, y, dictionary, output_mask):
     def scaled(unit, wanted):
         if not wanted:

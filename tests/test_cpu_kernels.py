@@ -224,6 +224,15 @@ def test_sums_past_float32s_range_are_inf_as_in_the_reference():
     assert loss.isinf() and loss == reference.predictor_loss(y, Cs, bs, pixel, image, big, 1.0)
 
 
+def test_a_loss_whose_sum_of_squares_passes_float32s_range_is_finite_in_both():
+    # 1000 squares of 1e18 sum to 1e39, past float32's range; their mean 1e36 is not.
+    x = torch.full((1, 10, 10, 10), 1e18)
+    C, b = torch.zeros(10, 4), torch.zeros(1)
+    loss = srm_ext.reconstruction_loss(x, C, b, 1)
+    assert loss.item() == pytest.approx(1e36, rel=1e-6)
+    torch.testing.assert_close(reference.reconstruction_loss(x, C, b, 1), loss)
+
+
 def test_predictor_image_loss_matches_reference_across_the_range_of_means():
     # One pixel per image, so each image mean is one sigmoid: from 0 (float32
     # sigmoids underflow below about -88.7) through 1e-35 to within 1e-7 of 1,
@@ -426,6 +435,32 @@ def test_repeated_runs_are_bitwise_identical():
     second = grads(lambda *a: srm_ext.reconstruction_loss(*a, k), (x, C, b))
     for a, b_ in zip(first, second):
         assert torch.equal(a, b_)
+
+
+@pytest.mark.parametrize(
+    "grad_loss, message",
+    [
+        (torch.tensor(1.0, device="meta"), "its tensors are on meta and cpu; expected them all on one device"),
+        (torch.tensor(1), "grad_loss must be float32 or float64 for the CPU kernels, got Long"),
+    ],
+    ids=["meta", "int64"],
+)
+def test_the_loss_backward_op_refuses_a_grad_loss_it_cannot_read(grad_loss, message):
+    # Meta dispatch returned unwritten CPU gradients; an integer is refused as
+    # the other backward ops refuse theirs.
+    x, C, b, k = make_inputs((2, 4, 3, 3, 6, 2), torch.float32, seed=5)
+    _, values, indices = torch.ops.srm_ext.reconstruction_loss(x, C, b, k)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.srm_ext.reconstruction_loss_backward(grad_loss, x, C, b, values, indices, [True] * 3)
+
+
+def test_ops_refuse_meta_tensors_beside_others():
+    # Such a call goes to the meta kernel, whose outputs would be unwritten.
+    x, C, b, k = make_inputs((2, 4, 3, 3, 6, 2), torch.float32, seed=5)
+    with pytest.raises(RuntimeError, match="sparse_encode: its tensors are on meta and cpu"):
+        torch.ops.srm_ext.sparse_encode(x, C.to("meta"), b, k)
+    values, indices = torch.ops.srm_ext.sparse_encode(*(t.to("meta") for t in (x, C, b)), k)
+    assert values.is_meta and values.shape == (2, 3, 3, k)  # all on meta: shapes only
 
 
 def test_backward_ops_name_a_tensor_of_another_dtype():

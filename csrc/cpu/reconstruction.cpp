@@ -78,6 +78,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss_backward(
   check_sparse_code(values, indices, num_codewords);
   check_code_covers(values, x, "x");
   check_same_dtype(x, "x", values, "values");
+  check_cpu_float(grad_loss, "grad_loss");
   TORCH_CHECK(grad_loss.numel() == 1, "grad_loss must have one element, got shape ",
               grad_loss.sizes());
   const bool want_x = output_mask[0], want_dict = output_mask[1], want_bias = output_mask[2];
