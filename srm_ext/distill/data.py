@@ -66,6 +66,9 @@ __all__ = [
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 HELD_OUT_SPLITS = ("test", "val", "valid", "validation")  # in order of preference
+# Labels at or above this are no class indices (numpy's uint64 or float labels
+# could pass int64's range).
+_MAX_CLASSES = 2**31
 # Folder names (any case) that mark an ImageFolder root as holding splits, not classes.
 SPLIT_NAMES = frozenset({"train", "training", "testing", *HELD_OUT_SPLITS})
 SPLIT_SEED = 0  # the held-out split never depends on the experiment seed
@@ -491,11 +494,6 @@ def _npz_labels(labels: np.ndarray, path: Path, key: str) -> Tensor:
     return torch.from_numpy(labels.astype(np.int64))
 
 
-# Labels at or above this are no class indices (numpy's uint64 or float
-# labels could pass int64's range).
-_MAX_CLASSES = 2**31
-
-
 def load_imagefolder(root: Path, image_size: int = 32) -> DatasetSplits:
     if not root.is_dir():
         raise ConfigError(f"{str(root)!r} is not a directory")
@@ -689,7 +687,8 @@ def _splits_from_tensors(
 
 
 def _channel_stats(images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    x = images.float().div_(255.0)  # in place: one float copy of the images, not two
+    # Divided in place: one float copy of the (uint8) images, not two.
+    x = images.to(torch.float32, copy=True).div_(255.0)
     mean = x.mean(dim=(0, 2, 3))
     std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)
     return tuple(mean.tolist()), tuple(std.tolist())
