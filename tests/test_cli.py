@@ -505,10 +505,14 @@ def test_outputs_of_a_run_without_its_checkpoint_need_overwrite(tmp_path, capsys
     (out / "checkpoint.pt").unlink()  # e.g. to save space
     capsys.readouterr()
     assert main([*flags, *resume, "--student-width", "0.1"]) == 2
+    # --resume starts again a run stopped before its first checkpoint, which
+    # leaves config.json and metrics.jsonl.
+    listed = "results.json, results.md, loss_curves.png, accuracy.png and 2 more" if resume else (
+        "config.json, metrics.jsonl, results.json, results.md and 4 more"
+    )
     assert capsys.readouterr().err == (
-        f"srm-ext: error: {out} holds config.json, metrics.jsonl, results.json, results.md and "
-        "4 more, which this run would write, and no checkpoint to resume; pass --overwrite to "
-        "replace them or choose another --output-dir\n"
+        f"srm-ext: error: {out} holds {listed}, which this run would write, and no checkpoint "
+        "to resume; pass --overwrite to replace them or choose another --output-dir\n"
     )
     assert main([*flags, "--overwrite", "--student-width", "0.1"]) == 0
     assert sorted(path.name for path in (out / "models").glob("*.pt")) == ["scratch-seed0.pt", "teacher.pt"]
@@ -524,6 +528,12 @@ def test_another_programs_file_of_a_name_the_run_writes_needs_overwrite(tmp_path
     assert main(flags) == 2
     assert f"{out} holds {name}, which this run would write" in capsys.readouterr().err
     assert (out / name).read_text() == '{"model_type": "bert"}\n'
+    if name == "config.json":  # --resume reads it as the run's settings, and refuses them
+        assert main([*flags, "--resume"]) == 2
+        assert "is not the config of a distill run: no run setting is named 'model_type'" in (
+            capsys.readouterr().err
+        )
+        assert (out / name).read_text() == '{"model_type": "bert"}\n'
 
 
 def test_a_seed_does_not_depend_on_the_other_seeds_listed(tmp_path):

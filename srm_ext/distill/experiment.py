@@ -13,6 +13,7 @@ or data that differ from the checkpoint's.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -59,6 +60,8 @@ __all__ = ["ExperimentRunner", "run_experiment", "parse_layer_pairs"]
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
+# Written when a run starts, before its first checkpoint.
+_RUN_RECORDS = ("config.json", "metrics.jsonl")
 _STATE_KEYS = {"format", "config", "finished", "history", "current", "weights"}
 
 
@@ -285,6 +288,10 @@ class ExperimentRunner:
                 "--overwrite to start again"
             )
         previous = self._previous_outputs()
+        if self.resume:
+            # A run stopped before its first checkpoint left these; --resume
+            # took its settings from that config.json and starts it again.
+            previous = [path for path in previous if path.name not in _RUN_RECORDS]
         if previous and not self.overwrite:
             # An earlier run's checkpoint is gone, so nothing can be resumed,
             # but its models would stand beside the new run's as if they were
@@ -373,10 +380,8 @@ class ExperimentRunner:
         """The files here that a run writes (an earlier run's, or another
         program's of the same name), which ``overwrite`` deletes so that no stale
         result or model outlives the new run."""
-        names = (
-            CHECKPOINT, "config.json", "metrics.jsonl", "results.json", "results.md",
-            "loss_curves.png", "accuracy.png",
-        )
+        names = (CHECKPOINT, *_RUN_RECORDS, "results.json", "results.md", "loss_curves.png",
+                 "accuracy.png")
         found = [self.out / name for name in names if (self.out / name).exists()]
         return found + sorted((self.out / MODELS_DIR).glob("*.pt"))
 
@@ -722,6 +727,14 @@ def _check_saved_config(config: Any, path: Path) -> None:
         raise ConfigError(
             f"{path} is malformed: the run config must be a dict of settings, "
             f"got a {type(config).__name__}"
+        )
+    # Another program's config.json (a model folder's, say) is no run to resume.
+    settings = {field.name for field in dataclasses.fields(ExperimentConfig)}
+    unknown = sorted(set(config) - settings - {"resolved"})
+    if unknown:
+        raise ConfigError(
+            f"{path} is not the config of a distill run: no run setting is named "
+            f"{', '.join(map(repr, unknown))}"
         )
     try:
         ExperimentConfig.from_dict({**ExperimentConfig().to_dict(), **config})
