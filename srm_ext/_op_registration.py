@@ -45,15 +45,16 @@ def _fake(op: str):
 
     def register(fake):
         @functools.wraps(fake)
-        def checked(*args):
-            devices = {a.device.type for a in args if isinstance(a, Tensor)}
+        def checked(*args, **kwargs):
+            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
+            devices = {t.device.type for t in tensors}
             if "meta" in devices and len(devices) > 1:
                 others = ", ".join(sorted(devices - {"meta"}))
                 raise RuntimeError(
                     f"{_LIB}::{op}: its tensors are on meta and {others}; expected them all "
                     "on one device"
                 )
-            return fake(*args)
+            return fake(*args, **kwargs)
 
         return torch.library.register_fake(f"{_LIB}::{op}")(checked)
 

@@ -66,9 +66,7 @@ def reconstruction_loss(
     values, indices = sparse_encode(x, dictionary, intercept, k)
     acc = _accumulation_dtype(x)
     x_hat = sparse_decode(values, indices, dictionary)
-    # Summed in float64, as the kernels sum: a float32 sum of squares could
-    # overflow where their mean does not.
-    return torch.mean((x_hat.to(acc) - x.to(acc)) ** 2, dtype=torch.float64).to(x.dtype)
+    return torch.mean((x_hat.to(acc) - x.to(acc)) ** 2).to(x.dtype)
 
 
 def sparse_labels(

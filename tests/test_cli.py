@@ -511,8 +511,8 @@ def test_outputs_of_a_run_without_its_checkpoint_need_overwrite(tmp_path, capsys
         "config.json, metrics.jsonl, results.json, results.md and 4 more"
     )
     assert capsys.readouterr().err == (
-        f"srm-ext: error: {out} holds {listed}, which this run would write, and no checkpoint "
-        "to resume; pass --overwrite to replace them or choose another --output-dir\n"
+        f"srm-ext: error: {out} holds {listed} (files a run writes) and no checkpoint to "
+        "resume; pass --overwrite to replace them or choose another --output-dir\n"
     )
     assert main([*flags, "--overwrite", "--student-width", "0.1"]) == 0
     assert sorted(path.name for path in (out / "models").glob("*.pt")) == ["scratch-seed0.pt", "teacher.pt"]
@@ -526,14 +526,15 @@ def test_another_programs_file_of_a_name_the_run_writes_needs_overwrite(tmp_path
     (out / name).write_text('{"model_type": "bert"}\n')
     flags = ["distill", *TINY_FLAGS, "--seeds", "0", "--methods", "scratch", "--output-dir", str(out)]
     assert main(flags) == 2
-    assert f"{out} holds {name}, which this run would write" in capsys.readouterr().err
+    assert f"{out} holds {name} (files a run writes)" in capsys.readouterr().err
     assert (out / name).read_text() == '{"model_type": "bert"}\n'
-    if name == "config.json":  # --resume reads it as the run's settings, and refuses them
-        assert main([*flags, "--resume"]) == 2
-        assert "is not the config of a distill run: no run setting is named 'model_type'" in (
-            capsys.readouterr().err
-        )
-        assert (out / name).read_text() == '{"model_type": "bert"}\n'
+    # --resume reads a config.json as the run's settings, and refuses these;
+    # without a run's config.json, a metrics.jsonl is no run's either.
+    assert main([*flags, "--resume"]) == 2
+    refusal = ("is not the config of a distill run: no run setting is named 'model_type'"
+               if name == "config.json" else f"{out} holds {name} (files a run writes)")
+    assert refusal in capsys.readouterr().err
+    assert (out / name).read_text() == '{"model_type": "bert"}\n'
 
 
 def test_a_seed_does_not_depend_on_the_other_seeds_listed(tmp_path):

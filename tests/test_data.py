@@ -123,6 +123,7 @@ def test_cifar_training_batches_must_run_from_one_without_a_gap(tmp_path):
         load_dataset(config(dataset="cifar10", data_path=str(tmp_path)))
     # A copy beside the batches is no batch; batch 10 comes after batch 9.
     (tmp_path / "data_batch_4").rename(tmp_path / "data_batch_1.bak")
+    (tmp_path / "data_batch_02").write_bytes((tmp_path / "data_batch_2").read_bytes())
     for i in range(3, 11):
         _write_cifar_batch(tmp_path / f"data_batch_{i}", 1, b"labels", 10, i)
     splits = load_dataset(config(dataset="cifar10", data_path=str(tmp_path)))
@@ -641,6 +642,22 @@ def test_imagefolder_unreadable_image_is_an_error_naming_it(tmp_path, damage):
     with pytest.raises(ConfigError, match=re.escape(f"{str(bad)!r}: not a readable image")):
         splits = load_dataset(config(dataset="imagefolder", data_path=str(tmp_path)))
         [splits.test[i] for i in range(len(splits.test))]
+
+
+def test_imagefolder_float_tiff_is_scaled_from_the_unit_range(tmp_path):
+    # convert("RGB") alone would truncate 0..1 floats to 0 and 1.
+    from PIL import Image
+
+    _write_images(tmp_path, {"a": 4, "b": 4})
+    ramp = np.linspace(0, 1, 49, dtype=np.float32).reshape(7, 7)
+    Image.fromarray(ramp).save(tmp_path / "b" / "ramp.tif")
+    Image.fromarray(ramp * 2).save(tmp_path / "a" / "bright.tif")
+    splits = load_dataset(config(dataset="imagefolder", data_path=str(tmp_path), image_size=7))
+    dataset = splits.train.dataset
+    image, _ = dataset[dataset.files.index(tmp_path / "b" / "ramp.tif")]
+    assert torch.equal(image[0], torch.from_numpy(np.rint(ramp * 255).astype(np.uint8)))
+    with pytest.raises(ConfigError, match=r"bright.tif': float image has values in \[0, 2\]"):
+        dataset[dataset.files.index(tmp_path / "a" / "bright.tif")]
 
 
 def test_imagefolder_16bit_png_is_scaled_by_65535(tmp_path):

@@ -317,7 +317,6 @@ def test_float64_models_build_and_train():
     assert loss.dtype == torch.float64
 
 
-
 def test_a_loader_of_float64_images_trains_float32_models_as_the_dry_run_feeds_them():
     # numpy arrays give float64 images: every stage and the held-out accuracy
     # take them as the dry run does, in the models' dtype, with the result of
@@ -338,6 +337,7 @@ def test_a_loader_of_float64_images_trains_float32_models_as_the_dry_run_feeds_t
     assert all(torch.equal(single_state[n], double_state[n]) for n in single_state)
     student = make_distiller().student  # also without a trainer
     assert accuracy(student, double) == accuracy(student, single)
+
 
 class ExtraOutputs(nn.Module):
     """A classifier returning its logits with something else, always (``always``)
@@ -620,6 +620,18 @@ def test_accuracy_over_distributed_sampler_shards_counts_each_sample_once(batche
     # Shard 1 is 1, 4, 7 and then sample 0 again, which counted as a hit before.
     assert counts == [(1, 4), (0, 3), (0, 3)]
     assert sum(c for c, _ in counts) / sum(t for _, t in counts) == 0.1
+
+
+def test_accuracy_counts_every_sample_of_a_sampler_whose_order_it_does_not_know():
+    # A subclass may shard otherwise: its last samples need not be the padding.
+    class Contiguous(DistributedSampler):
+        def __iter__(self):
+            per = self.num_samples
+            return iter(([*range(len(self.dataset))] * 2)[self.rank * per: (self.rank + 1) * per])
+
+    data = TensorDataset(torch.zeros(10, 1), torch.tensor([1] * 7 + [0] + [1] * 2))
+    loader = DataLoader(data, batch_size=2, sampler=Contiguous(data, num_replicas=3, rank=1))
+    assert accuracy(_AlwaysClassZero(), loader) == 0.25  # samples 4..7, of which 7 is a hit
 
 
 def test_class_probabilities_train_kd_and_accuracy_refuses_them():

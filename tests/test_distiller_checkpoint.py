@@ -10,7 +10,10 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
 from srm_ext.distill import StageConfig, Trainer
 from srm_ext.distill.distiller_checkpoint import teacher_digest
-from test_distiller import QUIET, changed, make_distiller, snapshot, toy_loader
+from srm_ext import SRMDistiller
+from test_distiller import (
+    QUIET, changed, make_distiller, snapshot, tiny_student, tiny_teacher, toy_loader,
+)
 
 # Three epochs with an lr step after the second: a resumed stage must restore the schedule too.
 CONFIG = StageConfig(epochs=3, lr=1e-2, schedule="step", milestones=(0.5,))
@@ -204,6 +207,20 @@ def test_other_layer_pairs_of_the_same_shapes_are_refused_by_name(tmp_path, stag
     assert not changed(before, other)
 
 
+def test_a_layer_pair_named_by_another_path_to_its_module_resumes(tmp_path):
+    # An alias (or a compile wrapper's _orig_mod.) names the same module.
+    def distiller(teacher_path):
+        torch.manual_seed(0)
+        teacher = tiny_teacher()
+        teacher.first_block = teacher.block1
+        return SRMDistiller(teacher, tiny_student(), {teacher_path: "stage1"}, input_shape=(1, 8, 8))
+
+    path = tmp_path / "run.pt"
+    history = distiller("block1").fit_dictionaries(toy_loader(), checkpoint=path, config=CONFIG, **QUIET)
+    again = distiller("first_block").fit_dictionaries(toy_loader(), checkpoint=path, config=CONFIG, **QUIET)
+    assert again == history
+
+
 @pytest.mark.parametrize("stage", ["dictionary", "init", "kd"])
 def test_another_k_is_refused_by_every_later_stage(tmp_path, stage):
     # Stage 1 fitted the dictionaries keeping k codewords: stage 2's labels
@@ -229,6 +246,21 @@ def test_a_checkpoint_without_the_layout_checks_k_per_stage(tmp_path):
         make_distiller(sparsity_multiplier=0.2).fit_dictionaries(
             toy_loader(), checkpoint=path, config=CONFIG, **QUIET
         )
+
+
+def test_a_stage_resumed_without_a_config_keeps_the_one_it_was_saved_with(tmp_path, monkeypatch):
+    # Files of a version whose defaults differed still resume (and skip a
+    # finished stage) when no config is given; a given one is still checked.
+    path = tmp_path / "run.pt"
+    older_defaults = StageConfig(epochs=2, weight_decay=0.0, milestones=(0.15, 0.65))
+    history = make_distiller().fit_dictionaries(toy_loader(), checkpoint=path,
+                                                config=older_defaults, **QUIET)
+    with pytest.raises(ValueError, match=re.escape("milestones=(0.15, 0.65) -> (0.1, 0.7)")):
+        make_distiller().fit_dictionaries(
+            toy_loader(), checkpoint=path, config={"epochs": 2}, **QUIET
+        )
+    monkeypatch.setattr(Trainer, "_train_epoch", lambda *a: pytest.fail("stage 1 trained again"))
+    assert make_distiller().fit_dictionaries(toy_loader(), checkpoint=path, **QUIET) == history
 
 
 def test_settings_a_stage_does_not_read_do_not_stop_its_resume(tmp_path, monkeypatch):

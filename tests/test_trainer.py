@@ -257,6 +257,10 @@ def test_fp16_on_the_cpu_scales_the_loss_so_small_gradients_survive():
     assert metrics["grad_norm"] > 0
     assert not torch.equal(net.weight, before)
     assert states[0]["scaler"]["scale"] > 1  # saved, so a resumed run keeps it
+    # A checkpoint saved before the CPU had a scaler resumes, with a warning.
+    stage.config = StageConfig(epochs=2, weight_decay=0.0)
+    with pytest.warns(UserWarning, match="resumes under fp16 with a loss scaler its checkpoint"):
+        Trainer(**QUIET, amp="fp16").fit(stage, loader, resume={**states[0], "scaler": {}})
 
 
 # ----------------------------------------------------------------------------- gradient norm

@@ -90,7 +90,8 @@ class DatasetSplits:
 
 class ImageFolderDataset(Dataset):
     """Images under ``root/<class>/``, read lazily with Pillow, converted to RGB and
-    resized to ``size`` x ``size``; 16-bit greyscale images are scaled by 65535."""
+    resized to ``size`` x ``size``; 16-bit greyscale images are scaled by 65535,
+    float ones (in [0, 1]) by 1."""
 
     def __init__(self, files: list[Path], labels: list[int], size: int) -> None:
         self.files = files
@@ -109,6 +110,9 @@ class ImageFolderDataset(Dataset):
                 if image.mode.startswith("I"):
                     # 16-bit greyscale (modes I;16*, I): convert("RGB") would clip at 255.
                     image = Image.fromarray(_16bit_image_to_uint8(image, path))
+                elif image.mode == "F":
+                    # Float greyscale (TIFF): convert("RGB") would truncate to whole numbers.
+                    image = Image.fromarray(_float_image_to_uint8(image, path))
                 image = image.convert("RGB").resize((self.size, self.size), Image.BILINEAR)
                 array = np.asarray(image, dtype=np.uint8)
         except ConfigError:
@@ -128,6 +132,16 @@ def _16bit_image_to_uint8(image, path: Path) -> np.ndarray:
             "expected 16-bit values in [0, 65535]"
         )
     return _uint16_to_uint8(array)
+
+
+def _float_image_to_uint8(image, path: Path) -> np.ndarray:
+    array = np.asarray(image)
+    if not (np.isfinite(array).all() and 0 <= array.min() <= array.max() <= 1):
+        raise ConfigError(
+            f"{str(path)!r}: float image has values in [{array.min():.4g}, {array.max():.4g}]; "
+            "expected values in [0, 1]"
+        )
+    return np.rint(array * 255).astype(np.uint8)
 
 
 def _uint16_to_uint8(array: np.ndarray) -> np.ndarray:
@@ -313,8 +327,10 @@ def load_cifar(root: Path, num_classes: int = 10) -> DatasetSplits:
 def _cifar_training_batches(root: Path, names: list[str]) -> list[str]:
     """The ``data_batch_<i>`` files in order of ``i``, which must run from 1 without
     a gap: a lost batch would shrink the training set without a word. Other
-    names (``data_batch_1.bak``) are not batches."""
-    numbers = sorted(int(m[1]) for name in names if (m := re.fullmatch(r"data_batch_(\d+)", name)))
+    names (``data_batch_1.bak``, ``data_batch_01``) are not batches."""
+    numbers = sorted(
+        int(m[1]) for name in names if (m := re.fullmatch(r"data_batch_([1-9][0-9]*)", name))
+    )
     if not numbers:
         raise ConfigError(f"{str(root)!r} has test_batch but no data_batch_<i> files")
     missing = sorted(set(range(1, numbers[-1] + 1)) - set(numbers))
@@ -330,9 +346,7 @@ def _cifar_training_batches(root: Path, names: list[str]) -> list[str]:
 def _read_cifar_batches(root: Path, files: list[str], label_key: bytes) -> tuple[Tensor, Tensor]:
     """Images and labels of CIFAR batch ``files``; ``label_key`` tells CIFAR-10's
     ``b"labels"`` from CIFAR-100's ``b"fine_labels"``."""
-    other_key, other_name = (
-        (b"fine_labels", "cifar100") if label_key == b"labels" else (b"labels", "cifar10")
-    )
+    other_key, other_classes = (b"fine_labels", 100) if label_key == b"labels" else (b"labels", 10)
     images, labels = [], []
     for name in files:
         path = root / name
@@ -341,8 +355,8 @@ def _read_cifar_batches(root: Path, files: list[str], label_key: bytes) -> tuple
             raise ConfigError(f"{path} does not hold a CIFAR batch dict")
         if label_key not in batch and other_key in batch:
             raise ConfigError(
-                f"{path} holds {other_key!r}, not {label_key!r}: a CIFAR-"
-                f"{other_name[5:]} batch? use --dataset {other_name}"
+                f"{path} holds {other_key!r}, not {label_key!r}: a CIFAR-{other_classes} "
+                f"batch? use --dataset cifar{other_classes}"
             )
         if b"data" not in batch or label_key not in batch:
             raise ConfigError(f"{path} lacks b'data' or {label_key!r}")

@@ -460,11 +460,12 @@ class SRMDistiller(nn.Module):
         arguments of :class:`Trainer` (not both) say how to run; ``eval_loader``
         adds the student's held-out accuracy to the metrics of stage 3 (under
         torch.distributed over the union of the processes' loaders, which may be
-        shards of the held-out set, drawn by a DistributedSampler or any other,
-        or each the whole of it).
+        shards of the held-out set, drawn without padding or by torch's
+        DistributedSampler, whose padding is not counted, or each the whole of it).
         ``checkpoint``: a file rewritten after every epoch; if it exists, the
         distiller's weights are loaded from it first, a stage it holds as finished
-        is skipped and an unfinished one continues at its next epoch."""
+        is skipped and an unfinished one continues at its next epoch; without
+        ``config``, a stage it holds keeps the settings it was saved with."""
         stage_fields = {field.name for field in dataclasses.fields(StageConfig)}
         stage_settings = sorted(set(trainer_kwargs) & stage_fields)
         if stage_settings:
@@ -492,6 +493,7 @@ class SRMDistiller(nn.Module):
         # the features to it.
         self.representations.to(module_device(self.teacher))
         self.predictors.to(module_device(self.student))
+        defaults_wanted = config is None
         config = _stage_config(key, config)
         if epochs is not None:
             config = config.replace(epochs=epochs)
@@ -503,6 +505,10 @@ class SRMDistiller(nn.Module):
         saver = None
         if checkpoint is not None:
             saver = DistillerCheckpoint(checkpoint, trainer)
+            saved = saver.stage_config(key) if defaults_wanted else None
+            if saved is not None:
+                # The defaults it started with, which another version may have changed.
+                config = saved if epochs is None else saved.replace(epochs=epochs)
             history, resume = saver.restore(self, key, config, loader)
             if resume is not None and resume["epoch"] >= config.epochs:
                 if trainer.log is not None:
@@ -650,4 +656,3 @@ def _block_dtype(model: nn.Module) -> torch.dtype:
     float64 model, whose maps float32 blocks would round; float32 otherwise,
     half-precision models included (the blocks cast the maps up)."""
     return torch.float64 if module_dtype(model) == torch.float64 else torch.float32
-

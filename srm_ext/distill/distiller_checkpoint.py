@@ -5,8 +5,7 @@ blocks with the layer pairs and k they were trained for, and per stage its
 settings, the trainer's (mixed precision, accumulation, clipping) and the
 distiller's it computes with (k, loss weights, KD temperature and alpha), the
 metrics of every finished epoch and the optimiser/scheduler state, plus every
-process's RNG state. The teacher
-never changes, so the file keeps a SHA-256 digest of its state rather than a
+process's RNG state. The teacher never changes, so the file keeps a SHA-256 digest of its state rather than a
 copy, and a run is only resumed with the teacher it started with. It is
 rewritten atomically after each epoch, so an interrupted script that calls the
 same ``fit_*`` methods with the same ``checkpoint=`` path again skips the
@@ -163,24 +162,32 @@ class DistillerCheckpoint:
                 )
         return list(progress["history"]), progress["training"]
 
+    def stage_config(self, key: str) -> StageConfig | None:
+        """The settings stage ``key`` was saved with, or None if it was not."""
+        progress = self.state["stages"].get(key)
+        if progress is None:
+            return None
+        names = {field.name for field in dataclasses.fields(StageConfig)}
+        return StageConfig(**{n: v for n, v in progress["config"].items() if n in names})
+
     def _check_layout(self, model: nn.Module) -> None:
         """The weights resume only into the layer pairs, and the k per pair, they
         were trained for: other pairs of the same channel counts, or another k,
         would load them without a shape to tell."""
         saved = self.state.get("layout")
-        if saved is None:  # written before the layout was saved
+        if not isinstance(saved, dict):  # written before the layout was saved
             return
         current = _layout(model)
-        if saved["layer_pairs"] != current["layer_pairs"]:
+        if saved.get("layer_pairs") != current["layer_pairs"]:
             raise ValueError(
                 f"{os.fspath(self.path)} was written for the layer pairs "
-                f"{_pairs_text(saved['layer_pairs'])}, this distiller pairs "
+                f"{_pairs_text(saved.get('layer_pairs') or [])}, this distiller pairs "
                 f"{_pairs_text(current['layer_pairs'])}; pass the same pairs to resume, "
                 "or another path to start afresh"
             )
-        if saved["sparsity"] != current["sparsity"]:
+        if saved.get("sparsity") != current["sparsity"]:
             raise ValueError(
-                f"{os.fspath(self.path)} was written with k={saved['sparsity']} codewords kept "
+                f"{os.fspath(self.path)} was written with k={saved.get('sparsity')} codewords kept "
                 f"per pixel, this distiller keeps k={current['sparsity']}: pass the "
                 "sparsity_multiplier that run used to resume it, or another path to start afresh"
             )
@@ -247,9 +254,11 @@ class DistillerCheckpoint:
 
 
 def _layout(model: nn.Module) -> dict[str, list]:
-    """What the weights were trained for beside their shapes."""
+    """What the weights were trained for beside their shapes: the pairs by the
+    plain models' paths, which a compile wrapper or an alias does not change."""
+    pairs = zip(model.teacher_tap.plain_paths(), model.student_tap.plain_paths())
     return {
-        "layer_pairs": [list(pair) for pair in model.layer_pairs],
+        "layer_pairs": [list(pair) for pair in pairs],
         "sparsity": [rep.sparsity for rep in model.representations],
     }
 

@@ -164,6 +164,14 @@ class ExperimentRunner:
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{path} is not valid JSON ({exc})") from None
         _check_saved_config(config, path)
+        # Another program's config.json (a model folder's, say) is no run to resume.
+        settings = {field.name for field in dataclasses.fields(ExperimentConfig)}
+        unknown = sorted(set(config) - settings - {"resolved"})
+        if unknown:
+            raise ConfigError(
+                f"{path} is not the config of a distill run: no run setting is named "
+                f"{', '.join(map(repr, unknown))}"
+            )
         return config
 
     # ------------------------------------------------------------------ driver
@@ -288,9 +296,9 @@ class ExperimentRunner:
                 "--overwrite to start again"
             )
         previous = self._previous_outputs()
-        if self.resume:
-            # A run stopped before its first checkpoint left these; --resume
-            # took its settings from that config.json and starts it again.
+        if self.resume and self.saved_config(self.out) is not None:
+            # A run stopped before its first checkpoint left these: --resume
+            # takes its settings from that config.json and starts it again.
             previous = [path for path in previous if path.name not in _RUN_RECORDS]
         if previous and not self.overwrite:
             # An earlier run's checkpoint is gone, so nothing can be resumed,
@@ -299,8 +307,8 @@ class ExperimentRunner:
             names = [str(path.relative_to(self.out)) for path in previous]
             listed = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
             raise ConfigError(
-                f"{self.out} holds {listed}, which this run would write, and no checkpoint to "
-                "resume; pass --overwrite to replace them or choose another --output-dir"
+                f"{self.out} holds {listed} (files a run writes) and no checkpoint to resume; "
+                "pass --overwrite to replace them or choose another --output-dir"
             )
         if self.resume:
             self._log(f"no checkpoint in {self.out}; starting a new run")
@@ -727,14 +735,6 @@ def _check_saved_config(config: Any, path: Path) -> None:
         raise ConfigError(
             f"{path} is malformed: the run config must be a dict of settings, "
             f"got a {type(config).__name__}"
-        )
-    # Another program's config.json (a model folder's, say) is no run to resume.
-    settings = {field.name for field in dataclasses.fields(ExperimentConfig)}
-    unknown = sorted(set(config) - settings - {"resolved"})
-    if unknown:
-        raise ConfigError(
-            f"{path} is not the config of a distill run: no run setting is named "
-            f"{', '.join(map(repr, unknown))}"
         )
     try:
         ExperimentConfig.from_dict({**ExperimentConfig().to_dict(), **config})

@@ -177,6 +177,13 @@ class FeatureTap:
         self._modules = {path: resolve_module(model, path, role) for path in self.paths}
         self._all_modules = list(model.modules())  # searched for compiled ones at each capture
 
+    def plain_paths(self) -> list[str]:
+        """Each tapped module's path as the plain model names it first: the
+        same for a path through a ``torch.compile`` wrapper (``_orig_mod.``)
+        or an alias attribute."""
+        first_names = {id(module): name for name, module in unwrap(self.model).named_modules()}
+        return [first_names.get(id(self._modules[path]), path) for path in self.paths]
+
     @contextmanager
     def capture(self) -> Iterator[FeatureMaps]:
         """Hooks the tapped modules while the block runs. The maps hold the last

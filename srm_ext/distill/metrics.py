@@ -11,7 +11,7 @@ from torch.utils.data import BatchSampler, DistributedSampler
 
 from .hooks import eval_mode
 from .losses import check_logits
-from .placement import model_input
+from .placement import model_input, module_device
 from .trainer import image_batch
 
 if TYPE_CHECKING:
@@ -35,16 +35,16 @@ def accuracy(
 
     With a distributed ``context`` the counts are summed over its processes, so
     each process can evaluate its own shard of the held-out set (``make_loaders``
-    shards it); every process must then call this function. A shard drawn by a
-    ``DistributedSampler`` counts its samples once: the repeats it pads the
-    last shards with are left out."""
+    shards it); every process must then call this function. A shard drawn by
+    torch's ``DistributedSampler`` counts its samples once: the repeats it pads
+    the last shards with are left out."""
     correct = total = 0
     own_samples = _samples_before_padding(loader)
     if trainer is not None:
         trainer.follow(model.parameters())
         device = trainer.device
     else:
-        device = next(model.parameters(), torch.empty(0)).device
+        device = module_device(model)
     with eval_mode(model):
         for batch in loader:
             images, targets = image_batch(batch)
@@ -80,6 +80,12 @@ def _samples_before_padding(loader: Iterable) -> int | None:
     batch_sampler = getattr(loader, "batch_sampler", None)
     if type(batch_sampler) is BatchSampler:  # keeps its sampler's order
         sampler = batch_sampler.sampler
-    if not isinstance(sampler, DistributedSampler) or sampler.drop_last:
+    # Only torch's own order is known (a subclass may shard otherwise), and
+    # only where batches arrive in it.
+    if (
+        type(sampler) is not DistributedSampler
+        or sampler.drop_last
+        or getattr(loader, "in_order", True) is False
+    ):
         return None
     return len(range(sampler.rank, len(sampler.dataset), sampler.num_replicas))

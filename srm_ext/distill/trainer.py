@@ -16,6 +16,7 @@ import math
 import numbers
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -101,7 +102,7 @@ class Trainer:
         device: where batches go; ``None``: wherever the parameters of the stage
             being trained (or the model being evaluated) live.
         preprocess: ``preprocess(images, train)`` applied to each batch on the device.
-        amp: ``"none"``, ``"bf16"`` or ``"fp16"`` autocast (fp16 with a GradScaler).
+        amp: ``"none"``, ``"bf16"`` or ``"fp16"`` autocast (fp16 with a GradScaler on the CPU and CUDA).
         progress: show tqdm bars (main process only; off when stderr is not a TTY).
         context: the distributed context; gradients are averaged across its processes
             (once per optimiser step).
@@ -208,6 +209,14 @@ class Trainer:
             scheduler.load_state_dict(resume["scheduler"])
             if scaler is not None and resume.get("scaler"):
                 scaler.load_state_dict(resume["scaler"])
+            elif scaler is not None and int(resume["epoch"]) > 0:
+                # Saved before fp16 on the CPU had a scaler.
+                warnings.warn(
+                    f"stage {stage.name!r} resumes under fp16 with a loss scaler its "
+                    "checkpoint did not have: the result will differ from an "
+                    "uninterrupted run",
+                    stacklevel=2,
+                )
             start_epoch = int(resume["epoch"])
         history = []
         for epoch in range(start_epoch, stage.config.epochs):
@@ -251,8 +260,8 @@ class Trainer:
     # ------------------------------------------------------------------ internals
 
     def _grad_scaler(self) -> torch.amp.GradScaler | None:
-        # fp16 gradients underflow on any device, the CPU included.
-        if self.amp == "fp16":
+        # fp16 gradients underflow on any device; the scaler runs on these.
+        if self.amp == "fp16" and self.device.type in ("cpu", "cuda"):
             return torch.amp.GradScaler(self.device.type)
         return None
 
