@@ -5,15 +5,15 @@ blocks with the layer pairs and k they were trained for, and per stage its
 settings, the trainer's (mixed precision, accumulation, clipping) and the
 distiller's it computes with (k, loss weights, KD temperature and alpha), the
 metrics of every finished epoch and the optimiser/scheduler state, plus every
-process's RNG state. The teacher never changes, so the file keeps a SHA-256 digest of its state rather than a
-copy, and a run is only resumed with the teacher it started with. It is
-rewritten atomically after each epoch, so an interrupted script that calls the
-same ``fit_*`` methods with the same ``checkpoint=`` path again skips the
-finished stages, continues the interrupted one at its next epoch and ends with
-the weights an uninterrupted run would have. A loader that shuffles with its
-own ``generator`` has that generator's state saved and restored too. Weights
-and digest are those of the plain models, so a run resumes whether or not
-either model is compiled.
+process's RNG state. The teacher never changes, so the file keeps a SHA-256
+digest of its state rather than a copy, and a run is only resumed with the
+teacher it started with. It is rewritten atomically after each epoch, so an
+interrupted script that calls the same ``fit_*`` methods with the same
+``checkpoint=`` path again skips the finished stages, continues the
+interrupted one at its next epoch and ends with the weights an uninterrupted
+run would have. A loader that shuffles with its own ``generator`` has that
+generator's state saved and restored too. Weights and digest are those of the
+plain models, so a run resumes whether or not either model is compiled.
 """
 
 from __future__ import annotations
