@@ -102,7 +102,8 @@ class Trainer:
         device: where batches go; ``None``: wherever the parameters of the stage
             being trained (or the model being evaluated) live.
         preprocess: ``preprocess(images, train)`` applied to each batch on the device.
-        amp: ``"none"``, ``"bf16"`` or ``"fp16"`` autocast (fp16 with a GradScaler on the CPU and CUDA).
+        amp: ``"none"``, ``"bf16"`` or ``"fp16"`` autocast (fp16 with a GradScaler
+            on the CPU and CUDA).
         progress: show tqdm bars (main process only; off when stderr is not a TTY).
         context: the distributed context; gradients are averaged across its processes
             (once per optimiser step).
