@@ -141,7 +141,12 @@ def _float_image_to_uint8(image, path: Path) -> np.ndarray:
             f"{str(path)!r}: float image has values in [{array.min():.4g}, {array.max():.4g}]; "
             "expected values in [0, 1]"
         )
-    return np.rint(array * 255).astype(np.uint8)
+    return _unit_floats_to_uint8(array)
+
+
+def _unit_floats_to_uint8(array: np.ndarray) -> np.ndarray:
+    """Floats in [0, 1] as 8-bit values, rounded to the nearest."""
+    return np.rint(array.astype(np.float32) * 255).astype(np.uint8)
 
 
 def _uint16_to_uint8(array: np.ndarray) -> np.ndarray:
@@ -471,7 +476,7 @@ def _to_uint8_nchw(array: np.ndarray, path: Path, key: str) -> Tensor:
     if array.dtype.kind == "u" and array.dtype.itemsize == 2:  # either byte order
         array = _uint16_to_uint8(array)
     elif array.dtype.kind == "f" and (array.size == 0 or 0 <= array.min() <= array.max() <= 1):
-        array = np.rint(array.astype(np.float32) * 255).astype(np.uint8)
+        array = _unit_floats_to_uint8(array)
     elif array.dtype.kind in "iu" and array.size and 0 <= array.min() <= array.max() <= 255:
         array = array.astype(np.uint8)  # 8-bit values in a wider type (numpy's default int64)
     elif array.dtype != np.uint8:
