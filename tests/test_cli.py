@@ -75,7 +75,7 @@ def test_distill_quick_preset_end_to_end(tmp_path):
     resolved = config["resolved"]  # what "auto" and the defaults turned into
     assert resolved["device"] == "cpu" and resolved["threads"] == 1 and resolved["processes"] == 1
     assert resolved["layer_pairs"] and all(":" in pair for pair in resolved["layer_pairs"])
-    assert resolved["image_size"] == 8
+    assert resolved["image_size"] == 8 and resolved["class_names"] == list("0123456789")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     stages = {r["stage"] for r in records}
     assert {"teacher", "scratch", "kd", "srm-dictionary", "srm-init", "srm-kd"} <= stages
@@ -602,6 +602,29 @@ def test_a_teacher_from_a_run_on_other_data_is_loaded_with_a_warning(tmp_path):
     ExperimentRunner(config, log=lines.append).run()
     warnings = [line for line in lines if line.startswith("warning: the teacher's run normalised")]
     assert len(warnings) == 1 and "(other data?)" in warnings[0]
+
+
+def test_a_teacher_from_a_run_on_other_classes_is_refused(tmp_path):
+    first = tmp_path / "first"
+    config = ExperimentConfig(**{**TINY_CONFIG, "methods": ["scratch"]}, output_dir=str(first))
+    ExperimentRunner(config, log=lambda *_: None).run()
+    later = dict(**{**TINY_CONFIG, "methods": ["scratch"]}, teacher_weights=str(first))
+    # At another image size the teacher loads, with a warning.
+    lines = []
+    ExperimentRunner(ExperimentConfig(**later, image_size=10, output_dir=str(tmp_path / "resized")),
+                     log=lines.append).run()
+    warnings = [line for line in lines if line.startswith("warning: the teacher's run")]
+    assert len(warnings) == 1 and "trained on 8x8 images, this run uses 10x10" in warnings[0]
+    # The same number of classes under other names: its outputs would mean other classes.
+    settings = json.loads((first / "config.json").read_text())
+    settings["resolved"]["class_names"][3:5] = ["four", "three"]
+    (first / "config.json").write_text(json.dumps(settings))
+    with pytest.raises(ConfigError, match=re.escape(
+        "--teacher-weights: the teacher's run learnt other classes than this run's data has "
+        "(output 3 is 'four' there, '3' here)"
+    )):
+        ExperimentRunner(ExperimentConfig(**later, output_dir=str(tmp_path / "other")),
+                         log=lambda *_: None).run()
 
 
 def test_existing_run_needs_resume_or_overwrite(tmp_path, capsys):

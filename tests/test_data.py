@@ -43,6 +43,7 @@ def test_digits():
     splits = load_dataset(config(dataset="digits"))
     check_splits(splits, 1437, 360, 10, 1, 8)
     assert not splits.natural_images
+    assert splits.class_names == tuple("0123456789")
     upsampled = load_dataset(config(dataset="digits", image_size=16, train_limit=10, test_limit=5))
     check_splits(upsampled, 10, 5, 10, 1, 16)
 
@@ -97,6 +98,27 @@ def test_cifar100_python_folder(tmp_path):
     _write_cifar_batch(tmp_path / "test", 3, b"fine_labels", 100, 2)
     splits = load_dataset(config(dataset="cifar100", data_path=str(tmp_path)))
     check_splits(splits, 8, 3, 100, 3, 32)
+
+
+@pytest.mark.parametrize("classes, meta_file, key", [(10, "batches.meta", b"label_names"),
+                                                     (100, "meta", b"fine_label_names")])
+def test_cifar_class_names_come_from_its_meta_file(tmp_path, classes, meta_file, key):
+    label_key = b"labels" if classes == 10 else b"fine_labels"
+    _write_cifar_batch(tmp_path / "train", 8, label_key, classes, 1)
+    _write_cifar_batch(tmp_path / "test", 3, label_key, classes, 2)
+    settings = config(dataset=f"cifar{classes}", data_path=str(tmp_path))
+    assert load_dataset(settings).class_names is None  # no meta file
+    names = [f"class {i}".encode() for i in range(classes)]
+    for meta, expected in [
+        ({key: names, b"coarse_label_names": [b"x"]}, tuple(f"class {i}" for i in range(classes))),
+        ({key: names[:-1]}, None),  # not one name per class: names nothing
+        ({b"num_vis": 3072}, None),
+    ]:
+        with open(tmp_path / meta_file, "wb") as f:
+            pickle.dump(meta, f)
+        assert load_dataset(settings).class_names == expected
+    (tmp_path / meta_file).write_bytes(b"not a pickle")  # names only label results: not refused
+    assert load_dataset(settings).class_names is None
 
 
 def test_cifar100_folder_named_as_cifar10_is_a_config_error(tmp_path):
@@ -202,6 +224,29 @@ def test_npz_train_test_arrays_grey(tmp_path):
     )
     splits = load_dataset(config(dataset="npz", data_path=str(tmp_path / "d.npz")))
     check_splits(splits, 10, 4, 3, 1, 5)
+
+
+@pytest.mark.parametrize("held_out", [False, True])
+def test_npz_class_names_label_the_classes(tmp_path, held_out):
+    rng = np.random.default_rng(0)
+    arrays = dict(images=rng.integers(0, 256, (12, 5, 5), dtype=np.uint8), labels=np.arange(12) % 3)
+    if held_out:
+        arrays.update(test_images=arrays["images"][:3], test_labels=np.arange(3))
+    path = tmp_path / "d.npz"
+    np.savez(path, **arrays)
+    assert load_dataset(config(dataset="npz", data_path=str(path))).class_names is None
+    for names in (["cat", "dog", "bird"], np.array([b"cat", b"dog", b"bird"])):
+        np.savez(path, **arrays, class_names=names)
+        splits = load_dataset(config(dataset="npz", data_path=str(path)))
+        assert splits.class_names == ("cat", "dog", "bird")
+    for names, message in [
+        (["cat", "dog"], "class_names has 2 names for the labels' 3 classes; expected one name per class"),
+        ([1, 2, 3], r"class_names in .* has shape \(3,\) \(int64\); expected one string per class"),
+        (np.array(["a", None, "c"], dtype=object), "class_names in .* is an array of objects"),
+    ]:
+        np.savez(path, **arrays, class_names=names)
+        with pytest.raises(ConfigError, match=message):
+            load_dataset(config(dataset="npz", data_path=str(path)))
 
 
 @pytest.mark.parametrize("size", [16, 64])
@@ -499,6 +544,7 @@ def test_imagefolder_single_tree(tmp_path):
     _write_images(tmp_path, {"cat": 5, "dog": 5})
     splits = load_dataset(config(dataset="imagefolder", data_path=str(tmp_path), image_size=12))
     check_splits(splits, 8, 2, 2, 3, 12)
+    assert splits.class_names == ("cat", "dog")
 
 
 def test_imagefolder_statistics_sample_every_class(tmp_path, monkeypatch):
@@ -547,6 +593,7 @@ def test_imagefolder_train_test_tree(tmp_path):
     _write_images(tmp_path / "val", {"a": 1, "b": 1, "c": 1})
     splits = load_dataset(config(dataset="imagefolder", data_path=str(tmp_path), image_size=9))
     check_splits(splits, 7, 3, 3, 3, 9)
+    assert splits.class_names == ("a", "b", "c")
 
 
 @pytest.mark.parametrize("held_out", ["test", "val", "valid", "validation", "Valid"])

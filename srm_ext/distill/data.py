@@ -86,6 +86,8 @@ class DatasetSplits:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     natural_images: bool  # horizontal flips are label-preserving
+    # The name of each class, by label, where the data names them.
+    class_names: tuple[str, ...] | None = None
 
 
 class ImageFolderDataset(Dataset):
@@ -298,7 +300,8 @@ def load_digits(image_size: int = 8) -> DatasetSplits:
     if image_size != images.shape[-1]:
         images = F.interpolate(images, size=(image_size, image_size), mode="bilinear")
     images = (images.clamp(0, 1) * 255).round().to(torch.uint8)
-    return _split_arrays(images, torch.from_numpy(bunch.target).long(), False, "digits")
+    splits = _split_arrays(images, torch.from_numpy(bunch.target).long(), False, "digits")
+    return dataclasses.replace(splits, class_names=tuple(str(n) for n in bunch.target_names))
 
 
 def load_cifar(root: Path, num_classes: int = 10) -> DatasetSplits:
@@ -324,9 +327,10 @@ def load_cifar(root: Path, num_classes: int = 10) -> DatasetSplits:
             f"{str(root)!r} has labels in [{low}, {high}], outside the {num_classes} classes "
             f"of CIFAR-{num_classes}{hint}"
         )
-    return _splits_from_tensors(
+    splits = _splits_from_tensors(
         train_x, train_y, test_x, test_y, num_classes, True, repr(str(root))
     )
+    return dataclasses.replace(splits, class_names=_cifar_class_names(root, num_classes))
 
 
 def _cifar_training_batches(root: Path, names: list[str]) -> list[str]:
@@ -346,6 +350,27 @@ def _cifar_training_batches(root: Path, names: list[str]) -> list[str]:
             "data_batch_1 to data_batch_N (CIFAR has 1..5)"
         )
     return [f"data_batch_{i}" for i in numbers]
+
+
+def _cifar_class_names(root: Path, num_classes: int) -> tuple[str, ...] | None:
+    """The class names of CIFAR's ``batches.meta`` (CIFAR-10) or ``meta``
+    (CIFAR-100); None where that file is absent or does not list one name per
+    class. The names only label the results, so such a file is not refused."""
+    path, key = (
+        (root / "batches.meta", b"label_names") if num_classes == 10
+        else (root / "meta", b"fine_label_names")
+    )
+    if not path.is_file():
+        return None
+    try:
+        meta = load_data_pickle(path)
+    except ConfigError:
+        return None
+    names = meta.get(key) if isinstance(meta, dict) else None
+    if not isinstance(names, list) or len(names) != num_classes:
+        return None
+    decoded = [n.decode("utf-8", "replace") if isinstance(n, bytes) else n for n in names]
+    return tuple(decoded) if all(isinstance(n, str) for n in decoded) else None
 
 
 def _read_cifar_batches(root: Path, files: list[str], label_key: bytes) -> tuple[Tensor, Tensor]:
@@ -445,21 +470,43 @@ def _load_npz(path: Path, image_size: int | None) -> DatasetSplits:
                     f"{str(path)!r}: {label_key} has {len(labels[-1])} labels but {image_key} "
                     f"has {len(images[-1])} images; expected one label per image"
                 )
+        names = _npz_class_names(arrays, path) if "class_names" in keys else None
     if image_size:
         images = [_resized_images(split, image_size) for split in images]
     where = repr(str(path))
     natural = images[0].shape[1] == 3
     if len(images) == 1:
-        return _split_arrays(images[0], labels[0], natural, where)
-    if images[0].shape[1:] != images[1].shape[1:]:
+        splits = _split_arrays(images[0], labels[0], natural, where)
+    elif images[0].shape[1:] != images[1].shape[1:]:
         raise ConfigError(
             f"{where}: {shapes[0]} but {shapes[1]}; expected images of the same size and "
             "channels in both"
         )
-    num_classes = _num_classes(torch.cat(labels), where)
-    return _splits_from_tensors(
-        images[0], labels[0], images[1], labels[1], num_classes, natural, where
-    )
+    else:
+        num_classes = _num_classes(torch.cat(labels), where)
+        splits = _splits_from_tensors(
+            images[0], labels[0], images[1], labels[1], num_classes, natural, where
+        )
+    if names is not None and len(names) != splits.num_classes:
+        raise ConfigError(
+            f"{where}: class_names has {len(names)} names for the labels' "
+            f"{splits.num_classes} classes; expected one name per class"
+        )
+    return dataclasses.replace(splits, class_names=names)
+
+
+def _npz_class_names(arrays: np.lib.npyio.NpzFile, path: Path) -> tuple[str, ...]:
+    """An npz's optional ``class_names``: one string per class, by label."""
+    expected = "expected one string per class, as np.savez stores a list of str"
+    try:
+        array = arrays["class_names"]
+    except ValueError:  # an object array, which would need unpickling
+        raise ConfigError(f"class_names in {str(path)!r} is an array of objects; {expected}") from None
+    if array.ndim != 1 or array.dtype.kind not in "US":
+        raise ConfigError(
+            f"class_names in {str(path)!r} has shape {array.shape} ({array.dtype}); {expected}"
+        )
+    return tuple(n.decode("utf-8", "replace") if isinstance(n, bytes) else n for n in array.tolist())
 
 
 def _to_uint8_nchw(array: np.ndarray, path: Path, key: str) -> Tensor:
@@ -538,7 +585,10 @@ def load_imagefolder(root: Path, image_size: int = 32) -> DatasetSplits:
         train, test = Subset(full, train_idx), Subset(full, test_idx)
     sample = _spread_sample(len(train), _STATS_SAMPLE)
     mean, std = _channel_stats(torch.stack([train[i][0] for i in sample]))
-    return DatasetSplits(train, test, len(classes), 3, image_size, mean, std, natural_images=True)
+    return DatasetSplits(
+        train, test, len(classes), 3, image_size, mean, std, natural_images=True,
+        class_names=tuple(classes),
+    )
 
 
 # Images decoded to estimate an image folder's channel statistics: reading a

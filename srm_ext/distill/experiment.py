@@ -380,6 +380,8 @@ class ExperimentRunner:
             "mean": list(self.splits.mean),
             "std": list(self.splits.std),
         }
+        if self.splits.class_names is not None:  # the label each output stands for
+            resolved["class_names"] = list(self.splits.class_names)
         if "at" in self.config.methods:
             resolved["at_weight"] = attention_transfer_weight(self.config)
         return resolved
@@ -536,26 +538,46 @@ class ExperimentRunner:
                 f"--teacher-weights: {path} holds NaN or inf values ({broken[0]}, ...); "
                 "the teacher it was saved from diverged"
             )
-        self._warn_if_normalised_otherwise(path)
+        self._compare_with_teacher_run(path)
         return self._finish(run_id, "teacher", None, teacher, keep_weights=True, loaded_from=path)
 
-    def _warn_if_normalised_otherwise(self, teacher_file: Path) -> None:
-        """A teacher from an earlier run learnt that run's input normalisation
-        (its training split's channel statistics, or those it was given, as its
-        config.json records them): say so when this run's differs."""
+    def _compare_with_teacher_run(self, teacher_file: Path) -> None:
+        """A teacher from an earlier run learnt that run's classes, image size
+        and input normalisation (its training split's channel statistics, or
+        those it was given), as its config.json records them. Other classes
+        are refused: its outputs would stand for them. Another size or
+        normalisation gets a warning: it may only do worse here."""
         if teacher_file.parent.name != MODELS_DIR:
             return
         try:
             resolved = run_settings(teacher_file.parent.parent)["resolved"]
         except ConfigError:  # not a run that recorded its input: nothing to compare
             return
+        theirs, ours = resolved.get("class_names"), self.splits.class_names
+        if theirs is not None and ours is not None and list(theirs) != list(ours):
+            label = next(i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b)
+            raise ConfigError(
+                f"--teacher-weights: the teacher's run learnt other classes than this run's "
+                f"data has (output {label} is {theirs[label]!r} there, {ours[label]!r} here)"
+            )
+        warnings = []
+        if resolved.get("image_size", self.splits.image_size) != self.splits.image_size:
+            size = resolved["image_size"]
+            warnings.append(
+                f"trained on {size}x{size} images, this run uses "
+                f"{self.splits.image_size}x{self.splits.image_size}"
+            )
         theirs = (resolved["mean"], resolved["std"])
         ours = (list(self.splits.mean), list(self.splits.std))
         if theirs != ours:
+            warnings.append(
+                f"normalised its inputs with mean {theirs[0]} and std {theirs[1]}, this run "
+                f"with mean {ours[0]} and std {ours[1]} (other data?)"
+            )
+        if warnings:
             self._log(
-                f"warning: the teacher's run normalised its inputs with mean {theirs[0]} and "
-                f"std {theirs[1]}, this run with mean {ours[0]} and std {ours[1]} (other data?): "
-                "the teacher may do worse here than it did there"
+                f"warning: the teacher's run {' and '.join(warnings)}: the teacher may do "
+                "worse here than it did there"
             )
 
     def _student_plan(self, method: str, teacher: nn.Module) -> MethodPlan:
