@@ -30,6 +30,7 @@ from srm_ext.distill import (
 from srm_ext.distill import experiment
 from srm_ext.distill.config import error_line
 from srm_ext.distill.data import load_dataset
+from srm_ext.distill.data_fingerprint import dataset_fingerprint
 from srm_ext.distill.models import build_model
 
 
@@ -188,6 +189,56 @@ def test_resume_before_the_first_checkpoint_keeps_the_run_settings(tmp_path):
     runs = [r["run"] for r in json.loads((out / "results.json").read_text())["runs"]]
     assert runs == ["teacher", "scratch/seed3"]
     assert json.loads((out / "config.json").read_text())["train_limit"] == 128
+
+
+_TREE_SETTINGS = dict(**{**TINY_CONFIG, "methods": ["scratch"], "batch_size": 16},
+                      dataset="imagefolder", image_size=8)
+
+
+def _interrupted_image_tree_run(tree: Path, out: Path) -> ExperimentConfig:
+    """A run on a small image tree written at ``tree``, stopped after its first epoch."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name in ("cat", "dog", "owl"):
+        (tree / name).mkdir(parents=True)
+        for i in range(16):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tree / name / f"{i}.png")
+    config = ExperimentConfig(**_TREE_SETTINGS, data_path=str(tree), output_dir=str(out))
+    with pytest.raises(Interrupt):
+        ExperimentRunner(config, on_epoch_end=_raise(Interrupt), log=lambda *_: None).run()
+    return config
+
+
+def test_resume_goes_on_with_an_image_tree_moved_elsewhere(tmp_path, capsys):
+    out = tmp_path / "run"
+    _interrupted_image_tree_run(tmp_path / "here", out)
+    straight = tmp_path / "straight"
+    ExperimentRunner(ExperimentConfig(**_TREE_SETTINGS, data_path=str(tmp_path / "here"),
+                                      output_dir=str(straight)), log=lambda *_: None).run()
+
+    (tmp_path / "here").rename(tmp_path / "there")  # mv keeps the modification times
+    assert main(["distill", "--resume", "--quiet", "--output-dir", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"srm-ext: error: data path {str(tmp_path / 'here')!r} does not exist; if the data "
+        "moved, resume with --data-path naming its new place\n"
+    )
+    assert main(["distill", "--resume", "--quiet", "--output-dir", str(out),
+                 "--data-path", str(tmp_path / "there")]) == 0
+    assert _final_numbers(out) == _final_numbers(straight)
+    assert json.loads((out / "config.json").read_text())["data_path"] == str(tmp_path / "there")
+
+
+def test_resume_reads_the_dataset_fingerprint_of_an_earlier_format(tmp_path):
+    # It named an image tree's files by their full paths, and had no "format".
+    out = tmp_path / "run"
+    config = _interrupted_image_tree_run(tmp_path / "tree", out)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["dataset"]["format"] == 2
+    state["dataset"] = dataset_fingerprint(load_dataset(config), full_paths=True)
+    torch.save(state, out / "checkpoint.pt")
+    assert main(["distill", "--resume", "--quiet", "--output-dir", str(out)]) == 0
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["dataset"]["format"] == 2
 
 
 def _digit_images(count: int, seed: int) -> dict[str, np.ndarray]:

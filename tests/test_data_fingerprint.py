@@ -4,6 +4,7 @@ for the same data loaded again, different for any change a run would see."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +88,32 @@ def test_an_image_tree_fingerprint_sees_replaced_added_and_removed_files(tmp_pat
         now = _fingerprint(**settings)
         assert now["train"]["size"] + now["test"]["size"] == images
         assert (fingerprint_differences(later, now) != []) == (images != 10)
+
+
+def test_an_image_tree_moved_elsewhere_keeps_its_fingerprint(tmp_path):
+    _write_tree(tmp_path / "here")
+    settings = dict(dataset="imagefolder", image_size=6)
+    base = _fingerprint(**settings, data_path=str(tmp_path / "here"))
+    base_full = dataset_fingerprint(
+        load_dataset(ExperimentConfig(**settings, data_path=str(tmp_path / "here"))), full_paths=True
+    )
+    (tmp_path / "here").rename(tmp_path / "there")
+    moved = load_dataset(ExperimentConfig(**settings, data_path=str(tmp_path / "there")))
+    assert dataset_fingerprint(moved) == base and base["format"] == 2
+    # The earlier format named each file by its full path: a moved tree differed.
+    assert "format" not in base_full and base_full["train"].keys() == {"size", "sha256"}
+    assert fingerprint_differences(base_full, dataset_fingerprint(moved, full_paths=True)) == [
+        "the train split's images or labels changed", "the test split's images or labels changed"
+    ]
+    # A copy that did not keep the modification times is told apart from changed images.
+    shutil.copytree(tmp_path / "there", tmp_path / "copy", copy_function=shutil.copyfile)
+    for path in (tmp_path / "copy").rglob("*.png"):  # later, however coarse the clock
+        os.utime(path, ns=(0, path.stat().st_mtime_ns + 10**9))
+    copied = _fingerprint(**settings, data_path=str(tmp_path / "copy"))
+    assert fingerprint_differences(base, copied) == [
+        f"the {split} split's files have other modification times (a copy that did not keep "
+        "them? cp -a and rsync -a do)" for split in ("train", "test")
+    ]
 
 
 def test_an_image_tree_split_in_two_is_read_once(tmp_path, monkeypatch):

@@ -95,7 +95,8 @@ class ImageFolderDataset(Dataset):
     resized to ``size`` x ``size``; 16-bit greyscale images are scaled by 65535,
     float ones (in [0, 1]) by 1."""
 
-    def __init__(self, files: list[Path], labels: list[int], size: int) -> None:
+    def __init__(self, root: Path, files: list[Path], labels: list[int], size: int) -> None:
+        self.root = root
         self.files = files
         self.labels = labels
         self.size = size
@@ -669,7 +670,7 @@ def _folder_dataset(
             f"{str(root)!r}: class folder(s) {', '.join(empty)} hold no images "
             f"({', '.join(IMAGE_SUFFIXES)}); remove them or add their images"
         )
-    return ImageFolderDataset(files, labels, size)
+    return ImageFolderDataset(root, files, labels, size)
 
 
 # --------------------------------------------------------------------------- helpers

@@ -2,7 +2,9 @@
 
 A resumed run compares it with the data it loads now, so that a dataset
 changed in between (files replaced, added or removed) is refused instead of
-being mixed into a run that then matches no uninterrupted one.
+being mixed into a run that then matches no uninterrupted one. Data moved to
+another place is the same data: an image tree's files are named by their path
+inside the tree.
 """
 
 from __future__ import annotations
@@ -18,19 +20,25 @@ from .data import DatasetSplits, ImageFolderDataset
 
 __all__ = ["dataset_fingerprint", "fingerprint_differences"]
 
+# Fingerprints without it named an image tree's files by their full path.
+FORMAT = 2
 
-def dataset_fingerprint(splits: DatasetSplits) -> dict[str, Any]:
+
+def dataset_fingerprint(splits: DatasetSplits, *, full_paths: bool = False) -> dict[str, Any]:
     """Each split's size and a digest of its labels and images: their bytes
     where they are held in memory, and in an image tree, whose images are read
-    as training goes, each file's path, size and modification time."""
+    as training goes, each file's path in the tree, size and modification time
+    (and a second digest without the times). ``full_paths`` gives the earlier
+    format, whose digests hold each file's full path instead."""
     # An image tree split 80/20 gives two subsets of one dataset: read it once.
-    contents: dict[int, str] = {}
-    return {
-        "train": _split_fingerprint(splits.train, contents),
-        "test": _split_fingerprint(splits.test, contents),
+    contents: dict[int, dict[str, str]] = {}
+    fingerprint = {
+        "train": _split_fingerprint(splits.train, contents, full_paths),
+        "test": _split_fingerprint(splits.test, contents, full_paths),
         "classes": splits.num_classes,
         "image_shape": [splits.in_channels, splits.image_size, splits.image_size],
     }
+    return fingerprint if full_paths else {"format": FORMAT, **fingerprint}
 
 
 def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -44,6 +52,13 @@ def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> l
             differences.append(
                 f"the {split} split has {now['size']} images (checkpoint: {was.get('size')})"
             )
+        elif was is not None and "sha256_without_times" in now and (
+            was.get("sha256_without_times") == now["sha256_without_times"]
+        ):
+            differences.append(
+                f"the {split} split's files have other modification times (a copy that did "
+                "not keep them? cp -a and rsync -a do)"
+            )
         else:
             differences.append(f"the {split} split's images or labels changed")
     for key, what in (("classes", "classes"), ("image_shape", "image shape (C, H, W)")):
@@ -52,31 +67,46 @@ def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> l
     return differences
 
 
-def _split_fingerprint(dataset: Dataset, contents: dict[int, str]) -> dict[str, Any]:
-    """The split's size and the sha256 of its subset indices, outermost first,
-    and of the content digest of the dataset beneath them (kept in ``contents``)."""
-    size, digest = len(dataset), hashlib.sha256()
+def _split_fingerprint(
+    dataset: Dataset, contents: dict[int, dict[str, str]], full_paths: bool
+) -> dict[str, Any]:
+    """The split's size and, for each content digest of the dataset beneath its
+    subset indices (kept in ``contents``), the sha256 of those indices,
+    outermost first, and of that digest."""
+    size, indices = len(dataset), []
     while isinstance(dataset, Subset):
-        digest.update(repr(list(dataset.indices)).encode())
+        indices.append(repr(list(dataset.indices)).encode())
         dataset = dataset.dataset
     if id(dataset) not in contents:
-        contents[id(dataset)] = _content_digest(dataset)
-    digest.update(contents[id(dataset)].encode())
-    return {"size": size, "sha256": digest.hexdigest()}
+        contents[id(dataset)] = _content_digests(dataset, full_paths)
+    fingerprint: dict[str, Any] = {"size": size}
+    for name, content in contents[id(dataset)].items():
+        digest = hashlib.sha256()
+        for subset in indices:
+            digest.update(subset)
+        digest.update(content.encode())
+        fingerprint[name] = digest.hexdigest()
+    return fingerprint
 
 
-def _content_digest(dataset: Dataset) -> str:
-    digest = hashlib.sha256()
+def _content_digests(dataset: Dataset, full_paths: bool) -> dict[str, str]:
     if isinstance(dataset, TensorDataset):
+        digest = hashlib.sha256()
         for tensor in dataset.tensors:
             _add_tensor(tensor, digest)
-    elif isinstance(dataset, ImageFolderDataset):
+        return {"sha256": digest.hexdigest()}
+    if isinstance(dataset, ImageFolderDataset):
+        timed, untimed = hashlib.sha256(), hashlib.sha256()
         for path, label in zip(dataset.files, dataset.labels):
             stat = path.stat()
-            digest.update(f"{path}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    else:
-        raise TypeError(f"no fingerprint for a dataset of type {type(dataset).__name__}")
-    return digest.hexdigest()
+            name = str(path) if full_paths else path.relative_to(dataset.root).as_posix()
+            entry = f"{name}\0{label}\0{stat.st_size}"
+            timed.update(f"{entry}\0{stat.st_mtime_ns}\n".encode())
+            untimed.update(f"{entry}\n".encode())
+        if full_paths:
+            return {"sha256": timed.hexdigest()}
+        return {"sha256": timed.hexdigest(), "sha256_without_times": untimed.hexdigest()}
+    raise TypeError(f"no fingerprint for a dataset of type {type(dataset).__name__}")
 
 
 def _add_tensor(tensor: Tensor, digest: Any) -> None:

@@ -213,7 +213,15 @@ class ExperimentRunner:
         self._load_or_init_state()
         # Every check of the data and the models comes first: a mistake must
         # leave the output directory as it was, an earlier run in it included.
-        self.splits = load_dataset(cfg)
+        try:
+            self.splits = load_dataset(cfg)
+        except ConfigError as exc:
+            # A checkpoint with the dataset's fingerprint resumes from another --data-path.
+            if "dataset" in self.state and cfg.data_path and not Path(cfg.data_path).exists():
+                raise ConfigError(
+                    f"{exc}; if the data moved, resume with --data-path naming its new place"
+                ) from None
+            raise
         self._check_dataset()
         preprocess = BatchPreprocessor(
             self.splits.mean,
@@ -274,10 +282,13 @@ class ExperimentRunner:
             # A setting added since the checkpoint was written held its default
             # there, as build_config assumes when it fills in a saved config.
             saved = {**ExperimentConfig().to_dict(), **state["config"]}
+            # Data moved elsewhere may go on: the dataset's fingerprint, where
+            # the checkpoint has one, tells whether it is the same data.
+            moved = ("data_path",) if "dataset" in state else ()
             changed = [
                 f"{key}={config.get(key)!r} (checkpoint: {value!r})"
                 for key, value in saved.items()
-                if key not in RESUME_INVARIANT_EXCLUDES and config.get(key) != value
+                if key not in RESUME_INVARIANT_EXCLUDES + moved and config.get(key) != value
             ]
             if changed:
                 raise ConfigError(
@@ -326,13 +337,16 @@ class ExperimentRunner:
         """A resumed run goes on with the data it started with, or not at all."""
         current = dataset_fingerprint(self.splits)
         saved = self.state.get("dataset")  # absent from a checkpoint of an older version
-        differences = fingerprint_differences(saved, current) if saved is not None else []
-        if differences:
-            raise ConfigError(
-                f"cannot resume {self.out}: the dataset differs from the one the run started "
-                f"with: {'; '.join(differences)}. Restore that data, or pass --overwrite to "
-                "start again on this"
-            )
+        if saved is not None:
+            # An older checkpoint's digests hold an image tree's full paths.
+            compared = current if "format" in saved else dataset_fingerprint(self.splits, full_paths=True)
+            differences = fingerprint_differences(saved, compared)
+            if differences:
+                raise ConfigError(
+                    f"cannot resume {self.out}: the dataset differs from the one the run started "
+                    f"with: {'; '.join(differences)}. Restore that data, or pass --overwrite to "
+                    "start again on this"
+                )
         self.state["dataset"] = current
 
     def _check_threads_fit_the_cores(self, threads: int) -> None:
