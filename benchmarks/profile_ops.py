@@ -100,8 +100,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
 
-    env = environment(args.device)
-    env.update(dtype=args.dtype, shapes=[asdict(s) for s in shapes])
+    env = environment(args.device, args.dtype, shapes)
     sections = [
         f"{describe_run(env)}, {args.implementation}"
         + (f", CUDA encode: {env['cuda_encode']}" if env.get("cuda_encode") else ""),

@@ -1,14 +1,16 @@
 """What a benchmark ran on, recorded beside its numbers: the date, torch,
 Python, thread count, CPU, commit and device, and on a GPU its name, driver,
-CUDA version, capability and TF32 setting."""
+CUDA version, capability, TF32 setting and encode path at each shape."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import platform
 import re
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -18,8 +20,9 @@ from . import _backend
 __all__ = ["environment", "describe_cpu"]
 
 
-def environment(device: str) -> dict:
-    """The description of this machine for a run on ``device`` (see above)."""
+def environment(device: str, dtype: str = "float32", shapes: Sequence = ()) -> dict:
+    """The description of this machine for a run on ``device`` (see above),
+    with the run's ``dtype`` and ``shapes`` (benchmark ``Shape``s)."""
     env = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
@@ -28,6 +31,8 @@ def environment(device: str) -> dict:
         "cpu": _cpu_model(),
         "commit": _git_commit(),
         "device": device,
+        "dtype": dtype,
+        "shapes": [dataclasses.asdict(shape) for shape in shapes],
     }
     if torch.device(device).type == "cpu" and _backend.native_module is not None:
         # The compiled CPU kernels' float32 products: their own AVX-512
@@ -44,9 +49,23 @@ def environment(device: str) -> dict:
             tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
         )
         if _backend.cuda_module is not None:
-            # GEMM + row-wise selection, or the fused kernel (csrc/cuda/op_support.h).
-            env["cuda_encode"] = _backend.cuda_module.build_info().get("encode")
+            env["cuda_encode"] = _cuda_encode_paths(getattr(torch, dtype), shapes)
     return env
+
+
+def _cuda_encode_paths(dtype: torch.dtype, shapes: Sequence) -> str:
+    """The CUDA encode's path (the GEMM and a row-wise selection, the fused
+    kernel, or the screened one; csrc/cuda/op_support.h) at each shape: one
+    name where they agree, else "screened at a, b; gemm at c"."""
+    cuda = _backend.cuda_module
+    if not shapes:
+        return cuda.build_info()["encode"]
+    at: dict[str, list[str]] = {}
+    for shape in shapes:
+        at.setdefault(cuda.encode_path_for(dtype, shape.num_codewords, shape.k), []).append(shape.name)
+    if len(at) == 1:
+        return next(iter(at))
+    return "; ".join(f"{path} at {', '.join(names)}" for path, names in at.items())
 
 
 def _cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:

@@ -531,8 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     repeats = dict(min_repeats=1, min_seconds=0.0, max_repeats=1) if args.quick else dict(
         min_repeats=args.min_repeats, min_seconds=args.min_seconds, max_repeats=args.max_repeats
     )
-    env = environment(args.device)
-    env.update(dtype=args.dtype, shapes=[asdict(s) for s in shapes])
+    env = environment(args.device, args.dtype, shapes)
     if env["commit"] is None:
         print("srm-ext bench: warning: the commit is unknown (no git metadata here); "
               "set SRM_EXT_COMMIT to record it", file=sys.stderr)

@@ -13,6 +13,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "op_support.h"
 #include "srm_kernels.h"
 
 #include <cuda_runtime.h>  // the emulator's, for its fenced memory
@@ -449,4 +450,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_labels", with_fences(&sparse_labels));
   m.def("predictor_loss", with_fences(&predictor_loss));
   m.def("probe", with_fences(&probe));
+  m.def("encode_path_for", [](at::ScalarType dtype, int64_t num_codewords, int64_t k) {
+    namespace ops = srm_ext::cuda_ops;
+    return std::string(ops::encode_path_name(
+        ops::encode_path_for(ops::kernel_dtype(dtype, "dtype"), num_codewords, k)));
+  });
 }

@@ -390,6 +390,30 @@ def test_driver_is_read_from_the_kernel_module_where_nvidia_smi_is_missing(monke
     assert bench_environment.environment("cuda")["driver"] is None
 
 
+def test_the_cuda_encode_path_is_recorded_per_shape(monkeypatch):
+    # The screened encode, asked for, runs only where it pays (csrc/cuda/op_support.h):
+    # here, as the kernels decide for float32 with TF32 off, not at k = 128.
+    asked = []
+
+    def encode_path_for(dtype, num_codewords, k):
+        asked.append((dtype, num_codewords, k))
+        return "gemm" if k == 128 else "screened"
+
+    _fake_cuda_device(monkeypatch)
+    monkeypatch.setattr(bench_environment, "_nvidia_driver", lambda: None)
+    monkeypatch.setattr(_backend, "cuda_module", types.SimpleNamespace(
+        build_info=lambda: {"encode": "screened"}, encode_path_for=encode_path_for))
+    shapes = [dataclasses.replace(TINY, name=name, k=k) for name, k in
+              [("a", 5), ("b", 128), ("c", 10)]]
+    env = bench_environment.environment("cuda", "bfloat16", shapes)
+    assert env["cuda_encode"] == "screened at a, c; gemm at b"
+    assert asked == [(torch.bfloat16, 16, 5), (torch.bfloat16, 16, 128), (torch.bfloat16, 16, 10)]
+    assert env["dtype"] == "bfloat16" and [s["name"] for s in env["shapes"]] == ["a", "b", "c"]
+    assert bench_environment.environment("cuda", "float32", shapes[::2])["cuda_encode"] == "screened"
+    assert bench_environment.environment("cuda")["cuda_encode"] == "screened"  # no shapes: the setting
+    assert "CUDA encode: screened at a, c; gemm at b" in bench_report.markdown_table([], env)
+
+
 def test_cpu_is_recorded_with_its_family_and_model(tmp_path):
     # Two processors of a VM that names only the vendor's line: the first one's
     # family and model tell Zen 4 (25, 17) from Zen 5 (26, ...).

@@ -301,6 +301,38 @@ def test_unknown_encode_path_is_refused_by_name(ops, monkeypatch):
         ops.sparse_encode(x, C, b, k)
 
 
+@pytest.mark.parametrize(
+    "setting, dtype, num_codewords, k, tf32, expected",
+    [
+        ("auto", torch.float32, 256, 5, False, "gemm"),
+        ("fused", torch.bfloat16, 256, 5, False, "fused"),
+        ("screened", torch.float32, 256, 5, False, "screened"),
+        ("screened", torch.float32, 256, 5, True, "gemm"),  # the GEMM uses TF32 anyway
+        ("screened", torch.float16, 256, 5, False, "gemm"),
+        ("screened", torch.float32, 13, 5, False, "gemm"),  # 13 candidates: every codeword
+        ("screened", torch.float32, 14, 5, False, "screened"),
+        ("screened", torch.float32, 8192, 64, False, "screened"),  # 128 candidates
+        ("screened", torch.float32, 8192, 65, False, "screened"),
+        ("screened", torch.float32, 8192, 128, False, "gemm"),  # none beyond k
+    ],
+)
+def test_encode_path_for_names_the_path_an_encode_takes(
+    emu, monkeypatch, setting, dtype, num_codewords, k, tf32, expected
+):
+    """What the benchmarks record as each shape's encode path."""
+    monkeypatch.setenv("SRM_EXT_CUDA_ENCODE", setting)
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        assert emu.encode_path_for(dtype, num_codewords, k) == expected
+        with deterministic(True):
+            assert emu.encode_path_for(dtype, num_codewords, k) == "fused"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    with pytest.raises(RuntimeError, match="dtype must be float32, float16 or bfloat16 on CUDA"):
+        emu.encode_path_for(torch.float64, num_codewords, k)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_screened_encode_is_exact_where_tf32_misranks_or_flushes(ops, monkeypatch, layout):
     """The screened encode gives the exact top k, over several boxes, even

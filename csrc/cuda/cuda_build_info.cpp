@@ -54,10 +54,17 @@ pybind11::dict build_info() {
   limits["K"] = srm_cuda::kMaxCodewords;
   limits["k"] = srm_cuda::kMaxTopK;
   info["sparse_code_limits"] = limits;
-  // How the encode runs now (SRM_EXT_CUDA_ENCODE and deterministic mode).
+  // How the encode runs now (SRM_EXT_CUDA_ENCODE and deterministic mode);
+  // encode_path_for tells the path of a given problem.
   info["encode"] = srm_ext::cuda_ops::encode_path_name(
       srm_ext::cuda_ops::encode_path());
   return info;
+}
+
+std::string encode_path_for(at::ScalarType dtype, int64_t num_codewords,
+                            int64_t k) {
+  return srm_ext::cuda_ops::encode_path_name(srm_ext::cuda_ops::encode_path_for(
+      srm_ext::cuda_ops::kernel_dtype(dtype, "dtype"), num_codewords, k));
 }
 
 }  // namespace
@@ -67,4 +74,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_info", &build_info,
         "CUDA version, compiled architectures and capabilities of the "
         "srm_ext CUDA kernels.");
+  m.def("encode_path_for", &encode_path_for, pybind11::arg("dtype"),
+        pybind11::arg("num_codewords"), pybind11::arg("k"),
+        "The encode path (gemm, fused or screened) that sparse_encode takes "
+        "for a problem of this dtype, K and k, under the current settings.");
 }

@@ -517,6 +517,29 @@ EncodePath encode_path() {
   return name == "screened" ? EncodePath::kScreened : EncodePath::kGemm;
 }
 
+// Candidates the screened encode scores exactly per pixel: enough beyond k
+// that TF32's error rarely leaves the k-th best too close to the cutoff.
+// Twice k (at least k + 8) certified every pixel sampled at the paper's
+// shapes in benchmarks/screen_certification.py's model, where k + 8 left
+// up to 98% uncertified at k = 40.
+int64_t screen_candidates(int64_t k) {
+  return std::min<int64_t>(k + std::max<int64_t>(k, 8), srm_cuda::kMaxTopK);
+}
+
+EncodePath encode_path_for(Dtype dtype, int64_t num_codewords, int64_t k) {
+  const EncodePath path = encode_path();
+  const int64_t num_candidates = screen_candidates(k);
+  // The screen pays only where TF32 is not allowed anyway (the GEMM then
+  // uses it), where it leaves codewords out, and where candidates beyond k
+  // leave room to certify (not at the largest k).
+  if (path == EncodePath::kScreened &&
+      (dtype != Dtype::kFloat32 || at::globalContext().allowTF32CuBLAS() ||
+       num_candidates >= num_codewords || num_candidates <= k)) {
+    return EncodePath::kGemm;
+  }
+  return path;
+}
+
 const char* encode_path_name(EncodePath path) {
   switch (path) {
     case EncodePath::kFused:

@@ -225,6 +225,11 @@ at::Tensor tf32_product(const at::Tensor& a, const at::Tensor& b);
 enum class EncodePath { kGemm, kFused, kScreened };
 EncodePath encode_path();
 const char* encode_path_name(EncodePath path);
+// The path an encode of K = num_codewords and k takes in `dtype`:
+// encode_path(), or the GEMM where the screen is asked for but does not run.
+EncodePath encode_path_for(Dtype dtype, int64_t num_codewords, int64_t k);
+// Candidates per pixel that the screened encode scores exactly.
+int64_t screen_candidates(int64_t k);
 
 // Ops that walk x in boxes of pixels keep a float32 workspace of a few values
 // per pixel: the GEMM encode K pre-activations, the backward of the fused

@@ -82,15 +82,6 @@ void encode_by_gemm(const at::Tensor& x, Dtype dtype,
   }
 }
 
-// Candidates the screened encode scores exactly per pixel: enough beyond k
-// that TF32's error rarely leaves the k-th best too close to the cutoff.
-// Twice k (at least k + 8) certified every pixel sampled at the paper's
-// shapes in benchmarks/screen_certification.py's model, where k + 8 left
-// up to 98% uncertified at k = 40.
-int64_t screen_candidates(int64_t k) {
-  return std::min<int64_t>(k + std::max<int64_t>(k, 8), srm_cuda::kMaxTopK);
-}
-
 // The screened encode (float32; srm_kernels.h): per box of pixels a TF32
 // GEMM ranks the codewords and the selection keeps each pixel's best few;
 // those are scored exactly, and the exact top k is kept where TF32's error
@@ -166,16 +157,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> encode_impl(
   check_sparse_kernel_limits(dictionary, k);
   TORCH_CHECK(x.size(1) >= 1, "srm_ext: x must have at least one channel");
   check_intercept(intercept, x, "x");
-  EncodePath path = encode_path();
+  const EncodePath path = encode_path_for(dtype, num_codewords, k);
   const int64_t num_candidates = screen_candidates(k);
-  // The screen pays only where TF32 is not allowed anyway (the GEMM then
-  // uses it), where it leaves codewords out, and where candidates beyond k
-  // leave room to certify (not at the largest k).
-  if (path == EncodePath::kScreened &&
-      (dtype != Dtype::kFloat32 || at::globalContext().allowTF32CuBLAS() ||
-       num_candidates >= num_codewords || num_candidates <= k)) {
-    path = EncodePath::kGemm;
-  }
 
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
