@@ -128,6 +128,18 @@ def _block_sizes(**sizes: object) -> list[int]:
     return list(sizes.values())
 
 
+def _block_input(block: nn.Module, name: str, features: Tensor) -> Tensor:
+    """``features`` as ``block`` takes them: a (N, in_channels, H, W) feature
+    map, in its dictionary's dtype. The error names the block's in_channels,
+    which the ops would report as the dictionary's rows."""
+    if check_feature_map(name, features).shape[1] != block.in_channels:
+        raise ValueError(
+            f"{name} must be a (N, {block.in_channels}, H, W) feature map for in_channels="
+            f"{block.in_channels}, got shape {tuple(features.shape)}"
+        )
+    return features.to(block.dictionary.dtype)
+
+
 def _init_dictionary(dictionary: Tensor, intercept: Tensor) -> None:
     # The authors' init: kaiming-uniform (default gain) on the (D, K) tensor as
     # stored, so the fan is K; intercept uniform(-1, 1).
@@ -179,7 +191,7 @@ class SparseRepresentation(nn.Module):
         _init_dictionary(self.dictionary, self.intercept)
 
     def _prepare(self, x: Tensor) -> Tensor:
-        return check_feature_map("x", x).to(self.dictionary.dtype)
+        return _block_input(self, "x", x)
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Sparse code ``(values, indices)``, each (N, H, W, k)."""
@@ -247,7 +259,7 @@ class SparseCodePredictor(nn.Module):
 
     def forward(self, y: Tensor, labels: SparseLabels | tuple[Tensor, Tensor]) -> Tensor:
         pixel, image = _label_pair(labels)
-        y = check_feature_map("y", y).to(self.dictionary.dtype)
+        y = _block_input(self, "y", y)
         pixel = resize_pixel_labels(pixel, (y.shape[-2], y.shape[-1]))
         image = image.to(self.dictionary.dtype)
         with _no_autocast(y.device.type):
@@ -264,12 +276,7 @@ class SparseCodePredictor(nn.Module):
     @torch.no_grad()
     def predict(self, y: Tensor) -> Tensor:
         """Predicted codeword similarities ``sigmoid(C_s^T y_p + b_s)``, (N, H, W, K)."""
-        if check_feature_map("y", y).shape[1] != self.in_channels:
-            raise ValueError(
-                f"y must be a (N, {self.in_channels}, H, W) feature map for in_channels="
-                f"{self.in_channels}, got shape {tuple(y.shape)}"
-            )
-        y = y.to(self.dictionary.dtype)
+        y = _block_input(self, "y", y)
         return torch.sigmoid(y.permute(0, 2, 3, 1) @ self.dictionary + self.intercept)
 
     def extra_repr(self) -> str:

@@ -124,11 +124,17 @@ def test_blocks_take_numpy_sizes_and_store_python_ints(x):
         SparseRepresentation(D, K, True)
 
 
-def test_predict_names_a_wrong_channel_count():
+def test_blocks_name_a_wrong_channel_count(rep, x):
     pred = SparseCodePredictor(6, K)
+    labels = rep.labels(x)
     assert pred.predict(torch.randn(N, 6, H, W)).shape == (N, H, W, K)
-    with pytest.raises(ValueError, match=re.escape(f"y must be a (N, 6, H, W) feature map for in_channels=6, got shape ({N}, 5, {H}, {W})")):
-        pred.predict(torch.randn(N, 5, H, W))
+    # The block's in_channels, not the dictionary rows the ops would name.
+    for call in (pred.predict, lambda y: pred(y, labels)):
+        with pytest.raises(ValueError, match=re.escape(f"y must be a (N, 6, H, W) feature map for in_channels=6, got shape ({N}, 5, {H}, {W})")):
+            call(torch.randn(N, 5, H, W))
+    for call in (rep, rep.loss, rep.encode, rep.labels):
+        with pytest.raises(ValueError, match=re.escape(f"x must be a (N, {D}, H, W) feature map for in_channels={D}, got shape ({N}, 3, {H}, {W})")):
+            call(torch.randn(N, 3, H, W))
     with pytest.raises(ValueError, match=re.escape("y must be a 4-D (N, C, H, W) feature map, got shape (6, 5, 4)")):
         pred.predict(torch.randn(6, H, W))
 
