@@ -699,6 +699,34 @@ def test_stage2_warns_once_when_a_student_map_carries_no_gradient(reentrant):
     assert trained != reentrant
 
 
+def test_a_student_with_a_reentrant_checkpoint_past_its_first_layer_trains_in_stage2():
+    # Its segment's input carries a gradient, so the checkpoint passes it on;
+    # but it refuses the torch.autograd.grad of the search for parameters off
+    # the maps, which then takes every parameter to be on them.
+    def distiller(reentrant):
+        torch.manual_seed(0)
+        student = tiny_student()
+        if reentrant:
+            student.stage2 = _Checkpointed(student.stage2, True)
+        pairs = {"block1": "stage1", "block2": "stage2.inner" if reentrant else "stage2"}
+        made = SRMDistiller(tiny_teacher(), student, pairs, input_shape=(1, 8, 8))
+        made.fit_dictionaries(toy_loader(), epochs=1, **QUIET)
+        return made
+
+    plain, checkpointed = distiller(False), distiller(True)
+    before = snapshot(checkpointed.student)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every map carries a gradient: no warning
+        for made in (plain, checkpointed):
+            made.fit_student(toy_loader(), epochs=2, **QUIET)
+    assert changed(before, checkpointed.student)
+    # The same weights as without the checkpoint (its recomputation updates
+    # BatchNorm's running statistics a second time, so not those).
+    weights = dict(checkpointed.student.named_parameters())
+    for name, weight in plain.student.named_parameters():
+        torch.testing.assert_close(weights[name.replace("stage2.", "stage2.inner.")], weight)
+
+
 class _Checkpointed(nn.Module):
     def __init__(self, inner: nn.Module, reentrant: bool) -> None:
         super().__init__()

@@ -320,7 +320,9 @@ class SRMDistiller(nn.Module):
                     f"the student's map at {s_path!r} carries no gradient, so stage 2 trains "
                     "only its predictor, not the student; is it computed under torch.no_grad, "
                     "by frozen layers only, or inside torch.utils.checkpoint with "
-                    "use_reentrant=True (use use_reentrant=False)?",
+                    "use_reentrant=True (a module within the checkpointed segment, or a "
+                    "segment whose inputs carry none, such as the images; use "
+                    "use_reentrant=False)?",
                     stacklevel=2,
                 )
 

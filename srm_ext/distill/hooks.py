@@ -245,7 +245,12 @@ class FeatureTap:
         pass on ``batch``. A loss on the maps alone gives them no gradient: eager
         autograd leaves theirs None and optimisers skip them, but code compiled
         through AOT autograd fills it with zeros, and weight decay would then
-        move them. Stages that train on the maps alone leave them out."""
+        move them. Stages that train on the maps alone leave them out.
+
+        A reentrant activation checkpoint (``use_reentrant=True``) refuses
+        this pass: every parameter is then taken to be on the maps, as it
+        would be without this search (eager autograd still leaves the others'
+        gradients None)."""
         named = [(name, p) for name, p in unwrap(self.model).named_parameters() if p.requires_grad]
         # The backward pass too, in the same mode: activation checkpoints
         # recompute their segment in it.
@@ -255,12 +260,19 @@ class FeatureTap:
             outputs = [maps[path] for path in self.paths if maps[path].requires_grad]
             if not outputs or not named:
                 return {name for name, _ in named}
-            gradients = torch.autograd.grad(
-                outputs,
-                [p for _, p in named],
-                grad_outputs=[torch.ones_like(output) for output in outputs],
-                allow_unused=True,
-            )
+            try:
+                gradients = torch.autograd.grad(
+                    outputs,
+                    [p for _, p in named],
+                    grad_outputs=[torch.ones_like(output) for output in outputs],
+                    allow_unused=True,
+                )
+            except RuntimeError as exc:
+                # torch.autograd.backward() without inputs would work, but it
+                # would fire the parameters' gradient hooks (DDP's all-reduce).
+                if "use_reentrant" not in str(exc):
+                    raise
+                return set()
         return {name for (name, _), gradient in zip(named, gradients) if gradient is None}
 
     def _make_hook(self, path: str, features: FeatureMaps):
