@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from . import _backend, bench_floors, functional, reference, research_style
 from .bench_environment import environment
 from .bench_report import markdown_table, speedup_chart
+from .distill.config import error_line
 
 __all__ = ["Shape", "SHAPE_SETS", "run_benchmarks", "main"]
 
@@ -63,6 +64,9 @@ SHAPE_SETS = {
 }
 
 IMPLEMENTATIONS = ("native", "reference", "compiled", "research")
+# The error of a case left out by running out of GPU memory, which a run
+# that sizes its cases for a large GPU expects on a smaller one.
+OUT_OF_MEMORY = "out of memory"
 
 
 class _CompiledReference:
@@ -279,13 +283,15 @@ def _cpu_peak_resettable() -> bool:
 def _time_interleaved(
     fns: dict[str, Callable[[], object]], device: torch.device, min_repeats: int,
     min_seconds: float, max_repeats: int, first_calls: dict[str, float] | None = None,
+    errors: dict[str, str] | None = None,
 ) -> dict[str, list[float]]:
     """Seconds per call of each callable, timed in rounds that call every one
     once (starting at a different one each round), so a slow spell of a
     shared machine falls on all of them alike and their ratios stay fair.
 
-    A callable that runs out of GPU memory in its warm-up call is left out
-    (no times), so that the others of the case and the cases after it run.
+    A callable whose warm-up call fails (out of GPU memory, or a compiler's
+    error) is left out (no times), so that the others of the case and the
+    cases after it run; ``errors`` is given its error in one line.
     ``first_calls`` is given each warm-up call's seconds (torch.compile's
     compilation included), which the timings leave out.
     """
@@ -304,6 +310,12 @@ def _time_interleaved(
         except torch.cuda.OutOfMemoryError:
             gc.collect()
             torch.cuda.empty_cache()
+            if errors is not None:
+                errors[name] = OUT_OF_MEMORY
+            continue
+        except Exception as exc:  # noqa: BLE001 - reported, not hidden: see main()
+            if errors is not None:
+                errors[name] = f"{type(exc).__name__}: {error_line(exc)}"
             continue
         names.append(name)
     times: dict[str, list[float]] = {name: [] for name in names}
@@ -377,7 +389,10 @@ def run_benchmarks(
         if progress:
             progress(f"{shape} {op} {mode}: {', '.join(fns)}")
         first_calls: dict[str, float] = {}
-        timings = _time_interleaved(fns, dev, min_repeats, min_seconds, max_repeats, first_calls)
+        errors: dict[str, str] = {}
+        timings = _time_interleaved(
+            fns, dev, min_repeats, min_seconds, max_repeats, first_calls, errors
+        )
         for impl in fns:
             times = timings.get(impl)
             first = first_calls.get(impl)
@@ -387,8 +402,7 @@ def run_benchmarks(
                 min_ms=min(times) * 1e3 if times else None,
                 repeats=len(times or ()), peak_bytes=None,
                 first_call_ms=None if first is None else first * 1e3,
-                # Left out of the timings only by running out of memory.
-                **({} if impl in timings else {"error": "out of memory"}),
+                **({"error": errors[impl]} if impl in errors else {}),
             )
         if partial:
             partial(list(records.values()))
@@ -592,7 +606,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {args.out / stem}.json, .md and .png", file=sys.stderr)
         else:
             print(f"wrote {args.out / stem}.json and .md", file=sys.stderr)
-    return 0
+    failed = [r for r in records if r.get("error", OUT_OF_MEMORY) != OUT_OF_MEMORY]
+    for r in failed:
+        print(f"srm-ext bench: {r['implementation']} failed at {r['shape']} {r['op']} "
+              f"{r['mode']}: {r['error']}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -488,23 +488,31 @@ def test_the_compiled_reference_is_compiled_for_every_shape_and_grad_mode(monkey
     assert len(compiled_graphs) == 2 * len(shapes)  # forward and forward+backward
 
 
-def run_verify_stage(tmp_path, stage, bench_body="", **env):
+VERIFY_SCRIPT = Path(__file__).resolve().parent.parent / "tools" / "verify_cuda.sh"
+
+
+def run_verify_stage(tmp_path, stage, bench_body="", test_body="", **env):
     """tools/verify_cuda.sh's ``stage`` with a stand-in python that logs its
     arguments (one call a line) and succeeds, as on a machine with the backend;
-    its benchmark runs then run ``bench_body``."""
-    import os
+    its benchmark runs then run ``bench_body`` and its pytest runs ``test_body``.
+    The script's settings come from ``env`` alone: those of a run of the
+    script that runs these tests must not reach it (its VERIFY_ARCHIVE would
+    be overwritten)."""
+    import re
     import subprocess
 
     calls = tmp_path / "calls"
     fake_python = tmp_path / "python"
     fake_python.write_text(f'#!/bin/sh\necho "$*" >> {calls}\n'
-                           f'case "$*" in *bench_ops.py*) {bench_body or ":"} ;; esac\n'
+                           f'case "$*" in *bench_ops.py*) {bench_body or ":"} ;; '
+                           f'*pytest*) {test_body or ":"} ;; esac\n'
                            'cat > /dev/null\n')
     fake_python.chmod(0o755)
-    script = Path(__file__).resolve().parent.parent / "tools" / "verify_cuda.sh"
+    settings = set(re.findall(r"\$\{([A-Z][A-Z0-9_]*)", VERIFY_SCRIPT.read_text())) - {"PATH"}
+    outer = {name: value for name, value in os.environ.items() if name not in settings}
     result = subprocess.run(
-        ["bash", str(script), str(tmp_path / "out"), stage],
-        env={**os.environ, "PYTHON": str(fake_python), **env}, capture_output=True, text=True,
+        ["bash", str(VERIFY_SCRIPT), str(tmp_path / "out"), stage],
+        env={**outer, "PYTHON": str(fake_python), **env}, capture_output=True, text=True,
         timeout=60,
     )
     runs = [line for line in calls.read_text().splitlines() if "bench_ops.py" in line]
@@ -598,6 +606,8 @@ def test_verify_script_racecheck_selection_holds_bfloat16_but_not_float16(tmp_pa
     ).stdout.splitlines()
     ids = [line for line in collected if "::" in line]
     assert 60 <= len(ids) <= 100  # about 4 s each under racecheck on an H100
+    large = ("holds_one_box", "rebuilds_its_residual", "beyond_the_sparse_kernel_limits")
+    assert not any(name in i for i in ids for name in large)
     assert any("bfloat16" in i for i in ids) and any("float32" in i for i in ids)
     assert not any("float16" in i.replace("bfloat16", "") for i in ids)
 
@@ -650,6 +660,27 @@ def test_an_implementation_out_of_gpu_memory_is_recorded_and_the_run_goes_on(tmp
 
 
 @requires_native_cpu
+def test_an_implementation_that_fails_is_recorded_and_the_run_goes_on_but_fails(tmp_path, monkeypatch, capsys):
+    # As torch.compile reports a compiler's failure: a header line, then the error.
+    def compiler_error(*args):
+        raise RuntimeError("backend='inductor' raised:\nCompilationError: no kernel for this shape")
+
+    monkeypatch.setitem(benchmark.SHAPE_SETS, "cifar", [TINY])
+    monkeypatch.setattr(benchmark.research_style, "dense_reconstruction_loss", compiler_error)
+    args = ["--quick", "--device", "cpu", "--ops", "stage1_step,sparse_labels", "--out", str(tmp_path),
+            "--name", "t"]
+    assert benchmark.main(args) == 1  # after writing every result
+    data = json.loads((tmp_path / "t.json").read_text())
+    message = "RuntimeError: CompilationError: no kernel for this shape"
+    failed = [(r["op"], r["mode"], r["implementation"], r["error"]) for r in data["results"] if r.get("error")]
+    assert failed == [("stage1_step", mode, "research", message) for mode in ("forward", "forward+backward")]
+    assert all(r["median_ms"] > 0 and r["peak_bytes"] is not None for r in data["results"] if not r.get("error"))
+    assert data["environment"]["complete"] and message in (tmp_path / "t.md").read_text()
+    assert (f"srm-ext bench: research failed at tiny stage1_step forward+backward: {message}"
+            in capsys.readouterr().err)
+
+
+@requires_native_cpu
 def test_a_run_with_no_timed_rounds_is_not_called_out_of_memory():
     records = benchmark.run_benchmarks([TINY], ops=("sparse_labels",),
                                        implementations=("native", "reference"),
@@ -694,6 +725,22 @@ def test_a_run_without_a_known_commit_says_so(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bench_environment, "_git_commit", lambda: None)
     assert benchmark.main(["--quick", "--device", "cpu", "--ops", "sparse_labels"]) == 0
     assert "set SRM_EXT_COMMIT" in capsys.readouterr().err
+
+
+def test_verify_script_stops_a_test_run_at_stage_timeout_and_ignores_the_outer_settings(
+    tmp_path, monkeypatch
+):
+    # The settings of a verify run that runs this test (its archive, its
+    # benchmark choices) must not leak into the script run here.
+    outer_archive = tmp_path / "outer.tgz"
+    monkeypatch.setenv("VERIFY_ARCHIVE", str(outer_archive))
+    monkeypatch.setenv("TEST_ARGS", "tests/test_nothing.py")
+    code, _ = run_verify_stage(tmp_path, "test", test_body="exec sleep 90", STAGE_TIMEOUT="1")
+    assert code != 0 and not outer_archive.exists()
+    pytest_call = next(line for line in (tmp_path / "calls").read_text().splitlines() if "pytest" in line)
+    assert "-o timeout=300" in pytest_call and pytest_call.endswith(
+        "--ignore=tests/test_cuda_emulated.py --ignore=tests/test_cuda_glue_emulated.py tests"
+    )
 
 
 def test_verify_script_stops_a_benchmark_run_at_bench_timeout_and_archives_the_stage(tmp_path):

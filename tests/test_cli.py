@@ -47,7 +47,7 @@ TINY_FLAGS = [
 TINY_CONFIG = dict(
     train_limit=128, test_limit=64, batch_size=32, teacher_width=0.34, student_width=0.05,
     epochs_teacher=2, epochs_dictionary=1, epochs_init=2, epochs_student=2, threads=1,
-    quiet=True, seeds=[0], methods=["scratch", "srm"],
+    quiet=True, seeds=[0], methods=["scratch", "srm"], device="cpu",  # as TINY_FLAGS
 )
 
 
@@ -404,8 +404,7 @@ def test_quiet_run_resumes_with_progress(tmp_path):
 
 def test_resume_on_another_thread_count_warns(tmp_path):
     out = tmp_path / "run"
-    settings = {**TINY_CONFIG, "methods": ["scratch"], "epochs_student": 1, "device": "cpu",
-                "output_dir": str(out)}
+    settings = {**TINY_CONFIG, "methods": ["scratch"], "epochs_student": 1, "output_dir": str(out)}
     with pytest.raises(Interrupt):
         ExperimentRunner(ExperimentConfig(**settings), on_epoch_end=_raise(Interrupt),
                          log=lambda *_: None).run()

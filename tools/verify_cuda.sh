@@ -37,6 +37,11 @@
 # benchmark run (e.g. "--ops stage1_step"). BENCH_TIMEOUT (seconds) stops
 # each benchmark run there: it keeps the cases it timed (JSON and markdown
 # marked incomplete) and the stage ends in time to be archived.
+# STAGE_TIMEOUT (seconds) stops each test, sanitizer and profile run there
+# (and each benchmark run, where BENCH_TIMEOUT is not given), so that a hung
+# kernel cannot take the rest of the call; TEST_TIMEOUT (default 300) ends a
+# single test of the test stage that runs longer (pytest-timeout, where
+# installed).
 set -u -o pipefail
 
 if [[ $# -lt 1 ]]; then
@@ -131,6 +136,11 @@ EOF
   done
 }
 
+# A command stopped by SIGTERM at STAGE_TIMEOUT seconds, when that is set.
+limited() {
+  ${STAGE_TIMEOUT:+timeout -k 30 ${STAGE_TIMEOUT}} "$@"
+}
+
 # The whole suite: with a GPU present its CUDA cases run too (kernels,
 # autocast, the distiller and the CLI on CUDA; NCCL where there are two GPUs).
 # The emulated kernel suites are left out: they run the same on any CPU (CI
@@ -138,7 +148,8 @@ EOF
 # replaces the pytest arguments (e.g. "tests" for everything).
 stage_test() {
   require_cuda || return 1
-  "${python}" -m pytest -q -p no:cacheprovider -rs --junitxml="${out}/pytest.xml" \
+  limited "${python}" -m pytest -q -p no:cacheprovider -rs --junitxml="${out}/pytest.xml" \
+    -o timeout="${TEST_TIMEOUT:-300}" --durations=15 \
     ${TEST_ARGS:---ignore=tests/test_cuda_emulated.py --ignore=tests/test_cuda_glue_emulated.py tests}
 }
 
@@ -155,7 +166,7 @@ run_sanitizer() {
     return 1
   fi
   echo "== ${tool}: -k ${selection}"
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "${tool}" \
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 limited compute-sanitizer --tool "${tool}" \
     --error-exitcode 99 --print-limit 20 \
     "${python}" -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py -k "${selection}"
   code=$?
@@ -189,6 +200,9 @@ racecheck_default="not 2_31 and not opcheck and not channels_last and not stride
 racecheck_default+=" and not (float16 and not bfloat16) and not (bfloat16 and not 2x32x3x4)"
 racecheck_default+=" and not 1x4096 and not 2x256x7 and not 2x64x13 and not 3x17x7"
 racecheck_default+=" and not 1x3x1 and not 2x4x3x3"
+# Tests of large sizes that no id above names (tens of thousands of pixels).
+racecheck_default+=" and not holds_one_box and not rebuilds_its_residual"
+racecheck_default+=" and not beyond_the_sparse_kernel_limits"
 stage_racecheck() {
   require_cuda || return 1
   run_sanitizer racecheck "${RACECHECK_K:-${racecheck_default}}"
@@ -197,13 +211,13 @@ stage_racecheck() {
 stage_profile() {
   local status=0 box
   require_cuda || return 1
-  "${python}" benchmarks/profile_ops.py --device cuda --shapes imagenet \
+  limited "${python}" benchmarks/profile_ops.py --device cuda --shapes imagenet \
     --ops stage1_step,sparse_labels,predictor_loss --out "${out}" || status=1
   # The GEMM encode's box of pixels (2^23 pre-activations by default): a
   # smaller box stays in L2 between the GEMM and the selection, at the cost
   # of more launches. The override sets the backward's boxes too.
   for box in 2097152 33554432; do
-    SRM_EXT_CUDA_BOX_VALUES="${box}" "${python}" benchmarks/profile_ops.py \
+    SRM_EXT_CUDA_BOX_VALUES="${box}" limited "${python}" benchmarks/profile_ops.py \
       --device cuda --shapes imagenet --ops stage1_step \
       --name "profile-imagenet-cuda-float32-box${box}" --out "${out}" || status=1
   done
@@ -214,7 +228,8 @@ stage_profile() {
 # ignored by a script started in the background); the run has written its
 # JSON and markdown after every case.
 bench_run() {
-  ${BENCH_TIMEOUT:+timeout -k 30 ${BENCH_TIMEOUT}} "${python}" benchmarks/bench_ops.py "$@"
+  local limit="${BENCH_TIMEOUT:-${STAGE_TIMEOUT:-}}"
+  ${limit:+timeout -k 30 ${limit}} "${python}" benchmarks/bench_ops.py "$@"
 }
 
 stage_bench() {
@@ -243,7 +258,7 @@ stage_paths() {
       --implementations native,research \
       --name "imagenet-cuda-float32-encode-${path}" --out "${out}" ${BENCH_ARGS:-} || status=1
   done
-  SRM_EXT_CUDA_ENCODE=screened "${python}" benchmarks/profile_ops.py --device cuda \
+  SRM_EXT_CUDA_ENCODE=screened limited "${python}" benchmarks/profile_ops.py --device cuda \
     --shapes imagenet --ops stage1_step --name "profile-imagenet-cuda-float32-screened" \
     --out "${out}" || status=1
   return ${status}
