@@ -24,6 +24,7 @@ from srm_ext.distill import (
     StageConfig,
     Trainer,
 )
+from srm_ext.distill.hooks import FeatureTap
 from srm_ext.distill.trainer import build_optimizer, build_scheduler
 from srm_ext.distill.losses import (
     HintRegressor,
@@ -367,14 +368,43 @@ def test_models_must_return_logits_before_any_stage_trains(role, kind):
         SRMDistiller(teacher, student, {t_path: s_path}, input_shape=(1, 8, 8))
 
 
-def test_a_student_returning_more_in_training_fails_clearly_in_stage_3():
-    torch.manual_seed(0)
+def test_a_student_returning_more_in_training_is_refused_before_any_stage_trains():
     student = ExtraOutputs(tiny_student(), always=False)
-    distiller = SRMDistiller(tiny_teacher(), student, {"block1": "model.stage1"}, input_shape=(1, 8, 8))
-    with pytest.raises(TypeError, match="the student must return a logits tensor .*, got a tuple"):
-        distiller.fit_kd(toy_loader(n=16), epochs=1, **QUIET)
+    with pytest.raises(TypeError, match="the student in train mode must return a logits tensor .*, got a tuple"):
+        SRMDistiller(tiny_teacher(), student, {"block1": "model.stage1"}, input_shape=(1, 8, 8))
     with pytest.raises(TypeError, match="the model must return a logits tensor"):
         accuracy(ExtraOutputs(tiny_student(), "dict"), toy_loader(n=16))
+
+
+def test_the_train_mode_dry_run_leaves_the_student_and_the_random_draws_as_they_were():
+    # BatchNorm statistics and dropout's draws, in a compiled student half in eval mode.
+    torch.manual_seed(0)
+    student = nn.Sequential(tiny_student(), nn.Dropout(0.5))
+    student[0].stage2.eval()
+    before = snapshot(student)
+    modes = [m.training for m in student.modules()]
+    SRMDistiller(tiny_teacher(), torch.compile(student), {"block1": "0.stage1"}, input_shape=(1, 8, 8))
+    assert not changed(before, student) and [m.training for m in student.modules()] == modes
+    # The output checked is the train-mode one (dropout zeroed some logits),
+    # and it draws nothing from the generator the training draws from.
+    batch = torch.randn(4, 1, 8, 8)
+    rng = torch.get_rng_state()
+    out = FeatureTap(torch.compile(student), [], "student").train_mode_output(batch)
+    assert torch.equal(torch.get_rng_state(), rng) and (out == 0).any()
+    assert not changed(before, student) and [m.training for m in student.modules()] == modes
+
+
+def test_class_probabilities_over_other_classes_are_refused_on_the_first_batch():
+    distiller = make_distiller()  # four classes
+    images, labels = next(iter(toy_loader(n=16)))
+    loader = [(images, torch.softmax(torch.randn(16, 5), dim=1))]
+    for fit in (distiller.fit_dictionaries, distiller.fit_student, distiller.fit_kd):
+        with pytest.raises(ValueError, match=re.escape(
+            "the loader's targets are class probabilities over 5 classes, but the models give "
+            "logits over 4"
+        )):
+            fit(loader, epochs=1, **QUIET)
+    distiller.fit_kd([(images, torch.nn.functional.one_hot(labels, 4).float())], epochs=1, **QUIET)
 
 
 @pytest.mark.parametrize(

@@ -64,6 +64,16 @@ MODELS = textwrap.dedent(
         return RaisesInForward(num_classes, in_channels, 8)
 
 
+    class AuxiliaryLogits(Small):
+        def forward(self, x):
+            logits = super().forward(x)
+            return (logits, logits) if self.training else logits
+
+
+    def auxiliary_logits(num_classes, in_channels, width):
+        return AuxiliaryLogits(num_classes, in_channels, 8)
+
+
     def double_precision(num_classes, in_channels, width):
         return Small(num_classes, in_channels, 8).double()
 
@@ -147,6 +157,17 @@ def test_a_model_that_fails_on_small_images_for_another_reason_gets_no_size_hint
     assert "should be the same" in err and "--image-size" not in err
 
 
+def test_a_loaded_teacher_returning_more_in_train_mode_is_taken(user_models, monkeypatch):
+    # It is only evaluated; a teacher to train is refused (see below).
+    monkeypatch.syspath_prepend(os.fspath(user_models))
+    teacher = build_model(f"{MODULE}:auxiliary_logits", 10, 1)
+    torch.save(teacher.state_dict(), user_models / "teacher.pt")
+    flags = ["distill", *TINY_FLAGS, "--teacher", f"{MODULE}:auxiliary_logits", "--student",
+             f"{MODULE}:student", "--methods", "kd", "--seeds", "0", "--epochs-student", "1"]
+    assert main([*flags, "--teacher-weights", str(user_models / "teacher.pt"),
+                 "--output-dir", str(user_models / "run")]) == 0
+
+
 def test_scratch_and_kd_need_no_layer_pairs(user_models, capsys):
     models = ["--teacher", f"{MODULE}:teacher", "--student", f"{MODULE}:student"]
     flags = ["distill", *TINY_FLAGS, *models, "--seeds", "0", "--epochs-teacher", "1",
@@ -174,6 +195,9 @@ def test_scratch_and_kd_need_no_layer_pairs(user_models, capsys):
         (f"{MODULE}:imagenet_head",
          f"the teacher '{MODULE}:imagenet_head' maps a batch of 2 images to shape (2, 1000); "
          "expected logits of shape (2, 10) for the dataset's 10 classes"),
+        (f"{MODULE}:auxiliary_logits",
+         f"the teacher '{MODULE}:auxiliary_logits' maps a batch of 2 images to tuple in train "
+         "mode; expected logits of shape (2, 10) for the dataset's 10 classes"),
         (f"{MODULE}:raises_in_forward",
          "the teacher failed on a dry-run batch of shape (2, 1, 8, 8) (is that the input it "
          "takes?): KeyError: 'probabilities'"),

@@ -176,6 +176,8 @@ class SRMDistiller(nn.Module):
         # Student parameters that no tapped map depends on, which stage 2 does
         # not train; None until a batch has shown which they are.
         self._student_parameters_off_the_maps: set[str] | None = None
+        # The models' logits per sample, once the dry run has shown them.
+        self._num_classes: int | None = None
         if example_input is None and input_shape is not None:
             example_input = torch.zeros(2, *_input_shape(input_shape))
         if example_input is not None:
@@ -201,9 +203,12 @@ class SRMDistiller(nn.Module):
         batch = self._dry_run_batch(example_input)
         t_maps, t_out = self.teacher_tap.probe(batch, return_output=True)
         s_maps, s_out = self.student_tap.probe(batch, return_output=True)
-        # Stage 3 needs logits: say so now, not after stages 1 and 2 have trained.
+        # Stage 3 needs logits: say so now, not after stages 1 and 2 have trained;
+        # in train mode too, where some students return more (auxiliary logits).
         teacher_logits = check_logits(t_out, "teacher", len(batch))
         check_same_classes(check_logits(s_out, "student", len(batch)), teacher_logits)
+        check_logits(self.student_tap.train_mode_output(batch), "student in train mode", len(batch))
+        self._num_classes = teacher_logits.shape[1]
         self._add_blocks(
             [(t_maps[t].shape[1], s_maps[s].shape[1]) for t, s in self.layer_pairs],
             batch.device,
@@ -328,6 +333,7 @@ class SRMDistiller(nn.Module):
 
     def kd_loss(self, images: Tensor, targets: Tensor) -> Tensor:
         """Stage 3: Hinton KD from the teacher's logits."""
+        self._check_targets(targets)
         images = model_input(images, self.student)  # the teacher shares its dtype
         with torch.no_grad(), eval_mode(self.teacher):
             teacher_logits = self.teacher(images)
@@ -335,12 +341,33 @@ class SRMDistiller(nn.Module):
             self.student(images), teacher_logits, targets, self.kd_temperature, self.kd_alpha
         )
 
+    def _check_targets(self, targets: Tensor) -> None:
+        """Class probabilities must be over the models' classes. Stages 1 and
+        2 check them too, so that a loader whose targets stage 3 cannot take
+        is refused on its first batch, not after two stages have trained."""
+        if self._num_classes is not None and targets.dim() == 2 and (
+            targets.shape[1] != self._num_classes
+        ):
+            raise ValueError(
+                f"the loader's targets are class probabilities over {targets.shape[1]} "
+                f"classes, but the models give logits over {self._num_classes}"
+            )
+
+    def _of_images(self, loss: Callable[[Tensor], Any]) -> Callable[[Tensor, Tensor], Any]:
+        """The objective of a stage whose loss reads the images alone."""
+
+        def objective(images: Tensor, targets: Tensor) -> Any:
+            self._check_targets(targets)
+            return loss(images)
+
+        return objective
+
     # ------------------------------------------------------------------ stages
 
     def dictionary_stage(self, config: StageConfig) -> Stage:
         return Stage(
             name="srm-dictionary",
-            objective=lambda images, _targets: self.dictionary_loss(images),
+            objective=self._of_images(self.dictionary_loss),
             parameters=list(self.representations.parameters()),
             train_modules=[self.representations],
             frozen_modules=[self.teacher],
@@ -352,7 +379,7 @@ class SRMDistiller(nn.Module):
         trained = parameters_except(self.student, self._student_parameters_off_the_maps or set())
         return Stage(
             name="srm-init",
-            objective=lambda images, _targets: self.student_loss(images),
+            objective=self._of_images(self.student_loss),
             # The layers after the tapped maps (the classifier) get no gradient:
             # left out, so that weight decay leaves them as it does in eager mode.
             parameters=[*trained, *self.predictors.parameters()],

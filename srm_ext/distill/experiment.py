@@ -448,7 +448,8 @@ class ExperimentRunner:
         hooked output is not 4-D or the SRM sizes are impossible."""
         teacher, student = self._new_model("teacher"), self._new_model("student")
         try:
-            self._check_logits(teacher, "teacher")
+            # A loaded teacher is only evaluated: its train-mode output is never read.
+            self._check_logits(teacher, "teacher", trained=not self.config.teacher_weights)
             self._check_logits(student, "student")
             if self.config.layer_pairs:
                 pairs = parse_layer_pairs(self.config.layer_pairs)
@@ -478,19 +479,26 @@ class ExperimentRunner:
             raise ConfigError(f"{error_line(exc)}{hint}") from exc
         return pairs
 
-    def _check_logits(self, model: nn.Module, role: str) -> None:
+    def _check_logits(self, model: nn.Module, role: str, trained: bool = True) -> None:
         """The model must map a batch to (N, classes) logits, which a user's
-        own model may not (a torchvision one has 1000 classes unless told)."""
-        _, logits = FeatureTap(model, [], role).probe(self.example, return_output=True)
-        expected = (len(self.example), self.splits.num_classes)
-        if isinstance(logits, Tensor) and tuple(logits.shape) == expected:
-            return
-        got = f"shape {tuple(logits.shape)}" if isinstance(logits, Tensor) else type(logits).__name__
-        arch, _ = self.config.architecture(role)
-        raise ConfigError(
-            f"the {role} {arch!r} maps a batch of {expected[0]} images to {got}; expected "
-            f"logits of shape {expected} for the dataset's {expected[1]} classes"
-        )
+        own model may not (a torchvision one has 1000 classes unless told),
+        in eval mode and, if it is ``trained``, in train mode, where some
+        return more (Inception's auxiliary logits)."""
+        tap = FeatureTap(model, [], role)
+        runs = [("", lambda: tap.probe(self.example, return_output=True)[1])]
+        if trained:
+            runs.append((" in train mode", lambda: tap.train_mode_output(self.example)))
+        for mode, run in runs:
+            output = run()
+            expected = (len(self.example), self.splits.num_classes)
+            if isinstance(output, Tensor) and tuple(output.shape) == expected:
+                continue
+            got = f"shape {tuple(output.shape)}" if isinstance(output, Tensor) else type(output).__name__
+            arch, _ = self.config.architecture(role)
+            raise ConfigError(
+                f"the {role} {arch!r} maps a batch of {expected[0]} images to {got}{mode}; "
+                f"expected logits of shape {expected} for the dataset's {expected[1]} classes"
+            )
 
     # ------------------------------------------------------------------ runs
 

@@ -216,20 +216,8 @@ class FeatureTap:
         the model's train/eval mode is restored. It runs eagerly, also when the
         model is compiled, so that a map modified in place later in the pass is
         caught here: maps captured while compiling cannot be checked."""
-        try:
-            with _eager_eval(self.model), self.capture() as maps:
-                output = self.model(batch)
-        except (FeatureTapError, _NotAFeatureMap):  # the taps' own errors name the module
-            raise
-        except Exception as exc:
-            # Most often an input the model cannot take (a RuntimeError from
-            # torch), or a user's forward that raises its own: say which model,
-            # and on what, before the error from deep inside it.
-            what = str(exc) if isinstance(exc, RuntimeError) else f"{type(exc).__name__}: {exc}"
-            raise RuntimeError(
-                f"the {self.role} failed on a dry-run batch of shape {tuple(batch.shape)} "
-                f"(is that the input it takes?): {what}"
-            ) from exc
+        with self._failures_named(batch), _eager_eval(self.model), self.capture() as maps:
+            output = self.model(batch)
         missing = [path for path in self.paths if path not in maps]
         if missing:
             raise ValueError(
@@ -238,6 +226,46 @@ class FeatureTap:
             )
         maps = {path: maps[path] for path in self.paths}  # reading checks for in-place changes
         return (maps, output) if return_output else maps
+
+    @torch.no_grad()
+    def train_mode_output(self, batch: Tensor) -> object:
+        """The model's output on ``batch`` in train mode, which some models give
+        in another form than in eval mode (Inception's auxiliary logits), found
+        without training it: the plain model runs eagerly, and its buffers
+        (BatchNorm's statistics) and the random number generators (dropout)
+        are as they were after, as is each module's mode."""
+        plain = unwrap(self.model)
+        buffers = {name: buffer.clone() for name, buffer in plain.named_buffers()}
+        modes = [(module, module.training) for module in plain.modules()]
+        on_gpu = batch.device.type == "cuda"
+        try:
+            with self._failures_named(batch, " in train mode"), torch.random.fork_rng(
+                devices=[batch.device] if on_gpu else []
+            ), torch.compiler.set_stance("force_eager"):
+                plain.train()
+                return plain(batch)
+        finally:
+            for name, buffer in plain.named_buffers():
+                if name in buffers:
+                    buffer.copy_(buffers[name])
+            for module, training in modes:
+                module.training = training
+
+    @contextmanager
+    def _failures_named(self, batch: Tensor, mode: str = "") -> Iterator[None]:
+        """A dry run whose failure says which model failed, and on what, before
+        the error from deep inside it: most often an input the model cannot
+        take (a RuntimeError from torch), or a user's forward raising its own."""
+        try:
+            yield
+        except (FeatureTapError, _NotAFeatureMap):  # the taps' own errors name the module
+            raise
+        except Exception as exc:
+            what = str(exc) if isinstance(exc, RuntimeError) else f"{type(exc).__name__}: {exc}"
+            raise RuntimeError(
+                f"the {self.role} failed on a dry-run batch of shape {tuple(batch.shape)}{mode} "
+                f"(is that the input it takes?): {what}"
+            ) from exc
 
     def parameters_off_the_maps(self, batch: Tensor) -> set[str]:
         """Names (as in the plain model) of the trainable parameters that none of
