@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-flip", dest="flip", action="store_false", default=None,
                    help="keep the translations but disable the horizontal flips that 3-channel "
                         "images get (for text, digits, signs: whatever a mirror changes)")
+    g.add_argument("--check-images", action="store_true", default=None,
+                   help="read every image of an image tree before training, and list those "
+                        "that cannot be read (else a run stops at the first, when it is drawn)")
     g.add_argument("--train-limit", type=int,
                    help="use only N training samples, spread evenly over the training split")
     g.add_argument("--test-limit", type=int,

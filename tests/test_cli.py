@@ -223,10 +223,27 @@ def test_resume_goes_on_with_an_image_tree_moved_elsewhere(tmp_path, capsys):
         f"srm-ext: error: data path {str(tmp_path / 'here')!r} does not exist; if the data "
         "moved, resume with --data-path naming its new place\n"
     )
+    # --check-images reads the data before training: it changes nothing a resume compares.
     assert main(["distill", "--resume", "--quiet", "--output-dir", str(out),
-                 "--data-path", str(tmp_path / "there")]) == 0
+                 "--data-path", str(tmp_path / "there"), "--check-images"]) == 0
     assert _final_numbers(out) == _final_numbers(straight)
     assert json.loads((out / "config.json").read_text())["data_path"] == str(tmp_path / "there")
+
+
+def test_check_images_refuses_a_tree_with_unreadable_images_before_any_output(tmp_path, capsys):
+    out = tmp_path / "run"
+    _interrupted_image_tree_run(tmp_path / "tree", out)
+    bad = [tmp_path / "tree" / "owl" / f"{i}.png" for i in (3, 9)]
+    for path in bad:
+        path.write_bytes(b"not an image")
+    before = {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()}
+    flags = ["distill", *TINY_FLAGS, "--dataset", "imagefolder", "--image-size", "8",
+             "--data-path", str(tmp_path / "tree"), "--check-images", "--output-dir", str(out)]
+    assert main([*flags, "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("srm-ext: error: 2 image(s) cannot be read: ") and err.count("\n") == 1
+    assert all(f"{str(path)!r}: not a readable image" in err for path in bad)
+    assert {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()} == before
 
 
 def test_resume_reads_the_dataset_fingerprint_of_an_earlier_format(tmp_path):

@@ -691,6 +691,49 @@ def test_imagefolder_unreadable_image_is_an_error_naming_it(tmp_path, damage):
         [splits.test[i] for i in range(len(splits.test))]
 
 
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_check_images_lists_every_unreadable_image_of_the_run(tmp_path, num_workers):
+    from srm_ext.distill.image_check import check_images
+
+    _write_images(tmp_path / "train", {"a": 12, "b": 12})
+    _write_images(tmp_path / "test", {"a": 2, "b": 2})
+    # The statistics pass over unreadable images, for the check to list them all.
+    settings = dict(dataset="imagefolder", data_path=str(tmp_path), image_size=7, check_images=True)
+    check_images(load_dataset(config(**settings)), num_workers)  # all readable
+    bad = [tmp_path / "train" / "a" / f"{i}.png" for i in range(1, 12, 2)] + [tmp_path / "test" / "b" / "1.png"]
+    for path in bad:
+        path.write_bytes(path.read_bytes()[:20])
+    splits = load_dataset(config(**settings))
+    with pytest.raises(ConfigError) as error:
+        check_images(splits, num_workers)
+    message = str(error.value)
+    assert message.startswith("7 image(s) cannot be read: ")
+    assert [f"{str(path)!r}: not a readable image" in message for path in bad] == [True] * 7
+    # Only the images the run uses: a limit leaves the others unread.
+    limited = load_dataset(config(**settings, train_limit=2, test_limit=1))
+    check_images(limited, num_workers)
+    # Splits held in memory were read as they loaded.
+    check_images(load_dataset(config(dataset="digits")), num_workers)
+
+
+def test_check_images_names_ten_files_and_counts_the_rest(tmp_path):
+    from srm_ext.distill.image_check import check_images
+
+    _write_images(tmp_path / "train", {"a": 12, "b": 2})
+    _write_images(tmp_path / "test", {"a": 1, "b": 1})
+    for path in (tmp_path / "train" / "a").iterdir():
+        path.write_bytes(b"not an image")
+    settings = dict(dataset="imagefolder", data_path=str(tmp_path), image_size=7, check_images=True)
+    splits = load_dataset(config(**settings))
+    with pytest.raises(ConfigError, match=r"^12 image\(s\) cannot be read: .*; and 2 more$") as error:
+        check_images(splits)
+    assert str(error.value).count("not a readable image") == 10
+    for path in (tmp_path / "train" / "b").iterdir():  # no statistics at all
+        path.write_bytes(b"not an image")
+    with pytest.raises(ConfigError, match="no training image under .* can be read"):
+        load_dataset(config(**settings))
+
+
 def test_imagefolder_float_tiff_is_scaled_from_the_unit_range(tmp_path):
     # convert("RGB") alone would truncate 0..1 floats to 0 and 1.
     from PIL import Image

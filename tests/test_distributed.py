@@ -164,6 +164,40 @@ def test_sharded_evaluation_sums_to_the_single_process_accuracy(tmp_path):
         assert float((tmp_path / f"acc.{rank}").read_text()) == single
 
 
+def _image_check_worker(rank: int, world_size: int, port: int, tree: str, out: str) -> None:
+    from srm_ext.distill import ConfigError
+    from srm_ext.distill.data import load_imagefolder
+    from srm_ext.distill.image_check import check_images
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+    )
+    try:
+        splits = load_imagefolder(Path(tree), 4, skip_unreadable=True)
+        try:
+            check_images(splits, context=DistributedContext.current())
+            Path(f"{out}.{rank}").write_text("read")
+        except ConfigError as exc:
+            Path(f"{out}.{rank}").write_text(str(exc))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_check_images_reads_on_the_main_process_and_every_process_stops(tmp_path):
+    from PIL import Image
+
+    for name in ("a", "b"):
+        (tmp_path / "tree" / name).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (4, 4)).save(tmp_path / "tree" / name / f"{i}.png")
+    (tmp_path / "tree" / "b" / "2.png").write_bytes(b"not an image")
+    mp.spawn(_image_check_worker, args=(2, free_port(), str(tmp_path / "tree"), str(tmp_path / "r")),
+             nprocs=2, join=True)
+    assert (tmp_path / "r.0").read_text().startswith("1 image(s) cannot be read: ")
+    assert (tmp_path / "r.1").read_text() == "1 image(s) cannot be read (the main process lists them)"
+
+
 def _kd_eval_worker(rank: int, world_size: int, port: int, out: str) -> None:
     """Stage 3 with a sharded held-out loader: writes the accuracy the stage
     logged and the trained student's accuracy on the whole held-out set."""

@@ -136,6 +136,8 @@ class ExperimentConfig:
     # the training split's. A teacher trained elsewhere wants its own.
     input_mean: list[float] | None = None
     input_std: list[float] | None = None
+    # Read every image of an image tree before training, to find unreadable ones.
+    check_images: bool = False
     # models
     teacher: str = "densenet"
     student: str = "allcnn"
@@ -341,7 +343,7 @@ class ExperimentConfig:
 # these, which change how a run is carried out, not what it computes (compile
 # runs the same steps through torch.compile, faster).
 RESUME_INVARIANT_EXCLUDES = (
-    "quiet", "device", "num_workers", "threads", "compile", "output_dir", "preset"
+    "quiet", "device", "num_workers", "threads", "compile", "output_dir", "preset", "check_images"
 )
 
 #: Named bundles of settings; explicit flags override them.

@@ -231,7 +231,9 @@ def load_dataset(config: ExperimentConfig) -> DatasetSplits:
         elif name == "npz":
             splits = load_npz(path, config.image_size)
         elif name == "imagefolder":
-            splits = load_imagefolder(path, config.image_size or 32)
+            splits = load_imagefolder(
+                path, config.image_size or 32, skip_unreadable=config.check_images
+            )
         else:
             raise ConfigError(
                 f"unknown dataset {name!r}; use digits, cifar10, cifar100, imagefolder or npz"
@@ -561,7 +563,11 @@ def _npz_labels(labels: np.ndarray, path: Path, key: str) -> Tensor:
     return torch.from_numpy(labels.astype(np.int64))
 
 
-def load_imagefolder(root: Path, image_size: int = 32) -> DatasetSplits:
+def load_imagefolder(root: Path, image_size: int = 32, skip_unreadable: bool = False) -> DatasetSplits:
+    """An image tree, read lazily. Its channel statistics come from a sample
+    of training images, read now: an unreadable one fails the load, or with
+    ``skip_unreadable`` is passed over, for ``check_images`` to list with
+    every other."""
     if not root.is_dir():
         raise ConfigError(f"{str(root)!r} is not a directory")
     splits = _split_folders(root)
@@ -584,8 +590,16 @@ def load_imagefolder(root: Path, image_size: int = 32) -> DatasetSplits:
         _require_two_classes(torch.tensor(full.labels), repr(str(root)), classes)
         train_idx, test_idx = _stratified_split(torch.tensor(full.labels))
         train, test = Subset(full, train_idx), Subset(full, test_idx)
-    sample = _spread_sample(len(train), _STATS_SAMPLE)
-    mean, std = _channel_stats(torch.stack([train[i][0] for i in sample]))
+    images = []
+    for index in _spread_sample(len(train), _STATS_SAMPLE):
+        try:
+            images.append(train[index][0])
+        except ConfigError:
+            if not skip_unreadable:
+                raise
+    if not images:
+        raise ConfigError(f"no training image under {str(root)!r} can be read")
+    mean, std = _channel_stats(torch.stack(images))
     return DatasetSplits(
         train, test, len(classes), 3, image_size, mean, std, natural_images=True,
         class_names=tuple(classes),

@@ -45,6 +45,7 @@ from .config import (
 )
 from .data import BatchPreprocessor, DatasetSplits, load_dataset, make_loaders
 from .data_fingerprint import dataset_fingerprint, fingerprint_differences
+from .image_check import check_images
 from .distiller import SRMDistiller
 from .distributed import DistributedContext, init_distributed, resolve_device, shutdown_distributed
 from .hooks import FeatureTap, FeatureTapError
@@ -222,6 +223,8 @@ class ExperimentRunner:
                     f"{exc}; if the data moved, resume with --data-path naming its new place"
                 ) from None
             raise
+        if cfg.check_images:
+            check_images(self.splits, cfg.num_workers, not cfg.quiet, self.ctx, self.device)
         self._check_dataset()
         preprocess = BatchPreprocessor(
             self.splits.mean,
