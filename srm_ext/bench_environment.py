@@ -48,9 +48,13 @@ def environment(device: str, dtype: str = "float32", shapes: Sequence = ()) -> d
             # dense GEMM and the native GEMM encode all follow this setting.
             tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
         )
-        if _backend.cuda_module is not None:
+        if _backend.cuda_module is not None and dtype in _CUDA_KERNEL_DTYPES:
             env["cuda_encode"] = _cuda_encode_paths(getattr(torch, dtype), shapes)
     return env
+
+
+# The dtypes of the CUDA kernels; float64 falls back to the reference there.
+_CUDA_KERNEL_DTYPES = ("float32", "float16", "bfloat16")
 
 
 def _cuda_encode_paths(dtype: torch.dtype, shapes: Sequence) -> str:
@@ -60,12 +64,13 @@ def _cuda_encode_paths(dtype: torch.dtype, shapes: Sequence) -> str:
     cuda = _backend.cuda_module
     if not shapes:
         return cuda.build_info()["encode"]
-    at: dict[str, list[str]] = {}
+    shapes_by_path: dict[str, list[str]] = {}
     for shape in shapes:
-        at.setdefault(cuda.encode_path_for(dtype, shape.num_codewords, shape.k), []).append(shape.name)
-    if len(at) == 1:
-        return next(iter(at))
-    return "; ".join(f"{path} at {', '.join(names)}" for path, names in at.items())
+        path = cuda.encode_path_for(dtype, shape.num_codewords, shape.k)
+        shapes_by_path.setdefault(path, []).append(shape.name)
+    if len(shapes_by_path) == 1:
+        return next(iter(shapes_by_path))
+    return "; ".join(f"{path} at {', '.join(names)}" for path, names in shapes_by_path.items())
 
 
 def _cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:

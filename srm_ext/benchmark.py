@@ -606,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {args.out / stem}.json, .md and .png", file=sys.stderr)
         else:
             print(f"wrote {args.out / stem}.json and .md", file=sys.stderr)
-    failed = [r for r in records if r.get("error", OUT_OF_MEMORY) != OUT_OF_MEMORY]
+    failed = [r for r in records if r.get("error") not in (None, OUT_OF_MEMORY)]
     for r in failed:
         print(f"srm-ext bench: {r['implementation']} failed at {r['shape']} {r['op']} "
               f"{r['mode']}: {r['error']}", file=sys.stderr)

@@ -16,9 +16,9 @@ settings.register_profile("ci", derandomize=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
 
-# cuBLAS refuses deterministic-mode GEMMs on a GPU without a fixed workspace;
-# it reads this when the first handle is made, so a test run by hand works
-# as one run by tools/verify_cuda.sh does.
+# torch refuses a cuBLAS product on a GPU in deterministic mode unless cuBLAS
+# has a fixed workspace: set here, a test run by hand works as one run by
+# tools/verify_cuda.sh does.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 import srm_ext

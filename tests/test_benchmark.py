@@ -411,6 +411,8 @@ def test_the_cuda_encode_path_is_recorded_per_shape(monkeypatch):
     assert env["dtype"] == "bfloat16" and [s["name"] for s in env["shapes"]] == ["a", "b", "c"]
     assert bench_environment.environment("cuda", "float32", shapes[::2])["cuda_encode"] == "screened"
     assert bench_environment.environment("cuda")["cuda_encode"] == "screened"  # no shapes: the setting
+    # float64 runs the reference on CUDA: there is no encode path to record.
+    assert "cuda_encode" not in bench_environment.environment("cuda", "float64", shapes)
     assert "CUDA encode: screened at a, c; gemm at b" in bench_report.markdown_table([], env)
 
 

@@ -4,8 +4,10 @@ equivalence and one-line errors."""
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -246,7 +248,7 @@ def test_check_images_refuses_a_tree_with_unreadable_images_before_any_output(tm
     assert {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()} == before
 
 
-def test_resume_reads_the_dataset_fingerprint_of_an_earlier_format(tmp_path):
+def test_resume_reads_the_dataset_fingerprint_of_an_earlier_format(tmp_path, capsys):
     # It named an image tree's files by their full paths, and had no "format".
     out = tmp_path / "run"
     config = _interrupted_image_tree_run(tmp_path / "tree", out)
@@ -254,7 +256,20 @@ def test_resume_reads_the_dataset_fingerprint_of_an_earlier_format(tmp_path):
     assert state["dataset"]["format"] == 2
     state["dataset"] = dataset_fingerprint(load_dataset(config), full_paths=True)
     torch.save(state, out / "checkpoint.pt")
-    assert main(["distill", "--resume", "--quiet", "--output-dir", str(out)]) == 0
+    resume = ["distill", "--resume", "--quiet", "--output-dir", str(out)]
+    # Changed data is still refused; the data at another path too, which that
+    # fingerprint cannot tell from other data.
+    image = tmp_path / "tree" / "owl" / "5.png"
+    original, stat = image.read_bytes(), image.stat()
+    image.write_bytes(original + b"\0")
+    assert main(resume) == 2
+    assert "the dataset differs from the one the run started with" in capsys.readouterr().err
+    image.write_bytes(original)
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    shutil.copytree(tmp_path / "tree", tmp_path / "copy", copy_function=shutil.copy2)
+    assert main([*resume, "--data-path", str(tmp_path / "copy")]) == 2
+    assert "settings differ from the checkpoint: data_path=" in capsys.readouterr().err
+    assert main(resume) == 0
     assert torch.load(out / "checkpoint.pt", weights_only=True)["dataset"]["format"] == 2
 
 
@@ -692,6 +707,7 @@ def test_a_teacher_from_a_run_on_other_classes_is_refused(tmp_path):
     )):
         ExperimentRunner(ExperimentConfig(**later, output_dir=str(tmp_path / "other")),
                          log=lambda *_: None).run()
+    assert not (tmp_path / "other").exists()  # refused before anything was written
 
 
 def test_existing_run_needs_resume_or_overwrite(tmp_path, capsys):

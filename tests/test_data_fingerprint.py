@@ -111,8 +111,8 @@ def test_an_image_tree_moved_elsewhere_keeps_its_fingerprint(tmp_path):
         os.utime(path, ns=(0, path.stat().st_mtime_ns + 10**9))
     copied = _fingerprint(**settings, data_path=str(tmp_path / "copy"))
     assert fingerprint_differences(base, copied) == [
-        f"the {split} split's files have other modification times (a copy that did not keep "
-        "them? cp -a and rsync -a do)" for split in ("train", "test")
+        f"the {split} split's files have their names and sizes but other modification times "
+        "(rewritten, or copied without them: cp -a and rsync -a keep them)" for split in ("train", "test")
     ]
 
 

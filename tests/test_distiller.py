@@ -394,6 +394,28 @@ def test_the_train_mode_dry_run_leaves_the_student_and_the_random_draws_as_they_
     assert not changed(before, student) and [m.training for m in student.modules()] == modes
 
 
+def test_the_train_mode_dry_run_takes_a_single_example_and_checks_its_classes():
+    # BatchNorm1d in train mode needs two samples; the example may hold one.
+    head = nn.Sequential(nn.Flatten(), nn.LazyLinear(4), nn.BatchNorm1d(4))
+    student = nn.Sequential(tiny_student().stage1, nn.AdaptiveAvgPool2d(1), head)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SRMDistiller(tiny_teacher(), student, {"block1": "0"}, example_input=torch.randn(1, 1, 8, 8))
+    # In train mode, a student with other classes than the teacher's is refused too.
+    class OtherClassesInTraining(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = tiny_student()
+
+        def forward(self, x):
+            logits = self.model(x)
+            return torch.cat([logits, logits], dim=1) if self.training else logits
+
+    with pytest.raises(ValueError, match=re.escape("the student's logits have shape (2, 8) but the teacher's (2, 4)")):
+        SRMDistiller(tiny_teacher(), OtherClassesInTraining(), {"block1": "model.stage1"},
+                     input_shape=(1, 8, 8))
+
+
 def test_class_probabilities_over_other_classes_are_refused_on_the_first_batch():
     distiller = make_distiller()  # four classes
     images, labels = next(iter(toy_loader(n=16)))
@@ -739,7 +761,11 @@ def test_a_student_with_a_reentrant_checkpoint_past_its_first_layer_trains_in_st
         if reentrant:
             student.stage2 = _Checkpointed(student.stage2, True)
         pairs = {"block1": "stage1", "block2": "stage2.inner" if reentrant else "stage2"}
-        made = SRMDistiller(tiny_teacher(), student, pairs, input_shape=(1, 8, 8))
+        with warnings.catch_warnings():
+            # Nor torch's that the dry runs (without gradient) give the checkpoint no
+            # input that requires grad.
+            warnings.simplefilter("error")
+            made = SRMDistiller(tiny_teacher(), student, pairs, input_shape=(1, 8, 8))
         made.fit_dictionaries(toy_loader(), epochs=1, **QUIET)
         return made
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import zipfile
 import zlib
@@ -95,7 +96,13 @@ class ImageFolderDataset(Dataset):
     resized to ``size`` x ``size``; 16-bit greyscale images are scaled by 65535,
     float ones (in [0, 1]) by 1."""
 
-    def __init__(self, root: Path, files: list[Path], labels: list[int], size: int) -> None:
+    def __init__(
+        self, files: list[Path], labels: list[int], size: int, root: Path | None = None
+    ) -> None:
+        # The tree the files are in, which names them in the dataset's
+        # fingerprint; by default the folder they all lie under.
+        if root is None:
+            root = Path(os.path.commonpath([path.parent for path in files] or ["."]))
         self.root = root
         self.files = files
         self.labels = labels
@@ -504,12 +511,15 @@ def _npz_class_names(arrays: np.lib.npyio.NpzFile, path: Path) -> tuple[str, ...
     try:
         array = arrays["class_names"]
     except ValueError:  # an object array, which would need unpickling
-        raise ConfigError(f"class_names in {str(path)!r} is an array of objects; {expected}") from None
+        raise ConfigError(
+            f"class_names in {str(path)!r} is an array of objects; {expected}"
+        ) from None
     if array.ndim != 1 or array.dtype.kind not in "US":
         raise ConfigError(
             f"class_names in {str(path)!r} has shape {array.shape} ({array.dtype}); {expected}"
         )
-    return tuple(n.decode("utf-8", "replace") if isinstance(n, bytes) else n for n in array.tolist())
+    names = array.tolist()
+    return tuple(n.decode("utf-8", "replace") if isinstance(n, bytes) else n for n in names)
 
 
 def _to_uint8_nchw(array: np.ndarray, path: Path, key: str) -> Tensor:
@@ -563,7 +573,9 @@ def _npz_labels(labels: np.ndarray, path: Path, key: str) -> Tensor:
     return torch.from_numpy(labels.astype(np.int64))
 
 
-def load_imagefolder(root: Path, image_size: int = 32, skip_unreadable: bool = False) -> DatasetSplits:
+def load_imagefolder(
+    root: Path, image_size: int = 32, skip_unreadable: bool = False
+) -> DatasetSplits:
     """An image tree, read lazily. Its channel statistics come from a sample
     of training images, read now: an unreadable one fails the load, or with
     ``skip_unreadable`` is passed over, for ``check_images`` to list with
@@ -684,7 +696,7 @@ def _folder_dataset(
             f"{str(root)!r}: class folder(s) {', '.join(empty)} hold no images "
             f"({', '.join(IMAGE_SUFFIXES)}); remove them or add their images"
         )
-    return ImageFolderDataset(root, files, labels, size)
+    return ImageFolderDataset(files, labels, size, root)
 
 
 # --------------------------------------------------------------------------- helpers

@@ -56,8 +56,8 @@ def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> l
             was.get("sha256_without_times") == now["sha256_without_times"]
         ):
             differences.append(
-                f"the {split} split's files have other modification times (a copy that did "
-                "not keep them? cp -a and rsync -a do)"
+                f"the {split} split's files have their names and sizes but other modification "
+                "times (rewritten, or copied without them: cp -a and rsync -a keep them)"
             )
         else:
             differences.append(f"the {split} split's images or labels changed")

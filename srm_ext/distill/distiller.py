@@ -207,7 +207,10 @@ class SRMDistiller(nn.Module):
         # in train mode too, where some students return more (auxiliary logits).
         teacher_logits = check_logits(t_out, "teacher", len(batch))
         check_same_classes(check_logits(s_out, "student", len(batch)), teacher_logits)
-        check_logits(self.student_tap.train_mode_output(batch), "student in train mode", len(batch))
+        train_logits = check_logits(
+            self.student_tap.train_mode_output(batch), "student in train mode", len(batch)
+        )
+        check_same_classes(train_logits, teacher_logits)
         self._num_classes = teacher_logits.shape[1]
         self._add_blocks(
             [(t_maps[t].shape[1], s_maps[s].shape[1]) for t, s in self.layer_pairs],
@@ -353,7 +356,9 @@ class SRMDistiller(nn.Module):
                 f"classes, but the models give logits over {self._num_classes}"
             )
 
-    def _of_images(self, loss: Callable[[Tensor], Any]) -> Callable[[Tensor, Tensor], Any]:
+    def _objective_of_images(
+        self, loss: Callable[[Tensor], Any]
+    ) -> Callable[[Tensor, Tensor], Any]:
         """The objective of a stage whose loss reads the images alone."""
 
         def objective(images: Tensor, targets: Tensor) -> Any:
@@ -367,7 +372,7 @@ class SRMDistiller(nn.Module):
     def dictionary_stage(self, config: StageConfig) -> Stage:
         return Stage(
             name="srm-dictionary",
-            objective=self._of_images(self.dictionary_loss),
+            objective=self._objective_of_images(self.dictionary_loss),
             parameters=list(self.representations.parameters()),
             train_modules=[self.representations],
             frozen_modules=[self.teacher],
@@ -379,7 +384,7 @@ class SRMDistiller(nn.Module):
         trained = parameters_except(self.student, self._student_parameters_off_the_maps or set())
         return Stage(
             name="srm-init",
-            objective=self._of_images(self.student_loss),
+            objective=self._objective_of_images(self.student_loss),
             # The layers after the tapped maps (the classifier) get no gradient:
             # left out, so that weight decay leaves them as it does in eager mode.
             parameters=[*trained, *self.predictors.parameters()],

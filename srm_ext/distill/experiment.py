@@ -217,8 +217,8 @@ class ExperimentRunner:
         try:
             self.splits = load_dataset(cfg)
         except ConfigError as exc:
-            # A checkpoint with the dataset's fingerprint resumes from another --data-path.
-            if "dataset" in self.state and cfg.data_path and not Path(cfg.data_path).exists():
+            missing = cfg.data_path is not None and not Path(cfg.data_path).exists()
+            if missing and _fingerprint_survives_a_move(self.state):
                 raise ConfigError(
                     f"{exc}; if the data moved, resume with --data-path naming its new place"
                 ) from None
@@ -246,6 +246,8 @@ class ExperimentRunner:
         _, self.test_loader = make_loaders(self.splits, cfg.batch_size, 0, self.ctx, cfg.num_workers)
         self.example = self._example_batch(self.splits)
         self.layer_pairs = self._check_layer_pairs()
+        if cfg.teacher_weights:
+            self._check_teacher_run_classes()
         if self.overwrite:
             self._check_teacher_weights_survive_overwrite()
         if self.ctx.is_main:
@@ -285,9 +287,10 @@ class ExperimentRunner:
             # A setting added since the checkpoint was written held its default
             # there, as build_config assumes when it fills in a saved config.
             saved = {**ExperimentConfig().to_dict(), **state["config"]}
-            # Data moved elsewhere may go on: the dataset's fingerprint, where
-            # the checkpoint has one, tells whether it is the same data.
-            moved = ("data_path",) if "dataset" in state else ()
+            # Data moved elsewhere may go on: the dataset's fingerprint, where the
+            # checkpoint has one that names files by their path in the tree (its
+            # format 2), tells whether it is the same data.
+            moved = ("data_path",) if _fingerprint_survives_a_move(state) else ()
             changed = [
                 f"{key}={config.get(key)!r} (checkpoint: {value!r})"
                 for key, value in saved.items()
@@ -342,7 +345,9 @@ class ExperimentRunner:
         saved = self.state.get("dataset")  # absent from a checkpoint of an older version
         if saved is not None:
             # An older checkpoint's digests hold an image tree's full paths.
-            compared = current if "format" in saved else dataset_fingerprint(self.splits, full_paths=True)
+            compared = (
+                current if "format" in saved else dataset_fingerprint(self.splits, full_paths=True)
+            )
             differences = fingerprint_differences(saved, compared)
             if differences:
                 raise ConfigError(
@@ -496,7 +501,10 @@ class ExperimentRunner:
             expected = (len(self.example), self.splits.num_classes)
             if isinstance(output, Tensor) and tuple(output.shape) == expected:
                 continue
-            got = f"shape {tuple(output.shape)}" if isinstance(output, Tensor) else type(output).__name__
+            got = (
+                f"shape {tuple(output.shape)}" if isinstance(output, Tensor)
+                else type(output).__name__
+            )
             arch, _ = self.config.architecture(role)
             raise ConfigError(
                 f"the {role} {arch!r} maps a batch of {expected[0]} images to {got}{mode}; "
@@ -563,45 +571,62 @@ class ExperimentRunner:
                 f"--teacher-weights: {path} holds NaN or inf values ({broken[0]}, ...); "
                 "the teacher it was saved from diverged"
             )
-        self._compare_with_teacher_run(path)
+        self._warn_if_teacher_run_differs()
         return self._finish(run_id, "teacher", None, teacher, keep_weights=True, loaded_from=path)
 
-    def _compare_with_teacher_run(self, teacher_file: Path) -> None:
-        """A teacher from an earlier run learnt that run's classes, image size
-        and input normalisation (its training split's channel statistics, or
-        those it was given), as its config.json records them. Other classes
-        are refused: its outputs would stand for them. Another size or
-        normalisation gets a warning: it may only do worse here."""
+    def _teacher_run_settings(self) -> dict[str, Any] | None:
+        """What the earlier run whose models/teacher.pt ``teacher_weights``
+        names recorded of its input (config.json's ``resolved``): its classes,
+        image size and input normalisation (its training split's channel
+        statistics, or those it was given); None for a teacher from elsewhere."""
+        teacher_file = self._teacher_weights_file()
         if teacher_file.parent.name != MODELS_DIR:
-            return
+            return None
         try:
-            resolved = run_settings(teacher_file.parent.parent)["resolved"]
+            return run_settings(teacher_file.parent.parent)["resolved"]
         except ConfigError:  # not a run that recorded its input: nothing to compare
+            return None
+
+    def _check_teacher_run_classes(self) -> None:
+        """A teacher from an earlier run of other classes is refused, before
+        anything is written: its outputs would stand for its own classes."""
+        recorded = (self._teacher_run_settings() or {}).get("class_names")
+        names = self.splits.class_names
+        if recorded is None or names is None or list(recorded) == list(names):
             return
-        theirs, ours = resolved.get("class_names"), self.splits.class_names
-        if theirs is not None and ours is not None and list(theirs) != list(ours):
-            label = next(i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b)
-            raise ConfigError(
-                f"--teacher-weights: the teacher's run learnt other classes than this run's "
-                f"data has (output {label} is {theirs[label]!r} there, {ours[label]!r} here)"
-            )
-        warnings = []
-        if resolved.get("image_size", self.splits.image_size) != self.splits.image_size:
-            size = resolved["image_size"]
-            warnings.append(
+        label = next((i for i, (a, b) in enumerate(zip(recorded, names)) if a != b), None)
+        where = (
+            f"output {label} is {recorded[label]!r} there, {names[label]!r} here"
+            if label is not None
+            else f"{len(recorded)} classes there, {len(names)} here"
+        )
+        raise ConfigError(
+            f"--teacher-weights: the teacher's run learnt other classes than this run's data "
+            f"has ({where})"
+        )
+
+    def _warn_if_teacher_run_differs(self) -> None:
+        """A teacher from an earlier run of another image size or input
+        normalisation may only do worse here: say so."""
+        recorded = self._teacher_run_settings()
+        if recorded is None:
+            return
+        differences = []
+        size = recorded.get("image_size", self.splits.image_size)
+        if size != self.splits.image_size:
+            differences.append(
                 f"trained on {size}x{size} images, this run uses "
                 f"{self.splits.image_size}x{self.splits.image_size}"
             )
-        theirs = (resolved["mean"], resolved["std"])
-        ours = (list(self.splits.mean), list(self.splits.std))
-        if theirs != ours:
-            warnings.append(
-                f"normalised its inputs with mean {theirs[0]} and std {theirs[1]}, this run "
-                f"with mean {ours[0]} and std {ours[1]} (other data?)"
+        mean, std = list(self.splits.mean), list(self.splits.std)
+        if (recorded["mean"], recorded["std"]) != (mean, std):
+            differences.append(
+                f"normalised its inputs with mean {recorded['mean']} and std {recorded['std']}, "
+                f"this run with mean {mean} and std {std} (other data?)"
             )
-        if warnings:
+        if differences:
             self._log(
-                f"warning: the teacher's run {' and '.join(warnings)}: the teacher may do "
+                f"warning: the teacher's run {' and '.join(differences)}: the teacher may do "
                 "worse here than it did there"
             )
 
@@ -775,6 +800,12 @@ def _load_state(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path} was written by an incompatible version")
     _check_saved_config(state["config"], path)
     return state
+
+
+def _fingerprint_survives_a_move(state: dict[str, Any]) -> bool:
+    """Whether a resumed run's checkpoint can tell its data at another
+    --data-path: its dataset fingerprint names files by their path in the tree."""
+    return "format" in state.get("dataset", {})
 
 
 def _check_saved_config(config: Any, path: Path) -> None:

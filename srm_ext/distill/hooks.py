@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 import torch._dynamo.config as dynamo_config
@@ -216,7 +216,7 @@ class FeatureTap:
         the model's train/eval mode is restored. It runs eagerly, also when the
         model is compiled, so that a map modified in place later in the pass is
         caught here: maps captured while compiling cannot be checked."""
-        with self._failures_named(batch), _eager_eval(self.model), self.capture() as maps:
+        with self._dry_run(batch), _eager_eval(self.model), self.capture() as maps:
             output = self.model(batch)
         missing = [path for path in self.paths if path not in maps]
         if missing:
@@ -232,32 +232,37 @@ class FeatureTap:
         """The model's output on ``batch`` in train mode, which some models give
         in another form than in eval mode (Inception's auxiliary logits), found
         without training it: the plain model runs eagerly, and its buffers
-        (BatchNorm's statistics) and the random number generators (dropout)
-        are as they were after, as is each module's mode."""
+        (BatchNorm's statistics), the random number generators (dropout) and
+        each module's mode are as they were after. A batch of one sample runs
+        twice over, as BatchNorm's train mode needs two; a tensor output is
+        then the first sample's."""
         plain = unwrap(self.model)
+        twice = len(batch) == 1
         buffers = {name: buffer.clone() for name, buffer in plain.named_buffers()}
-        modes = [(module, module.training) for module in plain.modules()]
-        on_gpu = batch.device.type == "cuda"
+        devices = [] if batch.device.type == "cpu" else [batch.device]
         try:
-            with self._failures_named(batch, " in train mode"), torch.random.fork_rng(
-                devices=[batch.device] if on_gpu else []
-            ), torch.compiler.set_stance("force_eager"):
-                plain.train()
-                return plain(batch)
+            with self._dry_run(batch, " in train mode"), torch.random.fork_rng(
+                devices, device_type=batch.device.type
+            ), torch.compiler.set_stance("force_eager"), _mode(plain, training=True):
+                output = plain(torch.cat([batch, batch]) if twice else batch)
         finally:
             for name, buffer in plain.named_buffers():
                 if name in buffers:
                     buffer.copy_(buffers[name])
-            for module, training in modes:
-                module.training = training
+        return output[:1] if twice and isinstance(output, Tensor) else output
 
     @contextmanager
-    def _failures_named(self, batch: Tensor, mode: str = "") -> Iterator[None]:
-        """A dry run whose failure says which model failed, and on what, before
-        the error from deep inside it: most often an input the model cannot
-        take (a RuntimeError from torch), or a user's forward raising its own."""
+    def _dry_run(self, batch: Tensor, mode: str = "") -> Iterator[None]:
+        """A forward pass that checks the model (no gradient): a failure says
+        which model failed, and on what, before the error from deep inside it,
+        most often an input the model cannot take (a RuntimeError from torch)
+        or a user's forward raising its own. torch.utils.checkpoint's warning
+        that no input requires grad, which no pass without gradient avoids,
+        is not shown."""
         try:
-            yield
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "None of the inputs have requires_grad=True")
+                yield
         except (FeatureTapError, _NotAFeatureMap):  # the taps' own errors name the module
             raise
         except Exception as exc:
@@ -320,21 +325,28 @@ class FeatureTap:
         return hook
 
 
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
+def eval_mode(model: nn.Module) -> AbstractContextManager:
     """``model`` in eval mode for the block; each module's own mode is
     restored after (a model in training may hold frozen parts in eval)."""
+    return _mode(model, training=False)
+
+
+@contextmanager
+def _mode(model: nn.Module, training: bool) -> Iterator[None]:
+    """``model`` in train or eval mode for the block, set and restored through
+    the model's own train(), which it may override; each module's own mode is
+    restored after."""
     modes = [(module, module.training) for module in model.modules()]
-    if not any(training for _, training in modes):
+    if all(was == training for _, was in modes):
         yield
         return
-    model.eval()
+    model.train(training)
     try:
         yield
     finally:
-        model.train(modes[0][1])  # the model's own train(), which it may override
-        for module, training in modes:
-            module.training = training
+        model.train(modes[0][1])
+        for module, was in modes:
+            module.training = was
 
 
 @contextmanager
