@@ -45,10 +45,10 @@ from .config import (
 )
 from .data import BatchPreprocessor, DatasetSplits, load_dataset, make_loaders
 from .data_fingerprint import dataset_fingerprint, fingerprint_differences
-from .image_check import check_images
 from .distiller import SRMDistiller
 from .distributed import DistributedContext, init_distributed, resolve_device, shutdown_distributed
 from .hooks import FeatureTap, FeatureTapError
+from .image_check import check_images
 from .methods import MethodPlan, attention_transfer_weight, build_plan, cross_entropy_stage
 from .metrics import accuracy
 from .models import build_model, default_layer_pairs

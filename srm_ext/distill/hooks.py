@@ -253,12 +253,11 @@ class FeatureTap:
 
     @contextmanager
     def _dry_run(self, batch: Tensor, mode: str = "") -> Iterator[None]:
-        """A forward pass that checks the model (no gradient): a failure says
-        which model failed, and on what, before the error from deep inside it,
-        most often an input the model cannot take (a RuntimeError from torch)
-        or a user's forward raising its own. torch.utils.checkpoint's warning
-        that no input requires grad, which no pass without gradient avoids,
-        is not shown."""
+        """A forward pass that checks the model: a failure says which model
+        failed, and on what, before the error from deep inside it (most often
+        an input the model cannot take, a RuntimeError from torch, or a user's
+        forward raising its own). In a pass without gradient,
+        torch.utils.checkpoint warns that no input requires grad: not shown."""
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", "None of the inputs have requires_grad=True")
