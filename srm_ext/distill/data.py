@@ -379,8 +379,8 @@ def _cifar_class_names(root: Path, num_classes: int) -> tuple[str, ...] | None:
     names = meta.get(key) if isinstance(meta, dict) else None
     if not isinstance(names, list) or len(names) != num_classes:
         return None
-    decoded = [n.decode("utf-8", "replace") if isinstance(n, bytes) else n for n in names]
-    return tuple(decoded) if all(isinstance(n, str) for n in decoded) else None
+    decoded = _decoded(names)
+    return decoded if all(isinstance(n, str) for n in decoded) else None
 
 
 def _read_cifar_batches(root: Path, files: list[str], label_key: bytes) -> tuple[Tensor, Tensor]:
@@ -518,7 +518,11 @@ def _npz_class_names(arrays: np.lib.npyio.NpzFile, path: Path) -> tuple[str, ...
         raise ConfigError(
             f"class_names in {str(path)!r} has shape {array.shape} ({array.dtype}); {expected}"
         )
-    names = array.tolist()
+    return _decoded(array.tolist())
+
+
+def _decoded(names: list) -> tuple:
+    """Class names as str: pickles of Python 2 and numpy's "S" arrays hold bytes."""
     return tuple(n.decode("utf-8", "replace") if isinstance(n, bytes) else n for n in names)
 
 

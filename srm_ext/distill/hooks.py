@@ -216,7 +216,7 @@ class FeatureTap:
         the model's train/eval mode is restored. It runs eagerly, also when the
         model is compiled, so that a map modified in place later in the pass is
         caught here: maps captured while compiling cannot be checked."""
-        with self._dry_run(batch), _eager_eval(self.model), self.capture() as maps:
+        with self._dry_run(batch), _eager(self.model), self.capture() as maps:
             output = self.model(batch)
         missing = [path for path in self.paths if path not in maps]
         if missing:
@@ -243,7 +243,7 @@ class FeatureTap:
         try:
             with self._dry_run(batch, " in train mode"), torch.random.fork_rng(
                 devices, device_type=batch.device.type
-            ), torch.compiler.set_stance("force_eager"), _mode(plain, training=True):
+            ), _eager(plain, training=True):
                 output = plain(torch.cat([batch, batch]) if twice else batch)
         finally:
             for name, buffer in plain.named_buffers():
@@ -286,7 +286,7 @@ class FeatureTap:
         named = [(name, p) for name, p in unwrap(self.model).named_parameters() if p.requires_grad]
         # The backward pass too, in the same mode: activation checkpoints
         # recompute their segment in it.
-        with torch.enable_grad(), _eager_eval(self.model):
+        with torch.enable_grad(), _eager(self.model):
             with self.capture() as maps:
                 self.model(batch)
             outputs = [maps[path] for path in self.paths if maps[path].requires_grad]
@@ -349,10 +349,10 @@ def _mode(model: nn.Module, training: bool) -> Iterator[None]:
 
 
 @contextmanager
-def _eager_eval(model: nn.Module) -> Iterator[None]:
-    """``model`` in eval mode, and compiled models and modules run as the plain
-    ones (hooks included); each module's mode is restored after."""
-    with eval_mode(model), torch.compiler.set_stance("force_eager"):
+def _eager(model: nn.Module, training: bool = False) -> Iterator[None]:
+    """``model`` in eval (or train) mode, and compiled models and modules run
+    as the plain ones (hooks included); each module's mode is restored after."""
+    with _mode(model, training), torch.compiler.set_stance("force_eager"):
         yield
 
 
