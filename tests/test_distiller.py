@@ -318,6 +318,29 @@ def test_float64_models_build_and_train():
     assert loss.dtype == torch.float64
 
 
+class HalfScaled(nn.Module):
+    """A float32 model whose first parameter is a frozen float16 scale."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones((), dtype=torch.float16), requires_grad=False)
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x * self.scale.float())
+
+
+def test_a_float32_model_with_a_float16_parameter_first_takes_float32_inputs():
+    torch.manual_seed(0)
+    teacher, student = HalfScaled(tiny_teacher()), HalfScaled(tiny_student())
+    distiller = SRMDistiller(teacher, student, {"model.block1": "model.stage1"},
+                             input_shape=(1, 8, 8))
+    blocks = [*distiller.representations.parameters(), *distiller.predictors.parameters()]
+    assert {p.dtype for p in blocks} == {torch.float32}
+    history = distiller.fit(toy_loader(16), 1, 1, 1, **QUIET)
+    assert all(math.isfinite(row["loss"]) for rows in history.values() for row in rows)
+
+
 def test_a_loader_of_float64_images_trains_float32_models_as_the_dry_run_feeds_them():
     # numpy arrays give float64 images: every stage and the held-out accuracy
     # take them as the dry run does, in the models' dtype, with the result of

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 
 __all__ = ["model_input", "module_device", "module_dtype"]
 
@@ -16,11 +17,15 @@ def module_device(module: nn.Module) -> torch.device:
 
 
 def module_dtype(module: nn.Module) -> torch.dtype:
-    """The dtype of the module's first floating parameter (float32 if none)."""
+    """The floating dtype of most of the module's parameter elements (float32
+    if it has none): a frozen float16 scale in a float32 model leaves it a
+    float32 model."""
+    elements: dict[torch.dtype, int] = {}
     for tensor in module.parameters():
         if tensor.is_floating_point():
-            return tensor.dtype
-    return torch.float32
+            size = 0 if is_lazy(tensor) else tensor.numel()  # no size before its first batch
+            elements[tensor.dtype] = elements.get(tensor.dtype, 0) + size
+    return max(elements, key=elements.__getitem__, default=torch.float32)
 
 
 def model_input(images: Tensor, model: nn.Module) -> Tensor:
