@@ -452,6 +452,38 @@ def test_class_probabilities_over_other_classes_are_refused_on_the_first_batch()
     distiller.fit_kd([(images, torch.nn.functional.one_hot(labels, 4).float())], epochs=1, **QUIET)
 
 
+@pytest.mark.filterwarnings("ignore:fit_student before fit_dictionaries")
+@pytest.mark.parametrize("bad", [4, -1, -100], ids=["past the last", "negative", "ignore index"])
+def test_class_indices_outside_the_models_classes_are_refused_on_the_first_batch(bad):
+    # On a GPU, cross-entropy would meet them as a device-side assert in stage 3.
+    distiller = make_distiller()  # four classes
+    images, labels = next(iter(toy_loader(n=16)))
+    labels = labels.clone()
+    labels[5] = bad
+    before = snapshot(distiller)
+    for fit in (distiller.fit_dictionaries, distiller.fit_student, distiller.fit_kd):
+        with pytest.raises(ValueError, match=re.escape(
+            f"the loader's targets hold class index {bad}, but the models give logits over "
+            "4 classes (indices 0 to 3)"
+        )):
+            fit([(images, labels)], epochs=1, **QUIET)
+    after = snapshot(distiller)
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    with pytest.raises(ValueError, match="class index 4"):
+        distiller.kd_loss(images, torch.full((16,), 4))
+
+
+def test_class_indices_are_checked_once_stage_3_has_seen_the_logits():
+    # Blocks sized from a state dict saw no logits: the first stage-3 batch shows them.
+    state = make_distiller().state_dict()
+    distiller = SRMDistiller(tiny_teacher(), tiny_student(), {"block1": "stage1", "block2.layer1": "stage2.1"})
+    distiller.load_state_dict(state)
+    images, labels = next(iter(toy_loader(n=16)))
+    good, bad = (images[:8], labels[:8]), (images[8:], torch.full((8,), 7))
+    with pytest.raises(ValueError, match="class index 7"):
+        distiller.fit_kd([good, bad], epochs=1, **QUIET)
+
+
 @pytest.mark.parametrize(
     "move_teacher, move_student, placement",
     [

@@ -337,54 +337,58 @@ class SRMDistiller(nn.Module):
     def kd_loss(self, images: Tensor, targets: Tensor) -> Tensor:
         """Stage 3: Hinton KD from the teacher's logits."""
         self._check_targets(targets)
+        return self._kd_objective(images, targets)
+
+    def _kd_objective(self, images: Tensor, targets: Tensor) -> Tensor:
         images = model_input(images, self.student)  # the teacher shares its dtype
         with torch.no_grad(), eval_mode(self.teacher):
             teacher_logits = self.teacher(images)
+        if self._num_classes is None:  # blocks loaded, or never built: the later batches are checked
+            self._num_classes = teacher_logits.shape[1]
         return kd_loss(
             self.student(images), teacher_logits, targets, self.kd_temperature, self.kd_alpha
         )
 
     def _check_targets(self, targets: Tensor) -> None:
-        """Class probabilities must be over the models' classes. Stages 1 and
-        2 check them too, so that a loader whose targets stage 3 cannot take
-        is refused on its first batch, not after two stages have trained."""
-        if self._num_classes is not None and targets.dim() == 2 and (
-            targets.shape[1] != self._num_classes
-        ):
+        """Targets must be over the models' classes. Every stage checks them, so
+        that a loader whose targets stage 3 cannot take is refused on its first
+        batch, not after two stages have trained. Class indices are checked on
+        the CPU only: on a GPU the check would wait for the batch."""
+        classes = self._num_classes
+        if classes is None:
+            return
+        if targets.dim() == 2 and targets.shape[1] != classes:
             raise ValueError(
                 f"the loader's targets are class probabilities over {targets.shape[1]} "
-                f"classes, but the models give logits over {self._num_classes}"
+                f"classes, but the models give logits over {classes}"
             )
-
-    def _objective_of_images(
-        self, loss: Callable[[Tensor], Any]
-    ) -> Callable[[Tensor, Tensor], Any]:
-        """The objective of a stage whose loss reads the images alone."""
-
-        def objective(images: Tensor, targets: Tensor) -> Any:
-            self._check_targets(targets)
-            return loss(images)
-
-        return objective
+        if targets.dim() == 1 and targets.device.type == "cpu" and targets.numel():
+            outside = targets[(targets < 0) | (targets >= classes)]
+            if outside.numel():
+                raise ValueError(
+                    f"the loader's targets hold class index {outside[0].item()}, but the "
+                    f"models give logits over {classes} classes (indices 0 to {classes - 1})"
+                )
 
     # ------------------------------------------------------------------ stages
 
     def dictionary_stage(self, config: StageConfig) -> Stage:
         return Stage(
             name="srm-dictionary",
-            objective=self._objective_of_images(self.dictionary_loss),
+            objective=lambda images, targets: self.dictionary_loss(images),
             parameters=list(self.representations.parameters()),
             train_modules=[self.representations],
             frozen_modules=[self.teacher],
             config=config,
             trains_classifier=False,
+            check_targets=self._check_targets,
         )
 
     def student_stage(self, config: StageConfig) -> Stage:
         trained = parameters_except(self.student, self._student_parameters_off_the_maps or set())
         return Stage(
             name="srm-init",
-            objective=self._objective_of_images(self.student_loss),
+            objective=lambda images, targets: self.student_loss(images),
             # The layers after the tapped maps (the classifier) get no gradient:
             # left out, so that weight decay leaves them as it does in eager mode.
             parameters=[*trained, *self.predictors.parameters()],
@@ -392,16 +396,18 @@ class SRMDistiller(nn.Module):
             frozen_modules=[self.teacher, self.representations],
             config=config,
             trains_classifier=False,
+            check_targets=self._check_targets,
         )
 
     def kd_stage(self, config: StageConfig) -> Stage:
         return Stage(
             name="srm-kd",
-            objective=self.kd_loss,
+            objective=self._kd_objective,
             parameters=list(self.student.parameters()),
             train_modules=[self.student],
             frozen_modules=[self.teacher],
             config=config,
+            check_targets=self._check_targets,
         )
 
     def stages(self, configs: Mapping[str, StageSettings] | None = None) -> list[Stage]:

@@ -61,6 +61,10 @@ class Stage:
     #: False for stages that train features but not the classifier (SRM stage 2,
     #: FitNet hints), whose held-out accuracy means nothing
     trains_classifier: bool = True
+    #: called with each batch's targets before they move to the device, to
+    #: refuse what the objective cannot take: on a GPU an out-of-range class
+    #: index is a device-side assert, not an error
+    check_targets: Callable[[Tensor], None] | None = None
 
 
 def build_optimizer(parameters: Iterable[nn.Parameter], config: StageConfig) -> torch.optim.Optimizer:
@@ -307,7 +311,10 @@ class Trainer:
                 group = self.accumulate_steps
                 if batches is not None and index < batches:
                     group = min(group, batches - index)
-            images, targets = self.to_device(*image_batch(batch), train=True)
+            images, targets = image_batch(batch)
+            if stage.check_targets is not None:
+                stage.check_targets(targets)
+            images, targets = self.to_device(images, targets, train=True)
             with self.autocast():
                 loss, parts = _split_objective(stage.objective(images, targets))
             # Dividing by 1 is exact: without accumulation the gradients are the loss's own.
