@@ -745,12 +745,17 @@ def test_verify_script_stops_a_test_run_at_stage_timeout_and_ignores_the_outer_s
     )
 
 
-def test_verify_script_stops_a_benchmark_run_at_bench_timeout_and_archives_the_stage(tmp_path):
+@pytest.mark.parametrize(
+    "limits",
+    [{"BENCH_TIMEOUT": "1"}, {"STAGE_TIMEOUT": "1"}, {"STAGE_TIMEOUT": "300", "BENCH_TIMEOUT": "1"}],
+    ids=["bench", "stage", "bench before stage"],
+)
+def test_verify_script_stops_a_benchmark_run_at_its_time_limit_and_archives_the_stage(tmp_path, limits):
     # A run past the call's time limit would be killed with the script, and the
     # stage's archive never written.
     archive = tmp_path / "results.tgz"
     code, runs = run_verify_stage(tmp_path, "bench", bench_body="exec sleep 90",
                                   BENCH_DTYPES="float32", BENCH_SHAPES="imagenet cifar",
-                                  BENCH_TIMEOUT="1", VERIFY_ARCHIVE=str(archive))
+                                  VERIFY_ARCHIVE=str(archive), **limits)
     assert code != 0 and len(runs) == 2  # the second run started after the first was stopped
     assert archive.stat().st_size > 0

@@ -224,12 +224,11 @@ stage_profile() {
   return ${status}
 }
 
-# One benchmark run, ended at BENCH_TIMEOUT by SIGTERM (SIGINT would be
-# ignored by a script started in the background); the run has written its
-# JSON and markdown after every case.
+# One benchmark run, ended at BENCH_TIMEOUT (else STAGE_TIMEOUT) by SIGTERM
+# (SIGINT would be ignored by a script started in the background); the run
+# has written its JSON and markdown after every case.
 bench_run() {
-  local limit="${BENCH_TIMEOUT:-${STAGE_TIMEOUT:-}}"
-  ${limit:+timeout -k 30 ${limit}} "${python}" benchmarks/bench_ops.py "$@"
+  STAGE_TIMEOUT="${BENCH_TIMEOUT:-${STAGE_TIMEOUT:-}}" limited "${python}" benchmarks/bench_ops.py "$@"
 }
 
 stage_bench() {
