@@ -22,6 +22,9 @@ __all__ = [
     "predictor_loss",
 ]
 
+# cross_entropy's ignore_index set to a label no code can hold.
+_NO_IGNORED_LABEL = torch.iinfo(torch.int64).min
+
 
 def _accumulation_dtype(t: Tensor) -> torch.dtype:
     """float32 for half-precision inputs (their range would overflow to inf in
@@ -100,16 +103,27 @@ def predictor_loss(
         y, dictionary, intercept, pixel_labels, image_labels, local_weight, global_weight
     )
     q = torch.sigmoid(_pre_activations(y, dictionary, intercept))  # (N, H, W, K)
-    # The authors feed the sigmoid outputs to a cross-entropy as logits.
-    local = F.cross_entropy(q.reshape(-1, q.shape[-1]), _saveable(pixel_labels).reshape(-1))
-    image_means = q.mean(dim=(1, 2))
     # The labels are targets: no gradient flows into them.
     targets = _saveable(image_labels.detach().to(q.dtype))
+    labels = _saveable(pixel_labels)
     if torch.compiler.is_compiling() and targets.device.type == "cpu":
-        # Tracing skips validate_predictor's range checks; on the CPU an
-        # assert in the graph takes their place (on a GPU it would be fatal).
+        # Tracing skips validate_predictor's range checks; on the CPU asserts
+        # in the graph take their place (on a GPU they would be fatal). The
+        # clamped labels keep the cross-entropy's own index check, which may
+        # run first, from reporting a bad label instead.
+        num_codewords = q.shape[-1]
+        labels_in_range = ((labels >= 0) & (labels < num_codewords)).all()
+        torch._assert_async(labels_in_range, "pixel_labels must lie in [0, K)")
+        labels = labels.clamp(0, num_codewords - 1)
         in_range = ((targets >= 0) & (targets <= 1)).all()
         torch._assert_async(in_range, "image_labels must lie in [0, 1]")
+    # The authors feed the sigmoid outputs to a cross-entropy as logits. No
+    # label is to be ignored: the default ignore_index, -100, would drop
+    # such an out-of-range label where no check has refused it.
+    local = F.cross_entropy(
+        q.reshape(-1, q.shape[-1]), labels.reshape(-1), ignore_index=_NO_IGNORED_LABEL
+    )
+    image_means = q.mean(dim=(1, 2))
     # binary_cross_entropy refuses a NaN mean (from NaN features or
     # parameters): it gets a stand-in, and its term is the NaN itself, so the
     # loss is NaN as from the kernels.

@@ -272,3 +272,19 @@ def test_image_labels_out_of_range_are_refused_under_torch_compile(dtype, error,
     )
     with pytest.raises(error, match=re.escape("image_labels must lie in [0, 1]")):
         compiled(a["x"], a["C"], a["b"], a["pixel"], image)
+
+
+@pytest.mark.parametrize(
+    "dtype,error", [(torch.float32, ValueError), (torch.bfloat16, RuntimeError)]
+)  # kernel, reference
+@pytest.mark.parametrize("bad", [6, -1, -100], ids=["K", "negative", "ignore index"])
+def test_pixel_labels_out_of_range_are_refused_under_torch_compile(dtype, error, bad):
+    # As for the image labels; -100 is cross_entropy's default ignore_index,
+    # which must not drop the pixel silently.
+    a = {name: t.to(dtype) if t.is_floating_point() else t for name, t in good().items()}
+    pixel = a["pixel"].clone()
+    pixel[0, 1, 2] = bad
+    torch._dynamo.reset()
+    compiled = torch.compile(srm_ext.predictor_loss, backend="aot_eager", fullgraph=True)
+    with pytest.raises(error, match=re.escape("pixel_labels must lie in [0, ")):
+        compiled(a["x"], a["C"], a["b"], pixel, a["image"])
