@@ -455,4 +455,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return std::string(ops::encode_path_name(
         ops::encode_path_for(ops::kernel_dtype(dtype, "dtype"), num_codewords, k)));
   });
+  m.def("pixel_boxes", [](const at::Tensor& x, int64_t max_pixels) {
+    std::vector<std::vector<int64_t>> boxes;
+    for (const auto& box : srm_ext::cuda_ops::pixel_boxes(x, max_pixels)) {
+      boxes.push_back({box.n0, box.nc, box.h0, box.hc, box.w0, box.wc});
+    }
+    return boxes;
+  });
 }

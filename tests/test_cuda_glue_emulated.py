@@ -208,11 +208,12 @@ def check_loss_backward(ops, upstream, x, C, b, values, indices, k) -> None:
 
 
 # None: the default split of the pixels into boxes (the whole batch); "1":
-# one value per box, so that every pixel row spans several boxes of the
-# backward and the GEMM encode takes one row per box; "120": boxes of two
-# rows and a short last one (K = 12 pre-activations per pixel in the encode,
-# D + 3k = 14 values in the backward); "180": one whole image per box.
-@pytest.mark.parametrize("box_values", [None, "1", "120", "180"])
+# one value per box, so that every box holds one pixel; "36": parts of a
+# row, 3 and 1 pixels of each 4-pixel row in the encode (K = 12
+# pre-activations per pixel), 2 and 2 in the backward (D + 3k = 14 values);
+# "120": boxes of two rows and a short last one; "180": one whole image per
+# box.
+@pytest.mark.parametrize("box_values", [None, "1", "36", "120", "180"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_reconstruction_loss_and_its_backward(ops, monkeypatch, encode_path, dtype, box_values):
     if box_values is not None:
@@ -354,6 +355,66 @@ def test_screened_encode_is_exact_where_tf32_misranks_or_flushes(ops, monkeypatc
     loss, values, indices = ops.reconstruction_loss(x, C, b, k)
     assert torch.equal(indices, ref_indices)
     torch.testing.assert_close(loss, reference.reconstruction_loss(x, C, b, k))
+
+
+def test_pixel_boxes_hold_at_most_their_pixels_and_cover_the_map(emu):
+    """Whole images where they fit, else whole rows of one image, else parts
+    of one row: a row wider than a box (a long 1-D signal, say) is split too,
+    so the box still bounds the encode's pre-activations."""
+    def pixels(boxes):
+        return [(n, h, w) for n0, nc, h0, hc, w0, wc in boxes
+                for n in range(n0, n0 + nc) for h in range(h0, h0 + hc) for w in range(w0, w0 + wc)]
+
+    x = torch.empty(3, 1, 4, 5)
+    everything = [(n, h, w) for n in range(3) for h in range(4) for w in range(5)]
+    for max_pixels, most in [(60, 60), (41, 40), (20, 20), (12, 10), (5, 5), (3, 3), (1, 1), (0, 1)]:
+        boxes = emu.pixel_boxes(x, max_pixels)
+        assert pixels(boxes) == everything, max_pixels  # in order, each pixel once
+        assert max(nc * hc * wc for _, nc, _, hc, _, wc in boxes) == most, max_pixels
+    assert emu.pixel_boxes(x, 3)[:3] == [[0, 1, 0, 1, 0, 3], [0, 1, 0, 1, 3, 2], [0, 1, 1, 1, 0, 3]]
+    assert emu.pixel_boxes(torch.empty(2, 1, 0, 5), 4) == []
+
+
+@pytest.mark.parametrize("path", ["gemm", "screened"])
+def test_encode_reads_a_map_whose_channel_stride_passes_cublas_int(ops, monkeypatch, tmp_path, path):
+    """The GEMMs read an NCHW box in place with its channel stride (H*W) as
+    leading dimension, an int for cuBLAS: past that the box is copied, not
+    refused. The map's two channels lie 2^31 floats apart in a sparse file,
+    so only the pages they touch take memory."""
+    monkeypatch.setenv("SRM_EXT_CUDA_ENCODE", path)
+    dense, C, b, k = teacher_inputs((1, 2, 2, 3, 20, 2), torch.float32, "contiguous", "row_major", 8)
+    strides = (6, 2**31, 3, 1)
+    file = tmp_path / "map.bin"
+    with open(file, "wb") as handle:
+        handle.truncate(4 * (2**31 + 6))
+    x = torch.from_file(str(file), shared=True, size=2**31 + 6).as_strided(dense.shape, strides)
+    x.copy_(dense)
+    values, indices = ops.sparse_encode(x, C, b, k)
+    ref_values, ref_indices = reference.sparse_encode(dense, C, b, k)
+    assert torch.equal(indices, ref_indices)
+    torch.testing.assert_close(values, ref_values)
+
+
+def test_student_ops_refuse_more_images_than_their_grids_hold(ops):
+    """sparse_labels runs a block per image and predictor_loss one per chunk
+    of an image's pixels, at most 2^31 - 1 of either: more is refused by
+    name, not left to the launch. Expanded views stand in for the batch."""
+    n = 2**31
+    values = torch.ones(1, 1, 1, 1).expand(n, 1, 1, 1)
+    indices = torch.zeros(1, 1, 1, 1, dtype=torch.long).expand(n, 1, 1, 1)
+    with pytest.raises(RuntimeError, match=re.escape(
+        "srm_ext CUDA: sparse_labels takes at most 2147483647 images, got values of shape [2147483648, 1, 1, 1]"
+    )):
+        ops.sparse_labels(values, indices, 4)
+    y = torch.ones(1, 2, 1, 1).expand(n, 2, 1, 1)
+    C, b = torch.ones(2, 4), torch.zeros(1)
+    pixel = torch.zeros(1, 1, 1, dtype=torch.long).expand(n, 1, 1)
+    image = torch.zeros(1, 4).expand(n, 4)
+    with pytest.raises(RuntimeError, match=re.escape(
+        "srm_ext CUDA: predictor_loss: y of shape [2147483648, 2, 1, 1] has more pixels than its "
+        "kernels' grids take (2^31 - 1 blocks); split the batch"
+    )):
+        ops.predictor_loss(y, C, b, pixel, image, 1.0, 1.0, [True, True, True])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

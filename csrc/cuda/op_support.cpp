@@ -447,9 +447,13 @@ at::Tensor float_product(const at::Tensor& a, const at::Tensor& b) {
 
 namespace {
 
+constexpr int64_t kIntMax = std::numeric_limits<int>::max();
+
 // The last two dimensions (R, C) of t as the column-major C x R matrix that
 // cuBLAS multiplies by: t itself (op N) when its columns are unit-stride,
-// its transpose read in place (op T) when its rows are, else a copy.
+// its transpose read in place (op T) when its rows are, else a copy. Read in
+// place only where the leading dimension fits cuBLAS's int (an NCHW map's
+// is H*W).
 struct BlasOperand {
   at::Tensor tensor;
   cublasOperation_t op;
@@ -458,10 +462,10 @@ struct BlasOperand {
 
 BlasOperand transposed_operand(const at::Tensor& t) {
   const int64_t rows = t.size(-2), cols = t.size(-1);
-  if (t.stride(-1) == 1 && t.stride(-2) >= cols) {
+  if (t.stride(-1) == 1 && t.stride(-2) >= cols && t.stride(-2) <= kIntMax) {
     return {t, CUBLAS_OP_N, t.stride(-2)};
   }
-  if (t.stride(-2) == 1 && t.stride(-1) >= rows) {
+  if (t.stride(-2) == 1 && t.stride(-1) >= rows && t.stride(-1) <= kIntMax) {
     return {t, CUBLAS_OP_T, t.stride(-1)};
   }
   return {t.contiguous(), CUBLAS_OP_N, cols};
@@ -483,7 +487,6 @@ at::Tensor tf32_product(const at::Tensor& a, const at::Tensor& b) {
   // for each batch entry, b shared by all of them.
   const BlasOperand b_op = transposed_operand(b);
   const BlasOperand a_op = transposed_operand(a);
-  constexpr int64_t kIntMax = std::numeric_limits<int>::max();
   TORCH_CHECK(rows <= kIntMax && num_codes <= kIntMax && depth <= kIntMax &&
                   batch <= kIntMax && b_op.ld <= kIntMax && a_op.ld <= kIntMax,
               "srm_ext CUDA: a box of ", batch, " x ", rows,
@@ -569,13 +572,21 @@ std::vector<PixelBox> pixel_boxes(const at::Tensor& x, int64_t max_pixels) {
   if (per_image <= max_pixels) {
     const int64_t images = max_pixels / per_image;
     for (int64_t n0 = 0; n0 < n; n0 += images) {
-      boxes.push_back({n0, std::min(images, n - n0), 0, h});
+      boxes.push_back({n0, std::min(images, n - n0), 0, h, 0, w});
     }
-  } else {
-    const int64_t rows = std::max<int64_t>(1, max_pixels / w);
+  } else if (w <= max_pixels) {
+    const int64_t rows = max_pixels / w;
     for (int64_t n0 = 0; n0 < n; ++n0) {
       for (int64_t h0 = 0; h0 < h; h0 += rows) {
-        boxes.push_back({n0, 1, h0, std::min(rows, h - h0)});
+        boxes.push_back({n0, 1, h0, std::min(rows, h - h0), 0, w});
+      }
+    }
+  } else {
+    for (int64_t n0 = 0; n0 < n; ++n0) {
+      for (int64_t h0 = 0; h0 < h; ++h0) {
+        for (int64_t w0 = 0; w0 < w; w0 += max_pixels) {
+          boxes.push_back({n0, 1, h0, 1, w0, std::min(max_pixels, w - w0)});
+        }
       }
     }
   }

@@ -241,27 +241,27 @@ int64_t box_values(int64_t default_values);
 constexpr int64_t kEncodeBoxValues = int64_t{1} << 23;    // 32 MiB
 constexpr int64_t kBackwardBoxValues = int64_t{1} << 26;  // 256 MiB
 
-// A box of pixels [n0, n0 + nc) x [h0, h0 + hc) x [0, W): whole images, or
-// whole rows of one image, so its part of a contiguous (N, H, W, k) code is
-// contiguous too.
+// A box of pixels [n0, n0 + nc) x [h0, h0 + hc) x [w0, w0 + wc): whole
+// images, whole rows of one image, or part of one row, so its part of a
+// contiguous (N, H, W, k) code is contiguous too.
 struct PixelBox {
-  int64_t n0, nc, h0, hc;
+  int64_t n0, nc, h0, hc, w0, wc;
 
   at::Tensor of_map(const at::Tensor& t) const {  // (N, C, H, W)
-    return t.narrow(0, n0, nc).narrow(2, h0, hc);
+    return t.narrow(0, n0, nc).narrow(2, h0, hc).narrow(3, w0, wc);
   }
   at::Tensor of_code(const at::Tensor& t) const {  // (N, H, W, k)
-    return t.narrow(0, n0, nc).narrow(1, h0, hc).contiguous();
+    return t.narrow(0, n0, nc).narrow(1, h0, hc).narrow(2, w0, wc).contiguous();
   }
   // Its pixels as rows [first_row, first_row + num_rows) of a (P, k) code
   // of an H x W map.
-  int64_t first_row(int64_t h, int64_t w) const { return (n0 * h + h0) * w; }
-  int64_t num_rows(int64_t w) const { return nc * hc * w; }
+  int64_t first_row(int64_t h, int64_t w) const { return (n0 * h + h0) * w + w0; }
+  int64_t num_rows() const { return nc * hc * wc; }
 };
 
-// Boxes covering x's pixels, each with at most max_pixels pixels where a
-// single row allows: as many whole images as fit, else rows of one image.
-// None when x has no pixels.
+// Boxes covering x's pixels, each with at most max_pixels pixels (at least
+// one): as many whole images as fit, else as many whole rows of one image,
+// else parts of one row. None when x has no pixels.
 std::vector<PixelBox> pixel_boxes(const at::Tensor& x, int64_t max_pixels);
 
 }  // namespace srm_ext::cuda_ops

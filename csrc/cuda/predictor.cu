@@ -173,6 +173,18 @@ unsigned clamp_blocks(int64_t blocks) {
 
 }  // namespace
 
+bool predictor_loss_fits(int64_t batch, int64_t pixels_per_image,
+                         int64_t num_codewords) {
+  const int64_t pixels = batch * pixels_per_image;
+  const int64_t chunks = detail::ceil_div(pixels_per_image, kChunkPixels);
+  // The forward pass indexes a row's codewords with 32-bit ints.
+  return pixels >= 1 && num_codewords >= 1 &&
+         num_codewords <= 0x7fffffff - kWarpSize &&
+         batch * chunks <= 0x7fffffff &&
+         detail::ceil_div(pixels, kRowsPerBlock) <= 0x7fffffff &&
+         detail::ceil_div(batch * num_codewords, kThreads) <= 0x7fffffff;
+}
+
 int64_t predictor_workspace_size(int64_t batch, int64_t pixels_per_image,
                                  int64_t num_codewords) {
   const int64_t pixels = batch * pixels_per_image;
@@ -194,11 +206,7 @@ cudaError_t launch_predictor_loss(float* logits, const float* intercept,
   const int64_t pixels = batch * pixels_per_image;
   const int64_t columns = batch * num_codewords;
   const int64_t chunks = detail::ceil_div(pixels_per_image, kChunkPixels);
-  // The forward pass indexes a row's codewords with 32-bit ints.
-  if (pixels < 1 || num_codewords < 1 ||
-      num_codewords > 0x7fffffff - kWarpSize || batch * chunks > 0x7fffffff ||
-      detail::ceil_div(pixels, kRowsPerBlock) > 0x7fffffff ||
-      detail::ceil_div(columns, kThreads) > 0x7fffffff) {
+  if (!predictor_loss_fits(batch, pixels_per_image, num_codewords)) {
     return cudaErrorInvalidValue;
   }
   float* lse = float_workspace;

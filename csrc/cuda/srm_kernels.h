@@ -359,6 +359,11 @@ cudaError_t launch_sparse_labels(const void* values, Dtype dtype,
                                  void* image_labels, int* error_flag,
                                  cudaStream_t stream);
 
+// Whether launch_predictor_loss takes these sizes: its grids hold at most
+// 2^31 - 1 blocks of pixels (and of image labels).
+bool predictor_loss_fits(int64_t batch, int64_t pixels_per_image,
+                         int64_t num_codewords);
+
 // Float32 workspace length of launch_predictor_loss.
 int64_t predictor_workspace_size(int64_t batch, int64_t pixels_per_image,
                                  int64_t num_codewords);

@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <array>
+#include <limits>
 #include <optional>
 #include <tuple>
 
@@ -27,6 +28,11 @@ std::tuple<at::Tensor, at::Tensor> sparse_labels(const at::Tensor& values,
               "srm_ext CUDA: num_codewords = ", num_codewords,
               " must be in [1, ", srm_cuda::kMaxCodewords, "]");
   check_sparse_code(values, indices, values, num_codewords);
+  // One block of the kernel's grid per image.
+  TORCH_CHECK(values.size(0) <= std::numeric_limits<int>::max(),
+              "srm_ext CUDA: sparse_labels takes at most ",
+              std::numeric_limits<int>::max(), " images, got values of shape ",
+              values.sizes());
 
   const c10::cuda::CUDAGuard guard(values.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -121,6 +127,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> predictor_loss(
               "srm_ext: image_labels must have shape (N, K) = (", n, ", ",
               num_codewords, "), got ", image_labels.sizes());
   check_same_dtype(image_labels, "image_labels", y, "y");
+  TORCH_CHECK(srm_cuda::predictor_loss_fits(n, h * w, num_codewords),
+              "srm_ext CUDA: predictor_loss: y of shape ", y.sizes(),
+              " has more pixels than its kernels' grids take (2^31 - 1 blocks); "
+              "split the batch");
 
   const c10::cuda::CUDAGuard guard(y.device());
   // The GEMMs below accumulate and return float32 whatever the caller's

@@ -71,7 +71,7 @@ void encode_by_gemm(const at::Tensor& x, Dtype dtype,
     const at::Tensor rows = box.of_map(x).flatten(2).transpose(1, 2);
     const at::Tensor pre = float_product(rows, dictionary).contiguous();
     const int64_t first = box.first_row(h, w);
-    const int64_t count = box.num_rows(w);
+    const int64_t count = box.num_rows();
     check_launch(srm_cuda::launch_select_top_k(
                      pre.data_ptr<float>(), count, num_codewords,
                      num_codewords, bias.data_ptr<float>(), k, dtype,
@@ -109,9 +109,9 @@ void encode_screened(const at::Tensor& x, const at::Tensor& dictionary,
     const at::Tensor pre =
         tf32_product(xb.flatten(2).transpose(1, 2), dictionary);
     const int64_t first = box.first_row(h, w);
-    const int64_t count = box.num_rows(w);
+    const int64_t count = box.num_rows();
     const at::Tensor candidates = at::empty(
-        {box.nc, box.hc, w, num_candidates}, indices.options());
+        {box.nc, box.hc, box.wc, num_candidates}, indices.options());
     const at::Tensor cutoff = at::empty({count}, pre.options());
     check_launch(srm_cuda::launch_select_candidates(
                      pre.data_ptr<float>(), count, num_codewords,
@@ -364,7 +364,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss_backward(
 
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const int64_t depth = x.size(1), w = x.size(3), k = values.size(3);
+  const int64_t depth = x.size(1), k = values.size(3);
   const int64_t elements = x.numel();
   const at::Tensor dict_t = transposed_dictionary(dictionary);
   const at::Tensor upstream =
@@ -421,7 +421,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reconstruction_loss_backward(
                          stream);
     } else {
       const at::Tensor g =
-          empty_pixel_major_float(box.nc, depth, box.hc, w, x);
+          empty_pixel_major_float(box.nc, depth, box.hc, box.wc, x);
       grad_pre = residual_entry_dots(coef_values, idx, dict_t, xb, upstream,
                                      mean_scale, sigmoid, &g, stream);
       if (output_mask[0]) {
