@@ -270,9 +270,8 @@ def check_labels(
         (pixel_lo, pixel_hi), (image_lo, image_hi) = _value_ranges(pixel_labels, image_labels)
         _check_within_bound("pixel_labels", pixel_lo, pixel_hi, num_codewords)
         if not (image_lo >= 0.0 and image_hi <= 1.0):
-            raise ValueError(
-                f"image_labels must lie in [0, 1], got values in [{image_lo}, {image_hi}]"
-            )
+            got = "NaN" if math.isnan(image_lo) else f"values in [{image_lo}, {image_hi}]"
+            raise ValueError(f"image_labels must lie in [0, 1], got {got}")
     return pixel_labels, image_labels
 
 

@@ -461,7 +461,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--min-seconds", type=float, default=1.0, help="time each group of implementations at least this long per implementation")
     p.add_argument("--max-repeats", type=int, default=50)
     p.add_argument("--quick", action="store_true", help="smoke run: batch 2, one repeat per case")
-    p.add_argument("--out", type=Path, default=None, help="write <out>/<name>.json and .md here")
+    p.add_argument("--out", type=Path, default=None, help="write <out>/<name>.json, .md and .png here")
     p.add_argument("--name", default=None, help="file name stem (default: <shapes>-<device>-<dtype>)")
     return p.parse_args(argv)
 

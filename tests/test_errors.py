@@ -178,7 +178,7 @@ def test_label_ranges_are_read_back_together(monkeypatch):
     check_labels(pixel, a["image"], a["x"], 6)  # 5 is the largest valid label
     image = a["image"].clone()
     image.view(-1)[-1] = float("nan")
-    with pytest.raises(ValueError, match=re.escape("image_labels must lie in [0, 1], got values in [nan")):
+    with pytest.raises(ValueError, match=re.escape("image_labels must lie in [0, 1], got NaN")):
         check_labels(a["pixel"], image, a["x"], 6)
 
 
@@ -222,8 +222,9 @@ def test_kernels_reject_bad_input_when_called_directly():
         ops.predictor_loss(
             a["x"], a["C"], a["b"], a["pixel"] + 6, a["image"], 1.0, 1.0, [True, True, True]
         )
-    for bad in (a["image"] + 1, a["image"] - 1, a["image"] * float("nan")):
-        with pytest.raises(ValueError, match=re.escape("image_labels must lie in [0, 1], got values in [")):
+    for bad, got in [(a["image"] + 1, "values in ["), (a["image"] - 1, "values in ["),
+                     (a["image"] * float("nan"), "NaN")]:
+        with pytest.raises(ValueError, match=re.escape(f"image_labels must lie in [0, 1], got {got}")):
             ops.predictor_loss(a["x"], a["C"], a["b"], a["pixel"], bad, 1.0, 1.0, [True, True, True])
     with pytest.raises(RuntimeError, match=re.escape("y must have at least one pixel")):
         ops.predictor_loss(

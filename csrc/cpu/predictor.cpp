@@ -16,6 +16,7 @@
 #include <array>
 #include <cmath>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -82,9 +83,9 @@ void check_labels(const at::Tensor& pixel_labels, const at::Tensor& image_labels
     // aminmax propagates NaN, which then fails both comparisons.
     const auto [lo, hi] = at::aminmax(image_labels);
     const double image_lo = lo.item<double>(), image_hi = hi.item<double>();
-    TORCH_CHECK_VALUE(image_lo >= 0.0 && image_hi <= 1.0,
-                      "image_labels must lie in [0, 1], got values in [", image_lo, ", ",
-                      image_hi, "]");
+    TORCH_CHECK_VALUE(image_lo >= 0.0 && image_hi <= 1.0, "image_labels must lie in [0, 1], got ",
+                      std::isnan(image_lo) ? std::string("NaN")
+                                           : c10::str("values in [", image_lo, ", ", image_hi, "]"));
   }
 }
 
