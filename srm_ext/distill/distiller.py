@@ -343,7 +343,8 @@ class SRMDistiller(nn.Module):
         images = model_input(images, self.student)  # the teacher shares its dtype
         with torch.no_grad(), eval_mode(self.teacher):
             teacher_logits = self.teacher(images)
-        if self._num_classes is None:  # blocks loaded, or never built: the later batches are checked
+        if self._num_classes is None:
+            # Blocks loaded or never built: the later batches' targets are checked.
             self._num_classes = teacher_logits.shape[1]
         return kd_loss(
             self.student(images), teacher_logits, targets, self.kd_temperature, self.kd_alpha
