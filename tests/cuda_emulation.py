@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
+import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,6 +101,26 @@ def _glue_sources() -> list[Path]:
     return targets
 
 
+POISONED_LOCALS = "-ftrivial-auto-var-init=pattern"
+
+
+@functools.lru_cache(maxsize=None)
+def poisons_locals() -> bool:
+    """Whether the compiler fills uninitialised locals with a pattern (GCC
+    12, clang 8 and later): the fibers' stacks are reused, so an
+    uninitialised local would otherwise read what the last thread left
+    there, often the very value a GPU's garbage would not be."""
+    compiler = os.environ.get("CXX", "c++")
+    try:
+        probe = subprocess.run(
+            [compiler, POISONED_LOCALS, "-x", "c++", "-fsyntax-only", "-"],
+            input="", capture_output=True, text=True, check=False,
+        )
+    except OSError:
+        return False
+    return probe.returncode == 0
+
+
 @functools.lru_cache(maxsize=None)
 def load():
     from torch.utils import cpp_extension
@@ -114,7 +136,7 @@ def load():
             str(BUILD / "kernels"),
             str(KERNELS),
         ],
-        extra_cflags=["-O1", "-std=c++20"],
+        extra_cflags=["-O1", "-std=c++20", *([POISONED_LOCALS] if poisons_locals() else [])],
         build_directory=str(BUILD),
         verbose=False,
     )

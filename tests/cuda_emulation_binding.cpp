@@ -20,6 +20,8 @@
 
 namespace emulator_probes {
 cudaError_t launch_neighbour(bool with_barrier, int blocks, float* out);
+cudaError_t launch_warp_handoff(bool with_barrier, float* out);
+cudaError_t launch_uninitialised_local(int count, float* out);
 cudaError_t launch_block_count(bool chained, int blocks, float* out);
 cudaError_t launch_divergent_barrier(float* out);
 cudaError_t launch_barrier_after_exit(float* out);
@@ -395,6 +397,10 @@ void probe(const std::string& name, at::Tensor out, const OptionalTensor& extra,
   float* o = out.data_ptr<float>();
   cudaError_t status = cudaErrorInvalidValue;
   if (name == "neighbour") status = p::launch_neighbour(flag, static_cast<int>(arg), o);
+  if (name == "warp_handoff") status = p::launch_warp_handoff(flag, o);
+  if (name == "uninitialised_local") {
+    status = p::launch_uninitialised_local(static_cast<int>(arg), o);
+  }
   if (name == "block_count") status = p::launch_block_count(flag, static_cast<int>(arg), o);
   if (name == "divergent_barrier") status = p::launch_divergent_barrier(o);
   if (name == "barrier_after_exit") status = p::launch_barrier_after_exit(o);

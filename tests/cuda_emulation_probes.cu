@@ -24,6 +24,41 @@ __global__ void neighbour_kernel(float* out) {
   out[blockIdx.x * kThreads + i] = stored[(i + 1) % kThreads];
 }
 
+// out[lane] = lane + 1 for the lanes of warp 0, read from what warp 1
+// stored, after shuffles of warp 0's own; without the barrier nothing orders
+// warp 1's store before warp 0's read.
+template <bool kWithBarrier>
+__global__ void warp_handoff_kernel(float* out) {
+  __shared__ float stored[32];
+  const int lane = threadIdx.x % 32;
+  const bool reader = threadIdx.x < 32;
+  if (!reader) {
+    stored[lane] = static_cast<float>(lane + 1);
+  }
+  float own = static_cast<float>(lane);
+  if (reader) {
+    for (int round = 0; round < 4; ++round) {  // an even count: back to lane
+      own = __shfl_xor_sync(0xffffffffu, own, 1);
+    }
+  }
+  if (kWithBarrier) {
+    __syncthreads();
+  }
+  if (reader) {
+    out[lane] = stored[lane] + own - static_cast<float>(lane);
+  }
+}
+
+// out[i] = an accumulator that thread i adds `count` ones to but never
+// initialises, as a forgotten `= 0` leaves it.
+__global__ void uninitialised_local_kernel(int count, float* out) {
+  float acc;
+  for (int i = 0; i < count; ++i) {
+    acc += 1.0f;
+  }
+  out[threadIdx.x] = acc;
+}
+
 // out[block b] = b + 1 everywhere. The chained twin takes it from block
 // b - 1's output, which nothing orders before block b in the same launch.
 template <bool kChained>
@@ -203,6 +238,20 @@ cudaError_t launch_neighbour(bool with_barrier, int blocks, float* out) {
   } else {
     neighbour_kernel<false><<<blocks, kThreads>>>(out);
   }
+  return cudaGetLastError();
+}
+
+cudaError_t launch_warp_handoff(bool with_barrier, float* out) {
+  if (with_barrier) {
+    warp_handoff_kernel<true><<<1, kThreads>>>(out);
+  } else {
+    warp_handoff_kernel<false><<<1, kThreads>>>(out);
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t launch_uninitialised_local(int count, float* out) {
+  uninitialised_local_kernel<<<1, kThreads>>>(count, out);
   return cudaGetLastError();
 }
 

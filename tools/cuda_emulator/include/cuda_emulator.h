@@ -14,13 +14,17 @@
 //   * missing barriers: between two synchronisation points the threads run
 //     in an order chosen by the schedule (forward, reverse, or shuffled), so
 //     a read that relies on another thread's unsynchronised write sees the
-//     poisoned memory or stale data under one of the schedules; the blocks
-//     of a grid run in the schedule's order too;
+//     poisoned memory or stale data under one of the schedules. Those
+//     schedules let no warp get more than a synchronisation point or two
+//     ahead of the others (a warp collective is two); the warp-serial one
+//     runs each warp alone up to its next __syncthreads, which exposes a
+//     warp reading another warp's write after collectives of its own. The
+//     blocks of a grid run in the schedule's order too;
 //   * uninitialised shared memory: static and dynamic shared memory is
 //     filled before every block with 0xff bytes (NaN floats, -1 integers),
 //     or under the reverse schedule, and in every other block of a
-//     shuffled one, with 0x7f bytes (3.4e38 floats, huge positive integers):
-//     -1 is also how kernels mark an absent pixel or codeword, which a read
+//     shuffled (or warp-serial) one, with 0x7f bytes (3.4e38 floats, huge
+//     positive integers): -1 is also how kernels mark an absent pixel or codeword, which a read
 //     of memory never written must not pass for under every schedule;
 //   * global memory outside a buffer: a buffer from fenced_alloc (the
 //     tests' tensors) lies against an inaccessible page after its end (or
@@ -477,6 +481,24 @@ inline void fiber_entry() {
   swapcontext(&self.context, &run.scheduler);
 }
 
+// Runs thread i of the block to its next synchronisation point (or its
+// exit) unless it waits at a barrier not yet released; returns whether it ran.
+inline bool resume_thread(BlockRun& run, int i) {
+  Fiber& f = run.fibers[i];
+  if (f.waiting == Waiting::kExited) return false;
+  if (f.waiting == Waiting::kBlockBarrier && f.generation == run.block_generation) return false;
+  if (f.waiting == Waiting::kWarpBarrier &&
+      f.generation == run.warp_generation[warp_of(f.linear)]) {
+    return false;
+  }
+  run.current = i;
+  threadIdx = f.thread;
+  swapcontext(&run.scheduler, &f.context);
+  if (run.failure.empty()) check_dynamic_shared_tail(run);
+  run.current = -1;
+  return true;
+}
+
 // Runs one block to completion; returns false (with run.failure set) when a
 // thread failed or the block deadlocked.
 inline bool run_block(BlockRun& run, std::mt19937_64& rng) {
@@ -500,29 +522,40 @@ inline bool run_block(BlockRun& run, std::mt19937_64& rng) {
   run.block_arrived = 0;
   std::vector<int> order(total);
   std::iota(order.begin(), order.end(), 0);
-  if (s.schedule == 1) {
+  if (s.schedule == kReverse) {
     std::reverse(order.begin(), order.end());
   }
+  std::vector<int> warps((total + kWarpSize - 1) / kWarpSize);
+  std::iota(warps.begin(), warps.end(), 0);
   while (run.exited < total) {
-    if (s.schedule == 2) {
-      std::shuffle(order.begin(), order.end(), rng);
-    }
     bool progressed = false;
-    for (int i : order) {
-      Fiber& f = run.fibers[i];
-      if (f.waiting == Waiting::kExited) continue;
-      if (f.waiting == Waiting::kBlockBarrier && f.generation == run.block_generation) continue;
-      if (f.waiting == Waiting::kWarpBarrier &&
-          f.generation == run.warp_generation[warp_of(f.linear)]) {
-        continue;
+    if (s.schedule == kWarpSerial) {
+      // Each warp alone, in a shuffled order, until every lane waits at
+      // __syncthreads or has exited: a warp runs as far ahead of the others
+      // as a GPU may let it.
+      std::shuffle(warps.begin(), warps.end(), rng);
+      for (int w : warps) {
+        const int end = std::min(total, (w + 1) * kWarpSize);
+        for (bool ran = true; ran;) {
+          ran = false;
+          for (int i = w * kWarpSize; i < end; ++i) {
+            if (resume_thread(run, i)) {
+              ran = progressed = true;
+              if (!run.failure.empty()) return false;
+            }
+          }
+        }
       }
-      run.current = i;
-      threadIdx = f.thread;
-      swapcontext(&run.scheduler, &f.context);
-      if (run.failure.empty()) check_dynamic_shared_tail(run);
-      run.current = -1;
-      progressed = true;
-      if (!run.failure.empty()) return false;
+    } else {
+      if (s.schedule == kShuffled) {
+        std::shuffle(order.begin(), order.end(), rng);
+      }
+      for (int i : order) {
+        if (resume_thread(run, i)) {
+          progressed = true;
+          if (!run.failure.empty()) return false;
+        }
+      }
     }
     if (!progressed) {
       int at_block = 0, at_warp = 0;
@@ -617,14 +650,15 @@ inline void run_grid(const void* kernel, const LaunchConfig& config,
   const uint64_t blocks = uint64_t{g.x} * g.y * g.z;
   std::vector<uint64_t> block_order(blocks);
   std::iota(block_order.begin(), block_order.end(), uint64_t{0});
-  if (s.schedule == 1) {
+  const bool shuffled = s.schedule == kShuffled || s.schedule == kWarpSerial;
+  if (s.schedule == kReverse) {
     std::reverse(block_order.begin(), block_order.end());
-  } else if (s.schedule == 2) {
+  } else if (shuffled) {
     std::shuffle(block_order.begin(), block_order.end(), rng);
   }
   for (uint64_t i = 0; i < blocks; ++i) {
     const uint64_t linear_block = block_order[i];
-    run.poison = s.schedule == 1 || (s.schedule == 2 && i % 2 == 1) ? 0x7f : 0xff;
+    run.poison = s.schedule == kReverse || (shuffled && i % 2 == 1) ? 0x7f : 0xff;
     blockIdx = {static_cast<unsigned>(linear_block % g.x),
                 static_cast<unsigned>((linear_block / g.x) % g.y),
                 static_cast<unsigned>(linear_block / (uint64_t{g.x} * g.y))};

@@ -44,12 +44,18 @@ constexpr int kMultiProcessors = 2;
 
 struct BlockRun;
 
+// Orders in which the blocks of a grid run, and the threads of a block
+// between synchronisation points (set_schedule): forward, reverse, shuffled
+// with the seed, or, with the blocks shuffled, each warp alone in a shuffled
+// order until all its lanes wait at __syncthreads or have exited.
+enum Schedule : int { kForward = 0, kReverse = 1, kShuffled = 2, kWarpSerial = 3 };
+
 // Emulated device state, per host thread.
 struct State {
   BlockRun* run = nullptr;
   cudaError_t last_error = cudaSuccess;
   std::string failure;  // the first kernel failure since take_failure()
-  int schedule = 0;     // 0 forward, 1 reverse, 2 shuffled
+  int schedule = kForward;
   uint64_t seed = 0;
   std::map<void*, size_t> shared_regions;
   // The launch's dynamic shared memory (fenced_alloc), and its size.
@@ -64,8 +70,7 @@ inline State& state() {
   return s;
 }
 
-// Order in which the blocks of a grid run, and the threads of a block between
-// synchronisation points: 0 forward, 1 reverse, 2 shuffled with `seed`.
+// The Schedule, and the seed of its shuffles.
 inline void set_schedule(int schedule, uint64_t seed) {
   state().schedule = schedule;
   state().seed = seed;
