@@ -342,6 +342,18 @@ inline int warps_with_private_floats(int64_t length, int max_warps) {
   return static_cast<int>(fit < max_warps ? fit : max_warps);
 }
 
+// Blocks of a grid-stride launch: the `needed` ones, at most `cap` (at
+// least one); the kernel's later strides cover the rest. The emulated build
+// defines SRM_CUDA_GRID_STRIDE_BLOCKS, a far lower cap, so that its small
+// tests reach those strides, as a GPU's large inputs do.
+inline int64_t grid_stride_blocks(int64_t needed, int64_t cap) {
+#ifdef SRM_CUDA_GRID_STRIDE_BLOCKS
+  cap = cap < SRM_CUDA_GRID_STRIDE_BLOCKS ? cap : SRM_CUDA_GRID_STRIDE_BLOCKS;
+#endif
+  const int64_t blocks = needed < cap ? needed : cap;
+  return blocks < 1 ? 1 : blocks;
+}
+
 // Multiprocessors of the current device, for kernels that size their grid
 // to fill it and loop over the rest of the work.
 inline cudaError_t multiprocessor_count(int* count) {

@@ -572,8 +572,7 @@ cudaError_t launch_sigmoid_backward(const void* grad_values,
   }
   constexpr int kThreads = 256;
   const unsigned blocks = static_cast<unsigned>(
-      detail::ceil_div(count, kThreads) < 65535 ? detail::ceil_div(count, kThreads)
-                                                : 65535);
+      detail::grid_stride_blocks(detail::ceil_div(count, kThreads), 65535));
   return detail::dispatch_dtype(grad_dtype, [&](auto tag) {
     using T = decltype(tag);
     sigmoid_backward_kernel<T><<<blocks, kThreads, 0, stream>>>(

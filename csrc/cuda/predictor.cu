@@ -168,7 +168,7 @@ __global__ void add_scalars_kernel(const float* a, const float* b,
 }
 
 unsigned clamp_blocks(int64_t blocks) {
-  return static_cast<unsigned>(blocks < 1 ? 1 : (blocks > 65535 ? 65535 : blocks));
+  return static_cast<unsigned>(detail::grid_stride_blocks(blocks, 65535));
 }
 
 }  // namespace

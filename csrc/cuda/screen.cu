@@ -159,8 +159,8 @@ cudaError_t launch_certify_top_k(const float* dots, const int64_t* candidates,
   }
   const size_t list_bytes =
       static_cast<size_t>(kCertifyWarps) * list_len * sizeof(uint64_t);
-  constexpr int64_t kMaxBlocks = int64_t{1} << 16;
-  const int64_t blocks = std::min(ceil_div(rows, kCertifyWarps), kMaxBlocks);
+  const int64_t blocks =
+      grid_stride_blocks(ceil_div(rows, kCertifyWarps), int64_t{1} << 16);
   certify_top_k_kernel<<<static_cast<unsigned>(blocks), kCertifyThreads,
                          list_bytes, stream>>>(
       dots, candidates, cutoff, rows, static_cast<int>(num_candidates),
@@ -194,8 +194,7 @@ cudaError_t launch_exact_rows_top_k(const FeatureMap& x,
       reinterpret_cast<const void*>(exact_rows_top_k_kernel), shared_bytes));
   // Uncertified pixels are few: a modest grid strides over however many
   // there are, and blocks past the count return at once.
-  constexpr int64_t kMaxBlocks = 1024;
-  const int64_t blocks = std::min(max_rows, kMaxBlocks);
+  const int64_t blocks = grid_stride_blocks(max_rows, 1024);
   exact_rows_top_k_kernel<<<static_cast<unsigned>(blocks), kExactThreads,
                             shared_bytes, stream>>>(
       static_cast<const float*>(x.data), x.layout, dictionary_t,

@@ -75,8 +75,8 @@ cudaError_t launch_selection(const float* pre, int64_t rows,
   const size_t list_bytes =
       static_cast<size_t>(kWarps) * list_len * sizeof(uint64_t);
   // Enough warps to fill any GPU many times over; more rows are strided.
-  constexpr int64_t kMaxBlocks = int64_t{1} << 16;
-  const int64_t blocks = std::min(ceil_div(rows, kWarps), kMaxBlocks);
+  const int64_t blocks =
+      grid_stride_blocks(ceil_div(rows, kWarps), int64_t{1} << 16);
   auto kernel = select_top_k_kernel<T, kScreen>;
   SRM_RETURN_IF_ERROR(allow_dynamic_shared_memory(
       reinterpret_cast<const void*>(kernel), list_bytes));
