@@ -22,7 +22,7 @@ __all__ = [
     "predictor_loss",
 ]
 
-# cross_entropy's ignore_index set to a label no code can hold.
+# cross_entropy's ignore_index set to a label no valid code holds.
 _NO_IGNORED_LABEL = torch.iinfo(torch.int64).min
 
 

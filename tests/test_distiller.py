@@ -29,6 +29,7 @@ from srm_ext.distill.trainer import build_optimizer, build_scheduler
 from srm_ext.distill.losses import (
     HintRegressor,
     attention_map,
+    classification_loss,
     attention_transfer_loss,
     kd_loss,
     similarity_preserving_loss,
@@ -341,6 +342,14 @@ def test_a_float32_model_with_a_float16_parameter_first_takes_float32_inputs():
     assert all(math.isfinite(row["loss"]) for rows in history.values() for row in rows)
 
 
+def test_a_lazy_float32_model_with_a_small_float16_parameter_takes_float32_inputs():
+    from srm_ext.distill.placement import module_dtype
+
+    model = nn.Sequential(nn.LazyLinear(4), nn.Linear(4, 2).half())
+    assert module_dtype(model) == torch.float32
+    assert module_dtype(nn.Sequential(nn.Linear(4, 2).half(), nn.LazyLinear(4))) == torch.float32
+
+
 def test_a_loader_of_float64_images_trains_float32_models_as_the_dry_run_feeds_them():
     # numpy arrays give float64 images: every stage and the held-out accuracy
     # take them as the dry run does, in the models' dtype, with the result of
@@ -473,15 +482,30 @@ def test_class_indices_outside_the_models_classes_are_refused_on_the_first_batch
         distiller.kd_loss(images, torch.full((16,), 4))
 
 
-def test_class_indices_are_checked_once_stage_3_has_seen_the_logits():
-    # Blocks sized from a state dict saw no logits: the first stage-3 batch shows them.
+@pytest.mark.parametrize("fit", ["fit_dictionaries", "fit_kd"])
+def test_class_indices_are_checked_where_no_dry_run_has_shown_the_logits(fit):
+    # Blocks sized from a state dict, or none for stage 3: the teacher's
+    # logits on the first batch give the classes, before it trains.
+    pairs = {"block1": "stage1", "block2.layer1": "stage2.1"}
     state = make_distiller().state_dict()
-    distiller = SRMDistiller(tiny_teacher(), tiny_student(), {"block1": "stage1", "block2.layer1": "stage2.1"})
-    distiller.load_state_dict(state)
+    loaded = SRMDistiller(tiny_teacher(), tiny_student(), pairs)
+    loaded.load_state_dict(state)
+    unbuilt = SRMDistiller(tiny_teacher(), tiny_student(), pairs)
     images, labels = next(iter(toy_loader(n=16)))
     good, bad = (images[:8], labels[:8]), (images[8:], torch.full((8,), 7))
+    for distiller in (loaded, unbuilt):
+        if fit == "fit_dictionaries" and distiller is unbuilt:
+            continue  # stage 1 builds the blocks, and the dry run shows the logits
+        before = snapshot(distiller)
+        with pytest.raises(ValueError, match="class index 7"):
+            getattr(distiller, fit)([bad, good], epochs=1, **QUIET)
+        after = snapshot(distiller)
+        assert all(torch.equal(before[name], after[name]) for name in before)
+    # A one-shot iterator keeps its first batch for training: stage 3 takes
+    # the classes from it and checks the batches after it.
+    one_shot = SRMDistiller(tiny_teacher(), tiny_student(), pairs)
     with pytest.raises(ValueError, match="class index 7"):
-        distiller.fit_kd([good, bad], epochs=1, **QUIET)
+        one_shot.fit_kd(iter([good, bad]), epochs=1, **QUIET)
 
 
 @pytest.mark.parametrize(
@@ -1035,6 +1059,16 @@ def test_the_at_baseline_weighs_its_loss_as_the_paper_at_every_input_size(image_
     weight = 1000.0 if at_weight is None else at_weight
     assert parts["at"] > 0
     torch.testing.assert_close(loss, parts["ce"] + weight * parts["at"])
+
+
+def test_no_class_index_is_ignored_by_the_hard_label_losses():
+    # cross_entropy's default ignore_index would drop a -100 silently.
+    logits = torch.randn(2, 3)
+    for targets in (torch.tensor([-100, 1]), torch.tensor([3, 1])):
+        with pytest.raises(IndexError, match="out of bounds"):
+            kd_loss(logits, logits, targets, 4.0, 0.5)
+        with pytest.raises(IndexError, match="out of bounds"):
+            classification_loss(logits, targets)
 
 
 def test_kd_loss_matches_definition():

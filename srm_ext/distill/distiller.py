@@ -268,6 +268,23 @@ class SRMDistiller(nn.Module):
         if not self.is_built:
             self.build(_first_images(loader, "the SRM blocks are sized from its first"))
 
+    def _ensure_classes_known(self, loader: Iterable) -> None:
+        # Blocks loaded from a state dict, or none built for stage 3, saw no
+        # logits: the teacher's on the first batch give the class count that
+        # every batch's targets are checked against. A one-shot iterator
+        # keeps its first batch for training; stage 3 counts from it instead.
+        if self._num_classes is not None:
+            return
+        try:
+            images = _first_images(
+                loader, "the targets are checked against the teacher's logits on its first"
+            )
+        except ValueError:  # one-shot or empty: nothing to draw a dry run from
+            return
+        batch = self._dry_run_batch(images)
+        with torch.no_grad(), eval_mode(self.teacher):
+            self._num_classes = check_logits(self.teacher(batch), "teacher", len(batch)).shape[1]
+
     def _ensure_student_parameters_known(self, loader: Iterable) -> None:
         # Blocks sized from a state dict saw no batch that shows them.
         if self._student_parameters_off_the_maps is None:
@@ -344,7 +361,7 @@ class SRMDistiller(nn.Module):
         with torch.no_grad(), eval_mode(self.teacher):
             teacher_logits = self.teacher(images)
         if self._num_classes is None:
-            # Blocks loaded or never built: the later batches' targets are checked.
+            # A one-shot loader's: the later batches' targets are checked.
             self._num_classes = teacher_logits.shape[1]
         return kd_loss(
             self.student(images), teacher_logits, targets, self.kd_temperature, self.kd_alpha
@@ -527,6 +544,7 @@ class SRMDistiller(nn.Module):
         if needs_blocks or checkpoint is not None:
             # A checkpoint holds the blocks' weights, whichever stage wrote it.
             self._ensure_built(loader)
+        self._ensure_classes_known(loader)
         if key == "init":
             self._ensure_student_parameters_known(loader)
         # Models moved one by one (not by distiller.to) leave the blocks on

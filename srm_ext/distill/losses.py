@@ -10,6 +10,7 @@ from torch import Tensor, nn
 __all__ = [
     "check_logits",
     "check_same_classes",
+    "classification_loss",
     "kd_loss",
     "HintRegressor",
     "similarity_preserving_loss",
@@ -64,8 +65,20 @@ def kd_loss(
         reduction="batchmean",
         log_target=True,
     )
-    hard = F.cross_entropy(student_logits, targets)
+    hard = classification_loss(student_logits, targets)
     return alpha * temperature**2 * soft + (1.0 - alpha) * hard
+
+
+# cross_entropy's ignore_index set to an index no valid target holds.
+_NO_IGNORED_INDEX = torch.iinfo(torch.int64).min
+
+
+def classification_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Cross-entropy against class indices or class probabilities. No index is
+    ignored: with torch's default ignore_index a target of -100 would drop its
+    sample silently, where any other index outside the classes is an error
+    (on a GPU, a device-side assert)."""
+    return F.cross_entropy(logits, targets, ignore_index=_NO_IGNORED_INDEX)
 
 
 class HintRegressor(nn.Module):

@@ -18,13 +18,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ExperimentConfig, StageConfig
 from .distiller import SRMDistiller
 from .hooks import FeatureTap, parameters_except
-from .losses import HintRegressor, attention_transfer_loss, kd_loss, similarity_preserving_loss
+from .losses import (
+    HintRegressor,
+    attention_transfer_loss,
+    classification_loss,
+    kd_loss,
+    similarity_preserving_loss,
+)
 from .trainer import Stage
 
 __all__ = ["MethodPlan", "build_plan", "cross_entropy_stage"]
@@ -43,7 +48,7 @@ class MethodPlan:
 def cross_entropy_stage(name: str, model: nn.Module, config: StageConfig) -> Stage:
     return Stage(
         name=name,
-        objective=lambda images, targets: F.cross_entropy(model(images), targets),
+        objective=lambda images, targets: classification_loss(model(images), targets),
         parameters=list(model.parameters()),
         train_modules=[model],
         config=config,
@@ -77,7 +82,7 @@ def _feature_regulariser_stage(
             teacher(images)
         with s_tap.capture() as s_maps:
             logits = student(images)
-        ce = F.cross_entropy(logits, targets)
+        ce = classification_loss(logits, targets)
         transfer = sum(term(s_maps[s], t_maps[t]) for t, s in pairs)
         return ce + weight * transfer, {"ce": ce, name: transfer}
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
@@ -20,10 +22,11 @@ def module_dtype(module: nn.Module) -> torch.dtype:
     """The floating dtype of most of the module's parameter elements (float32
     if it has none): a frozen float16 scale in a float32 model leaves it a
     float32 model."""
-    elements: dict[torch.dtype, int] = {}
+    elements: dict[torch.dtype, float] = {}
     for tensor in module.parameters():
         if tensor.is_floating_point():
-            size = 0 if is_lazy(tensor) else tensor.numel()  # no size before its first batch
+            # Unsized until its first batch, a lazy layer counts as the largest.
+            size = math.inf if is_lazy(tensor) else tensor.numel()
             elements[tensor.dtype] = elements.get(tensor.dtype, 0) + size
     return max(elements, key=elements.__getitem__, default=torch.float32)
 
