@@ -21,7 +21,9 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import shlex
 import subprocess
+import zlib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,19 +103,30 @@ def _glue_sources() -> list[Path]:
     return targets
 
 
+# The emulator's schedules (Schedule in the emulator's cuda_runtime_api.h).
+SCHEDULES = {"forward": 0, "reverse": 1, "shuffled": 2, "warp_serial": 3}
+
+
+def schedule_of_case(node_id: str) -> int:
+    """Shuffled or warp-serial, by a hash of a test case's id: about half
+    the cases of a parametrised test take each."""
+    serial = zlib.crc32(node_id.encode()) % 2 == 1
+    return SCHEDULES["warp_serial" if serial else "shuffled"]
+
+
 POISONED_LOCALS = "-ftrivial-auto-var-init=pattern"
 
 
 @functools.lru_cache(maxsize=None)
 def poisons_locals() -> bool:
     """Whether the compiler fills uninitialised locals with a pattern (GCC
-    12, clang 8 and later): the fibers' stacks are reused, so an
-    uninitialised local would otherwise read what the last thread left
-    there, often the very value a GPU's garbage would not be."""
-    compiler = os.environ.get("CXX", "c++")
+    12, clang 8 and later). The fibers' stacks are reused: without it an
+    uninitialised local reads what an earlier thread left there, often a
+    plausible value."""
+    compiler = shlex.split(os.environ.get("CXX", "c++"))
     try:
         probe = subprocess.run(
-            [compiler, POISONED_LOCALS, "-x", "c++", "-fsyntax-only", "-"],
+            [*compiler, POISONED_LOCALS, "-x", "c++", "-fsyntax-only", "-"],
             input="", capture_output=True, text=True, check=False,
         )
     except OSError:

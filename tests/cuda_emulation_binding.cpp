@@ -13,6 +13,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common.cuh"  // grid_stride_blocks, as the emulated build caps it
 #include "op_support.h"
 #include "srm_kernels.h"
 
@@ -461,6 +462,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return std::string(ops::encode_path_name(
         ops::encode_path_for(ops::kernel_dtype(dtype, "dtype"), num_codewords, k)));
   });
+  m.def("grid_stride_blocks", &srm_cuda::detail::grid_stride_blocks);
   m.def("pixel_boxes", [](const at::Tensor& x, int64_t max_pixels) {
     std::vector<std::vector<int64_t>> boxes;
     for (const auto& box : srm_ext::cuda_ops::pixel_boxes(x, max_pixels)) {

@@ -61,13 +61,13 @@ MASKS3 = list(itertools.product([False, True], repeat=3))
 
 @pytest.fixture(scope="module")
 def emu():
-    module = cuda_emulation.load()
-    module.set_schedule(2, 5)  # blocks, and threads of a block, in a shuffled order
-    return module
+    return cuda_emulation.load()
 
 
 @pytest.fixture
-def ops(emu):
+def ops(emu, request):
+    # Each block's threads shuffled, or warp by warp in about half the cases.
+    emu.set_schedule(cuda_emulation.schedule_of_case(request.node.nodeid), 5)
     yield torch.ops.srm_emu
     assert emu.take_failure() == "", "an emulated kernel failed"
 
@@ -377,9 +377,10 @@ def test_pixel_boxes_hold_at_most_their_pixels_and_cover_the_map(emu):
 
 @pytest.mark.parametrize("path", ["gemm", "screened"])
 def test_encode_reads_a_map_whose_channel_stride_passes_cublas_int(ops, monkeypatch, tmp_path, path):
-    """The GEMMs read an NCHW box in place with its channel stride (H*W) as
-    leading dimension, an int for cuBLAS: past that the box is copied, not
-    refused. The map's two channels lie 2^31 floats apart in a sparse file,
+    """The screened encode's TF32 GEMM reads an NCHW box in place with its
+    channel stride (H*W) as leading dimension, an int for cuBLAS: past that
+    the box is copied, not refused (the plain GEMM, through at::bmm, is the
+    control). The map's two channels lie 2^31 floats apart in a sparse file,
     so only the pages they touch take memory."""
     monkeypatch.setenv("SRM_EXT_CUDA_ENCODE", path)
     dense, C, b, k = teacher_inputs((1, 2, 2, 3, 20, 2), torch.float32, "contiguous", "row_major", 8)
@@ -411,8 +412,8 @@ def test_student_ops_refuse_more_images_than_their_grids_hold(ops):
     pixel = torch.zeros(1, 1, 1, dtype=torch.long).expand(n, 1, 1)
     image = torch.zeros(1, 4).expand(n, 4)
     with pytest.raises(RuntimeError, match=re.escape(
-        "srm_ext CUDA: predictor_loss: y of shape [2147483648, 2, 1, 1] has more pixels than its "
-        "kernels' grids take (2^31 - 1 blocks); split the batch"
+        "srm_ext CUDA: predictor_loss: y of shape [2147483648, 2, 1, 1] (K = 4) is too large for "
+        "the kernels' grids (at most 2^31 - 1 blocks); split the batch"
     )):
         ops.predictor_loss(y, C, b, pixel, image, 1.0, 1.0, [True, True, True])
 

@@ -167,10 +167,6 @@ __global__ void add_scalars_kernel(const float* a, const float* b,
   out[0] = a[0] + b[0];
 }
 
-unsigned clamp_blocks(int64_t blocks) {
-  return static_cast<unsigned>(detail::grid_stride_blocks(blocks, 65535));
-}
-
 }  // namespace
 
 bool predictor_loss_fits(int64_t batch, int64_t pixels_per_image,
@@ -254,11 +250,12 @@ cudaError_t launch_predictor_loss(float* logits, const float* intercept,
 
   const float local_scale =
       static_cast<float>(static_cast<double>(local_weight) / pixels);
-  logit_grad_kernel<<<clamp_blocks(detail::ceil_div(pixels, kRowsPerBlock)),
-                      kThreads, 0, stream>>>(logits, intercept, pixel_labels,
-                                             lse, global_coef, pixels,
-                                             pixels_per_image, num_codewords,
-                                             local_scale);
+  const int64_t grad_blocks =
+      detail::grid_stride_blocks(detail::ceil_div(pixels, kRowsPerBlock), 65535);
+  logit_grad_kernel<<<static_cast<unsigned>(grad_blocks), kThreads, 0,
+                      stream>>>(logits, intercept, pixel_labels, lse,
+                                global_coef, pixels, pixels_per_image,
+                                num_codewords, local_scale);
   return cudaGetLastError();
 }
 

@@ -11,11 +11,8 @@ using namespace detail;
 
 constexpr int kThreads = 256;
 constexpr int kItemsPerThread = 8;
-constexpr int64_t kMaxBlocks = 1024;
-
 int64_t sum_blocks(int64_t count) {
-  const int64_t blocks = ceil_div(count, kThreads * kItemsPerThread);
-  return blocks < 1 ? 1 : (blocks > kMaxBlocks ? kMaxBlocks : blocks);
+  return grid_stride_blocks(ceil_div(count, kThreads * kItemsPerThread), 1024);
 }
 
 __global__ void __launch_bounds__(kThreads)

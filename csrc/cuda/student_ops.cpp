@@ -129,8 +129,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> predictor_loss(
   check_same_dtype(image_labels, "image_labels", y, "y");
   TORCH_CHECK(srm_cuda::predictor_loss_fits(n, h * w, num_codewords),
               "srm_ext CUDA: predictor_loss: y of shape ", y.sizes(),
-              " has more pixels than its kernels' grids take (2^31 - 1 blocks); "
-              "split the batch");
+              " (K = ", num_codewords, ") is too large for the kernels' grids "
+              "(at most 2^31 - 1 blocks); split the batch");
 
   const c10::cuda::CUDAGuard guard(y.device());
   // The GEMMs below accumulate and return float32 whatever the caller's

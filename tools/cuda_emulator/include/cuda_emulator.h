@@ -24,8 +24,9 @@
 //     filled before every block with 0xff bytes (NaN floats, -1 integers),
 //     or under the reverse schedule, and in every other block of a
 //     shuffled (or warp-serial) one, with 0x7f bytes (3.4e38 floats, huge
-//     positive integers): -1 is also how kernels mark an absent pixel or codeword, which a read
-//     of memory never written must not pass for under every schedule;
+//     positive integers): -1 is also how kernels mark an absent pixel or
+//     codeword, which a read of memory never written must not pass for
+//     under every schedule;
 //   * global memory outside a buffer: a buffer from fenced_alloc (the
 //     tests' tensors) lies against an inaccessible page after its end (or
 //     before its start), so that an access past it faults and fails the
