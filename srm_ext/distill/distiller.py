@@ -282,8 +282,11 @@ class SRMDistiller(nn.Module):
         except ValueError:  # one-shot or empty: nothing to draw a dry run from
             return
         batch = self._dry_run_batch(images)
-        with torch.no_grad(), eval_mode(self.teacher):
-            self._num_classes = check_logits(self.teacher(batch), "teacher", len(batch)).shape[1]
+        # Eagerly, as the build's dry run: a compiled teacher is not compiled
+        # again for two samples.
+        with torch.no_grad():
+            _, output = self.teacher_tap.probe(batch, return_output=True)
+        self._num_classes = check_logits(output, "teacher", len(batch)).shape[1]
 
     def _ensure_student_parameters_known(self, loader: Iterable) -> None:
         # Blocks sized from a state dict saw no batch that shows them.
