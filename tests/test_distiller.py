@@ -350,6 +350,32 @@ def test_a_lazy_float32_model_with_a_small_float16_parameter_takes_float32_input
     assert module_dtype(nn.Sequential(nn.Linear(4, 2).half(), nn.LazyLinear(4))) == torch.float32
 
 
+def test_the_models_dtype_is_looked_up_once_per_stage_not_per_batch(monkeypatch):
+    # module_dtype walks every parameter: per batch it would slow each step.
+    import srm_ext.distill.distiller as distiller_module
+    import srm_ext.distill.metrics as metrics
+    import srm_ext.distill.placement as placement
+
+    calls = []
+    lookup = placement.module_dtype
+
+    def counted(model):
+        calls.append(model)
+        return lookup(model)
+
+    for module in (placement, metrics, distiller_module):
+        monkeypatch.setattr(module, "module_dtype", counted)
+    counts = {}
+    for n in (16, 64):  # 1 and 4 batches of 16
+        distiller = make_distiller()
+        loader = toy_loader(n)
+        calls.clear()
+        for fit in (distiller.fit_dictionaries, distiller.fit_student, distiller.fit_kd):
+            fit(loader, epochs=2, eval_loader=loader, **QUIET)
+        counts[n] = len(calls)
+    assert counts[64] == counts[16]
+
+
 def test_a_loader_of_float64_images_trains_float32_models_as_the_dry_run_feeds_them():
     # numpy arrays give float64 images: every stage and the held-out accuracy
     # take them as the dry run does, in the models' dtype, with the result of

@@ -178,6 +178,9 @@ class SRMDistiller(nn.Module):
         self._student_parameters_off_the_maps: set[str] | None = None
         # The models' logits per sample, once the dry run has shown them.
         self._num_classes: int | None = None
+        # The models' shared dtype while a stage trains, looked up once for
+        # its batches; None otherwise, where each call looks it up.
+        self._stage_dtype: torch.dtype | None = None
         if example_input is None and input_shape is not None:
             example_input = torch.zeros(2, *_input_shape(input_shape))
         if example_input is not None:
@@ -303,7 +306,7 @@ class SRMDistiller(nn.Module):
         # The frozen teacher runs in eval mode, as the stages run it, also when
         # an objective is called on its own.
         with torch.no_grad(), eval_mode(self.teacher), self.teacher_tap.capture() as t_maps:
-            self.teacher(model_input(images, self.teacher))
+            self.teacher(model_input(images, self.teacher, self._stage_dtype))
         losses = {
             name: block.loss(t_maps[t_path])
             for name, (t_path, _), block in zip(
@@ -316,7 +319,7 @@ class SRMDistiller(nn.Module):
     def teacher_labels(self, images: Tensor) -> list[tuple[Tensor, Tensor]]:
         """Stage-2 targets (pixel labels, image labels) per layer pair."""
         with eval_mode(self.teacher), self.teacher_tap.capture() as t_maps:
-            self.teacher(model_input(images, self.teacher))
+            self.teacher(model_input(images, self.teacher, self._stage_dtype))
         return [
             tuple(block.labels(t_maps[t_path]))
             for (t_path, _), block in zip(self.layer_pairs, self.representations)
@@ -326,7 +329,7 @@ class SRMDistiller(nn.Module):
         """Stage 2: the student's sparse-code prediction loss, summed over pairs."""
         labels = self.teacher_labels(images)
         with self.student_tap.capture() as s_maps:
-            self.student(model_input(images, self.student))
+            self.student(model_input(images, self.student, self._stage_dtype))
         if torch.is_grad_enabled():
             self._warn_of_maps_without_gradient(s_maps)
         losses = {
@@ -360,7 +363,7 @@ class SRMDistiller(nn.Module):
         return self._kd_objective(images, targets)
 
     def _kd_objective(self, images: Tensor, targets: Tensor) -> Tensor:
-        images = model_input(images, self.student)  # the teacher shares its dtype
+        images = model_input(images, self.student, self._stage_dtype)  # the teacher's too
         with torch.no_grad(), eval_mode(self.teacher):
             teacher_logits = self.teacher(images)
         if self._num_classes is None:
@@ -588,15 +591,19 @@ class SRMDistiller(nn.Module):
             stage.evaluate = lambda: {
                 "test_acc": accuracy(self.student, eval_loader, trainer, context=trainer.context)
             }
-        if saver is None:
-            history = trainer.fit(stage, loader)
-        else:
+        self._stage_dtype = module_dtype(self.student)  # checked to be the teacher's above
+        try:
+            if saver is None:
+                history = trainer.fit(stage, loader)
+            else:
 
-            def save_epoch(metrics: dict, training: dict) -> None:
-                history.append(metrics)
-                saver.save_epoch(self, key, config, history, training, loader)
+                def save_epoch(metrics: dict, training: dict) -> None:
+                    history.append(metrics)
+                    saver.save_epoch(self, key, config, history, training, loader)
 
-            trainer.fit(stage, loader, resume=resume, on_epoch_end=save_epoch)
+                trainer.fit(stage, loader, resume=resume, on_epoch_end=save_epoch)
+        finally:
+            self._stage_dtype = None
         if key == "dictionary" and history:
             self._dictionaries_fitted_or_loaded = True
         return history

@@ -11,7 +11,7 @@ from torch.utils.data import BatchSampler, DistributedSampler
 
 from .hooks import eval_mode
 from .losses import check_logits
-from .placement import model_input, module_device
+from .placement import model_input, module_device, module_dtype
 from .trainer import image_batch
 
 if TYPE_CHECKING:
@@ -45,6 +45,7 @@ def accuracy(
         device = trainer.device
     else:
         device = module_device(model)
+    dtype = module_dtype(model)
     with eval_mode(model):
         for batch in loader:
             images, targets = image_batch(batch)
@@ -56,10 +57,10 @@ def accuracy(
             if trainer is not None:
                 images, targets = trainer.to_device(images, targets, train=False)
                 with trainer.autocast():
-                    logits = model(model_input(images, model))
+                    logits = model(model_input(images, model, dtype))
             else:
                 images, targets = images.to(device), targets.to(device)
-                logits = model(model_input(images, model))
+                logits = model(model_input(images, model, dtype))
             predictions = check_logits(logits).argmax(dim=1)
             if own_samples is not None:
                 kept = max(0, min(len(targets), own_samples - total))

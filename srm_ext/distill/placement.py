@@ -31,10 +31,12 @@ def module_dtype(module: nn.Module) -> torch.dtype:
     return max(elements, key=elements.__getitem__, default=torch.float32)
 
 
-def model_input(images: Tensor, model: nn.Module) -> Tensor:
-    """``images`` in ``model``'s floating dtype: a loader of float64 images
-    (numpy's default) feeds float32 models. Integer inputs (token or class
-    ids) stay as they are; autocast still casts inside the model."""
+def model_input(images: Tensor, model: nn.Module, dtype: torch.dtype | None = None) -> Tensor:
+    """``images`` in ``model``'s floating dtype (``dtype``, where the caller
+    has looked it up already: module_dtype walks every parameter, too slow
+    for each batch): a loader of float64 images (numpy's default) feeds
+    float32 models. Integer inputs (token or class ids) stay as they are;
+    autocast still casts inside the model."""
     if images.is_floating_point():
-        return images.to(module_dtype(model))
+        return images.to(dtype or module_dtype(model))
     return images
