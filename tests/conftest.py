@@ -259,9 +259,11 @@ def calls_every_backend_refuses(device, dtype):
     CPU kernels refuse and the CUDA kernels must refuse as well, each as
     (id, op name, args, the CUDA kernels' message): a tensor in another
     dtype than the one it must share (float32 beside 16-bit inputs, float64
-    beside float32), and a code that keeps more entries per pixel than there
-    are codewords. Each backward op is called with every output wanted and
-    with none, since its checks must not depend on the mask."""
+    beside float32), a code that keeps more entries per pixel than there
+    are codewords, a code without pixels to label (H = 0), and loss weights
+    that are NaN, inf, negative or past float32's range. Each backward op is
+    called with every output wanted and with none, since its checks must not
+    depend on the mask."""
     a = _op_inputs(device, dtype, seed=40)
     other = torch.float64 if dtype == torch.float32 else torch.float32
     names = _SCALAR_TYPE_NAMES
@@ -289,8 +291,20 @@ def calls_every_backend_refuses(device, dtype):
             mismatch("image_labels", "y"),
         ),
         ("labels k > K", "sparse_labels", (wide_values, wide_indices, 6), too_many),
+        (
+            "labels H = 0", "sparse_labels", (values[:, :0], indices[:, :0], 6),
+            "srm_ext: values must have at least one pixel per image (H*W > 0), got H = 0, W = 3",
+        ),
         ("decode k > K", "sparse_decode", (wide_values, wide_indices, C), too_many),
     ]
+    for name, weight in [("local_weight", float("nan")), ("global_weight", -0.5),
+                         ("local_weight", float("inf")), ("global_weight", 1e39)]:
+        weights = (weight, 1.0) if name == "local_weight" else (1.0, weight)
+        calls.append((
+            f"student {name} = {weight}", "predictor_loss",
+            (a["y"], a["Cs"], b, a["pixel"], a["image"], *weights, [True] * 3),
+            f"srm_ext: {name} must be finite, >= 0 and at most float32's largest, got ",
+        ))
     for wanted in (True, False):
         mask2, mask3 = [wanted] * 2, [wanted] * 3
         suffix = "" if wanted else " (no output wanted)"
@@ -339,7 +353,9 @@ def empty_input_calls(device, dtype):
     pixels (N = 0, or H = 0) or without channels (D = 0), which the CPU
     kernels take, each as (id, op name, args). sparse_encode and
     reconstruction_loss are called with channels only: the CUDA kernels
-    refuse D = 0 by name (the public functions refuse it on every device)."""
+    refuse D = 0 by name (the public functions refuse it on every device).
+    sparse_labels is called with N = 0 only: every backend refuses images
+    without pixels, whose labels would be means over nothing."""
     a = _op_inputs(device, dtype, seed=42)
     x, C, b, values, indices = a["x"], a["C"], a["b"], a["values"], a["indices"]
     one = torch.ones((), device=device, dtype=dtype)
@@ -362,8 +378,9 @@ def empty_input_calls(device, dtype):
             calls += [
                 (f"encode {where}", "sparse_encode", (x_part, C, b, 2)),
                 (f"loss {where}", "reconstruction_loss", (x_part, C, b, 2)),
-                (f"labels {where}", "sparse_labels", (v, i, 6)),
             ]
+        if where == "N = 0":
+            calls.append((f"labels {where}", "sparse_labels", (v, i, 6)))
         calls += [
             (f"encode backward {where}", "sparse_encode_backward",
              (torch.ones_like(v), v, i, x_part, C_part, b, mask3)),

@@ -497,7 +497,7 @@ def test_ops_refuse_what_the_cpu_ops_refuse(ops, dtype):
 def test_empty_inputs_give_what_the_cpu_ops_give(ops, dtype):
     """Inputs without pixels (N = 0, H = 0) or without channels (D = 0),
     which the CPU kernels take: every output as the CPU op gives it from
-    float32 copies (NaN for a mean over nothing) and as the fake kernel
+    float32 copies and as the fake kernel
     promises. Empty tensors have null data pointers, which the launchers
     must not refuse as missing outputs. (The GPU twin is in
     test_cuda_kernels.py.)"""

@@ -231,6 +231,12 @@ def test_kernels_reject_bad_input_when_called_directly():
             a["x"][:, :, :0], a["C"], a["b"], a["pixel"][:, :0], a["image"], 1.0, 1.0,
             [True, True, True],
         )
+    with pytest.raises(RuntimeError, match=re.escape("values must have at least one pixel per image")):
+        ops.sparse_labels(a["values"][:, :, :0], a["indices"][:, :, :0], 6)
+    for weights in [(float("nan"), 1.0), (1.0, -1.0), (float("inf"), 1.0), (1.0, 1e39)]:
+        name = "local_weight" if weights[1] == 1.0 else "global_weight"
+        with pytest.raises(RuntimeError, match=f"{name} must be finite, >= 0 and at most"):
+            ops.predictor_loss(a["x"], a["C"], a["b"], a["pixel"], a["image"], *weights, [True] * 3)
     with pytest.raises(RuntimeError, match="float32 or float64"):
         ops.sparse_encode(a["x"].half(), a["C"].half(), a["b"].half(), 2)
     # A backward op handed the code of fewer pixels than x has.

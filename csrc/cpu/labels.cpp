@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "../argument_checks.h"
 #include "checks.h"
 
 namespace srm_ext::cpu {
@@ -14,6 +15,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_labels(const at::Tensor& values,
                                                  int64_t num_codewords) {
   TORCH_CHECK(num_codewords >= 1, "num_codewords must be >= 1, got ", num_codewords);
   check_sparse_code(values, indices, num_codewords);
+  check_pixels_per_image(values.size(1), values.size(2), "values");
   const int64_t n = values.size(0), h = values.size(1), w = values.size(2), k = values.size(3);
   const auto vals = values.contiguous();
   const auto idx = indices.contiguous();

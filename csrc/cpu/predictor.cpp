@@ -21,6 +21,7 @@
 #include <utility>
 #include <vector>
 
+#include "../argument_checks.h"
 #include "checks.h"
 #include "matmul.h"
 #include "pixel_tiles.h"
@@ -401,6 +402,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> predictor_loss(
   check_features_and_dictionary(y, "y", dictionary);
   check_intercept(intercept, y, "y");
   check_labels(pixel_labels, image_labels, y, dictionary.size(1));
+  check_loss_weight(local_weight, "local_weight");
+  check_loss_weight(global_weight, "global_weight");
 
   const auto dict = dictionary.detach();  // read by worker threads (see RightFactor)
   const auto labels = pixel_labels.contiguous();

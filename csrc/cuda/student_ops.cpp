@@ -15,6 +15,7 @@
 #include <optional>
 #include <tuple>
 
+#include "../argument_checks.h"
 #include "op_support.h"
 
 namespace srm_ext::cuda_ops {
@@ -28,6 +29,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_labels(const at::Tensor& values,
               "srm_ext CUDA: num_codewords = ", num_codewords,
               " must be in [1, ", srm_cuda::kMaxCodewords, "]");
   check_sparse_code(values, indices, values, num_codewords);
+  check_pixels_per_image(values.size(1), values.size(2), "srm_ext: values");
   // One block of the kernel's grid per image.
   TORCH_CHECK(values.size(0) <= std::numeric_limits<int>::max(),
               "srm_ext CUDA: sparse_labels takes at most ",
@@ -127,6 +129,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> predictor_loss(
               "srm_ext: image_labels must have shape (N, K) = (", n, ", ",
               num_codewords, "), got ", image_labels.sizes());
   check_same_dtype(image_labels, "image_labels", y, "y");
+  check_loss_weight(local_weight, "srm_ext: local_weight");
+  check_loss_weight(global_weight, "srm_ext: global_weight");
   TORCH_CHECK(srm_cuda::predictor_loss_fits(n, h * w, num_codewords),
               "srm_ext CUDA: predictor_loss: y of shape ", y.sizes(),
               " (K = ", num_codewords, ") is too large for the kernels' grids "
