@@ -675,8 +675,17 @@ def test_stage2_trains_the_student_up_to_its_tapped_maps_only():
     lazy = SRMDistiller(tiny_teacher(), tiny_student(), distiller.layer_pairs)
     lazy.load_state_dict(distiller.state_dict())
     assert _stage2_student_parameters(lazy) == set(names)  # not known yet: all of them
-    lazy.fit_student(toy_loader(n=16), epochs=1, **QUIET)
+    passes = []
+
+    class CountedPasses(list):
+        def __iter__(self):
+            passes.append(1)
+            return super().__iter__()
+
+    lazy.fit_student(CountedPasses(toy_loader(n=16)), epochs=1, **QUIET)
     assert _stage2_student_parameters(lazy) == up_to_the_taps
+    # One dry run shows the trained layers and the class count, then one epoch.
+    assert len(passes) == 2
 
 
 def test_a_distiller_built_on_the_meta_device_trains_once_materialised():

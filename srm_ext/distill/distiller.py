@@ -271,33 +271,37 @@ class SRMDistiller(nn.Module):
         if not self.is_built:
             self.build(_first_images(loader, "the SRM blocks are sized from its first"))
 
-    def _ensure_classes_known(self, loader: Iterable) -> None:
-        # Blocks loaded from a state dict, or none built for stage 3, saw no
-        # logits: the teacher's on the first batch give the class count that
-        # every batch's targets are checked against. A one-shot iterator
-        # keeps its first batch for training; stage 3 counts from it instead.
-        if self._num_classes is not None:
+    def _ensure_dry_run_facts(self, loader: Iterable, key: str) -> None:
+        """What only a dry run shows, where blocks were loaded from a state dict
+        or none were built for stage 3: the class count, which every batch's
+        targets are checked against, and for stage 2 the student's layers up to
+        its tapped maps. One draw of the loader's first batch gives both."""
+        needs_classes = self._num_classes is None
+        needs_trained_layers = key == "init" and self._student_parameters_off_the_maps is None
+        if not (needs_classes or needs_trained_layers):
             return
+        why = (
+            "stage 2 finds the student's trained layers on its first"
+            if needs_trained_layers
+            else "the targets are checked against the teacher's logits on its first"
+        )
         try:
-            images = _first_images(
-                loader, "the targets are checked against the teacher's logits on its first"
-            )
-        except ValueError:  # one-shot or empty: nothing to draw a dry run from
+            images = _first_images(loader, why)
+        except ValueError:
+            if needs_trained_layers:
+                raise
+            # One-shot or empty: a one-shot iterator keeps its first batch for
+            # training, and stage 3 counts the classes from it instead.
             return
         batch = self._dry_run_batch(images)
-        # Eagerly, as the build's dry run: a compiled teacher is not compiled
-        # again for two samples.
-        with torch.no_grad():
-            _, output = self.teacher_tap.probe(batch, return_output=True)
-        self._num_classes = check_logits(output, "teacher", len(batch)).shape[1]
-
-    def _ensure_student_parameters_known(self, loader: Iterable) -> None:
-        # Blocks sized from a state dict saw no batch that shows them.
-        if self._student_parameters_off_the_maps is None:
-            images = _first_images(loader, "stage 2 finds the student's trained layers on its first")
-            self._student_parameters_off_the_maps = self.student_tap.parameters_off_the_maps(
-                self._dry_run_batch(images)
-            )
+        if needs_classes:
+            # Eagerly, as the build's dry run: a compiled teacher is not
+            # compiled again for two samples.
+            with torch.no_grad():
+                _, output = self.teacher_tap.probe(batch, return_output=True)
+            self._num_classes = check_logits(output, "teacher", len(batch)).shape[1]
+        if needs_trained_layers:
+            self._student_parameters_off_the_maps = self.student_tap.parameters_off_the_maps(batch)
 
     # ------------------------------------------------------------------ objectives
 
@@ -550,9 +554,7 @@ class SRMDistiller(nn.Module):
         if needs_blocks or checkpoint is not None:
             # A checkpoint holds the blocks' weights, whichever stage wrote it.
             self._ensure_built(loader)
-        self._ensure_classes_known(loader)
-        if key == "init":
-            self._ensure_student_parameters_known(loader)
+        self._ensure_dry_run_facts(loader, key)
         # Models moved one by one (not by distiller.to) leave the blocks on
         # the old device: they follow. Their dtype stays, as the blocks cast
         # the features to it.
