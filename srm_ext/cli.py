@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-grad-norm", type=float,
                    help="clip the gradients' total norm to this before each step (default: off)")
     g.add_argument("--optimizer", choices=["adam", "adamw", "sgd"])
-    g.add_argument("--momentum", type=float, help="sgd only")
+    g.add_argument("--momentum", type=float, help="sgd only: Nesterov momentum (0: plain SGD)")
     g.add_argument("--schedule", choices=["none", "step", "cosine"],
                    help="per-epoch lr schedule of the teacher/KD/baseline stages")
     g.add_argument("--milestones", type=_csv(float), metavar="F,...",

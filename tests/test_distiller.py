@@ -129,6 +129,47 @@ def test_a_torchscript_model_is_refused_by_role():
         SRMDistiller(torch.jit.script(tiny_teacher()), tiny_student(), {"block1": "stage1"})
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_a_tapped_torchscript_submodule_is_refused_by_path():
+    # Its hooks would fail in the dry run, which would blame the input.
+    student = tiny_student()
+    student.stage1 = torch.jit.script(student.stage1)
+    with pytest.raises(TypeError, match="student module 'stage1' is a TorchScript module"):
+        SRMDistiller(tiny_teacher(), student, {"block1": "stage1"}, input_shape=(1, 8, 8))
+
+
+def test_the_dry_run_takes_the_batches_as_the_trainer_preprocesses_them():
+    # uint8 images that only the trainer's preprocess makes floats, which the
+    # blocks are sized from when no input_shape is given.
+    images, labels = next(iter(toy_loader(n=16)))
+    raw = [((images.clamp(-1, 2) + 1) * 80).to(torch.uint8), labels]
+    seen = []
+
+    def preprocess(batch, train):
+        seen.append(train)
+        return batch.float() / 80 - 1
+
+    distiller = SRMDistiller(tiny_teacher(), tiny_student(), {"block1": "stage1"})
+    history = distiller.fit_dictionaries([raw], epochs=1, preprocess=preprocess, **QUIET)
+    assert distiller.is_built and math.isfinite(history[0]["loss"])
+    assert seen == [False, True]  # the dry run draws no augmentation
+
+
+def test_fit_takes_one_epoch_count_for_every_stage():
+    distiller = make_distiller()
+    history = distiller.fit(toy_loader(16), epochs=2, kd_epochs=1, **QUIET)
+    assert [len(history[key]) for key in ("dictionary", "init", "kd")] == [2, 2, 1]
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_stages_train_when_called_without_autograd(mode):
+    distiller = make_distiller()
+    before = snapshot(distiller.student)
+    with mode():
+        history = distiller.fit_kd(toy_loader(16), epochs=1, **QUIET)
+    assert math.isfinite(history[0]["loss"]) and changed(before, distiller.student)
+
+
 def test_a_refused_layer_pair_leaves_the_distiller_unbuilt():
     # 12 teacher channels at block1 give K = 1, 10 at block2.layer1 give
     # K = 0: the error comes after the first pair has been sized.
@@ -292,11 +333,17 @@ def test_a_one_shot_loader_is_refused_where_its_first_batch_would_size_the_block
         lazy.fit_dictionaries(iter(batches), epochs=1, **QUIET)
     assert not lazy.is_built
     seen = []
-    lazy.fit_dictionaries(batches, epochs=1, preprocess=lambda x, train: seen.append(x) or x, **QUIET)
+
+    def count_training_batches(x, train):
+        if train:  # the dry run's batch goes through it too, in its eval form
+            seen.append(x)
+        return x
+
+    lazy.fit_dictionaries(batches, epochs=1, preprocess=count_training_batches, **QUIET)
     assert len(seen) == len(batches)  # a list: sized from its first batch, trained on all
     sized = make_distiller()
     seen.clear()
-    sized.fit_dictionaries(iter(batches), epochs=1, preprocess=lambda x, train: seen.append(x) or x,
+    sized.fit_dictionaries(iter(batches), epochs=1, preprocess=count_training_batches,
                            **QUIET)
     assert len(seen) == len(batches)
 

@@ -69,7 +69,7 @@ class StageConfig:
     optimizer: str = "adam"  # adam | adamw | sgd
     lr: float = 1e-3
     weight_decay: float = 1e-4
-    momentum: float = 0.9  # sgd only
+    momentum: float = 0.9  # sgd only: Nesterov momentum; 0 gives plain SGD
     schedule: str = "step"  # none | step | cosine
     milestones: tuple[float, ...] = (0.15, 0.65)  # step: fractions of `epochs`
     gamma: float = 0.1  # step: lr factor at each milestone
@@ -177,7 +177,7 @@ class ExperimentConfig:
     weight_decay: float = 1e-4
     max_grad_norm: float | None = None  # clip the gradients' total norm; None: no clipping
     optimizer: str = "adam"
-    momentum: float = 0.9  # sgd only
+    momentum: float = 0.9  # sgd only: Nesterov momentum; 0 gives plain SGD
     schedule: str = "cosine"
     milestones: list[float] = field(default_factory=lambda: [0.15, 0.65])  # step schedule
     gamma: float = 0.1  # step schedule: lr factor at each milestone

@@ -195,7 +195,8 @@ class SRMDistiller(nn.Module):
     @torch.no_grad()
     def build(self, example_input: Tensor) -> None:
         """Create the SRM blocks from a dry forward pass of both models on
-        ``example_input`` (a batch; only its first two samples are used)."""
+        ``example_input``: a batch as the models take it (after any
+        preprocessing); only its first two samples are used."""
         if self.is_built:
             return
         if not isinstance(example_input, Tensor):
@@ -267,11 +268,20 @@ class SRMDistiller(nn.Module):
         if all(key in state_dict for key in saved):
             self._dictionaries_fitted_or_loaded = True
 
-    def _ensure_built(self, loader: Iterable) -> None:
+    def _ensure_built(self, loader: Iterable, trainer: Trainer) -> None:
         if not self.is_built:
-            self.build(_first_images(loader, "the SRM blocks are sized from its first"))
+            self.build(self._first_inputs(loader, trainer, "the SRM blocks are sized from its first"))
 
-    def _ensure_dry_run_facts(self, loader: Iterable, key: str) -> None:
+    def _first_inputs(self, loader: Iterable, trainer: Trainer, why: str) -> Tensor:
+        """Two samples of the loader's first batch as training feeds them to the
+        models: on their device, through the trainer's preprocess (its eval form,
+        which draws no augmentation)."""
+        images = _first_images(loader, why)[:2].to(module_device(self.teacher))
+        if trainer.preprocess is not None:
+            images = trainer.preprocess(images, False)
+        return images
+
+    def _ensure_dry_run_facts(self, loader: Iterable, key: str, trainer: Trainer) -> None:
         """What only a dry run shows, where blocks were loaded from a state dict
         or none were built for stage 3: the class count, which every batch's
         targets are checked against, and for stage 2 the student's layers up to
@@ -286,7 +296,7 @@ class SRMDistiller(nn.Module):
             else "the targets are checked against the teacher's logits on its first"
         )
         try:
-            images = _first_images(loader, why)
+            images = self._first_inputs(loader, trainer, why)
         except ValueError:
             if needs_trained_layers:
                 raise
@@ -477,13 +487,21 @@ class SRMDistiller(nn.Module):
         dictionary_epochs: int | None = None,
         init_epochs: int | None = None,
         kd_epochs: int | None = None,
+        *,
+        epochs: int | None = None,
         **kwargs: Any,
     ) -> dict[str, list[dict]]:
-        """All three stages; returns the metrics of each."""
+        """All three stages; returns the metrics of each. ``epochs`` is every
+        stage's epoch count where its own (``dictionary_epochs`` and so on) is
+        not given."""
+
+        def count(own: int | None) -> int | None:
+            return epochs if own is None else own
+
         return {
-            "dictionary": self.fit_dictionaries(loader, dictionary_epochs, **kwargs),
-            "init": self.fit_student(loader, init_epochs, **kwargs),
-            "kd": self.fit_kd(loader, kd_epochs, **kwargs),
+            "dictionary": self.fit_dictionaries(loader, count(dictionary_epochs), **kwargs),
+            "init": self.fit_student(loader, count(init_epochs), **kwargs),
+            "kd": self.fit_kd(loader, count(kd_epochs), **kwargs),
         }
 
     def stage_settings(self, key: str) -> dict[str, Any]:
@@ -551,10 +569,13 @@ class SRMDistiller(nn.Module):
                 "trainer would ignore; set them on the Trainer or drop trainer="
             )
         _check_placement(self.teacher, self.student)  # either may have moved since
+        if trainer is None:
+            trainer_kwargs.setdefault("device", module_device(self.student))
+            trainer = Trainer(**trainer_kwargs)
         if needs_blocks or checkpoint is not None:
             # A checkpoint holds the blocks' weights, whichever stage wrote it.
-            self._ensure_built(loader)
-        self._ensure_dry_run_facts(loader, key)
+            self._ensure_built(loader, trainer)
+        self._ensure_dry_run_facts(loader, key, trainer)
         # Models moved one by one (not by distiller.to) leave the blocks on
         # the old device: they follow. Their dtype stays, as the blocks cast
         # the features to it.
@@ -564,9 +585,6 @@ class SRMDistiller(nn.Module):
         config = _stage_config(key, config)
         if epochs is not None:
             config = config.replace(epochs=epochs)
-        if trainer is None:
-            trainer_kwargs.setdefault("device", module_device(self.student))
-            trainer = Trainer(**trainer_kwargs)
         history: list[dict] = []
         resume = None
         saver = None

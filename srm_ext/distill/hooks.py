@@ -175,6 +175,13 @@ class FeatureTap:
         self.role = role
         self.paths = list(paths)
         self._modules = {path: resolve_module(model, path, role) for path in self.paths}
+        for path, module in self._modules.items():
+            if isinstance(module, torch.jit.ScriptModule):
+                raise TypeError(
+                    f"{role} module {path!r} is a TorchScript module, which runs no forward "
+                    "hooks, and the features are taken with hooks: tap a Python module (the "
+                    "one it was scripted from, or one that calls it)"
+                )
         self._all_modules = list(model.modules())  # searched for compiled ones at each capture
 
     def plain_paths(self) -> list[str]:

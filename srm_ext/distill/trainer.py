@@ -225,7 +225,9 @@ class Trainer:
             start_epoch = int(resume["epoch"])
         history = []
         for epoch in range(start_epoch, stage.config.epochs):
-            metrics = self._train_epoch(stage, loader, optimizer, scaler, epoch)
+            # Training needs autograd, also when called under no_grad or inference_mode.
+            with torch.inference_mode(False), torch.enable_grad():
+                metrics = self._train_epoch(stage, loader, optimizer, scaler, epoch)
             scheduler.step()
             if stage.evaluate is not None:
                 metrics.update(stage.evaluate())
