@@ -860,6 +860,12 @@ def test_class_probabilities_train_kd_and_accuracy_refuses_them():
     # A column of labels would broadcast against the predictions.
     with pytest.raises(ValueError, match=r"shape \(8, 1\)"):
         accuracy(tiny_student(), DataLoader(TensorDataset(images, labels[:, None]), batch_size=8))
+    # As a stage's held-out loader, before the stage trains.
+    distiller = make_distiller()
+    before = snapshot(distiller.student)
+    with pytest.raises(ValueError, match="accuracy needs class indices"):
+        distiller.fit_kd(hard, epochs=1, eval_loader=soft, **QUIET)
+    assert not changed(before, distiller.student)
 
 
 # ----------------------------------------------------------------------------- stages

@@ -20,7 +20,7 @@ from .config import StageConfig
 from .distiller_checkpoint import DistillerCheckpoint
 from .hooks import FeatureTap, eval_mode, parameters_except, unwrap, wrapped_module
 from .losses import check_logits, check_same_classes, kd_loss
-from .metrics import accuracy
+from .metrics import accuracy, check_held_out_loader
 from .placement import model_input, module_device, module_dtype
 from .trainer import Stage, Trainer, image_batch
 
@@ -607,6 +607,7 @@ class SRMDistiller(nn.Module):
             )
         stage = make_stage(config)
         if eval_loader is not None and stage.trains_classifier:
+            check_held_out_loader(eval_loader)  # before an epoch trains, not after
             # Counts summed over processes: each may hold a shard of the held-out set.
             stage.evaluate = lambda: {
                 "test_acc": accuracy(self.student, eval_loader, trainer, context=trainer.context)

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from .distributed import DistributedContext
     from .trainer import Trainer
 
-__all__ = ["accuracy"]
+__all__ = ["accuracy", "check_held_out_loader"]
 
 
 @torch.no_grad()
@@ -49,11 +49,7 @@ def accuracy(
     with eval_mode(model):
         for batch in loader:
             images, targets = image_batch(batch)
-            if targets.dim() != 1:
-                raise ValueError(
-                    "accuracy needs class indices as the held-out targets, got class "
-                    f"probabilities of shape {tuple(targets.shape)}"
-                )
+            _check_class_indices(targets)
             if trainer is not None:
                 images, targets = trainer.to_device(images, targets, train=False)
                 with trainer.autocast():
@@ -70,6 +66,25 @@ def accuracy(
     if context is not None and context.enabled:
         correct, total = context.sum([correct, total], device)
     return correct / max(total, 1)
+
+
+def check_held_out_loader(loader: Iterable) -> None:
+    """Refuses, before any training, a held-out loader whose first batch
+    :func:`accuracy` could not count. A one-shot iterator is left untouched."""
+    batches = iter(loader)
+    if batches is loader:
+        return
+    batch = next(batches, None)
+    if batch is not None:
+        _check_class_indices(image_batch(batch)[1])
+
+
+def _check_class_indices(targets: torch.Tensor) -> None:
+    if targets.dim() != 1:
+        raise ValueError(
+            "accuracy needs class indices as the held-out targets, got class "
+            f"probabilities of shape {tuple(targets.shape)}"
+        )
 
 
 def _samples_before_padding(loader: Iterable) -> int | None:
