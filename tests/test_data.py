@@ -93,6 +93,20 @@ def test_cifar10_python_folder(tmp_path):
     assert torch.equal(splits.train[0][0], expected)
 
 
+def test_cifar_batches_pickled_again_with_str_keys_are_read(tmp_path):
+    for name, n in (("data_batch_1", 6), ("test_batch", 4)):
+        _write_cifar_batch(tmp_path / name, n, b"labels", 10, n)
+        with open(tmp_path / name, "rb") as f:
+            raw = pickle.load(f, encoding="bytes")
+        with open(tmp_path / name, "wb") as f:
+            pickle.dump({key.decode(): value for key, value in raw.items()}, f)
+    with open(tmp_path / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
+    splits = load_dataset(config(dataset="cifar10", data_path=str(tmp_path)))
+    check_splits(splits, 6, 4, 10, 3, 32)
+    assert splits.class_names[:2] == ("c0", "c1")
+
+
 def test_cifar100_python_folder(tmp_path):
     _write_cifar_batch(tmp_path / "train", 8, b"fine_labels", 100, 1)
     _write_cifar_batch(tmp_path / "test", 3, b"fine_labels", 100, 2)
@@ -678,6 +692,34 @@ def test_imagefolder_needs_two_classes(tmp_path, layout):
     expected = f"{str(train)!r}: every training image has the same class (only)"
     with pytest.raises(ConfigError, match=re.escape(expected)):
         load_dataset(config(dataset="imagefolder", data_path=str(tmp_path)))
+
+
+def test_imagefolder_needs_two_classes_left_after_the_held_out_split(tmp_path):
+    # One image per class: the held-out 20% takes one class whole.
+    _write_images(tmp_path, {"cat": 1, "dog": 1})
+    with pytest.raises(ConfigError, match="less its held-out 20%: every training image has the same class"):
+        load_dataset(config(dataset="imagefolder", data_path=str(tmp_path)))
+
+
+def test_imagefolder_follows_symlinked_folders_once(tmp_path):
+    _write_images(tmp_path / "tree", {"cat": 2, "dog": 3})
+    _write_images(tmp_path / "more", {"cat": 5})
+    (tmp_path / "tree" / "cat" / "more").symlink_to(tmp_path / "more" / "cat")
+    (tmp_path / "tree" / "cat" / "loop").symlink_to(tmp_path / "tree")  # ends, read once
+    splits = load_dataset(config(dataset="imagefolder", data_path=str(tmp_path / "tree")))
+    assert len(splits.train) + len(splits.test) == 10
+
+
+@pytest.mark.parametrize("inside", ["runs/distill", ".", ".runs/distill"])
+def test_imagefolder_output_directory_inside_the_tree_is_refused(tmp_path, inside):
+    # Its plots would be a class of the next run; a hidden one is not read.
+    _write_images(tmp_path, {"cat": 5, "dog": 5})
+    settings = config(dataset="imagefolder", data_path=str(tmp_path), output_dir=str(tmp_path / inside))
+    if inside == ".runs/distill":
+        assert len(load_dataset(settings).class_names) == 2
+        return
+    with pytest.raises(ConfigError, match="lies inside the image tree .*: choose an --output-dir outside it"):
+        load_dataset(settings)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage after the signature"])

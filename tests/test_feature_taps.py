@@ -189,3 +189,11 @@ def test_capture_of_a_compiled_model():
     with tap.capture() as maps:
         compiled(x)
     torch.testing.assert_close(maps["1"], model[1](model[0](x)))
+
+
+def test_a_tapped_layer_without_a_feature_map_is_named():
+    # Every method that taps layers (SRM, FitNet, SP, AT) needs (N, C, H, W) maps.
+    tap = FeatureTap(conv_teacher(), ["4"], role="teacher")
+    with pytest.raises(TypeError, match=r"teacher module '4' returned a tensor of shape \(2, 3\); "
+                                        r"a tapped layer must give a 4-D \(N, C, H, W\) feature map"):
+        tap.probe(torch.zeros(2, 1, 5, 5))

@@ -167,6 +167,13 @@ def test_checkpoint_with_arbitrary_objects_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"checkpoint.pt: refused: the checkpoint needs arbitrary pickled objects"):
         load_checkpoint(tmp_path / "checkpoint.pt")
     assert not marker.exists()
+    # A whole model saved as a file: the message names its class, not torch's unsafe options.
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "model.pt")
+    with pytest.raises(ConfigError, match=re.escape(
+        "model.pt: refused: the checkpoint needs arbitrary pickled objects, which are never "
+        "loaded (it holds a torch.nn.modules.linear.Linear); save a state_dict (model.state_dict())"
+    )):
+        load_checkpoint(tmp_path / "model.pt")
 
 
 @pytest.mark.parametrize("kept", [0.9, 0.5, 0.1, 0.01])

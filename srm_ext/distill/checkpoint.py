@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .config import ConfigError, error_line
+from .config import ConfigError
 from .distributed import DistributedContext
 
 __all__ = [
@@ -114,9 +114,13 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             raise ConfigError(
                 f"{os.fspath(path)}: not a checkpoint (torch.save writes no such bytes)"
             ) from exc
+        # torch's message offers to load it unsafely; name what it holds instead.
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        holds = f" (it holds a {found.group(1)})" if found else ""
         raise ConfigError(
             f"{os.fspath(path)}: refused: the checkpoint needs arbitrary pickled objects, "
-            f"which are never loaded ({error_line(exc)})"
+            f"which are never loaded{holds}; save a state_dict (model.state_dict()), "
+            "which holds tensors only"
         ) from exc
     except OSError as exc:
         raise ConfigError(

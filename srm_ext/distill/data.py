@@ -238,6 +238,7 @@ def load_dataset(config: ExperimentConfig) -> DatasetSplits:
         elif name == "npz":
             splits = load_npz(path, config.image_size)
         elif name == "imagefolder":
+            _check_output_outside_tree(Path(config.output_dir), path)
             splits = load_imagefolder(
                 path, config.image_size or 32, skip_unreadable=config.check_images
             )
@@ -376,11 +377,17 @@ def _cifar_class_names(root: Path, num_classes: int) -> tuple[str, ...] | None:
         meta = load_data_pickle(path)
     except ConfigError:
         return None
-    names = meta.get(key) if isinstance(meta, dict) else None
+    names = _with_bytes_keys(meta).get(key) if isinstance(meta, dict) else None
     if not isinstance(names, list) or len(names) != num_classes:
         return None
     decoded = _decoded(names)
     return decoded if all(isinstance(n, str) for n in decoded) else None
+
+
+def _with_bytes_keys(batch: dict) -> dict:
+    """A CIFAR dict keyed as the Python 2 pickles are (b"data"): a file
+    pickled again by Python 3 has str keys."""
+    return {key.encode() if isinstance(key, str) else key: value for key, value in batch.items()}
 
 
 def _read_cifar_batches(root: Path, files: list[str], label_key: bytes) -> tuple[Tensor, Tensor]:
@@ -393,6 +400,7 @@ def _read_cifar_batches(root: Path, files: list[str], label_key: bytes) -> tuple
         batch = load_data_pickle(path)
         if not isinstance(batch, dict):
             raise ConfigError(f"{path} does not hold a CIFAR batch dict")
+        batch = _with_bytes_keys(batch)
         if label_key not in batch and other_key in batch:
             raise ConfigError(
                 f"{path} holds {other_key!r}, not {label_key!r}: a CIFAR-{other_classes} "
@@ -577,6 +585,21 @@ def _npz_labels(labels: np.ndarray, path: Path, key: str) -> Tensor:
     return torch.from_numpy(labels.astype(np.int64))
 
 
+def _check_output_outside_tree(output_dir: Path, root: Path) -> None:
+    """A run's output directory inside the image tree would be read as one of
+    its classes (its plots are images) on the next run, and would change the
+    tree's fingerprint with every checkpoint. A hidden one is not read."""
+    out, tree = output_dir.resolve(), root.resolve()
+    if out != tree and tree not in out.parents:
+        return
+    if any(_hidden(part) for part in out.relative_to(tree).parts):
+        return
+    raise ConfigError(
+        f"the output directory {str(output_dir)!r} lies inside the image tree {str(root)!r}, "
+        "whose folders are its classes: choose an --output-dir outside it"
+    )
+
+
 def load_imagefolder(
     root: Path, image_size: int = 32, skip_unreadable: bool = False
 ) -> DatasetSplits:
@@ -606,6 +629,8 @@ def load_imagefolder(
         _require_two_classes(torch.tensor(full.labels), repr(str(root)), classes)
         train_idx, test_idx = _stratified_split(torch.tensor(full.labels))
         train, test = Subset(full, train_idx), Subset(full, test_idx)
+        # Classes of one image each may all land in the held-out 20%.
+        _require_two_classes(_labels(train), f"{str(root)!r} less its held-out 20%", classes)
     images = []
     for index in _spread_sample(len(train), _STATS_SAMPLE):
         try:
@@ -675,6 +700,24 @@ def _class_names(root: Path) -> list[str]:
     return classes
 
 
+def _visible_files(folder: Path) -> list[Path]:
+    """The files under ``folder`` but hidden ones and those in hidden folders,
+    sorted. Symlinked folders are followed (``Path.rglob`` skips them before
+    Python 3.13), but not into a folder read before or one that holds
+    ``folder``: a link back up would read its images again, or other classes'."""
+    top = os.path.realpath(folder) + os.sep
+    files, visited = [], set()
+    for directory, subfolders, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(directory)
+        if real in visited or (visited and top.startswith(real + os.sep)):
+            subfolders.clear()
+            continue
+        visited.add(real)
+        subfolders[:] = [name for name in subfolders if not _hidden(name)]
+        files += [Path(directory, name) for name in names if not _hidden(name)]
+    return sorted(files)
+
+
 def _folder_dataset(
     root: Path, classes: list[str], size: int, every_class: bool = True
 ) -> ImageFolderDataset:
@@ -683,12 +726,7 @@ def _folder_dataset(
     never see."""
     files, labels, empty = [], [], []
     for label, name in enumerate(classes):
-        found = [
-            f
-            for f in sorted((root / name).rglob("*"))
-            if f.suffix.lower() in IMAGE_SUFFIXES
-            and not any(_hidden(part) for part in f.relative_to(root / name).parts)
-        ]
+        found = [f for f in _visible_files(root / name) if f.suffix.lower() in IMAGE_SUFFIXES]
         if not found and (root / name).is_dir():
             empty.append(name)
         files += found

@@ -323,8 +323,8 @@ class FeatureTap:
                     else f"a {type(output).__name__}"
                 )
                 raise _NotAFeatureMap(
-                    f"{self.role} module {path!r} returned {got}; SRM needs a 4-D "
-                    "(N, C, H, W) feature map there, so pick a convolutional layer"
+                    f"{self.role} module {path!r} returned {got}; a tapped layer must give "
+                    "a 4-D (N, C, H, W) feature map, so pick a convolutional layer"
                 )
             features._store(path, output)
 
