@@ -356,14 +356,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {error_line(exc)}", file=sys.stderr)
         return 2
     except (MemoryError, RuntimeError) as exc:
-        if args.debug or not _out_of_memory(exc):
+        if args.debug:
             raise
-        print(
-            f"{PROG}: error: out of memory ({_allocation(exc)}); use a smaller --batch-size, "
-            "--image-size, --teacher-width or --student-width",
-            file=sys.stderr,
-        )
-        return 2
+        if _out_of_memory(exc):
+            print(
+                f"{PROG}: error: out of memory ({_allocation(exc)}); use a smaller --batch-size, "
+                "--image-size, --teacher-width or --student-width",
+                file=sys.stderr,
+            )
+            return 2
+        if _peer_stopped(exc):
+            # The process that stopped printed why; a traceback here would bury it.
+            print(
+                f"{PROG}: error: another process of the run stopped (its error is above); "
+                f"this one left the collective it was in ({error_line(exc)})",
+                file=sys.stderr,
+            )
+            return 2
+        raise
 
 
 def _out_of_memory(exc: BaseException) -> bool:
@@ -374,6 +384,18 @@ def _out_of_memory(exc: BaseException) -> bool:
         or type(exc).__name__ == "OutOfMemoryError"
         or "can't allocate memory" in str(exc)
     )
+
+
+# How gloo and NCCL report a collective whose peer process has exited.
+_PEER_STOPPED = re.compile(
+    r"Connection (closed|reset) by peer|remote worker crashing|NCCL communicator was aborted"
+)
+
+
+def _peer_stopped(exc: BaseException) -> bool:
+    """A collective failed because another process of a torchrun group stopped."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    return world.isdigit() and int(world) > 1 and bool(_PEER_STOPPED.search(str(exc)))
 
 
 def _allocation(exc: BaseException) -> str:

@@ -869,6 +869,30 @@ def test_running_out_of_memory_is_one_line_naming_the_size_flags(monkeypatch, ca
         main(["--debug", "distill"])
 
 
+def test_a_collective_left_by_a_stopped_process_is_one_line(monkeypatch, capsys):
+    # Under torchrun, the process that stopped printed why: the others say so briefly.
+    from srm_ext import cli
+
+    def peer_stopped(_args):
+        raise RuntimeError(
+            "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by "
+            "peer [127.0.0.1]:13731. This is typically caused by a remote worker crashing."
+        )
+
+    monkeypatch.setattr(cli, "_distill", peer_stopped)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["distill"]) == 2
+    assert capsys.readouterr().err.startswith(
+        "srm-ext: error: another process of the run stopped (its error is above); this one "
+        "left the collective it was in ([/pytorch/third_party/gloo/"
+    )
+    with pytest.raises(RuntimeError, match="Connection closed by peer"):
+        main(["--debug", "distill"])
+    monkeypatch.setenv("WORLD_SIZE", "1")  # no other process: a bug, with its traceback
+    with pytest.raises(RuntimeError, match="Connection closed by peer"):
+        main(["distill"])
+
+
 def test_other_runtime_errors_keep_their_traceback(monkeypatch):
     from srm_ext import cli
 
