@@ -368,7 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if _peer_stopped(exc):
             # The process that stopped printed why; a traceback here would bury it.
             print(
-                f"{PROG}: error: another process of the run stopped (its error is above); "
+                f"{PROG}: error: another process of the run stopped (see its error); "
                 f"this one left the collective it was in ({error_line(exc)})",
                 file=sys.stderr,
             )

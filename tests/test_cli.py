@@ -883,7 +883,7 @@ def test_a_collective_left_by_a_stopped_process_is_one_line(monkeypatch, capsys)
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["distill"]) == 2
     assert capsys.readouterr().err.startswith(
-        "srm-ext: error: another process of the run stopped (its error is above); this one "
+        "srm-ext: error: another process of the run stopped (see its error); this one "
         "left the collective it was in ([/pytorch/third_party/gloo/"
     )
     with pytest.raises(RuntimeError, match="Connection closed by peer"):
