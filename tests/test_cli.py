@@ -567,7 +567,7 @@ def test_an_overwrite_refused_by_a_check_leaves_the_previous_run(tmp_path, capsy
     assert out / "models" / "teacher.pt" in previous
     capsys.readouterr()
     # A mistake found while checking the data and the models deletes nothing.
-    assert main([*flags, "--overwrite", "--layer-pairs", "no_such_layer:stage1"]) == 2
+    assert main([*flags, "--overwrite", "--methods", "sp", "--layer-pairs", "no_such_layer:stage1"]) == 2
     assert "no_such_layer" in capsys.readouterr().err
     # Nor does a teacher to load from among the files the overwrite would delete.
     assert main([*flags, "--overwrite", "--teacher-weights", str(out)]) == 2
@@ -972,6 +972,15 @@ def test_an_empty_list_flag_is_a_usage_error(capsys, flag, value):
 def test_flags_no_chosen_method_reads_are_warned_about(capsys, flags, warned):
     build_config(build_parser().parse_args(["distill", *flags]))
     assert capsys.readouterr().err.splitlines() == [f"srm-ext: warning: {w}" for w in warned]
+
+
+def test_unread_layer_pairs_are_not_resolved(tmp_path, capsys):
+    # Warned about as unused, they must not then fail the run.
+    out = tmp_path / "run"
+    assert main(["distill", *TINY_FLAGS, "--methods", "scratch", "--layer-pairs", "foo:bar",
+                 "--output-dir", str(out)]) == 0
+    assert "--layer-pairs is not used by --methods scratch" in capsys.readouterr().err
+    assert (out / "results.json").exists()
 
 
 def test_only_rank_0_warns_about_unread_flags(capsys, monkeypatch):

@@ -459,10 +459,12 @@ class ExperimentRunner:
             # A loaded teacher is only evaluated: its train-mode output is never read.
             self._check_logits(teacher, "teacher", trained=not self.config.teacher_weights)
             self._check_logits(student, "student")
+            if not set(self.config.methods) & set(PAIRED_METHODS):
+                # Scratch and KD tap no layers: a model needs no feature_stages,
+                # and given pairs go unused (the CLI warns so).
+                return []
             if self.config.layer_pairs:
                 pairs = parse_layer_pairs(self.config.layer_pairs)
-            elif not set(self.config.methods) & set(PAIRED_METHODS):
-                return []  # scratch and KD tap no layers: a model needs no feature_stages
             else:
                 pairs = list(default_layer_pairs(teacher, student).items())
             if "srm" in self.config.methods:
