@@ -240,6 +240,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int pl = warp * kPixelsPerWarp + i;
     uint64_t* list = topk_lists + static_cast<int64_t>(pl) * list_len;
     topk_merge(list, count[i], k, lane);
+    __syncwarp();  // every lane has read list[k - 1] before one rewrites it
     const int64_t p = first_pixel + pl;
     if (p < total_pixels) {
       for (int j = lane; j < k; j += kWarpSize) {
