@@ -270,13 +270,14 @@ class SRMDistiller(nn.Module):
 
     def _ensure_built(self, loader: Iterable, trainer: Trainer) -> None:
         if not self.is_built:
-            self.build(self._first_inputs(loader, trainer, "the SRM blocks are sized from its first"))
+            images = _first_images(loader, "the SRM blocks are sized from its first")
+            self.build(self._as_trained(images, trainer))
 
-    def _first_inputs(self, loader: Iterable, trainer: Trainer, why: str) -> Tensor:
-        """Two samples of the loader's first batch as training feeds them to the
-        models: on their device, through the trainer's preprocess (its eval form,
-        which draws no augmentation)."""
-        images = _first_images(loader, why)[:2].to(module_device(self.teacher))
+    def _as_trained(self, images: Tensor, trainer: Trainer) -> Tensor:
+        """Two samples of a loader's batch as training feeds them to the models:
+        on their device, through the trainer's preprocess (its eval form, which
+        draws no augmentation)."""
+        images = images[:2].to(module_device(self.teacher))
         if trainer.preprocess is not None:
             images = trainer.preprocess(images, False)
         return images
@@ -296,14 +297,14 @@ class SRMDistiller(nn.Module):
             else "the targets are checked against the teacher's logits on its first"
         )
         try:
-            images = self._first_inputs(loader, trainer, why)
+            images = _first_images(loader, why)
         except ValueError:
             if needs_trained_layers:
                 raise
             # One-shot or empty: a one-shot iterator keeps its first batch for
             # training, and stage 3 counts the classes from it instead.
             return
-        batch = self._dry_run_batch(images)
+        batch = self._dry_run_batch(self._as_trained(images, trainer))
         if needs_classes:
             # Eagerly, as the build's dry run: a compiled teacher is not
             # compiled again for two samples.
