@@ -18,7 +18,14 @@ from .._validation import as_float, as_int, check_loss_weight
 from ..modules import SparseCodePredictor, SparseRepresentation, check_multipliers, srm_sizes
 from .config import StageConfig
 from .distiller_checkpoint import DistillerCheckpoint
-from .hooks import FeatureTap, eval_mode, parameters_except, unwrap, wrapped_module
+from .hooks import (
+    FeatureTap,
+    check_runs_hooks,
+    eval_mode,
+    parameters_except,
+    unwrap,
+    wrapped_module,
+)
 from .losses import check_logits, check_same_classes, kd_loss
 from .metrics import accuracy, check_held_out_loader
 from .placement import model_input, module_device, module_dtype
@@ -114,11 +121,7 @@ class SRMDistiller(nn.Module):
         for role, model in (("teacher", teacher), ("student", student)):
             if not isinstance(model, nn.Module):
                 raise TypeError(f"{role} must be an nn.Module, got {type(model).__name__}")
-            if isinstance(unwrap(model), torch.jit.ScriptModule):
-                raise TypeError(
-                    f"{role} is a TorchScript module, which runs no forward hooks, and the "
-                    "features are taken with hooks: pass the Python module it was made from"
-                )
+            check_runs_hooks(unwrap(model), role)
         if isinstance(layer_pairs, str) or not isinstance(layer_pairs, Iterable):
             raise TypeError(
                 "layer_pairs must map teacher paths to student paths: a dict or "

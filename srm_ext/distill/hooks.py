@@ -58,6 +58,16 @@ def wrapper_prefix(model: nn.Module) -> str:
     return prefix
 
 
+def check_runs_hooks(module: nn.Module, what: str) -> None:
+    """Refuses a TorchScript module, which never runs the forward hooks that
+    the features are taken with."""
+    if isinstance(module, torch.jit.ScriptModule):
+        raise TypeError(
+            f"{what} is a TorchScript module, which runs no forward hooks, and the features "
+            "are taken with hooks: use the Python module it was scripted from"
+        )
+
+
 def parameters_except(model: nn.Module, names: set[str]) -> list[nn.Parameter]:
     """``model``'s parameters but those at ``names`` (paths of the plain model)."""
     return [p for name, p in unwrap(model).named_parameters() if name not in names]
@@ -176,12 +186,7 @@ class FeatureTap:
         self.paths = list(paths)
         self._modules = {path: resolve_module(model, path, role) for path in self.paths}
         for path, module in self._modules.items():
-            if isinstance(module, torch.jit.ScriptModule):
-                raise TypeError(
-                    f"{role} module {path!r} is a TorchScript module, which runs no forward "
-                    "hooks, and the features are taken with hooks: tap a Python module (the "
-                    "one it was scripted from, or one that calls it)"
-                )
+            check_runs_hooks(module, f"{role} module {path!r}")
         self._all_modules = list(model.modules())  # searched for compiled ones at each capture
 
     def plain_paths(self) -> list[str]:
